@@ -1,0 +1,1 @@
+"""The cloud sink: terminate mTLS MQTT, check certificate-bound JWTs, feed the core queue."""

@@ -1,0 +1,54 @@
+"""Device identifiers: validated once, here, for every part that names a device.
+
+A device id becomes an MQTT topic level (``devices/{id}/...``), a NATS subject token, an AMQP
+routing-key word, a certificate CN and a file name. Anything that would change the meaning of one
+of those is refused rather than escaped: ``/``, ``+`` and ``#`` (MQTT topic syntax; Mosquitto's
+``security_default.c`` refuses them in identities for the same reason), ``.``, ``*`` and ``>`` (NATS
+and AMQP routing syntax), NUL, other control characters and white space.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["MAX_DEVICE_ID_BYTES", "InvalidIdentifier", "validate_device_id"]
+
+MAX_DEVICE_ID_BYTES = 128
+
+_FORBIDDEN = {
+    "/": "'/' is the MQTT topic level separator",
+    "+": "'+' is an MQTT wildcard",
+    "#": "'#' is an MQTT wildcard",
+    ".": "'.' is the NATS subject and AMQP routing-key separator",
+    "*": "'*' is a NATS and AMQP wildcard",
+    ">": "'>' is a NATS wildcard",
+    "\x00": "NUL is not allowed in MQTT strings",
+}
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+
+
+class InvalidIdentifier(ValueError):
+    """A device id that cannot be used safely; ``reason`` says why."""
+
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"invalid device id {value!r}: {reason}")
+        self.value = value
+        self.reason = reason
+
+
+def validate_device_id(value: str) -> str:
+    """Return ``value`` unchanged if it is a usable device id, else raise `InvalidIdentifier`."""
+    if not value:
+        raise InvalidIdentifier(value, "it is empty")
+    for char, why in _FORBIDDEN.items():
+        if char in value:
+            raise InvalidIdentifier(value, why)
+    if _CONTROL_OR_SPACE.search(value):
+        raise InvalidIdentifier(value, "control characters and white space are not allowed")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidIdentifier(value, "it is not valid UTF-8 (lone surrogate)") from exc
+    if size > MAX_DEVICE_ID_BYTES:
+        raise InvalidIdentifier(value, f"{size} bytes is over the limit of {MAX_DEVICE_ID_BYTES}")
+    return value
