@@ -1,0 +1,31 @@
+"""The bridge's small PKI (SPEC §8), usable as a library and as ``bridge-certs``."""
+
+from certs.pki import (
+    CaMissing,
+    CertificateAuthority,
+    CertRecord,
+    Issued,
+    KeyType,
+    KeyUnreadable,
+    OutputExists,
+    PkiError,
+    device_uri,
+    format_serial,
+    generate_key,
+    load_private_key,
+)
+
+__all__ = [
+    "CaMissing",
+    "CertRecord",
+    "CertificateAuthority",
+    "Issued",
+    "KeyType",
+    "KeyUnreadable",
+    "OutputExists",
+    "PkiError",
+    "device_uri",
+    "format_serial",
+    "generate_key",
+    "load_private_key",
+]

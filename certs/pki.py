@@ -1,0 +1,570 @@
+"""A small PKI for the bridge (SPEC §8): a CA, sink and device certificates, a CRL.
+
+Layout of a PKI directory::
+
+    ca.pem  ca.key            the CA (key mode 0600)
+    index.json                every certificate issued: serial, kind, name, validity, revocation
+    crl.pem                   written by `CertificateAuthority.write_crl` (and by `revoke`)
+    servers/NAME.pem .key     sink server certificates
+    devices/ID.pem  .key      device certificates (CN = device id, SAN URI ``urn:device:ID``)
+
+Nothing is ever overwritten: a certificate or key file that exists already is an error raised
+before anything is written. Private keys are created with mode 0600, fsynced and linked into place
+atomically (STYLE 14); ``index.json`` is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
+
+__all__ = [
+    "CaMissing",
+    "CertRecord",
+    "CertificateAuthority",
+    "Issued",
+    "KeyType",
+    "KeyUnreadable",
+    "OutputExists",
+    "PkiError",
+    "device_uri",
+    "format_serial",
+    "generate_key",
+    "load_private_key",
+]
+
+CertKind = Literal["ca", "server", "device"]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+DEFAULT_CA_DAYS = 3650
+DEFAULT_SERVER_DAYS = 397  # the CA/Browser Forum ceiling, a habit worth keeping
+DEFAULT_DEVICE_DAYS = 365
+DEFAULT_CRL_DAYS = 7
+DEVICE_URI_PREFIX = "urn:device:"
+
+
+class PkiError(Exception):
+    """Anything the operator must fix before the PKI tool can do what was asked."""
+
+
+class OutputExists(PkiError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} exists already; refusing to overwrite it")
+        self.path = path
+
+
+class CaMissing(PkiError):
+    def __init__(self, directory: Path) -> None:
+        super().__init__(f"no CA in {directory} (ca.pem and ca.key); run 'bridge-certs init-ca'")
+        self.directory = directory
+
+
+class KeyUnreadable(PkiError):
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"cannot read private key {path}: {why}")
+        self.path = path
+
+
+class KeyType(StrEnum):
+    EC_P256 = "ec-p256"
+    RSA_2048 = "rsa-2048"
+    RSA_3072 = "rsa-3072"
+    ED25519 = "ed25519"
+
+
+@dataclass(frozen=True)
+class CertRecord:
+    """One line of ``index.json``."""
+
+    serial: int
+    kind: CertKind
+    name: str
+    not_before: str  # ISO 8601, UTC
+    not_after: str
+    cert_path: str
+    revoked_at: str | None = None
+
+    def status(self, now: dt.datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if now < dt.datetime.fromisoformat(self.not_before):
+            return "not-yet-valid"
+        if now > dt.datetime.fromisoformat(self.not_after):
+            return "expired"
+        return "valid"
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert_path: Path
+    key_path: Path
+    certificate: x509.Certificate
+
+    @property
+    def serial(self) -> int:
+        return self.certificate.serial_number
+
+
+def device_uri(device_id: str) -> str:
+    return DEVICE_URI_PREFIX + device_id
+
+
+def generate_key(key_type: KeyType) -> PrivateKey:
+    if key_type is KeyType.EC_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type is KeyType.ED25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    bits = 2048 if key_type is KeyType.RSA_2048 else 3072
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    """Load an unencrypted PEM private key; `KeyUnreadable` says why it could not be used."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyUnreadable(path, exc.strerror or str(exc)) from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError as exc:
+        raise KeyUnreadable(path, "it is encrypted; this tool keeps keys unencrypted") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyUnreadable(path, "not a PEM private key") from exc
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise KeyUnreadable(path, f"unsupported key type {type(key).__name__}")
+    return key
+
+
+def _signing_hash(key: PrivateKey) -> hashes.SHA256 | None:
+    # Ed25519 signs the message itself; the others sign a SHA-256 digest.
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a new file ``path``; never replaces an existing one.
+
+    Written to a temporary file in the same directory, fsynced, then hard-linked to its name:
+    ``link`` fails if the name exists, so two concurrent writers cannot clobber each other, and a
+    crash leaves either no file or the whole file, never a truncated key.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputExists(path) from None
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _replace(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, fsync directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _refuse_existing(paths: Iterable[Path]) -> None:
+    for path in paths:
+        if path.exists():
+            raise OutputExists(path)
+
+
+def _validity(not_before: dt.datetime | None, days: float) -> tuple[dt.datetime, dt.datetime]:
+    if days <= 0:
+        raise PkiError(f"validity must be positive, got {days} days")
+    start = not_before if not_before is not None else _now() - dt.timedelta(minutes=5)
+    if start.tzinfo is None:
+        raise PkiError("not_before must carry a time zone")
+    return start, start + dt.timedelta(days=days)
+
+
+class CertificateAuthority:
+    """The CA of one PKI directory; load it with `open`, create it with `create`."""
+
+    def __init__(self, directory: Path, certificate: x509.Certificate, key: PrivateKey) -> None:
+        self.directory = directory
+        self.certificate = certificate
+        self.key = key
+
+    # -- paths -----------------------------------------------------------------------------
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / "crl.pem"
+
+    @property
+    def index_path(self) -> Path:
+        return self.directory / "index.json"
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        *,
+        common_name: str = "Edge Bridge CA",
+        key_type: KeyType = KeyType.EC_P256,
+        days: float = DEFAULT_CA_DAYS,
+        not_before: dt.datetime | None = None,
+    ) -> CertificateAuthority:
+        """Create a self-signed CA in ``directory``; `OutputExists` if one is there already."""
+        directory = Path(directory)
+        cert_path, key_path = directory / "ca.pem", directory / "ca.key"
+        _refuse_existing([cert_path, key_path])
+        key = generate_key(key_type)
+        start, end = _validity(not_before, days)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        public = key.public_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .sign(key, _signing_hash(key))
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_new(key_path, _key_pem(key), 0o600)
+        _write_new(cert_path, _cert_pem(cert), 0o644)
+        ca = cls(directory, cert, key)
+        ca._record(cert, "ca", common_name, cert_path)
+        return ca
+
+    @classmethod
+    def open(cls, directory: Path) -> CertificateAuthority:
+        """Load the CA of ``directory``; `CaMissing` or `KeyUnreadable` if it cannot be used."""
+        directory = Path(directory)
+        cert_path, key_path = directory / "ca.pem", directory / "ca.key"
+        if not cert_path.is_file() or not key_path.is_file():
+            raise CaMissing(directory)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError as exc:
+            raise PkiError(
+                f"cannot read CA certificate {cert_path}: not a PEM certificate"
+            ) from exc
+        key = load_private_key(key_path)
+        if key.public_key() != cert.public_key():
+            raise KeyUnreadable(key_path, f"it does not match the certificate {cert_path}")
+        return cls(directory, cert, key)
+
+    # -- issuing ---------------------------------------------------------------------------
+
+    def issue_server(
+        self,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str] = (),
+        *,
+        name: str | None = None,
+        key_type: KeyType = KeyType.EC_P256,
+        days: float = DEFAULT_SERVER_DAYS,
+        not_before: dt.datetime | None = None,
+        cert_path: Path | None = None,
+        key_path: Path | None = None,
+    ) -> Issued:
+        """Issue a TLS server certificate (for the sink, or a test broker) for these names."""
+        if not dns_names and not ip_addresses:
+            raise PkiError("a server certificate needs at least one --dns name or --ip address")
+        ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for text in ip_addresses:
+            try:
+                ips.append(ipaddress.ip_address(text))
+            except ValueError:
+                raise PkiError(f"{text!r} is not an IP address") from None
+        for dns in dns_names:
+            if not dns or (any(c in dns for c in "/ \x00*") and not dns.startswith("*.")):
+                raise PkiError(f"{dns!r} is not a DNS name")
+        label = name or (dns_names[0] if dns_names else str(ips[0]))
+        if any(c in label for c in "/\x00") or label.startswith("."):
+            raise PkiError(f"{label!r} cannot name a file; pass --name")
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+        sans += [x509.IPAddress(ip) for ip in ips]
+        return self._issue(
+            kind="server",
+            name=label,
+            common_name=label,
+            sans=sans,
+            usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            key_type=key_type,
+            days=days,
+            not_before=not_before,
+            cert_path=cert_path or self.directory / "servers" / f"{label}.pem",
+            key_path=key_path or self.directory / "servers" / f"{label}.key",
+        )
+
+    def issue_device(
+        self,
+        device_id: str,
+        *,
+        key_type: KeyType = KeyType.EC_P256,
+        days: float = DEFAULT_DEVICE_DAYS,
+        not_before: dt.datetime | None = None,
+        cert_path: Path | None = None,
+        key_path: Path | None = None,
+    ) -> Issued:
+        """Issue a device client certificate: CN = device id, SAN URI ``urn:device:<id>``."""
+        try:
+            validate_device_id(device_id)
+        except InvalidIdentifier as exc:
+            raise PkiError(str(exc)) from exc
+        return self._issue(
+            kind="device",
+            name=device_id,
+            common_name=device_id,
+            sans=[x509.UniformResourceIdentifier(device_uri(device_id))],
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            key_type=key_type,
+            days=days,
+            not_before=not_before,
+            cert_path=cert_path or self.directory / "devices" / f"{device_id}.pem",
+            key_path=key_path or self.directory / "devices" / f"{device_id}.key",
+        )
+
+    def _issue(
+        self,
+        *,
+        kind: CertKind,
+        name: str,
+        common_name: str,
+        sans: list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        key_type: KeyType,
+        days: float,
+        not_before: dt.datetime | None,
+        cert_path: Path,
+        key_path: Path,
+    ) -> Issued:
+        _refuse_existing([cert_path, key_path])
+        start, end = _validity(not_before, days)
+        key = generate_key(key_type)
+        public = key.public_key()
+        is_rsa = isinstance(key, rsa.RSAPrivateKey)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=is_rsa,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, _signing_hash(self.key))
+        )
+        _write_new(key_path, _key_pem(key), 0o600)
+        try:
+            _write_new(cert_path, _cert_pem(cert), 0o644)
+        except BaseException:
+            key_path.unlink(missing_ok=True)  # never leave a key without its certificate
+            raise
+        self._record(cert, kind, name, cert_path)
+        return Issued(cert_path, key_path, cert)
+
+    # -- the index, revocation, CRL --------------------------------------------------------
+
+    def records(self) -> list[CertRecord]:
+        if not self.index_path.exists():
+            return []
+        try:
+            raw = json.loads(self.index_path.read_text())
+            return [CertRecord(**{**item, "serial": int(item["serial"])}) for item in raw]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PkiError(f"{self.index_path} is damaged: {exc}") from exc
+
+    def _save(self, records: list[CertRecord]) -> None:
+        # Serials are 159-bit integers: kept as strings so no JSON reader rounds them.
+        payload = [{**asdict(r), "serial": str(r.serial)} for r in records]
+        _replace(self.index_path, (json.dumps(payload, indent=2) + "\n").encode())
+
+    def _record(self, cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> None:
+        record = CertRecord(
+            serial=cert.serial_number,
+            kind=kind,
+            name=name,
+            not_before=cert.not_valid_before_utc.isoformat(),
+            not_after=cert.not_valid_after_utc.isoformat(),
+            cert_path=str(path),
+        )
+        self._save([*self.records(), record])
+
+    def revoke(self, target: str) -> list[CertRecord]:
+        """Revoke by device id (every unrevoked certificate of that device) or by serial.
+
+        A serial is given in hex (``0x`` prefix and colons optional), as ``list`` prints it.
+        The CRL is rewritten. Returns the records revoked now; `PkiError` if none matched.
+        """
+        records = self.records()
+        # A device id wins over a serial spelled the same; a random 159-bit serial that reads
+        # like a real device id is not a practical worry.
+        matches = [r for r in records if r.kind == "device" and r.name == target]
+        serial = None if matches else _parse_serial(target)
+        if serial is not None:
+            matches = [r for r in records if r.kind != "ca" and r.serial == serial]
+        matches = [r for r in matches if r.revoked_at is None]
+        if not matches:
+            already = [r for r in records if r.name == target or r.serial == _parse_serial(target)]
+            if already and all(r.revoked_at for r in already):
+                raise PkiError(f"{target!r} is revoked already")
+            raise PkiError(f"no certificate issued by this CA matches {target!r}")
+        stamp = _now().isoformat()
+        chosen = {r.serial for r in matches}
+        updated = [
+            CertRecord(**{**asdict(r), "revoked_at": stamp}) if r.serial in chosen else r
+            for r in records
+        ]
+        self._save(updated)
+        self.write_crl()
+        return [r for r in updated if r.serial in chosen]
+
+    def build_crl(
+        self, *, days: float = DEFAULT_CRL_DAYS, now: dt.datetime | None = None
+    ) -> x509.CertificateRevocationList:
+        now = now or _now()
+        number = int(now.timestamp())  # monotonic enough for a CRL number, and needs no state
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now)
+            .next_update(now + dt.timedelta(days=days))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        for record in self.records():
+            if record.revoked_at is not None:
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder()
+                    .serial_number(record.serial)
+                    .revocation_date(dt.datetime.fromisoformat(record.revoked_at))
+                    .build()
+                )
+        return builder.sign(self.key, _signing_hash(self.key))
+
+    def write_crl(self, path: Path | None = None, *, days: float = DEFAULT_CRL_DAYS) -> Path:
+        """(Re)write the CRL; replacing it is the point, so this one file is overwritten."""
+        path = path or self.crl_path
+        crl = self.build_crl(days=days)
+        _replace(path, crl.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+def _parse_serial(text: str) -> int | None:
+    """A serial as `list` prints it: hex, optionally ``0x``-prefixed or colon-separated."""
+    cleaned = text.lower().removeprefix("0x").replace(":", "")
+    try:
+        return int(cleaned, 16) if cleaned else None
+    except ValueError:
+        return None
+
+
+def format_serial(serial: int) -> str:
+    return f"0x{serial:x}"
