@@ -1,0 +1,292 @@
+"""bridge-certs (SPEC §8): what it writes is accepted by OpenSSL, bad input is refused cleanly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from certs import CertificateAuthority, KeyType, OutputExists, PkiError, device_uri
+from certs.cli import main, parse_when
+from tests.harness.process import console_script
+
+BRIDGE_CERTS = console_script("bridge-certs")
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BRIDGE_CERTS, *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+    )
+
+
+def openssl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def pki_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "pki"
+    result = run("--dir", str(directory), "init-ca")
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.mark.parametrize("key_type", list(KeyType))
+def test_openssl_verifies_every_key_type(tmp_path: Path, key_type: KeyType) -> None:
+    directory = tmp_path / "pki"
+    assert run("--dir", str(directory), "init-ca", "--key-type", key_type).returncode == 0
+    device = run("--dir", str(directory), "device", "dev-1", "--key-type", key_type)
+    assert device.returncode == 0, device.stderr
+    server = run(
+        "--dir", str(directory), "server", "--dns", "localhost", "--ip", "127.0.0.1",
+        "--key-type", key_type,
+    )  # fmt: skip
+    assert server.returncode == 0, server.stderr
+
+    ca = str(directory / "ca.pem")
+    for cert, purpose in [
+        (directory / "devices" / "dev-1.pem", "sslclient"),
+        (directory / "servers" / "localhost.pem", "sslserver"),
+    ]:
+        verified = openssl("verify", "-purpose", purpose, "-CAfile", ca, str(cert))
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert verified.stdout.strip() == f"{cert}: OK"
+    text = openssl("x509", "-in", str(directory / "servers" / "localhost.pem"), "-noout", "-text")
+    assert "DNS:localhost" in text.stdout
+    assert "IP Address:127.0.0.1" in text.stdout
+
+
+def test_keys_are_private_and_match_their_type(pki_dir: Path) -> None:
+    assert run("--dir", str(pki_dir), "device", "rsa-dev", "--key-type", "rsa-2048").returncode == 0
+    assert run("--dir", str(pki_dir), "device", "ed-dev", "--key-type", "ed25519").returncode == 0
+    for key in [
+        pki_dir / "ca.key",
+        pki_dir / "devices/rsa-dev.key",
+        pki_dir / "devices/ed-dev.key",
+    ]:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    ca = CertificateAuthority.open(pki_dir)
+    assert isinstance(ca.key, ec.EllipticCurvePrivateKey)
+    assert ca.key.curve.name == "secp256r1"
+    rsa_cert = x509.load_pem_x509_certificate((pki_dir / "devices/rsa-dev.pem").read_bytes())
+    assert isinstance(rsa_cert.public_key(), rsa.RSAPublicKey)
+    ed_cert = x509.load_pem_x509_certificate((pki_dir / "devices/ed-dev.pem").read_bytes())
+    assert isinstance(ed_cert.public_key(), ed25519.Ed25519PublicKey)
+
+
+def test_device_certificate_carries_identity(pki_dir: Path) -> None:
+    assert run("--dir", str(pki_dir), "device", "pump-7").returncode == 0
+    cert = x509.load_pem_x509_certificate((pki_dir / "devices/pump-7.pem").read_bytes())
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+    assert cn == "pump-7"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [device_uri("pump-7")]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_revoked_serial_is_in_crl_as_openssl_reads_it(pki_dir: Path) -> None:
+    assert run("--dir", str(pki_dir), "device", "dev-bad").returncode == 0
+    assert run("--dir", str(pki_dir), "device", "dev-good").returncode == 0
+    revoked = run("--dir", str(pki_dir), "revoke", "dev-bad")
+    assert revoked.returncode == 0, revoked.stderr
+    bad = x509.load_pem_x509_certificate((pki_dir / "devices/dev-bad.pem").read_bytes())
+
+    crl_text = openssl("crl", "-in", str(pki_dir / "crl.pem"), "-noout", "-text")
+    assert crl_text.returncode == 0, crl_text.stderr
+    assert f"Serial Number: {bad.serial_number:040X}" in crl_text.stdout
+    assert crl_text.stdout.count("Serial Number:") == 1
+    signed = openssl(
+        "crl", "-in", str(pki_dir / "crl.pem"), "-noout", "-CAfile", str(pki_dir / "ca.pem")
+    )
+    assert "verify OK" in signed.stdout + signed.stderr
+
+    ca, crl = str(pki_dir / "ca.pem"), str(pki_dir / "crl.pem")
+    refused = openssl(
+        "verify", "-crl_check", "-CAfile", ca, "-CRLfile", crl, str(pki_dir / "devices/dev-bad.pem")
+    )
+    assert refused.returncode != 0
+    assert "certificate revoked" in refused.stdout + refused.stderr
+    accepted = openssl(
+        "verify",
+        "-crl_check",
+        "-CAfile",
+        ca,
+        "-CRLfile",
+        crl,
+        str(pki_dir / "devices/dev-good.pem"),
+    )
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+
+def test_revoke_by_serial_and_list(pki_dir: Path) -> None:
+    assert run("--dir", str(pki_dir), "device", "dev-a").returncode == 0
+    cert = x509.load_pem_x509_certificate((pki_dir / "devices/dev-a.pem").read_bytes())
+    assert run("--dir", str(pki_dir), "revoke", f"0x{cert.serial_number:x}").returncode == 0
+    listing = run("--dir", str(pki_dir), "list")
+    table = {line.split()[-1]: line.split() for line in listing.stdout.splitlines()}
+    assert table["dev-a"][2] == "revoked"
+    rows = {
+        row["name"]: row
+        for row in map(json.loads, run("--dir", str(pki_dir), "list", "--json").stdout.splitlines())
+    }
+    assert rows["Edge Bridge CA"]["kind"] == "ca"
+    assert rows["dev-a"]["serial"] == f"0x{cert.serial_number:x}"
+    assert rows["dev-a"]["revoked_at"] is not None
+    again = run("--dir", str(pki_dir), "revoke", "dev-a")
+    assert again.returncode == 2
+    assert "revoked already" in again.stderr
+
+
+def test_validity_options_make_expired_and_future_certificates(pki_dir: Path) -> None:
+    assert (
+        run("--dir", str(pki_dir), "device", "old", "--not-before=-10d", "--days", "1").returncode
+        == 0
+    )
+    assert run("--dir", str(pki_dir), "device", "new", "--not-before", "+10d").returncode == 0
+    assert (
+        run(
+            "--dir", str(pki_dir), "device", "iso", "--not-before", "2020-01-01", "--days", "2"
+        ).returncode
+        == 0
+    )
+    ca = str(pki_dir / "ca.pem")
+    expired = openssl("verify", "-CAfile", ca, str(pki_dir / "devices/old.pem"))
+    assert "certificate has expired" in expired.stdout + expired.stderr
+    future = openssl("verify", "-CAfile", ca, str(pki_dir / "devices/new.pem"))
+    assert "certificate is not yet valid" in future.stdout + future.stderr
+    iso = x509.load_pem_x509_certificate((pki_dir / "devices/iso.pem").read_bytes())
+    assert iso.not_valid_before_utc == dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    assert iso.not_valid_after_utc == dt.datetime(2020, 1, 3, tzinfo=dt.UTC)
+    statuses = {
+        line.split()[-1]: line.split()[2]
+        for line in run("--dir", str(pki_dir), "list").stdout.splitlines()
+    }
+    assert statuses["old"] == "expired"
+    assert statuses["new"] == "not-yet-valid"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["device", "x", "--colour", "red"], "unrecognized arguments: --colour red"),
+        (["device", "a/b"], "'/' is the MQTT topic level separator"),
+        (["device", "a+b"], "'+' is an MQTT wildcard"),
+        (["device", "a#"], "'#' is an MQTT wildcard"),
+        (["device", ""], "invalid device id '': it is empty"),
+        (["device", "dev-1"], "exists already; refusing to overwrite"),
+        (["device", "x", "--days", "0"], "the number of days must be positive"),
+        (["device", "x", "--not-before", "yesterday"], "'yesterday' is not 'now'"),
+        (["server"], "needs at least one --dns name or --ip address"),
+        (["server", "--ip", "300.1.1.1"], "'300.1.1.1' is not an IP address"),
+        (["revoke", "nobody"], "no certificate issued by this CA matches 'nobody'"),
+        (["init-ca"], "ca.pem exists already; refusing to overwrite"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    pki_dir: Path, args: list[str], message: str
+) -> None:
+    assert run("--dir", str(pki_dir), "device", "dev-1").returncode == 0
+    before = tree(pki_dir)
+    result = run("--dir", str(pki_dir), *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("bridge-certs: error: ")
+    assert message in lines[0]
+    assert tree(pki_dir) == before
+
+
+def test_missing_ca_is_reported(tmp_path: Path) -> None:
+    result = run("--dir", str(tmp_path / "empty"), "device", "dev-1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"bridge-certs: error: no CA in {tmp_path / 'empty'} (ca.pem and ca.key); "
+        "run 'bridge-certs init-ca'"
+    )
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"not a key at all\n", "not a PEM private key"),
+        (b"", "not a PEM private key"),
+    ],
+)
+def test_unreadable_ca_key_is_reported(pki_dir: Path, content: bytes, why: str) -> None:
+    (pki_dir / "ca.key").write_bytes(content)
+    before = tree(pki_dir)
+    result = run("--dir", str(pki_dir), "device", "dev-9")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"bridge-certs: error: cannot read private key {pki_dir / 'ca.key'}: {why}"
+    )
+    assert tree(pki_dir) == before
+
+
+def test_ca_key_of_another_ca_is_refused(tmp_path: Path, pki_dir: Path) -> None:
+    other = CertificateAuthority.create(tmp_path / "other")
+    (pki_dir / "ca.key").write_bytes(other.key_path.read_bytes())
+    result = run("--dir", str(pki_dir), "device", "dev-9")
+    assert result.returncode == 2
+    assert "does not match the certificate" in result.stderr
+
+
+@pytest.mark.parametrize("bad_id", ["", "a/b", "+", "#", "x\x00y", "a.b", "a b", "é" * 100])
+def test_library_refuses_bad_device_ids_including_nul(tmp_path: Path, bad_id: str) -> None:
+    # NUL cannot travel through argv (execve strings end at NUL), so the library is the place
+    # to show it is refused.
+    ca = CertificateAuthority.create(tmp_path / "pki")
+    with pytest.raises(PkiError, match="invalid device id"):
+        ca.issue_device(bad_id)
+    assert not (tmp_path / "pki" / "devices").exists()
+
+
+def test_library_never_overwrites_even_a_lone_key(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(tmp_path / "pki")
+    key_path = tmp_path / "pki" / "devices" / "dev-1.key"
+    key_path.parent.mkdir()
+    key_path.write_bytes(b"precious")
+    with pytest.raises(OutputExists):
+        ca.issue_device("dev-1")
+    assert key_path.read_bytes() == b"precious"
+    assert not (tmp_path / "pki" / "devices" / "dev-1.pem").exists()
+
+
+def test_in_process_main_matches_console_script(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--dir", str(tmp_path / "p"), "init-ca", "--key-type", "ed25519"]) == 0
+    assert main(["--dir", str(tmp_path / "p"), "device", "d1"]) == 0
+    assert main(["--dir", str(tmp_path / "p"), "list", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"name": "d1"' in out
+    assert '"status": "valid"' in out
+
+
+def test_parse_when() -> None:
+    now = dt.datetime.now(dt.UTC)
+    assert abs((parse_when("-2d") - (now - dt.timedelta(days=2))).total_seconds()) < 5
+    assert abs((parse_when("+1.5h") - (now + dt.timedelta(hours=1.5))).total_seconds()) < 5
+    assert parse_when("2030-05-01T12:00:00+02:00") == dt.datetime(2030, 5, 1, 10, tzinfo=dt.UTC)
