@@ -1,0 +1,7 @@
+.PHONY: test demo
+
+test:
+	bash scripts/test.sh
+
+demo:
+	bash scripts/demo.sh

@@ -1,0 +1,161 @@
+"""The shared seams: failpoints, the fake clock and device-id validation."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mqtt_ingest import FakeClock, InvalidIdentifier, SystemClock, failpoints, validate_device_id
+from mqtt_ingest.failpoints import FailpointError
+
+LOOP_WITH_FAILPOINT = (
+    "from mqtt_ingest import failpoints\n"
+    "for i in range(5):\n"
+    "    failpoints.hit('demo.step')\n"
+    "    print(i, flush=True)\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def _disarmed() -> Iterator[None]:
+    failpoints.disarm_all()
+    yield
+    failpoints.disarm_all()
+
+
+def test_unarmed_failpoint_does_nothing() -> None:
+    for _ in range(3):
+        failpoints.hit("nothing.armed")
+
+
+def test_raise_on_the_nth_hit_only() -> None:
+    failpoints.arm("step", "raise@2")
+    failpoints.hit("step")
+    with pytest.raises(FailpointError, match="'step'"):
+        failpoints.hit("step")
+    failpoints.hit("step")
+    failpoints.hit("other")
+
+
+def test_async_sleep_yields_to_the_loop() -> None:
+    failpoints.arm("slow", "sleep:0.05")
+    ticks: list[int] = []
+
+    async def ticker() -> None:
+        for i in range(3):
+            ticks.append(i)
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        await asyncio.gather(failpoints.ahit("slow"), ticker())
+
+    asyncio.run(scenario())
+    assert ticks == [0, 1, 2]
+
+
+def test_kill9_from_the_environment_kills_the_subprocess_at_the_nth_hit() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LOOP_WITH_FAILPOINT],
+        env={"BRIDGE_FAILPOINTS": "demo.step=kill9@3", "PYTHONPATH": "."},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == -signal.SIGKILL
+    assert result.stdout.split() == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("novalue", "is not name=action"),
+        ("=raise", "is not name=action"),
+        ("x=explode", "action must be kill9, raise or sleep:S"),
+        ("x=raise@0", "positive whole number"),
+        ("x=sleep:soon", "sleep:S needs seconds"),
+    ],
+)
+def test_bad_specs_are_refused_with_the_item(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        failpoints.parse_spec(spec)
+    assert spec in str(info.value)
+
+
+def test_bad_environment_spec_stops_the_program_with_its_reason() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", LOOP_WITH_FAILPOINT],
+        env={"BRIDGE_FAILPOINTS": "demo.step=explode", "PYTHONPATH": "."},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "BRIDGE_FAILPOINTS" in result.stderr
+    assert result.stdout == ""
+
+
+def test_fake_clock_advance_and_skew() -> None:
+    clock = FakeClock(start=1000.0)
+    clock.advance(5)
+    assert (clock.time(), clock.monotonic()) == (1005.0, 5.0)
+    clock.skew(-300)
+    assert (clock.time(), clock.monotonic()) == (705.0, 5.0)
+    with pytest.raises(ValueError, match="backwards"):
+        clock.advance(-1)
+
+
+def test_system_clock_monotonic_never_goes_back() -> None:
+    clock = SystemClock()
+    first = clock.monotonic()
+    assert clock.monotonic() >= first
+    assert clock.time() > 1_600_000_000
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("", "empty"),
+        ("a/b", "topic level separator"),
+        ("a+b", "wildcard"),
+        ("a#", "wildcard"),
+        ("dev.1", "NATS"),
+        ("dev*", "wildcard"),
+        ("dev>", "wildcard"),
+        ("dev\x00", "NUL"),
+        ("dev 1", "white space"),
+        ("dev\t1", "white space"),
+        ("dev\x7f", "control"),
+        ("x" * 129, "over the limit of 128"),
+        ("é" * 65, "130 bytes"),
+        ("dev\ud800", "UTF-8"),
+    ],
+)
+def test_invalid_device_ids_are_refused_with_a_reason(value: str, reason: str) -> None:
+    with pytest.raises(InvalidIdentifier, match=reason):
+        validate_device_id(value)
+
+
+@pytest.mark.parametrize("value", ["dev-42", "sensor_7", "Zone-A:pump-3", "x" * 128, "капля-1"])
+def test_valid_device_ids_are_returned_unchanged(value: str) -> None:
+    assert validate_device_id(value) == value
+
+
+@given(st.text(min_size=1, max_size=200))
+def test_every_accepted_id_is_safe_as_topic_level_subject_token_and_file_name(value: str) -> None:
+    try:
+        validate_device_id(value)
+    except InvalidIdentifier:
+        return
+    assert not set(value) & set("/+#.*>\x00")
+    assert value.strip() == value
+    assert value not in {".", ".."}
+    assert len(value.encode()) <= 128
