@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.harness.mosquitto",
     "tests.harness.brokers",
     "tests.harness.chaos",
+    "tests.harness.stages",
 ]

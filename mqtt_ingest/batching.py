@@ -1,0 +1,128 @@
+"""Gather events from every connection into batches for the durable stage.
+
+A stage with a per-call round trip (a core queue, an fsync) must not be called once per event. The
+batcher takes what connections submit, waits at most ``linger`` after the first event for more, and
+hands the stage up to ``max_events`` at a time, one call after another (so the stage sees events in
+arrival order). Each submitter gets a future that resolves once its event is durable, or fails.
+
+Memory is bounded by the callers: every connection holds at most ``max_inflight`` unresolved
+futures and the server at most ``max_connections`` connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+from mqtt_ingest import failpoints
+from mqtt_ingest.ports import DurableStage, IngestEvent, Metrics, StageRefused
+
+__all__ = ["Batcher", "StageFailed"]
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(Exception):
+    """The durable stage did not take this event: it raised, refused it or timed out."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Batcher:
+    def __init__(
+        self,
+        stage: DurableStage,
+        metrics: Metrics,
+        *,
+        max_events: int,
+        linger: float,
+        timeout: float,
+    ) -> None:
+        self._stage = stage
+        self._metrics = metrics
+        self._max_events = max_events
+        self._linger = linger
+        self._timeout = timeout
+        self._pending: deque[tuple[IngestEvent, asyncio.Future[None]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    def submit(self, event: IngestEvent) -> asyncio.Future[None]:
+        """Queue one event; the returned future resolves once the stage has it."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(StageFailed("server stopping"))
+        else:
+            self._pending.append((event, future))
+            self._wakeup.set()
+        return future
+
+    async def run(self) -> None:
+        """Feed the stage until cancelled; on cancellation, fail whatever is still queued."""
+        try:
+            while True:
+                await self._wakeup.wait()
+                if len(self._pending) < self._max_events and self._linger > 0:
+                    await asyncio.sleep(self._linger)
+                batch = [
+                    self._pending.popleft()
+                    for _ in range(min(self._max_events, len(self._pending)))
+                ]
+                if not self._pending:
+                    self._wakeup.clear()
+                if batch:
+                    await self._store(batch)
+        finally:
+            self._closed = True
+            while self._pending:
+                _, future = self._pending.popleft()
+                if not future.done():
+                    future.set_exception(StageFailed("server stopping"))
+
+    async def _store(self, batch: Sequence[tuple[IngestEvent, asyncio.Future[None]]]) -> None:
+        events = [event for event, _ in batch]
+        outcomes: Sequence[StageRefused | None] | None
+        try:
+            await failpoints.ahit("ingest.before_store")
+            async with asyncio.timeout(self._timeout):
+                outcomes = await self._stage.store(events)
+            await failpoints.ahit("ingest.after_store")
+        except TimeoutError:
+            self._fail_all(batch, f"stage did not answer within {self._timeout}s")
+            return
+        except asyncio.CancelledError:
+            self._fail_all(batch, "server stopping")
+            raise
+        except Exception as exc:
+            self._fail_all(batch, f"stage failed: {exc!r}")
+            return
+        if outcomes is not None and len(outcomes) != len(batch):
+            self._fail_all(batch, f"stage returned {len(outcomes)} outcomes for {len(batch)}")
+            return
+        refused = 0
+        for index, (_, future) in enumerate(batch):
+            outcome = None if outcomes is None else outcomes[index]
+            if future.done():
+                continue
+            if outcome is None:
+                future.set_result(None)
+            else:
+                refused += 1
+                future.set_exception(StageFailed(outcome.reason))
+        self._metrics.inc("stage_events", len(batch) - refused, "stored")
+        if refused:
+            self._metrics.inc("stage_events", refused, "refused")
+        self._metrics.inc("stage_batches")
+
+    def _fail_all(
+        self, batch: Sequence[tuple[IngestEvent, asyncio.Future[None]]], why: str
+    ) -> None:
+        log.warning("durable stage: batch of %d events failed: %s", len(batch), why)
+        self._metrics.inc("stage_events", len(batch), "failed")
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(StageFailed(why))

@@ -1,0 +1,53 @@
+"""Resource limits of the ingest server, with defaults that keep a hostile peer cheap (F14-F16)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    connect_timeout: float = 5.0
+    """Seconds from accept (TLS handshake included) to a complete CONNECT."""
+    max_packet_size: int = 256 * 1024
+    """Whole packet, checked on the fixed header before the body is read."""
+    max_connections: int = 10_000
+    """Beyond this, new sockets are closed at once."""
+    max_inflight: int = 256
+    """Events of one connection handed to the stage but not yet acknowledged; at the limit the
+    server stops reading that socket (TCP backpressure)."""
+    max_keep_alive: int = 3600
+    """A client asking for more (or for 0, "never") is held to this one."""
+    keep_alive_factor: float = 1.5
+    max_client_id_bytes: int = 128
+    batch_max_events: int = 512
+    """The durable stage receives at most this many events per call ..."""
+    batch_linger: float = 0.002
+    """... gathered across all connections for at most this long after the first one."""
+    stage_timeout: float = 30.0
+    """A stage call that takes longer fails its events: no ack, connections closed."""
+    stop_deadline: float = 10.0
+    """On stop, in-flight events get this long to be stored and acknowledged."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "connect_timeout": self.connect_timeout,
+            "max_packet_size": self.max_packet_size,
+            "max_connections": self.max_connections,
+            "max_inflight": self.max_inflight,
+            "max_keep_alive": self.max_keep_alive,
+            "max_client_id_bytes": self.max_client_id_bytes,
+            "batch_max_events": self.batch_max_events,
+            "stage_timeout": self.stage_timeout,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"limits.{name} must be positive, got {value}")
+        if self.keep_alive_factor < 1:
+            raise ValueError(f"limits.keep_alive_factor must be >= 1, got {self.keep_alive_factor}")
+        if self.batch_linger < 0 or self.stop_deadline < 0:
+            raise ValueError("limits.batch_linger and limits.stop_deadline cannot be negative")
+        if self.max_packet_size > 268_435_455:
+            raise ValueError("limits.max_packet_size is over MQTT's 256 MB maximum")

@@ -1,0 +1,628 @@
+"""A strict, small MQTT 3.1.1 server that acknowledges a PUBLISH only once a durable stage has it.
+
+What it does (SPEC §3, §4, §7):
+
+- CONNECT within ``limits.connect_timeout`` of accept, then authentication through the plugged
+  `Authenticator` (with the TLS-verified peer certificate); a refusal gets its CONNACK code.
+- PUBLISH at QoS 0/1/2 goes, after the topic-rights check, to a `Batcher` that feeds the
+  `DurableStage` in batches gathered across connections. PUBACK (QoS 1) and PUBREC (QoS 2) leave
+  only after the stage confirmed the event, in the order the PUBLISH packets arrived (MQTT 3.1.1
+  §4.6). A QoS 2 packet id seen again before its PUBREL is answered without forwarding it twice.
+- If the stage fails, refuses an event or times out, nothing more is acknowledged on that
+  connection and it is closed: the client still holds the event and sends it again.
+- At ``limits.max_inflight`` unacknowledged events the connection stops reading its socket, so a
+  stalled stage stalls its producers (TCP backpressure) instead of growing memory.
+- Malformed packets, a second CONNECT, reserved or server-to-client packet types, publishes outside
+  the identity's rights and a silent keep-alive close the connection. A new connection with the
+  client id of a live one takes over (the old one is closed). SUBSCRIBE is answered with a SUBACK
+  failure unless the topic rights allow it (nothing is ever delivered: this is not a broker).
+- `stop` stops accepting, lets in-flight events finish within ``limits.stop_deadline`` and closes
+  every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from types import TracebackType
+from typing import NoReturn
+
+from mqtt_ingest import failpoints
+from mqtt_ingest.batching import Batcher, StageFailed
+from mqtt_ingest.clock import Clock, SystemClock
+from mqtt_ingest.codec import (
+    SUBACK_FAILURE,
+    ConnackCode,
+    Connect,
+    Disconnect,
+    MalformedPacket,
+    PacketTooLarge,
+    PingReq,
+    Publish,
+    PubRel,
+    Subscribe,
+    Unsubscribe,
+    encode_connack,
+    encode_pingresp,
+    encode_puback,
+    encode_pubcomp,
+    encode_pubrec,
+    encode_suback,
+    encode_unsuback,
+    read_packet,
+)
+from mqtt_ingest.limits import Limits
+from mqtt_ingest.metrics import Counters
+from mqtt_ingest.ports import (
+    Action,
+    AllowAll,
+    Authenticator,
+    ConnectRequest,
+    DurableStage,
+    Identity,
+    IngestEvent,
+    Metrics,
+    Refusal,
+    TopicRights,
+)
+
+__all__ = ["IngestServer"]
+
+log = logging.getLogger(__name__)
+
+_puback = lru_cache(maxsize=None)(encode_puback)
+_pubrec = lru_cache(maxsize=None)(encode_pubrec)
+_pubcomp = lru_cache(maxsize=None)(encode_pubcomp)
+
+
+class _Close(Exception):
+    """End this connection; ``reason`` goes to the log and the ``closed`` counter."""
+
+    def __init__(self, reason: str, *, label: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.label = label or reason
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One entry of a connection's ordered ack queue."""
+
+    future: asyncio.Future[None]
+    ack: bytes | None  # None for QoS 0: stored, but nothing to send
+    counts_as_event: bool
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class IngestServer:
+    """Use as ``async with IngestServer(...) as server:``; ``server.port`` is the bound port."""
+
+    def __init__(
+        self,
+        *,
+        stage: DurableStage,
+        authenticator: Authenticator,
+        rights: TopicRights | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        name: str = "ingest",
+    ) -> None:
+        self.limits = limits or Limits()
+        self.metrics: Metrics = metrics if metrics is not None else Counters()
+        self.name = name
+        self._authenticator = authenticator
+        self._rights: TopicRights = rights or AllowAll()
+        self._host = host
+        self._port = port
+        self._ssl = ssl_context
+        self._clock: Clock = clock or SystemClock()
+        self._batcher = Batcher(
+            stage,
+            self.metrics,
+            max_events=self.limits.batch_max_events,
+            linger=self.limits.batch_linger,
+            timeout=self.limits.stage_timeout,
+        )
+        self._connections: set[_Connection] = set()
+        self._clients: dict[str, _Connection] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self._batcher_task: asyncio.Task[None] | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._server: asyncio.Server | None = None
+        self._stopped = False
+        self._bound_port: int | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._bound_port is None:
+            raise RuntimeError("the server is not started")
+        return self._bound_port
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def __aenter__(self) -> IngestServer:
+        self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._batcher_task = self._tasks.create_task(
+            self._batcher.run(), name=f"mqtt_ingest.{self.name}.batcher"
+        )
+        try:
+            self._server = await asyncio.start_server(
+                self._accept,
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self.limits.connect_timeout if self._ssl else None,
+                # Room for one packet header and a little more; bodies are read with readexactly.
+                limit=64 * 1024,
+            )
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+        log.info(
+            "%s: listening on %s:%d (%s)", self.name, self._host, self.port,
+            "TLS" if self._ssl else "plain",
+        )  # fmt: skip
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop accepting, let in-flight events be stored and acked (up to ``deadline`` seconds,
+        default ``limits.stop_deadline``), then close every connection. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = self.limits.stop_deadline if deadline is None else deadline
+        if self._server is not None:
+            self._server.close()
+        connections = list(self._connections)
+        for connection in connections:
+            connection.finish()
+        waits = [c.done for c in connections]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=deadline)
+            for connection in connections:
+                if connection.done in late:
+                    connection.abort("server stop deadline passed", "stop_deadline")
+        # Cancelling the group's tasks (connections that outlived the deadline, the batcher)
+        # fails whatever is still queued; nothing of it was acknowledged.
+        for connection in list(self._connections):
+            if connection.task is not None:
+                connection.task.cancel()
+        if self._batcher_task is not None:
+            self._batcher_task.cancel()
+        await self._stack.aclose()
+        if self._server is not None:
+            await self._server.wait_closed()
+        log.info("%s: stopped", self.name)
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopped or self._tasks is None:
+            writer.transport.abort()
+            return
+        if len(self._connections) >= self.limits.max_connections:
+            self.metrics.inc("connections_refused", reason="max_connections")
+            writer.transport.abort()
+            return
+        connection = _Connection(self, reader, writer)
+        self._connections.add(connection)
+        self.metrics.inc("connections_opened")
+        connection.task = self._tasks.create_task(
+            connection.run(), name=f"mqtt_ingest.{self.name}.connection"
+        )
+
+    def _register(self, connection: _Connection) -> None:
+        old = self._clients.get(connection.client_id)
+        if old is not None and old is not connection:
+            log.info(
+                "%s: client %r connected again from %s: closing the older connection",
+                self.name, connection.client_id, connection.peer,
+            )  # fmt: skip
+            old.abort("taken over by a new connection", "takeover")
+            self.metrics.inc("takeovers")
+        self._clients[connection.client_id] = connection
+
+    def _forget(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+        if connection.client_id and self._clients.get(connection.client_id) is connection:
+            del self._clients[connection.client_id]
+
+
+class _Connection:
+    def __init__(
+        self, server: IngestServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.metrics = server.metrics
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.client_id = ""
+        self.identity: Identity | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks: deque[_Pending] = deque()
+        self._qos2: dict[int, asyncio.Future[None]] = {}
+        self._ack_wakeup = asyncio.Event()
+        self._space = asyncio.Event()
+        self._draining = False
+        self._stopping = False
+        self._close_reason: _Close | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+
+    # -- control from outside -------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Stop reading; acknowledge what is in flight, then close."""
+        self._stopping = True
+        self._draining = True
+        if self._read_task is not None:
+            self._read_task.cancel()
+        elif self.task is not None and self.identity is None:
+            self.abort("server stopping", "server_stop")
+        self._ack_wakeup.set()
+
+    def abort(self, reason: str, label: str) -> None:
+        """Close now: nothing more is read or acknowledged."""
+        if self._close_reason is None:
+            self._close_reason = _Close(reason, label=label)
+        self.writer.transport.abort()
+        self._ack_wakeup.set()
+
+    # -- the connection's life ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        reason, label = "closed", "closed"
+        try:
+            await self._session()
+            if self._stopping:
+                reason, label = "server stopping", "server_stop"
+            else:
+                reason, label = "client disconnected", "disconnect"
+        except* _Close as group:
+            first = self._close_reason or group.exceptions[0]
+            assert isinstance(first, _Close)
+            reason, label = first.reason, first.label
+        except* (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError) as group:
+            # Usually the writer side of a connection that abort() already closed.
+            lost = self._close_reason or _Close(repr(group.exceptions[0]), label="connection_lost")
+            reason, label = lost.reason, lost.label
+        except* Exception:
+            log.exception("%s: connection %s failed", self.server.name, self.peer)
+            reason, label = "internal error", "internal_error"
+        finally:
+            await self._teardown(reason, label)
+
+    async def _teardown(self, reason: str, label: str) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for pending in self._acks:
+            pending.future.add_done_callback(_consume)
+        for future in self._qos2.values():
+            future.add_done_callback(_consume)
+        self._acks.clear()
+        self.server._forget(self)
+        self.metrics.inc("connections_closed", reason=label)
+        if self.identity is not None:
+            log.info(
+                "%s: %s (%s) disconnected: %s", self.server.name, self.client_id, self.peer, reason
+            )
+        else:
+            log.debug(
+                "%s: %s closed before CONNECT completed: %s", self.server.name, self.peer, reason
+            )
+        transport = self.writer.transport
+        if self._close_reason is not None or label not in (
+            "disconnect",
+            "server_stop",
+        ):
+            transport.abort()
+        else:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await asyncio.shield(self.writer.wait_closed())
+            transport.abort()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def _session(self) -> None:
+        await self._handshake()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._write_acks(), name="mqtt_ingest.connection.acks")
+            self._read_task = tasks.create_task(
+                self._read_loop(), name="mqtt_ingest.connection.read"
+            )
+            if self._draining:  # stop() came while we were authenticating
+                self._read_task.cancel()
+
+    async def _handshake(self) -> None:
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                packet = await read_packet(self.reader, self.limits.max_packet_size)
+        except TimeoutError:
+            self.metrics.inc("connections_refused", reason="connect_timeout")
+            raise _Close("no CONNECT in time", label="connect_timeout") from None
+        except asyncio.IncompleteReadError:
+            raise _Close("closed before CONNECT", label="closed_before_connect") from None
+        except MalformedPacket as exc:
+            self.metrics.inc("connections_refused", reason="malformed")
+            raise _Close(f"malformed first packet: {exc.reason}", label="malformed") from None
+        if not isinstance(packet, Connect):
+            self.metrics.inc("connections_refused", reason="not_connect")
+            raise _Close("first packet is not CONNECT", label="malformed")
+        if packet.protocol_name != "MQTT":
+            self.metrics.inc("connections_refused", reason="protocol")
+            if packet.protocol_name == "MQIsdp":
+                await self._refuse(
+                    ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION, "MQTT 3.1", "protocol"
+                )
+            raise _Close(f"protocol name {packet.protocol_name!r}", label="protocol")
+        if packet.protocol_level != 4:
+            await self._refuse(
+                ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION,
+                f"protocol level {packet.protocol_level} (only 4, MQTT 3.1.1, is served)",
+                "protocol",
+            )
+        client_id = packet.client_id
+        if not client_id:
+            if not packet.clean_session:
+                await self._refuse(
+                    ConnackCode.IDENTIFIER_REJECTED,
+                    "empty client id with a persistent session",
+                    "client_id",
+                )
+            client_id = f"auto-{uuid.uuid4().hex}"
+        elif len(client_id.encode()) > self.limits.max_client_id_bytes or any(
+            ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in client_id
+        ):
+            await self._refuse(
+                ConnackCode.IDENTIFIER_REJECTED, f"client id {client_id[:64]!r}", "client_id"
+            )
+        if packet.will_topic is not None:
+            # A will is a message for subscribers on an unclean disconnect; nothing here delivers
+            # to subscribers, so accepting it would drop it silently.
+            await self._refuse(
+                ConnackCode.NOT_AUTHORIZED, "will messages are not supported", "will"
+            )
+        self.client_id = client_id
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        request = ConnectRequest(
+            client_id=client_id,
+            username=packet.username,
+            password=packet.password,
+            clean_session=packet.clean_session,
+            keep_alive=packet.keep_alive,
+            peer_certificate=certificate,
+            peer_address=self.peer,
+        )
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                decision = await self.server._authenticator.authenticate(request)
+        except TimeoutError:
+            await self._refuse(ConnackCode.SERVER_UNAVAILABLE, "authentication timed out", "auth")
+        if isinstance(decision, Refusal):
+            await self._refuse(decision.code, decision.reason, decision.reason)
+        identity = decision
+        if identity.expires_at is not None:
+            left = identity.expires_at - self.server._clock.time()
+            if left <= 0:
+                await self._refuse(ConnackCode.NOT_AUTHORIZED, "credentials expired", "expired")
+            self._expiry = asyncio.get_running_loop().call_later(
+                left, self.abort, "credentials expired", "expired"
+            )
+        self.identity = identity
+        keep_alive = packet.keep_alive
+        if keep_alive == 0 or keep_alive > self.limits.max_keep_alive:
+            keep_alive = self.limits.max_keep_alive
+        self._keep_alive_timeout = keep_alive * self.limits.keep_alive_factor
+        self.server._register(self)
+        self.writer.write(encode_connack(ConnackCode.ACCEPTED, session_present=False))
+        self.metrics.inc("connects_accepted")
+        log.info(
+            "%s: %s connected from %s as %s (keep-alive %ds)",
+            self.server.name, client_id, self.peer, identity.name, packet.keep_alive,
+        )  # fmt: skip
+
+    async def _refuse(self, code: ConnackCode, reason: str, label: str) -> NoReturn:
+        """Send a refusing CONNACK, then end the connection (raises `_Close`)."""
+        self.metrics.inc("connections_refused", reason=label)
+        log.warning(
+            "%s: refused CONNECT from %s (client id %r): %s",
+            self.server.name, self.peer, self.client_id, reason,
+        )  # fmt: skip
+        self.writer.write(encode_connack(code))
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                await self.writer.drain()
+        raise _Close(f"CONNECT refused: {reason}", label="refused")
+
+    # -- after CONNACK --------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_size = self.limits.max_packet_size
+        max_inflight = self.limits.max_inflight
+        try:
+            async with asyncio.timeout(None) as keep_alive:
+                while True:
+                    if len(self._acks) >= max_inflight:
+                        # Our stage is slow, not the client: the keep-alive does not run meanwhile.
+                        keep_alive.reschedule(None)
+                        self._space.clear()
+                        await self._space.wait()
+                        continue
+                    keep_alive.reschedule(loop.time() + self._keep_alive_timeout)
+                    packet = await read_packet(self.reader, max_size)
+                    if isinstance(packet, Publish):
+                        self._on_publish(packet)
+                    elif isinstance(packet, PubRel):
+                        self._on_pubrel(packet)
+                    elif isinstance(packet, PingReq):
+                        self.writer.write(encode_pingresp())
+                    elif isinstance(packet, Subscribe):
+                        self._on_subscribe(packet)
+                    elif isinstance(packet, Unsubscribe):
+                        self.writer.write(encode_unsuback(packet.packet_id))
+                    elif isinstance(packet, Disconnect):
+                        return
+                    else:
+                        raise _Close("second CONNECT", label="malformed")
+        except TimeoutError:
+            raise _Close("keep-alive expired", label="keep_alive") from None
+        except PacketTooLarge as exc:
+            self.metrics.inc("malformed", reason="too_large")
+            raise _Close(exc.reason, label="too_large") from None
+        except MalformedPacket as exc:
+            self.metrics.inc("malformed")
+            raise _Close(f"malformed packet: {exc.reason}", label="malformed") from None
+        except asyncio.IncompleteReadError as exc:
+            if self._close_reason is not None:
+                raise self._close_reason from None
+            what = "peer closed" if not exc.partial else "peer closed in the middle of a packet"
+            raise _Close(what, label="peer_closed") from None
+        except (ConnectionError, ssl.SSLError) as exc:
+            if self._close_reason is not None:
+                raise self._close_reason from None
+            raise _Close(f"connection lost: {exc!r}", label="connection_lost") from None
+        finally:
+            self._draining = True
+            self._ack_wakeup.set()
+
+    def _on_publish(self, packet: Publish) -> None:
+        identity = self.identity
+        assert identity is not None
+        self.metrics.inc("publish_bytes_received", packet.size)
+        if not self.server._rights.allowed(identity, packet.topic, Action.PUBLISH):
+            self.metrics.inc("security_events", reason="publish_denied")
+            log.warning(
+                "%s: security: %s (%s) published to %r outside its rights: closing",
+                self.server.name, self.client_id, identity.name, packet.topic[:200],
+            )  # fmt: skip
+            raise _Close("publish outside the topic rights", label="publish_denied")
+        if packet.qos == 2:
+            assert packet.packet_id is not None
+            earlier = self._qos2.get(packet.packet_id)
+            if earlier is not None:
+                # Resent before PUBREL: the first copy is (being) stored; answer, don't forward.
+                self.metrics.inc("qos2_duplicates")
+                self._queue(_Pending(earlier, _pubrec(packet.packet_id), False))
+                return
+        event = IngestEvent(
+            identity=identity,
+            client_id=self.client_id,
+            topic=packet.topic,
+            payload=packet.payload,
+            qos=packet.qos,
+            retain=packet.retain,
+            received_at=self.server._clock.time(),
+        )
+        future = self.server._batcher.submit(event)
+        self.metrics.inc("events_received")
+        if packet.qos == 0:
+            self._queue(_Pending(future, None, True))
+        elif packet.qos == 1:
+            assert packet.packet_id is not None
+            self._queue(_Pending(future, _puback(packet.packet_id), True))
+        else:
+            assert packet.packet_id is not None
+            self._qos2[packet.packet_id] = future
+            self._queue(_Pending(future, _pubrec(packet.packet_id), True))
+
+    def _on_pubrel(self, packet: PubRel) -> None:
+        future = self._qos2.pop(packet.packet_id, None)
+        if future is None:
+            # Unknown id (answered before, or from an earlier connection): PUBCOMP anyway (§4.3.3).
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+        self._queue(_Pending(future, _pubcomp(packet.packet_id), False))
+
+    def _on_subscribe(self, packet: Subscribe) -> None:
+        identity = self.identity
+        assert identity is not None
+        codes = []
+        for topic_filter, qos in packet.filters:
+            if self.server._rights.allowed(identity, topic_filter, Action.SUBSCRIBE):
+                codes.append(qos)
+            else:
+                self.metrics.inc("security_events", reason="subscribe_denied")
+                log.warning(
+                    "%s: security: %s (%s) may not subscribe to %r",
+                    self.server.name, self.client_id, identity.name, topic_filter[:200],
+                )  # fmt: skip
+                codes.append(SUBACK_FAILURE)
+        self.writer.write(encode_suback(packet.packet_id, codes))
+
+    def _queue(self, pending: _Pending) -> None:
+        self._acks.append(pending)
+        self._ack_wakeup.set()
+
+    async def _write_acks(self) -> None:
+        acks = self._acks
+        while True:
+            if not acks:
+                if self._draining:
+                    return
+                self._ack_wakeup.clear()
+                await self._ack_wakeup.wait()
+                continue
+            head = acks[0].future
+            if not head.done():
+                # asyncio.wait, unlike await, does not cancel the future if we are cancelled.
+                await asyncio.wait((head,))
+            out = bytearray()
+            acked = 0
+            failure: BaseException | None = None
+            while acks and acks[0].future.done():
+                pending = acks.popleft()
+                future = pending.future
+                failure = StageFailed("cancelled") if future.cancelled() else future.exception()
+                if failure is not None:
+                    pending.future.add_done_callback(_consume)
+                    break
+                if pending.ack is not None:
+                    out += pending.ack
+                if pending.counts_as_event:
+                    acked += 1
+            if out:
+                failpoints.hit("ingest.before_ack")
+                self.writer.write(out)
+            if acked:
+                self.metrics.inc("events_acked", acked)
+            if failure is not None:
+                reason = failure.reason if isinstance(failure, StageFailed) else repr(failure)
+                raise _Close(f"event not stored: {reason}", label="stage_failed")
+            if not self._space.is_set() and len(acks) < self.limits.max_inflight:
+                self._space.set()
+            await self.writer.drain()

@@ -1,0 +1,337 @@
+"""The ingest server under a misbehaving stage and hostile peers (RELIABILITY F14-F16, F19)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import aiomqtt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mqtt_ingest import Anonymous, IngestServer, Limits
+from tests.harness.rawmqtt import (
+    RawClient,
+    connect_packet,
+    encode_length,
+    packet,
+    publish_packet,
+    pubrel_packet,
+    utf8,
+)
+from tests.harness.stages import RecordingStage, counters, running_server
+
+pytestmark = pytest.mark.fault
+
+PUBACK = 4
+
+
+async def canary_publishes(server: IngestServer, stage: RecordingStage, tag: str) -> None:
+    """A well-behaved client still gets its QoS 1 event stored and acknowledged."""
+    async with aiomqtt.Client("127.0.0.1", server.port, identifier=f"canary-{tag}") as client:
+        await client.publish("canary", tag.encode(), qos=1, timeout=5)
+    assert tag.encode() in stage.payloads("canary")
+
+
+# -- the durable stage ------------------------------------------------------------------------
+
+
+async def test_slow_stage_delays_the_ack(stage: RecordingStage) -> None:
+    async with (
+        running_server(stage) as server,
+        aiomqtt.Client("127.0.0.1", server.port, identifier="slow") as client,
+    ):
+        stage.hold()
+        publish = asyncio.create_task(client.publish("t", b"held", qos=1, timeout=30))
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        await asyncio.sleep(0.3)
+        assert not publish.done(), "PUBACK came before the stage confirmed"
+        assert stage.payloads() == []
+        stage.release()
+        await asyncio.wait_for(publish, 5)
+        assert stage.payloads() == [b"held"]
+
+
+async def test_failing_stage_gets_no_ack_and_a_closed_connection(stage: RecordingStage) -> None:
+    async with running_server(stage) as server:
+        client = await RawClient.connected(server.port, "victim")
+        await client.send(publish_packet("t", b"stored", qos=1, packet_id=1))
+        ack = await client.read()
+        assert ack is not None
+        assert (ack.kind, ack.packet_id) == (PUBACK, 1)
+        stage.failure = RuntimeError("disk on fire")
+        await client.send(publish_packet("t", b"lost?", qos=1, packet_id=2))
+        assert await client.closed_within(2), "connection left open after a stage failure"
+        stage.failure = None
+        await canary_publishes(server, stage, "after-failure")
+    assert stage.payloads("t") == [b"stored"]
+    assert counters(server).get("connections_closed", "stage_failed") == 1
+    assert counters(server).get("events_acked") == 2  # the first event and the canary
+
+
+async def test_stage_refusing_one_event_acks_the_ones_before(stage: RecordingStage) -> None:
+    stage.refuse = lambda event: "buffer full" if event.payload == b"too much" else None
+    async with running_server(stage, limits=Limits(batch_linger=0.05)) as server:
+        client = await RawClient.connected(server.port, "partial")
+        burst = publish_packet("t", b"a", qos=1, packet_id=1)
+        burst += publish_packet("t", b"too much", qos=1, packet_id=2)
+        burst += publish_packet("t", b"c", qos=1, packet_id=3)
+        await client.send(burst)
+        ack = await client.read()
+        assert ack is not None
+        assert (ack.kind, ack.packet_id) == (PUBACK, 1)
+        assert await client.closed_within(2)
+    assert counters(server).get("stage_events", "refused") == 1
+
+
+async def test_stage_timeout_fails_the_batch(stage: RecordingStage) -> None:
+    stage.hold()
+    async with running_server(stage, limits=Limits(stage_timeout=0.3)) as server:
+        client = await RawClient.connected(server.port, "timeout")
+        await client.send(publish_packet("t", b"x", qos=1, packet_id=1))
+        assert await client.closed_within(3)
+        stage.release()
+    assert counters(server).get("stage_events", "failed") == 1
+    assert counters(server).get("events_acked") == 0
+
+
+async def test_stage_that_never_answers_stops_the_reading(stage: RecordingStage) -> None:
+    """Memory stays bounded: at the in-flight limit the socket is not read any more."""
+    stage.hold()
+    limits = Limits(max_inflight=16, stage_timeout=600)
+    async with running_server(stage, limits=limits) as server:
+        client = await RawClient.connected(server.port, "firehose")
+        sock = client.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        one = publish_packet("firehose", b"x" * 200, qos=1, packet_id=1)
+        # Far more than the kernel buffers on both sides can hold.
+        for _ in range(40):
+            client.writer.write(one * 1000)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.writer.drain(), 2)
+        received = counters(server).get("events_received")
+        await asyncio.sleep(0.5)
+        assert counters(server).get("events_received") == received == limits.max_inflight
+        assert counters(server).get("events_acked") == 0
+        assert client.writer.transport.get_write_buffer_size() > 1_000_000
+        await client.aclose()
+        stage.release()
+
+
+async def test_graceful_stop_acks_in_flight_events_then_closes(stage: RecordingStage) -> None:
+    stage.hold()
+    server = IngestServer(stage=stage, authenticator=Anonymous())
+    async with server:
+        client = await RawClient.connected(server.port, "stopping")
+        await client.send(publish_packet("t", b"in flight", qos=1, packet_id=5))
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        stopping = asyncio.create_task(server.stop(deadline=5))
+        await asyncio.sleep(0.2)
+        with pytest.raises(ConnectionRefusedError):
+            await RawClient.open(server.port)  # no longer accepting
+        stage.release()
+        ack = await client.read()
+        assert ack is not None
+        assert (ack.kind, ack.packet_id) == (PUBACK, 5)
+        assert await client.closed_within(2)
+        await asyncio.wait_for(stopping, 5)
+    assert counters(server).get("connections_closed", "server_stop") == 1
+
+
+async def test_stop_deadline_abandons_events_the_stage_never_took(stage: RecordingStage) -> None:
+    stage.hold()
+    server = IngestServer(stage=stage, authenticator=Anonymous())
+    async with server:
+        client = await RawClient.connected(server.port, "abandoned")
+        await client.send(publish_packet("t", b"never stored", qos=1, packet_id=5))
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        await asyncio.wait_for(server.stop(deadline=0.3), 5)
+        assert await client.closed_within(2)  # closed without a PUBACK
+        stage.release()
+    assert counters(server).get("events_acked") == 0
+
+
+# -- F14: malformed packets -------------------------------------------------------------------
+
+MALFORMED = {
+    "remaining length of 5 bytes": b"\x30\xff\xff\xff\xff\x01",
+    "topic longer than packet": packet(0x30, struct.pack("!H", 500) + b"short"),
+    "reserved type 0": b"\x00\x00",
+    "reserved type 15": b"\xf0\x00",
+    "server-to-client CONNACK": b"\x20\x02\x00\x00",
+    "second CONNECT": connect_packet("again"),
+    "invalid UTF-8 topic": publish_packet(b"t/\xff\xfe", b"x"),
+    "U+0000 in topic": publish_packet("t/\x00/x", b"x"),
+    "wildcard in topic": publish_packet("t/+/x", b"x"),
+    "empty topic": publish_packet("", b"x"),
+    "QoS 3": bytes([0x36]) + encode_length(5) + utf8("t") + b"\x00\x01",
+    "packet id 0": publish_packet("t", b"x", qos=1, packet_id=0),
+    "PUBREL with flags 0": packet(0x60, b"\x00\x01"),
+    "PINGREQ with a body": b"\xc0\x01\x00",
+    "SUBSCRIBE without filters": packet(0x82, b"\x00\x01"),
+    "SUBSCRIBE QoS 3": packet(0x82, b"\x00\x01" + utf8("a") + b"\x03"),
+    "DUP on QoS 0": bytes([0x38]) + encode_length(4) + utf8("t") + b"x",
+    "PUBREL with extra bytes": packet(0x62, b"\x00\x01\x00"),
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_packet_closes_within_a_second(stage: RecordingStage, data: bytes) -> None:
+    async with running_server(stage) as server:
+        client = await RawClient.connected(server.port, "fuzzed")
+        await client.send(data)
+        assert await client.closed_within(1)
+        await canary_publishes(server, stage, "malformed")
+    assert stage.payloads() == [b"malformed"]
+    assert counters(server).get("connections_closed", "internal_error") == 0
+
+
+MALFORMED_CONNECT = {
+    "truncated CONNECT": packet(0x10, utf8("MQTT") + b"\x04\x02"),
+    "reserved flag": packet(0x10, utf8("MQTT") + b"\x04\x03\x00\x3c" + utf8("c")),
+    "password without user name": packet(0x10, utf8("MQTT") + b"\x04\x42\x00\x3c" + utf8("c")),
+    "missing user name": packet(0x10, utf8("MQTT") + b"\x04\x82\x00\x3c" + utf8("c")),
+    "bytes after the fields": packet(0x10, utf8("MQTT") + b"\x04\x02\x00\x3c" + utf8("c") + b"!"),
+    "client id not UTF-8": packet(0x10, utf8("MQTT") + b"\x04\x02\x00\x3c" + utf8(b"\xc3\x28")),
+    "PUBLISH first": publish_packet("t", b"x"),
+    "CONNECT with flags": b"\x11" + connect_packet()[1:],
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED_CONNECT.values(), ids=MALFORMED_CONNECT.keys())
+async def test_malformed_connect_is_closed_without_connack(
+    stage: RecordingStage, data: bytes
+) -> None:
+    async with running_server(stage) as server:
+        client = await RawClient.open(server.port)
+        await client.send(data)
+        assert await client.read(timeout=1) is None
+        await client.aclose()
+        await canary_publishes(server, stage, "after-connect")
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(garbage=st.binary(min_size=1, max_size=300))
+async def test_random_bytes_after_connect_never_break_the_server(
+    stage: RecordingStage, garbage: bytes
+) -> None:
+    async with running_server(stage, limits=Limits(max_packet_size=4096)) as server:
+        client = await RawClient.connected(server.port, "hypothesis", keep_alive=1)
+        await client.send(garbage)
+        # Closed at once if malformed; a valid prefix waits for its body until the keep-alive.
+        await client.closed_within(2)
+        await client.aclose()
+        await canary_publishes(server, stage, "fuzz")
+        acked_before = counters(server).get("events_acked")
+    assert counters(server).get("connections_closed", "internal_error") == 0
+    assert acked_before >= 1
+
+
+# -- F15: oversized packets -------------------------------------------------------------------
+
+
+async def test_declared_256mb_packet_is_closed_before_the_body(stage: RecordingStage) -> None:
+    async with running_server(stage) as server:
+        client = await RawClient.connected(server.port, "huge")
+        await client.send(b"\x32" + encode_length(256 * 1024 * 1024 - 1))
+        assert await client.closed_within(1)
+        await canary_publishes(server, stage, "after-huge")
+    assert counters(server).get("malformed", "too_large") == 1
+    assert counters(server).get("connections_closed", "too_large") == 1
+
+
+async def test_packet_just_under_the_limit_is_accepted(stage: RecordingStage) -> None:
+    limit = 10_000
+    async with running_server(stage, limits=Limits(max_packet_size=limit)) as server:
+        client = await RawClient.connected(server.port, "edge")
+        overhead = len(publish_packet("t", b"", qos=1, packet_id=1))
+        body = b"x" * (limit - overhead - 1)  # the length prefix grows by one byte
+        await client.send(publish_packet("t", body, qos=1, packet_id=1))
+        ack = await client.read()
+        assert ack is not None
+        assert ack.kind == PUBACK
+        await client.send(publish_packet("t", body + b"yy", qos=1, packet_id=2))
+        assert await client.closed_within(1)
+    assert stage.payloads() == [body]
+
+
+# -- F16: slowloris ---------------------------------------------------------------------------
+
+
+async def test_silent_and_dribbling_sockets_are_closed_and_a_device_still_connects(
+    stage: RecordingStage,
+) -> None:
+    limits = Limits(max_connections=20, connect_timeout=1.0)
+    async with running_server(stage, limits=limits) as server:
+        silent = [await RawClient.open(server.port) for _ in range(20)]
+        dribbling = [await RawClient.open(server.port) for _ in range(20)]
+        connect = connect_packet("slow")
+
+        async def dribble(client: RawClient) -> None:
+            for byte in connect:
+                try:
+                    await client.send(bytes([byte]))
+                except ConnectionError:
+                    return
+                await asyncio.sleep(0.3)
+
+        dribblers = [asyncio.create_task(dribble(c)) for c in dribbling]
+        closed = await asyncio.gather(*(c.closed_within(3) for c in silent + dribbling))
+        assert all(closed), f"{closed.count(False)} sockets still open after the deadline"
+        for task in dribblers:
+            task.cancel()
+        await canary_publishes(server, stage, "slowloris")
+    refused = counters(server).snapshot()
+    assert refused.get("connections_refused{connect_timeout}", 0) > 0
+    assert refused.get("connections_refused{max_connections}", 0) > 0
+
+
+async def test_max_connections_refuses_extra_sockets_at_once(stage: RecordingStage) -> None:
+    async with running_server(stage, limits=Limits(max_connections=2)) as server:
+        a = await RawClient.connected(server.port, "a")
+        b = await RawClient.connected(server.port, "b")
+        extra = await RawClient.open(server.port)
+        assert await extra.closed_within(1)
+        await a.aclose()
+        await b.aclose()
+        await asyncio.sleep(0.2)
+        await canary_publishes(server, stage, "room-again")
+
+
+async def test_qos2_flow_survives_a_dropped_connection(stage: RecordingStage) -> None:
+    """PUBREC sent, connection lost before PUBREL: the resend on a new connection is stored again
+    (sessions do not outlive connections), and the PUBREL is still completed."""
+    async with running_server(stage) as server:
+        first = await RawClient.connected(server.port, "q2-drop")
+        await first.send(publish_packet("t", b"e1", qos=2, packet_id=3))
+        assert (await first.read()) is not None
+        await first.aclose()
+        second = await RawClient.connected(server.port, "q2-drop")
+        await second.send(pubrel_packet(3))
+        comp = await second.read()
+        assert comp is not None
+        assert comp.kind == 7
+        await second.aclose()
+    assert stage.payloads() == [b"e1"]
+
+
+async def test_waiting_on_a_slow_stage_does_not_count_against_the_keep_alive(
+    stage: RecordingStage,
+) -> None:
+    stage.hold()
+    async with running_server(stage, limits=Limits(max_inflight=2)) as server:
+        client = await RawClient.connected(server.port, "patient", keep_alive=1)
+        burst = b"".join(publish_packet("t", b"x", qos=1, packet_id=i) for i in (1, 2, 3))
+        await client.send(burst)
+        await asyncio.sleep(2.5)  # well past 1.5 x keep-alive, with the server not reading
+        stage.release()
+        acks = [await client.read() for _ in range(3)]
+        assert [a.packet_id for a in acks if a is not None] == [1, 2, 3]
+        await client.aclose()
+    assert counters(server).get("connections_closed", "keep_alive") == 0
