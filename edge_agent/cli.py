@@ -1,28 +1,307 @@
-"""``edge-agent``: the command line of this package.
+"""``edge-agent``: run the agent, publish from scripts, inspect and manage the buffer.
 
-Only ``--help`` works today; the commands arrive with their issues (see README.md).
+Exit status: 0 success, 1 the operation failed (event not committed, buffer locked, ...),
+2 bad usage or configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+
+import aiomqtt
+
+from edge_agent.accept import Acceptor, InvalidEvent, check_event
+from edge_agent.buffer import (
+    Buffer,
+    BufferError,
+    BufferFull,
+    BufferStats,
+    StoredEvent,
+    inspect,
+    read_events,
+)
+from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
+from edge_agent.service import Agent
+from mqtt_ingest.clock import SystemClock
 
 __all__ = ["main"]
 
+DEFAULT_CONFIG = os.environ.get("EDGE_AGENT_CONFIG", "/etc/edge-agent/agent.toml")
+log = logging.getLogger("edge_agent")
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+class _Failed(Exception):
+    """A one-line error for the user, exit status 1."""
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
-        description=(
-            "The edge agent (store-and-forward from a gateway to the cloud sink). "
-            "Not implemented yet: only --help works in this release."
-        ),
+        description="Store-and-forward MQTT agent: every event is committed to SQLite before it "
+        "is acknowledged.",
     )
-    parser.parse_args(argv)
-    print("edge-agent: no command is implemented yet; see README.md.", file=sys.stderr)
-    return 2
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(DEFAULT_CONFIG),
+        help="TOML configuration (default $EDGE_AGENT_CONFIG or /etc/edge-agent/agent.toml)",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="run the agent until SIGTERM or SIGINT")
+    run.add_argument(
+        "--listen-port",
+        type=int,
+        metavar="PORT",
+        help="override [listener] port (0: any free port, printed in the ready line)",
+    )
+    commands.add_parser("check-config", help="validate the configuration and print it in full")
+    publish = commands.add_parser(
+        "publish", help="commit one event; exit 0 only once it is in the buffer"
+    )
+    publish.add_argument("topic")
+    publish.add_argument("payload", nargs="?", default="-", help="the payload, or - for stdin")
+    publish.add_argument(
+        "--qos",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="QoS of the hop to the running agent's listener (the uplink QoS comes from the "
+        "topic rules)",
+    )
+    status = commands.add_parser("status", help="backlog, drops, dead letters (read-only)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    buffer = commands.add_parser("buffer", help="look into or empty the buffer")
+    actions = buffer.add_subparsers(dest="action", required=True, metavar="ACTION")
+    peek = actions.add_parser("peek", help="show the next events in drain order")
+    peek.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    peek.add_argument("--topic", help="only topics matching this MQTT filter")
+    export = actions.add_parser("export", help="every buffered event as JSON lines")
+    export.add_argument("--topic", help="only topics matching this MQTT filter")
+    export.add_argument("--output", type=Path, help="file to write (default stdout)")
+    purge = actions.add_parser("purge", help="delete buffered events (the agent must be stopped)")
+    purge.add_argument("--topic", help="only topics matching this MQTT filter")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "run":
+            if args.listen_port is not None:
+                listener = config.listener.model_copy(update={"port": args.listen_port})
+                config = config.model_copy(update={"listener": listener})
+            return asyncio.run(_run(config))
+        if args.command == "check-config":
+            print(json.dumps(config.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "publish":
+            payload = sys.stdin.buffer.read() if args.payload == "-" else args.payload.encode()
+            return asyncio.run(_publish(config, args.topic, payload, args.qos))
+        if args.command == "status":
+            stats = inspect(config.agent.data_dir)
+            print(json.dumps(_stats_json(stats)) if args.json else _stats_text(stats, config))
+            return 0
+        return _buffer_command(config, args)
+    except (_Failed, BufferError, InvalidEvent) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run(config: AgentConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with Agent(config):
+        await stop.wait()
+        log.info("stopping on signal")
+    return 0
+
+
+async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) -> int:
+    """Through the running agent's listener if there is one; else straight into the buffer."""
+    check_event(config, topic, payload)  # a clear error before anything is sent
+    listener = config.listener
+    if listener.enabled and listener.tls is None:
+        host = "127.0.0.1" if listener.host in ("0.0.0.0", "::", "") else listener.host  # noqa: S104
+        try:
+            identifier = f"edge-agent-publish-{os.getpid()}"
+            async with aiomqtt.Client(
+                host, listener.port, identifier=identifier, timeout=10
+            ) as client:
+                await client.publish(topic, payload, qos=qos, timeout=30)
+            return 0
+        except aiomqtt.MqttError as exc:
+            if "refused" not in str(exc).lower():
+                raise _Failed(f"the agent's listener did not confirm the event: {exc}") from None
+            # Nobody listening: the agent is not running; commit directly below.
+    try:
+        buffer = await Buffer.open(
+            config.agent.data_dir,
+            durability=config.buffer.durability,
+            max_events=config.buffer.max_events,
+            max_bytes=config.buffer.max_bytes,
+            commit_linger=0,
+        )
+    except BufferError as exc:
+        raise _Failed(f"{exc} (and its listener is not reachable)") from None
+    async with buffer:
+        acceptor = Acceptor(config, buffer, SystemClock())
+        try:
+            seq = await acceptor.accept(topic, payload)
+        except BufferFull as exc:
+            raise _Failed(str(exc)) from None
+    print(f"{config.agent.device_id}/{buffer.epoch}/{seq}")
+    return 0
+
+
+def _age(now_ms: int, then_ms: int) -> str:
+    seconds = max(0, (now_ms - then_ms) // 1000)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _stats_text(stats: BufferStats, config: AgentConfig) -> str:
+    now_ms = int(time.time() * 1000)
+    lines = [
+        f"buffer {config.agent.data_dir}  epoch {stats.epoch}  next seq {stats.next_seq}",
+        f"{'TOPIC':<40} {'EVENTS':>10} {'BYTES':>12} {'OLDEST':>8}",
+    ]
+    for topic in stats.topics:
+        age = _age(now_ms, topic.oldest_event_time_ms)
+        lines.append(f"{topic.topic[:40]:<40} {topic.events:>10} {topic.bytes:>12} {age:>8}")
+    lines.append(f"{'total':<40} {stats.events:>10} {stats.bytes:>12}")
+    limits = config.buffer
+    lines.append(
+        f"limits: {stats.events}/{limits.max_events} events, {stats.bytes}/{limits.max_bytes} bytes"
+    )
+    if stats.drops:
+        lines.append("dropped:")
+        for (reason, name), (events, size) in sorted(stats.drops.items()):
+            lines.append(f"  {reason:<12} {name[:40]:<40} {events:>10} events {size:>12} bytes")
+    else:
+        lines.append("dropped: none")
+    lines.append(f"dead letters: {stats.dead_letters}")
+    for incident in stats.incidents:
+        lines.append(
+            f"incident {_age(now_ms, incident.at_ms)} ago: {incident.kind}: {incident.detail}"
+        )
+    return "\n".join(lines)
+
+
+def _stats_json(stats: BufferStats) -> dict[str, object]:
+    return {
+        "epoch": stats.epoch,
+        "events": stats.events,
+        "bytes": stats.bytes,
+        "next_seq": stats.next_seq,
+        "topics": [
+            {
+                "topic": t.topic,
+                "events": t.events,
+                "bytes": t.bytes,
+                "oldest_ms": t.oldest_event_time_ms,
+            }
+            for t in stats.topics
+        ],
+        "drops": [
+            {"reason": reason, "topic": topic, "events": events, "bytes": size}
+            for (reason, topic), (events, size) in sorted(stats.drops.items())
+        ],
+        "dead_letters": stats.dead_letters,
+        "incidents": [
+            {"at_ms": i.at_ms, "kind": i.kind, "detail": i.detail} for i in stats.incidents
+        ],
+    }
+
+
+def _event_json(event: StoredEvent) -> str:
+    try:
+        text: str | None = event.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    record: dict[str, object] = {
+        "seq": event.seq,
+        "topic": event.topic,
+        "qos": event.qos,
+        "priority": event.priority,
+        "event_time_ms": event.event_time_ms,
+        "attempts": event.attempts,
+    }
+    if text is not None:
+        record["payload"] = text
+    else:
+        record["payload_hex"] = event.payload.hex()
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
+    directory = config.agent.data_dir
+    pattern: str | None = args.topic
+    matcher = (lambda topic: topic_matches(pattern, topic)) if pattern else None
+    if args.action == "peek":
+        for event in read_events(directory, limit=args.n, topic_filter=matcher):
+            print(_event_json(event))
+        return 0
+    if args.action == "export":
+        with (
+            open(args.output, "w", encoding="utf-8")
+            if args.output
+            else contextlib.nullcontext(sys.stdout)
+        ) as out:
+            count = 0
+            for event in read_events(directory, topic_filter=matcher):
+                out.write(_event_json(event) + "\n")
+                count += 1
+        print(f"exported {count} events", file=sys.stderr)
+        return 0
+    return asyncio.run(_purge(config, pattern, args.yes))
+
+
+async def _purge(config: AgentConfig, pattern: str | None, yes: bool) -> int:
+    async with await Buffer.open(config.agent.data_dir, commit_linger=0) as buffer:
+        events = []
+        after = None
+        while batch := await buffer.next_events(1000, after):
+            events += [e.seq for e in batch if pattern is None or topic_matches(pattern, e.topic)]
+            after = (batch[-1].priority, batch[-1].seq)
+        what = f"{len(events)} events" + (f" on {pattern!r}" if pattern else "")
+        if not events:
+            print("nothing to purge", file=sys.stderr)
+            return 0
+        if not yes:
+            if not sys.stdin.isatty():
+                raise _Failed(f"purge would delete {what}: confirm with --yes")
+            question = f"delete {what} from {config.agent.data_dir}? [y/N] "
+            answer = await asyncio.to_thread(input, question)
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted", file=sys.stderr)
+                return 1
+        removed = await buffer.delete(events, drop_reason="purged")
+    print(f"purged {removed} events", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

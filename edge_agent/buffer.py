@@ -1,0 +1,963 @@
+"""The agent's SQLite buffer: every SQL statement and transaction boundary of the agent is here.
+
+Guarantees (SPEC §2, §5; RELIABILITY F1, F2, F7, F8, F20):
+
+- `Buffer.append` returns only once its events are committed. Concurrent appends are committed
+  together (group commit: one transaction, one fsync, after a short linger), so a durable commit
+  costs about one fsync per group, not per event.
+- ``durability = "full"``: ``synchronous=FULL`` in WAL mode, the WAL is fsynced at every commit
+  and a committed event survives power loss. ``"normal"``: it survives a crash of the agent (the
+  kernel still holds the writes) but a power loss can roll back the commits since the last
+  checkpoint.
+- ``seq`` is monotonic per database and never reused (AUTOINCREMENT); the database gets a random
+  ``epoch`` at creation: ``device_id/epoch/seq`` is globally unique even after a wipe.
+- Bounded by event count and payload bytes. When full, each event's topic rule decides: ``reject``
+  raises `BufferFull` for that event (its producer gets no ack), ``drop-oldest`` drops the oldest
+  events of lower or equal priority (counted per reason and topic, logged once per commit).
+- One agent per data directory (an exclusive ``flock``); a second one gets `BufferLocked`.
+- At open, ``PRAGMA quick_check``: a corrupt database is moved aside with its ``-wal``/``-shm``
+  into ``quarantine/``, a fresh one is created and the incident (with what could be counted) is
+  recorded and logged. A WAL deleted after an unclean stop is reported the same way.
+
+All SQLite work runs on one dedicated thread, one call per transaction: an ``await`` cancelled
+mid-commit does not undo the commit (STYLE 9), so every state change is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import fcntl
+import logging
+import os
+import secrets
+import sqlite3
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, TypeVar
+
+from mqtt_ingest import failpoints
+from mqtt_ingest.clock import Clock, SystemClock
+
+__all__ = [
+    "Buffer",
+    "BufferError",
+    "BufferFull",
+    "BufferLocked",
+    "BufferStats",
+    "DeadLetter",
+    "Incident",
+    "NewEvent",
+    "StoredEvent",
+    "TopicStats",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAME = "buffer.db"
+LOCK_NAME = "agent.lock"
+STATE_NAME = "buffer.state"
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    event_time INTEGER NOT NULL,
+    expires_at INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX events_drain ON events (priority DESC, seq);
+CREATE INDEX events_expiry ON events (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE dead_letters (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    event_time INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE drops (
+    reason TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    events INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (reason, topic)
+) STRICT;
+CREATE TABLE incidents (
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+) STRICT;
+"""
+
+
+class BufferError(Exception):
+    """Base of the buffer's errors."""
+
+
+class BufferFull(BufferError):
+    """The buffer cannot take this event under its topic's ``on_full`` policy."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"buffer full for {topic!r}: {reason}")
+        self.topic = topic
+        self.reason = reason
+
+
+class BufferLocked(BufferError):
+    """Another agent holds this data directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    topic: str
+    payload: bytes
+    qos: int
+    priority: int
+    event_time_ms: int
+    ttl: float | None
+    on_full: Literal["reject", "drop-oldest"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    topic: str
+    payload: bytes
+    qos: int
+    priority: int
+    event_time_ms: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    seq: int
+    topic: str
+    payload: bytes
+    attempts: int
+    reason: str
+    dead_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopicStats:
+    topic: str
+    events: int
+    bytes: int
+    oldest_event_time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    at_ms: int
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    epoch: str
+    events: int
+    bytes: int
+    topics: list[TopicStats]
+    drops: dict[tuple[str, str], tuple[int, int]]  # (reason, topic) -> (events, bytes)
+    dead_letters: int
+    incidents: list[Incident]
+    next_seq: int
+
+
+@dataclass
+class _Pending:
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[int | BufferFull]]
+
+
+@dataclass
+class _Totals:
+    events: int = 0
+    bytes: int = 0
+    drops: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+
+class Buffer:
+    """Open with ``async with await Buffer.open(...)`` (or `open` then `aclose`)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        connection: sqlite3.Connection,
+        executor: concurrent.futures.ThreadPoolExecutor,
+        lock_fd: int | None,
+        *,
+        max_events: int,
+        max_bytes: int,
+        linger: float,
+        max_group: int,
+        clock: Clock,
+    ) -> None:
+        self.directory = directory
+        self._db = connection
+        self._executor = executor
+        self._lock_fd = lock_fd
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._linger = linger
+        self._max_group = max_group
+        self._clock = clock
+        self._pending: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._totals = _Totals()
+        self.epoch = ""
+        self.commits = 0
+        """Group commits so far (each one transaction, one fsync with ``durability = "full"``)."""
+
+    # -- open / close ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        directory: Path,
+        *,
+        durability: Literal["full", "normal"] = "full",
+        max_events: int = 1_000_000,
+        max_bytes: int = 512 * 1024**2,
+        commit_linger: float = 0.005,
+        commit_max_events: int = 1000,
+        clock: Clock | None = None,
+        max_page_count: int | None = None,
+    ) -> Buffer:
+        """Lock ``directory``, check or create the database and start the group committer.
+
+        ``max_page_count`` caps the database file in pages (a hard disk budget; tests use it to
+        simulate a full disk). Raises `BufferLocked` if another agent holds the directory.
+        """
+        lock_fd = _lock(directory)
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-buffer")
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await loop.run_in_executor(
+                executor,
+                _open_checked,
+                directory,
+                durability,
+                max_page_count,
+                clock or SystemClock(),
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            os.close(lock_fd)
+            raise
+        buffer = cls(
+            directory,
+            connection,
+            executor,
+            lock_fd,
+            max_events=max_events,
+            max_bytes=max_bytes,
+            linger=commit_linger,
+            max_group=commit_max_events,
+            clock=clock or SystemClock(),
+        )
+        await buffer._run(_load_totals, buffer._totals)
+        buffer.epoch = (await buffer.stats()).epoch
+        buffer._committer = asyncio.get_running_loop().create_task(
+            buffer._commit_loop(), name="edge_agent.buffer.commit"
+        )
+        return buffer
+
+    async def __aenter__(self) -> Buffer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Commit what is pending, checkpoint, close and unlock. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()
+        if self._committer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        try:
+            await self._run(_close_cleanly, self.directory)
+        finally:
+            self._executor.shutdown(wait=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        # Shielded: the thread finishes the transaction whatever happens to the awaiting task.
+        return await asyncio.shield(loop.run_in_executor(self._executor, function, self._db, *args))
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent]) -> list[int | BufferFull]:
+        """Commit ``events``; return, per event, its ``seq`` or the `BufferFull` that refused it."""
+        if self._closed:
+            raise BufferError("the buffer is closed")
+        future: asyncio.Future[list[int | BufferFull]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(events, future))
+        self._wakeup.set()
+        return await asyncio.shield(future)
+
+    async def append_one(self, event: NewEvent) -> int:
+        """Commit one event and return its ``seq``; raise `BufferFull` if refused."""
+        (outcome,) = await self.append([event])
+        if isinstance(outcome, BufferFull):
+            raise outcome
+        return outcome
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            waiting = sum(len(p.events) for p in self._pending)
+            if 0 < waiting < self._max_group and self._linger > 0 and not self._closed:
+                await asyncio.sleep(self._linger)
+            group: list[_Pending] = []
+            count = 0
+            while self._pending and (
+                not group or count + len(self._pending[0].events) <= self._max_group
+            ):
+                pending = self._pending.popleft()
+                group.append(pending)
+                count += len(pending.events)
+            if not self._pending:
+                self._wakeup.clear()
+            if group:
+                await self._commit(group)
+            elif self._closed:
+                return
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        now_ms = int(self._clock.time() * 1000)
+        flat = [event for pending in group for event in pending.events]
+        try:
+            outcomes, dropped = await self._run(
+                _insert_group, flat, self._totals, self._max_events, self._max_bytes, now_ms
+            )
+        except Exception as exc:
+            log.error("buffer: commit of %d events failed: %r", len(flat), exc)
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(BufferError(f"commit failed: {exc!r}"))
+            return
+        for (reason, topic), (events, first, last) in dropped.items():
+            log.warning(
+                "buffer: dropped %d events on %r (seq %d..%d): %s",
+                events,
+                topic,
+                first,
+                last,
+                reason,
+            )
+        self.commits += 1
+        failpoints.hit("buffer.after_commit_before_ack")
+        start = 0
+        for pending in group:
+            result = outcomes[start : start + len(pending.events)]
+            start += len(pending.events)
+            if not pending.future.done():
+                pending.future.set_result(result)
+
+    # -- draining (the uplink) ------------------------------------------------------------------
+
+    async def next_events(
+        self, limit: int, after: tuple[int, int] | None = None
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events in drain order: priority (high first), then seq.
+
+        ``after`` = (priority, seq) of the last event already taken, to page through the backlog.
+        """
+        return await self._run(_next_events, limit, after)
+
+    async def delete(self, seqs: Sequence[int], *, drop_reason: str | None = None) -> int:
+        """Remove events (idempotent); returns how many were still there.
+
+        Delivered events are just deleted; with ``drop_reason`` (an operator's purge) they are
+        counted as dropped for that reason, per topic, and logged.
+        """
+        removed = await self._run(_delete, list(seqs), self._totals, drop_reason)
+        if drop_reason is not None:
+            log.warning("buffer: %d events dropped: %s", removed, drop_reason)
+        return removed
+
+    async def record_attempt(self, seqs: Sequence[int]) -> None:
+        await self._run(_record_attempt, list(seqs))
+
+    async def dead_letter(self, seq: int, reason: str) -> bool:
+        """Move one event to the dead-letter table; False if it is no longer buffered."""
+        now_ms = int(self._clock.time() * 1000)
+        return await self._run(_dead_letter, seq, reason, now_ms, self._totals)
+
+    async def requeue_dead(self) -> int:
+        """Move every dead letter back into the buffer (with its original seq)."""
+        return await self._run(_requeue_dead, self._totals)
+
+    async def sweep_expired(self) -> int:
+        """Drop events whose TTL passed; counted under reason ``ttl``."""
+        now_ms = int(self._clock.time() * 1000)
+        dropped = await self._run(_sweep, now_ms, self._totals)
+        for topic, (events, first, last) in dropped.items():
+            log.warning("buffer: %d events on %r expired (seq %d..%d)", events, topic, first, last)
+        return sum(events for events, _, _ in dropped.values())
+
+    async def stats(self) -> BufferStats:
+        return await self._run(_stats)
+
+
+# -- inspection without the lock (edge-agent status while the agent runs) -----------------------
+
+
+def inspect(directory: Path) -> BufferStats:
+    """Read-only statistics of the buffer in ``directory``; works while the agent runs."""
+    path = directory / DB_NAME
+    if not path.exists():
+        raise BufferError(f"no buffer at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return _stats(db)
+    finally:
+        db.close()
+
+
+def read_events(
+    directory: Path, *, limit: int | None = None, topic_filter: Callable[[str], bool] | None = None
+) -> Iterator[StoredEvent]:
+    """Buffered events in drain order, read-only (for ``buffer peek`` / ``export``)."""
+    path = directory / DB_NAME
+    if not path.exists():
+        raise BufferError(f"no buffer at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = db.execute(
+            "SELECT seq, topic, payload, qos, priority, event_time, attempts FROM events"
+            " ORDER BY priority DESC, seq"
+        )
+        taken = 0
+        for row in rows:
+            event = StoredEvent(*row)
+            if topic_filter is not None and not topic_filter(event.topic):
+                continue
+            yield event
+            taken += 1
+            if limit is not None and taken >= limit:
+                return
+    finally:
+        db.close()
+
+
+# -- everything below runs on the buffer's own thread --------------------------------------------
+
+
+def _lock(directory: Path) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BufferLocked(
+            f"another edge-agent (pid {holder}) is using {directory}; "
+            "only one agent may use a data directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _open_checked(
+    directory: Path,
+    durability: Literal["full", "normal"],
+    max_page_count: int | None,
+    clock: Clock,
+) -> sqlite3.Connection:
+    path = directory / DB_NAME
+    state = directory / STATE_NAME
+    now_ms = int(clock.time() * 1000)
+    incidents: list[tuple[str, str]] = []
+    unclean = state.exists() and state.read_text().strip() == "open"
+    if path.exists():
+        problem = _check(path)
+        if problem is not None:
+            counted = _count_what_we_can(path)
+            moved = _quarantine(directory, now_ms)
+            detail = f"{problem}; moved to {moved}; {counted}"
+            log.error("buffer: corrupt database quarantined: %s", detail)
+            incidents.append(("corrupt", detail))
+        elif unclean and not (directory / f"{DB_NAME}-wal").exists():
+            detail = "the -wal file was missing after an unclean stop: recent commits may be lost"
+            log.error("buffer: %s", detail)
+            incidents.append(("wal-missing", detail))
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+    db.execute("PRAGMA foreign_keys=OFF")
+    if max_page_count is not None:
+        db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:
+        epoch = secrets.token_hex(8)  # hex: safe to write into the script
+        db.executescript(
+            f"BEGIN IMMEDIATE;{_SCHEMA}"  # noqa: S608  # only constants, a hex epoch and an int
+            f"INSERT INTO meta VALUES ('epoch', '{epoch}'), ('created_at', '{now_ms}');"
+            f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+        )
+        log.info("buffer: created %s (epoch %s)", path, epoch)
+    elif version > SCHEMA_VERSION:
+        db.close()
+        raise BufferError(
+            f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}: "
+            "upgrade the agent"
+        )
+    for kind, detail in incidents:
+        db.execute("INSERT INTO incidents VALUES (?, ?, ?)", (now_ms, kind, detail))
+    _write_state(state, "open")
+    return db
+
+
+def _check(path: Path) -> str | None:
+    try:
+        # Read-write (we hold the lock): SQLite can then recover a stale -shm after a crash.
+        db = sqlite3.connect(path, timeout=10)
+        try:
+            result = db.execute("PRAGMA quick_check").fetchall()
+            if result != [("ok",)]:
+                return "quick_check: " + "; ".join(str(r[0]) for r in result[:5])
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "events" not in tables and db.execute("PRAGMA user_version").fetchone()[0]:
+                return "the events table is missing"
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        return f"cannot read the database: {exc}"
+    return None
+
+
+def _count_what_we_can(path: Path) -> str:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            count, size = db.execute(
+                "SELECT count(*), total(length(payload)) FROM events"
+            ).fetchone()
+            return f"about {count} events ({int(size)} payload bytes) were in it"
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        return f"its events could not be counted ({exc})"
+
+
+def _quarantine(directory: Path, now_ms: int) -> Path:
+    target = directory / "quarantine"
+    target.mkdir(exist_ok=True)
+    stamp = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    base = target / f"buffer-{stamp}.db"
+    for suffix in ("", "-wal", "-shm"):
+        source = directory / f"{DB_NAME}{suffix}"
+        if source.exists():
+            os.replace(source, f"{base}{suffix}")
+    _fsync_dir(directory)
+    _fsync_dir(target)
+    return base
+
+
+def _write_state(path: Path, value: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(value + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _close_cleanly(db: sqlite3.Connection, directory: Path) -> None:
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    _write_state(directory / STATE_NAME, "closed")
+
+
+def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
+    totals.events, totals.bytes = db.execute(
+        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
+    ).fetchone()
+
+
+_DISK_FULL = ("database or disk is full", "disk i/o error")
+_DISK_FULL_ATTEMPTS = 4
+
+
+class _DiskFull(Exception):
+    """SQLite could not write (disk, RLIMIT_FSIZE or max_page_count); the transaction is gone."""
+
+
+def _insert_group(
+    db: sqlite3.Connection,
+    events: Sequence[NewEvent],
+    totals: _Totals,
+    max_events: int,
+    max_bytes: int,
+    now_ms: int,
+) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
+    """Commit a whole group in one transaction; returns outcomes and drops (events, first, last).
+
+    When the disk is full SQLite rolls the transaction back, so the group is tried again in
+    "disk full" mode: ``reject`` events are refused outright and ``drop-oldest`` events first drop
+    old events to make room (more on each attempt).
+    """
+    for attempt in range(_DISK_FULL_ATTEMPTS):
+        try:
+            return _insert_group_once(db, events, totals, max_events, max_bytes, now_ms, attempt)
+        except _DiskFull:
+            log.warning(
+                "buffer: the disk is full (attempt %d for %d events)", attempt + 1, len(events)
+            )
+    return [BufferFull(e.topic, "the disk is full") for e in events], {}
+
+
+def _insert_group_once(
+    db: sqlite3.Connection,
+    events: Sequence[NewEvent],
+    totals: _Totals,
+    max_events: int,
+    max_bytes: int,
+    now_ms: int,
+    disk_full_attempt: int,
+) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
+    before = (totals.events, totals.bytes)
+    outcomes: list[int | BufferFull] = []
+    dropped: dict[
+        tuple[str, str], list[int]
+    ] = {}  # (reason, topic) -> [events, bytes, first, last]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for event in events:
+            if disk_full_attempt and event.on_full == "reject":
+                outcomes.append(BufferFull(event.topic, "the disk is full"))
+                continue
+            if disk_full_attempt:
+                freed = _drop_oldest(
+                    db,
+                    event.priority,
+                    totals,
+                    dropped,
+                    _bytes_freed((len(event.payload) + 4096) << disk_full_attempt),
+                )
+                if not freed:
+                    outcomes.append(
+                        BufferFull(event.topic, "the disk is full and nothing can be dropped")
+                    )
+                    continue
+            outcomes.append(_insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped))
+        _count_drops(db, "buffer-full", {topic: v for (_, topic), v in dropped.items()})
+        failpoints.hit("buffer.before_commit")
+        db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        totals.events, totals.bytes = before
+        if isinstance(exc, sqlite3.OperationalError) and str(exc).lower().startswith(_DISK_FULL):
+            raise _DiskFull(str(exc)) from None
+        raise
+    return outcomes, {key: (v[0], v[2], v[3]) for key, v in dropped.items()}
+
+
+def _insert_one(
+    db: sqlite3.Connection,
+    event: NewEvent,
+    totals: _Totals,
+    max_events: int,
+    max_bytes: int,
+    now_ms: int,
+    dropped: dict[tuple[str, str], list[int]],
+) -> int | BufferFull:
+    size = len(event.payload)
+    if size > max_bytes:
+        return BufferFull(event.topic, f"the payload alone is over max_bytes ({max_bytes})")
+
+    def fits(_: int, __: int) -> bool:
+        return totals.events + 1 <= max_events and totals.bytes + size <= max_bytes
+
+    if not fits(0, 0):
+        if event.on_full == "reject":
+            return BufferFull(event.topic, _which_limit(totals, size, max_events, max_bytes))
+        _drop_oldest(db, event.priority, totals, dropped, fits)
+        if not fits(0, 0):
+            return BufferFull(
+                event.topic,
+                _which_limit(totals, size, max_events, max_bytes)
+                + f" and no events of priority <= {event.priority} are left to drop",
+            )
+    expires = now_ms + int(event.ttl * 1000) if event.ttl is not None else None
+    cursor = db.execute(
+        "INSERT INTO events (topic, payload, qos, priority, event_time, expires_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (event.topic, event.payload, event.qos, event.priority, event.event_time_ms, expires),
+    )
+    totals.events += 1
+    totals.bytes += size
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def _bytes_freed(room: int) -> Callable[[int, int], bool]:
+    def enough(_: int, freed: int) -> bool:
+        return freed >= room
+
+    return enough
+
+
+def _which_limit(totals: _Totals, size: int, max_events: int, max_bytes: int) -> str:
+    if totals.events + 1 > max_events:
+        return f"max_events ({max_events}) reached"
+    return f"max_bytes ({max_bytes}) reached"
+
+
+def _drop_oldest(
+    db: sqlite3.Connection,
+    priority: int,
+    totals: _Totals,
+    dropped: dict[tuple[str, str], list[int]],
+    enough: Callable[[int, int], bool],
+) -> int:
+    """Delete the oldest events of priority <= ``priority`` until ``enough(events, bytes)`` of
+    what was deleted so far says so. Returns how many were deleted."""
+    deleted = 0
+    freed = 0
+    while not enough(deleted, freed):
+        rows = db.execute(
+            "SELECT seq, topic, length(payload) FROM events WHERE priority <= ?"
+            " ORDER BY seq LIMIT 64",
+            (priority,),
+        ).fetchall()
+        if not rows:
+            break
+        for seq, topic, size in rows:
+            db.execute("DELETE FROM events WHERE seq = ?", (seq,))
+            totals.events -= 1
+            totals.bytes -= size
+            deleted += 1
+            freed += size
+            entry = dropped.setdefault(("buffer-full", topic), [0, 0, seq, seq])
+            entry[0] += 1
+            entry[1] += size
+            entry[3] = seq
+            if enough(deleted, freed):
+                break
+    return deleted
+
+
+def _next_events(
+    db: sqlite3.Connection, limit: int, after: tuple[int, int] | None
+) -> list[StoredEvent]:
+    if after is None:
+        rows = db.execute(
+            "SELECT seq, topic, payload, qos, priority, event_time, attempts FROM events"
+            " ORDER BY priority DESC, seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+    else:
+        priority, seq = after
+        rows = db.execute(
+            "SELECT seq, topic, payload, qos, priority, event_time, attempts FROM events"
+            " WHERE priority < ? OR (priority = ? AND seq > ?) ORDER BY priority DESC, seq LIMIT ?",
+            (priority, priority, seq, limit),
+        ).fetchall()
+    return [StoredEvent(*row) for row in rows]
+
+
+def _delete(
+    db: sqlite3.Connection, seqs: list[int], totals: _Totals, drop_reason: str | None
+) -> int:
+    if not seqs:
+        return 0
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        removed = 0
+        size = 0
+        per_topic: dict[str, list[int]] = {}
+        for seq in seqs:
+            row = db.execute(
+                "DELETE FROM events WHERE seq = ? RETURNING topic, length(payload)", (seq,)
+            )
+            found = row.fetchone()
+            if found is not None:
+                removed += 1
+                size += found[1]
+                entry = per_topic.setdefault(found[0], [0, 0])
+                entry[0] += 1
+                entry[1] += found[1]
+        if drop_reason is not None:
+            _count_drops(db, drop_reason, per_topic)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    totals.events -= removed
+    totals.bytes -= size
+    return removed
+
+
+def _record_attempt(db: sqlite3.Connection, seqs: list[int]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(
+            "UPDATE events SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs]
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _dead_letter(
+    db: sqlite3.Connection, seq: int, reason: str, now_ms: int, totals: _Totals
+) -> bool:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        moved = db.execute(
+            "INSERT OR IGNORE INTO dead_letters"
+            " SELECT seq, topic, payload, qos, priority, event_time, attempts, ?, ?"
+            " FROM events WHERE seq = ?",
+            (reason, now_ms, seq),
+        ).rowcount
+        row = db.execute("DELETE FROM events WHERE seq = ? RETURNING length(payload)", (seq,))
+        found = row.fetchone()
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    if found is not None:
+        totals.events -= 1
+        totals.bytes -= found[0]
+    return bool(moved)
+
+
+def _requeue_dead(db: sqlite3.Connection, totals: _Totals) -> int:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        moved = db.execute(
+            "INSERT OR IGNORE INTO events"
+            " (seq, topic, payload, qos, priority, event_time, expires_at, attempts)"
+            " SELECT seq, topic, payload, qos, priority, event_time, NULL, 0 FROM dead_letters"
+        ).rowcount
+        db.execute("DELETE FROM dead_letters")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    _load_totals(db, totals)
+    return moved
+
+
+def _sweep(db: sqlite3.Connection, now_ms: int, totals: _Totals) -> dict[str, tuple[int, int, int]]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = db.execute(
+            "DELETE FROM events WHERE expires_at IS NOT NULL AND expires_at <= ?"
+            " RETURNING seq, topic, length(payload)",
+            (now_ms,),
+        ).fetchall()
+        per_topic: dict[str, list[int]] = {}
+        for seq, topic, size in rows:
+            entry = per_topic.setdefault(topic, [0, 0, seq, seq])
+            entry[0] += 1
+            entry[1] += size
+            entry[2] = min(entry[2], seq)
+            entry[3] = max(entry[3], seq)
+            totals.events -= 1
+            totals.bytes -= size
+        _count_drops(db, "ttl", per_topic)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        _load_totals(db, totals)
+        raise
+    return {topic: (v[0], v[2], v[3]) for topic, v in per_topic.items()}
+
+
+def _stats(db: sqlite3.Connection) -> BufferStats:
+    db.execute("BEGIN")  # one consistent snapshot for every query below
+    try:
+        epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        topics = [
+            TopicStats(*row)
+            for row in db.execute(
+                "SELECT topic, count(*), sum(length(payload)), min(event_time) FROM events"
+                " GROUP BY topic ORDER BY topic"
+            )
+        ]
+        drops = {
+            (reason, topic): (events, size)
+            for reason, topic, events, size in db.execute("SELECT * FROM drops")
+        }
+        dead = db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        incidents = [
+            Incident(*row)
+            for row in db.execute("SELECT at, kind, detail FROM incidents ORDER BY at")
+        ]
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    finally:
+        db.execute("COMMIT")
+    return BufferStats(
+        epoch=epoch,
+        events=sum(t.events for t in topics),
+        bytes=sum(t.bytes for t in topics),
+        topics=topics,
+        drops=drops,
+        dead_letters=dead,
+        incidents=incidents,
+        next_seq=(row[0] if row else 0) + 1,
+    )
+
+
+def _count_drops(db: sqlite3.Connection, reason: str, per_topic: dict[str, list[int]]) -> None:
+    """Add to the persistent drop counters; each value starts with [events, bytes, ...]."""
+    for topic, counts in per_topic.items():
+        db.execute(
+            "INSERT INTO drops VALUES (?, ?, ?, ?) ON CONFLICT (reason, topic) DO UPDATE"
+            " SET events = events + excluded.events, bytes = bytes + excluded.bytes",
+            (reason, topic, counts[0], counts[1]),
+        )

@@ -1,0 +1,282 @@
+"""The agent's configuration: one TOML file, validated at start (SPEC §5, STYLE 4).
+
+Every problem is reported at once, each with its path (``topics[2].qos``), the value and why;
+unknown keys are errors, so a typo never silently falls back to a default. Durations are written
+``"250ms"``, ``"30s"``, ``"5m"``, ``"12h"``, ``"7d"`` (or a number of seconds) and sizes
+``"64KiB"``, ``"512MiB"``, ``"2GB"`` (or a number of bytes).
+
+Example::
+
+    [agent]
+    device_id = "dev-42"
+    data_dir = "/var/lib/edge-agent"
+
+    [buffer]
+    durability = "full"        # or "normal": see docs/buffer.md for what it can lose
+    max_bytes = "512MiB"
+    max_events = 1_000_000
+
+    [listener]
+    host = "127.0.0.1"
+    port = 1883
+
+    [[topics]]                 # first match wins; the last rule must be "#"
+    filter = "alarms/#"
+    qos = 2
+    priority = 9
+    on_full = "reject"
+
+    [[topics]]
+    filter = "#"
+    qos = 1
+    ttl = "7d"
+    on_full = "drop-oldest"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
+
+__all__ = [
+    "AgentConfig",
+    "AgentSection",
+    "BufferConfig",
+    "ConfigError",
+    "ListenerConfig",
+    "ListenerTls",
+    "TopicRule",
+    "load_config",
+    "parse_config",
+]
+
+_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS_B = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", value)
+        if match is None:
+            raise ValueError("a duration is a number of seconds or like '250ms', '30s', '7d'")
+        return float(match.group(1)) * _UNITS_S[match.group(2)]
+    return value
+
+
+def _size(value: Any) -> Any:
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?[bB]|[bB]?)\s*", value)
+        if match is None:
+            raise ValueError("a size is a number of bytes or like '64KiB', '512MiB', '2GB'")
+        return int(match.group(1)) * _UNITS_B[match.group(2).lower()]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Bytes = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists each as ``path: message``."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n{lines}")
+        self.source = source
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class AgentSection(_Strict):
+    device_id: str
+    data_dir: Path
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except InvalidIdentifier as exc:
+            raise ValueError(exc.reason) from None
+
+
+class BufferConfig(_Strict):
+    durability: Literal["full", "normal"] = "full"
+    """``full``: every group commit is fsynced (survives power loss). ``normal``: survives a
+    crash of the agent, but a power loss can roll back the last commits (docs/buffer.md)."""
+    max_bytes: Bytes = 512 * 1024**2
+    max_events: Annotated[int, Field(gt=0)] = 1_000_000
+    commit_linger: Seconds = 0.005
+    """How long a group commit waits for more events after the first one."""
+    commit_max_events: Annotated[int, Field(gt=0)] = 1000
+    ttl_sweep_interval: Seconds = 60.0
+
+
+class ListenerTls(_Strict):
+    """Mutual TLS on the local listener: clients need a certificate from ``ca``."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class ListenerConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 1883
+    tls: ListenerTls | None = None
+    max_connections: Annotated[int, Field(gt=0)] = 1000
+    max_inflight: Annotated[int, Field(gt=0)] = 256
+    max_packet_size: Bytes = 1024**2
+    connect_timeout: Seconds = 5.0
+
+    @model_validator(mode="after")
+    def _fail_closed(self) -> ListenerConfig:
+        if self.enabled and self.tls is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"listening on {self.host!r} without authentication would let anyone on that "
+                "network write into the buffer: bind 127.0.0.1/::1 or configure [listener.tls]"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class TopicRule(_Strict):
+    filter: str
+    qos: Literal[0, 1, 2] = 1
+    priority: Annotated[int, Field(ge=0, le=9)] = 0
+    """Higher drains first."""
+    ttl: Seconds | None = None
+    on_full: Literal["reject", "drop-oldest"] = "reject"
+    max_payload: Bytes = 256 * 1024
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        problem = topic_filter_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class AgentConfig(_Strict):
+    agent: AgentSection
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    topics: list[TopicRule] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _catch_all_last(self) -> AgentConfig:
+        if self.topics and self.topics[-1].filter != "#":
+            raise ValueError(
+                'the last [[topics]] rule must have filter = "#" so that every topic has a policy'
+            )
+        return self
+
+    def rule_for(self, topic: str) -> TopicRule:
+        """The first rule whose filter matches ``topic`` (the catch-all guarantees one)."""
+        for rule in self.topics:
+            if topic_matches(rule.filter, topic):
+                return rule
+        raise AssertionError("unreachable: the last rule is '#'")
+
+
+def topic_filter_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid MQTT topic filter, or None."""
+    if not value:
+        return "a topic filter cannot be empty"
+    if "\x00" in value:
+        return "a topic filter cannot contain NUL"
+    levels = value.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return "'#' must be a whole level and the last one"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT 3.1.1 §4.7 matching; topics starting with '$' do not match wildcards at level one."""
+    if topic.startswith("$") and topic_filter[:1] in ("#", "+"):
+        return False
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels):
+            return False
+        if level != "+" and level != topic_levels[index]:
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+def parse_config(text: str, source: str = "<config>") -> AgentConfig:
+    """Parse and validate TOML text; raise `ConfigError` listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["not UTF-8 text"]) from None
+    return parse_config(text, str(path))
+
+
+def _describe(error: Any) -> str:
+    location = ""
+    for part in error["loc"]:
+        location += f"[{part}]" if isinstance(part, int) else (f".{part}" if location else part)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    shown = "" if error["type"] in ("missing", "extra_forbidden") else f" (got {error['input']!r})"
+    if isinstance(error.get("input"), dict):
+        shown = ""
+    return f"{location or '(top level)'}: {message}{shown}"

@@ -1,0 +1,94 @@
+"""The local MQTT listener: the ingest server with the buffer as its durable stage.
+
+A local publisher's PUBACK (QoS 1) or PUBREC (QoS 2) leaves only once its event is committed. An
+invalid event or one the buffer refuses (``on_full = "reject"``) gets no ack and the connection is
+closed: MQTT 3.1.1 has no negative acknowledgement, and the publisher keeps the event to resend.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from edge_agent.accept import Acceptor, InvalidEvent
+from edge_agent.buffer import BufferFull, NewEvent
+from edge_agent.config import ListenerConfig
+from mqtt_ingest import (
+    Anonymous,
+    Authenticator,
+    ConnackCode,
+    ConnectRequest,
+    Identity,
+    IngestEvent,
+    IngestServer,
+    Limits,
+    Refusal,
+    StageRefused,
+)
+
+__all__ = ["BufferStage", "CertificateCommonName", "build_listener"]
+
+
+class BufferStage:
+    """`DurableStage` that commits events into the agent's buffer."""
+
+    def __init__(self, acceptor: Acceptor) -> None:
+        self._acceptor = acceptor
+
+    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
+        outcomes: list[StageRefused | None] = [None] * len(events)
+        valid: list[tuple[int, NewEvent]] = []
+        for index, event in enumerate(events):
+            try:
+                valid.append(
+                    (index, self._acceptor.prepare(event.topic, event.payload, event.received_at))
+                )
+            except InvalidEvent as exc:
+                outcomes[index] = StageRefused(exc.reason)
+        results = await self._acceptor.accept_many([new for _, new in valid]) if valid else []
+        for (index, _), result in zip(valid, results, strict=True):
+            if isinstance(result, BufferFull):
+                outcomes[index] = StageRefused(result.reason)
+        return outcomes if any(outcomes) else None
+
+
+class CertificateCommonName:
+    """Identity from the TLS-verified client certificate's CN (listener with ``[listener.tls]``)."""
+
+    async def authenticate(self, request: ConnectRequest) -> Identity | Refusal:
+        if request.peer_certificate is None:
+            return Refusal("no client certificate", ConnackCode.NOT_AUTHORIZED)
+        certificate = x509.load_der_x509_certificate(request.peer_certificate)
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not names:
+            return Refusal("client certificate without a CN", ConnackCode.NOT_AUTHORIZED)
+        return Identity(str(names[0].value))
+
+
+def build_listener(config: ListenerConfig, acceptor: Acceptor) -> IngestServer:
+    ssl_context: ssl.SSLContext | None = None
+    authenticator: Authenticator = Anonymous()
+    if config.tls is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(config.tls.ca))
+        ssl_context.verify_mode = ssl.CERT_REQUIRED
+        ssl_context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+        authenticator = CertificateCommonName()
+    limits = Limits(
+        connect_timeout=config.connect_timeout,
+        max_packet_size=config.max_packet_size,
+        max_connections=config.max_connections,
+        max_inflight=config.max_inflight,
+    )
+    return IngestServer(
+        stage=BufferStage(acceptor),
+        authenticator=authenticator,
+        host=config.host,
+        port=config.port,
+        ssl_context=ssl_context,
+        limits=limits,
+        clock=acceptor.clock,
+        name="edge-agent.listener",
+    )

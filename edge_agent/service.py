@@ -1,0 +1,119 @@
+"""The running agent: owns the buffer, the local listener and the background tasks.
+
+Python API::
+
+    async with Agent(load_config(path)) as agent:
+        event_id = await agent.publish("sensors/t1", b"21.5")   # returns once committed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+from edge_agent.accept import Acceptor
+from edge_agent.buffer import Buffer
+from edge_agent.config import AgentConfig
+from edge_agent.local import build_listener
+from mqtt_ingest import IngestServer
+from mqtt_ingest.clock import Clock, SystemClock
+
+__all__ = ["Agent"]
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self._stack = contextlib.AsyncExitStack()
+        self._buffer: Buffer | None = None
+        self._acceptor: Acceptor | None = None
+        self._listener: IngestServer | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+
+    @property
+    def buffer(self) -> Buffer:
+        if self._buffer is None:
+            raise RuntimeError("the agent is not running")
+        return self._buffer
+
+    @property
+    def listener_port(self) -> int | None:
+        return self._listener.port if self._listener is not None else None
+
+    def event_id(self, seq: int) -> str:
+        return f"{self.config.agent.device_id}/{self.buffer.epoch}/{seq}"
+
+    async def __aenter__(self) -> Agent:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        settings = self.config.buffer
+        self._buffer = await Buffer.open(
+            self.config.agent.data_dir,
+            durability=settings.durability,
+            max_events=settings.max_events,
+            max_bytes=settings.max_bytes,
+            commit_linger=settings.commit_linger,
+            commit_max_events=settings.commit_max_events,
+            clock=self.clock,
+        )
+        self._stack.push_async_callback(self._buffer.aclose)
+        self._acceptor = Acceptor(self.config, self._buffer, self.clock)
+        self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.callback(self._cancel_tasks)
+        self._sweeper = self._tasks.create_task(self._sweep_loop(), name="edge_agent.ttl_sweep")
+        if self.config.listener.enabled:
+            self._listener = build_listener(self.config.listener, self._acceptor)
+            await self._stack.enter_async_context(self._listener)
+        log.info(
+            "edge-agent %s ready: buffer %s (epoch %s, %d events)%s",
+            self.config.agent.device_id,
+            self.config.agent.data_dir,
+            self._buffer.epoch,
+            (await self._buffer.stats()).events,
+            f", listener on {self.config.listener.host}:{self.listener_port}"
+            if self._listener is not None
+            else "",
+        )
+
+    def _cancel_tasks(self) -> None:
+        self._sweeper.cancel()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Listener first (stops accepting, acks what is in flight), then tasks, then the buffer.
+        await self._stack.aclose()
+        log.info("edge-agent %s stopped", self.config.agent.device_id)
+
+    async def publish(self, topic: str, payload: bytes) -> str:
+        """Accept one event; return its id once it is committed.
+
+        Raises `edge_agent.InvalidEvent` (bad topic, payload over the rule's ``max_payload``) or
+        `edge_agent.BufferFull` (the rule says ``reject`` and the buffer is full).
+        """
+        if self._acceptor is None:
+            raise RuntimeError("the agent is not running")
+        return self.event_id(await self._acceptor.accept(topic, payload))
+
+    async def _sweep_loop(self) -> None:
+        interval = self.config.buffer.ttl_sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.buffer.sweep_expired()
+            except Exception:
+                log.exception("buffer: TTL sweep failed; retrying in %ss", interval)

@@ -1,0 +1,183 @@
+"""The agent's TOML configuration: every validator, every problem reported with its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import ConfigError, load_config, parse_config, topic_matches
+
+BASE = """
+[agent]
+device_id = "dev-1"
+data_dir = "/var/lib/edge-agent"
+{extra}
+[[topics]]
+filter = "#"
+{rule}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "agent.toml")
+    assert str(info.value).startswith("agent.toml: ")
+    return info.value.problems
+
+
+def test_five_mistakes_are_reported_at_once_with_paths() -> None:
+    text = """
+[agent]
+device_id = "a/b"
+data_dir = "/data"
+colour = "blue"
+
+[buffer]
+durability = "sometimes"
+
+[[topics]]
+filter = "x"
+qos = 3
+
+[[topics]]
+filter = "#"
+ttl = "forever"
+"""
+    found = problems(text)
+    assert len(found) == 5, found
+    paths = [p.split(":")[0] for p in found]
+    assert paths == [
+        "agent.device_id",
+        "agent.colour",
+        "buffer.durability",
+        "topics[0].qos",
+        "topics[1].ttl",
+    ]
+    assert "unknown key" in found[1]
+    assert "'sometimes'" in found[2]
+
+
+def test_a_valid_config_with_defaults_and_units() -> None:
+    config = parse_config(
+        BASE.format(
+            extra='[buffer]\nmax_bytes = "64MiB"\ncommit_linger = "2ms"\n',
+            rule='ttl = "7d"\nmax_payload = "4KiB"\non_full = "drop-oldest"',
+        )
+    )
+    assert config.buffer.max_bytes == 64 * 1024**2
+    assert config.buffer.commit_linger == pytest.approx(0.002)
+    assert config.buffer.durability == "full"
+    assert config.topics[0].ttl == 7 * 86400
+    assert config.topics[0].max_payload == 4096
+    assert config.listener.host == "127.0.0.1"
+    assert config.listener.port == 1883
+
+
+@pytest.mark.parametrize(
+    ("extra", "rule", "path", "message"),
+    [
+        ("", "qos = -1", "topics[0].qos", "0, 1 or 2"),
+        ("", "priority = 10", "topics[0].priority", "less than or equal to 9"),
+        ("", 'on_full = "panic"', "topics[0].on_full", "'reject' or 'drop-oldest'"),
+        ("", "max_payload = 0", "topics[0].max_payload", "greater than 0"),
+        ("", 'max_payload = "2 furlongs"', "topics[0].max_payload", "a size is"),
+        ("", 'ttl = "-5s"', "topics[0].ttl", "a duration is"),
+        ("", "ttl = 0", "topics[0].ttl", "greater than 0"),
+        ("[buffer]\nmax_events = 0\n", "", "buffer.max_events", "greater than 0"),
+        ("[buffer]\nsurprise = 1\n", "", "buffer.surprise", "unknown key"),
+        ("[listener]\nport = 70000\n", "", "listener.port", "less than or equal to 65535"),
+        ('[listener]\nhost = "0.0.0.0"\n', "", "listener", "without authentication"),
+        ('[listener]\nhost = "192.168.1.5"\n', "", "listener", "without authentication"),
+    ],
+)
+def test_each_validator_names_the_path(extra: str, rule: str, path: str, message: str) -> None:
+    found = problems(BASE.format(extra=extra, rule=rule))
+    assert any(p.startswith(f"{path}:") and message in p for p in found), found
+
+
+def test_non_loopback_listener_is_allowed_with_mutual_tls() -> None:
+    extra = (
+        '[listener]\nhost = "0.0.0.0"\n[listener.tls]\n'
+        'ca = "/etc/ca.pem"\ncert = "/etc/l.pem"\nkey = "/etc/l.key"\n'
+    )
+    config = parse_config(BASE.format(extra=extra, rule=""))
+    assert config.listener.tls is not None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_loopback_hosts_need_no_authentication(host: str) -> None:
+    config = parse_config(BASE.format(extra=f'[listener]\nhost = "{host}"\n', rule=""))
+    assert config.listener.host == host
+
+
+@pytest.mark.parametrize(
+    ("device_id", "message"),
+    [("", "empty"), ("a+b", "wildcard"), ("a#", "wildcard"), ("a.b", "NATS")],
+)
+def test_device_id_is_validated(device_id: str, message: str) -> None:
+    text = BASE.format(extra="", rule="").replace('"dev-1"', f'"{device_id}"')
+    found = problems(text)
+    assert any(p.startswith("agent.device_id:") and message in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "message"),
+    [("a/#/b", "'#' must be"), ("a/b+", "'+' must be"), ("", "empty"), ("a\x00", "NUL")],
+)
+def test_topic_filters_are_validated(topic_filter: str, message: str) -> None:
+    text = (
+        BASE.format(extra="", rule="")
+        .replace(
+            '[[topics]]\nfilter = "#"',
+            f'[[topics]]\nfilter = "{topic_filter}"\n\n[[topics]]\nfilter = "#"',
+        )
+        .replace("\x00", "\\u0000")
+    )
+    found = problems(text)
+    assert any(p.startswith("topics[0].filter:") and message in p for p in found), found
+
+
+def test_a_catch_all_rule_is_required_last() -> None:
+    text = BASE.format(extra="", rule="").replace('filter = "#"', 'filter = "sensors/#"')
+    assert any('must have filter = "#"' in p for p in problems(text))
+    assert problems(BASE.format(extra="", rule="").split("[[topics]]")[0]) == [
+        "topics: Field required"
+    ]
+
+
+def test_toml_syntax_and_missing_file(tmp_path: Path) -> None:
+    assert "not valid TOML" in problems("[agent\n")[0]
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_first_matching_rule_wins() -> None:
+    text = BASE.format(extra="", rule="qos = 0").replace(
+        '[[topics]]\nfilter = "#"',
+        '[[topics]]\nfilter = "alarms/+/fire"\nqos = 2\n\n'
+        '[[topics]]\nfilter = "alarms/#"\nqos = 1\n\n[[topics]]\nfilter = "#"',
+    )
+    config = parse_config(text)
+    assert config.rule_for("alarms/hall/fire").qos == 2
+    assert config.rule_for("alarms/hall/smoke").qos == 1
+    assert config.rule_for("alarms").qos == 1
+    assert config.rule_for("sensors/t").qos == 0
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "expected"),
+    [
+        ("#", "a/b", True),
+        ("#", "$SYS/x", False),
+        ("+/b", "a/b", True),
+        ("+/b", "a/c", False),
+        ("a/+", "a", False),
+        ("a/#", "a", True),
+        ("a/+/c", "a/b/c", True),
+        ("a/b", "a/b/c", False),
+        ("a/b/c", "a/b", False),
+    ],
+)
+def test_topic_matching(topic_filter: str, topic: str, expected: bool) -> None:
+    assert topic_matches(topic_filter, topic) is expected

@@ -1,0 +1,258 @@
+"""The SQLite buffer on its own: group commit, seq/epoch, limits and policies, TTL, drain API,
+lock, corruption and a full disk (RELIABILITY F7, F8, F20)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from edge_agent.buffer import (
+    Buffer,
+    BufferFull,
+    BufferLocked,
+    NewEvent,
+    inspect,
+    read_events,
+)
+from mqtt_ingest import FakeClock
+
+
+def event(
+    payload: bytes = b"x",
+    *,
+    topic: str = "t",
+    priority: int = 0,
+    on_full: Literal["reject", "drop-oldest"] = "reject",
+    ttl: float | None = None,
+    qos: int = 1,
+) -> NewEvent:
+    return NewEvent(topic, payload, qos, priority, 1_700_000_000_000, ttl, on_full)
+
+
+async def test_concurrent_appends_share_commits_and_get_increasing_seqs(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path, commit_linger=0.01) as buffer:
+        seqs = await asyncio.gather(*(buffer.append_one(event(b"%d" % i)) for i in range(500)))
+        assert sorted(seqs) == list(range(1, 501))
+        assert buffer.commits < 50, f"{buffer.commits} commits for 500 concurrent appends"
+    # Committed means on disk: another connection sees all of them.
+    assert inspect(tmp_path).events == 500
+
+
+async def test_seq_never_reused_and_epoch_kept_across_restarts(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path) as buffer:
+        first = [await buffer.append_one(event()) for _ in range(3)]
+        epoch = buffer.epoch
+        await buffer.delete(first)
+    async with await Buffer.open(tmp_path) as buffer:
+        assert buffer.epoch == epoch
+        assert await buffer.append_one(event()) == 4
+    fresh = tmp_path / "other"
+    async with await Buffer.open(fresh) as buffer:
+        assert buffer.epoch != epoch
+        assert len(buffer.epoch) == 16
+
+
+async def test_reject_when_full_by_count_and_by_bytes(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path, max_events=3, max_bytes=100) as buffer:
+        outcomes = await buffer.append([event(), event(), event(), event()])
+        assert outcomes[:3] == [1, 2, 3]
+        assert isinstance(outcomes[3], BufferFull)
+        assert "max_events (3)" in outcomes[3].reason
+        await buffer.delete([1, 2, 3])
+        await buffer.append_one(event(b"a" * 90))
+        with pytest.raises(BufferFull, match="max_bytes"):
+            await buffer.append_one(event(b"b" * 20))
+        with pytest.raises(BufferFull, match="payload alone"):
+            await buffer.append_one(event(b"c" * 101, on_full="drop-oldest"))
+        assert (await buffer.stats()).events == 1
+
+
+async def test_drop_oldest_spares_higher_priorities_and_counts(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path, max_events=4) as buffer:
+        await buffer.append([event(topic="alarm", priority=9), event(topic="alarm", priority=9)])
+        await buffer.append([event(topic="bulk", priority=1), event(topic="bulk", priority=1)])
+        outcome = await buffer.append(
+            [event(b"new", topic="bulk", priority=1, on_full="drop-oldest")]
+        )
+        assert outcome == [5]
+        stats = await buffer.stats()
+        assert stats.drops == {("buffer-full", "bulk"): (1, 1)}
+        remaining = [e.seq for e in await buffer.next_events(10)]
+        assert remaining == [1, 2, 4, 5]
+        # A low priority event cannot push out higher priorities.
+        await buffer.delete([4, 5])
+        await buffer.append([event(topic="bulk", priority=1), event(topic="bulk", priority=1)])
+        await buffer.append([event(topic="bulk", priority=1, on_full="drop-oldest")])
+        assert [e.topic for e in await buffer.next_events(10)].count("alarm") == 2
+        full = await buffer.append([event(topic="bulk", priority=0, on_full="drop-oldest")])
+        assert isinstance(full[0], BufferFull)
+        assert "no events of priority <= 0" in full[0].reason
+
+
+async def test_ttl_sweep_drops_expired_events_and_counts(tmp_path: Path) -> None:
+    clock = FakeClock(start=1_700_000_000.0)
+    async with await Buffer.open(tmp_path, clock=clock) as buffer:
+        await buffer.append([event(topic="short", ttl=10), event(topic="short", ttl=10)])
+        await buffer.append([event(topic="long", ttl=1000), event(topic="forever")])
+        assert await buffer.sweep_expired() == 0
+        clock.advance(11)
+        assert await buffer.sweep_expired() == 2
+        stats = await buffer.stats()
+        assert [t.topic for t in stats.topics] == ["forever", "long"]
+        assert stats.drops == {("ttl", "short"): (2, 2)}
+
+
+async def test_drain_order_priority_then_seq_with_paging(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.append([event(b"low1"), event(b"high1", priority=5), event(b"low2")])
+        await buffer.append([event(b"high2", priority=5), event(b"mid", priority=3)])
+        first = await buffer.next_events(2)
+        rest = await buffer.next_events(10, after=(first[-1].priority, first[-1].seq))
+        order = [e.payload for e in first + rest]
+        assert order == [b"high1", b"high2", b"mid", b"low1", b"low2"]
+        assert [e.payload for e in read_events(tmp_path, limit=3)] == order[:3]
+
+
+async def test_attempts_dead_letters_and_requeue(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path) as buffer:
+        seq = await buffer.append_one(event(b"poison"))
+        await buffer.record_attempt([seq])
+        await buffer.record_attempt([seq])
+        assert (await buffer.next_events(1))[0].attempts == 2
+        assert await buffer.dead_letter(seq, "connection closed 2 times")
+        stats = await buffer.stats()
+        assert (stats.events, stats.dead_letters) == (0, 1)
+        assert await buffer.requeue_dead() == 1
+        back = await buffer.next_events(1)
+        assert (back[0].seq, back[0].payload, back[0].attempts) == (seq, b"poison", 0)
+        assert (await buffer.stats()).dead_letters == 0
+
+
+async def test_one_buffer_per_directory(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path):
+        with pytest.raises(BufferLocked, match=f"pid {os.getpid()}"):
+            await Buffer.open(tmp_path)
+    async with await Buffer.open(tmp_path):
+        pass  # released on close
+
+
+async def test_a_cancelled_append_is_still_committed_or_not_at_all(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path, commit_linger=0.05) as buffer:
+        task = asyncio.create_task(buffer.append_one(event(b"cancelled")))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await buffer.append_one(event(b"next"))
+        payloads = [e.payload for e in await buffer.next_events(10)]
+    # The caller got no ack for the first; it is committed (harmless duplicate on resend).
+    assert payloads == [b"cancelled", b"next"]
+
+
+# -- F7: the disk fills up -----------------------------------------------------------------
+
+
+async def test_full_disk_applies_the_topic_policy_and_recovers(tmp_path: Path) -> None:
+    big = b"z" * 3000
+    async with await Buffer.open(tmp_path, max_page_count=40) as buffer:
+        outcomes = [(await buffer.append([event(big)]))[0] for _ in range(100)]
+        stored = [o for o in outcomes if isinstance(o, int)]
+        refused = [o for o in outcomes if isinstance(o, BufferFull)]
+        assert stored, "nothing fit before the disk was full"
+        assert refused, "the disk never filled up"
+        assert refused[0].reason == "the disk is full"
+        # drop-oldest makes room by dropping the oldest events, counted.
+        seq = await buffer.append_one(event(big, topic="bulk", on_full="drop-oldest"))
+        stats = await buffer.stats()
+        assert seq > stored[-1]
+        assert stats.drops[("buffer-full", "t")][0] >= 1
+        # Draining frees space: reject topics are accepted again.
+        await buffer.delete([e.seq for e in await buffer.next_events(5)])
+        await buffer.append_one(event(big))
+    assert inspect(tmp_path).events >= 1
+
+
+# -- F8: corruption ------------------------------------------------------------------------
+
+
+async def _filled(directory: Path, count: int = 50) -> str:
+    async with await Buffer.open(directory) as buffer:
+        await buffer.append([event(b"p" * 500) for _ in range(count)])
+        return buffer.epoch
+
+
+def _overwrite_header(db: Path) -> None:
+    with db.open("r+b") as handle:
+        handle.write(b"this is not sqlite")
+
+
+def _truncate(db: Path) -> None:
+    size = db.stat().st_size
+    with db.open("r+b") as handle:
+        handle.truncate(size // 2 + 100)
+
+
+def _flip_btree_page(db: Path) -> None:
+    page_size = int.from_bytes(db.read_bytes()[16:18], "big")
+    with db.open("r+b") as handle:
+        # The b-tree page header of page 2..: a garbage page type.
+        for page in range(1, 4):
+            handle.seek(page * page_size)
+            handle.write(b"\x07\xff\xff\xff")
+
+
+@pytest.mark.parametrize(
+    "damage", [_overwrite_header, _truncate, _flip_btree_page], ids=["header", "truncate", "page"]
+)
+async def test_corrupt_database_is_quarantined_and_a_fresh_one_started(
+    tmp_path: Path, damage: object
+) -> None:
+    old_epoch = await _filled(tmp_path)
+    assert callable(damage)
+    damage(tmp_path / "buffer.db")
+    async with await Buffer.open(tmp_path) as buffer:
+        assert buffer.epoch != old_epoch
+        stats = await buffer.stats()
+        assert stats.events == 0
+        assert [i.kind for i in stats.incidents] == ["corrupt"]
+        await buffer.append_one(event(b"life goes on"))
+    moved = sorted(p.name for p in (tmp_path / "quarantine").iterdir())
+    assert moved
+    assert moved[0].startswith("buffer-")
+    # No crash loop: it opens again cleanly, the incident still visible.
+    async with await Buffer.open(tmp_path) as buffer:
+        stats = await buffer.stats()
+        assert stats.events == 1
+        assert len(stats.incidents) == 1
+
+
+async def test_wal_deleted_after_a_crash_is_reported(tmp_path: Path) -> None:
+    await _filled(tmp_path, 5)
+    # A process commits into the WAL and dies without closing (as a kill -9 would) ...
+    crash = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1])\n"
+        "db.execute('PRAGMA journal_mode=WAL')\n"
+        "db.execute('PRAGMA wal_autocheckpoint=0')\n"
+        'db.execute("INSERT INTO events (topic, payload, qos, priority, event_time)'
+        " VALUES ('t', x'00', 1, 0, 0)\")\n"
+        "db.commit()\n"
+        "os._exit(0)\n"
+    )
+    await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", crash, str(tmp_path / "buffer.db")], check=True
+    )
+    (tmp_path / "buffer.state").write_text("open\n")
+    assert (tmp_path / "buffer.db-wal").stat().st_size > 0
+    # ... and then the WAL is lost.
+    os.unlink(tmp_path / "buffer.db-wal")
+    async with await Buffer.open(tmp_path) as buffer:
+        stats = await buffer.stats()
+        assert [i.kind for i in stats.incidents] == ["wal-missing"]
+        assert stats.events == 5  # what was checkpointed is kept and still drains
