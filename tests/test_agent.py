@@ -1,0 +1,246 @@
+"""The agent's sources (Python API, local listener, CLI) and its inspection commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from edge_agent import Agent, BufferFull, InvalidEvent, load_config
+from edge_agent.buffer import inspect, read_events
+from tests.harness.agent import start_agent, write_config
+from tests.harness.pki import Pki
+from tests.harness.process import ProcessFactory, console_script
+from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
+
+EDGE_AGENT = console_script("edge-agent")
+
+
+def cli(config: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EDGE_AGENT, "--config", str(config), *args],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def acli(
+    config: Path, *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, config, *args, stdin=stdin)
+
+
+async def test_api_publish_returns_the_event_id_once_committed(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, device_id="dev-api"))
+    async with Agent(config) as agent:
+        first = await agent.publish("sensors/t1", b"21.5")
+        second = await agent.publish("alarms/door", b"open")
+        device, epoch, seq = first.split("/")
+        assert (device, seq) == ("dev-api", "1")
+        assert second == f"dev-api/{epoch}/2"
+        stats = inspect(config.agent.data_dir)  # read-only, while the agent runs
+        assert stats.events == 2
+    events = {e.topic: e for e in read_events(config.agent.data_dir)}
+    assert (events["alarms/door"].qos, events["alarms/door"].priority) == (2, 9)
+    assert (events["sensors/t1"].qos, events["sensors/t1"].priority) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("a/+/b", b"x", "wildcards"),
+        ("a/#", b"x", "wildcards"),
+        ("a/\x00", b"x", "NUL"),
+        ("a//b", b"x", "empty level"),
+        ("/a", b"x", "empty level"),
+        ("a/", b"x", "empty level"),
+        ("", b"x", "empty"),
+        ("t" * 65536, b"x", "over MQTT's 65535"),
+        ("bulk/x", b"y" * 1025, "over max_payload 1024"),
+    ],
+)
+async def test_invalid_events_are_refused_at_the_door(
+    tmp_path: Path, topic: str, payload: bytes, reason: str
+) -> None:
+    config = load_config(write_config(tmp_path))
+    async with Agent(config) as agent:
+        with pytest.raises(InvalidEvent, match=reason):
+            await agent.publish(topic, payload)
+        assert (await agent.buffer.stats()).events == 0
+
+
+async def test_reject_policy_raises_buffer_full_to_the_api(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, buffer="max_events = 2"))
+    async with Agent(config) as agent:
+        await agent.publish("sensors/a", b"1")
+        await agent.publish("alarms/b", b"2")
+        with pytest.raises(BufferFull, match="max_events"):
+            await agent.publish("alarms/c", b"3")
+        # A drop-oldest topic makes room by dropping the oldest event of its priority or lower,
+        # never the priority-9 alarm.
+        await agent.publish("bulk/x", b"4")
+        stats = await agent.buffer.stats()
+        assert [t.topic for t in stats.topics] == ["alarms/b", "bulk/x"]
+        assert stats.drops == {("buffer-full", "sensors/a"): (1, 1)}
+
+
+async def test_listener_acks_only_committed_events(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path))
+    async with Agent(config) as agent:
+        port = agent.listener_port
+        assert port is not None
+        async with aiomqtt.Client("127.0.0.1", port, identifier="sensor-1") as client:
+            for i in range(20):
+                await client.publish("sensors/t", f"{i}".encode(), qos=1)
+                # The PUBACK came: the event is in the database, seen from another connection.
+                assert inspect(config.agent.data_dir).events == i + 1
+            await client.publish("alarms/smoke", b"!", qos=2)
+        # An invalid event gets no ack and the connection is closed; nothing stored.
+        raw = await RawClient.connected(port, "bad-sensor")
+        await raw.send(publish_packet("sensors//t", b"x", qos=1, packet_id=1))
+        assert await raw.closed_within(2)
+        big = await RawClient.connected(port, "big-sensor")
+        await big.send(publish_packet("bulk/x", b"y" * 2000, qos=1, packet_id=1))
+        assert await big.closed_within(2)
+    assert [e.payload for e in read_events(config.agent.data_dir)] == [b"!"] + [
+        f"{i}".encode() for i in range(20)
+    ]
+
+
+async def test_listener_reject_when_full_gives_no_ack(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, buffer="max_events = 1"))
+    async with Agent(config) as agent:
+        assert agent.listener_port is not None
+        raw = await RawClient.connected(agent.listener_port, "filler")
+        await raw.send(publish_packet("alarms/1", b"a", qos=1, packet_id=1))
+        ack = await raw.read()
+        assert ack is not None
+        assert ack.kind == 4
+        await raw.send(publish_packet("alarms/2", b"b", qos=1, packet_id=2))
+        assert await raw.closed_within(2)
+    assert [e.payload for e in read_events(config.agent.data_dir)] == [b"a"]
+
+
+async def test_listener_with_mutual_tls_on_any_address(tmp_path: Path, pki: Pki) -> None:
+    listener = pki.server(f"listener-{uuid.uuid4().hex[:6]}", ["localhost"], ["127.0.0.1"])
+    listener_conf = (
+        'host = "0.0.0.0"\nport = 0\n[listener.tls]\n'
+        f'ca = "{pki.ca_cert}"\ncert = "{listener.cert_path}"\nkey = "{listener.key_path}"\n'
+    )
+    config = load_config(write_config(tmp_path, listener=listener_conf))
+    device = pki.device(f"local-{uuid.uuid4().hex[:6]}")
+    async with Agent(config) as agent:
+        assert agent.listener_port is not None
+        async with aiomqtt.Client(
+            "localhost", agent.listener_port, tls_context=pki.client_context(device)
+        ) as client:
+            await client.publish("sensors/tls", b"secure", qos=1)
+        # Without a client certificate: no CONNACK, the connection is closed.
+        try:
+            plain = await RawClient.open(agent.listener_port)
+        except (ConnectionError, OSError):
+            pass
+        else:
+            await plain.send(connect_packet("plain-text"))
+            assert await plain.read(timeout=3) is None
+            await plain.aclose()
+    assert [e.payload for e in read_events(config.agent.data_dir)] == [b"secure"]
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+async def test_cli_publish_through_the_running_agent_and_status(
+    tmp_path: Path, process_factory: ProcessFactory
+) -> None:
+    config = write_config(tmp_path)
+    agent = start_agent(process_factory, config)
+    conf_with_port = tmp_path / "cli.toml"
+    conf_with_port.write_text(config.read_text().replace("port = 0", f"port = {agent.port}"))
+    ok = await acli(conf_with_port, "publish", "sensors/cli", "42")
+    assert ok.returncode == 0, ok.stderr
+    piped = await acli(conf_with_port, "publish", "alarms/cli", "-", stdin=b"from stdin")
+    assert piped.returncode == 0, piped.stderr
+    bad = await acli(conf_with_port, "publish", "sensors/+", "x")
+    assert bad.returncode == 1
+    assert "wildcards" in bad.stderr
+    status = await acli(conf_with_port, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["events"] == 2
+    assert {t["topic"] for t in data["topics"]} == {"sensors/cli", "alarms/cli"}
+    text = await acli(conf_with_port, "status")
+    assert "sensors/cli" in text.stdout
+    assert "dead letters: 0" in text.stdout
+    # purge needs the lock, which the running agent holds.
+    purge = await acli(conf_with_port, "buffer", "purge", "--yes")
+    assert purge.returncode == 1
+    assert "another edge-agent" in purge.stderr
+    assert await agent.asigterm() == 0
+    assert [e.payload for e in read_events(tmp_path / "data")] == [b"from stdin", b"42"]
+
+
+async def test_cli_publish_without_a_running_agent_commits_directly(tmp_path: Path) -> None:
+    config = write_config(tmp_path, listener="port = 1")  # nothing listens on port 1
+    result = await acli(config, "publish", "sensors/offline", "still stored")
+    assert result.returncode == 0, result.stderr
+    device, _, seq = result.stdout.strip().split("/")
+    assert (device, seq) == ("dev-1", "1")
+    assert [e.payload for e in read_events(tmp_path / "data")] == [b"still stored"]
+
+
+async def test_cli_peek_export_purge(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path)
+    async with Agent(load_config(config_path)) as agent:
+        for i in range(5):
+            await agent.publish(f"sensors/{i}", f"v{i}".encode())
+        await agent.publish("alarms/x", b"\xff\x00")
+    peek = await acli(config_path, "buffer", "peek", "-n", "2")
+    lines = [json.loads(line) for line in peek.stdout.splitlines()]
+    assert [(r["topic"], r.get("payload_hex")) for r in lines] == [
+        ("alarms/x", "ff00"),
+        ("sensors/0", None),
+    ]
+    out = tmp_path / "export.jsonl"
+    export = await acli(
+        config_path, "buffer", "export", "--topic", "sensors/#", "--output", str(out)
+    )
+    assert export.returncode == 0
+    assert [json.loads(line)["payload"] for line in out.read_text().splitlines()] == [
+        f"v{i}" for i in range(5)
+    ]
+    refused = await acli(config_path, "buffer", "purge", "--topic", "sensors/#")
+    assert refused.returncode == 1
+    assert "confirm with --yes" in refused.stderr
+    purge = await acli(config_path, "buffer", "purge", "--topic", "sensors/#", "--yes")
+    assert purge.returncode == 0, purge.stderr
+    stats = inspect(tmp_path / "data")
+    assert stats.events == 1
+    assert (
+        sum(events for (reason, _), (events, _) in stats.drops.items() if reason == "purged") == 5
+    )
+
+
+async def test_cli_check_config_prints_the_effective_config_or_every_problem(
+    tmp_path: Path,
+) -> None:
+    good = await acli(write_config(tmp_path / "good"), "check-config")
+    assert good.returncode == 0
+    effective = json.loads(good.stdout)
+    assert effective["buffer"]["durability"] == "full"
+    assert effective["topics"][-1]["filter"] == "#"
+    bad_path = tmp_path / "bad.toml"
+    bad_path.write_text('[agent]\ndevice_id = ""\ndata_dir = "/x"\nextra = 1\n')
+    bad = await acli(bad_path, "check-config")
+    assert bad.returncode == 2
+    assert "agent.device_id" in bad.stderr
+    assert "agent.extra: unknown key" in bad.stderr
+    assert "topics: Field required" in bad.stderr
