@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import datetime as dt
 import fcntl
 import logging
@@ -242,11 +241,14 @@ class Buffer:
         commit_max_events: int = 1000,
         clock: Clock | None = None,
         max_page_count: int | None = None,
+        connect: Callable[[Path], sqlite3.Connection] | None = None,
     ) -> Buffer:
         """Lock ``directory``, check or create the database and start the group committer.
 
         ``max_page_count`` caps the database file in pages (a hard disk budget; tests use it to
-        simulate a full disk). Raises `BufferLocked` if another agent holds the directory.
+        simulate a full disk). ``connect`` opens the database connection (a seam: the power-loss
+        tests run the buffer over a VFS that drops unsynced writes). Raises `BufferLocked` if
+        another agent holds the directory.
         """
         lock_fd = _lock(directory)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-buffer")
@@ -259,6 +261,7 @@ class Buffer:
                 durability,
                 max_page_count,
                 clock or SystemClock(),
+                connect or _connect,
             )
         except BaseException:
             executor.shutdown(wait=False)
@@ -300,8 +303,8 @@ class Buffer:
         self._closed = True
         self._wakeup.set()
         if self._committer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
+            # asyncio.wait: our own cancellation still propagates (STYLE 8).
+            await asyncio.wait((self._committer,))
         try:
             await self._run(_close_cleanly, self.directory)
         finally:
@@ -334,10 +337,20 @@ class Buffer:
         return outcome
 
     async def _commit_loop(self) -> None:
+        """Commit groups until closed and drained.
+
+        The wake-up flag is only cleared right before waiting, never after taking a group: a
+        close signalled meanwhile (during the linger) must not be lost.
+        """
         while True:
-            await self._wakeup.wait()
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             waiting = sum(len(p.events) for p in self._pending)
-            if 0 < waiting < self._max_group and self._linger > 0 and not self._closed:
+            if waiting < self._max_group and self._linger > 0 and not self._closed:
                 await asyncio.sleep(self._linger)
             group: list[_Pending] = []
             count = 0
@@ -347,12 +360,7 @@ class Buffer:
                 pending = self._pending.popleft()
                 group.append(pending)
                 count += len(pending.events)
-            if not self._pending:
-                self._wakeup.clear()
-            if group:
-                await self._commit(group)
-            elif self._closed:
-                return
+            await self._commit(group)
 
     async def _commit(self, group: list[_Pending]) -> None:
         now_ms = int(self._clock.time() * 1000)
@@ -492,17 +500,25 @@ def _lock(directory: Path) -> int:
     return fd
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+
+
 def _open_checked(
     directory: Path,
     durability: Literal["full", "normal"],
     max_page_count: int | None,
     clock: Clock,
+    connect: Callable[[Path], sqlite3.Connection],
 ) -> sqlite3.Connection:
     path = directory / DB_NAME
     state = directory / STATE_NAME
     now_ms = int(clock.time() * 1000)
     incidents: list[tuple[str, str]] = []
     unclean = state.exists() and state.read_text().strip() == "open"
+    # Before _check: its connection, the last to close, may checkpoint and remove the WAL.
+    wal_present = (directory / f"{DB_NAME}-wal").exists()
     if path.exists():
         problem = _check(path)
         if problem is not None:
@@ -511,11 +527,11 @@ def _open_checked(
             detail = f"{problem}; moved to {moved}; {counted}"
             log.error("buffer: corrupt database quarantined: %s", detail)
             incidents.append(("corrupt", detail))
-        elif unclean and not (directory / f"{DB_NAME}-wal").exists():
+        elif unclean and not wal_present:
             detail = "the -wal file was missing after an unclean stop: recent commits may be lost"
             log.error("buffer: %s", detail)
             incidents.append(("wal-missing", detail))
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    db = connect(path)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     db.execute("PRAGMA foreign_keys=OFF")

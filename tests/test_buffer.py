@@ -256,3 +256,12 @@ async def test_wal_deleted_after_a_crash_is_reported(tmp_path: Path) -> None:
         stats = await buffer.stats()
         assert [i.kind for i in stats.incidents] == ["wal-missing"]
         assert stats.events == 5  # what was checkpointed is kept and still drains
+
+
+async def test_close_during_the_commit_linger_commits_and_returns(tmp_path: Path) -> None:
+    buffer = await Buffer.open(tmp_path, commit_linger=0.2)
+    append = asyncio.create_task(buffer.append_one(event(b"lingering")))
+    await asyncio.sleep(0.05)  # the committer is in its linger now
+    await asyncio.wait_for(buffer.aclose(), 5)
+    assert await append == 1
+    assert [e.payload for e in read_events(tmp_path)] == [b"lingering"]
