@@ -349,8 +349,10 @@ class Buffer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            # Linger for more only while the group is small: half a group (a batch from the
+            # listener, or what piled up during the last commit) is worth committing at once.
             waiting = sum(len(p.events) for p in self._pending)
-            if waiting < self._max_group and self._linger > 0 and not self._closed:
+            if waiting < self._max_group // 2 and self._linger > 0 and not self._closed:
                 await asyncio.sleep(self._linger)
             group: list[_Pending] = []
             count = 0
