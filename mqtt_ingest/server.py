@@ -474,16 +474,25 @@ class _Connection:
         loop = asyncio.get_running_loop()
         max_size = self.limits.max_packet_size
         max_inflight = self.limits.max_inflight
+        timeout = self._keep_alive_timeout
+        # Moving the deadline costs a new timer; under a stream of packets, move it at most every
+        # `refresh` seconds. It can then fire up to `refresh` early: still >= 1.125 x keep-alive.
+        refresh = min(1.0, timeout / 4)
+        moved_at = -refresh
         try:
             async with asyncio.timeout(None) as keep_alive:
                 while True:
                     if len(self._acks) >= max_inflight:
                         # Our stage is slow, not the client: the keep-alive does not run meanwhile.
                         keep_alive.reschedule(None)
+                        moved_at = -refresh
                         self._space.clear()
                         await self._space.wait()
                         continue
-                    keep_alive.reschedule(loop.time() + self._keep_alive_timeout)
+                    now = loop.time()
+                    if now - moved_at >= refresh:
+                        keep_alive.reschedule(now + timeout)
+                        moved_at = now
                     packet = await read_packet(self.reader, max_size)
                     if isinstance(packet, Publish):
                         self._on_publish(packet)
