@@ -1,0 +1,211 @@
+"""The batch envelope (SPEC §3): consecutive events of one topic in one MQTT message.
+
+Used between our agent (encoder) and our sink (decoder) only, and only on a connection that
+announced it at CONNECT (`format_username`, `parse_username`): never guessed from the payload.
+The format is specified in docs/envelope.md; in short, all integers unsigned LEB128 varints::
+
+    magic  b"MEB"        3 bytes
+    version              1 byte   (1)
+    flags                1 byte   (bit 0: body is zstd-compressed; other bits must be 0)
+    epoch                8 bytes  (the agent buffer's epoch)
+    body:                         (zstd frame of the following when bit 0 is set)
+        count            varint   (1 .. MAX_EVENTS)
+        count times:
+            seq          varint   (> 0, strictly increasing within the envelope)
+            event_time   varint   (milliseconds since the Unix epoch, device clock)
+            length       varint
+            payload      length bytes
+
+`decode` checks everything and raises `EnvelopeError` with the reason; it never allocates more
+than ``max_body`` bytes, compressed or not (a zstd bomb is refused, not inflated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode
+
+__all__ = [
+    "FORMAT_BATCH_V1",
+    "MAX_EVENTS",
+    "Envelope",
+    "EnvelopeError",
+    "EnvelopeEvent",
+    "decode",
+    "encode",
+    "format_username",
+    "parse_username",
+]
+
+FORMAT_BATCH_V1 = "batch-v1"
+MAGIC = b"MEB"
+VERSION = 1
+FLAG_ZSTD = 0x01
+MAX_EVENTS = 10_000
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+_HEADER = len(MAGIC) + 2 + 8
+
+
+class EnvelopeError(ValueError):
+    """A malformed envelope; ``reason`` is short and loggable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed batch envelope: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeEvent:
+    seq: int
+    event_time_ms: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    epoch: str  # 16 hex digits
+    events: tuple[EnvelopeEvent, ...]
+
+
+def _varint(value: int, out: bytearray) -> None:
+    if value < 0:
+        raise ValueError(f"varints are unsigned, got {value}")
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def encode(epoch: str, events: Sequence[EnvelopeEvent], *, zstd_level: int | None = None) -> bytes:
+    """One envelope; ``zstd_level`` compresses the body (None: uncompressed)."""
+    if not 1 <= len(events) <= MAX_EVENTS:
+        raise ValueError(f"an envelope holds 1 to {MAX_EVENTS} events, got {len(events)}")
+    try:
+        epoch_bytes = bytes.fromhex(epoch)
+    except ValueError:
+        raise ValueError(f"epoch must be 16 hex digits, got {epoch!r}") from None
+    if len(epoch_bytes) != 8:
+        raise ValueError(f"epoch must be 16 hex digits, got {epoch!r}")
+    body = bytearray()
+    _varint(len(events), body)
+    previous = 0
+    for event in events:
+        if event.seq <= previous:
+            raise ValueError("seq must be positive and strictly increasing within an envelope")
+        previous = event.seq
+        _varint(event.seq, body)
+        _varint(event.event_time_ms, body)
+        _varint(len(event.payload), body)
+        body += event.payload
+    flags = 0
+    packed = bytes(body)
+    if zstd_level is not None:
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(
+            packed
+        )
+        flags |= FLAG_ZSTD
+    return MAGIC + bytes([VERSION, flags]) + epoch_bytes + packed
+
+
+def decode(data: bytes, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
+    """Parse and check one envelope; raise `EnvelopeError`."""
+    if len(data) < _HEADER:
+        raise EnvelopeError(f"{len(data)} bytes is shorter than the {_HEADER}-byte header")
+    if data[:3] != MAGIC:
+        raise EnvelopeError("bad magic")
+    version, flags = data[3], data[4]
+    if version != VERSION:
+        raise EnvelopeError(f"unsupported version {version}")
+    if flags & ~FLAG_ZSTD:
+        raise EnvelopeError(f"unknown flags {flags:#04x}")
+    epoch = data[5:13].hex()
+    body = data[13:]
+    if flags & FLAG_ZSTD:
+        body = _decompress(body, max_body)
+    elif len(body) > max_body:
+        raise EnvelopeError(f"body of {len(body)} bytes is over the limit of {max_body}")
+    reader = _Reader(body)
+    count = reader.varint("count")
+    if not 1 <= count <= MAX_EVENTS:
+        raise EnvelopeError(f"event count {count} is outside 1..{MAX_EVENTS}")
+    events = []
+    previous = 0
+    for index in range(count):
+        seq = reader.varint(f"seq of event {index}")
+        if seq <= previous:
+            raise EnvelopeError(f"seq {seq} of event {index} does not increase")
+        previous = seq
+        event_time = reader.varint(f"event time of event {index}")
+        length = reader.varint(f"payload length of event {index}")
+        events.append(EnvelopeEvent(seq, event_time, reader.take(length, f"payload of {index}")))
+    if reader.position != len(body):
+        raise EnvelopeError(f"{len(body) - reader.position} bytes after the last event")
+    return Envelope(epoch, tuple(events))
+
+
+def _decompress(body: bytes, max_body: int) -> bytes:
+    import zstandard
+
+    try:
+        params = zstandard.get_frame_parameters(body)
+    except zstandard.ZstdError as exc:
+        raise EnvelopeError(f"not a zstd frame: {exc}") from None
+    size = params.content_size
+    if size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise EnvelopeError("the zstd frame does not declare its size")
+    if size > max_body:
+        raise EnvelopeError(f"compressed body declares {size} bytes; the limit is {max_body}")
+    try:
+        return bytes(zstandard.ZstdDecompressor().decompress(body, max_output_size=max_body))
+    except zstandard.ZstdError as exc:
+        raise EnvelopeError(f"zstd: {exc}") from None
+
+
+class _Reader:
+    __slots__ = ("_data", "position")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.position = 0
+
+    def varint(self, what: str) -> int:
+        value = 0
+        for shift in range(0, 64, 7):
+            if self.position >= len(self._data):
+                raise EnvelopeError(f"{what} runs past the end")
+            byte = self._data[self.position]
+            self.position += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+        raise EnvelopeError(f"{what} is longer than 64 bits")
+
+    def take(self, length: int, what: str) -> bytes:
+        end = self.position + length
+        if end > len(self._data):
+            raise EnvelopeError(f"{what} runs past the end")
+        chunk = self._data[self.position : end]
+        self.position = end
+        return chunk
+
+
+def format_username(device_id: str, **params: str) -> str:
+    """The CONNECT user name announcing connection parameters: ``dev-42?format=batch-v1``."""
+    return f"{device_id}?{urlencode(sorted(params.items()))}" if params else device_id
+
+
+def parse_username(username: str) -> tuple[str, dict[str, str]]:
+    """Split ``dev-42?format=batch-v1&zstd=1`` into the name and its parameters.
+
+    Raises ValueError for a repeated or empty parameter name.
+    """
+    name, _, query = username.partition("?")
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if not key or key in params:
+            raise ValueError(f"connection parameter {key!r} is empty or repeated")
+        params[key] = value
+    return name, params

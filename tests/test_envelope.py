@@ -1,0 +1,129 @@
+"""The batch envelope codec (SPEC §3): round trip, strict decoding, bounded decompression."""
+
+from __future__ import annotations
+
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mqtt_ingest.envelope import (
+    MAX_EVENTS,
+    EnvelopeError,
+    EnvelopeEvent,
+    decode,
+    encode,
+    format_username,
+    parse_username,
+)
+
+EPOCH = "0123456789abcdef"
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> list[EnvelopeEvent]:
+    gaps = draw(st.lists(st.integers(1, 2**40), min_size=1, max_size=50))
+    seqs = [sum(gaps[: i + 1]) for i in range(len(gaps))]
+    return [
+        EnvelopeEvent(seq, draw(st.integers(0, 2**63)), draw(st.binary(max_size=300)))
+        for seq in seqs
+    ]
+
+
+@given(events=batches(), compress=st.booleans(), epoch=st.binary(min_size=8, max_size=8))
+def test_round_trip(events: list[EnvelopeEvent], compress: bool, epoch: bytes) -> None:
+    data = encode(epoch.hex(), events, zstd_level=3 if compress else None)
+    decoded = decode(data)
+    assert decoded.epoch == epoch.hex()
+    assert list(decoded.events) == events
+
+
+@given(data=st.binary(max_size=400))
+def test_arbitrary_bytes_decode_or_raise_envelope_error(data: bytes) -> None:
+    try:
+        envelope = decode(b"MEB\x01\x00" + bytes(8) + data)
+    except EnvelopeError:
+        return
+    seqs = [event.seq for event in envelope.events]
+    assert 1 <= len(seqs) <= MAX_EVENTS
+    assert seqs == sorted(set(seqs))
+    assert seqs[0] > 0
+
+
+@given(events=batches(), cut=st.integers(0, 10_000))
+def test_every_truncation_is_refused(events: list[EnvelopeEvent], cut: int) -> None:
+    data = encode(EPOCH, events)
+    cut = cut % len(data)
+    with pytest.raises(EnvelopeError):
+        decode(data[:cut])
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"MEB\x01", "shorter than"),
+        (b"XYZ\x01\x00" + bytes(8) + b"\x01\x01\x00\x00", "bad magic"),
+        (b"MEB\x02\x00" + bytes(8) + b"\x01\x01\x00\x00", "unsupported version 2"),
+        (b"MEB\x01\x04" + bytes(8) + b"\x01\x01\x00\x00", "unknown flags"),
+        (b"MEB\x01\x00" + bytes(8) + b"\x00", "count 0"),
+        (b"MEB\x01\x00" + bytes(8) + b"\x02\x05\x00\x00\x05\x00\x00", "does not increase"),
+        (b"MEB\x01\x00" + bytes(8) + b"\x01\x00\x00\x00", "seq 0"),
+        (b"MEB\x01\x00" + bytes(8) + b"\x01\x01\x00\x05ab", "payload of 0 runs past"),
+        (b"MEB\x01\x00" + bytes(8) + b"\x01\x01\x00\x00!", "1 bytes after the last event"),
+        (b"MEB\x01\x00" + bytes(8) + b"\x01" + b"\xff" * 10, "longer than 64 bits"),
+        (b"MEB\x01\x01" + bytes(8) + b"not zstd", "not a zstd frame"),
+    ],
+)
+def test_malformed_envelopes_say_why(data: bytes, reason: str) -> None:
+    with pytest.raises(EnvelopeError, match=reason):
+        decode(data)
+
+
+def test_a_zstd_bomb_is_refused_without_inflating() -> None:
+    bomb_body = zstandard.ZstdCompressor(write_content_size=True).compress(b"\x00" * 50_000_000)
+    data = b"MEB\x01\x01" + bytes(8) + bomb_body
+    assert len(data) < 10_000
+    with pytest.raises(EnvelopeError, match="limit is 1048576"):
+        decode(data, max_body=1024 * 1024)
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x00" * 1000)
+    with pytest.raises(EnvelopeError, match="does not declare its size"):
+        decode(b"MEB\x01\x01" + bytes(8) + streamed)
+
+
+def test_encoder_refuses_what_the_decoder_would() -> None:
+    with pytest.raises(ValueError, match="1 to"):
+        encode(EPOCH, [])
+    with pytest.raises(ValueError, match="1 to"):
+        encode(EPOCH, [EnvelopeEvent(i + 1, 0, b"") for i in range(MAX_EVENTS + 1)])
+    with pytest.raises(ValueError, match="increasing"):
+        encode(EPOCH, [EnvelopeEvent(2, 0, b""), EnvelopeEvent(2, 0, b"")])
+    with pytest.raises(ValueError, match="16 hex"):
+        encode("xyz", [EnvelopeEvent(1, 0, b"")])
+
+
+def test_compression_pays_for_repetitive_payloads() -> None:
+    events = [
+        EnvelopeEvent(i + 1, 1_700_000_000_000 + i, b'{"t": 21.5, "unit": "C"}') for i in range(200)
+    ]
+    assert len(encode(EPOCH, events, zstd_level=3)) < len(encode(EPOCH, events)) / 4
+
+
+@pytest.mark.parametrize(
+    ("username", "name", "params"),
+    [
+        ("dev-42", "dev-42", {}),
+        ("dev-42?format=batch-v1", "dev-42", {"format": "batch-v1"}),
+        ("dev-42?format=batch-v1&zstd=1", "dev-42", {"format": "batch-v1", "zstd": "1"}),
+    ],
+)
+def test_connection_parameters_in_the_username(
+    username: str, name: str, params: dict[str, str]
+) -> None:
+    assert parse_username(username) == (name, params)
+    assert format_username(name, **params) == username
+
+
+@pytest.mark.parametrize("username", ["dev?format=a&format=b", "dev?=x", "dev?novalue"])
+def test_bad_connection_parameters_are_refused(username: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011  # parse_qsl's and ours: both ValueError
+        parse_username(username)
