@@ -1,0 +1,57 @@
+"""The `CoreQueue` seam every backend implements (STYLE 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["BackendError", "CoreMessage", "CoreQueue", "DeadLetterMessage", "PublishOutcome"]
+
+
+class BackendError(Exception):
+    """The backend did not confirm: nothing of the batch may be acknowledged (retry later)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CoreMessage:
+    """One event as the core queue receives it (SPEC §3): body unchanged, metadata beside it."""
+
+    event_id: str  # device_id/epoch/seq, or a sink-generated id for raw publishes
+    device_id: str
+    topic: str  # the uplink topic
+    payload: bytes
+    qos: int
+    received_at_ms: int  # sink clock
+    seq: int | None = None  # None for raw publishes
+    event_time_ms: int | None = None  # device clock; None for raw publishes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterMessage:
+    """An acknowledged event that cannot be delivered as such (malformed envelope, unmappable
+    topic): stored with its reason instead of dropped."""
+
+    device_id: str
+    topic: str
+    payload: bytes
+    reason: str
+    received_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    stored: int
+    duplicates: int  # already delivered before (same event id): not stored twice
+
+
+class CoreQueue(Protocol):
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        """Return once every message is confirmed by the backend; raise `BackendError` if not."""
+        ...
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        """Store undeliverable events with their reason; raise `BackendError` if not confirmed."""
+        ...
+
+    async def aclose(self) -> None: ...

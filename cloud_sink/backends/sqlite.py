@@ -1,0 +1,161 @@
+"""The embedded core queue: one SQLite file in WAL mode, fsynced at every batch.
+
+``events`` has a unique key on the event id, so a device resending after a lost ack is counted as
+a duplicate and not stored twice (SPEC §2 P2). ``cloud-sink tail`` reads it with `read_messages`.
+All SQL of this backend is here; it runs on one dedicated thread, one transaction per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
+
+__all__ = ["SqliteCoreQueue", "read_dead_letters", "read_messages"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    position INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    device_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    seq INTEGER,
+    event_time INTEGER,
+    received_at INTEGER NOT NULL,
+    qos INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    position INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+"""
+
+
+class SqliteCoreQueue:
+    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = db
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sink-sqlite")
+        self.duplicates = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteCoreQueue:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            db.close()
+            raise BackendError(f"cannot open the core queue {path}: {exc}") from exc
+        return cls(path, db)
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.shield(loop.run_in_executor(self._executor, function, *args))
+        except sqlite3.Error as exc:
+            raise BackendError(f"sqlite core queue: {exc}") from exc
+
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        stored = await self._run(self._insert, list(messages))
+        outcome = PublishOutcome(stored=stored, duplicates=len(messages) - stored)
+        self.duplicates += outcome.duplicates
+        return outcome
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        await self._run(self._insert_dead, list(messages))
+
+    async def aclose(self) -> None:
+        await self._run(self._db.close)
+        self._executor.shutdown(wait=True)
+
+    def _insert(self, messages: list[CoreMessage]) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            stored = 0
+            for m in messages:
+                stored += db.execute(
+                    "INSERT OR IGNORE INTO events (event_id, device_id, topic, seq, event_time,"
+                    " received_at, qos, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        m.event_id,
+                        m.device_id,
+                        m.topic,
+                        m.seq,
+                        m.event_time_ms,
+                        m.received_at_ms,
+                        m.qos,
+                        m.payload,
+                    ),
+                ).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return stored
+
+    def _insert_dead(self, messages: list[DeadLetterMessage]) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO dead_letters (device_id, topic, reason, received_at, payload)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(m.device_id, m.topic, m.reason, m.received_at_ms, m.payload) for m in messages],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
+def _reader(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise BackendError(f"no core queue at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+
+def read_messages(path: Path, *, after: int = 0) -> Iterator[tuple[int, CoreMessage]]:
+    """(position, message) in delivery order after ``after``; read-only, works while running."""
+    db = _reader(path)
+    try:
+        rows = db.execute(
+            "SELECT position, event_id, device_id, topic, payload, qos, received_at, seq,"
+            " event_time FROM events WHERE position > ? ORDER BY position",
+            (after,),
+        )
+        for position, *fields in rows:
+            yield position, CoreMessage(*fields)
+    finally:
+        db.close()
+
+
+def read_dead_letters(path: Path) -> list[DeadLetterMessage]:
+    db = _reader(path)
+    try:
+        return [
+            DeadLetterMessage(*row)
+            for row in db.execute(
+                "SELECT device_id, topic, payload, reason, received_at FROM dead_letters"
+                " ORDER BY position"
+            )
+        ]
+    finally:
+        db.close()
