@@ -1,0 +1,226 @@
+"""Who is connecting: the verified client certificate, and a JWT bound to it (SPEC §6, P5).
+
+`JwtAuthenticator` is the ingest server's `Authenticator` for the sink. The device id comes from
+the certificate TLS verified on this connection (CN, or the ``urn:device:`` SAN URI), never from
+what the client says; the MQTT client id and the user name (before any ``?params``) must equal it.
+The password is a JWT, checked in one of two modes:
+
+- ``device-signed``: signed with the device's own key; verified with the public key of the
+  certificate on this very connection, so token and certificate are bound by construction.
+- ``issuer-signed``: signed by a trusted issuer (keys by ``kid``), carrying
+  ``cnf: {"x5t#S256": ...}`` (RFC 8705), which must be the thumbprint of the presented certificate.
+
+The algorithm is pinned to the key type (ES256 for P-256, RS256 for RSA, EdDSA for Ed25519): no
+``none``, no HMAC, no algorithm the header chooses. Times are checked with the injected clock and
+a leeway. Every refusal has its own reason (log, metrics) and a CONNACK code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from mqtt_ingest import ConnackCode, ConnectRequest, Identity, Refusal
+from mqtt_ingest.clock import Clock, SystemClock
+from mqtt_ingest.envelope import parse_username
+from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
+
+__all__ = ["AuthSettings", "JwtAuthenticator", "PublicKey", "algorithm_for", "thumbprint"]
+
+log = logging.getLogger(__name__)
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+URI_PREFIX = "urn:device:"
+BAD_TOKEN = ConnackCode.BAD_USERNAME_OR_PASSWORD
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    audience: str
+    mode: Literal["device-signed", "issuer-signed"] = "device-signed"
+    issuer: str | None = None
+    issuer_keys: Mapping[str, PublicKey] = field(default_factory=dict)
+    leeway: float = 30.0
+    max_lifetime: float = 3600.0
+    identity_source: Literal["cn", "san-uri"] = "cn"
+    deny: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.mode == "issuer-signed" and (not self.issuer or not self.issuer_keys):
+            raise ValueError("issuer-signed mode needs an issuer and at least one issuer key")
+
+
+def algorithm_for(key: PublicKey) -> str:
+    """The one JWT algorithm accepted for ``key``."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError(f"EC curve {key.curve.name} is not supported (P-256 only)")
+        return "ES256"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    raise ValueError(f"unsupported key type {type(key).__name__}")
+
+
+def thumbprint(certificate_der: bytes) -> str:
+    """RFC 8705 ``x5t#S256``: base64url (no padding) of the SHA-256 of the DER certificate."""
+    digest = hashlib.sha256(certificate_der).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, code: ConnackCode = BAD_TOKEN) -> None:
+        super().__init__(reason)
+        self.refusal = Refusal(reason, code)
+
+
+class JwtAuthenticator:
+    def __init__(self, settings: AuthSettings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+
+    async def authenticate(self, request: ConnectRequest) -> Identity | Refusal:
+        try:
+            identity = self._check(request)
+        except _Refused as refused:
+            log.warning(
+                "auth: refused client %r from %s: %s",
+                request.client_id, request.peer_address, refused.refusal.reason,
+            )  # fmt: skip
+            return refused.refusal
+        return identity
+
+    def _check(self, request: ConnectRequest) -> Identity:
+        if request.peer_certificate is None:
+            raise _Refused("no client certificate", ConnackCode.NOT_AUTHORIZED)
+        certificate = x509.load_der_x509_certificate(request.peer_certificate)
+        device = self._device_id(certificate)
+        if device in self.settings.deny:
+            raise _Refused("device is on the deny list", ConnackCode.NOT_AUTHORIZED)
+        if request.client_id != device:
+            raise _Refused(
+                "client id does not match the certificate", ConnackCode.IDENTIFIER_REJECTED
+            )
+        if request.username is None:
+            raise _Refused("no user name")
+        try:
+            name, params = parse_username(request.username)
+        except ValueError as exc:
+            raise _Refused(f"bad connection parameters: {exc}") from None
+        if name != device:
+            raise _Refused("user name does not match the certificate")
+        if not request.password:
+            raise _Refused("no token")
+        claims = self._verify(request.password, certificate)
+        if claims.get("sub") != device:
+            raise _Refused("token sub does not match the certificate")
+        expires_at = float(claims["exp"]) + self.settings.leeway
+        return Identity(device, params, expires_at)
+
+    def _device_id(self, certificate: x509.Certificate) -> str:
+        if self.settings.identity_source == "cn":
+            names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            raw = str(names[0].value) if names else ""
+        else:
+            try:
+                san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+            except x509.ExtensionNotFound:
+                uris = []
+            found = [u.removeprefix(URI_PREFIX) for u in uris if u.startswith(URI_PREFIX)]
+            raw = found[0] if len(found) == 1 else ""
+        try:
+            return validate_device_id(raw)
+        except InvalidIdentifier as exc:
+            raise _Refused(
+                f"certificate identity: {exc.reason}", ConnackCode.NOT_AUTHORIZED
+            ) from None
+
+    def _verify(self, password: bytes, certificate: x509.Certificate) -> dict[str, Any]:
+        try:
+            token = password.decode("ascii")
+            header = jwt.get_unverified_header(token)
+        except (UnicodeDecodeError, jwt.DecodeError):
+            raise _Refused("malformed token") from None
+        settings = self.settings
+        if settings.mode == "device-signed":
+            key = certificate.public_key()
+            if not isinstance(
+                key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+            ):
+                raise _Refused("certificate key type not supported")
+        else:
+            kid = header.get("kid")
+            if not isinstance(kid, str) or kid not in settings.issuer_keys:
+                raise _Refused("unknown kid")
+            key = settings.issuer_keys[kid]
+        try:
+            algorithm = algorithm_for(key)
+        except ValueError as exc:
+            raise _Refused(str(exc)) from None
+        if header.get("alg") != algorithm:
+            raise _Refused(f"algorithm {header.get('alg')!r} not allowed for this key")
+        required = ["exp", "iat", "sub", "aud"] + (
+            ["iss"] if settings.mode == "issuer-signed" else []
+        )
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=settings.audience,
+                issuer=settings.issuer if settings.mode == "issuer-signed" else None,
+                # Times are checked below with our clock (a seam the tests control).
+                options={
+                    "require": required,
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.MissingRequiredClaimError as exc:
+            raise _Refused(f"token without {exc.claim}") from None
+        except jwt.InvalidAudienceError:
+            raise _Refused("wrong audience") from None
+        except jwt.InvalidIssuerError:
+            raise _Refused("wrong issuer") from None
+        except jwt.InvalidSignatureError:
+            raise _Refused("bad signature") from None
+        except jwt.PyJWTError as exc:
+            raise _Refused(f"invalid token: {exc}") from None
+        self._check_times(claims)
+        if settings.mode == "issuer-signed":
+            confirmation = claims.get("cnf")
+            expected = thumbprint(certificate.public_bytes(Encoding.DER))
+            if not isinstance(confirmation, dict) or "x5t#S256" not in confirmation:
+                raise _Refused("token without cnf x5t#S256")
+            if confirmation["x5t#S256"] != expected:
+                raise _Refused("token bound to another certificate")
+        return claims
+
+    def _check_times(self, claims: dict[str, Any]) -> None:
+        now = self.clock.time()
+        leeway = self.settings.leeway
+        try:
+            exp, iat = float(claims["exp"]), float(claims["iat"])
+            nbf = float(claims.get("nbf", iat))
+        except (TypeError, ValueError):
+            raise _Refused("token times are not numbers") from None
+        if exp + leeway <= now:
+            raise _Refused("token expired")
+        if iat - leeway > now or nbf - leeway > now:
+            raise _Refused("token not valid yet")
+        if exp - iat > self.settings.max_lifetime:
+            lifetime, limit = exp - iat, self.settings.max_lifetime
+            raise _Refused(f"token lifetime {lifetime:.0f}s over the maximum {limit:.0f}s")

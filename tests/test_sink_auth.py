@@ -1,0 +1,242 @@
+"""Certificate-bound JWT authentication (SPEC §6, RELIABILITY F17): each attack refused with its
+own reason, before anything is acknowledged."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from certs import KeyType
+from cloud_sink.auth import AuthSettings, JwtAuthenticator, thumbprint
+from mqtt_ingest import ConnackCode, ConnectRequest, FakeClock, Identity, Refusal
+from tests.harness.pki import DeviceCreds, Pki
+from tests.harness.stages import RecordingStage, running_server
+
+NOW = 1_800_000_000.0
+AUD = "sink.example.com"
+
+
+def der(creds: DeviceCreds) -> bytes:
+    cert = x509.load_pem_x509_certificate(creds.cert.read_bytes())
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def private_key(path: Path) -> Any:
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def token(creds: DeviceCreds, alg: str = "ES256", key: Any = None, **claims: Any) -> bytes:
+    body: dict[str, Any] = {"sub": creds.device_id, "aud": AUD, "iat": NOW, "exp": NOW + 600}
+    body.update(claims)
+    body = {k: v for k, v in body.items() if v is not None}
+    return jwt.encode(body, key or private_key(creds.key), algorithm=alg).encode()
+
+
+def request(creds: DeviceCreds, password: bytes | None, **overrides: Any) -> ConnectRequest:
+    fields: dict[str, Any] = {
+        "client_id": creds.device_id,
+        "username": creds.device_id,
+        "password": password,
+        "clean_session": True,
+        "keep_alive": 60,
+        "peer_certificate": der(creds),
+        "peer_address": "127.0.0.1:1",
+    }
+    fields.update(overrides)
+    return ConnectRequest(**fields)
+
+
+def device_auth(**settings: Any) -> JwtAuthenticator:
+    return JwtAuthenticator(AuthSettings(audience=AUD, **settings), FakeClock(start=NOW))
+
+
+@pytest.fixture(scope="module")
+def dev(pki: Pki) -> DeviceCreds:
+    return pki.device(f"auth-{uuid.uuid4().hex[:8]}")
+
+
+async def refused(auth: JwtAuthenticator, req: ConnectRequest) -> Refusal:
+    outcome = await auth.authenticate(req)
+    assert isinstance(outcome, Refusal), f"accepted: {outcome}"
+    return outcome
+
+
+@pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.RSA_2048, KeyType.ED25519])
+async def test_device_signed_token_for_each_key_type(pki: Pki, key_type: KeyType) -> None:
+    creds = pki.device(f"kt-{key_type.value}-{uuid.uuid4().hex[:6]}", key_type=key_type)
+    alg = {KeyType.EC_P256: "ES256", KeyType.RSA_2048: "RS256", KeyType.ED25519: "EdDSA"}[key_type]
+    outcome = await device_auth().authenticate(
+        request(creds, token(creds, alg), username=f"{creds.device_id}?format=batch-v1")
+    )
+    assert isinstance(outcome, Identity)
+    assert outcome.name == creds.device_id
+    assert outcome.attributes == {"format": "batch-v1"}
+    assert outcome.expires_at == NOW + 600 + 30
+
+
+async def test_f17_attacks_each_refused_with_its_reason(pki: Pki, dev: DeviceCreds) -> None:
+    auth = device_auth()
+    other = pki.device(f"other-{uuid.uuid4().hex[:8]}")
+    public_pem = (
+        x509.load_pem_x509_certificate(dev.cert.read_bytes())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    unsigned = _forged(dev, "none", b"")
+    other_p256 = ec.generate_private_key(ec.SECP256R1())
+    cases: dict[str, tuple[ConnectRequest, str, int]] = {
+        "alg none": (request(dev, unsigned), "algorithm 'none' not allowed", 4),
+        "HS256 with the public key": (
+            request(dev, _forged(dev, "HS256", public_pem)),
+            "algorithm 'HS256' not allowed",
+            4,
+        ),
+        "wrong alg for the key": (
+            request(dev, token(dev, "ES384", ec.generate_private_key(ec.SECP384R1()))),
+            "algorithm 'ES384' not allowed",
+            4,
+        ),
+        "signed by another key": (request(dev, token(dev, key=other_p256)), "bad signature", 4),
+        "missing exp": (request(dev, token(dev, exp=None)), "token without exp", 4),
+        "missing aud": (request(dev, token(dev, aud=None)), "token without aud", 4),
+        "wrong aud": (request(dev, token(dev, aud="elsewhere")), "wrong audience", 4),
+        "expired": (request(dev, token(dev, iat=NOW - 700, exp=NOW - 100)), "token expired", 4),
+        "from the future": (
+            request(dev, token(dev, iat=NOW + 300, exp=NOW + 900)),
+            "not valid yet",
+            4,
+        ),
+        "lifetime over max": (
+            request(dev, token(dev, exp=NOW + 7200)),
+            "lifetime 7200s over the maximum 3600s",
+            4,
+        ),
+        "sub is another device": (
+            request(dev, token(dev, sub=other.device_id)),
+            "sub does not match",
+            4,
+        ),
+        "another device's valid token": (
+            request(dev, token(other)),
+            "bad signature",
+            4,
+        ),
+        "client id is another device": (
+            request(dev, token(dev), client_id=other.device_id),
+            "client id does not match",
+            2,
+        ),
+        "user name is another device": (
+            request(dev, token(dev), username=other.device_id),
+            "user name does not match",
+            4,
+        ),
+        "no token": (request(dev, None), "no token", 4),
+        "garbage token": (request(dev, b"\xff\xfe not a jwt"), "malformed token", 4),
+        "no certificate": (request(dev, token(dev), peer_certificate=None), "no client cert", 5),
+    }
+    for name, (req, reason, code) in cases.items():
+        outcome = await refused(auth, req)
+        assert reason in outcome.reason, f"{name}: {outcome.reason}"
+        assert outcome.code == code, f"{name}: code {outcome.code}"
+
+
+def _forged(creds: DeviceCreds, alg: str, secret: bytes) -> bytes:
+    """A token pyjwt would refuse to make: ``alg`` none, or HMAC keyed with a public key."""
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    header = {"alg": alg, "typ": "JWT"}
+    claims = {"sub": creds.device_id, "aud": AUD, "iat": NOW, "exp": NOW + 60}
+    signing_input = b64(json.dumps(header).encode()) + b"." + b64(json.dumps(claims).encode())
+    signature = hmac.new(secret, signing_input, hashlib.sha256).digest() if secret else b""
+    return signing_input + b"." + b64(signature)
+
+
+async def test_deny_list_and_identity_from_san_uri(pki: Pki, dev: DeviceCreds) -> None:
+    denied = await refused(device_auth(deny=frozenset({dev.device_id})), request(dev, token(dev)))
+    assert denied.reason == "device is on the deny list"
+    assert denied.code == ConnackCode.NOT_AUTHORIZED
+    by_uri = await device_auth(identity_source="san-uri").authenticate(request(dev, token(dev)))
+    assert isinstance(by_uri, Identity)
+    assert by_uri.name == dev.device_id
+
+
+async def test_issuer_signed_token_bound_to_the_certificate(pki: Pki, dev: DeviceCreds) -> None:
+    issuer_key = ec.generate_private_key(ec.SECP256R1())
+    auth = device_auth(
+        mode="issuer-signed", issuer="https://issuer", issuer_keys={"k1": issuer_key.public_key()}
+    )
+    bound = {"x5t#S256": thumbprint(der(dev))}
+
+    def issued(**claims: Any) -> bytes:
+        body = {"iss": "https://issuer", "cnf": bound, **claims}
+        return jwt.encode(
+            {"sub": dev.device_id, "aud": AUD, "iat": NOW, "exp": NOW + 600, **body},
+            issuer_key,
+            algorithm="ES256",
+            headers={"kid": claims.pop("kid", "k1")},
+        ).encode()
+
+    assert isinstance(await auth.authenticate(request(dev, issued())), Identity)
+    other = pki.device(f"thief-{uuid.uuid4().hex[:6]}")
+    stolen = request(other, issued(sub=other.device_id))  # bound to dev's certificate
+    assert "another certificate" in (await refused(auth, stolen)).reason
+    assert "wrong issuer" in (await refused(auth, request(dev, issued(iss="https://evil")))).reason
+    no_cnf = jwt.encode(
+        {"sub": dev.device_id, "aud": AUD, "iat": NOW, "exp": NOW + 60, "iss": "https://issuer"},
+        issuer_key,
+        algorithm="ES256",
+        headers={"kid": "k1"},
+    ).encode()
+    assert "without cnf" in (await refused(auth, request(dev, no_cnf))).reason
+    unknown_kid = jwt.encode(
+        {"sub": dev.device_id}, issuer_key, algorithm="ES256", headers={"kid": "k9"}
+    ).encode()
+    assert (await refused(auth, request(dev, unknown_kid))).reason == "unknown kid"
+    # A token signed by the device itself is not an issuer token.
+    assert "unknown kid" in (await refused(auth, request(dev, token(dev)))).reason
+
+
+async def test_through_the_ingest_server_over_mutual_tls(pki: Pki, dev: DeviceCreds) -> None:
+    """A real client: accepted with a good token, CONNACK 4 with a bad one; nothing stored."""
+    stage = RecordingStage()
+    auth = JwtAuthenticator(AuthSettings(audience=AUD))
+    now_token = jwt.encode(
+        {"sub": dev.device_id, "aud": AUD, "iat": int(_now()), "exp": int(_now()) + 300},
+        private_key(dev.key),
+        algorithm="ES256",
+    )
+    async with running_server(stage, authenticator=auth, ssl_context=pki.server_context()) as s:
+        context = pki.client_context(dev)
+        async with aiomqtt.Client(
+            "localhost", s.port, identifier=dev.device_id, username=dev.device_id,
+            password=now_token, tls_context=context,
+        ) as client:  # fmt: skip
+            await client.publish("devices/x/t", b"ok", qos=1)
+        with pytest.raises(aiomqtt.MqttCodeError) as info:
+            async with aiomqtt.Client(
+                "localhost", s.port, identifier=dev.device_id, username=dev.device_id,
+                password="not-a-token", tls_context=context,
+            ):  # fmt: skip
+                pass
+        assert info.value.rc in (4, 134)  # "bad user name or password" (paho maps 3.1.1 codes)
+    assert stage.payloads() == [b"ok"]
+
+
+def _now() -> float:
+    return time.time()
