@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from mqtt_ingest import ConnackCode, ConnectRequest, Identity, Refusal
 from mqtt_ingest.clock import Clock, SystemClock
-from mqtt_ingest.envelope import parse_username
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, parse_username
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
 __all__ = ["AuthSettings", "JwtAuthenticator", "PublicKey", "algorithm_for", "thumbprint"]
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 URI_PREFIX = "urn:device:"
 BAD_TOKEN = ConnackCode.BAD_USERNAME_OR_PASSWORD
+FORMATS = frozenset({"raw", FORMAT_BATCH_V1})
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ class JwtAuthenticator:
             raise _Refused(f"bad connection parameters: {exc}") from None
         if name != device:
             raise _Refused("user name does not match the certificate")
+        if params.get("format", "raw") not in FORMATS:
+            raise _Refused(f"unsupported format {params['format']!r}")
         if not request.password:
             raise _Refused("no token")
         claims = self._verify(request.password, certificate)

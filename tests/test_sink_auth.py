@@ -145,6 +145,11 @@ async def test_f17_attacks_each_refused_with_its_reason(pki: Pki, dev: DeviceCre
             4,
         ),
         "no token": (request(dev, None), "no token", 4),
+        "unknown format": (
+            request(dev, token(dev), username=f"{dev.device_id}?format=batch-v9"),
+            "unsupported format 'batch-v9'",
+            4,
+        ),
         "garbage token": (request(dev, b"\xff\xfe not a jwt"), "malformed token", 4),
         "no certificate": (request(dev, token(dev), peer_certificate=None), "no client cert", 5),
     }

@@ -1,0 +1,119 @@
+"""Forwarding into the core queue: raw and envelope publishes, dead letters, backend outage (F9
+at the stage seam)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from cloud_sink.backends import (
+    BackendError,
+    CoreMessage,
+    DeadLetterMessage,
+    PublishOutcome,
+    SqliteCoreQueue,
+    read_dead_letters,
+    read_messages,
+)
+from cloud_sink.forward import Forwarder, unmappable_topic
+from cloud_sink.rights import DevicePrefixRights
+from mqtt_ingest import ConnectRequest, Counters, Identity, IngestServer, Refusal
+from mqtt_ingest.envelope import EnvelopeEvent, encode, parse_username
+from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
+
+EPOCH = "a1b2c3d4e5f60718"
+
+
+class UsernameParams:
+    """Identity = client id, attributes = the user name's parameters (the JWT part is tested in
+    test_sink_auth.py)."""
+
+    async def authenticate(self, request: ConnectRequest) -> Identity | Refusal:
+        _, params = parse_username(request.username or request.client_id)
+        return Identity(request.client_id, params)
+
+
+class SwitchableQueue:
+    """The sqlite backend behind a switch that makes it unavailable (a fault at the seam)."""
+
+    def __init__(self, inner: SqliteCoreQueue) -> None:
+        self.inner = inner
+        self.down = False
+
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        if self.down:
+            raise BackendError("backend unavailable")
+        return await self.inner.publish(messages)
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        if self.down:
+            raise BackendError("backend unavailable")
+        await self.inner.dead_letter(messages)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize(
+    ("topic", "problem"),
+    [
+        ("devices/d/t", None),
+        ("devices/d/a.b", "'.'"),
+        ("devices/d/*", "'*'"),
+        ("devices/d/>", "'>'"),
+        ("devices/d/a b", "white space"),
+        ("devices//t", "empty topic level"),
+    ],
+)
+def test_unmappable_topics(topic: str, problem: str | None) -> None:
+    found = unmappable_topic(topic)
+    assert (found is None) if problem is None else (problem in (found or ""))
+
+
+async def test_raw_envelope_and_dead_letters_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "core.db"
+    queue = SwitchableQueue(await SqliteCoreQueue.open(path))
+    metrics = Counters()
+    server = IngestServer(
+        stage=Forwarder(queue, metrics),
+        authenticator=UsernameParams(),
+        rights=DevicePrefixRights(),
+        metrics=metrics,
+    )
+    envelope = encode(EPOCH, [EnvelopeEvent(5, 1000, b"e5"), EnvelopeEvent(6, 1001, b"e6")])
+    async with server:
+        raw = await RawClient.connected(server.port, "dev-1")
+        await raw.send(publish_packet("devices/dev-1/t", b"raw", qos=1, packet_id=1))
+        await raw.send(publish_packet("devices/dev-1/a.b", b"odd", qos=1, packet_id=2))
+        assert [p.packet_id for p in [await raw.read(), await raw.read()] if p] == [1, 2]
+        await raw.aclose()
+
+        batch = await RawClient.open(server.port)
+        await batch.send(connect_packet("dev-2", username="dev-2?format=batch-v1"))
+        assert (await batch.read()) is not None
+        await batch.send(publish_packet("devices/dev-2/t", envelope, qos=2, packet_id=1))
+        await batch.send(publish_packet("devices/dev-2/t", envelope, qos=1, packet_id=2))
+        await batch.send(publish_packet("devices/dev-2/t", b"not an envelope", qos=1, packet_id=3))
+        acks = [await batch.read() for _ in range(3)]
+        assert [(p.kind, p.packet_id) for p in acks if p] == [(5, 1), (4, 2), (4, 3)]
+
+        queue.down = True
+        await batch.send(publish_packet("devices/dev-2/t", envelope, qos=1, packet_id=4))
+        assert await batch.closed_within(2), "acked or kept open while the backend was down"
+    await queue.aclose()
+    stored = [m for _, m in read_messages(path)]
+    assert [m.payload for m in stored] == [b"raw", b"e5", b"e6"]
+    assert stored[0].event_id.startswith("dev-1/raw/")
+    assert [m.event_id for m in stored[1:]] == [f"dev-2/{EPOCH}/5", f"dev-2/{EPOCH}/6"]
+    assert (stored[1].seq, stored[1].event_time_ms) == (5, 1000)
+    dead = read_dead_letters(path)
+    assert [(d.device_id, d.payload) for d in dead] == [
+        ("dev-1", b"odd"),
+        ("dev-2", b"not an envelope"),
+    ]
+    assert "'.'" in dead[0].reason
+    assert "bad magic" in dead[1].reason
+    assert metrics.get("forwarded", "duplicate") == 2
+    assert metrics.get("forwarded", "dead_letter") == 2
