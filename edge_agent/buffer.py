@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import fcntl
 import logging
@@ -632,6 +633,19 @@ def _close_cleanly(db: sqlite3.Connection, directory: Path) -> None:
     _write_state(directory / STATE_NAME, "closed")
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back if anything (even cancellation) escapes."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
     totals.events, totals.bytes = db.execute(
         "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
@@ -826,8 +840,7 @@ def _delete(
 ) -> int:
     if not seqs:
         return 0
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         removed = 0
         size = 0
         per_topic: dict[str, list[int]] = {}
@@ -844,34 +857,22 @@ def _delete(
                 entry[1] += found[1]
         if drop_reason is not None:
             _count_drops(db, drop_reason, per_topic)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     totals.events -= removed
     totals.bytes -= size
     return removed
 
 
 def _record_attempt(db: sqlite3.Connection, seqs: list[int]) -> None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         db.executemany(
             "UPDATE events SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs]
         )
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
 
 
 def _dead_letter(
     db: sqlite3.Connection, seq: int, reason: str, now_ms: int, totals: _Totals
 ) -> bool:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         moved = db.execute(
             "INSERT OR IGNORE INTO dead_letters"
             " SELECT seq, topic, payload, qos, priority, event_time, attempts, ?, ?"
@@ -880,11 +881,6 @@ def _dead_letter(
         ).rowcount
         row = db.execute("DELETE FROM events WHERE seq = ? RETURNING length(payload)", (seq,))
         found = row.fetchone()
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     if found is not None:
         totals.events -= 1
         totals.bytes -= found[0]
@@ -892,19 +888,13 @@ def _dead_letter(
 
 
 def _requeue_dead(db: sqlite3.Connection, totals: _Totals) -> int:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(db):
         moved = db.execute(
             "INSERT OR IGNORE INTO events"
             " (seq, topic, payload, qos, priority, event_time, expires_at, attempts)"
             " SELECT seq, topic, payload, qos, priority, event_time, NULL, 0 FROM dead_letters"
         ).rowcount
         db.execute("DELETE FROM dead_letters")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     _load_totals(db, totals)
     return moved
 
