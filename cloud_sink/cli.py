@@ -1,30 +1,161 @@
-"""``cloud-sink``: the command line of this package.
+"""``cloud-sink``: run the sink, check its configuration, read the embedded core queue, mint
+issuer tokens.
 
-Only ``--help`` works today; the commands arrive with their issues (see README.md).
+Exit status: 0 success, 1 the operation failed, 2 bad usage or configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+
+from cloud_sink.auth import algorithm_for, thumbprint
+from cloud_sink.backends import BackendError, read_messages
+from cloud_sink.config import ConfigError, SinkConfig, load_config
+from cloud_sink.service import build_server
 
 __all__ = ["main"]
 
+DEFAULT_CONFIG = os.environ.get("CLOUD_SINK_CONFIG", "/etc/cloud-sink/sink.toml")
+log = logging.getLogger("cloud_sink")
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cloud-sink",
-        description=(
-            "The cloud sink (mutual-TLS MQTT with certificate-bound JWTs into the core queue). "
-            "Not implemented yet: only --help works in this release."
-        ),
+        description="Terminates mutual-TLS MQTT from edge agents, checks certificate-bound JWTs "
+        "and topic rights, and acknowledges an event only once the core queue confirmed it.",
     )
-    parser.parse_args(argv)
-    print(
-        "cloud-sink: no command is implemented yet; see README.md for the status.", file=sys.stderr
+    parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="serve until SIGTERM/SIGINT (then drain and exit 0)")
+    run.add_argument("--listen-port", type=int, metavar="PORT", help="override [listener] port")
+    commands.add_parser("check-config", help="validate the configuration and print it in full")
+    tail = commands.add_parser("tail", help="print the events in the sqlite core queue")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    token = commands.add_parser("issue-token", help="mint an issuer-signed device token")
+    token.add_argument("--device", required=True)
+    token.add_argument("--cert", type=Path, required=True, help="the device's certificate (PEM)")
+    token.add_argument("--key", type=Path, required=True, help="the issuer's private key (PEM)")
+    token.add_argument("--kid", required=True, help="key id (the sink's issuer key file stem)")
+    token.add_argument("--issuer", required=True)
+    token.add_argument("--audience", required=True)
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return 2
+    if args.command == "issue-token":
+        return _issue_token(args)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"cloud-sink: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "check-config":
+            print(json.dumps(config.model_dump(mode="json"), indent=2))
+            return 0
+        if args.command == "tail":
+            return _tail(config, args.follow, args.json)
+        if args.listen_port is not None:
+            listener = config.listener.model_copy(update={"port": args.listen_port})
+            config = config.model_copy(update={"listener": listener})
+        return asyncio.run(_run(config))
+    except (BackendError, OSError, ValueError) as exc:
+        print(f"cloud-sink: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run(config: SinkConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server, queue = await build_server(config)
+    try:
+        async with server:
+            log.info(
+                "cloud-sink ready: listening on %s:%d, core queue %s",
+                config.listener.host, server.port, config.backend.path,
+            )  # fmt: skip
+            await stop.wait()
+            log.info("stopping on signal: draining in-flight publishes")
+    finally:
+        await queue.aclose()
+    log.info("cloud-sink stopped")
+    return 0
+
+
+def _tail(config: SinkConfig, follow: bool, as_json: bool) -> int:
+    last = 0
+    while True:
+        for position, message in read_messages(config.backend.path, after=last):
+            last = position
+            if as_json:
+                record = {
+                    "position": position,
+                    "event_id": message.event_id,
+                    "device_id": message.device_id,
+                    "topic": message.topic,
+                    "seq": message.seq,
+                    "event_time_ms": message.event_time_ms,
+                    "received_at_ms": message.received_at_ms,
+                    "qos": message.qos,
+                    "payload": message.payload.decode("utf-8", errors="replace"),
+                }
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                text = message.payload[:80].decode("utf-8", errors="replace")
+                print(f"{message.event_id}  {message.topic}  {text}", flush=True)
+        if not follow:
+            return 0
+        time.sleep(0.5)
+
+
+def _issue_token(args: argparse.Namespace) -> int:
+    try:
+        certificate = x509.load_pem_x509_certificate(args.cert.read_bytes())
+        key = load_pem_private_key(args.key.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        print(f"cloud-sink: {exc}", file=sys.stderr)
+        return 1
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        print(f"cloud-sink: {args.key}: unsupported key type", file=sys.stderr)
+        return 1
+    algorithm = algorithm_for(key.public_key())
+    now = int(time.time())
+    claims = {
+        "sub": args.device,
+        "aud": args.audience,
+        "iss": args.issuer,
+        "iat": now,
+        "exp": now + int(args.ttl),
+        "cnf": {"x5t#S256": thumbprint(certificate.public_bytes(Encoding.DER))},
+    }
+    print(jwt.encode(claims, key, algorithm=algorithm, headers={"kid": args.kid}))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""Configuration building blocks both wings share: units, errors, TOML loading with pydantic.
+
+Durations are written ``"250ms"``, ``"30s"``, ``"5m"``, ``"12h"``, ``"7d"`` (or a number of
+seconds) and sizes ``"64KiB"``, ``"512MiB"``, ``"2GB"`` (or a number of bytes). `load_model`
+reports every problem at once, each as ``path: message (got value)``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+
+__all__ = ["Bytes", "ConfigError", "Seconds", "load_model", "parse_model"]
+
+M = TypeVar("M", bound=BaseModel)
+
+_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS_B = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", value)
+        if match is None:
+            raise ValueError("a duration is a number of seconds or like '250ms', '30s', '7d'")
+        return float(match.group(1)) * _UNITS_S[match.group(2)]
+    return value
+
+
+def _size(value: Any) -> Any:
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?[bB]|[bB]?)\s*", value)
+        if match is None:
+            raise ValueError("a size is a number of bytes or like '64KiB', '512MiB', '2GB'")
+        return int(match.group(1)) * _UNITS_B[match.group(2).lower()]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Bytes = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists each as ``path: message``."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n{lines}")
+        self.source = source
+        self.problems = problems
+
+
+def parse_model(model: type[M], text: str, source: str = "<config>") -> M:
+    """Parse and validate TOML text; raise `ConfigError` listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
+
+
+def load_model(model: type[M], path: Path) -> M:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["not UTF-8 text"]) from None
+    return parse_model(model, text, str(path))
+
+
+def _describe(error: Any) -> str:
+    location = ""
+    for part in error["loc"]:
+        location += f"[{part}]" if isinstance(part, int) else (f".{part}" if location else part)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    shown = "" if error["type"] in ("missing", "extra_forbidden") else f" (got {error['input']!r})"
+    if isinstance(error.get("input"), dict):
+        shown = ""
+    return f"{location or '(top level)'}: {message}{shown}"

@@ -1,0 +1,144 @@
+"""``cloud-sink run`` as a real process: mutual TLS, a device-signed JWT, the sqlite core queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import aiomqtt
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cloud_sink.backends import read_messages
+from cloud_sink.config import ConfigError, parse_config
+from tests.harness.pki import DeviceCreds, Pki
+from tests.harness.process import ProcessFactory, console_script
+
+CLOUD_SINK = console_script("cloud-sink")
+AUD = "sink.test"
+
+
+def write_config(tmp_path: Path, pki: Pki, extra_auth: str = "") -> Path:
+    path = tmp_path / "sink.toml"
+    path.write_text(
+        f'[listener]\nhost = "127.0.0.1"\nport = 0\nca = "{pki.ca_cert}"\n'
+        f'cert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n\n'
+        f'[auth]\naudience = "{AUD}"\n{extra_auth}\n'
+        f'[backend]\ntype = "sqlite"\npath = "{tmp_path / "core.db"}"\n'
+    )
+    return path
+
+
+def device_token(creds: DeviceCreds, ttl: int = 300) -> str:
+    key = serialization.load_pem_private_key(creds.key.read_bytes(), password=None)
+    now = int(time.time())
+    claims = {"sub": creds.device_id, "aud": AUD, "iat": now, "exp": now + ttl}
+    return jwt.encode(claims, key, algorithm="ES256")  # type: ignore[arg-type]
+
+
+def sink_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLOUD_SINK, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_device_publishes_through_the_sink_into_the_core_queue(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    config = write_config(tmp_path, pki)
+    sink = process_factory(
+        [CLOUD_SINK, "--config", str(config), "run", "--listen-port", "{port}"],
+        ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)",
+        name="cloud-sink",
+    )
+    device = pki.device(f"sink-dev-{uuid.uuid4().hex[:6]}")
+    topic = f"devices/{device.device_id}/temp"
+    async with aiomqtt.Client(
+        "localhost", sink.port, identifier=device.device_id, username=device.device_id,
+        password=device_token(device), tls_context=pki.client_context(device),
+    ) as client:  # fmt: skip
+        for i in range(10):
+            await client.publish(topic, f"{i}".encode(), qos=1 + i % 2)
+    # Acked means in the core queue, readable while the sink runs.
+    stored = [m for _, m in read_messages(tmp_path / "core.db")]
+    assert [m.payload for m in stored] == [f"{i}".encode() for i in range(10)]
+    assert {m.device_id for m in stored} == {device.device_id}
+    tail = await asyncio.to_thread(sink_cli, config, "tail", "--json")
+    assert [json.loads(line)["payload"] for line in tail.stdout.splitlines()] == [
+        f"{i}" for i in range(10)
+    ]
+    # A token signed by another key: refused at CONNECT, nothing stored.
+    forged = jwt.encode(
+        {
+            "sub": device.device_id,
+            "aud": AUD,
+            "iat": int(time.time()),
+            "exp": int(time.time()) + 60,
+        },
+        ec.generate_private_key(ec.SECP256R1()),
+        algorithm="ES256",
+    )
+    with pytest.raises(aiomqtt.MqttCodeError):
+        async with aiomqtt.Client(
+            "localhost", sink.port, identifier=device.device_id, username=device.device_id,
+            password=forged, tls_context=pki.client_context(device),
+        ):  # fmt: skip
+            pass
+    assert "bad signature" in sink.output()
+    assert await sink.asigterm() == 0
+    assert "cloud-sink stopped" in sink.output()
+    assert len(list(read_messages(tmp_path / "core.db"))) == 10
+
+
+async def test_check_config_and_its_errors(tmp_path: Path, pki: Pki) -> None:
+    good = await asyncio.to_thread(sink_cli, write_config(tmp_path, pki), "check-config")
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["auth"]["mode"] == "device-signed"
+    with pytest.raises(ConfigError) as info:
+        parse_config('[listener]\nport = -1\n[auth]\nmode = "issuer-signed"\naudience = "a"\n')
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "listener.port",
+        "listener.ca",
+        "listener.cert",
+        "listener.key",
+        "auth",
+        "backend",
+    ]
+
+
+async def test_issue_token_mints_a_certificate_bound_issuer_token(tmp_path: Path, pki: Pki) -> None:
+    issuer = ec.generate_private_key(ec.SECP256R1())
+    key_path = tmp_path / "issuer.key"
+    key_path.write_bytes(
+        issuer.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    device = pki.device(f"issued-{uuid.uuid4().hex[:6]}")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [CLOUD_SINK, "issue-token", "--device", device.device_id, "--cert", str(device.cert),
+         "--key", str(key_path), "--kid", "k1", "--issuer", "https://iss", "--audience", AUD,
+         "--ttl", "120"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(
+        result.stdout.strip(), issuer.public_key(), algorithms=["ES256"], audience=AUD
+    )
+    assert claims["sub"] == device.device_id
+    assert claims["exp"] - claims["iat"] == 120
+    assert "x5t#S256" in claims["cnf"]
+    assert jwt.get_unverified_header(result.stdout.strip())["kid"] == "k1"
