@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, load_config
 from cloud_sink.service import build_server
+from mqtt_ingest.lifecycle import stop_on_signals
 
 __all__ = ["main"]
 
@@ -87,10 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(config: SinkConfig) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     server, queue = await build_server(config)
     try:
         async with server:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from edge_agent.buffer import (
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.service import Agent
 from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.lifecycle import stop_on_signals
 
 __all__ = ["main"]
 
@@ -128,10 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(config: AgentConfig) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     async with Agent(config):
         await stop.wait()
         log.info("stopping on signal")
