@@ -181,7 +181,7 @@ class BufferStats:
     next_seq: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     events: Sequence[NewEvent]
     future: asyncio.Future[list[int | BufferFull]]
@@ -328,7 +328,9 @@ class Buffer:
         future: asyncio.Future[list[int | BufferFull]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(events, future))
         self._wakeup.set()
-        return await asyncio.shield(future)
+        # Not shielded: a cancelled caller cancels only this future; the committer skips it
+        # (its events may still be committed: harmless, nobody was told they were).
+        return await future
 
     async def append_one(self, event: NewEvent) -> int:
         """Commit one event and return its ``seq``; raise `BufferFull` if refused."""
