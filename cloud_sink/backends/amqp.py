@@ -1,0 +1,296 @@
+"""The RabbitMQ core queue (aio-pika): a durable topic exchange, confirmed persistent messages.
+
+Every event goes to the exchange with the uplink topic as routing key (``/`` becomes ``.``; topics
+were checked upstream to hold no ``.``, ``*``, ``>``, white space or empty level), ``message_id``
+set to the event id and the metadata as headers. A publish returns only once the broker confirmed
+every message of the batch: a nack, a returned (unroutable, ``mandatory``) message, a lost channel
+or connection, or no answer within ``timeout`` raise `BackendError`, so the batch is not acked
+upstream and is retried. RabbitMQ does not deduplicate: a resent event is published again and
+consumers dedupe by ``message_id`` (``PublishOutcome.duplicates`` is always 0).
+
+Dead letters go to their own durable topic exchange with the device id (made safe as one routing
+key word) as routing key and ``reason``, ``device-id``, ``topic`` and ``received-at`` headers.
+
+The connection is a plain (non-robust) one: when it or the channel is lost, the next call opens a
+new one and declares the topology again, within that call's ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Literal
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import pamqp.exceptions
+
+from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
+
+__all__ = ["AmqpCoreQueue", "QueueType", "dead_letter_routing_key", "routing_key"]
+
+QueueType = Literal["classic", "quorum"]
+
+_MAX_ROUTING_KEY_BYTES = 255
+_UNSAFE_WORD = re.compile(r"[.*#/+>\x00-\x20\x7f-\x9f\s]")
+_ERRORS: tuple[type[BaseException], ...] = (
+    *aio_pika.exceptions.CONNECTION_EXCEPTIONS,  # AMQPError, OSError (TimeoutError), RuntimeError
+    pamqp.exceptions.PAMQPException,
+    ValueError,  # pamqp refusing to encode a field
+)
+
+
+def routing_key(topic: str) -> str:
+    """The routing key of an uplink topic: its levels joined with ``.`` instead of ``/``."""
+    return topic.replace("/", ".")
+
+
+def dead_letter_routing_key(device_id: str) -> str:
+    """`device_id` as one routing-key word: separators, wildcards, control characters and white
+    space become ``_``, the result is cut to 255 bytes and is never empty (a dead letter may come
+    from an id that failed validation)."""
+    word = _UNSAFE_WORD.sub("_", device_id) or "_"
+    encoded = word.encode("utf-8", "replace")[:_MAX_ROUTING_KEY_BYTES]
+    return encoded.decode("utf-8", "ignore") or "_"
+
+
+@dataclass(frozen=True, slots=True)
+class _Session:
+    connection: aio_pika.abc.AbstractConnection
+    channel: aio_pika.abc.AbstractChannel
+    exchange: aio_pika.abc.AbstractExchange
+    dead_letter_exchange: aio_pika.abc.AbstractExchange
+
+    @property
+    def usable(self) -> bool:
+        return not self.connection.is_closed and not self.channel.is_closed
+
+
+class AmqpCoreQueue:
+    """`CoreQueue` on RabbitMQ; create it with `open`."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        exchange: str,
+        queue: str | None,
+        queue_type: QueueType,
+        dead_letter_exchange: str,
+        dead_letter_queue: str,
+        timeout: float,
+    ) -> None:
+        if queue_type not in ("classic", "quorum"):
+            raise ValueError(f"queue_type must be 'classic' or 'quorum', not {queue_type!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        self.url = url
+        self.exchange = exchange
+        self.queue = queue
+        self.queue_type: QueueType = queue_type
+        self.dead_letter_exchange = dead_letter_exchange
+        self.dead_letter_queue = dead_letter_queue
+        self.timeout = timeout
+        self.duplicates = 0  # RabbitMQ cannot tell: always 0
+        self._session: _Session | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        url: str,
+        exchange: str,
+        queue: str | None,
+        queue_type: QueueType = "classic",
+        dead_letter_exchange: str,
+        dead_letter_queue: str,
+        timeout: float = 10.0,  # noqa: ASYNC109 - the deadline of every later call, not just this one
+    ) -> AmqpCoreQueue:
+        """Connect and declare the exchanges and queues; `BackendError` if that fails in time.
+
+        ``queue`` None declares no default queue (nothing is bound to the exchange then, so
+        publishes fail as unroutable until some queue is bound).
+        """
+        self = cls(
+            url=url,
+            exchange=exchange,
+            queue=queue,
+            queue_type=queue_type,
+            dead_letter_exchange=dead_letter_exchange,
+            dead_letter_queue=dead_letter_queue,
+            timeout=timeout,
+        )
+        async with self._guard("open"):
+            await self._ready()
+        return self
+
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        if not messages:
+            return PublishOutcome(stored=0, duplicates=0)
+        prepared = [(routing_key(m.topic), _event_message(m)) for m in messages]
+        for key, _ in prepared:
+            if len(key.encode("utf-8")) > _MAX_ROUTING_KEY_BYTES:
+                raise BackendError(
+                    f"amqp: routing key over {_MAX_ROUTING_KEY_BYTES} bytes: {key!r}"
+                )
+        async with self._guard(f"publish of {len(messages)} event(s)"):
+            session = await self._ready()
+            await _confirm_all(
+                session.exchange.publish(message, key, mandatory=True) for key, message in prepared
+            )
+        return PublishOutcome(stored=len(messages), duplicates=0)
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        if not messages:
+            return
+        async with self._guard(f"dead letter of {len(messages)} event(s)"):
+            session = await self._ready()
+            await _confirm_all(
+                session.dead_letter_exchange.publish(
+                    _dead_letter_message(m), dead_letter_routing_key(m.device_id), mandatory=True
+                )
+                for m in messages
+            )
+
+    async def aclose(self) -> None:
+        """Close the connection (bounded by ``timeout``); later calls raise `BackendError`."""
+        self._closed = True
+        async with self._lock:
+            session, self._session = self._session, None
+        if session is not None:
+            await self._close(session)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        """Run the body within ``timeout``; turn every broker failure into `BackendError`."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                yield
+        except BackendError:
+            raise
+        except aio_pika.exceptions.DeliveryError as exc:
+            # Nack or returned message: the channel is still fine, nothing to reset.
+            raise BackendError(f"amqp {what} not confirmed: {_describe(exc)}") from exc
+        except TimeoutError as exc:
+            await self._reset()
+            raise BackendError(f"amqp {what}: no answer within {self.timeout:g}s") from exc
+        except _ERRORS as exc:
+            await self._reset()
+            raise BackendError(f"amqp {what} failed: {exc!r}") from exc
+
+    async def _ready(self) -> _Session:
+        async with self._lock:
+            if self._closed:
+                raise BackendError("amqp core queue is closed")
+            session = self._session
+            if session is not None and session.usable:
+                return session
+            if session is not None:
+                self._discard(session)
+            self._session = None
+            session = await self._connect()
+            self._session = session
+            return session
+
+    async def _connect(self) -> _Session:
+        connection = await aio_pika.connect(self.url, timeout=self.timeout)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            exchange = await channel.declare_exchange(
+                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            dead_letter_exchange = await channel.declare_exchange(
+                self.dead_letter_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            arguments: dict[str, aio_pika.abc.FieldValue] = {"x-queue-type": self.queue_type}
+            if self.queue is not None:
+                queue = await channel.declare_queue(self.queue, durable=True, arguments=arguments)
+                await queue.bind(exchange, "#")
+            dead_letters = await channel.declare_queue(
+                self.dead_letter_queue, durable=True, arguments=arguments
+            )
+            await dead_letters.bind(dead_letter_exchange, "#")
+        except BaseException:
+            with suppress(Exception):
+                async with asyncio.timeout(self.timeout):
+                    await connection.close()
+            raise
+        return _Session(connection, channel, exchange, dead_letter_exchange)
+
+    async def _reset(self) -> None:
+        """Drop the current session after a failure; the next call reconnects.
+
+        The old connection is closed in the background: a dead peer never answers Close, and the
+        failing call must not take longer than its deadline.
+        """
+        session, self._session = self._session, None
+        if session is not None:
+            self._discard(session)
+
+    def _discard(self, session: _Session) -> None:
+        task = asyncio.create_task(self._close(session), name="amqp-core-queue-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, session: _Session) -> None:
+        # A dead peer never answers Close: bounded, and errors do not matter any more.
+        with suppress(Exception):
+            async with asyncio.timeout(min(self.timeout, 5.0)):
+                await session.connection.close()
+
+
+async def _confirm_all(publishes: Iterator[Awaitable[object]]) -> None:
+    """Await every publish (all on the wire at once); raise the first failure, if any."""
+    results = await asyncio.gather(*publishes, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _event_message(m: CoreMessage) -> aio_pika.Message:
+    headers: dict[str, aio_pika.abc.FieldValue] = {
+        "event-id": m.event_id,
+        "device-id": m.device_id,
+        "topic": m.topic,
+        "received-at": m.received_at_ms,
+        "qos": m.qos,
+    }
+    if m.seq is not None:
+        headers["seq"] = m.seq
+    if m.event_time_ms is not None:
+        headers["event-time"] = m.event_time_ms
+    return aio_pika.Message(
+        m.payload,
+        headers=headers,
+        message_id=m.event_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def _dead_letter_message(m: DeadLetterMessage) -> aio_pika.Message:
+    headers: dict[str, aio_pika.abc.FieldValue] = {
+        "reason": m.reason,
+        "device-id": m.device_id,
+        "topic": m.topic,
+        "received-at": m.received_at_ms,
+    }
+    return aio_pika.Message(
+        m.payload, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+    )
+
+
+def _describe(exc: aio_pika.exceptions.DeliveryError) -> str:
+    if isinstance(exc, aio_pika.exceptions.PublishError):
+        return f"returned as unroutable (mandatory): {exc}"
+    return str(exc)

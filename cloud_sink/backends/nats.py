@@ -1,0 +1,309 @@
+"""The NATS JetStream core queue (SPEC §3): one message per event, confirmed by its PubAck.
+
+Each event goes to ``<subject_prefix>.<topic with / as .>`` with ``Nats-Msg-Id`` = event id, so the
+stream's duplicate window turns a resend after a lost ack into a counted duplicate, not a second
+copy. Metadata travels as headers; the body is the payload unchanged. Dead letters go to a second
+stream under ``<dead_letter_subject_prefix>.<device id>`` with their reason.
+
+Connection policy: nats-py keeps reconnecting in the background (disconnects are logged, never
+silent), but a publish never waits for it: it fails at once while disconnected, and any batch
+whose every PubAck has not arrived within ``timeout`` raises `BackendError`. Resending is safe
+thanks to ``Nats-Msg-Id``. Every nats-py exception is translated to `BackendError` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js.api import PubAck, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+
+from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
+
+__all__ = ["NatsCoreQueue", "event_subject", "subject_covers"]
+
+log = logging.getLogger(__name__)
+
+_RECONNECT_WAIT = 2  # seconds between reconnect attempts in the background
+_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.Error)
+_UNSAFE_TOKEN_CHARS = frozenset(".*>%") | frozenset(chr(c) for c in range(0x21))
+
+
+def event_subject(prefix: str, topic: str) -> str:
+    """``<prefix>.<topic>`` with ``/`` as ``.`` (topics are already checked to be subject-safe)."""
+    return f"{prefix}.{topic.replace('/', '.')}"
+
+
+def _subject_token(value: str) -> str:
+    """`value` as one subject token: ``.``, ``*``, ``>``, ``%``, whitespace and controls as %XX."""
+    if not value:
+        return "%"
+    return "".join(f"%{ord(c):02X}" if c in _UNSAFE_TOKEN_CHARS else c for c in value)
+
+
+def _header_value(value: str) -> str:
+    """`value` safe in a NATS header line (no CR/LF)."""
+    return value.replace("\r", " ").replace("\n", " ")
+
+
+def subject_covers(pattern: str, subject: str) -> bool:
+    """Whether every subject matched by `subject` (which may hold wildcards) is matched by
+    `pattern`."""
+    p_tokens = pattern.split(".")
+    s_tokens = subject.split(".")
+    for i, p in enumerate(p_tokens):
+        if p == ">":
+            return i < len(s_tokens)
+        if i >= len(s_tokens):
+            return False
+        s = s_tokens[i]
+        if s == ">":
+            return False  # pattern is narrower than a tail wildcard
+        if p != "*" and p != s:
+            return False
+    return len(p_tokens) == len(s_tokens)
+
+
+class NatsCoreQueue:
+    def __init__(
+        self,
+        client: NatsClient,
+        js: JetStreamContext,
+        *,
+        stream: str,
+        subject_prefix: str,
+        dead_letter_stream: str,
+        dead_letter_subject_prefix: str,
+        timeout: float,
+    ) -> None:
+        self._client = client
+        self._js = js
+        self.stream = stream
+        self.subject_prefix = subject_prefix
+        self.dead_letter_stream = dead_letter_stream
+        self.dead_letter_subject_prefix = dead_letter_subject_prefix
+        self.timeout = timeout
+        self.duplicates = 0
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        url: str,
+        stream: str,
+        subject_prefix: str,
+        dead_letter_stream: str,
+        dead_letter_subject_prefix: str,
+        duplicate_window: float = 120.0,
+        storage: Literal["file", "memory"] = "file",
+        # The queue's setting for every later call too, not just a deadline for this one.
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> NatsCoreQueue:
+        """Connect to `url` and create both streams or check the existing ones.
+
+        Raises `BackendError` when the server cannot be reached within `timeout`, or when an
+        existing stream does not take ``<prefix>.>`` or keeps duplicates for less than
+        `duplicate_window` seconds.
+        """
+        client = NatsClient()
+        errors: list[Exception] = []
+        try:
+            async with asyncio.timeout(timeout):
+                await client.connect(
+                    url,
+                    name="cloud-sink",
+                    connect_timeout=max(1, round(timeout)),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=_RECONNECT_WAIT,
+                    error_cb=_log_error(url, errors),
+                    disconnected_cb=_log_event(logging.WARNING, "disconnected from NATS", url),
+                    reconnected_cb=_log_event(logging.WARNING, "reconnected to NATS", url),
+                    closed_cb=_log_event(logging.INFO, "NATS connection closed", url),
+                )
+        except _ERRORS as exc:
+            await _close_quietly(client)
+            cause = errors[-1] if errors else exc
+            raise BackendError(f"cannot connect to NATS at {url}: {cause!r}") from exc
+        except BaseException:
+            await _close_quietly(client)
+            raise
+        js = client.jetstream(timeout=timeout)
+        queue = cls(
+            client,
+            js,
+            stream=stream,
+            subject_prefix=subject_prefix,
+            dead_letter_stream=dead_letter_stream,
+            dead_letter_subject_prefix=dead_letter_subject_prefix,
+            timeout=timeout,
+        )
+        storage_type = StorageType.MEMORY if storage == "memory" else StorageType.FILE
+        try:
+            async with asyncio.timeout(timeout):
+                await queue._ensure_stream(stream, subject_prefix, duplicate_window, storage_type)
+                await queue._ensure_stream(
+                    dead_letter_stream, dead_letter_subject_prefix, duplicate_window, storage_type
+                )
+        except BaseException as exc:
+            await _close_quietly(client)
+            if isinstance(exc, BackendError):
+                raise
+            if isinstance(exc, _ERRORS):
+                raise BackendError(f"NATS stream setup on {url}: {exc!r}") from exc
+            raise
+        return queue
+
+    async def _ensure_stream(
+        self, name: str, prefix: str, duplicate_window: float, storage: StorageType
+    ) -> None:
+        wanted = f"{prefix}.>"
+        jsm = self._client.jsm(timeout=self.timeout)
+        try:
+            info = await jsm.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            await jsm.add_stream(
+                StreamConfig(
+                    name=name,
+                    subjects=[wanted],
+                    storage=storage,
+                    duplicate_window=duplicate_window,
+                )
+            )
+            log.info("created JetStream stream %s for %s", name, wanted)
+            return
+        config = info.config
+        subjects: list[str] = list(config.subjects or [])
+        if not any(subject_covers(s, wanted) for s in subjects):
+            raise BackendError(
+                f"JetStream stream {name!r} exists with subjects {subjects}, which do not cover"
+                f" {wanted!r}: fix the stream or the configured subject prefix"
+            )
+        window = float(config.duplicate_window or 0)
+        if window + 1e-3 < duplicate_window:
+            raise BackendError(
+                f"JetStream stream {name!r} has a duplicate window of {window:g}s, less than"
+                f" the configured {duplicate_window:g}s: resends would be stored twice"
+            )
+
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        """Publish the whole batch at once; return when every PubAck is in, else `BackendError`."""
+        if not messages:
+            return PublishOutcome(stored=0, duplicates=0)
+        items = [
+            (event_subject(self.subject_prefix, m.topic), m.payload, _event_headers(m))
+            for m in messages
+        ]
+        duplicates = await self._publish_all(items, what="events")
+        outcome = PublishOutcome(stored=len(messages) - duplicates, duplicates=duplicates)
+        self.duplicates += duplicates
+        return outcome
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        """Store undeliverable events in the dead-letter stream; `BackendError` if not confirmed."""
+        if not messages:
+            return
+        items = [
+            (
+                f"{self.dead_letter_subject_prefix}.{_subject_token(m.device_id)}",
+                m.payload,
+                {
+                    "reason": _header_value(m.reason),
+                    "device-id": _header_value(m.device_id),
+                    "topic": _header_value(m.topic),
+                    "received-at": str(m.received_at_ms),
+                },
+            )
+            for m in messages
+        ]
+        await self._publish_all(items, what="dead letters")
+
+    async def _publish_all(
+        self, items: Sequence[tuple[str, bytes, dict[str, str]]], *, what: str
+    ) -> int:
+        """Publish in order without waiting in between, then wait for every PubAck; the number
+        of duplicates."""
+        if not self._client.is_connected:
+            raise BackendError(f"NATS is not connected: {len(items)} {what} not published")
+        futures: list[asyncio.Future[PubAck]] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                for subject, payload, headers in items:
+                    # Sequential awaits keep the batch's order on the wire (and in the stream).
+                    future = await self._js.publish_async(subject, payload, headers=headers)
+                    futures.append(future)
+                results = await asyncio.gather(*futures, return_exceptions=True)
+        except _ERRORS as exc:
+            if isinstance(exc, TimeoutError):
+                detail = f"no PubAck for every message within {self.timeout:g}s"
+            else:
+                detail = repr(exc)
+            raise BackendError(f"NATS publish of {len(items)} {what}: {detail}") from exc
+        finally:
+            for future in futures:
+                future.cancel()  # no-op when done; frees nats-py's slot when it is not
+        acks: list[PubAck] = []
+        failures: list[BaseException] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                failures.append(result)
+            else:
+                acks.append(result)
+        if failures:
+            raise BackendError(
+                f"NATS publish of {len(items)} {what}: {len(failures)} refused,"
+                f" first {failures[0]!r}"
+            ) from failures[0]
+        return sum(1 for ack in acks if ack.duplicate)
+
+    async def aclose(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._client.close()
+        except _ERRORS as exc:
+            log.warning("closing the NATS connection: %r", exc)
+
+
+def _event_headers(m: CoreMessage) -> dict[str, str]:
+    headers = {
+        "Nats-Msg-Id": m.event_id,
+        "event-id": m.event_id,
+        "device-id": m.device_id,
+        "topic": m.topic,
+    }
+    if m.seq is not None:
+        headers["seq"] = str(m.seq)
+    if m.event_time_ms is not None:
+        headers["event-time"] = str(m.event_time_ms)
+    headers["received-at"] = str(m.received_at_ms)
+    headers["qos"] = str(m.qos)
+    return headers
+
+
+async def _close_quietly(client: NatsClient) -> None:
+    try:
+        async with asyncio.timeout(5.0):
+            await client.close()
+    except _ERRORS as exc:
+        log.debug("closing a failed NATS connection: %r", exc)
+
+
+def _log_error(url: str, errors: list[Exception]) -> Callable[[Exception], Awaitable[None]]:
+    async def on_error(exc: Exception) -> None:
+        errors[:] = [exc]  # the latest, for the message when the first connect fails
+        log.warning("NATS %s: %r", url, exc)
+
+    return on_error
+
+
+def _log_event(level: int, message: str, url: str) -> Callable[[], Awaitable[None]]:
+    async def on_event() -> None:
+        log.log(level, "%s %s", message, url)
+
+    return on_event

@@ -1,0 +1,270 @@
+"""The RabbitMQ core queue on the shared broker: confirmed means routed to a durable queue."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from cloud_sink.backends.amqp import AmqpCoreQueue, QueueType, dead_letter_routing_key
+from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage
+from tests.harness.brokers import RabbitNames, amqp_connection, drain_queue
+from tests.harness.chaos import ChaosProxyFactory
+
+DRAIN_TIMEOUT = 10.0
+SHORT_TIMEOUT = 1.5
+
+
+def message(names: RabbitNames, seq: int, device: str | None = None) -> CoreMessage:
+    device = device or f"{names.routing_prefix}-dev"
+    return CoreMessage(
+        event_id=f"{device}/00112233aabbccdd/{seq}",
+        device_id=device,
+        topic=f"devices/{device}/t",
+        payload=f"p{seq}".encode(),
+        qos=1,
+        received_at_ms=1_700_000_000_000 + seq,
+        seq=seq,
+        event_time_ms=1_699_999_999_000 + seq,
+    )
+
+
+@asynccontextmanager
+async def core_queue(
+    names: RabbitNames,
+    *,
+    url: str | None = None,
+    queue: str | None = "default",
+    queue_type: QueueType = "classic",
+    timeout: float = 10.0,
+) -> AsyncIterator[AmqpCoreQueue]:
+    opened = await AmqpCoreQueue.open(
+        url=url or names.url,
+        exchange=names.exchange,
+        queue=names.queue if queue == "default" else queue,
+        queue_type=queue_type,
+        dead_letter_exchange=names.dead_letter_exchange,
+        dead_letter_queue=names.dead_letter_queue,
+        timeout=timeout,
+    )
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def via(url: str, port: int) -> str:
+    """`url` pointed at 127.0.0.1:`port` (a proxy or a dead port)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_batch_arrives_in_order_with_id_headers_and_persistence(
+    rabbitmq: RabbitNames,
+) -> None:
+    batch = [message(rabbitmq, seq) for seq in range(1, 21)]
+    raw = CoreMessage(f"sink-{rabbitmq.tag}", "raw-dev", "devices/raw-dev/x/y", b"\x00raw", 0, 7)
+    async with core_queue(rabbitmq) as queue:
+        outcome = await queue.publish(batch)
+        assert (outcome.stored, outcome.duplicates) == (20, 0)
+        # A resent event is published again: RabbitMQ cannot dedupe, consumers use message_id.
+        again = await queue.publish([batch[0], raw])
+        assert (again.stored, again.duplicates) == (2, 0)
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=22, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received[:20]] == [m.payload for m in batch]
+    first = received[0]
+    device = batch[0].device_id
+    assert first.message_id == batch[0].event_id
+    assert first.routing_key == f"devices.{device}.t"
+    assert first.delivery_mode == 2
+    assert first.headers == {
+        "event-id": batch[0].event_id,
+        "device-id": device,
+        "topic": f"devices/{device}/t",
+        "seq": 1,
+        "event-time": 1_699_999_999_001,
+        "received-at": 1_700_000_000_001,
+        "qos": 1,
+    }
+    assert received[20].message_id == batch[0].event_id
+    last = received[21]
+    assert (last.body, last.message_id, last.routing_key) == (
+        raw.payload,
+        raw.event_id,
+        "devices.raw-dev.x.y",
+    )
+    assert last.headers == {
+        "event-id": raw.event_id,
+        "device-id": "raw-dev",
+        "topic": "devices/raw-dev/x/y",
+        "received-at": 7,
+        "qos": 0,
+    }
+    assert all(r.delivery_mode == 2 for r in received)
+
+
+async def test_unroutable_publish_raises_then_recovers_once_bound(rabbitmq: RabbitNames) -> None:
+    async with core_queue(rabbitmq, queue=None) as queue:
+        with pytest.raises(BackendError, match="unroutable"):
+            await queue.publish([message(rabbitmq, 1), message(rabbitmq, 2)])
+        # Bind a queue by hand: the same queue object publishes fine afterwards.
+        async with amqp_connection(rabbitmq.url) as connection:
+            channel = await connection.channel()
+            bound = await channel.declare_queue(rabbitmq.queue, durable=True)
+            await bound.bind(rabbitmq.exchange, "#")
+            await channel.close()
+        outcome = await queue.publish([message(rabbitmq, 3)])
+        assert outcome.stored == 1
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=1, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [b"p3"]
+
+
+async def test_dead_letters_land_in_their_queue_with_reason(rabbitmq: RabbitNames) -> None:
+    device = f"{rabbitmq.routing_prefix}-dev"
+    letters = [
+        DeadLetterMessage(device, f"devices/{device}/a.b", b"\x00bad", "topic level 'a.b'", 5),
+        DeadLetterMessage("we.ird *#id", "devices/x", b"{", "malformed envelope", 6),
+    ]
+    async with core_queue(rabbitmq) as queue:
+        await queue.dead_letter(letters)
+    received = await drain_queue(
+        rabbitmq.url, rabbitmq.dead_letter_queue, expected=2, timeout=DRAIN_TIMEOUT
+    )
+    assert [r.body for r in received] == [b"\x00bad", b"{"]
+    assert [r.routing_key for r in received] == [device, "we_ird___id"]
+    assert received[0].headers == {
+        "reason": "topic level 'a.b'",
+        "device-id": device,
+        "topic": f"devices/{device}/a.b",
+        "received-at": 5,
+    }
+    assert received[1].headers["reason"] == "malformed envelope"
+    assert received[1].headers["device-id"] == "we.ird *#id"
+    assert all(r.delivery_mode == 2 for r in received)
+    # Nothing reached the event queue.
+    async with amqp_connection(rabbitmq.url) as connection:
+        channel = await connection.channel()
+        events = await channel.declare_queue(rabbitmq.queue, passive=True)
+        assert events.declaration_result.message_count == 0
+        await channel.close()
+
+
+def test_dead_letter_routing_key_is_one_safe_word() -> None:
+    assert dead_letter_routing_key("dev-1") == "dev-1"
+    assert dead_letter_routing_key("") == "_"
+    assert dead_letter_routing_key("a/b.c*d#e>f g\x00") == "a_b_c_d_e_f_g_"
+    assert len(dead_letter_routing_key("é" * 300).encode()) <= 255
+
+
+async def test_quorum_queue(rabbitmq: RabbitNames) -> None:
+    async with core_queue(rabbitmq, queue_type="quorum") as queue:
+        await queue.publish([message(rabbitmq, seq) for seq in range(1, 6)])
+        await queue.dead_letter([DeadLetterMessage("d", "t", b"x", "r", 1)])
+    async with amqp_connection(rabbitmq.url) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(
+            rabbitmq.queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        assert declared.declaration_result.message_count == 5
+        await channel.close()
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=5, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [b"p1", b"p2", b"p3", b"p4", b"p5"]
+
+
+async def test_conflicting_queue_type_fails_open(rabbitmq: RabbitNames) -> None:
+    async with core_queue(rabbitmq, queue_type="classic"):
+        pass
+    with pytest.raises(BackendError, match=r"PRECONDITION_FAILED|inequivalent"):
+        async with core_queue(rabbitmq, queue_type="quorum"):
+            pass
+
+
+async def test_unreachable_url_fails_within_timeout(rabbitmq: RabbitNames) -> None:
+    started = time.monotonic()
+    with pytest.raises(BackendError):
+        async with core_queue(rabbitmq, url=via(rabbitmq.url, free_port()), timeout=SHORT_TIMEOUT):
+            pass
+    assert time.monotonic() - started < SHORT_TIMEOUT + 1.0
+
+
+async def test_silent_server_fails_open_within_timeout(rabbitmq: RabbitNames) -> None:
+    async def ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(ignore, "127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="no answer"):
+            async with core_queue(rabbitmq, url=via(rabbitmq.url, port), timeout=SHORT_TIMEOUT):
+                pass
+        assert time.monotonic() - started < SHORT_TIMEOUT + 1.0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_lost_connection_raises_then_reconnects(
+    rabbitmq: RabbitNames, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    host, port = urlsplit(rabbitmq.url).hostname or "127.0.0.1", urlsplit(rabbitmq.url).port
+    proxy = await chaos_proxy_factory(host, port or 5672)
+    url = via(rabbitmq.url, proxy.port)
+    async with core_queue(rabbitmq, url=url, timeout=SHORT_TIMEOUT) as queue:
+        await queue.publish([message(rabbitmq, 1)])
+
+        # A silent cut: no confirm ever comes, the publish gives up at the deadline.
+        proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            await queue.publish([message(rabbitmq, 2)])
+        assert time.monotonic() - started < 2 * SHORT_TIMEOUT + 1.0
+
+        # A reset connection, and new connections refused while it lasts.
+        await proxy.reset()
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            await queue.publish([message(rabbitmq, 3)])
+        assert time.monotonic() - started < 2 * SHORT_TIMEOUT + 1.0
+
+        # The path is back: the next publish opens a new connection.
+        proxy.pass_through()
+        await queue.publish([message(rabbitmq, 4)])
+
+    async with amqp_connection(rabbitmq.url) as connection:
+        channel = await connection.channel()
+        events = await channel.declare_queue(rabbitmq.queue, passive=True)
+        count = events.declaration_result.message_count
+        await channel.close()
+    received = await drain_queue(
+        rabbitmq.url, rabbitmq.queue, expected=count or 0, timeout=DRAIN_TIMEOUT
+    )
+    # 2 and 3 may or may not have reached the broker before the cut (then the sink resends them);
+    # 1 and 4 were confirmed.
+    bodies = [r.body for r in received]
+    assert bodies[0] == b"p1"
+    assert bodies[-1] == b"p4"
+
+
+async def test_closed_queue_raises(rabbitmq: RabbitNames) -> None:
+    async with core_queue(rabbitmq) as queue:
+        pass
+    with pytest.raises(BackendError, match="closed"):
+        await queue.publish([message(rabbitmq, 1)])
+    with pytest.raises(BackendError, match="closed"):
+        await queue.dead_letter([DeadLetterMessage("d", "t", b"x", "r", 1)])
