@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 
 from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
-from cloud_sink.config import ConfigError, SinkConfig, load_config
+from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
 from cloud_sink.service import build_server
 from mqtt_ingest.lifecycle import stop_on_signals
 
@@ -93,7 +93,7 @@ async def _run(config: SinkConfig) -> int:
         async with server:
             log.info(
                 "cloud-sink ready: listening on %s:%d, core queue %s",
-                config.listener.host, server.port, config.backend.path,
+                config.listener.host, server.port, config.backend.type,
             )  # fmt: skip
             await stop.wait()
             log.info("stopping on signal: draining in-flight publishes")
@@ -104,9 +104,12 @@ async def _run(config: SinkConfig) -> int:
 
 
 def _tail(config: SinkConfig, follow: bool, as_json: bool) -> int:
+    if not isinstance(config.backend, SqliteBackendConfig):
+        raise ValueError(f"tail reads the sqlite core queue; this sink uses {config.backend.type}")
+    path = config.backend.path
     last = 0
     while True:
-        for position, message in read_messages(config.backend.path, after=last):
+        for position, message in read_messages(path, after=last):
             last = position
             if as_json:
                 record = {

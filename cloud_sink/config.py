@@ -32,7 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mqtt_ingest.configuration import Bytes, ConfigError, Seconds, load_model, parse_model
 
-__all__ = ["ConfigError", "SinkConfig", "load_config", "parse_config"]
+__all__ = [
+    "AmqpBackendConfig",
+    "ConfigError",
+    "NatsBackendConfig",
+    "SinkConfig",
+    "SqliteBackendConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 class _Strict(BaseModel):
@@ -79,11 +87,42 @@ class SqliteBackendConfig(_Strict):
     path: Path
 
 
+class AmqpBackendConfig(_Strict):
+    """RabbitMQ (extra ``amqp``): durable topic exchange, confirms, mandatory publishes."""
+
+    type: Literal["amqp"]
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    exchange: str = "mqtt-bridge.events"
+    queue: str | None = "mqtt-bridge.events"
+    queue_type: Literal["classic", "quorum"] = "classic"
+    dead_letter_exchange: str = "mqtt-bridge.dead-letters"
+    dead_letter_queue: str = "mqtt-bridge.dead-letters"
+    timeout: Seconds = 10.0
+
+
+class NatsBackendConfig(_Strict):
+    """NATS JetStream (extra ``nats``): Nats-Msg-Id dedupe within the duplicate window."""
+
+    type: Literal["nats"]
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = "MQTT_BRIDGE"
+    subject_prefix: str = "bridge.events"
+    dead_letter_stream: str = "MQTT_BRIDGE_DEAD"
+    dead_letter_subject_prefix: str = "bridge.dead"
+    duplicate_window: Seconds = 120.0
+    timeout: Seconds = 10.0
+
+
+BackendConfig = Annotated[
+    SqliteBackendConfig | AmqpBackendConfig | NatsBackendConfig, Field(discriminator="type")
+]
+
+
 class SinkConfig(_Strict):
     listener: ListenerConfig
     auth: AuthConfig
     rights: RightsConfig = Field(default_factory=RightsConfig)
-    backend: SqliteBackendConfig
+    backend: BackendConfig
 
 
 def parse_config(text: str, source: str = "<config>") -> SinkConfig:

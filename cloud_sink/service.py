@@ -9,14 +9,15 @@ from collections.abc import Mapping
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from cloud_sink.auth import AuthSettings, JwtAuthenticator, PublicKey
+from cloud_sink.backends.base import CoreQueue
 from cloud_sink.backends.sqlite import SqliteCoreQueue
-from cloud_sink.config import SinkConfig
+from cloud_sink.config import AmqpBackendConfig, SinkConfig, SqliteBackendConfig
 from cloud_sink.forward import Forwarder
 from cloud_sink.rights import DevicePrefixRights
 from mqtt_ingest import Counters, IngestServer, Limits
 from mqtt_ingest.clock import Clock, SystemClock
 
-__all__ = ["build_server", "server_context"]
+__all__ = ["build_server", "open_backend", "server_context"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,39 @@ def _issuer_keys(config: SinkConfig) -> Mapping[str, PublicKey]:
     return keys
 
 
+async def open_backend(config: SinkConfig) -> CoreQueue:
+    """The configured core queue, connected (amqp and nats need their package extras)."""
+    backend = config.backend
+    if isinstance(backend, SqliteBackendConfig):
+        return await SqliteCoreQueue.open(backend.path)
+    if isinstance(backend, AmqpBackendConfig):
+        from cloud_sink.backends.amqp import AmqpCoreQueue
+
+        return await AmqpCoreQueue.open(
+            url=backend.url,
+            exchange=backend.exchange,
+            queue=backend.queue,
+            queue_type=backend.queue_type,
+            dead_letter_exchange=backend.dead_letter_exchange,
+            dead_letter_queue=backend.dead_letter_queue,
+            timeout=backend.timeout,
+        )
+    from cloud_sink.backends.nats import NatsCoreQueue
+
+    return await NatsCoreQueue.open(
+        url=backend.url,
+        stream=backend.stream,
+        subject_prefix=backend.subject_prefix,
+        dead_letter_stream=backend.dead_letter_stream,
+        dead_letter_subject_prefix=backend.dead_letter_subject_prefix,
+        duplicate_window=backend.duplicate_window,
+        timeout=backend.timeout,
+    )
+
+
 async def build_server(
     config: SinkConfig, *, clock: Clock | None = None
-) -> tuple[IngestServer, SqliteCoreQueue]:
+) -> tuple[IngestServer, CoreQueue]:
     """The server (not started) and its core queue (open; close it after the server stops)."""
     auth = config.auth
     settings = AuthSettings(
@@ -59,7 +90,7 @@ async def build_server(
         deny=frozenset(auth.deny),
     )
     context = server_context(config)
-    queue = await SqliteCoreQueue.open(config.backend.path)
+    queue = await open_backend(config)
     metrics = Counters()
     listener = config.listener
     server = IngestServer(

@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloud_sink.backends import read_messages
-from cloud_sink.config import ConfigError, parse_config
+from cloud_sink.config import ConfigError, SinkConfig, parse_config
+from cloud_sink.service import build_server
+from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory, console_script
 
@@ -142,3 +144,58 @@ async def test_issue_token_mints_a_certificate_bound_issuer_token(tmp_path: Path
     assert claims["exp"] - claims["iat"] == 120
     assert "x5t#S256" in claims["cnf"]
     assert jwt.get_unverified_header(result.stdout.strip())["kid"] == "k1"
+
+
+async def _publish_through_sink(config: SinkConfig, device: DeviceCreds, pki: Pki) -> None:
+    server, queue = await build_server(config)
+    try:
+        async with server, aiomqtt.Client(
+            "localhost", server.port, identifier=device.device_id,
+            username=device.device_id, password=device_token(device),
+            tls_context=pki.client_context(device),
+        ) as client:  # fmt: skip
+            for i in range(5):
+                await client.publish(f"devices/{device.device_id}/t", f"{i}".encode(), qos=1)
+    finally:
+        await queue.aclose()
+
+
+def _with_backend(tmp_path: Path, pki: Pki, backend: str) -> SinkConfig:
+    text = write_config(tmp_path, pki).read_text()
+    text = text[: text.index("[backend]")] + backend
+    return parse_config(text)
+
+
+async def test_sink_into_rabbitmq(tmp_path: Path, pki: Pki, rabbitmq: RabbitNames) -> None:
+    config = _with_backend(
+        tmp_path,
+        pki,
+        f'[backend]\ntype = "amqp"\nurl = "{rabbitmq.url}"\nexchange = "{rabbitmq.exchange}"\n'
+        f'queue = "{rabbitmq.queue}"\ndead_letter_exchange = "{rabbitmq.dead_letter_exchange}"\n'
+        f'dead_letter_queue = "{rabbitmq.dead_letter_queue}"\n',
+    )
+    device = pki.device(f"amqp-dev-{uuid.uuid4().hex[:6]}")
+    await _publish_through_sink(config, device, pki)
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=5, timeout=10)
+    assert [m.body for m in received] == [f"{i}".encode() for i in range(5)]
+    assert all(m.headers["device-id"] == device.device_id for m in received)
+    assert len({m.message_id for m in received}) == 5
+
+
+async def test_sink_into_nats_jetstream(
+    tmp_path: Path, pki: Pki, nats_jetstream: NatsNames
+) -> None:
+    names = nats_jetstream
+    config = _with_backend(
+        tmp_path,
+        pki,
+        f'[backend]\ntype = "nats"\nurl = "{names.url}"\nstream = "{names.stream}"\n'
+        f'subject_prefix = "{names.subject_prefix}"\n'
+        f'dead_letter_stream = "{names.dead_letter_stream}"\n'
+        f'dead_letter_subject_prefix = "{names.dead_letter_subject_prefix}"\n',
+    )
+    device = pki.device(f"nats-dev-{uuid.uuid4().hex[:6]}")
+    await _publish_through_sink(config, device, pki)
+    stored = await read_stream(names.url, names.stream, expected=5, timeout=10)
+    assert [m.body for m in stored] == [f"{i}".encode() for i in range(5)]
+    assert {m.subject for m in stored} == {f"{names.subject_prefix}.devices.{device.device_id}.t"}
