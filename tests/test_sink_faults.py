@@ -95,7 +95,7 @@ async def test_bad_client_certificates_are_refused_at_the_handshake(
     with pytest.raises(aiomqtt.MqttError):
         async with aiomqtt.Client(
             "localhost", sink.port, identifier=device.device_id, username=device.device_id,
-            password=device_token(device), tls_context=context, timeout=5,
+            password=device_token(device), tls_context=context, timeout=2,
         ) as c:  # fmt: skip
             await c.publish(f"devices/{device.device_id}/t", b"x", qos=1, timeout=5)
     assert "connected from" not in sink.output()
