@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 import uuid
@@ -11,9 +12,12 @@ import aiomqtt
 import pytest
 
 from cloud_sink.backends import read_messages
+from cloud_sink.config import parse_config
+from cloud_sink.service import build_server
 from mqtt_ingest.envelope import EnvelopeEvent, encode, format_username
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
+from tests.harness.stages import counters
 from tests.test_sink_service import device_token, write_config
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -105,3 +109,29 @@ async def test_bad_client_certificates_are_refused_at_the_handshake(
         await c.publish(f"devices/{good.device_id}/t", b"ok", qos=1)
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"ok"]
     await sink.asigterm()
+
+
+async def test_connection_closed_when_the_token_expires_mid_session(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """F11: the sink disconnects at exp + leeway; what was acked before is kept."""
+    config = parse_config(
+        write_config(tmp_path, pki).read_text().replace("[auth]\n", '[auth]\nleeway = "1s"\n')
+    )
+    device = pki.device(f"f11-{uuid.uuid4().hex[:6]}")
+    server, queue = await build_server(config)
+    try:
+        async with server:
+            async with aiomqtt.Client(
+                "localhost", server.port, identifier=device.device_id,
+                username=device.device_id, password=device_token(device, ttl=1),
+                tls_context=pki.client_context(device), timeout=5,
+            ) as c:  # fmt: skip
+                await c.publish(f"devices/{device.device_id}/t", b"before", qos=1)
+                await asyncio.sleep(3)  # past exp (1 s) + leeway (1 s)
+                with pytest.raises(aiomqtt.MqttError):
+                    await c.publish(f"devices/{device.device_id}/t", b"after", qos=1, timeout=3)
+            assert counters(server).get("connections_closed", "expired") == 1
+    finally:
+        await queue.aclose()
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"before"]
