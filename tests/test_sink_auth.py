@@ -245,3 +245,31 @@ async def test_through_the_ingest_server_over_mutual_tls(pki: Pki, dev: DeviceCr
 
 def _now() -> float:
     return time.time()
+
+
+@pytest.mark.parametrize(
+    ("skew", "refusal"),
+    [
+        (59, None),
+        (61, "token not valid yet"),
+        (600, "token not valid yet"),
+        (-61, None),
+        (-159, None),
+        (-161, "token expired"),
+        (-600, "token expired"),
+    ],
+)
+async def test_clock_skew_against_a_60s_leeway(
+    dev: DeviceCreds, skew: float, refusal: str | None
+) -> None:
+    """F11: the device's clock is ``skew`` seconds off the sink's when it mints a 100 s token,
+    checked by the sink at once with 60 s of leeway: a device ahead by more than the leeway is
+    "not valid yet", one behind by more than lifetime + leeway is "expired"."""
+    auth = JwtAuthenticator(AuthSettings(audience=AUD, leeway=60), FakeClock(start=NOW))
+    minted = token(dev, iat=NOW + skew, exp=NOW + skew + 100)
+    outcome = await auth.authenticate(request(dev, minted))
+    if refusal is None:
+        assert isinstance(outcome, Identity)
+    else:
+        assert isinstance(outcome, Refusal)
+        assert outcome.reason == refusal
