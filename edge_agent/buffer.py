@@ -36,7 +36,7 @@ import secrets
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -191,7 +191,6 @@ class _Pending:
 class _Totals:
     events: int = 0
     bytes: int = 0
-    drops: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
 
 class Buffer:
