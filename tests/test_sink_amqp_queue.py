@@ -15,23 +15,14 @@ from cloud_sink.backends.amqp import AmqpCoreQueue, QueueType, dead_letter_routi
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage
 from tests.harness.brokers import RabbitNames, amqp_connection, drain_queue
 from tests.harness.chaos import ChaosProxyFactory
+from tests.harness.sink import core_message
 
 DRAIN_TIMEOUT = 10.0
 SHORT_TIMEOUT = 1.5
 
 
 def message(names: RabbitNames, seq: int, device: str | None = None) -> CoreMessage:
-    device = device or f"{names.routing_prefix}-dev"
-    return CoreMessage(
-        event_id=f"{device}/00112233aabbccdd/{seq}",
-        device_id=device,
-        topic=f"devices/{device}/t",
-        payload=f"p{seq}".encode(),
-        qos=1,
-        received_at_ms=1_700_000_000_000 + seq,
-        seq=seq,
-        event_time_ms=1_699_999_999_000 + seq,
-    )
+    return core_message(seq, device or f"{names.routing_prefix}-dev")
 
 
 @asynccontextmanager

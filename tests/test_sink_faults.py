@@ -16,13 +16,12 @@ from cloud_sink.config import parse_config
 from cloud_sink.service import build_server
 from mqtt_ingest.envelope import EnvelopeEvent, encode, format_username
 from tests.harness.pki import DeviceCreds, Pki
-from tests.harness.process import ManagedProcess, ProcessFactory, console_script
+from tests.harness.process import ManagedProcess, ProcessFactory
+from tests.harness.sink import CLOUD_SINK, device_token, write_sink_config
 from tests.harness.stages import counters
-from tests.test_sink_service import device_token, write_config
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
-CLOUD_SINK = console_script("cloud-sink")
 EPOCH = "0011223344556677"
 
 
@@ -53,7 +52,7 @@ def client(port: int, device: DeviceCreds, pki: Pki, **params: str) -> aiomqtt.C
 async def test_kill9_after_confirm_before_puback_resend_is_deduplicated(
     tmp_path: Path, pki: Pki, process_factory: ProcessFactory
 ) -> None:
-    config = write_config(tmp_path, pki)
+    config = write_sink_config(tmp_path, pki)
     sink = start_sink(process_factory, config, {"BRIDGE_FAILPOINTS": "ingest.before_ack=kill9@1"})
     device = pki.device(f"f3-{uuid.uuid4().hex[:6]}")
     topic = f"devices/{device.device_id}/t"
@@ -90,7 +89,7 @@ async def test_bad_client_certificates_are_refused_at_the_handshake(
         "revoked": pki.revoked_device,
         "none": pki.device,
     }[kind](name)
-    config = write_config(tmp_path, pki)
+    config = write_sink_config(tmp_path, pki)
     config.write_text(config.read_text().replace("[auth]", f'crl = "{pki.crl}"\n\n[auth]'))
     sink = start_sink(process_factory, config)
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
@@ -116,7 +115,7 @@ async def test_connection_closed_when_the_token_expires_mid_session(
 ) -> None:
     """F11: the sink disconnects at exp + leeway; what was acked before is kept."""
     config = parse_config(
-        write_config(tmp_path, pki).read_text().replace("[auth]\n", '[auth]\nleeway = "1s"\n')
+        write_sink_config(tmp_path, pki).read_text().replace("[auth]\n", '[auth]\nleeway = "1s"\n')
     )
     device = pki.device(f"f11-{uuid.uuid4().hex[:6]}")
     server, queue = await build_server(config)

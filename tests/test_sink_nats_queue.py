@@ -14,21 +14,9 @@ from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessag
 from cloud_sink.backends.nats import NatsCoreQueue, subject_covers
 from tests.harness.brokers import NatsNames, nats_connection, read_stream
 from tests.harness.chaos import ChaosProxyFactory
+from tests.harness.sink import core_message
 
 READ_TIMEOUT = 10.0
-
-
-def message(seq: int, device: str = "dev-1") -> CoreMessage:
-    return CoreMessage(
-        event_id=f"{device}/00112233aabbccdd/{seq}",
-        device_id=device,
-        topic=f"devices/{device}/t",
-        payload=f"p{seq}".encode(),
-        qos=1,
-        received_at_ms=1_700_000_000_000 + seq,
-        seq=seq,
-        event_time_ms=1_699_999_999_000 + seq,
-    )
 
 
 async def open_queue(
@@ -48,7 +36,7 @@ async def open_queue(
 async def test_publish_stores_in_order_with_headers(nats_jetstream: NatsNames) -> None:
     queue = await open_queue(nats_jetstream)
     try:
-        outcome = await queue.publish([message(s) for s in range(1, 21)])
+        outcome = await queue.publish([core_message(s) for s in range(1, 21)])
     finally:
         await queue.aclose()
     assert (outcome.stored, outcome.duplicates) == (20, 0)
@@ -73,8 +61,8 @@ async def test_publish_stores_in_order_with_headers(nats_jetstream: NatsNames) -
 async def test_resent_event_ids_are_counted_not_stored(nats_jetstream: NatsNames) -> None:
     queue = await open_queue(nats_jetstream)
     try:
-        first = await queue.publish([message(1), message(2), message(3)])
-        again = await queue.publish([message(2), message(3), message(4)])
+        first = await queue.publish([core_message(1), core_message(2), core_message(3)])
+        again = await queue.publish([core_message(2), core_message(3), core_message(4)])
         assert queue.duplicates == 2
     finally:
         await queue.aclose()
@@ -121,7 +109,7 @@ async def test_concurrent_batches_from_many_devices(nats_jetstream: NatsNames) -
     queue = await open_queue(nats_jetstream)
     try:
         outcomes = await asyncio.gather(
-            *(queue.publish([message(s, f"dev-{d}") for s in range(1, 51)]) for d in range(10))
+            *(queue.publish([core_message(s, f"dev-{d}") for s in range(1, 51)]) for d in range(10))
         )
     finally:
         await queue.aclose()
@@ -168,7 +156,7 @@ async def test_unreachable_server_fails_within_timeout(nats_jetstream: NatsNames
     queue = await open_queue(nats_jetstream)
     await queue.aclose()
     with pytest.raises(BackendError):
-        await queue.publish([message(1)])
+        await queue.publish([core_message(1)])
 
 
 # nats-py (2.16) does not close the socket of a failed reconnect attempt (here: the proxy accepts
@@ -181,22 +169,22 @@ async def test_server_gone_mid_session_fails_within_timeout(
     proxy = await chaos_proxy_factory(upstream.hostname or "127.0.0.1", upstream.port or 4222)
     queue = await open_queue(nats_jetstream, url=f"nats://127.0.0.1:{proxy.port}", timeout=2.0)
     try:
-        assert (await queue.publish([message(1)])).stored == 1
+        assert (await queue.publish([core_message(1)])).stored == 1
         proxy.blackhole()  # silent: the client still believes it is connected
         started = time.monotonic()
         with pytest.raises(BackendError, match="PubAck"):
-            await queue.publish([message(2), message(3)])
+            await queue.publish([core_message(2), core_message(3)])
         assert time.monotonic() - started < 3.5
         await proxy.close()  # FIN: the client notices and reconnects in the background
         started = time.monotonic()
         with pytest.raises(BackendError):
-            await queue.publish([message(2), message(3)])
+            await queue.publish([core_message(2), core_message(3)])
         assert time.monotonic() - started < 3.5
         proxy.pass_through()
         deadline = time.monotonic() + 10.0
         while True:  # the resend succeeds once reconnected; nothing is stored twice
             try:
-                outcome = await queue.publish([message(2), message(3)])
+                outcome = await queue.publish([core_message(2), core_message(3)])
                 break
             except BackendError:
                 if time.monotonic() > deadline:

@@ -20,28 +20,8 @@ from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import build_server
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
-from tests.harness.process import ProcessFactory, console_script
-
-CLOUD_SINK = console_script("cloud-sink")
-AUD = "sink.test"
-
-
-def write_config(tmp_path: Path, pki: Pki, extra_auth: str = "") -> Path:
-    path = tmp_path / "sink.toml"
-    path.write_text(
-        f'[listener]\nhost = "127.0.0.1"\nport = 0\nca = "{pki.ca_cert}"\n'
-        f'cert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n\n'
-        f'[auth]\naudience = "{AUD}"\n{extra_auth}\n'
-        f'[backend]\ntype = "sqlite"\npath = "{tmp_path / "core.db"}"\n'
-    )
-    return path
-
-
-def device_token(creds: DeviceCreds, ttl: int = 300) -> str:
-    key = serialization.load_pem_private_key(creds.key.read_bytes(), password=None)
-    now = int(time.time())
-    claims = {"sub": creds.device_id, "aud": AUD, "iat": now, "exp": now + ttl}
-    return jwt.encode(claims, key, algorithm="ES256")  # type: ignore[arg-type]
+from tests.harness.process import ProcessFactory
+from tests.harness.sink import AUD, CLOUD_SINK, device_token, write_sink_config
 
 
 def sink_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -57,7 +37,7 @@ def sink_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_device_publishes_through_the_sink_into_the_core_queue(
     tmp_path: Path, pki: Pki, process_factory: ProcessFactory
 ) -> None:
-    config = write_config(tmp_path, pki)
+    config = write_sink_config(tmp_path, pki)
     sink = process_factory(
         [CLOUD_SINK, "--config", str(config), "run", "--listen-port", "{port}"],
         ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)",
@@ -103,7 +83,7 @@ async def test_device_publishes_through_the_sink_into_the_core_queue(
 
 
 async def test_check_config_and_its_errors(tmp_path: Path, pki: Pki) -> None:
-    good = await asyncio.to_thread(sink_cli, write_config(tmp_path, pki), "check-config")
+    good = await asyncio.to_thread(sink_cli, write_sink_config(tmp_path, pki), "check-config")
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["auth"]["mode"] == "device-signed"
     with pytest.raises(ConfigError) as info:
@@ -161,7 +141,7 @@ async def _publish_through_sink(config: SinkConfig, device: DeviceCreds, pki: Pk
 
 
 def _with_backend(tmp_path: Path, pki: Pki, backend: str) -> SinkConfig:
-    text = write_config(tmp_path, pki).read_text()
+    text = write_sink_config(tmp_path, pki).read_text()
     text = text[: text.index("[backend]")] + backend
     return parse_config(text)
 

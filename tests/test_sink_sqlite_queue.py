@@ -12,26 +12,14 @@ from cloud_sink.backends import (
     read_dead_letters,
     read_messages,
 )
-
-
-def message(seq: int, device: str = "dev-1") -> CoreMessage:
-    return CoreMessage(
-        event_id=f"{device}/00112233aabbccdd/{seq}",
-        device_id=device,
-        topic=f"devices/{device}/t",
-        payload=f"p{seq}".encode(),
-        qos=1,
-        received_at_ms=1_700_000_000_000 + seq,
-        seq=seq,
-        event_time_ms=1_699_999_999_000 + seq,
-    )
+from tests.harness.sink import core_message
 
 
 async def test_publish_stores_in_order_and_counts_duplicates(tmp_path: Path) -> None:
     path = tmp_path / "core.db"
     queue = await SqliteCoreQueue.open(path)
-    first = await queue.publish([message(1), message(2), message(3)])
-    again = await queue.publish([message(2), message(3), message(4)])
+    first = await queue.publish([core_message(1), core_message(2), core_message(3)])
+    again = await queue.publish([core_message(2), core_message(3), core_message(4)])
     assert (first.stored, first.duplicates) == (3, 0)
     assert (again.stored, again.duplicates) == (1, 2)
     assert queue.duplicates == 2
@@ -39,7 +27,7 @@ async def test_publish_stores_in_order_and_counts_duplicates(tmp_path: Path) -> 
     assert [m.seq for _, m in read_messages(path)] == [1, 2, 3, 4]
     await queue.aclose()
     stored = list(read_messages(path))
-    assert stored[0][1] == message(1)
+    assert stored[0][1] == core_message(1)
     assert [m.seq for _, m in read_messages(path, after=stored[1][0])] == [3, 4]
 
 
@@ -59,7 +47,7 @@ async def test_concurrent_batches_from_many_devices(tmp_path: Path) -> None:
     path = tmp_path / "core.db"
     queue = await SqliteCoreQueue.open(path)
     await asyncio.gather(
-        *(queue.publish([message(s, f"dev-{d}") for s in range(1, 51)]) for d in range(10))
+        *(queue.publish([core_message(s, f"dev-{d}") for s in range(1, 51)]) for d in range(10))
     )
     await queue.aclose()
     assert len(list(read_messages(path))) == 500
