@@ -26,7 +26,6 @@ from typing import Any, Literal
 
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
@@ -34,12 +33,12 @@ from mqtt_ingest import ConnackCode, ConnectRequest, Identity, Refusal
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, parse_username
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
+from mqtt_ingest.keys import PublicKey, algorithm_for
 
 __all__ = ["AuthSettings", "JwtAuthenticator", "PublicKey", "algorithm_for", "thumbprint"]
 
 log = logging.getLogger(__name__)
 
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 URI_PREFIX = "urn:device:"
 BAD_TOKEN = ConnackCode.BAD_USERNAME_OR_PASSWORD
 FORMATS = frozenset({"raw", FORMAT_BATCH_V1})
@@ -59,19 +58,6 @@ class AuthSettings:
     def __post_init__(self) -> None:
         if self.mode == "issuer-signed" and (not self.issuer or not self.issuer_keys):
             raise ValueError("issuer-signed mode needs an issuer and at least one issuer key")
-
-
-def algorithm_for(key: PublicKey) -> str:
-    """The one JWT algorithm accepted for ``key``."""
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise ValueError(f"EC curve {key.curve.name} is not supported (P-256 only)")
-        return "ES256"
-    if isinstance(key, rsa.RSAPublicKey):
-        return "RS256"
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "EdDSA"
-    raise ValueError(f"unsupported key type {type(key).__name__}")
 
 
 def thumbprint(certificate_der: bytes) -> str:
@@ -159,9 +145,7 @@ class JwtAuthenticator:
         settings = self.settings
         if settings.mode == "device-signed":
             key = certificate.public_key()
-            if not isinstance(
-                key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-            ):
+            if not isinstance(key, PublicKey):
                 raise _Refused("certificate key type not supported")
         else:
             kid = header.get("kid")

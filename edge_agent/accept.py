@@ -8,7 +8,7 @@ priority, TTL and what happens when the buffer is full.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edge_agent.buffer import Buffer, BufferFull, NewEvent
 from edge_agent.config import AgentConfig, TopicRule
@@ -64,10 +64,18 @@ def check_event(config: AgentConfig, topic: str, payload: bytes) -> TopicRule:
 
 
 class Acceptor:
-    def __init__(self, config: AgentConfig, buffer: Buffer, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        buffer: Buffer,
+        clock: Clock,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.config = config
         self.buffer = buffer
         self.clock = clock
+        self.on_commit = on_commit
+        """Called with the highest priority among newly committed events (wakes the uplink)."""
 
     def prepare(self, topic: str, payload: bytes, event_time: float | None = None) -> NewEvent:
         """Check one event and apply its topic rule; raise `InvalidEvent`."""
@@ -85,7 +93,16 @@ class Acceptor:
 
     async def accept(self, topic: str, payload: bytes) -> int:
         """Store one event; return its seq once committed. Raises `InvalidEvent`, `BufferFull`."""
-        return await self.buffer.append_one(self.prepare(topic, payload))
+        event = self.prepare(topic, payload)
+        seq = await self.buffer.append_one(event)
+        if self.on_commit is not None:
+            self.on_commit(event.priority)
+        return seq
 
     async def accept_many(self, events: Sequence[NewEvent]) -> list[int | BufferFull]:
-        return await self.buffer.append(events)
+        results = await self.buffer.append(events)
+        if self.on_commit is not None:
+            committed = [e.priority for e, r in zip(events, results, strict=True) if type(r) is int]
+            if committed:
+                self.on_commit(max(committed))
+        return results

@@ -20,6 +20,21 @@ Example::
     host = "127.0.0.1"
     port = 1883
 
+    [uplink]                   # optional: without it the agent only buffers
+    host = "sink.example.com"
+    port = 8883
+    format = "batch-v1"        # or "raw" for any standard broker
+
+    [uplink.tls]
+    ca = "/etc/edge-agent/ca.pem"
+    cert = "/etc/edge-agent/device.pem"
+    key = "/etc/edge-agent/device.key"
+
+    [uplink.token]
+    mode = "device-signed"     # or "token-file", or "none" (a broker that checks certificates only)
+    audience = "sink.example.com"
+    lifetime = "1h"
+
     [[topics]]                 # first match wins; the last rule must be "#"
     filter = "alarms/#"
     qos = 2
@@ -58,6 +73,10 @@ __all__ = [
     "ListenerConfig",
     "ListenerTls",
     "TopicRule",
+    "UplinkBatch",
+    "UplinkConfig",
+    "UplinkTls",
+    "UplinkToken",
     "load_config",
     "parse_config",
 ]
@@ -147,10 +166,97 @@ class TopicRule(_Strict):
         return value
 
 
+class UplinkTls(_Strict):
+    """Mutual TLS to the sink: the server is verified against ``ca`` and its host name."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class UplinkToken(_Strict):
+    """The JWT sent as the MQTT password (SPEC §6)."""
+
+    mode: Literal["device-signed", "token-file", "none"] = "device-signed"
+    """``device-signed``: minted per connection with the device key. ``token-file``: an
+    issuer-signed token read from ``file`` (re-read when it changes). ``none``: no password, for
+    a standard broker that authenticates by certificate only."""
+    audience: str | None = None
+    lifetime: Seconds = 3600.0
+    renew_before: Seconds = 300.0
+    """Reconnect with a fresh token this long before the current one expires."""
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> UplinkToken:
+        if self.mode == "device-signed" and not self.audience:
+            raise ValueError("device-signed tokens need an audience (the sink's [auth] audience)")
+        if self.mode == "token-file" and self.file is None:
+            raise ValueError("token-file mode needs file = the path of the token")
+        if self.mode == "device-signed" and self.renew_before >= self.lifetime:
+            raise ValueError("renew_before must be shorter than the token lifetime")
+        return self
+
+
+class UplinkBatch(_Strict):
+    """Batch envelopes (format = "batch-v1"): consecutive events of one topic per message."""
+
+    max_events: Annotated[int, Field(gt=0, le=100_000)] = 500
+    max_bytes: Bytes = 64 * 1024
+    linger: Seconds = 0.005
+    """How long a part-full batch waits for more events before it is sent."""
+    zstd_level: Annotated[int, Field(ge=1, le=22)] | None = None
+
+
+class UplinkConfig(_Strict):
+    host: str
+    port: Annotated[int, Field(gt=0, le=65535)] = 8883
+    tls: UplinkTls
+    token: UplinkToken = Field(default_factory=UplinkToken)
+    format: Literal["batch-v1", "raw"] = "batch-v1"
+    topic_template: str = "devices/{device_id}/{topic}"
+    keepalive: Annotated[int, Field(ge=2, le=65535)] = 30
+    """Seconds; paho pings after this much silence from the server and drops the link when
+    another keep-alive passes without an answer."""
+    window: Annotated[int, Field(gt=0, le=65535)] = 100
+    """MQTT messages in flight (sent, not yet acknowledged)."""
+    connect_timeout: Seconds = 10.0
+    publish_timeout: Seconds = 60.0
+    """No acknowledgement within this long: the link is treated as dead and the window resent."""
+    backoff_initial: Seconds = 0.5
+    backoff_max: Seconds = 60.0
+    refused_backoff_initial: Seconds = 30.0
+    refused_backoff_max: Seconds = 900.0
+    """Credentials or certificates refused: retry slowly (they rarely fix themselves)."""
+    stable_after: Seconds = 30.0
+    """A connection up this long resets the backoff."""
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    """An event on which the connection is lost this many times, alone in flight, while other
+    events get through, goes to the dead-letter table."""
+    batch: UplinkBatch = Field(default_factory=UplinkBatch)
+
+    @field_validator("topic_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if "{topic}" not in value:
+            raise ValueError("the topic template must contain {topic}")
+        try:
+            value.format(device_id="d", topic="t")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"only {{device_id}} and {{topic}} can be used in the template ({exc})"
+            ) from None
+        return value
+
+    def uplink_topic(self, device_id: str, topic: str) -> str:
+        return self.topic_template.format(device_id=device_id, topic=topic)
+
+
 class AgentConfig(_Strict):
     agent: AgentSection
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    uplink: UplinkConfig | None = None
     topics: list[TopicRule] = Field(min_length=1)
 
     @model_validator(mode="after")

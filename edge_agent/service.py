@@ -17,12 +17,15 @@ from edge_agent.accept import Acceptor
 from edge_agent.buffer import Buffer
 from edge_agent.config import AgentConfig
 from edge_agent.local import build_listener
+from edge_agent.uplink import Uplink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.clock import Clock, SystemClock
 
 __all__ = ["Agent"]
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE = 3.0  # seconds the uplink gets on stop to see its in-flight messages acknowledged
 
 
 class Agent:
@@ -34,12 +37,18 @@ class Agent:
         self._acceptor: Acceptor | None = None
         self._listener: IngestServer | None = None
         self._tasks: asyncio.TaskGroup | None = None
+        self._uplink: Uplink | None = None
+        self._uplink_task: asyncio.Task[None] | None = None
 
     @property
     def buffer(self) -> Buffer:
         if self._buffer is None:
             raise RuntimeError("the agent is not running")
         return self._buffer
+
+    @property
+    def uplink(self) -> Uplink | None:
+        return self._uplink
 
     @property
     def listener_port(self) -> int | None:
@@ -68,10 +77,22 @@ class Agent:
             clock=self.clock,
         )
         self._stack.push_async_callback(self._buffer.aclose)
-        self._acceptor = Acceptor(self.config, self._buffer, self.clock)
+        if self.config.uplink is not None:
+            self._uplink = Uplink(self.config, self._buffer, self.clock)
+        self._acceptor = Acceptor(
+            self.config,
+            self._buffer,
+            self.clock,
+            on_commit=self._uplink.committed if self._uplink is not None else None,
+        )
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._cancel_tasks)
         self._sweeper = self._tasks.create_task(self._sweep_loop(), name="edge_agent.ttl_sweep")
+        if self._uplink is not None:
+            self._uplink_task = self._tasks.create_task(
+                self._uplink.run(), name="edge_agent.uplink"
+            )
+            self._stack.push_async_callback(self._stop_uplink)
         if self.config.listener.enabled:
             self._listener = build_listener(self.config.listener, self._acceptor)
             await self._stack.enter_async_context(self._listener)
@@ -88,6 +109,18 @@ class Agent:
 
     def _cancel_tasks(self) -> None:
         self._sweeper.cancel()
+        if self._uplink_task is not None:
+            self._uplink_task.cancel()
+
+    async def _stop_uplink(self) -> None:
+        """Let the uplink finish what is in flight for a moment, then cut it."""
+        assert self._uplink is not None
+        assert self._uplink_task is not None
+        self._uplink.stop(grace=STOP_GRACE)
+        done, _ = await asyncio.wait({self._uplink_task}, timeout=STOP_GRACE + 2)
+        if not done:
+            log.warning("uplink: still busy after %ss; cutting it", STOP_GRACE + 2)
+            self._uplink_task.cancel()
 
     async def __aexit__(
         self,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
+from tests.harness.sink import AUD
 
-__all__ = ["AGENT_READY", "start_agent", "write_config"]
+__all__ = ["AGENT_READY", "start_agent", "uplink_section", "write_config"]
 
 AGENT_READY = r"listener on 127\.0\.0\.1:(?P<port>\d+)"
 
@@ -35,6 +37,7 @@ def write_config(
     device_id: str = "dev-1",
     buffer: str = "",
     listener: str = "port = 0",
+    uplink: str = "",
     topics: str = DEFAULT_TOPICS,
 ) -> Path:
     """An agent.toml in ``directory`` with its data directory next to it."""
@@ -42,9 +45,28 @@ def write_config(
     path = directory / "agent.toml"
     path.write_text(
         f'[agent]\ndevice_id = "{device_id}"\ndata_dir = "{directory / "data"}"\n\n'
-        f"[buffer]\n{buffer}\n\n[listener]\n{listener}\n{topics}"
+        f"[buffer]\n{buffer}\n\n[listener]\n{listener}\n{uplink}\n{topics}"
     )
     return path
+
+
+def uplink_section(
+    pki: Pki,
+    device: DeviceCreds,
+    port: int,
+    *,
+    host: str = "localhost",
+    token: str = f'audience = "{AUD}"',
+    extra: str = "",
+) -> str:
+    """An [uplink] to ``host:port`` with the device's certificate and a device-signed token
+    for the test sink's audience; ``extra`` adds keys to [uplink]."""
+    return (
+        f'[uplink]\nhost = "{host}"\nport = {port}\nbackoff_initial = "100ms"\n'
+        f'backoff_max = "1s"\nrefused_backoff_initial = "1s"\nrefused_backoff_max = "2s"\n{extra}\n'
+        f'[uplink.tls]\nca = "{pki.ca_cert}"\ncert = "{device.cert}"\nkey = "{device.key}"\n'
+        f"[uplink.token]\n{token}\n"
+    )
 
 
 def start_agent(

@@ -1,0 +1,139 @@
+"""The JWT the uplink sends as its MQTT password (SPEC §6).
+
+- `DeviceSignedTokens`: a fresh token per connection, signed with the device's own key
+  (ES256 / RS256 / EdDSA by key type), ``sub`` = device id, ``aud``, ``iat``, ``exp``.
+- `TokenFile`: an issuer-signed token read from a file, re-read whenever the file changes; its
+  ``exp`` is read (not verified: the agent has no issuer key) to reconnect before it expires and
+  to warn in ``status``.
+- `NoToken`: no password, for a standard broker that authenticates by certificate only.
+
+Each source returns a `Token` or raises `TokenUnavailable` saying what is wrong with the files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+
+from edge_agent.config import UplinkConfig
+from mqtt_ingest.clock import Clock
+from mqtt_ingest.keys import PrivateKey, algorithm_for
+
+__all__ = [
+    "DeviceSignedTokens",
+    "NoToken",
+    "Token",
+    "TokenFile",
+    "TokenSource",
+    "TokenUnavailable",
+    "load_private_key",
+    "token_source",
+]
+
+
+class TokenUnavailable(Exception):
+    """No usable token: missing or unreadable file, malformed or expired token."""
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str | None  # None: connect without a password
+    expires_at: float | None  # unix seconds; None: does not expire (or unknown)
+
+
+class TokenSource(Protocol):
+    def current(self) -> Token:
+        """The token for the next connection; raise `TokenUnavailable`."""
+        ...
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise TokenUnavailable(f"cannot read the device key {path}: {exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise TokenUnavailable(f"{path} is not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, PrivateKey):
+        raise TokenUnavailable(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+class DeviceSignedTokens:
+    def __init__(
+        self, device_id: str, key_path: Path, audience: str, lifetime: float, clock: Clock
+    ) -> None:
+        self._device_id = device_id
+        self._key_path = key_path
+        self._audience = audience
+        self._lifetime = lifetime
+        self._clock = clock
+
+    def current(self) -> Token:
+        key = load_private_key(self._key_path)  # read per token: a rotated key is picked up
+        try:
+            algorithm = algorithm_for(key.public_key())
+        except ValueError as exc:
+            raise TokenUnavailable(f"{self._key_path}: {exc}") from None
+        now = int(self._clock.time())
+        expires = now + int(self._lifetime)
+        claims = {"sub": self._device_id, "aud": self._audience, "iat": now, "exp": expires}
+        return Token(jwt.encode(claims, key, algorithm=algorithm), float(expires))
+
+
+class TokenFile:
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self._path = path
+        self._clock = clock
+        self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime_ns)
+        self._token: Token | None = None
+
+    def current(self) -> Token:
+        try:
+            info = os.stat(self._path)
+            signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if signature != self._seen or self._token is None:
+                self._token = _parse_token(self._path.read_text().strip(), self._path)
+                self._seen = signature
+        except OSError as exc:
+            raise TokenUnavailable(
+                f"cannot read the token file {self._path}: {exc.strerror}"
+            ) from None
+        token = self._token
+        if token.expires_at is not None and token.expires_at <= self._clock.time():
+            raise TokenUnavailable(f"the token in {self._path} expired; put a fresh one there")
+        return token
+
+
+def _parse_token(text: str, path: Path) -> Token:
+    try:
+        claims = jwt.decode(text, options={"verify_signature": False})
+    except jwt.InvalidTokenError as exc:
+        raise TokenUnavailable(f"{path} does not hold a JWT: {exc}") from None
+    expires = claims.get("exp")
+    if expires is not None and not isinstance(expires, int | float):
+        raise TokenUnavailable(f"the token in {path} has a non-numeric exp")
+    return Token(text, float(expires) if expires is not None else None)
+
+
+class NoToken:
+    def current(self) -> Token:
+        return Token(None, None)
+
+
+def token_source(config: UplinkConfig, device_id: str, clock: Clock) -> TokenSource:
+    settings = config.token
+    if settings.mode == "device-signed":
+        assert settings.audience is not None  # checked by the config
+        return DeviceSignedTokens(
+            device_id, config.tls.key, settings.audience, settings.lifetime, clock
+        )
+    if settings.mode == "token-file":
+        assert settings.file is not None  # checked by the config
+        return TokenFile(settings.file, clock)
+    return NoToken()

@@ -1,0 +1,682 @@
+"""The uplink: drains the buffer to the sink (or any MQTT broker) over mutual TLS (SPEC §5).
+
+One connection at a time, a fresh aiomqtt client per attempt. On a connection the drain reads
+the buffer in drain order (priority, then seq), groups events into MQTT messages (one event per
+message in ``raw`` format; consecutive events of one topic per batch envelope in ``batch-v1``)
+and keeps up to ``window`` messages in flight. An event's row is deleted only once its message
+was acknowledged (PUBACK / PUBCOMP; QoS 0: written to the socket). Anything else (a timeout, a
+lost connection, an exception) means "outcome unknown": the row stays and is sent again on the
+next connection, which the event id makes harmless at the sink.
+
+Failures:
+
+- Transient (connection refused or lost, timeouts, the sink saying "server unavailable"):
+  reconnect after an exponential backoff with full jitter, capped; reset once a connection has
+  been up ``stable_after``.
+- Refused credentials (bad token, certificate refused by the server or by us, token file
+  missing or expired): state ``refused``, logged once per distinct reason, retried slowly.
+- Poison events: when a connection is lost with messages in flight, their events get an attempt
+  recorded. An event with one attempt is resent in a message alone in flight; with two, in a
+  message of its own. If the connection keeps being lost with it alone in flight while other
+  events do get through, it is moved to the dead-letter table after ``max_attempts``
+  (`edge-agent buffer requeue-dead` puts it back). If nothing gets through at all, nothing is
+  dead-lettered: that is a broken link or configuration, not a poison event.
+
+Tokens: ``device-signed`` tokens are minted per connection; the connection is renewed (drained,
+closed, reopened with a fresh token) ``renew_before`` its expiry, so the sink never has to close
+it at ``exp``. A ``token-file`` token is re-read on every connection and when the file changes.
+
+The link state is kept in ``<data_dir>/link.json`` (rewritten on every state change, read by
+``edge-agent status``) and logged, one line per change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import json
+import logging
+import os
+import random
+import ssl
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from cryptography import x509
+
+from edge_agent.buffer import Buffer, StoredEvent
+from edge_agent.config import AgentConfig, UplinkConfig
+from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
+from mqtt_ingest.clock import Clock
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
+
+__all__ = [
+    "LINK_FILE",
+    "Backoff",
+    "LinkState",
+    "LinkStatus",
+    "Uplink",
+    "client_context",
+    "read_link_status",
+]
+
+log = logging.getLogger(__name__)
+
+LINK_FILE = "link.json"
+_ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
+_EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
+_MAX_DEFERRED = 100
+_STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
+# Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
+# reason codes paho reports them as.
+_REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
+_SSL_HINTS = ("SSL", "CERTIFICATE", "certificate", "TLS")
+
+
+class LinkState(enum.StrEnum):
+    DISABLED = "disabled"  # no [uplink] configured: the agent only buffers
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    BACKOFF = "backoff"  # waiting to retry after a transient failure
+    REFUSED = "refused"  # credentials or certificates refused / unusable: retrying slowly
+    STOPPED = "stopped"
+
+
+@dataclass
+class LinkStatus:
+    state: LinkState
+    since: float  # unix seconds
+    server: str = ""
+    detail: str = ""  # why (for backoff / refused), or what (online)
+    retry_at: float | None = None
+    connected_since: float | None = None
+    connections: int = 0  # successful CONNACKs this run
+    delivered: int = 0  # events acknowledged by the server this run
+    dead_lettered: int = 0  # events moved to the dead-letter table this run
+    certificate_not_after: float | None = None
+    token_expires_at: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def read_link_status(data_dir: Path) -> LinkStatus | None:
+    """The running (or last) agent's link state, or None if it never wrote one."""
+    try:
+        raw = json.loads((data_dir / LINK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        raw["state"] = LinkState(raw["state"])
+        return LinkStatus(**raw)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def client_context(config: UplinkConfig) -> ssl.SSLContext:
+    """Verify the server against ``tls.ca`` and the host name; present the device certificate."""
+    tls = config.tls
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    return context
+
+
+class Backoff:
+    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, initial * 2^n)]."""
+
+    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.failures = 0
+        self._rng = rng or random.SystemRandom()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2 ** min(self.failures, 62))
+        self.failures += 1
+        return self._rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class _Failure(Exception):
+    """A connection attempt or session ended; ``refused``: by credentials, retry slowly."""
+
+    def __init__(self, detail: str, *, refused: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.refused = refused
+
+
+@dataclass(slots=True)
+class _Message:
+    events: list[StoredEvent]
+    topic: str
+    payload: bytes
+    qos: int
+    alone: bool  # nothing else may be in flight with it
+
+
+@dataclass
+class _Session:
+    """What one connection has in flight."""
+
+    window: int
+    inflight: dict[int, _Message] = field(default_factory=dict)
+    taken: dict[int, int] = field(default_factory=dict)  # seq -> priority: sent, not yet deleted
+    done: list[int] = field(default_factory=list)  # acknowledged, to delete
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    failure: _Failure | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    delivered: int = 0
+    next_key: int = 0
+
+    def fail(self, failure: _Failure) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self.changed.set()
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def wait(self, limit: float | None = None) -> None:
+        """Until something changes (an ack, a failure, new events), or ``limit`` seconds."""
+        self.check()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await self.changed.wait()
+        self.changed.clear()
+        self.check()
+
+
+class Uplink:
+    def __init__(self, config: AgentConfig, buffer: Buffer, clock: Clock) -> None:
+        if config.uplink is None:
+            raise ValueError("no [uplink] in the configuration")
+        self.config: UplinkConfig = config.uplink
+        self.device_id = config.agent.device_id
+        self._data_dir = config.agent.data_dir
+        self._buffer = buffer
+        self._clock = clock
+        self._tokens: TokenSource = token_source(self.config, self.device_id, clock)
+        self._backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        self._refused_backoff = Backoff(
+            self.config.refused_backoff_initial, self.config.refused_backoff_max
+        )
+        self.status = LinkStatus(
+            LinkState.CONNECTING,
+            clock.time(),
+            server=f"{self.config.host}:{self.config.port}",
+        )
+        self._last_refusal = ""
+        self._status_written = 0.0
+        self._session: _Session | None = None
+        self._wake = asyncio.Event()
+        self._preempt = -1  # highest priority committed since the last fetch
+        self._stopping = asyncio.Event()
+        self._grace = self.config.publish_timeout
+        # Events whose connection was lost while they were alone in flight: seq -> (event,
+        # deliveries counted when it first failed). Probed again only after other events got
+        # through, so one poison event cannot block the rest.
+        self._deferred: dict[int, tuple[StoredEvent, int]] = {}
+
+    # -- notifications ----------------------------------------------------------------------
+
+    def committed(self, priority: int) -> None:
+        """New events were committed (called by the acceptance path)."""
+        self._preempt = max(self._preempt, priority)
+        self._wake.set()
+        if self._session is not None:
+            self._session.changed.set()
+
+    def stop(self, grace: float) -> None:
+        """Stop sending; wait up to ``grace`` for what is in flight, then close (`run` returns)."""
+        self._grace = grace
+        self._stopping.set()
+        self._wake.set()
+        if self._session is not None:
+            self._session.changed.set()
+
+    # -- the connection loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, drain, reconnect, until `stop` (or cancellation)."""
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._connection()
+                except _Failure as failure:
+                    if self._stopping.is_set():
+                        break
+                    await self._back_off(failure)
+                else:
+                    self._backoff.reset()  # renewed or stopped on purpose
+        finally:
+            self._set_state(LinkState.STOPPED, "")
+
+    async def _back_off(self, failure: _Failure) -> None:
+        backoff = self._refused_backoff if failure.refused else self._backoff
+        if failure.refused:
+            self._backoff.reset()
+        else:
+            self._refused_backoff.reset()
+        delay = backoff.next_delay()
+        state = LinkState.REFUSED if failure.refused else LinkState.BACKOFF
+        self.status.retry_at = self._clock.time() + delay
+        quiet = failure.refused and failure.detail == self._last_refusal
+        self._last_refusal = failure.detail if failure.refused else ""
+        self._set_state(state, failure.detail, quiet=quiet)
+        if not quiet:
+            log.warning(
+                "uplink: %s: %s; retrying in %.1fs%s",
+                "refused" if failure.refused else "link down",
+                failure.detail,
+                delay,
+                " (and slowly while this lasts; logged once)" if failure.refused else "",
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stopping.wait()
+        self.status.retry_at = None
+
+    async def _connection(self) -> None:
+        config = self.config
+        self._set_state(LinkState.CONNECTING, "", quiet=True)
+        self.status.certificate_not_after = self._check_certificate()
+        try:
+            token = self._tokens.current()
+        except TokenUnavailable as exc:
+            raise _Failure(str(exc), refused=True) from None
+        self.status.token_expires_at = token.expires_at
+        tls_errors: list[str] = []
+        try:
+            context = client_context(config)
+        except (OSError, ssl.SSLError) as exc:
+            raise _Failure(f"cannot load the TLS files: {exc}", refused=True) from None
+        context.sslsocket_class = _recording_socket_class(tls_errors)
+        username = (
+            format_username(self.device_id, format=FORMAT_BATCH_V1)
+            if config.format == FORMAT_BATCH_V1
+            else self.device_id
+        )
+        client = aiomqtt.Client(
+            config.host,
+            config.port,
+            identifier=self.device_id,
+            username=username if token.value is not None or config.format != "raw" else None,
+            password=token.value,
+            tls_context=context,
+            keepalive=config.keepalive,
+            timeout=config.connect_timeout,
+            clean_session=True,
+            max_inflight_messages=config.window,
+            logger=logging.getLogger("edge_agent.uplink.mqtt"),
+        )
+        started = asyncio.get_running_loop().time()
+        try:
+            async with client:
+                self.status.connections += 1
+                self.status.connected_since = self._clock.time()
+                self._last_refusal = ""
+                self._set_state(LinkState.ONLINE, _token_note(token, self._clock))
+                await self._drain(client, self._renew_at(token))
+        except MqttConnectError as exc:
+            code = getattr(exc.rc, "value", exc.rc)
+            raise _Failure(f"CONNACK refused: {exc}", refused=code in _REFUSED_CONNACK) from None
+        except aiomqtt.MqttError as exc:
+            raise _classify(str(exc), tls_errors) from None
+        except OSError as exc:
+            raise _classify(str(exc), tls_errors) from None
+        finally:
+            self.status.connected_since = None
+            if asyncio.get_running_loop().time() - started >= config.stable_after:
+                self._backoff.reset()
+
+    def _renew_at(self, token: Token) -> float | None:
+        """Loop time at which to renew the connection, or None."""
+        if token.expires_at is None:
+            return None
+        left = token.expires_at - self.config.token.renew_before - self._clock.time()
+        return asyncio.get_running_loop().time() + max(left, 1.0)
+
+    def _check_certificate(self) -> float | None:
+        """The certificate's notAfter; refuse to connect with one that is not valid now."""
+        try:
+            certificate = x509.load_pem_x509_certificate(self.config.tls.cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise _Failure(f"cannot read {self.config.tls.cert}: {exc}", refused=True) from None
+        now = dt.datetime.fromtimestamp(self._clock.time(), dt.UTC)
+        if now < certificate.not_valid_before_utc:
+            raise _Failure(
+                f"the device certificate is not valid before {certificate.not_valid_before_utc}"
+                " (check the clock)",
+                refused=True,
+            )
+        if now > certificate.not_valid_after_utc:
+            raise _Failure(
+                f"the device certificate expired at {certificate.not_valid_after_utc}",
+                refused=True,
+            )
+        return certificate.not_valid_after_utc.timestamp()
+
+    # -- one connection's drain -------------------------------------------------------------
+
+    async def _drain(self, client: aiomqtt.Client, renew_at: float | None) -> None:
+        session = _Session(self.config.window)
+        self._session = session
+        watcher = asyncio.create_task(self._watch(client, session), name="uplink.watch")
+        deleter = asyncio.create_task(self._delete_loop(session), name="uplink.delete")
+        graceful = False
+        try:
+            await self._feed(client, session, renew_at)
+            graceful = True
+            await self._settle_inflight(session)
+        finally:
+            self._session = None
+            for task in (watcher, deleter, *session.tasks):
+                task.cancel()
+            await asyncio.gather(watcher, deleter, *session.tasks, return_exceptions=True)
+            await self._finish(session, graceful)
+
+    async def _watch(self, client: aiomqtt.Client, session: _Session) -> None:
+        """Fail the session as soon as the connection is lost (publishes alone would not know)."""
+        try:
+            async for _ in client.messages:
+                pass  # we subscribe to nothing
+        except aiomqtt.MqttError as exc:
+            cause = exc.__cause__
+            session.fail(_Failure(f"connection lost: {cause or exc}"))
+
+    async def _feed(
+        self, client: aiomqtt.Client, session: _Session, renew_at: float | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        cursor: tuple[int, int] | None = None
+        probed = False
+        while True:
+            session.check()
+            if self._stopping.is_set():
+                return
+            if renew_at is not None and loop.time() >= renew_at:
+                log.info("uplink: renewing the connection before the token expires")
+                return
+            free = session.window - len(session.inflight)
+            if free <= 0:
+                await session.wait()
+                continue
+            if cursor is not None and self._preempt > cursor[0]:
+                # Higher-priority events arrived behind the cursor: send them first.
+                self._preempt = -1
+                events = await self._fetch_above(session, cursor[0], free)
+                if events:
+                    for message in self._group(events):
+                        await self._send(client, session, message)
+                    continue
+            self._preempt = -1
+            events = await self._fetch(session, cursor, free)
+            if events and self._lingers(events):
+                await session.wait(self.config.batch.linger)
+                more = await self._fetch(session, (events[-1].priority, events[-1].seq), free)
+                events += more
+            if self._deferred and not probed and (session.delivered or not events):
+                # Once per connection, after others got through (or with nothing else to
+                # send): try again one event the link was lost on, alone.
+                probed = True
+                event, _ = next(iter(self._deferred.values()))
+                await self._send(client, session, self._messages([event], alone=True)[0])
+                continue
+            if not events:
+                timeout = None if renew_at is None else max(0.0, renew_at - loop.time())
+                await session.wait(timeout)
+                continue
+            cursor = (events[-1].priority, events[-1].seq)
+            for message in self._group(events):
+                await self._send(client, session, message)
+
+    def _lingers(self, events: list[StoredEvent]) -> bool:
+        batch = self.config.batch
+        return (
+            self.config.format == FORMAT_BATCH_V1
+            and batch.linger > 0
+            and len(events) < batch.max_events
+            and not self._stopping.is_set()
+        )
+
+    def _want(self, free: int) -> int:
+        per_message = self.config.batch.max_events if self.config.format == FORMAT_BATCH_V1 else 1
+        return min(free * per_message, 5000)
+
+    async def _fetch(
+        self, session: _Session, cursor: tuple[int, int] | None, free: int
+    ) -> list[StoredEvent]:
+        """The next events after ``cursor``. Nothing after the cursor was sent on this
+        connection (events are taken in cursor order), but deferred ones may be anywhere."""
+        want = self._want(free)
+        skip = self._deferred.keys() | (session.taken.keys() if cursor is None else set())
+        rows = await self._buffer.next_events(want + len(skip), cursor)
+        return [row for row in rows if row.seq not in skip][:want]
+
+    async def _fetch_above(self, session: _Session, priority: int, free: int) -> list[StoredEvent]:
+        """Not yet sent events of a priority above ``priority`` (the cursor stays where it is)."""
+        want = self._want(free)
+        skip = self._deferred.keys() | {s for s, p in session.taken.items() if p > priority}
+        rows = await self._buffer.next_events(want + len(skip), None)
+        events = [r for r in rows if r.priority > priority and r.seq not in skip][:want]
+        if len(events) == want:
+            self._preempt = max(self._preempt, events[-1].priority)  # more may be waiting
+        return events
+
+    def _group(self, events: list[StoredEvent]) -> list[_Message]:
+        """Messages in drain order: suspects (attempts >= 1) first and alone, then the rest."""
+        fresh = [e for e in events if e.attempts == 0]
+        once = [e for e in events if e.attempts == 1]
+        more = [e for e in events if e.attempts >= 2]
+        messages: list[_Message] = []
+        for event in more:
+            messages += self._messages([event], alone=True)
+        if once:
+            messages += self._messages(once, alone=True)
+        messages += self._messages(fresh, alone=False)
+        return messages
+
+    def _messages(self, events: list[StoredEvent], *, alone: bool) -> list[_Message]:
+        device = self.device_id
+        config = self.config
+        if config.format != FORMAT_BATCH_V1:
+            return [
+                _Message([e], config.uplink_topic(device, e.topic), e.payload, e.qos, alone)
+                for e in events
+            ]
+        groups: dict[tuple[str, int], list[list[StoredEvent]]] = {}
+        sizes: dict[tuple[str, int], int] = {}
+        limit = config.batch
+        for event in events:
+            key = (event.topic, event.qos)
+            runs = groups.setdefault(key, [[]])
+            size = len(event.payload) + _EVENT_OVERHEAD
+            if runs[-1] and (
+                len(runs[-1]) >= limit.max_events
+                or sizes[key] + size > limit.max_bytes - _ENVELOPE_OVERHEAD
+            ):
+                runs.append([])
+                sizes[key] = 0
+            runs[-1].append(event)
+            sizes[key] = sizes.get(key, 0) + size
+        epoch = self._buffer.epoch
+        return [
+            _Message(
+                run,
+                config.uplink_topic(device, topic),
+                encode(
+                    epoch,
+                    [EnvelopeEvent(e.seq, e.event_time_ms, e.payload) for e in run],
+                    zstd_level=limit.zstd_level,
+                ),
+                qos,
+                alone,
+            )
+            for (topic, qos), runs in groups.items()
+            for run in runs
+        ]
+
+    async def _send(self, client: aiomqtt.Client, session: _Session, message: _Message) -> None:
+        while len(session.inflight) >= session.window or (session.inflight and message.alone):
+            await session.wait()
+        key = session.next_key
+        session.next_key += 1
+        session.inflight[key] = message
+        session.taken.update((e.seq, e.priority) for e in message.events)
+        task = asyncio.create_task(self._publish(client, session, key, message))
+        session.tasks.add(task)
+        task.add_done_callback(session.tasks.discard)
+        if message.alone:
+            while key in session.inflight:
+                await session.wait()
+
+    async def _publish(
+        self, client: aiomqtt.Client, session: _Session, key: int, message: _Message
+    ) -> None:
+        try:
+            await client.publish(
+                message.topic, message.payload, qos=message.qos,
+                timeout=self.config.publish_timeout,
+            )  # fmt: skip
+        except aiomqtt.MqttError as exc:
+            session.fail(_Failure(f"publish not confirmed: {exc}"))
+            return
+        del session.inflight[key]
+        seqs = [e.seq for e in message.events]
+        session.done += seqs
+        session.delivered += len(seqs)
+        self.status.delivered += len(seqs)
+        for seq in seqs:
+            self._deferred.pop(seq, None)
+        session.acked.set()
+        session.changed.set()
+
+    async def _delete_loop(self, session: _Session) -> None:
+        while True:
+            await session.acked.wait()
+            session.acked.clear()
+            await self._delete_done(session)
+
+    async def _delete_done(self, session: _Session) -> None:
+        seqs, session.done = session.done, []
+        if seqs:
+            try:
+                await self._buffer.delete(seqs)
+            except Exception as exc:
+                session.done = seqs + session.done
+                session.fail(_Failure(f"cannot delete delivered events from the buffer: {exc}"))
+                return
+            except BaseException:
+                session.done = seqs + session.done  # deleted or not: delete again (idempotent)
+                raise
+            for seq in seqs:
+                session.taken.pop(seq, None)
+            if asyncio.get_running_loop().time() - self._status_written >= _STATUS_EVERY:
+                self._write_status()  # keep the delivered count in `status` fresh
+
+    async def _settle_inflight(self, session: _Session) -> None:
+        """On a planned close: wait for what is in flight (within the publish timeout)."""
+        limit = self._grace if self._stopping.is_set() else self.config.publish_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                while session.inflight:
+                    await session.wait()
+
+    async def _finish(self, session: _Session, graceful: bool) -> None:
+        """Delete what was acknowledged; count an attempt for what was in flight on a failure."""
+        await self._delete_done(session)
+        lost = [e for message in session.inflight.values() for e in message.events]
+        if graceful or not lost or session.failure is None:
+            return
+        await self._buffer.record_attempt([e.seq for e in lost])
+        if len(session.inflight) != 1 or len(lost) != 1:
+            return
+        event = lost[0]
+        attempts = event.attempts + 1
+        _, deliveries = self._deferred.pop(event.seq, (event, self.status.delivered))
+        others_got_through = self.status.delivered > deliveries
+        if attempts >= self.config.max_attempts and others_got_through:
+            reason = (
+                f"the connection was lost {attempts} times with this event alone in flight "
+                f"while other events got through (last: {session.failure.detail})"
+            )
+            if await self._buffer.dead_letter(event.seq, reason):
+                self.status.dead_lettered += 1
+                log.error("uplink: event seq %d on %r moved to dead letters: %s",
+                          event.seq, event.topic[:100], reason)  # fmt: skip
+            return
+        if len(self._deferred) < _MAX_DEFERRED:
+            stored = StoredEvent(
+                event.seq, event.topic, event.payload, event.qos, event.priority,
+                event.event_time_ms, attempts,
+            )  # fmt: skip
+            self._deferred[event.seq] = (stored, deliveries)
+
+    # -- link state -------------------------------------------------------------------------
+
+    def _set_state(self, state: LinkState, detail: str, *, quiet: bool = False) -> None:
+        changed = state != self.status.state or detail != self.status.detail
+        if changed:
+            self.status.state = state
+            self.status.since = self._clock.time()
+            self.status.detail = detail
+        if state is LinkState.ONLINE and not quiet:
+            log.info("uplink: online to %s (%s)", self.status.server, detail)
+        if changed or state is LinkState.BACKOFF:
+            self._write_status()
+
+    def _write_status(self) -> None:
+        self._status_written = asyncio.get_running_loop().time()
+        path = self._data_dir / LINK_FILE
+        temporary = path.with_suffix(".tmp")
+        try:
+            temporary.write_text(self.status.to_json())
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.debug("uplink: cannot write %s: %s", path, exc)
+
+
+def _token_note(token: Token, clock: Clock) -> str:
+    if token.expires_at is None:
+        return "token without expiry" if token.value is not None else "no token"
+    return f"token expires in {max(0, int(token.expires_at - clock.time()))}s"
+
+
+def _classify(detail: str, tls_errors: list[str]) -> _Failure:
+    """A connect or session failure; TLS alerts and certificate failures are refusals."""
+    if tls_errors:
+        return _Failure(f"TLS refused: {tls_errors[-1]}", refused=True)
+    if any(hint in detail for hint in _SSL_HINTS):
+        return _Failure(f"TLS refused: {detail}", refused=True)
+    return _Failure(detail or "connection failed")
+
+
+def _recording_socket_class(errors: list[str]) -> type[ssl.SSLSocket]:
+    """An `SSLSocket` that remembers TLS alerts received after the handshake.
+
+    With TLS 1.3 a server rejects a client certificate after the client considers the handshake
+    done; paho then only sees a closed socket and aiomqtt a CONNACK timeout. The alert text
+    ("certificate revoked", "unknown ca", ...) is what tells a refusal from a network problem.
+    """
+
+    class _Recording(ssl.SSLSocket):
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            try:
+                return super().recv(buflen, flags)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                errors.append(exc.reason or str(exc))
+                raise
+
+    return _Recording
