@@ -20,6 +20,7 @@ from mqtt_ingest import IngestServer
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
+from tests.harness.report import figures, until
 from tests.harness.sink import write_sink_config
 
 pytestmark = pytest.mark.integration
@@ -67,13 +68,6 @@ def agent_config(
     )
 
 
-async def until(predicate: object, timeout: float = 30.0) -> None:
-    assert callable(predicate)
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
-
-
 def new_device(pki: Pki, prefix: str) -> DeviceCreds:
     return pki.device(f"{prefix}-{uuid.uuid4().hex[:6]}")
 
@@ -112,9 +106,7 @@ async def test_events_reach_the_core_queue_once_in_order(
     assert status.state is LinkState.STOPPED
 
 
-async def test_backlog_built_offline_drains_when_the_sink_appears(
-    tmp_path: Path, pki: Pki
-) -> None:
+async def test_backlog_built_offline_drains_when_the_sink_appears(tmp_path: Path, pki: Pki) -> None:
     device = new_device(pki, "off")
     port = free_port()
     config = load_config(agent_config(tmp_path, pki, device, port))
@@ -166,7 +158,7 @@ async def test_nothing_is_lost_when_the_link_goes_away(tmp_path: Path, pki: Pki)
         async with sink(tmp_path, pki, port=port):
             await until(lambda: inspect(config.agent.data_dir).events == 0)
     stored = [int(m.payload) for _, m in read_messages(tmp_path / "core.db")]
-    print(f"published {published}, stored {len(stored)}, unique {len(set(stored))}")
+    figures("link flaps", published=published, stored=len(stored), unique=len(set(stored)))
     assert sorted(set(stored)) == list(range(published))
     assert len(stored) == published  # the sqlite core queue dedupes resends by event id
     assert not list(read_events(config.agent.data_dir))
