@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,9 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiomqtt
+from cryptography import x509
 
 from edge_agent.accept import Acceptor, InvalidEvent, check_event
 from edge_agent.buffer import (
+    LOCK_NAME,
     Buffer,
     BufferError,
     BufferFull,
@@ -31,6 +34,8 @@ from edge_agent.buffer import (
 )
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.service import Agent
+from edge_agent.token import TokenUnavailable, token_source
+from edge_agent.uplink import LinkStatus, read_link_status
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.lifecycle import stop_on_signals
 
@@ -38,6 +43,8 @@ __all__ = ["main"]
 
 DEFAULT_CONFIG = os.environ.get("EDGE_AGENT_CONFIG", "/etc/edge-agent/agent.toml")
 log = logging.getLogger("edge_agent")
+CERTIFICATE_WARNING = 30 * 86400  # seconds: status warns when the certificate expires sooner
+TOKEN_WARNING = 3600
 
 
 class _Failed(Exception):
@@ -92,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     purge = actions.add_parser("purge", help="delete buffered events (the agent must be stopped)")
     purge.add_argument("--topic", help="only topics matching this MQTT filter")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    actions.add_parser(
+        "requeue-dead",
+        help="move every dead letter back into the buffer to be sent again (agent stopped)",
+    )
+    commands.add_parser(
+        "token", help="print the JWT the uplink would send on its next connection (debugging)"
+    )
     return parser
 
 
@@ -119,10 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_publish(config, args.topic, payload, args.qos))
         if args.command == "status":
             stats = inspect(config.agent.data_dir)
-            print(json.dumps(_stats_json(stats)) if args.json else _stats_text(stats, config))
+            link = _link(config)
+            if args.json:
+                print(json.dumps(_stats_json(stats) | {"uplink": link}))
+            else:
+                print(_stats_text(stats, config) + "\n" + _link_text(link))
+            return 0
+        if args.command == "token":
+            if config.uplink is None:
+                raise _Failed("no [uplink] configured")
+            token = token_source(config.uplink, config.agent.device_id, SystemClock()).current()
+            if token.value is None:
+                raise _Failed('[uplink.token] mode = "none": the uplink sends no token')
+            print(token.value)
             return 0
         return _buffer_command(config, args)
-    except (_Failed, BufferError, InvalidEvent) as exc:
+    except (_Failed, BufferError, InvalidEvent, TokenUnavailable) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
 
@@ -234,6 +260,95 @@ def _stats_json(stats: BufferStats) -> dict[str, object]:
     }
 
 
+def _agent_pid(directory: Path) -> int | None:
+    """The pid of the agent holding ``directory``, or None if no agent runs there."""
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    else:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _link(config: AgentConfig) -> dict[str, object]:
+    """The uplink as ``status`` shows it: configuration, live state, credential expiry."""
+    if config.uplink is None:
+        return {"configured": False}
+    now = time.time()
+    result: dict[str, object] = {
+        "configured": True,
+        "server": f"{config.uplink.host}:{config.uplink.port}",
+        "agent_pid": _agent_pid(config.agent.data_dir),
+    }
+    state: LinkStatus | None = read_link_status(config.agent.data_dir)
+    if state is not None:
+        result["link"] = json.loads(state.to_json())
+    try:
+        certificate = x509.load_pem_x509_certificate(config.uplink.tls.cert.read_bytes())
+        result["certificate_expires_in_s"] = int(certificate.not_valid_after_utc.timestamp() - now)
+    except (OSError, ValueError) as exc:
+        result["certificate_problem"] = str(exc)
+    if config.uplink.token.mode == "token-file":
+        try:
+            token = token_source(config.uplink, config.agent.device_id, SystemClock()).current()
+            if token.expires_at is not None:
+                result["token_expires_in_s"] = int(token.expires_at - now)
+        except TokenUnavailable as exc:
+            result["token_problem"] = str(exc)
+    return result
+
+
+def _seconds(value: object) -> str:
+    seconds = int(value) if isinstance(value, int | float) else 0
+    return _age(seconds * 1000, 0) if seconds >= 0 else f"-{_age(-seconds * 1000, 0)}"
+
+
+def _link_text(link: dict[str, object]) -> str:
+    if not link["configured"]:
+        return "uplink: not configured (the agent only buffers)"
+    lines = []
+    state = link.get("link")
+    pid = link["agent_pid"]
+    if pid is None:
+        last = f"; last state {state['state']}" if isinstance(state, dict) else ""
+        lines.append(f"uplink: {link['server']}: the agent is not running{last}")
+    elif isinstance(state, dict):
+        since = _seconds(time.time() - float(state["since"]))
+        line = f"uplink: {state['state']} ({link['server']}) for {since}"
+        if state["detail"]:
+            line += f": {state['detail']}"
+        lines.append(line)
+        lines.append(
+            f"  delivered {state['delivered']} events over {state['connections']} connections"
+            f" this run; {state['dead_lettered']} dead-lettered"
+        )
+    else:
+        lines.append(f"uplink: {link['server']}: no link state yet")
+    if "certificate_problem" in link:
+        lines.append(f"certificate: WARNING {link['certificate_problem']}")
+    elif "certificate_expires_in_s" in link:
+        left = link["certificate_expires_in_s"]
+        assert isinstance(left, int)
+        warn = "WARNING " if left < CERTIFICATE_WARNING else ""
+        when = f"expired {_seconds(-left)} ago" if left < 0 else f"expires in {_seconds(left)}"
+        lines.append(f"certificate: {warn}{when}")
+    if "token_problem" in link:
+        lines.append(f"token: WARNING {link['token_problem']}")
+    elif "token_expires_in_s" in link:
+        left = link["token_expires_in_s"]
+        assert isinstance(left, int)
+        warn = "WARNING " if left < TOKEN_WARNING else ""
+        lines.append(f"token: {warn}expires in {_seconds(left)}")
+    return "\n".join(lines)
+
+
 def _event_json(event: StoredEvent) -> str:
     try:
         text: str | None = event.payload.decode("utf-8")
@@ -274,7 +389,16 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
                 count += 1
         print(f"exported {count} events", file=sys.stderr)
         return 0
+    if args.action == "requeue-dead":
+        return asyncio.run(_requeue_dead(config))
     return asyncio.run(_purge(config, pattern, args.yes))
+
+
+async def _requeue_dead(config: AgentConfig) -> int:
+    async with await Buffer.open(config.agent.data_dir, commit_linger=0) as buffer:
+        moved = await buffer.requeue_dead()
+    print(f"requeued {moved} dead letters", file=sys.stderr)
+    return 0
 
 
 async def _purge(config: AgentConfig, pattern: str | None, yes: bool) -> int:

@@ -51,6 +51,7 @@ from cryptography import x509
 from edge_agent.buffer import Buffer, StoredEvent
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
+from mqtt_ingest import failpoints
 from mqtt_ingest.clock import Clock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
 
@@ -543,14 +544,23 @@ class Uplink:
     async def _publish(
         self, client: aiomqtt.Client, session: _Session, key: int, message: _Message
     ) -> None:
+        failpoints.hit("drain.before_publish")
+        sending = client.publish(
+            message.topic, message.payload, qos=message.qos, timeout=self.config.publish_timeout
+        )
         try:
-            await client.publish(
-                message.topic, message.payload, qos=message.qos,
-                timeout=self.config.publish_timeout,
-            )  # fmt: skip
+            if failpoints.active():
+                # Two steps, so that a crash can be placed between send and acknowledgement.
+                pending = asyncio.ensure_future(sending)
+                await asyncio.sleep(0.01)  # the PUBLISH is on its way
+                failpoints.hit("drain.after_publish_before_puback")
+                await pending
+            else:
+                await sending
         except aiomqtt.MqttError as exc:
             session.fail(_Failure(f"publish not confirmed: {exc}"))
             return
+        failpoints.hit("drain.after_puback_before_delete")
         del session.inflight[key]
         seqs = [e.seq for e in message.events]
         session.done += seqs

@@ -19,7 +19,16 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["ENV_VAR", "FailpointError", "ahit", "arm", "disarm_all", "hit", "parse_spec"]
+__all__ = [
+    "ENV_VAR",
+    "FailpointError",
+    "active",
+    "ahit",
+    "arm",
+    "disarm_all",
+    "hit",
+    "parse_spec",
+]
 
 ENV_VAR = "BRIDGE_FAILPOINTS"
 
@@ -79,6 +88,11 @@ def arm(name: str, action: str) -> None:
 def disarm_all() -> None:
     with _lock:
         _armed.clear()
+
+
+def active() -> bool:
+    """Whether any failpoint is armed (lets a hot path skip extra steps in production)."""
+    return bool(_armed)
 
 
 def _fire(name: str) -> _Armed | None:
