@@ -325,6 +325,8 @@ def _link_text(link: dict[str, object]) -> str:
         if state["detail"]:
             line += f": {state['detail']}"
         lines.append(line)
+        if state["state"] != "online" and state.get("last_error"):
+            lines.append(f"  last error: {state['last_error']}")
         lines.append(
             f"  delivered {state['delivered']} events over {state['connections']} connections"
             f" this run; {state['dead_lettered']} dead-lettered"
@@ -371,7 +373,7 @@ def _event_json(event: StoredEvent) -> str:
 
 def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
     directory = config.agent.data_dir
-    pattern: str | None = args.topic
+    pattern: str | None = getattr(args, "topic", None)
     matcher = (lambda topic: topic_matches(pattern, topic)) if pattern else None
     if args.action == "peek":
         for event in read_events(directory, limit=args.n, topic_filter=matcher):

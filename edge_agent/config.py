@@ -231,8 +231,8 @@ class UplinkConfig(_Strict):
     stable_after: Seconds = 30.0
     """A connection up this long resets the backoff."""
     max_attempts: Annotated[int, Field(ge=1)] = 5
-    """An event on which the connection is lost this many times, alone in flight, while other
-    events get through, goes to the dead-letter table."""
+    """An event on which the connection is lost this many times while it is alone in flight,
+    other events getting through in between, goes to the dead-letter table."""
     batch: UplinkBatch = Field(default_factory=UplinkBatch)
 
     @field_validator("topic_template")

@@ -16,11 +16,12 @@ Failures:
 - Refused credentials (bad token, certificate refused by the server or by us, token file
   missing or expired): state ``refused``, logged once per distinct reason, retried slowly.
 - Poison events: when a connection is lost with messages in flight, their events get an attempt
-  recorded. An event with one attempt is resent in a message alone in flight; with two, in a
-  message of its own. If the connection keeps being lost with it alone in flight while other
-  events do get through, it is moved to the dead-letter table after ``max_attempts``
-  (`edge-agent buffer requeue-dead` puts it back). If nothing gets through at all, nothing is
-  dead-lettered: that is a broken link or configuration, not a poison event.
+  recorded. An event with one attempt is resent in a message alone in flight; with more, in a
+  message of its own. If the connection is lost again with it alone in flight, it is set aside
+  and tried again (alone) only after other events got through since; after ``max_attempts``
+  such losses it is moved to the dead-letter table (`edge-agent buffer requeue-dead` puts it
+  back). If nothing else gets through, nothing is dead-lettered: that is a broken link or
+  configuration, not a poison event, and the event stays buffered.
 
 Tokens: ``device-signed`` tokens are minted per connection; the connection is renewed (drained,
 closed, reopened with a fresh token) ``renew_before`` its expiry, so the sink never has to close
@@ -75,7 +76,6 @@ _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
 # reason codes paho reports them as.
 _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
-_SSL_HINTS = ("SSL", "CERTIFICATE", "certificate", "TLS")
 
 
 class LinkState(enum.StrEnum):
@@ -93,6 +93,7 @@ class LinkStatus:
     since: float  # unix seconds
     server: str = ""
     detail: str = ""  # why (for backoff / refused), or what (online)
+    last_error: str = ""  # the last failure, kept while connecting again
     retry_at: float | None = None
     connected_since: float | None = None
     connections: int = 0  # successful CONNACKs this run
@@ -152,6 +153,13 @@ class _Failure(Exception):
         super().__init__(detail)
         self.detail = detail
         self.refused = refused
+
+
+@dataclass(slots=True)
+class _Suspect:
+    event: StoredEvent
+    failures: int  # connections lost with this event alone in flight
+    delivered_at_failure: int  # the uplink's delivered count at the last of those
 
 
 @dataclass(slots=True)
@@ -223,10 +231,10 @@ class Uplink:
         self._preempt = -1  # highest priority committed since the last fetch
         self._stopping = asyncio.Event()
         self._grace = self.config.publish_timeout
-        # Events whose connection was lost while they were alone in flight: seq -> (event,
-        # deliveries counted when it first failed). Probed again only after other events got
-        # through, so one poison event cannot block the rest.
-        self._deferred: dict[int, tuple[StoredEvent, int]] = {}
+        # Events the connection was lost on while they were alone in flight. Each is tried
+        # again (alone) only after other events got through since its last failure, so one
+        # poison event neither blocks the rest nor gets blamed for a dead link.
+        self._deferred: dict[int, _Suspect] = {}
 
     # -- notifications ----------------------------------------------------------------------
 
@@ -269,6 +277,7 @@ class Uplink:
         else:
             self._refused_backoff.reset()
         delay = backoff.next_delay()
+        self.status.last_error = failure.detail
         state = LinkState.REFUSED if failure.refused else LinkState.BACKOFF
         self.status.retry_at = self._clock.time() + delay
         quiet = failure.refused and failure.detail == self._last_refusal
@@ -320,6 +329,7 @@ class Uplink:
             max_inflight_messages=config.window,
             logger=logging.getLogger("edge_agent.uplink.mqtt"),
         )
+        client.pending_calls_threshold = config.window + 1  # a full window is normal, not a warning
         started = asyncio.get_running_loop().time()
         try:
             async with client:
@@ -426,12 +436,10 @@ class Uplink:
                 await session.wait(self.config.batch.linger)
                 more = await self._fetch(session, (events[-1].priority, events[-1].seq), free)
                 events += more
-            if self._deferred and not probed and (session.delivered or not events):
-                # Once per connection, after others got through (or with nothing else to
-                # send): try again one event the link was lost on, alone.
-                probed = True
-                event, _ = next(iter(self._deferred.values()))
-                await self._send(client, session, self._messages([event], alone=True)[0])
+            suspect = self._probe_candidate() if not probed else None
+            if suspect is not None:
+                probed = True  # once per connection: a failure ends it anyway
+                await self._send(client, session, self._messages([suspect.event], alone=True)[0])
                 continue
             if not events:
                 timeout = None if renew_at is None else max(0.0, renew_at - loop.time())
@@ -440,6 +448,13 @@ class Uplink:
             cursor = (events[-1].priority, events[-1].seq)
             for message in self._group(events):
                 await self._send(client, session, message)
+
+    def _probe_candidate(self) -> _Suspect | None:
+        """A deferred event worth another try: other events got through since it failed."""
+        delivered = self.status.delivered
+        return next(
+            (s for s in self._deferred.values() if delivered > s.delivered_at_failure), None
+        )
 
     def _lingers(self, events: list[StoredEvent]) -> bool:
         batch = self.config.batch
@@ -612,13 +627,13 @@ class Uplink:
         if len(session.inflight) != 1 or len(lost) != 1:
             return
         event = lost[0]
-        attempts = event.attempts + 1
-        _, deliveries = self._deferred.pop(event.seq, (event, self.status.delivered))
-        others_got_through = self.status.delivered > deliveries
-        if attempts >= self.config.max_attempts and others_got_through:
+        suspect = self._deferred.pop(event.seq, None) or _Suspect(event, 0, 0)
+        suspect.failures += 1
+        suspect.delivered_at_failure = self.status.delivered
+        if suspect.failures >= self.config.max_attempts:
             reason = (
-                f"the connection was lost {attempts} times with this event alone in flight "
-                f"while other events got through (last: {session.failure.detail})"
+                f"the connection was lost {suspect.failures} times with this event alone in "
+                f"flight, other events getting through in between (last: {session.failure.detail})"
             )
             if await self._buffer.dead_letter(event.seq, reason):
                 self.status.dead_lettered += 1
@@ -626,11 +641,7 @@ class Uplink:
                           event.seq, event.topic[:100], reason)  # fmt: skip
             return
         if len(self._deferred) < _MAX_DEFERRED:
-            stored = StoredEvent(
-                event.seq, event.topic, event.payload, event.qos, event.priority,
-                event.event_time_ms, attempts,
-            )  # fmt: skip
-            self._deferred[event.seq] = (stored, deliveries)
+            self._deferred[event.seq] = suspect
 
     # -- link state -------------------------------------------------------------------------
 
@@ -663,30 +674,50 @@ def _token_note(token: Token, clock: Clock) -> str:
 
 
 def _classify(detail: str, tls_errors: list[str]) -> _Failure:
-    """A connect or session failure; TLS alerts and certificate failures are refusals."""
+    """A connect or session failure: certificate failures and TLS alerts are refusals."""
     if tls_errors:
-        return _Failure(f"TLS refused: {tls_errors[-1]}", refused=True)
-    if any(hint in detail for hint in _SSL_HINTS):
-        return _Failure(f"TLS refused: {detail}", refused=True)
+        return _Failure(tls_errors[-1], refused=True)
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        return _Failure(f"the server's certificate is not trusted: {detail}", refused=True)
+    if "ALERT" in detail.upper():
+        return _Failure(f"the server refused the TLS handshake: {detail}", refused=True)
     return _Failure(detail or "connection failed")
 
 
 def _recording_socket_class(errors: list[str]) -> type[ssl.SSLSocket]:
-    """An `SSLSocket` that remembers TLS alerts received after the handshake.
+    """An `SSLSocket` that notices the server refusing the client certificate after the handshake
+    (and closes itself when the handshake fails, which paho does not do).
 
-    With TLS 1.3 a server rejects a client certificate after the client considers the handshake
-    done; paho then only sees a closed socket and aiomqtt a CONNACK timeout. The alert text
-    ("certificate revoked", "unknown ca", ...) is what tells a refusal from a network problem.
+    With TLS 1.3 a server checks the client certificate after the client considers the handshake
+    done; it then sends an alert or just closes. paho sees a closed socket and aiomqtt reports a
+    CONNACK timeout, which would look like a network problem and be retried fast, forever. A TLS
+    alert, or an end of stream before the server sent a single byte, is what tells them apart.
     """
+    received = [0]
 
     class _Recording(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            try:
+                super().do_handshake(block)
+            except OSError:
+                self.close()  # paho would leak the socket of a failed handshake
+                raise
+
         def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
             try:
-                return super().recv(buflen, flags)
+                data = super().recv(buflen, flags)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except ssl.SSLError as exc:
-                errors.append(exc.reason or str(exc))
+                errors.append(f"the server refused the TLS session: {exc.reason or exc}")
                 raise
+            if not data and not received[0]:
+                errors.append(
+                    "the server closed the connection right after the TLS handshake, before any "
+                    "MQTT answer: it most likely refused the client certificate (revoked, "
+                    "expired or from another CA)"
+                )
+            received[0] += len(data)
+            return data
 
     return _Recording

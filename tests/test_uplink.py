@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from cloud_sink.backends import read_messages
-from cloud_sink.config import parse_config
-from cloud_sink.service import build_server
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect, read_events
 from edge_agent.uplink import LinkState, read_link_status
-from mqtt_ingest import IngestServer
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.report import figures, until
-from tests.harness.sink import write_sink_config
+from tests.harness.sink import running_sink as sink
 
 pytestmark = pytest.mark.integration
 
@@ -39,21 +34,6 @@ qos = 0
 filter = "#"
 qos = 1
 """
-
-
-@contextlib.asynccontextmanager
-async def sink(
-    tmp_path: Path, pki: Pki, *, port: int = 0, extra_auth: str = ""
-) -> AsyncIterator[IngestServer]:
-    """The sink in this process on ``port``, with its core queue in ``tmp_path/core.db``."""
-    text = write_sink_config(tmp_path, pki, extra_auth).read_text()
-    config = parse_config(text.replace("port = 0", f"port = {port}"))
-    server, queue = await build_server(config)
-    try:
-        async with server:
-            yield server
-    finally:
-        await queue.aclose()
 
 
 def agent_config(

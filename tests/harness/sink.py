@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 
 from cloud_sink.backends import CoreMessage
+from cloud_sink.config import parse_config
+from cloud_sink.service import build_server
+from mqtt_ingest import IngestServer
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import console_script
 
-__all__ = ["AUD", "CLOUD_SINK", "core_message", "device_token", "write_sink_config"]
+__all__ = [
+    "AUD",
+    "CLOUD_SINK",
+    "core_message",
+    "device_token",
+    "running_sink",
+    "write_sink_config",
+]
 
 CLOUD_SINK = console_script("cloud-sink")
 AUD = "sink.test"
@@ -50,3 +62,29 @@ def device_token(creds: DeviceCreds, ttl: int = 300) -> str:
     now = int(time.time())
     claims = {"sub": creds.device_id, "aud": AUD, "iat": now, "exp": now + ttl}
     return jwt.encode(claims, key, algorithm="ES256")  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running_sink(
+    tmp_path: Path,
+    pki: Pki,
+    *,
+    port: int = 0,
+    extra_auth: str = "",
+    listener_extra: str = "",
+    server_cert: tuple[Path, Path] | None = None,
+) -> AsyncIterator[IngestServer]:
+    """The sink in this process on ``port``, its core queue in ``tmp_path/core.db``;
+    ``listener_extra`` adds keys to [listener], ``server_cert`` replaces (cert, key)."""
+    text = write_sink_config(tmp_path, pki, extra_auth).read_text()
+    text = text.replace("port = 0", f"port = {port}")
+    text = text.replace("[listener]\n", f"[listener]\n{listener_extra}\n")
+    if server_cert is not None:
+        text = text.replace(str(pki.server_cert), str(server_cert[0]))
+        text = text.replace(str(pki.server_key), str(server_cert[1]))
+    server, queue = await build_server(parse_config(text))
+    try:
+        async with server:
+            yield server
+    finally:
+        await queue.aclose()

@@ -1,0 +1,376 @@
+"""The uplink under faults: crashes in the drain (F1), poison events, refused credentials and
+certificates on either side (F12, F13), clock skew and token expiry (F11), sink restarts (F4),
+network cuts (F5) and SIGTERM (F19). The sink is real (in this process or a subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cloud_sink.backends import read_messages
+from edge_agent import Agent, load_config
+from edge_agent.buffer import inspect, read_events
+from edge_agent.config import AgentConfig
+from edge_agent.uplink import LinkState, read_link_status
+from mqtt_ingest.clock import FakeClock
+from tests.harness.agent import AGENT_READY, uplink_section, write_config
+from tests.harness.chaos import ChaosProxyFactory
+from tests.harness.mosquitto import free_port
+from tests.harness.pki import DeviceCreds, Pki
+from tests.harness.process import ManagedProcess, ProcessFactory, console_script
+from tests.harness.report import figures, until
+from tests.harness.sink import CLOUD_SINK, write_sink_config
+from tests.harness.sink import running_sink as sink
+from tests.harness.stages import counters
+from tests.test_uplink import TOPICS
+
+pytestmark = [pytest.mark.fault, pytest.mark.integration]
+
+
+def new_device(pki: Pki, prefix: str) -> DeviceCreds:
+    return pki.device(f"{prefix}-{uuid.uuid4().hex[:6]}")
+
+
+def configure(
+    tmp_path: Path,
+    pki: Pki,
+    device: DeviceCreds,
+    port: int,
+    *,
+    extra: str = "",
+    token: str = "",
+    host: str = "localhost",
+) -> Path:
+    kwargs = {"token": token} if token else {}
+    return write_config(
+        tmp_path / "agent",
+        device_id=device.device_id,
+        uplink=uplink_section(pki, device, port, host=host, extra=extra, **kwargs),
+        topics=TOPICS,
+    )
+
+
+async def preload(
+    config: AgentConfig, count: int, topics: tuple[str, ...] = ("sensors/t",)
+) -> None:
+    """``count`` events in the buffer, committed by an agent without its uplink."""
+    async with Agent(config.model_copy(update={"uplink": None})) as agent:
+        for i in range(count):
+            await agent.publish(topics[i % len(topics)], f"{i}".encode())
+
+
+def stored_payloads(core: Path) -> list[int]:
+    return [int(m.payload) for _, m in read_messages(core)]
+
+
+def link(config: AgentConfig) -> LinkState | None:
+    status = read_link_status(config.agent.data_dir)
+    return None if status is None else status.state
+
+
+def agent_process(
+    processes: ProcessFactory, path: Path, env: dict[str, str] | None = None
+) -> ManagedProcess:
+    return processes(
+        [console_script("edge-agent"), "--config", str(path), "run", "--listen-port", "{port}"],
+        ready=AGENT_READY,
+        name="edge-agent",
+        env=env,
+        start=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        "drain.before_publish",
+        "drain.after_publish_before_puback",
+        "drain.after_puback_before_delete",
+    ],
+)
+async def test_kill9_in_the_drain_loses_nothing_and_the_sink_dedupes(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory, failpoint: str
+) -> None:
+    device = new_device(pki, "f1")
+    async with sink(tmp_path, pki) as server:
+        # Batch envelopes of 5: event ids come from the agent, so the sink can dedupe resends.
+        path = configure(
+            tmp_path, pki, device, server.port, extra="window = 4\nbatch.max_events = 5"
+        )
+        config = load_config(path)
+        await preload(config, 200)
+        agent = agent_process(process_factory, path, {"BRIDGE_FAILPOINTS": f"{failpoint}=kill9@20"})
+        await agent.astart()
+        assert await agent.await_exit(timeout=60) == -9
+        before = len(stored_payloads(tmp_path / "core.db"))
+        agent.env.pop("BRIDGE_FAILPOINTS")
+        await agent.astart()
+        await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+        await agent.asigterm()
+    stored = stored_payloads(tmp_path / "core.db")
+    figures(
+        failpoint, events=200, before_crash=before, stored=len(stored), lost=200 - len(set(stored))
+    )
+    assert sorted(stored) == list(range(200))  # each once: the resend was deduplicated
+
+
+async def test_a_poison_event_goes_to_dead_letters_and_the_rest_flows(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The sink closes the connection on a packet over its size limit: that event is poison."""
+    device = new_device(pki, "poison")
+    async with sink(tmp_path, pki, listener_extra='max_packet_size = "2KiB"') as server:
+        path = configure(tmp_path, pki, device, server.port, extra="max_attempts = 3")
+        config = load_config(path)
+        sent = 0
+        async with Agent(config) as agent:
+            for _ in range(5):
+                await agent.publish("sensors/t", f"{sent}".encode())
+                sent += 1
+            await agent.publish("sensors/big", b"x" * 8000)
+            assert agent.uplink is not None
+            while agent.uplink.status.dead_lettered == 0:  # the sensors keep publishing
+                await agent.publish("sensors/t", f"{sent}".encode())
+                sent += 1
+                await asyncio.sleep(0.05)
+                assert sent < 1000, "the poison event was never dead-lettered"
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+            connections = agent.uplink.status.connections
+    stats = inspect(config.agent.data_dir)
+    assert stats.dead_letters == 1
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
+    figures("poison", events=sent + 1, connections=connections, dead_letters=stats.dead_letters)
+
+
+async def test_requeue_dead_puts_dead_letters_back(tmp_path: Path, pki: Pki) -> None:
+    from tests.test_agent import acli
+
+    device = new_device(pki, "requeue")
+    path = configure(tmp_path, pki, device, 1)
+    config = load_config(path)
+    await preload(config, 3)
+    async with Agent(config.model_copy(update={"uplink": None})) as agent:
+        assert await agent.buffer.dead_letter(2, "test")
+    assert inspect(config.agent.data_dir).dead_letters == 1
+    done = await acli(path, "buffer", "requeue-dead")
+    assert done.returncode == 0, done.stderr
+    assert "requeued 1" in done.stderr
+    stats = inspect(config.agent.data_dir)
+    assert (stats.events, stats.dead_letters) == (3, 0)
+
+
+@pytest.mark.parametrize("kind", ["revoked", "foreign", "expired"])
+async def test_client_certificate_refused_keeps_buffering_and_retries_slowly(
+    tmp_path: Path, pki: Pki, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    device_id = f"f12-{kind}-{uuid.uuid4().hex[:6]}"
+    device = {
+        "revoked": pki.revoked_device,
+        "foreign": pki.foreign_device,
+        "expired": pki.expired_device,
+    }[kind](device_id)
+    async with sink(tmp_path, pki, listener_extra=f'crl = "{pki.crl}"') as server:
+        config = load_config(
+            configure(tmp_path, pki, device, server.port, extra='connect_timeout = "2s"')
+        )
+        async with Agent(config) as agent:
+            for i in range(10):
+                await agent.publish("sensors/t", f"{i}".encode())
+            await until(lambda: link(config) is LinkState.REFUSED, timeout=30)
+            await asyncio.sleep(2.5)  # a few slow retries
+            assert agent.uplink is not None
+            detail = agent.uplink.status.last_error
+            assert inspect(config.agent.data_dir).events == 10
+    refusals = [r for r in caplog.records if "uplink: refused" in r.getMessage()]
+    figures(f"client certificate {kind}", buffered=10, refusal_log_lines=len(refusals))
+    assert len(refusals) == 1, "a refusal is logged once, not per attempt"
+    assert "certificate" in detail.lower() or "unknown ca" in detail.lower(), detail
+    assert not (tmp_path / "core.db").exists() or not stored_payloads(tmp_path / "core.db")
+
+
+@pytest.mark.parametrize("kind", ["wrong-san", "expired", "other-ca"])
+async def test_bad_server_certificate_is_refused_without_fallback(
+    tmp_path: Path, pki: Pki, kind: str
+) -> None:
+    if kind == "wrong-san":
+        issued = pki.server(f"wrong-{uuid.uuid4().hex[:6]}", ["other.example"])
+        cert, key = issued.cert_path, issued.key_path
+    elif kind == "expired":
+        import datetime as dt
+
+        start = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+        issued = pki.server(f"old-{uuid.uuid4().hex[:6]}", ["localhost"], ["127.0.0.1"],
+                            days=1, not_before=start)  # fmt: skip
+        cert, key = issued.cert_path, issued.key_path
+    else:
+        issued = pki.other_ca.issue_server(
+            ["localhost"], ["127.0.0.1"], name=f"x-{uuid.uuid4().hex[:6]}"
+        )
+        cert, key = issued.cert_path, issued.key_path
+    device = new_device(pki, "f13")
+    async with sink(tmp_path, pki, server_cert=(cert, key)) as server:
+        config = load_config(configure(tmp_path, pki, device, server.port))
+        async with Agent(config) as agent:
+            await agent.publish("sensors/t", b"1")
+            await until(lambda: link(config) is LinkState.REFUSED, timeout=30)
+            assert agent.uplink is not None
+            detail = agent.uplink.status.last_error
+            assert agent.uplink.status.connections == 0
+    assert "CERTIFICATE_VERIFY_FAILED" in detail, detail
+    assert inspect(config.agent.data_dir).events == 1
+    assert not stored_payloads(tmp_path / "core.db")
+
+
+async def test_clock_skew_beyond_leeway_is_refused_then_recovers(tmp_path: Path, pki: Pki) -> None:
+    device = new_device(pki, "f11")
+    clock = FakeClock(start=__import__("time").time() + 600)  # ten minutes ahead
+    async with sink(tmp_path, pki, extra_auth='leeway = "60s"') as server:
+        config = load_config(configure(tmp_path, pki, device, server.port))
+        async with Agent(config, clock=clock) as agent:
+            for i in range(5):
+                await agent.publish("sensors/t", f"{i}".encode())
+            await until(lambda: link(config) is LinkState.REFUSED, timeout=30)
+            assert agent.uplink is not None
+            assert "CONNACK refused" in agent.uplink.status.last_error
+            clock.skew(-600 + 61 - 61)  # back to the right time
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(5))
+
+
+async def test_connection_renewed_before_the_token_expires(tmp_path: Path, pki: Pki) -> None:
+    """Short tokens: the agent reconnects with a fresh one before the sink would cut it."""
+    device = new_device(pki, "renew")
+    async with sink(tmp_path, pki, extra_auth='leeway = "1s"') as server:
+        config = load_config(
+            configure(
+                tmp_path,
+                pki,
+                device,
+                server.port,
+                token='audience = "sink.test"\nlifetime = "4s"\nrenew_before = "2s"',
+            )
+        )
+        sent = 0
+        async with Agent(config) as agent:
+            end = asyncio.get_running_loop().time() + 9
+            while asyncio.get_running_loop().time() < end:
+                await agent.publish("sensors/t", f"{sent}".encode())
+                sent += 1
+                await asyncio.sleep(0.01)
+            await until(lambda: inspect(config.agent.data_dir).events == 0)
+            assert agent.uplink is not None
+            connections = agent.uplink.status.connections
+        expired = counters(server).get("connections_closed", "expired")
+    figures("token renewal", events=sent, connections=connections, closed_by_sink_at_exp=expired)
+    assert connections >= 3
+    assert expired == 0
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
+
+
+@pytest.mark.parametrize("cut", ["reset", "close", "blackhole"])
+async def test_network_cuts_lose_nothing(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory, cut: str
+) -> None:
+    device = new_device(pki, "f5")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        config = load_config(
+            configure(
+                tmp_path,
+                pki,
+                device,
+                proxy.port,
+                host="localhost",
+                extra="keepalive = 2\nwindow = 8",
+            )
+        )
+        sent = 0
+        async with Agent(config) as agent:
+            for round_ in range(3):
+                for _ in range(100):
+                    await agent.publish("sensors/t", f"{sent}".encode())
+                    sent += 1
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                if cut == "blackhole":
+                    proxy.blackhole()
+                    await until(lambda: link(config) is LinkState.BACKOFF, timeout=10)
+                    detected = loop.time() - started
+                    figures("blackhole detected", round=round_, seconds=round(detected, 1))
+                    assert detected <= 2 * 2 + 1.5  # two keep-alives, plus paho's 1 s tick
+                    proxy.pass_through()
+                else:
+                    await (proxy.reset() if cut == "reset" else proxy.close())
+                    await until(lambda: link(config) is LinkState.BACKOFF, timeout=10)
+                    await asyncio.sleep(0.5)  # new connections are cut too, for a while
+                    proxy.pass_through()
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+    stored = stored_payloads(tmp_path / "core.db")
+    figures(f"network {cut}", events=sent, stored=len(stored), lost=sent - len(set(stored)))
+    assert sorted(stored) == list(range(sent))
+
+
+async def test_sink_killed_and_restarted_under_load(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    """F4: kill -9 and a graceful restart of a sink process while the agent streams to it."""
+    port = free_port()
+    config_path = write_sink_config(tmp_path, pki)
+    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
+    sink_process = process_factory(
+        [CLOUD_SINK, "--config", str(config_path), "run"],
+        ready=r"listening on",
+        name="cloud-sink",
+        start=False,
+    )
+    await sink_process.astart()
+    device = new_device(pki, "f4")
+    config = load_config(configure(tmp_path, pki, device, port))
+    sent = 0
+
+    async def publish(count: int) -> None:
+        nonlocal sent
+        for _ in range(count):
+            await agent.publish("sensors/t", f"{sent}".encode())
+            sent += 1
+            await asyncio.sleep(0.002)
+
+    async with Agent(config) as agent:
+        await publish(300)
+        sink_process.kill9()
+        await publish(200)
+        await sink_process.astart()
+        await publish(300)
+        await sink_process.asigterm()
+        await publish(200)
+        await sink_process.astart()
+        await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+        assert agent.uplink is not None
+        connections = agent.uplink.status.connections
+    stored = stored_payloads(tmp_path / "core.db")
+    figures("sink restarts", events=sent, stored=len(stored), connections=connections)
+    assert sorted(stored) == list(range(sent))
+    assert connections >= 3
+
+
+async def test_sigterm_while_draining_exits_0_and_keeps_the_rest(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    """F19 on the uplink side: what was not acknowledged by the sink is still buffered."""
+    device = new_device(pki, "f19")
+    async with sink(tmp_path, pki) as server:
+        path = configure(tmp_path, pki, device, server.port, extra='format = "raw"\nwindow = 2')
+        config = load_config(path)
+        await preload(config, 3000)
+        agent = agent_process(process_factory, path)
+        await agent.astart()
+        await until(lambda: bool(stored_payloads(tmp_path / "core.db")), timeout=30)
+        assert await agent.asigterm() == 0
+    stored = set(stored_payloads(tmp_path / "core.db"))
+    left = {int(e.payload) for e in read_events(config.agent.data_dir)}
+    figures("sigterm while draining", events=3000, delivered=len(stored), still_buffered=len(left))
+    assert stored | left == set(range(3000))
+    assert left, "the drain finished before SIGTERM: the test proves nothing"
