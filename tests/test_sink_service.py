@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloud_sink.backends import read_messages
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
-from cloud_sink.service import build_server
+from cloud_sink.service import Sink
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
@@ -127,17 +127,13 @@ async def test_issue_token_mints_a_certificate_bound_issuer_token(tmp_path: Path
 
 
 async def _publish_through_sink(config: SinkConfig, device: DeviceCreds, pki: Pki) -> None:
-    server, queue = await build_server(config)
-    try:
-        async with server, aiomqtt.Client(
-            "localhost", server.port, identifier=device.device_id,
-            username=device.device_id, password=device_token(device),
-            tls_context=pki.client_context(device),
-        ) as client:  # fmt: skip
-            for i in range(5):
-                await client.publish(f"devices/{device.device_id}/t", f"{i}".encode(), qos=1)
-    finally:
-        await queue.aclose()
+    async with Sink(config) as sink, aiomqtt.Client(
+        "localhost", sink.port, identifier=device.device_id,
+        username=device.device_id, password=device_token(device),
+        tls_context=pki.client_context(device),
+    ) as client:  # fmt: skip
+        for i in range(5):
+            await client.publish(f"devices/{device.device_id}/t", f"{i}".encode(), qos=1)
 
 
 def _with_backend(tmp_path: Path, pki: Pki, backend: str) -> SinkConfig:
