@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -235,29 +236,39 @@ async def test_nats_outage_no_ack_refused_then_all_delivered_once(
     assert figures(f"nats {cut}", device, stored, sink) == (0, 0)
 
 
+@pytest.mark.parametrize("cut", ["failpoint", "locked"])
 async def test_sqlite_file_failure_no_ack_refused_then_all_delivered_once(
-    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, cut: str
 ) -> None:
+    """The file fails (failpoint inside every write transaction) or another process holds its
+    write lock for longer than the sink's busy timeout."""
     path = tmp_path / "core.db"
     config = sink_config(tmp_path, pki, f'[backend]\ntype = "sqlite"\npath = "{path}"\n')
+    locker = sqlite3.connect(path, isolation_level=None, timeout=10)
 
     async def fault() -> None:
-        failpoints.arm("sink.sqlite.write", "raise")
+        if cut == "failpoint":
+            failpoints.arm("sink.sqlite.write", "raise")
+        else:
+            locker.execute("BEGIN IMMEDIATE")
 
     async def heal() -> None:
         failpoints.disarm_all()
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
 
     async def confirmed() -> int:
         return len(list(read_messages(path)))
 
     try:
         async with Sink(config) as sink:
-            device = new_device(pki, sink, "sqlite")
+            device = new_device(pki, sink, f"sqlite-{cut}")
             await run_outage(sink, device, caplog, fault=fault, heal=heal, confirmed=confirmed)
     finally:
         failpoints.disarm_all()
+        locker.close()
     stored = [m.event_id for _, m in read_messages(path)]
-    assert figures("sqlite failpoint", device, stored, sink) == (0, 0)
+    assert figures(f"sqlite {cut}", device, stored, sink) == (0, 0)
 
 
 @pytest.mark.parametrize("backend", ["amqp", "nats"])

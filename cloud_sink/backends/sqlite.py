@@ -25,6 +25,8 @@ __all__ = ["SqliteCoreQueue", "read_dead_letters", "read_messages"]
 
 T = TypeVar("T")
 
+_BUSY_TIMEOUT = 5.0
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     position INTEGER PRIMARY KEY,
@@ -58,7 +60,11 @@ class SqliteCoreQueue:
     @classmethod
     async def open(cls, path: Path) -> SqliteCoreQueue:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        # A lock held longer than this by another process is an outage (BackendError), and
+        # must be seen as one well before the ingest server's stage timeout (30 s).
+        db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
+        )
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
