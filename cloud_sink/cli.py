@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +25,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
-from cloud_sink.service import build_server
+from cloud_sink.service import Sink, preflight
+from cloud_sink.tls import TlsError
 from mqtt_ingest.lifecycle import stop_on_signals
 
 __all__ = ["main"]
@@ -42,9 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG))
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("run", help="serve until SIGTERM/SIGINT (then drain and exit 0)")
+    run = commands.add_parser(
+        "run", help="serve until SIGTERM/SIGINT (then drain and exit 0); SIGHUP reloads the CRL"
+    )
     run.add_argument("--listen-port", type=int, metavar="PORT", help="override [listener] port")
-    commands.add_parser("check-config", help="validate the configuration and print it in full")
+    commands.add_parser(
+        "check-config",
+        help="validate the configuration and the files it names, then print it in full",
+    )
     tail = commands.add_parser("tail", help="print the events in the sqlite core queue")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -68,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _issue_token(args)
     try:
         config = load_config(args.config)
+        if args.command in ("check-config", "run"):
+            problems = preflight(config)
+            if problems:
+                raise ConfigError(str(args.config), problems)
     except ConfigError as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 2
@@ -81,24 +92,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             listener = config.listener.model_copy(update={"port": args.listen_port})
             config = config.model_copy(update={"listener": listener})
         return asyncio.run(_run(config))
-    except (BackendError, OSError, ValueError) as exc:
+    except (BackendError, TlsError, OSError, ValueError) as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 1
 
 
 async def _run(config: SinkConfig) -> int:
     stop = stop_on_signals()
-    server, queue = await build_server(config)
-    try:
-        async with server:
-            log.info(
-                "cloud-sink ready: listening on %s:%d, core queue %s",
-                config.listener.host, server.port, config.backend.type,
-            )  # fmt: skip
-            await stop.wait()
-            log.info("stopping on signal: draining in-flight publishes")
-    finally:
-        await queue.aclose()
+    sink = Sink(config)
+    # Registered before the sink starts: SIGHUP's default action would end the process.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sink.reload_tls)
+    async with sink:
+        log.info(
+            "cloud-sink ready: listening on %s:%d, core queue %s",
+            config.listener.host, sink.port, config.backend.type,
+        )  # fmt: skip
+        await stop.wait()
+        log.info("stopping on signal: draining in-flight publishes")
     log.info("cloud-sink stopped")
     return 0
 

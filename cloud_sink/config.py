@@ -8,7 +8,8 @@ Example::
     ca = "/etc/cloud-sink/ca.pem"          # the platform CA: client certificates must chain to it
     cert = "/etc/cloud-sink/server.pem"
     key = "/etc/cloud-sink/server.key"
-    crl = "/etc/cloud-sink/crl.pem"        # optional
+    crl = "/etc/cloud-sink/crl.pem"        # optional; reloaded on SIGHUP and when it changes
+    crl_check_interval = "5s"              # how often the CRL file's mtime/size/inode is looked at
 
     [auth]
     mode = "device-signed"                 # or "issuer-signed"
@@ -21,6 +22,14 @@ Example::
     [backend]
     type = "sqlite"
     path = "/var/lib/cloud-sink/core.db"
+
+    [backend.reconnect]                    # after a core-queue failure: probe with backoff,
+    initial = "0.5s"                       # full jitter: attempt n waits
+    max = "30s"                            # uniform(0, min(max, initial * 2**n))
+
+    [health]                               # optional: GET /healthz, GET /readyz
+    host = "127.0.0.1"
+    port = 9883
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ __all__ = [
     "NatsBackendConfig",
     "SinkConfig",
     "SqliteBackendConfig",
+    "check_files",
     "load_config",
     "parse_config",
 ]
@@ -54,6 +64,7 @@ class ListenerConfig(_Strict):
     cert: Path
     key: Path
     crl: Path | None = None
+    crl_check_interval: Seconds = 5.0
     max_connections: Annotated[int, Field(gt=0)] = 10_000
     max_inflight: Annotated[int, Field(gt=0)] = 256
     max_packet_size: Bytes = 1024**2
@@ -82,12 +93,29 @@ class RightsConfig(_Strict):
     prefix: str = "devices/{device_id}/"
 
 
-class SqliteBackendConfig(_Strict):
+class ReconnectConfig(_Strict):
+    """Backoff between probes of a core queue that failed (full jitter, capped)."""
+
+    initial: Seconds = 0.5
+    max: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReconnectConfig:
+        if self.initial > self.max:
+            raise ValueError("initial must not be more than max")
+        return self
+
+
+class _Backend(_Strict):
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+
+
+class SqliteBackendConfig(_Backend):
     type: Literal["sqlite"] = "sqlite"
     path: Path
 
 
-class AmqpBackendConfig(_Strict):
+class AmqpBackendConfig(_Backend):
     """RabbitMQ (extra ``amqp``): durable topic exchange, confirms, mandatory publishes."""
 
     type: Literal["amqp"]
@@ -100,7 +128,7 @@ class AmqpBackendConfig(_Strict):
     timeout: Seconds = 10.0
 
 
-class NatsBackendConfig(_Strict):
+class NatsBackendConfig(_Backend):
     """NATS JetStream (extra ``nats``): Nats-Msg-Id dedupe within the duplicate window."""
 
     type: Literal["nats"]
@@ -118,11 +146,44 @@ BackendConfig = Annotated[
 ]
 
 
+class HealthConfig(_Strict):
+    """The readiness endpoint; off unless ``port`` is set (0: any free port)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+
 class SinkConfig(_Strict):
     listener: ListenerConfig
     auth: AuthConfig
     rights: RightsConfig = Field(default_factory=RightsConfig)
     backend: BackendConfig
+    health: HealthConfig = Field(default_factory=HealthConfig)
+
+
+def check_files(config: SinkConfig) -> list[str]:
+    """Every file the configuration names that is missing or unreadable, as ``path: problem``
+    (an empty list when all are there)."""
+    listener = config.listener
+    named: list[tuple[str, Path]] = [
+        ("listener.ca", listener.ca),
+        ("listener.cert", listener.cert),
+        ("listener.key", listener.key),
+    ]
+    if listener.crl is not None:
+        named.append(("listener.crl", listener.crl))
+    named += [(f"auth.issuer_keys[{i}]", p) for i, p in enumerate(config.auth.issuer_keys)]
+    problems = []
+    for where, path in named:
+        try:
+            # Opening is the real test: os.access() says yes to root whatever the mode.
+            with path.open("rb") as file:
+                file.read(1)
+        except IsADirectoryError:
+            problems.append(f"{where}: {path} is a directory, not a file")
+        except OSError as exc:
+            problems.append(f"{where}: cannot read {path}: {exc.strerror or exc}")
+    return problems
 
 
 def parse_config(text: str, source: str = "<config>") -> SinkConfig:

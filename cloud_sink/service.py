@@ -1,37 +1,34 @@
-"""The running sink: mutual-TLS ingest server -> JWT auth -> topic rights -> core queue."""
+"""The running sink: mutual-TLS ingest server -> JWT auth -> topic rights -> core queue.
+
+`Sink` owns every part and its tasks: the TLS contexts (CRL reload), the core queue behind its
+health guard (outage state, reconnect with backoff), the ingest server and the readiness endpoint.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import ssl
 from collections.abc import Mapping
+from types import TracebackType
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from cloud_sink.auth import AuthSettings, JwtAuthenticator, PublicKey
 from cloud_sink.backends.base import CoreQueue
 from cloud_sink.backends.sqlite import SqliteCoreQueue
-from cloud_sink.config import AmqpBackendConfig, SinkConfig, SqliteBackendConfig
+from cloud_sink.config import AmqpBackendConfig, SinkConfig, SqliteBackendConfig, check_files
 from cloud_sink.forward import Forwarder
+from cloud_sink.health import BackendGuard, BackendState, Backoff
+from cloud_sink.readiness import ReadinessServer
 from cloud_sink.rights import DevicePrefixRights
+from cloud_sink.tls import TlsError, TlsReloader, build_context
 from mqtt_ingest import Counters, IngestServer, Limits
 from mqtt_ingest.clock import Clock, SystemClock
 
-__all__ = ["build_server", "open_backend", "server_context"]
+__all__ = ["Sink", "open_backend", "preflight"]
 
 log = logging.getLogger(__name__)
-
-
-def server_context(config: SinkConfig) -> ssl.SSLContext:
-    """``CERT_REQUIRED`` against the platform CA, with the CRL checked if one is configured."""
-    listener = config.listener
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(listener.ca))
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_cert_chain(str(listener.cert), str(listener.key))
-    if listener.crl is not None:
-        context.load_verify_locations(cafile=str(listener.crl))
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return context
 
 
 def _issuer_keys(config: SinkConfig) -> Mapping[str, PublicKey]:
@@ -74,40 +71,165 @@ async def open_backend(config: SinkConfig) -> CoreQueue:
     )
 
 
-async def build_server(
-    config: SinkConfig, *, clock: Clock | None = None
-) -> tuple[IngestServer, CoreQueue]:
-    """The server (not started) and its core queue (open; close it after the server stops)."""
-    auth = config.auth
-    settings = AuthSettings(
-        audience=auth.audience,
-        mode=auth.mode,
-        issuer=auth.issuer,
-        issuer_keys=_issuer_keys(config),
-        leeway=auth.leeway,
-        max_lifetime=auth.max_lifetime,
-        identity_source=auth.identity,
-        deny=frozenset(auth.deny),
-    )
-    context = server_context(config)
-    queue = await open_backend(config)
-    metrics = Counters()
-    listener = config.listener
-    server = IngestServer(
-        stage=Forwarder(queue, metrics),
-        authenticator=JwtAuthenticator(settings, clock or SystemClock()),
-        rights=DevicePrefixRights(config.rights.prefix),
-        host=listener.host,
-        port=listener.port,
-        ssl_context=context,
-        limits=Limits(
-            connect_timeout=listener.connect_timeout,
-            max_packet_size=listener.max_packet_size,
-            max_connections=listener.max_connections,
-            max_inflight=listener.max_inflight,
-        ),
-        clock=clock,
-        metrics=metrics,
-        name="cloud-sink",
-    )
-    return server, queue
+def preflight(config: SinkConfig) -> list[str]:
+    """Every problem with the files the configuration names, as ``config path: problem``:
+    missing or unreadable, then (for those that could be read) unusable contents."""
+    problems = check_files(config)
+    unreadable = {problem.split(":", 1)[0] for problem in problems}
+    if not unreadable & {"listener.ca", "listener.cert", "listener.key", "listener.crl"}:
+        try:
+            build_context(config.listener)
+        except TlsError as exc:
+            problems.append(f"listener: {exc}")
+    for index, path in enumerate(config.auth.issuer_keys):
+        where = f"auth.issuer_keys[{index}]"
+        if where in unreadable:
+            continue
+        try:
+            key = load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            problems.append(f"{where}: {path} is not a PEM public key: {exc}")
+            continue
+        if not isinstance(key, PublicKey):
+            problems.append(f"{where}: {path}: unsupported key type {type(key).__name__}")
+    return problems
+
+
+class Sink:
+    """The whole sink: ``async with Sink(config) as sink:``; leaving the block drains and stops.
+
+    Entering raises `TlsError` (unusable TLS files) or `BackendError` (the core queue cannot be
+    opened). ``sink.port`` is the MQTT port, ``sink.health_port`` the readiness endpoint's.
+    """
+
+    def __init__(self, config: SinkConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.metrics = Counters()
+        self._clock = clock
+        self._stack = contextlib.AsyncExitStack()
+        self._draining = False
+        self._server: IngestServer | None = None
+        self._backend: BackendGuard | None = None
+        self._tls: TlsReloader | None = None
+        self._readiness: ReadinessServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def server(self) -> IngestServer:
+        if self._server is None:
+            raise RuntimeError("the sink is not started")
+        return self._server
+
+    @property
+    def backend(self) -> BackendGuard:
+        if self._backend is None:
+            raise RuntimeError("the sink is not started")
+        return self._backend
+
+    @property
+    def tls(self) -> TlsReloader:
+        if self._tls is None:
+            raise RuntimeError("the sink is not started")
+        return self._tls
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def health_port(self) -> int:
+        if self._readiness is None:
+            raise RuntimeError("the readiness endpoint is off ([health] port not set)")
+        return self._readiness.port
+
+    def not_ready(self) -> str | None:
+        """None when the sink should get traffic, else why not (for ``/readyz``)."""
+        if self._draining:
+            return "draining"
+        if self._server is None or self._backend is None:
+            return "starting"
+        if self._backend.state is BackendState.DOWN:
+            return f"core queue down: {self._backend.reason}"
+        if self._backend.state is BackendState.CLOSED:
+            return "stopped"
+        return None
+
+    def reload_tls(self) -> None:
+        """Rebuild the TLS context (new CRL) for the next connections; for SIGHUP."""
+        if self._tls is not None:
+            self._tls.request_reload()
+
+    async def __aenter__(self) -> Sink:
+        config = self.config
+        listener = config.listener
+        auth = config.auth
+        settings = AuthSettings(
+            audience=auth.audience,
+            mode=auth.mode,
+            issuer=auth.issuer,
+            issuer_keys=_issuer_keys(config),
+            leeway=auth.leeway,
+            max_lifetime=auth.max_lifetime,
+            identity_source=auth.identity,
+            deny=frozenset(auth.deny),
+        )
+        self._tls = TlsReloader(listener, listener.crl_check_interval)
+        reconnect = config.backend.reconnect
+        queue = await open_backend(config)
+        stack = self._stack
+        try:
+            # Exit runs in reverse: server drained, tasks cancelled, endpoint closed, queue closed.
+            backend = BackendGuard(queue, Backoff(reconnect.initial, reconnect.max), self.metrics)
+            stack.push_async_callback(backend.aclose)
+            self._backend = backend
+            if config.health.port is not None:
+                self._readiness = await stack.enter_async_context(
+                    ReadinessServer(config.health.host, config.health.port, self.not_ready)
+                )
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._tasks = [
+                tasks.create_task(backend.run(), name="cloud_sink.backend_reconnect"),
+                tasks.create_task(self._tls.run(), name="cloud_sink.tls_reload"),
+            ]
+            stack.callback(self._cancel_tasks)
+            server = IngestServer(
+                stage=Forwarder(backend, self.metrics),
+                authenticator=JwtAuthenticator(settings, self._clock or SystemClock()),
+                rights=DevicePrefixRights(config.rights.prefix),
+                host=listener.host,
+                port=listener.port,
+                ssl_context=self._tls.context,
+                limits=Limits(
+                    connect_timeout=listener.connect_timeout,
+                    max_packet_size=listener.max_packet_size,
+                    max_connections=listener.max_connections,
+                    max_inflight=listener.max_inflight,
+                ),
+                clock=self._clock,
+                metrics=self.metrics,
+                availability=backend,
+                name="cloud-sink",
+            )
+            self._server = await stack.enter_async_context(server)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Report "draining" on ``/readyz``, stop accepting, let in-flight publishes be confirmed
+        and acked (within the server's stop deadline), then close everything. Idempotent."""
+        self._draining = True
+        await self._stack.aclose()
+
+    def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()

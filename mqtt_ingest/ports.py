@@ -4,6 +4,8 @@
 - `TopicRights`: may this identity publish to / subscribe to this topic?
 - `DurableStage`: takes batches of events and returns once they are durable (the agent's SQLite
   buffer, the sink's core queue). Only then does the server acknowledge them.
+- `Availability`: whether the durable stage can take events now; while it cannot, the server
+  reads from no connection and refuses new CONNECTs with "server unavailable".
 - `Metrics`: counters.
 """
 
@@ -21,6 +23,7 @@ __all__ = [
     "AllowAll",
     "Anonymous",
     "Authenticator",
+    "Availability",
     "ConnectRequest",
     "DurableStage",
     "Identity",
@@ -111,6 +114,24 @@ class DurableStage(Protocol):
         `StageRefused` for an event that was not (it gets no ack and its connection is closed).
         Raising fails the whole batch the same way. The server applies a timeout.
         """
+        ...
+
+
+class Availability(Protocol):
+    """A gate in front of the durable stage (for instance: is the core queue reachable?).
+
+    While ``available`` is false the server stops reading every connection (in-flight events
+    still complete or fail) and answers a new CONNECT with CONNACK 3, "server unavailable". The
+    owner of the gate logs its transitions; the server does not log each refusal.
+    """
+
+    @property
+    def available(self) -> bool:
+        """Called before every packet read: keep it cheap and free of I/O."""
+        ...
+
+    async def wait_available(self) -> None:
+        """Return once ``available`` is true (at once if it is)."""
         ...
 
 

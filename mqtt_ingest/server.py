@@ -12,6 +12,8 @@ What it does (SPEC §3, §4, §7):
   connection and it is closed: the client still holds the event and sends it again.
 - At ``limits.max_inflight`` unacknowledged events the connection stops reading its socket, so a
   stalled stage stalls its producers (TCP backpressure) instead of growing memory.
+- With an `Availability` gate: while it is closed no connection is read (keep-alive paused, as
+  above) and a new CONNECT gets CONNACK 3 "server unavailable", counted but not logged each time.
 - Malformed packets, a second CONNECT, reserved or server-to-client packet types, publishes outside
   the identity's rights and a silent keep-alive close the connection. A new connection with the
   client id of a live one takes over (the old one is closed). SUBSCRIBE is answered with a SUBACK
@@ -63,6 +65,7 @@ from mqtt_ingest.ports import (
     Action,
     AllowAll,
     Authenticator,
+    Availability,
     ConnectRequest,
     DurableStage,
     Identity,
@@ -119,6 +122,7 @@ class IngestServer:
         limits: Limits | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
+        availability: Availability | None = None,
         name: str = "ingest",
     ) -> None:
         self.limits = limits or Limits()
@@ -126,6 +130,7 @@ class IngestServer:
         self.name = name
         self._authenticator = authenticator
         self._rights: TopicRights = rights or AllowAll()
+        self._availability = availability
         self._host = host
         self._port = port
         self._ssl = ssl_context
@@ -394,6 +399,12 @@ class _Connection:
                 f"protocol level {packet.protocol_level} (only 4, MQTT 3.1.1, is served)",
                 "protocol",
             )
+        gate = self.server._availability
+        if gate is not None and not gate.available:
+            # The gate's owner logged the outage once; a line per refused device would flood.
+            await self._refuse(
+                ConnackCode.SERVER_UNAVAILABLE, "stage unavailable", "unavailable", quiet=True
+            )
         client_id = packet.client_id
         if not client_id:
             if not packet.clean_session:
@@ -455,10 +466,13 @@ class _Connection:
             self.server.name, client_id, self.peer, identity.name, packet.keep_alive,
         )  # fmt: skip
 
-    async def _refuse(self, code: ConnackCode, reason: str, label: str) -> NoReturn:
+    async def _refuse(
+        self, code: ConnackCode, reason: str, label: str, *, quiet: bool = False
+    ) -> NoReturn:
         """Send a refusing CONNACK, then end the connection (raises `_Close`)."""
         self.metrics.inc("connections_refused", reason=label)
-        log.warning(
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
             "%s: refused CONNECT from %s (client id %r): %s",
             self.server.name, self.peer, self.client_id, reason,
         )  # fmt: skip
@@ -474,6 +488,7 @@ class _Connection:
         loop = asyncio.get_running_loop()
         max_size = self.limits.max_packet_size
         max_inflight = self.limits.max_inflight
+        gate = self.server._availability
         timeout = self._keep_alive_timeout
         # Moving the deadline costs a new timer; under a stream of packets, move it at most every
         # `refresh` seconds. It can then fire up to `refresh` early: still >= 1.125 x keep-alive.
@@ -489,12 +504,24 @@ class _Connection:
                         self._space.clear()
                         await self._space.wait()
                         continue
+                    if gate is not None and not gate.available:
+                        # The stage cannot take events: stop reading, so producers hold them.
+                        keep_alive.reschedule(None)
+                        moved_at = -refresh
+                        await gate.wait_available()
+                        continue
                     now = loop.time()
                     if now - moved_at >= refresh:
                         keep_alive.reschedule(now + timeout)
                         moved_at = now
                     packet = await read_packet(self.reader, max_size)
                     if isinstance(packet, Publish):
+                        if gate is not None and not gate.available:
+                            # Read just before the gate closed: hold this one packet, don't
+                            # hand the stage an event it cannot take.
+                            keep_alive.reschedule(None)
+                            moved_at = -refresh
+                            await gate.wait_available()
                         self._on_publish(packet)
                     elif isinstance(packet, PubRel):
                         self._on_pubrel(packet)

@@ -120,6 +120,63 @@ async def test_stage_that_never_answers_stops_the_reading(stage: RecordingStage)
         stage.release()
 
 
+class Gate:
+    """A hand-operated `Availability` gate."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def available(self) -> bool:
+        return self._open.is_set()
+
+    async def wait_available(self) -> None:
+        await self._open.wait()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+async def test_closed_gate_stops_reading_and_refuses_connects_until_it_opens(
+    stage: RecordingStage, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = Gate()
+    async with running_server(stage, availability=gate) as server:
+        early = await RawClient.connected(server.port, "early")
+        await early.send(publish_packet("t", b"before", qos=1, packet_id=1))
+        ack = await early.read()
+        assert ack is not None
+        assert (ack.kind, ack.packet_id) == (PUBACK, 1)
+
+        gate.close()
+        await asyncio.sleep(0.05)  # the read loop parks on the gate before its next read
+        await early.send(publish_packet("t", b"while closed", qos=1, packet_id=2))
+        with pytest.raises(TimeoutError):
+            await early.read(timeout=0.5)
+        assert stage.payloads() == [b"before"], "read and stored while the gate was closed"
+        for attempt in range(3):
+            late = await RawClient.open(server.port)
+            await late.send(connect_packet(f"late-{attempt}"))
+            connack = await late.read()
+            assert connack is not None
+            assert (connack.kind, connack.body) == (2, b"\x00\x03")  # server unavailable
+            assert await late.closed_within(2)
+        assert counters(server).get("connections_refused", "unavailable") == 3
+        assert "refused CONNECT" not in caplog.text, "one log line per refusal"
+
+        gate.open()
+        ack = await early.read()  # the held packet is read, stored and acknowledged now
+        assert ack is not None
+        assert (ack.kind, ack.packet_id) == (PUBACK, 2)
+        await canary_publishes(server, stage, "after-gate")
+        await early.aclose()
+    assert stage.payloads("t") == [b"before", b"while closed"]
+
+
 async def test_graceful_stop_acks_in_flight_events_then_closes(stage: RecordingStage) -> None:
     stage.hold()
     server = IngestServer(stage=stage, authenticator=Anonymous())

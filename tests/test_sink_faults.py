@@ -13,12 +13,11 @@ import pytest
 
 from cloud_sink.backends import read_messages
 from cloud_sink.config import parse_config
-from cloud_sink.service import build_server
+from cloud_sink.service import Sink
 from mqtt_ingest.envelope import EnvelopeEvent, encode, format_username
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory
 from tests.harness.sink import CLOUD_SINK, device_token, write_sink_config
-from tests.harness.stages import counters
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -118,19 +117,15 @@ async def test_connection_closed_when_the_token_expires_mid_session(
         write_sink_config(tmp_path, pki).read_text().replace("[auth]\n", '[auth]\nleeway = "1s"\n')
     )
     device = pki.device(f"f11-{uuid.uuid4().hex[:6]}")
-    server, queue = await build_server(config)
-    try:
-        async with server:
-            async with aiomqtt.Client(
-                "localhost", server.port, identifier=device.device_id,
-                username=device.device_id, password=device_token(device, ttl=1),
-                tls_context=pki.client_context(device), timeout=5,
-            ) as c:  # fmt: skip
-                await c.publish(f"devices/{device.device_id}/t", b"before", qos=1)
-                await asyncio.sleep(3)  # past exp (1 s) + leeway (1 s)
-                with pytest.raises(aiomqtt.MqttError):
-                    await c.publish(f"devices/{device.device_id}/t", b"after", qos=1, timeout=3)
-            assert counters(server).get("connections_closed", "expired") == 1
-    finally:
-        await queue.aclose()
+    async with Sink(config) as sink:
+        async with aiomqtt.Client(
+            "localhost", sink.port, identifier=device.device_id,
+            username=device.device_id, password=device_token(device, ttl=1),
+            tls_context=pki.client_context(device), timeout=5,
+        ) as c:  # fmt: skip
+            await c.publish(f"devices/{device.device_id}/t", b"before", qos=1)
+            await asyncio.sleep(3)  # past exp (1 s) + leeway (1 s)
+            with pytest.raises(aiomqtt.MqttError):
+                await c.publish(f"devices/{device.device_id}/t", b"after", qos=1, timeout=3)
+        assert sink.metrics.get("connections_closed", "expired") == 1
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"before"]

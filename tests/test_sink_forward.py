@@ -52,6 +52,11 @@ class SwitchableQueue:
             raise BackendError("backend unavailable")
         await self.inner.dead_letter(messages)
 
+    async def probe(self) -> None:
+        if self.down:
+            raise BackendError("backend unavailable")
+        await self.inner.probe()
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

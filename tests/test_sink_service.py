@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloud_sink.backends import read_messages
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
-from cloud_sink.service import build_server
+from cloud_sink.service import Sink
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
@@ -127,17 +127,13 @@ async def test_issue_token_mints_a_certificate_bound_issuer_token(tmp_path: Path
 
 
 async def _publish_through_sink(config: SinkConfig, device: DeviceCreds, pki: Pki) -> None:
-    server, queue = await build_server(config)
-    try:
-        async with server, aiomqtt.Client(
-            "localhost", server.port, identifier=device.device_id,
-            username=device.device_id, password=device_token(device),
-            tls_context=pki.client_context(device),
-        ) as client:  # fmt: skip
-            for i in range(5):
-                await client.publish(f"devices/{device.device_id}/t", f"{i}".encode(), qos=1)
-    finally:
-        await queue.aclose()
+    async with Sink(config) as sink, aiomqtt.Client(
+        "localhost", sink.port, identifier=device.device_id,
+        username=device.device_id, password=device_token(device),
+        tls_context=pki.client_context(device),
+    ) as client:  # fmt: skip
+        for i in range(5):
+            await client.publish(f"devices/{device.device_id}/t", f"{i}".encode(), qos=1)
 
 
 def _with_backend(tmp_path: Path, pki: Pki, backend: str) -> SinkConfig:
@@ -179,3 +175,59 @@ async def test_sink_into_nats_jetstream(
     stored = await read_stream(names.url, names.stream, expected=5, timeout=10)
     assert [m.body for m in stored] == [f"{i}".encode() for i in range(5)]
     assert {m.subject for m in stored} == {f"{names.subject_prefix}.devices.{device.device_id}.t"}
+
+
+async def test_check_config_reports_every_missing_or_unusable_file_at_once(
+    tmp_path: Path, pki: Pki
+) -> None:
+    config = write_sink_config(tmp_path, pki)
+    junk = tmp_path / "k2.pem"
+    junk.write_text("not a key\n")
+    text = config.read_text().replace(str(pki.ca_cert), str(tmp_path / "no-ca.pem"))
+    text = text.replace("[auth]", f'crl = "{tmp_path}"\n\n[auth]')  # a directory
+    text = text.replace(
+        "[auth]\n",
+        '[auth]\nmode = "issuer-signed"\nissuer = "https://iss"\n'
+        f'issuer_keys = ["{tmp_path / "k1.pem"}", "{junk}"]\n',
+    )
+    config.write_text(text)
+    for command in ("check-config", "run"):
+        result = await asyncio.to_thread(sink_cli, config, command)
+        assert result.returncode == 2, result.stderr
+        problems = [line.strip() for line in result.stderr.splitlines()[1:]]
+        assert [p.split(":")[0] for p in problems] == [
+            "listener.ca",
+            "listener.crl",
+            "auth.issuer_keys[0]",
+            "auth.issuer_keys[1]",
+        ], result.stderr
+        assert "No such file or directory" in problems[0]
+        assert "is a directory" in problems[1]
+        assert "not a PEM public key" in problems[3]
+    # Every file readable, but the key does not belong to the certificate.
+    other = pki.device(f"cfg-{uuid.uuid4().hex[:6]}")
+    config.write_text(write_sink_config(tmp_path, pki).read_text().replace(
+        str(pki.server_key), str(other.key)
+    ))  # fmt: skip
+    result = await asyncio.to_thread(sink_cli, config, "check-config")
+    assert result.returncode == 2
+    assert "listener: certificate" in result.stderr
+
+
+def test_reconnect_and_health_validators(tmp_path: Path, pki: Pki) -> None:
+    base = write_sink_config(tmp_path, pki).read_text()
+    config = parse_config(base)
+    assert (config.backend.reconnect.initial, config.backend.reconnect.max) == (0.5, 30.0)
+    assert config.health.port is None  # off unless configured
+    assert config.listener.crl_check_interval == 5.0
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            base.replace("[auth]", 'crl_check_interval = "0s"\n\n[auth]')
+            + '\n[backend.reconnect]\ninitial = "5s"\nmax = "1s"\n'
+            + "\n[health]\nport = 70000\n"
+        )
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("listener.crl_check_interval:")
+    assert "initial must not be more than max" in problems[1]
+    assert problems[2].startswith("health.port:")

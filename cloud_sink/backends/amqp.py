@@ -159,6 +159,15 @@ class AmqpCoreQueue:
                 for m in messages
             )
 
+    async def probe(self) -> None:
+        """Reconnect if needed, then one round trip on the channel (the exchange declared again,
+        a no-op for the broker); `BackendError` if that fails within ``timeout``."""
+        async with self._guard("probe"):
+            session = await self._ready()
+            await session.channel.declare_exchange(
+                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+
     async def aclose(self) -> None:
         """Close the connection (bounded by ``timeout``); later calls raise `BackendError`."""
         self._closed = True

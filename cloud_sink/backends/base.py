@@ -54,4 +54,9 @@ class CoreQueue(Protocol):
         """Store undeliverable events with their reason; raise `BackendError` if not confirmed."""
         ...
 
+    async def probe(self) -> None:
+        """One round trip that shows the backend can confirm again (reconnecting if needed);
+        raise `BackendError` if not. Bounded by the backend's own timeout."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -262,6 +262,17 @@ class NatsCoreQueue:
             ) from failures[0]
         return sum(1 for ack in acks if ack.duplicate)
 
+    async def probe(self) -> None:
+        """A JetStream API round trip (the event stream's info) within ``timeout``; fails at once
+        while nats-py is still reconnecting in the background."""
+        if not self._client.is_connected:
+            raise BackendError("NATS is not connected (reconnecting in the background)")
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._client.jsm(timeout=self.timeout).stream_info(self.stream)
+        except _ERRORS as exc:
+            raise BackendError(f"NATS probe of stream {self.stream!r}: {exc!r}") from exc
+
     async def aclose(self) -> None:
         try:
             async with asyncio.timeout(self.timeout):

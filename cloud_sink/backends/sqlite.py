@@ -3,6 +3,10 @@
 ``events`` has a unique key on the event id, so a device resending after a lost ack is counted as
 a duplicate and not stored twice (SPEC §2 P2). ``cloud-sink tail`` reads it with `read_messages`.
 All SQL of this backend is here; it runs on one dedicated thread, one transaction per call.
+
+Failpoint ``sink.sqlite.write`` sits inside every write transaction (and in `probe`); armed with
+``raise`` it stands for a failing file (disk error, read-only, corrupt) and surfaces as
+`BackendError` like any ``sqlite3.Error``.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
+from mqtt_ingest import failpoints
 
 __all__ = ["SqliteCoreQueue", "read_dead_letters", "read_messages"]
 
 T = TypeVar("T")
+
+_BUSY_TIMEOUT = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -53,7 +60,11 @@ class SqliteCoreQueue:
     @classmethod
     async def open(cls, path: Path) -> SqliteCoreQueue:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        # A lock held longer than this by another process is an outage (BackendError), and
+        # must be seen as one well before the ingest server's stage timeout (30 s).
+        db = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
+        )
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -67,7 +78,7 @@ class SqliteCoreQueue:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.shield(loop.run_in_executor(self._executor, function, *args))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, failpoints.FailpointError) as exc:
             raise BackendError(f"sqlite core queue: {exc}") from exc
 
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
@@ -79,9 +90,21 @@ class SqliteCoreQueue:
     async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
         await self._run(self._insert_dead, list(messages))
 
+    async def probe(self) -> None:
+        """Take the write lock and let it go: the file is there, writable and not locked."""
+        await self._run(self._probe)
+
     async def aclose(self) -> None:
         await self._run(self._db.close)
         self._executor.shutdown(wait=True)
+
+    def _probe(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            failpoints.hit("sink.sqlite.write")
+        finally:
+            db.execute("ROLLBACK")
 
     def _insert(self, messages: list[CoreMessage]) -> int:
         db = self._db
@@ -103,6 +126,7 @@ class SqliteCoreQueue:
                         m.payload,
                     ),
                 ).rowcount
+            failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -119,6 +143,7 @@ class SqliteCoreQueue:
                 " VALUES (?, ?, ?, ?, ?)",
                 [(m.device_id, m.topic, m.reason, m.received_at_ms, m.payload) for m in messages],
             )
+            failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

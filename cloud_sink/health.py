@@ -1,0 +1,180 @@
+"""The core queue's health: one outage state for the whole sink, and the task that ends it (F9).
+
+`BackendGuard` wraps the configured `CoreQueue` and is what the forwarder publishes through. The
+first `BackendError` turns the state to ``DOWN`` (one log line) and from then on:
+
+- publishes fail at once, without touching the backend (their events are not acknowledged; the
+  devices still hold them and send them again);
+- the guard, being the ingest server's `Availability` gate, makes the server stop reading every
+  connection and refuse new CONNECTs with CONNACK 3 "server unavailable";
+- one background task (`run`) probes the backend with exponential backoff and full jitter
+  (``uniform(0, min(cap, initial * 2**attempt))``), so N sink instances do not hammer a recovering
+  broker in step. The first successful probe turns the state back to ``UP`` (one log line) and
+  the server reads and accepts again.
+
+A slow backend is not an outage: as long as it confirms within its own timeout, the forwarder just
+waits, the connections reach their in-flight limit and stop reading (TCP backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cloud_sink.backends.base import (
+    BackendError,
+    CoreMessage,
+    CoreQueue,
+    DeadLetterMessage,
+    PublishOutcome,
+)
+from mqtt_ingest import Metrics
+
+__all__ = ["BackendGuard", "BackendState", "Backoff"]
+
+log = logging.getLogger(__name__)
+
+
+class BackendState(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
+    And Jitter"): attempt n waits ``uniform(0, min(cap, initial * 2**n))`` seconds."""
+
+    initial: float = 0.5
+    cap: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.cap:
+            raise ValueError(f"backoff needs 0 < initial <= cap, got {self.initial}, {self.cap}")
+
+    def ceiling(self, attempt: int) -> float:
+        # min() before the power would overflow a float after ~1000 attempts.
+        return min(self.cap, self.initial * 2.0 ** min(attempt, 64))
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        return self.ceiling(attempt) * rng()
+
+
+class BackendGuard:
+    """A `CoreQueue` that knows whether its backend is up, and the ingest server's gate.
+
+    Start `run` in a task group for the guard's whole life; `aclose` closes the backend.
+    """
+
+    def __init__(self, queue: CoreQueue, backoff: Backoff, metrics: Metrics) -> None:
+        self._queue = queue
+        self._backoff = backoff
+        self._metrics = metrics
+        self._state = BackendState.UP
+        self._up = asyncio.Event()
+        self._up.set()
+        self._down = asyncio.Event()
+        self._reason = ""
+        self._down_since = 0.0
+        self.outages = 0
+
+    @property
+    def state(self) -> BackendState:
+        return self._state
+
+    @property
+    def reason(self) -> str:
+        """Why the backend is down (empty while it is up)."""
+        return self._reason
+
+    # -- Availability (the ingest server's gate) ---------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return self._state is BackendState.UP
+
+    async def wait_available(self) -> None:
+        await self._up.wait()
+
+    # -- CoreQueue -----------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        self._check()
+        try:
+            return await self._queue.publish(messages)
+        except BackendError as exc:
+            self._mark_down(exc)
+            raise
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        self._check()
+        try:
+            await self._queue.dead_letter(messages)
+        except BackendError as exc:
+            self._mark_down(exc)
+            raise
+
+    async def probe(self) -> None:
+        await self._queue.probe()
+
+    async def aclose(self) -> None:
+        self._state = BackendState.CLOSED
+        self._up.clear()
+        await self._queue.aclose()
+
+    # -- the reconnect task --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled: wait for an outage, probe with backoff until the backend answers."""
+        while True:
+            await self._down.wait()
+            attempt = 0
+            while self._state is BackendState.DOWN:
+                await asyncio.sleep(self._backoff.delay(attempt))
+                attempt += 1
+                try:
+                    await self._queue.probe()
+                except BackendError as exc:
+                    self._metrics.inc("backend_probes", reason="failed")
+                    log.debug("core queue still down (probe %d): %s", attempt, exc)
+                    continue
+                self._metrics.inc("backend_probes", reason="ok")
+                self._mark_up(attempt)
+
+    def _check(self) -> None:
+        if self._state is not BackendState.UP:
+            raise BackendError(f"core queue {self._state.value}: {self._reason}")
+
+    def _mark_down(self, exc: BackendError) -> None:
+        if self._state is not BackendState.UP:
+            return
+        self._state = BackendState.DOWN
+        self._reason = str(exc)
+        self._down_since = time.monotonic()
+        self.outages += 1
+        self._metrics.inc("backend_outages")
+        self._up.clear()
+        self._down.set()
+        log.warning(
+            "core queue down: %s; not reading any connection, refusing new ones (CONNACK 3),"
+            " reconnecting with backoff",
+            exc,
+        )
+
+    def _mark_up(self, probes: int) -> None:
+        if self._state is not BackendState.DOWN:
+            return
+        self._state = BackendState.UP
+        self._reason = ""
+        self._down.clear()
+        self._up.set()
+        log.info(
+            "core queue back after %.1fs (%d probe(s)): accepting and reading again",
+            time.monotonic() - self._down_since, probes,
+        )  # fmt: skip
