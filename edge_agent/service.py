@@ -34,6 +34,7 @@ class Agent:
         self._acceptor: Acceptor | None = None
         self._listener: IngestServer | None = None
         self._tasks: asyncio.TaskGroup | None = None
+        self._id_prefix = ""
 
     @property
     def buffer(self) -> Buffer:
@@ -68,6 +69,7 @@ class Agent:
             clock=self.clock,
         )
         self._stack.push_async_callback(self._buffer.aclose)
+        self._id_prefix = f"{self.config.agent.device_id}/{self._buffer.epoch}/"
         self._acceptor = Acceptor(self.config, self._buffer, self.clock)
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._cancel_tasks)
@@ -107,7 +109,7 @@ class Agent:
         """
         if self._acceptor is None:
             raise RuntimeError("the agent is not running")
-        return self.event_id(await self._acceptor.accept(topic, payload))
+        return self._id_prefix + str(await self._acceptor.accept(topic, payload))
 
     async def _sweep_loop(self) -> None:
         interval = self.config.buffer.ttl_sweep_interval
