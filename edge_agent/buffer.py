@@ -408,11 +408,11 @@ class Buffer:
                     group.append(pending)
                     count += len(pending[0])
             self._pending_events -= count
-            await self._commit(group, count)
+            await self._commit(group)
 
-    async def _commit(self, group: deque[_Pending], count: int) -> None:
+    async def _commit(self, group: deque[_Pending]) -> None:
         now_ms = int(self._clock.time() * 1000)
-        flat = [event for events, _, _ in group for event in events] if count > 1 else group[0][0]
+        flat = group[0][0] if len(group) == 1 else [e for events, _, _ in group for e in events]
         try:
             outcomes, dropped = await self._run(
                 _insert_group, flat, self._totals, self._max_events, self._max_bytes, now_ms

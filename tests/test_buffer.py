@@ -47,6 +47,24 @@ async def test_concurrent_appends_share_commits_and_get_increasing_seqs(tmp_path
     assert inspect(tmp_path).events == 500
 
 
+async def test_empty_many_and_single_appends_in_one_group(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path, commit_linger=0.01) as buffer:
+        outcomes = await asyncio.gather(
+            buffer.append([]),
+            buffer.append_one(event(b"one")),
+            buffer.append([event(b"two"), event(b"three")]),
+            buffer.append([]),
+            buffer.append_one(event(b"four")),
+        )
+        assert list(outcomes) == [[], 1, [2, 3], [], 4]
+        assert buffer.commits == 1
+        # One event in a group of two appends.
+        pair = await asyncio.gather(buffer.append([]), buffer.append_one(event(b"five")))
+        assert list(pair) == [[], 5]
+        payloads = [e.payload for e in await buffer.next_events(10)]
+        assert payloads == [b"one", b"two", b"three", b"four", b"five"]
+
+
 async def test_seq_never_reused_and_epoch_kept_across_restarts(tmp_path: Path) -> None:
     async with await Buffer.open(tmp_path) as buffer:
         first = [await buffer.append_one(event()) for _ in range(3)]
