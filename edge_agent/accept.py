@@ -8,7 +8,7 @@ priority, TTL and what happens when the buffer is full.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Sequence
 
 from edge_agent.buffer import Buffer, BufferFull, NewEvent
 from edge_agent.config import AgentConfig, TopicRule
@@ -17,6 +17,8 @@ from mqtt_ingest.clock import Clock
 __all__ = ["Acceptor", "InvalidEvent", "check_event", "topic_problem"]
 
 MAX_TOPIC_BYTES = 65535
+RULE_CACHE_TOPICS = 4096
+"""How many valid topics `Acceptor` remembers the rule of (then it starts over)."""
 
 
 class InvalidEvent(ValueError):
@@ -64,22 +66,31 @@ def check_event(config: AgentConfig, topic: str, payload: bytes) -> TopicRule:
 
 
 class Acceptor:
-    def __init__(
-        self,
-        config: AgentConfig,
-        buffer: Buffer,
-        clock: Clock,
-        on_commit: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, config: AgentConfig, buffer: Buffer, clock: Clock) -> None:
+        self._rules: dict[str, TopicRule] = {}
         self.config = config
         self.buffer = buffer
         self.clock = clock
-        self.on_commit = on_commit
-        """Called with the highest priority among newly committed events (wakes the uplink)."""
+
+    @property
+    def config(self) -> AgentConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: AgentConfig) -> None:
+        self._config = config
+        self._rules = {}
 
     def prepare(self, topic: str, payload: bytes, event_time: float | None = None) -> NewEvent:
         """Check one event and apply its topic rule; raise `InvalidEvent`."""
-        rule = check_event(self.config, topic, payload)
+        # Devices publish on few topics, again and again: the topic checks and the rule lookup
+        # (a third of the per-event work of Agent.publish) are done once per topic.
+        rule = self._rules.get(topic)
+        if rule is None or len(payload) > rule.max_payload:
+            rule = check_event(self._config, topic, payload)
+            if len(self._rules) >= RULE_CACHE_TOPICS:
+                self._rules = {}
+            self._rules[topic] = rule
         when = self.clock.time() if event_time is None else event_time
         return NewEvent(
             topic=topic,
@@ -91,18 +102,13 @@ class Acceptor:
             on_full=rule.on_full,
         )
 
-    async def accept(self, topic: str, payload: bytes) -> int:
-        """Store one event; return its seq once committed. Raises `InvalidEvent`, `BufferFull`."""
-        event = self.prepare(topic, payload)
-        seq = await self.buffer.append_one(event)
-        if self.on_commit is not None:
-            self.on_commit(event.priority)
-        return seq
+    def accept(self, topic: str, payload: bytes) -> Awaitable[int]:
+        """Store one event: ``await`` it for its seq, returned once committed.
+
+        Raises `InvalidEvent` (at the call) or `BufferFull` (from the await). A plain function
+        returning the buffer's coroutine: one coroutine less per event on the hot path.
+        """
+        return self.buffer.append_one(self.prepare(topic, payload))
 
     async def accept_many(self, events: Sequence[NewEvent]) -> list[int | BufferFull]:
-        results = await self.buffer.append(events)
-        if self.on_commit is not None:
-            committed = [e.priority for e, r in zip(events, results, strict=True) if type(r) is int]
-            if committed:
-                self.on_commit(max(committed))
-        return results
+        return await self.buffer.append(events)

@@ -39,6 +39,7 @@ class Agent:
         self._tasks: asyncio.TaskGroup | None = None
         self._uplink: Uplink | None = None
         self._uplink_task: asyncio.Task[None] | None = None
+        self._id_prefix = ""
 
     @property
     def buffer(self) -> Buffer:
@@ -79,12 +80,9 @@ class Agent:
         self._stack.push_async_callback(self._buffer.aclose)
         if self.config.uplink is not None:
             self._uplink = Uplink(self.config, self._buffer, self.clock)
-        self._acceptor = Acceptor(
-            self.config,
-            self._buffer,
-            self.clock,
-            on_commit=self._uplink.committed if self._uplink is not None else None,
-        )
+            self._buffer.on_commit = self._uplink.committed
+        self._id_prefix = f"{self.config.agent.device_id}/{self._buffer.epoch}/"
+        self._acceptor = Acceptor(self.config, self._buffer, self.clock)
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._cancel_tasks)
         self._sweeper = self._tasks.create_task(self._sweep_loop(), name="edge_agent.ttl_sweep")
@@ -140,7 +138,7 @@ class Agent:
         """
         if self._acceptor is None:
             raise RuntimeError("the agent is not running")
-        return self.event_id(await self._acceptor.accept(topic, payload))
+        return self._id_prefix + str(await self._acceptor.accept(topic, payload))
 
     async def _sweep_loop(self) -> None:
         interval = self.config.buffer.ttl_sweep_interval

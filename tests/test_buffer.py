@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Literal
 import pytest
 
 from edge_agent.buffer import (
+    SCHEMA_VERSION,
     Buffer,
+    BufferError,
     BufferFull,
     BufferLocked,
     NewEvent,
@@ -44,6 +47,24 @@ async def test_concurrent_appends_share_commits_and_get_increasing_seqs(tmp_path
     assert inspect(tmp_path).events == 500
 
 
+async def test_empty_many_and_single_appends_in_one_group(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path, commit_linger=0.01) as buffer:
+        outcomes = await asyncio.gather(
+            buffer.append([]),
+            buffer.append_one(event(b"one")),
+            buffer.append([event(b"two"), event(b"three")]),
+            buffer.append([]),
+            buffer.append_one(event(b"four")),
+        )
+        assert list(outcomes) == [[], 1, [2, 3], [], 4]
+        assert buffer.commits == 1
+        # One event in a group of two appends.
+        pair = await asyncio.gather(buffer.append([]), buffer.append_one(event(b"five")))
+        assert list(pair) == [[], 5]
+        payloads = [e.payload for e in await buffer.next_events(10)]
+        assert payloads == [b"one", b"two", b"three", b"four", b"five"]
+
+
 async def test_seq_never_reused_and_epoch_kept_across_restarts(tmp_path: Path) -> None:
     async with await Buffer.open(tmp_path) as buffer:
         first = [await buffer.append_one(event()) for _ in range(3)]
@@ -56,6 +77,56 @@ async def test_seq_never_reused_and_epoch_kept_across_restarts(tmp_path: Path) -
     async with await Buffer.open(fresh) as buffer:
         assert buffer.epoch != epoch
         assert len(buffer.epoch) == 16
+
+
+async def test_seq_stays_above_deleted_newest_events_across_restarts(tmp_path: Path) -> None:
+    async with await Buffer.open(tmp_path) as buffer:
+        seqs = await buffer.append([event() for _ in range(5)])
+        assert seqs == [1, 2, 3, 4, 5]
+        await buffer.delete([4, 5])  # the newest two: only seq 3 is left
+        assert (await buffer.stats()).next_seq == 6
+    assert inspect(tmp_path).next_seq == 6
+    async with await Buffer.open(tmp_path) as buffer:
+        assert await buffer.append_one(event()) == 6
+        await buffer.delete([1, 2, 3, 6])  # now nothing is left
+    async with await Buffer.open(tmp_path) as buffer:
+        assert await buffer.append_one(event()) == 7
+        # A dead letter is still a used seq; moved back and delivered, it stays used.
+        assert await buffer.dead_letter(7, "poison")
+    async with await Buffer.open(tmp_path) as buffer:
+        assert await buffer.requeue_dead() == 1
+        await buffer.delete([7])
+    async with await Buffer.open(tmp_path) as buffer:
+        assert await buffer.append_one(event()) == 8
+
+
+async def test_seq_stays_above_expired_and_dropped_newest_events(tmp_path: Path) -> None:
+    clock = FakeClock(start=1_700_000_000.0)
+    async with await Buffer.open(tmp_path, clock=clock, max_events=2) as buffer:
+        await buffer.append([event(), event(ttl=5)])
+        clock.advance(6)
+        assert await buffer.sweep_expired() == 1  # seq 2, the newest
+        # drop-oldest makes room by dropping seq 1 and 3: the buffer holds only seq 4 then.
+        await buffer.append([event(on_full="drop-oldest"), event(on_full="drop-oldest")])
+        assert [e.seq for e in await buffer.next_events(10)] == [3, 4]
+        await buffer.delete([3, 4])
+    async with await Buffer.open(tmp_path) as buffer:
+        assert await buffer.append_one(event()) == 5
+
+
+async def test_drain_order_pages_through_mixed_priorities(tmp_path: Path) -> None:
+    priorities = [0, 9, 0, 1, -1, 0, 9, 5, 0, 1, 0, -1, 5, 0] * 7
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.append([event(b"%d" % n, priority=p) for n, p in enumerate(priorities)])
+        expected = sorted(range(1, len(priorities) + 1), key=lambda s: (-priorities[s - 1], s))
+        for page in (1, 3, 10, 1000):
+            taken: list[int] = []
+            after: tuple[int, int] | None = None
+            while batch := await buffer.next_events(page, after):
+                taken += [e.seq for e in batch]
+                after = (batch[-1].priority, batch[-1].seq)
+            assert taken == expected, f"page size {page}"
+    assert [e.seq for e in read_events(tmp_path)] == expected
 
 
 async def test_reject_when_full_by_count_and_by_bytes(tmp_path: Path) -> None:
@@ -265,3 +336,105 @@ async def test_close_during_the_commit_linger_commits_and_returns(tmp_path: Path
     await asyncio.wait_for(buffer.aclose(), 5)
     assert await append == 1
     assert [e.payload for e in read_events(tmp_path)] == [b"lingering"]
+
+
+# -- schema migrations -----------------------------------------------------------------------
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    event_time INTEGER NOT NULL,
+    expires_at INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX events_drain ON events (priority DESC, seq);
+CREATE INDEX events_expiry ON events (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE dead_letters (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    event_time INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE drops (
+    reason TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    events INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (reason, topic)
+) STRICT;
+CREATE TABLE incidents (
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+) STRICT;
+INSERT INTO meta VALUES ('epoch', '00112233aabbccdd'), ('created_at', '1700000000000');
+PRAGMA user_version = 1;
+"""
+
+
+def _schema_1_buffer(directory: Path, events: int) -> None:
+    """A buffer as schema 1 left it: ``events`` undelivered events, the newest one already
+    deleted (so only sqlite_sequence knows its seq), one dead letter."""
+    directory.mkdir(exist_ok=True)
+    db = sqlite3.connect(directory / "buffer.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(_SCHEMA_1)
+    db.executemany(
+        "INSERT INTO events (topic, payload, qos, priority, event_time, expires_at, attempts)"
+        " VALUES (?, ?, 1, ?, 1700000000000, ?, ?)",
+        [(f"t/{n % 3}", b"old %d" % n, n % 2, None if n % 4 else 1, n % 5) for n in range(events)],
+    )
+    db.execute(
+        "INSERT INTO dead_letters SELECT seq, topic, payload, qos, priority, event_time,"
+        " attempts, 'poison', 1700000000000 FROM events WHERE seq = 1"
+    )
+    db.execute("DELETE FROM events WHERE seq IN (1, ?)", (events,))
+    db.close()
+
+
+async def test_schema_1_buffer_is_migrated_with_its_events_and_seqs(tmp_path: Path) -> None:
+    _schema_1_buffer(tmp_path, 50)
+    before = [(e.seq, e.topic, e.payload, e.priority, e.attempts) for e in read_events(tmp_path)]
+    assert len(before) == 48
+    async with await Buffer.open(tmp_path) as buffer:
+        assert buffer.epoch == "00112233aabbccdd"
+        after = [(e.seq, e.topic, e.payload, e.priority, e.attempts) for e in read_events(tmp_path)]
+        assert after == before
+        stats = await buffer.stats()
+        assert (stats.events, stats.dead_letters, stats.next_seq) == (48, 1, 51)
+        assert await buffer.append_one(event()) == 51  # 50 was used, then deleted
+        assert await buffer.requeue_dead() == 1
+    db = sqlite3.connect(tmp_path / "buffer.db")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()[0]
+        assert "AUTOINCREMENT" not in sql
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        db.close()
+
+
+async def test_schema_1_buffer_that_cannot_be_migrated_is_refused_untouched(
+    tmp_path: Path,
+) -> None:
+    _schema_1_buffer(tmp_path, 300)
+    before = list(read_events(tmp_path))
+    db = sqlite3.connect(tmp_path / "buffer.db")
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.close()
+    # The copy needs room for the events table again: with a disk this full it fails.
+    with pytest.raises(BufferError, match="schema version 1 and could not be migrated"):
+        await Buffer.open(tmp_path, max_page_count=pages + 1)
+    assert list(read_events(tmp_path)) == before
+    async with await Buffer.open(tmp_path) as buffer:  # with room, it migrates
+        assert (await buffer.stats()).events == len(before)
