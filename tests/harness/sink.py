@@ -20,6 +20,7 @@ from cloud_sink.config import parse_config
 from cloud_sink.service import Sink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
+from tests.harness.brokers import NatsNames
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import console_script
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
@@ -31,6 +32,7 @@ __all__ = [
     "core_message",
     "device_token",
     "http_get",
+    "nats_backend",
     "running_sink",
     "write_sink_config",
 ]
@@ -82,10 +84,14 @@ async def running_sink(
     extra_auth: str = "",
     listener_extra: str = "",
     server_cert: tuple[Path, Path] | None = None,
+    backend: str | None = None,
 ) -> AsyncIterator[IngestServer]:
     """The sink in this process on ``port``, its core queue in ``tmp_path/core.db``;
-    ``listener_extra`` adds keys to [listener], ``server_cert`` replaces (cert, key)."""
+    ``listener_extra`` adds keys to [listener], ``server_cert`` replaces (cert, key),
+    ``backend`` replaces the [backend] section."""
     text = write_sink_config(tmp_path, pki, extra_auth).read_text()
+    if backend is not None:
+        text = text[: text.index("[backend]")] + backend
     text = text.replace("port = 0", f"port = {port}")
     text = text.replace("[listener]\n", f"[listener]\n{listener_extra}\n")
     if server_cert is not None:
@@ -211,3 +217,13 @@ class ResendingDevice:
                 assert ack is not None, "connection closed"
                 assert (ack.kind, ack.packet_id) == (PUBACK, seq % 65535 + 1), ack
                 self.acked.add(seq)
+
+
+def nats_backend(names: NatsNames) -> str:
+    """A [backend] section for the test's JetStream streams."""
+    return (
+        f'[backend]\ntype = "nats"\nurl = "{names.url}"\nstream = "{names.stream}"\n'
+        f'subject_prefix = "{names.subject_prefix}"\n'
+        f'dead_letter_stream = "{names.dead_letter_stream}"\n'
+        f'dead_letter_subject_prefix = "{names.dead_letter_subject_prefix}"\n'
+    )
