@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import uuid
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
@@ -16,7 +21,9 @@ from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.report import figures, until
+from tests.harness.sink import AUD, CLOUD_SINK
 from tests.harness.sink import running_sink as sink
+from tests.test_agent import acli
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +149,87 @@ async def test_nothing_is_lost_when_the_link_goes_away(tmp_path: Path, pki: Pki)
     assert sorted(set(stored)) == list(range(published))
     assert len(stored) == published  # the sqlite core queue dedupes resends by event id
     assert not list(read_events(config.agent.data_dir))
+
+
+def issuer_key(tmp_path: Path) -> tuple[Path, Path]:
+    """(private key, public key) PEM files of a token issuer; the public one named k1.pem."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = tmp_path / "issuer.key"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public = tmp_path / "k1.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public
+
+
+def issue_token(device: DeviceCreds, issuer: Path, ttl: int) -> str:
+    done = subprocess.run(
+        [CLOUD_SINK, "issue-token", "--device", device.device_id, "--cert", str(device.cert),
+         "--key", str(issuer), "--kid", "k1", "--issuer", "https://issuer.test",
+         "--audience", AUD, "--ttl", str(ttl)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+async def test_token_file_mode_reads_the_file_again_when_it_changes(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Issuer-signed tokens from `cloud-sink issue-token`: an expired file blocks the uplink
+    (refused, nothing sent), a fresh one written to the same path gets it going again."""
+    device = new_device(pki, "tokfile")
+    private, public = issuer_key(tmp_path)
+    token_path = tmp_path / "device.jwt"
+    token_path.write_text(issue_token(device, private, ttl=-60))  # already expired
+    issuer_auth = (
+        f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
+    )
+    async with sink(tmp_path, pki, extra_auth=issuer_auth) as server:
+        path = agent_config(
+            tmp_path, pki, device, server.port,
+            token=f'mode = "token-file"\nfile = "{token_path}"',
+        )  # fmt: skip
+        config = load_config(path)
+        async with Agent(config) as agent:
+            await agent.publish("sensors/t1", b"1")
+            await until(lambda: (s := read_link_status(config.agent.data_dir)) is not None
+                        and s.state is LinkState.REFUSED)  # fmt: skip
+            assert agent.uplink is not None
+            assert "expired" in agent.uplink.status.last_error
+            status = await acli(path, "status")
+            assert "token: WARNING" in status.stdout
+            token_path.write_text(issue_token(device, private, ttl=600))
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            assert agent.uplink.status.token_expires_at is not None
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1"]
+
+
+async def test_status_and_token_commands_show_the_uplink(tmp_path: Path, pki: Pki) -> None:
+    device = new_device(pki, "status")
+    async with sink(tmp_path, pki) as server:
+        path = agent_config(tmp_path, pki, device, server.port)
+        config = load_config(path)
+        async with Agent(config) as agent:
+            await agent.publish("sensors/t1", b"1")
+            await until(lambda: inspect(config.agent.data_dir).events == 0)
+            text = await acli(path, "status")
+            as_json = await acli(path, "status", "--json")
+            token = await acli(path, "token")
+    assert f"uplink: online (localhost:{server.port})" in text.stdout, text.stdout
+    assert "certificate: expires in" in text.stdout
+    uplink = json.loads(as_json.stdout)["uplink"]
+    assert uplink["link"]["state"] == "online"
+    assert uplink["agent_pid"] is not None
+    claims = jwt.decode(token.stdout.strip(), options={"verify_signature": False})
+    assert (claims["sub"], claims["aud"]) == (device.device_id, AUD)
+    stopped = await acli(path, "status")
+    assert "the agent is not running; last state stopped" in stopped.stdout

@@ -377,3 +377,34 @@ async def test_sigterm_while_draining_exits_0_and_keeps_the_rest(
     figures("sigterm while draining", events=3000, delivered=len(stored), still_buffered=len(left))
     assert stored | left == set(range(3000))
     assert left, "the drain finished before SIGTERM: the test proves nothing"
+
+
+@pytest.mark.parametrize("shape", ["latency 500ms", "2 kB/s", "1-byte slices"])
+async def test_slow_links_cause_no_false_disconnects(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory, shape: str
+) -> None:
+    """F6: while bytes flow, keep-alive (3 s here) never declares a slow link dead."""
+    device = new_device(pki, "f6")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        if shape == "latency 500ms":
+            proxy.latency(0.5)
+        elif shape == "2 kB/s":
+            proxy.bandwidth(2000)
+        else:
+            proxy.slice(1)
+        config = load_config(
+            configure(tmp_path, pki, device, proxy.port, extra="keepalive = 3\nwindow = 4")
+        )
+        events = 60
+        async with Agent(config) as agent:
+            for i in range(events):
+                await agent.publish("sensors/t", f"{i}".encode() * 20)
+                await asyncio.sleep(0.1)
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=90)
+            assert agent.uplink is not None
+            connections = agent.uplink.status.connections
+    stored = [m.payload for _, m in read_messages(tmp_path / "core.db")]
+    figures(f"slow link ({shape})", events=events, stored=len(stored), connections=connections)
+    assert len(stored) == events
+    assert connections == 1, "the slow link was dropped and reconnected"
