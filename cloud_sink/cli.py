@@ -91,17 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.listen_port is not None:
             listener = config.listener.model_copy(update={"port": args.listen_port})
             config = config.model_copy(update={"listener": listener})
-        return asyncio.run(_run(config))
+        return asyncio.run(_run(config, args.config))
     except (BackendError, TlsError, OSError, ValueError) as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 1
 
 
-async def _run(config: SinkConfig) -> int:
+async def _run(config: SinkConfig, path: Path) -> int:
     stop = stop_on_signals()
     sink = Sink(config)
     # Registered before the sink starts: SIGHUP's default action would end the process.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sink.reload_tls)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: _reload(sink, path))
     async with sink:
         log.info(
             "cloud-sink ready: listening on %s:%d, core queue %s",
@@ -111,6 +111,26 @@ async def _run(config: SinkConfig) -> int:
         log.info("stopping on signal: draining in-flight publishes")
     log.info("cloud-sink stopped")
     return 0
+
+
+def _reload(sink: Sink, path: Path) -> None:
+    """SIGHUP: read the configuration again; a file with problems changes nothing."""
+    try:
+        config = load_config(path)
+        problems = preflight(config)
+        if problems:
+            raise ConfigError(str(path), problems)
+        if sink.config.listener.port != config.listener.port:
+            # `run --listen-port` overrides the file: not a change to report.
+            listener = config.listener.model_copy(update={"port": sink.config.listener.port})
+            config = config.model_copy(update={"listener": listener})
+        restart = sink.reload(config)
+    except (ConfigError, ValueError) as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    log.info("reloaded %s: auth settings and TLS context", path)
+    if restart:
+        log.warning("changed but only applied after a restart: %s", ", ".join(restart))
 
 
 def _tail(config: SinkConfig, follow: bool, as_json: bool) -> int:

@@ -31,6 +31,25 @@ __all__ = ["Sink", "open_backend", "preflight"]
 log = logging.getLogger(__name__)
 
 
+def auth_settings(config: SinkConfig) -> AuthSettings:
+    """The authenticator's settings from [auth]; ValueError when an issuer key is unusable."""
+    auth = config.auth
+    try:
+        issuer_keys = _issuer_keys(config)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"auth.issuer_keys: {exc}") from None
+    return AuthSettings(
+        audience=auth.audience,
+        mode=auth.mode,
+        issuer=auth.issuer,
+        issuer_keys=issuer_keys,
+        leeway=auth.leeway,
+        max_lifetime=auth.max_lifetime,
+        identity_source=auth.identity,
+        deny=frozenset(auth.deny),
+    )
+
+
 def _issuer_keys(config: SinkConfig) -> Mapping[str, PublicKey]:
     keys: dict[str, PublicKey] = {}
     for path in config.auth.issuer_keys:
@@ -154,6 +173,22 @@ class Sink:
             return "stopped"
         return None
 
+    def reload(self, config: SinkConfig) -> list[str]:
+        """Apply a new configuration to the running sink (SIGHUP): the [auth] section (deny list,
+        issuer and keys, audience, leeway, lifetimes) for the next CONNECTs, and a TLS context
+        rebuilt with the CRL. Raise ValueError if the new settings are unusable (nothing changes
+        then). Returns the sections that changed but only take effect after a restart."""
+        settings = auth_settings(config)  # ValueError: a key file that cannot be used
+        old = self.config
+        restart = [
+            name for name in ("listener", "rights", "backend", "health")
+            if getattr(old, name) != getattr(config, name)
+        ]  # fmt: skip
+        self._authenticator.settings = settings
+        self.config = old.model_copy(update={"auth": config.auth})
+        self.reload_tls()
+        return restart
+
     def reload_tls(self) -> None:
         """Rebuild the TLS context (new CRL) for the next connections; for SIGHUP."""
         if self._tls is not None:
@@ -162,17 +197,8 @@ class Sink:
     async def __aenter__(self) -> Sink:
         config = self.config
         listener = config.listener
-        auth = config.auth
-        settings = AuthSettings(
-            audience=auth.audience,
-            mode=auth.mode,
-            issuer=auth.issuer,
-            issuer_keys=_issuer_keys(config),
-            leeway=auth.leeway,
-            max_lifetime=auth.max_lifetime,
-            identity_source=auth.identity,
-            deny=frozenset(auth.deny),
-        )
+        settings = auth_settings(config)
+        self._authenticator = JwtAuthenticator(settings, self._clock or SystemClock())
         self._tls = TlsReloader(listener, listener.crl_check_interval)
         reconnect = config.backend.reconnect
         queue = await open_backend(config)
@@ -194,7 +220,7 @@ class Sink:
             stack.callback(self._cancel_tasks)
             server = IngestServer(
                 stage=Forwarder(backend, self.metrics),
-                authenticator=JwtAuthenticator(settings, self._clock or SystemClock()),
+                authenticator=self._authenticator,
                 rights=DevicePrefixRights(config.rights.prefix),
                 host=listener.host,
                 port=listener.port,

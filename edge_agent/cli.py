@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.listen_port is not None:
                 listener = config.listener.model_copy(update={"port": args.listen_port})
                 config = config.model_copy(update={"listener": listener})
-            return asyncio.run(_run(config))
+            return asyncio.run(_run(config, args.config))
         if args.command == "check-config":
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             return 0
@@ -153,12 +154,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-async def _run(config: AgentConfig) -> int:
+async def _run(config: AgentConfig, path: Path) -> int:
     stop = stop_on_signals()
-    async with Agent(config):
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    # Registered before the agent starts: SIGHUP's default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(agent, path))
+    async with agent:
         await stop.wait()
         log.info("stopping on signal")
     return 0
+
+
+def _reload(agent: Agent, path: Path) -> None:
+    """SIGHUP: read the configuration file again; a file with problems changes nothing."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    listener_port = agent.config.listener.port
+    if config.listener.port != listener_port and agent.listener_port is not None:
+        # `run --listen-port` overrides the file; keep comparing like with like.
+        config = config.model_copy(
+            update={"listener": config.listener.model_copy(update={"port": listener_port})}
+        )
+    try:
+        restart = agent.reload(config)
+    except (ValueError, RuntimeError) as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    log.info("reloaded %s", path)
+    if restart:
+        log.warning("changed but only applied after a restart: %s", ", ".join(restart))
 
 
 async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) -> int:

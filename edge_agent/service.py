@@ -140,6 +140,32 @@ class Agent:
             raise RuntimeError("the agent is not running")
         return self._id_prefix + str(await self._acceptor.accept(topic, payload))
 
+    def reload(self, config: AgentConfig) -> list[str]:
+        """Apply a new configuration to the running agent (SIGHUP): the topic rules at once, the
+        uplink's settings, certificates, key and token from a new connection started at once.
+
+        Raise ValueError if the new uplink material is unusable: nothing is applied then. Returns
+        the sections that changed but only take effect after a restart.
+        """
+        if self._acceptor is None:
+            raise RuntimeError("the agent is not running")
+        old = self.config
+        restart = [
+            name
+            for name in ("agent", "buffer", "listener")
+            if getattr(old, name) != getattr(config, name)
+        ]
+        if (old.uplink is None) != (config.uplink is None):
+            restart.append("uplink (added or removed)")
+        elif self._uplink is not None and config.uplink is not None:
+            # Even with the same settings: the files behind the same paths may have changed.
+            self._uplink.reload(config.uplink)
+        self._acceptor.config = config
+        self.config = config.model_copy(
+            update={name: getattr(old, name) for name in ("agent", "buffer", "listener")}
+        )
+        return restart
+
     async def _sweep_loop(self) -> None:
         interval = self.config.buffer.ttl_sweep_interval
         while True:

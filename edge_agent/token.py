@@ -12,6 +12,7 @@ Each source returns a `Token` or raises `TokenUnavailable` saying what is wrong 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = [
     "load_private_key",
     "token_source",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class TokenUnavailable(Exception):
@@ -73,13 +76,19 @@ class DeviceSignedTokens:
         self._audience = audience
         self._lifetime = lifetime
         self._clock = clock
+        self._key: PrivateKey | None = None
+        self._algorithm = ""
 
     def current(self) -> Token:
-        key = load_private_key(self._key_path)  # read per token: a rotated key is picked up
-        try:
-            algorithm = algorithm_for(key.public_key())
-        except ValueError as exc:
-            raise TokenUnavailable(f"{self._key_path}: {exc}") from None
+        if self._key is None:
+            # Loaded once (and again by a reload): a key file broken later does not break the link.
+            key = load_private_key(self._key_path)
+            try:
+                self._algorithm = algorithm_for(key.public_key())
+            except ValueError as exc:
+                raise TokenUnavailable(f"{self._key_path}: {exc}") from None
+            self._key = key
+        key, algorithm = self._key, self._algorithm
         now = int(self._clock.time())
         expires = now + int(self._lifetime)
         claims = {"sub": self._device_id, "aud": self._audience, "iat": now, "exp": expires}
@@ -94,20 +103,30 @@ class TokenFile:
         self._token: Token | None = None
 
     def current(self) -> Token:
+        """The file's token, read again whenever the file changed. A file that turns unreadable
+        or malformed keeps the token read before in use while that one is valid."""
         try:
             info = os.stat(self._path)
             signature = (info.st_ino, info.st_size, info.st_mtime_ns)
             if signature != self._seen or self._token is None:
-                self._token = _parse_token(self._path.read_text().strip(), self._path)
                 self._seen = signature
-        except OSError as exc:
-            raise TokenUnavailable(
+                self._token = _parse_token(self._path.read_text().strip(), self._path)
+        except (OSError, TokenUnavailable) as exc:
+            problem = (
                 f"cannot read the token file {self._path}: {exc.strerror}"
-            ) from None
+                if isinstance(exc, OSError)
+                else str(exc)
+            )
+            if self._token is None or self._expired(self._token):
+                raise TokenUnavailable(problem) from None
+            log.warning("uplink: %s; still using the token read before", problem)
         token = self._token
-        if token.expires_at is not None and token.expires_at <= self._clock.time():
+        if self._expired(token):
             raise TokenUnavailable(f"the token in {self._path} expired; put a fresh one there")
         return token
+
+    def _expired(self, token: Token) -> bool:
+        return token.expires_at is not None and token.expires_at <= self._clock.time()
 
 
 def _parse_token(text: str, path: Path) -> Token:

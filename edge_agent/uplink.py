@@ -61,6 +61,7 @@ __all__ = [
     "Backoff",
     "LinkState",
     "LinkStatus",
+    "TlsMaterial",
     "Uplink",
     "client_context",
     "read_link_status",
@@ -126,6 +127,35 @@ def client_context(config: UplinkConfig) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(tls.cert), str(tls.key))
     return context
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The device's TLS setup, loaded and checked once (at start and on reload), then reused for
+    every connection: a file broken on disk later does not break the link; SIGHUP loads anew."""
+
+    context: ssl.SSLContext
+    not_before: float  # unix seconds
+    not_after: float
+
+    @classmethod
+    def load(cls, config: UplinkConfig) -> TlsMaterial:
+        """Raise ValueError saying what is wrong with the files."""
+        tls = config.tls
+        try:
+            certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+            context = client_context(config)
+        except OSError as exc:
+            raise ValueError(f"cannot read the TLS files: {exc}") from None
+        except (ValueError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {exc}"
+            ) from None
+        return cls(
+            context,
+            certificate.not_valid_before_utc.timestamp(),
+            certificate.not_valid_after_utc.timestamp(),
+        )
 
 
 class Backoff:
@@ -215,6 +245,8 @@ class Uplink:
         self._buffer = buffer
         self._clock = clock
         self._tokens: TokenSource = token_source(self.config, self.device_id, clock)
+        self._material: TlsMaterial | None = None
+        self._reconnect = asyncio.Event()  # set by reload: close gracefully, connect again now
         self._backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         self._refused_backoff = Backoff(
             self.config.refused_backoff_initial, self.config.refused_backoff_max
@@ -293,23 +325,21 @@ class Uplink:
             )
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
-                await self._stopping.wait()
+                await _first(self._stopping, self._reconnect)
         self.status.retry_at = None
 
     async def _connection(self) -> None:
         config = self.config
         self._set_state(LinkState.CONNECTING, "", quiet=True)
-        self.status.certificate_not_after = self._check_certificate()
+        self._reconnect.clear()
+        material = self._tls_material()
         try:
             token = self._tokens.current()
         except TokenUnavailable as exc:
             raise _Failure(str(exc), refused=True) from None
         self.status.token_expires_at = token.expires_at
         tls_errors: list[str] = []
-        try:
-            context = client_context(config)
-        except (OSError, ssl.SSLError) as exc:
-            raise _Failure(f"cannot load the TLS files: {exc}", refused=True) from None
+        context = material.context
         context.sslsocket_class = _recording_socket_class(tls_errors)
         username = (
             format_username(self.device_id, format=FORMAT_BATCH_V1)
@@ -357,25 +387,49 @@ class Uplink:
         left = token.expires_at - self.config.token.renew_before - self._clock.time()
         return asyncio.get_running_loop().time() + max(left, 1.0)
 
-    def _check_certificate(self) -> float | None:
-        """The certificate's notAfter; refuse to connect with one that is not valid now."""
+    def _tls_material(self) -> TlsMaterial:
+        """The loaded TLS material (loaded now if it never loaded); refuse a certificate that is
+        not valid at this moment."""
+        if self._material is None:
+            try:
+                self._material = TlsMaterial.load(self.config)
+            except ValueError as exc:
+                raise _Failure(str(exc), refused=True) from None
+        material = self._material
+        self.status.certificate_not_after = material.not_after
+        now = self._clock.time()
+        if now < material.not_before:
+            when = dt.datetime.fromtimestamp(material.not_before, dt.UTC)
+            raise _Failure(
+                f"the device certificate is not valid before {when} (check the clock)",
+                refused=True,
+            )
+        if now > material.not_after:
+            when = dt.datetime.fromtimestamp(material.not_after, dt.UTC)
+            raise _Failure(f"the device certificate expired at {when}", refused=True)
+        return material
+
+    def reload(self, config: UplinkConfig) -> None:
+        """Use new settings, certificates, key and token from the next connection on, which
+        starts at once. Everything is loaded and checked first: on a problem this raises
+        ValueError and the uplink keeps what it had."""
+        material = TlsMaterial.load(config)
+        tokens = token_source(config, self.device_id, self._clock)
         try:
-            certificate = x509.load_pem_x509_certificate(self.config.tls.cert.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise _Failure(f"cannot read {self.config.tls.cert}: {exc}", refused=True) from None
-        now = dt.datetime.fromtimestamp(self._clock.time(), dt.UTC)
-        if now < certificate.not_valid_before_utc:
-            raise _Failure(
-                f"the device certificate is not valid before {certificate.not_valid_before_utc}"
-                " (check the clock)",
-                refused=True,
-            )
-        if now > certificate.not_valid_after_utc:
-            raise _Failure(
-                f"the device certificate expired at {certificate.not_valid_after_utc}",
-                refused=True,
-            )
-        return certificate.not_valid_after_utc.timestamp()
+            tokens.current()
+        except TokenUnavailable as exc:
+            raise ValueError(str(exc)) from None
+        self.config = config
+        self._material = material
+        self._tokens = tokens
+        self.status.server = f"{config.host}:{config.port}"
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max)
+        self._refused_backoff = Backoff(config.refused_backoff_initial, config.refused_backoff_max)
+        self._last_refusal = ""
+        self._reconnect.set()
+        self._wake.set()
+        if self._session is not None:
+            self._session.changed.set()
 
     # -- one connection's drain -------------------------------------------------------------
 
@@ -417,6 +471,9 @@ class Uplink:
                 return
             if renew_at is not None and loop.time() >= renew_at:
                 log.info("uplink: renewing the connection before the token expires")
+                return
+            if self._reconnect.is_set():
+                log.info("uplink: reconnecting with the reloaded configuration")
                 return
             free = session.window - len(session.inflight)
             if free <= 0:
@@ -665,6 +722,16 @@ class Uplink:
             os.replace(temporary, path)
         except OSError as exc:
             log.debug("uplink: cannot write %s: %s", path, exc)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Until one of ``events`` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _token_note(token: Token, clock: Clock) -> str:

@@ -154,6 +154,7 @@ async def test_nothing_is_lost_when_the_link_goes_away(tmp_path: Path, pki: Pki)
 def issuer_key(tmp_path: Path) -> tuple[Path, Path]:
     """(private key, public key) PEM files of a token issuer; the public one named k1.pem."""
     key = ec.generate_private_key(ec.SECP256R1())
+    tmp_path.mkdir(parents=True, exist_ok=True)
     private = tmp_path / "issuer.key"
     private.write_bytes(
         key.private_bytes(

@@ -1,0 +1,206 @@
+"""SIGHUP reload (issue #7): what each service reloads, that the new material is used on the next
+connection, and that a broken file is refused with a log line while the old one stays in use."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import ssl
+import uuid
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from cloud_sink.backends import read_messages
+from cloud_sink.config import parse_config
+from cloud_sink.service import Sink
+from edge_agent import Agent, load_config
+from edge_agent.buffer import inspect
+from tests.harness.agent import start_agent, uplink_section, write_config
+from tests.harness.pki import DeviceCreds, Pki
+from tests.harness.process import ManagedProcess, ProcessFactory
+from tests.harness.report import until
+from tests.harness.sink import CLOUD_SINK, device_token, running_sink, write_sink_config
+from tests.test_uplink import issue_token, issuer_key
+
+pytestmark = pytest.mark.integration
+
+RULES = """
+[[topics]]
+filter = "big/#"
+max_payload = "{limit}"
+
+[[topics]]
+filter = "#"
+"""
+
+
+async def publish_acked(port: int, topic: str, payload: bytes) -> bool:
+    """Whether the agent's listener acknowledged the event (QoS 1)."""
+    try:
+        async with aiomqtt.Client(
+            "127.0.0.1", port, identifier=f"p-{uuid.uuid4().hex[:6]}", timeout=5
+        ) as client:
+            await client.publish(topic, payload, qos=1, timeout=5)
+    except aiomqtt.MqttError:
+        return False
+    return True
+
+
+async def test_agent_sighup_reloads_topic_rules_and_refuses_a_broken_file(
+    tmp_path: Path, process_factory: ProcessFactory
+) -> None:
+    path = write_config(tmp_path, topics=RULES.format(limit="4KiB"))
+    agent = start_agent(process_factory, path)
+    assert await publish_acked(agent.port, "big/x", b"x" * 2000)
+    path.write_text(path.read_text().replace('"4KiB"', '"1KiB"'))
+    agent.signal(signal.SIGHUP)
+    await until(lambda: "reloaded" in agent.output())
+    assert not await publish_acked(agent.port, "big/x", b"x" * 2000)  # over the new limit
+    assert await publish_acked(agent.port, "big/x", b"x" * 500)
+    path.write_text(path.read_text().replace("[[topics]]", "[[topics", 1))  # broken TOML
+    agent.signal(signal.SIGHUP)
+    await until(lambda: "reload refused" in agent.output())
+    assert not await publish_acked(agent.port, "big/x", b"x" * 2000)  # the 1KiB rule stays
+    assert await agent.asigterm() == 0
+    assert inspect(tmp_path / "data").events == 2
+
+
+def install(creds: DeviceCreds, directory: Path) -> tuple[Path, Path]:
+    """The device's certificate and key copied where the agent's config points."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "device.pem", directory / "device.key"
+    shutil.copyfile(creds.cert, cert)
+    shutil.copyfile(creds.key, key)
+    return cert, key
+
+
+async def test_agent_reload_rotates_the_certificate_and_keeps_the_old_one_if_broken(
+    tmp_path: Path, pki: Pki
+) -> None:
+    device_id = f"rot-{uuid.uuid4().hex[:6]}"
+    first = pki.device(device_id)
+    cert, key = install(first, tmp_path / "creds")
+    installed = DeviceCreds(device_id, cert, key, first.serial)
+    crl = tmp_path / "crl.pem"
+    shutil.copyfile(pki.crl, crl)
+    async with running_sink(tmp_path, pki, listener_extra=f'crl = "{crl}"') as server:
+        path = write_config(
+            tmp_path / "agent",
+            device_id=device_id,
+            uplink=uplink_section(pki, installed, server.port),
+        )
+        async with Agent(load_config(path)) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            await agent.publish("t", b"1")
+            await until(lambda: status.delivered == 1)
+            # Rotation: a new certificate and key for the same device, the old one revoked.
+            renewed = tmp_path / "renewed"
+            renewed.mkdir()
+            second = pki.ca.issue_device(
+                device_id, cert_path=renewed / "device.pem", key_path=renewed / "device.key"
+            )
+            shutil.copyfile(second.cert_path, cert)
+            shutil.copyfile(second.key_path, key)
+            pki.ca.revoke(hex(first.serial))  # rewrites the CA's CRL
+            shutil.copyfile(pki.crl, crl)
+            await until(lambda: server_refuses(first, pki, server.port), timeout=20)
+            agent.reload(load_config(path))
+            await until(lambda: status.connections == 2)
+            await agent.publish("t", b"2")
+            await until(lambda: status.delivered == 2)
+            # A broken certificate file is refused; the loaded one stays in use, reconnects too.
+            cert.write_text("not a certificate")
+            with pytest.raises(ValueError, match="unusable TLS files"):
+                agent.reload(load_config(path))
+            assert status.connections == 2
+            await agent.publish("t", b"3")
+            await until(lambda: status.delivered == 3)
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1", b"2", b"3"]
+
+
+def server_refuses(creds: DeviceCreds, pki: Pki, port: int) -> bool:
+    """Whether the sink now refuses ``creds`` at the TLS handshake (CRL picked up)."""
+    context = pki.client_context(creds)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.settimeout(2)
+            return tls.recv(1) == b""
+    except (ssl.SSLError, OSError):
+        return True
+
+
+def sink_process(processes: ProcessFactory, config: Path) -> ManagedProcess:
+    return processes(
+        [CLOUD_SINK, "--config", str(config), "run", "--listen-port", "{port}"],
+        ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)",
+        name="cloud-sink",
+        start=False,
+    )
+
+
+async def connects(port: int, device: DeviceCreds, pki: Pki, password: str | None = None) -> bool:
+    try:
+        async with aiomqtt.Client(
+            "localhost", port, identifier=device.device_id, username=device.device_id,
+            password=password or device_token(device), tls_context=pki.client_context(device),
+            timeout=5,
+        ):  # fmt: skip
+            return True
+    except aiomqtt.MqttError:
+        return False
+
+
+async def test_sink_sighup_reloads_the_deny_list_and_refuses_a_broken_file(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    config = write_sink_config(tmp_path, pki)
+    sink = sink_process(process_factory, config)
+    await sink.astart()
+    device, other = (
+        pki.device(f"deny-{uuid.uuid4().hex[:6]}"),
+        pki.device(f"ok-{uuid.uuid4().hex[:6]}"),
+    )
+    assert await connects(sink.port, device, pki)
+    config.write_text(
+        config.read_text().replace("[auth]\n", f'[auth]\ndeny = ["{device.device_id}"]\n')
+    )
+    sink.signal(signal.SIGHUP)
+    await until(lambda: "reloaded" in sink.output())
+    assert not await connects(sink.port, device, pki)
+    assert await connects(sink.port, other, pki)
+    config.write_text(config.read_text().replace("[auth]", "[auth", 1))
+    sink.signal(signal.SIGHUP)
+    await until(lambda: "reload refused" in sink.output())
+    assert not await connects(sink.port, device, pki)  # the deny list stays
+    assert await sink.asigterm() == 0
+
+
+async def test_sink_reload_takes_new_issuer_keys(tmp_path: Path, pki: Pki) -> None:
+    device = pki.device(f"kid-{uuid.uuid4().hex[:6]}")
+    old_private, old_public = issuer_key(tmp_path / "old")
+    new_private, new_public = issuer_key(tmp_path / "new")
+    auth = 'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{key}"]\n'
+    base = write_sink_config(tmp_path, pki).read_text()
+    text = base.replace("[auth]\n", "[auth]\n" + auth.format(key=old_public))
+    async with Sink(parse_config(text)) as sink:
+        new_token = issue_token(device, new_private, ttl=300)
+        assert await connects(sink.port, device, pki, issue_token(device, old_private, ttl=300))
+        assert not await connects(sink.port, device, pki, new_token)  # k1 is still the old key
+        rotated = base.replace("[auth]\n", "[auth]\n" + auth.format(key=new_public))
+        assert sink.reload(parse_config(rotated)) == []
+        assert await connects(sink.port, device, pki, new_token)
+        broken = tmp_path / "broken" / "k1.pem"
+        broken.parent.mkdir()
+        broken.write_text("not a key")
+        with pytest.raises(ValueError, match="issuer_keys"):
+            sink.reload(
+                parse_config(base.replace("[auth]\n", "[auth]\n" + auth.format(key=broken)))
+            )
+        assert await connects(sink.port, device, pki, new_token)
