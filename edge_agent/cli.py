@@ -34,6 +34,7 @@ from edge_agent.buffer import (
     read_events,
 )
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
+from edge_agent.doctor import run_checks
 from edge_agent.service import Agent
 from edge_agent.token import TokenUnavailable, token_source
 from edge_agent.uplink import LinkStatus, read_link_status
@@ -107,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "token", help="print the JWT the uplink would send on its next connection (debugging)"
     )
+    commands.add_parser(
+        "doctor",
+        help="check config, files, clock, certificate, key, DNS, TCP, TLS and one real CONNECT",
+    )
     return parser
 
 
@@ -140,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(_stats_text(stats, config) + "\n" + _link_text(link))
             return 0
+        if args.command == "doctor":
+            failed = 0
+            for check in run_checks(config, args.config):
+                print(check.line(), flush=True)
+                failed += not check.ok
+            return 1 if failed else 0
         if args.command == "token":
             if config.uplink is None:
                 raise _Failed("no [uplink] configured")

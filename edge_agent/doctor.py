@@ -1,0 +1,306 @@
+"""``edge-agent doctor``: check what the agent needs, one line per check, with the fix in words.
+
+The checks run in order and later ones are skipped when an earlier one they need failed (no TCP
+check without a resolvable name, no CONNECT without a TLS session). Nothing is written: the
+buffer is only read, the one CONNECT publishes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import socket
+import ssl
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from edge_agent.buffer import BufferError, inspect
+from edge_agent.config import AgentConfig, UplinkConfig
+from edge_agent.token import TokenUnavailable, load_private_key, token_source
+from edge_agent.uplink import client_context
+from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, format_username
+
+__all__ = ["Check", "run_checks"]
+
+CERTIFICATE_WARNING_DAYS = 30
+NETWORK_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    warning: bool = False  # ok, but worth a look
+
+    def line(self) -> str:
+        mark = "FAIL" if not self.ok else ("WARN" if self.warning else "ok")
+        text = f"{mark:<4} {self.name}: {self.detail}"
+        if self.fix:
+            text += f"\n     fix: {self.fix}"
+        return text
+
+
+class _Failed(Exception):
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fix = fix
+
+
+def _check(name: str, probe: Callable[[], str | tuple[str, bool]]) -> Check:
+    try:
+        result = probe()
+    except _Failed as failed:
+        return Check(name, False, failed.detail, failed.fix)
+    detail, warning = result if isinstance(result, tuple) else (result, False)
+    return Check(name, True, detail, warning=warning)
+
+
+def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
+    """Every check in order; stops at the first failure a later check depends on."""
+    yield Check("config", True, f"{path} is valid ({len(config.topics)} topic rules)")
+    yield _check("data directory", lambda: _data_dir(config.agent.data_dir))
+    uplink = config.uplink
+    if uplink is None:
+        yield Check("uplink", True, "not configured: the agent only buffers", warning=True)
+        return
+    files = _check("files", lambda: _files(uplink))
+    yield files
+    if not files.ok:
+        return
+    clock = _check("clock", lambda: _clock(uplink))
+    yield clock
+    chain = _check("certificate", lambda: _certificate(uplink))
+    yield chain
+    key = _check("key", lambda: _key_matches(uplink))
+    yield key
+    token = _check("token", lambda: _token(config, uplink))
+    yield token
+    dns = _check("dns", lambda: _dns(uplink))
+    yield dns
+    if not dns.ok:
+        return
+    tcp = _check("tcp", lambda: _tcp(uplink))
+    yield tcp
+    if not tcp.ok:
+        return
+    handshake = _check("tls", lambda: _tls(uplink))
+    yield handshake
+    if not (handshake.ok and chain.ok and key.ok and token.ok and clock.ok):
+        return
+    yield _check("connect", lambda: asyncio.run(_connect(config, uplink)))
+
+
+def _data_dir(directory: Path) -> str:
+    if not directory.exists():
+        parent = directory.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise _Failed(
+                f"{directory} does not exist and {parent} is not writable for uid {os.getuid()}",
+                f"create {directory} owned by the agent's user (the systemd unit's StateDirectory "
+                "does this)",
+            )
+        return f"{directory} does not exist yet; the agent will create it"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise _Failed(
+            f"{directory} is not writable for uid {os.getuid()}",
+            "chown the directory to the agent's user, or run doctor as that user",
+        )
+    try:
+        stats = inspect(directory)
+    except BufferError as exc:
+        raise _Failed(f"the buffer cannot be read: {exc}", "see docs/buffer.md") from None
+    return f"{directory}: {stats.events} events buffered, {stats.dead_letters} dead letters"
+
+
+def _files(uplink: UplinkConfig) -> str | tuple[str, bool]:
+    tls = uplink.tls
+    paths = [("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)]
+    if uplink.token.mode == "token-file" and uplink.token.file is not None:
+        paths.append(("token file", uplink.token.file))
+    for what, path in paths:
+        if not path.exists():
+            raise _Failed(f"uplink {what} {path} does not exist", f"put the {what} file at {path}")
+        if not os.access(path, os.R_OK):
+            raise _Failed(
+                f"uplink {what} {path} is not readable for uid {os.getuid()}",
+                f"chown {path} to the agent's user (mode 0600 for keys)",
+            )
+    mode = stat.S_IMODE(tls.key.stat().st_mode)
+    if mode & 0o077:
+        return (
+            f"all present; but the key {tls.key} has mode {mode:o}: chmod 600 it",
+            True,
+        )
+    return "ca, certificate and key present and readable; key mode 0600"
+
+
+def _load_certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as exc:
+        raise _Failed(
+            f"{path} is not a PEM certificate: {exc}", "use bridge-certs output"
+        ) from None
+
+
+def _clock(uplink: UplinkConfig) -> str:
+    now = dt.datetime.now(dt.UTC)
+    certificate = _load_certificate(uplink.tls.cert)
+    if now < certificate.not_valid_before_utc:
+        raise _Failed(
+            f"the system clock ({now:%Y-%m-%d %H:%M}Z) is before the certificate was issued "
+            f"({certificate.not_valid_before_utc:%Y-%m-%d %H:%M}Z)",
+            "set the clock (enable NTP: timedatectl set-ntp true); JWTs are refused too",
+        )
+    return f"{now:%Y-%m-%d %H:%M:%S}Z, within the certificate's validity"
+
+
+def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
+    certificate = _load_certificate(uplink.tls.cert)
+    try:
+        authority = x509.load_pem_x509_certificates(uplink.tls.ca.read_bytes())
+    except ValueError as exc:
+        raise _Failed(
+            f"{uplink.tls.ca} is not a PEM certificate: {exc}", "use the CA's ca.pem"
+        ) from None
+    if not any(_issued_by(certificate, ca) for ca in authority):
+        raise _Failed(
+            f"{uplink.tls.cert} was not issued by the CA in {uplink.tls.ca}",
+            "use the device certificate and the CA of the same PKI (bridge-certs list)",
+        )
+    left = certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    if left.total_seconds() <= 0:
+        raise _Failed(
+            f"the certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
+            "issue a new one (bridge-certs device ...), install it, systemctl reload edge-agent",
+        )
+    detail = f"issued by the configured CA, expires in {left.days} days"
+    if left.days < CERTIFICATE_WARNING_DAYS:
+        return detail + ": renew it soon", True
+    return detail
+
+
+def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _key_matches(uplink: UplinkConfig) -> str:
+    try:
+        key = load_private_key(uplink.tls.key)
+    except TokenUnavailable as exc:
+        raise _Failed(str(exc), "use the key written next to the certificate") from None
+    certificate = _load_certificate(uplink.tls.cert)
+    public = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    expected = certificate.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
+    if public != expected:
+        raise _Failed(
+            f"{uplink.tls.key} is not the key of {uplink.tls.cert}",
+            "install the key that was issued with this certificate",
+        )
+    return "the private key matches the certificate"
+
+
+def _token(config: AgentConfig, uplink: UplinkConfig) -> str | tuple[str, bool]:
+    try:
+        token = token_source(uplink, config.agent.device_id, SystemClock()).current()
+    except TokenUnavailable as exc:
+        raise _Failed(str(exc), "see [uplink.token] in the configuration") from None
+    if token.value is None:
+        return "mode none: no password is sent"
+    if token.expires_at is None:
+        return "token without expiry", True
+    left = int(token.expires_at - time.time())
+    return f"{uplink.token.mode} token, expires in {left}s"
+
+
+def _dns(uplink: UplinkConfig) -> str:
+    try:
+        addresses = socket.getaddrinfo(uplink.host, uplink.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise _Failed(
+            f"{uplink.host} does not resolve: {exc.strerror}",
+            "check [uplink] host and the gateway's DNS (/etc/resolv.conf)",
+        ) from None
+    return f"{uplink.host} -> " + ", ".join(sorted({str(a[4][0]) for a in addresses}))
+
+
+def _tcp(uplink: UplinkConfig) -> str:
+    started = time.monotonic()
+    try:
+        with socket.create_connection((uplink.host, uplink.port), timeout=NETWORK_TIMEOUT):
+            pass
+    except OSError as exc:
+        raise _Failed(
+            f"cannot reach {uplink.host}:{uplink.port}: {exc.strerror or exc}",
+            "check that the sink runs and that firewalls let the gateway out on this port",
+        ) from None
+    return f"{uplink.host}:{uplink.port} reachable in {1000 * (time.monotonic() - started):.0f} ms"
+
+
+def _tls(uplink: UplinkConfig) -> str:
+    try:
+        context = client_context(uplink)
+        with (
+            socket.create_connection((uplink.host, uplink.port), timeout=NETWORK_TIMEOUT) as raw,
+            context.wrap_socket(raw, server_hostname=uplink.host) as tls,
+        ):
+            version = tls.version()
+    except ssl.SSLCertVerificationError as exc:
+        raise _Failed(
+            f"the server's certificate is not trusted: {exc.verify_message}",
+            f"the sink needs a certificate for {uplink.host!r} from the CA in {uplink.tls.ca}",
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise _Failed(f"TLS handshake failed: {exc}", "check the CA and the server") from None
+    return f"{version} with {uplink.host}, server certificate verified"
+
+
+async def _connect(config: AgentConfig, uplink: UplinkConfig) -> str:
+    token = token_source(uplink, config.agent.device_id, SystemClock()).current()
+    device = config.agent.device_id
+    username = (
+        format_username(device, format=FORMAT_BATCH_V1)
+        if uplink.format == FORMAT_BATCH_V1
+        else device
+    )
+    try:
+        async with aiomqtt.Client(
+            uplink.host, uplink.port, identifier=device,
+            username=username if token.value is not None or uplink.format != "raw" else None,
+            password=token.value, tls_context=client_context(uplink),
+            timeout=NETWORK_TIMEOUT, clean_session=True,
+        ):  # fmt: skip
+            pass
+    except MqttConnectError as exc:
+        raise _Failed(
+            f"the server refused the CONNECT: {exc}",
+            "check [uplink.token] (audience, mode) against the sink's [auth], and that the device "
+            "id is not on its deny list",
+        ) from None
+    except aiomqtt.MqttError as exc:
+        raise _Failed(
+            f"no CONNACK: {exc}",
+            "the server dropped the connection after TLS: most likely it refused the client "
+            "certificate (revoked, or from another CA); check the sink's log",
+        ) from None
+    return f"CONNACK accepted for {device} ({uplink.format}, token {uplink.token.mode})"

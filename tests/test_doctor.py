@@ -1,0 +1,130 @@
+"""``edge-agent doctor`` against a real sink: all green, then failing on each broken item with
+its message and a fix, exit status 1."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.harness.agent import uplink_section, write_config
+from tests.harness.mosquitto import free_port
+from tests.harness.pki import DeviceCreds, Pki
+from tests.harness.sink import running_sink
+from tests.test_agent import acli
+
+pytestmark = pytest.mark.integration
+
+
+def copy_creds(creds: DeviceCreds, directory: Path) -> DeviceCreds:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "device.pem", directory / "device.key"
+    shutil.copyfile(creds.cert, cert)
+    shutil.copyfile(creds.key, key)
+    key.chmod(0o600)
+    return DeviceCreds(creds.device_id, cert, key, creds.serial)
+
+
+async def test_doctor_passes_against_a_working_sink(tmp_path: Path, pki: Pki) -> None:
+    device = copy_creds(pki.device(f"doc-{uuid.uuid4().hex[:6]}"), tmp_path / "creds")
+    async with running_sink(tmp_path, pki) as server:
+        path = write_config(
+            tmp_path / "agent", device_id=device.device_id,
+            uplink=uplink_section(pki, device, server.port),
+        )  # fmt: skip
+        done = await acli(path, "doctor")
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line[:4].strip()]
+    assert names == [
+        "config", "data", "files", "clock", "certificate", "key", "token", "dns", "tcp", "tls",
+        "connect",
+    ]  # fmt: skip
+    assert "CONNACK accepted" in done.stdout
+    assert "FAIL" not in done.stdout
+
+
+Breakage = Callable[[Pki, DeviceCreds, Path], str]  # returns extra [uplink] keys or token text
+
+
+def _other_key(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    other = pki.device(f"other-{uuid.uuid4().hex[:6]}")
+    shutil.copyfile(other.key, device.key)
+    return ""
+
+
+def _expired(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    old = pki.expired_device(f"old-{uuid.uuid4().hex[:6]}")
+    shutil.copyfile(old.cert, device.cert)
+    shutil.copyfile(old.key, device.key)
+    return ""
+
+
+def _foreign(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    foreign = pki.foreign_device(f"alien-{uuid.uuid4().hex[:6]}")
+    shutil.copyfile(foreign.cert, device.cert)
+    shutil.copyfile(foreign.key, device.key)
+    return ""
+
+
+def _missing_ca(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    return "MISSING_CA"
+
+
+def _wrong_audience(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    return 'TOKEN:audience = "somebody.else"'
+
+
+def _closed_port(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    return "CLOSED_PORT"
+
+
+def _unknown_host(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    return "HOST:no-such-host.invalid"
+
+
+def _wrong_name(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    return "WRONG_SERVER_NAME"  # the sink presents a certificate for other.example
+
+
+@pytest.mark.parametrize(
+    ("breakage", "check", "message"),
+    [
+        (_missing_ca, "files", "does not exist"),
+        (_other_key, "key", "is not the key of"),
+        (_expired, "certificate", "expired"),
+        (_foreign, "certificate", "was not issued by the CA"),
+        (_unknown_host, "dns", "does not resolve"),
+        (_closed_port, "tcp", "cannot reach"),
+        (_wrong_name, "tls", "not trusted"),
+        (_wrong_audience, "connect", "refused the CONNECT"),
+    ],
+)
+async def test_doctor_fails_on_each_broken_item(
+    tmp_path: Path, pki: Pki, breakage: Breakage, check: str, message: str
+) -> None:
+    device = copy_creds(pki.device(f"doc-{uuid.uuid4().hex[:6]}"), tmp_path / "creds")
+    change = breakage(pki, device, tmp_path)
+    server_cert = None
+    if change == "WRONG_SERVER_NAME":
+        issued = pki.server(f"other-{uuid.uuid4().hex[:6]}", ["other.example"])
+        server_cert = (issued.cert_path, issued.key_path)
+    async with running_sink(tmp_path, pki, server_cert=server_cert) as server:
+        port = free_port() if change == "CLOSED_PORT" else server.port
+        host = change.removeprefix("HOST:") if change.startswith("HOST:") else "localhost"
+        token = change.removeprefix("TOKEN:") if change.startswith("TOKEN:") else None
+        section = uplink_section(
+            pki, device, port, host=host, **({"token": token} if token else {})
+        )
+        if change == "MISSING_CA":
+            section = section.replace(str(pki.ca_cert), str(tmp_path / "nowhere" / "ca.pem"))
+        path = write_config(tmp_path / "agent", device_id=device.device_id, uplink=section)
+        done = await acli(path, "doctor")
+    assert done.returncode == 1, done.stdout
+    failing = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    assert failing, done.stdout
+    assert failing[0].startswith(f"FAIL {check}:"), done.stdout
+    assert message in failing[0], done.stdout
+    assert "fix:" in done.stdout
