@@ -738,7 +738,7 @@ def _yes(met: bool) -> str:
     return "yes" if met else "NO"
 
 
-def _table(rows: list[tuple[str, str, str, str, str, str]]) -> None:
+def _table(rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
     header = ("measure", "figure", "reference", "ratio", "goal", "met")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = "+".join("-" * (w + 2) for w in widths)
@@ -780,43 +780,43 @@ async def alternate(
                 await result
 
 
-async def run(args: argparse.Namespace, root: Path) -> None:
-    rss_events = args.rss_events or 5 * args.events
-    out(
-        f"bench.drain: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-        f"SQLite {sqlite3.sqlite_version}, OpenSSL {ssl.OPENSSL_VERSION.split()[1]}; data in "
-        f"{root}; {PAYLOAD_BYTES}-byte payloads, QoS 1, mutual TLS, {args.topics} topics round "
-        f"robin, window {args.window}, durability {args.durability}"
-    )
-    pki = make_pki(root / "pki")
-    names = topics(args.topics)
-    backlog = root / "backlog"
-    seconds = await build_backlog(backlog, args.events, names)
-    out(f"backlog of {args.events:,} events built with the buffer API in {seconds:.1f} s")
+Row = tuple[str, str, str, str, str, str]
 
-    # (a)
+
+async def with_sink(directory: Path, pki: Pki, step: Callable[[Process, Path], object]) -> None:
+    """A fresh sink (and core queue) in ``directory`` for the time of ``step(sink, core)``."""
+    sink, core = await start_sink(directory, pki)
+    try:
+        result = step(sink, core)
+        if asyncio.iscoroutine(result):
+            await result
+    finally:
+        await sink.stop()
+
+
+async def part_a(args: argparse.Namespace, root: Path, pki: Pki, backlog: Path) -> list[Row]:
     out(
         f"\n(a) raw mode to Mosquitto: agent vs bare aiomqtt loop, {args.events:,} events per "
         f"run, {args.runs} runs alternating"
     )
-    agent_raw: list[Drain] = []
-    bare_raw: list[Drain] = []
+    agent_runs: list[Drain] = []
+    bare_runs: list[Drain] = []
     broker = await start_mosquitto(root / "mosquitto", pki)
     try:
 
-        async def agent_a(n: int) -> None:
-            agent_raw.append(
+        async def agent(n: int) -> None:
+            agent_runs.append(
                 await agent_drain(root / f"a-{n}", backlog, pki, broker, None, args.events, args)
             )
-            out(f"  run {n + 1}: " + _line("agent", agent_raw[-1]))
+            out(f"  run {n + 1}: " + _line("agent", agent_runs[-1]))
 
-        async def bare_a(n: int) -> None:
-            bare_raw.append(
+        async def bare(n: int) -> None:
+            bare_runs.append(
                 await bare_drain(root / f"a-bare-{n}", pki, broker, args.events, args, batch=False)
             )
-            out(f"  run {n + 1}: " + _line("bare ", bare_raw[-1]))
+            out(f"  run {n + 1}: " + _line("bare ", bare_runs[-1]))
 
-        await alternate(args.runs, agent_a, bare_a)
+        await alternate(args.runs, agent, bare)
         if args.profile is not None:
             path = args.profile / "agent-raw.prof"
             profiled = await agent_drain(
@@ -825,37 +825,44 @@ async def run(args: argparse.Namespace, root: Path) -> None:
             _print_profile(path, "cProfile of the agent, (a) raw drain: " + _line("", profiled))
     finally:
         await broker.stop()
+    ratios = sorted(a.rate / b.rate for a, b in zip(agent_runs, bare_runs, strict=True))
+    out(f"  per-run ratios agent/bare: {', '.join(f'{r:.3f}' for r in ratios)}")
+    agent_rate = statistics.median(d.rate for d in agent_runs)
+    bare_rate = statistics.median(d.rate for d in bare_runs)
+    ratio = agent_rate / bare_rate
+    return [
+        (
+            "(a) raw drain to Mosquitto",
+            f"{agent_rate:,.0f} ev/s",
+            f"bare loop {bare_rate:,.0f} ev/s",
+            f"{ratio:.3f}",
+            f">= {GOAL_RAW_RATIO}x bare",
+            _yes(ratio >= GOAL_RAW_RATIO),
+        )
+    ]
 
-    # (b)
+
+async def part_b(args: argparse.Namespace, root: Path, pki: Pki, backlog: Path) -> list[Row]:
     out(
         f"\n(b) batch mode through the sink into the sqlite core queue: agent vs bare loop of "
         f"pre-encoded envelopes, {args.events:,} events per run, {args.runs} runs alternating "
         "(fresh sink and core queue each)"
     )
-    agent_batch: list[Drain] = []
-    bare_batch: list[Drain] = []
+    agent_runs: list[Drain] = []
+    bare_runs: list[Drain] = []
 
-    async def with_sink(directory: Path, step: Callable[[Process, Path], object]) -> None:
-        sink, core = await start_sink(directory, pki)
-        try:
-            result = step(sink, core)
-            if asyncio.iscoroutine(result):
-                await result
-        finally:
-            await sink.stop()
-
-    async def agent_b(n: int) -> None:
+    async def agent(n: int) -> None:
         async def step(sink: Process, core: Path) -> None:
-            agent_batch.append(
+            agent_runs.append(
                 await agent_drain(root / f"b-{n}", backlog, pki, sink, core, args.events, args)
             )
 
-        await with_sink(root / f"b-sink-{n}", step)
-        out(f"  run {n + 1}: " + _line("agent", agent_batch[-1]))
+        await with_sink(root / f"b-sink-{n}", pki, step)
+        out(f"  run {n + 1}: " + _line("agent", agent_runs[-1]))
 
-    async def bare_b(n: int) -> None:
+    async def bare(n: int) -> None:
         async def step(sink: Process, core: Path) -> None:
-            bare_batch.append(
+            bare_runs.append(
                 await bare_drain(root / f"b-bare-{n}", pki, sink, args.events, args, batch=True)
             )
             with contextlib.closing(_read_only(core)) as db:
@@ -863,47 +870,72 @@ async def run(args: argparse.Namespace, root: Path) -> None:
             if stored != args.events:
                 out(f"  WARNING: {stored} events in the core queue, sent {args.events}")
 
-        await with_sink(root / f"b-bare-sink-{n}", step)
-        out(f"  run {n + 1}: " + _line("bare ", bare_batch[-1]))
+        await with_sink(root / f"b-bare-sink-{n}", pki, step)
+        out(f"  run {n + 1}: " + _line("bare ", bare_runs[-1]))
 
-    await alternate(args.runs, agent_b, bare_b)
+    await alternate(args.runs, agent, bare)
     if args.profile is not None:
         path = args.profile / "agent-batch.prof"
-        profiled_b: list[Drain] = []
+        profiled: list[Drain] = []
 
         async def profiled_step(sink: Process, core: Path) -> None:
-            profiled_b.append(
+            profiled.append(
                 await agent_drain(
                     root / "b-prof", backlog, pki, sink, core, args.events, args, profile=path
                 )
             )
 
-        await with_sink(root / "b-prof-sink", profiled_step)
-        _print_profile(path, "cProfile of the agent, (b) batch drain: " + _line("", profiled_b[0]))
-    shutil.rmtree(backlog)
+        await with_sink(root / "b-prof-sink", pki, profiled_step)
+        _print_profile(path, "cProfile of the agent, (b) batch drain: " + _line("", profiled[0]))
+    agent_rate = statistics.median(d.rate for d in agent_runs)
+    bare_rate = statistics.median(d.rate for d in bare_runs)
+    return [
+        (
+            "(b) batch drain into the core queue",
+            f"{agent_rate:,.0f} ev/s",
+            f"bare loop {bare_rate:,.0f} ev/s",
+            f"{agent_rate / bare_rate:.3f}",
+            f">= {GOAL_BATCH_RATE:,} ev/s",
+            _yes(agent_rate >= GOAL_BATCH_RATE),
+        )
+    ]
 
-    # (c)
+
+async def part_c(args: argparse.Namespace, root: Path, pki: Pki) -> list[Row]:
+    rss_events = args.rss_events or 5 * args.events
     out(f"\n(c) agent RSS: {rss_events:,} events buffered, drained in batch mode through the sink")
     big = root / "backlog-rss"
-    seconds = await build_backlog(big, rss_events, names)
+    seconds = await build_backlog(big, rss_events, topics(args.topics))
     out(f"  backlog of {rss_events:,} events built in {seconds:.1f} s")
-    rss_runs: list[Drain] = []
+    drains: list[Drain] = []
 
-    async def rss_step(sink: Process, core: Path) -> None:
-        rss_runs.append(await agent_drain(root / "c", big, pki, sink, core, rss_events, args))
+    async def drain(sink: Process, core: Path) -> None:
+        drains.append(await agent_drain(root / "c", big, pki, sink, core, rss_events, args))
 
-    await with_sink(root / "c-sink", rss_step)
+    await with_sink(root / "c-sink", pki, drain)
     shutil.rmtree(big)
-    out("  " + _line("agent", rss_runs[0], rss=True))
+    out("  " + _line("agent", drains[0], rss=True))
     idle: list[float] = []
 
     async def idle_step(sink: Process, core: Path) -> None:
         idle.append(await idle_rss(root / "c-idle", pki, sink, args))
 
-    await with_sink(root / "c-idle-sink", idle_step)
+    await with_sink(root / "c-idle-sink", pki, idle_step)
     out(f"  idle connected agent (empty buffer, 2 s after online): VmRSS {idle[0]:.1f} MB")
+    rss = drains[0].peak_rss_mb
+    return [
+        (
+            f"(c) agent RSS, {rss_events:,} buffered",
+            f"{rss:.1f} MB",
+            f"idle connected {idle[0]:.1f} MB",
+            f"{rss / idle[0]:.2f}",
+            f"<= {GOAL_RSS_MB:g} MB",
+            _yes(rss <= GOAL_RSS_MB),
+        )
+    ]
 
-    # (d)
+
+async def part_d(args: argparse.Namespace, root: Path, pki: Pki) -> list[Row]:
     out(
         f"\n(d) end-to-end latency at {args.rate:,.0f} events/s for {args.latency_seconds:g} s "
         f"(after {args.warmup:g} s warm-up), durability full, producer -> agent listener -> "
@@ -916,50 +948,43 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         f"{percentile(latencies, 0.9) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms, max "
         f"{latencies[-1] * 1000 if latencies else math.nan:.2f} ms"
     )
+    return [
+        ("(d) e2e latency p50", f"{p50 * 1000:.2f} ms", "", "", "", "-"),
+        (
+            "(d) e2e latency p99",
+            f"{p99 * 1000:.2f} ms",
+            "",
+            "",
+            f"<= {GOAL_P99_MS:g} ms",
+            _yes(p99 * 1000 <= GOAL_P99_MS),
+        ),
+    ]
 
-    raw_agent = statistics.median(d.rate for d in agent_raw)
-    raw_bare = statistics.median(d.rate for d in bare_raw)
-    batch_agent = statistics.median(d.rate for d in agent_batch)
-    batch_bare = statistics.median(d.rate for d in bare_batch)
-    rss = rss_runs[0].peak_rss_mb
-    out("\nSummary (rates: medians of the runs):")
-    _table(
-        [
-            (
-                "(a) raw drain to Mosquitto",
-                f"{raw_agent:,.0f} ev/s",
-                f"bare loop {raw_bare:,.0f} ev/s",
-                f"{raw_agent / raw_bare:.3f}",
-                f">= {GOAL_RAW_RATIO}x bare",
-                _yes(raw_agent / raw_bare >= GOAL_RAW_RATIO),
-            ),
-            (
-                "(b) batch drain into the core queue",
-                f"{batch_agent:,.0f} ev/s",
-                f"bare loop {batch_bare:,.0f} ev/s",
-                f"{batch_agent / batch_bare:.3f}",
-                f">= {GOAL_BATCH_RATE:,} ev/s",
-                _yes(batch_agent >= GOAL_BATCH_RATE),
-            ),
-            (
-                f"(c) agent RSS, {rss_events:,} buffered",
-                f"{rss:.1f} MB",
-                f"idle connected {idle[0]:.1f} MB",
-                f"{rss / idle[0]:.2f}",
-                f"<= {GOAL_RSS_MB:g} MB",
-                _yes(rss <= GOAL_RSS_MB),
-            ),
-            ("(d) e2e latency p50", f"{p50 * 1000:.2f} ms", "", "", "", "-"),
-            (
-                "(d) e2e latency p99",
-                f"{p99 * 1000:.2f} ms",
-                "",
-                "",
-                f"<= {GOAL_P99_MS:g} ms",
-                _yes(p99 * 1000 <= GOAL_P99_MS),
-            ),
-        ]
+
+async def run(args: argparse.Namespace, root: Path) -> None:
+    out(
+        f"bench.drain: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"SQLite {sqlite3.sqlite_version}, OpenSSL {ssl.OPENSSL_VERSION.split()[1]}; data in "
+        f"{root}; {PAYLOAD_BYTES}-byte payloads, QoS 1, mutual TLS, {args.topics} topics round "
+        f"robin, window {args.window}, durability {args.durability}"
     )
+    pki = make_pki(root / "pki")
+    rows: list[Row] = []
+    if "a" in args.parts or "b" in args.parts:
+        backlog = root / "backlog"
+        seconds = await build_backlog(backlog, args.events, topics(args.topics))
+        out(f"backlog of {args.events:,} events built with the buffer API in {seconds:.1f} s")
+        if "a" in args.parts:
+            rows += await part_a(args, root, pki, backlog)
+        if "b" in args.parts:
+            rows += await part_b(args, root, pki, backlog)
+        shutil.rmtree(backlog)
+    if "c" in args.parts:
+        rows += await part_c(args, root, pki)
+    if "d" in args.parts:
+        rows += await part_d(args, root, pki)
+    out("\nSummary (rates: medians of the runs):")
+    _table(rows)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -980,6 +1005,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="(d) measured")
     parser.add_argument("--warmup", type=float, default=1.0, help="(d) unmeasured seconds")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up a drain after this")
+    parser.add_argument(
+        "--parts", default="abcd", help="which of (a)-(d) to run, e.g. 'ab' (default abcd)"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary data goes")
     parser.add_argument(
         "--profile", type=Path, default=None, metavar="DIR",
