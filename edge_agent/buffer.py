@@ -152,8 +152,10 @@ class NewEvent(NamedTuple):
     on_full: Literal["reject", "drop-oldest"]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
+class StoredEvent(NamedTuple):
+    """An event read back for the drain. A named tuple for the same reason as `NewEvent`: the
+    drain makes one per event, on the buffer's thread, holding the GIL the event loop needs."""
+
     seq: int
     topic: str
     payload: bytes
@@ -1023,7 +1025,10 @@ def _next_events(
         if len(rows) >= limit:
             break
         rows += db.execute(query, (*args, limit - len(rows))).fetchall()
-    return [StoredEvent(*row) for row in rows]
+    return list(map(StoredEvent._make, rows))
+
+
+_DELETE_CHUNK = 500  # well under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32)
 
 
 def _delete(
@@ -1035,17 +1040,22 @@ def _delete(
         removed = 0
         size = 0
         per_topic: dict[str, list[int]] = {}
-        for seq in seqs:
-            row = db.execute(
-                "DELETE FROM events WHERE seq = ? RETURNING topic, length(payload)", (seq,)
-            )
-            found = row.fetchone()
-            if found is not None:
-                removed += 1
-                size += found[1]
-                entry = per_topic.setdefault(found[0], [0, 0])
-                entry[0] += 1
-                entry[1] += found[1]
+        # One statement per chunk, not per seq: the drain deletes every event it delivers, and
+        # a Python-level loop per row holds the GIL the event loop needs.
+        for first in range(0, len(seqs), _DELETE_CHUNK):
+            chunk = seqs[first : first + _DELETE_CHUNK]
+            found = db.execute(
+                "DELETE FROM events WHERE seq IN"  # noqa: S608  # only placeholders
+                f" ({','.join('?' * len(chunk))}) RETURNING topic, length(payload)",
+                chunk,
+            ).fetchall()
+            removed += len(found)
+            size += sum(length for _, length in found)
+            if drop_reason is not None:
+                for topic, length in found:
+                    entry = per_topic.setdefault(topic, [0, 0])
+                    entry[0] += 1
+                    entry[1] += length
         if drop_reason is not None:
             _count_drops(db, drop_reason, per_topic)
         totals.events -= removed
