@@ -73,6 +73,8 @@ LINK_FILE = "link.json"
 _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
 _EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
 _MAX_DEFERRED = 100
+_MAX_FETCH = 5000  # events per read from the buffer
+_DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
 # reason codes paho reports them as.
@@ -194,11 +196,13 @@ class _Suspect:
 
 @dataclass(slots=True)
 class _Message:
-    events: list[StoredEvent]
+    seqs: list[int]  # the events it carries (their payloads are only in ``payload``)
+    priority: int
     topic: str
     payload: bytes
     qos: int
     alone: bool  # nothing else may be in flight with it
+    single: StoredEvent | None  # the event, when it is the only one (poison handling)
 
 
 @dataclass
@@ -209,7 +213,8 @@ class _Session:
     inflight: dict[int, _Message] = field(default_factory=dict)
     taken: dict[int, int] = field(default_factory=dict)  # seq -> priority: sent, not yet deleted
     done: list[int] = field(default_factory=list)  # acknowledged, to delete
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    outbox: asyncio.Queue[tuple[int, _Message]] = field(default_factory=asyncio.Queue)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     failure: _Failure | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     acked: asyncio.Event = field(default_factory=asyncio.Event)
@@ -438,6 +443,10 @@ class Uplink:
         self._session = session
         watcher = asyncio.create_task(self._watch(client, session), name="uplink.watch")
         deleter = asyncio.create_task(self._delete_loop(session), name="uplink.delete")
+        session.tasks = [
+            asyncio.create_task(self._publisher(client, session), name="uplink.publisher")
+            for _ in range(self.config.window)
+        ]
         graceful = False
         try:
             await self._feed(client, session, renew_at)
@@ -489,7 +498,7 @@ class Uplink:
                     continue
             self._preempt = -1
             events = await self._fetch(session, cursor, free)
-            if events and self._lingers(events):
+            if events and session.inflight and self._lingers(events):
                 await session.wait(self.config.batch.linger)
                 more = await self._fetch(session, (events[-1].priority, events[-1].seq), free)
                 events += more
@@ -514,6 +523,8 @@ class Uplink:
         )
 
     def _lingers(self, events: list[StoredEvent]) -> bool:
+        """Whether a part-full batch waits for more: only while other messages are in flight
+        (like Nagle's algorithm), so a lone event on an idle link goes at once."""
         batch = self.config.batch
         return (
             self.config.format == FORMAT_BATCH_V1
@@ -523,8 +534,11 @@ class Uplink:
         )
 
     def _want(self, free: int) -> int:
-        per_message = self.config.batch.max_events if self.config.format == FORMAT_BATCH_V1 else 1
-        return min(free * per_message, 5000)
+        """Events per fetch: enough for the free slots, and in raw mode a few windows ahead, so
+        that the loop does not go to the buffer's thread for every freed slot."""
+        if self.config.format == FORMAT_BATCH_V1:
+            return min(free * self.config.batch.max_events, _MAX_FETCH)
+        return min(max(free, self.config.window * 4), _MAX_FETCH // 5)
 
     async def _fetch(
         self, session: _Session, cursor: tuple[int, int] | None, free: int
@@ -564,7 +578,15 @@ class Uplink:
         config = self.config
         if config.format != FORMAT_BATCH_V1:
             return [
-                _Message([e], config.uplink_topic(device, e.topic), e.payload, e.qos, alone)
+                _Message(
+                    [e.seq],
+                    e.priority,
+                    config.uplink_topic(device, e.topic),
+                    e.payload,
+                    e.qos,
+                    alone,
+                    e,
+                )
                 for e in events
             ]
         groups: dict[tuple[str, int], list[list[StoredEvent]]] = {}
@@ -585,7 +607,8 @@ class Uplink:
         epoch = self._buffer.epoch
         return [
             _Message(
-                run,
+                [e.seq for e in run],
+                max(e.priority for e in run),
                 config.uplink_topic(device, topic),
                 encode(
                     epoch,
@@ -594,6 +617,7 @@ class Uplink:
                 ),
                 qos,
                 alone,
+                run[0] if len(run) == 1 else None,
             )
             for (topic, qos), runs in groups.items()
             for run in runs
@@ -605,13 +629,22 @@ class Uplink:
         key = session.next_key
         session.next_key += 1
         session.inflight[key] = message
-        session.taken.update((e.seq, e.priority) for e in message.events)
-        task = asyncio.create_task(self._publish(client, session, key, message))
-        session.tasks.add(task)
-        task.add_done_callback(session.tasks.discard)
+        priority = message.priority
+        for seq in message.seqs:
+            session.taken[seq] = priority
+        # Publishers take messages in this order and hand each to paho at once: order kept.
+        session.outbox.put_nowait((key, message))
         if message.alone:
             while key in session.inflight:
                 await session.wait()
+
+    async def _publisher(self, client: aiomqtt.Client, session: _Session) -> None:
+        """One of ``window`` publishers: a message at a time, from handing it to paho to its
+        acknowledgement (cheaper than a task per message)."""
+        outbox = session.outbox
+        while True:
+            key, message = await outbox.get()
+            await self._publish(client, session, key, message)
 
     async def _publish(
         self, client: aiomqtt.Client, session: _Session, key: int, message: _Message
@@ -634,18 +667,23 @@ class Uplink:
             return
         failpoints.hit("drain.after_puback_before_delete")
         del session.inflight[key]
-        seqs = [e.seq for e in message.events]
+        seqs = message.seqs
         session.done += seqs
         session.delivered += len(seqs)
         self.status.delivered += len(seqs)
-        for seq in seqs:
-            self._deferred.pop(seq, None)
+        if self._deferred:
+            for seq in seqs:
+                self._deferred.pop(seq, None)
         session.acked.set()
         session.changed.set()
 
     async def _delete_loop(self, session: _Session) -> None:
+        """Delete acknowledged rows in batches: one transaction (and, with ``full`` durability,
+        one fsync) per ``_DELETE_EVERY`` seconds at most, instead of one per acknowledgement. A
+        row acknowledged but not yet deleted when the agent dies is sent again: harmless."""
         while True:
             await session.acked.wait()
+            await asyncio.sleep(_DELETE_EVERY)
             session.acked.clear()
             await self._delete_done(session)
 
@@ -677,13 +715,15 @@ class Uplink:
     async def _finish(self, session: _Session, graceful: bool) -> None:
         """Delete what was acknowledged; count an attempt for what was in flight on a failure."""
         await self._delete_done(session)
-        lost = [e for message in session.inflight.values() for e in message.events]
+        lost = [seq for message in session.inflight.values() for seq in message.seqs]
         if graceful or not lost or session.failure is None:
             return
-        await self._buffer.record_attempt([e.seq for e in lost])
-        if len(session.inflight) != 1 or len(lost) != 1:
+        await self._buffer.record_attempt(lost)
+        if len(session.inflight) != 1:
             return
-        event = lost[0]
+        event = next(iter(session.inflight.values())).single
+        if event is None:
+            return
         suspect = self._deferred.pop(event.seq, None) or _Suspect(event, 0, 0)
         suspect.failures += 1
         suspect.delivered_at_failure = self.status.delivered
