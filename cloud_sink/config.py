@@ -30,6 +30,10 @@ Example::
     [health]                               # optional: GET /healthz, GET /readyz
     host = "127.0.0.1"
     port = 9883
+
+    [metrics]                              # optional: GET /metrics (Prometheus)
+    host = "127.0.0.1"
+    port = 9884
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from mqtt_ingest.configuration import Bytes, ConfigError, Seconds, load_model, p
 __all__ = [
     "AmqpBackendConfig",
     "ConfigError",
+    "MetricsConfig",
     "NatsBackendConfig",
     "SinkConfig",
     "SqliteBackendConfig",
@@ -153,12 +158,21 @@ class HealthConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] | None = None
 
 
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint (docs/metrics.md); off unless ``port`` is set (0: any free port).
+    Unauthenticated and read-only: keep it on loopback or a management network."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+
+
 class SinkConfig(_Strict):
     listener: ListenerConfig
     auth: AuthConfig
     rights: RightsConfig = Field(default_factory=RightsConfig)
     backend: BackendConfig
     health: HealthConfig = Field(default_factory=HealthConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 
 def check_files(config: SinkConfig) -> list[str]:

@@ -20,11 +20,13 @@ from cloud_sink.backends.sqlite import SqliteCoreQueue
 from cloud_sink.config import AmqpBackendConfig, SinkConfig, SqliteBackendConfig, check_files
 from cloud_sink.forward import Forwarder
 from cloud_sink.health import BackendGuard, BackendState, Backoff
+from cloud_sink.metrics import SinkMetrics
 from cloud_sink.readiness import ReadinessServer
 from cloud_sink.rights import DevicePrefixRights
 from cloud_sink.tls import TlsError, TlsReloader, build_context
 from mqtt_ingest import Counters, IngestServer, Limits
 from mqtt_ingest.clock import Clock, SystemClock
+from mqtt_ingest.exposition import MetricsServer
 
 __all__ = ["Sink", "open_backend", "preflight"]
 
@@ -131,7 +133,15 @@ class Sink:
         self._backend: BackendGuard | None = None
         self._tls: TlsReloader | None = None
         self._readiness: ReadinessServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.prometheus = SinkMetrics(
+            self.metrics,
+            config.backend.type,
+            server=lambda: self._server,
+            guard=lambda: self._backend,
+            not_ready=self.not_ready,
+        )
 
     @property
     def server(self) -> IngestServer:
@@ -160,6 +170,12 @@ class Sink:
         if self._readiness is None:
             raise RuntimeError("the readiness endpoint is off ([health] port not set)")
         return self._readiness.port
+
+    @property
+    def metrics_port(self) -> int:
+        if self._metrics_server is None:
+            raise RuntimeError("the metrics endpoint is off ([metrics] port not set)")
+        return self._metrics_server.port
 
     def not_ready(self) -> str | None:
         """None when the sink should get traffic, else why not (for ``/readyz``)."""
@@ -212,6 +228,15 @@ class Sink:
                 self._readiness = await stack.enter_async_context(
                     ReadinessServer(config.health.host, config.health.port, self.not_ready)
                 )
+            if config.metrics.port is not None:
+                self._metrics_server = await stack.enter_async_context(
+                    MetricsServer(
+                        config.metrics.host,
+                        config.metrics.port,
+                        self.prometheus.registry,
+                        name="cloud-sink",
+                    )
+                )
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._tasks = [
                 tasks.create_task(backend.run(), name="cloud_sink.backend_reconnect"),
@@ -219,7 +244,7 @@ class Sink:
             ]
             stack.callback(self._cancel_tasks)
             server = IngestServer(
-                stage=Forwarder(backend, self.metrics),
+                stage=Forwarder(self.prometheus.timed(backend), self.metrics),
                 authenticator=self._authenticator,
                 rights=DevicePrefixRights(config.rights.prefix),
                 host=listener.host,

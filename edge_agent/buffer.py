@@ -40,6 +40,7 @@ import math
 import os
 import secrets
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -261,6 +262,11 @@ class Buffer:
         """Group commits so far (each one transaction, one fsync with ``durability = "full"``)."""
         self.on_commit: Callable[[int], None] | None = None
         """Called after each group commit with its highest priority (wakes the uplink)."""
+        self.accepted = 0
+        """Events committed by group commits so far (this run)."""
+        self.on_commit_timed: Callable[[float, int], None] | None = None
+        """Called after each group commit with the seconds its transaction took on the buffer
+        thread (inserts, drops and the COMMIT with its fsync) and the events it committed."""
 
     # -- open / close ---------------------------------------------------------------------------
 
@@ -418,9 +424,16 @@ class Buffer:
     async def _commit(self, group: deque[_Pending]) -> None:
         now_ms = int(self._clock.time() * 1000)
         flat = group[0][0] if len(group) == 1 else [e for events, _, _ in group for e in events]
+        last_seq = self._totals.last_seq
         try:
-            outcomes, dropped = await self._run(
-                _insert_group, flat, self._totals, self._max_events, self._max_bytes, now_ms
+            (outcomes, dropped), seconds = await self._run(
+                _timed,
+                _insert_group,
+                flat,
+                self._totals,
+                self._max_events,
+                self._max_bytes,
+                now_ms,
             )
         except Exception as exc:
             log.error("buffer: commit of %d events failed: %r", len(flat), exc)
@@ -438,6 +451,11 @@ class Buffer:
                 reason,
             )
         self.commits += 1
+        # Seqs are assigned consecutively and only to committed events: no per-event count.
+        committed = self._totals.last_seq - last_seq
+        self.accepted += committed
+        if self.on_commit_timed is not None:
+            self.on_commit_timed(seconds, committed)
         failpoints.hit("buffer.after_commit_before_ack")
         start = 0
         for appended, future, one in group:
@@ -492,7 +510,19 @@ class Buffer:
         return sum(events for events, _, _ in dropped.values())
 
     async def stats(self) -> BufferStats:
+        """Per-topic backlog, drops, dead letters, incidents: scans the whole ``events`` table on
+        the buffer thread (commits wait meanwhile), so not for a hot path."""
         return await self._run(_stats)
+
+    @property
+    def backlog(self) -> tuple[int, int]:
+        """(events, payload bytes) buffered, from memory: free to read at any time."""
+        return self._totals.events, self._totals.bytes
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """(``max_events``, ``max_bytes``)."""
+        return self._max_events, self._max_bytes
 
 
 # -- inspection without the lock (edge-agent status while the agent runs) -----------------------
@@ -791,6 +821,13 @@ _DISK_FULL_ATTEMPTS = 4
 
 class _DiskFull(Exception):
     """SQLite could not write (disk, RLIMIT_FSIZE or max_page_count); the transaction is gone."""
+
+
+def _timed(db: sqlite3.Connection, function: Callable[..., T], *args: object) -> tuple[T, float]:
+    """``function(db, *args)`` and the seconds it took (on the buffer thread, without queueing)."""
+    started = time.perf_counter()
+    result = function(db, *args)
+    return result, time.perf_counter() - started
 
 
 def _insert_group(

@@ -20,6 +20,9 @@ Example::
     host = "127.0.0.1"
     port = 1883
 
+    [metrics]                  # optional: Prometheus text on http://127.0.0.1:9101/metrics
+    port = 9101
+
     [uplink]                   # optional: without it the agent only buffers
     host = "sink.example.com"
     port = 8883
@@ -72,6 +75,7 @@ __all__ = [
     "ConfigError",
     "ListenerConfig",
     "ListenerTls",
+    "MetricsConfig",
     "TopicRule",
     "UplinkBatch",
     "UplinkConfig",
@@ -252,11 +256,24 @@ class UplinkConfig(_Strict):
         return self.topic_template.format(device_id=device_id, topic=topic)
 
 
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint (docs/metrics.md); off unless ``port`` is set (0: any free port).
+    Unauthenticated and read-only: keep it on loopback or a management network."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    backlog_refresh: Seconds = 5.0
+    """The per-topic backlog figures come from a scan of the buffer: at most this often."""
+    max_topics: Annotated[int, Field(gt=0, le=10_000)] = 100
+    """Topics with a series of their own (the largest backlogs); the rest are summed up."""
+
+
 class AgentConfig(_Strict):
     agent: AgentSection
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
     uplink: UplinkConfig | None = None
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     topics: list[TopicRule] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -17,9 +17,11 @@ from edge_agent.accept import Acceptor
 from edge_agent.buffer import Buffer
 from edge_agent.config import AgentConfig
 from edge_agent.local import build_listener
+from edge_agent.metrics import AgentMetrics
 from edge_agent.uplink import Uplink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.clock import Clock, SystemClock
+from mqtt_ingest.exposition import MetricsServer
 
 __all__ = ["Agent"]
 
@@ -40,6 +42,8 @@ class Agent:
         self._uplink: Uplink | None = None
         self._uplink_task: asyncio.Task[None] | None = None
         self._id_prefix = ""
+        self._metrics: AgentMetrics | None = None
+        self._metrics_server: MetricsServer | None = None
 
     @property
     def buffer(self) -> Buffer:
@@ -54,6 +58,17 @@ class Agent:
     @property
     def listener_port(self) -> int | None:
         return self._listener.port if self._listener is not None else None
+
+    @property
+    def metrics(self) -> AgentMetrics:
+        if self._metrics is None:
+            raise RuntimeError("the agent is not running")
+        return self._metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The Prometheus endpoint's port, None when ``[metrics] port`` is not set."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     def event_id(self, seq: int) -> str:
         return f"{self.config.agent.device_id}/{self.buffer.epoch}/{seq}"
@@ -91,6 +106,19 @@ class Agent:
                 self._uplink.run(), name="edge_agent.uplink"
             )
             self._stack.push_async_callback(self._stop_uplink)
+        self._metrics = AgentMetrics(
+            self.config, self._buffer, self.clock, uplink=self._uplink, listener=self._get_listener
+        )
+        if self.config.metrics.port is not None:  # entered before the listener: stops after it
+            self._metrics_server = await self._stack.enter_async_context(
+                MetricsServer(
+                    self.config.metrics.host,
+                    self.config.metrics.port,
+                    self._metrics.registry,
+                    refresh=self._metrics.refresh,
+                    name="edge-agent",
+                )
+            )
         if self.config.listener.enabled:
             self._listener = build_listener(self.config.listener, self._acceptor)
             await self._stack.enter_async_context(self._listener)
@@ -104,6 +132,9 @@ class Agent:
             if self._listener is not None
             else "",
         )
+
+    def _get_listener(self) -> IngestServer | None:
+        return self._listener
 
     def _cancel_tasks(self) -> None:
         self._sweeper.cancel()

@@ -22,6 +22,10 @@ class Counters:
             return self._values[name, reason]
         return sum(v for (n, _), v in self._values.items() if n == name)
 
+    def items(self) -> list[tuple[str, str, int]]:
+        """Every counter as ``(name, reason, value)`` (reason "" for none), sorted."""
+        return [(name, reason, value) for (name, reason), value in sorted(self._values.items())]
+
     def snapshot(self) -> dict[str, int]:
         """``name`` or ``name{reason}`` -> value."""
         return {
