@@ -67,9 +67,11 @@ def thumbprint(certificate_der: bytes) -> str:
 
 
 class _Refused(Exception):
-    def __init__(self, reason: str, code: ConnackCode = BAD_TOKEN) -> None:
+    def __init__(
+        self, reason: str, code: ConnackCode = BAD_TOKEN, *, label: str | None = None
+    ) -> None:
         super().__init__(reason)
-        self.refusal = Refusal(reason, code)
+        self.refusal = Refusal(reason, code, label)
 
 
 class JwtAuthenticator:
@@ -104,11 +106,13 @@ class JwtAuthenticator:
         try:
             name, params = parse_username(request.username)
         except ValueError as exc:
-            raise _Refused(f"bad connection parameters: {exc}") from None
+            raise _Refused(
+                f"bad connection parameters: {exc}", label="bad connection parameters"
+            ) from None
         if name != device:
             raise _Refused("user name does not match the certificate")
         if params.get("format", "raw") not in FORMATS:
-            raise _Refused(f"unsupported format {params['format']!r}")
+            raise _Refused(f"unsupported format {params['format']!r}", label="unsupported format")
         if not request.password:
             raise _Refused("no token")
         claims = self._verify(request.password, certificate)
@@ -133,7 +137,9 @@ class JwtAuthenticator:
             return validate_device_id(raw)
         except InvalidIdentifier as exc:
             raise _Refused(
-                f"certificate identity: {exc.reason}", ConnackCode.NOT_AUTHORIZED
+                f"certificate identity: {exc.reason}",
+                ConnackCode.NOT_AUTHORIZED,
+                label="certificate identity invalid",
             ) from None
 
     def _verify(self, password: bytes, certificate: x509.Certificate) -> dict[str, Any]:
@@ -157,7 +163,10 @@ class JwtAuthenticator:
         except ValueError as exc:
             raise _Refused(str(exc)) from None
         if header.get("alg") != algorithm:
-            raise _Refused(f"algorithm {header.get('alg')!r} not allowed for this key")
+            raise _Refused(
+                f"algorithm {header.get('alg')!r} not allowed for this key",
+                label="algorithm not allowed",
+            )
         required = ["exp", "iat", "sub", "aud"] + (
             ["iss"] if settings.mode == "issuer-signed" else []
         )
@@ -185,7 +194,7 @@ class JwtAuthenticator:
         except jwt.InvalidSignatureError:
             raise _Refused("bad signature") from None
         except jwt.PyJWTError as exc:
-            raise _Refused(f"invalid token: {exc}") from None
+            raise _Refused(f"invalid token: {exc}", label="invalid token") from None
         self._check_times(claims)
         if settings.mode == "issuer-signed":
             confirmation = claims.get("cnf")
@@ -210,4 +219,7 @@ class JwtAuthenticator:
             raise _Refused("token not valid yet")
         if exp - iat > self.settings.max_lifetime:
             lifetime, limit = exp - iat, self.settings.max_lifetime
-            raise _Refused(f"token lifetime {lifetime:.0f}s over the maximum {limit:.0f}s")
+            raise _Refused(
+                f"token lifetime {lifetime:.0f}s over the maximum {limit:.0f}s",
+                label="token lifetime over the maximum",
+            )

@@ -229,6 +229,16 @@ class AgentMetrics:
                 status.connections if status is not None else 0,
             ),
             _counter(
+                "edge_agent_uplink_failures",
+                "Connection attempts or connections that failed (each followed by a backoff).",
+                status.failures if status is not None else 0,
+            ),
+            _gauge(
+                "edge_agent_uplink_inflight_messages",
+                "MQTT messages sent on the uplink and not acknowledged yet.",
+                self._uplink.in_flight if self._uplink is not None else 0,
+            ),
+            _counter(
                 "edge_agent_delivered_events",
                 "Events the sink or broker acknowledged since the agent started.",
                 status.delivered if status is not None else 0,

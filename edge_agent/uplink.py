@@ -100,6 +100,7 @@ class LinkStatus:
     retry_at: float | None = None
     connected_since: float | None = None
     connections: int = 0  # successful CONNACKs this run
+    failures: int = 0  # failed connection attempts or lost connections this run
     delivered: int = 0  # events acknowledged by the server this run
     dead_lettered: int = 0  # events moved to the dead-letter table this run
     certificate_not_after: float | None = None
@@ -273,6 +274,11 @@ class Uplink:
         # poison event neither blocks the rest nor gets blamed for a dead link.
         self._deferred: dict[int, _Suspect] = {}
 
+    @property
+    def in_flight(self) -> int:
+        """MQTT messages sent on the current connection and not acknowledged yet."""
+        return len(self._session.inflight) if self._session is not None else 0
+
     # -- notifications ----------------------------------------------------------------------
 
     def committed(self, priority: int) -> None:
@@ -314,6 +320,7 @@ class Uplink:
         else:
             self._refused_backoff.reset()
         delay = backoff.next_delay()
+        self.status.failures += 1
         self.status.last_error = failure.detail
         state = LinkState.REFUSED if failure.refused else LinkState.BACKOFF
         self.status.retry_at = self._clock.time() + delay

@@ -64,10 +64,13 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A refused CONNECT: ``reason`` goes to the log and metrics, ``code`` into the CONNACK."""
+    """A refused CONNECT: ``reason`` goes to the log, ``code`` into the CONNACK, ``label`` (a
+    short fixed text; ``reason`` when not given) into the metrics. A reason that quotes what the
+    client sent needs a label, or hostile clients could grow the metrics without bound."""
 
     reason: str
     code: ConnackCode = ConnackCode.NOT_AUTHORIZED
+    label: str | None = None
 
 
 class Authenticator(Protocol):

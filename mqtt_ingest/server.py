@@ -444,7 +444,7 @@ class _Connection:
         except TimeoutError:
             await self._refuse(ConnackCode.SERVER_UNAVAILABLE, "authentication timed out", "auth")
         if isinstance(decision, Refusal):
-            await self._refuse(decision.code, decision.reason, decision.reason)
+            await self._refuse(decision.code, decision.reason, decision.label or decision.reason)
         identity = decision
         if identity.expires_at is not None:
             left = identity.expires_at - self.server._clock.time()

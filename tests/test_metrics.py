@@ -200,6 +200,8 @@ async def test_agent_and_sink_count_the_same_delivered_events(tmp_path: Path, pk
     assert value(samples, "edge_agent_delivered_events_total") == 50
     assert value(samples, "edge_agent_uplink_state", state="online") == 1
     assert value(samples, "edge_agent_uplink_connections_total") == 1
+    assert value(samples, "edge_agent_uplink_failures_total") == 0
+    assert value(samples, "edge_agent_uplink_inflight_messages") == 0  # all delivered
     assert with_name(samples, "edge_agent_backlog_events") == {}
     assert value(samples, "edge_agent_uplink_certificate_expiry_timestamp_seconds") > 0
     assert value(samples, "edge_agent_uplink_token_expiry_timestamp_seconds") > 0
