@@ -26,8 +26,10 @@ from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
 from cloud_sink.service import Sink, preflight
+from cloud_sink.systemd import status
 from cloud_sink.tls import TlsError
 from mqtt_ingest.lifecycle import stop_on_signals
+from mqtt_ingest.systemd import Notifier, Supervisor
 
 __all__ = ["main"]
 
@@ -102,12 +104,15 @@ async def _run(config: SinkConfig) -> int:
     sink = Sink(config)
     # Registered before the sink starts: SIGHUP's default action would end the process.
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sink.reload_tls)
-    async with sink:
+    # The supervisor outlives the sink: watchdog pings go on while the sink drains.
+    async with Supervisor(Notifier.from_environment()) as systemd, sink:
         log.info(
             "cloud-sink ready: listening on %s:%d, core queue %s",
             config.listener.host, sink.port, config.backend.type,
         )  # fmt: skip
+        systemd.ready(lambda: status(sink))
         await stop.wait()
+        systemd.stopping("stopping: draining in-flight publishes")
         log.info("stopping on signal: draining in-flight publishes")
     log.info("cloud-sink stopped")
     return 0

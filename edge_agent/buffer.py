@@ -491,6 +491,12 @@ class Buffer:
     async def stats(self) -> BufferStats:
         return await self._run(_stats)
 
+    @property
+    def backlog(self) -> tuple[int, int]:
+        """(events, bytes) in the buffer as of the last transaction: kept in memory, so cheap
+        enough for a status line polled every second (`stats` scans the table)."""
+        return self._totals.events, self._totals.bytes
+
 
 # -- inspection without the lock (edge-agent status while the agent runs) -----------------------
 

@@ -34,10 +34,12 @@ from edge_agent.buffer import (
 )
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.service import Agent
+from edge_agent.systemd import status
 from edge_agent.token import TokenUnavailable, token_source
 from edge_agent.uplink import LinkStatus, read_link_status
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.lifecycle import stop_on_signals
+from mqtt_ingest.systemd import Notifier, Supervisor
 
 __all__ = ["main"]
 
@@ -155,8 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(config: AgentConfig) -> int:
     stop = stop_on_signals()
-    async with Agent(config):
+    # The supervisor outlives the agent: watchdog pings go on while the agent drains.
+    async with Supervisor(Notifier.from_environment()) as systemd, Agent(config) as agent:
+        systemd.ready(lambda: status(agent))
         await stop.wait()
+        systemd.stopping()
         log.info("stopping on signal")
     return 0
 
