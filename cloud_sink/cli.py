@@ -26,8 +26,9 @@ from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
 from cloud_sink.service import Sink, preflight
-from cloud_sink.systemd import status
+from cloud_sink.systemd import LAYOUT, status
 from cloud_sink.tls import TlsError
+from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
 
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--issuer", required=True)
     token.add_argument("--audience", required=True)
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    add_install_command(commands, LAYOUT)
     return parser
 
 
@@ -75,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "issue-token":
         return _issue_token(args)
+    if args.command == "install":
+        return install_command(args, LAYOUT)
     try:
         config = load_config(args.config)
         if args.command in ("check-config", "run"):

@@ -1,4 +1,4 @@
-"""The sink as a systemd service: its status line.
+"""The sink as a systemd service: its status line and where ``cloud-sink install`` puts it.
 
 The notification protocol itself (READY, STATUS, WATCHDOG, STOPPING) is `mqtt_ingest.systemd`.
 """
@@ -7,9 +7,17 @@ from __future__ import annotations
 
 from cloud_sink.health import BackendState
 from cloud_sink.service import Sink
+from mqtt_ingest.install import ServiceLayout
 from mqtt_ingest.systemd import ServiceStatus
 
-__all__ = ["status"]
+__all__ = ["LAYOUT", "status"]
+
+LAYOUT = ServiceLayout(
+    name="cloud-sink",
+    package="cloud_sink",
+    config_name="sink.toml",
+    description="cloud-sink MQTT ingest into the core queue",
+)
 
 
 def status(sink: Sink) -> ServiceStatus:

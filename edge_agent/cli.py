@@ -34,10 +34,11 @@ from edge_agent.buffer import (
 )
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.service import Agent
-from edge_agent.systemd import status
+from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
 from edge_agent.uplink import LinkStatus, read_link_status
 from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
 
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "token", help="print the JWT the uplink would send on its next connection (debugging)"
     )
+    add_install_command(commands, LAYOUT)
     return parser
 
 
@@ -116,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "install":  # before there is a configuration to load
+        return install_command(args, LAYOUT)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

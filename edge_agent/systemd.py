@@ -1,4 +1,4 @@
-"""The agent as a systemd service: its status line.
+"""The agent as a systemd service: its status line and where ``edge-agent install`` puts it.
 
 The notification protocol itself (READY, STATUS, WATCHDOG, STOPPING) is `mqtt_ingest.systemd`.
 """
@@ -6,9 +6,17 @@ The notification protocol itself (READY, STATUS, WATCHDOG, STOPPING) is `mqtt_in
 from __future__ import annotations
 
 from edge_agent.service import Agent
+from mqtt_ingest.install import ServiceLayout
 from mqtt_ingest.systemd import ServiceStatus
 
-__all__ = ["status"]
+__all__ = ["LAYOUT", "status"]
+
+LAYOUT = ServiceLayout(
+    name="edge-agent",
+    package="edge_agent",
+    config_name="agent.toml",
+    description="edge-agent store-and-forward MQTT bridge",
+)
 
 
 def status(agent: Agent) -> ServiceStatus:
