@@ -26,8 +26,11 @@ from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
 from cloud_sink.service import Sink, preflight
+from cloud_sink.systemd import LAYOUT, status
 from cloud_sink.tls import TlsError
+from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals
+from mqtt_ingest.systemd import Notifier, Supervisor
 
 __all__ = ["main"]
 
@@ -63,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--issuer", required=True)
     token.add_argument("--audience", required=True)
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    add_install_command(commands, LAYOUT)
     return parser
 
 
@@ -73,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "issue-token":
         return _issue_token(args)
+    if args.command == "install":
+        return install_command(args, LAYOUT)
     try:
         config = load_config(args.config)
         if args.command in ("check-config", "run"):
@@ -100,21 +106,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(config: SinkConfig, path: Path) -> int:
     stop = stop_on_signals()
     sink = Sink(config)
-    # Registered before the sink starts: SIGHUP's default action would end the process.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: _reload(sink, path))
-    async with sink:
-        log.info(
-            "cloud-sink ready: listening on %s:%d, core queue %s",
-            config.listener.host, sink.port, config.backend.type,
-        )  # fmt: skip
-        await stop.wait()
-        log.info("stopping on signal: draining in-flight publishes")
+    # The supervisor outlives the sink: watchdog pings go on while the sink drains.
+    async with Supervisor(Notifier.from_environment()) as systemd:
+        # Registered before the sink starts: SIGHUP's default action would end the process.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: _reload(sink, path, systemd)
+        )
+        async with sink:
+            log.info(
+                "cloud-sink ready: listening on %s:%d, core queue %s",
+                config.listener.host, sink.port, config.backend.type,
+            )  # fmt: skip
+            systemd.ready(lambda: status(sink))
+            await stop.wait()
+            systemd.stopping("stopping: draining in-flight publishes")
+            log.info("stopping on signal: draining in-flight publishes")
     log.info("cloud-sink stopped")
     return 0
 
 
-def _reload(sink: Sink, path: Path) -> None:
+def _reload(sink: Sink, path: Path, systemd: Supervisor) -> None:
     """SIGHUP: read the configuration again; a file with problems changes nothing."""
+    if not sink.running:
+        log.warning("SIGHUP while starting: ignored; send it again once ready")
+        return
+    systemd.reloading()
+    try:
+        _apply(sink, path)
+    finally:
+        systemd.ready(lambda: status(sink))
+
+
+def _apply(sink: Sink, path: Path) -> None:
     try:
         config = load_config(path)
         problems = preflight(config)

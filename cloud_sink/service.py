@@ -144,6 +144,10 @@ class Sink:
         )
 
     @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
     def server(self) -> IngestServer:
         if self._server is None:
             raise RuntimeError("the sink is not started")

@@ -36,10 +36,13 @@ from edge_agent.buffer import (
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.doctor import run_checks
 from edge_agent.service import Agent
+from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
 from edge_agent.uplink import LinkStatus, read_link_status
 from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals
+from mqtt_ingest.systemd import Notifier, Supervisor
 
 __all__ = ["main"]
 
@@ -112,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "doctor",
         help="check config, files, clock, certificate, key, DNS, TCP, TLS and one real CONNECT",
     )
+    add_install_command(commands, LAYOUT)
     return parser
 
 
@@ -120,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "install":  # before there is a configuration to load
+        return install_command(args, LAYOUT)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -168,17 +174,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run(config: AgentConfig, path: Path) -> int:
     stop = stop_on_signals()
     agent = Agent(config)
-    loop = asyncio.get_running_loop()
-    # Registered before the agent starts: SIGHUP's default action would end the process.
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(agent, path))
-    async with agent:
-        await stop.wait()
-        log.info("stopping on signal")
+    # The supervisor outlives the agent: watchdog pings go on while the agent drains.
+    async with Supervisor(Notifier.from_environment()) as systemd:
+        # Registered before the agent starts: SIGHUP's default action would end the process.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: _reload(agent, path, systemd)
+        )
+        async with agent:
+            systemd.ready(lambda: status(agent))
+            await stop.wait()
+            systemd.stopping()
+            log.info("stopping on signal")
     return 0
 
 
-def _reload(agent: Agent, path: Path) -> None:
+def _reload(agent: Agent, path: Path, systemd: Supervisor) -> None:
     """SIGHUP: read the configuration file again; a file with problems changes nothing."""
+    if not agent.running:
+        log.warning("SIGHUP while starting: ignored; send it again once ready")
+        return
+    systemd.reloading()
+    try:
+        _apply(agent, path)
+    finally:
+        systemd.ready(lambda: status(agent))
+
+
+def _apply(agent: Agent, path: Path) -> None:
     try:
         config = load_config(path)
     except ConfigError as exc:

@@ -52,6 +52,10 @@ class Agent:
         return self._buffer
 
     @property
+    def running(self) -> bool:
+        return self._acceptor is not None
+
+    @property
     def uplink(self) -> Uplink | None:
         return self._uplink
 
