@@ -62,6 +62,13 @@ def _expired(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
     return ""
 
 
+def _not_yet_valid(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    future = pki.future_device(f"future-{uuid.uuid4().hex[:6]}")
+    shutil.copyfile(future.cert, device.cert)
+    shutil.copyfile(future.key, device.key)
+    return ""
+
+
 def _foreign(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
     foreign = pki.foreign_device(f"alien-{uuid.uuid4().hex[:6]}")
     shutil.copyfile(foreign.cert, device.cert)
@@ -94,6 +101,7 @@ def _wrong_name(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
     [
         (_missing_ca, "files", "does not exist"),
         (_other_key, "key", "is not the key of"),
+        (_not_yet_valid, "clock", "before the certificate was issued"),
         (_expired, "certificate", "expired"),
         (_foreign, "certificate", "was not issued by the CA"),
         (_unknown_host, "dns", "does not resolve"),

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import ssl
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from cloud_sink.config import parse_config
 from cloud_sink.service import Sink
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect
+from edge_agent.token import TokenFile, TokenUnavailable
+from mqtt_ingest.clock import FakeClock
 from tests.harness.agent import start_agent, uplink_section, write_config
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory
@@ -204,3 +207,24 @@ async def test_sink_reload_takes_new_issuer_keys(tmp_path: Path, pki: Pki) -> No
                 parse_config(base.replace("[auth]\n", "[auth]\n" + auth.format(key=broken)))
             )
         assert await connects(sink.port, device, pki, new_token)
+
+
+def test_a_broken_token_file_keeps_the_token_read_before(tmp_path: Path, pki: Pki) -> None:
+    """token-file mode: the file is read again when it changes; a broken new file is refused
+    and the previous token stays in use while it is valid, an expired one is not sent."""
+    device = pki.device(f"tokf-{uuid.uuid4().hex[:6]}")
+    private, _ = issuer_key(tmp_path)
+    path = tmp_path / "device.jwt"
+    first = issue_token(device, private, ttl=300)
+    path.write_text(first)
+    clock = FakeClock(start=time.time())
+    tokens = TokenFile(path, clock)
+    assert tokens.current().value == first
+    second = issue_token(device, private, ttl=600)
+    path.write_text(second)
+    assert tokens.current().value == second  # changed: read again
+    path.write_text("not a token")
+    assert tokens.current().value == second  # broken: the previous one stays
+    clock.advance(601)
+    with pytest.raises(TokenUnavailable, match="expired; put a fresh one there"):
+        tokens.current()  # the previous one expired and the file is still broken
