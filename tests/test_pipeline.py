@@ -1,4 +1,4 @@
-"""End to end: agent -> mutual TLS + JWT -> sink -> core queue (sqlite, NATS JetStream).
+"""End to end: agent -> mutual TLS + JWT -> sink -> core queue (sqlite, NATS JetStream, RabbitMQ).
 
 A device is offline for a while with thousands of events on topics at QoS 0, 1 and 2, then comes
 online. Every QoS 1/2 event must reach the core queue exactly once, in seq order per topic; QoS 0
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,14 @@ from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect, read_events
 from tests.harness.agent import uplink_section, write_config
-from tests.harness.brokers import NatsNames, StreamMessage, nats_connection, read_stream
+from tests.harness.brokers import (
+    NatsNames,
+    RabbitNames,
+    StreamMessage,
+    drain_queue,
+    nats_connection,
+    read_stream,
+)
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory
@@ -53,7 +61,7 @@ async def offline_then_online(
 
 
 def check_per_topic(
-    device_id: str, events: list[tuple[str, int, int | None, str]], what: str
+    device_id: str, events: Sequence[tuple[str, int, int | None, str]], what: str
 ) -> None:
     """``events``: (topic, qos, seq, event id) in core-queue order."""
     by_topic: dict[str, list[tuple[int | None, str]]] = defaultdict(list)
@@ -156,3 +164,34 @@ async def test_device_moves_to_another_sink_instance_without_duplicates(
     stored = await whole_stream(nats_jetstream)
     figures("confirmed by sink A, unacknowledged, resent to sink B", events=resent)
     check_per_topic(device.device_id, from_stream(stored), "two sink instances, one NATS stream")
+
+
+async def test_offline_backlog_reaches_rabbitmq_in_order_with_stable_ids(
+    tmp_path: Path, pki: Pki, rabbitmq: RabbitNames
+) -> None:
+    """RabbitMQ does not deduplicate: without faults every event arrives once; each carries its
+    event id as ``message_id`` so consumers can deduplicate after faults."""
+    device = pki.device(f"e2e-amqp-{uuid.uuid4().hex[:6]}")
+    port = free_port()
+    _, path = await offline_then_online(tmp_path, device, pki, port)
+    config = load_config(path)
+    backend = (
+        f'[backend]\ntype = "amqp"\nurl = "{rabbitmq.url}"\nexchange = "{rabbitmq.exchange}"\n'
+        f'queue = "{rabbitmq.queue}"\ndead_letter_exchange = "{rabbitmq.dead_letter_exchange}"\n'
+        f'dead_letter_queue = "{rabbitmq.dead_letter_queue}"\n'
+    )
+    async with running_sink(tmp_path, pki, port=port, backend=backend), Agent(config):
+        await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=120)
+    total = PER_TOPIC * len(TOPIC_QOS)
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=total, timeout=60)
+    events = [
+        (
+            str(m.headers["topic"]),
+            int(str(m.headers["qos"])),
+            int(str(m.headers["seq"])),
+            str(m.message_id),
+        )
+        for m in received
+    ]
+    assert all(m.delivery_mode == 2 for m in received)  # persistent
+    check_per_topic(device.device_id, events, "offline then online, RabbitMQ")
