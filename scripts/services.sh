@@ -22,6 +22,7 @@ missing_packages() {
     { have mosquitto_pub && have mosquitto_sub; } || pkgs+=(mosquitto-clients)
     have rabbitmq-server || pkgs+=(rabbitmq-server)
     have nats-server || pkgs+=(nats-server)
+    have systemd-analyze || pkgs+=(systemd)  # the unit files are checked with systemd-analyze verify
     echo "${pkgs[@]:-}"
 }
 
