@@ -130,11 +130,7 @@ def _reload(sink: Sink, path: Path, systemd: Supervisor) -> None:
     if not sink.running:
         log.warning("SIGHUP while starting: ignored; send it again once ready")
         return
-    systemd.reloading()
-    try:
-        _apply(sink, path)
-    finally:
-        systemd.ready(lambda: status(sink))
+    systemd.reload(lambda: _apply(sink, path))
 
 
 def _apply(sink: Sink, path: Path) -> None:

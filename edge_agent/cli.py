@@ -193,11 +193,7 @@ def _reload(agent: Agent, path: Path, systemd: Supervisor) -> None:
     if not agent.running:
         log.warning("SIGHUP while starting: ignored; send it again once ready")
         return
-    systemd.reloading()
-    try:
-        _apply(agent, path)
-    finally:
-        systemd.ready(lambda: status(agent))
+    systemd.reload(lambda: _apply(agent, path))
 
 
 def _apply(agent: Agent, path: Path) -> None:

@@ -219,6 +219,14 @@ class Supervisor:
         """``RELOADING=1``; call `ready` when the reload is done."""
         self.notifier.reloading()
 
+    def reload(self, apply: Callable[[], None]) -> None:
+        """``RELOADING=1``, ``apply()``, then ``READY=1`` whatever ``apply`` did."""
+        self.reloading()
+        try:
+            apply()
+        finally:
+            self.ready()
+
     def stopping(self, status: str = "stopping") -> None:
         """``STOPPING=1``: from now on the status stays ``status``; watchdog pings go on."""
         self._stopping = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -192,6 +193,16 @@ def test_agent_and_sink_under_a_fake_systemd(
 
         _check_pings(agent_sd, after=agent_ready.at, at_least=5)
         _check_pings(sink_sd, after=agent_ready.at, at_least=5)
+
+        # SIGHUP (systemctl reload): RELOADING=1, then READY=1 again once the reload is done.
+        for process, sd in ((agent, agent_sd), (sink, sink_sd)):
+            process.signal(signal.SIGHUP)
+            reloading = sd.wait_for(lambda n: n.fields.get("RELOADING") == "1")
+
+            def ready_after(n: Notification, after: float = reloading.at) -> bool:
+                return n.at > after and n.fields.get("READY") == "1"
+
+            assert sd.wait_for(ready_after).fields["READY"] == "1"
 
         assert _stop(agent, agent_sd).fields["STATUS"] == "stopping"
         stopping = _stop(sink, sink_sd)
