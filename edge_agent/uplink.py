@@ -214,13 +214,20 @@ class _Session:
     inflight: dict[int, _Message] = field(default_factory=dict)
     taken: dict[int, int] = field(default_factory=dict)  # seq -> priority: sent, not yet deleted
     done: list[int] = field(default_factory=list)  # acknowledged, to delete
-    outbox: asyncio.Queue[tuple[int, _Message]] = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[_Message] = field(init=False)  # fed in drain order, up to a window
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     failure: _Failure | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
     next_key: int = 0
+
+    def __post_init__(self) -> None:
+        self.outbox = asyncio.Queue(maxsize=self.window)
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
 
     def fail(self, failure: _Failure) -> None:
         if self.failure is None:
@@ -491,7 +498,7 @@ class Uplink:
             if self._reconnect.is_set():
                 log.info("uplink: reconnecting with the reloaded configuration")
                 return
-            free = session.window - len(session.inflight)
+            free = session.window - session.outbox.qsize()
             if free <= 0:
                 await session.wait()
                 continue
@@ -501,7 +508,7 @@ class Uplink:
                 events = await self._fetch_above(session, cursor[0], free)
                 if events:
                     for message in self._group(events):
-                        await self._send(client, session, message)
+                        await self._send(session, message)
                     continue
             self._preempt = -1
             events = await self._fetch(session, cursor, free)
@@ -512,7 +519,7 @@ class Uplink:
             suspect = self._probe_candidate() if not probed else None
             if suspect is not None:
                 probed = True  # once per connection: a failure ends it anyway
-                await self._send(client, session, self._messages([suspect.event], alone=True)[0])
+                await self._send(session, self._messages([suspect.event], alone=True)[0])
                 continue
             if not events:
                 timeout = None if renew_at is None else max(0.0, renew_at - loop.time())
@@ -520,7 +527,7 @@ class Uplink:
                 continue
             cursor = (events[-1].priority, events[-1].seq)
             for message in self._group(events):
-                await self._send(client, session, message)
+                await self._send(session, message)
 
     def _probe_candidate(self) -> _Suspect | None:
         """A deferred event worth another try: other events got through since it failed."""
@@ -630,27 +637,35 @@ class Uplink:
             for run in runs
         ]
 
-    async def _send(self, client: aiomqtt.Client, session: _Session, message: _Message) -> None:
-        while len(session.inflight) >= session.window or (session.inflight and message.alone):
-            await session.wait()
-        key = session.next_key
-        session.next_key += 1
-        session.inflight[key] = message
+    async def _send(self, session: _Session, message: _Message) -> None:
+        """Queue ``message`` for the publishers (in drain order). The queue holds at most a
+        window's worth, so a publisher whose message was acknowledged takes the next one at
+        once, as a bare publish loop would, without waiting for this feeder."""
+        if message.alone:
+            while session.inflight or not session.outbox.empty():
+                await session.wait()
         priority = message.priority
         for seq in message.seqs:
             session.taken[seq] = priority
-        # Publishers take messages in this order and hand each to paho at once: order kept.
-        session.outbox.put_nowait((key, message))
+        while session.outbox.full():
+            await session.wait()  # woken by every acknowledgement, and by a failure
+        session.outbox.put_nowait(message)
         if message.alone:
-            while key in session.inflight:
+            while session.inflight or not session.outbox.empty():
                 await session.wait()
 
     async def _publisher(self, client: aiomqtt.Client, session: _Session) -> None:
         """One of ``window`` publishers: a message at a time, from handing it to paho to its
-        acknowledgement (cheaper than a task per message)."""
+        acknowledgement. Publishers take messages in queue order and hand each to paho before
+        they yield, so the order on the wire is the drain order."""
         outbox = session.outbox
         while True:
-            key, message = await outbox.get()
+            message = await outbox.get()
+            if session.failed:
+                return  # not sent: no attempt to count, the row stays
+            key = session.next_key
+            session.next_key += 1
+            session.inflight[key] = message
             await self._publish(client, session, key, message)
 
     async def _publish(
@@ -714,6 +729,8 @@ class Uplink:
     async def _settle_inflight(self, session: _Session) -> None:
         """On a planned close: wait for what is in flight (within the publish timeout)."""
         limit = self._grace if self._stopping.is_set() else self.config.publish_timeout
+        while not session.outbox.empty():
+            session.outbox.get_nowait()  # queued, not sent: stays buffered for the next connection
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 while session.inflight:
