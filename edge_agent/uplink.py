@@ -508,7 +508,8 @@ class Uplink:
                 events = await self._fetch_above(session, cursor[0], free)
                 if events:
                     for message in self._group(events):
-                        await self._send(session, message)
+                        if not await self._send(session, message):
+                            break
                     continue
             self._preempt = -1
             events = await self._fetch(session, cursor, free)
@@ -527,7 +528,8 @@ class Uplink:
                 continue
             cursor = (events[-1].priority, events[-1].seq)
             for message in self._group(events):
-                await self._send(session, message)
+                if not await self._send(session, message):
+                    break
 
     def _probe_candidate(self) -> _Suspect | None:
         """A deferred event worth another try: other events got through since it failed."""
@@ -637,22 +639,25 @@ class Uplink:
             for run in runs
         ]
 
-    async def _send(self, session: _Session, message: _Message) -> None:
+    async def _send(self, session: _Session, message: _Message) -> bool:
         """Queue ``message`` for the publishers (in drain order). The queue holds at most a
         window's worth, so a publisher whose message was acknowledged takes the next one at
         once, as a bare publish loop would, without waiting for this feeder."""
         if message.alone:
             while session.inflight or not session.outbox.empty():
                 await session.wait()
+        while session.outbox.full():
+            await session.wait()  # woken by every acknowledgement, a failure, stop or reload
+            if self._stopping.is_set() or self._reconnect.is_set():
+                return False  # not queued, nor anything after it: the feeder returns
         priority = message.priority
         for seq in message.seqs:
             session.taken[seq] = priority
-        while session.outbox.full():
-            await session.wait()  # woken by every acknowledgement, and by a failure
         session.outbox.put_nowait(message)
         if message.alone:
             while session.inflight or not session.outbox.empty():
                 await session.wait()
+        return True
 
     async def _publisher(self, client: aiomqtt.Client, session: _Session) -> None:
         """One of ``window`` publishers: a message at a time, from handing it to paho to its
