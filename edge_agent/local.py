@@ -81,6 +81,9 @@ def build_listener(config: ListenerConfig, acceptor: Acceptor) -> IngestServer:
         max_packet_size=config.max_packet_size,
         max_connections=config.max_connections,
         max_inflight=config.max_inflight,
+        # The buffer's group commit lingers for more events already; a second linger in front of
+        # it would only add its delay to every local publish.
+        batch_linger=0.0,
     )
     return IngestServer(
         stage=BufferStage(acceptor),
