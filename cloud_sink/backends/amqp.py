@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Literal
@@ -27,7 +27,9 @@ from typing import Literal
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
+import aiormq
 import pamqp.exceptions
+from pamqp.commands import Basic
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 
@@ -36,6 +38,7 @@ __all__ = ["AmqpCoreQueue", "QueueType", "dead_letter_routing_key", "routing_key
 QueueType = Literal["classic", "quorum"]
 
 _MAX_ROUTING_KEY_BYTES = 255
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 _UNSAFE_WORD = re.compile(r"[.*#/+>\x00-\x20\x7f-\x9f\s]")
 _ERRORS: tuple[type[BaseException], ...] = (
     *aio_pika.exceptions.CONNECTION_EXCEPTIONS,  # AMQPError, OSError (TimeoutError), RuntimeError
@@ -62,6 +65,8 @@ def dead_letter_routing_key(device_id: str) -> str:
 class _Session:
     connection: aio_pika.abc.AbstractConnection
     channel: aio_pika.abc.AbstractChannel
+    # aio-pika's underlying aiormq channel: publishes go to it directly (see `_publish_all`).
+    raw: aiormq.Channel
     exchange: aio_pika.abc.AbstractExchange
     dead_letter_exchange: aio_pika.abc.AbstractExchange
 
@@ -134,30 +139,27 @@ class AmqpCoreQueue:
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         if not messages:
             return PublishOutcome(stored=0, duplicates=0)
-        prepared = [(routing_key(m.topic), _event_message(m)) for m in messages]
-        for key, _ in prepared:
+        prepared = [(routing_key(m.topic), m.payload, _event_properties(m)) for m in messages]
+        for key, _, _ in prepared:
             if len(key.encode("utf-8")) > _MAX_ROUTING_KEY_BYTES:
                 raise BackendError(
                     f"amqp: routing key over {_MAX_ROUTING_KEY_BYTES} bytes: {key!r}"
                 )
         async with self._guard(f"publish of {len(messages)} event(s)"):
             session = await self._ready()
-            await _confirm_all(
-                session.exchange.publish(message, key, mandatory=True) for key, message in prepared
-            )
+            await _publish_all(session.raw, self.exchange, prepared)
         return PublishOutcome(stored=len(messages), duplicates=0)
 
     async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
         if not messages:
             return
+        prepared = [
+            (dead_letter_routing_key(m.device_id), m.payload, _dead_letter_properties(m))
+            for m in messages
+        ]
         async with self._guard(f"dead letter of {len(messages)} event(s)"):
             session = await self._ready()
-            await _confirm_all(
-                session.dead_letter_exchange.publish(
-                    _dead_letter_message(m), dead_letter_routing_key(m.device_id), mandatory=True
-                )
-                for m in messages
-            )
+            await _publish_all(session.raw, self.dead_letter_exchange, prepared)
 
     async def probe(self) -> None:
         """Reconnect if needed, then one round trip on the channel (the exchange declared again,
@@ -230,12 +232,15 @@ class AmqpCoreQueue:
                 self.dead_letter_queue, durable=True, arguments=arguments
             )
             await dead_letters.bind(dead_letter_exchange, "#")
+            raw = await channel.get_underlay_channel()
+            if not isinstance(raw, aiormq.Channel):
+                raise TypeError(f"aio-pika gave an unexpected channel type {type(raw)!r}")
         except BaseException:
             with suppress(Exception):
                 async with asyncio.timeout(self.timeout):
                     await connection.close()
             raise
-        return _Session(connection, channel, exchange, dead_letter_exchange)
+        return _Session(connection, channel, raw, exchange, dead_letter_exchange)
 
     async def _reset(self) -> None:
         """Drop the current session after a failure; the next call reconnects.
@@ -259,15 +264,39 @@ class AmqpCoreQueue:
                 await session.connection.close()
 
 
-async def _confirm_all(publishes: Iterator[Awaitable[object]]) -> None:
-    """Await every publish (all on the wire at once); raise the first failure, if any."""
-    results = await asyncio.gather(*publishes, return_exceptions=True)
+async def _publish_all(
+    channel: aiormq.Channel,
+    exchange: str,
+    prepared: Sequence[tuple[str, bytes, Basic.Properties]],
+) -> None:
+    """Publish every message ``mandatory`` at once and await every confirm; raise the first
+    failure (aiormq's `DeliveryError` for a nack, `PublishError` for a returned message).
+
+    This is what aio-pika's ``Exchange.publish`` does for each message, minus its per-message
+    ``Message`` object and the wait until each frame is written to the socket (``wait=False``):
+    the confirm is still awaited, and aiormq's write queue is bounded, so a slow socket still
+    holds the publishes back. That wait was a loop round trip per message, most of the cost.
+    """
+    results = await asyncio.gather(
+        *(
+            channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=key,
+                properties=properties,
+                mandatory=True,
+                wait=False,
+            )
+            for key, body, properties in prepared
+        ),
+        return_exceptions=True,
+    )
     for result in results:
         if isinstance(result, BaseException):
             raise result
 
 
-def _event_message(m: CoreMessage) -> aio_pika.Message:
+def _event_properties(m: CoreMessage) -> Basic.Properties:
     headers: dict[str, aio_pika.abc.FieldValue] = {
         "event-id": m.event_id,
         "device-id": m.device_id,
@@ -279,24 +308,19 @@ def _event_message(m: CoreMessage) -> aio_pika.Message:
         headers["seq"] = m.seq
     if m.event_time_ms is not None:
         headers["event-time"] = m.event_time_ms
-    return aio_pika.Message(
-        m.payload,
-        headers=headers,
-        message_id=m.event_id,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return Basic.Properties(headers=headers, message_id=m.event_id, delivery_mode=_PERSISTENT)
 
 
-def _dead_letter_message(m: DeadLetterMessage) -> aio_pika.Message:
+def _dead_letter_properties(m: DeadLetterMessage) -> Basic.Properties:
     headers: dict[str, aio_pika.abc.FieldValue] = {
         "reason": m.reason,
         "device-id": m.device_id,
         "topic": m.topic,
         "received-at": m.received_at_ms,
     }
-    return aio_pika.Message(
-        m.payload, headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-    )
+    # No message id of our own: aiormq then sets a random one, which it needs to match a
+    # returned (unroutable) message to its publish.
+    return Basic.Properties(headers=headers, delivery_mode=_PERSISTENT)
 
 
 def _describe(exc: aio_pika.exceptions.DeliveryError) -> str:
