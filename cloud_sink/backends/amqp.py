@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -29,7 +30,11 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq
 import pamqp.exceptions
+from aiormq.abc import ChannelFrame
+from pamqp.base import Frame as FrameType
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 
@@ -39,6 +44,7 @@ QueueType = Literal["classic", "quorum"]
 
 _MAX_ROUTING_KEY_BYTES = 255
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+_FRAMES_PER_WRITE = 256  # messages marshalled into one write-queue item
 _UNSAFE_WORD = re.compile(r"[.*#/+>\x00-\x20\x7f-\x9f\s]")
 _ERRORS: tuple[type[BaseException], ...] = (
     *aio_pika.exceptions.CONNECTION_EXCEPTIONS,  # AMQPError, OSError (TimeoutError), RuntimeError
@@ -269,31 +275,92 @@ async def _publish_all(
     exchange: str,
     prepared: Sequence[tuple[str, bytes, Basic.Properties]],
 ) -> None:
-    """Publish every message ``mandatory`` at once and await every confirm; raise the first
-    failure (aiormq's `DeliveryError` for a nack, `PublishError` for a returned message).
+    """Publish every message ``mandatory``, then await every confirm; raise the first failure
+    (aiormq's `DeliveryError` for a nack, `PublishError` for a returned message, or the reason
+    the channel closed).
 
-    This is what aio-pika's ``Exchange.publish`` does for each message, minus its per-message
-    ``Message`` object and the wait until each frame is written to the socket (``wait=False``):
-    the confirm is still awaited, and aiormq's write queue is bounded, so a slow socket still
-    holds the publishes back. That wait was a loop round trip per message, most of the cost.
+    This is aiormq's ``Channel.basic_publish`` done once per batch instead of once per message:
+    the same bookkeeping (a delivery tag and a confirmation future per message, registered in
+    the channel's future store so that a closing channel fails them, and the message id that a
+    ``basic.return`` is matched by), under the same channel lock, but the frames of up to
+    `_FRAMES_PER_WRITE` messages are marshalled into one write. Per message, basic_publish
+    costs a task, a lock, a write-queue item, a writer-loop turn and a ``send`` syscall; that
+    was most of the sink's CPU per event with RabbitMQ (docs/benchmarks.md, "Sink").
+    aiormq's write queue is bounded, so a slow socket still holds the batch back.
     """
-    results = await asyncio.gather(
-        *(
-            channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=key,
-                properties=properties,
-                mandatory=True,
-                wait=False,
-            )
-            for key, body, properties in prepared
-        ),
-        return_exceptions=True,
-    )
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    confirmations: list[asyncio.Future[object]] = []
+    registered: list[tuple[str, int]] = []  # (message id, delivery tag), for basic.return
+    try:
+        async with channel.lock:
+            queued_tag = channel.delivery_tag  # the last tag handed to the writer
+            try:
+                frames: list[FrameType | ContentHeader | ContentBody] = []
+                for index, (key, body, properties) in enumerate(prepared):
+                    if not properties.message_id:
+                        properties.message_id = uuid.uuid4().hex  # returns are matched by it
+                    channel.delivery_tag += 1
+                    tag = channel.delivery_tag
+                    confirmation = channel.create_future()
+                    channel.confirmations[tag] = confirmation
+                    channel.message_id_delivery_tag[properties.message_id] = tag
+                    registered.append((properties.message_id, tag))
+                    confirmations.append(confirmation)
+                    frames.append(Basic.Publish(exchange=exchange, routing_key=key, mandatory=True))
+                    frames.append(ContentHeader(properties=properties, body_size=len(body)))
+                    step = channel.max_content_size
+                    frames += [
+                        ContentBody(body[at : at + step]) for at in range(0, len(body), step)
+                    ]
+                    if len(frames) >= 3 * _FRAMES_PER_WRITE or index == len(prepared) - 1:
+                        await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
+                        queued_tag = channel.delivery_tag
+                        frames = []
+            except BaseException:
+                # Whatever did not reach the writer gives its tags back, as basic_publish does,
+                # so that the broker's numbering and ours stay the same; what did will be
+                # confirmed (or fail with the channel) and must not be reused.
+                for tag in range(queued_tag + 1, channel.delivery_tag + 1):
+                    future = channel.confirmations.pop(tag, None)
+                    if future is not None:
+                        future.cancel()
+                channel.delivery_tag = queued_tag
+                raise
+        await _all_done(confirmations)
+    finally:
+        # basic_publish forgets each message id with a callback per message; once per batch here.
+        by_id = channel.message_id_delivery_tag
+        for message_id, tag in registered:
+            if by_id.get(message_id) == tag:
+                del by_id[message_id]
+    for confirmation in confirmations:
+        if confirmation.cancelled():
+            raise BackendError("amqp: a publish was cancelled before its confirm")
+        failure = confirmation.exception()
+        if failure is not None:
+            raise failure
+
+
+async def _all_done(futures: Sequence[asyncio.Future[object]]) -> None:
+    """Wait until every future is done (like ``gather(..., return_exceptions=True)`` without a
+    result list and a callback of its own per future)."""
+    if not futures:
+        return
+    done = asyncio.get_running_loop().create_future()
+    left = len(futures)
+
+    def one_more(_: asyncio.Future[object]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not done.done():
+            done.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(one_more)
+    try:
+        await done
+    finally:
+        for future in futures:
+            future.remove_done_callback(one_more)
 
 
 def _event_properties(m: CoreMessage) -> Basic.Properties:
