@@ -211,6 +211,7 @@ class Publisher(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.connected: asyncio.Future[None] = loop.create_future()
         self.lost: str | None = None
+        self._closing = False
         self._done: asyncio.Future[None] = loop.create_future()
         self._target = self._sent = self._acked = 0
         self.pongs = 0
@@ -221,6 +222,8 @@ class Publisher(asyncio.Protocol):
         transport.write(self._connect)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
         self.lost = repr(exc) if exc else "closed by the server"
         for future in (self.connected, self._done):
             if not future.done():
@@ -295,6 +298,7 @@ class Publisher(asyncio.Protocol):
             self.transport.write(PINGREQ)
 
     def close(self) -> None:
+        self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(DISCONNECT)
             self.transport.close()
@@ -314,15 +318,19 @@ async def _load(spec: dict[str, object]) -> None:
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     gate = asyncio.Semaphore(int(str(spec.get("concurrency", 64))))
+    bodies = [payload(n) for n in range(16)]
     started = time.perf_counter()
 
     async def connect(device: Device) -> Publisher:
         topic = f"devices/{device.device_id}/telemetry"
         if fmt == "raw":
             name = _utf8(topic)
-            packets = [publish_packet(name, i, payload(i)) for i in range(1, 4097)]
+            count = min(4096, warmup + messages)  # ids cycle; more than any window
+            packets = [publish_packet(name, i, bodies[i % 16]) for i in range(1, count + 1)]
         else:
-            packets = envelope_packets(topic, warmup + messages, per_envelope)
+            # Mosquitto does not decode envelopes: a few, sent again and again, will do there.
+            unique = min(64, warmup + messages) if spec.get("cyclic") else warmup + messages
+            packets = envelope_packets(topic, unique, per_envelope)
         username = f"{device.device_id}?format=batch-v1" if fmt == "batch" else device.device_id
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(spec["ca"]))
         context.load_cert_chain(device.cert, device.key)
@@ -737,8 +745,10 @@ async def start_sink(
     config = directory / "sink.toml"
     config.write_text(sink_toml(settings.pki, backend, names, core, max_connections))
     argv = ["--config", str(config), "run", "--listen-port", "0"]
-    if settings.profile is not None:
-        command = [sys.executable, "-m", "bench.sink", "_profiled", str(settings.profile), *argv]
+    if settings.profile is not None or settings.args.ssl_read_buffer:
+        profile = str(settings.profile or "")
+        buffer = str(settings.args.ssl_read_buffer)
+        command = [sys.executable, "-m", "bench.sink", "_profiled", profile, buffer, *argv]
     else:
         command = [str(BIN / "cloud-sink"), *argv]
     sink = await Process.start("cloud-sink", command, directory / "sink.log", SINK_READY)
@@ -762,12 +772,14 @@ async def throughput_run(target: str, fmt: str, run: int, settings: Settings) ->
         chosen = settings.devices[: args.publishers]
         devices.write_text(json.dumps([d.__dict__ for d in chosen]))
         messages = messages_per_client(args, fmt)
+        if target == "mosquitto":
+            messages *= args.mosquitto_scale  # its windows would be too short to time otherwise
         warmup = max(1, messages // 10) if fmt == "batch" else 2 * args.window
         spec: dict[str, object] = {
             "devices": str(devices), "ca": str(settings.pki.ca), "port": server.port,
             "format": fmt, "window": args.batch_window if fmt == "batch" else args.window,
             "messages": messages, "warmup": warmup, "per_envelope": per_envelope(args),
-            "keep_alive": 60,
+            "keep_alive": 60, "cyclic": target == "mosquitto",
         }  # fmt: skip
         loadgen, _ = await LoadGen.start(spec, args.timeout)
         await asyncio.sleep(0.5)
@@ -1069,10 +1081,17 @@ def _print_profile(path: Path, title: str) -> None:
     out(report.getvalue().rstrip())
 
 
-def _profiled(path: Path, argv: list[str]) -> int:
-    """``cloud-sink`` with cProfile enabled between SIGUSR1 and SIGUSR2 (the measured window)."""
+def _profiled(path: str, ssl_read_buffer: int, argv: list[str]) -> int:
+    """``cloud-sink`` with cProfile enabled between SIGUSR1 and SIGUSR2 (the measured window)
+    when ``path`` is set, and asyncio's TLS read buffer set to ``ssl_read_buffer`` if not 0."""
+    import asyncio.sslproto
+
     from cloud_sink.cli import main as sink_main
 
+    if ssl_read_buffer:
+        asyncio.sslproto.SSLProtocol.max_size = ssl_read_buffer
+    if not path:
+        return sink_main(argv)
     profiler = cProfile.Profile()
     signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
     signal.signal(signal.SIGUSR2, lambda *_: profiler.disable())
@@ -1100,6 +1119,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--formats", default="batch,raw", help="load formats for the sink")
     parser.add_argument("--nats-windows", default="256,1024,4096", help="bare nats-py windows")
     parser.add_argument("--amqp-windows", default="100,500", help="bare aio-pika windows")
+    parser.add_argument(
+        "--mosquitto-scale", type=int, default=10, help="Mosquitto gets this many times --events"
+    )
+    parser.add_argument(
+        "--ssl-read-buffer", type=int, default=0, metavar="BYTES",
+        help="experiment: run the sink with asyncio's SSLProtocol.max_size set to this (its "
+        "per-connection read buffer, 256 KiB in CPython 3.11)",
+    )  # fmt: skip
     parser.add_argument("--bare-events", type=int, default=0, help="(default: --events)")
     parser.add_argument("--connections", type=int, default=GOAL_CONNECTIONS, help="(3) clients")
     parser.add_argument("--keep-alive", type=int, default=20, help="(3) keep-alive seconds")
@@ -1123,7 +1150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out(json.dumps(asyncio.run(_bare(json.loads(argv[1])))))
         return
     if argv[:1] == ["_profiled"]:
-        sys.exit(_profiled(Path(argv[1]), argv[2:]))
+        sys.exit(_profiled(argv[1], int(argv[2]), argv[3:]))
     args = parse_args(argv)
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
