@@ -108,6 +108,53 @@ async def test_batch_arrives_in_order_with_id_headers_and_persistence(
     assert all(r.delivery_mode == 2 for r in received)
 
 
+async def test_batch_over_several_writes_arrives_whole_and_in_order(
+    rabbitmq: RabbitNames,
+) -> None:
+    # More messages than one write of the batch publisher holds.
+    batch = [message(rabbitmq, seq) for seq in range(1, 1201)]
+    async with core_queue(rabbitmq) as queue:
+        outcome = await queue.publish(batch)
+    assert outcome.stored == 1200
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=1200, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [m.payload for m in batch]
+
+
+async def test_large_body_is_split_into_frames(rabbitmq: RabbitNames) -> None:
+    body = bytes(range(256)) * 2000  # 512 kB: several content-body frames
+    base = message(rabbitmq, 1)
+    big = CoreMessage(
+        event_id=base.event_id,
+        device_id=base.device_id,
+        topic=base.topic,
+        payload=body,
+        qos=base.qos,
+        received_at_ms=base.received_at_ms,
+        seq=base.seq,
+        event_time_ms=base.event_time_ms,
+    )
+    async with core_queue(rabbitmq) as queue:
+        await queue.publish([big, message(rabbitmq, 2)])
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=2, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [body, b"p2"]
+
+
+async def test_cancelled_batch_leaves_the_channel_usable(rabbitmq: RabbitNames) -> None:
+    # A batch cancelled while its frames are being queued must give back the delivery tags that
+    # never reached the broker; otherwise every later confirm would be matched to the wrong
+    # publish, and the next batch would wait for a confirm that never comes.
+    async with core_queue(rabbitmq, timeout=5.0) as queue:
+        await queue.publish([message(rabbitmq, 1)])  # connected
+        task = asyncio.create_task(queue.publish([message(rabbitmq, n) for n in range(2, 20_002)]))
+        await asyncio.sleep(0)  # into the batch, before all of it is written
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        outcome = await queue.publish([message(rabbitmq, 30_000)])
+        assert outcome.stored == 1
+
+
 async def test_unroutable_publish_raises_then_recovers_once_bound(rabbitmq: RabbitNames) -> None:
     async with core_queue(rabbitmq, queue=None) as queue:
         with pytest.raises(BackendError, match="unroutable"):
