@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from bench.wire import length, utf8
 from edge_agent import Agent, parse_config
 from edge_agent.buffer import DB_NAME, Buffer
 from edge_agent.config import BufferConfig
@@ -203,20 +204,6 @@ def row(n: int, bodies: list[bytes], now_ms: int) -> Row:
 # -- (b) accept rate through the local listener ---------------------------------------------------
 
 
-def _mqtt_length(length: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
-
-
-def _mqtt_string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
 class _Publisher(asyncio.Protocol):
     """One MQTT connection sending ``total`` QoS 1 PUBLISH packets, ``window`` unacknowledged."""
 
@@ -233,17 +220,17 @@ class _Publisher(asyncio.Protocol):
         self.started = False
         self._data = bytearray()
         self._transport: asyncio.Transport | None = None
-        topic = _mqtt_string(f"sensors/{client_id}/temperature")
+        topic = utf8(f"sensors/{client_id}/temperature")
         self._headers = [
-            bytes([0x32]) + _mqtt_length(len(topic) + 2 + len(body)) + topic for body in bodies
+            bytes([0x32]) + length(len(topic) + 2 + len(body)) + topic for body in bodies
         ]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        body = _mqtt_string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
-        body += _mqtt_string(self.client_id)
-        transport.write(bytes([0x10]) + _mqtt_length(len(body)) + body)
+        body = utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
+        body += utf8(self.client_id)
+        transport.write(bytes([0x10]) + length(len(body)) + body)
 
     def start(self) -> None:
         self.started = True

@@ -59,6 +59,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.wire import length, utf8
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -595,20 +597,6 @@ async def idle_rss(root: Path, pki: Pki, sink: Process, args: argparse.Namespace
 # -- (d) end-to-end latency -----------------------------------------------------------------------
 
 
-def _mqtt_length(length: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
-
-
-def _mqtt_string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
 class _Producer(asyncio.Protocol):
     """QoS 1 PUBLISH to the agent's listener, one per call of `send`; counts PUBACKs."""
 
@@ -621,15 +609,15 @@ class _Producer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        body = _mqtt_string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
-        body += _mqtt_string("bench-producer")
-        transport.write(b"\x10" + _mqtt_length(len(body)) + body)
+        body = utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
+        body += utf8("bench-producer")
+        transport.write(b"\x10" + length(len(body)) + body)
 
     def send(self, topic: bytes, n: int) -> None:
         assert self.transport is not None
         payload = struct.pack("!QQ", time.monotonic_ns(), n).ljust(PAYLOAD_BYTES, b"\x00")
         body = topic + (n % 65535 + 1).to_bytes(2, "big") + payload
-        self.transport.write(b"\x32" + _mqtt_length(len(body)) + body)
+        self.transport.write(b"\x32" + length(len(body)) + body)
 
     def data_received(self, data: bytes) -> None:
         self._data += data
@@ -651,7 +639,7 @@ async def _produce(port: int, total: int, rate: float, topic_count: int) -> dict
     producer = _Producer()
     await loop.create_connection(lambda: producer, HOST, port)
     await producer.connected
-    names = [_mqtt_string(t) for t in topics(topic_count)]
+    names = [utf8(t) for t in topics(topic_count)]
     started = time.perf_counter()
     for n in range(total):
         delay = started + n / rate - time.perf_counter()

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from bench.wire import CONNACK_ACCEPTED, DISCONNECT, connect_packet, length, utf8
+
 SCRIPT = Path(__file__).resolve()
 SERVERS = ("ours", "mosquitto", "amqtt")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -70,38 +72,17 @@ def _out(text: str = "") -> None:
 # -- MQTT packets, built by hand ----------------------------------------------------------------
 
 
-def _length(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _connect_packet(client_id: str, keep_alive: int = 60) -> bytes:
-    body = _utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", keep_alive) + _utf8(client_id)
-    return b"\x10" + _length(len(body)) + body
-
-
 def _publish_packets(count: int) -> list[bytes]:
     """QoS 1 PUBLISH packets with packet ids 1..count (reused cyclically by every client)."""
     payload = bytes(i % 251 for i in range(PAYLOAD_BYTES))
-    topic = _utf8(TOPIC)
+    topic = utf8(TOPIC)
     packets = []
     for packet_id in range(1, count + 1):
         body = topic + struct.pack("!H", packet_id) + payload
-        packets.append(b"\x32" + _length(len(body)) + body)
+        packets.append(b"\x32" + length(len(body)) + body)
     return packets
 
 
-CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
-DISCONNECT = b"\xe0\x00"
 PUBACK = 0x40
 
 
@@ -129,7 +110,7 @@ class _Publisher(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        transport.write(_connect_packet(self._client_id))
+        transport.write(connect_packet(self._client_id))
 
     def connection_lost(self, exc: Exception | None) -> None:
         error = ConnectionError(f"{self._client_id}: connection lost ({exc!r})")
@@ -379,6 +360,10 @@ def _free_port() -> int:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
+    # Children run as ``python -m bench.ingest``: the repository must be importable from anywhere.
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(SCRIPT.parents[1]), env.get("PYTHONPATH")])
+    )
     for name in (
         "PYTHONASYNCIODEBUG",
         "PYTHONDEVMODE",
@@ -536,7 +521,7 @@ async def _start_server(
             config.write_text(_mosquitto_config(port, pki, settings.nodelay))
             argv = [MOSQUITTO, "-c", str(config)]
         else:
-            argv = [sys.executable, str(SCRIPT), "serve", kind, "--port", str(port)]
+            argv = [sys.executable, "-m", "bench.ingest", "serve", kind, "--port", str(port)]
             if pki is not None:
                 argv += ["--ca", str(pki.ca), "--cert", str(pki.server_cert)]
                 argv += ["--key", str(pki.server_key)]
@@ -567,7 +552,16 @@ async def _start_workers(
         for i in range(settings.workers)
     ]
     for index, clients in enumerate(c for c in per_worker if c):
-        argv = [sys.executable, str(SCRIPT), "load", "--port", str(port), "--name", f"w{index}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.ingest",
+            "load",
+            "--port",
+            str(port),
+            "--name",
+            f"w{index}",
+        ]
         argv += ["--clients", str(clients), "--events", str(settings.events)]
         argv += ["--warmup", str(settings.warmup), "--window", str(settings.window)]
         argv += ["--refill", str(settings.refill)]

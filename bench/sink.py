@@ -73,6 +73,7 @@ from bench.drain import (
     out,
     start_mosquitto,
 )
+from bench.wire import CONNACK_ACCEPTED, DISCONNECT, PINGREQ, connect_packet, length, utf8
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AUDIENCE = "bench-sink"
@@ -139,30 +140,9 @@ def issue_devices(ca: object, directory: Path, names: Sequence[str]) -> list[tup
     return issued
 
 
-def _length(value: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        encoded.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(encoded)
-
-
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def connect_packet(client_id: str, username: str, password: str, keep_alive: int) -> bytes:
-    flags = 0x80 | 0x40 | 0x02  # user name, password, clean session
-    body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keep_alive) + _utf8(client_id)
-    body += _utf8(username) + _utf8(password)
-    return b"\x10" + _length(len(body)) + body
-
-
 def publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
     body = topic + struct.pack("!H", packet_id) + payload
-    return b"\x32" + _length(len(body)) + body
+    return b"\x32" + length(len(body)) + body
 
 
 def payload(n: int) -> bytes:
@@ -176,7 +156,7 @@ def envelope_packets(
     seqs that never repeat (every event id is new to the backend)."""
     from mqtt_ingest.envelope import EnvelopeEvent, encode
 
-    epoch, name, now_ms = secrets.token_hex(8), _utf8(topic), int(time.time() * 1000)
+    epoch, name, now_ms = secrets.token_hex(8), utf8(topic), int(time.time() * 1000)
     bodies = [payload(n) for n in range(16)]
     packets = []
     for m in range(messages):
@@ -189,11 +169,6 @@ def envelope_packets(
 
 
 # -- the load generator (``_load``) ---------------------------------------------------------------
-
-
-CONNACK_OK = b"\x20\x02\x00\x00"
-PINGREQ = b"\xc0\x00"
-DISCONNECT = b"\xe0\x00"
 
 
 class Publisher(asyncio.Protocol):
@@ -242,7 +217,7 @@ class Publisher(asyncio.Protocol):
             if len(buffer) < 4:
                 self._buffer = buffer
                 return
-            if buffer[:4] != CONNACK_OK:
+            if buffer[:4] != CONNACK_ACCEPTED:
                 self._fail(f"CONNECT refused: {buffer[:4].hex()}")
                 return
             self.connected.set_result(None)
@@ -324,7 +299,7 @@ async def _load(spec: dict[str, object]) -> None:
     async def connect(device: Device) -> Publisher:
         topic = f"devices/{device.device_id}/telemetry"
         if fmt == "raw":
-            name = _utf8(topic)
+            name = utf8(topic)
             count = min(4096, warmup + messages)  # ids cycle; more than any window
             packets = [publish_packet(name, i, bodies[i % 16]) for i in range(1, count + 1)]
         else:
@@ -334,7 +309,9 @@ async def _load(spec: dict[str, object]) -> None:
         username = f"{device.device_id}?format=batch-v1" if fmt == "batch" else device.device_id
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(spec["ca"]))
         context.load_cert_chain(device.cert, device.key)
-        hello = connect_packet(device.device_id, username, device.token, keep_alive)
+        hello = connect_packet(
+            device.device_id, keep_alive, username=username, password=device.token
+        )
         async with gate:
             _, publisher = await asyncio.wait_for(
                 loop.create_connection(
