@@ -74,6 +74,7 @@ _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
 _EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
 _MAX_DEFERRED = 100
 _MAX_FETCH = 5000  # events per read from the buffer
+_MAX_QUEUED = 16  # messages queued for the publishers beyond those in flight
 _DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
@@ -214,7 +215,7 @@ class _Session:
     inflight: dict[int, _Message] = field(default_factory=dict)
     taken: dict[int, int] = field(default_factory=dict)  # seq -> priority: sent, not yet deleted
     done: list[int] = field(default_factory=list)  # acknowledged, to delete
-    outbox: asyncio.Queue[_Message] = field(init=False)  # fed in drain order, up to a window
+    outbox: asyncio.Queue[_Message] = field(init=False)  # fed in drain order
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     failure: _Failure | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -223,7 +224,9 @@ class _Session:
     next_key: int = 0
 
     def __post_init__(self) -> None:
-        self.outbox = asyncio.Queue(maxsize=self.window)
+        # A few messages queued keep the publishers busy between the feeder's turns; more would
+        # only hold more encoded envelopes in memory (up to 64 KiB each) beside the window's.
+        self.outbox = asyncio.Queue(maxsize=min(self.window, _MAX_QUEUED))
 
     @property
     def failed(self) -> bool:
