@@ -60,6 +60,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.drain import (
     BIN,
@@ -74,6 +75,9 @@ from bench.drain import (
     start_mosquitto,
 )
 from bench.wire import CONNACK_ACCEPTED, DISCONNECT, PINGREQ, connect_packet, length, utf8
+
+if TYPE_CHECKING:
+    from certs import CertificateAuthority, Issued
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AUDIENCE = "bench-sink"
@@ -125,13 +129,14 @@ def make_pki(directory: Path, devices: int, prefix: str) -> tuple[Pki, list[Devi
     return pki, result
 
 
-def issue_devices(ca: object, directory: Path, names: Sequence[str]) -> list[tuple[str, object]]:
+def issue_devices(
+    ca: CertificateAuthority, directory: Path, names: Sequence[str]
+) -> list[tuple[str, Issued]]:
     """Device certificates from ``ca``, 200 per index directory: `issue_device` rewrites its
     whole ``index.json`` per certificate, quadratic for thousands of them."""
     from certs import CertificateAuthority
 
-    assert isinstance(ca, CertificateAuthority)
-    issued: list[tuple[str, object]] = []
+    issued: list[tuple[str, Issued]] = []
     for first in range(0, len(names), 200):
         view = CertificateAuthority(
             make_dir(directory / f"devices-{first // 200}"), ca.certificate, ca.key
@@ -711,7 +716,7 @@ def per_envelope(args: argparse.Namespace) -> int:
 
 def messages_per_client(args: argparse.Namespace, fmt: str) -> int:
     per_message = per_envelope(args) if fmt == "batch" else 1
-    return max(1, math.ceil(args.events / args.publishers / per_message))
+    return max(1, math.ceil(int(args.events) / int(args.publishers) / per_message))
 
 
 async def start_sink(
@@ -966,10 +971,10 @@ def _summary(samples: Sequence[Sample], args: argparse.Namespace) -> list[tuple[
         if math.isnan(rate):
             continue
         mosquitto = _median(samples, "mosquitto", fmt)
-        goal = f">= {GOAL_SQLITE_BATCH:,} ev/s" if fmt == "batch" else "-"
+        wanted = f">= {GOAL_SQLITE_BATCH:,} ev/s" if fmt == "batch" else "-"
         rows.append((
             f"sink -> sqlite, {fmt}", f"{rate:,.0f} ev/s", f"mosquitto {mosquitto:,.0f}",
-            f"{rate / mosquitto:.2f}", goal,
+            f"{rate / mosquitto:.2f}", wanted,
             _yes(rate >= GOAL_SQLITE_BATCH) if fmt == "batch" else "-",
         ))  # fmt: skip
     del args
