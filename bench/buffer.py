@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from bench.report import out, table, yes
 from bench.wire import length, utf8
 from edge_agent import Agent, parse_config
 from edge_agent.buffer import DB_NAME, Buffer
@@ -60,11 +61,6 @@ GOAL_API_RATIO = 0.5
 GOAL_BYTES_PER_EVENT = 1000
 GOAL_BYTES_RATIO = 0.2
 GOAL_P99_MS = 10.0
-
-
-def out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def payloads(count: int = 64) -> list[bytes]:
@@ -449,24 +445,8 @@ def paced_naive(
 # -- the run --------------------------------------------------------------------------------------
 
 
-def _yes(met: bool) -> str:
-    return "yes" if met else "NO"
-
-
 def _ms(value: float) -> str:
     return f"{value * 1000:.2f} ms"
-
-
-def _table(rows: list[tuple[str, str, str, str, str, str]]) -> None:
-    header = ("measure", "figure", "reference", "ratio", "goal", "met")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    line = "+".join("-" * (w + 2) for w in widths)
-    out(f"+{line}+")
-    out("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    out(f"+{line}+")
-    for row in rows:
-        out("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-    out(f"+{line}+")
 
 
 async def run(args: argparse.Namespace, root: Path) -> None:
@@ -586,7 +566,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
     p99 = percentile(paced.latencies, 0.99)
     api_ratio = api_median / raw_median
     out("\nSummary (medians of the runs for rates; /proc/self/io counters for disk bytes):")
-    _table(
+    table(
         [
             (
                 "(a) API accept rate",
@@ -594,7 +574,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
                 f"raw sqlite3 {raw_median:,.0f} ev/s",
                 f"{api_ratio:.3f}",
                 f">= {GOAL_API_RATIO}",
-                _yes(api_ratio >= GOAL_API_RATIO),
+                yes(api_ratio >= GOAL_API_RATIO),
             ),
             (
                 "(b) listener accept rate (QoS 1)",
@@ -610,7 +590,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
                 f"naive {per_event_naive:,.0f} B",
                 f"{bytes_ratio:.3f}",
                 f"<= {GOAL_BYTES_PER_EVENT:,} B",
-                _yes(per_event <= GOAL_BYTES_PER_EVENT),
+                yes(per_event <= GOAL_BYTES_PER_EVENT),
             ),
             (
                 "(c) vs naive",
@@ -618,7 +598,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
                 f"naive {per_event_naive:,.0f} B",
                 f"{bytes_ratio:.3f}",
                 f"<= {GOAL_BYTES_RATIO}x naive",
-                _yes(bytes_ratio <= GOAL_BYTES_RATIO),
+                yes(bytes_ratio <= GOAL_BYTES_RATIO),
             ),
             (
                 "(d) accept latency p50",
@@ -634,7 +614,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
                 f"naive {_ms(percentile(naive.latencies, 0.99))}",
                 "",
                 f"<= {GOAL_P99_MS:g} ms",
-                _yes(p99 * 1000 <= GOAL_P99_MS),
+                yes(p99 * 1000 <= GOAL_P99_MS),
             ),
             (
                 "(d) accept latency max",

@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.report import out, table, yes
 from bench.wire import length, utf8
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,11 +82,6 @@ AGENT_READY = re.compile(r"listener on 127\.0\.0\.1:(?P<port>\d+)")
 AGENT_ONLINE = re.compile(r"^(?P<at>\S+ \S+) INFO edge_agent\.uplink: uplink: online to", re.M)
 SINK_READY = re.compile(r"cloud-sink ready: listening on 127\.0\.0\.1:(?P<port>\d+)")
 MOSQUITTO_READY = re.compile(r"mosquitto version \S+ running")
-
-
-def out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def topics(count: int) -> list[str]:
@@ -722,22 +718,6 @@ async def latency_run(root: Path, pki: Pki, args: argparse.Namespace) -> list[fl
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _yes(met: bool) -> str:
-    return "yes" if met else "NO"
-
-
-def _table(rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
-    header = ("measure", "figure", "reference", "ratio", "goal", "met")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    line = "+".join("-" * (w + 2) for w in widths)
-    out(f"+{line}+")
-    out("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    out(f"+{line}+")
-    for row in rows:
-        out("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-    out(f"+{line}+")
-
-
 def _line(name: str, drain: Drain, *, rss: bool = False) -> str:
     memory = f", RSS peak {drain.peak_rss_mb:.1f} MB (HWM {drain.hwm_mb:.1f})" if rss else ""
     return (
@@ -825,7 +805,7 @@ async def part_a(args: argparse.Namespace, root: Path, pki: Pki, backlog: Path) 
             f"bare loop {bare_rate:,.0f} ev/s",
             f"{ratio:.3f}",
             f">= {GOAL_RAW_RATIO}x bare",
-            _yes(ratio >= GOAL_RAW_RATIO),
+            yes(ratio >= GOAL_RAW_RATIO),
         )
     ]
 
@@ -884,7 +864,7 @@ async def part_b(args: argparse.Namespace, root: Path, pki: Pki, backlog: Path) 
             f"bare loop {bare_rate:,.0f} ev/s",
             f"{agent_rate / bare_rate:.3f}",
             f">= {GOAL_BATCH_RATE:,} ev/s",
-            _yes(agent_rate >= GOAL_BATCH_RATE),
+            yes(agent_rate >= GOAL_BATCH_RATE),
         )
     ]
 
@@ -918,7 +898,7 @@ async def part_c(args: argparse.Namespace, root: Path, pki: Pki) -> list[Row]:
             f"idle connected {idle[0]:.1f} MB",
             f"{rss / idle[0]:.2f}",
             f"<= {GOAL_RSS_MB:g} MB",
-            _yes(rss <= GOAL_RSS_MB),
+            yes(rss <= GOAL_RSS_MB),
         )
     ]
 
@@ -944,7 +924,7 @@ async def part_d(args: argparse.Namespace, root: Path, pki: Pki) -> list[Row]:
             "",
             "",
             f"<= {GOAL_P99_MS:g} ms",
-            _yes(p99 * 1000 <= GOAL_P99_MS),
+            yes(p99 * 1000 <= GOAL_P99_MS),
         ),
     ]
 
@@ -972,7 +952,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
     if "d" in args.parts:
         rows += await part_d(args, root, pki)
     out("\nSummary (rates: medians of the runs):")
-    _table(rows)
+    table(rows)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -71,9 +71,9 @@ from bench.drain import (
     cpu_seconds,
     make_dir,
     memory_mb,
-    out,
     start_mosquitto,
 )
+from bench.report import out, table, yes
 from bench.wire import CONNACK_ACCEPTED, DISCONNECT, PINGREQ, connect_packet, length, utf8
 
 if TYPE_CHECKING:
@@ -913,22 +913,6 @@ async def idle_run(target: str, settings: Settings, devices: list[Device]) -> Id
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _yes(met: bool) -> str:
-    return "yes" if met else "NO"
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    header = ("measure", "figure", "reference", "ratio", "goal", "met")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    out(rule)
-    out("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    out(rule)
-    for row in rows:
-        out("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-    out(rule)
-
-
 def _median(samples: Sequence[Sample], target: str, fmt: str) -> float:
     rates = [s.rate for s in samples if s.target == target and s.fmt == fmt]
     return statistics.median(rates) if rates else math.nan
@@ -964,7 +948,7 @@ def _summary(samples: Sequence[Sample], args: argparse.Namespace) -> list[tuple[
             rows.append((
                 f"sink -> {backend}, {fmt}", f"{rate:,.0f} ev/s",
                 f"bare loop {window} {reference:,.0f}", f"{rate / reference:.2f}",
-                f">= {goal}x", _yes(rate / reference >= goal),
+                f">= {goal}x", yes(rate / reference >= goal),
             ))  # fmt: skip
     for fmt in FORMATS:
         rate = _median(samples, "sqlite", fmt)
@@ -975,7 +959,7 @@ def _summary(samples: Sequence[Sample], args: argparse.Namespace) -> list[tuple[
         rows.append((
             f"sink -> sqlite, {fmt}", f"{rate:,.0f} ev/s", f"mosquitto {mosquitto:,.0f}",
             f"{rate / mosquitto:.2f}", wanted,
-            _yes(rate >= GOAL_SQLITE_BATCH) if fmt == "batch" else "-",
+            yes(rate >= GOAL_SQLITE_BATCH) if fmt == "batch" else "-",
         ))  # fmt: skip
     del args
     return rows
@@ -1041,7 +1025,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
             rows.append((
                 f"{name}: idle connections held", f"{idle.alive:,} of {idle.connections:,}",
                 f"{idle.lost} lost", "", f">= {GOAL_CONNECTIONS:,}" if target == "sqlite" else "",
-                _yes(idle.alive >= GOAL_CONNECTIONS and idle.lost == 0)
+                yes(idle.alive >= GOAL_CONNECTIONS and idle.lost == 0)
                 if target == "sqlite" else "-",
             ))  # fmt: skip
             rows.append((
@@ -1051,7 +1035,7 @@ async def run(args: argparse.Namespace, root: Path) -> None:
     load = os.getloadavg()
     out(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     out("Summary (rates: medians of the runs):")
-    _table(rows)
+    table(rows)
 
 
 def _print_profile(path: Path, title: str) -> None:
