@@ -65,7 +65,7 @@ from pydantic import (
     model_validator,
 )
 
-from mqtt_ingest.configuration import Bytes, ConfigError, Seconds, load_model, parse_model
+from mqtt_ingest.configuration import Bytes, ConfigError, Delay, Seconds, load_model, parse_model
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
 __all__ = [
@@ -109,7 +109,7 @@ class BufferConfig(_Strict):
     crash of the agent, but a power loss can roll back the last commits (docs/buffer.md)."""
     max_bytes: Bytes = 512 * 1024**2
     max_events: Annotated[int, Field(gt=0)] = 1_000_000
-    commit_linger: Seconds = 0.005
+    commit_linger: Delay = 0.005
     """How long a group commit waits for more events after the first one."""
     commit_max_events: Annotated[int, Field(gt=0)] = 1000
     ttl_sweep_interval: Seconds = 60.0
@@ -207,7 +207,7 @@ class UplinkBatch(_Strict):
 
     max_events: Annotated[int, Field(gt=0, le=100_000)] = 500
     max_bytes: Bytes = 64 * 1024
-    linger: Seconds = 0.005
+    linger: Delay = 0.005
     """How long a part-full batch waits for more events before it is sent."""
     zstd_level: Annotated[int, Field(ge=1, le=22)] | None = None
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
-__all__ = ["Bytes", "ConfigError", "Seconds", "load_model", "parse_model"]
+__all__ = ["Bytes", "ConfigError", "Delay", "Seconds", "load_model", "parse_model"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -50,6 +50,8 @@ def _size(value: Any) -> Any:
 
 
 Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+Delay = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+"""A duration that may be zero (a linger: 0 = do not wait)."""
 Bytes = Annotated[int, BeforeValidator(_size), Field(gt=0)]
 
 

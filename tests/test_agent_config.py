@@ -74,6 +74,11 @@ def test_a_valid_config_with_defaults_and_units() -> None:
     assert config.listener.port == 1883
 
 
+def test_lingers_may_be_zero() -> None:
+    config = parse_config(BASE.format(extra='[buffer]\ncommit_linger = "0ms"\n', rule=""))
+    assert config.buffer.commit_linger == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "rule", "path", "message"),
     [
@@ -85,6 +90,8 @@ def test_a_valid_config_with_defaults_and_units() -> None:
         ("", 'ttl = "-5s"', "topics[0].ttl", "a duration is"),
         ("", "ttl = 0", "topics[0].ttl", "greater than 0"),
         ("[buffer]\nmax_events = 0\n", "", "buffer.max_events", "greater than 0"),
+        ('[buffer]\ncommit_linger = "-1ms"\n', "", "buffer.commit_linger", "a duration is"),
+        ("[buffer]\ncommit_linger = -0.5\n", "", "buffer.commit_linger", "greater than or equal"),
         ("[buffer]\nsurprise = 1\n", "", "buffer.surprise", "unknown key"),
         ("[listener]\nport = 70000\n", "", "listener.port", "less than or equal to 65535"),
         ('[listener]\nhost = "0.0.0.0"\n', "", "listener", "without authentication"),
