@@ -252,6 +252,8 @@ class Buffer:
         self._clock = clock
         self._pending: deque[_Pending] = deque()
         self._pending_events = 0
+        self._oldest = 0.0
+        """Loop time at which the oldest pending event was queued."""
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
@@ -379,6 +381,8 @@ class Buffer:
         if self._closed:
             raise BufferError("the buffer is closed")
         future = self._loop.create_future()
+        if not self._pending:
+            self._oldest = self._loop.time()
         self._pending.append((events, future, one))
         self._pending_events += len(events)
         self._wakeup.set()
@@ -399,14 +403,14 @@ class Buffer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Linger for more only while the group is small: half a group (a batch from the
-            # listener, or what piled up during the last commit) is worth committing at once.
-            if (
-                self._pending_events < self._max_group // 2
-                and self._linger > 0
-                and not self._closed
-            ):
-                await asyncio.sleep(self._linger)
+            # Linger for more only while the group is small (half a group, from the listener or
+            # piled up during the last commit, is worth committing at once), and only until the
+            # oldest pending event has waited `linger`: events that arrived during the last
+            # commit have waited already.
+            if self._pending_events < self._max_group // 2 and not self._closed:
+                delay = self._oldest + self._linger - self._loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             if self._pending_events <= self._max_group:
                 group, self._pending = self._pending, deque()
                 count = self._pending_events
@@ -418,6 +422,7 @@ class Buffer:
                     pending = self._pending.popleft()
                     group.append(pending)
                     count += len(pending[0])
+                self._oldest = -math.inf  # the rest waited for this group: no linger for it
             self._pending_events -= count
             await self._commit(group)
 
