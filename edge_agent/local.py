@@ -82,8 +82,9 @@ def build_listener(config: ListenerConfig, acceptor: Acceptor) -> IngestServer:
         max_connections=config.max_connections,
         max_inflight=config.max_inflight,
         # The buffer's group commit lingers for more events already; a second linger in front of
-        # it would only add its delay to every local publish.
+        # it, or a batch waiting for the previous one's commit, would only add to every publish.
         batch_linger=0.0,
+        stage_concurrency=8,
     )
     return IngestServer(
         stage=BufferStage(acceptor),

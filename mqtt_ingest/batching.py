@@ -3,7 +3,9 @@
 A stage with a per-call round trip (a core queue, an fsync) must not be called once per event. The
 batcher takes what connections submit, waits at most ``linger`` after the first event for more, and
 hands the stage up to ``max_events`` at a time, one call after another (so the stage sees events in
-arrival order). Each submitter gets a future that resolves once its event is durable, or fails.
+arrival order), or with ``concurrency`` above 1 up to that many calls at once, started in arrival
+order (for a stage that orders and groups events itself). Each submitter gets a future that
+resolves once its event is durable, or fails.
 
 Memory is bounded by the callers: every connection holds at most ``max_inflight`` unresolved
 futures and the server at most ``max_connections`` connections.
@@ -41,12 +43,14 @@ class Batcher:
         max_events: int,
         linger: float,
         timeout: float,
+        concurrency: int = 1,
     ) -> None:
         self._stage = stage
         self._metrics = metrics
         self._max_events = max_events
         self._linger = linger
         self._timeout = timeout
+        self._concurrency = concurrency
         self._pending: deque[tuple[IngestEvent, asyncio.Future[None]]] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -63,21 +67,35 @@ class Batcher:
 
     async def run(self) -> None:
         """Feed the stage until cancelled; on cancellation, fail whatever is still queued."""
+        running: set[asyncio.Task[None]] = set()
         try:
             while True:
                 await self._wakeup.wait()
                 if len(self._pending) < self._max_events and self._linger > 0:
                     await asyncio.sleep(self._linger)
+                while len(running) >= self._concurrency:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 batch = [
                     self._pending.popleft()
                     for _ in range(min(self._max_events, len(self._pending)))
                 ]
                 if not self._pending:
                     self._wakeup.clear()
-                if batch:
+                if not batch:
+                    continue
+                if self._concurrency == 1:
                     await self._store(batch)
+                else:
+                    # Tasks start in creation order: the stage sees the calls in arrival order.
+                    task = asyncio.create_task(self._store(batch))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
         finally:
             self._closed = True
+            for task in running:
+                task.cancel()  # each fails its own batch: nothing of it was acknowledged
+            if running:
+                await asyncio.wait(running)
             while self._pending:
                 _, future = self._pending.popleft()
                 if not future.done():

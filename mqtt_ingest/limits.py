@@ -28,6 +28,10 @@ class Limits:
     """... gathered across all connections for at most this long after the first one."""
     stage_timeout: float = 30.0
     """A stage call that takes longer fails its events: no ack, connections closed."""
+    stage_concurrency: int = 1
+    """Stage calls in progress at once. Above 1 only for a stage that takes a call's events in
+    call order before its first ``await`` and groups them itself (the agent's buffer): a batch
+    then need not wait for the previous call to finish."""
     stop_deadline: float = 10.0
     """On stop, in-flight events get this long to be stored and acknowledged."""
 
@@ -41,6 +45,7 @@ class Limits:
             "max_client_id_bytes": self.max_client_id_bytes,
             "batch_max_events": self.batch_max_events,
             "stage_timeout": self.stage_timeout,
+            "stage_concurrency": self.stage_concurrency,
         }
         for name, value in positive.items():
             if value <= 0:

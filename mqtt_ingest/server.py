@@ -141,6 +141,7 @@ class IngestServer:
             max_events=self.limits.batch_max_events,
             linger=self.limits.batch_linger,
             timeout=self.limits.stage_timeout,
+            concurrency=self.limits.stage_concurrency,
         )
         self._connections: set[_Connection] = set()
         self._clients: dict[str, _Connection] = {}

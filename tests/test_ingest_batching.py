@@ -1,0 +1,103 @@
+"""The batcher between connections and the durable stage: one call at a time by default, or
+several at once, started in arrival order, for a stage that groups events itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from mqtt_ingest import Counters, Identity, IngestEvent, StageRefused
+from mqtt_ingest.batching import Batcher, StageFailed
+
+
+class GatedStage:
+    """Records the events of each call when it starts; each call waits for its own gate."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[bytes]] = []
+        self.gates: list[asyncio.Event] = []
+        self.started = asyncio.Event()
+
+    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
+        self.calls.append([e.payload for e in events])  # before the first await, like the buffer
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.started.set()
+        await gate.wait()
+        return None
+
+    async def wait_calls(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.calls) < count:
+                self.started.clear()
+                await self.started.wait()
+
+
+def event(payload: bytes) -> IngestEvent:
+    return IngestEvent(
+        identity=Identity("dev"),
+        client_id="dev",
+        topic="t",
+        payload=payload,
+        qos=1,
+        retain=False,
+        received_at=0.0,
+    )
+
+
+def batcher(stage: GatedStage, concurrency: int) -> Batcher:
+    return Batcher(stage, Counters(), max_events=2, linger=0, timeout=10, concurrency=concurrency)
+
+
+async def test_concurrent_calls_start_in_arrival_order_without_waiting() -> None:
+    stage = GatedStage()
+    feeding = batcher(stage, concurrency=3)
+    runner = asyncio.create_task(feeding.run())
+    try:
+        futures = [feeding.submit(event(b"%d" % i)) for i in range(5)]
+        await stage.wait_calls(3)  # the first call is still open while the next ones start
+        assert stage.calls == [[b"0", b"1"], [b"2", b"3"], [b"4"]]
+        for gate in reversed(stage.gates):
+            gate.set()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*futures)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_calls_beyond_the_concurrency_wait_for_a_free_one() -> None:
+    stage = GatedStage()
+    feeding = batcher(stage, concurrency=1)
+    runner = asyncio.create_task(feeding.run())
+    try:
+        first = feeding.submit(event(b"a"))
+        await stage.wait_calls(1)
+        second = feeding.submit(event(b"b"))
+        await asyncio.sleep(0.05)
+        assert stage.calls == [[b"a"]], "a second call started while the first was open"
+        stage.gates[0].set()
+        await stage.wait_calls(2)
+        stage.gates[1].set()
+        async with asyncio.timeout(5):
+            await asyncio.gather(first, second)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_stopping_fails_the_calls_still_open() -> None:
+    stage = GatedStage()
+    feeding = batcher(stage, concurrency=2)
+    runner = asyncio.create_task(feeding.run())
+    futures = [feeding.submit(event(b"%d" % i)) for i in range(4)]
+    await stage.wait_calls(2)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    for future in futures:
+        with pytest.raises(StageFailed, match="server stopping"):
+            await future
+    with pytest.raises(StageFailed):
+        await feeding.submit(event(b"late"))
