@@ -259,6 +259,7 @@ class Sink:
                     max_packet_size=listener.max_packet_size,
                     max_connections=listener.max_connections,
                     max_inflight=listener.max_inflight,
+                    batch_linger=listener.batch_linger,
                 ),
                 clock=self._clock,
                 metrics=self.metrics,

@@ -220,6 +220,10 @@ def test_reconnect_and_health_validators(tmp_path: Path, pki: Pki) -> None:
     assert (config.backend.reconnect.initial, config.backend.reconnect.max) == (0.5, 30.0)
     assert config.health.port is None  # off unless configured
     assert config.listener.crl_check_interval == 5.0
+    assert config.listener.batch_linger == 0  # forwarded at once; batches grow with the load
+    assert parse_config(
+        base.replace("[auth]", 'batch_linger = "2ms"\n\n[auth]')
+    ).listener.batch_linger == pytest.approx(0.002)
     with pytest.raises(ConfigError) as info:
         parse_config(
             base.replace("[auth]", 'crl_check_interval = "0s"\n\n[auth]')
