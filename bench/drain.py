@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import out, table, yes
@@ -153,17 +153,32 @@ def make_pki(directory: Path) -> Pki:
 
 
 def agent_toml(
-    data_dir: Path, pki: Pki, port: int, *, raw: bool, window: int, durability: str
+    data_dir: Path,
+    pki: Pki,
+    port: int,
+    *,
+    raw: bool,
+    window: int,
+    durability: str,
+    args: argparse.Namespace | None = None,
 ) -> str:
     """One catch-all rule (QoS 1, priority 0); raw: no password (Mosquitto checks the
-    certificate), batch: device-signed tokens for the sink."""
+    certificate), batch: device-signed tokens for the sink. The lingers are the agent's defaults
+    unless ``--commit-linger`` / ``--batch-linger`` set them."""
     token = 'mode = "none"' if raw else f'audience = "{AUDIENCE}"'
+    buffer_extra = uplink_batch = ""
+    if args is not None and args.commit_linger is not None:
+        buffer_extra = f'commit_linger = "{args.commit_linger:g}ms"\n'
+    if args is not None and args.batch_linger is not None:
+        uplink_batch = f'[uplink.batch]\nlinger = "{args.batch_linger:g}ms"\n\n'
     return (
         f'[agent]\ndevice_id = "{DEVICE}"\ndata_dir = {json.dumps(str(data_dir))}\n\n'
-        f'[buffer]\ndurability = "{durability}"\nmax_events = 100_000_000\nmax_bytes = "64GiB"\n\n'
+        f'[buffer]\ndurability = "{durability}"\nmax_events = 100_000_000\nmax_bytes = "64GiB"\n'
+        f"{buffer_extra}\n"
         "[listener]\nport = 0\n\n"
         f'[uplink]\nhost = "localhost"\nport = {port}\n'
         f'format = "{"raw" if raw else "batch-v1"}"\nwindow = {window}\n\n'
+        f"{uplink_batch}"
         f'[uplink.tls]\nca = "{pki.ca}"\ncert = "{pki.device_cert}"\nkey = "{pki.device_key}"\n\n'
         f"[uplink.token]\n{token}\n\n"
         '[[topics]]\nfilter = "#"\nqos = 1\n'
@@ -423,6 +438,7 @@ async def agent_drain(
             raw=core is None,
             window=args.window,
             durability=args.durability,
+            args=args,
         )
     )
     server_cpu = cpu_seconds(server.pid)
@@ -574,7 +590,13 @@ async def idle_rss(root: Path, pki: Pki, sink: Process, args: argparse.Namespace
     config = root / "agent.toml"
     config.write_text(
         agent_toml(
-            root / "data", pki, sink.port, raw=False, window=args.window, durability=args.durability
+            root / "data",
+            pki,
+            sink.port,
+            raw=False,
+            window=args.window,
+            durability=args.durability,
+            args=args,
         )
     )
     agent = await start_agent(config, root / "agent.log")
@@ -648,12 +670,24 @@ async def _produce(port: int, total: int, rate: float, topic_count: int) -> dict
     return {"seconds": time.perf_counter() - started, "acked": producer.acked}
 
 
-def watch_latencies(core: Path, total: int, skip: int, within: float) -> list[float]:
+@dataclass
+class Latencies:
+    """Per event, in seconds: end to end, and the three legs the core queue's timestamps (whole
+    milliseconds, wall clock) tell apart."""
+
+    total: list[float] = field(default_factory=list)
+    accept: list[float] = field(default_factory=list)  # sent -> accepted by the agent
+    uplink: list[float] = field(default_factory=list)  # accepted -> read by the sink
+    store: list[float] = field(default_factory=list)  # read by the sink -> seen in the core queue
+
+
+def watch_latencies(core: Path, total: int, skip: int, within: float) -> Latencies:
     """Poll the core queue every 0.5 ms; latency of each event = first seen - sent (seconds)."""
-    latencies: list[float] = []
+    result = Latencies()
     seen = 0
     position = 0
     deadline = time.monotonic() + within
+    wall = time.time_ns() - time.monotonic_ns()  # CLOCK_MONOTONIC -> wall clock, in ns
     while not core.exists():
         time.sleep(0.01)
     db = _read_only(core)
@@ -664,30 +698,42 @@ def watch_latencies(core: Path, total: int, skip: int, within: float) -> list[fl
             if current != version:
                 version = current
                 rows = db.execute(
-                    "SELECT position, payload FROM events WHERE position > ? ORDER BY position",
+                    "SELECT position, payload, event_time, received_at FROM events"
+                    " WHERE position > ? ORDER BY position",
                     (position,),
                 ).fetchall()
                 now = time.monotonic_ns()
-                for position, payload in rows:  # noqa: B007  # the last one is kept
+                for position, payload, accepted_ms, received_ms in rows:  # noqa: B007
                     sent, n = struct.unpack_from("!QQ", payload)
                     seen += 1
                     if n >= skip:
-                        latencies.append((now - sent) / 1e9)
+                        result.total.append((now - sent) / 1e9)
+                        result.accept.append(accepted_ms / 1e3 - (sent + wall) / 1e9)
+                        result.uplink.append((received_ms - accepted_ms) / 1e3)
+                        result.store.append((now + wall) / 1e9 - received_ms / 1e3)
             time.sleep(0.0005)
     finally:
         db.close()
     if seen < total:
         out(f"  WARNING: {seen} of {total} events reached the core queue")
-    return sorted(latencies)
+    for values in (result.total, result.accept, result.uplink, result.store):
+        values.sort()
+    return result
 
 
-async def latency_run(root: Path, pki: Pki, args: argparse.Namespace) -> list[float]:
+async def latency_run(root: Path, pki: Pki, args: argparse.Namespace) -> Latencies:
     sink, core = await start_sink(root / "sink", pki)
     try:
         config = root / "agent.toml"
         config.write_text(
             agent_toml(
-                root / "data", pki, sink.port, raw=False, window=args.window, durability="full"
+                root / "data",
+                pki,
+                sink.port,
+                raw=False,
+                window=args.window,
+                durability="full",
+                args=args,
             )
         )
         agent = await start_agent(config, root / "agent.log")
@@ -909,13 +955,23 @@ async def part_d(args: argparse.Namespace, root: Path, pki: Pki) -> list[Row]:
         f"(after {args.warmup:g} s warm-up), durability full, producer -> agent listener -> "
         "sink -> sqlite core queue"
     )
-    latencies = await latency_run(root / "d", pki, args)
+    legs = await latency_run(root / "d", pki, args)
+    latencies = legs.total
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     out(
         f"  {len(latencies)} events: p50 {p50 * 1000:.2f} ms, p90 "
         f"{percentile(latencies, 0.9) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms, max "
         f"{latencies[-1] * 1000 if latencies else math.nan:.2f} ms"
     )
+    for name, values in (
+        ("sent -> accepted by the agent", legs.accept),
+        ("accepted -> read by the sink", legs.uplink),
+        ("read by the sink -> in the core queue", legs.store),
+    ):
+        out(
+            f"    {name:<38} p50 {percentile(values, 0.5) * 1000:6.2f} ms,"
+            f" p99 {percentile(values, 0.99) * 1000:6.2f} ms (+-1 ms: whole-ms timestamps)"
+        )
     return [
         ("(d) e2e latency p50", f"{p50 * 1000:.2f} ms", "", "", "", "-"),
         (
@@ -969,6 +1025,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--durability", choices=["full", "normal"], default="full", help="for (a)-(c); (d): full"
     )
+    parser.add_argument(
+        "--commit-linger", type=float, default=None, metavar="MS",
+        help="the agent's [buffer] commit_linger in ms (default: the agent's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-linger", type=float, default=None, metavar="MS",
+        help="the agent's [uplink.batch] linger in ms (default: the agent's default)",
+    )  # fmt: skip
     parser.add_argument("--rate", type=float, default=1000.0, help="(d) events per second")
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="(d) measured")
     parser.add_argument("--warmup", type=float, default=1.0, help="(d) unmeasured seconds")
