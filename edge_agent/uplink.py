@@ -73,7 +73,7 @@ LINK_FILE = "link.json"
 _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
 _EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
 _MAX_DEFERRED = 100
-_MAX_FETCH = 5000  # events per read from the buffer
+_MAX_FETCH = 1000  # events per read from the buffer (more only holds more rows in memory)
 _MAX_QUEUED = 16  # messages queued for the publishers beyond those in flight
 _DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
@@ -557,7 +557,7 @@ class Uplink:
         that the loop does not go to the buffer's thread for every freed slot."""
         if self.config.format == FORMAT_BATCH_V1:
             return min(free * self.config.batch.max_events, _MAX_FETCH)
-        return min(max(free, self.config.window * 4), _MAX_FETCH // 5)
+        return min(max(free, self.config.window * 4), _MAX_FETCH)
 
     async def _fetch(
         self, session: _Session, cursor: tuple[int, int] | None, free: int
