@@ -30,7 +30,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nats.aio.client import Client as NatsClient
 
@@ -70,6 +70,9 @@ class AckClient(NatsClient):
     ) -> None:
         handler = self._ack_handler
         if sid == self._ack_sid and handler is not None:
+            stats = self.stats
+            stats["in_msgs"] += 1
+            stats["in_bytes"] += len(data)
             # headers is None for a message without (nats-py's annotation says bytes).
             handler(subject, data, headers)
             return
@@ -82,7 +85,7 @@ class _Batch:
     seen: bytearray  # one byte per message: its PubAck is in
     pending: int
     duplicates: int = 0
-    error: str | None = field(default=None)
+    error: str | None = None
 
 
 class BatchPublisher:
@@ -125,6 +128,7 @@ class BatchPublisher:
         reply = f"{self._inbox}.{self._number}."
         frames: list[bytes] = []
         checked: set[str] = set()
+        body_bytes = 0
         for index, (subject, headers, body) in enumerate(items):
             if subject not in checked:
                 if not subject or _BAD_SUBJECT.search(subject):
@@ -141,11 +145,14 @@ class BatchPublisher:
             frames.append(f"HPUB {subject} {reply}{index} {len(head)} {size}\r\n".encode() + head)
             frames.append(body)
             frames.append(_CRLF)
+            body_bytes += len(body)
         key = reply[:-1].encode()
         batch = _Batch(
             asyncio.get_running_loop().create_future(), bytearray(len(items)), len(items)
         )
         self._batches[key] = batch
+        client.stats["out_msgs"] += len(items)  # as nats-py's publish counts (body bytes only)
+        client.stats["out_bytes"] += body_bytes
         try:
             # One command: nothing of another batch can come in between, and nats-py writes
             # its pending buffer in order.
@@ -215,7 +222,7 @@ def read_reply(data: bytes, headers: bytes | None) -> tuple[str | None, bool]:
         return f"status {status!r}", False
     try:
         reply = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # runs in nats-py's parser: must not raise
         return f"not a PubAck: {data[:200]!r}", False
     if not isinstance(reply, dict):
         return f"not a PubAck: {data[:200]!r}", False
