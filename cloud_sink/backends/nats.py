@@ -8,7 +8,13 @@ stream under ``<dead_letter_subject_prefix>.<device id>`` with their reason.
 Connection policy: nats-py keeps reconnecting in the background (disconnects are logged, never
 silent), but a publish never waits for it: it fails at once while disconnected, and any batch
 whose every PubAck has not arrived within ``timeout`` raises `BackendError`. Resending is safe
-thanks to ``Nats-Msg-Id``. Every nats-py exception is translated to `BackendError` here.
+thanks to ``Nats-Msg-Id``; a disconnect fails every batch still waiting at once. Every
+nats-py exception is translated to `BackendError` here.
+
+nats-py sets the connection and the streams up; batches are published by
+`cloud_sink.backends.nats_batch.BatchPublisher`, which does nats-py's per-message publish
+bookkeeping once per batch (most of the sink's CPU per event with NATS; docs/benchmarks.md,
+"Sink").
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from typing import Literal
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.js.api import PubAck, StorageType, StreamConfig
-from nats.js.client import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
+from cloud_sink.backends.nats_batch import AckClient, BatchPublisher, PublishRefused
 
 __all__ = ["NatsCoreQueue", "event_subject", "subject_covers"]
 
@@ -32,7 +38,9 @@ log = logging.getLogger(__name__)
 
 _RECONNECT_WAIT = 2  # seconds between reconnect attempts in the background
 _ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.Error)
+_PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, PublishRefused)
 _UNSAFE_TOKEN_CHARS = frozenset(".*>%") | frozenset(chr(c) for c in range(0x21))
+_NEWLINES_AS_SPACES = str.maketrans({"\r": " ", "\n": " "})
 
 
 def event_subject(prefix: str, topic: str) -> str:
@@ -48,8 +56,11 @@ def _subject_token(value: str) -> str:
 
 
 def _header_value(value: str) -> str:
-    """`value` safe in a NATS header line (no CR/LF)."""
-    return value.replace("\r", " ").replace("\n", " ")
+    """`value` as nats-py writes a header value: CR and LF as spaces, white space stripped."""
+    if value.isprintable() and value[:1] != " " and value[-1:] != " ":
+        # The common case, cheaply: the only printable white space is the ASCII space.
+        return value
+    return value.translate(_NEWLINES_AS_SPACES).strip()
 
 
 def subject_covers(pattern: str, subject: str) -> bool:
@@ -74,7 +85,7 @@ class NatsCoreQueue:
     def __init__(
         self,
         client: NatsClient,
-        js: JetStreamContext,
+        publisher: BatchPublisher,
         *,
         stream: str,
         subject_prefix: str,
@@ -83,7 +94,7 @@ class NatsCoreQueue:
         timeout: float,
     ) -> None:
         self._client = client
-        self._js = js
+        self._publisher = publisher
         self.stream = stream
         self.subject_prefix = subject_prefix
         self.dead_letter_stream = dead_letter_stream
@@ -111,7 +122,8 @@ class NatsCoreQueue:
         existing stream does not take ``<prefix>.>`` or keeps duplicates for less than
         `duplicate_window` seconds.
         """
-        client = NatsClient()
+        client = AckClient()
+        publisher = BatchPublisher(client)
         errors: list[Exception] = []
         try:
             async with asyncio.timeout(timeout):
@@ -123,10 +135,13 @@ class NatsCoreQueue:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=_RECONNECT_WAIT,
                     error_cb=_log_error(url, errors),
-                    disconnected_cb=_log_event(logging.WARNING, "disconnected from NATS", url),
+                    disconnected_cb=_on_lost(
+                        publisher, logging.WARNING, "disconnected from NATS", url
+                    ),
                     reconnected_cb=_log_event(logging.WARNING, "reconnected to NATS", url),
-                    closed_cb=_log_event(logging.INFO, "NATS connection closed", url),
+                    closed_cb=_on_lost(publisher, logging.INFO, "NATS connection closed", url),
                 )
+                await publisher.start()
         except _ERRORS as exc:
             await _close_quietly(client)
             cause = errors[-1] if errors else exc
@@ -134,10 +149,9 @@ class NatsCoreQueue:
         except BaseException:
             await _close_quietly(client)
             raise
-        js = client.jetstream(timeout=timeout)
         queue = cls(
             client,
-            js,
+            publisher,
             stream=stream,
             subject_prefix=subject_prefix,
             dead_letter_stream=dead_letter_stream,
@@ -197,7 +211,7 @@ class NatsCoreQueue:
         if not messages:
             return PublishOutcome(stored=0, duplicates=0)
         items = [
-            (event_subject(self.subject_prefix, m.topic), m.payload, _event_headers(m))
+            (event_subject(self.subject_prefix, m.topic), _event_headers(m), m.payload)
             for m in messages
         ]
         duplicates = await self._publish_all(items, what="events")
@@ -212,55 +226,31 @@ class NatsCoreQueue:
         items = [
             (
                 f"{self.dead_letter_subject_prefix}.{_subject_token(m.device_id)}",
+                "NATS/1.0\r\n"
+                f"reason: {_header_value(m.reason)}\r\n"
+                f"device-id: {_header_value(m.device_id)}\r\n"
+                f"topic: {_header_value(m.topic)}\r\n"
+                f"received-at: {m.received_at_ms}\r\n\r\n",
                 m.payload,
-                {
-                    "reason": _header_value(m.reason),
-                    "device-id": _header_value(m.device_id),
-                    "topic": _header_value(m.topic),
-                    "received-at": str(m.received_at_ms),
-                },
             )
             for m in messages
         ]
         await self._publish_all(items, what="dead letters")
 
-    async def _publish_all(
-        self, items: Sequence[tuple[str, bytes, dict[str, str]]], *, what: str
-    ) -> int:
-        """Publish in order without waiting in between, then wait for every PubAck; the number
-        of duplicates."""
+    async def _publish_all(self, items: Sequence[tuple[str, str, bytes]], *, what: str) -> int:
+        """Publish ``(subject, header block, body)`` in order, then wait for every PubAck; the
+        number of duplicates."""
         if not self._client.is_connected:
             raise BackendError(f"NATS is not connected: {len(items)} {what} not published")
-        futures: list[asyncio.Future[PubAck]] = []
         try:
             async with asyncio.timeout(self.timeout):
-                for subject, payload, headers in items:
-                    # Sequential awaits keep the batch's order on the wire (and in the stream).
-                    future = await self._js.publish_async(subject, payload, headers=headers)
-                    futures.append(future)
-                results = await asyncio.gather(*futures, return_exceptions=True)
-        except _ERRORS as exc:
+                return await self._publisher.publish(items)
+        except _PUBLISH_ERRORS as exc:
             if isinstance(exc, TimeoutError):
                 detail = f"no PubAck for every message within {self.timeout:g}s"
             else:
-                detail = repr(exc)
+                detail = str(exc) if isinstance(exc, PublishRefused) else repr(exc)
             raise BackendError(f"NATS publish of {len(items)} {what}: {detail}") from exc
-        finally:
-            for future in futures:
-                future.cancel()  # no-op when done; frees nats-py's slot when it is not
-        acks: list[PubAck] = []
-        failures: list[BaseException] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                failures.append(result)
-            else:
-                acks.append(result)
-        if failures:
-            raise BackendError(
-                f"NATS publish of {len(items)} {what}: {len(failures)} refused,"
-                f" first {failures[0]!r}"
-            ) from failures[0]
-        return sum(1 for ack in acks if ack.duplicate)
 
     async def probe(self) -> None:
         """A JetStream API round trip (the event stream's info) within ``timeout``; fails at once
@@ -281,20 +271,17 @@ class NatsCoreQueue:
             log.warning("closing the NATS connection: %r", exc)
 
 
-def _event_headers(m: CoreMessage) -> dict[str, str]:
-    headers = {
-        "Nats-Msg-Id": m.event_id,
-        "event-id": m.event_id,
-        "device-id": m.device_id,
-        "topic": m.topic,
-    }
-    if m.seq is not None:
-        headers["seq"] = str(m.seq)
+def _event_headers(m: CoreMessage) -> str:
+    """The SPEC §3 metadata as a NATS header block, ``Nats-Msg-Id`` (the event id) first."""
+    event_id = _header_value(m.event_id)
+    optional = "" if m.seq is None else f"seq: {m.seq}\r\n"
     if m.event_time_ms is not None:
-        headers["event-time"] = str(m.event_time_ms)
-    headers["received-at"] = str(m.received_at_ms)
-    headers["qos"] = str(m.qos)
-    return headers
+        optional += f"event-time: {m.event_time_ms}\r\n"
+    return (
+        f"NATS/1.0\r\nNats-Msg-Id: {event_id}\r\nevent-id: {event_id}\r\n"
+        f"device-id: {_header_value(m.device_id)}\r\ntopic: {_header_value(m.topic)}\r\n"
+        f"{optional}received-at: {m.received_at_ms}\r\nqos: {m.qos}\r\n\r\n"
+    )
 
 
 async def _close_quietly(client: NatsClient) -> None:
@@ -311,6 +298,22 @@ def _log_error(url: str, errors: list[Exception]) -> Callable[[Exception], Await
         log.warning("NATS %s: %r", url, exc)
 
     return on_error
+
+
+def _on_lost(
+    publisher: BatchPublisher, level: int, message: str, url: str
+) -> Callable[[], Awaitable[None]]:
+    """Log, and fail the batches waiting for PubAcks: they will not come on this connection."""
+
+    async def on_lost() -> None:
+        waiting = publisher.in_flight
+        publisher.fail_all(f"{message} {url} while waiting for PubAcks")
+        if waiting:
+            log.log(level, "%s %s: %d batches waiting for PubAcks failed", message, url, waiting)
+        else:
+            log.log(level, "%s %s", message, url)
+
+    return on_lost
 
 
 def _log_event(level: int, message: str, url: str) -> Callable[[], Awaitable[None]]:
