@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
+import aiormq
+import aiormq.exceptions
 import pytest
+from aio_pika.abc import FieldValue
+from aiormq.abc import ChannelFrame
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from cloud_sink.backends.amqp import AmqpCoreQueue, QueueType, dead_letter_routing_key
-from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage
+from cloud_sink.backends.amqp_publisher import BatchPublisher, Outgoing
+from cloud_sink.backends.amqp_wire import event_properties, publish_frames, publish_method
+from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from tests.harness.brokers import RabbitNames, amqp_connection, drain_queue
 from tests.harness.chaos import ChaosProxyFactory
 from tests.harness.sink import core_message
@@ -306,3 +317,282 @@ async def test_closed_queue_raises(rabbitmq: RabbitNames) -> None:
         await queue.publish([message(rabbitmq, 1)])
     with pytest.raises(BackendError, match="closed"):
         await queue.dead_letter([DeadLetterMessage("d", "t", b"x", "r", 1)])
+
+
+# -- the hand-written publish frames: byte for byte what pamqp writes ---------------------------
+
+_INTEGERS = [0, 1, -1, 127, 128, -128, -129, 32_767, 32_768, -32_768, -32_769, 65_535, 65_536]
+_INTEGERS += [2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**32 - 1, 2**32, 2**63 - 1, -(2**63)]
+_INTEGERS += [1_700_000_000_000]
+
+
+def pamqp_properties(m: CoreMessage, message_id: str) -> Basic.Properties:
+    """The properties the backend gave pamqp before it wrote its own (and a consumer reads)."""
+    headers: dict[str, FieldValue] = {
+        "event-id": m.event_id,
+        "device-id": m.device_id,
+        "topic": m.topic,
+        "received-at": m.received_at_ms,
+        "qos": m.qos,
+    }
+    if m.seq is not None:
+        headers["seq"] = m.seq
+    if m.event_time_ms is not None:
+        headers["event-time"] = m.event_time_ms
+    return Basic.Properties(headers=headers, message_id=message_id, delivery_mode=2)
+
+
+@pytest.mark.parametrize("value", _INTEGERS)
+@pytest.mark.parametrize("optional", ["absent", "seq", "event-time", "both"])
+def test_event_properties_are_pamqps_bytes(value: int, optional: str) -> None:
+    m = CoreMessage(
+        event_id=f"dév-ü/epoch/{value}",
+        device_id="dév-ü" * 40,  # non-ASCII, table strings over 255 bytes
+        topic="devices/dév-ü/" + "level/" * 60,
+        payload=b"x",
+        qos=value if optional == "absent" else 1,
+        received_at_ms=value,
+        seq=value if optional in ("seq", "both") else None,
+        event_time_ms=value if optional in ("event-time", "both") else None,
+    )
+    ours = event_properties(m, m.event_id)
+    assert ours == pamqp_properties(m, m.event_id).marshal()
+    # and a consumer reads back what it always did
+    decoded = Basic.Properties()
+    decoded.unmarshal(int.from_bytes(ours[:2], "big"), ours[2:])
+    assert decoded == pamqp_properties(m, m.event_id)
+
+
+def test_event_properties_refuse_what_pamqp_refuses() -> None:
+    m = core_message(1)
+    with pytest.raises(ValueError, match="message id"):
+        event_properties(m, "é" * 128)  # 256 bytes
+    assert event_properties(m, "é" * 127 + "e") == pamqp_properties(m, "é" * 127 + "e").marshal()
+    with pytest.raises(ValueError, match="empty"):
+        event_properties(m, "")
+    with pytest.raises(ValueError, match="out of range"):
+        event_properties(dataclasses.replace(m, seq=2**63), m.event_id)
+
+
+@pytest.mark.parametrize("size", [0, 1, 200, 131_063, 131_064, 131_065, 3 * 131_064 + 5])
+def test_publish_frames_are_pamqps_bytes(size: int) -> None:
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    m = core_message(7)
+    max_content = 131_064  # frame_max 131072 less a frame's 8 bytes of envelope
+    properties = pamqp_properties(m, m.event_id)
+    expected = ChannelFrame.marshall(
+        5,
+        [
+            Basic.Publish(exchange="ex.ch:1-_", routing_key="devices.dév.t", mandatory=True),
+            ContentHeader(properties=properties, body_size=len(body)),
+            *[ContentBody(body[at : at + max_content]) for at in range(0, size, max_content)],
+        ],
+    ).payload
+    out: list[bytes] = []
+    method = publish_method(5, "ex.ch:1-_", "devices.dév.t")
+    publish_frames(out, 5, method, event_properties(m, m.event_id), body, max_content)
+    assert b"".join(out) == expected
+
+
+def test_publish_method_refuses_what_pamqp_refuses() -> None:
+    with pytest.raises(ValueError, match="exchange"):
+        publish_method(1, "e" * 128, "k")
+    with pytest.raises(ValueError, match="exchange"):
+        publish_method(1, "é", "k")
+    with pytest.raises(TypeError, match="exceeds maximum length"):
+        publish_method(1, "ex", "k" * 256)
+
+
+# -- confirms: one future per batch, tags matched across batches ---------------------------------
+
+
+class StubChannel:
+    """What `BatchPublisher` uses of an aiormq channel, with a write queue nobody reads: the
+    tests play the broker's confirms in orders a real RabbitMQ seldom produces."""
+
+    publisher_confirms = True
+    number = 1
+    max_content_size = 131_064
+    is_closed = False
+
+    def __init__(self, write_queue_size: int = 0) -> None:
+        self.delivery_tag = 0
+        self.lock = asyncio.Lock()
+        self.write_queue: asyncio.Queue[ChannelFrame] = asyncio.Queue(write_queue_size)
+
+    def create_future(self) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+    async def confirm(self, frame: Basic.Ack | Basic.Nack) -> None:
+        on_confirm: Callable[[Basic.Ack | Basic.Nack], Awaitable[None]]
+        on_confirm = self._on_confirm_frame  # type: ignore[attr-defined]  # set by the publisher
+        await on_confirm(frame)
+
+
+def outgoing(count: int, tag: str = "m") -> list[Outgoing]:
+    return [Outgoing("k", b"\x00\x00", b"b", f"{tag}{n}") for n in range(count)]
+
+
+async def started(publisher: BatchPublisher, count: int, tag: str = "m") -> asyncio.Task[None]:
+    task = asyncio.create_task(publisher.publish("ex", outgoing(count, tag)))
+    for _ in range(3):  # written, now waiting for its confirms
+        await asyncio.sleep(0)
+    assert not task.done()
+    return task
+
+
+async def test_confirms_in_any_order_resolve_the_right_batches() -> None:
+    stub = StubChannel()
+    publisher = BatchPublisher(cast(aiormq.Channel, stub))
+    first, second, third = [await started(publisher, 3, t) for t in "abc"]  # 1-3, 4-6, 7-9
+    assert stub.delivery_tag == 9
+    # Out of order, one by one: the second batch is complete before the first.
+    for tag in (5, 4, 6, 2):
+        await stub.confirm(Basic.Ack(delivery_tag=tag))
+    await asyncio.sleep(0)
+    assert second.done()
+    assert not first.done()
+    assert not third.done()
+    await second
+    # Then a multiple ack over tags partly acked already.
+    await stub.confirm(Basic.Ack(delivery_tag=7, multiple=True))
+    await first
+    assert not third.done()
+    await stub.confirm(Basic.Ack(delivery_tag=9))
+    await stub.confirm(Basic.Ack(delivery_tag=8))
+    await third
+
+
+async def test_a_nack_fails_only_the_batches_it_covers() -> None:
+    stub = StubChannel()
+    publisher = BatchPublisher(cast(aiormq.Channel, stub))
+    first, second, third = [await started(publisher, 2, t) for t in "abc"]  # 1-2, 3-4, 5-6
+    await stub.confirm(Basic.Ack(delivery_tag=1))
+    await stub.confirm(Basic.Ack(delivery_tag=3))
+    # Tags 2 and 4 nacked (1 and 3 were acked already): the first two batches fail.
+    await stub.confirm(Basic.Nack(delivery_tag=4, multiple=True))
+    for task in (first, second):
+        with pytest.raises(aiormq.exceptions.DeliveryError):
+            await task
+    # A multiple nack over tags that were all acked one by one fails nothing.
+    await stub.confirm(Basic.Ack(delivery_tag=6))
+    await stub.confirm(Basic.Nack(delivery_tag=5))
+    with pytest.raises(aiormq.exceptions.DeliveryError):
+        await third
+    fourth = await started(publisher, 2, "d")  # 7-8
+    await stub.confirm(Basic.Ack(delivery_tag=7))
+    await stub.confirm(Basic.Nack(delivery_tag=7, multiple=True))  # nothing new: ignored
+    await stub.confirm(Basic.Ack(delivery_tag=8, multiple=True))
+    await fourth
+
+
+async def test_batch_cancelled_while_written_gives_its_unwritten_tags_back() -> None:
+    stub = StubChannel(write_queue_size=1)  # the second write of a batch waits
+    publisher = BatchPublisher(cast(aiormq.Channel, stub))
+    task = asyncio.create_task(publisher.publish("ex", outgoing(600)))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert stub.write_queue.qsize() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stub.delivery_tag == 256  # the first write reached the writer, the rest is given back
+    stub.write_queue = asyncio.Queue()
+    nxt = await started(publisher, 1, "n")  # tag 257
+    await stub.confirm(Basic.Ack(delivery_tag=256, multiple=True))  # the cancelled batch's
+    assert not nxt.done()
+    await stub.confirm(Basic.Ack(delivery_tag=257))
+    await nxt
+    # A confirm for a tag never handed out is ignored (and logged), not taken for a later one.
+    await stub.confirm(Basic.Ack(delivery_tag=300, multiple=True))
+    last = await started(publisher, 1, "l")  # tag 258
+    await asyncio.sleep(0)
+    assert not last.done()
+    await stub.confirm(Basic.Ack(delivery_tag=258))
+    await last
+
+
+async def test_batches_on_a_closed_channel_fail_at_once() -> None:
+    stub = StubChannel()
+    publisher = BatchPublisher(cast(aiormq.Channel, stub))
+    stub.is_closed = True
+    with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+        await publisher.publish("ex", outgoing(1))
+    assert stub.delivery_tag == 0
+
+
+async def test_nack_fails_the_batch_and_later_confirms_match(rabbitmq: RabbitNames) -> None:
+    # A queue that refuses what does not fit: RabbitMQ nacks those publishes.
+    arguments: dict[str, FieldValue] = {"x-max-length": 3, "x-overflow": "reject-publish"}
+    async with (
+        core_queue(rabbitmq, queue=None) as queue,
+        amqp_connection(rabbitmq.url) as connection,
+    ):
+        channel = await connection.channel()
+        bounded = await channel.declare_queue(rabbitmq.queue, durable=True, arguments=arguments)
+        await bounded.bind(rabbitmq.exchange, "#")
+        with pytest.raises(BackendError, match="not confirmed"):
+            await queue.publish([message(rabbitmq, seq) for seq in range(1, 6)])
+        await bounded.purge()
+        outcome = await queue.publish([message(rabbitmq, seq) for seq in (6, 7)])
+        assert outcome.stored == 2
+        await channel.close()
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=2, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [b"p6", b"p7"]
+
+
+async def test_unroutable_message_fails_only_its_batch(rabbitmq: RabbitNames) -> None:
+    routed, lost = f"{rabbitmq.routing_prefix}-ok", f"{rabbitmq.routing_prefix}-lost"
+    async with core_queue(rabbitmq, queue=None) as queue:
+        async with amqp_connection(rabbitmq.url) as connection:
+            channel = await connection.channel()
+            bound = await channel.declare_queue(rabbitmq.queue, durable=True)
+            await bound.bind(rabbitmq.exchange, f"devices.{routed}.*")
+            await channel.close()
+        good = [message(rabbitmq, seq, routed) for seq in range(1, 301)]
+        mixed = [message(rabbitmq, 1000, routed), message(rabbitmq, 1001, lost)]
+        mixed.append(message(rabbitmq, 1002, routed))
+        more = [message(rabbitmq, seq, routed) for seq in range(2001, 2301)]
+        # Concurrent batches on the one channel: tags and returns must go to the right batch.
+        results = await asyncio.gather(
+            queue.publish(good), queue.publish(mixed), queue.publish(more), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [PublishOutcome, BackendError, PublishOutcome]
+        assert "unroutable" in str(results[1])
+        outcome = await queue.publish([message(rabbitmq, 3000, routed)])
+        assert outcome.stored == 1
+    expected = 300 + 2 + 300 + 1  # the routable messages of the failed batch went through too
+    received = await drain_queue(
+        rabbitmq.url, rabbitmq.queue, expected=expected, timeout=DRAIN_TIMEOUT
+    )
+    bodies = {r.body for r in received}
+    assert {m.payload for m in [*good, *more]} <= bodies
+    assert b"p1001" not in bodies
+
+
+async def test_channel_closed_by_the_broker_fails_the_batch(rabbitmq: RabbitNames) -> None:
+    async with core_queue(rabbitmq) as queue:
+        await queue.publish([message(rabbitmq, 1)])
+        async with amqp_connection(rabbitmq.url) as connection:
+            channel = await connection.channel()
+            await channel.exchange_delete(rabbitmq.exchange)
+            await channel.close()
+        # Publishing to a missing exchange: the broker closes the channel (404).
+        with pytest.raises(BackendError, match=r"NOT_FOUND|ChannelNotFoundEntity"):
+            await queue.publish([message(rabbitmq, 2), message(rabbitmq, 3)])
+        # The next call opens a new channel and declares the exchange (and binding) again.
+        outcome = await queue.publish([message(rabbitmq, 4)])
+        assert outcome.stored == 1
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=2, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [b"p1", b"p4"]
+
+
+async def test_event_id_over_255_bytes_is_refused_before_sending(rabbitmq: RabbitNames) -> None:
+    long_id = dataclasses.replace(message(rabbitmq, 2), event_id="é" * 128)
+    async with core_queue(rabbitmq) as queue:
+        with pytest.raises(BackendError, match="message id over 255 bytes"):
+            await queue.publish([message(rabbitmq, 1), long_id])
+        outcome = await queue.publish([message(rabbitmq, 3)])
+        assert outcome.stored == 1
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=1, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [b"p3"]

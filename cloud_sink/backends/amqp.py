@@ -14,9 +14,11 @@ key word) as routing key and ``reason``, ``device-id``, ``topic`` and ``received
 The connection is a plain (non-robust) one: when it or the channel is lost, the next call opens a
 new one and declares the topology again, within that call's ``timeout``.
 
-aio-pika sets the topology up; a batch is published on its underlying aiormq channel by
-`_publish_all`, which does aiormq's per-message publish bookkeeping once per batch (half the
-sink's CPU per event with RabbitMQ; docs/benchmarks.md, "Sink").
+aio-pika sets the topology up; batches are published on its underlying aiormq channel by a
+`BatchPublisher` (amqp_publisher.py: one write per 256 messages, one confirmation future per
+batch), events with content headers written by amqp_wire.py instead of pamqp's generic
+marshalling. aiormq's per-message publish was most of the sink's CPU per event with RabbitMQ
+(docs/benchmarks.md, "Sink").
 """
 
 from __future__ import annotations
@@ -34,21 +36,18 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq
 import pamqp.exceptions
-from aiormq.abc import ChannelFrame
-from pamqp.base import Frame as FrameType
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
+from cloud_sink.backends.amqp_publisher import BatchPublisher, Outgoing
+from cloud_sink.backends.amqp_wire import MAX_SHORT_STRING_BYTES, event_properties
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 
 __all__ = ["AmqpCoreQueue", "QueueType", "dead_letter_routing_key", "routing_key"]
 
 QueueType = Literal["classic", "quorum"]
 
-_MAX_ROUTING_KEY_BYTES = 255
+_MAX_ROUTING_KEY_BYTES = MAX_SHORT_STRING_BYTES
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
-_FRAMES_PER_WRITE = 256  # messages marshalled into one write-queue item
 _UNSAFE_WORD = re.compile(r"[.*#/+>\x00-\x20\x7f-\x9f\s]")
 _ERRORS: tuple[type[BaseException], ...] = (
     *aio_pika.exceptions.CONNECTION_EXCEPTIONS,  # AMQPError, OSError (TimeoutError), RuntimeError
@@ -75,8 +74,8 @@ def dead_letter_routing_key(device_id: str) -> str:
 class _Session:
     connection: aio_pika.abc.AbstractConnection
     channel: aio_pika.abc.AbstractChannel
-    # aio-pika's underlying aiormq channel: publishes go to it directly (see `_publish_all`).
-    raw: aiormq.Channel
+    # Publishes on aio-pika's underlying aiormq channel, bypassing aio-pika and aiormq.
+    publisher: BatchPublisher
     exchange: aio_pika.abc.AbstractExchange
     dead_letter_exchange: aio_pika.abc.AbstractExchange
 
@@ -149,27 +148,27 @@ class AmqpCoreQueue:
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         if not messages:
             return PublishOutcome(stored=0, duplicates=0)
-        prepared = [(routing_key(m.topic), m.payload, _event_properties(m)) for m in messages]
-        for key, _, _ in prepared:
+        try:
+            prepared = [_event(m) for m in messages]
+        except ValueError as exc:  # nothing sent: the session is fine
+            raise BackendError(f"amqp: cannot encode an event: {exc}") from exc
+        for key in {m.routing_key for m in prepared}:
             if len(key.encode("utf-8")) > _MAX_ROUTING_KEY_BYTES:
                 raise BackendError(
                     f"amqp: routing key over {_MAX_ROUTING_KEY_BYTES} bytes: {key!r}"
                 )
         async with self._guard(f"publish of {len(messages)} event(s)"):
             session = await self._ready()
-            await _publish_all(session.raw, self.exchange, prepared)
+            await session.publisher.publish(self.exchange, prepared)
         return PublishOutcome(stored=len(messages), duplicates=0)
 
     async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
         if not messages:
             return
-        prepared = [
-            (dead_letter_routing_key(m.device_id), m.payload, _dead_letter_properties(m))
-            for m in messages
-        ]
+        prepared = [_dead_letter(m) for m in messages]
         async with self._guard(f"dead letter of {len(messages)} event(s)"):
             session = await self._ready()
-            await _publish_all(session.raw, self.dead_letter_exchange, prepared)
+            await session.publisher.publish(self.dead_letter_exchange, prepared)
 
     async def probe(self) -> None:
         """Reconnect if needed, then one round trip on the channel (the exchange declared again,
@@ -250,7 +249,7 @@ class AmqpCoreQueue:
                 async with asyncio.timeout(self.timeout):
                     await connection.close()
             raise
-        return _Session(connection, channel, raw, exchange, dead_letter_exchange)
+        return _Session(connection, channel, BatchPublisher(raw), exchange, dead_letter_exchange)
 
     async def _reset(self) -> None:
         """Drop the current session after a failure; the next call reconnects.
@@ -274,124 +273,26 @@ class AmqpCoreQueue:
                 await session.connection.close()
 
 
-async def _publish_all(
-    channel: aiormq.Channel,
-    exchange: str,
-    prepared: Sequence[tuple[str, bytes, Basic.Properties]],
-) -> None:
-    """Publish every message ``mandatory``, then await every confirm; raise the first failure
-    (aiormq's `DeliveryError` for a nack, `PublishError` for a returned message, or the reason
-    the channel closed).
-
-    This is aiormq's ``Channel.basic_publish`` done once per batch instead of once per message:
-    the same bookkeeping (a delivery tag and a confirmation future per message, registered in
-    the channel's future store so that a closing channel fails them, and the message id that a
-    ``basic.return`` is matched by), under the same channel lock, but the frames of up to
-    `_FRAMES_PER_WRITE` messages are marshalled into one write. Per message, basic_publish
-    costs a task, a lock, a write-queue item, a writer-loop turn and a ``send`` syscall; that
-    was most of the sink's CPU per event with RabbitMQ (docs/benchmarks.md, "Sink").
-    aiormq's write queue is bounded, so a slow socket still holds the batch back.
-    """
-    confirmations: list[asyncio.Future[object]] = []
-    registered: list[tuple[str, int]] = []  # (message id, delivery tag), for basic.return
-    try:
-        async with channel.lock:
-            queued_tag = channel.delivery_tag  # the last tag handed to the writer
-            try:
-                frames: list[FrameType | ContentHeader | ContentBody] = []
-                for index, (key, body, properties) in enumerate(prepared):
-                    if not properties.message_id:
-                        properties.message_id = uuid.uuid4().hex  # returns are matched by it
-                    channel.delivery_tag += 1
-                    tag = channel.delivery_tag
-                    confirmation = channel.create_future()
-                    channel.confirmations[tag] = confirmation
-                    channel.message_id_delivery_tag[properties.message_id] = tag
-                    registered.append((properties.message_id, tag))
-                    confirmations.append(confirmation)
-                    frames.append(Basic.Publish(exchange=exchange, routing_key=key, mandatory=True))
-                    frames.append(ContentHeader(properties=properties, body_size=len(body)))
-                    step = channel.max_content_size
-                    frames += [
-                        ContentBody(body[at : at + step]) for at in range(0, len(body), step)
-                    ]
-                    if len(frames) >= 3 * _FRAMES_PER_WRITE or index == len(prepared) - 1:
-                        await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
-                        queued_tag = channel.delivery_tag
-                        frames = []
-            except BaseException:
-                # Whatever did not reach the writer gives its tags back, as basic_publish does,
-                # so that the broker's numbering and ours stay the same; what did will be
-                # confirmed (or fail with the channel) and must not be reused.
-                for tag in range(queued_tag + 1, channel.delivery_tag + 1):
-                    future = channel.confirmations.pop(tag, None)
-                    if future is not None:
-                        future.cancel()
-                channel.delivery_tag = queued_tag
-                raise
-        await _all_done(confirmations)
-    finally:
-        # basic_publish forgets each message id with a callback per message; once per batch here.
-        by_id = channel.message_id_delivery_tag
-        for message_id, tag in registered:
-            if by_id.get(message_id) == tag:
-                del by_id[message_id]
-    for confirmation in confirmations:
-        if confirmation.cancelled():
-            raise BackendError("amqp: a publish was cancelled before its confirm")
-        failure = confirmation.exception()
-        if failure is not None:
-            raise failure
+def _event(m: CoreMessage) -> Outgoing:
+    """``ValueError`` if the event cannot be encoded (an event id over 255 bytes)."""
+    # Every message needs an id: a returned (unroutable) one is matched to its batch by it.
+    message_id = m.event_id or uuid.uuid4().hex
+    return Outgoing(routing_key(m.topic), event_properties(m, message_id), m.payload, message_id)
 
 
-async def _all_done(futures: Sequence[asyncio.Future[object]]) -> None:
-    """Wait until every future is done (like ``gather(..., return_exceptions=True)`` without a
-    result list and a callback of its own per future)."""
-    if not futures:
-        return
-    done = asyncio.get_running_loop().create_future()
-    left = len(futures)
-
-    def one_more(_: asyncio.Future[object]) -> None:
-        nonlocal left
-        left -= 1
-        if not left and not done.done():
-            done.set_result(None)
-
-    for future in futures:
-        future.add_done_callback(one_more)
-    try:
-        await done
-    finally:
-        for future in futures:
-            future.remove_done_callback(one_more)
-
-
-def _event_properties(m: CoreMessage) -> Basic.Properties:
-    headers: dict[str, aio_pika.abc.FieldValue] = {
-        "event-id": m.event_id,
-        "device-id": m.device_id,
-        "topic": m.topic,
-        "received-at": m.received_at_ms,
-        "qos": m.qos,
-    }
-    if m.seq is not None:
-        headers["seq"] = m.seq
-    if m.event_time_ms is not None:
-        headers["event-time"] = m.event_time_ms
-    return Basic.Properties(headers=headers, message_id=m.event_id, delivery_mode=_PERSISTENT)
-
-
-def _dead_letter_properties(m: DeadLetterMessage) -> Basic.Properties:
+def _dead_letter(m: DeadLetterMessage) -> Outgoing:
     headers: dict[str, aio_pika.abc.FieldValue] = {
         "reason": m.reason,
         "device-id": m.device_id,
         "topic": m.topic,
         "received-at": m.received_at_ms,
     }
-    # No message id of our own: aiormq then sets a random one, which it needs to match a
-    # returned (unroutable) message to its publish.
-    return Basic.Properties(headers=headers, delivery_mode=_PERSISTENT)
+    # No message id of our own, a random one: a returned (unroutable) message is matched to
+    # its batch by it. Rare enough for pamqp's marshalling.
+    message_id = uuid.uuid4().hex
+    properties = Basic.Properties(headers=headers, message_id=message_id, delivery_mode=_PERSISTENT)
+    key = dead_letter_routing_key(m.device_id)
+    return Outgoing(key, properties.marshal(), m.payload, message_id)
 
 
 def _describe(exc: aio_pika.exceptions.DeliveryError) -> str:
