@@ -185,10 +185,12 @@ def agent_toml(
     )
 
 
-def sink_toml(pki: Pki, core: Path) -> str:
+def sink_toml(pki: Pki, core: Path, linger_ms: float | None) -> str:
+    """The sink's defaults, but for ``[listener] batch_linger`` when ``--sink-linger`` sets it."""
+    linger = "" if linger_ms is None else f'batch_linger = "{linger_ms:g}ms"\n'
     return (
         f'[listener]\nhost = "127.0.0.1"\nport = 0\nca = "{pki.ca}"\n'
-        f'cert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n\n'
+        f'cert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n{linger}\n'
         f'[auth]\naudience = "{AUDIENCE}"\n\n'
         f'[backend]\ntype = "sqlite"\npath = {json.dumps(str(core))}\n'
     )
@@ -307,11 +309,11 @@ async def start_mosquitto(directory: Path, pki: Pki) -> Process:
     raise RuntimeError("mosquitto did not start in 3 attempts")
 
 
-async def start_sink(directory: Path, pki: Pki) -> tuple[Process, Path]:
+async def start_sink(directory: Path, pki: Pki, linger_ms: float | None) -> tuple[Process, Path]:
     make_dir(directory)
     core = directory / "core.db"
     config = directory / "sink.toml"
-    config.write_text(sink_toml(pki, core))
+    config.write_text(sink_toml(pki, core, linger_ms))
     sink = await Process.start(
         "cloud-sink",
         [str(BIN / "cloud-sink"), "--config", str(config), "run", "--listen-port", "0"],
@@ -722,7 +724,7 @@ def watch_latencies(core: Path, total: int, skip: int, within: float) -> Latenci
 
 
 async def latency_run(root: Path, pki: Pki, args: argparse.Namespace) -> Latencies:
-    sink, core = await start_sink(root / "sink", pki)
+    sink, core = await start_sink(root / "sink", pki, args.sink_linger)
     try:
         config = root / "agent.toml"
         config.write_text(
@@ -797,9 +799,14 @@ async def alternate(
 Row = tuple[str, str, str, str, str, str]
 
 
-async def with_sink(directory: Path, pki: Pki, step: Callable[[Process, Path], object]) -> None:
+async def with_sink(
+    directory: Path,
+    pki: Pki,
+    args: argparse.Namespace,
+    step: Callable[[Process, Path], object],
+) -> None:
     """A fresh sink (and core queue) in ``directory`` for the time of ``step(sink, core)``."""
-    sink, core = await start_sink(directory, pki)
+    sink, core = await start_sink(directory, pki, args.sink_linger)
     try:
         result = step(sink, core)
         if asyncio.iscoroutine(result):
@@ -871,7 +878,7 @@ async def part_b(args: argparse.Namespace, root: Path, pki: Pki, backlog: Path) 
                 await agent_drain(root / f"b-{n}", backlog, pki, sink, core, args.events, args)
             )
 
-        await with_sink(root / f"b-sink-{n}", pki, step)
+        await with_sink(root / f"b-sink-{n}", pki, args, step)
         out(f"  run {n + 1}: " + _line("agent", agent_runs[-1]))
 
     async def bare(n: int) -> None:
@@ -884,7 +891,7 @@ async def part_b(args: argparse.Namespace, root: Path, pki: Pki, backlog: Path) 
             if stored != args.events:
                 out(f"  WARNING: {stored} events in the core queue, sent {args.events}")
 
-        await with_sink(root / f"b-bare-sink-{n}", pki, step)
+        await with_sink(root / f"b-bare-sink-{n}", pki, args, step)
         out(f"  run {n + 1}: " + _line("bare ", bare_runs[-1]))
 
     await alternate(args.runs, agent, bare)
@@ -899,7 +906,7 @@ async def part_b(args: argparse.Namespace, root: Path, pki: Pki, backlog: Path) 
                 )
             )
 
-        await with_sink(root / "b-prof-sink", pki, profiled_step)
+        await with_sink(root / "b-prof-sink", pki, args, profiled_step)
         _print_profile(path, "cProfile of the agent, (b) batch drain: " + _line("", profiled[0]))
     agent_rate = statistics.median(d.rate for d in agent_runs)
     bare_rate = statistics.median(d.rate for d in bare_runs)
@@ -926,7 +933,7 @@ async def part_c(args: argparse.Namespace, root: Path, pki: Pki) -> list[Row]:
     async def drain(sink: Process, core: Path) -> None:
         drains.append(await agent_drain(root / "c", big, pki, sink, core, rss_events, args))
 
-    await with_sink(root / "c-sink", pki, drain)
+    await with_sink(root / "c-sink", pki, args, drain)
     shutil.rmtree(big)
     out("  " + _line("agent", drains[0], rss=True))
     idle: list[float] = []
@@ -934,7 +941,7 @@ async def part_c(args: argparse.Namespace, root: Path, pki: Pki) -> list[Row]:
     async def idle_step(sink: Process, core: Path) -> None:
         idle.append(await idle_rss(root / "c-idle", pki, sink, args))
 
-    await with_sink(root / "c-idle-sink", pki, idle_step)
+    await with_sink(root / "c-idle-sink", pki, args, idle_step)
     out(f"  idle connected agent (empty buffer, 2 s after online): VmRSS {idle[0]:.1f} MB")
     rss = drains[0].peak_rss_mb
     return [
@@ -1032,6 +1039,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--batch-linger", type=float, default=None, metavar="MS",
         help="the agent's [uplink.batch] linger in ms (default: the agent's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sink-linger", type=float, default=None, metavar="MS",
+        help="the sink's [listener] batch_linger in ms (default: the sink's default)",
     )  # fmt: skip
     parser.add_argument("--rate", type=float, default=1000.0, help="(d) events per second")
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="(d) measured")

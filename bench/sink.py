@@ -470,11 +470,19 @@ def backend_toml(backend: str, names: Names, core: Path) -> str:
     )
 
 
-def sink_toml(pki: Pki, backend: str, names: Names, core: Path, max_connections: int) -> str:
+def sink_toml(
+    pki: Pki,
+    backend: str,
+    names: Names,
+    core: Path,
+    max_connections: int,
+    linger_ms: float | None = None,
+) -> str:
+    linger = "" if linger_ms is None else f'batch_linger = "{linger_ms:g}ms"\n'
     return (
         f'[listener]\nhost = "127.0.0.1"\nport = 0\nca = "{pki.ca}"\n'
         f'cert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n'
-        f"max_connections = {max_connections}\n\n"
+        f"max_connections = {max_connections}\n{linger}\n"
         f'[auth]\naudience = "{AUDIENCE}"\n\n' + backend_toml(backend, names, core)
     )
 
@@ -725,7 +733,9 @@ async def start_sink(
     make_dir(directory)
     core = directory / "core.db"
     config = directory / "sink.toml"
-    config.write_text(sink_toml(settings.pki, backend, names, core, max_connections))
+    config.write_text(
+        sink_toml(settings.pki, backend, names, core, max_connections, settings.args.sink_linger)
+    )
     argv = ["--config", str(config), "run", "--listen-port", "0"]
     if settings.profile is not None or settings.args.ssl_read_buffer:
         profile = str(settings.profile or "")
@@ -1083,6 +1093,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="what to measure, comma-separated, in this order within a run",
     )  # fmt: skip
     parser.add_argument("--formats", default="batch,raw", help="load formats for the sink")
+    parser.add_argument(
+        "--sink-linger", type=float, default=None, metavar="MS",
+        help="the sink's [listener] batch_linger in ms (default: the sink's default)",
+    )  # fmt: skip
     parser.add_argument("--nats-windows", default="256,1024,4096", help="bare nats-py windows")
     parser.add_argument("--amqp-windows", default="100,500", help="bare aio-pika windows")
     parser.add_argument(
