@@ -70,6 +70,10 @@ SCHEMA_VERSION = 2
 PAGE_SIZE = 1024
 """For new databases. Every commit rewrites whole pages (at least the last leaf of ``events``),
 so at a few events per commit small pages write far fewer bytes per event (docs/buffer.md)."""
+CACHE_KIB = 512
+"""SQLite's page cache per connection (its default is 2,000 KiB). The buffer's reads and writes are
+sequential (appends, drain in seq order), so a small cache costs nothing measurable and keeps
+about 1.5 MB off the resident memory of an agent draining a large backlog."""
 DB_NAME = "buffer.db"
 LOCK_NAME = "agent.lock"
 STATE_NAME = "buffer.state"
@@ -626,6 +630,7 @@ def _open_checked(
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     db.execute("PRAGMA foreign_keys=OFF")
+    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     if max_page_count is not None:
         db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
     version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -35,6 +35,7 @@ from edge_agent.buffer import (
 )
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.doctor import run_checks
+from edge_agent.memory import tune_malloc
 from edge_agent.service import Agent
 from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
@@ -133,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "run":
+            tune_malloc()
             if args.listen_port is not None:
                 listener = config.listener.model_copy(update={"port": args.listen_port})
                 config = config.model_copy(update={"listener": listener})
