@@ -54,7 +54,7 @@ from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
 from mqtt_ingest import failpoints
 from mqtt_ingest.clock import Clock
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, encode, format_username
 
 __all__ = [
     "LINK_FILE",
@@ -629,11 +629,7 @@ class Uplink:
                 [e.seq for e in run],
                 max(e.priority for e in run),
                 config.uplink_topic(device, topic),
-                encode(
-                    epoch,
-                    [EnvelopeEvent(e.seq, e.event_time_ms, e.payload) for e in run],
-                    zstd_level=limit.zstd_level,
-                ),
+                encode(epoch, run, zstd_level=limit.zstd_level),
                 qos,
                 alone,
                 run[0] if len(run) == 1 else None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 __all__ = [
@@ -55,11 +56,21 @@ class EnvelopeError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class EnvelopeEvent:
+class EnvelopeEvent(NamedTuple):
     seq: int
     event_time_ms: int
     payload: bytes
+
+
+class EventLike(Protocol):
+    """What `encode` reads of an event (an `EnvelopeEvent`, or the agent's stored event)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def event_time_ms(self) -> int: ...
+    @property
+    def payload(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +88,7 @@ def _varint(value: int, out: bytearray) -> None:
     out.append(value)
 
 
-def encode(epoch: str, events: Sequence[EnvelopeEvent], *, zstd_level: int | None = None) -> bytes:
+def encode(epoch: str, events: Sequence[EventLike], *, zstd_level: int | None = None) -> bytes:
     """One envelope; ``zstd_level`` compresses the body (None: uncompressed)."""
     if not 1 <= len(events) <= MAX_EVENTS:
         raise ValueError(f"an envelope holds 1 to {MAX_EVENTS} events, got {len(events)}")
@@ -90,14 +101,29 @@ def encode(epoch: str, events: Sequence[EnvelopeEvent], *, zstd_level: int | Non
     body = bytearray()
     _varint(len(events), body)
     previous = 0
+    append = body.append
     for event in events:
-        if event.seq <= previous:
+        seq, when, payload = event.seq, event.event_time_ms, event.payload
+        if seq <= previous:
             raise ValueError("seq must be positive and strictly increasing within an envelope")
-        previous = event.seq
-        _varint(event.seq, body)
-        _varint(event.event_time_ms, body)
-        _varint(len(event.payload), body)
-        body += event.payload
+        previous = seq
+        # The three varints inline (the hot path of every batch drain).
+        while seq >= 0x80:
+            append((seq & 0x7F) | 0x80)
+            seq >>= 7
+        append(seq)
+        if when < 0:
+            raise ValueError(f"varints are unsigned, got {when}")
+        while when >= 0x80:
+            append((when & 0x7F) | 0x80)
+            when >>= 7
+        append(when)
+        length = len(payload)
+        while length >= 0x80:
+            append((length & 0x7F) | 0x80)
+            length >>= 7
+        append(length)
+        body += payload
     flags = 0
     packed = bytes(body)
     if zstd_level is not None:
@@ -127,23 +153,76 @@ def decode(data: bytes, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
         body = _decompress(body, max_body)
     elif len(body) > max_body:
         raise EnvelopeError(f"body of {len(body)} bytes is over the limit of {max_body}")
+    events = _events(body)
+    if events is None:
+        _explain(body)  # raises EnvelopeError with the reason
+        raise EnvelopeError("malformed body")  # not reached: _explain refuses what _events does
+    return Envelope(epoch, tuple(events))
+
+
+def _events(body: bytes) -> list[EnvelopeEvent] | None:
+    """The events of a well-formed body, quickly; None if anything is off (no reasons here)."""
+    size = len(body)
+    try:
+        count, position = _varint_at(body, 0)
+        if not 1 <= count <= MAX_EVENTS:
+            return None
+        events: list[EnvelopeEvent] = []
+        append = events.append
+        previous = 0
+        for _ in range(count):
+            seq, position = _varint_at(body, position)
+            if seq <= previous:
+                return None
+            previous = seq
+            event_time, position = _varint_at(body, position)
+            length, position = _varint_at(body, position)
+            end = position + length
+            if end > size:
+                return None
+            append(EnvelopeEvent(seq, event_time, body[position:end]))
+            position = end
+    except (IndexError, OverflowError):
+        return None
+    return events if position == size else None
+
+
+def _varint_at(data: bytes, position: int) -> tuple[int, int]:
+    """The varint at ``position`` and the position after it; IndexError past the end,
+    OverflowError beyond 64 bits."""
+    byte = data[position]
+    if byte < 0x80:
+        return byte, position + 1
+    value = byte & 0x7F
+    shift = 7
+    while True:
+        position += 1
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position + 1
+        shift += 7
+        if shift >= 64:
+            raise OverflowError
+
+
+def _explain(body: bytes) -> None:
+    """Walk a body `_events` refused and raise `EnvelopeError` with what is wrong."""
     reader = _Reader(body)
     count = reader.varint("count")
     if not 1 <= count <= MAX_EVENTS:
         raise EnvelopeError(f"event count {count} is outside 1..{MAX_EVENTS}")
-    events = []
     previous = 0
     for index in range(count):
         seq = reader.varint(f"seq of event {index}")
         if seq <= previous:
             raise EnvelopeError(f"seq {seq} of event {index} does not increase")
         previous = seq
-        event_time = reader.varint(f"event time of event {index}")
+        reader.varint(f"event time of event {index}")
         length = reader.varint(f"payload length of event {index}")
-        events.append(EnvelopeEvent(seq, event_time, reader.take(length, f"payload of {index}")))
+        reader.take(length, f"payload of {index}")
     if reader.position != len(body):
         raise EnvelopeError(f"{len(body) - reader.position} bytes after the last event")
-    return Envelope(epoch, tuple(events))
 
 
 def _decompress(body: bytes, max_body: int) -> bytes:

@@ -40,9 +40,14 @@ def test_round_trip(events: list[EnvelopeEvent], compress: bool, epoch: bytes) -
 
 @given(data=st.binary(max_size=400))
 def test_arbitrary_bytes_decode_or_raise_envelope_error(data: bytes) -> None:
+    refused: EnvelopeError | None = None
     try:
         envelope = decode(b"MEB\x01\x00" + bytes(8) + data)
-    except EnvelopeError:
+    except EnvelopeError as exc:
+        refused = exc
+    if refused is not None:
+        # The quick decoder and the one that explains agree: every refusal has its reason.
+        assert refused.reason != "malformed body"
         return
     seqs = [event.seq for event in envelope.events]
     assert 1 <= len(seqs) <= MAX_EVENTS
@@ -54,8 +59,23 @@ def test_arbitrary_bytes_decode_or_raise_envelope_error(data: bytes) -> None:
 def test_every_truncation_is_refused(events: list[EnvelopeEvent], cut: int) -> None:
     data = encode(EPOCH, events)
     cut = cut % len(data)
-    with pytest.raises(EnvelopeError):
+    with pytest.raises(EnvelopeError) as info:
         decode(data[:cut])
+    assert info.value.reason != "malformed body"
+
+
+@given(events=batches(), position=st.integers(0, 10_000), value=st.integers(0, 255))
+def test_every_corrupted_byte_decodes_or_says_why(
+    events: list[EnvelopeEvent], position: int, value: int
+) -> None:
+    data = bytearray(encode(EPOCH, events))
+    data[13 + position % (len(data) - 13)] = value
+    refused: EnvelopeError | None = None
+    try:
+        decode(bytes(data))
+    except EnvelopeError as exc:
+        refused = exc
+    assert refused is None or refused.reason != "malformed body"
 
 
 @pytest.mark.parametrize(
