@@ -4,7 +4,8 @@ several at once, started in arrival order, for a stage that groups events itself
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -51,31 +52,36 @@ def batcher(stage: GatedStage, concurrency: int) -> Batcher:
     return Batcher(stage, Counters(), max_events=2, linger=0, timeout=10, concurrency=concurrency)
 
 
+@asynccontextmanager
+async def feeding(stage: GatedStage, concurrency: int) -> AsyncIterator[Batcher]:
+    """A running batcher (at most two events per call), stopped on the way out."""
+    running = batcher(stage, concurrency)
+    runner = asyncio.create_task(running.run())
+    try:
+        yield running
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_concurrent_calls_start_in_arrival_order_without_waiting() -> None:
     stage = GatedStage()
-    feeding = batcher(stage, concurrency=3)
-    runner = asyncio.create_task(feeding.run())
-    try:
-        futures = [feeding.submit(event(b"%d" % i)) for i in range(5)]
+    async with feeding(stage, concurrency=3) as batches:
+        futures = [batches.submit(event(b"%d" % i)) for i in range(5)]
         await stage.wait_calls(3)  # the first call is still open while the next ones start
         assert stage.calls == [[b"0", b"1"], [b"2", b"3"], [b"4"]]
         for gate in reversed(stage.gates):
             gate.set()
         async with asyncio.timeout(5):
             await asyncio.gather(*futures)
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def test_calls_beyond_the_concurrency_wait_for_a_free_one() -> None:
     stage = GatedStage()
-    feeding = batcher(stage, concurrency=1)
-    runner = asyncio.create_task(feeding.run())
-    try:
-        first = feeding.submit(event(b"a"))
+    async with feeding(stage, concurrency=1) as batches:
+        first = batches.submit(event(b"a"))
         await stage.wait_calls(1)
-        second = feeding.submit(event(b"b"))
+        second = batches.submit(event(b"b"))
         await asyncio.sleep(0.05)
         assert stage.calls == [[b"a"]], "a second call started while the first was open"
         stage.gates[0].set()
@@ -83,16 +89,13 @@ async def test_calls_beyond_the_concurrency_wait_for_a_free_one() -> None:
         stage.gates[1].set()
         async with asyncio.timeout(5):
             await asyncio.gather(first, second)
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def test_stopping_fails_the_calls_still_open() -> None:
     stage = GatedStage()
-    feeding = batcher(stage, concurrency=2)
-    runner = asyncio.create_task(feeding.run())
-    futures = [feeding.submit(event(b"%d" % i)) for i in range(4)]
+    batches = batcher(stage, concurrency=2)
+    runner = asyncio.create_task(batches.run())
+    futures = [batches.submit(event(b"%d" % i)) for i in range(4)]
     await stage.wait_calls(2)
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
@@ -100,4 +103,4 @@ async def test_stopping_fails_the_calls_still_open() -> None:
         with pytest.raises(StageFailed, match="server stopping"):
             await future
     with pytest.raises(StageFailed):
-        await feeding.submit(event(b"late"))
+        await batches.submit(event(b"late"))

@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, StreamConfig
 
-from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage
+from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from cloud_sink.backends.nats import NatsCoreQueue, _header_value, subject_covers
 from cloud_sink.backends.nats_batch import read_reply
 from tests.harness.brokers import NatsNames, nats_connection, read_stream
-from tests.harness.chaos import ChaosProxyFactory, Direction
+from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
 from tests.harness.sink import core_message
 
 READ_TIMEOUT = 10.0
@@ -34,6 +34,30 @@ async def open_queue(
         storage="memory",
         **options,
     )
+
+
+async def queue_behind_proxy(
+    names: NatsNames, factory: ChaosProxyFactory, timeout: float
+) -> tuple[NatsCoreQueue, ChaosProxy]:
+    """A queue connected to NATS through a fresh chaos proxy."""
+    upstream = urlsplit(names.url)
+    proxy = await factory(upstream.hostname or "127.0.0.1", upstream.port or 4222)
+    queue = await open_queue(names, url=f"nats://127.0.0.1:{proxy.port}", timeout=timeout)
+    return queue, proxy
+
+
+async def publish_once_reconnected(
+    queue: NatsCoreQueue, messages: list[CoreMessage], within: float = 10.0
+) -> PublishOutcome:
+    """Publish ``messages`` again and again until nats-py has reconnected and it goes through."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await queue.publish(messages)
+        except BackendError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def test_publish_stores_in_order_with_headers(nats_jetstream: NatsNames) -> None:
@@ -168,9 +192,7 @@ async def test_unreachable_server_fails_within_timeout(nats_jetstream: NatsNames
 async def test_server_gone_mid_session_fails_within_timeout(
     nats_jetstream: NatsNames, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
-    upstream = urlsplit(nats_jetstream.url)
-    proxy = await chaos_proxy_factory(upstream.hostname or "127.0.0.1", upstream.port or 4222)
-    queue = await open_queue(nats_jetstream, url=f"nats://127.0.0.1:{proxy.port}", timeout=2.0)
+    queue, proxy = await queue_behind_proxy(nats_jetstream, chaos_proxy_factory, 2.0)
     try:
         assert (await queue.publish([core_message(1)])).stored == 1
         proxy.blackhole()  # silent: the client still believes it is connected
@@ -184,15 +206,8 @@ async def test_server_gone_mid_session_fails_within_timeout(
             await queue.publish([core_message(2), core_message(3)])
         assert time.monotonic() - started < 3.5
         proxy.pass_through()
-        deadline = time.monotonic() + 10.0
-        while True:  # the resend succeeds once reconnected; nothing is stored twice
-            try:
-                outcome = await queue.publish([core_message(2), core_message(3)])
-                break
-            except BackendError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        # the resend succeeds once reconnected; nothing is stored twice
+        outcome = await publish_once_reconnected(queue, [core_message(2), core_message(3)])
         assert outcome.stored + outcome.duplicates == 2
     finally:
         await queue.aclose()
@@ -351,9 +366,7 @@ async def test_no_stream_for_the_subject_is_a_refusal(nats_jetstream: NatsNames)
 async def test_late_pubacks_are_not_counted_for_a_later_batch(
     nats_jetstream: NatsNames, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
-    upstream = urlsplit(nats_jetstream.url)
-    proxy = await chaos_proxy_factory(upstream.hostname or "127.0.0.1", upstream.port or 4222)
-    queue = await open_queue(nats_jetstream, url=f"nats://127.0.0.1:{proxy.port}", timeout=1.0)
+    queue, proxy = await queue_behind_proxy(nats_jetstream, chaos_proxy_factory, 1.0)
     try:
         proxy.blackhole(direction=Direction.DOWNSTREAM)  # the PubAcks are held, not lost
         with pytest.raises(BackendError, match="PubAck"):
@@ -374,9 +387,7 @@ async def test_late_pubacks_are_not_counted_for_a_later_batch(
 async def test_cancelled_batch_forgets_its_pubacks(
     nats_jetstream: NatsNames, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
-    upstream = urlsplit(nats_jetstream.url)
-    proxy = await chaos_proxy_factory(upstream.hostname or "127.0.0.1", upstream.port or 4222)
-    queue = await open_queue(nats_jetstream, url=f"nats://127.0.0.1:{proxy.port}", timeout=5.0)
+    queue, proxy = await queue_behind_proxy(nats_jetstream, chaos_proxy_factory, 5.0)
     try:
         proxy.blackhole(direction=Direction.DOWNSTREAM)
         task = asyncio.create_task(queue.publish([core_message(1), core_message(2)]))
@@ -398,9 +409,7 @@ async def test_cancelled_batch_forgets_its_pubacks(
 async def test_disconnect_while_waiting_fails_at_once(
     nats_jetstream: NatsNames, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
-    upstream = urlsplit(nats_jetstream.url)
-    proxy = await chaos_proxy_factory(upstream.hostname or "127.0.0.1", upstream.port or 4222)
-    queue = await open_queue(nats_jetstream, url=f"nats://127.0.0.1:{proxy.port}", timeout=10.0)
+    queue, proxy = await queue_behind_proxy(nats_jetstream, chaos_proxy_factory, 10.0)
     try:
         proxy.blackhole()
         started = time.monotonic()
@@ -412,15 +421,8 @@ async def test_disconnect_while_waiting_fails_at_once(
         assert time.monotonic() - started < 3.0  # not the 10 s timeout
         assert in_flight(queue) == 0
         proxy.pass_through()
-        deadline = time.monotonic() + 10.0
-        while True:  # once reconnected the resend goes through
-            try:
-                outcome = await queue.publish([core_message(1), core_message(2)])
-                break
-            except BackendError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        # once reconnected the resend goes through
+        outcome = await publish_once_reconnected(queue, [core_message(1), core_message(2)])
         assert outcome.stored + outcome.duplicates == 2
     finally:
         await queue.aclose()
