@@ -224,6 +224,9 @@ class UplinkConfig(_Strict):
     another keep-alive passes without an answer."""
     window: Annotated[int, Field(gt=0, le=65535)] = 100
     """MQTT messages in flight (sent, not yet acknowledged)."""
+    window_bytes: Bytes = 1024**2
+    """Payload bytes in flight or queued for sending, at most (one message always goes, however
+    large): bounds the memory a drain of batch envelopes holds."""
     connect_timeout: Seconds = 10.0
     publish_timeout: Seconds = 60.0
     """No acknowledgement within this long: the link is treated as dead and the window resent."""

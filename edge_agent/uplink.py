@@ -222,6 +222,7 @@ class _Session:
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     delivered: int = 0
     next_key: int = 0
+    bytes_out: int = 0  # payload bytes queued or in flight (``window_bytes``)
 
     def __post_init__(self) -> None:
         # A few messages queued keep the publishers busy between the feeder's turns; more would
@@ -645,13 +646,15 @@ class Uplink:
         if message.alone:
             while session.inflight or not session.outbox.empty():
                 await session.wait()
-        while session.outbox.full():
+        limit = self.config.window_bytes
+        while session.outbox.full() or (session.bytes_out and session.bytes_out >= limit):
             await session.wait()  # woken by every acknowledgement, a failure, stop or reload
             if self._stopping.is_set() or self._reconnect.is_set():
                 return False  # not queued, nor anything after it: the feeder returns
         priority = message.priority
         for seq in message.seqs:
             session.taken[seq] = priority
+        session.bytes_out += len(message.payload)
         session.outbox.put_nowait(message)
         if message.alone:
             while session.inflight or not session.outbox.empty():
@@ -693,6 +696,7 @@ class Uplink:
             return
         failpoints.hit("drain.after_puback_before_delete")
         del session.inflight[key]
+        session.bytes_out -= len(message.payload)
         seqs = message.seqs
         session.done += seqs
         session.delivered += len(seqs)

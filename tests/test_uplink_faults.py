@@ -17,7 +17,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.uplink import LinkState, read_link_status
 from mqtt_ingest.clock import FakeClock
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
-from tests.harness.chaos import ChaosProxyFactory
+from tests.harness.chaos import ChaosProxyFactory, Direction
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
@@ -408,3 +408,40 @@ async def test_slow_links_cause_no_false_disconnects(
     figures(f"slow link ({shape})", events=events, stored=len(stored), connections=connections)
     assert len(stored) == events
     assert connections == 1, "the slow link was dropped and reconnected"
+
+
+async def test_window_bytes_bounds_what_is_in_flight(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """With the acknowledgements held, no more than ``window_bytes`` of payloads go out, however
+    large the window; once they flow again, everything arrives."""
+    device = new_device(pki, "wbytes")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        config = load_config(
+            configure(
+                tmp_path,
+                pki,
+                device,
+                proxy.port,
+                extra='format = "raw"\nwindow = 100\nwindow_bytes = 4000',
+            )
+        )
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await until(lambda: uplink.status.connected_since is not None)
+            proxy.blackhole(direction=Direction.DOWNSTREAM)  # PUBACKs held, not lost
+            for i in range(200):
+                await agent.publish("sensors/t", b"%04d" % i + bytes(996))  # 1,000-byte events
+            await until(lambda: uplink.in_flight == 4)
+            peak = uplink.in_flight
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                peak = max(peak, uplink.in_flight)
+            figures("window_bytes 4000", in_flight=peak)
+            assert peak == 4  # 4 x 1,000 bytes: the window of 100 never fills
+            proxy.pass_through()
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+    stored = [int(m.payload[:4]) for _, m in read_messages(tmp_path / "core.db")]
+    assert sorted(set(stored)) == list(range(200))
