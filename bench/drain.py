@@ -185,6 +185,32 @@ def agent_toml(
     )
 
 
+def write_agent_config(
+    root: Path,
+    data_dir: Path,
+    pki: Pki,
+    port: int,
+    args: argparse.Namespace,
+    *,
+    raw: bool,
+    durability: str | None = None,
+) -> Path:
+    """``root/agent.toml`` with the run's window, lingers and durability (unless overridden)."""
+    config = root / "agent.toml"
+    config.write_text(
+        agent_toml(
+            data_dir,
+            pki,
+            port,
+            raw=raw,
+            window=args.window,
+            durability=durability or args.durability,
+            args=args,
+        )
+    )
+    return config
+
+
 def sink_toml(pki: Pki, core: Path, linger_ms: float | None) -> str:
     """The sink's defaults, but for ``[listener] batch_linger`` when ``--sink-linger`` sets it."""
     linger = "" if linger_ms is None else f'batch_linger = "{linger_ms:g}ms"\n'
@@ -431,18 +457,7 @@ async def agent_drain(
     its buffer (raw) or in the core queue ``core`` (batch)."""
     data = root / "data"
     copy_backlog(backlog, data)
-    config = root / "agent.toml"
-    config.write_text(
-        agent_toml(
-            data,
-            pki,
-            server.port,
-            raw=core is None,
-            window=args.window,
-            durability=args.durability,
-            args=args,
-        )
-    )
+    config = write_agent_config(root, data, pki, server.port, args, raw=core is None)
     server_cpu = cpu_seconds(server.pid)
     agent = await start_agent(config, root / "agent.log", profile)
     try:
@@ -589,18 +604,7 @@ async def _bare(spec: dict[str, object]) -> dict[str, float]:
 async def idle_rss(root: Path, pki: Pki, sink: Process, args: argparse.Namespace) -> float:
     """VmRSS of an agent with an empty buffer, 2 s after it came online to the sink."""
     make_dir(root)
-    config = root / "agent.toml"
-    config.write_text(
-        agent_toml(
-            root / "data",
-            pki,
-            sink.port,
-            raw=False,
-            window=args.window,
-            durability=args.durability,
-            args=args,
-        )
-    )
+    config = write_agent_config(root, root / "data", pki, sink.port, args, raw=False)
     agent = await start_agent(config, root / "agent.log")
     try:
         deadline = time.monotonic() + 30
@@ -726,17 +730,8 @@ def watch_latencies(core: Path, total: int, skip: int, within: float) -> Latenci
 async def latency_run(root: Path, pki: Pki, args: argparse.Namespace) -> Latencies:
     sink, core = await start_sink(root / "sink", pki, args.sink_linger)
     try:
-        config = root / "agent.toml"
-        config.write_text(
-            agent_toml(
-                root / "data",
-                pki,
-                sink.port,
-                raw=False,
-                window=args.window,
-                durability="full",
-                args=args,
-            )
+        config = write_agent_config(
+            root, root / "data", pki, sink.port, args, raw=False, durability="full"
         )
         agent = await start_agent(config, root / "agent.log")
         try:
