@@ -278,14 +278,7 @@ async def test_network_cuts_lose_nothing(
     async with sink(tmp_path, pki) as server:
         proxy = await chaos_proxy_factory("127.0.0.1", server.port)
         config = load_config(
-            configure(
-                tmp_path,
-                pki,
-                device,
-                proxy.port,
-                host="localhost",
-                extra="keepalive = 2\nwindow = 8",
-            )
+            configure(tmp_path, pki, device, proxy.port, extra="keepalive = 2\nwindow = 8")
         )
         sent = 0
         async with Agent(config) as agent:
@@ -418,15 +411,8 @@ async def test_window_bytes_bounds_what_is_in_flight(
     device = new_device(pki, "wbytes")
     async with sink(tmp_path, pki) as server:
         proxy = await chaos_proxy_factory("127.0.0.1", server.port)
-        config = load_config(
-            configure(
-                tmp_path,
-                pki,
-                device,
-                proxy.port,
-                extra='format = "raw"\nwindow = 100\nwindow_bytes = 4000',
-            )
-        )
+        extra = 'format = "raw"\nwindow = 100\nwindow_bytes = 4000'
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
         async with Agent(config) as agent:
             assert agent.uplink is not None
             uplink = agent.uplink
