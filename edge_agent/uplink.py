@@ -647,7 +647,8 @@ class Uplink:
             while session.inflight or not session.outbox.empty():
                 await session.wait()
         limit = self.config.window_bytes
-        while session.outbox.full() or (session.bytes_out and session.bytes_out >= limit):
+        # bytes_out 0 is below any limit: one message always goes, however large.
+        while session.outbox.full() or session.bytes_out >= limit:
             await session.wait()  # woken by every acknowledgement, a failure, stop or reload
             if self._stopping.is_set() or self._reconnect.is_set():
                 return False  # not queued, nor anything after it: the feeder returns

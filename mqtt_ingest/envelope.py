@@ -251,16 +251,13 @@ class _Reader:
         self.position = 0
 
     def varint(self, what: str) -> int:
-        value = 0
-        for shift in range(0, 64, 7):
-            if self.position >= len(self._data):
-                raise EnvelopeError(f"{what} runs past the end")
-            byte = self._data[self.position]
-            self.position += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-        raise EnvelopeError(f"{what} is longer than 64 bits")
+        try:
+            value, self.position = _varint_at(self._data, self.position)
+        except IndexError:
+            raise EnvelopeError(f"{what} runs past the end") from None
+        except OverflowError:
+            raise EnvelopeError(f"{what} is longer than 64 bits") from None
+        return value
 
     def take(self, length: int, what: str) -> bytes:
         end = self.position + length
