@@ -58,18 +58,13 @@ class Forwarder:
                 except EnvelopeError as exc:
                     problem = exc.reason
                 else:
+                    prefix = f"{device}/{envelope.epoch}/"
+                    topic, qos = event.topic, event.qos
                     messages += [
                         CoreMessage(
-                            event_id=f"{device}/{envelope.epoch}/{item.seq}",
-                            device_id=device,
-                            topic=event.topic,
-                            payload=item.payload,
-                            qos=event.qos,
-                            received_at_ms=received_ms,
-                            seq=item.seq,
-                            event_time_ms=item.event_time_ms,
+                            f"{prefix}{seq}", device, topic, body, qos, received_ms, seq, when
                         )
-                        for item in envelope.events
+                        for seq, when, body in envelope.events
                     ]
                     continue
             if problem is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = ["BackendError", "CoreMessage", "CoreQueue", "DeadLetterMessage", "PublishOutcome"]
 
@@ -13,9 +13,12 @@ class BackendError(Exception):
     """The backend did not confirm: nothing of the batch may be acknowledged (retry later)."""
 
 
-@dataclass(frozen=True, slots=True)
-class CoreMessage:
-    """One event as the core queue receives it (SPEC §3): body unchanged, metadata beside it."""
+class CoreMessage(NamedTuple):
+    """One event as the core queue receives it (SPEC §3): body unchanged, metadata beside it.
+
+    A named tuple, not a frozen dataclass: the sink makes one per event on its event loop, and a
+    tuple is built in C (a frozen dataclass sets each field through ``object.__setattr__``); the
+    sqlite backend binds the fields in this order as they are."""
 
     event_id: str  # device_id/epoch/seq, or a sink-generated id for raw publishes
     device_id: str

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import TypeVar
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from mqtt_ingest import failpoints
+from mqtt_ingest.sqlite_rows import insert_rows
 
 __all__ = ["SqliteCoreQueue", "read_dead_letters", "read_messages"]
 
@@ -48,6 +51,17 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload BLOB NOT NULL
 );
 """
+
+
+_MAX_CHUNK = 124  # rows per INSERT: 992 parameters, under the 999 of SQLite before 3.32
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    return (
+        "INSERT OR IGNORE INTO events (event_id, device_id, topic, payload, qos, received_at,"  # noqa: S608  # only placeholders
+        " seq, event_time) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    )
 
 
 class SqliteCoreQueue:
@@ -107,25 +121,15 @@ class SqliteCoreQueue:
             db.execute("ROLLBACK")
 
     def _insert(self, messages: list[CoreMessage]) -> int:
+        """Insert ``messages`` in one transaction, in multi-row INSERTs (`insert_rows`, not a
+        statement per event); returns how many were new (not duplicates)."""
         db = self._db
+        params = list(itertools.chain.from_iterable(messages))  # the columns in field order
         db.execute("BEGIN IMMEDIATE")
         try:
-            stored = 0
-            for m in messages:
-                stored += db.execute(
-                    "INSERT OR IGNORE INTO events (event_id, device_id, topic, seq, event_time,"
-                    " received_at, qos, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        m.event_id,
-                        m.device_id,
-                        m.topic,
-                        m.seq,
-                        m.event_time_ms,
-                        m.received_at_ms,
-                        m.qos,
-                        m.payload,
-                    ),
-                ).rowcount
+            before = db.total_changes  # rows ignored as duplicates are not changes
+            insert_rows(db, _insert_sql, params, 8, most=_MAX_CHUNK)
+            stored = db.total_changes - before
             failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
         except BaseException:
