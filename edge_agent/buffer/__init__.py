@@ -1,0 +1,453 @@
+"""The agent's SQLite buffer: every SQL statement and transaction boundary of the agent is in this
+package (`model`: schema and types; `files`: lock, open, checks, recovery, transactions; `store`:
+the statements of accepting, draining and inspecting; here: the `Buffer` the rest of the agent
+uses, on the event loop).
+
+Guarantees (SPEC §2, §5; RELIABILITY F1, F2, F7, F8, F20):
+
+- `Buffer.append` returns only once its events are committed. Concurrent appends are committed
+  together (group commit: one transaction, one fsync, after a short linger), so a durable commit
+  costs about one fsync per group, not per event.
+- ``durability = "full"``: ``synchronous=FULL`` in WAL mode, the WAL is fsynced at every commit
+  and a committed event survives power loss. ``"normal"``: it survives a crash of the agent (the
+  kernel still holds the writes) but a power loss can roll back the commits since the last
+  checkpoint.
+- ``seq`` is monotonic per database and never reused, even after the newest events are deleted
+  and the agent restarts: the buffer assigns it, and a delete that removes the newest seq records
+  it (``meta.high_water``) in the same transaction. The database gets a random ``epoch`` at
+  creation: ``device_id/epoch/seq`` is globally unique even after a wipe.
+- Bounded by event count and payload bytes. When full, each event's topic rule decides: ``reject``
+  raises `BufferFull` for that event (its producer gets no ack), ``drop-oldest`` drops the oldest
+  events of lower or equal priority (counted per reason and topic, logged once per commit).
+- One agent per data directory (an exclusive ``flock``); a second one gets `BufferLocked`.
+- At open, ``PRAGMA quick_check``: a corrupt database is moved aside with its ``-wal``/``-shm``
+  into ``quarantine/``, a fresh one is created and the incident (with what could be counted) is
+  recorded and logged. A WAL deleted after an unclean stop is reported the same way.
+
+All SQLite work runs on one dedicated thread, one call per transaction: an ``await`` cancelled
+mid-commit does not undo the commit (STYLE 9), so every state change is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import os
+import sqlite3
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from edge_agent.buffer.files import (
+    _close_cleanly,
+    _connect,
+    _load_totals,
+    _lock,
+    _open_checked,
+)
+from edge_agent.buffer.model import (
+    CACHE_KIB,
+    DB_NAME,
+    LOCK_NAME,
+    PAGE_SIZE,
+    SCHEMA_VERSION,
+    STATE_NAME,
+    BufferError,
+    BufferFull,
+    BufferLocked,
+    BufferStats,
+    DeadLetter,
+    Incident,
+    NewEvent,
+    StoredEvent,
+    T,
+    TopicStats,
+    _Pending,
+    _Totals,
+)
+from edge_agent.buffer.store import (
+    _dead_letter,
+    _delete,
+    _drain_queries,
+    _insert_group,
+    _next_events,
+    _record_attempt,
+    _requeue_dead,
+    _stats,
+    _sweep,
+    _timed,
+)
+from mqtt_ingest import failpoints
+from mqtt_ingest.clock import Clock, SystemClock
+
+__all__ = [
+    "CACHE_KIB",
+    "DB_NAME",
+    "LOCK_NAME",
+    "PAGE_SIZE",
+    "SCHEMA_VERSION",
+    "STATE_NAME",
+    "Buffer",
+    "BufferError",
+    "BufferFull",
+    "BufferLocked",
+    "BufferStats",
+    "DeadLetter",
+    "Incident",
+    "NewEvent",
+    "StoredEvent",
+    "TopicStats",
+    "inspect",
+    "read_events",
+]
+
+log = logging.getLogger("edge_agent.buffer")
+
+
+class Buffer:
+    """Open with ``async with await Buffer.open(...)`` (or `open` then `aclose`)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        connection: sqlite3.Connection,
+        executor: concurrent.futures.ThreadPoolExecutor,
+        lock_fd: int | None,
+        *,
+        max_events: int,
+        max_bytes: int,
+        linger: float,
+        max_group: int,
+        clock: Clock,
+    ) -> None:
+        self.directory = directory
+        self._db = connection
+        self._executor = executor
+        self._lock_fd = lock_fd
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._linger = linger
+        self._max_group = max_group
+        self._clock = clock
+        self._pending: deque[_Pending] = deque()
+        self._pending_events = 0
+        self._oldest = 0.0
+        """Loop time at which the oldest pending event was queued."""
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._totals = _Totals()
+        self.epoch = ""
+        self.commits = 0
+        """Group commits so far (each one transaction, one fsync with ``durability = "full"``)."""
+        self.on_commit: Callable[[int], None] | None = None
+        """Called after each group commit with its highest priority (wakes the uplink)."""
+        self.accepted = 0
+        """Events committed by group commits so far (this run)."""
+        self.on_commit_timed: Callable[[float, int], None] | None = None
+        """Called after each group commit with the seconds its transaction took on the buffer
+        thread (inserts, drops and the COMMIT with its fsync) and the events it committed."""
+
+    # -- open / close ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        directory: Path,
+        *,
+        durability: Literal["full", "normal"] = "full",
+        max_events: int = 1_000_000,
+        max_bytes: int = 512 * 1024**2,
+        commit_linger: float = 0.005,
+        commit_max_events: int = 1000,
+        clock: Clock | None = None,
+        max_page_count: int | None = None,
+        connect: Callable[[Path], sqlite3.Connection] | None = None,
+    ) -> Buffer:
+        """Lock ``directory``, check or create the database and start the group committer.
+
+        ``max_page_count`` caps the database file in pages (a hard disk budget; tests use it to
+        simulate a full disk). ``connect`` opens the database connection (a seam: the power-loss
+        tests run the buffer over a VFS that drops unsynced writes). Raises `BufferLocked` if
+        another agent holds the directory.
+        """
+        lock_fd = _lock(directory)
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-buffer")
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await loop.run_in_executor(
+                executor,
+                _open_checked,
+                directory,
+                durability,
+                max_page_count,
+                clock or SystemClock(),
+                connect or _connect,
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            os.close(lock_fd)
+            raise
+        buffer = cls(
+            directory,
+            connection,
+            executor,
+            lock_fd,
+            max_events=max_events,
+            max_bytes=max_bytes,
+            linger=commit_linger,
+            max_group=commit_max_events,
+            clock=clock or SystemClock(),
+        )
+        await buffer._run(_load_totals, buffer._totals)
+        buffer.epoch = (await buffer.stats()).epoch
+        buffer._committer = asyncio.get_running_loop().create_task(
+            buffer._commit_loop(), name="edge_agent.buffer.commit"
+        )
+        return buffer
+
+    async def __aenter__(self) -> Buffer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Commit what is pending, checkpoint, close and unlock. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()
+        if self._committer is not None:
+            # asyncio.wait: our own cancellation still propagates (STYLE 8).
+            await asyncio.wait((self._committer,))
+        try:
+            await self._run(_close_cleanly, self.directory)
+        finally:
+            self._executor.shutdown(wait=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        # Shielded: the thread finishes the transaction whatever happens to the awaiting task.
+        return await asyncio.shield(loop.run_in_executor(self._executor, function, self._db, *args))
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent]) -> list[int | BufferFull]:
+        """Commit ``events``; return, per event, its ``seq`` or the `BufferFull` that refused it."""
+        result: list[int | BufferFull] = await self._enqueue(events, one=False)
+        return result
+
+    async def append_one(self, event: NewEvent) -> int:
+        """Commit one event and return its ``seq``; raise `BufferFull` if refused."""
+        outcome: int | BufferFull = await self._enqueue((event,), one=True)
+        if isinstance(outcome, BufferFull):
+            raise outcome
+        return outcome
+
+    def _enqueue(self, events: Sequence[NewEvent], *, one: bool) -> asyncio.Future[Any]:
+        # The hot path of every source (one call per event from Agent.publish): no coroutine,
+        # one future, one tuple.
+        if self._closed:
+            raise BufferError("the buffer is closed")
+        future = self._loop.create_future()
+        if not self._pending:
+            self._oldest = self._loop.time()
+        self._pending.append((events, future, one))
+        self._pending_events += len(events)
+        self._wakeup.set()
+        # Not shielded: a cancelled caller cancels only this future; the committer skips it
+        # (its events may still be committed: harmless, nobody was told they were).
+        return future
+
+    async def _commit_loop(self) -> None:
+        """Commit groups until closed and drained.
+
+        The wake-up flag is only cleared right before waiting, never after taking a group: a
+        close signalled meanwhile (during the linger) must not be lost.
+        """
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Linger for more only while the group is small (half a group, from the listener or
+            # piled up during the last commit, is worth committing at once), and only until the
+            # oldest pending event has waited `linger`: events that arrived during the last
+            # commit have waited already.
+            if self._pending_events < self._max_group // 2 and not self._closed:
+                delay = self._oldest + self._linger - self._loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if self._pending_events <= self._max_group:
+                group, self._pending = self._pending, deque()
+                count = self._pending_events
+            else:
+                group, count = deque(), 0
+                while self._pending and (
+                    not group or count + len(self._pending[0][0]) <= self._max_group
+                ):
+                    pending = self._pending.popleft()
+                    group.append(pending)
+                    count += len(pending[0])
+                self._oldest = -math.inf  # the rest waited for this group: no linger for it
+            self._pending_events -= count
+            await self._commit(group)
+
+    async def _commit(self, group: deque[_Pending]) -> None:
+        now_ms = int(self._clock.time() * 1000)
+        flat = group[0][0] if len(group) == 1 else [e for events, _, _ in group for e in events]
+        last_seq = self._totals.last_seq
+        try:
+            (outcomes, dropped), seconds = await self._run(
+                _timed,
+                _insert_group,
+                flat,
+                self._totals,
+                self._max_events,
+                self._max_bytes,
+                now_ms,
+            )
+        except Exception as exc:
+            log.error("buffer: commit of %d events failed: %r", len(flat), exc)
+            for _, future, _ in group:
+                if not future.done():
+                    future.set_exception(BufferError(f"commit failed: {exc!r}"))
+            return
+        for (reason, topic), (events, first, last) in dropped.items():
+            log.warning(
+                "buffer: dropped %d events on %r (seq %d..%d): %s",
+                events,
+                topic,
+                first,
+                last,
+                reason,
+            )
+        self.commits += 1
+        # Seqs are assigned consecutively and only to committed events: no per-event count.
+        committed = self._totals.last_seq - last_seq
+        self.accepted += committed
+        if self.on_commit_timed is not None:
+            self.on_commit_timed(seconds, committed)
+        failpoints.hit("buffer.after_commit_before_ack")
+        start = 0
+        for appended, future, one in group:
+            if not future.done():
+                future.set_result(
+                    outcomes[start] if one else outcomes[start : start + len(appended)]
+                )
+            start += len(appended)
+        if self.on_commit is not None:
+            self.on_commit(max(event.priority for event in flat))
+
+    # -- draining (the uplink) ------------------------------------------------------------------
+
+    async def next_events(
+        self, limit: int, after: tuple[int, int] | None = None
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events in drain order: priority (high first), then seq.
+
+        ``after`` = (priority, seq) of the last event already taken, to page through the backlog.
+        """
+        return await self._run(_next_events, limit, after)
+
+    async def delete(self, seqs: Sequence[int], *, drop_reason: str | None = None) -> int:
+        """Remove events (idempotent); returns how many were still there.
+
+        Delivered events are just deleted; with ``drop_reason`` (an operator's purge) they are
+        counted as dropped for that reason, per topic, and logged.
+        """
+        removed = await self._run(_delete, list(seqs), self._totals, drop_reason)
+        if drop_reason is not None:
+            log.warning("buffer: %d events dropped: %s", removed, drop_reason)
+        return removed
+
+    async def record_attempt(self, seqs: Sequence[int]) -> None:
+        await self._run(_record_attempt, list(seqs))
+
+    async def dead_letter(self, seq: int, reason: str) -> bool:
+        """Move one event to the dead-letter table; False if it is no longer buffered."""
+        now_ms = int(self._clock.time() * 1000)
+        return await self._run(_dead_letter, seq, reason, now_ms, self._totals)
+
+    async def requeue_dead(self) -> int:
+        """Move every dead letter back into the buffer (with its original seq)."""
+        return await self._run(_requeue_dead, self._totals)
+
+    async def sweep_expired(self) -> int:
+        """Drop events whose TTL passed; counted under reason ``ttl``."""
+        now_ms = int(self._clock.time() * 1000)
+        dropped = await self._run(_sweep, now_ms, self._totals)
+        for topic, (events, first, last) in dropped.items():
+            log.warning("buffer: %d events on %r expired (seq %d..%d)", events, topic, first, last)
+        return sum(events for events, _, _ in dropped.values())
+
+    async def stats(self) -> BufferStats:
+        """Per-topic backlog, drops, dead letters, incidents: scans the whole ``events`` table on
+        the buffer thread (commits wait meanwhile), so not for a hot path."""
+        return await self._run(_stats)
+
+    @property
+    def backlog(self) -> tuple[int, int]:
+        """(events, payload bytes) buffered, from memory: free to read at any time."""
+        return self._totals.events, self._totals.bytes
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """(``max_events``, ``max_bytes``)."""
+        return self._max_events, self._max_bytes
+
+
+# -- inspection without the lock (edge-agent status while the agent runs) -----------------------
+
+
+def inspect(directory: Path) -> BufferStats:
+    """Read-only statistics of the buffer in ``directory``; works while the agent runs."""
+    path = directory / DB_NAME
+    if not path.exists():
+        raise BufferError(f"no buffer at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return _stats(db)
+    finally:
+        db.close()
+
+
+def read_events(
+    directory: Path, *, limit: int | None = None, topic_filter: Callable[[str], bool] | None = None
+) -> Iterator[StoredEvent]:
+    """Buffered events in drain order, read-only (for ``buffer peek`` / ``export``)."""
+    path = directory / DB_NAME
+    if not path.exists():
+        raise BufferError(f"no buffer at {path}")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = (
+            row for query, args in _drain_queries(None) for row in db.execute(query, (*args, -1))
+        )
+        taken = 0
+        for row in rows:
+            event = StoredEvent(*row)
+            if topic_filter is not None and not topic_filter(event.topic):
+                continue
+            yield event
+            taken += 1
+            if limit is not None and taken >= limit:
+                return
+    finally:
+        db.close()

@@ -1,0 +1,282 @@
+"""The buffer's database file, on the buffer's own thread: the directory lock, opening and checking
+(quick_check, quarantine of a corrupt file, migration), transactions and the totals kept beside
+them."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import logging
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from edge_agent.buffer.model import (
+    _EVENTS,
+    _SCHEMA,
+    CACHE_KIB,
+    DB_NAME,
+    LOCK_NAME,
+    PAGE_SIZE,
+    SCHEMA_VERSION,
+    STATE_NAME,
+    BufferError,
+    BufferLocked,
+    _Totals,
+)
+from mqtt_ingest.clock import Clock
+
+log = logging.getLogger("edge_agent.buffer")
+
+
+def _lock(directory: Path) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BufferLocked(
+            f"another edge-agent (pid {holder}) is using {directory}; "
+            "only one agent may use a data directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+
+
+def _open_checked(
+    directory: Path,
+    durability: Literal["full", "normal"],
+    max_page_count: int | None,
+    clock: Clock,
+    connect: Callable[[Path], sqlite3.Connection],
+) -> sqlite3.Connection:
+    path = directory / DB_NAME
+    state = directory / STATE_NAME
+    now_ms = int(clock.time() * 1000)
+    incidents: list[tuple[str, str]] = []
+    unclean = state.exists() and state.read_text().strip() == "open"
+    # Before _check: its connection, the last to close, may checkpoint and remove the WAL.
+    wal_present = (directory / f"{DB_NAME}-wal").exists()
+    if path.exists():
+        problem = _check(path)
+        if problem is not None:
+            counted = _count_what_we_can(path)
+            moved = _quarantine(directory, now_ms)
+            detail = f"{problem}; moved to {moved}; {counted}"
+            log.error("buffer: corrupt database quarantined: %s", detail)
+            incidents.append(("corrupt", detail))
+        elif unclean and not wal_present:
+            detail = "the -wal file was missing after an unclean stop: recent commits may be lost"
+            log.error("buffer: %s", detail)
+            incidents.append(("wal-missing", detail))
+    db = connect(path)
+    db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a no-op unless the database is new
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+    db.execute("PRAGMA foreign_keys=OFF")
+    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    if max_page_count is not None:
+        db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:
+        epoch = secrets.token_hex(8)  # hex: safe to write into the script
+        db.executescript(
+            f"BEGIN IMMEDIATE;{_SCHEMA}"  # noqa: S608  # only constants, a hex epoch and an int
+            f"INSERT INTO meta VALUES ('epoch', '{epoch}'), ('created_at', '{now_ms}');"
+            f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+        )
+        log.info("buffer: created %s (epoch %s)", path, epoch)
+    elif version == 1:
+        _migrate_from_1(db, path)
+    elif version > SCHEMA_VERSION:
+        db.close()
+        raise BufferError(
+            f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}: "
+            "upgrade the agent"
+        )
+    for kind, detail in incidents:
+        db.execute("INSERT INTO incidents VALUES (?, ?, ?)", (now_ms, kind, detail))
+    _write_state(state, "open")
+    return db
+
+
+def _migrate_from_1(db: sqlite3.Connection, path: Path) -> None:
+    """Schema 1 -> 2 in one transaction: copy ``events`` into a table without AUTOINCREMENT
+    and record the highest seq ever used as ``meta.high_water``. A failure (a full disk: the copy
+    needs the table's size again) leaves schema 1 untouched and the agent refuses to start."""
+    try:
+        with _transaction(db):
+            high_water = db.execute(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+                " coalesce((SELECT max(seq) FROM events), 0),"
+                " coalesce((SELECT max(seq) FROM dead_letters), 0))"
+            ).fetchone()[0]
+            db.execute("ALTER TABLE events RENAME TO events_1")
+            db.execute("DROP INDEX events_drain")
+            db.execute("DROP INDEX events_expiry")
+            for statement in _EVENTS.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            copied = db.execute(
+                "INSERT INTO events SELECT seq, topic, payload, qos, priority, event_time,"
+                " expires_at, attempts FROM events_1"
+            ).rowcount
+            db.execute("DROP TABLE events_1")
+            db.execute("DELETE FROM sqlite_sequence")
+            _set_meta(db, "high_water", high_water)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except sqlite3.Error as exc:
+        db.close()
+        raise BufferError(
+            f"{path} has schema version 1 and could not be migrated to {SCHEMA_VERSION} "
+            f"({exc}); nothing was changed: its events are still there"
+        ) from None
+    log.warning(
+        "buffer: migrated %s from schema 1 to %d (%d events kept, last seq %d)",
+        path,
+        SCHEMA_VERSION,
+        copied,
+        high_water,
+    )
+
+
+def _set_meta(db: sqlite3.Connection, key: str, value: object) -> None:
+    db.execute(
+        "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, str(value)),
+    )
+
+
+def _check(path: Path) -> str | None:
+    try:
+        # Read-write (we hold the lock): SQLite can then recover a stale -shm after a crash.
+        db = sqlite3.connect(path, timeout=10)
+        try:
+            result = db.execute("PRAGMA quick_check").fetchall()
+            if result != [("ok",)]:
+                return "quick_check: " + "; ".join(str(r[0]) for r in result[:5])
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "events" not in tables and db.execute("PRAGMA user_version").fetchone()[0]:
+                return "the events table is missing"
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        return f"cannot read the database: {exc}"
+    return None
+
+
+def _count_what_we_can(path: Path) -> str:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            count, size = db.execute(
+                "SELECT count(*), total(length(payload)) FROM events"
+            ).fetchone()
+            return f"about {count} events ({int(size)} payload bytes) were in it"
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        return f"its events could not be counted ({exc})"
+
+
+def _quarantine(directory: Path, now_ms: int) -> Path:
+    target = directory / "quarantine"
+    target.mkdir(exist_ok=True)
+    stamp = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    base = target / f"buffer-{stamp}.db"
+    for suffix in ("", "-wal", "-shm"):
+        source = directory / f"{DB_NAME}{suffix}"
+        if source.exists():
+            os.replace(source, f"{base}{suffix}")
+    _fsync_dir(directory)
+    _fsync_dir(target)
+    return base
+
+
+def _write_state(path: Path, value: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(value + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _close_cleanly(db: sqlite3.Connection, directory: Path) -> None:
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    _write_state(directory / STATE_NAME, "closed")
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection, totals: _Totals | None = None) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back if anything (even cancellation) escapes; then
+    ``totals`` are restored to what they were at BEGIN."""
+    saved = dataclasses.replace(totals) if totals is not None else None
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if totals is not None and saved is not None:
+            totals.restore(saved)
+        raise
+
+
+def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
+    totals.events, totals.bytes = db.execute(
+        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
+    ).fetchone()
+    totals.high_water, totals.last_seq = _seq_marks(db)
+
+
+def _seq_marks(db: sqlite3.Connection) -> tuple[int, int]:
+    """(``meta.high_water``, the highest seq ever committed)."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'high_water'").fetchone()
+    high_water = int(row[0]) if row else 0
+    newest = db.execute(
+        "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
+        " coalesce((SELECT max(seq) FROM dead_letters), 0))"
+    ).fetchone()[0]
+    return high_water, max(high_water, newest)
+
+
+def _keep_high_water(db: sqlite3.Connection, totals: _Totals) -> None:
+    """End every transaction that deletes events or dead letters with this.
+
+    The next seq after a restart is one more than the highest of ``meta.high_water`` and the seqs
+    still stored, so when a delete removes the newest seq, ``high_water`` must hold it. Only such
+    a delete writes it (the drain catching up with the newest events), never an insert.
+    """
+    if totals.high_water >= totals.last_seq:
+        return
+    _, newest = _seq_marks(db)
+    if newest < totals.last_seq:
+        _set_meta(db, "high_water", totals.last_seq)
+        totals.high_water = totals.last_seq
