@@ -35,11 +35,11 @@ from edge_agent.buffer import (
 )
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.doctor import run_checks
+from edge_agent.link import LinkStatus, read_link_status
 from edge_agent.memory import tune_malloc
 from edge_agent.service import Agent
 from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
-from edge_agent.uplink import LinkStatus, read_link_status
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals

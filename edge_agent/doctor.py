@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.buffer import BufferError, inspect
 from edge_agent.config import AgentConfig, UplinkConfig
+from edge_agent.link import client_context
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
-from edge_agent.uplink import client_context
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, format_username
 

@@ -27,7 +27,8 @@ from prometheus_client.registry import Collector
 
 from edge_agent.buffer import Buffer, BufferStats, TopicStats
 from edge_agent.config import AgentConfig
-from edge_agent.uplink import LinkState, Uplink
+from edge_agent.link import LinkState
+from edge_agent.uplink import Uplink
 from mqtt_ingest import Counters, IngestServer
 from mqtt_ingest.clock import Clock
 from mqtt_ingest.prometheus import INGEST_COUNTERS, CountersCollector, ProcessIoCollector

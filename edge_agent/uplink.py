@@ -36,45 +36,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import enum
-import json
 import logging
 import os
-import random
 import ssl
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import aiomqtt
+import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
-from cryptography import x509
 
 from edge_agent.buffer import Buffer, StoredEvent
 from edge_agent.config import AgentConfig, UplinkConfig
+from edge_agent.link import (
+    LINK_FILE,
+    Backoff,
+    LinkFailure,
+    LinkState,
+    LinkStatus,
+    TlsMaterial,
+    classify,
+    recording_socket_class,
+)
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
-from mqtt_ingest import failpoints
+from edge_agent.window import Message, Session
 from mqtt_ingest.clock import Clock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, encode, format_username
 
-__all__ = [
-    "LINK_FILE",
-    "Backoff",
-    "LinkState",
-    "LinkStatus",
-    "TlsMaterial",
-    "Uplink",
-    "client_context",
-    "read_link_status",
-]
+__all__ = ["Uplink"]
 
 log = logging.getLogger(__name__)
 
-LINK_FILE = "link.json"
 _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
 _EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
 _MAX_DEFERRED = 100
 _MAX_FETCH = 1000  # events per read from the buffer (more only holds more rows in memory)
-_MAX_QUEUED = 16  # messages queued for the publishers beyond those in flight
 _DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
@@ -82,174 +77,11 @@ _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
 _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
 
 
-class LinkState(enum.StrEnum):
-    DISABLED = "disabled"  # no [uplink] configured: the agent only buffers
-    CONNECTING = "connecting"
-    ONLINE = "online"
-    BACKOFF = "backoff"  # waiting to retry after a transient failure
-    REFUSED = "refused"  # credentials or certificates refused / unusable: retrying slowly
-    STOPPED = "stopped"
-
-
-@dataclass
-class LinkStatus:
-    state: LinkState
-    since: float  # unix seconds
-    server: str = ""
-    detail: str = ""  # why (for backoff / refused), or what (online)
-    last_error: str = ""  # the last failure, kept while connecting again
-    retry_at: float | None = None
-    connected_since: float | None = None
-    connections: int = 0  # successful CONNACKs this run
-    failures: int = 0  # failed connection attempts or lost connections this run
-    delivered: int = 0  # events acknowledged by the server this run
-    dead_lettered: int = 0  # events moved to the dead-letter table this run
-    certificate_not_after: float | None = None
-    token_expires_at: float | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-
-def read_link_status(data_dir: Path) -> LinkStatus | None:
-    """The running (or last) agent's link state, or None if it never wrote one."""
-    try:
-        raw = json.loads((data_dir / LINK_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    try:
-        raw["state"] = LinkState(raw["state"])
-        return LinkStatus(**raw)
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def client_context(config: UplinkConfig) -> ssl.SSLContext:
-    """Verify the server against ``tls.ca`` and the host name; present the device certificate."""
-    tls = config.tls
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    return context
-
-
-@dataclass(frozen=True)
-class TlsMaterial:
-    """The device's TLS setup, loaded and checked once (at start and on reload), then reused for
-    every connection: a file broken on disk later does not break the link; SIGHUP loads anew."""
-
-    context: ssl.SSLContext
-    not_before: float  # unix seconds
-    not_after: float
-
-    @classmethod
-    def load(cls, config: UplinkConfig) -> TlsMaterial:
-        """Raise ValueError saying what is wrong with the files."""
-        tls = config.tls
-        try:
-            certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
-            context = client_context(config)
-        except OSError as exc:
-            raise ValueError(f"cannot read the TLS files: {exc}") from None
-        except (ValueError, ssl.SSLError) as exc:
-            raise ValueError(
-                f"unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {exc}"
-            ) from None
-        return cls(
-            context,
-            certificate.not_valid_before_utc.timestamp(),
-            certificate.not_valid_after_utc.timestamp(),
-        )
-
-
-class Backoff:
-    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, initial * 2^n)]."""
-
-    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.failures = 0
-        self._rng = rng or random.SystemRandom()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * 2 ** min(self.failures, 62))
-        self.failures += 1
-        return self._rng.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self.failures = 0
-
-
-class _Failure(Exception):
-    """A connection attempt or session ended; ``refused``: by credentials, retry slowly."""
-
-    def __init__(self, detail: str, *, refused: bool = False) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.refused = refused
-
-
 @dataclass(slots=True)
 class _Suspect:
     event: StoredEvent
     failures: int  # connections lost with this event alone in flight
     delivered_at_failure: int  # the uplink's delivered count at the last of those
-
-
-@dataclass(slots=True)
-class _Message:
-    seqs: list[int]  # the events it carries (their payloads are only in ``payload``)
-    priority: int
-    topic: str
-    payload: bytes
-    qos: int
-    alone: bool  # nothing else may be in flight with it
-    single: StoredEvent | None  # the event, when it is the only one (poison handling)
-
-
-@dataclass
-class _Session:
-    """What one connection has in flight."""
-
-    window: int
-    inflight: dict[int, _Message] = field(default_factory=dict)
-    taken: dict[int, int] = field(default_factory=dict)  # seq -> priority: sent, not yet deleted
-    done: list[int] = field(default_factory=list)  # acknowledged, to delete
-    outbox: asyncio.Queue[_Message] = field(init=False)  # fed in drain order
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    failure: _Failure | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    acked: asyncio.Event = field(default_factory=asyncio.Event)
-    delivered: int = 0
-    next_key: int = 0
-    bytes_out: int = 0  # payload bytes queued or in flight (``window_bytes``)
-
-    def __post_init__(self) -> None:
-        # A few messages queued keep the publishers busy between the feeder's turns; more would
-        # only hold more encoded envelopes in memory (up to 64 KiB each) beside the window's.
-        self.outbox = asyncio.Queue(maxsize=min(self.window, _MAX_QUEUED))
-
-    @property
-    def failed(self) -> bool:
-        return self.failure is not None
-
-    def fail(self, failure: _Failure) -> None:
-        if self.failure is None:
-            self.failure = failure
-        self.changed.set()
-
-    def check(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-    async def wait(self, limit: float | None = None) -> None:
-        """Until something changes (an ack, a failure, new events), or ``limit`` seconds."""
-        self.check()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(limit):
-                await self.changed.wait()
-        self.changed.clear()
-        self.check()
 
 
 class Uplink:
@@ -275,7 +107,7 @@ class Uplink:
         )
         self._last_refusal = ""
         self._status_written = 0.0
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._wake = asyncio.Event()
         self._preempt = -1  # highest priority committed since the last fetch
         self._stopping = asyncio.Event()
@@ -315,7 +147,7 @@ class Uplink:
             while not self._stopping.is_set():
                 try:
                     await self._connection()
-                except _Failure as failure:
+                except LinkFailure as failure:
                     if self._stopping.is_set():
                         break
                     await self._back_off(failure)
@@ -324,7 +156,7 @@ class Uplink:
         finally:
             self._set_state(LinkState.STOPPED, "")
 
-    async def _back_off(self, failure: _Failure) -> None:
+    async def _back_off(self, failure: LinkFailure) -> None:
         backoff = self._refused_backoff if failure.refused else self._backoff
         if failure.refused:
             self._backoff.reset()
@@ -359,11 +191,12 @@ class Uplink:
         try:
             token = self._tokens.current()
         except TokenUnavailable as exc:
-            raise _Failure(str(exc), refused=True) from None
+            raise LinkFailure(str(exc), refused=True) from None
         self.status.token_expires_at = token.expires_at
         tls_errors: list[str] = []
+        sockets: list[ssl.SSLSocket] = []  # this attempt's, closed when it ends
         context = material.context
-        context.sslsocket_class = _recording_socket_class(tls_errors)
+        context.sslsocket_class = recording_socket_class(tls_errors, sockets)
         username = (
             format_username(self.device_id, format=FORMAT_BATCH_V1)
             if config.format == FORMAT_BATCH_V1
@@ -379,10 +212,9 @@ class Uplink:
             keepalive=config.keepalive,
             timeout=config.connect_timeout,
             clean_session=True,
-            max_inflight_messages=config.window,
+            max_inflight_messages=0,  # the window is ours (paho's own limit scans per PUBACK)
             logger=logging.getLogger("edge_agent.uplink.mqtt"),
         )
-        client.pending_calls_threshold = config.window + 1  # a full window is normal, not a warning
         started = asyncio.get_running_loop().time()
         try:
             async with client:
@@ -393,12 +225,14 @@ class Uplink:
                 await self._drain(client, self._renew_at(token))
         except MqttConnectError as exc:
             code = getattr(exc.rc, "value", exc.rc)
-            raise _Failure(f"CONNACK refused: {exc}", refused=code in _REFUSED_CONNACK) from None
+            raise LinkFailure(f"CONNACK refused: {exc}", refused=code in _REFUSED_CONNACK) from None
         except aiomqtt.MqttError as exc:
-            raise _classify(str(exc), tls_errors) from None
+            raise classify(str(exc), tls_errors) from None
         except OSError as exc:
-            raise _classify(str(exc), tls_errors) from None
+            raise classify(str(exc), tls_errors) from None
         finally:
+            for sock in sockets:
+                sock.close()  # paho leaves the socket of a connect that failed after the handshake
             self.status.connected_since = None
             if asyncio.get_running_loop().time() - started >= config.stable_after:
                 self._backoff.reset()
@@ -417,19 +251,19 @@ class Uplink:
             try:
                 self._material = TlsMaterial.load(self.config)
             except ValueError as exc:
-                raise _Failure(str(exc), refused=True) from None
+                raise LinkFailure(str(exc), refused=True) from None
         material = self._material
         self.status.certificate_not_after = material.not_after
         now = self._clock.time()
         if now < material.not_before:
             when = dt.datetime.fromtimestamp(material.not_before, dt.UTC)
-            raise _Failure(
+            raise LinkFailure(
                 f"the device certificate is not valid before {when} (check the clock)",
                 refused=True,
             )
         if now > material.not_after:
             when = dt.datetime.fromtimestamp(material.not_after, dt.UTC)
-            raise _Failure(f"the device certificate expired at {when}", refused=True)
+            raise LinkFailure(f"the device certificate expired at {when}", refused=True)
         return material
 
     def reload(self, config: UplinkConfig) -> None:
@@ -457,13 +291,24 @@ class Uplink:
     # -- one connection's drain -------------------------------------------------------------
 
     async def _drain(self, client: aiomqtt.Client, renew_at: float | None) -> None:
-        session = _Session(self.config.window)
+        # Messages go straight to paho, acknowledgements come back through its callback: no
+        # task, future or timer per message (aiomqtt's `publish` costs about as much again as
+        # paho's own work). aiomqtt still owns the connection, its loop and its failures.
+        mqtt: paho.Client = client._client  # aiomqtt 2.x: its paho client
+        config = self.config
+        session = Session(
+            config.window, config.window_bytes, config.publish_timeout, mqtt, self._delivered
+        )
         self._session = session
-        watcher = asyncio.create_task(self._watch(client, session), name="uplink.watch")
-        deleter = asyncio.create_task(self._delete_loop(session), name="uplink.delete")
+
+        def acknowledged(_c: object, _u: object, mid: int, code: object, _p: object) -> None:
+            session.acknowledged(mid, code)
+
+        mqtt.on_publish = acknowledged
         session.tasks = [
-            asyncio.create_task(self._publisher(client, session), name="uplink.publisher")
-            for _ in range(self.config.window)
+            asyncio.create_task(self._watch(client, session), name="uplink.watch"),
+            asyncio.create_task(self._delete_loop(session), name="uplink.delete"),
+            asyncio.create_task(session.expire(), name="uplink.expire"),
         ]
         graceful = False
         try:
@@ -472,23 +317,25 @@ class Uplink:
             await self._settle_inflight(session)
         finally:
             self._session = None
-            for task in (watcher, deleter, *session.tasks):
+            mqtt.on_publish = None  # a late acknowledgement is not counted: the row is resent
+            session.outbox.clear()
+            if session.ahead is not None:
+                session.tasks.append(session.ahead[1])
+            for task in session.tasks:
                 task.cancel()
-            await asyncio.gather(watcher, deleter, *session.tasks, return_exceptions=True)
+            await asyncio.gather(*session.tasks, return_exceptions=True)
             await self._finish(session, graceful)
 
-    async def _watch(self, client: aiomqtt.Client, session: _Session) -> None:
+    async def _watch(self, client: aiomqtt.Client, session: Session) -> None:
         """Fail the session as soon as the connection is lost (publishes alone would not know)."""
         try:
             async for _ in client.messages:
                 pass  # we subscribe to nothing
         except aiomqtt.MqttError as exc:
             cause = exc.__cause__
-            session.fail(_Failure(f"connection lost: {cause or exc}"))
+            session.fail(LinkFailure(f"connection lost: {cause or exc}"))
 
-    async def _feed(
-        self, client: aiomqtt.Client, session: _Session, renew_at: float | None
-    ) -> None:
+    async def _feed(self, client: aiomqtt.Client, session: Session, renew_at: float | None) -> None:
         loop = asyncio.get_running_loop()
         cursor: tuple[int, int] | None = None
         probed = False
@@ -502,7 +349,7 @@ class Uplink:
             if self._reconnect.is_set():
                 log.info("uplink: reconnecting with the reloaded configuration")
                 return
-            free = session.window - session.outbox.qsize()
+            free = session.window - len(session.outbox)
             if free <= 0:
                 await session.wait()
                 continue
@@ -515,13 +362,12 @@ class Uplink:
                         if not await self._send(session, message):
                             break
                     continue
-            self._preempt = -1
-            events = await self._fetch(session, cursor, free)
+            events = await self._fetch_next(session, cursor, free)
             if events and session.inflight and self._lingers(events):
                 await session.wait(self.config.batch.linger)
                 more = await self._fetch(session, (events[-1].priority, events[-1].seq), free)
                 events += more
-            suspect = self._probe_candidate() if not probed else None
+            suspect = self._probe_candidate(idle=not events) if not probed else None
             if suspect is not None:
                 probed = True  # once per connection: a failure ends it anyway
                 await self._send(session, self._messages([suspect.event], alone=True)[0])
@@ -535,11 +381,15 @@ class Uplink:
                 if not await self._send(session, message):
                     break
 
-    def _probe_candidate(self) -> _Suspect | None:
-        """A deferred event worth another try: other events got through since it failed."""
+    def _probe_candidate(self, idle: bool) -> _Suspect | None:
+        """A deferred event worth another try: other events got through since it failed, or
+        there is nothing else to send (``idle``: then it is not held back for want of traffic;
+        a failure without other events getting through in between does not count towards
+        ``max_attempts``, see `_finish`)."""
         delivered = self.status.delivered
         return next(
-            (s for s in self._deferred.values() if delivered > s.delivered_at_failure), None
+            (s for s in self._deferred.values() if idle or delivered > s.delivered_at_failure),
+            None,
         )
 
     def _lingers(self, events: list[StoredEvent]) -> bool:
@@ -560,8 +410,30 @@ class Uplink:
             return min(free * self.config.batch.max_events, _MAX_FETCH)
         return min(max(free, self.config.window * 4), _MAX_FETCH)
 
+    async def _fetch_next(
+        self, session: Session, cursor: tuple[int, int] | None, free: int
+    ) -> list[StoredEvent]:
+        """`_fetch`, taken from the read started ahead when it was for this cursor. After a full
+        page (more are likely waiting) the next page is read at once, on the buffer's thread
+        while this one is sent, so the publishers do not run dry waiting for the database."""
+        ahead, session.ahead = session.ahead, None
+        if ahead is not None and ahead[0] == cursor:
+            # `_preempt` is left as it is: an event of a higher priority than the cursor's,
+            # committed while this page was read, is found by the feeder's next turn.
+            events = await ahead[1]
+        else:
+            if ahead is not None:
+                ahead[1].cancel()  # read for another cursor (a linger read more): not needed
+                ahead[1].add_done_callback(_discard)
+            self._preempt = -1  # this read sees everything committed so far
+            events = await self._fetch(session, cursor, free)
+        if events and len(events) == self._want(free):
+            after = (events[-1].priority, events[-1].seq)
+            session.ahead = (after, asyncio.create_task(self._fetch(session, after, free)))
+        return events
+
     async def _fetch(
-        self, session: _Session, cursor: tuple[int, int] | None, free: int
+        self, session: Session, cursor: tuple[int, int] | None, free: int
     ) -> list[StoredEvent]:
         """The next events after ``cursor``. Nothing after the cursor was sent on this
         connection (events are taken in cursor order), but deferred ones may be anywhere."""
@@ -570,7 +442,7 @@ class Uplink:
         rows = await self._buffer.next_events(want + len(skip), cursor)
         return [row for row in rows if row.seq not in skip][:want]
 
-    async def _fetch_above(self, session: _Session, priority: int, free: int) -> list[StoredEvent]:
+    async def _fetch_above(self, session: Session, priority: int, free: int) -> list[StoredEvent]:
         """Not yet sent events of a priority above ``priority`` (the cursor stays where it is)."""
         want = self._want(free)
         skip = self._deferred.keys() | {s for s, p in session.taken.items() if p > priority}
@@ -580,12 +452,12 @@ class Uplink:
             self._preempt = max(self._preempt, events[-1].priority)  # more may be waiting
         return events
 
-    def _group(self, events: list[StoredEvent]) -> list[_Message]:
+    def _group(self, events: list[StoredEvent]) -> list[Message]:
         """Messages in drain order: suspects (attempts >= 1) first and alone, then the rest."""
         fresh = [e for e in events if e.attempts == 0]
         once = [e for e in events if e.attempts == 1]
         more = [e for e in events if e.attempts >= 2]
-        messages: list[_Message] = []
+        messages: list[Message] = []
         for event in more:
             messages += self._messages([event], alone=True)
         if once:
@@ -593,12 +465,12 @@ class Uplink:
         messages += self._messages(fresh, alone=False)
         return messages
 
-    def _messages(self, events: list[StoredEvent], *, alone: bool) -> list[_Message]:
+    def _messages(self, events: list[StoredEvent], *, alone: bool) -> list[Message]:
         device = self.device_id
         config = self.config
         if config.format != FORMAT_BATCH_V1:
             return [
-                _Message(
+                Message(
                     [e.seq],
                     e.priority,
                     config.uplink_topic(device, e.topic),
@@ -626,7 +498,7 @@ class Uplink:
             sizes[key] = sizes.get(key, 0) + size
         epoch = self._buffer.epoch
         return [
-            _Message(
+            Message(
                 [e.seq for e in run],
                 max(e.priority for e in run),
                 config.uplink_topic(device, topic),
@@ -639,76 +511,34 @@ class Uplink:
             for run in runs
         ]
 
-    async def _send(self, session: _Session, message: _Message) -> bool:
-        """Queue ``message`` for the publishers (in drain order). The queue holds at most a
-        window's worth, so a publisher whose message was acknowledged takes the next one at
-        once, as a bare publish loop would, without waiting for this feeder."""
+    async def _send(self, session: Session, message: Message) -> bool:
+        """Queue ``message`` (in drain order) for `Session.pump`. The queue holds up to a window, so
+        acknowledgements are answered with the next messages without waiting for this feeder."""
         if message.alone:
-            while session.inflight or not session.outbox.empty():
+            while session.inflight or session.outbox:
                 await session.wait()
-        limit = self.config.window_bytes
-        # bytes_out 0 is below any limit: one message always goes, however large.
-        while session.outbox.full() or session.bytes_out >= limit:
-            await session.wait()  # woken by every acknowledgement, a failure, stop or reload
+                if self._stopping.is_set() or self._reconnect.is_set():
+                    return False
+        while session.full():
+            await session.wait()  # woken when there is room, a failure, stop or reload
             if self._stopping.is_set() or self._reconnect.is_set():
                 return False  # not queued, nor anything after it: the feeder returns
-        priority = message.priority
-        for seq in message.seqs:
-            session.taken[seq] = priority
-        session.bytes_out += len(message.payload)
-        session.outbox.put_nowait(message)
+        session.queue(message)
         if message.alone:
-            while session.inflight or not session.outbox.empty():
+            while session.inflight or session.outbox:
                 await session.wait()
+                if self._stopping.is_set() or self._reconnect.is_set():
+                    break
         return True
 
-    async def _publisher(self, client: aiomqtt.Client, session: _Session) -> None:
-        """One of ``window`` publishers: a message at a time, from handing it to paho to its
-        acknowledgement. Publishers take messages in queue order and hand each to paho before
-        they yield, so the order on the wire is the drain order."""
-        outbox = session.outbox
-        while True:
-            message = await outbox.get()
-            if session.failed:
-                return  # not sent: no attempt to count, the row stays
-            key = session.next_key
-            session.next_key += 1
-            session.inflight[key] = message
-            await self._publish(client, session, key, message)
-
-    async def _publish(
-        self, client: aiomqtt.Client, session: _Session, key: int, message: _Message
-    ) -> None:
-        failpoints.hit("drain.before_publish")
-        sending = client.publish(
-            message.topic, message.payload, qos=message.qos, timeout=self.config.publish_timeout
-        )
-        try:
-            if failpoints.active():
-                # Two steps, so that a crash can be placed between send and acknowledgement.
-                pending = asyncio.ensure_future(sending)
-                await asyncio.sleep(0.01)  # the PUBLISH is on its way
-                failpoints.hit("drain.after_publish_before_puback")
-                await pending
-            else:
-                await sending
-        except aiomqtt.MqttError as exc:
-            session.fail(_Failure(f"publish not confirmed: {exc}"))
-            return
-        failpoints.hit("drain.after_puback_before_delete")
-        del session.inflight[key]
-        session.bytes_out -= len(message.payload)
-        seqs = message.seqs
-        session.done += seqs
-        session.delivered += len(seqs)
+    def _delivered(self, seqs: list[int]) -> None:
+        """Seqs acknowledged on the current connection (`Session.on_delivered`)."""
         self.status.delivered += len(seqs)
         if self._deferred:
             for seq in seqs:
                 self._deferred.pop(seq, None)
-        session.acked.set()
-        session.changed.set()
 
-    async def _delete_loop(self, session: _Session) -> None:
+    async def _delete_loop(self, session: Session) -> None:
         """Delete acknowledged rows in batches: one transaction (and, with ``full`` durability,
         one fsync) per ``_DELETE_EVERY`` seconds at most, instead of one per acknowledgement. A
         row acknowledged but not yet deleted when the agent dies is sent again: harmless."""
@@ -718,14 +548,14 @@ class Uplink:
             session.acked.clear()
             await self._delete_done(session)
 
-    async def _delete_done(self, session: _Session) -> None:
+    async def _delete_done(self, session: Session) -> None:
         seqs, session.done = session.done, []
         if seqs:
             try:
                 await self._buffer.delete(seqs)
             except Exception as exc:
                 session.done = seqs + session.done
-                session.fail(_Failure(f"cannot delete delivered events from the buffer: {exc}"))
+                session.fail(LinkFailure(f"cannot delete delivered events from the buffer: {exc}"))
                 return
             except BaseException:
                 session.done = seqs + session.done  # deleted or not: delete again (idempotent)
@@ -735,17 +565,16 @@ class Uplink:
             if asyncio.get_running_loop().time() - self._status_written >= _STATUS_EVERY:
                 self._write_status()  # keep the delivered count in `status` fresh
 
-    async def _settle_inflight(self, session: _Session) -> None:
+    async def _settle_inflight(self, session: Session) -> None:
         """On a planned close: wait for what is in flight (within the publish timeout)."""
         limit = self._grace if self._stopping.is_set() else self.config.publish_timeout
-        while not session.outbox.empty():
-            session.outbox.get_nowait()  # queued, not sent: stays buffered for the next connection
+        session.outbox.clear()  # queued, not sent: stays buffered for the next connection
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 while session.inflight:
                     await session.wait()
 
-    async def _finish(self, session: _Session, graceful: bool) -> None:
+    async def _finish(self, session: Session, graceful: bool) -> None:
         """Delete what was acknowledged; count an attempt for what was in flight on a failure."""
         await self._delete_done(session)
         lost = [seq for message in session.inflight.values() for seq in message.seqs]
@@ -757,9 +586,12 @@ class Uplink:
         event = next(iter(session.inflight.values())).single
         if event is None:
             return
-        suspect = self._deferred.pop(event.seq, None) or _Suspect(event, 0, 0)
-        suspect.failures += 1
-        suspect.delivered_at_failure = self.status.delivered
+        suspect = self._deferred.pop(event.seq, None)
+        if suspect is None:
+            suspect = _Suspect(event, 1, self.status.delivered)
+        elif self.status.delivered > suspect.delivered_at_failure:
+            suspect.failures += 1  # others got through since its last failure: it counts
+            suspect.delivered_at_failure = self.status.delivered
         if suspect.failures >= self.config.max_attempts:
             reason = (
                 f"the connection was lost {suspect.failures} times with this event alone in "
@@ -797,6 +629,12 @@ class Uplink:
             log.debug("uplink: cannot write %s: %s", path, exc)
 
 
+def _discard(task: asyncio.Task[list[StoredEvent]]) -> None:
+    """Done callback of an abandoned read: its outcome is not needed (nor logged as lost)."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _first(*events: asyncio.Event) -> None:
     """Until one of ``events`` is set."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
@@ -811,53 +649,3 @@ def _token_note(token: Token, clock: Clock) -> str:
     if token.expires_at is None:
         return "token without expiry" if token.value is not None else "no token"
     return f"token expires in {max(0, int(token.expires_at - clock.time()))}s"
-
-
-def _classify(detail: str, tls_errors: list[str]) -> _Failure:
-    """A connect or session failure: certificate failures and TLS alerts are refusals."""
-    if tls_errors:
-        return _Failure(tls_errors[-1], refused=True)
-    if "CERTIFICATE_VERIFY_FAILED" in detail:
-        return _Failure(f"the server's certificate is not trusted: {detail}", refused=True)
-    if "ALERT" in detail.upper():
-        return _Failure(f"the server refused the TLS handshake: {detail}", refused=True)
-    return _Failure(detail or "connection failed")
-
-
-def _recording_socket_class(errors: list[str]) -> type[ssl.SSLSocket]:
-    """An `SSLSocket` that notices the server refusing the client certificate after the handshake
-    (and closes itself when the handshake fails, which paho does not do).
-
-    With TLS 1.3 a server checks the client certificate after the client considers the handshake
-    done; it then sends an alert or just closes. paho sees a closed socket and aiomqtt reports a
-    CONNACK timeout, which would look like a network problem and be retried fast, forever. A TLS
-    alert, or an end of stream before the server sent a single byte, is what tells them apart.
-    """
-    received = [0]
-
-    class _Recording(ssl.SSLSocket):
-        def do_handshake(self, block: bool = False) -> None:
-            try:
-                super().do_handshake(block)
-            except OSError:
-                self.close()  # paho would leak the socket of a failed handshake
-                raise
-
-        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-            try:
-                data = super().recv(buflen, flags)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise
-            except ssl.SSLError as exc:
-                errors.append(f"the server refused the TLS session: {exc.reason or exc}")
-                raise
-            if not data and not received[0]:
-                errors.append(
-                    "the server closed the connection right after the TLS handshake, before any "
-                    "MQTT answer: it most likely refused the client certificate (revoked, "
-                    "expired or from another CA)"
-                )
-            received[0] += len(data)
-            return data
-
-    return _Recording

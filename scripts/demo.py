@@ -28,7 +28,7 @@ import aiomqtt
 
 from cloud_sink.backends import read_messages
 from edge_agent.buffer import inspect
-from edge_agent.uplink import read_link_status
+from edge_agent.link import read_link_status
 
 BIN = Path(sys.executable).parent
 DEVICE = "gw-demo-1"

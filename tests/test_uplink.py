@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect, read_events
-from edge_agent.uplink import LinkState, read_link_status
+from edge_agent.link import LinkState, read_link_status
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki

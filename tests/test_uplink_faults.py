@@ -5,19 +5,23 @@ network cuts (F5) and SIGTERM (F19). The sink is real (in this process or a subp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
+from edge_agent import window as window_module
 from edge_agent.buffer import inspect, read_events
 from edge_agent.config import AgentConfig
-from edge_agent.uplink import LinkState, read_link_status
+from edge_agent.link import LinkState, read_link_status
+from edge_agent.uplink import Uplink
 from mqtt_ingest.clock import FakeClock
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
-from tests.harness.chaos import ChaosProxyFactory, Direction
+from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
@@ -403,31 +407,113 @@ async def test_slow_links_cause_no_false_disconnects(
     assert connections == 1, "the slow link was dropped and reconnected"
 
 
-async def test_window_bytes_bounds_what_is_in_flight(
-    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
-) -> None:
-    """With the acknowledgements held, no more than ``window_bytes`` of payloads go out, however
-    large the window; once they flow again, everything arrives."""
-    device = new_device(pki, "wbytes")
+@contextlib.asynccontextmanager
+async def acks_held(
+    tmp_path: Path, pki: Pki, proxies: ChaosProxyFactory, prefix: str, extra: str
+) -> AsyncIterator[tuple[Agent, Uplink, ChaosProxy]]:
+    """A sink, the chaos proxy in front of it and an agent connected through the proxy (uplink
+    settings ``extra``), which then holds whatever the sink sends: PUBACKs, PINGRESPs."""
+    device = new_device(pki, prefix)
     async with sink(tmp_path, pki) as server:
-        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
-        extra = 'format = "raw"\nwindow = 100\nwindow_bytes = 4000'
+        proxy = await proxies("127.0.0.1", server.port)
         config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
         async with Agent(config) as agent:
             assert agent.uplink is not None
             uplink = agent.uplink
             await until(lambda: uplink.status.connected_since is not None)
-            proxy.blackhole(direction=Direction.DOWNSTREAM)  # PUBACKs held, not lost
-            for i in range(200):
-                await agent.publish("sensors/t", b"%04d" % i + bytes(996))  # 1,000-byte events
-            await until(lambda: uplink.in_flight == 4)
-            peak = uplink.in_flight
-            for _ in range(20):
-                await asyncio.sleep(0.05)
-                peak = max(peak, uplink.in_flight)
-            figures("window_bytes 4000", in_flight=peak)
-            assert peak == 4  # 4 x 1,000 bytes: the window of 100 never fills
+            proxy.blackhole(direction=Direction.DOWNSTREAM)
+            yield agent, uplink, proxy
+
+
+async def test_an_unacknowledged_publish_times_out_and_is_sent_again(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """Acknowledgements that never come end the connection after ``publish_timeout`` (well
+    before keep-alive would notice), and the events go again on the next one."""
+    extra = 'publish_timeout = "1s"\nkeepalive = 600'
+    async with acks_held(tmp_path, pki, chaos_proxy_factory, "ptimeout", extra) as held:
+        agent, uplink, proxy = held
+        started = asyncio.get_running_loop().time()
+        for i in range(20):
+            await agent.publish("sensors/t", f"{i}".encode())
+        await until(lambda: "not confirmed within 1s" in uplink.status.last_error, timeout=10)
+        waited = asyncio.get_running_loop().time() - started
+        figures("publish timeout 1s", seconds_to_failure=round(waited, 2))
+        assert uplink.status.delivered == 0
+        proxy.pass_through()
+        await until(lambda: inspect(agent.config.agent.data_dir).events == 0, timeout=30)
+    stored = sorted({int(m.payload) for _, m in read_messages(tmp_path / "core.db")})
+    assert stored == list(range(20))
+
+
+async def test_no_packet_id_is_reused_while_in_flight(
+    tmp_path: Path,
+    pki: Pki,
+    chaos_proxy_factory: ChaosProxyFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """paho's packet ids wrap after 65,535; the uplink sends nothing whose id could be the oldest
+    in flight's. Shown with the span cut to 3: with acknowledgements held, 3 messages go out."""
+    monkeypatch.setattr(window_module, "MID_SPAN", 3)
+    extra = 'format = "raw"\nwindow = 10'
+    async with acks_held(tmp_path, pki, chaos_proxy_factory, "mids", extra) as held:
+        agent, uplink, proxy = held
+        for i in range(50):
+            await agent.publish("sensors/t", f"{i}".encode())
+        await until(lambda: uplink.in_flight == 3)
+        peak = uplink.in_flight
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+            peak = max(peak, uplink.in_flight)
+        assert peak == 3
+        proxy.pass_through()
+        await until(lambda: inspect(agent.config.agent.data_dir).events == 0, timeout=30)
+    stored = sorted({int(m.payload) for _, m in read_messages(tmp_path / "core.db")})
+    assert stored == list(range(50))
+
+
+async def test_an_event_alone_in_flight_at_a_cut_goes_again_without_other_traffic(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """An event alone in flight when the connection is lost is a suspect (poison handling), but
+    with nothing else to send it is tried again at once, not held until other events flow."""
+    device = new_device(pki, "alone")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        config = load_config(configure(tmp_path, pki, device, proxy.port))
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await until(lambda: uplink.status.connected_since is not None)
+            proxy.blackhole(direction=Direction.UPSTREAM)  # the PUBLISH never reaches the sink
+            await agent.publish("sensors/t", b"0")
+            await until(lambda: uplink.in_flight == 1)
+            await proxy.reset()
+            await until(lambda: uplink.status.failures >= 1)
             proxy.pass_through()
-            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=20)
+            assert uplink.status.dead_lettered == 0
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
+
+
+async def test_window_bytes_bounds_what_is_in_flight(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """With the acknowledgements held, no more than ``window_bytes`` of payloads go out, however
+    large the window; once they flow again, everything arrives."""
+    extra = 'format = "raw"\nwindow = 100\nwindow_bytes = 4000'
+    async with acks_held(tmp_path, pki, chaos_proxy_factory, "wbytes", extra) as held:
+        agent, uplink, proxy = held
+        for i in range(200):
+            await agent.publish("sensors/t", b"%04d" % i + bytes(996))  # 1,000-byte events
+        await until(lambda: uplink.in_flight == 4)
+        peak = uplink.in_flight
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+            peak = max(peak, uplink.in_flight)
+        figures("window_bytes 4000", in_flight=peak)
+        assert peak == 4  # 4 x 1,000 bytes: the window of 100 never fills
+        proxy.pass_through()
+        await until(lambda: inspect(agent.config.agent.data_dir).events == 0, timeout=30)
     stored = [int(m.payload[:4]) for _, m in read_messages(tmp_path / "core.db")]
     assert sorted(set(stored)) == list(range(200))

@@ -1,0 +1,191 @@
+"""The uplink's link: its state as `edge-agent status` shows it, the device's TLS material, the
+backoff between attempts, and how a failed attempt is told apart from a refusal (SPEC §5)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+import ssl
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from edge_agent.config import UplinkConfig
+
+__all__ = [
+    "LINK_FILE",
+    "Backoff",
+    "LinkFailure",
+    "LinkState",
+    "LinkStatus",
+    "TlsMaterial",
+    "classify",
+    "client_context",
+    "read_link_status",
+    "recording_socket_class",
+]
+
+LINK_FILE = "link.json"
+
+
+class LinkState(enum.StrEnum):
+    DISABLED = "disabled"  # no [uplink] configured: the agent only buffers
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    BACKOFF = "backoff"  # waiting to retry after a transient failure
+    REFUSED = "refused"  # credentials or certificates refused / unusable: retrying slowly
+    STOPPED = "stopped"
+
+
+@dataclass
+class LinkStatus:
+    state: LinkState
+    since: float  # unix seconds
+    server: str = ""
+    detail: str = ""  # why (for backoff / refused), or what (online)
+    last_error: str = ""  # the last failure, kept while connecting again
+    retry_at: float | None = None
+    connected_since: float | None = None
+    connections: int = 0  # successful CONNACKs this run
+    failures: int = 0  # failed connection attempts or lost connections this run
+    delivered: int = 0  # events acknowledged by the server this run
+    dead_lettered: int = 0  # events moved to the dead-letter table this run
+    certificate_not_after: float | None = None
+    token_expires_at: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def read_link_status(data_dir: Path) -> LinkStatus | None:
+    """The running (or last) agent's link state, or None if it never wrote one."""
+    try:
+        raw = json.loads((data_dir / LINK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        raw["state"] = LinkState(raw["state"])
+        return LinkStatus(**raw)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def client_context(config: UplinkConfig) -> ssl.SSLContext:
+    """Verify the server against ``tls.ca`` and the host name; present the device certificate."""
+    tls = config.tls
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    return context
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The device's TLS setup, loaded and checked once (at start and on reload), then reused for
+    every connection: a file broken on disk later does not break the link; SIGHUP loads anew."""
+
+    context: ssl.SSLContext
+    not_before: float  # unix seconds
+    not_after: float
+
+    @classmethod
+    def load(cls, config: UplinkConfig) -> TlsMaterial:
+        """Raise ValueError saying what is wrong with the files."""
+        tls = config.tls
+        try:
+            certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+            context = client_context(config)
+        except OSError as exc:
+            raise ValueError(f"cannot read the TLS files: {exc}") from None
+        except (ValueError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {exc}"
+            ) from None
+        return cls(
+            context,
+            certificate.not_valid_before_utc.timestamp(),
+            certificate.not_valid_after_utc.timestamp(),
+        )
+
+
+class Backoff:
+    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, initial * 2^n)]."""
+
+    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.failures = 0
+        self._rng = rng or random.SystemRandom()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2 ** min(self.failures, 62))
+        self.failures += 1
+        return self._rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class LinkFailure(Exception):
+    """A connection attempt or session ended; ``refused``: by credentials, retry slowly."""
+
+    def __init__(self, detail: str, *, refused: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.refused = refused
+
+
+def classify(detail: str, tls_errors: list[str]) -> LinkFailure:
+    """A connect or session failure: certificate failures and TLS alerts are refusals."""
+    if tls_errors:
+        return LinkFailure(tls_errors[-1], refused=True)
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        return LinkFailure(f"the server's certificate is not trusted: {detail}", refused=True)
+    if "ALERT" in detail.upper():
+        return LinkFailure(f"the server refused the TLS handshake: {detail}", refused=True)
+    return LinkFailure(detail or "connection failed")
+
+
+def recording_socket_class(errors: list[str], sockets: list[ssl.SSLSocket]) -> type[ssl.SSLSocket]:
+    """An `SSLSocket` that notices the server refusing the client certificate after the handshake
+    (and closes itself when the handshake fails, which paho does not do). Each one adds itself to
+    ``sockets``: paho does not close the socket of a connect that fails after the handshake (a
+    reset during CONNECT), so the uplink closes them all when the attempt ends.
+
+    With TLS 1.3 a server checks the client certificate after the client considers the handshake
+    done; it then sends an alert or just closes. paho sees a closed socket and aiomqtt reports a
+    CONNACK timeout, which would look like a network problem and be retried fast, forever. A TLS
+    alert, or an end of stream before the server sent a single byte, is what tells them apart.
+    """
+    received = [0]
+
+    class _Recording(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            if self not in sockets:
+                sockets.append(self)  # the caller closes it when the attempt is over
+            try:
+                super().do_handshake(block)
+            except OSError:
+                self.close()  # paho would leak the socket of a failed handshake
+                raise
+
+        def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+            try:
+                data = super().recv(buflen, flags)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                errors.append(f"the server refused the TLS session: {exc.reason or exc}")
+                raise
+            if not data and not received[0]:
+                errors.append(
+                    "the server closed the connection right after the TLS handshake, before any "
+                    "MQTT answer: it most likely refused the client certificate (revoked, "
+                    "expired or from another CA)"
+                )
+            received[0] += len(data)
+            return data
+
+    return _Recording
