@@ -19,8 +19,10 @@ from tests.harness.brokers import (
     drain_queue,
     nats_connection,
     nats_names,
+    poll_until,
     rabbit_names,
     read_stream,
+    time_before,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -39,6 +41,38 @@ def _rabbit_objects(names: RabbitNames) -> set[str]:
 
 def _nats_objects(names: NatsNames) -> set[str]:
     return {*names.streams, names.subject_prefix, names.dead_letter_subject_prefix}
+
+
+async def test_a_reading_loop_ends_at_its_deadline_even_if_a_poll_swallows_the_cancellation() -> (
+    None
+):
+    # What Python 3.11's asyncio.wait_for does inside aio-pika's and nats-py's calls when the
+    # cancellation lands as the call completes: the caller sees a result, not CancelledError.
+    async def swallowing_poll() -> None:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            return
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 0.2
+    polls = 0
+    async with asyncio.timeout(5):
+        while time_before(end):
+            async with poll_until(end):
+                await swallowing_poll()
+            polls += 1
+    assert 1 <= polls <= 5
+    assert loop.time() >= end
+
+
+async def test_a_poll_past_the_deadline_ends_quietly_and_a_poll_of_its_own_timeout_raises() -> None:
+    loop = asyncio.get_running_loop()
+    async with poll_until(loop.time() + 0.05):
+        await asyncio.sleep(1)
+    with pytest.raises(TimeoutError):
+        async with poll_until(loop.time() + 5):
+            raise TimeoutError("the call's own timeout")
 
 
 @pytest.mark.parametrize("run", [1, 2])

@@ -50,9 +50,11 @@ __all__ = [
     "nats_jetstream",
     "nats_names",
     "nats_url",
+    "poll_until",
     "rabbit_names",
     "rabbitmq",
     "read_stream",
+    "time_before",
 ]
 
 AMQP_URL_ENV = "BRIDGE_TEST_AMQP_URL"
@@ -264,6 +266,28 @@ async def rabbitmq() -> AsyncIterator[RabbitNames]:
         yield names
 
 
+def time_before(end: float) -> bool:
+    return asyncio.get_running_loop().time() < end
+
+
+@asynccontextmanager
+async def poll_until(end: float) -> AsyncIterator[None]:
+    """Bound one poll of a reading loop by the loop's deadline `end` (event-loop time).
+
+    A poll that outlives `end` ends the loop quietly; its caller then reports what is missing.
+    The caller must also test `time_before(end)` on every turn: on Python 3.11, the
+    ``asyncio.wait_for`` inside aio-pika's and nats-py's calls swallows a cancellation that lands
+    just as the call completes, so the deadline's cancellation alone can be lost, and a loop
+    relying on it polls an empty queue for ever (seen in CI).
+    """
+    try:
+        async with asyncio.timeout_at(end) as deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+
+
 def _received(message: aio_pika.abc.AbstractIncomingMessage) -> ReceivedMessage:
     return ReceivedMessage(
         body=message.body,
@@ -300,26 +324,25 @@ async def drain_queue(
                 )
             except aio_pika.exceptions.ChannelNotFoundEntity:
                 raise AssertionError(f"RabbitMQ queue {queue!r} does not exist") from None
-            try:
-                async with asyncio.timeout(timeout) as deadline:
-                    while len(received) < expected:
-                        message = await amqp_queue.get(
-                            no_ack=False, fail=False, timeout=REQUEST_TIMEOUT
-                        )
-                        if message is None:
-                            await asyncio.sleep(_POLL_INTERVAL)
-                            continue
-                        await message.ack()
-                        received.append(_received(message))
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
+            end = asyncio.get_running_loop().time() + timeout
+            while len(received) < expected and time_before(end):
+                message = None
+                async with poll_until(end):
+                    message = await amqp_queue.get(
+                        no_ack=False, fail=False, timeout=REQUEST_TIMEOUT
+                    )
+                if message is None:
+                    await asyncio.sleep(_POLL_INTERVAL)
+                    continue
+                await message.ack()
+                received.append(_received(message))
+            if len(received) < expected:
                 raise MissingMessagesError(
                     f"RabbitMQ queue {queue!r}",
                     expected=expected,
                     timeout=timeout,
                     received=received,
-                ) from None
+                )
         finally:
             if not channel.is_closed:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -511,24 +534,24 @@ async def read_stream(
             raise AssertionError(f"JetStream stream {stream!r} does not exist") from None
         subscription = await js.pull_subscribe_bind(consumer=consumer, stream=stream)
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                while len(received) < expected:
-                    try:
+            end = asyncio.get_running_loop().time() + timeout
+            while len(received) < expected and time_before(end):
+                batch: list[Msg] = []
+                try:
+                    async with poll_until(end):
                         batch = await subscription.fetch(
                             expected - len(received), timeout=_NATS_FETCH_WAIT
                         )
-                    except nats.errors.TimeoutError:
-                        continue
-                    received.extend(_stream_message(msg) for msg in batch)
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            raise MissingMessagesError(
-                f"JetStream stream {stream!r}",
-                expected=expected,
-                timeout=timeout,
-                received=received,
-            ) from None
+                except nats.errors.TimeoutError:
+                    continue
+                received.extend(_stream_message(msg) for msg in batch)
+            if len(received) < expected:
+                raise MissingMessagesError(
+                    f"JetStream stream {stream!r}",
+                    expected=expected,
+                    timeout=timeout,
+                    received=received,
+                )
         finally:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 await subscription.unsubscribe()
