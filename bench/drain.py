@@ -114,6 +114,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of a process's main thread ("main": the agent's event loop) and of all its
+    other threads together ("threads": the buffer's, mostly). Python 3.11 does not name its
+    threads for the kernel, so they are told apart by thread id."""
+    seconds = {"main": 0.0, "threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        name = "main" if task.name == str(pid) else "threads"
+        seconds[name] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return seconds
+
+
 def memory_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of a process in MB (MiB)."""
     values = {}
@@ -437,6 +452,7 @@ class Drain:
     server_cpu: float  # of Mosquitto or the sink
     peak_rss_mb: float = math.nan  # max VmRSS sampled during the drain
     hwm_mb: float = math.nan  # VmHWM at the end
+    client_threads: dict[str, float] = field(default_factory=dict)  # the agent's CPU per thread
 
     @property
     def rate(self) -> float:
@@ -462,6 +478,7 @@ async def agent_drain(
     agent = await start_agent(config, root / "agent.log", profile)
     try:
         agent_cpu = cpu_seconds(agent.pid)
+        threads = thread_cpu_seconds(agent.pid)
         watched = _read_only(core) if core is not None else _read_only(data / "buffer.db")
         peak = 0.0
         deadline = time.monotonic() + args.timeout
@@ -480,6 +497,10 @@ async def agent_drain(
         finally:
             watched.close()
         agent_cpu = cpu_seconds(agent.pid) - agent_cpu
+        threads = {
+            name: used - threads.get(name, 0.0)
+            for name, used in thread_cpu_seconds(agent.pid).items()
+        }
         server_cpu = cpu_seconds(server.pid) - server_cpu
         hwm = memory_mb(agent.pid)[1]
         started = online_at(agent)
@@ -493,7 +514,7 @@ async def agent_drain(
     if link["delivered"] != events:
         out(f"  WARNING: the agent reports {link['delivered']} delivered, expected {events}")
     shutil.rmtree(data)
-    return Drain(events, ended - started, agent_cpu, server_cpu, peak, hwm)
+    return Drain(events, ended - started, agent_cpu, server_cpu, peak, hwm, threads)
 
 
 async def bare_drain(
@@ -763,9 +784,13 @@ async def latency_run(root: Path, pki: Pki, args: argparse.Namespace) -> Latenci
 
 def _line(name: str, drain: Drain, *, rss: bool = False) -> str:
     memory = f", RSS peak {drain.peak_rss_mb:.1f} MB (HWM {drain.hwm_mb:.1f})" if rss else ""
+    threads = ", ".join(
+        f"{thread} {used / drain.events * 1e6:.1f}" for thread, used in drain.client_threads.items()
+    )
     return (
         f"{name} {drain.rate:>9,.0f} ev/s ({drain.seconds:.2f} s; CPU client "
-        f"{drain.client_cpu / drain.events * 1e6:.1f} µs/ev, server "
+        f"{drain.client_cpu / drain.events * 1e6:.1f} µs/ev{f' ({threads})' if threads else ''}, "
+        "server "
         f"{drain.server_cpu / drain.events * 1e6:.1f} µs/ev{memory})"
     )
 
