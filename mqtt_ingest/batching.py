@@ -65,12 +65,25 @@ class Batcher:
             self._wakeup.set()
         return future
 
+    def close(self) -> None:
+        """Take no more events; `run` ends at its next turn, failing what is still queued.
+
+        Call it before cancelling `run`'s task: the stage's call may lose that cancellation. On
+        Python 3.11, ``asyncio.wait_for`` (inside aio-pika, aiormq, nats-py and aiomqtt) returns
+        the call's result instead of raising when the cancellation lands as the call completes,
+        and a loop that relied on the cancellation alone would wait for more events for ever.
+        """
+        self._closed = True
+        self._wakeup.set()
+
     async def run(self) -> None:
-        """Feed the stage until cancelled; on cancellation, fail whatever is still queued."""
+        """Feed the stage until closed or cancelled, then fail whatever is still queued."""
         running: set[asyncio.Task[None]] = set()
         try:
             while True:
                 await self._wakeup.wait()
+                if self._closed:
+                    break
                 if len(self._pending) < self._max_events and self._linger > 0:
                     await asyncio.sleep(self._linger)
                 while len(running) >= self._concurrency:

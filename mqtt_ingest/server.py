@@ -220,6 +220,7 @@ class IngestServer:
         for connection in list(self._connections):
             if connection.task is not None:
                 connection.task.cancel()
+        self._batcher.close()  # ends the batcher even if the stage's call swallows the cancel
         if self._batcher_task is not None:
             self._batcher_task.cancel()
         await self._stack.aclose()

@@ -104,3 +104,36 @@ async def test_stopping_fails_the_calls_still_open() -> None:
             await future
     with pytest.raises(StageFailed):
         await batches.submit(event(b"late"))
+
+
+class CancelSwallowingStage:
+    """A call that, cancelled, returns as if it had completed: what Python 3.11's
+    ``asyncio.wait_for`` inside aio-pika, nats-py or aiomqtt does when the cancellation lands as
+    the call completes."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return None
+        raise AssertionError("not reached")
+
+
+async def test_a_closed_batcher_ends_even_if_the_stage_swallows_the_cancellation() -> None:
+    stage = CancelSwallowingStage()
+    batches = Batcher(stage, Counters(), max_events=2, linger=0, timeout=60)
+    runner = asyncio.create_task(batches.run())
+    stored = batches.submit(event(b"in the call"))
+    async with asyncio.timeout(5):
+        await stage.started.wait()
+    batches.close()
+    runner.cancel()
+    async with asyncio.timeout(5):
+        await asyncio.gather(runner, return_exceptions=True)
+    await stored  # the call returned: its event counts as stored
+    with pytest.raises(StageFailed, match="server stopping"):
+        await batches.submit(event(b"late"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Sequence
 
 import aiomqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mqtt_ingest import Anonymous, IngestServer, Limits
+from mqtt_ingest import Anonymous, IngestEvent, IngestServer, Limits, StageRefused
 from tests.harness.rawmqtt import (
     RawClient,
     connect_packet,
@@ -208,6 +209,35 @@ async def test_stop_deadline_abandons_events_the_stage_never_took(stage: Recordi
         assert await client.closed_within(2)  # closed without a PUBACK
         stage.release()
     assert counters(server).get("events_acked") == 0
+
+
+async def test_stop_ends_even_if_the_stage_swallows_the_cancellation(
+    stage: RecordingStage,
+) -> None:
+    # Python 3.11's asyncio.wait_for, inside aio-pika, nats-py and aiomqtt, returns the call's
+    # result instead of raising when the cancellation lands as the call completes.
+    swallowed = asyncio.Event()
+    store = stage.store
+
+    async def swallowing_store(
+        events: Sequence[IngestEvent],
+    ) -> Sequence[StageRefused | None] | None:
+        try:
+            return await store(events)
+        except asyncio.CancelledError:
+            swallowed.set()
+            return None
+
+    stage.store = swallowing_store  # type: ignore[method-assign]
+    stage.hold()
+    server = IngestServer(stage=stage, authenticator=Anonymous())
+    async with server:
+        client = await RawClient.connected(server.port, "swallowed")
+        await client.send(publish_packet("t", b"in the call", qos=1, packet_id=5))
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        await asyncio.wait_for(server.stop(deadline=0.3), 5)
+        assert swallowed.is_set()
+        assert await client.closed_within(2)
 
 
 # -- F14: malformed packets -------------------------------------------------------------------
