@@ -27,6 +27,7 @@ from cloud_sink.tls import TlsError, TlsReloader, build_context
 from mqtt_ingest import Counters, IngestServer, Limits
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.exposition import MetricsServer
+from mqtt_ingest.lifecycle import cancel_until_done
 
 __all__ = ["Sink", "open_backend", "preflight"]
 
@@ -246,7 +247,7 @@ class Sink:
                 tasks.create_task(backend.run(), name="cloud_sink.backend_reconnect"),
                 tasks.create_task(self._tls.run(), name="cloud_sink.tls_reload"),
             ]
-            stack.callback(self._cancel_tasks)
+            stack.push_async_callback(lambda: cancel_until_done(self._tasks))
             server = IngestServer(
                 stage=Forwarder(self.prometheus.timed(backend), self.metrics),
                 authenticator=self._authenticator,
@@ -285,7 +286,3 @@ class Sink:
         and acked (within the server's stop deadline), then close everything. Idempotent."""
         self._draining = True
         await self._stack.aclose()
-
-    def _cancel_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()

@@ -21,6 +21,7 @@ from edge_agent.local import build_listener
 from edge_agent.uplink import Uplink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.clock import Clock, SystemClock
+from mqtt_ingest.lifecycle import cancel_until_done
 
 if TYPE_CHECKING:
     # Imported when [metrics] is on: prometheus-client and its HTTP modules cost an agent
@@ -108,7 +109,7 @@ class Agent:
         self._id_prefix = f"{self.config.agent.device_id}/{self._buffer.epoch}/"
         self._acceptor = Acceptor(self.config, self._buffer, self.clock)
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._stack.callback(self._cancel_tasks)
+        self._stack.push_async_callback(self._cancel_tasks)
         self._sweeper = self._tasks.create_task(self._sweep_loop(), name="edge_agent.ttl_sweep")
         if self._uplink is not None:
             self._uplink_task = self._tasks.create_task(
@@ -152,10 +153,8 @@ class Agent:
     def _get_listener(self) -> IngestServer | None:
         return self._listener
 
-    def _cancel_tasks(self) -> None:
-        self._sweeper.cancel()
-        if self._uplink_task is not None:
-            self._uplink_task.cancel()
+    async def _cancel_tasks(self) -> None:
+        await cancel_until_done(t for t in (self._sweeper, self._uplink_task) if t is not None)
 
     async def _stop_uplink(self) -> None:
         """Let the uplink finish what is in flight for a moment, then cut it."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["stop_on_signals"]
+__all__ = ["cancel_until_done", "stop_on_signals"]
 
 
 def stop_on_signals(*signals: signal.Signals) -> asyncio.Event:
@@ -15,3 +17,22 @@ def stop_on_signals(*signals: signal.Signals) -> asyncio.Event:
     for signum in signals or (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     return stop
+
+
+async def cancel_until_done(
+    tasks: Iterable[asyncio.Task[Any]], *, again_every: float = 1.0
+) -> None:
+    """Cancel ``tasks`` and wait until each has ended, cancelling those still running again every
+    ``again_every`` seconds. Exceptions stay in the tasks (for their task group to collect).
+
+    One cancellation is not always enough: on Python 3.11, ``asyncio.wait_for`` (inside aio-pika,
+    aiormq, nats-py and aiomqtt) returns the awaited call's result instead of raising when the
+    cancellation lands as the call completes, and a task looping over such calls carries on, so
+    a task group waiting for it waits for ever. Cancelling again can cut short a task's own
+    clean-up after the first cancellation: only for tasks whose clean-up is brief.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=again_every)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mqtt_ingest import FakeClock, InvalidIdentifier, SystemClock, failpoints, validate_device_id
 from mqtt_ingest.failpoints import FailpointError
+from mqtt_ingest.lifecycle import cancel_until_done
 
 LOOP_WITH_FAILPOINT = (
     "from mqtt_ingest import failpoints\n"
@@ -159,3 +160,47 @@ def test_every_accepted_id_is_safe_as_topic_level_subject_token_and_file_name(va
     assert value.strip() == value
     assert value not in {".", ".."}
     assert len(value.encode()) <= 128
+
+
+async def test_cancel_until_done_ends_a_task_that_swallowed_its_cancellation() -> None:
+    # What Python 3.11's asyncio.wait_for, inside aio-pika, nats-py and aiomqtt, does when the
+    # cancellation lands as the call completes: the task carries on with its loop.
+    swallowed = 0
+
+    async def loop_over_calls() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    task = asyncio.create_task(loop_over_calls())
+    plain = asyncio.create_task(asyncio.sleep(3600))
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await cancel_until_done([task, plain], again_every=0.05)
+    assert swallowed == 1
+    assert task.cancelled()
+    assert plain.cancelled()
+
+
+async def test_cancel_until_done_cancels_a_well_behaved_task_once() -> None:
+    cancelled = 0
+
+    async def cleans_up() -> None:
+        nonlocal cancelled
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled += 1
+            await asyncio.sleep(0.01)  # a brief clean-up, not cut short
+            raise
+
+    task = asyncio.create_task(cleans_up())
+    await asyncio.sleep(0)
+    await cancel_until_done([task], again_every=1.0)
+    assert cancelled == 1
+    assert task.cancelled()
