@@ -180,6 +180,8 @@ class IngestServer:
                 limit=64 * 1024,
             )
         except BaseException:
+            self._batcher.close()  # or the task group waits for the batcher for ever
+            self._batcher_task.cancel()
             await self._stack.aclose()
             raise
         self._bound_port = self._server.sockets[0].getsockname()[1]

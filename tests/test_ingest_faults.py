@@ -240,6 +240,17 @@ async def test_stop_ends_even_if_the_stage_swallows_the_cancellation(
         assert await client.closed_within(2)
 
 
+async def test_a_port_in_use_fails_the_start_at_once(stage: RecordingStage) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        server = IngestServer(stage=stage, authenticator=Anonymous(), port=busy.getsockname()[1])
+        # Not a TimeoutError: the batcher's task group must not wait for it at a failed start.
+        with pytest.raises(OSError, match="in use"):
+            async with asyncio.timeout(5), server:
+                raise AssertionError("started on a port in use")
+
+
 # -- F14: malformed packets -------------------------------------------------------------------
 
 MALFORMED = {
