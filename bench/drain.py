@@ -117,7 +117,8 @@ def cpu_seconds(pid: int) -> float:
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """utime + stime of a process's main thread ("main": the agent's event loop) and of all its
     other threads together ("threads": the buffer's, mostly). Python 3.11 does not name its
-    threads for the kernel, so they are told apart by thread id."""
+    threads for the kernel, so they are told apart by thread id. A thread that ends between two
+    readings drops out of the difference; the agent's threads live as long as it does."""
     seconds = {"main": 0.0, "threads": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:

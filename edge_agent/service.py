@@ -154,7 +154,10 @@ class Agent:
         return self._listener
 
     async def _cancel_tasks(self) -> None:
-        await cancel_until_done(t for t in (self._sweeper, self._uplink_task) if t is not None)
+        # Again only after a few seconds: the uplink's clean-up after its cancellation (closing
+        # the connection, the last delete of acknowledged rows) is not cut short by the next.
+        tasks = [t for t in (self._sweeper, self._uplink_task) if t is not None]
+        await cancel_until_done(tasks, again_every=STOP_GRACE)
 
     async def _stop_uplink(self) -> None:
         """Let the uplink finish what is in flight for a moment, then cut it."""

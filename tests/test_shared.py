@@ -189,18 +189,21 @@ async def test_cancel_until_done_ends_a_task_that_swallowed_its_cancellation() -
 
 async def test_cancel_until_done_cancels_a_well_behaved_task_once() -> None:
     cancelled = 0
+    cleaned_up = False
 
     async def cleans_up() -> None:
-        nonlocal cancelled
+        nonlocal cancelled, cleaned_up
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
             cancelled += 1
-            await asyncio.sleep(0.01)  # a brief clean-up, not cut short
+            await asyncio.sleep(0.05)  # a clean-up shorter than again_every: not cut short
+            cleaned_up = True
             raise
 
     task = asyncio.create_task(cleans_up())
     await asyncio.sleep(0)
-    await cancel_until_done([task], again_every=1.0)
+    await cancel_until_done([task], again_every=0.3)
     assert cancelled == 1
+    assert cleaned_up
     assert task.cancelled()
