@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import aiomqtt
 import pytest
@@ -198,14 +199,23 @@ async def test_graceful_stop_acks_in_flight_events_then_closes(stage: RecordingS
     assert counters(server).get("connections_closed", "server_stop") == 1
 
 
-async def test_stop_deadline_abandons_events_the_stage_never_took(stage: RecordingStage) -> None:
+@asynccontextmanager
+async def stopped_while_the_stage_holds_an_event(
+    stage: RecordingStage, client_id: str
+) -> AsyncIterator[tuple[IngestServer, RawClient]]:
+    """A server stopped (0.3 s deadline) while its stage holds a client's QoS 1 event."""
     stage.hold()
     server = IngestServer(stage=stage, authenticator=Anonymous())
     async with server:
-        client = await RawClient.connected(server.port, "abandoned")
-        await client.send(publish_packet("t", b"never stored", qos=1, packet_id=5))
+        client = await RawClient.connected(server.port, client_id)
+        await client.send(publish_packet("t", b"held", qos=1, packet_id=5))
         await asyncio.wait_for(stage.waiting.wait(), 5)
         await asyncio.wait_for(server.stop(deadline=0.3), 5)
+        yield server, client
+
+
+async def test_stop_deadline_abandons_events_the_stage_never_took(stage: RecordingStage) -> None:
+    async with stopped_while_the_stage_holds_an_event(stage, "abandoned") as (server, client):
         assert await client.closed_within(2)  # closed without a PUBACK
         stage.release()
     assert counters(server).get("events_acked") == 0
@@ -229,13 +239,7 @@ async def test_stop_ends_even_if_the_stage_swallows_the_cancellation(
             return None
 
     stage.store = swallowing_store  # type: ignore[method-assign]
-    stage.hold()
-    server = IngestServer(stage=stage, authenticator=Anonymous())
-    async with server:
-        client = await RawClient.connected(server.port, "swallowed")
-        await client.send(publish_packet("t", b"in the call", qos=1, packet_id=5))
-        await asyncio.wait_for(stage.waiting.wait(), 5)
-        await asyncio.wait_for(server.stop(deadline=0.3), 5)
+    async with stopped_while_the_stage_holds_an_event(stage, "swallowed") as (_, client):
         assert swallowed.is_set()
         assert await client.closed_within(2)
 
