@@ -92,21 +92,22 @@ class Acceptor:
                 self._rules = {}
             self._rules[topic] = rule
         when = self.clock.time() if event_time is None else event_time
+        # Positional: a named tuple is made faster without keywords (one per event).
         return NewEvent(
-            topic=topic,
-            payload=payload,
-            qos=rule.qos,
-            priority=rule.priority,
-            event_time_ms=int(when * 1000),
-            ttl=rule.ttl,
-            on_full=rule.on_full,
+            topic,
+            payload,
+            rule.qos,
+            rule.priority,
+            int(when * 1000),
+            rule.ttl,
+            rule.on_full,
         )
 
     def accept(self, topic: str, payload: bytes) -> Awaitable[int]:
         """Store one event: ``await`` it for its seq, returned once committed.
 
         Raises `InvalidEvent` (at the call) or `BufferFull` (from the await). A plain function
-        returning the buffer's coroutine: one coroutine less per event on the hot path.
+        returning the buffer's future: no coroutine per event on the hot path.
         """
         return self.buffer.append_one(self.prepare(topic, payload))
 

@@ -215,7 +215,7 @@ async def test_one_buffer_per_directory(tmp_path: Path) -> None:
 
 async def test_a_cancelled_append_is_still_committed_or_not_at_all(tmp_path: Path) -> None:
     async with await Buffer.open(tmp_path, commit_linger=0.05) as buffer:
-        task = asyncio.create_task(buffer.append_one(event(b"cancelled")))
+        task = asyncio.ensure_future(buffer.append_one(event(b"cancelled")))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -331,7 +331,7 @@ async def test_wal_deleted_after_a_crash_is_reported(tmp_path: Path) -> None:
 
 async def test_close_during_the_commit_linger_commits_and_returns(tmp_path: Path) -> None:
     buffer = await Buffer.open(tmp_path, commit_linger=0.2)
-    append = asyncio.create_task(buffer.append_one(event(b"lingering")))
+    append = asyncio.ensure_future(buffer.append_one(event(b"lingering")))
     await asyncio.sleep(0.05)  # the committer is in its linger now
     await asyncio.wait_for(buffer.aclose(), 5)
     assert await append == 1

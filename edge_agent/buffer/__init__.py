@@ -246,17 +246,19 @@ class Buffer:
 
     # -- accepting ------------------------------------------------------------------------------
 
-    async def append(self, events: Sequence[NewEvent]) -> list[int | BufferFull]:
-        """Commit ``events``; return, per event, its ``seq`` or the `BufferFull` that refused it."""
-        result: list[int | BufferFull] = await self._enqueue(events, one=False)
-        return result
+    # `append` and `append_one` are plain functions returning a future: no coroutine per call on
+    # the accept path, and events are queued in the order of the calls.
 
-    async def append_one(self, event: NewEvent) -> int:
-        """Commit one event and return its ``seq``; raise `BufferFull` if refused."""
-        outcome: int | BufferFull = await self._enqueue((event,), one=True)
-        if isinstance(outcome, BufferFull):
-            raise outcome
-        return outcome
+    def append(self, events: Sequence[NewEvent]) -> asyncio.Future[list[int | BufferFull]]:
+        """Commit ``events``: the future gets, per event, its ``seq`` or the `BufferFull` that
+        refused it."""
+        future: asyncio.Future[list[int | BufferFull]] = self._enqueue(events, one=False)
+        return future
+
+    def append_one(self, event: NewEvent) -> asyncio.Future[int]:
+        """Commit one event: the future gets its ``seq``, or `BufferFull` if it was refused."""
+        future: asyncio.Future[int] = self._enqueue((event,), one=True)
+        return future
 
     def _enqueue(self, events: Sequence[NewEvent], *, one: bool) -> asyncio.Future[Any]:
         # The hot path of every source (one call per event from Agent.publish): no coroutine,
@@ -348,9 +350,12 @@ class Buffer:
         start = 0
         for appended, future, one in group:
             if not future.done():
-                future.set_result(
-                    outcomes[start] if one else outcomes[start : start + len(appended)]
-                )
+                if not one:
+                    future.set_result(outcomes[start : start + len(appended)])
+                elif isinstance(outcome := outcomes[start], BufferFull):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
             start += len(appended)
         if self.on_commit is not None:
             self.on_commit(max(event.priority for event in flat))
