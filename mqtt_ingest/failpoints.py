@@ -7,7 +7,7 @@ with `arm` or for a whole subprocess through the ``BRIDGE_FAILPOINTS`` environme
 
 Actions: ``kill9`` (SIGKILL this process: a crash, no cleanup), ``raise`` (`FailpointError`),
 ``sleep:S`` (block for S seconds; `ahit` sleeps without blocking the loop). ``@N`` fires on the
-N-th hit only (1-based); without it every hit fires.
+N-th hit only (1-based), ``@N-M`` on the N-th to the M-th; without either every hit fires.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class FailpointError(RuntimeError):
 class _Armed:
     action: str
     seconds: float = 0.0
-    on_hit: int | None = None
+    hits_from: int = 1
+    hits_to: int | None = None  # None: no end
     hits: int = 0
 
 
@@ -60,12 +61,16 @@ def parse_spec(spec: str) -> dict[str, _Armed]:
         name, sep, action = item.partition("=")
         if not sep or not name:
             raise ValueError(f"{ENV_VAR}: {item!r} is not name=action")
-        on_hit: int | None = None
+        hits_from, hits_to = 1, None
         if "@" in action:
-            action, _, count = action.rpartition("@")
-            if not count.isdigit() or int(count) < 1:
-                raise ValueError(f"{ENV_VAR}: {item!r}: @N needs a positive whole number")
-            on_hit = int(count)
+            action, _, counts = action.rpartition("@")
+            first, dash, last = counts.partition("-")
+            bounds = (first, last) if dash else (first,)
+            if not all(b.isdigit() and int(b) >= 1 for b in bounds) or int(bounds[-1]) < int(first):
+                raise ValueError(
+                    f"{ENV_VAR}: {item!r}: @N or @N-M needs positive whole numbers, N <= M"
+                )
+            hits_from, hits_to = int(first), int(bounds[-1])
         seconds = 0.0
         if action.startswith("sleep:"):
             try:
@@ -75,7 +80,7 @@ def parse_spec(spec: str) -> dict[str, _Armed]:
             action = "sleep"
         if action not in {"kill9", "raise", "sleep"}:
             raise ValueError(f"{ENV_VAR}: {item!r}: action must be kill9, raise or sleep:S")
-        result[name] = _Armed(action, seconds, on_hit)
+        result[name] = _Armed(action, seconds, hits_from, hits_to)
     return result
 
 
@@ -104,7 +109,8 @@ def _fire(name: str) -> _Armed | None:
         if armed is None:
             return None
         armed.hits += 1
-        if armed.on_hit is not None and armed.hits != armed.on_hit:
+        last = armed.hits_to
+        if armed.hits < armed.hits_from or (last is not None and armed.hits > last):
             return None
     if armed.action == "kill9":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -45,6 +45,19 @@ def test_raise_on_the_nth_hit_only() -> None:
     failpoints.hit("other")
 
 
+def test_raise_on_a_range_of_hits() -> None:
+    failpoints.arm("step", "raise@2-3")
+    fired = []
+    for _ in range(5):
+        try:
+            failpoints.hit("step")
+        except FailpointError:
+            fired.append(True)
+        else:
+            fired.append(False)
+    assert fired == [False, True, True, False, False]
+
+
 def test_async_sleep_yields_to_the_loop() -> None:
     failpoints.arm("slow", "sleep:0.05")
     ticks: list[int] = []
@@ -80,7 +93,9 @@ def test_kill9_from_the_environment_kills_the_subprocess_at_the_nth_hit() -> Non
         ("novalue", "is not name=action"),
         ("=raise", "is not name=action"),
         ("x=explode", "action must be kill9, raise or sleep:S"),
-        ("x=raise@0", "positive whole number"),
+        ("x=raise@0", "positive whole numbers"),
+        ("x=raise@3-2", "N <= M"),
+        ("x=raise@1-", "positive whole numbers"),
         ("x=sleep:soon", "sleep:S needs seconds"),
     ],
 )
