@@ -89,6 +89,10 @@ class Uplink:
         if config.uplink is None:
             raise ValueError("no [uplink] in the configuration")
         self.config: UplinkConfig = config.uplink
+        # The settings the current connection was opened with: `reload` replaces `config` for
+        # the next connection, while this one finishes with what it announced at CONNECT (the
+        # format above all: a raw message on a batch-v1 connection would be dead-lettered).
+        self._opened_with: UplinkConfig = config.uplink
         self.device_id = config.agent.device_id
         self._data_dir = config.agent.data_dir
         self._buffer = buffer
@@ -184,7 +188,7 @@ class Uplink:
         self.status.retry_at = None
 
     async def _connection(self) -> None:
-        config = self.config
+        config = self._opened_with = self.config
         self._set_state(LinkState.CONNECTING, "", quiet=True)
         self._reconnect.clear()
         material = self._tls_material()
@@ -231,6 +235,12 @@ class Uplink:
         except OSError as exc:
             raise classify(str(exc), tls_errors) from None
         finally:
+            # After a failed connect (a CONNACK timeout) paho still holds its socket and aiomqtt
+            # still watches it: let paho close it, which unregisters it from the loop (a closed
+            # descriptor left registered breaks the next attempt that gets the same number) and
+            # ends aiomqtt's housekeeping task. A no-op once the connection was closed.
+            with contextlib.suppress(Exception):
+                client._client._sock_close()
             for sock in sockets:
                 sock.close()  # paho leaves the socket of a connect that failed after the handshake
             self.status.connected_since = None
@@ -241,7 +251,7 @@ class Uplink:
         """Loop time at which to renew the connection, or None."""
         if token.expires_at is None:
             return None
-        left = token.expires_at - self.config.token.renew_before - self._clock.time()
+        left = token.expires_at - self._opened_with.token.renew_before - self._clock.time()
         return asyncio.get_running_loop().time() + max(left, 1.0)
 
     def _tls_material(self) -> TlsMaterial:
@@ -295,7 +305,7 @@ class Uplink:
         # task, future or timer per message (aiomqtt's `publish` costs about as much again as
         # paho's own work). aiomqtt still owns the connection, its loop and its failures.
         mqtt: paho.Client = client._client  # aiomqtt 2.x: its paho client
-        config = self.config
+        config = self._opened_with
         session = Session(
             config.window, config.window_bytes, config.publish_timeout, mqtt, self._delivered
         )
@@ -313,8 +323,8 @@ class Uplink:
         graceful = False
         try:
             await self._feed(client, session, renew_at)
-            graceful = True
             await self._settle_inflight(session)
+            graceful = True  # a connection lost while settling counts as lost
         finally:
             self._session = None
             mqtt.on_publish = None  # a late acknowledgement is not counted: the row is resent
@@ -364,13 +374,15 @@ class Uplink:
                     continue
             events = await self._fetch_next(session, cursor, free)
             if events and session.inflight and self._lingers(events):
-                await session.wait(self.config.batch.linger)
+                await session.wait(self._opened_with.batch.linger)
                 more = await self._fetch(session, (events[-1].priority, events[-1].seq), free)
                 events += more
             suspect = self._probe_candidate(idle=not events) if not probed else None
             if suspect is not None:
-                probed = True  # once per connection: a failure ends it anyway
                 await self._send(session, self._messages([suspect.event], alone=True)[0])
+                # Delivered: the next suspect may go. Not delivered (stop, reload): no other
+                # probe on this connection (a lost connection ends it anyway).
+                probed = suspect.event.seq in self._deferred
                 continue
             if not events:
                 timeout = None if renew_at is None else max(0.0, renew_at - loop.time())
@@ -395,9 +407,10 @@ class Uplink:
     def _lingers(self, events: list[StoredEvent]) -> bool:
         """Whether a part-full batch waits for more: only while other messages are in flight
         (like Nagle's algorithm), so a lone event on an idle link goes at once."""
-        batch = self.config.batch
+        config = self._opened_with
+        batch = config.batch
         return (
-            self.config.format == FORMAT_BATCH_V1
+            config.format == FORMAT_BATCH_V1
             and batch.linger > 0
             and len(events) < batch.max_events
             and not self._stopping.is_set()
@@ -406,9 +419,10 @@ class Uplink:
     def _want(self, free: int) -> int:
         """Events per fetch: enough for the free slots, and in raw mode a few windows ahead, so
         that the loop does not go to the buffer's thread for every freed slot."""
-        if self.config.format == FORMAT_BATCH_V1:
-            return min(free * self.config.batch.max_events, _MAX_FETCH)
-        return min(max(free, self.config.window * 4), _MAX_FETCH)
+        config = self._opened_with
+        if config.format == FORMAT_BATCH_V1:
+            return min(free * config.batch.max_events, _MAX_FETCH)
+        return min(max(free, config.window * 4), _MAX_FETCH)
 
     async def _fetch_next(
         self, session: Session, cursor: tuple[int, int] | None, free: int
@@ -436,9 +450,11 @@ class Uplink:
         self, session: Session, cursor: tuple[int, int] | None, free: int
     ) -> list[StoredEvent]:
         """The next events after ``cursor``. Nothing after the cursor was sent on this
-        connection (events are taken in cursor order), but deferred ones may be anywhere."""
+        connection (events are taken in cursor order), but deferred ones may be anywhere, and
+        so may those of them acknowledged on this connection whose rows are not deleted yet."""
         want = self._want(free)
-        skip = self._deferred.keys() | (session.taken.keys() if cursor is None else set())
+        sent = session.taken.keys() if cursor is None else session.settling
+        skip = self._deferred.keys() | sent
         rows = await self._buffer.next_events(want + len(skip), cursor)
         return [row for row in rows if row.seq not in skip][:want]
 
@@ -467,7 +483,7 @@ class Uplink:
 
     def _messages(self, events: list[StoredEvent], *, alone: bool) -> list[Message]:
         device = self.device_id
-        config = self.config
+        config = self._opened_with
         if config.format != FORMAT_BATCH_V1:
             return [
                 Message(
@@ -523,6 +539,8 @@ class Uplink:
             await session.wait()  # woken when there is room, a failure, stop or reload
             if self._stopping.is_set() or self._reconnect.is_set():
                 return False  # not queued, nor anything after it: the feeder returns
+        if self._stopping.is_set() or self._reconnect.is_set():
+            return False  # asked to close while the page was read: it stays buffered
         session.queue(message)
         if message.alone:
             while session.inflight or session.outbox:
@@ -534,9 +552,12 @@ class Uplink:
     def _delivered(self, seqs: list[int]) -> None:
         """Seqs acknowledged on the current connection (`Session.on_delivered`)."""
         self.status.delivered += len(seqs)
-        if self._deferred:
+        if self._deferred and self._session is not None:
             for seq in seqs:
-                self._deferred.pop(seq, None)
+                if self._deferred.pop(seq, None) is not None:
+                    # Its row stays until the next delete; a read after the cursor (where a
+                    # deferred event may be) must not send it again meanwhile.
+                    self._session.settling.add(seq)
 
     async def _delete_loop(self, session: Session) -> None:
         """Delete acknowledged rows in batches: one transaction (and, with ``full`` durability,
@@ -562,12 +583,13 @@ class Uplink:
                 raise
             for seq in seqs:
                 session.taken.pop(seq, None)
+            session.settling.difference_update(seqs)
             if asyncio.get_running_loop().time() - self._status_written >= _STATUS_EVERY:
                 self._write_status()  # keep the delivered count in `status` fresh
 
     async def _settle_inflight(self, session: Session) -> None:
         """On a planned close: wait for what is in flight (within the publish timeout)."""
-        limit = self._grace if self._stopping.is_set() else self.config.publish_timeout
+        limit = self._grace if self._stopping.is_set() else self._opened_with.publish_timeout
         session.outbox.clear()  # queued, not sent: stays buffered for the next connection
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
