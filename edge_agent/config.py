@@ -225,8 +225,9 @@ class UplinkConfig(_Strict):
     window: Annotated[int, Field(gt=0, le=65535)] = 100
     """MQTT messages in flight (sent, not yet acknowledged)."""
     window_bytes: Bytes = 1024**2
-    """Payload bytes in flight or queued for sending, at most (one message always goes, however
-    large): bounds the memory a drain of batch envelopes holds."""
+    """Payload bytes in flight or queued for sending: no message is queued once this many are
+    (so the last one may go over it; one message always goes, however large). Bounds the memory
+    a drain of batch envelopes holds."""
     connect_timeout: Seconds = 10.0
     publish_timeout: Seconds = 60.0
     """No acknowledgement within this long: the link is treated as dead and the window resent."""
@@ -237,9 +238,10 @@ class UplinkConfig(_Strict):
     """Credentials or certificates refused: retry slowly (they rarely fix themselves)."""
     stable_after: Seconds = 30.0
     """A connection up this long resets the backoff."""
-    max_attempts: Annotated[int, Field(ge=1)] = 5
+    max_attempts: Annotated[int, Field(ge=2)] = 5
     """An event on which the connection is lost this many times while it is alone in flight,
-    other events getting through in between, goes to the dead-letter table."""
+    other events getting through in between, goes to the dead-letter table. At least 2: the
+    first such loss only sets the event aside (one lost connection never blames an event)."""
     batch: UplinkBatch = Field(default_factory=UplinkBatch)
 
     @field_validator("topic_template")

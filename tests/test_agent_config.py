@@ -96,6 +96,14 @@ def test_lingers_may_be_zero() -> None:
         ("[listener]\nport = 70000\n", "", "listener.port", "less than or equal to 65535"),
         ('[listener]\nhost = "0.0.0.0"\n', "", "listener", "without authentication"),
         ('[listener]\nhost = "192.168.1.5"\n', "", "listener", "without authentication"),
+        (
+            '[uplink]\nhost = "sink"\nmax_attempts = 1\n'
+            '[uplink.tls]\nca = "ca.pem"\ncert = "dev.pem"\nkey = "dev.key"\n'
+            '[uplink.token]\naudience = "sink"\n',
+            "",
+            "uplink.max_attempts",
+            "greater than or equal to 2",
+        ),
     ],
 )
 def test_each_validator_names_the_path(extra: str, rule: str, path: str, message: str) -> None:
