@@ -1,0 +1,291 @@
+"""F21: a seeded nemesis mixes faults for minutes against several agents with sensors publishing,
+and afterwards every acknowledged event is in the core queue, once, restorable to its order.
+
+Everything is real and in its own process: three ``edge-agent run`` (each its own device, data
+directory and mutual-TLS uplink through a chaos proxy), one ``cloud-sink run`` on NATS JetStream
+(through a chaos proxy too), NATS itself. Sensors (raw MQTT clients in this process, two per
+agent, QoS 1 to the agent's local listener) number their events and record each one whose PUBACK
+they saw (`tests.harness.history`). The nemesis, one fault at a time with calm in between:
+
+- F1: kill -9 of the first agent at a random instant, restart on the same data directory;
+- F4: kill -9 or SIGTERM of the sink, restart;
+- F5: reset, close or blackhole one agent's link;
+- F9: the core queue blackholed (slow: no confirmations) or its connections reset (down).
+
+Then every fault is healed, the buffers drain, and the checker compares. The two agents never
+killed must keep their open files and RSS flat after the warm-up (a leak per reconnect would
+show). ``SOAK_SECONDS`` (default 60, the CI slice) sets the length, ``SOAK_SEED`` replays a
+schedule: ``SOAK_SECONDS=900 SOAK_SEED=7 pytest -m slow -s tests/test_soak.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import sqlite3
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from edge_agent.buffer import DB_NAME, inspect
+from tests.harness.agent import uplink_section, write_config
+from tests.harness.brokers import NatsNames, nats_connection, read_stream
+from tests.harness.chaos import ChaosProxy, ChaosProxyFactory
+from tests.harness.history import Delivered, History
+from tests.harness.mosquitto import free_port
+from tests.harness.pki import Pki
+from tests.harness.process import ManagedProcess, ProcessFactory
+from tests.harness.rawmqtt import RawClient, publish_packet
+from tests.harness.report import figures, until
+from tests.harness.sink import CLOUD_SINK, nats_backend, write_sink_config
+from tests.test_uplink import TOPICS
+from tests.test_uplink_faults import agent_process
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+SEED = int(os.environ.get("SOAK_SEED") or random.SystemRandom().randrange(1_000_000))
+AGENTS = 3
+SENSOR_PAUSE = 0.02  # seconds between a sensor's PUBACK and its next PUBLISH
+DRAIN_TIMEOUT = 180.0
+# An agent's growth from the warm-up to the end that counts as a leak.
+FD_SLACK = 2
+RSS_SLACK_KB = 12 * 1024
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.fault,
+    pytest.mark.integration,
+    pytest.mark.timeout(SOAK_SECONDS + DRAIN_TIMEOUT + 180),
+]
+
+
+@dataclass
+class Rig:
+    sink: ManagedProcess
+    queue_proxy: ChaosProxy  # sink -> NATS
+    agents: list[ManagedProcess]
+    links: list[ChaosProxy]  # agent i -> sink
+    data_dirs: list[Path]
+    devices: list[str]
+    faults: Counter[str] = field(default_factory=Counter)
+    local_failures: int = 0  # sensor publishes without a PUBACK (agent down, cut)
+
+
+async def sensor(rig: Rig, index: int, topic: str, history: History, stop: asyncio.Event) -> None:
+    """Publish numbered events to agent ``index``'s listener, one at a time, QoS 1; record each
+    PUBACK seen. A number is never sent twice: one without its PUBACK is simply not accepted."""
+    agent, device = rig.agents[index], rig.devices[index]
+    client_id = f"{device}-{topic.replace('/', '-')}"
+    client: RawClient | None = None
+    number = 0
+    while not stop.is_set():
+        try:
+            if client is None:
+                client = await RawClient.connected(agent.port, client_id)
+            packet_id = number % 65535 + 1
+            await client.send(publish_packet(topic, b"%d" % number, qos=1, packet_id=packet_id))
+            answer = await client.read(timeout=5)
+            if answer is None or (answer.kind, answer.packet_id) != (4, packet_id):
+                raise ConnectionError(f"no PUBACK for {number}: {answer}")
+            history.accepted(device, topic, number)
+        except (OSError, TimeoutError, AssertionError, asyncio.IncompleteReadError):
+            rig.local_failures += 1
+            if client is not None:
+                await client.aclose()
+                client = None
+            await asyncio.sleep(0.2)
+        number += 1
+        await asyncio.sleep(SENSOR_PAUSE)
+    if client is not None:
+        await client.aclose()
+
+
+async def nemesis(rig: Rig, rng: random.Random, until_time: float) -> None:
+    """One fault at a time, healed before the next, with calm in between."""
+
+    async def agent_kill9() -> None:
+        await asyncio.to_thread(rig.agents[0].kill9)
+        await asyncio.sleep(rng.uniform(0.2, 2.0))
+        await rig.agents[0].arestart()
+
+    async def sink_kill9() -> None:
+        await asyncio.to_thread(rig.sink.kill9)
+        await asyncio.sleep(rng.uniform(0.5, 3.0))
+        await rig.sink.arestart()
+
+    async def sink_sigterm() -> None:
+        assert await rig.sink.asigterm() == 0
+        await asyncio.sleep(rng.uniform(0.5, 2.0))
+        await rig.sink.arestart()
+
+    def link(kind: str) -> Callable[[], Awaitable[None]]:
+        async def cut() -> None:
+            proxy = rng.choice(rig.links)
+            if kind == "reset":
+                await proxy.reset()
+            elif kind == "close":
+                await proxy.close()
+            else:
+                proxy.blackhole()
+            await asyncio.sleep(rng.uniform(0.5, 5.0))
+            proxy.pass_through()
+
+        return cut
+
+    async def queue_slow() -> None:
+        rig.queue_proxy.blackhole()
+        await asyncio.sleep(rng.uniform(1.0, 6.0))
+        rig.queue_proxy.pass_through()
+
+    async def queue_down() -> None:
+        await rig.queue_proxy.reset()
+        await asyncio.sleep(rng.uniform(1.0, 4.0))
+        rig.queue_proxy.pass_through()
+
+    faults: dict[str, Callable[[], Awaitable[None]]] = {
+        "F1 agent kill -9": agent_kill9,
+        "F4 sink kill -9": sink_kill9,
+        "F4 sink SIGTERM": sink_sigterm,
+        "F5 link reset": link("reset"),
+        "F5 link close": link("close"),
+        "F5 link blackhole": link("blackhole"),
+        "F9 core queue slow": queue_slow,
+        "F9 core queue down": queue_down,
+    }
+    names = sorted(faults)
+    while time.monotonic() < until_time:
+        await asyncio.sleep(rng.uniform(0.5, 3.0))
+        name = rng.choice(names)
+        rig.faults[name] += 1
+        await faults[name]()
+
+
+def footprint(process: ManagedProcess) -> tuple[int, int]:
+    """(open files, VmRSS in KiB) of a running process."""
+    fds = len(os.listdir(f"/proc/{process.pid}/fd"))
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return fds, rss
+
+
+async def delivered(names: NatsNames, devices: list[str]) -> list[Delivered]:
+    async with nats_connection(names.url) as nc:
+        count = (await nc.jetstream().stream_info(names.stream)).state.messages
+    messages = await read_stream(names.url, names.stream, expected=count, timeout=60)
+    result = []
+    for m in messages:
+        device = m.headers["device-id"]
+        assert device in devices, m.headers
+        result.append(
+            Delivered(
+                device=device,
+                topic=m.headers["topic"].removeprefix(f"devices/{device}/"),
+                number=int(m.body),
+                seq=int(m.headers["seq"]),
+                event_id=m.headers["Nats-Msg-Id"],
+            )
+        )
+    return result
+
+
+async def test_nemesis_over_agents_sink_links_and_core_queue_loses_nothing(
+    tmp_path: Path,
+    pki: Pki,
+    nats_jetstream: NatsNames,
+    process_factory: ProcessFactory,
+    chaos_proxy_factory: ChaosProxyFactory,
+) -> None:
+    rng = random.Random(SEED)
+    nats = urlsplit(nats_jetstream.url)
+    queue_proxy = await chaos_proxy_factory(nats.hostname or "127.0.0.1", nats.port or 4222)
+    proxied = nats_jetstream.url.replace(nats.netloc, f"127.0.0.1:{queue_proxy.port}")
+    backend = nats_backend(dataclasses.replace(nats_jetstream, url=proxied))
+    sink_port = free_port()
+    sink_config = write_sink_config(tmp_path, pki)
+    text = sink_config.read_text()
+    text = text[: text.index("[backend]")] + backend + 'duplicate_window = "30m"\ntimeout = "2s"\n'
+    sink_config.write_text(text.replace("port = 0", f"port = {sink_port}"))
+    sink = process_factory(
+        [CLOUD_SINK, "--config", str(sink_config), "run"],
+        ready=r"listening on", name="sink", start=False,
+    )  # fmt: skip
+    await sink.astart()  # off the loop: the NATS proxy serves on it
+    links, agents, data_dirs, devices = [], [], [], []
+    for index in range(AGENTS):
+        device = pki.device(f"soak{index}-{uuid.uuid4().hex[:6]}")
+        link = await chaos_proxy_factory("127.0.0.1", sink_port)
+        extra = 'keepalive = 4\npublish_timeout = "10s"\nwindow = 20\nbatch.max_events = 50'
+        path = write_config(
+            tmp_path / f"agent{index}",
+            device_id=device.device_id,
+            uplink=uplink_section(pki, device, link.port, extra=extra),
+            topics=TOPICS,
+        )
+        agent = agent_process(process_factory, path)
+        await agent.astart()
+        links.append(link)
+        agents.append(agent)
+        data_dirs.append(path.parent / "data")
+        devices.append(device.device_id)
+    rig = Rig(sink, queue_proxy, agents, links, data_dirs, devices)
+    history = History()
+    stop = asyncio.Event()
+    sensors = [
+        asyncio.create_task(sensor(rig, index, topic, history, stop))
+        for index in range(AGENTS)
+        for topic in (f"sensors/s{index}", f"alarms/a{index}")  # uplink QoS 1 and QoS 2
+    ]
+    started = time.monotonic()
+    warm_up = SOAK_SECONDS / 4
+    chaos = asyncio.create_task(nemesis(rig, rng, started + SOAK_SECONDS))
+    await asyncio.sleep(warm_up)
+    after_warm_up = {i: footprint(rig.agents[i]) for i in (1, 2)}
+    await chaos
+    stop.set()
+    await asyncio.gather(*sensors)
+
+    # Heal whatever is left, drain, stop everything cleanly.
+    queue_proxy.pass_through()
+    for link in links:
+        link.pass_through()
+    drain_started = time.monotonic()
+    await until(
+        lambda: all(inspect(d).events == 0 for d in data_dirs), timeout=DRAIN_TIMEOUT, every=0.2
+    )
+    drained_in = time.monotonic() - drain_started
+    at_end = {i: footprint(rig.agents[i]) for i in (1, 2)}
+    dead_letters = sum(inspect(d).dead_letters for d in data_dirs)
+    for agent in agents:
+        assert await agent.asigterm() == 0
+    assert await sink.asigterm() == 0
+    for directory in data_dirs:
+        with sqlite3.connect(directory / DB_NAME) as db:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)], directory
+
+    verdict = history.check(await delivered(nats_jetstream, devices))
+    figures(
+        f"F21 soak {SOAK_SECONDS:g}s seed {SEED}",
+        faults=dict(rig.faults),
+        local_failures=rig.local_failures,
+        dead_letters=dead_letters,
+        drained_in_s=round(drained_in, 1),
+        **verdict.figures(),
+    )
+    figures("F21 footprint (open files, RSS KiB)", after_warm_up=after_warm_up, at_end=at_end)
+    assert sum(rig.faults.values()) > 0
+    assert verdict.accepted > 0
+    assert verdict.lost_count == 0, f"seed {SEED}: lost {verdict.lost}"
+    assert verdict.duplicates == 0, f"seed {SEED}"
+    assert not verdict.unrestorable, f"seed {SEED}: seq order is not the producers' order"
+    assert dead_letters == 0
+    for index in (1, 2):
+        (fds_before, rss_before), (fds_after, rss_after) = after_warm_up[index], at_end[index]
+        assert fds_after <= fds_before + FD_SLACK, f"agent {index}: open files grew"
+        assert rss_after <= rss_before + RSS_SLACK_KB, f"agent {index}: RSS grew"
