@@ -31,7 +31,6 @@ import ssl
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from functools import lru_cache
 from types import TracebackType
 from typing import NoReturn
 
@@ -78,10 +77,6 @@ from mqtt_ingest.ports import (
 __all__ = ["IngestServer"]
 
 log = logging.getLogger(__name__)
-
-_puback = lru_cache(maxsize=None)(encode_puback)
-_pubrec = lru_cache(maxsize=None)(encode_pubrec)
-_pubcomp = lru_cache(maxsize=None)(encode_pubcomp)
 
 
 class _Close(Exception):
@@ -577,7 +572,7 @@ class _Connection:
             if earlier is not None:
                 # Resent before PUBREL: the first copy is (being) stored; answer, don't forward.
                 self.metrics.inc("qos2_duplicates")
-                self._queue(_Pending(earlier, _pubrec(packet.packet_id), False))
+                self._queue(_Pending(earlier, encode_pubrec(packet.packet_id), False))
                 return
         event = IngestEvent(
             identity=identity,
@@ -594,11 +589,11 @@ class _Connection:
             self._queue(_Pending(future, None, True))
         elif packet.qos == 1:
             assert packet.packet_id is not None
-            self._queue(_Pending(future, _puback(packet.packet_id), True))
+            self._queue(_Pending(future, encode_puback(packet.packet_id), True))
         else:
             assert packet.packet_id is not None
             self._qos2[packet.packet_id] = future
-            self._queue(_Pending(future, _pubrec(packet.packet_id), True))
+            self._queue(_Pending(future, encode_pubrec(packet.packet_id), True))
 
     def _on_pubrel(self, packet: PubRel) -> None:
         future = self._qos2.pop(packet.packet_id, None)
@@ -606,7 +601,7 @@ class _Connection:
             # Unknown id (answered before, or from an earlier connection): PUBCOMP anyway (§4.3.3).
             future = asyncio.get_running_loop().create_future()
             future.set_result(None)
-        self._queue(_Pending(future, _pubcomp(packet.packet_id), False))
+        self._queue(_Pending(future, encode_pubcomp(packet.packet_id), False))
 
     def _on_subscribe(self, packet: Subscribe) -> None:
         identity = self.identity

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
+from collections.abc import Sequence
 
 import pytest
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrec import PubrecPacket
 
 from mqtt_ingest import (
     Action,
+    Anonymous,
     ConnackCode,
     ConnectRequest,
     FakeClock,
     Identity,
+    IngestEvent,
+    IngestServer,
     Limits,
     Refusal,
+    StageRefused,
 )
+from mqtt_ingest.codec import encode_puback, encode_pubcomp, encode_pubrec
 from tests.harness.rawmqtt import (
     DISCONNECT,
     PINGREQ,
@@ -24,6 +35,7 @@ from tests.harness.rawmqtt import (
     pubrel_packet,
     subscribe_packet,
 )
+from tests.harness.report import figures
 from tests.harness.stages import RecordingStage, counters, running_server
 
 CONNACK, PUBACK, PUBREC, PUBCOMP, SUBACK, PINGRESP = 2, 4, 5, 7, 9, 13
@@ -229,3 +241,55 @@ async def test_keep_alive_zero_or_huge_is_capped(stage: RecordingStage, keep_ali
     async with running_server(stage, limits=limits) as server:
         client = await RawClient.connected(server.port, "cap", keep_alive=keep_alive)
         assert await client.closed_within(3)
+
+
+@pytest.mark.parametrize("packet_id", [1, 2, 255, 256, 4660, 65535])
+def test_acknowledgements_are_encoded_as_amqtt_encodes_them(packet_id: int) -> None:
+    expected = [
+        bytes(packet_class.build(packet_id).to_bytes())
+        for packet_class in (PubackPacket, PubrecPacket, PubcompPacket)
+    ]
+    ours = [encode_puback(packet_id), encode_pubrec(packet_id), encode_pubcomp(packet_id)]
+    assert ours == expected
+
+
+class DiscardingStage:
+    """Stores nothing (so that the test sees only the server's own memory)."""
+
+    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
+        return None
+
+
+def test_a_connection_keeps_no_memory_per_packet_id() -> None:
+    """Thousands of distinct packet ids acknowledged leave nothing behind per id: a cache of the
+    encoded acknowledgements by packet id once grew every process by up to ~10 MB. (A loop of its
+    own without asyncio's debug mode, which keeps a traceback per future and timer.)"""
+
+    async def acknowledged_ids() -> int:
+        async with IngestServer(stage=DiscardingStage(), authenticator=Anonymous()) as server:
+            client = await RawClient.connected(server.port, "ids")
+
+            async def burst(first: int) -> None:
+                ids = range(first, first + 500)
+                packets = (publish_packet("t", b"x", qos=1, packet_id=i) for i in ids)
+                await client.send(b"".join(packets))
+                got = [await client.read() for _ in ids]
+                acks = [(p.kind, p.packet_id) for p in got if p is not None]
+                assert acks == [(PUBACK, i) for i in ids]
+
+            await burst(1)  # warm-up: whatever a connection allocates once
+            gc.collect()
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for first in range(501, 20_501, 500):
+                    await burst(first)
+                gc.collect()
+                return tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+                await client.aclose()
+
+    grown = asyncio.run(acknowledged_ids(), debug=False)
+    figures("20,000 packet ids acknowledged", memory_kept_bytes=grown)
+    assert grown < 1_000_000  # the per-id cache kept ~150 bytes per id: 3 MB here
