@@ -17,11 +17,13 @@ Failures:
   missing or expired): state ``refused``, logged once per distinct reason, retried slowly.
 - Poison events: when a connection is lost with messages in flight, their events get an attempt
   recorded. An event with one attempt is resent in a message alone in flight; with more, in a
-  message of its own. If the connection is lost again with it alone in flight, it is set aside
-  and tried again (alone) only after other events got through since; after ``max_attempts``
-  such losses it is moved to the dead-letter table (`edge-agent buffer requeue-dead` puts it
-  back). If nothing else gets through, nothing is dead-lettered: that is a broken link or
-  configuration, not a poison event, and the event stays buffered.
+  message of its own. When a connection is lost with an event alone in flight (sent alone, or
+  simply the only message in flight), it is set aside and tried again (alone) once other events
+  got through since, or at once when there is nothing else to send; after ``max_attempts`` such
+  losses, each but the first with other events getting through since the previous one, it is
+  moved to the dead-letter table (`edge-agent buffer requeue-dead` puts it back). If nothing
+  else gets through, nothing is dead-lettered: that is a broken link or configuration, not a
+  poison event, and the event stays buffered.
 
 Tokens: ``device-signed`` tokens are minted per connection; the connection is renewed (drained,
 closed, reopened with a fresh token) ``renew_before`` its expiry, so the sink never has to close
@@ -540,7 +542,9 @@ class Uplink:
             if self._stopping.is_set() or self._reconnect.is_set():
                 return False  # not queued, nor anything after it: the feeder returns
         if self._stopping.is_set() or self._reconnect.is_set():
-            return False  # asked to close while the page was read: it stays buffered
+            # Asked to close while the page was read: it stays buffered. (With `_opened_with`,
+            # the second guard against a reload's new format reaching this connection.)
+            return False
         session.queue(message)
         if message.alone:
             while session.inflight or session.outbox:

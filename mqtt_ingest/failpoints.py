@@ -55,7 +55,8 @@ _armed: dict[str, _Armed] = {}
 
 
 def parse_spec(spec: str) -> dict[str, _Armed]:
-    """Parse ``name=action[@N]`` items separated by commas; raise ValueError naming a bad item."""
+    """Parse ``name=action[@N|@N-M]`` items separated by commas; raise ValueError naming a bad
+    item."""
     result: dict[str, _Armed] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, action = item.partition("=")
