@@ -16,11 +16,11 @@ from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect
 from mqtt_ingest import failpoints
 from mqtt_ingest.ports import ConnectRequest, Identity, Refusal
-from tests.harness.chaos import ChaosProxyFactory, Direction
+from tests.harness.chaos import ChaosProxyFactory
 from tests.harness.pki import Pki
 from tests.harness.report import figures, until
 from tests.harness.sink import running_sink as sink
-from tests.test_uplink_faults import configure, new_device, preload, stored_payloads
+from tests.test_uplink_faults import acks_held, configure, new_device, preload, stored_payloads
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -38,27 +38,20 @@ async def test_a_reload_that_changes_the_format_does_not_reach_the_open_connecti
     """The open connection announced batch-v1 at CONNECT. A reload to raw while its feeder
     lingers for a fuller batch must not turn that batch into raw messages on it (the sink would
     dead-letter them as broken envelopes); the new format starts with the next connection."""
-    device = new_device(pki, "reformat")
     extra = 'window = 4\nbatch.linger = "1s"\npublish_timeout = "30s"\nkeepalive = 600'
-    async with sink(tmp_path, pki) as server:
-        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
-        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
-        async with Agent(config) as agent:
-            uplink = agent.uplink
-            assert uplink is not None
-            await until(lambda: uplink.status.connected_since is not None)
-            proxy.blackhole(direction=Direction.DOWNSTREAM)  # PUBACKs held: one stays in flight
-            await agent.publish("sensors/t", b"0")
-            await until(lambda: uplink.in_flight == 1)
-            # One commit of a part-full batch while a message is in flight: the feeder lingers
-            # for more. As raw messages these would be more than the window takes.
-            await asyncio.gather(*(agent.publish("sensors/t", b"%d" % i) for i in range(1, 9)))
-            await asyncio.sleep(0.3)
-            uplink.reload(uplink.config.model_copy(update={"format": "raw"}))
-            await asyncio.sleep(0.2)
-            proxy.pass_through()
-            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
-            status = uplink.status
+    async with acks_held(tmp_path, pki, chaos_proxy_factory, "reformat", extra) as held:
+        agent, uplink, proxy = held  # PUBACKs held: the first message stays in flight
+        await agent.publish("sensors/t", b"0")
+        await until(lambda: uplink.in_flight == 1)
+        # One commit of a part-full batch while a message is in flight: the feeder lingers
+        # for more. As raw messages these would be more than the window takes.
+        await asyncio.gather(*(agent.publish("sensors/t", b"%d" % i) for i in range(1, 9)))
+        await asyncio.sleep(0.3)
+        uplink.reload(uplink.config.model_copy(update={"format": "raw"}))
+        await asyncio.sleep(0.2)
+        proxy.pass_through()
+        await until(lambda: inspect(agent.config.agent.data_dir).events == 0, timeout=30)
+        status = uplink.status
     core = tmp_path / "core.db"
     figures("reload to raw while lingering", connections=status.connections)
     assert read_dead_letters(core) == []
@@ -95,22 +88,15 @@ async def test_a_suspect_acknowledged_is_not_sent_again_before_its_row_is_delete
     """A set-aside event may lie after the drain's cursor (here: behind a higher-priority event
     committed later). Once its retry is acknowledged, the next read must skip it even though its
     row is only deleted with the next batch of deletes."""
-    device = new_device(pki, "settling")
     extra = 'format = "raw"\nwindow = 1\npublish_timeout = "1s"'
-    async with sink(tmp_path, pki) as server:
-        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
-        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
-        async with Agent(config) as agent:
-            uplink = agent.uplink
-            assert uplink is not None
-            await until(lambda: uplink.status.connected_since is not None)
-            proxy.blackhole(direction=Direction.DOWNSTREAM)  # its PUBACK never comes back
-            await agent.publish("sensors/t", b"0")
-            await until(lambda: uplink.status.failures >= 1, timeout=10)  # set aside
-            await agent.publish("alarms/a", b"1")  # priority 9: read before it, cursor after it
-            proxy.pass_through()
-            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
-            delivered = uplink.status.delivered
+    async with acks_held(tmp_path, pki, chaos_proxy_factory, "settling", extra) as held:
+        agent, uplink, proxy = held  # its PUBACK never comes back
+        await agent.publish("sensors/t", b"0")
+        await until(lambda: uplink.status.failures >= 1, timeout=10)  # set aside
+        await agent.publish("alarms/a", b"1")  # priority 9: read before it, cursor after it
+        proxy.pass_through()
+        await until(lambda: inspect(agent.config.agent.data_dir).events == 0, timeout=30)
+        delivered = uplink.status.delivered
     assert sorted(set(stored_payloads(tmp_path / "core.db"))) == [0, 1]
     assert delivered == 2  # each acknowledged once: nothing sent twice on the last connection
 
