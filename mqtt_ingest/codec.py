@@ -404,8 +404,8 @@ def encode_connack(code: ConnackCode, session_present: bool = False) -> bytes:
 
 
 # PUBACK, PUBREC and PUBCOMP: the type, a remaining length of 2, the packet id. Packed here (one
-# per acknowledged event) rather than built through amqtt's packet classes, which cost ~50x more;
-# and not cached per packet id, which would keep up to 65,535 of each per process.
+# per acknowledged event) rather than built through amqtt's packet classes (3 µs against 0.08
+# here), and not cached per packet id, which would keep up to 65,535 of each per process.
 _ACK = struct.Struct("!BBH")
 
 
