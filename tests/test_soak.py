@@ -21,6 +21,7 @@ schedule: ``SOAK_SECONDS=900 SOAK_SEED=7 pytest -m slow -s tests/test_soak.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -278,7 +279,7 @@ async def test_nemesis_over_agents_sink_links_and_core_queue_loses_nothing(
         assert await agent.asigterm() == 0
     assert await sink.asigterm() == 0
     for directory in data_dirs:
-        with sqlite3.connect(directory / DB_NAME) as db:
+        with contextlib.closing(sqlite3.connect(directory / DB_NAME)) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)], directory
 
     verdict = history.check(await delivered(nats_jetstream, devices))
