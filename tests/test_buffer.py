@@ -24,6 +24,7 @@ from edge_agent.buffer import (
     read_events,
 )
 from mqtt_ingest import FakeClock
+from tests.harness.process import rss_kib
 from tests.harness.report import figures
 
 
@@ -46,11 +47,6 @@ async def test_concurrent_appends_share_commits_and_get_increasing_seqs(tmp_path
         assert buffer.commits < 50, f"{buffer.commits} commits for 500 concurrent appends"
     # Committed means on disk: another connection sees all of them.
     assert inspect(tmp_path).events == 500
-
-
-def rss_kib() -> int:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
 
 
 async def test_deletes_of_every_size_count_right_and_prepare_few_statements(

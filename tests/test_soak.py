@@ -43,7 +43,7 @@ from tests.harness.chaos import ChaosProxy, ChaosProxyFactory
 from tests.harness.history import Delivered, History
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import Pki
-from tests.harness.process import ManagedProcess, ProcessFactory
+from tests.harness.process import ManagedProcess, ProcessFactory, rss_kib
 from tests.harness.rawmqtt import RawClient, publish_packet
 from tests.harness.report import figures, until
 from tests.harness.sink import CLOUD_SINK, nats_backend, write_sink_config
@@ -176,10 +176,7 @@ async def nemesis(rig: Rig, rng: random.Random, until_time: float) -> None:
 
 def footprint(process: ManagedProcess) -> tuple[int, int]:
     """(open files, VmRSS in KiB) of a running process."""
-    fds = len(os.listdir(f"/proc/{process.pid}/fd"))
-    status = Path(f"/proc/{process.pid}/status").read_text()
-    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return fds, rss
+    return len(os.listdir(f"/proc/{process.pid}/fd")), rss_kib(process.pid)
 
 
 async def delivered(names: NatsNames, devices: list[str]) -> list[Delivered]:

@@ -64,15 +64,11 @@ class Verdict:
 
 class History:
     def __init__(self) -> None:
-        self._accepted: dict[tuple[str, str], list[int]] = defaultdict(list)
+        self._accepted: set[tuple[str, str, int]] = set()
 
     def accepted(self, device: str, topic: str, number: int) -> None:
         """The producer saw the acknowledgement of ``number`` on (``device``, ``topic``)."""
-        self._accepted[device, topic].append(number)
-
-    @property
-    def count(self) -> int:
-        return sum(len(numbers) for numbers in self._accepted.values())
+        self._accepted.add((device, topic, number))
 
     def check(self, delivered: Sequence[Delivered]) -> Verdict:
         """Compare with ``delivered``, the core queue's content in its order."""
@@ -92,24 +88,14 @@ class History:
             by_seq = [e.number for e in sorted(events, key=lambda e: e.seq)]
             if any(a >= b for a, b in itertools.pairwise(by_seq)):
                 unrestorable.append(f"{device} {topic}")
-        lost = [
-            (device, topic, number)
-            for (device, topic), accepted in self._accepted.items()
-            for number in accepted
-            if (device, topic, number) not in numbers
-        ]
-        acknowledged = {
-            (device, topic, number)
-            for (device, topic), accepted in self._accepted.items()
-            for number in accepted
-        }
+        lost = sorted(self._accepted - numbers.keys())
         return Verdict(
-            accepted=len(acknowledged),
+            accepted=len(self._accepted),
             delivered=len(delivered),
             lost=lost[:20],
             lost_count=len(lost),
             duplicates=duplicates,
             reordered=reordered,
             unrestorable=unrestorable,
-            unacknowledged=sum(1 for key in numbers if key not in acknowledged),
+            unacknowledged=len(numbers.keys() - self._accepted),
         )

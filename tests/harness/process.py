@@ -38,6 +38,12 @@ def console_script(name: str) -> str:
     return found
 
 
+def rss_kib(pid: int | str = "self") -> int:
+    """VmRSS of a process (this one by default) in KiB, from ``/proc/PID/status``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+
+
 class ProcessError(AssertionError):
     """The program did not start, or did not stop the way the test expected."""
 
