@@ -153,6 +153,24 @@ async def test_rabbit_round_trip_then_teardown_deletes_everything() -> None:
                 await channel.declare_queue(queue_name, passive=True)
 
 
+async def test_drain_queue_leaves_the_messages_beyond_expected_in_order(
+    rabbitmq: RabbitNames,
+) -> None:
+    """The reader takes messages ahead under its prefetch; those beyond `expected` must go back
+    to the queue unacknowledged, still in queue order for the next reader."""
+    async with asyncio.timeout(_TIMEOUT), amqp_connection(rabbitmq.url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(rabbitmq.queue, durable=True)
+        for n in range(10):
+            await channel.default_exchange.publish(aio_pika.Message(b"%d" % n), queue.name)
+        await channel.close()
+    first = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=3, timeout=_TIMEOUT)
+    rest = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=7, timeout=_TIMEOUT)
+    assert [m.body for m in first + rest] == [b"%d" % n for n in range(10)]
+    with pytest.raises(MissingMessagesError):
+        await drain_queue(rabbitmq.url, rabbitmq.queue, expected=1, timeout=0.2)
+
+
 async def test_drain_queue_reports_a_missing_queue(rabbitmq: RabbitNames) -> None:
     with pytest.raises(AssertionError, match="does not exist"):
         await drain_queue(rabbitmq.url, rabbitmq.queue, expected=1, timeout=1.0)
