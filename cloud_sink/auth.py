@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -64,6 +65,18 @@ def thumbprint(certificate_der: bytes) -> str:
     """RFC 8705 ``x5t#S256``: base64url (no padding) of the SHA-256 of the DER certificate."""
     digest = hashlib.sha256(certificate_der).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _finite_number(value: object) -> bool:
+    """A JSON number that is finite as a float. PyJWT's JSON parser accepts NaN and Infinity,
+    and every comparison with NaN is false: a token with ``iat`` NaN would pass the lifetime
+    check (fail open). Strings ("nan" for float()), booleans and 10**400 are refused too."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float
+        return False
 
 
 class _Refused(Exception):
@@ -208,11 +221,10 @@ class JwtAuthenticator:
     def _check_times(self, claims: dict[str, Any]) -> None:
         now = self.clock.time()
         leeway = self.settings.leeway
-        try:
-            exp, iat = float(claims["exp"]), float(claims["iat"])
-            nbf = float(claims.get("nbf", iat))
-        except (TypeError, ValueError):
-            raise _Refused("token times are not numbers") from None
+        times = [claims["exp"], claims["iat"], claims.get("nbf", claims["iat"])]
+        if not all(map(_finite_number, times)):
+            raise _Refused("token times are not finite numbers")
+        exp, iat, nbf = (float(t) for t in times)
         if exp + leeway <= now:
             raise _Refused("token expired")
         if iat - leeway > now or nbf - leeway > now:

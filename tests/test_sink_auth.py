@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -162,6 +163,28 @@ async def test_f17_attacks_each_refused_with_its_reason(pki: Pki, dev: DeviceCre
     # What goes into the metrics never quotes the client: a fixed label where the reason does.
     assert "unsupported format" in labels
     assert not any("batch-v9" in label for label in labels)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        # With iat NaN every time comparison is false: this token passed as a ten-year session.
+        {"iat": math.nan, "exp": NOW + 10 * 365 * 86400},
+        {"iat": "nan", "exp": NOW + 10 * 365 * 86400},
+        {"exp": math.inf},
+        {"exp": 10**400},
+        {"nbf": math.nan},
+        {"iat": True},
+        {"exp": str(NOW + 600)},
+    ],
+    ids=["iat NaN", "iat 'nan'", "exp Infinity", "exp 10**400", "nbf NaN", "iat true", "exp str"],
+)
+async def test_token_times_that_are_not_finite_numbers_are_refused(
+    dev: DeviceCreds, claims: dict[str, Any]
+) -> None:
+    outcome = await refused(device_auth(), request(dev, token(dev, **claims)))
+    assert outcome.reason == "token times are not finite numbers"
+    assert outcome.code == ConnackCode.BAD_USERNAME_OR_PASSWORD
 
 
 def _forged(creds: DeviceCreds, alg: str, secret: bytes) -> bytes:
