@@ -79,6 +79,12 @@ def _build(listener: ListenerConfig) -> tuple[ssl.SSLContext, int]:
     except (OSError, ssl.SSLError) as exc:
         raise TlsError(f"CA {listener.ca}: {exc}") from None
     context.verify_mode = ssl.CERT_REQUIRED
+    # No session resumption: a resumed handshake does not verify the client certificate again
+    # (a device revoked, expired or denied by a new CA file since would get back in with its
+    # saved session). No TLS 1.3 tickets, no TLS 1.2 tickets; a TLS 1.2 session id from the
+    # server's cache is refused by `TlsReloader._select` (and by the ingest server).
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     try:
         context.load_cert_chain(str(listener.cert), str(listener.key))
     except (OSError, ssl.SSLError) as exc:
@@ -118,6 +124,8 @@ class TlsReloader:
         self._seen = _fingerprint(listener.crl) if listener.crl is not None else None
         self.reloads = 0
         self.refusals = 0
+        self.resumptions_refused = 0
+        """TLS 1.2 handshakes refused because the client offered a cached session."""
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -172,7 +180,14 @@ class TlsReloader:
 
     def _select(
         self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
-    ) -> None:
+    ) -> int | None:
+        if ssl_object.session_reused:
+            # A TLS 1.2 client offering a session id from the server's cache (Python cannot turn
+            # that cache off): the handshake would verify no certificate. Failing it makes the
+            # client drop the session and come back with a full handshake.
+            self.resumptions_refused += 1
+            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         current = self._current
         if ssl_object.context is not current:
             ssl_object.context = current
+        return None

@@ -427,7 +427,17 @@ class _Connection:
             )
         self.client_id = client_id
         ssl_object = self.writer.get_extra_info("ssl_object")
-        certificate = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        certificate = None
+        if ssl_object is not None:
+            if ssl_object.session_reused:
+                # The certificate was verified in an earlier handshake, against the CA and CRL
+                # of then: it is not evidence of anything now (SPEC §6).
+                await self._refuse(
+                    ConnackCode.NOT_AUTHORIZED,
+                    "resumed TLS session (the client certificate was not verified again)",
+                    "tls session resumed",
+                )
+            certificate = ssl_object.getpeercert(binary_form=True)
         request = ConnectRequest(
             client_id=client_id,
             username=packet.username,

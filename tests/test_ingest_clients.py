@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from mqtt_ingest import ConnectRequest, Identity
 from tests.harness.pki import Pki
+from tests.harness.rawmqtt import connect_packet, tls_connect
 from tests.harness.stages import RecordingStage, counters, running_server
 
 pytestmark = pytest.mark.integration
@@ -133,3 +134,31 @@ async def test_mosquitto_pub_lines(stage: RecordingStage, pki: Pki, tls: bool, q
         await stage.wait_for(COUNT)
     assert stage.payloads() == [line.encode() for line in lines]
     assert {e.qos for e in stage.events} == {qos}
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+async def test_a_resumed_tls_session_is_refused(
+    stage: RecordingStage, pki: Pki, version: ssl.TLSVersion
+) -> None:
+    """A resumed handshake verifies no certificate: the one it reports was checked against the
+    CA and CRL of an earlier handshake. The sink's own context offers no resumption; this server
+    context (Python's defaults) does, and the server must refuse what comes of it."""
+    server_ctx, client_ctx = _tls(pki, True)
+    assert client_ctx is not None
+    client_ctx.maximum_version = version
+    auth = CertificateIdentity()
+    hello = connect_packet("resumer")
+    async with running_server(stage, ssl_context=server_ctx, authenticator=auth) as server:
+        first, session, reused = await asyncio.to_thread(
+            tls_connect, server.port, client_ctx, hello
+        )
+        assert (first, reused) == (b"\x20\x02\x00\x00", False)
+        again, _, reused = await asyncio.to_thread(
+            tls_connect, server.port, client_ctx, hello, session
+        )
+        assert reused, "the client could not resume: this test shows nothing"
+        assert again == b"\x20\x02\x00\x05"  # not authorized
+        assert counters(server).get("connections_refused", reason="tls session resumed") == 1
+    assert len(auth.certificates) == 1

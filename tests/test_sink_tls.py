@@ -7,6 +7,7 @@ import asyncio
 import logging
 import shutil
 import signal
+import ssl
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from cloud_sink.service import Sink
 from cloud_sink.tls import TlsError, check_crl
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
+from tests.harness.rawmqtt import connect_packet, tls_connect
 from tests.harness.sink import CLOUD_SINK, device_token, write_sink_config
 
 
@@ -143,3 +145,40 @@ async def test_sighup_reloads_the_crl_of_a_running_sink(
     assert not await connects(sink.port, victim, pki)
     assert await connects(sink.port, other, pki)
     assert await sink.asigterm() == 0
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+async def test_no_tls_session_resumption_so_a_revoked_device_cannot_resume(
+    tmp_path: Path, pki: Pki, version: ssl.TLSVersion
+) -> None:
+    """A resumed handshake would not verify the certificate again (nor the new CRL): the sink
+    offers no resumption, so a device revoked since its last connection cannot get back in
+    with its saved TLS session (it did before: CONNACK 0 with ``session_reused``)."""
+    crl = own_crl(tmp_path, pki)
+    victim = pki.device(f"resume-{uuid.uuid4().hex[:6]}")
+    context = pki.client_context(victim)
+    context.maximum_version = version
+    hello = connect_packet(
+        victim.device_id, username=victim.device_id, password=device_token(victim).encode()
+    )
+    async with Sink(loaded(crl_config(tmp_path, pki, crl, "0.2s"))) as sink:
+        first, session, _ = await asyncio.to_thread(tls_connect, sink.port, context, hello)
+        assert first == b"\x20\x02\x00\x00"
+        if version == ssl.TLSVersion.TLSv1_2:
+            # Python keeps a server-side session cache: the offer fails the handshake, and the
+            # client's next attempt without the session gets in.
+            again, _, _ = await asyncio.to_thread(tls_connect, sink.port, context, hello, session)
+            assert again == b""
+            assert sink.tls.resumptions_refused == 1
+        again, session, reused = await asyncio.to_thread(tls_connect, sink.port, context, hello)
+        assert (again, reused) == (b"\x20\x02\x00\x00", False)
+        pki.ca.revoke(victim.device_id)
+        pki.ca.write_crl(crl)
+        await until(lambda: sink.tls.reloads == 1)
+        refused, _, reused = await asyncio.to_thread(
+            tls_connect, sink.port, context, hello, session
+        )
+        assert not reused
+        assert refused == b"", f"revoked device answered {refused!r}"

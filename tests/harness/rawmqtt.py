@@ -7,6 +7,7 @@ exactly what a test says, and reads back what the server sends.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import struct
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ __all__ = [
     "publish_packet",
     "pubrel_packet",
     "subscribe_packet",
+    "tls_connect",
     "utf8",
 ]
 
@@ -96,6 +98,26 @@ def subscribe_packet(packet_id: int, *filters: tuple[str, int]) -> bytes:
     for name, qos in filters:
         body += utf8(name) + bytes([qos])
     return packet(0x82, body)
+
+
+def tls_connect(
+    port: int, context: ssl.SSLContext, connect: bytes, session: ssl.SSLSession | None = None
+) -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """Blocking (run it in a thread): a TLS handshake offering ``session`` (resumption), then
+    ``connect``; returns (the first 4 bytes back, the TLS session, whether it was resumed). A
+    failed handshake returns ``b""`` and no session."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+        except (ssl.SSLError, OSError):
+            return b"", None, False
+        with tls:
+            try:
+                tls.sendall(connect)
+                answer = tls.recv(4)  # also reads a TLS 1.3 ticket sent after the handshake
+            except (ssl.SSLError, OSError):
+                answer = b""  # TLS 1.3: the certificate is refused after the client's Finished
+            return answer, tls.session, bool(tls.session_reused)
 
 
 @dataclass(frozen=True)
