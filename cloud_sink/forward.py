@@ -40,9 +40,13 @@ def unmappable_topic(topic: str) -> str | None:
 
 
 class Forwarder:
-    def __init__(self, queue: CoreQueue, metrics: Metrics) -> None:
+    def __init__(self, queue: CoreQueue, metrics: Metrics, *, max_body: int) -> None:
+        """``max_body`` bounds an envelope's body once decompressed (the sink passes its
+        ``max_packet_size``): a compressed envelope must not cost more memory than the largest
+        uncompressed one could (a 550-byte zstd frame declaring 16 MiB took 16 MiB)."""
         self._queue = queue
         self._metrics = metrics
+        self._max_body = max_body
 
     async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
         messages: list[CoreMessage] = []
@@ -54,7 +58,7 @@ class Forwarder:
             batch = event.identity.attributes.get("format") == FORMAT_BATCH_V1
             if problem is None and batch:
                 try:
-                    envelope = decode(event.payload)
+                    envelope = decode(event.payload, max_body=self._max_body)
                 except EnvelopeError as exc:
                     problem = exc.reason
                 else:

@@ -249,7 +249,11 @@ class Sink:
             ]
             stack.push_async_callback(lambda: cancel_until_done(self._tasks))
             server = IngestServer(
-                stage=Forwarder(self.prometheus.timed(backend), self.metrics),
+                stage=Forwarder(
+                    self.prometheus.timed(backend),
+                    self.metrics,
+                    max_body=self.config.listener.max_packet_size,
+                ),
                 authenticator=self._authenticator,
                 rights=DevicePrefixRights(config.rights.prefix),
                 host=listener.host,

@@ -82,7 +82,7 @@ async def test_raw_envelope_and_dead_letters_end_to_end(tmp_path: Path) -> None:
     queue = SwitchableQueue(await SqliteCoreQueue.open(path))
     metrics = Counters()
     server = IngestServer(
-        stage=Forwarder(queue, metrics),
+        stage=Forwarder(queue, metrics, max_body=1024**2),
         authenticator=UsernameParams(),
         rights=DevicePrefixRights(),
         metrics=metrics,
@@ -122,3 +122,32 @@ async def test_raw_envelope_and_dead_letters_end_to_end(tmp_path: Path) -> None:
     assert "bad magic" in dead[1].reason
     assert metrics.get("forwarded", "duplicate") == 2
     assert metrics.get("forwarded", "dead_letter") == 2
+
+
+async def test_a_compressed_envelope_is_bounded_as_an_uncompressed_one(tmp_path: Path) -> None:
+    """The body once decompressed must fit ``max_body`` (the sink's ``max_packet_size``): a small
+    zstd frame declaring a large body is dead-lettered, not inflated (it took 16 MiB each)."""
+    path = tmp_path / "core.db"
+    queue = await SqliteCoreQueue.open(path)
+    server = IngestServer(
+        stage=Forwarder(queue, Counters(), max_body=64 * 1024),
+        authenticator=UsernameParams(),
+        rights=DevicePrefixRights(),
+    )
+    fits = encode(EPOCH, [EnvelopeEvent(1, 1000, bytes(60_000))], zstd_level=3)
+    bomb = encode(EPOCH, [EnvelopeEvent(2, 1000, bytes(70_000))], zstd_level=3)
+    assert len(bomb) < 200
+    async with server:
+        client = await RawClient.open(server.port)
+        await client.send(connect_packet("dev-3", username="dev-3?format=batch-v1"))
+        assert (await client.read()) is not None
+        await client.send(publish_packet("devices/dev-3/t", fits, qos=1, packet_id=1))
+        await client.send(publish_packet("devices/dev-3/t", bomb, qos=1, packet_id=2))
+        acks = [await client.read() for _ in range(2)]
+        assert [(p.kind, p.packet_id) for p in acks if p] == [(4, 1), (4, 2)]
+        await client.aclose()
+    await queue.aclose()
+    assert [len(m.payload) for _, m in read_messages(path)] == [60_000]
+    [dead] = read_dead_letters(path)
+    assert dead.payload == bomb
+    assert dead.reason.endswith("bytes; the limit is 65536")
