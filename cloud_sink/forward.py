@@ -7,8 +7,9 @@ duplicate the backend can recognise. The stage returns (and the server acks) onl
 backend confirmed every message of the batch; a `BackendError` fails the whole batch: no ack.
 
 What cannot be delivered as such but came from an authenticated device within its rights (a
-malformed envelope, a topic level the backends cannot map) is acknowledged and stored in the
-backend's dead-letter destination with the reason, never dropped silently.
+malformed envelope, a topic level the backends cannot map, a message the backend says it can
+never take) is acknowledged and stored in the backend's dead-letter destination with the reason,
+never dropped silently; what even the dead-letter destination cannot take is refused (no ack).
 """
 
 from __future__ import annotations
@@ -51,41 +52,45 @@ class Forwarder:
     async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
         messages: list[CoreMessage] = []
         dead: list[DeadLetterMessage] = []
-        for event in events:
+        refused: list[StageRefused | None] | None = None
+        refusal = self._queue.refusal
+        for index, event in enumerate(events):
             device = event.identity.name
             received_ms = int(event.received_at * 1000)
             problem = unmappable_topic(event.topic)
-            batch = event.identity.attributes.get("format") == FORMAT_BATCH_V1
-            if problem is None and batch:
+            if problem is None:
+                batch = event.identity.attributes.get("format") == FORMAT_BATCH_V1
                 try:
-                    envelope = decode(event.payload, max_body=self._max_body)
+                    ours = (
+                        self._unpacked(event, device, received_ms)
+                        if batch
+                        else [self._raw(event, device, received_ms)]
+                    )
                 except EnvelopeError as exc:
                     problem = exc.reason
                 else:
-                    prefix = f"{device}/{envelope.epoch}/"
-                    topic, qos = event.topic, event.qos
-                    messages += [
-                        CoreMessage(
-                            f"{prefix}{seq}", device, topic, body, qos, received_ms, seq, when
-                        )
-                        for seq, when, body in envelope.events
-                    ]
-                    continue
-            if problem is not None:
-                dead.append(
-                    DeadLetterMessage(device, event.topic, event.payload, problem, received_ms)
-                )
+                    # What the backend can never take (too large for it, a name it cannot
+                    # carry) must not fail the whole batch: that looked like an outage, and the
+                    # device's resend brought it back, shutting every device out again.
+                    problem = next(filter(None, map(refusal, ours)), None)
+                    if problem is None:
+                        messages += ours
+                        continue
+            letter = DeadLetterMessage(device, event.topic, event.payload, problem, received_ms)
+            why_not = refusal(letter)
+            if why_not is None:
+                dead.append(letter)
                 continue
-            messages.append(
-                CoreMessage(
-                    event_id=f"{device}/raw/{uuid.uuid4().hex}",
-                    device_id=device,
-                    topic=event.topic,
-                    payload=event.payload,
-                    qos=event.qos,
-                    received_at_ms=received_ms,
-                )
-            )
+            # Not even as a dead letter (too large for the backend at all): not acknowledged,
+            # the device keeps it (the agent dead-letters it locally after its attempts).
+            if refused is None:
+                refused = [None] * len(events)
+            refused[index] = StageRefused(f"{problem} (nor as a dead letter: {why_not})")
+            self._metrics.inc("forwarded", reason="refused")
+            log.warning(
+                "forward: refused an event of %s on %r, not acknowledged: %s",
+                device, event.topic[:100], refused[index],
+            )  # fmt: skip
         if messages:
             outcome = await self._queue.publish(messages)
             self._metrics.inc("forwarded", outcome.stored, reason="stored")
@@ -98,4 +103,26 @@ class Forwarder:
                 "forward: %d events to dead letters, e.g. %s on %r: %s",
                 len(dead), dead[0].device_id, dead[0].topic[:100], dead[0].reason,
             )  # fmt: skip
-        return None
+        return refused
+
+    def _unpacked(self, event: IngestEvent, device: str, received_ms: int) -> list[CoreMessage]:
+        """The events of an envelope, each its own message; `EnvelopeError` if malformed."""
+        envelope = decode(event.payload, max_body=self._max_body)
+        prefix = f"{device}/{envelope.epoch}/"
+        topic, qos = event.topic, event.qos
+        return [
+            CoreMessage(f"{prefix}{seq}", device, topic, body, qos, received_ms, seq, when)
+            for seq, when, body in envelope.events
+        ]
+
+    @staticmethod
+    def _raw(event: IngestEvent, device: str, received_ms: int) -> CoreMessage:
+        """A raw publish: one event with a sink-generated id."""
+        return CoreMessage(
+            event_id=f"{device}/raw/{uuid.uuid4().hex}",
+            device_id=device,
+            topic=event.topic,
+            payload=event.payload,
+            qos=event.qos,
+            received_at_ms=received_ms,
+        )

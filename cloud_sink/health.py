@@ -104,6 +104,9 @@ class BackendGuard:
 
     # -- CoreQueue -----------------------------------------------------------------------------
 
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        return self._queue.refusal(message)
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         self._check()
         try:

@@ -50,9 +50,10 @@ def sink_counters(backend: str) -> dict[str, CounterSpec]:
         **INGEST_COUNTERS,
         "forwarded": CounterSpec(
             "forwarded_events",
-            "Events the core queue confirmed, by outcome (stored, duplicate, dead_letter).",
+            "Events by outcome: confirmed by the core queue (stored, duplicate, dead_letter) or"
+            " refused (too large for the backend even as a dead letter: not acknowledged).",
             "outcome",
-            zeros=("stored", "duplicate", "dead_letter"),
+            zeros=("stored", "duplicate", "dead_letter", "refused"),
             const=const,
         ),
         "backend_outages": CounterSpec(
@@ -183,6 +184,9 @@ class _TimedQueue:
         self._dead_letter_seconds = dead_letter_seconds
         self._publish_errors = publish_errors
         self._dead_letter_errors = dead_letter_errors
+
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        return self._queue.refusal(message)
 
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         started = time.monotonic()

@@ -32,7 +32,13 @@ from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory
 from tests.harness.report import figures, until
-from tests.harness.sink import CLOUD_SINK, nats_backend, running_sink, write_sink_config
+from tests.harness.sink import (
+    CLOUD_SINK,
+    amqp_backend,
+    nats_backend,
+    running_sink,
+    write_sink_config,
+)
 from tests.test_uplink import TOPICS
 
 pytestmark = pytest.mark.integration
@@ -175,11 +181,7 @@ async def test_offline_backlog_reaches_rabbitmq_in_order_with_stable_ids(
     port = free_port()
     _, path = await offline_then_online(tmp_path, device, pki, port)
     config = load_config(path)
-    backend = (
-        f'[backend]\ntype = "amqp"\nurl = "{rabbitmq.url}"\nexchange = "{rabbitmq.exchange}"\n'
-        f'queue = "{rabbitmq.queue}"\ndead_letter_exchange = "{rabbitmq.dead_letter_exchange}"\n'
-        f'dead_letter_queue = "{rabbitmq.dead_letter_queue}"\n'
-    )
+    backend = amqp_backend(rabbitmq)
     async with running_sink(tmp_path, pki, port=port, backend=backend), Agent(config):
         await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=120)
     total = PER_TOPIC * len(TOPIC_QOS)

@@ -42,6 +42,9 @@ class SwitchableQueue:
         self.inner = inner
         self.down = False
 
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        return self.inner.refusal(message)
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         if self.down:
             raise BackendError("backend unavailable")

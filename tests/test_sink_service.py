@@ -21,7 +21,7 @@ from cloud_sink.service import Sink
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
-from tests.harness.sink import AUD, CLOUD_SINK, device_token, write_sink_config
+from tests.harness.sink import AUD, CLOUD_SINK, amqp_backend, device_token, write_sink_config
 
 
 def sink_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -143,13 +143,7 @@ def _with_backend(tmp_path: Path, pki: Pki, backend: str) -> SinkConfig:
 
 
 async def test_sink_into_rabbitmq(tmp_path: Path, pki: Pki, rabbitmq: RabbitNames) -> None:
-    config = _with_backend(
-        tmp_path,
-        pki,
-        f'[backend]\ntype = "amqp"\nurl = "{rabbitmq.url}"\nexchange = "{rabbitmq.exchange}"\n'
-        f'queue = "{rabbitmq.queue}"\ndead_letter_exchange = "{rabbitmq.dead_letter_exchange}"\n'
-        f'dead_letter_queue = "{rabbitmq.dead_letter_queue}"\n',
-    )
+    config = _with_backend(tmp_path, pki, amqp_backend(rabbitmq))
     device = pki.device(f"amqp-dev-{uuid.uuid4().hex[:6]}")
     await _publish_through_sink(config, device, pki)
     received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=5, timeout=10)

@@ -145,6 +145,22 @@ class AmqpCoreQueue:
             await self._ready()
         return self
 
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        # A dead letter's routing key is made from the device id (cut to 255 bytes) and its
+        # headers are long strings: it always fits. An event's routing key is its topic (as
+        # long), its message id its event id: each an AMQP short string. (A UTF-8 character is
+        # at most 4 bytes: short names are not encoded to be measured.)
+        if isinstance(message, DeadLetterMessage):
+            return None
+        limit = _MAX_ROUTING_KEY_BYTES
+        if len(message.topic) * 4 > limit and len(message.topic.encode()) > limit:
+            return (
+                f"topic of {len(message.topic.encode())} bytes: an AMQP routing key holds {limit}"
+            )
+        if len(message.event_id) * 4 > limit and len(message.event_id.encode()) > limit:
+            return f"event id over {limit} bytes: an AMQP message id holds {limit}"
+        return None
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         if not messages:
             return PublishOutcome(stored=0, duplicates=0)

@@ -49,6 +49,14 @@ class PublishOutcome:
 
 
 class CoreQueue(Protocol):
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        """Why this backend can never store ``message``, whatever its state (larger than it
+        takes, a topic it cannot carry as a name), or None. The forwarder asks before it
+        publishes, for every message, so this must be cheap: a message let through that the
+        backend then rejects fails its whole batch, as an outage does, and comes back with the
+        device's resend."""
+        ...
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         """Return once every message is confirmed by the backend; raise `BackendError` if not."""
         ...

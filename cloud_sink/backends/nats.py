@@ -41,6 +41,10 @@ _ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, nats.errors.E
 _PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*_ERRORS, PublishRefused)
 _UNSAFE_TOKEN_CHARS = frozenset(".*>%") | frozenset(chr(c) for c in range(0x21))
 _NEWLINES_AS_SPACES = str.maketrans({"\r": " ", "\n": " "})
+# nats-server's default max_control_line is 4096 bytes: the HPUB line holds the subject, the
+# reply subject (~50 bytes here) and three numbers. A longer line resets the whole connection.
+_MAX_SUBJECT_BYTES = 3840
+_HEADER_ALLOWANCE = 256  # a header block's fixed text and numbers, beyond ids, topic and reason
 
 
 def event_subject(prefix: str, topic: str) -> str:
@@ -206,6 +210,43 @@ class NatsCoreQueue:
                 f" the configured {duplicate_window:g}s: resends would be stored twice"
             )
 
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        """A subject too long for the server's control line (it resets the connection on one),
+        or a message over its ``max_payload`` with the headers (it refuses the publish). A
+        UTF-8 character is at most 4 bytes: what is clearly short is not encoded to measure."""
+        if isinstance(message, DeadLetterMessage):
+            subject_bound = len(self.dead_letter_subject_prefix) + 4 * len(message.device_id)
+            metadata = len(message.reason)
+        else:
+            subject_bound = len(self.subject_prefix) + 4 * len(message.topic)
+            metadata = 2 * len(message.event_id)
+        if subject_bound + 1 > _MAX_SUBJECT_BYTES:
+            subject = (
+                self._dead_letter_subject(message)
+                if isinstance(message, DeadLetterMessage)
+                else event_subject(self.subject_prefix, message.topic)
+            )
+            if len(subject.encode()) > _MAX_SUBJECT_BYTES:
+                return (
+                    f"subject of {len(subject.encode())} bytes: NATS subjects here are limited"
+                    f" to {_MAX_SUBJECT_BYTES} (the server's control line is 4 KiB)"
+                )
+        max_payload = self._client.max_payload
+        metadata += len(message.topic) + len(message.device_id)
+        if len(message.payload) + _HEADER_ALLOWANCE + 4 * metadata > max_payload:
+            headers = (
+                _dead_letter_headers(message)
+                if isinstance(message, DeadLetterMessage)
+                else _event_headers(message)
+            )
+            size = len(headers.encode()) + len(message.payload)
+            if size > max_payload:
+                return f"{size} bytes with its headers: the NATS server takes {max_payload}"
+        return None
+
+    def _dead_letter_subject(self, m: DeadLetterMessage) -> str:
+        return f"{self.dead_letter_subject_prefix}.{_subject_token(m.device_id)}"
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         """Publish the whole batch at once; return when every PubAck is in, else `BackendError`."""
         if not messages:
@@ -224,16 +265,7 @@ class NatsCoreQueue:
         if not messages:
             return
         items = [
-            (
-                f"{self.dead_letter_subject_prefix}.{_subject_token(m.device_id)}",
-                "NATS/1.0\r\n"
-                f"reason: {_header_value(m.reason)}\r\n"
-                f"device-id: {_header_value(m.device_id)}\r\n"
-                f"topic: {_header_value(m.topic)}\r\n"
-                f"received-at: {m.received_at_ms}\r\n\r\n",
-                m.payload,
-            )
-            for m in messages
+            (self._dead_letter_subject(m), _dead_letter_headers(m), m.payload) for m in messages
         ]
         await self._publish_all(items, what="dead letters")
 
@@ -269,6 +301,16 @@ class NatsCoreQueue:
                 await self._client.close()
         except _ERRORS as exc:
             log.warning("closing the NATS connection: %r", exc)
+
+
+def _dead_letter_headers(m: DeadLetterMessage) -> str:
+    return (
+        "NATS/1.0\r\n"
+        f"reason: {_header_value(m.reason)}\r\n"
+        f"device-id: {_header_value(m.device_id)}\r\n"
+        f"topic: {_header_value(m.topic)}\r\n"
+        f"received-at: {m.received_at_ms}\r\n\r\n"
+    )
 
 
 def _event_headers(m: CoreMessage) -> str:

@@ -95,6 +95,9 @@ class SqliteCoreQueue:
         except (sqlite3.Error, failpoints.FailpointError) as exc:
             raise BackendError(f"sqlite core queue: {exc}") from exc
 
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        return None  # a row holds up to 1 GB: far beyond any packet the sink accepts
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         stored = await self._run(self._insert, list(messages))
         outcome = PublishOutcome(stored=stored, duplicates=len(messages) - stored)

@@ -20,7 +20,7 @@ from cloud_sink.config import parse_config
 from cloud_sink.service import Sink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
-from tests.harness.brokers import NatsNames
+from tests.harness.brokers import NatsNames, RabbitNames
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import console_script
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
@@ -29,6 +29,7 @@ __all__ = [
     "AUD",
     "CLOUD_SINK",
     "ResendingDevice",
+    "amqp_backend",
     "core_message",
     "device_token",
     "http_get",
@@ -217,6 +218,15 @@ class ResendingDevice:
                 assert ack is not None, "connection closed"
                 assert (ack.kind, ack.packet_id) == (PUBACK, seq % 65535 + 1), ack
                 self.acked.add(seq)
+
+
+def amqp_backend(names: RabbitNames) -> str:
+    """A [backend] section for the test's RabbitMQ exchange and queues."""
+    return (
+        f'[backend]\ntype = "amqp"\nurl = "{names.url}"\nexchange = "{names.exchange}"\n'
+        f'queue = "{names.queue}"\ndead_letter_exchange = "{names.dead_letter_exchange}"\n'
+        f'dead_letter_queue = "{names.dead_letter_queue}"\n'
+    )
 
 
 def nats_backend(names: NatsNames) -> str:
