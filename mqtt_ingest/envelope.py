@@ -2,7 +2,8 @@
 
 Used between our agent (encoder) and our sink (decoder) only, and only on a connection that
 announced it at CONNECT (`format_username`, `parse_username`): never guessed from the payload.
-The format is specified in docs/envelope.md; in short, all integers unsigned LEB128 varints::
+The format is specified in docs/envelope.md; in short, all integers unsigned LEB128 varints of at
+most 2**63 - 1::
 
     magic  b"MEB"        3 bytes
     version              1 byte   (1)
@@ -44,6 +45,9 @@ MAGIC = b"MEB"
 VERSION = 1
 FLAG_ZSTD = 0x01
 MAX_EVENTS = 10_000
+MAX_INTEGER = 2**63 - 1
+"""The largest value of any field: a signed 64-bit integer, as SQLite and AMQP headers store
+seq and event time (a larger one failed the sink's whole batch on the way in)."""
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 _HEADER = len(MAGIC) + 2 + 8
 
@@ -112,8 +116,8 @@ def encode(epoch: str, events: Sequence[EventLike], *, zstd_level: int | None = 
             append((seq & 0x7F) | 0x80)
             seq >>= 7
         append(seq)
-        if when < 0:
-            raise ValueError(f"varints are unsigned, got {when}")
+        if not 0 <= when <= MAX_INTEGER:
+            raise ValueError(f"event time {when} is outside 0..2**63 - 1")
         while when >= 0x80:
             append((when & 0x7F) | 0x80)
             when >>= 7
@@ -124,6 +128,8 @@ def encode(epoch: str, events: Sequence[EventLike], *, zstd_level: int | None = 
             length >>= 7
         append(length)
         body += payload
+    if previous > MAX_INTEGER:
+        raise ValueError(f"seq {previous} is over 2**63 - 1")
     flags = 0
     packed = bytes(body)
     if zstd_level is not None:
@@ -189,7 +195,7 @@ def _events(body: bytes) -> list[EnvelopeEvent] | None:
 
 def _varint_at(data: bytes, position: int) -> tuple[int, int]:
     """The varint at ``position`` and the position after it; IndexError past the end,
-    OverflowError beyond 64 bits."""
+    OverflowError over `MAX_INTEGER`."""
     byte = data[position]
     if byte < 0x80:
         return byte, position + 1
@@ -200,9 +206,11 @@ def _varint_at(data: bytes, position: int) -> tuple[int, int]:
         byte = data[position]
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if value > MAX_INTEGER:
+                raise OverflowError
             return value, position + 1
         shift += 7
-        if shift >= 64:
+        if shift > 63:
             raise OverflowError
 
 
@@ -237,10 +245,27 @@ def _decompress(body: bytes, max_body: int) -> bytes:
         raise EnvelopeError("the zstd frame does not declare its size")
     if size > max_body:
         raise EnvelopeError(f"compressed body declares {size} bytes; the limit is {max_body}")
+    # decompress() reads the first frame and ignores what follows: a second frame's events
+    # would be acknowledged and never forwarded.
+    end = _frame_end(body, zstandard.frame_header_size(body), params.has_checksum)
+    if end != len(body):
+        raise EnvelopeError(f"{len(body) - end} bytes after the zstd frame")
     try:
         return bytes(zstandard.ZstdDecompressor().decompress(body, max_output_size=max_body))
     except zstandard.ZstdError as exc:
         raise EnvelopeError(f"zstd: {exc}") from None
+
+
+def _frame_end(frame: bytes, header: int, checksum: bool) -> int:
+    """Where the zstd frame starting at 0 ends (RFC 8878 §3.1.1: block headers of 3 bytes, then
+    the block's bytes; an RLE block has one), or past the end if it is cut short."""
+    position = header
+    while position + 3 <= len(frame):
+        block = int.from_bytes(frame[position : position + 3], "little")
+        position += 3 + (1 if (block >> 1) & 3 == 1 else block >> 3)
+        if block & 1:  # the last block
+            return position + (4 if checksum else 0)
+    return len(frame) + 1
 
 
 class _Reader:
@@ -256,7 +281,7 @@ class _Reader:
         except IndexError:
             raise EnvelopeError(f"{what} runs past the end") from None
         except OverflowError:
-            raise EnvelopeError(f"{what} is longer than 64 bits") from None
+            raise EnvelopeError(f"{what} is over 2**63 - 1") from None
         return value
 
     def take(self, length: int, what: str) -> bytes:

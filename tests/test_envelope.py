@@ -25,7 +25,7 @@ def batches(draw: st.DrawFn) -> list[EnvelopeEvent]:
     gaps = draw(st.lists(st.integers(1, 2**40), min_size=1, max_size=50))
     seqs = [sum(gaps[: i + 1]) for i in range(len(gaps))]
     return [
-        EnvelopeEvent(seq, draw(st.integers(0, 2**63)), draw(st.binary(max_size=300)))
+        EnvelopeEvent(seq, draw(st.integers(0, 2**63 - 1)), draw(st.binary(max_size=300)))
         for seq in seqs
     ]
 
@@ -90,7 +90,21 @@ def test_every_corrupted_byte_decodes_or_says_why(
         (b"MEB\x01\x00" + bytes(8) + b"\x01\x00\x00\x00", "seq 0"),
         (b"MEB\x01\x00" + bytes(8) + b"\x01\x01\x00\x05ab", "payload of 0 runs past"),
         (b"MEB\x01\x00" + bytes(8) + b"\x01\x01\x00\x00!", "1 bytes after the last event"),
-        (b"MEB\x01\x00" + bytes(8) + b"\x01" + b"\xff" * 10, "longer than 64 bits"),
+        (b"MEB\x01\x00" + bytes(8) + b"\x01" + b"\xff" * 10, "over 2\\*\\*63 - 1"),
+        # 2**63 and a 10-byte varint of 70 bits (both were accepted; the sink's SQLite insert
+        # then failed the whole batch with OverflowError)
+        (
+            b"MEB\x01\x00" + bytes(8) + b"\x01" + b"\x80" * 9 + b"\x01\x00\x00",
+            "seq of event 0 is over",
+        ),
+        (
+            b"MEB\x01\x00" + bytes(8) + b"\x01" + b"\xff" * 9 + b"\x7f\x00\x00",
+            "seq of event 0 is over",
+        ),
+        (
+            b"MEB\x01\x00" + bytes(8) + b"\x01\x01" + b"\x80" * 9 + b"\x01\x00",
+            "event time of event 0",
+        ),
         (b"MEB\x01\x01" + bytes(8) + b"not zstd", "not a zstd frame"),
     ],
 )
@@ -110,6 +124,25 @@ def test_a_zstd_bomb_is_refused_without_inflating() -> None:
         decode(b"MEB\x01\x01" + bytes(8) + streamed)
 
 
+def test_a_compressed_body_is_one_zstd_frame_and_nothing_after() -> None:
+    """zstd's decompress() reads the first frame only: a second frame (its events would have
+    been acknowledged and never forwarded) or trailing bytes must be refused."""
+    compressor = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True)
+    first = encode(EPOCH, [EnvelopeEvent(1, 0, b"A" * 300)], zstd_level=3)
+    assert [e.payload for e in decode(first).events] == [b"A" * 300]
+    second = compressor.compress(encode(EPOCH, [EnvelopeEvent(2, 0, b"B")])[13:])
+    with pytest.raises(EnvelopeError, match=f"{len(second)} bytes after the zstd frame"):
+        decode(first + second)
+    with pytest.raises(EnvelopeError, match="3 bytes after the zstd frame"):
+        decode(first + b"xyz")
+    with pytest.raises(EnvelopeError, match="zstd"):
+        decode(first[:-2])
+    # Frames of every block type (raw, RLE, compressed), with a checksum, end where they end.
+    for body in (bytes(range(256)) * 600, b"\x00" * 300_000, b"abc" * 100_000):
+        frame = compressor.compress(encode(EPOCH, [EnvelopeEvent(1, 0, body)])[13:])
+        assert decode(b"MEB\x01\x01" + bytes(8) + frame).events[0].payload == body
+
+
 def test_encoder_refuses_what_the_decoder_would() -> None:
     with pytest.raises(ValueError, match="1 to"):
         encode(EPOCH, [])
@@ -119,6 +152,10 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
         encode(EPOCH, [EnvelopeEvent(2, 0, b""), EnvelopeEvent(2, 0, b"")])
     with pytest.raises(ValueError, match="16 hex"):
         encode("xyz", [EnvelopeEvent(1, 0, b"")])
+    with pytest.raises(ValueError, match="over 2"):
+        encode(EPOCH, [EnvelopeEvent(2**63, 0, b"")])
+    with pytest.raises(ValueError, match="outside 0"):
+        encode(EPOCH, [EnvelopeEvent(1, 2**63, b"")])
 
 
 def test_compression_pays_for_repetitive_payloads() -> None:
