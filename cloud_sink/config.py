@@ -74,7 +74,7 @@ class ListenerConfig(_Strict):
     max_inflight: Annotated[int, Field(gt=0)] = 256
     max_packet_size: Bytes = 1024**2
     connect_timeout: Seconds = 5.0
-    batch_linger: Delay = 0.0
+    batch_linger: Annotated[Delay, Field(le=1.0)] = 0.0
     """How long the first event of an idle core queue waits for others before it is forwarded.
     0 (the default): at once; events that arrive while the core queue confirms one batch form
     the next one anyway, so batches grow with the load without adding latency at low load."""

@@ -109,7 +109,9 @@ class BufferConfig(_Strict):
     crash of the agent, but a power loss can roll back the last commits (docs/buffer.md)."""
     max_bytes: Bytes = 512 * 1024**2
     max_events: Annotated[int, Field(gt=0)] = 1_000_000
-    commit_linger: Delay = 0.005
+    commit_linger: Annotated[Delay, Field(le=1.0)] = 0.005
+    """At most 1 s: producers wait for it, and the local listener gives a commit 30 s before
+    it closes the connection unacknowledged (the event then committed anyway: a duplicate)."""
     """How long a group commit waits for more events after the first one."""
     commit_max_events: Annotated[int, Field(gt=0)] = 1000
     ttl_sweep_interval: Seconds = 60.0
@@ -152,12 +154,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+MAX_TTL = 100 * 365.25 * 86400
+
+
 class TopicRule(_Strict):
     filter: str
     qos: Literal[0, 1, 2] = 1
     priority: Annotated[int, Field(ge=0, le=9)] = 0
     """Higher drains first."""
-    ttl: Seconds | None = None
+    ttl: Annotated[Seconds, Field(le=MAX_TTL)] | None = None
+    """At most 100 years: the expiry is stored in milliseconds as a 64-bit integer."""
     on_full: Literal["reject", "drop-oldest"] = "reject"
     max_payload: Bytes = 256 * 1024
 
@@ -290,11 +296,16 @@ class AgentConfig(_Strict):
         return self
 
     def rule_for(self, topic: str) -> TopicRule:
-        """The first rule whose filter matches ``topic`` (the catch-all guarantees one)."""
+        """The first rule whose filter matches ``topic``, else the catch-all (the last rule).
+
+        The catch-all is the default policy of every topic, ``$`` ones included: MQTT keeps
+        ``#`` from matching ``$SYS/...`` for subscribers, not for this. (A ``$aws/...`` event
+        raised AssertionError here, and failed the listener's whole stage batch with it.)
+        """
         for rule in self.topics:
             if topic_matches(rule.filter, topic):
                 return rule
-        raise AssertionError("unreachable: the last rule is '#'")
+        return self.topics[-1]
 
 
 def topic_filter_problem(value: str) -> str | None:

@@ -49,8 +49,9 @@ def _size(value: Any) -> Any:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
-Delay = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+# Finite: TOML has inf and nan, and a ttl of inf failed every commit of its group.
+Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0, allow_inf_nan=False)]
+Delay = Annotated[float, BeforeValidator(_duration), Field(ge=0, allow_inf_nan=False)]
 """A duration that may be zero (a linger: 0 = do not wait)."""
 Bytes = Annotated[int, BeforeValidator(_size), Field(gt=0)]
 

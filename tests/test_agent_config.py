@@ -111,6 +111,24 @@ def test_each_validator_names_the_path(extra: str, rule: str, path: str, message
     assert any(p.startswith(f"{path}:") and message in p for p in found), found
 
 
+def test_durations_are_finite_and_bounded_where_larger_ones_break() -> None:
+    """Values the schema once took that then failed at run time: a ttl of inf (or 1e17 s, over
+    a 64-bit millisecond expiry) failed every commit of its group with OverflowError; a linger
+    of inf never committed, and one over the listener's 30 s stage timeout left the publisher
+    unacknowledged while the event was committed anyway (a duplicate on each retry)."""
+    text = BASE.format(extra="[buffer]\ncommit_linger = inf\n", rule="ttl = nan").replace(
+        '[[topics]]\nfilter = "#"',
+        '[[topics]]\nfilter = "a/#"\nttl = 1e17\n\n[[topics]]\nfilter = "#"',
+    )
+    assert problems(text) == [
+        "buffer.commit_linger: Input should be a finite number (got inf)",
+        "topics[0].ttl: Input should be less than or equal to 3155760000 (got 1e+17)",
+        "topics[1].ttl: Input should be greater than 0 (got nan)",
+    ]
+    slow = problems(BASE.format(extra='[buffer]\ncommit_linger = "35s"\n', rule=""))
+    assert slow == ["buffer.commit_linger: Input should be less than or equal to 1 (got '35s')"]
+
+
 def test_non_loopback_listener_is_allowed_with_mutual_tls() -> None:
     extra = (
         '[listener]\nhost = "0.0.0.0"\n[listener.tls]\n'
@@ -178,6 +196,9 @@ def test_first_matching_rule_wins() -> None:
     assert config.rule_for("alarms/hall/smoke").qos == 1
     assert config.rule_for("alarms").qos == 1
     assert config.rule_for("sensors/t").qos == 0
+    # The catch-all is every topic's default policy, '$' ones included (it raised before).
+    assert config.rule_for("$aws/things/t").qos == 0
+    assert config.rule_for("$SYS/x").filter == "#"
 
 
 @pytest.mark.parametrize(

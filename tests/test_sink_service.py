@@ -220,12 +220,15 @@ def test_reconnect_and_health_validators(tmp_path: Path, pki: Pki) -> None:
     ).listener.batch_linger == pytest.approx(0.002)
     with pytest.raises(ConfigError) as info:
         parse_config(
-            base.replace("[auth]", 'crl_check_interval = "0s"\n\n[auth]')
+            base.replace("[auth]", 'crl_check_interval = "0s"\nbatch_linger = "5s"\n\n[auth]')
             + '\n[backend.reconnect]\ninitial = "5s"\nmax = "1s"\n'
             + "\n[health]\nport = 70000\n"
         )
     problems = info.value.problems
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
     assert problems[0].startswith("listener.crl_check_interval:")
+    assert problems.pop(1).startswith(
+        "listener.batch_linger: Input should be less than or equal to 1"
+    )
     assert "initial must not be more than max" in problems[1]
     assert problems[2].startswith("health.port:")
