@@ -327,6 +327,38 @@ async def test_corrupt_database_is_quarantined_and_a_fresh_one_started(
         assert len(stats.incidents) == 1
 
 
+async def test_a_database_that_cannot_be_opened_is_not_taken_for_corrupt(tmp_path: Path) -> None:
+    """A full disk at start (here RLIMIT_FSIZE: no room for the 32 KiB -shm file) gave SQLite a
+    "disk I/O error", which the open took for corruption: the healthy buffer was moved aside and
+    its events left delivery. Now the agent refuses to start and the buffer stays where it is."""
+    await _filled(tmp_path, 5)
+    assert not (tmp_path / "buffer.db-shm").exists()
+    child = (
+        "import asyncio, resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from edge_agent.buffer import Buffer, BufferError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        "    asyncio.run(Buffer.open(Path(sys.argv[1])))\n"
+        "except BufferError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", child, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "not known to be corrupt and was left in place" in result.stdout, result.stderr
+    assert "SQLITE_IOERR" in result.stdout
+    assert not (tmp_path / "quarantine").exists()
+    async with await Buffer.open(tmp_path) as buffer:  # room again: everything is there
+        stats = await buffer.stats()
+        assert (stats.events, stats.incidents) == (5, [])
+
+
 async def test_wal_deleted_after_a_crash_is_reported(tmp_path: Path) -> None:
     await _filled(tmp_path, 5)
     # A process commits into the WAL and dies without closing (as a kill -9 would) ...

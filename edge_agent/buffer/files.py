@@ -179,8 +179,19 @@ def _check(path: Path) -> str | None:
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorcode & 0xFF not in _CORRUPTION:
+            # A full disk (no room for the -shm file), a lock, a permission: the database may be
+            # perfectly good, and moving it aside would lose it. Refuse to start instead.
+            raise BufferError(
+                f"cannot open the buffer {path}: {exc} ({exc.sqlite_errorname}); it is not known"
+                " to be corrupt and was left in place"
+            ) from None
         return f"cannot read the database: {exc}"
     return None
+
+
+_CORRUPTION = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+"""The primary result codes that mean the file itself is damaged (or not a database)."""
 
 
 def _count_what_we_can(path: Path) -> str:
