@@ -36,6 +36,7 @@ from edge_agent.buffer import (
 from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
 from edge_agent.doctor import run_checks
 from edge_agent.link import LinkStatus, read_link_status
+from edge_agent.local import read_listener_file
 from edge_agent.memory import tune_malloc
 from edge_agent.service import Agent
 from edge_agent.systemd import LAYOUT, status
@@ -221,22 +222,32 @@ def _apply(agent: Agent, path: Path) -> None:
 
 
 async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) -> int:
-    """Through the running agent's listener if there is one; else straight into the buffer."""
+    """Through the running agent's listener if an agent runs; else straight into the buffer.
+
+    Only the listener of the process that holds the buffer's lock is trusted: a PUBACK from
+    whatever else answers on the configured port (a Mosquitto on 1883) stores nothing here.
+    """
     check_event(config, topic, payload)  # a clear error before anything is sent
-    listener = config.listener
-    if listener.enabled and listener.tls is None:
-        host = "127.0.0.1" if listener.host in ("0.0.0.0", "::", "") else listener.host  # noqa: S104
+    directory = config.agent.data_dir
+    pid = _agent_pid(directory)
+    if pid is not None:
+        listener = read_listener_file(directory)
+        if listener is None or listener.get("pid") != pid or listener.get("tls") is not False:
+            raise _Failed(
+                f"the agent (pid {pid}) holds {directory} and has no plain local listener"
+                " to take the event: nothing was stored"
+            )
+        host = str(listener["host"])
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
         try:
             identifier = f"edge-agent-publish-{os.getpid()}"
             async with aiomqtt.Client(
-                host, listener.port, identifier=identifier, timeout=10
+                host, int(str(listener["port"])), identifier=identifier, timeout=10
             ) as client:
                 await client.publish(topic, payload, qos=qos, timeout=30)
-            return 0
         except aiomqtt.MqttError as exc:
-            if "refused" not in str(exc).lower():
-                raise _Failed(f"the agent's listener did not confirm the event: {exc}") from None
-            # Nobody listening: the agent is not running; commit directly below.
+            raise _Failed(f"the agent's listener did not confirm the event: {exc}") from None
+        return 0
     try:
         buffer = await Buffer.open(
             config.agent.data_dir,
@@ -246,7 +257,7 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
             commit_linger=0,
         )
     except BufferError as exc:
-        raise _Failed(f"{exc} (and its listener is not reachable)") from None
+        raise _Failed(str(exc)) from None
     async with buffer:
         acceptor = Acceptor(config, buffer, SystemClock())
         try:

@@ -7,8 +7,11 @@ closed: MQTT 3.1.1 has no negative acknowledgement, and the publisher keeps the 
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
 from collections.abc import Sequence
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -29,7 +32,35 @@ from mqtt_ingest import (
     StageRefused,
 )
 
-__all__ = ["BufferStage", "CertificateCommonName", "build_listener"]
+__all__ = [
+    "LISTENER_FILE",
+    "BufferStage",
+    "CertificateCommonName",
+    "build_listener",
+    "read_listener_file",
+    "write_listener_file",
+]
+
+LISTENER_FILE = "listener.json"
+"""In the data directory: where the running agent's listener is (``edge-agent publish`` checks
+it belongs to the process holding the buffer's lock before it trusts a PUBACK from that port)."""
+
+
+def write_listener_file(directory: Path, host: str, port: int, tls: bool) -> None:
+    """Record this process's listener (replaced atomically; a stale one names another pid)."""
+    path = directory / LISTENER_FILE
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"pid": os.getpid(), "host": host, "port": port, "tls": tls}))
+    os.replace(temporary, path)
+
+
+def read_listener_file(directory: Path) -> dict[str, object] | None:
+    """What `write_listener_file` recorded, or None if nothing readable is there."""
+    try:
+        found = json.loads((directory / LISTENER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 class BufferStage:

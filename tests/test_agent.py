@@ -17,6 +17,7 @@ from tests.harness.agent import start_agent, write_config
 from tests.harness.pki import Pki
 from tests.harness.process import ProcessFactory, console_script
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
+from tests.harness.stages import RecordingStage, running_server
 
 EDGE_AGENT = console_script("edge-agent")
 
@@ -163,10 +164,11 @@ async def test_cli_publish_through_the_running_agent_and_status(
 ) -> None:
     config = write_config(tmp_path)
     agent = start_agent(process_factory, config)
+    # The file says port = 0: the CLI finds the listener the agent recorded in its directory.
+    ok = await acli(config, "publish", "sensors/cli", "42")
+    assert ok.returncode == 0, ok.stderr
     conf_with_port = tmp_path / "cli.toml"
     conf_with_port.write_text(config.read_text().replace("port = 0", f"port = {agent.port}"))
-    ok = await acli(conf_with_port, "publish", "sensors/cli", "42")
-    assert ok.returncode == 0, ok.stderr
     piped = await acli(conf_with_port, "publish", "alarms/cli", "-", stdin=b"from stdin")
     assert piped.returncode == 0, piped.stderr
     bad = await acli(conf_with_port, "publish", "sensors/+", "x")
@@ -195,6 +197,26 @@ async def test_cli_publish_without_a_running_agent_commits_directly(tmp_path: Pa
     device, _, seq = result.stdout.strip().split("/")
     assert (device, seq) == ("dev-1", "1")
     assert [e.payload for e in read_events(tmp_path / "data")] == [b"still stored"]
+
+
+async def test_cli_publish_trusts_no_other_server_on_the_listener_port(tmp_path: Path) -> None:
+    """A PUBACK from whatever answers on the configured port (a Mosquitto on 1883) is not a
+    commit: with no agent running the CLI commits directly (it used to exit 0 with nothing
+    stored), and with an agent whose listener is off it says so."""
+    stranger = RecordingStage()
+    async with running_server(stranger) as server:
+        config = write_config(tmp_path, listener=f"port = {server.port}")
+        result = await acli(config, "publish", "sensors/x", "kept")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("dev-1/")
+    assert stranger.events == []
+    assert [e.payload for e in read_events(tmp_path / "data")] == [b"kept"]
+    quiet = write_config(tmp_path / "quiet", listener="enabled = false")
+    async with Agent(load_config(quiet)):
+        refused = await acli(quiet, "publish", "sensors/x", "lost?")
+    assert refused.returncode == 1
+    assert "has no plain local listener" in refused.stderr
+    assert list(read_events(tmp_path / "quiet" / "data")) == []
 
 
 async def test_cli_peek_export_purge(tmp_path: Path) -> None:
