@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     buffer = commands.add_parser("buffer", help="look into or empty the buffer")
     actions = buffer.add_subparsers(dest="action", required=True, metavar="ACTION")
     peek = actions.add_parser("peek", help="show the next events in drain order")
-    peek.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    peek.add_argument("-n", type=_positive, default=10, help="how many (default 10)")
     peek.add_argument("--topic", help="only topics matching this MQTT filter")
     export = actions.add_parser("export", help="every buffered event as JSON lines")
     export.add_argument("--topic", help="only topics matching this MQTT filter")
@@ -421,6 +421,13 @@ def _link_text(link: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _event_json(event: StoredEvent) -> str:
     try:
         text: str | None = event.payload.decode("utf-8")
@@ -450,11 +457,11 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
             print(_event_json(event))
         return 0
     if args.action == "export":
-        with (
-            open(args.output, "w", encoding="utf-8")
-            if args.output
-            else contextlib.nullcontext(sys.stdout)
-        ) as out:
+        try:
+            target = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+        except OSError as exc:
+            raise _Failed(f"cannot write {args.output}: {exc.strerror}") from None
+        with target or contextlib.nullcontext(sys.stdout) as out:
             count = 0
             for event in read_events(directory, topic_filter=matcher):
                 out.write(_event_json(event) + "\n")

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edge_agent.buffer import BufferError, inspect
+from edge_agent.buffer import DB_NAME, BufferError, inspect
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import client_context
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
@@ -119,6 +119,8 @@ def _data_dir(directory: Path) -> str:
             f"{directory} is not writable for uid {os.getuid()}",
             "chown the directory to the agent's user, or run doctor as that user",
         )
+    if not (directory / DB_NAME).exists():
+        return f"{directory} is writable; the agent will create its buffer there"
     try:
         stats = inspect(directory)
     except BufferError as exc:

@@ -219,6 +219,26 @@ async def test_cli_publish_trusts_no_other_server_on_the_listener_port(tmp_path:
     assert list(read_events(tmp_path / "quiet" / "data")) == []
 
 
+async def test_cli_says_what_is_wrong_instead_of_a_traceback(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path)
+    async with Agent(load_config(config_path)) as agent:
+        await agent.publish("sensors/1", b"v")
+    export = await acli(config_path, "buffer", "export", "--output", str(tmp_path / "no/such.json"))
+    assert (export.returncode, export.stdout) == (1, "")
+    assert "cannot write" in export.stderr
+    assert "No such file or directory" in export.stderr
+    none = await acli(config_path, "buffer", "peek", "-n", "0")
+    assert none.returncode == 2
+    assert "must be at least 1" in none.stderr
+    database = tmp_path / "data" / "buffer.db"
+    database.write_bytes(b"this is no SQLite header at all" + database.read_bytes()[31:])
+    for command in (["status"], ["buffer", "peek"], ["buffer", "export"]):
+        broken = await acli(config_path, *command)
+        assert broken.returncode == 1, command
+        assert "cannot read the buffer" in broken.stderr, command
+        assert "Traceback" not in broken.stderr, command
+
+
 async def test_cli_peek_export_purge(tmp_path: Path) -> None:
     config_path = write_config(tmp_path)
     async with Agent(load_config(config_path)) as agent:

@@ -87,6 +87,14 @@ async def test_empty_many_and_single_appends_in_one_group(tmp_path: Path) -> Non
         assert list(pair) == [[], 5]
         payloads = [e.payload for e in await buffer.next_events(10)]
         assert payloads == [b"one", b"two", b"three", b"four", b"five"]
+        # A group of nothing but empty appends, with the uplink's commit callback set: its
+        # max() over no events killed the committer, and no later append was ever committed.
+        woken: list[int] = []
+        buffer.on_commit = woken.append
+        assert await buffer.append([]) == []
+        async with asyncio.timeout(5):
+            assert await buffer.append_one(event(b"six")) == 6
+        assert woken == [0]
 
 
 async def test_seq_never_reused_and_epoch_kept_across_restarts(tmp_path: Path) -> None:

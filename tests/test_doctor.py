@@ -35,8 +35,10 @@ async def test_doctor_passes_against_a_working_sink(tmp_path: Path, pki: Pki) ->
             tmp_path / "agent", device_id=device.device_id,
             uplink=uplink_section(pki, device, server.port),
         )  # fmt: skip
+        (tmp_path / "agent" / "data").mkdir()  # as `install` leaves it: no buffer yet
         done = await acli(path, "doctor")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "the agent will create its buffer there" in done.stdout
     names = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line[:4].strip()]
     assert names == [
         "config", "data", "files", "clock", "certificate", "key", "token", "dns", "tcp", "tls",

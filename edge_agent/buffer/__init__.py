@@ -357,7 +357,7 @@ class Buffer:
                 else:
                     future.set_result(outcome)
             start += len(appended)
-        if self.on_commit is not None:
+        if self.on_commit is not None and flat:
             self.on_commit(max(event.priority for event in flat))
 
     # -- draining (the uplink) ------------------------------------------------------------------
@@ -429,6 +429,8 @@ def inspect(directory: Path) -> BufferStats:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
         return _stats(db)
+    except sqlite3.DatabaseError as exc:
+        raise BufferError(f"cannot read the buffer {path}: {exc}") from None
     finally:
         db.close()
 
@@ -436,10 +438,13 @@ def inspect(directory: Path) -> BufferStats:
 def read_events(
     directory: Path, *, limit: int | None = None, topic_filter: Callable[[str], bool] | None = None
 ) -> Iterator[StoredEvent]:
-    """Buffered events in drain order, read-only (for ``buffer peek`` / ``export``)."""
+    """Buffered events in drain order, read-only (for ``buffer peek`` / ``export``); at most
+    ``limit`` of them. Raises `BufferError` if the buffer cannot be read."""
     path = directory / DB_NAME
     if not path.exists():
         raise BufferError(f"no buffer at {path}")
+    if limit is not None and limit <= 0:
+        return
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
         rows = (
@@ -454,5 +459,7 @@ def read_events(
             taken += 1
             if limit is not None and taken >= limit:
                 return
+    except sqlite3.DatabaseError as exc:
+        raise BufferError(f"cannot read the buffer {path}: {exc}") from None
     finally:
         db.close()
