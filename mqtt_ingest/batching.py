@@ -8,7 +8,8 @@ order (for a stage that orders and groups events itself). Each submitter gets a 
 resolves once its event is durable, or fails.
 
 Memory is bounded by the callers: every connection holds at most ``max_inflight`` unresolved
-futures and the server at most ``max_connections`` connections.
+futures and the server at most ``max_connections`` connections; a closing connection withdraws
+the events no stage call has taken yet (`withdraw`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from mqtt_ingest import failpoints
 from mqtt_ingest.ports import DurableStage, IngestEvent, Metrics, StageRefused
@@ -52,6 +53,8 @@ class Batcher:
         self._timeout = timeout
         self._concurrency = concurrency
         self._pending: deque[tuple[IngestEvent, asyncio.Future[None]]] = deque()
+        self._withdrawn = 0
+        """About how many entries of `_pending` are withdrawn (compacted past half)."""
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -64,6 +67,17 @@ class Batcher:
             self._pending.append((event, future))
             self._wakeup.set()
         return future
+
+    def withdraw(self, futures: Iterable[asyncio.Future[None]]) -> None:
+        """Cancel these futures: their submitter is gone and acknowledges nothing. The events
+        no stage call has taken yet will not be stored; one already in a stage call may be."""
+        for future in futures:
+            if not future.done():
+                future.cancel()
+                self._withdrawn += 1
+        if self._withdrawn > len(self._pending) // 2:
+            self._pending = deque(entry for entry in self._pending if not entry[1].done())
+            self._withdrawn = 0
 
     def close(self) -> None:
         """Take no more events; `run` ends at its next turn, failing what is still queued.
@@ -89,8 +103,12 @@ class Batcher:
                 while len(running) >= self._concurrency:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 batch = [
-                    self._pending.popleft()
-                    for _ in range(min(self._max_events, len(self._pending)))
+                    entry
+                    for entry in (
+                        self._pending.popleft()
+                        for _ in range(min(self._max_events, len(self._pending)))
+                    )
+                    if not entry[1].done()  # withdrawn
                 ]
                 if not self._pending:
                     self._wakeup.clear()

@@ -332,6 +332,10 @@ class _Connection:
             self._expiry.cancel()
         for pending in self._acks:
             pending.future.add_done_callback(_consume)
+        # Events not yet in a stage call are withdrawn (the client, unacknowledged, keeps them):
+        # queued behind a slow stage they outlived their connection, and a client reconnecting
+        # and sending again grew the batcher's queue without bound.
+        self.server._batcher.withdraw(pending.future for pending in self._acks)
         for future in self._qos2.values():
             future.add_done_callback(_consume)
         self._acks.clear()
@@ -534,12 +538,17 @@ class _Connection:
                         self._on_publish(packet)
                     elif isinstance(packet, PubRel):
                         self._on_pubrel(packet)
-                    elif isinstance(packet, PingReq):
-                        self.writer.write(encode_pingresp())
-                    elif isinstance(packet, Subscribe):
-                        self._on_subscribe(packet)
-                    elif isinstance(packet, Unsubscribe):
-                        self.writer.write(encode_unsuback(packet.packet_id))
+                    elif isinstance(packet, PingReq | Subscribe | Unsubscribe):
+                        if isinstance(packet, PingReq):
+                            self.writer.write(encode_pingresp())
+                        elif isinstance(packet, Subscribe):
+                            self._on_subscribe(packet)
+                        else:
+                            self.writer.write(encode_unsuback(packet.packet_id))
+                        # Answered at once (not behind the acks), but not faster than the client
+                        # reads: one that sends PINGREQs and reads nothing grew our write buffer
+                        # without bound. Its keep-alive runs while we wait here.
+                        await self.writer.drain()
                     elif isinstance(packet, Disconnect):
                         return
                     else:
@@ -670,4 +679,12 @@ class _Connection:
                 raise _Close(f"event not stored: {reason}", label="stage_failed")
             if not self._space.is_set() and len(acks) < self.limits.max_inflight:
                 self._space.set()
-            await self.writer.drain()
+            try:
+                # The read loop stops reading (keep-alive off) while max_inflight acks wait
+                # here: a client that stops reading would otherwise hold its slot for ever.
+                async with asyncio.timeout(self._keep_alive_timeout):
+                    await self.writer.drain()
+            except TimeoutError:
+                raise _Close(
+                    f"client read no acks for {self._keep_alive_timeout:g}s", label="write_stalled"
+                ) from None

@@ -437,3 +437,97 @@ async def test_waiting_on_a_slow_stage_does_not_count_against_the_keep_alive(
         assert [a.packet_id for a in acks if a is not None] == [1, 2, 3]
         await client.aclose()
     assert counters(server).get("connections_closed", "keep_alive") == 0
+
+
+# -- clients that do not read, or leave and come back -----------------------------------------
+
+
+async def non_reading_client(
+    server: IngestServer, client_id: str
+) -> tuple[asyncio.StreamWriter, socket.socket]:
+    """A CONNECTed client (keep-alive 1 s) that never reads. Both ends get small socket buffers
+    (the server's through its connection's socket): the kernel would otherwise absorb megabytes
+    of replies before the server's own buffer fills, and the test would take minutes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(connect_packet(client_id, keep_alive=1))
+    async with asyncio.timeout(5):
+        while not server._connections:  # noqa: ASYNC110  # polling a set
+            await asyncio.sleep(0.01)
+    (connection,) = server._connections
+    connection.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return writer, sock
+
+
+async def closed_while_sending(writer: asyncio.StreamWriter, chunk: bytes, seconds: float) -> bool:
+    """Send ``chunk`` again and again; True once the server has closed the connection."""
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+    except (ConnectionError, OSError):
+        return True
+    except TimeoutError:
+        return writer.transport.is_closing()
+
+
+async def test_a_client_that_pings_without_reading_is_closed(stage: RecordingStage) -> None:
+    """PINGRESPs were written without waiting for the socket: a client sending PINGREQs and
+    reading nothing kept its keep-alive fresh and grew the server's write buffer without
+    bound (14.6 MB for 20 MB of PINGREQs). Now the server stops reading it until it reads, and
+    its keep-alive (1.5 s) runs out."""
+    async with running_server(stage) as server:
+        writer, sock = await non_reading_client(server, "pinger")
+        with sock:
+            assert await closed_while_sending(writer, b"\xc0\x00" * 50_000, 20)
+            writer.transport.abort()
+        assert counters(server).get("connections_closed", reason="keep_alive") == 1
+        await canary_publishes(server, stage, "after-pinger")
+
+
+async def test_a_client_that_reads_no_acks_is_closed(stage: RecordingStage) -> None:
+    """With max_inflight acks unwritten the server stops reading (keep-alive off: the stage may
+    be the slow one); a client that never reads its PUBACKs held its connection for ever."""
+    async with running_server(stage) as server:
+        writer, sock = await non_reading_client(server, "deaf")
+        with sock:
+            burst = b"".join(
+                publish_packet("t", b"", qos=1, packet_id=1 + i % 60000) for i in range(20_000)
+            )
+            assert await closed_while_sending(writer, burst, 30)
+            writer.transport.abort()
+        assert counters(server).get("connections_closed", reason="write_stalled") == 1
+
+
+async def test_events_of_a_closed_connection_do_not_pile_up_behind_a_slow_stage(
+    stage: RecordingStage,
+) -> None:
+    """A client that sends, drops the connection and comes back while the stage is stuck: the
+    events of each closed connection stayed queued for the stage (600 events, 58 MB after 40
+    rounds with max_inflight 16), to be stored later unacknowledged. Now those no stage call took
+    are withdrawn with their connection."""
+    stage.hold()
+    limits = Limits(max_connections=1, max_inflight=16)
+    async with running_server(stage, limits=limits) as server:
+        for _ in range(40):
+            client = await RawClient.connected(server.port, "again")
+            await client.send(
+                b"".join(
+                    publish_packet("t", b"x" * 1000, qos=1, packet_id=i + 1) for i in range(15)
+                )
+            )
+            await asyncio.sleep(0.02)
+            await client.aclose()
+            async with asyncio.timeout(5):
+                while server.connection_count:  # noqa: ASYNC110  # polling a counter
+                    await asyncio.sleep(0.01)
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        stage.release()
+        await canary_publishes(server, stage, "after-rounds")
+    # The stage call in progress when the rounds began (up to one connection's 15 events),
+    # and the canary: nothing else.
+    assert len(stage.payloads("t")) <= 15
