@@ -165,12 +165,13 @@ class IngestServer:
             self._batcher.run(), name=f"mqtt_ingest.{self.name}.batcher"
         )
         try:
+            # Plain TCP, TLS started per connection (`_Connection._start_tls`): a socket counts
+            # against max_connections from its accept, and the handshake and the CONNECT share
+            # one connect_timeout (with asyncio's own TLS listener neither was the case).
             self._server = await asyncio.start_server(
                 self._accept,
                 self._host,
                 self._port,
-                ssl=self._ssl,
-                ssl_handshake_timeout=self.limits.connect_timeout if self._ssl else None,
                 # Room for one packet header and a little more; bodies are read with readexactly.
                 limit=64 * 1024,
             )
@@ -235,6 +236,10 @@ class IngestServer:
             self.metrics.inc("connections_refused", reason="max_connections")
             writer.transport.abort()
             return
+        transport = writer.transport
+        if self._ssl is not None and isinstance(transport, asyncio.ReadTransport):
+            # Not one byte of the ClientHello may reach the plain reader before start_tls.
+            transport.pause_reading()
         connection = _Connection(self, reader, writer)
         self._connections.add(connection)
         self.metrics.inc("connections_opened")
@@ -283,6 +288,8 @@ class _Connection:
         self._close_reason: _Close | None = None
         self._read_task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._connect_by = asyncio.get_running_loop().time() + self.limits.connect_timeout
+        """The TLS handshake (if any) and the CONNECT must be done by then."""
 
     # -- control from outside -------------------------------------------------------------------
 
@@ -374,9 +381,24 @@ class _Connection:
             if self._draining:  # stop() came while we were authenticating
                 self._read_task.cancel()
 
-    async def _handshake(self) -> None:
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
         try:
-            async with asyncio.timeout(self.limits.connect_timeout):
+            async with asyncio.timeout_at(self._connect_by):
+                await self.writer.start_tls(context)
+        except TimeoutError:
+            self.metrics.inc("connections_refused", reason="connect_timeout")
+            raise _Close("no TLS handshake in time", label="connect_timeout") from None
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            # A wrong certificate, a port scan: counted, logged at debug (asyncio's own TLS
+            # listener logged each as an ERROR with a traceback).
+            self.metrics.inc("connections_refused", reason="tls_handshake")
+            raise _Close(f"TLS handshake failed: {exc!r}", label="tls_handshake") from None
+
+    async def _handshake(self) -> None:
+        if self.server._ssl is not None:
+            await self._start_tls(self.server._ssl)
+        try:
+            async with asyncio.timeout_at(self._connect_by):
                 packet = await read_packet(self.reader, self.limits.max_packet_size)
         except TimeoutError:
             self.metrics.inc("connections_refused", reason="connect_timeout")

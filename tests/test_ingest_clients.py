@@ -15,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mqtt_ingest import ConnectRequest, Identity
+from mqtt_ingest import ConnectRequest, Identity, Limits
 from tests.harness.pki import Pki
 from tests.harness.rawmqtt import connect_packet, tls_connect
 from tests.harness.stages import RecordingStage, counters, running_server
@@ -162,3 +162,50 @@ async def test_a_resumed_tls_session_is_refused(
         assert again == b"\x20\x02\x00\x05"  # not authorized
         assert counters(server).get("connections_refused", reason="tls session resumed") == 1
     assert len(auth.certificates) == 1
+
+
+async def test_tls_handshake_and_connect_share_one_deadline(
+    stage: RecordingStage, pki: Pki
+) -> None:
+    """connect_timeout covers the TLS handshake and the CONNECT together: a client that takes
+    0.7 s to start its handshake and then sends nothing is closed 1 s after it connected, not
+    1 s after its handshake (each used to get its own connect_timeout)."""
+    server_ctx, client_ctx = _tls(pki, True)
+    assert client_ctx is not None
+    loop = asyncio.get_running_loop()
+    async with running_server(
+        stage, ssl_context=server_ctx, limits=Limits(connect_timeout=1.0)
+    ) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        connected = loop.time()
+        await asyncio.sleep(0.7)
+        await writer.start_tls(client_ctx, server_hostname="localhost")
+        assert await reader.read(1) == b""  # closed by the server, nothing sent
+        assert loop.time() - connected < 1.5
+        writer.close()
+        assert counters(server).get("connections_refused", reason="connect_timeout") == 1
+
+
+async def test_sockets_still_in_the_tls_handshake_count_against_max_connections(
+    stage: RecordingStage, pki: Pki
+) -> None:
+    """asyncio's TLS listener handed a connection over only after its handshake: sockets that
+    never finished one were not counted (max_connections 3 held 101 of 300)."""
+    server_ctx, client_ctx = _tls(pki, True)
+    limits = Limits(max_connections=3, connect_timeout=5.0)
+    async with running_server(stage, ssl_context=server_ctx, limits=limits) as server:
+        silent = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(10)]
+        async with asyncio.timeout(5):
+            while counters(server).get("connections_refused", reason="max_connections") < 7:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert server.connection_count == 3
+        for _, writer in silent:
+            writer.close()
+        async with asyncio.timeout(5):
+            while server.connection_count:  # noqa: ASYNC110  # polling a counter
+                await asyncio.sleep(0.01)
+        async with aiomqtt.Client(
+            "localhost", server.port, identifier="after", tls_context=client_ctx
+        ) as client:
+            await client.publish("t", b"in", qos=1, timeout=5)
+    assert stage.payloads("t") == [b"in"]
