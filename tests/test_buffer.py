@@ -4,6 +4,7 @@ lock, corruption and a full disk (RELIABILITY F7, F8, F20)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import subprocess
@@ -196,6 +197,34 @@ async def test_drop_oldest_spares_higher_priorities_and_counts(tmp_path: Path) -
         full = await buffer.append([event(topic="bulk", priority=0, on_full="drop-oldest")])
         assert isinstance(full[0], BufferFull)
         assert "no events of priority <= 0" in full[0].reason
+
+
+async def test_a_burst_of_drops_is_logged_once_not_per_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full buffer dropping the oldest at a low rate drops one event per commit: that was a
+    log line per event (200 lines for 200 drops). Now: one line when the burst starts, one a
+    minute while it lasts, one with the whole range when it ends (SPEC P4)."""
+    clock = FakeClock()
+    caplog.set_level(logging.WARNING, logger="edge_agent.buffer")
+    async with await Buffer.open(tmp_path, max_events=3, commit_linger=0, clock=clock) as buffer:
+        for _ in range(3 + 100):
+            await buffer.append_one(event(on_full="drop-oldest"))
+        for _ in range(13):  # the burst goes on: a drop every 5 s for 65 s
+            clock.advance(5)
+            await buffer.append_one(event(on_full="drop-oldest"))
+        for _ in range(5):
+            await buffer.append_one(event(on_full="drop-oldest"))
+        clock.advance(11)
+        await buffer.sweep_expired()  # notices the burst has ended
+        assert (await buffer.stats()).drops[("buffer-full", "t")][0] == 118
+    lines = [r.getMessage() for r in caplog.records if "drop" in r.getMessage()]
+    assert lines == [
+        "buffer: dropping events on 't': buffer-full (1, seq 1..1)",
+        "buffer: still dropping events on 't': buffer-full"
+        " (111 more, seq 2..112; 112 in this burst)",
+        "buffer: dropped 118 events on 't': buffer-full (seq 1..118, the whole burst)",
+    ]
 
 
 async def test_ttl_sweep_drops_expired_events_and_counts(tmp_path: Path) -> None:

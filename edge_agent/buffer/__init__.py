@@ -42,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _close_cleanly,
     _connect,
@@ -133,6 +134,7 @@ class Buffer:
         self._linger = linger
         self._max_group = max_group
         self._clock = clock
+        self._drop_log = DropLog(clock)
         self._pending: deque[_Pending] = deque()
         self._pending_events = 0
         self._oldest = 0.0
@@ -231,6 +233,7 @@ class Buffer:
         if self._committer is not None:
             # asyncio.wait: our own cancellation still propagates (STYLE 8).
             await asyncio.wait((self._committer,))
+        self._drop_log.flush(all_bursts=True)
         try:
             await self._run(_close_cleanly, self.directory)
         finally:
@@ -332,14 +335,7 @@ class Buffer:
                     future.set_exception(BufferError(f"commit failed: {exc!r}"))
             return
         for (reason, topic), (events, first, last) in dropped.items():
-            log.warning(
-                "buffer: dropped %d events on %r (seq %d..%d): %s",
-                events,
-                topic,
-                first,
-                last,
-                reason,
-            )
+            self._drop_log.record(reason, topic, events, first, last)
         self.commits += 1
         # Seqs are assigned consecutively and only to committed events: no per-event count.
         committed = self._totals.last_seq - last_seq
@@ -397,6 +393,7 @@ class Buffer:
     async def sweep_expired(self) -> int:
         """Drop events whose TTL passed; counted under reason ``ttl``."""
         now_ms = int(self._clock.time() * 1000)
+        self._drop_log.flush()  # bursts of buffer-full drops that have ended
         dropped = await self._run(_sweep, now_ms, self._totals)
         for topic, (events, first, last) in dropped.items():
             log.warning("buffer: %d events on %r expired (seq %d..%d)", events, topic, first, last)
