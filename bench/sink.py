@@ -477,8 +477,11 @@ def sink_toml(
     core: Path,
     max_connections: int,
     linger_ms: float | None = None,
+    tls_read_buffer: int = 0,
 ) -> str:
     linger = "" if linger_ms is None else f'batch_linger = "{linger_ms:g}ms"\n'
+    if tls_read_buffer:
+        linger += f"tls_read_buffer = {tls_read_buffer}\n"
     return (
         f'[listener]\nhost = "127.0.0.1"\nport = 0\nca = "{pki.ca}"\n'
         f'cert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n'
@@ -734,13 +737,19 @@ async def start_sink(
     core = directory / "core.db"
     config = directory / "sink.toml"
     config.write_text(
-        sink_toml(settings.pki, backend, names, core, max_connections, settings.args.sink_linger)
+        sink_toml(
+            settings.pki,
+            backend,
+            names,
+            core,
+            max_connections,
+            settings.args.sink_linger,
+            settings.args.tls_read_buffer,
+        )
     )
     argv = ["--config", str(config), "run", "--listen-port", "0"]
-    if settings.profile is not None or settings.args.ssl_read_buffer:
-        profile = str(settings.profile or "")
-        buffer = str(settings.args.ssl_read_buffer)
-        command = [sys.executable, "-m", "bench.sink", "_profiled", profile, buffer, *argv]
+    if settings.profile is not None:
+        command = [sys.executable, "-m", "bench.sink", "_profiled", str(settings.profile), *argv]
     else:
         command = [str(BIN / "cloud-sink"), *argv]
     sink = await Process.start("cloud-sink", command, directory / "sink.log", SINK_READY)
@@ -1057,17 +1066,10 @@ def _print_profile(path: Path, title: str) -> None:
     out(report.getvalue().rstrip())
 
 
-def _profiled(path: str, ssl_read_buffer: int, argv: list[str]) -> int:
-    """``cloud-sink`` with cProfile enabled between SIGUSR1 and SIGUSR2 (the measured window)
-    when ``path`` is set, and asyncio's TLS read buffer set to ``ssl_read_buffer`` if not 0."""
-    import asyncio.sslproto
-
+def _profiled(path: str, argv: list[str]) -> int:
+    """``cloud-sink`` with cProfile enabled between SIGUSR1 and SIGUSR2 (the measured window)."""
     from cloud_sink.cli import main as sink_main
 
-    if ssl_read_buffer:
-        asyncio.sslproto.SSLProtocol.max_size = ssl_read_buffer
-    if not path:
-        return sink_main(argv)
     profiler = cProfile.Profile()
     signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
     signal.signal(signal.SIGUSR2, lambda *_: profiler.disable())
@@ -1103,9 +1105,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--mosquitto-scale", type=int, default=10, help="Mosquitto gets this many times --events"
     )
     parser.add_argument(
-        "--ssl-read-buffer", type=int, default=0, metavar="BYTES",
-        help="experiment: run the sink with asyncio's SSLProtocol.max_size set to this (its "
-        "per-connection read buffer, 256 KiB in CPython 3.11)",
+        "--tls-read-buffer", type=int, default=0, metavar="BYTES",
+        help="the sink's [listener] tls_read_buffer (default: the sink's default, 64 KiB)",
     )  # fmt: skip
     parser.add_argument("--bare-events", type=int, default=0, help="(default: --events)")
     parser.add_argument("--connections", type=int, default=GOAL_CONNECTIONS, help="(3) clients")
@@ -1130,7 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out(json.dumps(asyncio.run(_bare(json.loads(argv[1])))))
         return
     if argv[:1] == ["_profiled"]:
-        sys.exit(_profiled(argv[1], int(argv[2]), argv[3:]))
+        sys.exit(_profiled(argv[1], argv[2:]))
     args = parse_args(argv)
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from cloud_sink.health import BackendGuard, BackendState, Backoff
 from cloud_sink.metrics import SinkMetrics
 from cloud_sink.readiness import ReadinessServer
 from cloud_sink.rights import DevicePrefixRights
-from cloud_sink.tls import TlsError, TlsReloader, build_context
+from cloud_sink.tls import TlsError, TlsReloader, build_context, set_read_buffer
 from mqtt_ingest import Counters, IngestServer, Limits
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.exposition import MetricsServer
@@ -248,6 +248,7 @@ class Sink:
                 tasks.create_task(self._tls.run(), name="cloud_sink.tls_reload"),
             ]
             stack.push_async_callback(lambda: cancel_until_done(self._tasks))
+            set_read_buffer(listener.tls_read_buffer)
             server = IngestServer(
                 stage=Forwarder(
                     self.prometheus.timed(backend),

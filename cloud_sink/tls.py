@@ -17,6 +17,7 @@ An invalid file is refused with one log line and the previous context stays in u
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import os
 import ssl
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from cloud_sink.config import ListenerConfig
 
-__all__ = ["TlsError", "TlsReloader", "build_context", "check_crl"]
+__all__ = ["TlsError", "TlsReloader", "build_context", "check_crl", "set_read_buffer"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,23 @@ def check_crl(crl_path: Path, ca_path: Path) -> int:
         if crl.is_signature_valid(key):
             return len(crl)
     raise TlsError(f"{crl_path}: the CRL is not signed by the CA in {ca_path}")
+
+
+def set_read_buffer(size: int) -> bool:
+    """Make asyncio's TLS read buffer ``size`` bytes for every TLS connection of this process
+    from now on; False (and one warning) if this Python has no such setting.
+
+    The buffer is ``asyncio.sslproto.SSLProtocol.max_size`` (CPython 3.11 to 3.13: 256 KiB),
+    allocated zeroed, so resident, for each connection: of the 304 KB an idle device cost the
+    sink, 256 KB (docs/benchmarks.md). It is a class attribute of a private module, so the
+    setting is process-wide (the backends' TLS connections too, harmlessly) and checked here.
+    """
+    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if not isinstance(getattr(protocol, "max_size", None), int):
+        log.warning("this Python's asyncio has no TLS read buffer size to set: keeping its own")
+        return False
+    protocol.max_size = size  # type: ignore[union-attr]
+    return True
 
 
 def build_context(listener: ListenerConfig) -> ssl.SSLContext:

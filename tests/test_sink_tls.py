@@ -4,9 +4,11 @@ the file changes; a CRL that cannot be trusted is refused and the previous one k
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import shutil
 import signal
+import sqlite3
 import ssl
 import uuid
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from cloud_sink.config import SinkConfig, parse_config
+from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
 from cloud_sink.tls import TlsError, check_crl
 from tests.harness.pki import DeviceCreds, Pki
@@ -182,3 +184,24 @@ async def test_no_tls_session_resumption_so_a_revoked_device_cannot_resume(
         )
         assert not reused
         assert refused == b"", f"revoked device answered {refused!r}"
+
+
+async def test_the_tls_read_buffer_is_the_configured_size(tmp_path: Path, pki: Pki) -> None:
+    """asyncio allocates its TLS read buffer (256 KiB by default) zeroed for every connection:
+    the sink sets the configured size; a payload several times larger still arrives whole."""
+    device = pki.device(f"buf-{uuid.uuid4().hex[:6]}")
+    config = write_sink_config(tmp_path, pki)
+    config.write_text(config.read_text().replace("[auth]", 'tls_read_buffer = "16KiB"\n\n[auth]'))
+    payload = bytes(range(256)) * 400  # 100 KiB
+    async with Sink(loaded(config)) as sink:
+        assert asyncio.sslproto.SSLProtocol.max_size == 16 * 1024
+        async with aiomqtt.Client(
+            "localhost", sink.port, identifier=device.device_id, username=device.device_id,
+            password=device_token(device), tls_context=pki.client_context(device), timeout=5,
+        ) as client:  # fmt: skip
+            await client.publish(f"devices/{device.device_id}/big", payload, qos=1, timeout=10)
+    with sqlite3.connect(tmp_path / "core.db") as db:
+        assert db.execute("SELECT payload FROM events").fetchall() == [(payload,)]
+    too_small = config.read_text().replace('tls_read_buffer = "16KiB"', 'tls_read_buffer = "8KiB"')
+    with pytest.raises(ConfigError, match=r"listener\.tls_read_buffer"):
+        parse_config(too_small)
