@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -24,12 +23,12 @@ from cryptography import x509
 
 from edge_agent.accept import Acceptor, InvalidEvent, check_event
 from edge_agent.buffer import (
-    LOCK_NAME,
     Buffer,
     BufferError,
     BufferFull,
     BufferStats,
     StoredEvent,
+    agent_pid,
     inspect,
     read_events,
 )
@@ -229,7 +228,7 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
     """
     check_event(config, topic, payload)  # a clear error before anything is sent
     directory = config.agent.data_dir
-    pid = _agent_pid(directory)
+    pid = agent_pid(directory)
     if pid is not None:
         listener = read_listener_file(directory)
         if listener is None or listener.get("pid") != pid or listener.get("tls") is not False:
@@ -330,23 +329,6 @@ def _stats_json(stats: BufferStats) -> dict[str, object]:
     }
 
 
-def _agent_pid(directory: Path) -> int | None:
-    """The pid of the agent holding ``directory``, or None if no agent runs there."""
-    try:
-        fd = os.open(directory / LOCK_NAME, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    else:
-        return None
-    finally:
-        os.close(fd)
-
-
 def _link(config: AgentConfig) -> dict[str, object]:
     """The uplink as ``status`` shows it: configuration, live state, credential expiry."""
     if config.uplink is None:
@@ -355,7 +337,7 @@ def _link(config: AgentConfig) -> dict[str, object]:
     result: dict[str, object] = {
         "configured": True,
         "server": f"{config.uplink.host}:{config.uplink.port}",
-        "agent_pid": _agent_pid(config.agent.data_dir),
+        "agent_pid": agent_pid(config.agent.data_dir),
     }
     state: LinkStatus | None = read_link_status(config.agent.data_dir)
     if state is not None:

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edge_agent.buffer import DB_NAME, BufferError, inspect
+from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import client_context
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
@@ -100,6 +100,17 @@ def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
     handshake = _check("tls", lambda: _tls(uplink))
     yield handshake
     if not (handshake.ok and chain.ok and key.ok and token.ok and clock.ok):
+        return
+    running = agent_pid(config.agent.data_dir)
+    if running is not None:
+        # Same client id: the sink would close the running agent's connection (takeover), and
+        # the agent would resend its in-flight window.
+        yield Check(
+            "connect",
+            True,
+            f"skipped: the agent (pid {running}) is running; `edge-agent status` shows its link",
+            warning=True,
+        )
         return
     yield _check("connect", lambda: asyncio.run(_connect(config, uplink)))
 

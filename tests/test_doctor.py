@@ -3,6 +3,7 @@ its message and a fix, exit status 1."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import uuid
 from collections.abc import Callable
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import Agent, load_config
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.sink import running_sink
+from tests.harness.stages import counters
 from tests.test_agent import acli
 
 pytestmark = pytest.mark.integration
@@ -138,3 +141,24 @@ async def test_doctor_fails_on_each_broken_item(
     assert failing[0].startswith(f"FAIL {check}:"), done.stdout
     assert message in failing[0], done.stdout
     assert "fix:" in done.stdout
+
+
+async def test_doctor_does_not_knock_a_running_agent_off_the_sink(tmp_path: Path, pki: Pki) -> None:
+    """Its CONNECT uses the device's client id: the sink would take the session over, closing
+    the running agent's connection (which then resends its in-flight window)."""
+    device = copy_creds(pki.device(f"doc-{uuid.uuid4().hex[:6]}"), tmp_path / "creds")
+    async with running_sink(tmp_path, pki) as server:
+        path = write_config(
+            tmp_path / "agent", device_id=device.device_id,
+            uplink=uplink_section(pki, device, server.port),
+        )  # fmt: skip
+        async with Agent(load_config(path)) as agent:
+            await agent.publish("sensors/t", b"1")
+            async with asyncio.timeout(20):
+                while server.connection_count == 0:  # noqa: ASYNC110  # polling a counter
+                    await asyncio.sleep(0.05)
+            done = await acli(path, "doctor")
+            assert server.connection_count == 1
+        assert counters(server).get("takeovers") == 0
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "connect: skipped: the agent (pid" in done.stdout

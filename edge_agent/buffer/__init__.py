@@ -49,6 +49,7 @@ from edge_agent.buffer.files import (
     _load_totals,
     _lock,
     _open_checked,
+    agent_pid,
 )
 from edge_agent.buffer.model import (
     CACHE_KIB,
@@ -102,6 +103,7 @@ __all__ = [
     "NewEvent",
     "StoredEvent",
     "TopicStats",
+    "agent_pid",
     "inspect",
     "read_events",
 ]

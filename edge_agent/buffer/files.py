@@ -34,6 +34,24 @@ from mqtt_ingest.clock import Clock
 log = logging.getLogger("edge_agent.buffer")
 
 
+def agent_pid(directory: Path) -> int | None:
+    """The pid of the agent holding ``directory``, or None if no agent runs there (-1: one
+    does, its pid unreadable)."""
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    else:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _lock(directory: Path) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
