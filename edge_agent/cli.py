@@ -32,7 +32,13 @@ from edge_agent.buffer import (
     inspect,
     read_events,
 )
-from edge_agent.config import AgentConfig, ConfigError, load_config, topic_matches
+from edge_agent.config import (
+    AgentConfig,
+    ConfigError,
+    load_config,
+    topic_filter_problem,
+    topic_matches,
+)
 from edge_agent.doctor import run_checks
 from edge_agent.link import LinkStatus, read_link_status
 from edge_agent.local import read_listener_file
@@ -98,12 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     actions = buffer.add_subparsers(dest="action", required=True, metavar="ACTION")
     peek = actions.add_parser("peek", help="show the next events in drain order")
     peek.add_argument("-n", type=_positive, default=10, help="how many (default 10)")
-    peek.add_argument("--topic", help="only topics matching this MQTT filter")
+    peek.add_argument("--topic", type=_topic_filter, help="only topics matching this MQTT filter")
     export = actions.add_parser("export", help="every buffered event as JSON lines")
-    export.add_argument("--topic", help="only topics matching this MQTT filter")
+    export.add_argument("--topic", type=_topic_filter, help="only topics matching this MQTT filter")
     export.add_argument("--output", type=Path, help="file to write (default stdout)")
     purge = actions.add_parser("purge", help="delete buffered events (the agent must be stopped)")
-    purge.add_argument("--topic", help="only topics matching this MQTT filter")
+    purge.add_argument("--topic", type=_topic_filter, help="only topics matching this MQTT filter")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     actions.add_parser(
         "requeue-dead",
@@ -401,6 +407,13 @@ def _link_text(link: dict[str, object]) -> str:
         warn = "WARNING " if left < TOKEN_WARNING else ""
         lines.append(f"token: {warn}expires in {_seconds(left)}")
     return "\n".join(lines)
+
+
+def _topic_filter(text: str) -> str:
+    problem = topic_filter_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)  # it would match nothing, silently
+    return text
 
 
 def _positive(text: str) -> int:

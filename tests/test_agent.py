@@ -230,6 +230,10 @@ async def test_cli_says_what_is_wrong_instead_of_a_traceback(tmp_path: Path) -> 
     none = await acli(config_path, "buffer", "peek", "-n", "0")
     assert none.returncode == 2
     assert "must be at least 1" in none.stderr
+    for action in ("peek", "export", "purge"):  # a filter that would silently match nothing
+        bad = await acli(config_path, "buffer", action, "--topic", "a/#/b")
+        assert bad.returncode == 2
+        assert "'#' must be a whole level and the last one" in bad.stderr
     database = tmp_path / "data" / "buffer.db"
     database.write_bytes(b"this is no SQLite header at all" + database.read_bytes()[31:])
     for command in (["status"], ["buffer", "peek"], ["buffer", "export"]):
