@@ -34,6 +34,11 @@ class Limits:
     then need not wait for the previous call to finish."""
     stop_deadline: float = 10.0
     """On stop, in-flight events get this long to be stored and acknowledged."""
+    session_expiry: float = 3600.0
+    """How long the QoS 2 state of a client with a persistent session (CleanSession 0) is kept
+    after its connection closed: the packet ids it got PUBREC for and no PUBREL yet."""
+    max_sessions: int = 10_000
+    """At most this many such sessions are kept (the oldest closed ones go first)."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -46,6 +51,8 @@ class Limits:
             "batch_max_events": self.batch_max_events,
             "stage_timeout": self.stage_timeout,
             "stage_concurrency": self.stage_concurrency,
+            "session_expiry": self.session_expiry,
+            "max_sessions": self.max_sessions,
         }
         for name, value in positive.items():
             if value <= 0:

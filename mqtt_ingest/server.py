@@ -29,7 +29,7 @@ import contextlib
 import logging
 import ssl
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NoReturn
@@ -97,6 +97,11 @@ class _Pending:
     counts_as_event: bool
 
 
+def _stored(future: asyncio.Future[None]) -> bool:
+    """A done stage future that succeeded."""
+    return not future.cancelled() and future.exception() is None
+
+
 def _consume(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
@@ -140,6 +145,11 @@ class IngestServer:
         )
         self._connections: set[_Connection] = set()
         self._clients: dict[str, _Connection] = {}
+        self._sessions: OrderedDict[str, tuple[dict[int, asyncio.Future[None]], float]] = (
+            OrderedDict()
+        )
+        """Persistent sessions of closed connections: client id -> (QoS 2 packet ids stored and
+        awaiting PUBREL, loop time it expires), oldest first."""
         self._tasks: asyncio.TaskGroup | None = None
         self._batcher_task: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -247,16 +257,47 @@ class IngestServer:
             connection.run(), name=f"mqtt_ingest.{self.name}.connection"
         )
 
-    def _register(self, connection: _Connection) -> None:
-        old = self._clients.get(connection.client_id)
+    def _register(self, connection: _Connection, clean_session: bool) -> bool:
+        """Make ``connection`` its client id's; return whether a session was present (MQTT
+        3.1.1 §3.2.2.2): with CleanSession 0, the QoS 2 packet ids an earlier connection got
+        PUBREC for and no PUBREL, so that their resends are answered, not stored again."""
+        client_id = connection.client_id
+        old = self._clients.get(client_id)
+        kept: dict[int, asyncio.Future[None]] | None = None
         if old is not None and old is not connection:
             log.info(
                 "%s: client %r connected again from %s: closing the older connection",
-                self.name, connection.client_id, connection.peer,
+                self.name, client_id, connection.peer,
             )  # fmt: skip
             old.abort("taken over by a new connection", "takeover")
             self.metrics.inc("takeovers")
-        self._clients[connection.client_id] = connection
+            kept, old._qos2 = old._qos2, {}
+        stored = self._sessions.pop(client_id, None)
+        if kept is None and stored is not None and stored[1] > self._loop_time():
+            kept = stored[0]
+        self._clients[client_id] = connection
+        if clean_session or not kept:
+            return False
+        connection._qos2 = kept
+        return True
+
+    def _keep_session(self, client_id: str, qos2: dict[int, asyncio.Future[None]]) -> None:
+        """Keep the QoS 2 state of a closed persistent session (only what was stored)."""
+        stored = {
+            packet_id: future
+            for packet_id, future in qos2.items()
+            if future.done() and _stored(future)
+        }
+        if not stored:
+            return
+        self._sessions[client_id] = (stored, self._loop_time() + self.limits.session_expiry)
+        self._sessions.move_to_end(client_id)
+        while len(self._sessions) > self.limits.max_sessions:
+            self._sessions.popitem(last=False)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     def _forget(self, connection: _Connection) -> None:
         self._connections.discard(connection)
@@ -281,6 +322,7 @@ class _Connection:
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._acks: deque[_Pending] = deque()
         self._qos2: dict[int, asyncio.Future[None]] = {}
+        self._clean_session = True
         self._ack_wakeup = asyncio.Event()
         self._space = asyncio.Event()
         self._draining = False
@@ -346,6 +388,12 @@ class _Connection:
         for future in self._qos2.values():
             future.add_done_callback(_consume)
         self._acks.clear()
+        if (
+            not self._clean_session
+            and self.identity is not None
+            and self.server._clients.get(self.client_id) is self
+        ):
+            self.server._keep_session(self.client_id, self._qos2)
         self.server._forget(self)
         self.metrics.inc("connections_closed", reason=label)
         if self.identity is not None:
@@ -493,8 +541,9 @@ class _Connection:
         if keep_alive == 0 or keep_alive > self.limits.max_keep_alive:
             keep_alive = self.limits.max_keep_alive
         self._keep_alive_timeout = keep_alive * self.limits.keep_alive_factor
-        self.server._register(self)
-        self.writer.write(encode_connack(ConnackCode.ACCEPTED, session_present=False))
+        self._clean_session = packet.clean_session
+        present = self.server._register(self, packet.clean_session)
+        self.writer.write(encode_connack(ConnackCode.ACCEPTED, session_present=present))
         self.metrics.inc("connects_accepted")
         log.info(
             "%s: %s connected from %s as %s (keep-alive %ds)",
@@ -610,6 +659,8 @@ class _Connection:
         if packet.qos == 2:
             assert packet.packet_id is not None
             earlier = self._qos2.get(packet.packet_id)
+            if earlier is not None and earlier.done() and not _stored(earlier):
+                earlier = None  # (kept from an earlier connection) not stored: store it now
             if earlier is not None:
                 # Resent before PUBREL: the first copy is (being) stored; answer, don't forward.
                 self.metrics.inc("qos2_duplicates")

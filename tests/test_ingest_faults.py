@@ -423,6 +423,53 @@ async def test_qos2_flow_survives_a_dropped_connection(stage: RecordingStage) ->
     assert stage.payloads() == [b"e1"]
 
 
+async def persistent(port: int, client_id: str, session_present: bool) -> RawClient:
+    client = await RawClient.open(port)
+    await client.send(connect_packet(client_id, clean=False))
+    connack = await client.read()
+    assert connack is not None
+    assert (connack.kind, connack.body) == (2, bytes([int(session_present), 0]))
+    return client
+
+
+async def test_a_persistent_session_keeps_qos2_receipts_across_connections(
+    stage: RecordingStage,
+) -> None:
+    """MQTT 3.1.1 §4.3.3 and §3.1.2.4: with CleanSession 0 a PUBLISH resent (DUP) after a new
+    connection, for a packet id that got PUBREC and no PUBREL, is answered and not stored again
+    (it was stored twice: exactly once broken for raw QoS 2 publishers, whose events have no
+    event id to dedupe by). The same after a takeover; CleanSession 1 discards it."""
+    async with running_server(stage) as server:
+        first = await persistent(server.port, "q2-keep", session_present=False)
+        await first.send(publish_packet("t", b"once", qos=2, packet_id=3))
+        assert (await first.read()) is not None  # PUBREC
+        await first.aclose()
+        await asyncio.sleep(0.1)
+        second = await persistent(server.port, "q2-keep", session_present=True)
+        await second.send(publish_packet("t", b"once", qos=2, packet_id=3, dup=True))
+        rec = await second.read()
+        assert rec is not None
+        assert (rec.kind, rec.packet_id) == (5, 3)
+        await second.send(publish_packet("t", b"twice", qos=2, packet_id=4))
+        assert (await second.read()) is not None
+        # Taken over while open: the new connection has the state at once.
+        third = await persistent(server.port, "q2-keep", session_present=True)
+        await third.send(publish_packet("t", b"twice", qos=2, packet_id=4, dup=True))
+        await third.send(pubrel_packet(3) + pubrel_packet(4))
+        answers = [await third.read() for _ in range(3)]
+        assert [(a.kind, a.packet_id) for a in answers if a] == [(5, 4), (7, 3), (7, 4)]
+        await third.aclose()
+        await second.aclose()
+        await asyncio.sleep(0.1)
+        # Nothing left to keep (every PUBREL came), and a clean session starts afresh.
+        clean = await RawClient.connected(server.port, "q2-keep")
+        await clean.aclose()
+        fresh = await persistent(server.port, "q2-keep", session_present=False)
+        await fresh.aclose()
+    assert stage.payloads() == [b"once", b"twice"]
+    assert counters(server).get("qos2_duplicates") == 2
+
+
 async def test_waiting_on_a_slow_stage_does_not_count_against_the_keep_alive(
     stage: RecordingStage,
 ) -> None:
