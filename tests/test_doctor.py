@@ -31,13 +31,19 @@ def copy_creds(creds: DeviceCreds, directory: Path) -> DeviceCreds:
     return DeviceCreds(creds.device_id, cert, key, creds.serial)
 
 
-async def test_doctor_passes_against_a_working_sink(tmp_path: Path, pki: Pki) -> None:
+def agent_config(tmp_path: Path, pki: Pki, port: int) -> Path:
+    """An agent.toml for a new device (its credentials copied as an operator would) whose
+    uplink goes to the test sink on ``port``."""
     device = copy_creds(pki.device(f"doc-{uuid.uuid4().hex[:6]}"), tmp_path / "creds")
+    return write_config(
+        tmp_path / "agent", device_id=device.device_id,
+        uplink=uplink_section(pki, device, port),
+    )  # fmt: skip
+
+
+async def test_doctor_passes_against_a_working_sink(tmp_path: Path, pki: Pki) -> None:
     async with running_sink(tmp_path, pki) as server:
-        path = write_config(
-            tmp_path / "agent", device_id=device.device_id,
-            uplink=uplink_section(pki, device, server.port),
-        )  # fmt: skip
+        path = agent_config(tmp_path, pki, server.port)
         (tmp_path / "agent" / "data").mkdir()  # as `install` leaves it: no buffer yet
         done = await acli(path, "doctor")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -146,12 +152,8 @@ async def test_doctor_fails_on_each_broken_item(
 async def test_doctor_does_not_knock_a_running_agent_off_the_sink(tmp_path: Path, pki: Pki) -> None:
     """Its CONNECT uses the device's client id: the sink would take the session over, closing
     the running agent's connection (which then resends its in-flight window)."""
-    device = copy_creds(pki.device(f"doc-{uuid.uuid4().hex[:6]}"), tmp_path / "creds")
     async with running_sink(tmp_path, pki) as server:
-        path = write_config(
-            tmp_path / "agent", device_id=device.device_id,
-            uplink=uplink_section(pki, device, server.port),
-        )  # fmt: skip
+        path = agent_config(tmp_path, pki, server.port)
         async with Agent(load_config(path)) as agent:
             await agent.publish("sensors/t", b"1")
             async with asyncio.timeout(20):
