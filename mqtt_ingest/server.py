@@ -272,6 +272,7 @@ class IngestServer:
             old.abort("taken over by a new connection", "takeover")
             self.metrics.inc("takeovers")
             kept, old._qos2 = old._qos2, {}
+            old._handed_over = set(kept.values())
         stored = self._sessions.pop(client_id, None)
         if kept is None and stored is not None and stored[1] > self._loop_time():
             kept = stored[0]
@@ -279,6 +280,7 @@ class IngestServer:
         if clean_session or not kept:
             return False
         connection._qos2 = kept
+        connection._resumed = set(kept)
         return True
 
     def _keep_session(self, client_id: str, qos2: dict[int, asyncio.Future[None]]) -> None:
@@ -288,8 +290,8 @@ class IngestServer:
             for packet_id, future in qos2.items()
             if future.done() and _stored(future)
         }
-        if not stored:
-            return
+        if not stored or len(stored) > self.limits.max_inflight:
+            return  # (more than a well-behaved client can have in flight: not kept)
         self._sessions[client_id] = (stored, self._loop_time() + self.limits.session_expiry)
         self._sessions.move_to_end(client_id)
         while len(self._sessions) > self.limits.max_sessions:
@@ -323,6 +325,10 @@ class _Connection:
         self._acks: deque[_Pending] = deque()
         self._qos2: dict[int, asyncio.Future[None]] = {}
         self._clean_session = True
+        self._handed_over: set[asyncio.Future[None]] = set()
+        """QoS 2 events a connection that took over this one answers for."""
+        self._resumed: set[int] = set()
+        """QoS 2 packet ids kept from an earlier connection, not yet seen on this one."""
         self._ack_wakeup = asyncio.Event()
         self._space = asyncio.Event()
         self._draining = False
@@ -342,7 +348,11 @@ class _Connection:
         if self._read_task is not None:
             self._read_task.cancel()
         elif self.task is not None and self.identity is None:
-            self.abort("server stopping", "server_stop")
+            # Cancelled, not aborted: a transport aborted under a TLS handshake in progress makes
+            # Python 3.11's start_tls return no transport, and the stream fails on it.
+            if self._close_reason is None:
+                self._close_reason = _Close("server stopping", label="server_stop")
+            self.task.cancel()
         self._ack_wakeup.set()
 
     def abort(self, reason: str, label: str) -> None:
@@ -374,6 +384,8 @@ class _Connection:
             log.exception("%s: connection %s failed", self.server.name, self.peer)
             reason, label = "internal error", "internal_error"
         finally:
+            if label == "closed" and self._close_reason is not None:  # cancelled by finish()
+                reason, label = self._close_reason.reason, self._close_reason.label
             await self._teardown(reason, label)
 
     async def _teardown(self, reason: str, label: str) -> None:
@@ -381,10 +393,16 @@ class _Connection:
             self._expiry.cancel()
         for pending in self._acks:
             pending.future.add_done_callback(_consume)
-        # Events not yet in a stage call are withdrawn (the client, unacknowledged, keeps them):
-        # queued behind a slow stage they outlived their connection, and a client reconnecting
-        # and sending again grew the batcher's queue without bound.
-        self.server._batcher.withdraw(pending.future for pending in self._acks)
+        # QoS 1/2 events not yet in a stage call are withdrawn (the client, unacknowledged,
+        # keeps them): queued behind a slow stage they outlived their connection, and a client
+        # reconnecting and sending again grew the batcher's queue without bound. Not QoS 0 (no
+        # resend comes), nor QoS 2 events a taking-over connection now answers for.
+        handed_over = self._handed_over
+        self.server._batcher.withdraw(
+            pending.future
+            for pending in self._acks
+            if pending.ack is not None and pending.future not in handed_over
+        )
         for future in self._qos2.values():
             future.add_done_callback(_consume)
         self._acks.clear()
@@ -659,6 +677,12 @@ class _Connection:
         if packet.qos == 2:
             assert packet.packet_id is not None
             earlier = self._qos2.get(packet.packet_id)
+            if self._resumed and packet.packet_id in self._resumed:
+                self._resumed.discard(packet.packet_id)
+                # From an earlier connection: only a resend (DUP) is that message again. A new
+                # one reusing the id (a client that lost its own state) must be stored.
+                if not packet.dup:
+                    earlier = None
             if earlier is not None and earlier.done() and not _stored(earlier):
                 earlier = None  # (kept from an earlier connection) not stored: store it now
             if earlier is not None:
@@ -752,6 +776,10 @@ class _Connection:
                 raise _Close(f"event not stored: {reason}", label="stage_failed")
             if not self._space.is_set() and len(acks) < self.limits.max_inflight:
                 self._space.set()
+            transport = self.writer.transport
+            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+                await self.writer.drain()  # cannot wait (writing is not paused): no timer
+                continue
             try:
                 # The read loop stops reading (keep-alive off) while max_inflight acks wait
                 # here: a client that stops reading would otherwise hold its slot for ever.

@@ -15,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mqtt_ingest import ConnectRequest, Identity, Limits
+from mqtt_ingest import Anonymous, ConnectRequest, Identity, IngestServer, Limits
 from tests.harness.pki import Pki
 from tests.harness.rawmqtt import connect_packet, tls_connect
 from tests.harness.stages import RecordingStage, counters, running_server
@@ -209,3 +209,18 @@ async def test_sockets_still_in_the_tls_handshake_count_against_max_connections(
         ) as client:
             await client.publish("t", b"in", qos=1, timeout=5)
     assert stage.payloads("t") == [b"in"]
+
+
+async def test_stop_during_a_tls_handshake_stops_cleanly(stage: RecordingStage, pki: Pki) -> None:
+    """A socket mid-handshake at stop: aborting its transport made start_tls return no transport
+    on Python 3.11; the connection task failed and took the server's stop down with it."""
+    server_ctx, _ = _tls(pki, True)
+    server = IngestServer(stage=stage, authenticator=Anonymous(), ssl_context=server_ctx)
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)  # no ClientHello
+        async with asyncio.timeout(5):
+            while not server.connection_count:  # noqa: ASYNC110  # polling a counter
+                await asyncio.sleep(0.01)
+    writer.close()
+    assert counters(server).get("connections_closed", reason="server_stop") == 1
+    assert counters(server).get("connections_closed", reason="internal_error") == 0

@@ -470,6 +470,36 @@ async def test_a_persistent_session_keeps_qos2_receipts_across_connections(
     assert counters(server).get("qos2_duplicates") == 2
 
 
+async def test_a_session_taken_over_mid_store_answers_the_resend_once(
+    stage: RecordingStage,
+) -> None:
+    """The QoS 2 event is in a stage call when its connection is taken over: the new connection
+    answers the resend once that call is done (it used to be withdrawn, then stored again).
+    And a kept id reused without DUP (a client that lost its own state) is a new message."""
+    stage.hold()
+    async with running_server(stage) as server:
+        first = await persistent(server.port, "q2-take", session_present=False)
+        await first.send(publish_packet("t", b"slow", qos=2, packet_id=5))
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        second = await persistent(server.port, "q2-take", session_present=True)
+        await second.send(publish_packet("t", b"slow", qos=2, packet_id=5, dup=True))
+        await asyncio.sleep(0.1)
+        stage.release()
+        rec = await second.read()
+        assert rec is not None
+        assert (rec.kind, rec.packet_id) == (5, 5)
+        await second.aclose()
+        await first.aclose()
+        await asyncio.sleep(0.1)
+        third = await persistent(server.port, "q2-take", session_present=True)
+        await third.send(publish_packet("t", b"new", qos=2, packet_id=5))  # DUP not set
+        rec = await third.read()
+        assert rec is not None
+        assert (rec.kind, rec.packet_id) == (5, 5)
+        await third.aclose()
+    assert stage.payloads() == [b"slow", b"new"]
+
+
 async def test_waiting_on_a_slow_stage_does_not_count_against_the_keep_alive(
     stage: RecordingStage,
 ) -> None:
@@ -578,3 +608,23 @@ async def test_events_of_a_closed_connection_do_not_pile_up_behind_a_slow_stage(
     # The stage call in progress when the rounds began (up to one connection's 15 events),
     # and the canary: nothing else.
     assert len(stage.payloads("t")) <= 15
+
+
+async def test_qos0_events_of_a_closed_connection_are_still_stored(stage: RecordingStage) -> None:
+    """Withdrawing is for events the client resends: QoS 0 ones it never does."""
+    stage.hold()
+    async with running_server(stage) as server:
+        blocker = await RawClient.connected(server.port, "blocker")
+        await blocker.send(publish_packet("b", b"held", qos=1, packet_id=1))
+        await asyncio.wait_for(stage.waiting.wait(), 5)  # the stage call holds the batcher
+        client = await RawClient.connected(server.port, "fire-and-forget")
+        await client.send(b"".join(publish_packet("q0", b"%d" % i) for i in range(5)))
+        await asyncio.sleep(0.1)  # read and queued behind that call
+        await client.aclose()
+        async with asyncio.timeout(5):
+            while server.connection_count > 1:  # noqa: ASYNC110  # polling a counter
+                await asyncio.sleep(0.01)
+        stage.release()
+        await canary_publishes(server, stage, "q0-after")
+        await blocker.aclose()
+    assert sorted(stage.payloads("q0")) == [b"%d" % i for i in range(5)]
