@@ -75,12 +75,12 @@ class ListenerConfig(_Strict):
     max_packet_size: Bytes = 1024**2
     connect_timeout: Seconds = 5.0
     batch_linger: Annotated[Delay, Field(le=1.0)] = 0.0
-    tls_read_buffer: Annotated[Bytes, Field(ge=16 * 1024, le=1024**2)] = 64 * 1024
-    """asyncio's TLS read buffer per connection (its default, 256 KiB, allocated and zeroed for
-    every connection, was 2.5 GB at max_connections = 10000); a TLS record is at most 16 KiB."""
     """How long the first event of an idle core queue waits for others before it is forwarded.
     0 (the default): at once; events that arrive while the core queue confirms one batch form
     the next one anyway, so batches grow with the load without adding latency at low load."""
+    tls_read_buffer: Annotated[Bytes, Field(ge=16 * 1024, le=1024**2)] = 64 * 1024
+    """asyncio's TLS read buffer per connection (its default, 256 KiB, allocated and zeroed for
+    every connection, was 2.5 GB at max_connections = 10000); a TLS record is at most 16 KiB."""
 
 
 class AuthConfig(_Strict):

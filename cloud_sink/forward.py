@@ -55,42 +55,26 @@ class Forwarder:
         refused: list[StageRefused | None] | None = None
         refusal = self._queue.refusal
         for index, event in enumerate(events):
-            device = event.identity.name
-            received_ms = int(event.received_at * 1000)
-            problem = unmappable_topic(event.topic)
-            if problem is None:
-                batch = event.identity.attributes.get("format") == FORMAT_BATCH_V1
-                try:
-                    ours = (
-                        self._unpacked(event, device, received_ms)
-                        if batch
-                        else [self._raw(event, device, received_ms)]
+            ours, letters = self._messages(event)
+            if letters:
+                why_not = next(filter(None, map(refusal, letters)), None)
+                if why_not is not None:
+                    # Not even as a dead letter (too large for the backend at all): not
+                    # acknowledged, the device keeps it (our agent dead-letters it locally after
+                    # its attempts). Nothing of this MQTT message is forwarded.
+                    if refused is None:
+                        refused = [None] * len(events)
+                    refused[index] = StageRefused(
+                        f"{letters[0].reason} (nor as a dead letter: {why_not})"
                     )
-                except EnvelopeError as exc:
-                    problem = exc.reason
-                else:
-                    # What the backend can never take (too large for it, a name it cannot
-                    # carry) must not fail the whole batch: that looked like an outage, and the
-                    # device's resend brought it back, shutting every device out again.
-                    problem = next(filter(None, map(refusal, ours)), None)
-                    if problem is None:
-                        messages += ours
-                        continue
-            letter = DeadLetterMessage(device, event.topic, event.payload, problem, received_ms)
-            why_not = refusal(letter)
-            if why_not is None:
-                dead.append(letter)
-                continue
-            # Not even as a dead letter (too large for the backend at all): not acknowledged,
-            # the device keeps it (the agent dead-letters it locally after its attempts).
-            if refused is None:
-                refused = [None] * len(events)
-            refused[index] = StageRefused(f"{problem} (nor as a dead letter: {why_not})")
-            self._metrics.inc("forwarded", reason="refused")
-            log.warning(
-                "forward: refused an event of %s on %r, not acknowledged: %s",
-                device, event.topic[:100], refused[index],
-            )  # fmt: skip
+                    self._metrics.inc("forwarded", reason="refused")
+                    log.warning(
+                        "forward: refused an event of %s on %r, not acknowledged: %s",
+                        event.identity.name, event.topic[:100], refused[index],
+                    )  # fmt: skip
+                    continue
+                dead += letters
+            messages += ours
         if messages:
             outcome = await self._queue.publish(messages)
             self._metrics.inc("forwarded", outcome.stored, reason="stored")
@@ -104,6 +88,45 @@ class Forwarder:
                 len(dead), dead[0].device_id, dead[0].topic[:100], dead[0].reason,
             )  # fmt: skip
         return refused
+
+    def _messages(self, event: IngestEvent) -> tuple[list[CoreMessage], list[DeadLetterMessage]]:
+        """The core-queue messages of one MQTT message, and the dead letters of what cannot be
+        one: the whole payload for an unmappable topic or a malformed envelope, each event the
+        backend can never take (too large for it, a name it cannot carry) on its own. Such an
+        event failed the whole batch before: an outage, and the device's resend brought it
+        back, shutting every device out again."""
+        device = event.identity.name
+        received_ms = int(event.received_at * 1000)
+        problem = unmappable_topic(event.topic)
+        if problem is None:
+            try:
+                ours = (
+                    self._unpacked(event, device, received_ms)
+                    if event.identity.attributes.get("format") == FORMAT_BATCH_V1
+                    else [self._raw(event, device, received_ms)]
+                )
+            except EnvelopeError as exc:
+                problem = exc.reason
+            else:
+                refusal = self._queue.refusal
+                if not any(map(refusal, ours)):
+                    return ours, []
+                good: list[CoreMessage] = []
+                letters: list[DeadLetterMessage] = []
+                for message in ours:
+                    why = refusal(message)
+                    if why is None:
+                        good.append(message)
+                    else:
+                        if message.seq is not None:
+                            why += f" (event {message.event_id})"
+                        letters.append(
+                            DeadLetterMessage(
+                                device, event.topic, message.payload, why, received_ms
+                            )
+                        )
+                return good, letters
+        return [], [DeadLetterMessage(device, event.topic, event.payload, problem, received_ms)]
 
     def _unpacked(self, event: IngestEvent, device: str, received_ms: int) -> list[CoreMessage]:
         """The events of an envelope, each its own message; `EnvelopeError` if malformed."""

@@ -74,6 +74,7 @@ class BackendGuard:
 
     def __init__(self, queue: CoreQueue, backoff: Backoff, metrics: Metrics) -> None:
         self._queue = queue
+        self.refusal = queue.refusal  # asked per message: no pass-through call per layer
         self._backoff = backoff
         self._metrics = metrics
         self._state = BackendState.UP
@@ -103,9 +104,6 @@ class BackendGuard:
         await self._up.wait()
 
     # -- CoreQueue -----------------------------------------------------------------------------
-
-    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
-        return self._queue.refusal(message)
 
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         self._check()

@@ -180,13 +180,11 @@ class _TimedQueue:
         dead_letter_errors: Counter,
     ) -> None:
         self._queue = queue
+        self.refusal = queue.refusal  # asked per message: no pass-through call per layer
         self._publish_seconds = publish_seconds
         self._dead_letter_seconds = dead_letter_seconds
         self._publish_errors = publish_errors
         self._dead_letter_errors = dead_letter_errors
-
-    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
-        return self._queue.refusal(message)
 
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         started = time.monotonic()

@@ -110,9 +110,9 @@ class BufferConfig(_Strict):
     max_bytes: Bytes = 512 * 1024**2
     max_events: Annotated[int, Field(gt=0)] = 1_000_000
     commit_linger: Annotated[Delay, Field(le=1.0)] = 0.005
-    """At most 1 s: producers wait for it, and the local listener gives a commit 30 s before
-    it closes the connection unacknowledged (the event then committed anyway: a duplicate)."""
-    """How long a group commit waits for more events after the first one."""
+    """How long a group commit waits for more events after the first one. At most 1 s:
+    producers wait for it, and the local listener gives a commit 30 s before it closes the
+    connection unacknowledged (the event then committed anyway: a duplicate)."""
     commit_max_events: Annotated[int, Field(gt=0)] = 1000
     ttl_sweep_interval: Seconds = 60.0
 

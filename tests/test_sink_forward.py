@@ -36,13 +36,19 @@ class UsernameParams:
 
 
 class SwitchableQueue:
-    """The sqlite backend behind a switch that makes it unavailable (a fault at the seam)."""
+    """The sqlite backend behind a switch that makes it unavailable (a fault at the seam), and
+    with payload limits as a broker may have (NATS's max_payload)."""
 
     def __init__(self, inner: SqliteCoreQueue) -> None:
         self.inner = inner
         self.down = False
+        self.max_event = 1 << 30
+        self.max_dead_letter = 1 << 30
 
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        limit = self.max_dead_letter if isinstance(message, DeadLetterMessage) else self.max_event
+        if len(message.payload) > limit:
+            return f"{len(message.payload)} bytes, over {limit}"
         return self.inner.refusal(message)
 
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
@@ -154,3 +160,42 @@ async def test_a_compressed_envelope_is_bounded_as_an_uncompressed_one(tmp_path:
     [dead] = read_dead_letters(path)
     assert dead.payload == bomb
     assert dead.reason.endswith("bytes; the limit is 65536")
+
+
+async def test_an_event_the_backend_cannot_take_is_dead_lettered_alone(tmp_path: Path) -> None:
+    """One event of an envelope too large for the backend: the others are forwarded, it goes to
+    the dead letters by itself (with its event id), and the envelope is acknowledged. Too large
+    even as a dead letter: the envelope is not acknowledged, and nothing of it is forwarded."""
+    path = tmp_path / "core.db"
+    queue = SwitchableQueue(await SqliteCoreQueue.open(path))
+    queue.max_event = 100
+    server = IngestServer(
+        stage=Forwarder(queue, Counters(), max_body=1024**2),
+        authenticator=UsernameParams(),
+        rights=DevicePrefixRights(),
+    )
+    mixed = encode(
+        EPOCH,
+        [
+            EnvelopeEvent(1, 0, b"small"),
+            EnvelopeEvent(2, 0, b"B" * 200),
+            EnvelopeEvent(3, 0, b"fine"),
+        ],
+    )
+    async with server:
+        client = await RawClient.open(server.port)
+        await client.send(connect_packet("dev-4", username="dev-4?format=batch-v1"))
+        assert (await client.read()) is not None
+        await client.send(publish_packet("devices/dev-4/t", mixed, qos=1, packet_id=1))
+        ack = await client.read()
+        assert ack is not None
+        assert (ack.kind, ack.packet_id) == (4, 1)
+        queue.max_dead_letter = 100
+        too_big = encode(EPOCH, [EnvelopeEvent(4, 0, b"ok"), EnvelopeEvent(5, 0, b"C" * 200)])
+        await client.send(publish_packet("devices/dev-4/t", too_big, qos=1, packet_id=2))
+        assert await client.closed_within(2), "acknowledged what the backend cannot store"
+    await queue.aclose()
+    assert [m.payload for _, m in read_messages(path)] == [b"small", b"fine"]
+    [dead] = read_dead_letters(path)
+    assert dead.payload == b"B" * 200
+    assert dead.reason == f"200 bytes, over 100 (event dev-4/{EPOCH}/2)"
