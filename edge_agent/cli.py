@@ -237,17 +237,16 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
     pid = agent_pid(directory)
     if pid is not None:
         listener = read_listener_file(directory)
-        if listener is None or listener.get("pid") != pid or listener.get("tls") is not False:
+        if listener is None or listener.pid != pid or listener.tls:
             raise _Failed(
                 f"the agent (pid {pid}) holds {directory} and has no plain local listener"
                 " to take the event: nothing was stored"
             )
-        host = str(listener["host"])
-        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+        host = "127.0.0.1" if listener.host in ("0.0.0.0", "::", "") else listener.host  # noqa: S104
         try:
             identifier = f"edge-agent-publish-{os.getpid()}"
             async with aiomqtt.Client(
-                host, int(str(listener["port"])), identifier=identifier, timeout=10
+                host, listener.port, identifier=identifier, timeout=10
             ) as client:
                 await client.publish(topic, payload, qos=qos, timeout=30)
         except aiomqtt.MqttError as exc:

@@ -12,6 +12,7 @@ import os
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -36,8 +37,10 @@ __all__ = [
     "LISTENER_FILE",
     "BufferStage",
     "CertificateCommonName",
+    "ListenerRecord",
     "build_listener",
     "read_listener_file",
+    "remove_listener_file",
     "write_listener_file",
 ]
 
@@ -54,13 +57,27 @@ def write_listener_file(directory: Path, host: str, port: int, tls: bool) -> Non
     os.replace(temporary, path)
 
 
-def read_listener_file(directory: Path) -> dict[str, object] | None:
-    """What `write_listener_file` recorded, or None if nothing readable is there."""
+def remove_listener_file(directory: Path) -> None:
+    """At close: a stale file could name a reused pid (PID 1 in every container)."""
+    (directory / LISTENER_FILE).unlink(missing_ok=True)
+
+
+class ListenerRecord(NamedTuple):
+    pid: int
+    host: str
+    port: int
+    tls: bool
+
+
+def read_listener_file(directory: Path) -> ListenerRecord | None:
+    """What `write_listener_file` recorded, or None if nothing usable is there."""
     try:
         found = json.loads((directory / LISTENER_FILE).read_text())
-    except (OSError, ValueError):
+        record = ListenerRecord(found["pid"], found["host"], found["port"], found["tls"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return found if isinstance(found, dict) else None
+    types = (int, str, int, bool)
+    return record if all(map(isinstance, record, types)) else None
 
 
 class BufferStage:

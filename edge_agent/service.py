@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from edge_agent.accept import Acceptor
 from edge_agent.buffer import Buffer
 from edge_agent.config import AgentConfig
-from edge_agent.local import build_listener, write_listener_file
+from edge_agent.local import build_listener, remove_listener_file, write_listener_file
 from edge_agent.uplink import Uplink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.clock import Clock, SystemClock
@@ -136,6 +136,7 @@ class Agent:
                     name="edge-agent",
                 )
             )
+        remove_listener_file(self.config.agent.data_dir)  # left by a crash: may name our pid
         if self.config.listener.enabled:
             self._listener = build_listener(self.config.listener, self._acceptor)
             await self._stack.enter_async_context(self._listener)
@@ -146,6 +147,7 @@ class Agent:
                 self._listener.port,
                 listener.tls is not None,
             )
+            self._stack.callback(remove_listener_file, self.config.agent.data_dir)
         log.info(
             "edge-agent %s ready: buffer %s (epoch %s, %d events)%s",
             self.config.agent.device_id,

@@ -217,6 +217,18 @@ async def test_cli_publish_trusts_no_other_server_on_the_listener_port(tmp_path:
     assert refused.returncode == 1
     assert "has no plain local listener" in refused.stderr
     assert list(read_events(tmp_path / "quiet" / "data")) == []
+    # The record goes with the agent (a stale one could name a reused pid), and a broken one
+    # is not trusted.
+    assert not (tmp_path / "data" / "listener.json").exists()
+    again = write_config(tmp_path / "again")
+    record = tmp_path / "again" / "data" / "listener.json"
+    async with Agent(load_config(again)):
+        assert record.exists()
+        record.write_text('{"pid": "x"}')
+        broken = await acli(again, "publish", "sensors/x", "not here")
+        assert broken.returncode == 1
+        assert "has no plain local listener" in broken.stderr
+    assert not record.exists()
 
 
 async def test_cli_says_what_is_wrong_instead_of_a_traceback(tmp_path: Path) -> None:
