@@ -248,8 +248,9 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
             async with aiomqtt.Client(
                 host, listener.port, identifier=identifier, timeout=10
             ) as client:
-                await client.publish(topic, payload, qos=qos, timeout=30)
-        except aiomqtt.MqttError as exc:
+                await _publish_until_closed(client, topic, payload, qos)
+        except* aiomqtt.MqttError as group:
+            exc = group.exceptions[0]
             raise _Failed(f"the agent's listener did not confirm the event: {exc}") from None
         return 0
     try:
@@ -270,6 +271,28 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
             raise _Failed(str(exc)) from None
     print(f"{config.agent.device_id}/{buffer.epoch}/{seq}")
     return 0
+
+
+async def _publish_until_closed(
+    client: aiomqtt.Client, topic: str, payload: bytes, qos: int
+) -> None:
+    """Publish and wait for the PUBACK / PUBCOMP, failing as soon as the listener closes the
+    connection: that is how it refuses an event (a full buffer with ``reject``), and aiomqtt's
+    publish alone would only notice at its timeout."""
+
+    async def closed() -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for _ in client.messages:
+                pass  # we subscribe to nothing: the iteration ends when the connection does
+        raise aiomqtt.MqttError(
+            "the agent closed the connection instead (it refuses events so when the buffer is"
+            " full and the topic's on_full is reject: see `edge-agent status`)"
+        )
+
+    async with asyncio.TaskGroup() as tasks:
+        watch = tasks.create_task(closed(), name="edge_agent.cli.publish_watch")
+        await client.publish(topic, payload, qos=qos, timeout=30)
+        watch.cancel()
 
 
 def _age(now_ms: int, then_ms: int) -> str:

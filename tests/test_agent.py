@@ -231,6 +231,20 @@ async def test_cli_publish_trusts_no_other_server_on_the_listener_port(tmp_path:
     assert not record.exists()
 
 
+async def test_cli_publish_refused_by_a_full_buffer_fails_at_the_refusal(tmp_path: Path) -> None:
+    """The listener refuses by closing the connection (no PUBACK); the CLI fails on that close,
+    not 30 s later when its publish would time out."""
+    config = write_config(tmp_path, buffer="max_events = 1")
+    async with Agent(load_config(config)) as agent:
+        await agent.publish("alarms/first", b"fills the buffer")
+        for qos in ("1", "2"):
+            refused = await acli(config, "publish", "--qos", qos, "alarms/second", "no room")
+            assert refused.returncode == 1
+            assert "did not confirm the event" in refused.stderr
+            assert "timed out" not in refused.stderr, refused.stderr
+    assert [e.payload for e in read_events(tmp_path / "data")] == [b"fills the buffer"]
+
+
 async def test_cli_says_what_is_wrong_instead_of_a_traceback(tmp_path: Path) -> None:
     config_path = write_config(tmp_path)
     async with Agent(load_config(config_path)) as agent:
