@@ -4,6 +4,7 @@ lock, corruption and a full disk (RELIABILITY F7, F8, F20)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import sqlite3
@@ -15,12 +16,14 @@ from typing import Literal
 import pytest
 
 from edge_agent.buffer import (
+    LOCK_NAME,
     SCHEMA_VERSION,
     Buffer,
     BufferError,
     BufferFull,
     BufferLocked,
     NewEvent,
+    agent_pid,
     inspect,
     read_events,
 )
@@ -272,6 +275,17 @@ async def test_one_buffer_per_directory(tmp_path: Path) -> None:
             await Buffer.open(tmp_path)
     async with await Buffer.open(tmp_path):
         pass  # released on close
+
+
+async def test_a_status_probe_of_the_lock_does_not_fail_a_starting_agent(tmp_path: Path) -> None:
+    """`agent_pid` (status, publish, doctor) holds the lock shared for an instant; an agent
+    starting then waits for it instead of exiting "another edge-agent"."""
+    probe = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    asyncio.get_running_loop().call_later(0.2, os.close, probe)  # the probe lets go
+    async with await Buffer.open(tmp_path) as buffer:
+        assert agent_pid(tmp_path) == os.getpid()
+        await buffer.append_one(event(b"started"))
 
 
 async def test_a_cancelled_append_is_still_committed_or_not_at_all(tmp_path: Path) -> None:

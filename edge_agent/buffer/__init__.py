@@ -180,7 +180,7 @@ class Buffer:
         tests run the buffer over a VFS that drops unsynced writes). Raises `BufferLocked` if
         another agent holds the directory.
         """
-        lock_fd = _lock(directory)
+        lock_fd = await _lock(directory)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-buffer")
         loop = asyncio.get_running_loop()
         try:

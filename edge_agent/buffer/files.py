@@ -4,6 +4,7 @@ them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -12,6 +13,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,8 @@ from mqtt_ingest.clock import Clock
 
 log = logging.getLogger("edge_agent.buffer")
 
+LOCK_PATIENCE = 1.0  # seconds a starting agent waits for a held lock (see `_lock`)
+
 
 def agent_pid(directory: Path) -> int | None:
     """The pid of the agent holding ``directory``, or None if no agent runs there (-1: one
@@ -52,18 +56,36 @@ def agent_pid(directory: Path) -> int | None:
         os.close(fd)
 
 
-def _lock(directory: Path) -> int:
+def _open_lock_file(directory: Path) -> int:
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    return os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+async def _lock(directory: Path, patience: float = LOCK_PATIENCE) -> int:
+    """Take ``directory``'s lock, or raise `BufferLocked` naming the holder's pid.
+
+    A held lock is tried again for ``patience`` seconds: `agent_pid` (``status``, ``publish``,
+    ``doctor``) holds it shared for an instant, and an agent starting in that instant must not
+    take the probe for another agent.
+    """
+    fd = _open_lock_file(directory)
+    deadline = time.monotonic() + patience
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise BufferLocked(
+                        f"another edge-agent (pid {holder}) is using {directory}; "
+                        "only one agent may use a data directory"
+                    ) from None
+            await asyncio.sleep(0.02)
+    except BaseException:
         os.close(fd)
-        raise BufferLocked(
-            f"another edge-agent (pid {holder}) is using {directory}; "
-            "only one agent may use a data directory"
-        ) from None
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
