@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import re
 import sys
@@ -52,8 +53,11 @@ def parse_when(text: str) -> dt.datetime:
     match = _RELATIVE.match(text)
     if match:
         sign, amount, unit = match.groups()
-        delta = dt.timedelta(seconds=float(amount) * _UNIT_SECONDS[unit])
-        return now + delta if sign == "+" else now - delta
+        try:
+            delta = dt.timedelta(seconds=float(amount) * _UNIT_SECONDS[unit])
+            return now + delta if sign == "+" else now - delta
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range") from None
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -68,7 +72,7 @@ def _positive_days(text: str) -> float:
         days = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not days > 0:
+    if not (days > 0 and math.isfinite(days)):
         raise argparse.ArgumentTypeError(f"{text!r}: the number of days must be positive")
     return days
 
@@ -140,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     revoke = commands.add_parser("revoke", help="revoke a device's certificates, or one serial")
     revoke.add_argument("target", metavar="DEVICE_ID|SERIAL")
+    revoke.add_argument(
+        "--days",
+        type=_positive_days,
+        help="the rewritten CRL's next update (default: as long as the CRL it replaces)",
+    )
 
     crl = commands.add_parser("crl", help="write a fresh CRL")
     crl.add_argument("--days", type=_positive_days, default=DEFAULT_CRL_DAYS, help="next update")
@@ -198,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
     elif args.command == "revoke":
-        for record in ca.revoke(args.target):
+        for record in ca.revoke(args.target, crl_days=args.days):
             print(f"revoked {record.kind} {record.name} serial {format_serial(record.serial)}")
         print(f"wrote {ca.crl_path}")
     elif args.command == "crl":

@@ -4,23 +4,29 @@ Layout of a PKI directory::
 
     ca.pem  ca.key            the CA (key mode 0600)
     index.json                every certificate issued: serial, kind, name, validity, revocation
+    .lock                     held (flock) around every change to index.json and the CRL
     crl.pem                   written by `CertificateAuthority.write_crl` (and by `revoke`)
     servers/NAME.pem .key     sink server certificates
     devices/ID.pem  .key      device certificates (CN = device id, SAN URI ``urn:device:ID``)
 
 Nothing is ever overwritten: a certificate or key file that exists already is an error raised
-before anything is written. Private keys are created with mode 0600, fsynced and linked into place
-atomically (STYLE 14); ``index.json`` is replaced atomically.
+before anything is written (a CRL replaces only a CRL of the same CA). Two runs at once (a
+provisioning line issuing while an operator revokes) are serialized by ``.lock``, so neither
+undoes the other's change to the index. Private keys are created with mode 0600, fsynced and
+linked into place atomically (STYLE 14); ``index.json`` is replaced atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -230,12 +236,15 @@ def _refuse_existing(paths: Iterable[Path]) -> None:
 
 
 def _validity(not_before: dt.datetime | None, days: float) -> tuple[dt.datetime, dt.datetime]:
-    if days <= 0:
-        raise PkiError(f"validity must be positive, got {days} days")
+    if not (days > 0 and math.isfinite(days)):
+        raise PkiError(f"validity must be a positive number of days, got {days}")
     start = not_before if not_before is not None else _now() - dt.timedelta(minutes=5)
     if start.tzinfo is None:
         raise PkiError("not_before must carry a time zone")
-    return start, start + dt.timedelta(days=days)
+    try:
+        return start, start + dt.timedelta(days=days)
+    except OverflowError:
+        raise PkiError(f"{days:g} days from {start:%Y-%m-%d} is out of range") from None
 
 
 class CertificateAuthority:
@@ -423,6 +432,13 @@ class CertificateAuthority:
     ) -> Issued:
         _refuse_existing([cert_path, key_path])
         start, end = _validity(not_before, days)
+        # Beyond its CA's end a certificate fails verification anyway: say so by its dates.
+        end = min(end, self.certificate.not_valid_after_utc)
+        if end <= start:
+            raise PkiError(
+                f"the CA expires at {self.certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC,"
+                " before the requested validity starts"
+            )
         key = generate_key(key_type)
         public = key.public_key()
         is_rsa = isinstance(key, rsa.RSAPrivateKey)
@@ -492,47 +508,90 @@ class CertificateAuthority:
             not_after=cert.not_valid_after_utc.isoformat(),
             cert_path=str(path),
         )
-        self._save([*self.records(), record])
+        with self._locked():
+            self._save([*self.records(), record])
 
-    def revoke(self, target: str) -> list[CertRecord]:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold ``.lock`` (an exclusive flock, waited for) around a read-modify-write of the index
+        or the CRL. Not re-entrant: a second flock on a new descriptor would wait for itself."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def revoke(self, target: str, *, crl_days: float | None = None) -> list[CertRecord]:
         """Revoke by device id (every unrevoked certificate of that device) or by serial.
 
         A serial is given in hex (``0x`` prefix and colons optional), as ``list`` prints it.
-        The CRL is rewritten. Returns the records revoked now; `PkiError` if none matched.
+        The CRL is rewritten, valid for ``crl_days`` or, by default, as long as the CRL it
+        replaces was (else `DEFAULT_CRL_DAYS`). Returns the records revoked now; `PkiError` if
+        none matched.
         """
-        records = self.records()
-        # A device id wins over a serial spelled the same; a random 159-bit serial that reads
-        # like a real device id is not a practical worry.
-        matches = [r for r in records if r.kind == "device" and r.name == target]
-        serial = None if matches else _parse_serial(target)
-        if serial is not None:
-            matches = [r for r in records if r.kind != "ca" and r.serial == serial]
-        matches = [r for r in matches if r.revoked_at is None]
-        if not matches:
-            already = [r for r in records if r.name == target or r.serial == _parse_serial(target)]
-            if already and all(r.revoked_at for r in already):
-                raise PkiError(f"{target!r} is revoked already")
-            raise PkiError(f"no certificate issued by this CA matches {target!r}")
-        stamp = _now().isoformat()
-        chosen = {r.serial for r in matches}
-        updated = [
-            CertRecord(**{**asdict(r), "revoked_at": stamp}) if r.serial in chosen else r
-            for r in records
-        ]
-        self._save(updated)
-        self.write_crl()
+        with self._locked():
+            records = self.records()
+            # A device id wins over a serial spelled the same; a random 159-bit serial that reads
+            # like a real device id is not a practical worry.
+            matches = [r for r in records if r.kind == "device" and r.name == target]
+            serial = None if matches else _parse_serial(target)
+            if serial is not None:
+                matches = [r for r in records if r.kind != "ca" and r.serial == serial]
+            matches = [r for r in matches if r.revoked_at is None]
+            if not matches:
+                already = [
+                    r for r in records if r.name == target or r.serial == _parse_serial(target)
+                ]
+                if already and all(r.revoked_at for r in already):
+                    raise PkiError(f"{target!r} is revoked already")
+                raise PkiError(f"no certificate issued by this CA matches {target!r}")
+            stamp = _now().isoformat()
+            chosen = {r.serial for r in matches}
+            updated = [
+                CertRecord(**{**asdict(r), "revoked_at": stamp}) if r.serial in chosen else r
+                for r in records
+            ]
+            self._save(updated)
+            if crl_days is None:
+                current = self._our_crl(self.crl_path)
+                crl_days = (
+                    (current.next_update_utc - current.last_update_utc).total_seconds() / 86400
+                    if current is not None and current.next_update_utc is not None
+                    else DEFAULT_CRL_DAYS
+                )
+            self._write_crl(self.crl_path, crl_days)
         return [r for r in updated if r.serial in chosen]
 
+    def _our_crl(self, path: Path) -> x509.CertificateRevocationList | None:
+        """The CRL in ``path`` if it is one signed by this CA, else None."""
+        try:
+            crl = x509.load_pem_x509_crl(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if crl.issuer != self.certificate.subject:
+            return None
+        public = self.key.public_key()  # the certificate's, checked at open
+        return crl if crl.is_signature_valid(public) else None
+
     def build_crl(
-        self, *, days: float = DEFAULT_CRL_DAYS, now: dt.datetime | None = None
+        self,
+        *,
+        days: float = DEFAULT_CRL_DAYS,
+        now: dt.datetime | None = None,
+        after: int = 0,
     ) -> x509.CertificateRevocationList:
+        """A CRL of every revoked certificate; its number is the current second, or ``after``
+        + 1 if that is not larger (CRL numbers must increase: RFC 5280 5.2.3)."""
         now = now or _now()
-        number = int(now.timestamp())  # monotonic enough for a CRL number, and needs no state
+        _, next_update = _validity(now, days)
+        number = max(int(now.timestamp()), after + 1)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
             .last_update(now)
-            .next_update(now + dt.timedelta(days=days))
+            .next_update(next_update)
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
@@ -550,11 +609,31 @@ class CertificateAuthority:
         return builder.sign(self.key, _signing_hash(self.key))
 
     def write_crl(self, path: Path | None = None, *, days: float = DEFAULT_CRL_DAYS) -> Path:
-        """(Re)write the CRL; replacing it is the point, so this one file is overwritten."""
+        """(Re)write the CRL. Replacing one is the point, but only a CRL of this CA is replaced:
+        any other existing file at ``path`` is `OutputExists`."""
         path = path or self.crl_path
-        crl = self.build_crl(days=days)
-        _replace(path, crl.public_bytes(serialization.Encoding.PEM))
+        with self._locked():
+            self._write_crl(path, days)
         return path
+
+    def _write_crl(self, path: Path, days: float) -> None:
+        existing = self._our_crl(path)
+        # The PKI's own crl.pem is always ours to replace (even damaged: revoking must work);
+        # a file elsewhere only if it is a CRL of this CA (`--out ca.key` must not destroy it).
+        if existing is None and path != self.crl_path and path.exists():
+            raise OutputExists(path)
+        numbers = [
+            _crl_number(crl) for crl in (existing, self._our_crl(self.crl_path)) if crl is not None
+        ]
+        crl = self.build_crl(days=days, after=max(numbers, default=0))
+        _replace(path, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
 
 
 def _parse_serial(text: str) -> int | None:

@@ -194,6 +194,9 @@ def test_validity_options_make_expired_and_future_certificates(pki_dir: Path) ->
         (["device", ""], "invalid device id '': it is empty"),
         (["device", "dev-1"], "exists already; refusing to overwrite"),
         (["device", "x", "--days", "0"], "the number of days must be positive"),
+        (["device", "x", "--days", "inf"], "the number of days must be positive"),
+        (["device", "x", "--not-before=+99999999d"], "'+99999999d' is out of range"),
+        (["device", "x", "--days", "1e10"], "days from"),
         (["device", "x", "--not-before", "yesterday"], "'yesterday' is not 'now'"),
         (["server"], "needs at least one --dns name or --ip address"),
         (["server", "--ip", "300.1.1.1"], "'300.1.1.1' is not an IP address"),
@@ -214,6 +217,75 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert lines[0].startswith("bridge-certs: error: ")
     assert message in lines[0]
     assert tree(pki_dir) == before
+
+
+def test_concurrent_runs_neither_lose_an_issued_certificate_nor_undo_a_revocation(
+    pki_dir: Path,
+) -> None:
+    """A provisioning line issuing while an operator revokes: every change reaches the index
+    (it used to be read, changed and written back by each process unlocked)."""
+    assert run("--dir", str(pki_dir), "device", "victim").returncode == 0
+    argvs = [[BRIDGE_CERTS, "--dir", str(pki_dir), "device", f"dev-{i}"] for i in range(10)]
+    argvs.insert(5, [BRIDGE_CERTS, "--dir", str(pki_dir), "revoke", "victim"])
+    runs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for a in argvs]
+    errors = [r.communicate(timeout=60)[1] for r in runs]
+    assert [r.returncode for r in runs] == [0] * len(runs), errors
+    records = {r.name: r for r in CertificateAuthority.open(pki_dir).records()}
+    assert {f"dev-{i}" for i in range(10)} <= records.keys()
+    assert records["victim"].revoked_at is not None
+    assert run("--dir", str(pki_dir), "crl").returncode == 0
+    crl = x509.load_pem_x509_crl((pki_dir / "crl.pem").read_bytes())
+    assert [r.serial_number for r in crl] == [records["victim"].serial]
+
+
+def test_crl_replaces_only_a_crl_of_its_own_ca_and_numbers_increase(
+    tmp_path: Path, pki_dir: Path
+) -> None:
+    key = (pki_dir / "ca.key").read_bytes()
+    refused = run("--dir", str(pki_dir), "crl", "--out", str(pki_dir / "ca.key"))
+    assert refused.returncode == 2
+    assert "exists already; refusing to overwrite" in refused.stderr
+    assert (pki_dir / "ca.key").read_bytes() == key
+    other = tmp_path / "other"
+    assert run("--dir", str(other), "init-ca").returncode == 0
+    assert run("--dir", str(other), "crl").returncode == 0
+    foreign = run("--dir", str(pki_dir), "crl", "--out", str(other / "crl.pem"))
+    assert foreign.returncode == 2
+    numbers = []
+    for _ in range(3):  # within one second: the number still goes up
+        assert run("--dir", str(pki_dir), "crl", "--out", str(tmp_path / "crl.pem")).returncode == 0
+        crl = x509.load_pem_x509_crl((tmp_path / "crl.pem").read_bytes())
+        numbers.append(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    assert numbers == sorted(set(numbers))
+
+
+def test_revoke_keeps_the_crl_validity_unless_told(pki_dir: Path) -> None:
+    def period() -> dt.timedelta:
+        crl = x509.load_pem_x509_crl((pki_dir / "crl.pem").read_bytes())
+        assert crl.next_update_utc is not None
+        return crl.next_update_utc - crl.last_update_utc
+
+    for name in ("a", "b", "c"):
+        assert run("--dir", str(pki_dir), "device", name).returncode == 0
+    assert run("--dir", str(pki_dir), "revoke", "a").returncode == 0
+    assert period() == dt.timedelta(days=7)  # the default, with no CRL before
+    assert run("--dir", str(pki_dir), "crl", "--days", "30").returncode == 0
+    assert run("--dir", str(pki_dir), "revoke", "b").returncode == 0
+    assert period() == dt.timedelta(days=30)
+    assert run("--dir", str(pki_dir), "revoke", "c", "--days", "2").returncode == 0
+    assert period() == dt.timedelta(days=2)
+
+
+def test_a_certificate_does_not_outlive_its_ca(tmp_path: Path) -> None:
+    directory = tmp_path / "pki"
+    assert run("--dir", str(directory), "init-ca", "--days", "10").returncode == 0
+    assert run("--dir", str(directory), "device", "long", "--days", "365").returncode == 0
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((directory / "devices/long.pem").read_bytes())
+    assert cert.not_valid_after_utc == ca.not_valid_after_utc
+    late = run("--dir", str(directory), "device", "late", "--not-before", "+20d")
+    assert late.returncode == 2
+    assert "the CA expires at" in late.stderr
 
 
 def test_missing_ca_is_reported(tmp_path: Path) -> None:
