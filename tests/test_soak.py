@@ -14,8 +14,11 @@ they saw (`tests.harness.history`). The nemesis, one fault at a time with calm i
 
 Then every fault is healed, the buffers drain, and the checker compares. The two agents never
 killed must keep their open files and RSS flat after the warm-up (a leak per reconnect would
-show). ``SOAK_SECONDS`` (default 60, the CI slice) sets the length, ``SOAK_SEED`` replays a
-schedule: ``SOAK_SECONDS=900 SOAK_SEED=7 pytest -m slow -s tests/test_soak.py``.
+show). The sink, which the nemesis restarts, gets its own test of the same length: one sink
+process under reconnecting devices, cut links, core-queue outages and refused clients keeps its
+open files and RSS flat. ``SOAK_SECONDS`` (default 60, the CI slice) sets the length,
+``SOAK_SEED`` replays a schedule:
+``SOAK_SECONDS=900 SOAK_SEED=7 pytest -m slow -s tests/test_soak.py``.
 """
 
 from __future__ import annotations
@@ -42,11 +45,17 @@ from tests.harness.brokers import NatsNames, nats_connection, read_stream
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory
 from tests.harness.history import Delivered, History
 from tests.harness.mosquitto import free_port
-from tests.harness.pki import Pki
+from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, rss_kib
-from tests.harness.rawmqtt import RawClient, publish_packet
+from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
 from tests.harness.report import figures, until
-from tests.harness.sink import CLOUD_SINK, nats_backend, write_sink_config
+from tests.harness.sink import (
+    CLOUD_SINK,
+    ResendingDevice,
+    device_token,
+    nats_backend,
+    write_sink_config,
+)
 from tests.test_uplink import TOPICS
 from tests.test_uplink_faults import agent_process
 
@@ -60,6 +69,8 @@ PUBACK_TIMEOUT = 15.0
 # An agent's growth from the warm-up to the end that counts as a leak.
 FD_SLACK = 2
 RSS_SLACK_KB = 6 * 1024  # measured: +1.4 MB in a 60 s slice (caches filling), +1 MB in 600 s
+SINK_DEVICES = 4
+SINK_FAULTS = ["reset", "close", "blackhole", "queue down", "queue slow", "refused"]
 
 pytestmark = [
     pytest.mark.slow,
@@ -299,3 +310,170 @@ async def test_nemesis_over_agents_sink_links_and_core_queue_loses_nothing(
         (fds_before, rss_before), (fds_after, rss_after) = after_warm_up[index], at_end[index]
         assert fds_after <= fds_before + FD_SLACK, f"agent {index}: open files grew"
         assert rss_after <= rss_before + RSS_SLACK_KB, f"agent {index}: RSS grew"
+
+
+async def probed_footprint(
+    sink: ManagedProcess, port: int, pki: Pki, devices: int
+) -> tuple[int, int]:
+    """The sink's (open files, RSS KiB) with ``devices`` fresh, idle device connections: the
+    same state at every measurement."""
+    clients = []
+    for index in range(devices):
+        creds = pki.device(f"probe{index}-{uuid.uuid4().hex[:6]}")
+        client = await RawClient.open(port, ssl_context=pki.client_context(creds))
+        await client.send(connect_as(creds))
+        connack = await client.read()
+        assert connack is not None
+        assert connack.body == b"\x00\x00", connack
+        clients.append(client)
+    await asyncio.sleep(0.5)  # let the sink settle: nothing in flight
+    try:
+        return footprint(sink)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def connect_as(creds: DeviceCreds, token_of: DeviceCreds | None = None) -> bytes:
+    """CONNECT as the agent sends it: username = client id = device id, password = a JWT."""
+    token = device_token(token_of or creds).encode()
+    return connect_packet(creds.device_id, username=creds.device_id, password=token)
+
+
+async def refused_clients(port: int, pki: Pki) -> Counter[str]:
+    """One of each client the sink must turn away: a certificate from another CA, a token for
+    another device, a rights violation, a socket that never sends CONNECT."""
+    tried: Counter[str] = Counter()
+    foreign = pki.foreign_device(f"foreign-{uuid.uuid4().hex[:6]}")
+    with contextlib.suppress(OSError):  # TLS 1.2 refuses in the handshake, TLS 1.3 right after
+        client = await RawClient.open(port, ssl_context=pki.client_context(foreign))
+        try:
+            await client.send(connect_as(foreign))
+            assert await client.read() is None, "a foreign certificate got an answer"
+        finally:
+            await client.aclose()
+    tried["foreign certificate"] += 1
+    me, other = pki.device(f"me-{uuid.uuid4().hex[:6]}"), pki.device(f"ot-{uuid.uuid4().hex[:6]}")
+    client = await RawClient.open(port, ssl_context=pki.client_context(me))
+    await client.send(connect_as(me, token_of=other))
+    connack = await client.read()
+    await client.aclose()
+    assert connack is not None
+    if connack.body[1] == 3:  # server unavailable: the core queue is down, nobody gets in
+        tried["refused while the core queue is down"] += 1
+    else:
+        assert connack.body[1] == 4, connack  # bad user name or password
+        tried["other device's token"] += 1
+        client = await RawClient.open(port, ssl_context=pki.client_context(me))
+        await client.send(connect_as(me))
+        assert (await client.read()) is not None
+        await client.send(publish_packet(f"devices/{other.device_id}/t", b"x", qos=1, packet_id=1))
+        assert await client.closed_within(5), "a rights violation was not disconnected"
+        tried["rights violation"] += 1
+    idle = await RawClient.open(port, ssl_context=pki.client_context(me))
+    assert await idle.closed_within(5 + 2), "an idle socket outlived the CONNECT deadline"
+    tried["no CONNECT"] += 1
+    return tried
+
+
+async def test_sink_footprint_is_flat_across_reconnects_outages_and_refusals(
+    tmp_path: Path,
+    pki: Pki,
+    nats_jetstream: NatsNames,
+    process_factory: ProcessFactory,
+    chaos_proxy_factory: ChaosProxyFactory,
+) -> None:
+    """F21 for the sink, which the soak above restarts: one process for the whole run."""
+    figures("F21 sink footprint", seconds=SOAK_SECONDS, seed=SEED)
+    rng = random.Random(SEED)
+    nats = urlsplit(nats_jetstream.url)
+    queue_proxy = await chaos_proxy_factory(nats.hostname or "127.0.0.1", nats.port or 4222)
+    proxied = nats_jetstream.url.replace(nats.netloc, f"127.0.0.1:{queue_proxy.port}")
+    config = write_sink_config(tmp_path, pki)
+    text = config.read_text()
+    backend = nats_backend(dataclasses.replace(nats_jetstream, url=proxied))
+    config.write_text(text[: text.index("[backend]")] + backend + 'timeout = "2s"\n')
+    sink = process_factory(
+        [CLOUD_SINK, "--config", str(config), "run", "--listen-port", "{port}"],
+        ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)", name="sink", start=False,
+    )  # fmt: skip
+    await sink.astart()  # off the loop: the NATS proxy serves on it
+    links = [await chaos_proxy_factory("127.0.0.1", sink.port) for _ in range(SINK_DEVICES)]
+
+    def devices(seconds: float) -> list[ResendingDevice]:
+        total = int(seconds / 0.01)
+        return [
+            ResendingDevice(link.port, pki.device(f"fp{i}-{uuid.uuid4().hex[:6]}"), pki, total)
+            for i, link in enumerate(links)
+        ]
+
+    # Warm-up: traffic and one round of refusals, no faults.
+    warm = devices(SOAK_SECONDS / 4)
+    async with asyncio.TaskGroup() as tasks:
+        for device in warm:
+            tasks.create_task(device.run())
+        await refused_clients(sink.port, pki)
+    before = await probed_footprint(sink, sink.port, pki, SINK_DEVICES)
+
+    faults: Counter[str] = Counter()
+    refusals: Counter[str] = Counter()
+    until_time = time.monotonic() + SOAK_SECONDS
+
+    async def nemesis() -> None:
+        while time.monotonic() < until_time:
+            await asyncio.sleep(rng.uniform(0.2, 1.5))
+            kind = rng.choice(SINK_FAULTS)
+            faults[kind] += 1
+            if kind == "refused":
+                refusals.update(await refused_clients(sink.port, pki))
+                continue
+            if kind.startswith("queue"):
+                if kind == "queue down":
+                    await queue_proxy.reset()
+                else:
+                    queue_proxy.blackhole()
+                await asyncio.sleep(rng.uniform(0.5, 4.0))
+                queue_proxy.pass_through()
+                continue
+            link = rng.choice(links)
+            if kind == "reset":
+                await link.reset()
+            elif kind == "close":
+                await link.close()
+            else:
+                link.blackhole()
+            await asyncio.sleep(rng.uniform(0.2, 5.0))
+            link.pass_through()
+
+    chaotic = devices(SOAK_SECONDS)
+    async with asyncio.timeout(SOAK_SECONDS + DRAIN_TIMEOUT), asyncio.TaskGroup() as tasks:
+        for device in chaotic:
+            tasks.create_task(device.run())
+        await nemesis()
+    after = await probed_footprint(sink, sink.port, pki, SINK_DEVICES)
+    assert await sink.asigterm() == 0
+
+    # Nothing the sink acknowledged is missing, and nothing is there twice (Nats-Msg-Id).
+    everyone = warm + chaotic
+    async with nats_connection(nats_jetstream.url) as nc:
+        stored = (await nc.jetstream().stream_info(nats_jetstream.stream)).state.messages
+    messages = await read_stream(
+        nats_jetstream.url, nats_jetstream.stream, expected=stored, timeout=60
+    )
+    ids = Counter(m.headers["Nats-Msg-Id"] for m in messages)
+    acked = {d.event_id(seq) for d in everyone for seq in d.acked}
+    figures(
+        f"F21 sink footprint {SOAK_SECONDS:g}s seed {SEED}",
+        faults=dict(faults),
+        refused_clients=dict(refusals),
+        reconnects=sum(d.connections for d in chaotic),
+        acked=len(acked),
+        stored=stored,
+        open_files=(before[0], after[0]),
+        rss_kib=(before[1], after[1]),
+    )
+    assert sum(faults.values()) > 0
+    assert not acked - ids.keys(), f"seed {SEED}: acknowledged but not stored"
+    assert max(ids.values()) == 1, f"seed {SEED}: duplicates"
+    assert after[0] <= before[0] + FD_SLACK, f"seed {SEED}: the sink's open files grew"
+    assert after[1] <= before[1] + RSS_SLACK_KB, f"seed {SEED}: the sink's RSS grew"
