@@ -590,7 +590,9 @@ class CertificateAuthority:
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
-            .last_update(now)
+            # Backdated like certificates: a verifier whose clock is a little behind refuses a
+            # CRL "not yet valid", and with it every client certificate.
+            .last_update(now - dt.timedelta(minutes=5))
             .next_update(next_update)
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(

@@ -23,8 +23,8 @@ from cloud_sink.health import BackendGuard, BackendState, Backoff
 from cloud_sink.metrics import SinkMetrics
 from cloud_sink.readiness import ReadinessServer
 from cloud_sink.rights import DevicePrefixRights
-from cloud_sink.tls import TlsError, TlsReloader, build_context, set_read_buffer
-from mqtt_ingest import Counters, IngestServer, Limits
+from cloud_sink.tls import TlsError, TlsReloader, build_context, revoked_in, set_read_buffer
+from mqtt_ingest import Counters, Identity, IngestServer, Limits
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.exposition import MetricsServer
 from mqtt_ingest.lifecycle import cancel_until_done
@@ -207,8 +207,28 @@ class Sink:
         ]  # fmt: skip
         self._authenticator.settings = settings
         self.config = old.model_copy(update={"auth": config.auth})
-        self.reload_tls()
+        self._revalidate()
+        self.reload_tls()  # and once the new CRL is in use, `_revalidate` again
         return restart
+
+    def _revalidate(self) -> None:
+        """Close the open connections of devices denied or revoked since they connected: a
+        credential withdrawn takes effect at once, not at the device's next CONNECT."""
+        if self._server is None:
+            return
+        deny = self._authenticator.settings.deny
+        crl = self._tls.crl if self._tls is not None else None
+
+        def verdict(identity: Identity, certificate: bytes | None) -> tuple[str, str] | None:
+            if identity.name in deny:
+                return "device is on the deny list", "denied"
+            if certificate is not None and revoked_in(crl, certificate):
+                return "certificate revoked", "revoked"
+            return None
+
+        closed = self._server.close_where(verdict)
+        if closed:
+            log.warning("closed %d connection(s) of denied or revoked devices", closed)
 
     def reload_tls(self) -> None:
         """Rebuild the TLS context (new CRL) for the next connections; for SIGHUP."""
@@ -220,7 +240,7 @@ class Sink:
         listener = config.listener
         settings = auth_settings(config)
         self._authenticator = JwtAuthenticator(settings, self._clock or SystemClock())
-        self._tls = TlsReloader(listener, listener.crl_check_interval)
+        self._tls = TlsReloader(listener, listener.crl_check_interval, self._revalidate)
         reconnect = config.backend.reconnect
         queue = await open_backend(config)
         stack = self._stack

@@ -4,23 +4,27 @@ An asyncio server keeps the `ssl.SSLContext` it was started with, so the sink st
 *base* context whose ``sni_callback`` hands each new connection the *current* context. OpenSSL
 calls that callback while it processes the ClientHello, whether or not the client sent a server
 name, and before the client certificate is verified; the swapped-in context's certificate store
-(CA and CRL) then decides. Connections already open are not affected: a revoked device that is
-connected stays connected until it reconnects (or its token expires).
+(CA and CRL) then decides. Connections already open are re-checked by the sink after each reload
+(``on_reload``): a device the new CRL revokes is disconnected.
 
 `TlsReloader.run` rebuilds the context on request (SIGHUP) and when the CRL file changes (its
 mtime, size or inode, polled every ``interval`` seconds). A new CRL is checked before it is used:
-it must parse as one PEM CRL signed by the configured CA, and loading it must add no certificate
+it must parse as one PEM CRL signed by the configured CA, be valid now (OpenSSL refuses every
+client certificate against a CRL past its next update), and loading it must add no certificate
 to the trust store (a certificate pasted into the CRL file would otherwise become a trusted CA).
-An invalid file is refused with one log line and the previous context stays in use.
+An invalid file is refused with one log line and the previous context stays in use. The CRL in
+use is announced a day before its next update (a warning), and once it has passed (an error).
 """
 
 from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import datetime as dt
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -28,18 +32,31 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from cloud_sink.config import ListenerConfig
 
-__all__ = ["TlsError", "TlsReloader", "build_context", "check_crl", "set_read_buffer"]
+__all__ = [
+    "TlsError",
+    "TlsReloader",
+    "build_context",
+    "check_crl",
+    "revoked_in",
+    "set_read_buffer",
+]
 
 log = logging.getLogger(__name__)
+
+CRL_WARN_BEFORE = dt.timedelta(days=1)
+"""How long before the CRL's next update the sink warns (once) that it needs a fresh one."""
 
 
 class TlsError(Exception):
     """The TLS material cannot be used; the message says which file and why."""
 
 
-def check_crl(crl_path: Path, ca_path: Path) -> int:
-    """Check that ``crl_path`` holds one PEM CRL signed by a CA certificate of ``ca_path``;
-    return the number of revoked certificates in it. Raises `TlsError`."""
+def check_crl(
+    crl_path: Path, ca_path: Path, now: dt.datetime | None = None
+) -> x509.CertificateRevocationList:
+    """Check that ``crl_path`` holds one PEM CRL signed by a CA certificate of ``ca_path`` and
+    valid ``now`` (OpenSSL refuses every client certificate against a CRL past its next update or
+    before its last update); return it. Raises `TlsError`."""
     try:
         data = crl_path.read_bytes()
         authorities = x509.load_pem_x509_certificates(ca_path.read_bytes())
@@ -53,15 +70,40 @@ def check_crl(crl_path: Path, ca_path: Path) -> int:
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise TlsError(f"{crl_path}: not a valid CRL: {exc}") from None
-    for authority in authorities:
-        key = authority.public_key()
-        if authority.subject != crl.issuer or not isinstance(
-            key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-        ):
-            continue
-        if crl.is_signature_valid(key):
-            return len(crl)
-    raise TlsError(f"{crl_path}: the CRL is not signed by the CA in {ca_path}")
+    if not any(_signed_by(crl, authority) for authority in authorities):
+        raise TlsError(f"{crl_path}: the CRL is not signed by the CA in {ca_path}")
+    now = now or dt.datetime.now(dt.UTC)
+    if crl.last_update_utc > now:
+        raise TlsError(
+            f"{crl_path}: not valid before {crl.last_update_utc:%Y-%m-%d %H:%M:%S} UTC (this"
+            " host's clock is behind?): every device would be refused with it"
+        )
+    if crl.next_update_utc is not None and crl.next_update_utc <= now:
+        raise TlsError(
+            f"{crl_path}: expired at {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC (its next"
+            " update): every device would be refused with it; write a fresh one (bridge-certs crl)"
+        )
+    return crl
+
+
+def _signed_by(crl: x509.CertificateRevocationList, authority: x509.Certificate) -> bool:
+    key = authority.public_key()
+    return (
+        authority.subject == crl.issuer
+        and isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey)
+        and crl.is_signature_valid(key)
+    )
+
+
+def revoked_in(crl: x509.CertificateRevocationList | None, certificate_der: bytes) -> bool:
+    """Whether ``crl`` revokes the certificate (DER): same issuer, serial listed."""
+    if crl is None or len(crl) == 0:
+        return False
+    certificate = x509.load_der_x509_certificate(certificate_der)
+    return (
+        certificate.issuer == crl.issuer
+        and crl.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None
+    )
 
 
 def set_read_buffer(size: int) -> bool:
@@ -89,9 +131,11 @@ def build_context(listener: ListenerConfig) -> ssl.SSLContext:
     return _build(listener)[0]
 
 
-def _build(listener: ListenerConfig) -> tuple[ssl.SSLContext, int]:
-    """The context and the number of certificates its CRL revokes."""
-    revoked = 0
+def _build(
+    listener: ListenerConfig,
+) -> tuple[ssl.SSLContext, x509.CertificateRevocationList | None]:
+    """The context and its CRL (None if none is configured)."""
+    crl = None
     try:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(listener.ca))
     except (OSError, ssl.SSLError) as exc:
@@ -108,7 +152,7 @@ def _build(listener: ListenerConfig) -> tuple[ssl.SSLContext, int]:
     except (OSError, ssl.SSLError) as exc:
         raise TlsError(f"certificate {listener.cert} / key {listener.key}: {exc}") from None
     if listener.crl is not None:
-        revoked = check_crl(listener.crl, listener.ca)
+        crl = check_crl(listener.crl, listener.ca)
         trusted = context.cert_store_stats()["x509"]
         try:
             context.load_verify_locations(cafile=str(listener.crl))
@@ -118,7 +162,7 @@ def _build(listener: ListenerConfig) -> tuple[ssl.SSLContext, int]:
         if stats["x509"] != trusted or stats["crl"] != 1:
             raise TlsError(f"CRL {listener.crl}: the file must hold one CRL and no certificate")
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return context, revoked
+    return context, crl
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:
@@ -132,10 +176,19 @@ def _fingerprint(path: Path) -> tuple[int, int, int] | None:
 class TlsReloader:
     """Owns the listener's TLS contexts; `context` is what the server is started with."""
 
-    def __init__(self, listener: ListenerConfig, interval: float) -> None:
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        interval: float,
+        on_reload: Callable[[], None] | None = None,
+    ) -> None:
         self._listener = listener
         self._interval = interval
-        self._current, _ = _build(listener)
+        self._on_reload = on_reload
+        """Called after each reload that put a new context in use (to re-check open
+        connections against the new CRL)."""
+        self._current, self.crl = _build(listener)
+        self._expiry_warned = ""  # "", "soon" or "expired": what was logged for this CRL
         self._current.sni_callback = self._select
         self._base = self._current
         self._requested = asyncio.Event()
@@ -159,22 +212,48 @@ class TlsReloader:
         whether the new one is in use."""
         # A few small files, read on the event loop: cheaper than a thread hop.
         try:
-            context, revoked = _build(self._listener)
+            context, crl = _build(self._listener)
         except TlsError as exc:
             self.refusals += 1
             log.error("TLS reload (%s) refused, keeping the previous context: %s", why, exc)
             return False
-        self._current = context
+        self._current, self.crl = context, crl
+        self._expiry_warned = ""
         self.reloads += 1
         log.info(
             "TLS context reloaded (%s): CRL %s lists %d revoked certificate(s)",
-            why, self._listener.crl, revoked,
+            why, self._listener.crl, 0 if crl is None else len(crl),
         )  # fmt: skip
+        if self._on_reload is not None:
+            self._on_reload()
         return True
+
+    def check_expiry(self, now: dt.datetime | None = None) -> None:
+        """Warn once when the CRL in use is within `CRL_WARN_BEFORE` of its next update, and
+        say so again once it has passed (every handshake then fails)."""
+        crl = self.crl
+        if crl is None or crl.next_update_utc is None:
+            return
+        now = now or dt.datetime.now(dt.UTC)
+        left = crl.next_update_utc - now
+        if left <= dt.timedelta(0) and self._expiry_warned != "expired":
+            self._expiry_warned = "expired"
+            log.error(
+                "CRL %s expired at %s: every device is refused until a fresh one is installed",
+                self._listener.crl, crl.next_update_utc,
+            )  # fmt: skip
+        elif dt.timedelta(0) < left <= CRL_WARN_BEFORE and not self._expiry_warned:
+            self._expiry_warned = "soon"
+            log.warning(
+                "CRL %s expires at %s (its next update): install a fresh one before then, or"
+                " every device will be refused",
+                self._listener.crl, crl.next_update_utc,
+            )  # fmt: skip
 
     async def run(self) -> None:
         """Until cancelled: reload on request and whenever the CRL file changes."""
         crl = self._listener.crl
+        self.check_expiry()
         while True:
             try:
                 async with asyncio.timeout(self._interval):
@@ -182,6 +261,7 @@ class TlsReloader:
             except TimeoutError:
                 if crl is None:
                     continue
+                self.check_expiry()
                 seen = _fingerprint(crl)
                 if seen == self._seen:
                     continue

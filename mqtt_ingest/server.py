@@ -30,6 +30,7 @@ import logging
 import ssl
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NoReturn
@@ -168,6 +169,27 @@ class IngestServer:
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def close_where(
+        self, verdict: Callable[[Identity, bytes | None], tuple[str, str] | None]
+    ) -> int:
+        """Close every authenticated connection for which ``verdict(identity, peer certificate
+        DER)`` returns ``(reason, label)``: nothing more is read or acknowledged on it (what was
+        acknowledged stays stored). For credentials withdrawn while connected (a deny list or a
+        CRL reloaded). Returns how many were closed."""
+        closed = 0
+        for connection in list(self._connections):
+            if connection.identity is None:
+                continue  # not past CONNECT: authentication will judge it
+            found = verdict(connection.identity, connection.peer_certificate)
+            if found is not None:
+                log.warning(
+                    "%s: closing %s (%s): %s",
+                    self.name, connection.client_id, connection.peer, found[0],
+                )  # fmt: skip
+                connection.abort(*found)
+                closed += 1
+        return closed
 
     async def __aenter__(self) -> IngestServer:
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
@@ -320,6 +342,8 @@ class _Connection:
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.client_id = ""
         self.identity: Identity | None = None
+        self.peer_certificate: bytes | None = None
+        """The client certificate (DER) the connection authenticated with, if TLS."""
         self.task: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._acks: deque[_Pending] = deque()
@@ -555,6 +579,7 @@ class _Connection:
                 left, self.abort, "credentials expired", "expired"
             )
         self.identity = identity
+        self.peer_certificate = certificate
         keep_alive = packet.keep_alive
         if keep_alive == 0 or keep_alive > self.limits.max_keep_alive:
             keep_alive = self.limits.max_keep_alive

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import datetime as dt
 import logging
+import os
 import shutil
 import signal
 import sqlite3
@@ -22,7 +24,7 @@ from cloud_sink.service import Sink
 from cloud_sink.tls import TlsError, check_crl
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
-from tests.harness.rawmqtt import connect_packet, tls_connect
+from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet, tls_connect
 from tests.harness.sink import CLOUD_SINK, device_token, write_sink_config
 
 
@@ -102,7 +104,7 @@ async def test_untrustworthy_crl_is_refused_and_the_previous_one_kept(
             # Loaded as a CRL file, a CA certificate would become a trust anchor.
             shutil.copyfile(pki.other_ca.cert_path, crl)
         elif breakage == "other CA":
-            pki.other_ca.write_crl(crl)
+            os.replace(pki.other_ca.write_crl(tmp_path / "foreign.pem"), crl)
         else:
             crl.write_bytes(b"")
         await until(lambda: sink.tls.refusals == 1)
@@ -114,8 +116,16 @@ async def test_untrustworthy_crl_is_refused_and_the_previous_one_kept(
 
 def test_check_crl_reports_the_reason(tmp_path: Path, pki: Pki) -> None:
     crl = own_crl(tmp_path, pki)
-    assert check_crl(crl, pki.ca_cert) >= 0
-    pki.other_ca.write_crl(crl)
+    loaded_crl = check_crl(crl, pki.ca_cert)
+    assert loaded_crl.next_update_utc is not None
+    # OpenSSL refuses every client certificate against a CRL outside its validity: so do we.
+    later = loaded_crl.next_update_utc + dt.timedelta(seconds=1)
+    with pytest.raises(TlsError, match=r"expired at .* every device would be refused"):
+        check_crl(crl, pki.ca_cert, now=later)
+    earlier = loaded_crl.last_update_utc - dt.timedelta(seconds=1)
+    with pytest.raises(TlsError, match="not valid before"):
+        check_crl(crl, pki.ca_cert, now=earlier)
+    os.replace(pki.other_ca.write_crl(tmp_path / "foreign.pem"), crl)
     with pytest.raises(TlsError, match="not signed by the CA"):
         check_crl(crl, pki.ca_cert)
     shutil.copyfile(pki.ca_cert, crl)
@@ -205,3 +215,64 @@ async def test_the_tls_read_buffer_is_the_configured_size(tmp_path: Path, pki: P
     too_small = config.read_text().replace('tls_read_buffer = "16KiB"', 'tls_read_buffer = "8KiB"')
     with pytest.raises(ConfigError, match=r"listener\.tls_read_buffer"):
         parse_config(too_small)
+
+
+async def test_an_expired_crl_is_refused_at_reload_and_its_end_announced(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An expired CRL would make OpenSSL refuse every device: the previous context stays; and
+    the sink warns a day ahead of the CRL in use expiring, then says when it has."""
+    crl = own_crl(tmp_path, pki)
+    good = pki.device(f"crl-exp-{uuid.uuid4().hex[:6]}")
+    async with Sink(loaded(crl_config(tmp_path, pki, crl, "0.2s"))) as sink:
+        pki.ca.write_crl(crl, days=1e-9)  # next update already past by the time it is read
+        await until(lambda: sink.tls.refusals == 1)
+        assert await connects(sink.port, good, pki)
+        in_use = sink.tls.crl
+        assert in_use is not None
+        assert in_use.next_update_utc is not None
+        caplog.set_level(logging.WARNING, logger="cloud_sink.tls")
+        for hours in (-23, -22):  # once only
+            sink.tls.check_expiry(in_use.next_update_utc + dt.timedelta(hours=hours))
+        sink.tls.check_expiry(in_use.next_update_utc + dt.timedelta(seconds=1))
+    messages = [r.getMessage() for r in caplog.records if r.name == "cloud_sink.tls"]
+    assert [m for m in messages if "install a fresh one before then" in m] != []
+    assert len([m for m in messages if "install a fresh one before then" in m]) == 1
+    assert len([m for m in messages if "expired at" in m and "every device is refused" in m]) == 1
+
+
+async def test_a_device_denied_or_revoked_while_connected_is_disconnected(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Credentials withdrawn take effect on open connections at the reload, not at the device's
+    next CONNECT (which could be an hour away)."""
+    crl = own_crl(tmp_path, pki)
+    config = crl_config(tmp_path, pki, crl, "0.2s")
+    victim, denied, other = (pki.device(f"{n}-{uuid.uuid4().hex[:6]}") for n in ("rv", "dn", "ok"))
+    async with Sink(loaded(config)) as sink:
+        clients = {}
+        for device in (victim, denied, other):
+            client = await RawClient.open(sink.port, ssl_context=pki.client_context(device))
+            token = device_token(device).encode()
+            await client.send(
+                connect_packet(device.device_id, username=device.device_id, password=token)
+            )
+            connack = await client.read()
+            assert connack is not None
+            assert connack.body == b"\x00\x00"
+            clients[device.device_id] = client
+        pki.ca.revoke(victim.device_id)
+        pki.ca.write_crl(crl)
+        assert await clients[victim.device_id].closed_within(5), "revoked device kept its session"
+        await until(lambda: sink.metrics.get("connections_closed", "revoked") == 1)
+        text = config.read_text().replace("[auth]\n", f'[auth]\ndeny = ["{denied.device_id}"]\n')
+        sink.reload(parse_config(text))
+        assert await clients[denied.device_id].closed_within(5), "denied device kept its session"
+        await until(lambda: sink.metrics.get("connections_closed", "denied") == 1)
+        survivor = clients[other.device_id]
+        topic = f"devices/{other.device_id}/t"
+        await survivor.send(publish_packet(topic, b"x", qos=1, packet_id=1))
+        ack = await survivor.read()
+        assert ack is not None
+        assert ack.kind == 4
+        await survivor.aclose()
