@@ -137,7 +137,9 @@ class JwtAuthenticator:
     def _device_id(self, certificate: x509.Certificate) -> str:
         if self.settings.identity_source == "cn":
             names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            raw = str(names[0].value) if names else ""
+            # Exactly one CN, as exactly one SAN URI below: with several, tools disagree on
+            # which one names the subject.
+            raw = str(names[0].value) if len(names) == 1 else ""
         else:
             try:
                 san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -159,7 +161,9 @@ class JwtAuthenticator:
         try:
             token = password.decode("ascii")
             header = jwt.get_unverified_header(token)
-        except (UnicodeDecodeError, jwt.DecodeError):
+        except (UnicodeDecodeError, jwt.InvalidTokenError):
+            # InvalidTokenError, not only DecodeError: a non-string kid or an unknown crit
+            # header raise the parent class.
             raise _Refused("malformed token") from None
         settings = self.settings
         if settings.mode == "device-signed":

@@ -4,6 +4,7 @@ own reason, before anything is acknowledged."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -17,8 +18,9 @@ import aiomqtt
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from certs import KeyType
 from cloud_sink.auth import AuthSettings, JwtAuthenticator, thumbprint
@@ -152,6 +154,18 @@ async def test_f17_attacks_each_refused_with_its_reason(pki: Pki, dev: DeviceCre
             4,
         ),
         "garbage token": (request(dev, b"\xff\xfe not a jwt"), "malformed token", 4),
+        # PyJWT raises these as InvalidTokenError, not DecodeError: they used to escape as a
+        # traceback with no CONNACK.
+        "kid not a string": (
+            request(dev, _forged(dev, "ES256", b"", {"kid": 1})),
+            "malformed token",
+            4,
+        ),
+        "unknown critical header": (
+            request(dev, _forged(dev, "ES256", b"", {"crit": ["x-unknown"]})),
+            "malformed token",
+            4,
+        ),
         "no certificate": (request(dev, token(dev), peer_certificate=None), "no client cert", 5),
     }
     labels = set()
@@ -187,13 +201,16 @@ async def test_token_times_that_are_not_finite_numbers_are_refused(
     assert outcome.code == ConnackCode.BAD_USERNAME_OR_PASSWORD
 
 
-def _forged(creds: DeviceCreds, alg: str, secret: bytes) -> bytes:
-    """A token pyjwt would refuse to make: ``alg`` none, or HMAC keyed with a public key."""
+def _forged(
+    creds: DeviceCreds, alg: str, secret: bytes, header: dict[str, Any] | None = None
+) -> bytes:
+    """A token pyjwt would refuse to make: ``alg`` none, HMAC keyed with a public key, or
+    ``header`` fields of the wrong type."""
 
     def b64(data: bytes) -> bytes:
         return base64.urlsafe_b64encode(data).rstrip(b"=")
 
-    header = {"alg": alg, "typ": "JWT"}
+    header = {"alg": alg, "typ": "JWT", **(header or {})}
     claims = {"sub": creds.device_id, "aud": AUD, "iat": NOW, "exp": NOW + 60}
     signing_input = b64(json.dumps(header).encode()) + b"." + b64(json.dumps(claims).encode())
     signature = hmac.new(secret, signing_input, hashlib.sha256).digest() if secret else b""
@@ -301,3 +318,36 @@ async def test_clock_skew_against_a_60s_leeway(
     else:
         assert isinstance(outcome, Refusal)
         assert outcome.reason == refusal
+
+
+async def test_a_certificate_with_two_common_names_names_nobody(pki: Pki) -> None:
+    """Tools disagree on which of several CNs names the subject (Go takes the last): such a
+    certificate is refused, as one with several device SAN URIs is."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, n) for n in ("dev-ok", "dev-denied")]
+    ca = pki.ca
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(names))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca.key, hashes.SHA256())
+    )
+    claims = {"sub": "dev-ok", "aud": AUD, "iat": NOW, "exp": NOW + 60}
+    password = jwt.encode(claims, key, algorithm="ES256").encode()
+    req = ConnectRequest(
+        client_id="dev-ok",
+        username="dev-ok",
+        password=password,
+        clean_session=True,
+        keep_alive=60,
+        peer_certificate=certificate.public_bytes(serialization.Encoding.DER),
+        peer_address="127.0.0.1:1",
+    )
+    outcome = await refused(device_auth(deny=frozenset({"dev-denied"})), req)
+    assert outcome.reason.startswith("certificate identity")
+    assert outcome.code == ConnackCode.NOT_AUTHORIZED
