@@ -41,8 +41,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cloud_sink.rights import check_template
 from mqtt_ingest.configuration import Bytes, ConfigError, Delay, Seconds, load_model, parse_model
 
 __all__ = [
@@ -103,6 +104,11 @@ class AuthConfig(_Strict):
 
 class RightsConfig(_Strict):
     prefix: str = "devices/{device_id}/"
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return check_template(value)
 
 
 class ReconnectConfig(_Strict):

@@ -7,16 +7,43 @@ topic under ``devices/me/`` (MQTT has no path resolution) and ``devices/me`` alo
 
 from __future__ import annotations
 
+import string
+
 from mqtt_ingest import Action, Identity
 
-__all__ = ["DevicePrefixRights"]
+__all__ = ["DevicePrefixRights", "check_template"]
+
+
+def check_template(template: str) -> str:
+    """Return ``template`` if it is a usable prefix template, else raise ValueError saying why.
+
+    ``{device_id}`` exactly once, as a whole topic level, and the template ends with ``/``: a
+    device id has no ``/``, so no device's prefix can contain another's. No other field (it would
+    fail on every publish), no wildcard, no NUL.
+    """
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)]
+    except ValueError as exc:
+        raise ValueError(f"the prefix template {template!r} is malformed: {exc}") from None
+    names = [name for name, _, _ in fields if name is not None]
+    if names != ["device_id"] or any(spec or conv for name, spec, conv in fields if name):
+        raise ValueError(
+            f"the prefix template {template!r} must contain {{device_id}} once and no other field"
+        )
+    levels = template.split("/")
+    if "{device_id}" not in levels or not template.endswith("/"):
+        raise ValueError(
+            f"the prefix template {template!r} must have {{device_id}} as a whole topic level"
+            " and end with '/' (e.g. 'devices/{device_id}/')"
+        )
+    if any(c in template for c in "+#\x00"):
+        raise ValueError(f"the prefix template {template!r} cannot contain '+', '#' or NUL")
+    return template
 
 
 class DevicePrefixRights:
     def __init__(self, template: str = "devices/{device_id}/") -> None:
-        if "{device_id}" not in template or not template.endswith("/"):
-            raise ValueError("the prefix template must contain {device_id} and end with '/'")
-        self.template = template
+        self.template = check_template(template)
 
     def prefix(self, device_id: str) -> str:
         return self.template.format(device_id=device_id)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from cloud_sink.config import ConfigError, parse_config
 from cloud_sink.rights import DevicePrefixRights
 from mqtt_ingest import Action, Identity
+from tests.harness.pki import Pki
 from tests.harness.rawmqtt import RawClient, publish_packet, subscribe_packet
+from tests.harness.sink import write_sink_config
 from tests.harness.stages import RecordingStage, counters, running_server
 
 ME = Identity("dev-7")
@@ -37,6 +42,30 @@ def test_no_subscriptions_and_a_custom_template() -> None:
     assert rights.allowed(ME, "plant-1/dev-7/up/x", Action.PUBLISH)
     with pytest.raises(ValueError, match="device_id"):
         DevicePrefixRights("devices/")
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        # Passed the check once, then raised KeyError on every publish: an outage.
+        ("plant/{site}/{device_id}/", "no other field"),
+        ("devices/{device_id}/{device_id}/", "once"),
+        ("devices/{device_id!r}/", "no other field"),
+        ("devices/x{device_id}/", "whole topic level"),  # 'x' + 'a' = 'xa' + '': ambiguous
+        ("devices/{device_id}", "end with '/'"),
+        ("devices/{/", "malformed"),
+        ("+/{device_id}/", "'+'"),
+    ],
+)
+def test_an_unusable_template_is_a_config_error(
+    tmp_path: Path, pki: Pki, template: str, why: str
+) -> None:
+    base = write_sink_config(tmp_path, pki).read_text()
+    with pytest.raises(ConfigError) as info:
+        parse_config(base + f"\n[rights]\nprefix = '{template}'\n")
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("rights.prefix:")
+    assert why in info.value.problems[0]
 
 
 async def test_violations_close_without_ack_through_the_server() -> None:
