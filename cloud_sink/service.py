@@ -9,17 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 from types import TracebackType
 
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-from cloud_sink.auth import AuthSettings, JwtAuthenticator, PublicKey
+from cloud_sink.auth import AuthSettings, JwtAuthenticator
 from cloud_sink.backends.base import CoreQueue
 from cloud_sink.backends.sqlite import SqliteCoreQueue
 from cloud_sink.config import AmqpBackendConfig, SinkConfig, SqliteBackendConfig, check_files
 from cloud_sink.forward import Forwarder
 from cloud_sink.health import BackendGuard, BackendState, Backoff
+from cloud_sink.issuer_keys import read_issuer_keys
 from cloud_sink.metrics import SinkMetrics
 from cloud_sink.readiness import ReadinessServer
 from cloud_sink.rights import DevicePrefixRights
@@ -37,10 +35,9 @@ log = logging.getLogger(__name__)
 def auth_settings(config: SinkConfig) -> AuthSettings:
     """The authenticator's settings from [auth]; ValueError when an issuer key is unusable."""
     auth = config.auth
-    try:
-        issuer_keys = _issuer_keys(config)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ValueError(f"auth.issuer_keys: {exc}") from None
+    issuer_keys, problems = read_issuer_keys(auth.issuer_keys)
+    if problems:
+        raise ValueError("; ".join(problems))
     return AuthSettings(
         audience=auth.audience,
         mode=auth.mode,
@@ -51,16 +48,6 @@ def auth_settings(config: SinkConfig) -> AuthSettings:
         identity_source=auth.identity,
         deny=frozenset(auth.deny),
     )
-
-
-def _issuer_keys(config: SinkConfig) -> Mapping[str, PublicKey]:
-    keys: dict[str, PublicKey] = {}
-    for path in config.auth.issuer_keys:
-        key = load_pem_public_key(path.read_bytes())
-        if not isinstance(key, PublicKey):
-            raise ValueError(f"{path}: unsupported key type {type(key).__name__}")
-        keys[path.stem] = key
-    return keys
 
 
 async def open_backend(config: SinkConfig) -> CoreQueue:
@@ -103,17 +90,8 @@ def preflight(config: SinkConfig) -> list[str]:
             build_context(config.listener)
         except TlsError as exc:
             problems.append(f"listener: {exc}")
-    for index, path in enumerate(config.auth.issuer_keys):
-        where = f"auth.issuer_keys[{index}]"
-        if where in unreadable:
-            continue
-        try:
-            key = load_pem_public_key(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            problems.append(f"{where}: {path} is not a PEM public key: {exc}")
-            continue
-        if not isinstance(key, PublicKey):
-            problems.append(f"{where}: {path}: unsupported key type {type(key).__name__}")
+    _, key_problems = read_issuer_keys(config.auth.issuer_keys)
+    problems += [p for p in key_problems if p.split(":", 1)[0] not in unreadable]
     return problems
 
 
