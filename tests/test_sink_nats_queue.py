@@ -17,6 +17,7 @@ from cloud_sink.backends.nats import NatsCoreQueue, _header_value, subject_cover
 from cloud_sink.backends.nats_batch import read_reply
 from tests.harness.brokers import NatsNames, nats_connection, read_stream
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
+from tests.harness.report import figures
 from tests.harness.sink import core_message
 
 READ_TIMEOUT = 10.0
@@ -430,3 +431,29 @@ async def test_disconnect_while_waiting_fails_at_once(
         nats_jetstream.url, nats_jetstream.stream, expected=2, timeout=READ_TIMEOUT
     )
     assert [m.headers["seq"] for m in stored] == ["1", "2"]
+
+
+async def test_a_silently_dead_connection_is_noticed_by_pings(
+    nats_jetstream: NatsNames, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """No FIN, no RST (NAT state expired, a host gone): nats-py believed itself connected until
+    its pings (120 s x 2 by default) went unanswered, and the sink stayed in an outage for ~6
+    minutes, past the duplicate window. Pings every `timeout` notice it within ~2-3 x timeout;
+    nats-py then reconnects by itself."""
+    queue, proxy = await queue_behind_proxy(nats_jetstream, chaos_proxy_factory, 1.0)
+    try:
+        assert (await queue.publish([core_message(1)])).stored == 1
+        proxy.blackhole()
+        started = time.monotonic()
+        while True:  # a probe times out while the client believes itself connected
+            with pytest.raises(BackendError) as info:
+                await queue.probe()
+            if "not connected" in str(info.value):
+                break
+            assert time.monotonic() - started < 10, "the dead connection was never noticed"
+        figures("NATS silent cut noticed", seconds=round(time.monotonic() - started, 1))
+        proxy.pass_through()
+        outcome = await publish_once_reconnected(queue, [core_message(2)])
+        assert outcome.stored == 1
+    finally:
+        await queue.aclose()

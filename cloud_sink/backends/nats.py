@@ -138,6 +138,12 @@ class NatsCoreQueue:
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=_RECONNECT_WAIT,
+                    # A connection that died silently (NAT or conntrack expiry, a host gone, no
+                    # FIN or RST) looks connected until pings go unanswered: nats-py's default
+                    # (120 s x 2) kept the sink in an outage for ~6 minutes, past JetStream's
+                    # duplicate window for the resends. Pings every `timeout`: ~2-3 x timeout.
+                    ping_interval=max(1, round(timeout)),
+                    max_outstanding_pings=2,
                     error_cb=_log_error(url, errors),
                     disconnected_cb=_on_lost(
                         publisher, logging.WARNING, "disconnected from NATS", url
