@@ -59,6 +59,14 @@ __all__ = [
 ]
 
 
+MAX_BACKEND_TIMEOUT = 12.0
+BackendTimeout = Annotated[Seconds, Field(le=MAX_BACKEND_TIMEOUT)]
+"""A core-queue call's deadline. A batch may need two calls (its events, then its dead letters),
+and both must end within the ingest server's 30 s stage timeout: a call cut off by that one
+instead would not count as a core-queue failure, and a dead backend would never be treated as an
+outage (the sink kept accepting CONNECTs and reporting ready)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -143,7 +151,7 @@ class AmqpBackendConfig(_Backend):
     queue_type: Literal["classic", "quorum"] = "classic"
     dead_letter_exchange: str = "mqtt-bridge.dead-letters"
     dead_letter_queue: str = "mqtt-bridge.dead-letters"
-    timeout: Seconds = 10.0
+    timeout: BackendTimeout = 10.0
 
 
 class NatsBackendConfig(_Backend):
@@ -156,7 +164,7 @@ class NatsBackendConfig(_Backend):
     dead_letter_stream: str = "MQTT_BRIDGE_DEAD"
     dead_letter_subject_prefix: str = "bridge.dead"
     duplicate_window: Seconds = 120.0
-    timeout: Seconds = 10.0
+    timeout: BackendTimeout = 10.0
 
 
 BackendConfig = Annotated[

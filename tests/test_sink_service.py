@@ -232,3 +232,17 @@ def test_reconnect_and_health_validators(tmp_path: Path, pki: Pki) -> None:
     )
     assert "initial must not be more than max" in problems[1]
     assert problems[2].startswith("health.port:")
+
+
+def test_a_backend_timeout_must_fit_the_stage_timeout(tmp_path: Path, pki: Pki) -> None:
+    """With timeout = 40s the ingest server's 30 s stage timeout cut every call first: a dead
+    backend never counted as an outage (the sink kept accepting and reporting ready)."""
+    base = write_sink_config(tmp_path, pki).read_text()
+    base = base[: base.index("[backend]")]
+    for backend in ('type = "nats"\nurl = "nats://x"', 'type = "amqp"\nurl = "amqp://x"'):
+        text = f"{base}[backend]\n{backend}\ntimeout = "
+        assert parse_config(text + '"12s"\n').backend.timeout == 12.0  # type: ignore[union-attr]
+        with pytest.raises(ConfigError) as info:
+            parse_config(text + '"40s"\n')
+        assert info.value.problems[0].startswith("backend.")
+        assert "less than or equal to 12" in info.value.problems[0]
