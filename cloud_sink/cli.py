@@ -21,6 +21,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.x509.oid import NameOID
 
 from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
@@ -65,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--kid", required=True, help="key id (the sink's issuer key file stem)")
     token.add_argument("--issuer", required=True)
     token.add_argument("--audience", required=True)
-    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token.add_argument(
+        "--ttl",
+        type=_positive_seconds,
+        default=3600.0,
+        help="seconds (default 3600; the sink refuses tokens over its [auth] max_lifetime)",
+    )
     add_install_command(commands, LAYOUT)
     return parser
 
@@ -181,6 +187,16 @@ def _tail(config: SinkConfig, follow: bool, as_json: bool) -> int:
         time.sleep(0.5)
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 < value < 10 * 365 * 86400):
+        raise argparse.ArgumentTypeError(f"{text!r}: a lifetime must be positive (and finite)")
+    return value
+
+
 def _issue_token(args: argparse.Namespace) -> int:
     try:
         certificate = x509.load_pem_x509_certificate(args.cert.read_bytes())
@@ -188,12 +204,23 @@ def _issue_token(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 1
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [str(n.value) for n in names] != [args.device]:
+        # The sink would refuse it (sub must equal the certificate's identity): say so now.
+        shown = ", ".join(str(n.value) for n in names) or "no CN"
+        print(f"cloud-sink: {args.cert} is the certificate of {shown}, not of {args.device!r}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if not isinstance(
         key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     ):
         print(f"cloud-sink: {args.key}: unsupported key type", file=sys.stderr)
         return 1
-    algorithm = algorithm_for(key.public_key())
+    try:
+        algorithm = algorithm_for(key.public_key())
+    except ValueError as exc:
+        print(f"cloud-sink: {args.key}: {exc}", file=sys.stderr)
+        return 1
     now = int(time.time())
     claims = {
         "sub": args.device,

@@ -124,6 +124,23 @@ async def test_issue_token_mints_a_certificate_bound_issuer_token(tmp_path: Path
     assert claims["exp"] - claims["iat"] == 120
     assert "x5t#S256" in claims["cnf"]
     assert jwt.get_unverified_header(result.stdout.strip())["kid"] == "k1"
+    # Refused before minting what the sink would refuse, or what makes no sense.
+    other = pki.device(f"other-{uuid.uuid4().hex[:6]}")
+    for change, message in (
+        (("--device", other.device_id), f"not of '{other.device_id}'"),
+        (("--ttl", "-600"), "must be positive"),
+        (("--ttl", "nan"), "must be positive"),
+        (("--ttl", "inf"), "must be positive"),
+    ):
+        argv = [CLOUD_SINK, "issue-token", "--device", device.device_id, "--cert",
+                str(device.cert), "--key", str(key_path), "--kid", "k1", "--issuer",
+                "https://iss", "--audience", AUD, *change]  # fmt: skip
+        refused = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert refused.returncode != 0, change
+        assert refused.stdout == ""
+        assert message in refused.stderr, refused.stderr
 
 
 async def _publish_through_sink(config: SinkConfig, device: DeviceCreds, pki: Pki) -> None:
