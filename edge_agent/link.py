@@ -7,6 +7,7 @@ import enum
 import json
 import random
 import ssl
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ __all__ = [
     "LinkFailure",
     "LinkState",
     "LinkStatus",
+    "PublishTimeout",
     "TlsMaterial",
     "classify",
     "client_context",
@@ -137,6 +139,11 @@ class LinkFailure(Exception):
         self.refused = refused
 
 
+class PublishTimeout(LinkFailure):
+    """Messages in flight and no acknowledgement for ``publish_timeout``: we gave up on the
+    connection (the server did not close it)."""
+
+
 def classify(detail: str, tls_errors: list[str]) -> LinkFailure:
     """A connect or session failure: certificate failures and TLS alerts are refusals."""
     if tls_errors:
@@ -148,7 +155,9 @@ def classify(detail: str, tls_errors: list[str]) -> LinkFailure:
     return LinkFailure(detail or "connection failed")
 
 
-def recording_socket_class(errors: list[str], sockets: list[ssl.SSLSocket]) -> type[ssl.SSLSocket]:
+def recording_socket_class(
+    errors: list[str], sockets: list[ssl.SSLSocket], received_at: list[float] | None = None
+) -> type[ssl.SSLSocket]:
     """An `SSLSocket` that notices the server refusing the client certificate after the handshake
     (and closes itself when the handshake fails, which paho does not do). Each one adds itself to
     ``sockets``: paho does not close the socket of a connect that fails after the handshake (a
@@ -158,8 +167,12 @@ def recording_socket_class(errors: list[str], sockets: list[ssl.SSLSocket]) -> t
     done; it then sends an alert or just closes. paho sees a closed socket and aiomqtt reports a
     CONNACK timeout, which would look like a network problem and be retried fast, forever. A TLS
     alert, or an end of stream before the server sent a single byte, is what tells them apart.
+
+    ``received_at[0]`` is set to `time.monotonic()` whenever bytes arrive (the uplink's watchdog
+    of a silent link).
     """
     received = [0]
+    arrivals = received_at if received_at is not None else [0.0]
 
     class _Recording(ssl.SSLSocket):
         def do_handshake(self, block: bool = False) -> None:
@@ -185,7 +198,9 @@ def recording_socket_class(errors: list[str], sockets: list[ssl.SSLSocket]) -> t
                     "MQTT answer: it most likely refused the client certificate (revoked, "
                     "expired or from another CA)"
                 )
-            received[0] += len(data)
+            if data:
+                received[0] += len(data)
+                arrivals[0] = time.monotonic()
             return data
 
     return _Recording

@@ -39,8 +39,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import ssl
+import time
 from dataclasses import dataclass
 
 import aiomqtt
@@ -55,6 +57,7 @@ from edge_agent.link import (
     LinkFailure,
     LinkState,
     LinkStatus,
+    PublishTimeout,
     TlsMaterial,
     classify,
     recording_socket_class,
@@ -74,6 +77,7 @@ _MAX_DEFERRED = 100
 _MAX_FETCH = 1000  # events per read from the buffer (more only holds more rows in memory)
 _DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
+_TOKEN_FILE_RECHECK = 30.0  # seconds: a token file still unchanged at renewal is looked at again
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
 # reason codes paho reports them as.
 _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
@@ -83,7 +87,7 @@ _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
 class _Suspect:
     event: StoredEvent
     failures: int  # connections lost with this event alone in flight
-    delivered_at_failure: int  # the uplink's delivered count at the last of those
+    confirmed_at_failure: int  # the uplink's `_confirmed` count at the last of those
 
 
 class Uplink:
@@ -122,6 +126,9 @@ class Uplink:
         # again (alone) only after other events got through since its last failure, so one
         # poison event neither blocks the rest nor gets blamed for a dead link.
         self._deferred: dict[int, _Suspect] = {}
+        self._confirmed = 0  # QoS 1/2 events acknowledged this run: evidence the server takes them
+        self._received_at = [time.monotonic()]  # when the current connection last received bytes
+        self._told_same_token = False  # the token file's unchanged token was logged
 
     @property
     def in_flight(self) -> int:
@@ -157,6 +164,15 @@ class Uplink:
                     if self._stopping.is_set():
                         break
                     await self._back_off(failure)
+                except Exception as exc:
+                    # A buffer read or write failing (a flaky SD card, a full disk while an
+                    # attempt is counted), or a bug: this connection ends, the events stay
+                    # buffered, and the agent keeps accepting; ending this task would stop the
+                    # whole agent, its local listener with it.
+                    log.exception("uplink: unexpected error, reconnecting after a back-off")
+                    if self._stopping.is_set():
+                        break
+                    await self._back_off(LinkFailure(f"internal error: {exc!r}"))
                 else:
                     self._backoff.reset()  # renewed or stopped on purpose
         finally:
@@ -201,8 +217,9 @@ class Uplink:
         self.status.token_expires_at = token.expires_at
         tls_errors: list[str] = []
         sockets: list[ssl.SSLSocket] = []  # this attempt's, closed when it ends
+        self._received_at = [time.monotonic()]
         context = material.context
-        context.sslsocket_class = recording_socket_class(tls_errors, sockets)
+        context.sslsocket_class = recording_socket_class(tls_errors, sockets, self._received_at)
         username = (
             format_username(self.device_id, format=FORMAT_BATCH_V1)
             if config.format == FORMAT_BATCH_V1
@@ -228,7 +245,7 @@ class Uplink:
                 self.status.connected_since = self._clock.time()
                 self._last_refusal = ""
                 self._set_state(LinkState.ONLINE, _token_note(token, self._clock))
-                await self._drain(client, self._renew_at(token))
+                await self._drain(client, token)
         except MqttConnectError as exc:
             code = getattr(exc.rc, "value", exc.rc)
             raise LinkFailure(f"CONNACK refused: {exc}", refused=code in _REFUSED_CONNACK) from None
@@ -302,7 +319,7 @@ class Uplink:
 
     # -- one connection's drain -------------------------------------------------------------
 
-    async def _drain(self, client: aiomqtt.Client, renew_at: float | None) -> None:
+    async def _drain(self, client: aiomqtt.Client, token: Token) -> None:
         # Messages go straight to paho, acknowledgements come back through its callback: no
         # task, future or timer per message (aiomqtt's `publish` costs about as much again as
         # paho's own work). aiomqtt still owns the connection, its loop and its failures.
@@ -311,6 +328,14 @@ class Uplink:
         session = Session(
             config.window, config.window_bytes, config.publish_timeout, mqtt, self._delivered
         )
+        # paho pings after `keepalive` s without inbound bytes and gives up `keepalive` s after
+        # that (checked once a second): up to 2 x keep-alive + 1 s. A healthy link answers each
+        # ping at once, so inbound silence of 1.5 x keep-alive (and at least keep-alive + 2 s,
+        # for paho's once-a-second check) means a dead link (RELIABILITY F5).
+        session.silence_limit = max(1.5 * config.keepalive, config.keepalive + 2.0)
+        session.received_at = self._received_at
+        session.renew_at = self._renew_at(token)
+        session.schedule_renewal()
         self._session = session
 
         def acknowledged(_c: object, _u: object, mid: int, code: object, _p: object) -> None:
@@ -324,11 +349,12 @@ class Uplink:
         ]
         graceful = False
         try:
-            await self._feed(client, session, renew_at)
+            await self._feed(client, session, token)
             await self._settle_inflight(session)
             graceful = True  # a connection lost while settling counts as lost
         finally:
             self._session = None
+            session.close()
             mqtt.on_publish = None  # a late acknowledgement is not counted: the row is resent
             session.outbox.clear()
             if session.ahead is not None:
@@ -347,17 +373,18 @@ class Uplink:
             cause = exc.__cause__
             session.fail(LinkFailure(f"connection lost: {cause or exc}"))
 
-    async def _feed(self, client: aiomqtt.Client, session: Session, renew_at: float | None) -> None:
-        loop = asyncio.get_running_loop()
+    async def _feed(self, client: aiomqtt.Client, session: Session, token: Token) -> None:
         cursor: tuple[int, int] | None = None
         probed = False
         while True:
             session.check()
             if self._stopping.is_set():
                 return
-            if renew_at is not None and loop.time() >= renew_at:
-                log.info("uplink: renewing the connection before the token expires")
-                return
+            if session.renewal_due():
+                if self._fresh_token(token):
+                    log.info("uplink: renewing the connection before the token expires")
+                    return
+                session.schedule_renewal(_TOKEN_FILE_RECHECK)
             if self._reconnect.is_set():
                 log.info("uplink: reconnecting with the reloaded configuration")
                 return
@@ -387,8 +414,7 @@ class Uplink:
                 probed = suspect.event.seq in self._deferred
                 continue
             if not events:
-                timeout = None if renew_at is None else max(0.0, renew_at - loop.time())
-                await session.wait(timeout)
+                await session.wait()  # the renewal timer wakes it too
                 continue
             cursor = (events[-1].priority, events[-1].seq)
             for message in self._group(events):
@@ -400,9 +426,9 @@ class Uplink:
         there is nothing else to send (``idle``: then it is not held back for want of traffic;
         a failure without other events getting through in between does not count towards
         ``max_attempts``, see `_finish`)."""
-        delivered = self.status.delivered
+        confirmed = self._confirmed
         return next(
-            (s for s in self._deferred.values() if idle or delivered > s.delivered_at_failure),
+            (s for s in self._deferred.values() if idle or confirmed > s.confirmed_at_failure),
             None,
         )
 
@@ -454,18 +480,21 @@ class Uplink:
         """The next events after ``cursor``. Nothing after the cursor was sent on this
         connection (events are taken in cursor order), but deferred ones may be anywhere, and
         so may those of them acknowledged on this connection whose rows are not deleted yet."""
-        want = self._want(free)
         sent = session.taken.keys() if cursor is None else session.settling
-        skip = self._deferred.keys() | sent
-        rows = await self._buffer.next_events(want + len(skip), cursor)
-        return [row for row in rows if row.seq not in skip][:want]
+        skip = frozenset(self._deferred.keys() | sent)
+        return await self._buffer.next_events(
+            self._want(free), cursor, skip=skip, max_bytes=self._opened_with.window_bytes
+        )
 
     async def _fetch_above(self, session: Session, priority: int, free: int) -> list[StoredEvent]:
         """Not yet sent events of a priority above ``priority`` (the cursor stays where it is)."""
         want = self._want(free)
-        skip = self._deferred.keys() | {s for s, p in session.taken.items() if p > priority}
-        rows = await self._buffer.next_events(want + len(skip), None)
-        events = [r for r in rows if r.priority > priority and r.seq not in skip][:want]
+        skip = frozenset(
+            self._deferred.keys() | {s for s, p in session.taken.items() if p > priority}
+        )
+        events = await self._buffer.next_events(
+            want, None, skip=skip, max_bytes=self._opened_with.window_bytes, above=priority
+        )
         if len(events) == want:
             self._preempt = max(self._preempt, events[-1].priority)  # more may be waiting
         return events
@@ -535,13 +564,13 @@ class Uplink:
         if message.alone:
             while session.inflight or session.outbox:
                 await session.wait()
-                if self._stopping.is_set() or self._reconnect.is_set():
+                if self._closing(session):
                     return False
         while session.full():
-            await session.wait()  # woken when there is room, a failure, stop or reload
-            if self._stopping.is_set() or self._reconnect.is_set():
+            await session.wait()  # woken when there is room, a failure, stop, reload, renewal
+            if self._closing(session):
                 return False  # not queued, nor anything after it: the feeder returns
-        if self._stopping.is_set() or self._reconnect.is_set():
+        if self._closing(session):
             # Asked to close while the page was read: it stays buffered. (With `_opened_with`,
             # the second guard against a reload's new format reaching this connection.)
             return False
@@ -553,9 +582,40 @@ class Uplink:
                     break
         return True
 
-    def _delivered(self, seqs: list[int]) -> None:
+    def _closing(self, session: Session) -> bool:
+        """Whether the feeder should stop queueing and return: stop, reload, or the token's
+        renewal time (a page of large events on a slow link can take longer than
+        ``renew_before``: the sink would cut the connection at ``exp``)."""
+        return self._stopping.is_set() or self._reconnect.is_set() or session.renewal_due()
+
+    def _fresh_token(self, connected_with: Token) -> bool:
+        """Whether a new connection would present a later token. Always, with device-signed
+        tokens (minted per connection); with a token file, only once it holds a new one:
+        reconnecting with the same token would only repeat itself every second until ``exp``."""
+        try:
+            fresh = self._tokens.current()
+        except TokenUnavailable:
+            return False
+        later = (fresh.expires_at or math.inf) > (connected_with.expires_at or math.inf)
+        if fresh.value != connected_with.value and later:
+            self._told_same_token = False
+            return True
+        if not self._told_same_token:
+            self._told_same_token = True
+            log.warning(
+                "uplink: the token file still holds the token that expires at %s; keeping this"
+                " connection until a new token is written (the server closes it at expiry)",
+                _when(connected_with.expires_at),
+            )
+        return False
+
+    def _delivered(self, seqs: list[int], qos: int) -> None:
         """Seqs acknowledged on the current connection (`Session.on_delivered`)."""
         self.status.delivered += len(seqs)
+        if qos > 0:
+            # Evidence that the server takes events; a QoS 0 write is none (paho reports it
+            # published once it is in the socket, whether the server reads anything or not).
+            self._confirmed += len(seqs)
         if self._deferred and self._session is not None:
             for seq in seqs:
                 if self._deferred.pop(seq, None) is not None:
@@ -613,11 +673,15 @@ class Uplink:
         if event is None:
             return
         suspect = self._deferred.pop(event.seq, None)
+        # Poison is an event the connection keeps being closed on (SPEC §5). Our own publish
+        # timeout is not that: a large event on a slow link, or a server that stopped
+        # acknowledging; the event is still tried alone later, but never dead-lettered for it.
+        closed = not isinstance(session.failure, PublishTimeout)
         if suspect is None:
-            suspect = _Suspect(event, 1, self.status.delivered)
-        elif self.status.delivered > suspect.delivered_at_failure:
+            suspect = _Suspect(event, int(closed), self._confirmed)
+        elif closed and self._confirmed > suspect.confirmed_at_failure:
             suspect.failures += 1  # others got through since its last failure: it counts
-            suspect.delivered_at_failure = self.status.delivered
+            suspect.confirmed_at_failure = self._confirmed
         if suspect.failures >= self.config.max_attempts:
             reason = (
                 f"the connection was lost {suspect.failures} times with this event alone in "
@@ -675,3 +739,9 @@ def _token_note(token: Token, clock: Clock) -> str:
     if token.expires_at is None:
         return "token without expiry" if token.value is not None else "no token"
     return f"token expires in {max(0, int(token.expires_at - clock.time()))}s"
+
+
+def _when(unix: float | None) -> str:
+    if unix is None:
+        return "never"
+    return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

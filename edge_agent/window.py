@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edge_agent.buffer import StoredEvent
-from edge_agent.link import LinkFailure
+from edge_agent.link import LinkFailure, PublishTimeout
 from mqtt_ingest import failpoints
 
 __all__ = ["MID_SPAN", "Message", "Session"]
@@ -52,7 +54,7 @@ class Session:
     window_bytes: int
     publish_timeout: float
     mqtt: paho.Client  # the connection's paho client (under aiomqtt), which publishes
-    on_delivered: Callable[[list[int]], None]  # seqs acknowledged (status, deferred suspects)
+    on_delivered: Callable[[list[int], int], None]  # seqs acknowledged, at this QoS
     inflight: dict[int, Message] = field(default_factory=dict)  # by packet id, oldest first
     taken: dict[int, int] = field(default_factory=dict)  # seq -> priority: sent, not yet deleted
     settling: set[int] = field(default_factory=set)  # set-aside events acknowledged, not deleted
@@ -68,6 +70,11 @@ class Session:
     published: int = 0  # messages handed to paho on this connection
     bytes_out: int = 0  # payload bytes queued or in flight (``window_bytes``)
     pumping: bool = False  # a `pump` is scheduled
+    last_ack_at: float = 0.0  # loop time of the last acknowledgement on this connection
+    silence_limit: float = math.inf  # seconds without inbound bytes after which the link is dead
+    renew_at: float | None = None  # loop time to reconnect with a fresh token
+    _renewal_timer: asyncio.TimerHandle | None = None
+    received_at: list[float] = field(default_factory=lambda: [time.monotonic()])  # last bytes in
     ahead: tuple[tuple[int, int], asyncio.Task[list[StoredEvent]]] | None = None  # (cursor, fetch)
 
     def fail(self, failure: LinkFailure) -> None:
@@ -78,6 +85,23 @@ class Session:
     def check(self) -> None:
         if self.failure is not None:
             raise self.failure
+
+    def renewal_due(self) -> bool:
+        return self.renew_at is not None and self.loop.time() >= self.renew_at
+
+    def schedule_renewal(self, delay: float | None = None) -> None:
+        """Wake waiters at ``renew_at`` (moved ``delay`` seconds from now if given)."""
+        if self._renewal_timer is not None:
+            self._renewal_timer.cancel()
+        if delay is not None:
+            self.renew_at = self.loop.time() + delay
+        if self.renew_at is not None:
+            self._renewal_timer = self.loop.call_at(self.renew_at, self.changed.set)
+
+    def close(self) -> None:
+        """The connection is over: no more timers."""
+        if self._renewal_timer is not None:
+            self._renewal_timer.cancel()
 
     async def wait(self, limit: float | None = None) -> None:
         """Until something changes (an ack, a failure, new events), or ``limit`` seconds."""
@@ -143,9 +167,10 @@ class Session:
         if failpoints.active() and not self._hit_or_fail("drain.after_publish_before_puback"):
             return  # a crash with the message acknowledged by the server, not yet by us
         del self.inflight[mid]
+        self.last_ack_at = self.loop.time()
         seqs = message.seqs
         self.done += seqs
-        self.on_delivered(seqs)
+        self.on_delivered(seqs, message.qos)
         self.acked.set()
         if failpoints.active():  # a crash with the acknowledgement noted, the rows not deleted
             self._hit_or_fail("drain.after_puback_before_delete")
@@ -159,15 +184,25 @@ class Session:
             self.loop.call_soon(self.pump)
 
     async def expire(self) -> None:
-        """Fail the session when its oldest message in flight was not acknowledged within
-        ``publish_timeout`` (outcome unknown: the rows stay and are sent again)."""
+        """Fail the session when messages are in flight and none was acknowledged for
+        ``publish_timeout`` (outcome unknown: the rows stay and are sent again), or when nothing at
+        all was received for ``silence_limit`` (a blackholed link: keep-alive pings unanswered).
+
+        Measured from the later of the oldest message's hand-off and the last acknowledgement:
+        on a slow link a full window takes longer than the timeout to cross, and while its
+        acknowledgements keep coming the link is working, not late (RELIABILITY F6).
+        """
         timeout = self.publish_timeout
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
+            await asyncio.sleep(min(1.0, timeout / 4, self.silence_limit / 8))
+            silent = time.monotonic() - self.received_at[0]
+            if silent >= self.silence_limit:
+                self.fail(LinkFailure(f"nothing received for {silent:.1f}s: the link is dead"))
+                return
             if self.inflight:
                 oldest = next(iter(self.inflight.values()))
-                if self.loop.time() - oldest.sent_at >= timeout:
-                    self.fail(LinkFailure(f"publish not confirmed within {timeout:g}s"))
+                if self.loop.time() - max(oldest.sent_at, self.last_ack_at) >= timeout:
+                    self.fail(PublishTimeout(f"publish not confirmed within {timeout:g}s"))
                     return
 
     def _hit_or_fail(self, name: str) -> bool:

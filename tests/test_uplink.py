@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import jwt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cloud_sink.auth import thumbprint
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect, read_events
@@ -173,6 +176,18 @@ def issuer_key(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def issue_token(device: DeviceCreds, issuer: Path, ttl: int) -> str:
+    """A token from `cloud-sink issue-token`; with ``ttl`` <= 0 (which the command refuses), the
+    same claims minted here, already expired."""
+    if ttl <= 0:
+        key = serialization.load_pem_private_key(issuer.read_bytes(), password=None)
+        certificate = x509.load_pem_x509_certificate(device.cert.read_bytes())
+        now = int(time.time())
+        claims = {
+            "sub": device.device_id, "aud": AUD, "iss": "https://issuer.test",
+            "iat": now + ttl - 60, "exp": now + ttl,
+            "cnf": {"x5t#S256": thumbprint(certificate.public_bytes(serialization.Encoding.DER))},
+        }  # fmt: skip
+        return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})  # type: ignore[arg-type]
     done = subprocess.run(
         [CLOUD_SINK, "issue-token", "--device", device.device_id, "--cert", str(device.cert),
          "--key", str(issuer), "--kid", "k1", "--issuer", "https://issuer.test",
@@ -208,9 +223,14 @@ async def test_token_file_mode_reads_the_file_again_when_it_changes(
             assert "expired" in agent.uplink.status.last_error
             status = await acli(path, "status")
             assert "token: WARNING" in status.stdout
-            token_path.write_text(issue_token(device, private, ttl=600))
+            # Less left than renew_before (5 min): renewing early cannot get a later token
+            # until the file changes. It used to reconnect every second until exp.
+            token_path.write_text(issue_token(device, private, ttl=200))
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
             assert agent.uplink.status.token_expires_at is not None
+            connections = agent.uplink.status.connections
+            await asyncio.sleep(3)
+            assert agent.uplink.status.connections == connections
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1"]
 
 

@@ -16,10 +16,12 @@ from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect
 from mqtt_ingest import failpoints
 from mqtt_ingest.ports import ConnectRequest, Identity, Refusal
-from tests.harness.chaos import ChaosProxyFactory
+from tests.harness.chaos import ChaosProxyFactory, Direction
 from tests.harness.pki import Pki
 from tests.harness.report import figures, until
+from tests.harness.sink import AUD
 from tests.harness.sink import running_sink as sink
+from tests.harness.stages import RecordingStage, running_server
 from tests.test_uplink_faults import acks_held, configure, new_device, preload, stored_payloads
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -133,3 +135,109 @@ async def test_after_a_connack_timeout_the_next_attempt_connects(
     assert (status.failures, status.connections) == (1, 1)
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
+
+
+async def test_qos0_writes_are_no_evidence_against_an_event_the_server_never_acknowledged(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """A server that stopped acknowledging (its core queue stalled), QoS 0 telemetry flowing,
+    the link cut again and again with the one QoS 1 event alone in flight: that event is not
+    poison. paho reports a QoS 0 message published once written, so those writes used to count
+    as "others got through" and the healthy event was dead-lettered after max_attempts cuts."""
+    device = new_device(pki, "qos0")
+    stage = RecordingStage()
+    stage.hold()  # nothing is ever acknowledged
+    async with running_server(stage, ssl_context=pki.server_context()) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        extra = 'format = "raw"\nmax_attempts = 2\nkeepalive = 600\npublish_timeout = "60s"'
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
+        data = config.agent.data_dir
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await agent.publish("sensors/t", b"healthy")  # QoS 1
+            await until(lambda: uplink.in_flight == 1)
+            for cut in range(3):
+                failures = uplink.status.failures
+                await proxy.reset()  # and new connections too, until pass_through
+                await until(lambda f=failures: uplink.status.failures > f)  # type: ignore[misc]
+                for i in range(5):
+                    await agent.publish("bulk/x", b"%d-%d" % (cut, i))  # QoS 0, while down
+                proxy.pass_through()
+                # The QoS 0 events go (written: deleted), then the suspect again, alone.
+                await until(lambda: inspect(data).events == 1 and uplink.in_flight == 1)
+            assert uplink.status.dead_lettered == 0
+            stage.release()
+            await until(lambda: inspect(data).events == 0, timeout=20)
+    assert inspect(data).dead_letters == 0
+    assert b"healthy" in stage.payloads()
+
+
+async def test_a_slow_link_whose_acknowledgements_keep_coming_is_not_timed_out(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """F6: a full window takes longer than ``publish_timeout`` to cross a slow link. While
+    acknowledgements keep arriving the link is working: no timeout, nothing sent twice. (The
+    timeout used to run from each message's hand-off to paho.)"""
+    device = new_device(pki, "slow")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        extra = 'format = "raw"\npublish_timeout = "1s"\nwindow = 200'
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
+        await preload(config, 150, size=1000)
+        proxy.bandwidth(40_000, direction=Direction.UPSTREAM)  # 150 kB: about 4 s
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+            status = uplink.status
+    figures("slow link, 1 s publish timeout", failures=status.failures, last=status.last_error)
+    assert status.failures == 0, status.last_error
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(150))
+
+
+async def test_a_buffer_error_on_the_drain_path_reconnects_and_the_agent_keeps_accepting(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A read of the drain failing (a flaky SD card) used to end the uplink task and with it
+    the whole agent, its local listener included."""
+    device = new_device(pki, "readerr")
+    async with sink(tmp_path, pki) as server:
+        config = load_config(configure(tmp_path, pki, device, server.port))
+        await preload(config, 5)
+        failpoints.arm("buffer.read", "raise@2")
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await until(lambda: uplink.status.failures >= 1)
+            assert "internal error" in uplink.status.last_error
+            await agent.publish("sensors/t", b"5")  # still accepting
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=20)
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(6))
+
+
+async def test_the_token_is_renewed_while_a_long_page_is_being_sent(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """A page of events that takes longer than ``renew_before`` to cross a slow link: the
+    renewal happens on time (between two messages), not after the whole page, by which time the
+    sink may have cut the connection at ``exp``."""
+    device = new_device(pki, "renew")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        extra = 'format = "raw"\nwindow = 200\nwindow_bytes = 4000'  # one page, 4 in flight
+        token = f'audience = "{AUD}"\nlifetime = "6s"\nrenew_before = "4s"'
+        path = configure(tmp_path, pki, device, proxy.port, extra=extra, token=token)
+        config = load_config(path)
+        await preload(config, 300, size=1000)  # one page: 300 kB, about 15 s at 20 kB/s
+        proxy.bandwidth(20_000, direction=Direction.UPSTREAM)
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await until(lambda: uplink.status.connections >= 2, timeout=20)  # renewed at ~2 s
+            left = inspect(config.agent.data_dir).events
+            proxy.pass_through()
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+    figures("renewal during a page", events_left_at_renewal=left)
+    assert left > 100, "the renewal waited for the page to be sent"
+    assert sorted(set(stored_payloads(tmp_path / "core.db"))) == list(range(300))

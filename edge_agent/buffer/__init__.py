@@ -361,13 +361,22 @@ class Buffer:
     # -- draining (the uplink) ------------------------------------------------------------------
 
     async def next_events(
-        self, limit: int, after: tuple[int, int] | None = None
+        self,
+        limit: int,
+        after: tuple[int, int] | None = None,
+        *,
+        skip: frozenset[int] = frozenset(),
+        max_bytes: int | None = None,
+        above: int | None = None,
     ) -> list[StoredEvent]:
         """Up to ``limit`` events in drain order: priority (high first), then seq.
 
         ``after`` = (priority, seq) of the last event already taken, to page through the backlog.
+        Events whose seq is in ``skip`` are passed over; the page ends once its payloads reach
+        ``max_bytes`` (at least one event is returned), and at the first event of a priority at
+        or below ``above``.
         """
-        return await self._run(_next_events, limit, after)
+        return await self._run(_next_events, limit, after, skip, max_bytes, above)
 
     async def delete(self, seqs: Sequence[int], *, drop_reason: str | None = None) -> int:
         """Remove events (idempotent); returns how many were still there.

@@ -284,14 +284,37 @@ def _drain_queries(after: tuple[int, int] | None) -> list[tuple[str, tuple[float
 
 
 def _next_events(
-    db: sqlite3.Connection, limit: int, after: tuple[int, int] | None
+    db: sqlite3.Connection,
+    limit: int,
+    after: tuple[int, int] | None,
+    skip: frozenset[int],
+    max_bytes: int | None,
+    above: int | None,
 ) -> list[StoredEvent]:
-    rows: list[tuple[int, str, bytes, int, int, int, int]] = []
+    failpoints.hit("buffer.read")
+    taken: list[StoredEvent] = []
+    size = 0
+    budget = math.inf if max_bytes is None else max_bytes
+    make = StoredEvent._make
     for query, args in _drain_queries(after):
-        if len(rows) >= limit:
+        if len(taken) >= limit or size >= budget:
             break
-        rows += db.execute(query, (*args, limit - len(rows))).fetchall()
-    return list(map(StoredEvent._make, rows))
+        # Row by row, not fetchall: a page of large events stops at the byte budget instead of
+        # holding 1000 x max_payload in memory.
+        cursor = db.execute(query, (*args, limit - len(taken) + len(skip)))
+        try:
+            for row in cursor:
+                if above is not None and row[4] <= above:
+                    return taken  # drain order: every row after this one is lower too
+                if row[0] in skip:
+                    continue
+                taken.append(make(row))
+                size += len(row[2])
+                if len(taken) >= limit or size >= budget:
+                    break
+        finally:
+            cursor.close()  # ends the statement (and its read snapshot) at once
+    return taken
 
 
 _DELETE_CHUNK = 512  # a power of two, under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32)
