@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,11 @@ class BackendState(enum.Enum):
     UP = "up"
     DOWN = "down"
     CLOSED = "closed"
+
+
+FLAP_WINDOW = 60.0
+"""An outage that begins within this many seconds of the previous one's end continues that one's
+backoff instead of starting it over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class BackendGuard:
         self._down = asyncio.Event()
         self._reason = ""
         self._down_since = 0.0
+        self._up_since = -math.inf
+        self._flaps = 0  # outages in a row that began soon after the previous one ended
         self.outages = 0
 
     @property
@@ -135,7 +143,10 @@ class BackendGuard:
         """Until cancelled: wait for an outage, probe with backoff until the backend answers."""
         while True:
             await self._down.wait()
-            attempt = 0
+            # A probe can pass while publishing still fails (a queue or stream deleted, a full
+            # disk): each such flap starts the backoff further on, so it slows to the cap instead
+            # of cycling at the initial delay for ever.
+            attempt = self._flaps
             while self._state is BackendState.DOWN:
                 await asyncio.sleep(self._backoff.delay(attempt))
                 attempt += 1
@@ -158,6 +169,8 @@ class BackendGuard:
         self._state = BackendState.DOWN
         self._reason = str(exc)
         self._down_since = time.monotonic()
+        soon = self._down_since - self._up_since < FLAP_WINDOW
+        self._flaps = self._flaps + 1 if soon else 0
         self.outages += 1
         self._metrics.inc("backend_outages")
         self._up.clear()
@@ -173,6 +186,7 @@ class BackendGuard:
             return
         self._state = BackendState.UP
         self._reason = ""
+        self._up_since = time.monotonic()
         self._down.clear()
         self._up.set()
         log.info(

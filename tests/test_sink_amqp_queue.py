@@ -181,6 +181,24 @@ async def test_unroutable_publish_raises_then_recovers_once_bound(rabbitmq: Rabb
     assert [r.body for r in received] == [b"p3"]
 
 
+async def test_a_queue_deleted_under_the_sink_is_declared_again(rabbitmq: RabbitNames) -> None:
+    """Every publish came back unroutable while the probe (the exchange declared again) passed:
+    the sink flapped between outage and recovery for ever. The probe now declares the queues and
+    bindings again, as at start."""
+    async with core_queue(rabbitmq) as queue:
+        assert (await queue.publish([message(rabbitmq, 1)])).stored == 1
+        async with amqp_connection(rabbitmq.url) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(rabbitmq.queue)
+            await channel.close()
+        with pytest.raises(BackendError, match="unroutable"):
+            await queue.publish([message(rabbitmq, 2)])
+        await queue.probe()
+        assert (await queue.publish([message(rabbitmq, 3)])).stored == 1
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=1, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [b"p3"]  # 1 went with the deleted queue, 2 came back
+
+
 async def test_dead_letters_land_in_their_queue_with_reason(rabbitmq: RabbitNames) -> None:
     device = f"{rabbitmq.routing_prefix}-dev"
     letters = [

@@ -457,3 +457,31 @@ async def test_a_silently_dead_connection_is_noticed_by_pings(
         assert outcome.stored == 1
     finally:
         await queue.aclose()
+
+
+@pytest.mark.parametrize("deleted", ["events", "dead letters"])
+async def test_a_stream_deleted_under_the_sink_is_created_again_by_the_probe(
+    nats_jetstream: NatsNames, deleted: str
+) -> None:
+    """The probe looked at the event stream only: with it deleted the sink stayed down for good,
+    with the dead-letter stream deleted every dead letter flapped it. It now checks both and
+    creates a missing one again, as at start."""
+    queue = await open_queue(nats_jetstream)
+    try:
+        name = nats_jetstream.stream if deleted == "events" else nats_jetstream.dead_letter_stream
+        async with nats_connection(nats_jetstream.url) as nc:
+            await nc.jetstream().delete_stream(name)
+
+        async def write() -> None:
+            if deleted == "events":
+                await queue.publish([core_message(1)])
+            else:
+                letter = DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "test", 1)
+                await queue.dead_letter([letter])
+
+        with pytest.raises(BackendError):
+            await write()
+        await queue.probe()
+        await write()
+    finally:
+        await queue.aclose()

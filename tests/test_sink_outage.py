@@ -10,21 +10,28 @@ dedupes (NATS, sqlite) and at least once by ``message_id`` on RabbitMQ.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from cloud_sink.backends import read_messages
+from cloud_sink.backends.base import (
+    BackendError,
+    CoreMessage,
+    DeadLetterMessage,
+    PublishOutcome,
+)
 from cloud_sink.config import SinkConfig, parse_config
-from cloud_sink.health import BackendState, Backoff
+from cloud_sink.health import BackendGuard, BackendState, Backoff
 from cloud_sink.service import Sink
-from mqtt_ingest import failpoints
+from mqtt_ingest import Counters, failpoints
 from tests.harness.brokers import (
     NatsNames,
     RabbitNames,
@@ -35,7 +42,8 @@ from tests.harness.brokers import (
 )
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory
 from tests.harness.pki import Pki
-from tests.harness.sink import ResendingDevice, http_get, write_sink_config
+from tests.harness.report import figures as print_figures
+from tests.harness.sink import ResendingDevice, core_message, http_get, write_sink_config
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -332,3 +340,42 @@ def test_backoff_is_exponential_capped_and_fully_jittered() -> None:
     assert len(set(delays)) > 100, "not jittered"
     with pytest.raises(ValueError, match="initial <= cap"):
         Backoff(initial=2.0, cap=1.0)
+
+
+class ProbeOnlyQueue:
+    """A core queue whose probe passes while every publish fails (a queue deleted behind a
+    broker that answers, a full disk): the seam the guard is built on, nothing else faked."""
+
+    def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
+        return None
+
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        raise BackendError("every publish fails")
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        raise BackendError("every dead letter fails")
+
+    async def probe(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_an_outage_right_after_recovery_continues_the_backoff() -> None:
+    """Each such flap used to start the backoff over (probe, "back", publish fails, "down"):
+    hundreds of cycles a second at the initial delay, two log lines each, N sinks hammering the
+    broker. It now slows to the cap."""
+    guard = BackendGuard(ProbeOnlyQueue(), Backoff(initial=0.01, cap=0.32), Counters())
+    async with asyncio.TaskGroup() as tasks:
+        runner = tasks.create_task(guard.run())
+        deadline = asyncio.get_running_loop().time() + 1.5
+        while asyncio.get_running_loop().time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline - asyncio.get_running_loop().time()):
+                    await guard.wait_available()
+            with contextlib.suppress(BackendError):
+                await guard.publish([core_message(1)])
+        runner.cancel()
+    print_figures("flapping backend, 1.5 s", outages=guard.outages)
+    assert 3 <= guard.outages <= 40  # restarting the backoff each time: 300 and more

@@ -187,13 +187,14 @@ class AmqpCoreQueue:
             await session.publisher.publish(self.dead_letter_exchange, prepared)
 
     async def probe(self) -> None:
-        """Reconnect if needed, then one round trip on the channel (the exchange declared again,
-        a no-op for the broker); `BackendError` if that fails within ``timeout``."""
+        """Reconnect if needed, then declare the exchanges, queues and bindings again (no-ops
+        for the broker while they exist); `BackendError` if that fails within ``timeout``.
+
+        Declaring only the exchange passed while a deleted queue made every publish come back
+        unroutable: the sink flapped between outage and recovery for ever."""
         async with self._guard("probe"):
             session = await self._ready()
-            await session.channel.declare_exchange(
-                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
+            await self._declare(session.channel)
 
     async def aclose(self) -> None:
         """Close the connection (bounded by ``timeout``); later calls raise `BackendError`."""
@@ -243,20 +244,7 @@ class AmqpCoreQueue:
         connection = await aio_pika.connect(self.url, timeout=self.timeout)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            exchange = await channel.declare_exchange(
-                self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            dead_letter_exchange = await channel.declare_exchange(
-                self.dead_letter_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            arguments: dict[str, aio_pika.abc.FieldValue] = {"x-queue-type": self.queue_type}
-            if self.queue is not None:
-                queue = await channel.declare_queue(self.queue, durable=True, arguments=arguments)
-                await queue.bind(exchange, "#")
-            dead_letters = await channel.declare_queue(
-                self.dead_letter_queue, durable=True, arguments=arguments
-            )
-            await dead_letters.bind(dead_letter_exchange, "#")
+            exchange, dead_letter_exchange = await self._declare(channel)
             raw = await channel.get_underlay_channel()
             if not isinstance(raw, aiormq.Channel):
                 raise TypeError(f"aio-pika gave an unexpected channel type {type(raw)!r}")
@@ -266,6 +254,26 @@ class AmqpCoreQueue:
                     await connection.close()
             raise
         return _Session(connection, channel, BatchPublisher(raw), exchange, dead_letter_exchange)
+
+    async def _declare(
+        self, channel: aio_pika.abc.AbstractChannel
+    ) -> tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractExchange]:
+        """The exchanges, the queues and their bindings (each a no-op if it exists as asked)."""
+        exchange = await channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        dead_letter_exchange = await channel.declare_exchange(
+            self.dead_letter_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        arguments: dict[str, aio_pika.abc.FieldValue] = {"x-queue-type": self.queue_type}
+        if self.queue is not None:
+            queue = await channel.declare_queue(self.queue, durable=True, arguments=arguments)
+            await queue.bind(exchange, "#")
+        dead_letters = await channel.declare_queue(
+            self.dead_letter_queue, durable=True, arguments=arguments
+        )
+        await dead_letters.bind(dead_letter_exchange, "#")
+        return exchange, dead_letter_exchange
 
     async def _reset(self) -> None:
         """Drop the current session after a failure; the next call reconnects.

@@ -104,6 +104,8 @@ class NatsCoreQueue:
         self.dead_letter_stream = dead_letter_stream
         self.dead_letter_subject_prefix = dead_letter_subject_prefix
         self.timeout = timeout
+        self._duplicate_window = 120.0  # set by `open`, for `_ensure_streams`
+        self._storage = StorageType.FILE
         self.duplicates = 0
 
     @classmethod
@@ -168,13 +170,11 @@ class NatsCoreQueue:
             dead_letter_subject_prefix=dead_letter_subject_prefix,
             timeout=timeout,
         )
-        storage_type = StorageType.MEMORY if storage == "memory" else StorageType.FILE
+        queue._duplicate_window = duplicate_window
+        queue._storage = StorageType.MEMORY if storage == "memory" else StorageType.FILE
         try:
             async with asyncio.timeout(timeout):
-                await queue._ensure_stream(stream, subject_prefix, duplicate_window, storage_type)
-                await queue._ensure_stream(
-                    dead_letter_stream, dead_letter_subject_prefix, duplicate_window, storage_type
-                )
+                await queue._ensure_streams()
         except BaseException as exc:
             await _close_quietly(client)
             if isinstance(exc, BackendError):
@@ -183,6 +183,14 @@ class NatsCoreQueue:
                 raise BackendError(f"NATS stream setup on {url}: {exc!r}") from exc
             raise
         return queue
+
+    async def _ensure_streams(self) -> None:
+        """Both streams there (created if missing) and fit for use, as at start."""
+        for name, prefix in (
+            (self.stream, self.subject_prefix),
+            (self.dead_letter_stream, self.dead_letter_subject_prefix),
+        ):
+            await self._ensure_stream(name, prefix, self._duplicate_window, self._storage)
 
     async def _ensure_stream(
         self, name: str, prefix: str, duplicate_window: float, storage: StorageType
@@ -291,15 +299,18 @@ class NatsCoreQueue:
             raise BackendError(f"NATS publish of {len(items)} {what}: {detail}") from exc
 
     async def probe(self) -> None:
-        """A JetStream API round trip (the event stream's info) within ``timeout``; fails at once
+        """Both streams checked (and created again if they were deleted: a probe that only
+        looked at one passed while every publish failed) within ``timeout``; fails at once
         while nats-py is still reconnecting in the background."""
         if not self._client.is_connected:
             raise BackendError("NATS is not connected (reconnecting in the background)")
         try:
             async with asyncio.timeout(self.timeout):
-                await self._client.jsm(timeout=self.timeout).stream_info(self.stream)
+                await self._ensure_streams()
+        except BackendError:
+            raise
         except _ERRORS as exc:
-            raise BackendError(f"NATS probe of stream {self.stream!r}: {exc!r}") from exc
+            raise BackendError(f"NATS probe of the streams: {exc!r}") from exc
 
     async def aclose(self) -> None:
         try:
