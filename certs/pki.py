@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -63,6 +64,7 @@ DEFAULT_SERVER_DAYS = 397  # the CA/Browser Forum ceiling, a habit worth keeping
 DEFAULT_DEVICE_DAYS = 365
 DEFAULT_CRL_DAYS = 7
 DEVICE_URI_PREFIX = "urn:device:"
+_CRL_BACKDATE = dt.timedelta(minutes=5)  # a CRL's last update, before now (as certificates)
 
 
 class PkiError(Exception):
@@ -128,7 +130,9 @@ class Issued:
 
 
 def device_uri(device_id: str) -> str:
-    return DEVICE_URI_PREFIX + device_id
+    """``urn:device:<id>``, the id percent-encoded as UTF-8 where a URI needs it (a SAN URI is
+    ASCII: an id like ``gerät-1`` could not be issued); the sink decodes it."""
+    return DEVICE_URI_PREFIX + quote(device_id, safe="-_~!$&'()=:@,;")
 
 
 def generate_key(key_type: KeyType) -> PrivateKey:
@@ -557,7 +561,8 @@ class CertificateAuthority:
             if crl_days is None:
                 current = self._our_crl(self.crl_path)
                 crl_days = (
-                    (current.next_update_utc - current.last_update_utc).total_seconds() / 86400
+                    (current.next_update_utc - current.last_update_utc - _CRL_BACKDATE)
+                    / dt.timedelta(days=1)
                     if current is not None and current.next_update_utc is not None
                     else DEFAULT_CRL_DAYS
                 )
@@ -592,7 +597,7 @@ class CertificateAuthority:
             .issuer_name(self.certificate.subject)
             # Backdated like certificates: a verifier whose clock is a little behind refuses a
             # CRL "not yet valid", and with it every client certificate.
-            .last_update(now - dt.timedelta(minutes=5))
+            .last_update(now - _CRL_BACKDATE)
             .next_update(next_update)
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(

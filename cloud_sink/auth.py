@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import jwt
 from cryptography import x509
@@ -147,7 +148,12 @@ class JwtAuthenticator:
             except x509.ExtensionNotFound:
                 uris = []
             found = [u.removeprefix(URI_PREFIX) for u in uris if u.startswith(URI_PREFIX)]
-            raw = found[0] if len(found) == 1 else ""
+            try:
+                # Percent-encoded UTF-8 (bridge-certs' device_uri); an id that does not decode
+                # names nobody.
+                raw = unquote(found[0], errors="strict") if len(found) == 1 else ""
+            except UnicodeDecodeError:
+                raw = ""
         try:
             return validate_device_id(raw)
         except InvalidIdentifier as exc:

@@ -4,12 +4,15 @@ A device id becomes an MQTT topic level (``devices/{id}/...``), a NATS subject t
 routing-key word, a certificate CN and a file name. Anything that would change the meaning of one
 of those is refused rather than escaped: ``/``, ``+`` and ``#`` (MQTT topic syntax; Mosquitto's
 ``security_default.c`` refuses them in identities for the same reason), ``.``, ``*`` and ``>`` (NATS
-and AMQP routing syntax), NUL, other control characters and white space.
+and AMQP routing syntax), ``?`` (it starts the connection parameters in the MQTT user name), NUL,
+other control characters, white space and characters that do not show (zero width, bidirectional
+overrides: an id holding one reads like another).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 __all__ = ["MAX_DEVICE_ID_BYTES", "InvalidIdentifier", "validate_device_id"]
 
@@ -23,8 +26,13 @@ _FORBIDDEN = {
     "*": "'*' is a NATS and AMQP wildcard",
     ">": "'>' is a NATS wildcard",
     "\x00": "NUL is not allowed in MQTT strings",
+    "?": "'?' starts the connection parameters in the MQTT user name",
 }
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+_INVISIBLE = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp", "Zs"})
+"""Unicode categories of characters that do not show, or show as something else: format (zero
+width, bidirectional overrides), private use, unassigned, separators. An id holding one reads
+like another id in a log or a deny list."""
 
 
 class InvalidIdentifier(ValueError):
@@ -51,4 +59,9 @@ def validate_device_id(value: str) -> str:
         raise InvalidIdentifier(value, "it is not valid UTF-8 (lone surrogate)") from exc
     if size > MAX_DEVICE_ID_BYTES:
         raise InvalidIdentifier(value, f"{size} bytes is over the limit of {MAX_DEVICE_ID_BYTES}")
+    hidden = next((c for c in value if unicodedata.category(c) in _INVISIBLE), None)
+    if hidden is not None:
+        raise InvalidIdentifier(
+            value, f"invisible or formatting character U+{ord(hidden):04X} is not allowed"
+        )
     return value

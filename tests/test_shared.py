@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Iterator
 
 import pytest
@@ -153,6 +154,11 @@ def test_system_clock_monotonic_never_goes_back() -> None:
         ("x" * 129, "over the limit of 128"),
         ("é" * 65, "130 bytes"),
         ("dev\ud800", "UTF-8"),
+        ("dev?13", "connection parameters"),  # could never connect: the user name splits there
+        ("dev-13\u200b", r"U\+200B"),  # zero width: reads as dev-13 in a log or a deny list
+        ("dev\u202e31-", r"U\+202E"),  # right-to-left override
+        ("\u2060dev-13", r"U\+2060"),
+        ("dev-13\ufeff", r"U\+FEFF"),
     ],
 )
 def test_invalid_device_ids_are_refused_with_a_reason(value: str, reason: str) -> None:
@@ -171,8 +177,9 @@ def test_every_accepted_id_is_safe_as_topic_level_subject_token_and_file_name(va
         validate_device_id(value)
     except InvalidIdentifier:
         return
-    assert not set(value) & set("/+#.*>\x00")
+    assert not set(value) & set("/+#.*>?\x00")
     assert value.strip() == value
+    assert not any(unicodedata.category(c)[0] in "CZ" for c in value), "an invisible character"
     assert value not in {".", ".."}
     assert len(value.encode()) <= 128
 

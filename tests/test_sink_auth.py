@@ -224,6 +224,13 @@ async def test_deny_list_and_identity_from_san_uri(pki: Pki, dev: DeviceCreds) -
     by_uri = await device_auth(identity_source="san-uri").authenticate(request(dev, token(dev)))
     assert isinstance(by_uri, Identity)
     assert by_uri.name == dev.device_id
+    # A SAN URI is ASCII: bridge-certs percent-encodes the id, the sink decodes it.
+    accented = pki.device(f"gerät-{uuid.uuid4().hex[:6]}")
+    decoded = await device_auth(identity_source="san-uri").authenticate(
+        request(accented, token(accented))
+    )
+    assert isinstance(decoded, Identity)
+    assert decoded.name == accented.device_id
 
 
 async def test_issuer_signed_token_bound_to_the_certificate(pki: Pki, dev: DeviceCreds) -> None:
