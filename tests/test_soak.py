@@ -142,30 +142,18 @@ async def nemesis(rig: Rig, rng: random.Random, until_time: float) -> None:
         await rig.sink.arestart()
 
     def link(kind: str) -> Callable[[], Awaitable[None]]:
-        async def cut() -> None:
-            proxy = rng.choice(rig.links)
-            if kind == "reset":
-                await proxy.reset()
-            elif kind == "close":
-                await proxy.close()
-            else:
-                proxy.blackhole()
+        async def cut_one() -> None:
             # Up to beyond 2 x keep-alive (4 s) and publish_timeout (10 s): some cuts are
             # detected as dead links, others heal before anyone notices.
-            await asyncio.sleep(rng.uniform(0.5, 15.0))
-            proxy.pass_through()
+            await cut(rng.choice(rig.links), kind, rng.uniform(0.5, 15.0))
 
-        return cut
+        return cut_one
 
     async def queue_slow() -> None:
-        rig.queue_proxy.blackhole()
-        await asyncio.sleep(rng.uniform(1.0, 6.0))
-        rig.queue_proxy.pass_through()
+        await cut(rig.queue_proxy, "blackhole", rng.uniform(1.0, 6.0))
 
     async def queue_down() -> None:
-        await rig.queue_proxy.reset()
-        await asyncio.sleep(rng.uniform(1.0, 4.0))
-        rig.queue_proxy.pass_through()
+        await cut(rig.queue_proxy, "reset", rng.uniform(1.0, 4.0))
 
     faults: dict[str, Callable[[], Awaitable[None]]] = {
         "F1 agent kill -9": agent_kill9,
@@ -183,6 +171,34 @@ async def nemesis(rig: Rig, rng: random.Random, until_time: float) -> None:
         name = rng.choice(names)
         rig.faults[name] += 1
         await faults[name]()
+
+
+async def sink_via_proxy(
+    tmp_path: Path, pki: Pki, names: NatsNames, proxies: ChaosProxyFactory, backend_extra: str = ""
+) -> tuple[Path, ChaosProxy]:
+    """A sink config on NATS JetStream reached through a fresh chaos proxy (2 s timeout), and
+    that proxy."""
+    nats = urlsplit(names.url)
+    proxy = await proxies(nats.hostname or "127.0.0.1", nats.port or 4222)
+    proxied = names.url.replace(nats.netloc, f"127.0.0.1:{proxy.port}")
+    backend = nats_backend(dataclasses.replace(names, url=proxied))
+    config = write_sink_config(tmp_path, pki)
+    text = config.read_text()
+    backend += backend_extra + 'timeout = "2s"\n'
+    config.write_text(text[: text.index("[backend]")] + backend)
+    return config, proxy
+
+
+async def cut(proxy: ChaosProxy, how: str, seconds: float) -> None:
+    """Cut the path through ``proxy`` (``reset``, ``close`` or ``blackhole``) for ``seconds``."""
+    if how == "reset":
+        await proxy.reset()
+    elif how == "close":
+        await proxy.close()
+    else:
+        proxy.blackhole()
+    await asyncio.sleep(seconds)
+    proxy.pass_through()
 
 
 def footprint(process: ManagedProcess) -> tuple[int, int]:
@@ -219,15 +235,11 @@ async def test_nemesis_over_agents_sink_links_and_core_queue_loses_nothing(
 ) -> None:
     figures("F21 soak", seconds=SOAK_SECONDS, seed=SEED)  # first, so a failure can be replayed
     rng = random.Random(SEED)
-    nats = urlsplit(nats_jetstream.url)
-    queue_proxy = await chaos_proxy_factory(nats.hostname or "127.0.0.1", nats.port or 4222)
-    proxied = nats_jetstream.url.replace(nats.netloc, f"127.0.0.1:{queue_proxy.port}")
-    backend = nats_backend(dataclasses.replace(nats_jetstream, url=proxied))
     sink_port = free_port()
-    sink_config = write_sink_config(tmp_path, pki)
-    text = sink_config.read_text()
-    text = text[: text.index("[backend]")] + backend + 'duplicate_window = "30m"\ntimeout = "2s"\n'
-    sink_config.write_text(text.replace("port = 0", f"port = {sink_port}"))
+    sink_config, queue_proxy = await sink_via_proxy(
+        tmp_path, pki, nats_jetstream, chaos_proxy_factory, 'duplicate_window = "30m"\n'
+    )
+    sink_config.write_text(sink_config.read_text().replace("port = 0", f"port = {sink_port}"))
     sink = process_factory(
         [CLOUD_SINK, "--config", str(sink_config), "run"],
         ready=r"listening on", name="sink", start=False,
@@ -386,13 +398,7 @@ async def test_sink_footprint_is_flat_across_reconnects_outages_and_refusals(
     """F21 for the sink, which the soak above restarts: one process for the whole run."""
     figures("F21 sink footprint", seconds=SOAK_SECONDS, seed=SEED)
     rng = random.Random(SEED)
-    nats = urlsplit(nats_jetstream.url)
-    queue_proxy = await chaos_proxy_factory(nats.hostname or "127.0.0.1", nats.port or 4222)
-    proxied = nats_jetstream.url.replace(nats.netloc, f"127.0.0.1:{queue_proxy.port}")
-    config = write_sink_config(tmp_path, pki)
-    text = config.read_text()
-    backend = nats_backend(dataclasses.replace(nats_jetstream, url=proxied))
-    config.write_text(text[: text.index("[backend]")] + backend + 'timeout = "2s"\n')
+    config, queue_proxy = await sink_via_proxy(tmp_path, pki, nats_jetstream, chaos_proxy_factory)
     sink = process_factory(
         [CLOUD_SINK, "--config", str(config), "run", "--listen-port", "{port}"],
         ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)", name="sink", start=False,
@@ -428,22 +434,10 @@ async def test_sink_footprint_is_flat_across_reconnects_outages_and_refusals(
                 refusals.update(await refused_clients(sink.port, pki))
                 continue
             if kind.startswith("queue"):
-                if kind == "queue down":
-                    await queue_proxy.reset()
-                else:
-                    queue_proxy.blackhole()
-                await asyncio.sleep(rng.uniform(0.5, 4.0))
-                queue_proxy.pass_through()
-                continue
-            link = rng.choice(links)
-            if kind == "reset":
-                await link.reset()
-            elif kind == "close":
-                await link.close()
+                how = "reset" if kind == "queue down" else "blackhole"
+                await cut(queue_proxy, how, rng.uniform(0.5, 4.0))
             else:
-                link.blackhole()
-            await asyncio.sleep(rng.uniform(0.2, 5.0))
-            link.pass_through()
+                await cut(rng.choice(links), kind, rng.uniform(0.2, 5.0))
 
     chaotic = devices(SOAK_SECONDS)
     async with asyncio.timeout(SOAK_SECONDS + DRAIN_TIMEOUT), asyncio.TaskGroup() as tasks:
