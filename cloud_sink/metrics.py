@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -79,7 +80,8 @@ def _version() -> str:
 class SinkMetrics:
     """The sink's registry; ``registry`` is what the endpoint serves.
 
-    ``server``, ``guard`` and ``not_ready`` are read at scrape time (None before they exist).
+    ``server``, ``guard``, ``not_ready`` and ``crl`` are read at scrape time (None before they
+    exist).
     """
 
     def __init__(
@@ -90,12 +92,14 @@ class SinkMetrics:
         server: Callable[[], IngestServer | None],
         guard: Callable[[], BackendGuard | None],
         not_ready: Callable[[], str | None],
+        crl: Callable[[], x509.CertificateRevocationList | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.backend = backend
         self._server = server
         self._guard = guard
         self._not_ready = not_ready
+        self._crl = crl
         self._confirm = Histogram(
             "cloud_sink_core_queue_confirm_seconds",
             "From handing a batch to the core queue to its confirm (successful calls only).",
@@ -157,6 +161,15 @@ class SinkMetrics:
         )
         ready.add_metric([], 1 if self._not_ready() is None else 0)
         families.append(ready)
+        crl = self._crl()
+        if crl is not None and crl.next_update_utc is not None:
+            # Past it OpenSSL refuses every device: alert well before.
+            next_update = GaugeMetricFamily(
+                "cloud_sink_tls_crl_next_update_timestamp_seconds",
+                "Next update of the CRL in use (unix time): every handshake fails after it.",
+            )
+            next_update.add_metric([], crl.next_update_utc.timestamp())
+            families.append(next_update)
         return families
 
 

@@ -120,6 +120,7 @@ class Sink:
             server=lambda: self._server,
             guard=lambda: self._backend,
             not_ready=self.not_ready,
+            crl=lambda: self._tls.crl if self._tls is not None else None,
         )
 
     @property

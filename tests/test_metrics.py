@@ -12,6 +12,7 @@ from pathlib import Path
 import aiomqtt
 import prometheus_client
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_sink.config import SinkConfig
@@ -292,6 +293,23 @@ async def test_sink_counts_forwarded_duplicates_refusals(tmp_path: Path, pki: Pk
     assert value(after, "cloud_sink_core_queue_errors_total", backend="sqlite",
                  operation="publish") == 0  # fmt: skip
     figures("sink metrics", refused=dict(next(iter(refused))), confirms=confirms)
+
+
+async def test_the_crl_next_update_is_exported(tmp_path: Path, pki: Pki) -> None:
+    """Past its next update OpenSSL refuses every device: the time is there to alert on."""
+    crl = tmp_path / "crl.pem"
+    pki.ca.write_crl(crl, days=3)
+    text = write_sink_config(tmp_path, pki).read_text().replace("[auth]", f'crl = "{crl}"\n[auth]')
+    async with Sink(parse_sink_config(text + METRICS)) as sink:
+        samples = await scrape(sink.metrics_port)
+    expected = x509.load_pem_x509_crl(crl.read_bytes()).next_update_utc
+    assert expected is not None
+    assert value(samples, "cloud_sink_tls_crl_next_update_timestamp_seconds") == (
+        expected.timestamp()
+    )
+    async with Sink(sink_config(tmp_path, pki)) as sink:  # no CRL: no such series
+        samples = await scrape(sink.metrics_port)
+    assert not with_name(samples, "cloud_sink_tls_crl_next_update_timestamp_seconds")
 
 
 async def test_a_refused_connect_is_counted_under_its_reason(tmp_path: Path, pki: Pki) -> None:
