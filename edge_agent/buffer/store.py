@@ -7,6 +7,7 @@ import functools
 import itertools
 import logging
 import math
+import operator
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -283,6 +284,10 @@ def _drain_queries(after: tuple[int, int] | None) -> list[tuple[str, tuple[float
     return queries
 
 
+_READ_CHUNK = 64  # rows fetched at a time by `_next_events` (a page overshoots its budget by less)
+_PAYLOAD = operator.itemgetter(2)
+
+
 def _next_events(
     db: sqlite3.Connection,
     limit: int,
@@ -299,19 +304,33 @@ def _next_events(
     for query, args in _drain_queries(after):
         if len(taken) >= limit or size >= budget:
             break
-        # Row by row, not fetchall: a page of large events stops at the byte budget instead of
-        # holding 1000 x max_payload in memory.
+        # In chunks, not fetchall: a page of large events stops at the byte budget instead of
+        # holding 1000 x max_payload in memory. Each chunk is filtered and measured with
+        # C-level iteration (the thread holds the GIL the event loop needs meanwhile).
         cursor = db.execute(query, (*args, limit - len(taken) + len(skip)))
         try:
-            for row in cursor:
-                if above is not None and row[4] <= above:
-                    return taken  # drain order: every row after this one is lower too
-                if row[0] in skip:
-                    continue
-                taken.append(make(row))
-                size += len(row[2])
-                if len(taken) >= limit or size >= budget:
+            while len(taken) < limit and size < budget:
+                rows = cursor.fetchmany(_READ_CHUNK)
+                if not rows:
                     break
+                last = above is not None and rows[-1][4] <= above
+                if last:  # drain order: every row after the first such one is lower too
+                    rows = [row for row in rows if row[4] > above]
+                if skip:
+                    rows = [row for row in rows if row[0] not in skip]
+                del rows[limit - len(taken) :]
+                grown = size + sum(map(len, map(_PAYLOAD, rows)))
+                if grown >= budget:  # the page ends with the row that reaches the budget
+                    for index, row in enumerate(rows):
+                        size += len(row[2])
+                        if size >= budget:
+                            del rows[index + 1 :]
+                            break
+                else:
+                    size = grown
+                taken += map(make, rows)
+                if last:
+                    return taken
         finally:
             cursor.close()  # ends the statement (and its read snapshot) at once
     return taken
