@@ -129,6 +129,7 @@ class Uplink:
         self._confirmed = 0  # QoS 1/2 events acknowledged this run: evidence the server takes them
         self._received_at = [time.monotonic()]  # when the current connection last received bytes
         self._told_same_token = False  # the token file's unchanged token was logged
+        self._connected_with = Token(None, None)  # the token the current connection presented
 
     @property
     def in_flight(self) -> int:
@@ -320,6 +321,7 @@ class Uplink:
     # -- one connection's drain -------------------------------------------------------------
 
     async def _drain(self, client: aiomqtt.Client, token: Token) -> None:
+        self._connected_with = token
         # Messages go straight to paho, acknowledgements come back through its callback: no
         # task, future or timer per message (aiomqtt's `publish` costs about as much again as
         # paho's own work). aiomqtt still owns the connection, its loop and its failures.
@@ -349,7 +351,7 @@ class Uplink:
         ]
         graceful = False
         try:
-            await self._feed(client, session, token)
+            await self._feed(client, session)
             await self._settle_inflight(session)
             graceful = True  # a connection lost while settling counts as lost
         finally:
@@ -373,18 +375,16 @@ class Uplink:
             cause = exc.__cause__
             session.fail(LinkFailure(f"connection lost: {cause or exc}"))
 
-    async def _feed(self, client: aiomqtt.Client, session: Session, token: Token) -> None:
+    async def _feed(self, client: aiomqtt.Client, session: Session) -> None:
         cursor: tuple[int, int] | None = None
         probed = False
         while True:
             session.check()
             if self._stopping.is_set():
                 return
-            if session.renewal_due():
-                if self._fresh_token(token):
-                    log.info("uplink: renewing the connection before the token expires")
-                    return
-                session.schedule_renewal(_TOKEN_FILE_RECHECK)
+            if self._renewing(session):
+                log.info("uplink: renewing the connection before the token expires")
+                return
             if self._reconnect.is_set():
                 log.info("uplink: reconnecting with the reloaded configuration")
                 return
@@ -495,8 +495,10 @@ class Uplink:
         events = await self._buffer.next_events(
             want, None, skip=skip, max_bytes=self._opened_with.window_bytes, above=priority
         )
-        if len(events) == want:
-            self._preempt = max(self._preempt, events[-1].priority)  # more may be waiting
+        if events:
+            # More may be waiting (the page ends at `want` events or at `window_bytes`): the
+            # next turn reads above the cursor again, until a read finds nothing.
+            self._preempt = max(self._preempt, events[-1].priority)
         return events
 
     def _group(self, events: list[StoredEvent]) -> list[Message]:
@@ -584,9 +586,22 @@ class Uplink:
 
     def _closing(self, session: Session) -> bool:
         """Whether the feeder should stop queueing and return: stop, reload, or the token's
-        renewal time (a page of large events on a slow link can take longer than
-        ``renew_before``: the sink would cut the connection at ``exp``)."""
-        return self._stopping.is_set() or self._reconnect.is_set() or session.renewal_due()
+        renewal (a page of large events on a slow link can take longer than ``renew_before``:
+        the sink would cut the connection at ``exp``). Once this is true the feeder returns:
+        what it did not queue of its page is read again on the next connection."""
+        return self._stopping.is_set() or self._reconnect.is_set() or self._renewing(session)
+
+    def _renewing(self, session: Session) -> bool:
+        """Whether it is time to reconnect with a later token. Decided once per renewal time:
+        without a later token (a token file not rewritten yet) the connection goes on and the
+        question comes back `_TOKEN_FILE_RECHECK` seconds later."""
+        if not session.renewal_due():
+            return False
+        if session.renewing or self._fresh_token(self._connected_with):
+            session.renewing = True
+            return True
+        session.schedule_renewal(_TOKEN_FILE_RECHECK)
+        return False
 
     def _fresh_token(self, connected_with: Token) -> bool:
         """Whether a new connection would present a later token. Always, with device-signed

@@ -73,6 +73,7 @@ class Session:
     last_ack_at: float = 0.0  # loop time of the last acknowledgement on this connection
     silence_limit: float = math.inf  # seconds without inbound bytes after which the link is dead
     renew_at: float | None = None  # loop time to reconnect with a fresh token
+    renewing: bool = False  # decided: the feeder returns and the connection is renewed
     _renewal_timer: asyncio.TimerHandle | None = None
     received_at: list[float] = field(default_factory=lambda: [time.monotonic()])  # last bytes in
     ahead: tuple[tuple[int, int], asyncio.Task[list[StoredEvent]]] | None = None  # (cursor, fetch)

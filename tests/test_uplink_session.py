@@ -13,7 +13,7 @@ import pytest
 
 from cloud_sink.backends.sqlite import read_dead_letters, read_messages
 from edge_agent import Agent, load_config
-from edge_agent.buffer import inspect
+from edge_agent.buffer import inspect, read_events
 from mqtt_ingest import failpoints
 from mqtt_ingest.ports import ConnectRequest, Identity, Refusal
 from tests.harness.chaos import ChaosProxyFactory, Direction
@@ -22,6 +22,7 @@ from tests.harness.report import figures, until
 from tests.harness.sink import AUD
 from tests.harness.sink import running_sink as sink
 from tests.harness.stages import RecordingStage, running_server
+from tests.test_uplink import issue_token, issuer_key
 from tests.test_uplink_faults import acks_held, configure, new_device, preload, stored_payloads
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -219,25 +220,81 @@ async def test_a_buffer_error_on_the_drain_path_reconnects_and_the_agent_keeps_a
 async def test_the_token_is_renewed_while_a_long_page_is_being_sent(
     tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
-    """A page of events that takes longer than ``renew_before`` to cross a slow link: the
-    renewal happens on time (between two messages), not after the whole page, by which time the
-    sink may have cut the connection at ``exp``."""
+    """A page (800 events of 1 kB: four windows) takes ~20 s to queue on a 40 kB/s link, longer
+    than ``renew_before`` allows: the renewal happens on time (between two messages), not once
+    the page is queued, by which time the sink may have cut the connection at ``exp``."""
     device = new_device(pki, "renew")
     async with sink(tmp_path, pki) as server:
         proxy = await chaos_proxy_factory("127.0.0.1", server.port)
-        extra = 'format = "raw"\nwindow = 200\nwindow_bytes = 4000'  # one page, 4 in flight
-        token = f'audience = "{AUD}"\nlifetime = "6s"\nrenew_before = "4s"'
+        extra = 'format = "raw"\nwindow = 200'  # a raw page: 4 windows; window_bytes 1 MiB
+        token = f'audience = "{AUD}"\nlifetime = "6s"\nrenew_before = "4s"'  # renew after ~2 s
         path = configure(tmp_path, pki, device, proxy.port, extra=extra, token=token)
         config = load_config(path)
-        await preload(config, 300, size=1000)  # one page: 300 kB, about 15 s at 20 kB/s
-        proxy.bandwidth(20_000, direction=Direction.UPSTREAM)
+        await preload(config, 1000, size=1000)
+        proxy.bandwidth(40_000, direction=Direction.UPSTREAM)
         async with Agent(config) as agent:
             uplink = agent.uplink
             assert uplink is not None
-            await until(lambda: uplink.status.connections >= 2, timeout=20)  # renewed at ~2 s
+            await until(lambda: uplink.status.connections >= 2, timeout=40)
             left = inspect(config.agent.data_dir).events
             proxy.pass_through()
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
     figures("renewal during a page", events_left_at_renewal=left)
-    assert left > 100, "the renewal waited for the page to be sent"
-    assert sorted(set(stored_payloads(tmp_path / "core.db"))) == list(range(300))
+    # Renewed only once the page was queued, at least 600 of it would have been acknowledged.
+    assert left > 500, "the renewal waited for the page to be queued"
+    assert sorted(set(stored_payloads(tmp_path / "core.db"))) == list(range(1000))
+
+
+async def test_a_token_file_not_yet_renewed_does_not_hold_back_the_rest_of_a_page(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """At renewal time with the file's token unchanged the connection goes on: the rest of the
+    page must go on it too (it was skipped, held back until the next connection)."""
+    device = new_device(pki, "skip")
+    private, public = issuer_key(tmp_path)
+    token_path = tmp_path / "device.jwt"
+    token_path.write_text(issue_token(device, private, ttl=200))  # < renew_before (300 s)
+    issuer = f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
+    async with sink(tmp_path, pki, extra_auth=issuer) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        token = f'mode = "token-file"\nfile = "{token_path}"'
+        path = configure(
+            tmp_path, pki, device, proxy.port, extra='format = "raw"\nwindow = 64', token=token
+        )
+        config = load_config(path)
+        await preload(config, 300, size=1000)
+        proxy.bandwidth(20_000, direction=Direction.UPSTREAM)  # renewal due ~1 s in, mid-page
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+            status = uplink.status
+    assert (status.connections, status.failures) == (1, 0)
+    assert stored_payloads(tmp_path / "core.db") == list(range(300))  # in order, once
+
+
+async def test_high_priority_events_beyond_window_bytes_all_go_before_the_backlog(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """Alarms committed behind the drain's cursor, more of them than one read's byte budget:
+    every one goes before the rest of the backlog (only the first budget's worth did)."""
+    device = new_device(pki, "preempt")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        extra = 'format = "raw"\nwindow = 4\nwindow_bytes = 4000'
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
+        data = config.agent.data_dir
+        await preload(config, 200, size=1000)  # priority 0
+        proxy.bandwidth(40_000, direction=Direction.UPSTREAM)
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await until(lambda: uplink.status.delivered >= 20, timeout=20)
+            for i in range(20):
+                await agent.publish("alarms/a", b"%d" % (1000 + i) + b" " * 996)  # priority 9
+            await until(lambda: all(e.topic != "alarms/a" for e in read_events(data)), timeout=30)
+            backlog_left = inspect(data).events
+            proxy.pass_through()
+            await until(lambda: inspect(data).events == 0, timeout=30)
+    figures("alarms beyond window_bytes", backlog_left_when_alarms_done=backlog_left)
+    assert backlog_left > 100  # the alarms went first, the backlog waited
