@@ -21,7 +21,7 @@ import base64
 import hashlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from cloud_sink.tls import Revocations, certificate_key
 from mqtt_ingest import ConnackCode, ConnectRequest, Identity, Refusal
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, parse_username
@@ -89,9 +90,20 @@ class _Refused(Exception):
 
 
 class JwtAuthenticator:
-    def __init__(self, settings: AuthSettings, clock: Clock | None = None) -> None:
+    """``revocations``: what the CRL in use revokes. The TLS handshake checked the certificate
+    against the CRL of its moment; one reloaded between the handshake and the CONNECT is
+    checked here (the sink's revalidation at the reload sees only authenticated connections)."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        clock: Clock | None = None,
+        *,
+        revocations: Callable[[], Revocations] | None = None,
+    ) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
+        self._revocations = revocations
 
     async def authenticate(self, request: ConnectRequest) -> Identity | Refusal:
         try:
@@ -108,6 +120,12 @@ class JwtAuthenticator:
         if request.peer_certificate is None:
             raise _Refused("no client certificate", ConnackCode.NOT_AUTHORIZED)
         certificate = x509.load_der_x509_certificate(request.peer_certificate)
+        if self._revocations is not None and certificate_key(certificate) in self._revocations():
+            raise _Refused(
+                "certificate revoked (by a CRL loaded after the TLS handshake)",
+                ConnackCode.NOT_AUTHORIZED,
+                label="certificate revoked",
+            )
         device = self._device_id(certificate)
         if device in self.settings.deny:
             raise _Refused("device is on the deny list", ConnackCode.NOT_AUTHORIZED)

@@ -11,6 +11,8 @@ import contextlib
 import logging
 from types import TracebackType
 
+from cryptography import x509
+
 from cloud_sink.auth import AuthSettings, JwtAuthenticator
 from cloud_sink.backends.base import CoreQueue
 from cloud_sink.backends.sqlite import SqliteCoreQueue
@@ -21,7 +23,15 @@ from cloud_sink.issuer_keys import read_issuer_keys
 from cloud_sink.metrics import SinkMetrics
 from cloud_sink.readiness import ReadinessServer
 from cloud_sink.rights import DevicePrefixRights
-from cloud_sink.tls import TlsError, TlsReloader, build_context, revoked_in, set_read_buffer
+from cloud_sink.tls import (
+    CertificateKey,
+    Revocations,
+    TlsError,
+    TlsReloader,
+    build_context,
+    certificate_key,
+    set_read_buffer,
+)
 from mqtt_ingest import Counters, Identity, IngestServer, Limits
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.exposition import MetricsServer
@@ -114,6 +124,7 @@ class Sink:
         self._readiness: ReadinessServer | None = None
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._certificate_keys: dict[bytes, CertificateKey] = {}  # of connected devices
         self.prometheus = SinkMetrics(
             self.metrics,
             config.backend.type,
@@ -196,16 +207,23 @@ class Sink:
         if self._server is None:
             return
         deny = self._authenticator.settings.deny
-        crl = self._tls.crl if self._tls is not None else None
+        revocations = self._tls.revocations if self._tls is not None else Revocations()
+        known, seen = self._certificate_keys, {}
 
         def verdict(identity: Identity, certificate: bytes | None) -> tuple[str, str] | None:
             if identity.name in deny:
                 return "device is on the deny list", "denied"
-            if certificate is not None and revoked_in(crl, certificate):
-                return "certificate revoked", "revoked"
+            if certificate is not None and revocations:
+                key = known.get(certificate)
+                if key is None:  # parsed once per connected certificate, not per reload
+                    key = certificate_key(x509.load_der_x509_certificate(certificate))
+                seen[certificate] = key
+                if key in revocations:
+                    return "certificate revoked", "revoked"
             return None
 
         closed = self._server.close_where(verdict)
+        self._certificate_keys = seen
         if closed:
             log.warning("closed %d connection(s) of denied or revoked devices", closed)
 
@@ -218,8 +236,11 @@ class Sink:
         config = self.config
         listener = config.listener
         settings = auth_settings(config)
-        self._authenticator = JwtAuthenticator(settings, self._clock or SystemClock())
         self._tls = TlsReloader(listener, listener.crl_check_interval, self._revalidate)
+        tls = self._tls
+        self._authenticator = JwtAuthenticator(
+            settings, self._clock or SystemClock(), revocations=lambda: tls.revocations
+        )
         reconnect = config.backend.reconnect
         queue = await open_backend(config)
         stack = self._stack

@@ -276,3 +276,27 @@ async def test_a_device_denied_or_revoked_while_connected_is_disconnected(
         assert ack is not None
         assert ack.kind == 4
         await survivor.aclose()
+
+
+async def test_a_device_revoked_between_its_handshake_and_its_connect_is_refused(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The handshake checked the certificate against the CRL of its moment, and the reload's
+    revalidation sees only authenticated connections: a CRL that arrives in between is checked
+    at CONNECT (the device used to get in and stay until its token expired)."""
+    crl = own_crl(tmp_path, pki)
+    victim = pki.device(f"between-{uuid.uuid4().hex[:6]}")
+    async with Sink(loaded(crl_config(tmp_path, pki, crl, "0.2s"))) as sink:
+        client = await RawClient.open(sink.port, ssl_context=pki.client_context(victim))
+        pki.ca.revoke(victim.device_id)
+        pki.ca.write_crl(crl)
+        await until(lambda: sink.tls.reloads == 1)
+        token = device_token(victim).encode()
+        name = victim.device_id
+        await client.send(connect_packet(name, username=name, password=token))
+        connack = await client.read()
+        await client.aclose()
+        assert connack is not None
+        assert connack.body == b"\x00\x05"  # not authorized
+        refused = sink.metrics.get("connections_refused", "certificate revoked")
+    assert refused == 1
