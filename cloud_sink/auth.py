@@ -38,7 +38,15 @@ from mqtt_ingest.envelope import FORMAT_BATCH_V1, parse_username
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 from mqtt_ingest.keys import PublicKey, algorithm_for
 
-__all__ = ["AuthSettings", "JwtAuthenticator", "PublicKey", "algorithm_for", "thumbprint"]
+__all__ = [
+    "AuthSettings",
+    "JwtAuthenticator",
+    "PublicKey",
+    "algorithm_for",
+    "cn_identity",
+    "san_uri_identity",
+    "thumbprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,28 @@ class _Refused(Exception):
     ) -> None:
         super().__init__(reason)
         self.refusal = Refusal(reason, code, label)
+
+
+def cn_identity(certificate: x509.Certificate) -> str:
+    """The subject CN, or "" unless there is exactly one (with several, tools disagree on which
+    one names the subject)."""
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if len(names) == 1 else ""
+
+
+def san_uri_identity(certificate: x509.Certificate) -> str:
+    """The device id of the one ``urn:device:`` SAN URI (percent-encoded UTF-8, as bridge-certs'
+    device_uri writes it), or "" unless there is exactly one that decodes."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        return ""
+    found = [u.removeprefix(URI_PREFIX) for u in uris if u.startswith(URI_PREFIX)]
+    try:
+        return unquote(found[0], errors="strict") if len(found) == 1 else ""
+    except UnicodeDecodeError:
+        return ""
 
 
 class JwtAuthenticator:
@@ -155,23 +185,9 @@ class JwtAuthenticator:
 
     def _device_id(self, certificate: x509.Certificate) -> str:
         if self.settings.identity_source == "cn":
-            names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            # Exactly one CN, as exactly one SAN URI below: with several, tools disagree on
-            # which one names the subject.
-            raw = str(names[0].value) if len(names) == 1 else ""
+            raw = cn_identity(certificate)
         else:
-            try:
-                san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-                uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-            except x509.ExtensionNotFound:
-                uris = []
-            found = [u.removeprefix(URI_PREFIX) for u in uris if u.startswith(URI_PREFIX)]
-            try:
-                # Percent-encoded UTF-8 (bridge-certs' device_uri); an id that does not decode
-                # names nobody.
-                raw = unquote(found[0], errors="strict") if len(found) == 1 else ""
-            except UnicodeDecodeError:
-                raw = ""
+            raw = san_uri_identity(certificate)
         try:
             return validate_device_id(raw)
         except InvalidIdentifier as exc:

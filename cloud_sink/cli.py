@@ -21,9 +21,8 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
-from cryptography.x509.oid import NameOID
 
-from cloud_sink.auth import algorithm_for, thumbprint
+from cloud_sink.auth import algorithm_for, cn_identity, san_uri_identity, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
 from cloud_sink.service import Sink, preflight
@@ -204,10 +203,11 @@ def _issue_token(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 1
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if [str(n.value) for n in names] != [args.device]:
-        # The sink would refuse it (sub must equal the certificate's identity): say so now.
-        shown = ", ".join(str(n.value) for n in names) or "no CN"
+    names = {cn_identity(certificate), san_uri_identity(certificate)} - {""}
+    if args.device not in names:
+        # The sink would refuse it (sub must equal the certificate's identity, its CN or its
+        # device SAN URI depending on [auth] identity): say so now.
+        shown = " / ".join(sorted(names)) or "no single CN nor device SAN URI"
         print(f"cloud-sink: {args.cert} is the certificate of {shown}, not of {args.device!r}",
               file=sys.stderr)  # fmt: skip
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import subprocess
 import time
@@ -12,9 +13,12 @@ from pathlib import Path
 import aiomqtt
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from certs import device_uri
 from cloud_sink.backends import read_messages
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
@@ -263,3 +267,43 @@ def test_a_backend_timeout_must_fit_the_stage_timeout(tmp_path: Path, pki: Pki) 
             parse_config(text + '"40s"\n')
         assert info.value.problems[0].startswith("backend.")
         assert "less than or equal to 12" in info.value.problems[0]
+
+
+async def test_issue_token_accepts_the_device_id_of_the_san_uri(tmp_path: Path, pki: Pki) -> None:
+    """With [auth] identity = "san-uri" a certificate's CN may be anything (an externally
+    issued one): its device SAN URI names the device, and issue-token accepts that too."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    device_id = f"gw-{uuid.uuid4().hex[:6]}"
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Gateway 12 (plant A)")]))
+        .issuer_name(pki.ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_uri(device_id))]),
+            critical=False,
+        )
+        .sign(pki.ca.key, hashes.SHA256())
+    )
+    cert_path = tmp_path / "external.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path = tmp_path / "issuer.key"
+    key_path.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    argv = [CLOUD_SINK, "issue-token", "--cert", str(cert_path), "--key", str(key_path),
+            "--kid", "k1", "--issuer", "https://iss", "--audience", AUD]  # fmt: skip
+    for device, accepted in ((device_id, True), ("Gateway 12 (plant A)", True), ("gw-x", False)):
+        result = await asyncio.to_thread(
+            subprocess.run, [*argv, "--device", device], capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert (result.returncode == 0) is accepted, (device, result.stderr)
