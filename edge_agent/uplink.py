@@ -87,7 +87,9 @@ _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
 class _Suspect:
     event: StoredEvent
     failures: int  # connections lost with this event alone in flight
-    confirmed_at_failure: int  # the uplink's `_confirmed` count at the last of those
+    confirmed_at_failure: int  # the uplink's `_confirmed` count at the last failure
+    timeouts: int = 0  # publish timeouts with this event alone in flight
+    retry_after: float = 0.0  # loop time before which it is not tried again (after timeouts)
 
 
 class Uplink:
@@ -414,7 +416,7 @@ class Uplink:
                 probed = suspect.event.seq in self._deferred
                 continue
             if not events:
-                await session.wait()  # the renewal timer wakes it too
+                await session.wait(self._next_retry())  # the renewal timer wakes it too
                 continue
             cursor = (events[-1].priority, events[-1].seq)
             for message in self._group(events):
@@ -426,11 +428,22 @@ class Uplink:
         there is nothing else to send (``idle``: then it is not held back for want of traffic;
         a failure without other events getting through in between does not count towards
         ``max_attempts``, see `_finish`)."""
-        confirmed = self._confirmed
+        confirmed, now = self._confirmed, asyncio.get_running_loop().time()
         return next(
-            (s for s in self._deferred.values() if idle or confirmed > s.confirmed_at_failure),
+            (
+                s
+                for s in self._deferred.values()
+                if (idle or confirmed > s.confirmed_at_failure) and now >= s.retry_after
+            ),
             None,
         )
+
+    def _next_retry(self) -> float | None:
+        """Seconds until a deferred event held back after timeouts may go again, or None."""
+        later = [s.retry_after for s in self._deferred.values() if s.retry_after]
+        if not later:
+            return None
+        return max(0.0, min(later) - asyncio.get_running_loop().time())
 
     def _lingers(self, events: list[StoredEvent]) -> bool:
         """Whether a part-full batch waits for more: only while other messages are in flight
@@ -696,7 +709,14 @@ class Uplink:
             suspect = _Suspect(event, int(closed), self._confirmed)
         elif closed and self._confirmed > suspect.confirmed_at_failure:
             suspect.failures += 1  # others got through since its last failure: it counts
-            suspect.confirmed_at_failure = self._confirmed
+        suspect.confirmed_at_failure = self._confirmed
+        if not closed:
+            # Each try alone holds everything else back for a whole publish_timeout: after
+            # each timeout the next try waits twice as long (up to an hour), so an event a
+            # server never acknowledges costs less and less throughput, and is not dropped.
+            suspect.timeouts += 1
+            wait = min(self._opened_with.publish_timeout * 2 ** min(suspect.timeouts, 16), 3600.0)
+            suspect.retry_after = asyncio.get_running_loop().time() + wait
         if suspect.failures >= self.config.max_attempts:
             reason = (
                 f"the connection was lost {suspect.failures} times with this event alone in "
