@@ -629,9 +629,8 @@ class CertificateAuthority:
         # a file elsewhere only if it is a CRL of this CA (`--out ca.key` must not destroy it).
         if existing is None and path != self.crl_path and path.exists():
             raise OutputExists(path)
-        numbers = [
-            _crl_number(crl) for crl in (existing, self._our_crl(self.crl_path)) if crl is not None
-        ]
+        own = existing if path == self.crl_path else self._our_crl(self.crl_path)
+        numbers = [_crl_number(crl) for crl in (existing, own) if crl is not None]
         crl = self.build_crl(days=days, after=max(numbers, default=0))
         _replace(path, crl.public_bytes(serialization.Encoding.PEM))
 
