@@ -324,15 +324,13 @@ async def test_nemesis_over_agents_sink_links_and_core_queue_loses_nothing(
         assert rss_after <= rss_before + RSS_SLACK_KB, f"agent {index}: RSS grew"
 
 
-async def probed_footprint(
-    sink: ManagedProcess, port: int, pki: Pki, devices: int
-) -> tuple[int, int]:
+async def probed_footprint(sink: ManagedProcess, pki: Pki, devices: int) -> tuple[int, int]:
     """The sink's (open files, RSS KiB) with ``devices`` fresh, idle device connections: the
     same state at every measurement."""
     clients = []
     for index in range(devices):
         creds = pki.device(f"probe{index}-{uuid.uuid4().hex[:6]}")
-        client = await RawClient.open(port, ssl_context=pki.client_context(creds))
+        client = await RawClient.open(sink.port, ssl_context=pki.client_context(creds))
         await client.send(connect_as(creds))
         connack = await client.read()
         assert connack is not None
@@ -419,7 +417,7 @@ async def test_sink_footprint_is_flat_across_reconnects_outages_and_refusals(
         for device in warm:
             tasks.create_task(device.run())
         await refused_clients(sink.port, pki)
-    before = await probed_footprint(sink, sink.port, pki, SINK_DEVICES)
+    before = await probed_footprint(sink, pki, SINK_DEVICES)
 
     faults: Counter[str] = Counter()
     refusals: Counter[str] = Counter()
@@ -444,7 +442,7 @@ async def test_sink_footprint_is_flat_across_reconnects_outages_and_refusals(
         for device in chaotic:
             tasks.create_task(device.run())
         await nemesis()
-    after = await probed_footprint(sink, sink.port, pki, SINK_DEVICES)
+    after = await probed_footprint(sink, pki, SINK_DEVICES)
     assert await sink.asigterm() == 0
 
     # Nothing the sink acknowledged is missing, and nothing is there twice (Nats-Msg-Id).
