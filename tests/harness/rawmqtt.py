@@ -132,6 +132,9 @@ class ServerPacket:
         return value
 
 
+_ACKS = {4: "PUBACK", 5: "PUBREC", 7: "PUBCOMP"}
+
+
 class RawClient:
     """One TCP (or TLS) connection; `read` returns the server's next packet or None at EOF."""
 
@@ -179,14 +182,19 @@ class RawClient:
         return ServerPacket(first[0] >> 4, first[0] & 0x0F, body)
 
     async def closed_within(self, timeout: float) -> bool:
-        """True if the server closes this connection within ``timeout`` (packets are skipped).
+        """True if the server closes this connection within ``timeout``.
 
-        When it does, our side is closed too.
+        Packets before the close are skipped, except acknowledgements (PUBACK, PUBREC, PUBCOMP):
+        one of those fails the test, so that "closed" can never hide "acknowledged, then
+        closed". A test that expects acknowledgements first reads them with `read`. When the
+        server closes, our side is closed too.
         """
         try:
             async with asyncio.timeout(timeout):
-                while await self.read(timeout) is not None:
-                    pass
+                while (packet := await self.read(timeout)) is not None:
+                    assert packet.kind not in _ACKS, (
+                        f"{_ACKS[packet.kind]} for packet id {packet.packet_id} before the close"
+                    )
         except TimeoutError:
             return False
         await self.aclose()
