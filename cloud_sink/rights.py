@@ -1,8 +1,10 @@
 """Topic rights on the sink (SPEC §3, §7; RELIABILITY F18).
 
 A device may publish only under its own prefix (``devices/{device_id}/`` by default) and may not
-subscribe at all. The check is on the raw topic string, so ``devices/me/../other`` is simply a
-topic under ``devices/me/`` (MQTT has no path resolution) and ``devices/me`` alone is refused.
+subscribe at all. ``devices/me`` alone is refused. MQTT resolves no paths, but the platform's
+consumers may (a topic turned into a file path, an object key, a URL): a topic level ``.`` or
+``..`` is refused too, so ``devices/me/../other/x`` cannot reach another device's data anywhere
+downstream (RELIABILITY F18).
 """
 
 from __future__ import annotations
@@ -52,4 +54,11 @@ class DevicePrefixRights:
         if action is not Action.PUBLISH:
             return False
         prefix = self.prefix(identity.name)
-        return topic.startswith(prefix) and len(topic) > len(prefix)
+        return (
+            topic.startswith(prefix)
+            and len(topic) > len(prefix)
+            and _DOT_LEVELS.isdisjoint(topic[len(prefix) :].split("/"))
+        )
+
+
+_DOT_LEVELS = frozenset((".", ".."))

@@ -22,7 +22,11 @@ ME = Identity("dev-7")
     [
         ("devices/dev-7/temp", True),
         ("devices/dev-7/a/b/c", True),
-        ("devices/dev-7/../dev-8/x", True),  # a literal level named "..", still under the prefix
+        ("devices/dev-7/../dev-8/x", False),  # no level a consumer could resolve as a path
+        ("devices/dev-7/a/..", False),
+        ("devices/dev-7/./x", False),
+        ("devices/dev-7/.../x", True),  # not a path step anywhere
+        ("devices/dev-7/.hidden/x", True),
         ("devices/dev-7/", False),
         ("devices/dev-7", False),
         ("devices/dev-8/temp", False),
@@ -83,6 +87,10 @@ async def test_violations_close_without_ack_through_the_server() -> None:
         assert ack.kind == 4
         await client.send(publish_packet("devices/dev-8/x", b"theirs", qos=1, packet_id=3))
         assert await client.closed_within(1)
+        for qos, topic in ((1, "devices/dev-7/../dev-8/x"), (2, "devices/dev-7/./x")):
+            client = await RawClient.connected(server.port, "dev-7")
+            await client.send(publish_packet(topic, b"dots", qos=qos, packet_id=4))
+            assert await client.closed_within(1), topic
     assert stage.payloads() == [b"mine"]
-    assert counters(server).get("security_events", "publish_denied") == 1
+    assert counters(server).get("security_events", "publish_denied") == 3
     assert counters(server).get("security_events", "subscribe_denied") == 1
