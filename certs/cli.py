@@ -151,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     crl = commands.add_parser("crl", help="write a fresh CRL")
-    crl.add_argument("--days", type=_positive_days, default=DEFAULT_CRL_DAYS, help="next update")
+    crl.add_argument(
+        "--days",
+        type=_positive_days,
+        help=f"next update (default: as long as the CRL it replaces, else {DEFAULT_CRL_DAYS})",
+    )
     crl.add_argument("--out", type=Path, help="output path (default crl.pem in the PKI dir)")
 
     listing = commands.add_parser("list", help="list issued certificates")

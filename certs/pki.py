@@ -558,14 +558,6 @@ class CertificateAuthority:
                 for r in records
             ]
             self._save(updated)
-            if crl_days is None:
-                current = self._our_crl(self.crl_path)
-                crl_days = (
-                    (current.next_update_utc - current.last_update_utc - _CRL_BACKDATE)
-                    / dt.timedelta(days=1)
-                    if current is not None and current.next_update_utc is not None
-                    else DEFAULT_CRL_DAYS
-                )
             self._write_crl(self.crl_path, crl_days)
         return [r for r in updated if r.serial in chosen]
 
@@ -615,21 +607,31 @@ class CertificateAuthority:
                 )
         return builder.sign(self.key, _signing_hash(self.key))
 
-    def write_crl(self, path: Path | None = None, *, days: float = DEFAULT_CRL_DAYS) -> Path:
-        """(Re)write the CRL. Replacing one is the point, but only a CRL of this CA is replaced:
-        any other existing file at ``path`` is `OutputExists`."""
+    def write_crl(self, path: Path | None = None, *, days: float | None = None) -> Path:
+        """(Re)write the CRL, valid for ``days`` or, by default, as long as the CRL it replaces
+        was (else `DEFAULT_CRL_DAYS`). Replacing one is the point, but only a CRL of this CA is
+        replaced: any other existing file at ``path`` is `OutputExists`."""
         path = path or self.crl_path
         with self._locked():
             self._write_crl(path, days)
         return path
 
-    def _write_crl(self, path: Path, days: float) -> None:
+    def _write_crl(self, path: Path, days: float | None) -> None:
         existing = self._our_crl(path)
         # The PKI's own crl.pem is always ours to replace (even damaged: revoking must work);
         # a file elsewhere only if it is a CRL of this CA (`--out ca.key` must not destroy it).
         if existing is None and path != self.crl_path and path.exists():
             raise OutputExists(path)
         own = existing if path == self.crl_path else self._our_crl(self.crl_path)
+        if days is None:
+            # A periodic `crl` or a `revoke` must not shorten a 30-day CRL to the default 7.
+            replaced = existing or own
+            days = (
+                (replaced.next_update_utc - replaced.last_update_utc - _CRL_BACKDATE)
+                / dt.timedelta(days=1)
+                if replaced is not None and replaced.next_update_utc is not None
+                else DEFAULT_CRL_DAYS
+            )
         numbers = [_crl_number(crl) for crl in (existing, own) if crl is not None]
         crl = self.build_crl(days=days, after=max(numbers, default=0))
         _replace(path, crl.public_bytes(serialization.Encoding.PEM))

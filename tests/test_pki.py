@@ -269,7 +269,7 @@ def test_crl_replaces_only_a_crl_of_its_own_ca_and_numbers_increase(
     assert numbers == sorted(set(numbers))
 
 
-def test_revoke_keeps_the_crl_validity_unless_told(pki_dir: Path) -> None:
+def test_revoke_and_crl_keep_the_crl_validity_unless_told(pki_dir: Path) -> None:
     def period() -> dt.timedelta:
         crl = x509.load_pem_x509_crl((pki_dir / "crl.pem").read_bytes())
         assert crl.next_update_utc is not None
@@ -282,6 +282,9 @@ def test_revoke_keeps_the_crl_validity_unless_told(pki_dir: Path) -> None:
     assert period() == dt.timedelta(days=7)  # the default, with no CRL before
     assert run("--dir", str(pki_dir), "crl", "--days", "30").returncode == 0
     assert run("--dir", str(pki_dir), "revoke", "b").returncode == 0
+    assert period() == dt.timedelta(days=30)
+    # A scheduled rewrite does not shorten it either (it fell back to 7 days).
+    assert run("--dir", str(pki_dir), "crl").returncode == 0
     assert period() == dt.timedelta(days=30)
     assert run("--dir", str(pki_dir), "revoke", "c", "--days", "2").returncode == 0
     assert period() == dt.timedelta(days=2)
