@@ -150,15 +150,18 @@ def _files(uplink: UplinkConfig) -> str | tuple[str, bool]:
         if not os.access(path, os.R_OK):
             raise _Failed(
                 f"uplink {what} {path} is not readable for uid {os.getuid()}",
-                f"chown {path} to the agent's user (mode 0600 for keys)",
+                f"make {path} readable by the agent's user (keys: 0640 root:edge-agent, or 0600)",
             )
     mode = stat.S_IMODE(tls.key.stat().st_mode)
-    if mode & 0o077:
+    # 0640 root:<the agent's group> is the layout the README installs (the service can read its
+    # key but not replace it); group write or any access for others is what exposes a key.
+    if mode & 0o037:
         return (
-            f"all present; but the key {tls.key} has mode {mode:o}: chmod 600 it",
+            f"all present; but the key {tls.key} has mode {mode:o}: chmod 640 (root:edge-agent)"
+            " or 600 (owned by the agent's user)",
             True,
         )
-    return "ca, certificate and key present and readable; key mode 0600"
+    return f"ca, certificate and key present and readable; key mode {mode:04o}"
 
 
 def _load_certificate(path: Path) -> x509.Certificate:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent import Agent, load_config
+from edge_agent.doctor import run_checks
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
@@ -164,3 +165,24 @@ async def test_doctor_does_not_knock_a_running_agent_off_the_sink(tmp_path: Path
         assert counters(server).get("takeovers") == 0
     assert done.returncode == 0, done.stdout + done.stderr
     assert "connect: skipped: the agent (pid" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("mode", "warned"),
+    [(0o600, False), (0o640, False), (0o644, True), (0o660, True), (0o604, True)],
+)
+def test_doctor_accepts_the_installed_key_mode_and_warns_on_exposed_keys(
+    tmp_path: Path, pki: Pki, mode: int, warned: bool
+) -> None:
+    # 0640 root:edge-agent is what the README installs; group write or others' access is not.
+    path = agent_config(tmp_path, pki, free_port())
+    config = load_config(path)
+    assert config.uplink is not None
+    config.uplink.tls.key.chmod(mode)
+    files = next(check for check in run_checks(config, path) if check.name == "files")
+    assert files.ok
+    assert files.warning is warned, files.detail
+    if warned:
+        assert f"has mode {mode:o}: chmod 640 (root:edge-agent) or 600" in files.detail
+    else:
+        assert f"key mode {mode:04o}" in files.detail
