@@ -192,7 +192,7 @@ class Sink:
         settings = auth_settings(config)  # ValueError: a key file that cannot be used
         old = self.config
         restart = [
-            name for name in ("listener", "rights", "backend", "health")
+            name for name in ("listener", "rights", "backend", "health", "metrics")
             if getattr(old, name) != getattr(config, name)
         ]  # fmt: skip
         self._authenticator.settings = settings

@@ -210,7 +210,7 @@ class Agent:
         old = self.config
         restart = [
             name
-            for name in ("agent", "buffer", "listener")
+            for name in ("agent", "buffer", "listener", "metrics")
             if getattr(old, name) != getattr(config, name)
         ]
         if (old.uplink is None) != (config.uplink is None):

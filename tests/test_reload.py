@@ -111,7 +111,7 @@ async def test_agent_reload_rotates_the_certificate_and_keeps_the_old_one_if_bro
             pki.ca.revoke(hex(first.serial))  # rewrites the CA's CRL
             shutil.copyfile(pki.crl, crl)
             await until(lambda: server_refuses(first, pki, server.port), timeout=20)
-            agent.reload(load_config(path))
+            assert agent.reload(load_config(path)) == []
             await until(lambda: status.connections == 2)
             await agent.publish("t", b"2")
             await until(lambda: status.delivered == 2)
@@ -122,6 +122,10 @@ async def test_agent_reload_rotates_the_certificate_and_keeps_the_old_one_if_bro
             assert status.connections == 2
             await agent.publish("t", b"3")
             await until(lambda: status.delivered == 3)
+            # An endpoint already bound is not moved: said, not silently ignored.
+            cert.write_bytes(second.cert_path.read_bytes())
+            path.write_text(path.read_text() + "\n[metrics]\nmax_topics = 7\n")
+            assert agent.reload(load_config(path)) == ["metrics"]
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1", b"2", b"3"]
 
 
@@ -198,6 +202,8 @@ async def test_sink_reload_takes_new_issuer_keys(tmp_path: Path, pki: Pki) -> No
         assert not await connects(sink.port, device, pki, new_token)  # k1 is still the old key
         rotated = base.replace("[auth]\n", "[auth]\n" + auth.format(key=new_public))
         assert sink.reload(parse_config(rotated)) == []
+        # An endpoint already bound is not moved: said, not silently ignored.
+        assert sink.reload(parse_config(rotated + "\n[metrics]\nport = 0\n")) == ["metrics"]
         assert await connects(sink.port, device, pki, new_token)
         broken = tmp_path / "broken" / "k1.pem"
         broken.parent.mkdir()
