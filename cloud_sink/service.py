@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 from types import TracebackType
 
@@ -102,7 +103,25 @@ def preflight(config: SinkConfig) -> list[str]:
             problems.append(f"listener: {exc}")
     _, key_problems = read_issuer_keys(config.auth.issuer_keys)
     problems += [p for p in key_problems if p.split(":", 1)[0] not in unreadable]
+    missing = [m for m in _BACKEND_MODULES.get(config.backend.type, ()) if not _importable(m)]
+    if missing:
+        problems.append(
+            f"backend.type: {config.backend.type!r} needs the package extra"
+            f" [{config.backend.type}] (pip install 'mqtt-edge-bridge[{config.backend.type}]');"
+            f" not installed: {', '.join(missing)}"
+        )
     return problems
+
+
+_BACKEND_MODULES = {"amqp": ("aio_pika", "aiormq"), "nats": ("nats",)}
+"""What each backend imports from its package extra (pyproject.toml)."""
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class Sink:

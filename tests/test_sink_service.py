@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import json
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from certs import device_uri
 from cloud_sink.backends import read_messages
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
-from cloud_sink.service import Sink
+from cloud_sink.service import Sink, preflight
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
@@ -307,3 +308,19 @@ async def test_issue_token_accepts_the_device_id_of_the_san_uri(tmp_path: Path, 
             timeout=60, check=False,
         )  # fmt: skip
         assert (result.returncode == 0) is accepted, (device, result.stderr)
+
+
+@pytest.mark.parametrize(("backend", "modules"), [("amqp", "aio_pika, aiormq"), ("nats", "nats")])
+def test_check_config_reports_a_backend_whose_package_extra_is_missing(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch, backend: str, modules: str
+) -> None:
+    # `run` died with a ModuleNotFoundError traceback after check-config had said all is well.
+    text = write_sink_config(tmp_path, pki).read_text()
+    config = parse_config(text.split("[backend]")[0] + f'[backend]\ntype = "{backend}"\n')
+    assert preflight(config) == []
+    for module in modules.split(", "):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    assert preflight(config) == [
+        f"backend.type: {backend!r} needs the package extra [{backend}]"
+        f" (pip install 'mqtt-edge-bridge[{backend}]'); not installed: {modules}"
+    ]
