@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from amqtt.adapters import ReaderAdapter
@@ -183,8 +184,16 @@ class _BodyReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type h
         return None
 
 
-async def read_packet(reader: asyncio.StreamReader, max_size: int) -> Packet:
+async def read_packet(
+    reader: asyncio.StreamReader,
+    max_size: int,
+    progress: Callable[[], object] | None = None,
+) -> Packet:
     """Read one client-to-server packet.
+
+    ``progress`` is called whenever part of a large body (over `PROGRESS_BYTES`) arrives: a
+    keep-alive deadline must not expire while such a packet is still coming in over a slow link
+    (RELIABILITY F6).
 
     Raises `PacketTooLarge` (checked on the fixed header, before the body is read),
     `MalformedPacket`, or `asyncio.IncompleteReadError` when the peer closes mid-packet or between
@@ -210,10 +219,30 @@ async def read_packet(reader: asyncio.StreamReader, max_size: int) -> Packet:
             raise MalformedPacket(f"{name} with fixed-header flags {flags:#x}")
     elif packet_type != PUBLISH:
         raise MalformedPacket(f"{name} is not a packet a client may send to this server")
-    body = await reader.readexactly(remaining) if remaining else b""
+    if progress is not None and remaining > PROGRESS_BYTES:
+        body = await _read_reporting(reader, remaining, progress)
+    else:
+        body = await reader.readexactly(remaining) if remaining else b""
     if packet_type == PUBLISH:
         return _decode_publish(flags, body, size)
     return await decode_body(MQTTFixedHeader(packet_type, flags, remaining), body, size)
+
+
+PROGRESS_BYTES = 4096
+"""Bodies up to this size are read in one go (2 s at 2 kB/s); larger ones report progress."""
+
+
+async def _read_reporting(
+    reader: asyncio.StreamReader, size: int, progress: Callable[[], object]
+) -> bytes:
+    body = bytearray()
+    while len(body) < size:
+        chunk = await reader.read(size - len(body))
+        if not chunk:
+            raise asyncio.IncompleteReadError(bytes(body), size)
+        body += chunk
+        progress()
+    return bytes(body)
 
 
 async def decode_body(fixed: MQTTFixedHeader, body: bytes, size: int) -> Packet:

@@ -623,6 +623,12 @@ class _Connection:
         moved_at = -refresh
         try:
             async with asyncio.timeout(None) as keep_alive:
+
+                def progress() -> None:
+                    # A large packet still arriving over a slow link: bytes flow, the client is
+                    # alive (RELIABILITY F6), though no whole packet came within the deadline.
+                    keep_alive.reschedule(loop.time() + timeout)
+
                 while True:
                     if len(self._acks) >= max_inflight:
                         # Our stage is slow, not the client: the keep-alive does not run meanwhile.
@@ -641,7 +647,7 @@ class _Connection:
                     if now - moved_at >= refresh:
                         keep_alive.reschedule(now + timeout)
                         moved_at = now
-                    packet = await read_packet(self.reader, max_size)
+                    packet = await read_packet(self.reader, max_size, progress)
                     if isinstance(packet, Publish):
                         if gate is not None and not gate.available:
                             # Read just before the gate closed: hold this one packet, don't

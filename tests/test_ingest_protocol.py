@@ -220,6 +220,27 @@ async def test_keep_alive_is_enforced_at_one_and_a_half_times(stage: RecordingSt
     assert counters(server).get("connections_closed", "keep_alive") == 1
 
 
+async def test_a_large_packet_arriving_slowly_is_not_cut_by_the_keep_alive(
+    stage: RecordingStage,
+) -> None:
+    # RELIABILITY F6: 16 KiB at about 4 kB/s take 4 s, over 1.5 x keep-alive (1 s), while bytes
+    # keep flowing. A whole packet is what stays overdue: a stalled one is still cut.
+    async with running_server(stage) as server:
+        client = await RawClient.connected(server.port, "slow", keep_alive=1)
+        data = publish_packet("big", bytes(16 * 1024), qos=1, packet_id=1)
+        for first in range(0, len(data), 1024):
+            await client.send(data[first : first + 1024])
+            await asyncio.sleep(0.25)
+        ack = await client.read()
+        assert ack is not None
+        assert (ack.kind, ack.packet_id) == (4, 1)
+        await client.send(data[: len(data) // 2])  # then nothing more
+        assert not await client.closed_within(1.0)
+        assert await client.closed_within(2.0)
+    assert stage.payloads() == [bytes(16 * 1024)]
+    assert counters(server).get("connections_closed", "keep_alive") == 1
+
+
 async def test_connection_closes_when_credentials_expire(stage: RecordingStage) -> None:
     clock = FakeClock(start=1_000_000.0)
     auth = TokenAuth(expires_at=1_000_000.5)
