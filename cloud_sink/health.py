@@ -22,10 +22,8 @@ import asyncio
 import enum
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from cloud_sink.backends.base import (
     BackendError,
@@ -35,6 +33,7 @@ from cloud_sink.backends.base import (
     PublishOutcome,
 )
 from mqtt_ingest import Metrics
+from mqtt_ingest.backoff import Backoff
 
 __all__ = ["BackendGuard", "BackendState", "Backoff"]
 
@@ -50,26 +49,6 @@ class BackendState(enum.Enum):
 FLAP_WINDOW = 60.0
 """An outage that begins within this many seconds of the previous one's end continues that one's
 backoff instead of starting it over."""
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Capped exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
-    And Jitter"): attempt n waits ``uniform(0, min(cap, initial * 2**n))`` seconds."""
-
-    initial: float = 0.5
-    cap: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.cap:
-            raise ValueError(f"backoff needs 0 < initial <= cap, got {self.initial}, {self.cap}")
-
-    def ceiling(self, attempt: int) -> float:
-        # min() before the power would overflow a float after ~1000 attempts.
-        return min(self.cap, self.initial * 2.0 ** min(attempt, 64))
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        return self.ceiling(attempt) * rng()
 
 
 class BackendGuard:

@@ -19,7 +19,7 @@ from cloud_sink.backends.base import CoreQueue
 from cloud_sink.backends.sqlite import SqliteCoreQueue
 from cloud_sink.config import AmqpBackendConfig, SinkConfig, SqliteBackendConfig, check_files
 from cloud_sink.forward import Forwarder
-from cloud_sink.health import BackendGuard, BackendState, Backoff
+from cloud_sink.health import BackendGuard, BackendState
 from cloud_sink.issuer_keys import read_issuer_keys
 from cloud_sink.metrics import SinkMetrics
 from cloud_sink.readiness import ReadinessServer
@@ -34,6 +34,7 @@ from cloud_sink.tls import (
     set_read_buffer,
 )
 from mqtt_ingest import Counters, Identity, IngestServer, Limits
+from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.exposition import MetricsServer
 from mqtt_ingest.lifecycle import cancel_until_done

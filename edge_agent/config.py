@@ -250,6 +250,14 @@ class UplinkConfig(_Strict):
     first such loss only sets the event aside (one lost connection never blames an event)."""
     batch: UplinkBatch = Field(default_factory=UplinkBatch)
 
+    @model_validator(mode="after")
+    def _backoffs_ordered(self) -> UplinkConfig:
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError("backoff_initial must not be more than backoff_max")
+        if self.refused_backoff_initial > self.refused_backoff_max:
+            raise ValueError("refused_backoff_initial must not be more than refused_backoff_max")
+        return self
+
     @field_validator("topic_template")
     @classmethod
     def _template(cls, value: str) -> str:

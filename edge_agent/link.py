@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import enum
 import json
-import random
 import ssl
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +16,6 @@ from edge_agent.config import UplinkConfig
 
 __all__ = [
     "LINK_FILE",
-    "Backoff",
     "LinkFailure",
     "LinkState",
     "LinkStatus",
@@ -110,24 +108,6 @@ class TlsMaterial:
             certificate.not_valid_before_utc.timestamp(),
             certificate.not_valid_after_utc.timestamp(),
         )
-
-
-class Backoff:
-    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, initial * 2^n)]."""
-
-    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.failures = 0
-        self._rng = rng or random.SystemRandom()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * 2 ** min(self.failures, 62))
-        self.failures += 1
-        return self._rng.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class LinkFailure(Exception):

@@ -53,7 +53,6 @@ from edge_agent.buffer import Buffer, StoredEvent
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import (
     LINK_FILE,
-    Backoff,
     LinkFailure,
     LinkState,
     LinkStatus,
@@ -64,6 +63,7 @@ from edge_agent.link import (
 )
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
 from edge_agent.window import Message, Session
+from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, encode, format_username
 

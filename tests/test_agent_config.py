@@ -104,6 +104,26 @@ def test_lingers_may_be_zero() -> None:
             "uplink.max_attempts",
             "greater than or equal to 2",
         ),
+        *(
+            (
+                f'[uplink]\nhost = "sink"\n{keys}\n'
+                '[uplink.tls]\nca = "ca.pem"\ncert = "dev.pem"\nkey = "dev.key"\n'
+                '[uplink.token]\naudience = "sink"\n',
+                "",
+                "uplink",
+                message,
+            )
+            for keys, message in (
+                (
+                    'backoff_initial = "2m"\nbackoff_max = "1m"',
+                    "backoff_initial must not be more than backoff_max",
+                ),
+                (
+                    'refused_backoff_initial = "1h"',  # over the default 900 s maximum
+                    "refused_backoff_initial must not be more than refused_backoff_max",
+                ),
+            )
+        ),
     ],
 )
 def test_each_validator_names_the_path(extra: str, rule: str, path: str, message: str) -> None:

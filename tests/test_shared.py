@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mqtt_ingest import FakeClock, InvalidIdentifier, SystemClock, failpoints, validate_device_id
+from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.failpoints import FailpointError
 from mqtt_ingest.lifecycle import cancel_until_done
 
@@ -229,3 +230,22 @@ async def test_cancel_until_done_cancels_a_well_behaved_task_once() -> None:
     assert cancelled == 1
     assert cleaned_up
     assert task.cancelled()
+
+
+def test_backoff_is_exponential_capped_and_fully_jittered() -> None:
+    backoff = Backoff(initial=0.5, cap=4.0)
+    assert [backoff.ceiling(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert backoff.ceiling(10_000) == 4.0  # no overflow after days of outage
+    assert backoff.delay(2, rng=lambda: 0.0) == 0.0
+    assert backoff.delay(2, rng=lambda: 0.5) == 1.0
+    delays = [backoff.delay(5) for _ in range(200)]
+    assert all(0 <= d <= 4.0 for d in delays)
+    assert len(set(delays)) > 100, "not jittered"
+    with pytest.raises(ValueError, match="initial <= cap"):
+        Backoff(initial=2.0, cap=1.0)
+    # A caller that lets the backoff count: the agent's uplink.
+    counting = Backoff(initial=1.0, cap=4.0)
+    assert [counting.next_delay(rng=lambda: 1.0) for _ in range(4)] == [1.0, 2.0, 4.0, 4.0]
+    assert counting.failures == 4
+    counting.reset()
+    assert counting.next_delay(rng=lambda: 1.0) == 1.0

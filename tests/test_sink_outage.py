@@ -29,9 +29,10 @@ from cloud_sink.backends.base import (
     PublishOutcome,
 )
 from cloud_sink.config import SinkConfig, parse_config
-from cloud_sink.health import BackendGuard, BackendState, Backoff
+from cloud_sink.health import BackendGuard, BackendState
 from cloud_sink.service import Sink
 from mqtt_ingest import Counters, failpoints
+from mqtt_ingest.backoff import Backoff
 from tests.harness.brokers import (
     NatsNames,
     RabbitNames,
@@ -327,19 +328,6 @@ async def test_slow_confirms_slow_the_producer_down_without_loss(
     assert device.refusals == {}
     assert device.lost_connections == 0
     assert device.connections == 1
-
-
-def test_backoff_is_exponential_capped_and_fully_jittered() -> None:
-    backoff = Backoff(initial=0.5, cap=4.0)
-    assert [backoff.ceiling(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    assert backoff.ceiling(10_000) == 4.0  # no overflow after days of outage
-    assert backoff.delay(2, rng=lambda: 0.0) == 0.0
-    assert backoff.delay(2, rng=lambda: 0.5) == 1.0
-    delays = [backoff.delay(5) for _ in range(200)]
-    assert all(0 <= d <= 4.0 for d in delays)
-    assert len(set(delays)) > 100, "not jittered"
-    with pytest.raises(ValueError, match="initial <= cap"):
-        Backoff(initial=2.0, cap=1.0)
 
 
 class ProbeOnlyQueue:
