@@ -73,7 +73,7 @@ async def test_kill9_after_confirm_before_puback_resend_is_deduplicated(
         f"{device.device_id}/{EPOCH}/1",
         f"{device.device_id}/{EPOCH}/2",
     ]
-    await sink.asigterm()
+    assert await sink.asigterm() == 0
 
 
 @pytest.mark.parametrize("kind", ["expired", "future", "foreign", "revoked", "none"])
@@ -106,7 +106,7 @@ async def test_bad_client_certificates_are_refused_at_the_handshake(
     async with client(sink.port, good, pki) as c:
         await c.publish(f"devices/{good.device_id}/t", b"ok", qos=1)
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"ok"]
-    await sink.asigterm()
+    assert await sink.asigterm() == 0
 
 
 async def test_connection_closed_when_the_token_expires_mid_session(

@@ -114,7 +114,7 @@ async def test_kill9_in_the_drain_loses_nothing_and_the_sink_dedupes(
         agent.env.pop("BRIDGE_FAILPOINTS")
         await agent.astart()
         await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
-        await agent.asigterm()
+        assert await agent.asigterm() == 0
     stored = stored_payloads(tmp_path / "core.db")
     figures(
         failpoint, events=200, before_crash=before, stored=len(stored), lost=200 - len(set(stored))
@@ -347,7 +347,7 @@ async def test_sink_killed_and_restarted_under_load(
         await publish(200)
         await sink_process.astart()
         await publish(300)
-        await sink_process.asigterm()
+        assert await sink_process.asigterm() == 0  # SIGTERM under load: a clean exit
         await publish(200)
         await sink_process.astart()
         await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
