@@ -22,7 +22,7 @@ from cloud_sink.backends.base import CoreMessage, CoreQueue, DeadLetterMessage
 from mqtt_ingest import IngestEvent, Metrics, StageRefused
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeError, decode
 
-__all__ = ["Forwarder", "unmappable_topic"]
+__all__ = ["CALL_MESSAGES", "Forwarder", "unmappable_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ def unmappable_topic(topic: str) -> str | None:
         if any(c.isspace() for c in level):
             return f"topic level {level[:50]!r} contains white space"
     return None
+
+
+CALL_MESSAGES = 10_000
+"""Core-queue messages per backend call at most (a stage call may make several)."""
 
 
 class Forwarder:
@@ -75,11 +79,13 @@ class Forwarder:
                     continue
                 dead += letters
             messages += ours
+            if len(messages) >= CALL_MESSAGES:
+                # Decoded, a batch of envelopes is up to 1,000 times its MQTT messages: held
+                # whole, one device's batch cost hundreds of MB.
+                await self._publish(messages)
+                messages = []
         if messages:
-            outcome = await self._queue.publish(messages)
-            self._metrics.inc("forwarded", outcome.stored, reason="stored")
-            if outcome.duplicates:
-                self._metrics.inc("forwarded", outcome.duplicates, reason="duplicate")
+            await self._publish(messages)
         if dead:
             await self._queue.dead_letter(dead)
             self._metrics.inc("forwarded", len(dead), reason="dead_letter")
@@ -88,6 +94,12 @@ class Forwarder:
                 len(dead), dead[0].device_id, dead[0].topic[:100], dead[0].reason,
             )  # fmt: skip
         return refused
+
+    async def _publish(self, messages: list[CoreMessage]) -> None:
+        outcome = await self._queue.publish(messages)
+        self._metrics.inc("forwarded", outcome.stored, reason="stored")
+        if outcome.duplicates:
+            self._metrics.inc("forwarded", outcome.duplicates, reason="duplicate")
 
     def _messages(self, event: IngestEvent) -> tuple[list[CoreMessage], list[DeadLetterMessage]]:
         """The core-queue messages of one MQTT message, and the dead letters of what cannot be

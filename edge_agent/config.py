@@ -66,6 +66,7 @@ from pydantic import (
 )
 
 from mqtt_ingest.configuration import Bytes, ConfigError, Delay, Seconds, load_model, parse_model
+from mqtt_ingest.envelope import MAX_EVENTS
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
 __all__ = [
@@ -211,7 +212,8 @@ class UplinkToken(_Strict):
 class UplinkBatch(_Strict):
     """Batch envelopes (format = "batch-v1"): consecutive events of one topic per message."""
 
-    max_events: Annotated[int, Field(gt=0, le=100_000)] = 500
+    max_events: Annotated[int, Field(gt=0, le=MAX_EVENTS)] = 500
+    """Events per envelope, at most the envelope's own limit (1,000, the sink's too)."""
     max_bytes: Bytes = 64 * 1024
     linger: Delay = 0.005
     """How long a part-full batch waits for more events before it is sent."""

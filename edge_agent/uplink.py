@@ -65,7 +65,7 @@ from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
 from edge_agent.window import Message, Session
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, encode, format_username
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, MAX_EVENTS, encode, format_username
 
 __all__ = ["Uplink"]
 
@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
 _EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
 _MAX_DEFERRED = 100
-_MAX_FETCH = 1000  # events per read from the buffer (more only holds more rows in memory)
+_MAX_FETCH = MAX_EVENTS  # events per read from the buffer (more only holds more rows in memory)
 _DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
 _TOKEN_FILE_RECHECK = 30.0  # seconds: a token file still unchanged at renewal is looked at again

@@ -104,6 +104,14 @@ def test_lingers_may_be_zero() -> None:
             "uplink.max_attempts",
             "greater than or equal to 2",
         ),
+        (
+            '[uplink]\nhost = "sink"\n'
+            '[uplink.tls]\nca = "ca.pem"\ncert = "dev.pem"\nkey = "dev.key"\n'
+            '[uplink.token]\naudience = "sink"\n[uplink.batch]\nmax_events = 1001\n',
+            "",
+            "uplink.batch.max_events",
+            "less than or equal to 1000",
+        ),
         *(
             (
                 f'[uplink]\nhost = "sink"\n{keys}\n'

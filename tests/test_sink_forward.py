@@ -17,9 +17,9 @@ from cloud_sink.backends import (
     read_dead_letters,
     read_messages,
 )
-from cloud_sink.forward import Forwarder, unmappable_topic
+from cloud_sink.forward import CALL_MESSAGES, Forwarder, unmappable_topic
 from cloud_sink.rights import DevicePrefixRights
-from mqtt_ingest import ConnectRequest, Counters, Identity, IngestServer, Refusal
+from mqtt_ingest import ConnectRequest, Counters, Identity, IngestEvent, IngestServer, Refusal
 from mqtt_ingest.envelope import EnvelopeEvent, encode, parse_username
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
 
@@ -199,3 +199,33 @@ async def test_an_event_the_backend_cannot_take_is_dead_lettered_alone(tmp_path:
     [dead] = read_dead_letters(path)
     assert dead.payload == b"B" * 200
     assert dead.reason == f"200 bytes, over 100 (event dev-4/{EPOCH}/2)"
+
+
+async def test_a_large_batch_of_envelopes_goes_to_the_backend_in_bounded_calls(
+    tmp_path: Path,
+) -> None:
+    """One stage call can hold 512 envelopes of up to 1,000 events each: decoded whole it made
+    one backend call of every message at once (hundreds of MB for one device's batch)."""
+    calls: list[int] = []
+
+    class Recording(SwitchableQueue):
+        async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+            calls.append(len(messages))
+            return await super().publish(messages)
+
+    path = tmp_path / "core.db"
+    queue = Recording(await SqliteCoreQueue.open(path))
+    forwarder = Forwarder(queue, Counters(), max_body=1024**2)
+    identity = Identity("dev-4", {"format": "batch-v1"})
+
+    def envelope(n: int) -> bytes:
+        return encode(EPOCH, [EnvelopeEvent(n * 1000 + i + 1, 0, b"") for i in range(1000)])
+
+    batch = [
+        IngestEvent(identity, "dev-4", "devices/dev-4/t", envelope(n), 1, False, 1.0)
+        for n in range(25)
+    ]
+    assert await forwarder.store(batch) is None
+    await queue.aclose()
+    assert calls == [CALL_MESSAGES, CALL_MESSAGES, 5000]
+    assert sum(1 for _ in read_messages(path)) == 25_000
