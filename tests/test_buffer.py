@@ -27,6 +27,7 @@ from edge_agent.buffer import (
     inspect,
     read_events,
 )
+from edge_agent.buffer.files import WAL_SIZE_LIMIT
 from mqtt_ingest import FakeClock
 from tests.harness.process import rss_kib
 from tests.harness.report import figures
@@ -564,3 +565,42 @@ async def test_schema_1_buffer_that_cannot_be_migrated_is_refused_untouched(
     assert list(read_events(tmp_path)) == before
     async with await Buffer.open(tmp_path) as buffer:  # with room, it migrates
         assert (await buffer.stats()).events == len(before)
+
+
+async def test_a_paused_export_does_not_hold_the_wal_open(tmp_path: Path) -> None:
+    """`buffer export | less`: the reader pauses mid-way while the agent keeps writing. A
+    statement held open all that time kept every checkpoint from resetting the WAL, which
+    grew by all that was written (18 MB for 10 MB in a review) and never shrank."""
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.append([event(bytes(200)) for _ in range(2000)])
+        export = read_events(tmp_path)
+        first = next(export)  # the reader stops here for a while
+        for _ in range(12):  # 6 MB more, 500 KB per commit
+            await buffer.append([event(bytes(1000)) for _ in range(500)])
+        wal = (tmp_path / "buffer.db-wal").stat().st_size
+        rest = sum(1 for _ in export)
+    figures("paused export", wal_bytes=wal, written_bytes=6_000_000)
+    assert first.seq == 1
+    assert rest == 2000 + 6000 - 1
+    assert wal < 3 * 1024**2  # about one checkpoint's worth (1 MiB), not all that was written
+
+
+async def test_the_wal_shrinks_back_after_a_long_reader(tmp_path: Path) -> None:
+    """Any reader holding a snapshot for long (an old tool, a backup) lets the WAL grow; once it
+    is gone, the WAL is cut back to `WAL_SIZE_LIMIT` instead of keeping its largest size."""
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.append([event()])
+        reader = sqlite3.connect(tmp_path / "buffer.db")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()  # holds its snapshot
+        for _ in range(12):
+            await buffer.append([event(bytes(1000)) for _ in range(500)])
+        grown = (tmp_path / "buffer.db-wal").stat().st_size
+        reader.rollback()
+        reader.close()
+        for _ in range(6):
+            await buffer.append([event(bytes(1000)) for _ in range(500)])
+        shrunk = (tmp_path / "buffer.db-wal").stat().st_size
+    figures("long reader", wal_grown=grown, wal_after=shrunk, limit=WAL_SIZE_LIMIT)
+    assert grown > 6_000_000
+    assert shrunk <= WAL_SIZE_LIMIT

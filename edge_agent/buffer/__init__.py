@@ -74,7 +74,6 @@ from edge_agent.buffer.model import (
 from edge_agent.buffer.store import (
     _dead_letter,
     _delete,
-    _drain_queries,
     _insert_group,
     _next_events,
     _record_attempt,
@@ -429,16 +428,34 @@ class Buffer:
 # -- inspection without the lock (edge-agent status while the agent runs) -----------------------
 
 
+def _open_read_only(directory: Path) -> tuple[sqlite3.Connection, Path]:
+    """A read-only connection to the buffer in ``directory``, for the operator's commands;
+    `BufferError` if there is none or it cannot be read."""
+    path = directory / DB_NAME
+    try:
+        if not path.exists():
+            raise BufferError(f"no buffer at {path}")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        db.execute("PRAGMA user_version")  # connecting alone opens nothing yet
+    except (OSError, sqlite3.DatabaseError) as exc:
+        raise _unreadable(path, exc) from None
+    return db, path
+
+
+def _unreadable(path: Path, exc: OSError | sqlite3.DatabaseError) -> BufferError:
+    hint = ""
+    if isinstance(exc, PermissionError) or "unable to open" in str(exc):
+        hint = " (run this as the agent's user, or as root)"
+    return BufferError(f"cannot read the buffer {path}: {exc}{hint}")
+
+
 def inspect(directory: Path) -> BufferStats:
     """Read-only statistics of the buffer in ``directory``; works while the agent runs."""
-    path = directory / DB_NAME
-    if not path.exists():
-        raise BufferError(f"no buffer at {path}")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    db, path = _open_read_only(directory)
     try:
         return _stats(db)
     except sqlite3.DatabaseError as exc:
-        raise BufferError(f"cannot read the buffer {path}: {exc}") from None
+        raise _unreadable(path, exc) from None
     finally:
         db.close()
 
@@ -447,27 +464,31 @@ def read_events(
     directory: Path, *, limit: int | None = None, topic_filter: Callable[[str], bool] | None = None
 ) -> Iterator[StoredEvent]:
     """Buffered events in drain order, read-only (for ``buffer peek`` / ``export``); at most
-    ``limit`` of them. Raises `BufferError` if the buffer cannot be read."""
-    path = directory / DB_NAME
-    if not path.exists():
-        raise BufferError(f"no buffer at {path}")
+    ``limit`` of them. Raises `BufferError` if the buffer cannot be read.
+
+    Read in pages, one short statement each: the consumer may be slow (``export | less``), and
+    a statement open all that time kept the agent's WAL from being checkpointed (it grew by all
+    that the agent wrote meanwhile).
+    """
     if limit is not None and limit <= 0:
         return
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    db, path = _open_read_only(directory)
     try:
-        rows = (
-            row for query, args in _drain_queries(None) for row in db.execute(query, (*args, -1))
-        )
+        after: tuple[int, int] | None = None
         taken = 0
-        for row in rows:
-            event = StoredEvent(*row)
-            if topic_filter is not None and not topic_filter(event.topic):
-                continue
-            yield event
-            taken += 1
-            if limit is not None and taken >= limit:
-                return
+        while page := _next_events(db, _READ_PAGE, after, frozenset(), None, None):
+            for event in page:
+                if topic_filter is not None and not topic_filter(event.topic):
+                    continue
+                yield event
+                taken += 1
+                if limit is not None and taken >= limit:
+                    return
+            after = (page[-1].priority, page[-1].seq)
     except sqlite3.DatabaseError as exc:
-        raise BufferError(f"cannot read the buffer {path}: {exc}") from None
+        raise _unreadable(path, exc) from None
     finally:
         db.close()
+
+
+_READ_PAGE = 500

@@ -38,6 +38,10 @@ log = logging.getLogger("edge_agent.buffer")
 LOCK_PATIENCE = 1.0  # seconds a starting agent waits for a held lock (see `_lock`)
 
 
+WAL_SIZE_LIMIT = 4 * 1024**2
+"""Bytes the WAL file is truncated to after a checkpoint that found it larger."""
+
+
 def agent_pid(directory: Path) -> int | None:
     """The pid of the agent holding ``directory``, or None if no agent runs there (-1: one
     does, its pid unreadable)."""
@@ -133,6 +137,9 @@ def _open_checked(
     # bytes until it is reused, which a buffer that keeps taking events does soon.
     db.execute("PRAGMA secure_delete=FAST")
     db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    # The WAL is checkpointed at about 1 MiB (1000 pages of 1 KiB) but may grow past that while
+    # a reader holds a snapshot; then it is cut back to this size, not kept at its largest.
+    db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     if max_page_count is not None:
         db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
     version = db.execute("PRAGMA user_version").fetchone()[0]
