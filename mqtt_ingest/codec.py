@@ -49,6 +49,7 @@ __all__ = [
     "Publish",
     "Subscribe",
     "Unsubscribe",
+    "UnsupportedProtocol",
     "encode_connack",
     "encode_pingresp",
     "encode_puback",
@@ -98,6 +99,16 @@ class MalformedPacket(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class UnsupportedProtocol(MalformedPacket):
+    """A CONNECT of another protocol or version: its other fields were not decoded (an MQTT 5
+    CONNECT carries properties where 3.1.1 has the client id)."""
+
+    def __init__(self, name: str, level: int) -> None:
+        super().__init__(f"protocol {name!r} level {level} (only 'MQTT' 4, MQTT 3.1.1, is served)")
+        self.name = name
+        self.level = level
 
 
 class PacketTooLarge(MalformedPacket):
@@ -309,6 +320,11 @@ def _decode_publish(flags: int, body: bytes, size: int) -> Publish:
 
 
 async def _connect(fixed: MQTTFixedHeader, reader: _BodyReader, body: bytes) -> Connect:
+    # The version first: the rest of the variable header is laid out per version.
+    version = _Walker(body)
+    name, level = version.string("protocol name"), version.byte()
+    if (name, level) != ("MQTT", 4):
+        raise UnsupportedProtocol(name, level)
     packet = await ConnectPacket.from_stream(reader, fixed_header=fixed)
     header = packet.variable_header
     # amqtt tolerates missing fields and decodes text leniently: walk the raw body once more.

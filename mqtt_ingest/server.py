@@ -50,6 +50,7 @@ from mqtt_ingest.codec import (
     PubRel,
     Subscribe,
     Unsubscribe,
+    UnsupportedProtocol,
     encode_connack,
     encode_pingresp,
     encode_puback,
@@ -495,25 +496,18 @@ class _Connection:
             raise _Close("no CONNECT in time", label="connect_timeout") from None
         except asyncio.IncompleteReadError:
             raise _Close("closed before CONNECT", label="closed_before_connect") from None
+        except UnsupportedProtocol as exc:
+            if exc.name in ("MQTT", "MQIsdp"):  # MQTT 5, 3.1: told so (MQTT-3.1.2-2)
+                code = ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION
+                await self._refuse(code, exc.reason, "protocol")
+            self.metrics.inc("connections_refused", reason="protocol")
+            raise _Close(exc.reason, label="protocol") from None  # not MQTT at all
         except MalformedPacket as exc:
             self.metrics.inc("connections_refused", reason="malformed")
             raise _Close(f"malformed first packet: {exc.reason}", label="malformed") from None
         if not isinstance(packet, Connect):
             self.metrics.inc("connections_refused", reason="not_connect")
             raise _Close("first packet is not CONNECT", label="malformed")
-        if packet.protocol_name != "MQTT":
-            self.metrics.inc("connections_refused", reason="protocol")
-            if packet.protocol_name == "MQIsdp":
-                await self._refuse(
-                    ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION, "MQTT 3.1", "protocol"
-                )
-            raise _Close(f"protocol name {packet.protocol_name!r}", label="protocol")
-        if packet.protocol_level != 4:
-            await self._refuse(
-                ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION,
-                f"protocol level {packet.protocol_level} (only 4, MQTT 3.1.1, is served)",
-                "protocol",
-            )
         gate = self.server._availability
         if gate is not None and not gate.available:
             # The gate's owner logged the outage once; a line per refused device would flood.

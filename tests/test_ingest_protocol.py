@@ -31,9 +31,11 @@ from tests.harness.rawmqtt import (
     PINGREQ,
     RawClient,
     connect_packet,
+    packet,
     publish_packet,
     pubrel_packet,
     subscribe_packet,
+    utf8,
 )
 from tests.harness.report import figures
 from tests.harness.stages import RecordingStage, counters, running_server
@@ -87,6 +89,10 @@ async def test_connack_return_codes(stage: RecordingStage) -> None:
         assert await connack_code(port, connect_packet("c4")) == ConnackCode.NOT_AUTHORIZED
         will = connect_packet("c5", username="u", password=b"good", will=("w", b"x"))
         assert await connack_code(port, will) == ConnackCode.NOT_AUTHORIZED
+        # MQTT 5's own layout (properties after the keep-alive), as paho or aiomqtt 3 send it:
+        # CONNACK 1 too, not a connection dropped as malformed.
+        mqtt5 = packet(0x10, utf8("MQTT") + bytes([5, 0x02, 0, 60, 0]) + utf8("c7"))
+        assert await connack_code(port, mqtt5) == 1
         # A wrong protocol name gets no CONNACK at all (MQTT-3.1.2-1).
         assert await connack_code(port, connect_packet("c6", name="HTTP")) is None
         refused = counters(server).snapshot()
@@ -95,6 +101,8 @@ async def test_connack_return_codes(stage: RecordingStage) -> None:
     assert refused["connections_refused{token signature invalid}"] == 1
     assert refused["connections_refused{no token}"] == 1
     assert refused["connections_refused{will}"] == 1
+    assert refused["connections_refused{protocol}"] == 4
+    assert "connections_refused{malformed}" not in refused
     assert refused["connects_accepted"] == 1
 
 
