@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -23,6 +23,7 @@ from cryptography import x509
 
 from edge_agent.accept import Acceptor, InvalidEvent, check_event
 from edge_agent.buffer import (
+    DB_NAME,
     Buffer,
     BufferError,
     BufferFull,
@@ -469,56 +470,92 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
     directory = config.agent.data_dir
     pattern: str | None = getattr(args, "topic", None)
     matcher = (lambda topic: topic_matches(pattern, topic)) if pattern else None
+    if args.action in ("peek", "export"):
+        try:
+            return _read_out(directory, args, matcher)
+        except BrokenPipeError:
+            # `export | head`: the reader has all it wants. No traceback, and none at exit
+            # either (the interpreter flushes stdout once more).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    if not (directory / DB_NAME).exists():
+        # Opening would create an empty buffer there (a typo in data_dir, say).
+        raise _Failed(f"no buffer at {directory / DB_NAME}")
+    if args.action == "requeue-dead":
+        return asyncio.run(_requeue_dead(config))
+    seqs = asyncio.run(_matching(config, pattern))
+    what = f"{len(seqs)} events" + (f" on {pattern!r}" if pattern else "")
+    if not seqs:
+        print("nothing to purge", file=sys.stderr)
+        return 0
+    if not args.yes:
+        # Asked with the buffer closed: the agent may start while the operator thinks.
+        if not sys.stdin.isatty():
+            raise _Failed(f"purge would delete {what}: confirm with --yes")
+        try:
+            answer = input(f"delete {what} from {directory}? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+            print(file=sys.stderr)
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return 1
+    removed = asyncio.run(_purge(config, seqs))
+    print(f"purged {removed} events", file=sys.stderr)
+    return 0
+
+
+def _read_out(
+    directory: Path, args: argparse.Namespace, matcher: Callable[[str], bool] | None
+) -> int:
     if args.action == "peek":
         for event in read_events(directory, limit=args.n, topic_filter=matcher):
             print(_event_json(event))
         return 0
-    if args.action == "export":
-        try:
-            target = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
-        except OSError as exc:
-            raise _Failed(f"cannot write {args.output}: {exc.strerror}") from None
-        with target or contextlib.nullcontext(sys.stdout) as out:
-            count = 0
-            for event in read_events(directory, topic_filter=matcher):
-                out.write(_event_json(event) + "\n")
-                count += 1
-        print(f"exported {count} events", file=sys.stderr)
-        return 0
-    if args.action == "requeue-dead":
-        return asyncio.run(_requeue_dead(config))
-    return asyncio.run(_purge(config, pattern, args.yes))
+    try:
+        target = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
+    except OSError as exc:
+        raise _Failed(f"cannot write {args.output}: {exc.strerror}") from None
+    with target or contextlib.nullcontext(sys.stdout) as out:
+        count = 0
+        for event in read_events(directory, topic_filter=matcher):
+            out.write(_event_json(event) + "\n")
+            count += 1
+    print(f"exported {count} events", file=sys.stderr)
+    return 0
+
+
+def _open_buffer(config: AgentConfig) -> Awaitable[Buffer]:
+    """The buffer with the configured limits, for the commands that change it (the agent
+    stopped: they take its lock)."""
+    return Buffer.open(
+        config.agent.data_dir,
+        commit_linger=0,
+        max_events=config.buffer.max_events,
+        max_bytes=config.buffer.max_bytes,
+    )
 
 
 async def _requeue_dead(config: AgentConfig) -> int:
-    async with await Buffer.open(config.agent.data_dir, commit_linger=0) as buffer:
-        moved = await buffer.requeue_dead()
+    async with await _open_buffer(config) as buffer:
+        moved = await buffer.requeue_dead(lambda topic: config.rule_for(topic).ttl)
     print(f"requeued {moved} dead letters", file=sys.stderr)
     return 0
 
 
-async def _purge(config: AgentConfig, pattern: str | None, yes: bool) -> int:
-    async with await Buffer.open(config.agent.data_dir, commit_linger=0) as buffer:
-        events = []
+async def _matching(config: AgentConfig, pattern: str | None) -> list[int]:
+    async with await _open_buffer(config) as buffer:
+        seqs: list[int] = []
         after = None
         while batch := await buffer.next_events(1000, after):
-            events += [e.seq for e in batch if pattern is None or topic_matches(pattern, e.topic)]
+            seqs += [e.seq for e in batch if pattern is None or topic_matches(pattern, e.topic)]
             after = (batch[-1].priority, batch[-1].seq)
-        what = f"{len(events)} events" + (f" on {pattern!r}" if pattern else "")
-        if not events:
-            print("nothing to purge", file=sys.stderr)
-            return 0
-        if not yes:
-            if not sys.stdin.isatty():
-                raise _Failed(f"purge would delete {what}: confirm with --yes")
-            question = f"delete {what} from {config.agent.data_dir}? [y/N] "
-            answer = await asyncio.to_thread(input, question)
-            if answer.strip().lower() not in ("y", "yes"):
-                print("nothing deleted", file=sys.stderr)
-                return 1
-        removed = await buffer.delete(events, drop_reason="purged")
-    print(f"purged {removed} events", file=sys.stderr)
-    return 0
+    return seqs
+
+
+async def _purge(config: AgentConfig, seqs: list[int]) -> int:
+    async with await _open_buffer(config) as buffer:
+        return await buffer.delete(seqs, drop_reason="purged")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
+import select
 import subprocess
 import uuid
 from pathlib import Path
@@ -316,3 +319,70 @@ async def test_cli_check_config_prints_the_effective_config_or_every_problem(
     assert "agent.device_id" in bad.stderr
     assert "agent.extra: unknown key" in bad.stderr
     assert "topics: Field required" in bad.stderr
+
+
+async def test_cli_buffer_commands_on_a_missing_buffer_create_nothing(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path)  # data_dir never used: no buffer there (a typo, say)
+    for action in (("purge", "--yes"), ("requeue-dead",), ("peek",), ("export",)):
+        done = await acli(config_path, "buffer", *action)
+        assert done.returncode == 1, (action, done.stderr)
+        assert f"no buffer at {tmp_path / 'data' / 'buffer.db'}" in done.stderr
+    assert not (tmp_path / "data" / "buffer.db").exists()
+
+
+def test_cli_export_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path)
+
+    async def fill() -> None:
+        async with Agent(load_config(config_path)) as agent:
+            await asyncio.gather(*(agent.publish("sensors/t", b"%d" % i) for i in range(3000)))
+
+    asyncio.run(fill())
+    reader = subprocess.Popen(
+        [EDGE_AGENT, "--config", str(config_path), "buffer", "export"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert reader.stdout is not None
+    first = reader.stdout.readline()
+    reader.stdout.close()  # as `| head -1` does
+    _, errors = reader.communicate(timeout=60)
+    assert json.loads(first)["seq"] == 1
+    assert reader.returncode == 0
+    assert b"Traceback" not in errors, errors
+
+
+def test_cli_purge_prompt_takes_ctrl_d_as_no(tmp_path: Path) -> None:
+    """It raised EOFError with a traceback (and Ctrl-C waited for Enter)."""
+    config_path = write_config(tmp_path)
+
+    async def fill() -> None:
+        async with Agent(load_config(config_path)) as agent:
+            await agent.publish("sensors/t", b"1")
+
+    asyncio.run(fill())
+    main, child = pty.openpty()  # a terminal: the prompt is asked
+    process = subprocess.Popen(
+        [EDGE_AGENT, "--config", str(config_path), "buffer", "purge"],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+    )
+    os.close(child)
+    seen = b""
+    try:
+        while b"[y/N]" not in seen:
+            assert select.select([main], [], [], 30)[0], f"no prompt, only {seen!r}"
+            seen += os.read(main, 1024)
+        os.write(main, b"\x04")  # Ctrl-D at the prompt: end of input
+        assert process.wait(timeout=30) == 1
+        while select.select([main], [], [], 1)[0]:
+            try:
+                seen += os.read(main, 1024)
+            except OSError:  # the terminal's other side closed
+                break
+    finally:
+        os.close(main)
+    assert b"nothing deleted" in seen
+    assert b"Traceback" not in seen
+    assert inspect(tmp_path / "data").events == 1

@@ -604,3 +604,26 @@ async def test_the_wal_shrinks_back_after_a_long_reader(tmp_path: Path) -> None:
     figures("long reader", wal_grown=grown, wal_after=shrunk, limit=WAL_SIZE_LIMIT)
     assert grown > 6_000_000
     assert shrunk <= WAL_SIZE_LIMIT
+
+
+async def test_requeue_dead_keeps_the_limits_and_sets_the_topic_ttl_again(tmp_path: Path) -> None:
+    """`buffer requeue-dead` put 10 events into a buffer of max_events 5, and the requeued events
+    never expired whatever their topic's ttl."""
+    clock = FakeClock(start=1_000_000.0)
+    async with await Buffer.open(tmp_path, max_events=3, clock=clock) as buffer:
+        assert await buffer.append([event(topic="a"), event(topic="b")]) == [1, 2]
+        assert await buffer.dead_letter(1, "poison")
+        assert await buffer.dead_letter(2, "poison")
+        await buffer.append([event(), event()])
+        with pytest.raises(BufferError, match=r"the 2 dead letters .* do not fit beside the 2"):
+            await buffer.requeue_dead()
+        assert (await buffer.stats()).dead_letters == 2  # nothing moved
+        await buffer.delete([3])
+        ttls = {"a": 60.0, "b": None}
+        assert await buffer.requeue_dead(ttls.get) == 2
+    db = sqlite3.connect(tmp_path / "buffer.db")
+    try:
+        expiries = dict(db.execute("SELECT topic, expires_at FROM events WHERE seq <= 2"))
+    finally:
+        db.close()
+    assert expiries == {"a": 1_000_000_000 + 60_000, "b": None}

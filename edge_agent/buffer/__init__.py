@@ -396,9 +396,15 @@ class Buffer:
         now_ms = int(self._clock.time() * 1000)
         return await self._run(_dead_letter, seq, reason, now_ms, self._totals)
 
-    async def requeue_dead(self) -> int:
-        """Move every dead letter back into the buffer (with its original seq)."""
-        return await self._run(_requeue_dead, self._totals)
+    async def requeue_dead(self, ttl: Callable[[str], float | None] = lambda topic: None) -> int:
+        """Move every dead letter back into the buffer (with its original seq), to expire after
+        ``ttl(topic)`` seconds from now (None: never; the CLI passes the topic rules' TTL).
+
+        Raises `BufferError` if they would not fit in the buffer's limits (nothing moves then).
+        """
+        now_ms = int(self._clock.time() * 1000)
+        limits = (self._max_events, self._max_bytes)
+        return await self._run(_requeue_dead, self._totals, limits, ttl, now_ms)
 
     async def sweep_expired(self) -> int:
         """Drop events whose TTL passed; counted under reason ``ttl``."""

@@ -19,6 +19,7 @@ from edge_agent.buffer.files import (
     _transaction,
 )
 from edge_agent.buffer.model import (
+    BufferError,
     BufferFull,
     BufferStats,
     Incident,
@@ -408,13 +409,37 @@ def _dead_letter(
     return bool(moved)
 
 
-def _requeue_dead(db: sqlite3.Connection, totals: _Totals) -> int:
+def _requeue_dead(
+    db: sqlite3.Connection,
+    totals: _Totals,
+    limits: tuple[int, int],
+    ttl: Callable[[str], float | None],
+    now_ms: int,
+) -> int:
     with _transaction(db, totals):
+        count, size = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters"
+        ).fetchone()
+        max_events, max_bytes = limits
+        if totals.events + count > max_events or totals.bytes + size > max_bytes:
+            raise BufferError(
+                f"the {count} dead letters ({size} bytes) do not fit beside the {totals.events}"
+                f" events ({totals.bytes} bytes) buffered: max_events {max_events}, max_bytes"
+                f" {max_bytes}; let the backlog drain (or purge) first"
+            )
         moved = db.execute(
             "INSERT OR IGNORE INTO events"
             " (seq, topic, payload, qos, priority, event_time, expires_at, attempts)"
             " SELECT seq, topic, payload, qos, priority, event_time, NULL, 0 FROM dead_letters"
         ).rowcount
+        topics = [row[0] for row in db.execute("SELECT DISTINCT topic FROM dead_letters")]
+        for topic in topics:
+            if (seconds := ttl(topic)) is not None:
+                db.execute(
+                    "UPDATE events SET expires_at = ?"
+                    " WHERE topic = ? AND seq IN (SELECT seq FROM dead_letters)",
+                    (now_ms + int(seconds * 1000), topic),
+                )
         db.execute("DELETE FROM dead_letters")
         _keep_high_water(db, totals)
     _load_totals(db, totals)
