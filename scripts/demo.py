@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
@@ -266,7 +267,7 @@ async def demo(work: Path, online: float, offline: float) -> int:
     finally:
         agent_rc = await agent.stop()
         sink_rc = await sink.stop()
-    say(f"demo: stopped the agent (exit {agent_rc}) and the sink (exit {sink_rc})")
+        say(f"demo: stopped the agent (exit {agent_rc}) and the sink (exit {sink_rc})")
     return verdict(core)
 
 
@@ -303,15 +304,50 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bridge-demo-"))
+    status = 1
     try:
-        return asyncio.run(demo(work, args.online, args.offline))
+        status = asyncio.run(_until_signalled(demo(work, args.online, args.offline)))
     except KeyboardInterrupt:
-        return 130
+        status = 130
+    except Signalled as stopped:
+        status = 128 + stopped.signum
+    except SystemExit as step:  # a step that failed says so, e.g. "see agent.log"
+        say(str(step.code))
     finally:
-        if args.keep:
-            say(f"demo: kept {work}")
+        failed = status not in (0, 130) and not 128 < status < 160  # not stopped by a signal
+        if args.keep or failed:
+            say(f"demo: kept {work} (agent.log, sink.log)")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    return status
+
+
+class Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+async def _until_signalled(main: Coroutine[Any, Any, int]) -> int:
+    """``main``, cancelled by SIGTERM or SIGHUP (a closed terminal) as Ctrl-C cancels it, so
+    that its clean-up stops the services: they run in sessions of their own, which no signal
+    to the demo reaches."""
+    task = asyncio.ensure_future(main)
+    received: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        received.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if received:
+            raise Signalled(received[0]) from None
+        raise
 
 
 if __name__ == "__main__":

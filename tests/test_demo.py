@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,5 +31,35 @@ def test_demo_runs_the_outage_and_counts_zero_lost() -> None:
     assert "stopped the agent (exit 0) and the sink (exit 0)" in out
     leftovers = subprocess.run(
         ["pgrep", "-f", "bridge-demo-"], capture_output=True, text=True, check=False
+    )
+    assert leftovers.stdout == "", "demo processes left running"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_stopped_by_a_signal_leaves_nothing_behind(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A closed terminal (SIGHUP) or a kill (SIGTERM) left both services running, in sessions of
+    their own, and the work directory with the CA's private key in /tmp."""
+    demo = subprocess.Popen(
+        [sys.executable, str(DEMO), "--online", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert demo.stdout is not None
+    seen = ""
+    while "edge agent on" not in seen:
+        line = demo.stdout.readline()
+        assert line, f"the demo ended early: {seen}"
+        seen += line
+    demo.send_signal(signum)
+    rest, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 128 + signum, seen + rest
+    assert "stopped the agent (exit 0) and the sink (exit 0)" in rest
+    assert list(tmp_path.iterdir()) == []  # the work directory is gone
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False
     )
     assert leftovers.stdout == "", "demo processes left running"
