@@ -289,6 +289,11 @@ class MetricsConfig(_Strict):
     """Topics with a series of their own (the largest backlogs); the rest are summed up."""
 
 
+PACKET_OVERHEAD = 1024
+"""Bytes of a PUBLISH besides its payload that `max_payload` leaves room for: the fixed header,
+packet id and a topic of up to about 1,000 bytes."""
+
+
 class AgentConfig(_Strict):
     agent: AgentSection
     buffer: BufferConfig = Field(default_factory=BufferConfig)
@@ -302,6 +307,26 @@ class AgentConfig(_Strict):
         if self.topics and self.topics[-1].filter != "#":
             raise ValueError(
                 'the last [[topics]] rule must have filter = "#" so that every topic has a policy'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _payloads_fit_the_listener(self) -> AgentConfig:
+        # A local device could never publish such a payload, and `edge-agent publish` (which
+        # goes through the running agent's listener) failed as if the buffer were full.
+        if not self.listener.enabled:
+            return self
+        room = self.listener.max_packet_size - PACKET_OVERHEAD
+        over = [
+            f"topics[{index}] ({rule.filter!r}): {rule.max_payload}"
+            for index, rule in enumerate(self.topics)
+            if rule.max_payload > room
+        ]
+        if over:
+            raise ValueError(
+                f"max_payload over what the local listener accepts (listener.max_packet_size"
+                f" {self.listener.max_packet_size} less {PACKET_OVERHEAD} bytes for the topic"
+                f" and header = {room}): {'; '.join(over)}"
             )
         return self
 

@@ -90,6 +90,13 @@ def test_lingers_may_be_zero() -> None:
         ("", 'ttl = "-5s"', "topics[0].ttl", "a duration is"),
         ("", "ttl = 0", "topics[0].ttl", "greater than 0"),
         ("[buffer]\nmax_events = 0\n", "", "buffer.max_events", "greater than 0"),
+        (
+            '[listener]\nmax_packet_size = "64KiB"\n',
+            'max_payload = "64KiB"',
+            "(top level)",  # the rule and the listener together
+            "max_payload over what the local listener accepts (listener.max_packet_size 65536"
+            " less 1024 bytes for the topic and header = 64512): topics[0] ('#'): 65536",
+        ),
         ('[buffer]\ncommit_linger = "-1ms"\n', "", "buffer.commit_linger", "a duration is"),
         ("[buffer]\ncommit_linger = -0.5\n", "", "buffer.commit_linger", "greater than or equal"),
         ("[buffer]\nsurprise = 1\n", "", "buffer.surprise", "unknown key"),
