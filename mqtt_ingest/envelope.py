@@ -251,7 +251,9 @@ def _decompress(body: bytes, max_body: int) -> bytes:
     # decompress() reads the first frame and ignores what follows: a second frame's events
     # would be acknowledged and never forwarded.
     end = _frame_end(body, zstandard.frame_header_size(body), params.has_checksum)
-    if end != len(body):
+    if end > len(body):
+        raise EnvelopeError("the zstd frame is cut short")
+    if end < len(body):
         raise EnvelopeError(f"{len(body) - end} bytes after the zstd frame")
     try:
         return bytes(zstandard.ZstdDecompressor().decompress(body, max_output_size=max_body))

@@ -135,8 +135,9 @@ def test_a_compressed_body_is_one_zstd_frame_and_nothing_after() -> None:
         decode(first + second)
     with pytest.raises(EnvelopeError, match="3 bytes after the zstd frame"):
         decode(first + b"xyz")
-    with pytest.raises(EnvelopeError, match="zstd"):
-        decode(first[:-2])
+    for cut in (2, 10):  # the reason is stored with the dead letter: it must be the right one
+        with pytest.raises(EnvelopeError, match=r"the zstd frame is cut short$"):
+            decode(first[:-cut])
     # Frames of every block type (raw, RLE, compressed), with a checksum, end where they end.
     for body in (bytes(range(256)) * 600, b"\x00" * 300_000, b"abc" * 100_000):
         frame = compressor.compress(encode(EPOCH, [EnvelopeEvent(1, 0, body)])[13:])
