@@ -28,9 +28,11 @@ from edge_agent.buffer import (
     BufferError,
     BufferFull,
     BufferStats,
+    DeadLetter,
     StoredEvent,
     agent_pid,
     inspect,
+    read_dead_letters,
     read_events,
 )
 from edge_agent.config import (
@@ -112,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     purge = actions.add_parser("purge", help="delete buffered events (the agent must be stopped)")
     purge.add_argument("--topic", type=_topic_filter, help="only topics matching this MQTT filter")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    dead = actions.add_parser("dead", help="the dead letters, with why each was set aside")
+    dead.add_argument("-n", type=_positive, help="how many (default all)")
     actions.add_parser(
         "requeue-dead",
         help="move every dead letter back into the buffer to be sent again (agent stopped)",
@@ -446,12 +450,9 @@ def _positive(text: str) -> int:
     return value
 
 
-def _event_json(event: StoredEvent) -> str:
-    try:
-        text: str | None = event.payload.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
+def _event_json(event: StoredEvent, id_prefix: str) -> str:
     record: dict[str, object] = {
+        "id": f"{id_prefix}{event.seq}",
         "seq": event.seq,
         "topic": event.topic,
         "qos": event.qos,
@@ -459,10 +460,26 @@ def _event_json(event: StoredEvent) -> str:
         "event_time_ms": event.event_time_ms,
         "attempts": event.attempts,
     }
-    if text is not None:
-        record["payload"] = text
-    else:
-        record["payload_hex"] = event.payload.hex()
+    return _with_payload(record, event.payload)
+
+
+def _dead_json(letter: DeadLetter, id_prefix: str) -> str:
+    record: dict[str, object] = {
+        "id": f"{id_prefix}{letter.seq}",
+        "seq": letter.seq,
+        "topic": letter.topic,
+        "attempts": letter.attempts,
+        "reason": letter.reason,
+        "dead_at_ms": letter.dead_at_ms,
+    }
+    return _with_payload(record, letter.payload)
+
+
+def _with_payload(record: dict[str, object], payload: bytes) -> str:
+    try:
+        record["payload"] = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        record["payload_hex"] = payload.hex()
     return json.dumps(record, ensure_ascii=False)
 
 
@@ -470,9 +487,10 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
     directory = config.agent.data_dir
     pattern: str | None = getattr(args, "topic", None)
     matcher = (lambda topic: topic_matches(pattern, topic)) if pattern else None
-    if args.action in ("peek", "export"):
+    if args.action in ("peek", "export", "dead"):
         try:
-            return _read_out(directory, args, matcher)
+            prefix = f"{config.agent.device_id}/{inspect(directory).epoch}/"
+            return _read_out(directory, args, matcher, prefix)
         except BrokenPipeError:
             # `export | head`: the reader has all it wants. No traceback, and none at exit
             # either (the interpreter flushes stdout once more).
@@ -506,11 +524,18 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
 
 
 def _read_out(
-    directory: Path, args: argparse.Namespace, matcher: Callable[[str], bool] | None
+    directory: Path,
+    args: argparse.Namespace,
+    matcher: Callable[[str], bool] | None,
+    id_prefix: str,
 ) -> int:
+    if args.action == "dead":
+        for letter in read_dead_letters(directory, limit=args.n or -1):
+            print(_dead_json(letter, id_prefix))
+        return 0
     if args.action == "peek":
         for event in read_events(directory, limit=args.n, topic_filter=matcher):
-            print(_event_json(event))
+            print(_event_json(event, id_prefix))
         return 0
     try:
         target = open(args.output, "w", encoding="utf-8") if args.output else None  # noqa: SIM115
@@ -519,7 +544,7 @@ def _read_out(
     with target or contextlib.nullcontext(sys.stdout) as out:
         count = 0
         for event in read_events(directory, topic_filter=matcher):
-            out.write(_event_json(event) + "\n")
+            out.write(_event_json(event, id_prefix) + "\n")
             count += 1
     print(f"exported {count} events", file=sys.stderr)
     return 0

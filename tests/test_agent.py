@@ -386,3 +386,25 @@ def test_cli_purge_prompt_takes_ctrl_d_as_no(tmp_path: Path) -> None:
     assert b"nothing deleted" in seen
     assert b"Traceback" not in seen
     assert inspect(tmp_path / "data").events == 1
+
+
+async def test_cli_buffer_dead_lists_dead_letters_with_their_reason(tmp_path: Path) -> None:
+    """SPEC §5: dead letters are visible in the CLI (status gave only their count), each with
+    the event id the core queue would have (exports carry it too, for dedupe downstream)."""
+    config_path = write_config(tmp_path, device_id="dev-dead")
+    config = load_config(config_path)
+    async with Agent(config) as agent:
+        first = await agent.publish("sensors/a", b"fine")
+        poison = await agent.publish("sensors/b", b"\xff")
+        assert agent.buffer is not None
+        assert await agent.buffer.dead_letter(int(poison.rsplit("/", 1)[1]), "too large for it")
+    dead = await acli(config_path, "buffer", "dead")
+    assert dead.returncode == 0, dead.stderr
+    [letter] = [json.loads(line) for line in dead.stdout.splitlines()]
+    assert letter["id"] == poison
+    assert (letter["topic"], letter["reason"], letter["payload_hex"]) == (
+        "sensors/b", "too large for it", "ff",
+    )  # fmt: skip
+    assert letter["dead_at_ms"] > 0
+    peek = await acli(config_path, "buffer", "peek")
+    assert [json.loads(line)["id"] for line in peek.stdout.splitlines()] == [first]

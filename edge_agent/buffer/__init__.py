@@ -73,6 +73,7 @@ from edge_agent.buffer.model import (
 )
 from edge_agent.buffer.store import (
     _dead_letter,
+    _dead_letters,
     _delete,
     _insert_group,
     _next_events,
@@ -104,6 +105,7 @@ __all__ = [
     "TopicStats",
     "agent_pid",
     "inspect",
+    "read_dead_letters",
     "read_events",
 ]
 
@@ -460,6 +462,18 @@ def inspect(directory: Path) -> BufferStats:
     db, path = _open_read_only(directory)
     try:
         return _stats(db)
+    except sqlite3.DatabaseError as exc:
+        raise _unreadable(path, exc) from None
+    finally:
+        db.close()
+
+
+def read_dead_letters(directory: Path, *, limit: int = -1) -> list[DeadLetter]:
+    """The dead letters in seq order, read-only (``buffer dead``), at most ``limit`` (-1: all).
+    Raises `BufferError` if the buffer cannot be read."""
+    db, path = _open_read_only(directory)
+    try:
+        return _dead_letters(db, limit)
     except sqlite3.DatabaseError as exc:
         raise _unreadable(path, exc) from None
     finally:

@@ -22,6 +22,7 @@ from edge_agent.buffer.model import (
     BufferError,
     BufferFull,
     BufferStats,
+    DeadLetter,
     Incident,
     NewEvent,
     StoredEvent,
@@ -407,6 +408,15 @@ def _dead_letter(
             totals.bytes -= found[0]
         _keep_high_water(db, totals)
     return bool(moved)
+
+
+def _dead_letters(db: sqlite3.Connection, limit: int) -> list[DeadLetter]:
+    rows = db.execute(
+        "SELECT seq, topic, payload, attempts, reason, dead_at FROM dead_letters"
+        " ORDER BY seq LIMIT ?",
+        (limit,),
+    )
+    return [DeadLetter(*row) for row in rows]
 
 
 def _requeue_dead(
