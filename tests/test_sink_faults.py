@@ -25,10 +25,15 @@ EPOCH = "0011223344556677"
 
 
 def start_sink(
-    processes: ProcessFactory, config: Path, env: dict[str, str] | None = None
+    processes: ProcessFactory,
+    config: Path,
+    env: dict[str, str] | None = None,
+    *,
+    debug: bool = False,
 ) -> ManagedProcess:
+    level = ["--log-level", "DEBUG"] if debug else []
     return processes(
-        [CLOUD_SINK, "--config", str(config), "run", "--listen-port", "{port}"],
+        [CLOUD_SINK, *level, "--config", str(config), "run", "--listen-port", "{port}"],
         ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)",
         name="cloud-sink",
         env=env,
@@ -90,7 +95,7 @@ async def test_bad_client_certificates_are_refused_at_the_handshake(
     }[kind](name)
     config = write_sink_config(tmp_path, pki)
     config.write_text(config.read_text().replace("[auth]", f'crl = "{pki.crl}"\n\n[auth]'))
-    sink = start_sink(process_factory, config)
+    sink = start_sink(process_factory, config, debug=True)
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
     if kind != "none":
         context.load_cert_chain(str(device.cert), str(device.key))
@@ -101,6 +106,10 @@ async def test_bad_client_certificates_are_refused_at_the_handshake(
         ) as c:  # fmt: skip
             await c.publish(f"devices/{device.device_id}/t", b"x", qos=1, timeout=5)
     assert "connected from" not in sink.output()
+    # At the handshake itself, not at CONNECT (where a missing or revoked certificate is
+    # refused too): nothing of the device's reached MQTT.
+    assert "closed before CONNECT completed: TLS handshake failed" in sink.output()
+    assert "refused CONNECT" not in sink.output()
     # A good device still gets in.
     good = pki.device(f"f12-good-{uuid.uuid4().hex[:6]}")
     async with client(sink.port, good, pki) as c:
