@@ -11,6 +11,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,12 +328,12 @@ async def test_clock_skew_against_a_60s_leeway(
         assert outcome.reason == refusal
 
 
-async def test_a_certificate_with_two_common_names_names_nobody(pki: Pki) -> None:
-    """Tools disagree on which of several CNs names the subject (Go takes the last): such a
-    certificate is refused, as one with several device SAN URIs is."""
+def signed_by_the_ca(pki: Pki, common_names: Sequence[str]) -> ConnectRequest:
+    """A CONNECT with a certificate of the platform CA whose subject has ``common_names``
+    (issued by other tooling than bridge-certs, which refuses such names) and a valid token."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    names = [x509.NameAttribute(NameOID.COMMON_NAME, n) for n in ("dev-ok", "dev-denied")]
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, n) for n in common_names]
     ca = pki.ca
     certificate = (
         x509.CertificateBuilder()
@@ -344,17 +345,35 @@ async def test_a_certificate_with_two_common_names_names_nobody(pki: Pki) -> Non
         .not_valid_after(now + dt.timedelta(days=1))
         .sign(ca.key, hashes.SHA256())
     )
-    claims = {"sub": "dev-ok", "aud": AUD, "iat": NOW, "exp": NOW + 60}
+    name = common_names[0] if common_names else "x"
+    claims = {"sub": name, "aud": AUD, "iat": NOW, "exp": NOW + 60}
     password = jwt.encode(claims, key, algorithm="ES256").encode()
-    req = ConnectRequest(
-        client_id="dev-ok",
-        username="dev-ok",
+    return ConnectRequest(
+        client_id=name,
+        username=name,
         password=password,
         clean_session=True,
         keep_alive=60,
         peer_certificate=certificate.public_bytes(serialization.Encoding.DER),
         peer_address="127.0.0.1:1",
     )
+
+
+async def test_a_certificate_with_two_common_names_names_nobody(pki: Pki) -> None:
+    """Tools disagree on which of several CNs names the subject (Go takes the last): such a
+    certificate is refused, as one with several device SAN URIs is."""
+    req = signed_by_the_ca(pki, ["dev-ok", "dev-denied"])
     outcome = await refused(device_auth(deny=frozenset({"dev-denied"})), req)
     assert outcome.reason.startswith("certificate identity")
+    assert outcome.code == ConnackCode.NOT_AUTHORIZED
+
+
+@pytest.mark.parametrize("identity", ["+", "#", "a/b", "dev/+/x", "dev\x00x", " ", "dev?x"])
+async def test_a_certificate_naming_a_forbidden_identity_is_refused(
+    pki: Pki, identity: str
+) -> None:
+    """RELIABILITY F18: identities `+`, `#`, `a/b`, ... (from a CA that issued them) name no
+    device: as topic prefixes they would match or reach other devices' topics."""
+    outcome = await refused(device_auth(), signed_by_the_ca(pki, [identity]))
+    assert outcome.reason.startswith("certificate identity"), outcome.reason
     assert outcome.code == ConnackCode.NOT_AUTHORIZED
