@@ -17,6 +17,7 @@ import pytest
 
 from edge_agent.buffer import (
     LOCK_NAME,
+    PAGE_SIZE,
     SCHEMA_VERSION,
     Buffer,
     BufferError,
@@ -396,6 +397,45 @@ async def test_corrupt_database_is_quarantined_and_a_fresh_one_started(
         stats = await buffer.stats()
         assert stats.events == 1
         assert len(stats.incidents) == 1
+
+
+async def test_a_corrupt_database_is_quarantined_with_its_live_wal_and_shm(tmp_path: Path) -> None:
+    """After a crash the recent commits are in the -wal (and its index in the -shm): they go to
+    quarantine with the database, never stay beside the fresh one (SQLite would replay a stale
+    WAL into it), and the loss report counts what the old database held."""
+    crash = (
+        "import asyncio, os, sys\n"
+        "from pathlib import Path\n"
+        "from edge_agent.buffer import Buffer, NewEvent\n"
+        "async def main():\n"
+        "    buffer = await Buffer.open(Path(sys.argv[1]))\n"
+        "    await buffer.append([NewEvent('t', b'x' * 100, 1, 0, 0, None, 'reject')] * 40)\n"
+        "    os._exit(0)  # as kill -9: no close, no checkpoint\n"
+        "asyncio.run(main())\n"
+    )
+    await _filled(tmp_path, 3000)  # checkpointed into buffer.db at the clean close
+    child = [sys.executable, "-c", crash, str(tmp_path)]
+    await asyncio.to_thread(subprocess.run, child, check=True)
+    assert (tmp_path / "buffer.db-wal").stat().st_size > 0
+    with (tmp_path / "buffer.db").open("r+b") as file:
+        file.seek(100 * PAGE_SIZE)
+        file.write(bytes(50 * PAGE_SIZE))  # pages of old events, not in the WAL
+    async with await Buffer.open(tmp_path) as buffer:
+        stats = await buffer.stats()
+        assert stats.events == 0
+        [incident] = stats.incidents
+        await buffer.append_one(event(b"life goes on"))
+    figures("corrupt with a live WAL", incident=incident.detail)
+    assert incident.kind == "corrupt"
+    assert "their seqs ran from 1 to 3040 (at most 3040 events)" in incident.detail
+    moved = sorted(p.name for p in (tmp_path / "quarantine").iterdir())
+    stem = moved[0]
+    assert moved == [stem, f"{stem}-shm", f"{stem}-wal"], moved
+    assert stem in incident.detail
+    async with await Buffer.open(tmp_path) as buffer:  # no crash loop, no second quarantine
+        stats = await buffer.stats()
+        assert (stats.events, len(stats.incidents)) == (1, 1)
+    assert len(list((tmp_path / "quarantine").iterdir())) == 3
 
 
 async def test_a_database_that_cannot_be_opened_is_not_taken_for_corrupt(tmp_path: Path) -> None:

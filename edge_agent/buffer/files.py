@@ -244,15 +244,32 @@ _CORRUPTION = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 def _count_what_we_can(path: Path) -> str:
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.DatabaseError as exc:
+        return f"its events could not be counted ({exc})"
+    try:
         try:
             count, size = db.execute(
                 "SELECT count(*), total(length(payload)) FROM events"
             ).fetchone()
             return f"about {count} events ({int(size)} payload bytes) were in it"
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as exc:
-        return f"its events could not be counted ({exc})"
+        except sqlite3.DatabaseError as exc:
+            why = exc
+        try:
+            # A count reads every page; the seq range only the two ends of the key's b-tree,
+            # which a damaged page in between does not stop.
+            # (min and max in one query scan the whole table.)
+            low = db.execute("SELECT min(seq) FROM events").fetchone()[0]
+            high = db.execute("SELECT max(seq) FROM events").fetchone()[0]
+        except sqlite3.DatabaseError:
+            return f"its events could not be counted ({why})"
+        if low is None:
+            return f"its events could not be counted ({why}); the table reads as empty"
+        return (
+            f"its events could not be counted ({why}); their seqs ran from {low} to {high}"
+            f" (at most {high - low + 1} events)"
+        )
+    finally:
+        db.close()
 
 
 def _quarantine(directory: Path, now_ms: int) -> Path:
