@@ -316,6 +316,54 @@ async def test_network_cuts_lose_nothing(
     assert sorted(stored) == list(range(sent))
 
 
+@pytest.mark.parametrize("seconds", [1.0, 30.0])
+async def test_blackholes_short_and_long_lose_nothing(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory, seconds: float
+) -> None:
+    """RELIABILITY F5, blackhole for 1 s and for 30 s while events keep coming. 1 s is under the
+    keep-alive: nothing notices, no reconnect. 30 s: both sides drop the connection (the sink by
+    its keep-alive), the agent keeps trying into the blackhole, then drains all once it heals."""
+    device = new_device(pki, "f5b")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        extra = 'keepalive = 4\nwindow = 8\nconnect_timeout = "3s"'
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
+        sent = 0
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+
+            async def publish_for(duration: float) -> None:
+                nonlocal sent
+                end = asyncio.get_running_loop().time() + duration
+                while asyncio.get_running_loop().time() < end:
+                    await agent.publish("sensors/t", f"{sent}".encode())
+                    sent += 1
+                    await asyncio.sleep(0.02)
+
+            await until(lambda: status.connected_since is not None)
+            await publish_for(1.0)
+            proxy.blackhole()
+            await publish_for(seconds)
+            proxy.pass_through()
+            await publish_for(1.0)
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+            connections, failures = status.connections, status.failures
+        keep_alive_closes = counters(server).get("connections_closed", "keep_alive")
+    stored = stored_payloads(tmp_path / "core.db")
+    figures(
+        f"blackhole {seconds:g} s", events=sent, lost=sent - len(set(stored)),
+        connections=connections, failed_attempts=failures, sink_keep_alive_closes=keep_alive_closes,
+    )  # fmt: skip
+    assert sorted(set(stored)) == list(range(sent))
+    if seconds < 4:
+        assert (connections, failures, keep_alive_closes) == (1, 0, 0)
+    else:
+        assert keep_alive_closes == 1  # the sink's side noticed too (1.5 x keep-alive)
+        assert failures >= 3  # attempts into the blackhole, none of them hanging for ever
+        assert connections >= 2
+
+
 async def test_sink_killed_and_restarted_under_load(
     tmp_path: Path, pki: Pki, process_factory: ProcessFactory
 ) -> None:
