@@ -105,6 +105,30 @@ async def test_resent_event_ids_are_counted_not_stored(nats_jetstream: NatsNames
     assert info.state.messages == 4
 
 
+async def test_a_resend_after_the_duplicate_window_is_stored_again_never_lost(
+    nats_jetstream: NatsNames,
+) -> None:
+    """RELIABILITY F10, as docs/operations.md documents it: within `duplicate_window` a resend
+    is a counted duplicate; after it, the resend is stored a second time (with the same
+    event id, for consumers to dedupe); nothing is lost either way."""
+    queue = await open_queue(nats_jetstream, duplicate_window=1)
+    try:
+        first = await queue.publish([core_message(1), core_message(2), core_message(3)])
+        within = await queue.publish([core_message(3)])
+        await asyncio.sleep(1.5)
+        after = await queue.publish([core_message(2), core_message(3), core_message(4)])
+    finally:
+        await queue.aclose()
+    stored = await read_stream(
+        nats_jetstream.url, nats_jetstream.stream, expected=6, timeout=READ_TIMEOUT
+    )
+    ids = [m.headers["event-id"] for m in stored]
+    figures("replay after the window", stored=len(stored), distinct=len(set(ids)))
+    assert (first.stored, within.duplicates, after.stored, after.duplicates) == (3, 1, 3, 0)
+    assert [m.headers["seq"] for m in stored] == ["1", "2", "3", "2", "3", "4"]
+    assert {m.msg_id for m in stored} == {f"dev-1/00112233aabbccdd/{s}" for s in range(1, 5)}
+
+
 async def test_raw_publish_and_dead_letters(nats_jetstream: NatsNames) -> None:
     queue = await open_queue(nats_jetstream)
     raw = CoreMessage("sink-abc", "dev-2", "devices/dev-2/x", b"\x00raw\xff", 0, 1)
