@@ -41,8 +41,13 @@ def topic_problem(topic: str) -> str | None:
     size = len(topic.encode("utf-8", errors="surrogatepass"))
     if size > MAX_TOPIC_BYTES:
         return f"the topic is {size} bytes, over MQTT's {MAX_TOPIC_BYTES}"
-    if "" in topic.split("/"):
+    levels = topic.split("/")
+    if "" in levels:
         return "the topic has an empty level ('//', or '/' at either end)"
+    if "." in levels or ".." in levels:
+        # A consumer that maps topics to paths would climb out of the device's prefix; our sink
+        # refuses such a publish as a rights violation (the link would fail on it for ever).
+        return "a topic level cannot be '.' or '..'"
     try:
         topic.encode("utf-8")
     except UnicodeEncodeError:

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 3.0  # seconds the uplink gets on stop to see its in-flight messages acknowledged
 
 
+_RESTART_ONLY = ("agent", "buffer", "listener", "metrics")
+"""Config sections a SIGHUP does not apply (`Agent.reload` reports a change to them)."""
+
+
 class Agent:
     def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
         self.config = config
@@ -208,20 +212,15 @@ class Agent:
         if self._acceptor is None:
             raise RuntimeError("the agent is not running")
         old = self.config
-        restart = [
-            name
-            for name in ("agent", "buffer", "listener", "metrics")
-            if getattr(old, name) != getattr(config, name)
-        ]
+        restart = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(config, name)]
         if (old.uplink is None) != (config.uplink is None):
             restart.append("uplink (added or removed)")
         elif self._uplink is not None and config.uplink is not None:
             # Even with the same settings: the files behind the same paths may have changed.
             self._uplink.reload(config.uplink)
         self._acceptor.config = config
-        self.config = config.model_copy(
-            update={name: getattr(old, name) for name in ("agent", "buffer", "listener")}
-        )
+        # What runs is what `config` says: the sections only a restart applies stay as they were.
+        self.config = config.model_copy(update={name: getattr(old, name) for name in _RESTART_ONLY})
         return restart
 
     async def _sweep_loop(self) -> None:

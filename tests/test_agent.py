@@ -66,6 +66,8 @@ async def test_api_publish_returns_the_event_id_once_committed(tmp_path: Path) -
         ("a//b", b"x", "empty level"),
         ("/a", b"x", "empty level"),
         ("a/", b"x", "empty level"),
+        ("a/../b", b"x", r"cannot be '\.' or '\.\.'"),
+        ("a/.", b"x", r"cannot be '\.' or '\.\.'"),
         ("", b"x", "empty"),
         ("t" * 65536, b"x", "over MQTT's 65535"),
         ("bulk/x", b"y" * 1025, "over max_payload 1024"),

@@ -126,6 +126,7 @@ async def test_agent_reload_rotates_the_certificate_and_keeps_the_old_one_if_bro
             cert.write_bytes(second.cert_path.read_bytes())
             path.write_text(path.read_text() + "\n[metrics]\nmax_topics = 7\n")
             assert agent.reload(load_config(path)) == ["metrics"]
+            assert agent.reload(load_config(path)) == ["metrics"]  # still not applied
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1", b"2", b"3"]
 
 
