@@ -107,8 +107,8 @@ def preflight(config: SinkConfig) -> list[str]:
     missing = [m for m in _BACKEND_MODULES.get(config.backend.type, ()) if not _importable(m)]
     if missing:
         problems.append(
-            f"backend.type: {config.backend.type!r} needs the package extra"
-            f" [{config.backend.type}] (pip install 'mqtt-edge-bridge[{config.backend.type}]');"
+            f"backend.type: {config.backend.type!r} needs the package's [{config.backend.type}]"
+            f" extra (install it from its checkout or wheel as '...[{config.backend.type}]');"
             f" not installed: {', '.join(missing)}"
         )
     return problems

@@ -501,7 +501,7 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
         raise _Failed(f"no buffer at {directory / DB_NAME}")
     if args.action == "requeue-dead":
         return asyncio.run(_requeue_dead(config))
-    seqs = asyncio.run(_matching(config, pattern))
+    epoch, seqs = asyncio.run(_matching(config, pattern))
     what = f"{len(seqs)} events" + (f" on {pattern!r}" if pattern else "")
     if not seqs:
         print("nothing to purge", file=sys.stderr)
@@ -518,7 +518,7 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
             return 1
-    removed = asyncio.run(_purge(config, seqs))
+    removed = asyncio.run(_purge(config, epoch, seqs))
     print(f"purged {removed} events", file=sys.stderr)
     return 0
 
@@ -568,18 +568,23 @@ async def _requeue_dead(config: AgentConfig) -> int:
     return 0
 
 
-async def _matching(config: AgentConfig, pattern: str | None) -> list[int]:
+async def _matching(config: AgentConfig, pattern: str | None) -> tuple[str, list[int]]:
+    """The buffer's epoch and the seqs of the events ``pattern`` matches (all with None)."""
     async with await _open_buffer(config) as buffer:
         seqs: list[int] = []
         after = None
         while batch := await buffer.next_events(1000, after):
             seqs += [e.seq for e in batch if pattern is None or topic_matches(pattern, e.topic)]
             after = (batch[-1].priority, batch[-1].seq)
-    return seqs
+    return buffer.epoch, seqs
 
 
-async def _purge(config: AgentConfig, seqs: list[int]) -> int:
+async def _purge(config: AgentConfig, epoch: str, seqs: list[int]) -> int:
     async with await _open_buffer(config) as buffer:
+        if buffer.epoch != epoch:
+            # Quarantined and started afresh while the operator was asked: the same seqs now
+            # name other events.
+            raise _Failed("the buffer was replaced since it was listed: nothing deleted")
         return await buffer.delete(seqs, drop_reason="purged")
 
 

@@ -621,7 +621,11 @@ class _Connection:
                 def progress() -> None:
                     # A large packet still arriving over a slow link: bytes flow, the client is
                     # alive (RELIABILITY F6), though no whole packet came within the deadline.
-                    keep_alive.reschedule(loop.time() + timeout)
+                    nonlocal moved_at
+                    now = loop.time()
+                    if now - moved_at >= refresh:
+                        keep_alive.reschedule(now + timeout)
+                        moved_at = now
 
                 while True:
                     if len(self._acks) >= max_inflight:

@@ -337,8 +337,9 @@ async def _until_signalled(main: Coroutine[Any, Any, int]) -> int:
     loop = asyncio.get_running_loop()
 
     def stop(signum: int) -> None:
-        received.append(signum)
-        task.cancel()
+        if not received:  # a second signal must not cut the clean-up short
+            received.append(signum)
+            task.cancel()
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop, signum)

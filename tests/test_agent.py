@@ -9,6 +9,7 @@ import pty
 import select
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -354,15 +355,9 @@ def test_cli_export_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert b"Traceback" not in errors, errors
 
 
-def test_cli_purge_prompt_takes_ctrl_d_as_no(tmp_path: Path) -> None:
-    """It raised EOFError with a traceback (and Ctrl-C waited for Enter)."""
-    config_path = write_config(tmp_path)
-
-    async def fill() -> None:
-        async with Agent(load_config(config_path)) as agent:
-            await agent.publish("sensors/t", b"1")
-
-    asyncio.run(fill())
+def purge_at_the_prompt(config_path: Path, answer: bytes, meanwhile: Callable[[], None]) -> bytes:
+    """Run ``buffer purge`` on a terminal, call ``meanwhile`` at its prompt, answer; return
+    everything it wrote, once it has exited with status 1."""
     main, child = pty.openpty()  # a terminal: the prompt is asked
     process = subprocess.Popen(
         [EDGE_AGENT, "--config", str(config_path), "buffer", "purge"],
@@ -376,7 +371,8 @@ def test_cli_purge_prompt_takes_ctrl_d_as_no(tmp_path: Path) -> None:
         while b"[y/N]" not in seen:
             assert select.select([main], [], [], 30)[0], f"no prompt, only {seen!r}"
             seen += os.read(main, 1024)
-        os.write(main, b"\x04")  # Ctrl-D at the prompt: end of input
+        meanwhile()
+        os.write(main, answer)
         assert process.wait(timeout=30) == 1
         while select.select([main], [], [], 1)[0]:
             try:
@@ -385,9 +381,45 @@ def test_cli_purge_prompt_takes_ctrl_d_as_no(tmp_path: Path) -> None:
                 break
     finally:
         os.close(main)
+    assert b"Traceback" not in seen, seen
+    return seen
+
+
+def test_cli_purge_prompt_takes_ctrl_d_as_no(tmp_path: Path) -> None:
+    """It raised EOFError with a traceback (and Ctrl-C waited for Enter)."""
+    config_path = write_config(tmp_path)
+
+    async def fill() -> None:
+        async with Agent(load_config(config_path)) as agent:
+            await agent.publish("sensors/t", b"1")
+
+    asyncio.run(fill())
+    seen = purge_at_the_prompt(config_path, b"\x04", lambda: None)  # Ctrl-D: end of input
     assert b"nothing deleted" in seen
-    assert b"Traceback" not in seen
     assert inspect(tmp_path / "data").events == 1
+
+
+def test_cli_purge_deletes_nothing_if_the_buffer_was_replaced_at_the_prompt(
+    tmp_path: Path,
+) -> None:
+    """The buffer is closed while the operator is asked: an agent may start, find it corrupt
+    and begin a fresh one, whose seqs 1, 2, ... name other events."""
+    config_path = write_config(tmp_path)
+
+    async def fill(topic: str) -> None:
+        async with Agent(load_config(config_path)) as agent:
+            await agent.publish(topic, b"1")
+
+    asyncio.run(fill("sensors/old"))
+
+    def replace() -> None:
+        for leftover in (tmp_path / "data").glob("buffer.db*"):
+            leftover.unlink()
+        asyncio.run(fill("alarms/new"))
+
+    seen = purge_at_the_prompt(config_path, b"y\n", replace)
+    assert b"the buffer was replaced since it was listed: nothing deleted" in seen
+    assert [e.topic for e in read_events(tmp_path / "data")] == ["alarms/new"]
 
 
 async def test_cli_buffer_dead_lists_dead_letters_with_their_reason(tmp_path: Path) -> None:

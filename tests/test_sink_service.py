@@ -321,6 +321,6 @@ def test_check_config_reports_a_backend_whose_package_extra_is_missing(
     for module in modules.split(", "):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed
     assert preflight(config) == [
-        f"backend.type: {backend!r} needs the package extra [{backend}]"
-        f" (pip install 'mqtt-edge-bridge[{backend}]'); not installed: {modules}"
+        f"backend.type: {backend!r} needs the package's [{backend}] extra (install it from its"
+        f" checkout or wheel as '...[{backend}]'); not installed: {modules}"
     ]

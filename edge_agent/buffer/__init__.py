@@ -444,8 +444,12 @@ def _open_read_only(directory: Path) -> tuple[sqlite3.Connection, Path]:
         if not path.exists():
             raise BufferError(f"no buffer at {path}")
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        db.execute("PRAGMA user_version")  # connecting alone opens nothing yet
     except (OSError, sqlite3.DatabaseError) as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        db.execute("PRAGMA user_version")  # connecting alone opens nothing yet
+    except sqlite3.DatabaseError as exc:
+        db.close()
         raise _unreadable(path, exc) from None
     return db, path
 
