@@ -61,8 +61,9 @@ __all__ = [
 
 MAX_BACKEND_TIMEOUT = 12.0
 BackendTimeout = Annotated[Seconds, Field(le=MAX_BACKEND_TIMEOUT)]
-"""A core-queue call's deadline. A batch may need two calls (its events, then its dead letters),
-and both must end within the ingest server's 30 s stage timeout: a call cut off by that one
+"""A core-queue call's deadline. A batch (at most 20,000 events, `cloud_sink.forward`) may need
+two calls (its events, then its dead letters), and both must end within the ingest server's 30 s
+stage timeout: a call cut off by that one
 instead would not count as a core-queue failure, and a dead backend would never be treated as an
 outage (the sink kept accepting CONNECTs and reporting ready)."""
 

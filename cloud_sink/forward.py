@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from cloud_sink.backends.base import CoreMessage, CoreQueue, DeadLetterMessage
 from mqtt_ingest import IngestEvent, Metrics, StageRefused
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeError, decode
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeError, decode, events_at_most
 
 __all__ = ["CALL_MESSAGES", "Forwarder", "unmappable_topic"]
 
@@ -40,8 +40,11 @@ def unmappable_topic(topic: str) -> str | None:
     return None
 
 
-CALL_MESSAGES = 10_000
-"""Core-queue messages per backend call at most (a stage call may make several)."""
+CALL_MESSAGES = 20_000
+"""Core-queue messages per backend call at most, and the weight of one stage call (`weight`):
+with the sink's batching, a stage call is one call for its events (and one for its dead letters,
+if any), each within the backend's `timeout` (at most 12 s: 20,000 confirms took 2.4 s on
+RabbitMQ here). Called directly with more, the forwarder makes several calls."""
 
 
 class Forwarder:
@@ -94,6 +97,13 @@ class Forwarder:
                 len(dead), dead[0].device_id, dead[0].topic[:100], dead[0].reason,
             )  # fmt: skip
         return refused
+
+    @staticmethod
+    def weight(event: IngestEvent) -> int:
+        """The core-queue messages ``event`` may become, at most (for the server's batching)."""
+        if event.identity.attributes.get("format") == FORMAT_BATCH_V1:
+            return events_at_most(event.payload)
+        return 1
 
     async def _publish(self, messages: list[CoreMessage]) -> None:
         outcome = await self._queue.publish(messages)

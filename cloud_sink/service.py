@@ -18,7 +18,7 @@ from cloud_sink.auth import AuthSettings, JwtAuthenticator
 from cloud_sink.backends.base import CoreQueue
 from cloud_sink.backends.sqlite import SqliteCoreQueue
 from cloud_sink.config import AmqpBackendConfig, SinkConfig, SqliteBackendConfig, check_files
-from cloud_sink.forward import Forwarder
+from cloud_sink.forward import CALL_MESSAGES, Forwarder
 from cloud_sink.health import BackendGuard, BackendState
 from cloud_sink.issuer_keys import read_issuer_keys
 from cloud_sink.metrics import SinkMetrics
@@ -290,6 +290,8 @@ class Sink:
             stack.push_async_callback(lambda: cancel_until_done(self._tasks))
             set_read_buffer(listener.tls_read_buffer)
             server = IngestServer(
+                weigh=Forwarder.weight,
+                max_weight=CALL_MESSAGES,
                 stage=Forwarder(
                     self.prometheus.timed(backend),
                     self.metrics,

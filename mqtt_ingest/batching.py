@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from mqtt_ingest import failpoints
 from mqtt_ingest.ports import DurableStage, IngestEvent, Metrics, StageRefused
@@ -45,8 +45,15 @@ class Batcher:
         linger: float,
         timeout: float,
         concurrency: int = 1,
+        weigh: Callable[[IngestEvent], int] | None = None,
+        max_weight: int = 0,
     ) -> None:
+        """``weigh`` (with ``max_weight``) bounds a stage call by more than its count of MQTT
+        messages: the sink weighs a batch envelope by its events, so that one call never holds
+        512 x 1,000 of them (a minute of storing; the stage timeout is 30 s)."""
         self._stage = stage
+        self._weigh = weigh
+        self._max_weight = max_weight
         self._metrics = metrics
         self._max_events = max_events
         self._linger = linger
@@ -102,14 +109,7 @@ class Batcher:
                     await asyncio.sleep(self._linger)
                 while len(running) >= self._concurrency:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                batch = [
-                    entry
-                    for entry in (
-                        self._pending.popleft()
-                        for _ in range(min(self._max_events, len(self._pending)))
-                    )
-                    if not entry[1].done()  # withdrawn
-                ]
+                batch = self._take()
                 if not self._pending:
                     self._wakeup.clear()
                 if not batch:
@@ -131,6 +131,27 @@ class Batcher:
                 _, future = self._pending.popleft()
                 if not future.done():
                     future.set_exception(StageFailed("server stopping"))
+
+    def _take(self) -> list[tuple[IngestEvent, asyncio.Future[None]]]:
+        """The next stage call's events: up to ``max_events``, and with ``weigh`` up to
+        ``max_weight`` of weight (always at least one event)."""
+        pending = self._pending
+        if self._weigh is None:
+            taken = (pending.popleft() for _ in range(min(self._max_events, len(pending))))
+            return [entry for entry in taken if not entry[1].done()]  # done: withdrawn
+        batch: list[tuple[IngestEvent, asyncio.Future[None]]] = []
+        weight = 0
+        while pending and len(batch) < self._max_events:
+            event, future = pending[0]
+            if future.done():
+                pending.popleft()
+                continue
+            more = self._weigh(event)
+            if batch and weight + more > self._max_weight:
+                break
+            batch.append(pending.popleft())
+            weight += more
+        return batch
 
     async def _store(self, batch: Sequence[tuple[IngestEvent, asyncio.Future[None]]]) -> None:
         events = [event for event, _ in batch]

@@ -36,6 +36,7 @@ __all__ = [
     "EnvelopeEvent",
     "decode",
     "encode",
+    "events_at_most",
     "format_username",
     "parse_username",
 ]
@@ -167,6 +168,29 @@ def decode(data: bytes, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
         _explain(body)  # raises EnvelopeError with the reason
         raise EnvelopeError("malformed body")  # not reached: _explain refuses what _events does
     return Envelope(epoch, tuple(events))
+
+
+def events_at_most(data: bytes) -> int:
+    """An upper bound of the events in envelope ``data``, without decoding it (1 for what is
+    not an envelope: it is dead-lettered as one message). Exact for an uncompressed one; for a
+    compressed one, what the declared body size could hold (each event takes 3 bytes or more)."""
+    if len(data) <= _HEADER or data[:3] != MAGIC:
+        return 1
+    if data[4] & FLAG_ZSTD:
+        import zstandard
+
+        try:
+            size = zstandard.get_frame_parameters(data[_HEADER:]).content_size
+        except zstandard.ZstdError:
+            return 1
+        if size == zstandard.CONTENTSIZE_UNKNOWN:
+            return 1  # refused as such at decoding
+        return max(1, min(MAX_EVENTS, size // 3))
+    try:
+        count, _ = _varint_at(data, _HEADER)
+    except (IndexError, OverflowError):
+        return 1
+    return max(1, min(MAX_EVENTS, count))
 
 
 def _events(body: bytes) -> list[EnvelopeEvent] | None:

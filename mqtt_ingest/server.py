@@ -126,7 +126,10 @@ class IngestServer:
         metrics: Metrics | None = None,
         availability: Availability | None = None,
         name: str = "ingest",
+        weigh: Callable[[IngestEvent], int] | None = None,
+        max_weight: int = 0,
     ) -> None:
+        """``weigh`` and ``max_weight`` bound each stage call by weight (see `Batcher`)."""
         self.limits = limits or Limits()
         self.metrics: Metrics = metrics if metrics is not None else Counters()
         self.name = name
@@ -144,6 +147,8 @@ class IngestServer:
             linger=self.limits.batch_linger,
             timeout=self.limits.stage_timeout,
             concurrency=self.limits.stage_concurrency,
+            weigh=weigh,
+            max_weight=max_weight,
         )
         self._connections: set[_Connection] = set()
         self._clients: dict[str, _Connection] = {}

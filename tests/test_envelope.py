@@ -13,6 +13,7 @@ from mqtt_ingest.envelope import (
     EnvelopeEvent,
     decode,
     encode,
+    events_at_most,
     format_username,
     parse_username,
 )
@@ -185,3 +186,16 @@ def test_connection_parameters_in_the_username(
 def test_bad_connection_parameters_are_refused(username: str) -> None:
     with pytest.raises(ValueError):  # noqa: PT011  # parse_qsl's and ours: both ValueError
         parse_username(username)
+
+
+def test_events_at_most_bounds_an_envelope_without_decoding_it() -> None:
+    """What the sink weighs a batch by: exact when uncompressed, never below the truth."""
+    for count in (1, 7, MAX_EVENTS):
+        events = [EnvelopeEvent(i + 1, 0, b"") for i in range(count)]
+        assert events_at_most(encode(EPOCH, events)) == count
+        packed = encode(EPOCH, events, zstd_level=3)
+        assert count <= events_at_most(packed) <= MAX_EVENTS
+    big = encode(EPOCH, [EnvelopeEvent(1, 0, bytes(60_000))], zstd_level=3)
+    assert events_at_most(big) == MAX_EVENTS  # a bound: 60 kB could hold that many
+    for junk in (b"", b"raw payload", b"MEB\x01\x00" + bytes(8), b"MEB\x01\x01" + bytes(12)):
+        assert events_at_most(junk) == 1  # dead-lettered as one message

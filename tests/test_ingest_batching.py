@@ -137,3 +137,32 @@ async def test_a_closed_batcher_ends_even_if_the_stage_swallows_the_cancellation
     await stored  # the call returned: its event counts as stored
     with pytest.raises(StageFailed, match="server stopping"):
         await batches.submit(event(b"late"))
+
+
+async def test_weighed_events_bound_each_call_by_weight() -> None:
+    """The sink weighs an envelope by its events: a call holds at most ``max_weight`` of them,
+    however few MQTT messages that is (always at least one, however heavy)."""
+    stage = GatedStage()
+    weights = {b"light": 1, b"half": 50, b"heavy": 150}
+    batches = Batcher(
+        stage, Counters(), max_events=10, linger=0, timeout=10,
+        weigh=lambda e: weights[e.payload], max_weight=100,
+    )  # fmt: skip
+    names = [b"half", b"half", b"half", b"heavy", b"light", b"light", b"half"]
+    futures = [batches.submit(event(name)) for name in names]
+    futures[1].cancel()  # withdrawn before any call took it: weighs nothing
+    runner = asyncio.create_task(batches.run())
+    try:
+        for call in range(3):
+            await stage.wait_calls(call + 1)
+            stage.gates[call].set()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(f for f in futures if not f.cancelled()))
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert stage.calls == [
+        [b"half", b"half"],
+        [b"heavy"],
+        [b"light", b"light", b"half"],
+    ]
