@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -64,6 +65,15 @@ async def crash_during_appends(
     return acked_at_cut, kept, vfs
 
 
+def integrity(path: Path) -> str:
+    """``PRAGMA integrity_check`` (RELIABILITY's "ok" after a restart), read-only."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return "; ".join(str(row[0]) for row in db.execute("PRAGMA integrity_check"))
+    finally:
+        db.close()
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_full_durability_keeps_every_acked_event(tmp_path: Path, seed: int) -> None:
     acked, kept, vfs = await crash_during_appends(tmp_path, "full", seed)
@@ -71,7 +81,9 @@ async def test_full_durability_keeps_every_acked_event(tmp_path: Path, seed: int
     assert vfs.syncs > 0
     missing = acked - kept
     assert not missing, f"seed {seed}: {len(missing)} of {len(acked)} acked events lost"
-    # The database the disk kept is sound and the buffer carries on from it.
+    # The database the disk kept is sound (the full check, not only the buffer's quick_check at
+    # open) and the buffer carries on from it.
+    assert integrity(tmp_path / "buffer.db") == "ok"
     async with await Buffer.open(tmp_path) as buffer:
         stats = await buffer.stats()
         assert stats.incidents == []
@@ -85,5 +97,6 @@ async def test_normal_durability_can_lose_recent_commits(tmp_path: Path) -> None
     lost = acked - kept
     # Commits since the last checkpoint were never fsynced: gone, but the database is sound.
     assert lost, "normal durability lost nothing: the power-loss simulation is not biting"
+    assert integrity(tmp_path / "buffer.db") == "ok"
     async with await Buffer.open(tmp_path) as buffer:
         assert (await buffer.stats()).incidents == []
