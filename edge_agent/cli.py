@@ -33,6 +33,7 @@ from edge_agent.buffer import (
     agent_pid,
     inspect,
     read_dead_letters,
+    read_epoch,
     read_events,
 )
 from edge_agent.config import (
@@ -489,7 +490,7 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
     matcher = (lambda topic: topic_matches(pattern, topic)) if pattern else None
     if args.action in ("peek", "export", "dead"):
         try:
-            prefix = f"{config.agent.device_id}/{inspect(directory).epoch}/"
+            prefix = f"{config.agent.device_id}/{read_epoch(directory)}/"
             return _read_out(directory, args, matcher, prefix)
         except BrokenPipeError:
             # `export | head`: the reader has all it wants. No traceback, and none at exit

@@ -388,6 +388,7 @@ async def test_blackholes_short_and_long_lose_nothing(
             await publish_for(1.0)
             proxy.blackhole()
             await publish_for(seconds)
+            held = inspect(config.agent.data_dir).events
             proxy.pass_through()
             await publish_for(1.0)
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
@@ -395,10 +396,11 @@ async def test_blackholes_short_and_long_lose_nothing(
         keep_alive_closes = counters(server).get("connections_closed", "keep_alive")
     stored = stored_payloads(tmp_path / "core.db")
     figures(
-        f"blackhole {seconds:g} s", events=sent, lost=sent - len(set(stored)),
+        f"blackhole {seconds:g} s", events=sent, lost=sent - len(set(stored)), held_during=held,
         connections=connections, failed_attempts=failures, sink_keep_alive_closes=keep_alive_closes,
     )  # fmt: skip
     assert sorted(set(stored)) == list(range(sent))
+    assert held > 8, "nothing piled up beyond the window: the blackhole did not bite"
     if seconds < 4:
         assert (connections, failures, keep_alive_closes) == (1, 0, 0)
     else:

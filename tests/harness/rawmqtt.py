@@ -124,8 +124,7 @@ def tls_connect(
                     while tls.recv(1024):
                         pass
             except (ssl.SSLError, OSError):
-                if not answer:
-                    answer = b""  # TLS 1.3: the certificate is refused after the Finished
+                pass  # TLS 1.3: the certificate is refused after the client's Finished
             return answer, tls.session, bool(tls.session_reused)
 
 
