@@ -75,6 +75,7 @@ from edge_agent.buffer.store import (
     _dead_letter,
     _dead_letters,
     _delete,
+    _epoch,
     _insert_group,
     _next_events,
     _record_attempt,
@@ -462,42 +463,36 @@ def _unreadable(path: Path, exc: OSError | sqlite3.DatabaseError) -> BufferError
     return BufferError(f"cannot read the buffer {path}: {exc}{hint}")
 
 
-def inspect(directory: Path) -> BufferStats:
-    """Read-only statistics of the buffer in ``directory``; works while the agent runs."""
+def _read_only(directory: Path, function: Callable[..., T], *args: object) -> T:
+    """``function(db, *args)`` on a read-only connection to the buffer in ``directory``;
+    `BufferError` if there is none or it cannot be read."""
     db, path = _open_read_only(directory)
     try:
-        return _stats(db)
+        return function(db, *args)
     except sqlite3.DatabaseError as exc:
         raise _unreadable(path, exc) from None
     finally:
         db.close()
+
+
+def inspect(directory: Path) -> BufferStats:
+    """Read-only statistics of the buffer in ``directory``; works while the agent runs."""
+    return _read_only(directory, _stats)
 
 
 def read_epoch(directory: Path) -> str:
     """The buffer's epoch (the middle of its event ids), read-only and at once: `inspect`
     counts every event for it (seconds for a million)."""
-    db, path = _open_read_only(directory)
-    try:
-        row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise _unreadable(path, exc) from None
-    finally:
-        db.close()
-    if row is None:
-        raise BufferError(f"the buffer {path} has no epoch")
-    return str(row[0])
+    epoch = _read_only(directory, _epoch)
+    if epoch is None:
+        raise BufferError(f"the buffer {directory / DB_NAME} has no epoch")
+    return epoch
 
 
 def read_dead_letters(directory: Path, *, limit: int = -1) -> list[DeadLetter]:
     """The dead letters in seq order, read-only (``buffer dead``), at most ``limit`` (-1: all).
     Raises `BufferError` if the buffer cannot be read."""
-    db, path = _open_read_only(directory)
-    try:
-        return _dead_letters(db, limit)
-    except sqlite3.DatabaseError as exc:
-        raise _unreadable(path, exc) from None
-    finally:
-        db.close()
+    return _read_only(directory, _dead_letters, limit)
 
 
 def read_events(

@@ -410,6 +410,11 @@ def _dead_letter(
     return bool(moved)
 
 
+def _epoch(db: sqlite3.Connection) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+    return None if row is None else str(row[0])
+
+
 def _dead_letters(db: sqlite3.Connection, limit: int) -> list[DeadLetter]:
     rows = db.execute(
         "SELECT seq, topic, payload, attempts, reason, dead_at FROM dead_letters"
