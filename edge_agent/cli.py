@@ -160,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             stats = inspect(config.agent.data_dir)
             link = _link(config)
+            disk = _disk(config)
             if args.json:
-                print(json.dumps(_stats_json(stats) | {"uplink": link}))
+                print(json.dumps(_stats_json(stats) | {"disk": disk, "uplink": link}))
             else:
-                print(_stats_text(stats, config) + "\n" + _link_text(link))
+                print(_stats_text(stats, config, disk) + "\n" + _link_text(link))
             return 0
         if args.command == "doctor":
             failed = 0
@@ -260,13 +261,7 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
             raise _Failed(f"the agent's listener did not confirm the event: {exc}") from None
         return 0
     try:
-        buffer = await Buffer.open(
-            config.agent.data_dir,
-            durability=config.buffer.durability,
-            max_events=config.buffer.max_events,
-            max_bytes=config.buffer.max_bytes,
-            commit_linger=0,
-        )
+        buffer = await _open_buffer(config)
     except BufferError as exc:
         raise _Failed(str(exc)) from None
     async with buffer:
@@ -309,7 +304,13 @@ def _age(now_ms: int, then_ms: int) -> str:
     return f"{seconds}s"
 
 
-def _stats_text(stats: BufferStats, config: AgentConfig) -> str:
+def _disk(config: AgentConfig) -> dict[str, int]:
+    """Free space on the data directory's filesystem, against ``[buffer] disk_reserve``."""
+    stat = os.statvfs(config.agent.data_dir)
+    return {"free": stat.f_bavail * stat.f_frsize, "reserve": config.buffer.disk_reserve}
+
+
+def _stats_text(stats: BufferStats, config: AgentConfig, disk: dict[str, int]) -> str:
     now_ms = int(time.time() * 1000)
     lines = [
         f"buffer {config.agent.data_dir}  epoch {stats.epoch}  next seq {stats.next_seq}",
@@ -323,6 +324,10 @@ def _stats_text(stats: BufferStats, config: AgentConfig) -> str:
     lines.append(
         f"limits: {stats.events}/{limits.max_events} events, {stats.bytes}/{limits.max_bytes} bytes"
     )
+    line = f"disk: {disk['free']} bytes free, disk_reserve {disk['reserve']}"
+    if disk["free"] < disk["reserve"]:
+        line += " (below it: new events only reuse the room of delivered ones, docs/buffer.md)"
+    lines.append(line)
     if stats.drops:
         lines.append("dropped:")
         for (reason, name), (events, size) in sorted(stats.drops.items()):
@@ -556,9 +561,11 @@ def _open_buffer(config: AgentConfig) -> Awaitable[Buffer]:
     stopped: they take its lock)."""
     return Buffer.open(
         config.agent.data_dir,
+        durability=config.buffer.durability,
         commit_linger=0,
         max_events=config.buffer.max_events,
         max_bytes=config.buffer.max_bytes,
+        disk_reserve=config.buffer.disk_reserve,
     )
 
 

@@ -65,7 +65,16 @@ from pydantic import (
     model_validator,
 )
 
-from mqtt_ingest.configuration import Bytes, ConfigError, Delay, Seconds, load_model, parse_model
+from edge_agent.buffer.model import DISK_RESERVE
+from mqtt_ingest.configuration import (
+    Bytes,
+    ConfigError,
+    Delay,
+    Room,
+    Seconds,
+    load_model,
+    parse_model,
+)
 from mqtt_ingest.envelope import MAX_EVENTS
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
@@ -116,6 +125,11 @@ class BufferConfig(_Strict):
     connection unacknowledged (the event then committed anyway: a duplicate)."""
     commit_max_events: Annotated[int, Field(gt=0)] = 1000
     ttl_sweep_interval: Seconds = 60.0
+    disk_reserve: Room = DISK_RESERVE
+    """Free space on the data directory's filesystem that new events never take: the drain's
+    deletes and SQLite's checkpoints need it (on a disk full to the last byte the buffer can no
+    longer delete what it delivered). Events that would cut into it are handled by their topic's
+    ``on_full``. 0 turns the check off."""
 
 
 class ListenerTls(_Strict):

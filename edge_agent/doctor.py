@@ -72,7 +72,9 @@ def _check(name: str, probe: Callable[[], str | tuple[str, bool]]) -> Check:
 def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
     """Every check in order; stops at the first failure a later check depends on."""
     yield Check("config", True, f"{path} is valid ({len(config.topics)} topic rules)")
-    yield _check("data directory", lambda: _data_dir(config.agent.data_dir))
+    yield _check(
+        "data directory", lambda: _data_dir(config.agent.data_dir, config.buffer.disk_reserve)
+    )
     uplink = config.uplink
     if uplink is None:
         yield Check("uplink", True, "not configured: the agent only buffers", warning=True)
@@ -115,7 +117,7 @@ def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
     yield _check("connect", lambda: asyncio.run(_connect(config, uplink)))
 
 
-def _data_dir(directory: Path) -> str:
+def _data_dir(directory: Path, reserve: int) -> str | tuple[str, bool]:
     if not directory.exists():
         parent = directory.parent
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -130,13 +132,27 @@ def _data_dir(directory: Path) -> str:
             f"{directory} is not writable for uid {os.getuid()}",
             "chown the directory to the agent's user, or run doctor as that user",
         )
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    room = f"{free / 1e6:.1f} MB free (disk_reserve {reserve / 1e6:.1f} MB)"
     if not (directory / DB_NAME).exists():
-        return f"{directory} is writable; the agent will create its buffer there"
-    try:
-        stats = inspect(directory)
-    except BufferError as exc:
-        raise _Failed(f"the buffer cannot be read: {exc}", "see docs/buffer.md") from None
-    return f"{directory}: {stats.events} events buffered, {stats.dead_letters} dead letters"
+        detail = f"{directory} is writable, {room}; the agent will create its buffer there"
+    else:
+        try:
+            stats = inspect(directory)
+        except BufferError as exc:
+            raise _Failed(f"the buffer cannot be read: {exc}", "see docs/buffer.md") from None
+        detail = (
+            f"{directory}: {stats.events} events buffered, {stats.dead_letters} dead letters, "
+            f"{room}"
+        )
+    if free < reserve:
+        return (
+            f"{detail}; that is below the reserve: new events only reuse the room of "
+            "delivered ones until that filesystem has more free space",
+            True,
+        )
+    return detail
 
 
 def _files(uplink: UplinkConfig) -> str | tuple[str, bool]:

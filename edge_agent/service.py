@@ -105,6 +105,7 @@ class Agent:
             commit_linger=settings.commit_linger,
             commit_max_events=settings.commit_max_events,
             clock=self.clock,
+            disk_reserve=settings.disk_reserve,
         )
         self._stack.push_async_callback(self._buffer.aclose)
         if self.config.uplink is not None:

@@ -54,6 +54,8 @@ Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0, allow_inf_nan
 Delay = Annotated[float, BeforeValidator(_duration), Field(ge=0, allow_inf_nan=False)]
 """A duration that may be zero (a linger: 0 = do not wait)."""
 Bytes = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+Room = Annotated[int, BeforeValidator(_size), Field(ge=0)]
+"""A size that may be zero (a reserve: 0 = none)."""
 
 
 class ConfigError(Exception):

@@ -185,8 +185,11 @@ async def test_cli_publish_through_the_running_agent_and_status(
     data = json.loads(status.stdout)
     assert data["events"] == 2
     assert {t["topic"] for t in data["topics"]} == {"sensors/cli", "alarms/cli"}
+    assert data["disk"]["reserve"] == 16 * 1024**2
+    assert data["disk"]["free"] > 0
     text = await acli(conf_with_port, "status")
     assert "sensors/cli" in text.stdout
+    assert f"bytes free, disk_reserve {16 * 1024**2}" in text.stdout
     assert "dead letters: 0" in text.stdout
     # purge needs the lock, which the running agent holds.
     purge = await acli(conf_with_port, "buffer", "purge", "--yes")

@@ -30,6 +30,7 @@ from edge_agent.buffer import (
 )
 from edge_agent.buffer.files import WAL_SIZE_LIMIT
 from mqtt_ingest import FakeClock
+from tests.harness.disk import fill, free_bytes, small_disk
 from tests.harness.process import rss_kib
 from tests.harness.report import figures
 
@@ -343,6 +344,67 @@ async def test_full_disk_applies_the_topic_policy_and_recovers(tmp_path: Path) -
         await buffer.delete([e.seq for e in await buffer.next_events(5)])
         await buffer.append_one(event(big))
     assert inspect(tmp_path).events >= 1
+
+
+async def test_a_real_full_disk_keeps_a_reserve_so_the_buffer_still_drains(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """F7 on a real filesystem (a small tmpfs). Filled to the last byte, the buffer could no
+    longer delete what it had delivered: every delete failed with "database or disk is full"
+    and it never drained. Now new events stop at the disk reserve, and the drain, the
+    checkpoints and a clean close still have room."""
+    reserve = 2 * 1024**2
+    big = b"z" * 2000
+    with small_disk(tmp_path / "disk", 8 * 1024**2) as disk:
+        async with await Buffer.open(disk, disk_reserve=reserve) as buffer:
+            refused: list[BufferFull] = []
+            while not refused:
+                outcomes = await buffer.append([event(big) for _ in range(50)])
+                refused = [o for o in outcomes if isinstance(o, BufferFull)]
+            stored = (await buffer.stats()).events
+            full = free_bytes(disk)
+            assert refused[0].reason.startswith("the disk is nearly full"), refused[0].reason
+            # drop-oldest topics still take events, in place of the oldest ones (counted).
+            await buffer.append_one(event(big, topic="bulk", on_full="drop-oldest"))
+            dropped = (await buffer.stats()).drops[("buffer-full", "t")][0]
+            assert dropped >= 1
+            # The drain deletes everything.
+            drained = 0
+            while events := await buffer.next_events(200):
+                await buffer.delete([e.seq for e in events])
+                drained += len(events)
+            # Room again (the database's free pages), with nobody's help.
+            again = await buffer.append([event(big) for _ in range(50)])
+            assert all(isinstance(o, int) for o in again), again[:1]
+            # Another process takes the disk down to half the reserve: new events are refused,
+            # what is stored still drains.
+            filler = fill(disk, reserve // 2)
+            refused = [
+                o
+                for o in await buffer.append([event(big) for _ in range(2000)])
+                if isinstance(o, BufferFull)
+            ]
+            assert refused, "the filler left room for 4 MB of events"
+            while events := await buffer.next_events(200):
+                await buffer.delete([e.seq for e in events])
+            filler.unlink()
+            assert isinstance(await buffer.append_one(event(big)), int)
+        # Logged when it starts and when it ends, not per refused event.
+        lines = [r.getMessage() for r in caplog.records if "disk" in r.getMessage()]
+        assert [line.split(":")[1] for line in lines] == [
+            " refusing events", " room on the disk again",
+        ] * 2, lines  # fmt: skip
+        figures(
+            "real full disk",
+            stored_when_full=stored,
+            free_when_full=full,
+            reserve=reserve,
+            dropped=dropped,
+            drained=drained,
+        )
+        assert full >= reserve // 2  # less what the last checkpoints took
+        assert drained == stored - dropped + 1  # + the drop-oldest event
+        assert inspect(disk).events == 1
 
 
 # -- F8: corruption ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from edge_agent import Agent, load_config
 from edge_agent.doctor import run_checks
 from tests.harness.agent import uplink_section, write_config
+from tests.harness.disk import small_disk
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.sink import running_sink
@@ -56,6 +57,17 @@ async def test_doctor_passes_against_a_working_sink(tmp_path: Path, pki: Pki) ->
     ]  # fmt: skip
     assert "CONNACK accepted" in done.stdout
     assert "FAIL" not in done.stdout
+
+
+def test_doctor_warns_of_a_data_directory_below_the_disk_reserve(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", 4 * 1024**2) as disk:
+        path = write_config(disk / "agent")  # the default reserve: 16 MiB, more than there is
+        (disk / "agent" / "data").mkdir()
+        config = load_config(path)
+        [_, data] = list(run_checks(config, path))[:2]
+    assert (data.ok, data.warning) == (True, True), data
+    assert "MB free (disk_reserve 16.8 MB)" in data.detail
+    assert "that is below the reserve" in data.detail
 
 
 Breakage = Callable[[Pki, DeviceCreds, Path], str]  # returns extra [uplink] keys or token text

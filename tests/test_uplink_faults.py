@@ -16,12 +16,13 @@ import pytest
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent import window as window_module
-from edge_agent.buffer import inspect, read_events
+from edge_agent.buffer import BufferFull, inspect, read_events
 from edge_agent.config import AgentConfig
 from edge_agent.link import LinkState, read_link_status
 from edge_agent.uplink import Uplink
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
+from tests.harness.disk import free_bytes, small_disk
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
@@ -450,6 +451,67 @@ async def test_sink_killed_and_restarted_under_load(
     figures("sink restarts", events=sent, stored=len(stored), connections=connections)
     assert sorted(stored) == list(range(sent))
     assert connections >= 3
+
+
+async def test_a_full_disk_refuses_new_events_and_still_drains(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    """F7 at the agent on a real small disk (a tmpfs), filled while the sink is away: new events
+    are refused with a clear reason once only the disk reserve is left, everything accepted
+    drains when the sink is back, and the agent takes events again by itself."""
+    port = free_port()
+    config_path = write_sink_config(tmp_path, pki)
+    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
+    sink_process = process_factory(
+        [CLOUD_SINK, "--config", str(config_path), "run"],
+        ready=r"listening on",
+        name="cloud-sink",
+        start=False,
+    )
+    device = new_device(pki, "f7")
+    accepted: list[int] = []
+
+    async def publish(agent: Agent, numbers: range) -> list[BufferFull]:
+        async def one(number: int) -> None:
+            await agent.publish("sensors/t", f"{number}".encode().ljust(2000))
+            accepted.append(number)
+
+        outcomes = await asyncio.gather(*map(one, numbers), return_exceptions=True)
+        assert all(o is None or isinstance(o, BufferFull) for o in outcomes), outcomes
+        return [o for o in outcomes if isinstance(o, BufferFull)]
+
+    with small_disk(tmp_path / "disk", 12 * 1024**2) as disk:
+        path = write_config(
+            disk / "agent",
+            device_id=device.device_id,
+            buffer='disk_reserve = "3MiB"\ncommit_linger = 0',
+            uplink=uplink_section(pki, device, port),
+            topics=TOPICS,
+        )
+        config = load_config(path)
+        async with Agent(config) as agent:
+            refused: list[BufferFull] = []
+            sent = 0
+            while not refused:
+                refused = await publish(agent, range(sent, sent + 100))
+                sent += 100
+            full = free_bytes(disk)
+            await sink_process.astart()
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+            again = await publish(agent, range(sent, sent + 300))
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+        assert await sink_process.asigterm() == 0
+    stored = stored_payloads(tmp_path / "core.db")
+    figures(
+        "agent on a full disk",
+        accepted=len(accepted),
+        refused=sent - len(accepted) + 300,
+        free_when_full=full,
+        stored=len(stored),
+    )
+    assert refused[0].reason.startswith("the disk is nearly full"), refused[0]
+    assert again == []
+    assert sorted(stored) == sorted(accepted)
 
 
 async def test_sigterm_while_draining_exits_0_and_keeps_the_rest(

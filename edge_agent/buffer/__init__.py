@@ -54,6 +54,7 @@ from edge_agent.buffer.files import (
 from edge_agent.buffer.model import (
     CACHE_KIB,
     DB_NAME,
+    DISK_RESERVE,
     LOCK_NAME,
     PAGE_SIZE,
     SCHEMA_VERSION,
@@ -72,6 +73,8 @@ from edge_agent.buffer.model import (
     _Totals,
 )
 from edge_agent.buffer.store import (
+    NEARLY_FULL,
+    DiskReserve,
     _dead_letter,
     _dead_letters,
     _delete,
@@ -90,6 +93,7 @@ from mqtt_ingest.clock import Clock, SystemClock
 __all__ = [
     "CACHE_KIB",
     "DB_NAME",
+    "DISK_RESERVE",
     "LOCK_NAME",
     "PAGE_SIZE",
     "SCHEMA_VERSION",
@@ -129,8 +133,12 @@ class Buffer:
         linger: float,
         max_group: int,
         clock: Clock,
+        disk_reserve: int = 0,
     ) -> None:
         self.directory = directory
+        self._disk = DiskReserve(directory, disk_reserve) if disk_reserve > 0 else None
+        self._disk_refusal: str | None = None
+        """The reason the last group commit refused events for the disk reserve, if it did."""
         self._db = connection
         self._executor = executor
         self._lock_fd = lock_fd
@@ -175,13 +183,16 @@ class Buffer:
         clock: Clock | None = None,
         max_page_count: int | None = None,
         connect: Callable[[Path], sqlite3.Connection] | None = None,
+        disk_reserve: int = DISK_RESERVE,
     ) -> Buffer:
         """Lock ``directory``, check or create the database and start the group committer.
 
         ``max_page_count`` caps the database file in pages (a hard disk budget; tests use it to
         simulate a full disk). ``connect`` opens the database connection (a seam: the power-loss
-        tests run the buffer over a VFS that drops unsynced writes). Raises `BufferLocked` if
-        another agent holds the directory.
+        tests run the buffer over a VFS that drops unsynced writes). ``disk_reserve``: bytes of
+        the filesystem that new events never take, kept for the drain's deletes and the
+        checkpoints (`DiskReserve`; 0: no check). Raises `BufferLocked` if another agent holds
+        the directory.
         """
         lock_fd = await _lock(directory)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-buffer")
@@ -210,6 +221,7 @@ class Buffer:
             linger=commit_linger,
             max_group=commit_max_events,
             clock=clock or SystemClock(),
+            disk_reserve=disk_reserve,
         )
         await buffer._run(_load_totals, buffer._totals)
         buffer.epoch = (await buffer.stats()).epoch
@@ -332,6 +344,7 @@ class Buffer:
                 self._max_events,
                 self._max_bytes,
                 now_ms,
+                self._disk,
             )
         except Exception as exc:
             log.error("buffer: commit of %d events failed: %r", len(flat), exc)
@@ -345,6 +358,8 @@ class Buffer:
         # Seqs are assigned consecutively and only to committed events: no per-event count.
         committed = self._totals.last_seq - last_seq
         self.accepted += committed
+        if committed < len(flat) or self._disk_refusal is not None:
+            self._log_disk_refusals(outcomes, committed)
         if self.on_commit_timed is not None:
             self.on_commit_timed(seconds, committed)
         failpoints.hit("buffer.after_commit_before_ack")
@@ -360,6 +375,25 @@ class Buffer:
             start += len(appended)
         if self.on_commit is not None and flat:
             self.on_commit(max(event.priority for event in flat))
+
+    def _log_disk_refusals(self, outcomes: list[int | BufferFull], committed: int) -> None:
+        """One line when events start being refused for the disk reserve, one when events are
+        committed again without such refusals."""
+        refusal = next(
+            (
+                o.reason
+                for o in outcomes
+                if isinstance(o, BufferFull) and o.reason.startswith(NEARLY_FULL)
+            ),
+            None,
+        )
+        if refusal is not None:
+            if self._disk_refusal is None:
+                log.warning("buffer: refusing events: %s", refusal)
+            self._disk_refusal = refusal
+        elif committed and self._disk_refusal is not None:
+            log.warning("buffer: room on the disk again: accepting events")
+            self._disk_refusal = None
 
     # -- draining (the uplink) ------------------------------------------------------------------
 

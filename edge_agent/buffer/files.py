@@ -40,6 +40,9 @@ LOCK_PATIENCE = 1.0  # seconds a starting agent waits for a held lock (see `_loc
 
 WAL_SIZE_LIMIT = 4 * 1024**2
 """Bytes the WAL file is truncated to after a checkpoint that found it larger."""
+DISK_FULL = ("database or disk is full", "disk i/o error")
+"""How SQLite's errors start when it found no room to write (a full disk, ``RLIMIT_FSIZE``,
+``max_page_count``); lower case."""
 
 
 def agent_pid(directory: Path) -> int | None:
@@ -305,8 +308,16 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _close_cleanly(db: sqlite3.Connection, directory: Path) -> None:
+    """Checkpoint the WAL into the database and mark the state file closed. On a full disk the
+    checkpoint cannot grow the database: the WAL stays, with every commit in it, for the next
+    open to replay, and the state stays "open" (a WAL is expected there)."""
     try:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.OperationalError as exc:
+        if not str(exc).lower().startswith(DISK_FULL):
+            raise
+        log.warning("buffer: closed without a checkpoint (%s); the WAL keeps its commits", exc)
+        return
     finally:
         db.close()
     _write_state(directory / STATE_NAME, "closed")

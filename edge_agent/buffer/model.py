@@ -9,6 +9,9 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 SCHEMA_VERSION = 2
 PAGE_SIZE = 1024
+DISK_RESERVE = 16 * 1024**2
+"""The default disk reserve (`store.DiskReserve`): room for the WAL to grow to its size limit
+four times over, for the drain's deletes and the checkpoints that follow them."""
 """For new databases. Every commit rewrites whole pages (at least the last leaf of ``events``),
 so at a few events per commit small pages write far fewer bytes per event (docs/buffer.md)."""
 CACHE_KIB = 512

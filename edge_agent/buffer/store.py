@@ -8,17 +8,23 @@ import itertools
 import logging
 import math
 import operator
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from edge_agent.buffer.files import (
+    DISK_FULL,
     _keep_high_water,
     _load_totals,
     _seq_marks,
     _transaction,
 )
 from edge_agent.buffer.model import (
+    DB_NAME,
+    PAGE_SIZE,
     BufferError,
     BufferFull,
     BufferStats,
@@ -35,7 +41,6 @@ from mqtt_ingest.sqlite_rows import insert_rows
 
 log = logging.getLogger("edge_agent.buffer")
 
-_DISK_FULL = ("database or disk is full", "disk i/o error")
 _DISK_FULL_ATTEMPTS = 4
 
 
@@ -50,6 +55,98 @@ def _timed(db: sqlite3.Connection, function: Callable[..., T], *args: object) ->
     return result, time.perf_counter() - started
 
 
+_ROW_OVERHEAD = 64
+"""Bytes a row takes on disk beyond its payload and topic (record header, b-tree cell and index
+entry), rounded up: the estimate a group is checked against the disk reserve with."""
+
+
+_NEW_TOPIC = operator.itemgetter(0)
+_NEW_PAYLOAD = operator.itemgetter(1)
+
+
+def _row_cost(event: NewEvent) -> int:
+    """Bytes a row takes in the WAL or the database file, with 1/8 for the frame headers and the
+    slack of partly filled pages."""
+    return (len(event.payload) + len(event.topic) + _ROW_OVERHEAD) * 9 // 8
+
+
+NEARLY_FULL = "the disk is nearly full"
+"""How the reason of an event refused for the disk reserve starts."""
+
+
+@dataclass(frozen=True)
+class DiskReserve:
+    """Free space the buffer keeps on its filesystem for everything but new events: the deletes
+    of the drain, the TTL sweep and the checkpoints that move the WAL into the database all write
+    too. On a disk filled to the last byte none of them can, and the buffer stops draining
+    (measured on a full tmpfs: every delete failed with "database or disk is full")."""
+
+    directory: Path
+    reserve: int
+
+    def room(self, db: sqlite3.Connection, need: int) -> _Room | None:
+        """None when ``need`` bytes of new rows leave the reserve untouched even if both the WAL
+        and the database file grow by them (the common case: one ``statvfs``). Else what new rows
+        may still take, from a passive checkpoint's point of view (it lets the next transaction
+        write the WAL from its start again); call it outside a transaction."""
+        if self._free() - 2 * need >= self.reserve:
+            return None
+        _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        (pages,) = db.execute("PRAGMA freelist_count").fetchone()
+        try:
+            wal = os.stat(self._wal).st_size
+        except FileNotFoundError:
+            wal = 0
+        if frames > 0 and frames != copied:  # a reader kept part of it: only the tail is reusable
+            wal = max(0, wal - 32 - frames * (PAGE_SIZE + 24))
+        free = self._free()  # after the checkpoint, which may have grown the database
+        return _Room(free - self.reserve, wal, pages * PAGE_SIZE, free, self.reserve)
+
+    @property
+    def _wal(self) -> Path:
+        return self.directory / f"{DB_NAME}-wal"
+
+    def _free(self) -> int:
+        stat = os.statvfs(self.directory)
+        return stat.f_bavail * stat.f_frsize
+
+
+@dataclass
+class _Room:
+    """What new rows may take without cutting into the reserve. A row is written twice: into the
+    WAL (reusing the WAL file's space, else growing it) and, at a checkpoint, into the database
+    file (reusing pages on its free list, else growing it)."""
+
+    disk: int
+    """Bytes of the filesystem above the reserve (negative: the reserve is in use already)."""
+    wal: int
+    """Bytes of the WAL file that new frames reuse."""
+    pages: int
+    """Bytes of the database's free list."""
+    free: int
+    reserve: int
+
+    def take(self, cost: int) -> bool:
+        """Count a row of ``cost`` bytes in if it fits."""
+        growth = max(0, cost - self.wal) + max(0, cost - self.pages)
+        if growth and growth > self.disk:
+            return False
+        self.disk -= growth
+        self.wal = max(0, self.wal - cost)
+        self.pages = max(0, self.pages - cost)
+        return True
+
+    def reason(self) -> str:
+        return (
+            f"{NEARLY_FULL} ({_megabytes(self.free)} free, disk_reserve "
+            f"{_megabytes(self.reserve)} is kept for draining)"
+        )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
 def _insert_group(
     db: sqlite3.Connection,
     events: Sequence[NewEvent],
@@ -57,16 +154,26 @@ def _insert_group(
     max_events: int,
     max_bytes: int,
     now_ms: int,
+    disk: DiskReserve | None = None,
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     """Commit a whole group in one transaction; returns outcomes and drops (events, first, last).
 
-    When the disk is full SQLite rolls the transaction back, so the group is tried again in
-    "disk full" mode: ``reject`` events are refused outright and ``drop-oldest`` events first drop
-    old events to make room (more on each attempt).
+    Events that would cut into the ``disk`` reserve are handled as on a full buffer: ``reject``
+    events are refused and ``drop-oldest`` events drop old events to make room. When the disk is
+    full all the same (SQLite found no room: another process took it, or ``RLIMIT_FSIZE`` or
+    ``max_page_count``) SQLite rolls the transaction back, so the group is tried again in "disk
+    full" mode: ``reject`` events are refused outright and ``drop-oldest`` events first drop old
+    events to make room (more on each attempt).
     """
+    # C-level sums: this runs on every commit, on the thread that needs the GIL.
+    size = sum(map(len, map(_NEW_PAYLOAD, events)))
+    need = (size + sum(map(len, map(_NEW_TOPIC, events))) + _ROW_OVERHEAD * len(events)) * 9 // 8
     for attempt in range(_DISK_FULL_ATTEMPTS):
+        room = None if disk is None else disk.room(db, need)
         try:
-            return _insert_group_once(db, events, totals, max_events, max_bytes, now_ms, attempt)
+            return _insert_group_once(
+                db, events, size, totals, max_events, max_bytes, now_ms, attempt, room
+            )
         except _DiskFull:
             log.warning(
                 "buffer: the disk is full (attempt %d for %d events)", attempt + 1, len(events)
@@ -77,11 +184,13 @@ def _insert_group(
 def _insert_group_once(
     db: sqlite3.Connection,
     events: Sequence[NewEvent],
+    size: int,
     totals: _Totals,
     max_events: int,
     max_bytes: int,
     now_ms: int,
     disk_full: int,
+    room: _Room | None,
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     outcomes: list[int | BufferFull] = []
     dropped: dict[
@@ -89,9 +198,9 @@ def _insert_group_once(
     ] = {}  # (reason, topic) -> [events, bytes, first, last]
     try:
         with _transaction(db, totals):
-            size = sum(len(event.payload) for event in events)
             if (
                 not disk_full
+                and room is None
                 and totals.events + len(events) <= max_events
                 and totals.bytes + size <= max_bytes
             ):
@@ -100,14 +209,22 @@ def _insert_group_once(
                 for event in events:
                     outcomes.append(
                         _insert_one_with_policy(
-                            db, event, totals, max_events, max_bytes, now_ms, dropped, disk_full
+                            db,
+                            event,
+                            totals,
+                            max_events,
+                            max_bytes,
+                            now_ms,
+                            dropped,
+                            disk_full,
+                            room,
                         )
                     )
                 _count_drops(db, "buffer-full", {topic: v for (_, topic), v in dropped.items()})
                 _keep_high_water(db, totals)
             failpoints.hit("buffer.before_commit")
     except sqlite3.OperationalError as exc:
-        if str(exc).lower().startswith(_DISK_FULL):
+        if str(exc).lower().startswith(DISK_FULL):
             raise _DiskFull(str(exc)) from None
         raise
     return outcomes, {key: (v[0], v[2], v[3]) for key, v in dropped.items()}
@@ -160,11 +277,23 @@ def _insert_one_with_policy(
     now_ms: int,
     dropped: dict[tuple[str, str], list[int]],
     disk_full: int,
+    room: _Room | None,
 ) -> int | BufferFull:
     """One event of a group that does not simply fit: the topic's policy decides (``disk_full``:
-    the how-manieth retry after SQLite found the disk full, 0 for none)."""
+    the how-manieth retry after SQLite found the disk full, 0 for none; ``room``: what is left
+    above the disk reserve, None for plenty)."""
     if disk_full and event.on_full == "reject":
         return BufferFull(event.topic, "the disk is full")
+    if room is not None and not room.take(cost := _row_cost(event)):
+        if event.on_full == "reject":
+            return BufferFull(event.topic, room.reason())
+        making = _MakeRoom(room, cost)
+        _drop_oldest(db, event.priority, totals, dropped, making)
+        if not making.made:
+            return BufferFull(
+                event.topic,
+                f"{room.reason()} and no events of priority <= {event.priority} are left to drop",
+            )
     if disk_full:
         freed = _drop_oldest(
             db,
@@ -206,6 +335,26 @@ def _insert_one(
             )
     (seq,) = _insert_all(db, [event], totals, now_ms, size)
     return seq
+
+
+class _MakeRoom:
+    """For `_drop_oldest`: enough once the rows dropped so far let ``room`` take a row of
+    ``cost`` bytes (their pages go to the database's free list, where the insert finds them)."""
+
+    def __init__(self, room: _Room, cost: int) -> None:
+        self.room = room
+        self.cost = cost
+        self.counted = 0
+        self.made = False
+
+    def __call__(self, events: int, freed: int) -> bool:
+        if self.made:  # asked again after saying yes: the row is counted in already
+            return True
+        made = freed + events * _ROW_OVERHEAD
+        self.room.pages += made - self.counted
+        self.counted = made
+        self.made = self.room.take(self.cost)
+        return self.made
 
 
 def _bytes_freed(room: int) -> Callable[[int, int], bool]:
