@@ -4,12 +4,17 @@ backoff between attempts, and how a failed attempt is told apart from a refusal 
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
+import socket
 import ssl
+import struct
+import termios
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import paho.mqtt.client as paho
 from cryptography import x509
 
 from edge_agent.config import UplinkConfig
@@ -20,6 +25,7 @@ __all__ = [
     "LinkState",
     "LinkStatus",
     "PublishTimeout",
+    "SendProgress",
     "TlsMaterial",
     "classify",
     "client_context",
@@ -184,3 +190,54 @@ def recording_socket_class(
             return data
 
     return _Recording
+
+
+BACKLOG = 4096
+"""Bytes our send queue must hold for the peer's acknowledgements of them to count as life
+(`SendProgress`): a hung server's kernel still acknowledges a lone PINGREQ."""
+
+_TCP_INFO_LENGTH = 136  # struct tcp_info up to tcpi_bytes_received (Linux 4.1 and later)
+_BYTES_ACKED_AT = 120  # offset of tcpi_bytes_acked (u64)
+
+
+def tcp_send_state(sock: socket.socket) -> tuple[int, int] | None:
+    """(bytes of ours the peer's TCP acknowledged, bytes in our send queue: not sent yet or not
+    acknowledged) of a connected TCP socket; None where the kernel does not tell."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+    except (OSError, ValueError, AttributeError):  # closed, or not Linux
+        return None
+    if len(info) < _BYTES_ACKED_AT + 8:
+        return None
+    (acked,) = struct.unpack_from("=Q", info, _BYTES_ACKED_AT)
+    (pending,) = struct.unpack("=i", queued)
+    return acked, pending
+
+
+class SendProgress:
+    """Whether a connection is moving a backlog of our bytes (RELIABILITY F6).
+
+    While a large message crosses a slow link nothing comes back: the server's PINGRESP waits
+    behind the message, so a watchdog of inbound bytes alone calls a working link dead once the
+    message takes longer than the keep-alive to cross. `moved` says whether, since its last
+    call, the peer's TCP acknowledged more of our bytes while at least `BACKLOG` were queued;
+    then it also tells paho, whose keep-alive check would end the connection for the same
+    reason. A blackholed path acknowledges nothing, and a hung server stops acknowledging once
+    its receive buffer is full, so neither looks alive for long."""
+
+    def __init__(self, mqtt: paho.Client) -> None:
+        self._mqtt = mqtt
+        self._last: tuple[int, int] | None = None
+
+    def moved(self) -> bool:
+        sock = self._mqtt.socket()
+        state = tcp_send_state(sock) if isinstance(sock, socket.socket) else None
+        last, self._last = self._last, state
+        if state is None or last is None or state[0] <= last[0] or last[1] < BACKLOG:
+            return False
+        mqtt = self._mqtt
+        # paho 2.x's keep-alive check reads this (its own clock: time.monotonic).
+        with mqtt._msgtime_mutex:
+            mqtt._last_bytes_received = max(mqtt._last_bytes_received, time.monotonic())
+        return True

@@ -57,6 +57,7 @@ from edge_agent.link import (
     LinkState,
     LinkStatus,
     PublishTimeout,
+    SendProgress,
     TlsMaterial,
     classify,
     recording_socket_class,
@@ -338,6 +339,7 @@ class Uplink:
         # for paho's once-a-second check) means a dead link (RELIABILITY F5).
         session.silence_limit = max(1.5 * config.keepalive, config.keepalive + 2.0)
         session.received_at = self._received_at
+        session.progress = SendProgress(mqtt).moved
         session.renew_at = self._renew_at(token)
         session.schedule_renewal()
         self._session = session

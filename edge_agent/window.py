@@ -76,6 +76,8 @@ class Session:
     renewing: bool = False  # decided: the feeder returns and the connection is renewed
     _renewal_timer: asyncio.TimerHandle | None = None
     received_at: list[float] = field(default_factory=lambda: [time.monotonic()])  # last bytes in
+    progress: Callable[[], bool] = lambda: False  # `SendProgress.moved` of the connection
+    moved_at: float = 0.0  # loop time our backlog of bytes last moved (`progress`)
     ahead: tuple[tuple[int, int], asyncio.Task[list[StoredEvent]]] | None = None  # (cursor, fetch)
 
     def fail(self, failure: LinkFailure) -> None:
@@ -189,20 +191,25 @@ class Session:
         ``publish_timeout`` (outcome unknown: the rows stay and are sent again), or when nothing at
         all was received for ``silence_limit`` (a blackholed link: keep-alive pings unanswered).
 
-        Measured from the later of the oldest message's hand-off and the last acknowledgement:
-        on a slow link a full window takes longer than the timeout to cross, and while its
-        acknowledgements keep coming the link is working, not late (RELIABILITY F6).
+        Measured from the later of the oldest message's hand-off, the last acknowledgement and
+        the last progress of our bytes (`progress`): on a slow link a full window, or one large
+        message, takes longer than the timeout to cross, and while it moves the link is working,
+        not late (RELIABILITY F6). Progress also counts as something received.
         """
         timeout = self.publish_timeout
         while True:
             await asyncio.sleep(min(1.0, timeout / 4, self.silence_limit / 8))
+            if self.progress():
+                self.received_at[0] = time.monotonic()
+                self.moved_at = self.loop.time()
             silent = time.monotonic() - self.received_at[0]
             if silent >= self.silence_limit:
                 self.fail(LinkFailure(f"nothing received for {silent:.1f}s: the link is dead"))
                 return
             if self.inflight:
                 oldest = next(iter(self.inflight.values()))
-                if self.loop.time() - max(oldest.sent_at, self.last_ack_at) >= timeout:
+                started = max(oldest.sent_at, self.last_ack_at, self.moved_at)
+                if self.loop.time() - started >= timeout:
                     self.fail(PublishTimeout(f"publish not confirmed within {timeout:g}s"))
                     return
 

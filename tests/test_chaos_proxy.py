@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
-from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, ChaosStats, Direction
+from edge_agent.link import tcp_send_state
+from tests.harness.chaos import (
+    PIPE_LIMIT,
+    ChaosProxy,
+    ChaosProxyFactory,
+    ChaosStats,
+    Direction,
+)
+from tests.harness.report import figures
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
@@ -234,6 +242,34 @@ async def test_bandwidth_is_a_ceiling(proxy: ChaosProxy, echo: EchoServer) -> No
         elapsed = time.monotonic() - started
     # The first 10 ms worth goes at once; the rest is paced.
     assert elapsed >= (len(data) - rate * 0.01) / rate
+
+
+async def test_a_small_hold_backs_a_slow_direction_up_into_the_sender(
+    echo: EchoServer, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """With the default hold the proxy takes in 256 KiB at once, so the sender's TCP sees its
+    bytes acknowledged long before they cross; with a small one they wait in the sender's send
+    queue, as on a slow real path (the uplink's F6 test of large messages needs that)."""
+    queued = {}
+    for hold in (PIPE_LIMIT, 4096):
+        proxy = await chaos_proxy_factory("127.0.0.1", echo.port, hold=hold)
+        proxy.bandwidth(20_000, direction=Direction.UPSTREAM)
+        sock = socket.create_connection(proxy.address)
+        try:
+            sock.setblocking(False)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while sent < 200_000:
+                    sent += sock.send(bytes(200_000 - sent))
+            await asyncio.sleep(0.5)
+            state = tcp_send_state(sock)
+            assert state is not None
+            queued[hold] = state[1]
+        finally:
+            sock.close()
+    figures("chaos proxy hold", **{f"queued_with_hold_{k}": v for k, v in queued.items()})
+    assert queued[4096] > 150_000
+    assert queued[PIPE_LIMIT] == 0
 
 
 async def test_blackhole_holds_data_and_heals(proxy: ChaosProxy, echo: EchoServer) -> None:

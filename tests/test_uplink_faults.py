@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -563,6 +564,85 @@ async def test_slow_links_cause_no_false_disconnects(
     figures(f"slow link ({shape})", events=events, stored=len(stored), connections=connections)
     assert len(stored) == events
     assert connections == 1, "the slow link was dropped and reconnected"
+
+
+async def test_large_messages_cross_a_slow_link_without_false_disconnects(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """F6 with messages that take longer than the keep-alive to cross: 64 KiB batches at
+    10 kB/s take 6.5 s, and the link holds little, so they wait in the agent's send queue. The
+    sink's PINGRESP waits behind them, so for seconds nothing comes back: the agent's watchdog
+    (1.5 x keep-alive) and paho's own check (about 2 x) used to call such a link dead, every
+    time, and the events never crossed. TCP acknowledging the agent's bytes is life too, and
+    holds off the publish timeout as well."""
+    device = new_device(pki, "f6big")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port, hold=4096)
+        proxy.bandwidth(10_000, direction=Direction.UPSTREAM)
+        # A publish_timeout shorter than a crossing too: moving bytes are not a late PUBACK.
+        extra = "keepalive = 2\npublish_timeout = 3"
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
+        events = 130
+        await preload(config, events, size=1000)
+        async with Agent(config) as agent:
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=90)
+            assert agent.uplink is not None
+            connections = agent.uplink.status.connections
+    stored = stored_payloads(tmp_path / "core.db")
+    figures("large messages, slow link", events=events, connections=connections)
+    assert sorted(stored) == list(range(events))
+    assert connections == 1, "the slow link was dropped and reconnected"
+
+
+async def test_a_frozen_sink_is_noticed_while_large_messages_are_sent(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    """A sink that stops (SIGSTOP: a hung process, its kernel still up) while large messages
+    flow. Its kernel acknowledges what fits in its receive buffer, then nothing: that
+    progress of the agent's bytes (F6) must not keep the link alive. The agent gives up on the
+    connection within a few keep-alives and delivers everything once the sink runs again."""
+    port = free_port()
+    config_path = write_sink_config(tmp_path, pki)
+    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
+    sink_process = process_factory(
+        [CLOUD_SINK, "--config", str(config_path), "run"],
+        ready=r"listening on",
+        name="cloud-sink",
+        start=False,
+    )
+    await sink_process.astart()
+    device = new_device(pki, "frozen")
+    config = load_config(configure(tmp_path, pki, device, port, extra="keepalive = 2"))
+    sent = 0
+
+    async def publish(count: int) -> None:
+        nonlocal sent
+        for _ in range(count // 100):
+            numbers = range(sent, sent + 100)
+            await asyncio.gather(
+                *(agent.publish("sensors/t", f"{n}".encode().ljust(1000)) for n in numbers)
+            )
+            sent += 100
+            await asyncio.sleep(0.05)
+
+    async with Agent(config) as agent:
+        assert agent.uplink is not None
+        uplink = agent.uplink
+        await publish(300)
+        sink_process.signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        # 3 MB over 1.5 s: more than the window, more than a receive buffer takes.
+        await publish(3000)
+        await until(lambda: uplink.status.state is not LinkState.ONLINE, timeout=30)
+        noticed = time.monotonic() - stopped
+        sink_process.signal(signal.SIGCONT)
+        await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=90)
+        connections = uplink.status.connections
+    assert await sink_process.asigterm() == 0
+    stored = stored_payloads(tmp_path / "core.db")
+    figures("frozen sink", events=sent, noticed_after_s=round(noticed, 1), connections=connections)
+    assert sorted(set(stored)) == list(range(sent))
+    assert noticed < 15, "a frozen sink kept the link looking alive"
 
 
 @contextlib.asynccontextmanager

@@ -203,8 +203,15 @@ class ChaosProxy:
         *,
         max_connections: int = MAX_CONNECTIONS,
         connect_timeout: float = CONNECT_TIMEOUT,
+        hold: int = PIPE_LIMIT,
     ) -> None:
+        """``hold``: bytes one direction may hold between reading and writing. Below
+        `PIPE_LIMIT` the proxy's sockets also get a receive buffer that small, so a slow
+        direction backs up into the sender's send queue, as on a slow real path (with the
+        default the proxy takes in up to 256 KiB at loopback speed, and the sender's TCP sees
+        its bytes acknowledged long before they cross)."""
         self.upstream = upstream
+        self._hold = hold
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._shaping: dict[Direction, _Shaping] = dict.fromkeys(_ONE_WAY, _PASS)
@@ -226,7 +233,11 @@ class ChaosProxy:
         """Bind ``127.0.0.1`` port 0 and start accepting; `port` is valid afterwards."""
         if self._listener is not None:
             raise RuntimeError("ChaosProxy.start() called twice")
-        listener = socket.create_server(("127.0.0.1", 0))
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._small_receive_buffer(listener)  # before listen: accepted sockets inherit it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
         listener.setblocking(False)
         self._listener = listener
         self._port = listener.getsockname()[1]
@@ -385,6 +396,10 @@ class ChaosProxy:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _small_receive_buffer(self, sock: socket.socket) -> None:
+        if self._hold < PIPE_LIMIT:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._hold)
+
     def _shape(self, direction: Direction, shaping: _Shaping) -> None:
         targets = _ONE_WAY if direction is Direction.BOTH else (direction,)
         for one_way in targets:
@@ -461,7 +476,7 @@ class ChaosProxy:
                     (Direction.UPSTREAM, conn.client, upstream),
                     (Direction.DOWNSTREAM, upstream, conn.client),
                 ):
-                    pipe = _Pipe(PIPE_LIMIT)
+                    pipe = _Pipe(self._hold)
                     name = f"chaos_proxy.{self.port}.conn{conn.ident}.{direction.value}"
                     tg.create_task(self._read_side(direction, src, pipe), name=f"{name}.read")
                     tg.create_task(self._write_side(direction, pipe, dst), name=f"{name}.write")
@@ -480,6 +495,7 @@ class ChaosProxy:
             sock = socket.socket(family, kind, proto)
             try:
                 _prepare(sock)
+                self._small_receive_buffer(sock)  # before connect: the window scale is set then
                 await loop.sock_connect(sock, addr)
             except BaseException:
                 sock.close()
@@ -599,9 +615,12 @@ class ChaosProxyFactory:
     def __init__(self) -> None:
         self._proxies: list[ChaosProxy] = []
 
-    async def __call__(self, upstream_host: str, upstream_port: int) -> ChaosProxy:
-        """A started proxy relaying to ``upstream_host:upstream_port``."""
-        proxy = ChaosProxy((upstream_host, upstream_port))
+    async def __call__(
+        self, upstream_host: str, upstream_port: int, *, hold: int = PIPE_LIMIT
+    ) -> ChaosProxy:
+        """A started proxy relaying to ``upstream_host:upstream_port`` (``hold``: see
+        `ChaosProxy`)."""
+        proxy = ChaosProxy((upstream_host, upstream_port), hold=hold)
         await proxy.start()
         self._proxies.append(proxy)
         return proxy
