@@ -43,8 +43,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cloud_sink.backends.sqlite import DISK_RESERVE
 from cloud_sink.rights import check_template
-from mqtt_ingest.configuration import Bytes, ConfigError, Delay, Seconds, load_model, parse_model
+from mqtt_ingest.configuration import (
+    Bytes,
+    ConfigError,
+    Delay,
+    Room,
+    Seconds,
+    load_model,
+    parse_model,
+)
 
 __all__ = [
     "AmqpBackendConfig",
@@ -140,6 +149,9 @@ class _Backend(_Strict):
 class SqliteBackendConfig(_Backend):
     type: Literal["sqlite"] = "sqlite"
     path: Path
+    disk_reserve: Room = DISK_RESERVE
+    """Free space kept on the file's filesystem: a write that would cut into it is an outage
+    (devices keep their events) until there is room again. 0 turns the check off."""
 
 
 class AmqpBackendConfig(_Backend):

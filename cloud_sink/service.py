@@ -66,7 +66,7 @@ async def open_backend(config: SinkConfig) -> CoreQueue:
     """The configured core queue, connected (amqp and nats need their package extras)."""
     backend = config.backend
     if isinstance(backend, SqliteBackendConfig):
-        return await SqliteCoreQueue.open(backend.path)
+        return await SqliteCoreQueue.open(backend.path, backend.disk_reserve)
     if isinstance(backend, AmqpBackendConfig):
         from cloud_sink.backends.amqp import AmqpCoreQueue
 

@@ -51,6 +51,7 @@ from edge_agent.service import Agent
 from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
 from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.disk import free_bytes
 from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
@@ -306,8 +307,7 @@ def _age(now_ms: int, then_ms: int) -> str:
 
 def _disk(config: AgentConfig) -> dict[str, int]:
     """Free space on the data directory's filesystem, against ``[buffer] disk_reserve``."""
-    stat = os.statvfs(config.agent.data_dir)
-    return {"free": stat.f_bavail * stat.f_frsize, "reserve": config.buffer.disk_reserve}
+    return {"free": free_bytes(config.agent.data_dir), "reserve": config.buffer.disk_reserve}
 
 
 def _stats_text(stats: BufferStats, config: AgentConfig, disk: dict[str, int]) -> str:

@@ -29,6 +29,7 @@ from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import client_context
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.disk import free_bytes, megabytes
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, format_username
 
 __all__ = ["Check", "run_checks"]
@@ -132,9 +133,8 @@ def _data_dir(directory: Path, reserve: int) -> str | tuple[str, bool]:
             f"{directory} is not writable for uid {os.getuid()}",
             "chown the directory to the agent's user, or run doctor as that user",
         )
-    stat = os.statvfs(directory)
-    free = stat.f_bavail * stat.f_frsize
-    room = f"{free / 1e6:.1f} MB free (disk_reserve {reserve / 1e6:.1f} MB)"
+    free = free_bytes(directory)
+    room = f"{megabytes(free)} free (disk_reserve {megabytes(reserve)})"
     if not (directory / DB_NAME).exists():
         detail = f"{directory} is writable, {room}; the agent will create its buffer there"
     else:

@@ -42,6 +42,7 @@ from tests.harness.brokers import (
     read_stream,
 )
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory
+from tests.harness.disk import fill, small_disk
 from tests.harness.pki import Pki
 from tests.harness.report import figures as print_figures
 from tests.harness.sink import ResendingDevice, core_message, http_get, write_sink_config
@@ -245,39 +246,58 @@ async def test_nats_outage_no_ack_refused_then_all_delivered_once(
     assert figures(f"nats {cut}", device, stored, sink) == (0, 0)
 
 
-@pytest.mark.parametrize("cut", ["failpoint", "locked"])
+@pytest.mark.parametrize("cut", ["failpoint", "locked", "full-disk"])
 async def test_sqlite_file_failure_no_ack_refused_then_all_delivered_once(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, cut: str
 ) -> None:
-    """The file fails (failpoint inside every write transaction) or another process holds its
-    write lock for longer than the sink's busy timeout."""
-    path = tmp_path / "core.db"
-    config = sink_config(tmp_path, pki, f'[backend]\ntype = "sqlite"\npath = "{path}"\n')
-    locker = sqlite3.connect(path, isolation_level=None, timeout=10)
+    """The file fails (failpoint inside every write transaction), another process holds its
+    write lock for longer than the sink's busy timeout, or its filesystem (a real small tmpfs)
+    fills up. A full disk used to make SQLite fail on the last bytes while the probe's empty
+    transaction passed: the sink went down and up every second or so, disconnecting every
+    device each time. Now the disk reserve makes it one outage, until there is room."""
+    with contextlib.ExitStack() as stack:
+        directory = tmp_path
+        if cut == "full-disk":
+            directory = stack.enter_context(small_disk(tmp_path / "disk", 8 * 1024**2))
+        path = directory / "core.db"
+        backend = f'[backend]\ntype = "sqlite"\npath = "{path}"\ndisk_reserve = "2MiB"\n'
+        config = sink_config(tmp_path, pki, backend)
+        locker = stack.enter_context(
+            contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=10))
+        )
+        filler: list[Path] = []
 
-    async def fault() -> None:
-        if cut == "failpoint":
-            failpoints.arm("sink.sqlite.write", "raise")
-        else:
-            locker.execute("BEGIN IMMEDIATE")
+        async def fault() -> None:
+            if cut == "failpoint":
+                failpoints.arm("sink.sqlite.write", "raise")
+            elif cut == "locked":
+                locker.execute("BEGIN IMMEDIATE")
+            else:
+                filler.append(fill(directory, 1024**2))  # another process takes the disk
 
-    async def heal() -> None:
-        failpoints.disarm_all()
-        if locker.in_transaction:
-            locker.execute("ROLLBACK")
+        async def heal() -> None:
+            failpoints.disarm_all()
+            if locker.in_transaction:
+                locker.execute("ROLLBACK")
+            for file in filler:
+                file.unlink()
 
-    async def confirmed() -> int:
-        return len(list(read_messages(path)))
+        async def confirmed() -> int:
+            return len(list(read_messages(path)))
 
-    try:
-        async with Sink(config) as sink:
-            device = new_device(pki, sink, f"sqlite-{cut}")
-            await run_outage(sink, device, caplog, fault=fault, heal=heal, confirmed=confirmed)
-    finally:
-        failpoints.disarm_all()
-        locker.close()
-    stored = [m.event_id for _, m in read_messages(path)]
+        try:
+            async with Sink(config) as sink:
+                device = new_device(pki, sink, f"sqlite-{cut}")
+                await run_outage(sink, device, caplog, fault=fault, heal=heal, confirmed=confirmed)
+        finally:
+            failpoints.disarm_all()
+        stored = [m.event_id for _, m in read_messages(path)]
     assert figures(f"sqlite {cut}", device, stored, sink) == (0, 0)
+    if cut == "full-disk":
+        down = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("core queue down")
+        ]
+        assert "the disk is nearly full" in down[0], down
 
 
 @pytest.mark.parametrize("backend", ["amqp", "nats"])

@@ -7,6 +7,11 @@ All SQL of this backend is here; it runs on one dedicated thread, one transactio
 Failpoint ``sink.sqlite.write`` sits inside every write transaction (and in `probe`); armed with
 ``raise`` it stands for a failing file (disk error, read-only, corrupt) and surfaces as
 `BackendError` like any ``sqlite3.Error``.
+
+A write that would leave less than ``disk_reserve`` free on the file's filesystem is refused
+(`BackendError`, before it starts), and `probe` fails until there is a quarter more than that:
+an outage that lasts until someone makes room, instead of SQLite failing on the last bytes, the
+probe's empty transaction passing, and the sink going down and up every few seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
+import operator
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,9 +28,17 @@ from typing import TypeVar
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from mqtt_ingest import failpoints
+from mqtt_ingest.disk import free_bytes, megabytes
 from mqtt_ingest.sqlite_rows import insert_rows
 
-__all__ = ["SqliteCoreQueue", "read_dead_letters", "read_messages"]
+__all__ = ["DISK_RESERVE", "SqliteCoreQueue", "read_dead_letters", "read_messages"]
+
+DISK_RESERVE = 64 * 1024**2
+"""The default ``disk_reserve``: room for the WAL of several of the largest stage calls (20,000
+events) and for their checkpoints."""
+_ROW_OVERHEAD = 100  # bytes a row takes beyond its payload and topic: ids, numbers, the index
+_PAYLOAD = operator.itemgetter(3)
+_TOPIC = operator.itemgetter(2)
 
 T = TypeVar("T")
 
@@ -65,14 +79,15 @@ def _insert_sql(rows: int) -> str:
 
 
 class SqliteCoreQueue:
-    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, disk_reserve: int = 0) -> None:
         self.path = path
         self._db = db
+        self._reserve = disk_reserve
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sink-sqlite")
         self.duplicates = 0
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteCoreQueue:
+    async def open(cls, path: Path, disk_reserve: int = DISK_RESERVE) -> SqliteCoreQueue:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A lock held longer than this by another process is an outage (BackendError), and
         # must be seen as one well before the ingest server's stage timeout (30 s).
@@ -86,7 +101,7 @@ class SqliteCoreQueue:
         except sqlite3.Error as exc:
             db.close()
             raise BackendError(f"cannot open the core queue {path}: {exc}") from exc
-        return cls(path, db)
+        return cls(path, db, disk_reserve)
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -115,7 +130,27 @@ class SqliteCoreQueue:
         await self._run(self._db.close)
         self._executor.shutdown(wait=True)
 
+    def _room(self, need: int, headroom: int = 0) -> None:
+        """Raise `BackendError` unless writing ``need`` bytes (twice: into the WAL, then into
+        the database at its checkpoint) leaves ``disk_reserve`` + ``headroom`` free; pages free
+        inside the database count as room."""
+        if not self._reserve:
+            return
+        wanted = self._reserve + headroom + 2 * need
+        free = free_bytes(self.path.parent)
+        if free >= wanted:
+            return
+        (pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        if free + pages * page_size >= wanted:
+            return
+        raise BackendError(
+            f"sqlite core queue: the disk is nearly full ({megabytes(free)} free on "
+            f"{self.path.parent}, disk_reserve {megabytes(self._reserve)})"
+        )
+
     def _probe(self) -> None:
+        self._room(0, headroom=self._reserve // 4)  # no flapping at the edge
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -127,6 +162,11 @@ class SqliteCoreQueue:
         """Insert ``messages`` in one transaction, in multi-row INSERTs (`insert_rows`, not a
         statement per event); returns how many were new (not duplicates)."""
         db = self._db
+        self._room(
+            sum(map(len, map(_PAYLOAD, messages)))
+            + sum(map(len, map(_TOPIC, messages)))
+            + _ROW_OVERHEAD * len(messages)
+        )
         params = list(itertools.chain.from_iterable(messages))  # the columns in field order
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -143,6 +183,7 @@ class SqliteCoreQueue:
 
     def _insert_dead(self, messages: list[DeadLetterMessage]) -> None:
         db = self._db
+        self._room(sum(len(m.payload) + len(m.reason) + _ROW_OVERHEAD for m in messages))
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(

@@ -37,6 +37,7 @@ from edge_agent.buffer.model import (
     _Totals,
 )
 from mqtt_ingest import failpoints
+from mqtt_ingest.disk import free_bytes, megabytes
 from mqtt_ingest.sqlite_rows import insert_rows
 
 log = logging.getLogger("edge_agent.buffer")
@@ -89,7 +90,7 @@ class DiskReserve:
         and the database file grow by them (the common case: one ``statvfs``). Else what new rows
         may still take, from a passive checkpoint's point of view (it lets the next transaction
         write the WAL from its start again); call it outside a transaction."""
-        if self._free() - 2 * need >= self.reserve:
+        if free_bytes(self.directory) - 2 * need >= self.reserve:
             return None
         _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         (pages,) = db.execute("PRAGMA freelist_count").fetchone()
@@ -99,16 +100,12 @@ class DiskReserve:
             wal = 0
         if frames > 0 and frames != copied:  # a reader kept part of it: only the tail is reusable
             wal = max(0, wal - 32 - frames * (PAGE_SIZE + 24))
-        free = self._free()  # after the checkpoint, which may have grown the database
+        free = free_bytes(self.directory)  # after the checkpoint, which may have grown the database
         return _Room(free - self.reserve, wal, pages * PAGE_SIZE, free, self.reserve)
 
     @property
     def _wal(self) -> Path:
         return self.directory / f"{DB_NAME}-wal"
-
-    def _free(self) -> int:
-        stat = os.statvfs(self.directory)
-        return stat.f_bavail * stat.f_frsize
 
 
 @dataclass
@@ -138,13 +135,9 @@ class _Room:
 
     def reason(self) -> str:
         return (
-            f"{NEARLY_FULL} ({_megabytes(self.free)} free, disk_reserve "
-            f"{_megabytes(self.reserve)} is kept for draining)"
+            f"{NEARLY_FULL} ({megabytes(self.free)} free, disk_reserve "
+            f"{megabytes(self.reserve)} is kept for draining)"
         )
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
 
 
 def _insert_group(
