@@ -197,6 +197,9 @@ class UplinkTls(_Strict):
     ca: Path
     cert: Path
     key: Path
+    crl: Path | None = None
+    """A CRL of ``ca`` (``bridge-certs crl``): a sink whose server certificate it lists is
+    refused. Read again when the file changes, before the next connection attempt."""
 
 
 class UplinkToken(_Strict):

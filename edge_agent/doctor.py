@@ -26,15 +26,18 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
 from edge_agent.config import AgentConfig, UplinkConfig
-from edge_agent.link import client_context
+from edge_agent.link import CRL_REFUSED, client_context
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.crl import TlsError, check_crl
 from mqtt_ingest.disk import free_bytes, megabytes
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, format_username
 
 __all__ = ["Check", "run_checks"]
 
 CERTIFICATE_WARNING_DAYS = 30
+CRL_WARNING = dt.timedelta(days=1)
+X509_V_ERR_CERT_REVOKED = 23
 NETWORK_TIMEOUT = 10.0
 
 
@@ -88,6 +91,10 @@ def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
     yield clock
     chain = _check("certificate", lambda: _certificate(uplink))
     yield chain
+    if uplink.tls.crl is not None:
+        crl = _check("crl", lambda: _crl(uplink))
+        yield crl
+        chain = chain if crl.ok else crl
     key = _check("key", lambda: _key_matches(uplink))
     yield key
     token = _check("token", lambda: _token(config, uplink))
@@ -158,6 +165,8 @@ def _data_dir(directory: Path, reserve: int) -> str | tuple[str, bool]:
 def _files(uplink: UplinkConfig) -> str | tuple[str, bool]:
     tls = uplink.tls
     paths = [("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)]
+    if tls.crl is not None:
+        paths.append(("crl", tls.crl))
     if uplink.token.mode == "token-file" and uplink.token.file is not None:
         paths.append(("token file", uplink.token.file))
     for what, path in paths:
@@ -223,6 +232,22 @@ def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
     detail = f"issued by the configured CA, expires in {left.days} days"
     if left.days < CERTIFICATE_WARNING_DAYS:
         return detail + ": renew it soon", True
+    return detail
+
+
+def _crl(uplink: UplinkConfig) -> str | tuple[str, bool]:
+    assert uplink.tls.crl is not None
+    try:
+        crl = check_crl(uplink.tls.crl, uplink.tls.ca, refused=CRL_REFUSED)
+    except TlsError as exc:
+        raise _Failed(str(exc), "put a fresh CRL of the CA there (bridge-certs crl)") from None
+    detail = f"{len(crl)} revoked"
+    if crl.next_update_utc is None:
+        return detail + ", no next update"
+    left = crl.next_update_utc - dt.datetime.now(dt.UTC)
+    detail += f", next update in {left.total_seconds() / 3600:.1f} hours"
+    if left < CRL_WARNING:
+        return detail + ": the sink is refused once it passes; fetch a fresh one soon", True
     return detail
 
 
@@ -297,10 +322,15 @@ def _tls(uplink: UplinkConfig) -> str:
             context.wrap_socket(raw, server_hostname=uplink.host) as tls,
         ):
             version = tls.version()
+    except TlsError as exc:
+        raise _Failed(str(exc), "put a fresh CRL of the CA there (bridge-certs crl)") from None
     except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code == X509_V_ERR_CERT_REVOKED:
+            fix = f"the sink needs a new certificate: {uplink.tls.crl} lists its certificate"
+        else:
+            fix = f"the sink needs a certificate for {uplink.host!r} from the CA in {uplink.tls.ca}"
         raise _Failed(
-            f"the server's certificate is not trusted: {exc.verify_message}",
-            f"the sink needs a certificate for {uplink.host!r} from the CA in {uplink.tls.ca}",
+            f"the server's certificate is not trusted: {exc.verify_message}", fix
         ) from None
     except (ssl.SSLError, OSError) as exc:
         raise _Failed(f"TLS handshake failed: {exc}", "check the CA and the server") from None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -44,6 +45,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -52,6 +54,7 @@ from aiomqtt.exceptions import MqttConnectError
 from edge_agent.buffer import Buffer, StoredEvent
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import (
+    CRL_REFUSED,
     LINK_FILE,
     LinkFailure,
     LinkState,
@@ -60,6 +63,7 @@ from edge_agent.link import (
     SendProgress,
     TlsMaterial,
     classify,
+    file_version,
     recording_socket_class,
 )
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
@@ -285,9 +289,19 @@ class Uplink:
                 self._material = TlsMaterial.load(self.config)
             except ValueError as exc:
                 raise LinkFailure(str(exc), refused=True) from None
+        crl = self.config.tls.crl
+        if crl is not None and file_version(crl) != self._material.crl_version:
+            self._material = self._changed_crl(self._material, crl)
         material = self._material
         self.status.certificate_not_after = material.not_after
         now = self._clock.time()
+        if material.crl_next_update is not None and now >= material.crl_next_update:
+            when = dt.datetime.fromtimestamp(material.crl_next_update, dt.UTC)
+            raise LinkFailure(
+                f"the CRL {crl} expired at {when} (its next update): {CRL_REFUSED}; fetch a "
+                "fresh one (bridge-certs crl)",
+                refused=True,
+            )
         if now < material.not_before:
             when = dt.datetime.fromtimestamp(material.not_before, dt.UTC)
             raise LinkFailure(
@@ -298,6 +312,17 @@ class Uplink:
             when = dt.datetime.fromtimestamp(material.not_after, dt.UTC)
             raise LinkFailure(f"the device certificate expired at {when}", refused=True)
         return material
+
+    def _changed_crl(self, material: TlsMaterial, crl: Path) -> TlsMaterial:
+        """The material with the CRL file as it is now; if that cannot be used, the previous
+        material (which an expired CRL then refuses), said once per version of the file."""
+        try:
+            loaded = TlsMaterial.load(self.config)
+        except ValueError as exc:
+            log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
+            return dataclasses.replace(material, crl_version=file_version(crl))
+        log.info("uplink: CRL %s loaded (changed on disk)", crl)
+        return loaded
 
     def reload(self, config: UplinkConfig) -> None:
         """Use new settings, certificates, key and token from the next connection on, which

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +121,16 @@ def _wrong_name(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
     return "WRONG_SERVER_NAME"  # the sink presents a certificate for other.example
 
 
+def _revoked_sink(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    return "REVOKED_SERVER"  # the sink presents a certificate the agent's CRL lists
+
+
+def _expired_crl(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    crl = pki.ca.write_crl(tmp_path / "short-crl.pem", days=1 / 86400)
+    time.sleep(1.5)
+    return f"CRL:{crl}"
+
+
 @pytest.mark.parametrize(
     ("breakage", "check", "message"),
     [
@@ -131,6 +142,8 @@ def _wrong_name(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
         (_unknown_host, "dns", "does not resolve"),
         (_closed_port, "tcp", "cannot reach"),
         (_wrong_name, "tls", "not trusted"),
+        (_revoked_sink, "tls", "certificate revoked"),
+        (_expired_crl, "crl", "expired at"),
         (_wrong_audience, "connect", "refused the CONNECT"),
     ],
 )
@@ -140,9 +153,15 @@ async def test_doctor_fails_on_each_broken_item(
     device = copy_creds(pki.device(f"doc-{uuid.uuid4().hex[:6]}"), tmp_path / "creds")
     change = breakage(pki, device, tmp_path)
     server_cert = None
+    crl = change.removeprefix("CRL:") if change.startswith("CRL:") else None
     if change == "WRONG_SERVER_NAME":
         issued = pki.server(f"other-{uuid.uuid4().hex[:6]}", ["other.example"])
         server_cert = (issued.cert_path, issued.key_path)
+    elif change == "REVOKED_SERVER":
+        issued = pki.server(f"gone-{uuid.uuid4().hex[:6]}", ["localhost"], ["127.0.0.1"])
+        server_cert = (issued.cert_path, issued.key_path)
+        pki.ca.revoke(f"{issued.serial:x}")
+        crl = str(shutil.copyfile(pki.crl, tmp_path / "crl.pem"))
     async with running_sink(tmp_path, pki, server_cert=server_cert) as server:
         port = free_port() if change == "CLOSED_PORT" else server.port
         host = change.removeprefix("HOST:") if change.startswith("HOST:") else "localhost"
@@ -152,6 +171,8 @@ async def test_doctor_fails_on_each_broken_item(
         )
         if change == "MISSING_CA":
             section = section.replace(str(pki.ca_cert), str(tmp_path / "nowhere" / "ca.pem"))
+        if crl is not None:
+            section = section.replace("[uplink.tls]\n", f'[uplink.tls]\ncrl = "{crl}"\n')
         path = write_config(tmp_path / "agent", device_id=device.device_id, uplink=section)
         done = await acli(path, "doctor")
     assert done.returncode == 1, done.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import time
 import uuid
@@ -229,6 +230,78 @@ async def test_bad_server_certificate_is_refused_without_fallback(
     assert "CERTIFICATE_VERIFY_FAILED" in detail, detail
     assert inspect(config.agent.data_dir).events == 1
     assert not stored_payloads(tmp_path / "core.db")
+
+
+def with_crl(path: Path, crl: Path) -> Path:
+    path.write_text(path.read_text().replace("[uplink.tls]\n", f'[uplink.tls]\ncrl = "{crl}"\n'))
+    return path
+
+
+async def test_a_revoked_sink_certificate_is_refused_once_the_crl_lists_it(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """[uplink.tls] crl: the agent checks the sink's server certificate against the CA's CRL,
+    and reads the file again when it changes. Online with a CRL that does not list the sink's
+    certificate; the certificate is revoked and the new CRL copied in: the next connection is
+    refused (slow retries, events kept); a sink with a good certificate gets everything."""
+    issued = pki.server(f"sink-{uuid.uuid4().hex[:6]}", ["localhost"], ["127.0.0.1"])
+    crl = tmp_path / "crl.pem"
+    shutil.copyfile(pki.crl, crl)
+    device = new_device(pki, "crl")
+    port = free_port()
+    path = with_crl(configure(tmp_path, pki, device, port), crl)
+    config = load_config(path)
+    server_cert = (issued.cert_path, issued.key_path)
+    async with Agent(config) as agent:
+        assert agent.uplink is not None
+        uplink = agent.uplink
+        async with sink(tmp_path, pki, port=port, server_cert=server_cert):
+            await agent.publish("sensors/t", b"0")
+            await until(lambda: stored_payloads(tmp_path / "core.db") == [0], timeout=30)
+            pki.ca.revoke(f"{issued.serial:x}")
+            shutil.copyfile(pki.crl, crl)
+        async with sink(tmp_path, pki, port=port, server_cert=server_cert):
+            await agent.publish("sensors/t", b"1")
+            await until(lambda: uplink.status.state is LinkState.REFUSED, timeout=30)
+            detail = uplink.status.last_error
+        async with sink(tmp_path, pki, port=port):  # the session's good certificate
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+    assert "certificate revoked" in detail, detail
+    assert sorted(stored_payloads(tmp_path / "core.db")) == [0, 1]
+
+
+async def test_an_expired_or_foreign_crl_refuses_the_sink_and_says_why(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CRL past its next update (OpenSSL would refuse every server against it): connections
+    are refused, said with the file and the reason, events kept. Another CA's CRL copied over
+    it is not taken (one warning; the previous one stays). A fresh one is read at the next
+    attempt and everything is delivered."""
+    crl = pki.ca.write_crl(tmp_path / "crl.pem", days=6 / 86400)
+    expires = time.monotonic() + 6
+    device = new_device(pki, "crlx")
+    port = free_port()
+    config = load_config(with_crl(configure(tmp_path, pki, device, port), crl))
+    async with Agent(config) as agent:
+        assert agent.uplink is not None
+        uplink = agent.uplink
+        async with sink(tmp_path, pki, port=port):
+            await agent.publish("sensors/t", b"0")
+            await until(lambda: stored_payloads(tmp_path / "core.db") == [0], timeout=5)
+        await agent.publish("sensors/t", b"1")
+        await until(lambda: "expired at" in uplink.status.last_error, timeout=30)
+        assert time.monotonic() >= expires - 1  # whole seconds in the CRL
+        expired = uplink.status.last_error
+        assert uplink.status.state is LinkState.REFUSED
+        shutil.copyfile(pki.other_ca.write_crl(tmp_path / "foreign.pem"), crl)
+        await until(lambda: "the CRL changed but cannot be used" in caplog.text, timeout=30)
+        assert uplink.status.last_error == expired
+        async with sink(tmp_path, pki, port=port):
+            shutil.copyfile(pki.ca.write_crl(tmp_path / "fresh.pem"), crl)
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+    assert "fetch a fresh one" in expired, expired
+    assert "not signed by the CA" in caplog.text
+    assert sorted(stored_payloads(tmp_path / "core.db")) == [0, 1]
 
 
 class SkewedClock:
