@@ -252,7 +252,8 @@ class SendProgress:
     call, the peer's TCP acknowledged more of our bytes while at least `BACKLOG` were queued;
     then it also tells paho, whose keep-alive check would end the connection for the same
     reason. A blackholed path acknowledges nothing, and a hung server stops acknowledging once
-    its receive buffer is full, so neither looks alive for long."""
+    its receive buffer is full; the session stops asking after a while without a byte back
+    (`Session.progress_limit`), for a middlebox that acknowledges for a dead server."""
 
     def __init__(self, mqtt: paho.Client) -> None:
         self._mqtt = mqtt

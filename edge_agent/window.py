@@ -77,7 +77,9 @@ class Session:
     _renewal_timer: asyncio.TimerHandle | None = None
     received_at: list[float] = field(default_factory=lambda: [time.monotonic()])  # last bytes in
     progress: Callable[[], bool] = lambda: False  # `SendProgress.moved` of the connection
+    progress_limit: float = math.inf  # seconds without inbound bytes after which it stops counting
     moved_at: float = 0.0  # loop time our backlog of bytes last moved (`progress`)
+    _moved_mono: float = 0.0  # the same, time.monotonic() (the clock of ``received_at``)
     ahead: tuple[tuple[int, int], asyncio.Task[list[StoredEvent]]] | None = None  # (cursor, fetch)
 
     def fail(self, failure: LinkFailure) -> None:
@@ -194,24 +196,35 @@ class Session:
         Measured from the later of the oldest message's hand-off, the last acknowledgement and
         the last progress of our bytes (`progress`): on a slow link a full window, or one large
         message, takes longer than the timeout to cross, and while it moves the link is working,
-        not late (RELIABILITY F6). Progress also counts as something received.
+        not late (RELIABILITY F6). Progress also counts as something received, but only until
+        nothing at all came back for ``progress_limit``: a peer that acknowledges at the TCP
+        level but never answers (a middlebox in front of a hung server) is dead all the same.
         """
         timeout = self.publish_timeout
         while True:
             await asyncio.sleep(min(1.0, timeout / 4, self.silence_limit / 8))
-            if self.progress():
-                self.received_at[0] = time.monotonic()
-                self.moved_at = self.loop.time()
-            silent = time.monotonic() - self.received_at[0]
-            if silent >= self.silence_limit:
-                self.fail(LinkFailure(f"nothing received for {silent:.1f}s: the link is dead"))
+            try:
+                failure = self._expired(timeout)
+            except Exception as exc:  # never leave the link unwatched
+                failure = LinkFailure(f"the link's watchdog failed: {exc!r}")
+            if failure is not None:
+                self.fail(failure)
                 return
-            if self.inflight:
-                oldest = next(iter(self.inflight.values()))
-                started = max(oldest.sent_at, self.last_ack_at, self.moved_at)
-                if self.loop.time() - started >= timeout:
-                    self.fail(PublishTimeout(f"publish not confirmed within {timeout:g}s"))
-                    return
+
+    def _expired(self, timeout: float) -> LinkFailure | None:
+        now = time.monotonic()
+        if now - self.received_at[0] < self.progress_limit and self.progress():
+            self._moved_mono = now
+            self.moved_at = self.loop.time()
+        silent = now - max(self.received_at[0], self._moved_mono)
+        if silent >= self.silence_limit:
+            return LinkFailure(f"nothing received for {silent:.1f}s: the link is dead")
+        if self.inflight:
+            oldest = next(iter(self.inflight.values()))
+            started = max(oldest.sent_at, self.last_ack_at, self.moved_at)
+            if self.loop.time() - started >= timeout:
+                return PublishTimeout(f"publish not confirmed within {timeout:g}s")
+        return None
 
     def _hit_or_fail(self, name: str) -> bool:
         """Fire failpoint ``name`` (kill9 ends the process here); one that raises fails the session.

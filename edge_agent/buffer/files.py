@@ -308,9 +308,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _close_cleanly(db: sqlite3.Connection, directory: Path) -> None:
-    """Checkpoint the WAL into the database and mark the state file closed. On a full disk the
-    checkpoint cannot grow the database: the WAL stays, with every commit in it, for the next
-    open to replay, and the state stays "open" (a WAL is expected there)."""
+    """Checkpoint the WAL into the database and mark the state file closed. On a full disk (or
+    an I/O error) the checkpoint cannot write the database: the WAL stays, with every commit in
+    it, for the next open to replay, and the state stays "open" (a WAL is expected there)."""
     try:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.OperationalError as exc:

@@ -3,6 +3,7 @@ drain's reads and deletes, attempts and dead letters, the TTL sweep and the stat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -24,7 +25,6 @@ from edge_agent.buffer.files import (
 )
 from edge_agent.buffer.model import (
     DB_NAME,
-    PAGE_SIZE,
     BufferError,
     BufferFull,
     BufferStats,
@@ -75,37 +75,60 @@ NEARLY_FULL = "the disk is nearly full"
 """How the reason of an event refused for the disk reserve starts."""
 
 
-@dataclass(frozen=True)
 class DiskReserve:
     """Free space the buffer keeps on its filesystem for everything but new events: the deletes
     of the drain, the TTL sweep and the checkpoints that move the WAL into the database all write
     too. On a disk filled to the last byte none of them can, and the buffer stops draining
-    (measured on a full tmpfs: every delete failed with "database or disk is full")."""
+    (measured on a full tmpfs: every delete failed with "database or disk is full").
 
-    directory: Path
-    reserve: int
+    New rows may grow the database file only above the reserve; the WAL, which a checkpoint
+    lets the next transaction reuse from its start (and which is cut back to `WAL_SIZE_LIMIT`),
+    may also take up to half of the reserve for a while (half of what is free, when another
+    process took part of the reserve)."""
+
+    def __init__(self, directory: Path, reserve: int) -> None:
+        self.directory = directory
+        self.reserve = reserve
+        self._wal = directory / f"{DB_NAME}-wal"
+        self._unmeasurable = False
 
     def room(self, db: sqlite3.Connection, need: int) -> _Room | None:
-        """None when ``need`` bytes of new rows leave the reserve untouched even if both the WAL
-        and the database file grow by them (the common case: one ``statvfs``). Else what new rows
-        may still take, from a passive checkpoint's point of view (it lets the next transaction
-        write the WAL from its start again); call it outside a transaction."""
-        if free_bytes(self.directory) - 2 * need >= self.reserve:
+        """None when ``need`` bytes of new rows fit (the common case: one ``statvfs``, and near
+        the reserve one look at the free list); else what new rows may still take, after a
+        passive checkpoint. Call it outside a transaction."""
+        try:
+            free = free_bytes(self.directory)
+        except OSError as exc:  # no check rather than no commits
+            if not self._unmeasurable:
+                log.warning("buffer: cannot measure the free disk space, not checked: %s", exc)
+                self._unmeasurable = True
             return None
-        _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if free - 2 * need >= self.reserve:
+            return None
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
         (pages,) = db.execute("PRAGMA freelist_count").fetchone()
+        # The WAL may take half of the reserve, or of what is free if another process took more.
+        slack = min(self.reserve, free) // 2
+        room = _Room(free - self.reserve, slack, 0, pages * page_size, free, self.reserve)
+        if dataclasses.replace(room).take(need):
+            return None  # fits even if the WAL grows by all of it: no checkpoint needed
+        try:
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.OperationalError as exc:  # it had no room to grow the database either
+            if not str(exc).lower().startswith(DISK_FULL):
+                raise
+            return room
         try:
             wal = os.stat(self._wal).st_size
         except FileNotFoundError:
             wal = 0
         if frames > 0 and frames != copied:  # a reader kept part of it: only the tail is reusable
-            wal = max(0, wal - 32 - frames * (PAGE_SIZE + 24))
-        free = free_bytes(self.directory)  # after the checkpoint, which may have grown the database
-        return _Room(free - self.reserve, wal, pages * PAGE_SIZE, free, self.reserve)
-
-    @property
-    def _wal(self) -> Path:
-        return self.directory / f"{DB_NAME}-wal"
+            wal = max(0, wal - 32 - frames * (page_size + 24))
+        room.wal = wal
+        room.free = free_bytes(self.directory)  # after the checkpoint, which may grow the file
+        room.disk = room.free - self.reserve
+        room.slack = min(self.reserve, room.free) // 2
+        return room
 
 
 @dataclass
@@ -116,6 +139,8 @@ class _Room:
 
     disk: int
     """Bytes of the filesystem above the reserve (negative: the reserve is in use already)."""
+    slack: int
+    """Bytes of the reserve the WAL may still take (it is reused and cut back later)."""
     wal: int
     """Bytes of the WAL file that new frames reuse."""
     pages: int
@@ -123,12 +148,20 @@ class _Room:
     free: int
     reserve: int
 
+    def wal_fits(self, cost: int) -> bool:
+        """Whether the WAL could take a row of ``cost`` bytes (dropping rows cannot help it)."""
+        return max(0, cost - self.wal) <= max(self.disk, 0) + self.slack
+
     def take(self, cost: int) -> bool:
         """Count a row of ``cost`` bytes in if it fits."""
-        growth = max(0, cost - self.wal) + max(0, cost - self.pages)
-        if growth and growth > self.disk:
+        wal_growth = max(0, cost - self.wal)
+        file_growth = max(0, cost - self.pages)
+        above = max(self.disk, 0)
+        if file_growth > above or wal_growth > above - file_growth + self.slack:
             return False
-        self.disk -= growth
+        from_above = min(wal_growth, above - file_growth)
+        self.disk -= file_growth + from_above
+        self.slack -= wal_growth - from_above
         self.wal = max(0, self.wal - cost)
         self.pages = max(0, self.pages - cost)
         return True
@@ -162,8 +195,8 @@ def _insert_group(
     size = sum(map(len, map(_NEW_PAYLOAD, events)))
     need = (size + sum(map(len, map(_NEW_TOPIC, events))) + _ROW_OVERHEAD * len(events)) * 9 // 8
     for attempt in range(_DISK_FULL_ATTEMPTS):
-        room = None if disk is None else disk.room(db, need)
         try:
+            room = None if disk is None else disk.room(db, need)
             return _insert_group_once(
                 db, events, size, totals, max_events, max_bytes, now_ms, attempt, room
             )
@@ -278,7 +311,7 @@ def _insert_one_with_policy(
     if disk_full and event.on_full == "reject":
         return BufferFull(event.topic, "the disk is full")
     if room is not None and not room.take(cost := _row_cost(event)):
-        if event.on_full == "reject":
+        if event.on_full == "reject" or not room.wal_fits(cost):
             return BufferFull(event.topic, room.reason())
         making = _MakeRoom(room, cost)
         _drop_oldest(db, event.priority, totals, dropped, making)
