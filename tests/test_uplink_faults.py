@@ -718,6 +718,36 @@ async def test_a_frozen_sink_is_noticed_while_large_messages_are_sent(
     assert noticed < 15, "a frozen sink kept the link looking alive"
 
 
+async def test_progress_of_our_bytes_stops_counting_after_four_keepalives_of_silence(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """Bytes still acknowledged by TCP while nothing at all comes back (here the path from the
+    sink is cut while the way up trickles at 10 kB/s; a middlebox in front of a hung sink does
+    the same): without a limit the agent would count that as life for as long as it has a
+    window to send, 1 MiB at 10 kB/s, 100 s. It gives up after 4 keep-alives of silence plus
+    its usual 1.5."""
+    device = new_device(pki, "mute")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port, hold=4096)
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra="keepalive = 2"))
+        await preload(config, 1500, size=1000)
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await until(lambda: uplink.status.connected_since is not None, timeout=30)
+            proxy.bandwidth(10_000, direction=Direction.UPSTREAM)
+            proxy.blackhole(direction=Direction.DOWNSTREAM)
+            cut = time.monotonic()
+            await until(lambda: uplink.status.state is not LinkState.ONLINE, timeout=60)
+            noticed = time.monotonic() - cut
+            error = uplink.status.last_error
+            proxy.pass_through()
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=90)
+    figures("mute peer, bytes still moving", noticed_after_s=round(noticed, 1), error=error)
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(1500))
+    assert noticed < 4 * 2 + 1.5 * 2 + 5, error
+
+
 @contextlib.asynccontextmanager
 async def acks_held(
     tmp_path: Path, pki: Pki, proxies: ChaosProxyFactory, prefix: str, extra: str
