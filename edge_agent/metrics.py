@@ -31,6 +31,7 @@ from edge_agent.link import LinkState
 from edge_agent.uplink import Uplink
 from mqtt_ingest import Counters, IngestServer
 from mqtt_ingest.clock import Clock
+from mqtt_ingest.disk import free_bytes
 from mqtt_ingest.prometheus import INGEST_COUNTERS, CountersCollector, ProcessIoCollector
 
 __all__ = ["OTHER_TOPICS", "SCAN_DUTY", "AgentMetrics"]
@@ -144,6 +145,25 @@ class AgentMetrics:
                 "edge_agent_accepted_events",
                 "Events committed to the buffer (accepted) since the agent started.",
                 self._buffer.accepted,
+            ),
+            *self._disk_families(),
+        ]
+
+    def _disk_families(self) -> list[Metric]:
+        try:
+            free = free_bytes(self._buffer.directory)
+        except OSError:  # the directory vanished: nothing to say about it
+            return []
+        return [
+            _gauge(
+                "edge_agent_disk_free_bytes",
+                "Free bytes on the data directory's filesystem (statvfs, at the scrape).",
+                free,
+            ),
+            _gauge(
+                "edge_agent_disk_reserve_bytes",
+                "[buffer] disk_reserve: below it new events are refused or drop old ones.",
+                self._config.buffer.disk_reserve,
             ),
         ]
 

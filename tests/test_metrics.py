@@ -109,6 +109,8 @@ async def test_agent_without_uplink_counts_what_it_accepted(tmp_path: Path) -> N
     commits = value(samples, "edge_agent_buffer_commit_seconds_count")
     assert 1 <= commits <= 34
     assert value(samples, "edge_agent_buffer_commit_seconds_sum") > 0
+    assert value(samples, "edge_agent_disk_reserve_bytes") == 16 * 1024**2
+    assert value(samples, "edge_agent_disk_free_bytes") > 0
     assert value(samples, "edge_agent_listener_events_acked_total") == 4
     assert value(samples, "edge_agent_listener_connects_accepted_total") == 1
     info = with_name(samples, "edge_agent_info")
