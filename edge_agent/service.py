@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from edge_agent.accept import Acceptor
-from edge_agent.buffer import Buffer
+from edge_agent.accept import Acceptor, InvalidEvent
+from edge_agent.buffer import Buffer, BufferFull
 from edge_agent.config import AgentConfig
 from edge_agent.local import build_listener, remove_listener_file, write_listener_file
 from edge_agent.uplink import Uplink
@@ -202,6 +203,32 @@ class Agent:
         if self._acceptor is None:
             raise RuntimeError("the agent is not running")
         return self._id_prefix + str(await self._acceptor.accept(topic, payload))
+
+    async def publish_many(self, events: Iterable[tuple[str, bytes]]) -> list[str | BufferFull]:
+        """Accept several events, committed together; return, in their order, each one's id or
+        the `edge_agent.BufferFull` that refused it (a ``reject`` rule and a full buffer; the
+        others are committed all the same).
+
+        For a producer that has many events at once (a poll of many sensors): one wait for one
+        commit, instead of one per event. Raises `edge_agent.InvalidEvent` naming the first bad
+        event (its index in ``reason``); then none of them is stored.
+        """
+        if self._acceptor is None:
+            raise RuntimeError("the agent is not running")
+        acceptor = self._acceptor
+        prepared = []
+        for index, (topic, payload) in enumerate(events):
+            try:
+                prepared.append(acceptor.prepare(topic, payload))
+            except InvalidEvent as exc:
+                raise InvalidEvent(exc.topic, f"event {index}: {exc.reason}") from None
+        if not prepared:
+            return []
+        prefix = self._id_prefix
+        return [
+            outcome if isinstance(outcome, BufferFull) else prefix + str(outcome)
+            for outcome in await acceptor.accept_many(prepared)
+        ]
 
     def reload(self, config: AgentConfig) -> list[str]:
         """Apply a new configuration to the running agent (SIGHUP): the topic rules at once, the

@@ -58,6 +58,29 @@ async def test_api_publish_returns_the_event_id_once_committed(tmp_path: Path) -
     assert (events["sensors/t1"].qos, events["sensors/t1"].priority) == (1, 0)
 
 
+async def test_api_publish_many_commits_together_and_reports_each_outcome(
+    tmp_path: Path,
+) -> None:
+    config = load_config(write_config(tmp_path, device_id="dev-many", buffer="max_events = 5"))
+    async with Agent(config) as agent:
+        commits = agent.buffer.commits
+        ids = await agent.publish_many(
+            [("sensors/a", b"1"), ("alarms/b", b"2"), ("sensors/a", b"3")]
+        )
+        assert agent.buffer.commits == commits + 1  # one commit, one wait
+        assert [str(i).rsplit("/", 1)[1] for i in ids] == ["1", "2", "3"]
+        assert all(isinstance(i, str) and i.startswith("dev-many/") for i in ids)
+        # One bad event: said with its index, and none of them is stored.
+        with pytest.raises(InvalidEvent, match=r"event 1: .*wildcards"):
+            await agent.publish_many([("sensors/a", b"4"), ("sensors/#", b"5")])
+        assert inspect(config.agent.data_dir).events == 3
+        # A full buffer refuses some (a reject rule): the rest are committed.
+        outcomes = await agent.publish_many([(f"sensors/{n}", b"x") for n in range(4)])
+        assert [type(o) for o in outcomes] == [str, str, BufferFull, BufferFull]
+        assert await agent.publish_many([]) == []
+    assert [e.payload for e in read_events(config.agent.data_dir)] == [b"2", b"1", b"3", b"x", b"x"]
+
+
 @pytest.mark.parametrize(
     ("topic", "payload", "reason"),
     [
