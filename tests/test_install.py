@@ -169,9 +169,13 @@ def test_sink_template_with_its_settings_switched_on_passes_check_config(
         # An alternative core queue: its "##" lines replace the sqlite keys, as the template says.
         block = re.search(rf'^##type = "{backend}"\n(?:##.*\n)+', text, re.MULTILINE)
         assert block is not None
-        sqlite = f'type = "sqlite"\npath = "{tmp_path}/core.db"\n'
-        assert sqlite in text
-        text = text.replace(sqlite, block.group(0).replace("##", ""))
+        sqlite = re.search(
+            rf'^type = "sqlite"\npath = "{tmp_path}/core.db"\ndisk_reserve = .*\n',
+            text,
+            re.MULTILINE,
+        )
+        assert sqlite is not None
+        text = text.replace(sqlite.group(0), block.group(0).replace("##", ""))
     path = tmp_path / "sink.toml"
     path.write_text(text)
     result = run("cloud-sink", "--config", str(path), "check-config")
