@@ -168,6 +168,42 @@ async def api_rate(
     return RateResult(events, seconds, commits)
 
 
+MANY_PRODUCERS = 10
+MANY_BATCH = 100
+
+
+async def api_many_rate(
+    directory: Path, events: int, bodies: list[bytes], durability: Durability
+) -> RateResult:
+    """(a2): `Agent.publish_many`, `MANY_PRODUCERS` producers each publishing batches of
+    `MANY_BATCH` (a producer with many events at once, e.g. a poll of many sensors)."""
+    config = parse_config(
+        config_text(directory, durability=durability, listener=False, linger=None)
+    )
+    async with Agent(config) as agent:
+        starts = iter(range(0, events, MANY_BATCH))
+
+        async def producer() -> None:
+            for start in starts:
+                batch = [
+                    (TOPICS[n % len(TOPICS)], bodies[n % len(bodies)])
+                    for n in range(start, min(start + MANY_BATCH, events))
+                ]
+                await agent.publish_many(batch)
+
+        commits_before = agent.buffer.commits
+        start = time.perf_counter()
+        async with asyncio.TaskGroup() as tasks:
+            for _ in range(MANY_PRODUCERS):
+                tasks.create_task(producer())
+        seconds = time.perf_counter() - start
+        commits = agent.buffer.commits - commits_before
+        stored = (await agent.buffer.stats()).events
+    if stored != events:
+        out(f"  WARNING: {stored} events in the buffer after publishing {events}")
+    return RateResult(events, seconds, commits)
+
+
 def raw_rate(path: Path, rows: list[Row], batch: int, durability: Durability) -> RateResult:
     db = raw_connection(path, durability)
     try:
@@ -468,17 +504,21 @@ async def run(args: argparse.Namespace, root: Path) -> None:
     out(
         f"\n(a) accept rate, durability={durability}: Python API with {args.producers} concurrent "
         f"producers vs raw sqlite3 executemany in batches of {args.batch}; "
-        f"{args.events} events per run, {args.runs} runs alternating"
+        f"{args.events} events per run, {args.runs} runs alternating; (a2) publish_many, "
+        f"{MANY_PRODUCERS} producers x batches of {MANY_BATCH}"
     )
     rows = make_rows(args.events, bodies)
     api: list[RateResult] = []
     raw: list[RateResult] = []
+    many: list[RateResult] = []
     for number in range(args.runs):
         # Alternate which goes first, so that neither always runs on a warmer machine.
-        order = ("api", "raw") if number % 2 == 0 else ("raw", "api")
+        order = ("api", "raw", "many") if number % 2 == 0 else ("raw", "many", "api")
         for which in order:
             directory = root / f"a-{which}-{number}"
-            if which == "api":
+            if which == "many":
+                many.append(await api_many_rate(directory, args.events, bodies, durability))
+            elif which == "api":
                 api.append(
                     await api_rate(
                         directory,
@@ -495,10 +535,12 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         out(
             f"  run {number + 1}: API {api[-1].rate:>9,.0f} ev/s "
             f"({api[-1].events / max(api[-1].commits, 1):.0f} events/commit) | "
-            f"raw {raw[-1].rate:>9,.0f} ev/s ({raw[-1].commits} commits)"
+            f"raw {raw[-1].rate:>9,.0f} ev/s ({raw[-1].commits} commits) | "
+            f"publish_many {many[-1].rate:>9,.0f} ev/s"
         )
     api_median = statistics.median(r.rate for r in api)
     raw_median = statistics.median(r.rate for r in raw)
+    many_median = statistics.median(r.rate for r in many)
 
     # (b)
     out(
@@ -575,6 +617,14 @@ async def run(args: argparse.Namespace, root: Path) -> None:
                 f"{api_ratio:.3f}",
                 f">= {GOAL_API_RATIO}",
                 yes(api_ratio >= GOAL_API_RATIO),
+            ),
+            (
+                f"(a2) API publish_many x{MANY_BATCH}",
+                f"{many_median:,.0f} ev/s",
+                f"raw sqlite3 {raw_median:,.0f} ev/s",
+                f"{many_median / raw_median:.3f}",
+                "(none: reported)",
+                "-",
             ),
             (
                 "(b) listener accept rate (QoS 1)",
