@@ -93,6 +93,7 @@ class SinkMetrics:
         guard: Callable[[], BackendGuard | None],
         not_ready: Callable[[], str | None],
         crl: Callable[[], x509.CertificateRevocationList | None] = lambda: None,
+        disk: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.backend = backend
@@ -100,6 +101,7 @@ class SinkMetrics:
         self._guard = guard
         self._not_ready = not_ready
         self._crl = crl
+        self._disk = disk
         self._confirm = Histogram(
             "cloud_sink_core_queue_confirm_seconds",
             "From handing a batch to the core queue to its confirm (successful calls only).",
@@ -170,7 +172,30 @@ class SinkMetrics:
             )
             next_update.add_metric([], crl.next_update_utc.timestamp())
             families.append(next_update)
+        disk = self._disk()
+        if disk is not None:
+            free, reserve = disk
+            families.append(
+                _gauge(
+                    "cloud_sink_core_queue_disk_free_bytes",
+                    "Free bytes on the sqlite core queue's filesystem (statvfs, at the scrape).",
+                    free,
+                )
+            )
+            families.append(
+                _gauge(
+                    "cloud_sink_core_queue_disk_reserve_bytes",
+                    "[backend] disk_reserve: a write cutting into it is an outage.",
+                    reserve,
+                )
+            )
         return families
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
 
 
 class _Collector(Collector):

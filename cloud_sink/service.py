@@ -36,6 +36,7 @@ from cloud_sink.tls import (
 from mqtt_ingest import Counters, Identity, IngestServer, Limits
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock, SystemClock
+from mqtt_ingest.disk import free_bytes
 from mqtt_ingest.exposition import MetricsServer
 from mqtt_ingest.lifecycle import cancel_until_done
 
@@ -152,7 +153,18 @@ class Sink:
             guard=lambda: self._backend,
             not_ready=self.not_ready,
             crl=lambda: self._tls.crl if self._tls is not None else None,
+            disk=self._disk,
         )
+
+    def _disk(self) -> tuple[int, int] | None:
+        """(free bytes, disk_reserve) of the sqlite core queue's filesystem; None otherwise."""
+        backend = self.config.backend
+        if not isinstance(backend, SqliteBackendConfig):
+            return None
+        try:
+            return free_bytes(backend.path.parent), backend.disk_reserve
+        except OSError:
+            return None
 
     @property
     def running(self) -> bool:

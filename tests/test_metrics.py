@@ -312,6 +312,9 @@ async def test_the_crl_next_update_is_exported(tmp_path: Path, pki: Pki) -> None
     async with Sink(sink_config(tmp_path, pki)) as sink:  # no CRL: no such series
         samples = await scrape(sink.metrics_port)
     assert not with_name(samples, "cloud_sink_tls_crl_next_update_timestamp_seconds")
+    # The sqlite core queue's disk, to alert before its reserve turns into an outage.
+    assert value(samples, "cloud_sink_core_queue_disk_reserve_bytes") == 64 * 1024**2
+    assert value(samples, "cloud_sink_core_queue_disk_free_bytes") > 0
 
 
 async def test_a_refused_connect_is_counted_under_its_reason(tmp_path: Path, pki: Pki) -> None:
