@@ -251,22 +251,39 @@ class SendProgress:
     message takes longer than the keep-alive to cross. `moved` says whether, since its last
     call, the peer's TCP acknowledged more of our bytes while at least `BACKLOG` were queued;
     then it also tells paho, whose keep-alive check would end the connection for the same
-    reason. A blackholed path acknowledges nothing, and a hung server stops acknowledging once
-    its receive buffer is full; the session stops asking after a while without a byte back
-    (`Session.progress_limit`), for a middlebox that acknowledges for a dead server."""
+    reason.
 
-    def __init__(self, mqtt: paho.Client) -> None:
+    A blackholed path acknowledges nothing, and a hung server stops acknowledging once its
+    receive buffer is full. A middlebox that terminates TCP in front of a dead server would
+    acknowledge for it, so progress counts only until ``budget`` bytes were acknowledged since
+    the last byte that came back: a live sink answers each message once it has it all (its
+    PUBACK), so the session's budget is about two of its largest messages in flight."""
+
+    def __init__(self, mqtt: paho.Client, received_at: list[float]) -> None:
         self._mqtt = mqtt
+        self._received_at = received_at  # when bytes last came in (the recording socket's)
         self._last: tuple[int, int] | None = None
+        self._inbound_seen = received_at[0]
+        self._acked_then: int | None = None  # acknowledged bytes when a byte last came in
+        # paho 2.2's keep-alive check reads _last_bytes_received; 2.0 and 2.1 read _last_msg_in.
+        self._paho_clock = (
+            "_last_bytes_received" if hasattr(mqtt, "_last_bytes_received") else "_last_msg_in"
+        )
 
-    def moved(self) -> bool:
+    def moved(self, budget: int) -> bool:
         sock = self._mqtt.socket()
         state = tcp_send_state(sock) if isinstance(sock, socket.socket) else None
         last, self._last = self._last, state
-        if state is None or last is None or state[0] <= last[0] or last[1] < BACKLOG:
+        if state is None:
             return False
+        if self._acked_then is None or self._received_at[0] != self._inbound_seen:
+            self._inbound_seen = self._received_at[0]
+            self._acked_then = state[0]
+        if last is None or state[0] <= last[0] or last[1] < BACKLOG:
+            return False
+        if state[0] - self._acked_then > budget:
+            return False  # that much went out and nothing came back: not a live sink
         mqtt = self._mqtt
-        # paho 2.x's keep-alive check reads this (its own clock: time.monotonic).
-        with mqtt._msgtime_mutex:
-            mqtt._last_bytes_received = max(mqtt._last_bytes_received, time.monotonic())
+        with mqtt._msgtime_mutex:  # paho's own clock is time.monotonic
+            setattr(mqtt, self._paho_clock, max(getattr(mqtt, self._paho_clock), time.monotonic()))
         return True

@@ -364,10 +364,7 @@ class Uplink:
         # for paho's once-a-second check) means a dead link (RELIABILITY F5).
         session.silence_limit = max(1.5 * config.keepalive, config.keepalive + 2.0)
         session.received_at = self._received_at
-        # Our bytes moving count as life (large messages on slow links, F6), but 4 keep-alives
-        # without a byte back is a dead peer whatever its TCP acknowledges.
-        session.progress = SendProgress(mqtt).moved
-        session.progress_limit = 4 * config.keepalive
+        session.progress = SendProgress(mqtt, self._received_at).moved
         session.renew_at = self._renew_at(token)
         session.schedule_renewal()
         self._session = session

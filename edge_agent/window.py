@@ -30,6 +30,11 @@ __all__ = ["MID_SPAN", "Message", "Session"]
 # sent this many publishes ago (with a margin), so a packet id is never reused while in flight.
 MID_SPAN = 65_000
 
+PROGRESS_SLACK = 64 * 1024
+"""Bytes beyond two of the largest messages in flight that may be acknowledged by TCP without a
+byte coming back before that progress stops counting as life (`Session.expire`): socket
+buffers, TLS records, a PUBACK on its way."""
+
 
 @dataclass(slots=True)
 class Message:
@@ -76,8 +81,7 @@ class Session:
     renewing: bool = False  # decided: the feeder returns and the connection is renewed
     _renewal_timer: asyncio.TimerHandle | None = None
     received_at: list[float] = field(default_factory=lambda: [time.monotonic()])  # last bytes in
-    progress: Callable[[], bool] = lambda: False  # `SendProgress.moved` of the connection
-    progress_limit: float = math.inf  # seconds without inbound bytes after which it stops counting
+    progress: Callable[[int], bool] = lambda budget: False  # `SendProgress.moved`
     moved_at: float = 0.0  # loop time our backlog of bytes last moved (`progress`)
     _moved_mono: float = 0.0  # the same, time.monotonic() (the clock of ``received_at``)
     ahead: tuple[tuple[int, int], asyncio.Task[list[StoredEvent]]] | None = None  # (cursor, fetch)
@@ -196,9 +200,10 @@ class Session:
         Measured from the later of the oldest message's hand-off, the last acknowledgement and
         the last progress of our bytes (`progress`): on a slow link a full window, or one large
         message, takes longer than the timeout to cross, and while it moves the link is working,
-        not late (RELIABILITY F6). Progress also counts as something received, but only until
-        nothing at all came back for ``progress_limit``: a peer that acknowledges at the TCP
-        level but never answers (a middlebox in front of a hung server) is dead all the same.
+        not late (RELIABILITY F6). Progress also counts as something received, but only for
+        about two of the largest messages in flight (`PROGRESS_SLACK` more) without a byte back:
+        a peer that acknowledges at the TCP level but never answers (a middlebox in front of a
+        hung server) is dead all the same.
         """
         timeout = self.publish_timeout
         while True:
@@ -213,7 +218,8 @@ class Session:
 
     def _expired(self, timeout: float) -> LinkFailure | None:
         now = time.monotonic()
-        if now - self.received_at[0] < self.progress_limit and self.progress():
+        largest = max((len(m.payload) for m in self.inflight.values()), default=0)
+        if self.progress(2 * largest + PROGRESS_SLACK):
             self._moved_mono = now
             self.moved_at = self.loop.time()
         silent = now - max(self.received_at[0], self._moved_mono)

@@ -647,7 +647,8 @@ async def test_large_messages_cross_a_slow_link_without_false_disconnects(
     sink's PINGRESP waits behind them, so for seconds nothing comes back: the agent's watchdog
     (1.5 x keep-alive) and paho's own check (about 2 x) used to call such a link dead, every
     time, and the events never crossed. TCP acknowledging the agent's bytes is life too, and
-    holds off the publish timeout as well."""
+    holds off the publish timeout as well. Last comes one event of 100 kB (10 s, 5 keep-alives
+    without a byte back): no limit in time cuts it."""
     device = new_device(pki, "f6big")
     async with sink(tmp_path, pki) as server:
         proxy = await chaos_proxy_factory("127.0.0.1", server.port, hold=4096)
@@ -658,12 +659,13 @@ async def test_large_messages_cross_a_slow_link_without_false_disconnects(
         events = 130
         await preload(config, events, size=1000)
         async with Agent(config) as agent:
-            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=90)
+            await agent.publish("sensors/big", b"130".ljust(100_000))
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=120)
             assert agent.uplink is not None
             connections = agent.uplink.status.connections
     stored = stored_payloads(tmp_path / "core.db")
-    figures("large messages, slow link", events=events, connections=connections)
-    assert sorted(stored) == list(range(events))
+    figures("large messages, slow link", events=events + 1, connections=connections)
+    assert sorted(stored) == list(range(events + 1))
     assert connections == 1, "the slow link was dropped and reconnected"
 
 
@@ -718,14 +720,14 @@ async def test_a_frozen_sink_is_noticed_while_large_messages_are_sent(
     assert noticed < 15, "a frozen sink kept the link looking alive"
 
 
-async def test_progress_of_our_bytes_stops_counting_after_four_keepalives_of_silence(
+async def test_progress_of_our_bytes_stops_counting_when_nothing_comes_back(
     tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
     """Bytes still acknowledged by TCP while nothing at all comes back (here the path from the
-    sink is cut while the way up trickles at 10 kB/s; a middlebox in front of a hung sink does
-    the same): without a limit the agent would count that as life for as long as it has a
-    window to send, 1 MiB at 10 kB/s, 100 s. It gives up after 4 keep-alives of silence plus
-    its usual 1.5."""
+    sink is cut while the way up runs at 40 kB/s; a middlebox in front of a hung sink does the
+    same): without a limit the agent would count that as life for as long as it has a window to
+    send, 1 MiB, 26 s. It stops counting after about two of its largest messages in flight (64
+    KiB batches: 192 KiB with the slack, 5 s) and then gives up after 1.5 keep-alives."""
     device = new_device(pki, "mute")
     async with sink(tmp_path, pki) as server:
         proxy = await chaos_proxy_factory("127.0.0.1", server.port, hold=4096)
@@ -735,7 +737,7 @@ async def test_progress_of_our_bytes_stops_counting_after_four_keepalives_of_sil
             assert agent.uplink is not None
             uplink = agent.uplink
             await until(lambda: uplink.status.connected_since is not None, timeout=30)
-            proxy.bandwidth(10_000, direction=Direction.UPSTREAM)
+            proxy.bandwidth(40_000, direction=Direction.UPSTREAM)
             proxy.blackhole(direction=Direction.DOWNSTREAM)
             cut = time.monotonic()
             await until(lambda: uplink.status.state is not LinkState.ONLINE, timeout=60)
@@ -745,7 +747,7 @@ async def test_progress_of_our_bytes_stops_counting_after_four_keepalives_of_sil
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=90)
     figures("mute peer, bytes still moving", noticed_after_s=round(noticed, 1), error=error)
     assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(1500))
-    assert noticed < 4 * 2 + 1.5 * 2 + 5, error
+    assert noticed < 20, error
 
 
 @contextlib.asynccontextmanager
