@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from cloud_sink.backends import (
     CoreMessage,
@@ -12,6 +15,8 @@ from cloud_sink.backends import (
     read_dead_letters,
     read_messages,
 )
+from cloud_sink.backends.base import BackendError
+from tests.harness.disk import fill, free_bytes, small_disk
 from tests.harness.sink import core_message
 
 
@@ -51,3 +56,36 @@ async def test_concurrent_batches_from_many_devices(tmp_path: Path) -> None:
     )
     await queue.aclose()
     assert len(list(read_messages(path))) == 500
+
+
+def _messages(first: int, count: int, size: int) -> list[CoreMessage]:
+    return [core_message(n)._replace(payload=bytes(size)) for n in range(first, first + count)]
+
+
+async def test_the_disk_reserve_refuses_writes_and_the_probe_alike(tmp_path: Path) -> None:
+    """On a real small filesystem: a stage call that would cut into the reserve is refused, and
+    the probe keeps failing until that call fits (with a quarter of the reserve to spare); it
+    used to pass at once, and the sink went up and down with every resend of a large call.
+    Pages freed inside the file (a consumer deleting) do not count for the WAL, which grows on
+    the disk itself: the disk is never filled to the last byte."""
+    reserve = 2 * 1024**2
+    with small_disk(tmp_path / "disk", 24 * 1024**2) as disk:
+        path = disk / "core.db"
+        queue = await SqliteCoreQueue.open(path, disk_reserve=reserve)
+        try:
+            await queue.publish(_messages(1, 20_000, 200))  # 4 MB in, then a consumer deletes
+            with sqlite3.connect(path) as consumer:
+                consumer.execute("DELETE FROM events")
+            filler = fill(disk, reserve * 13 // 10)
+            big = _messages(100_000, 20_000, 100)
+            for _ in range(3):
+                with pytest.raises(BackendError, match="the disk is nearly full"):
+                    await queue.publish(big)
+                with pytest.raises(BackendError, match="the disk is nearly full"):
+                    await queue.probe()
+                assert free_bytes(disk) > reserve  # never filled to the last byte
+            filler.unlink()
+            await queue.probe()
+            assert (await queue.publish(big)).stored == 20_000
+        finally:
+            await queue.aclose()

@@ -9,9 +9,10 @@ Failpoint ``sink.sqlite.write`` sits inside every write transaction (and in `pro
 `BackendError` like any ``sqlite3.Error``.
 
 A write that would leave less than ``disk_reserve`` free on the file's filesystem is refused
-(`BackendError`, before it starts), and `probe` fails until there is a quarter more than that:
-an outage that lasts until someone makes room, instead of SQLite failing on the last bytes, the
-probe's empty transaction passing, and the sink going down and up every few seconds.
+(`BackendError`, before it starts), and `probe` fails until the largest write refused fits with
+a quarter of the reserve to spare: an outage that lasts until someone makes room, instead of
+SQLite failing on the last bytes, the probe's empty transaction passing, and the sink going
+down and up every few seconds.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class SqliteCoreQueue:
         self.path = path
         self._db = db
         self._reserve = disk_reserve
+        self._refused = 0  # bytes of the largest write refused for the reserve since one passed
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sink-sqlite")
         self.duplicates = 0
 
@@ -131,26 +133,29 @@ class SqliteCoreQueue:
         self._executor.shutdown(wait=True)
 
     def _room(self, need: int, headroom: int = 0) -> None:
-        """Raise `BackendError` unless writing ``need`` bytes (twice: into the WAL, then into
-        the database at its checkpoint) leaves ``disk_reserve`` + ``headroom`` free; pages free
-        inside the database count as room."""
+        """Raise `BackendError` unless writing ``need`` bytes leaves ``disk_reserve`` +
+        ``headroom`` free. They are written twice: into the WAL, which grows on the disk itself,
+        then at a checkpoint into the database, where pages free inside the file take them."""
         if not self._reserve:
             return
-        wanted = self._reserve + headroom + 2 * need
+        wanted = self._reserve + headroom
         free = free_bytes(self.path.parent)
-        if free >= wanted:
+        if free - 2 * need >= wanted:
             return
         (pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
         (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
-        if free + pages * page_size >= wanted:
+        if free - need - max(0, need - pages * page_size) >= wanted:
             return
+        self._refused = max(self._refused, need)
         raise BackendError(
             f"sqlite core queue: the disk is nearly full ({megabytes(free)} free on "
-            f"{self.path.parent}, disk_reserve {megabytes(self._reserve)})"
+            f"{self.path.parent}, disk_reserve {megabytes(self._reserve)}, a write of "
+            f"{megabytes(need)} refused)"
         )
 
     def _probe(self) -> None:
-        self._room(0, headroom=self._reserve // 4)  # no flapping at the edge
+        # Room for the largest write refused, and a quarter more: no flapping at the edge.
+        self._room(self._refused, headroom=self._reserve // 4)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -175,6 +180,7 @@ class SqliteCoreQueue:
             stored = db.total_changes - before
             failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
+            self._refused = 0
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
