@@ -37,6 +37,7 @@ __all__ = ["Check", "run_checks"]
 
 CERTIFICATE_WARNING_DAYS = 30
 CRL_WARNING = dt.timedelta(days=1)
+X509_V_ERR_UNABLE_TO_GET_CRL = 3
 X509_V_ERR_CERT_REVOKED = 23
 NETWORK_TIMEOUT = 10.0
 
@@ -327,6 +328,8 @@ def _tls(uplink: UplinkConfig) -> str:
     except ssl.SSLCertVerificationError as exc:
         if exc.verify_code == X509_V_ERR_CERT_REVOKED:
             fix = f"the sink needs a new certificate: {uplink.tls.crl} lists its certificate"
+        elif exc.verify_code == X509_V_ERR_UNABLE_TO_GET_CRL:
+            fix = f"{uplink.tls.crl} must be the CRL of the CA that issued the sink's certificate"
         else:
             fix = f"the sink needs a certificate for {uplink.host!r} from the CA in {uplink.tls.ca}"
         raise _Failed(

@@ -91,7 +91,10 @@ def client_context(config: UplinkConfig) -> ssl.SSLContext:
     context.load_cert_chain(str(tls.cert), str(tls.key))
     if tls.crl is not None:
         check_crl(tls.crl, tls.ca, refused=CRL_REFUSED)
+        trusted = len(context.get_ca_certs())
         context.load_verify_locations(cafile=str(tls.crl))
+        if len(context.get_ca_certs()) != trusted:  # changed since check_crl read it
+            raise TlsError(f"{tls.crl}: holds a certificate, not only a CRL")
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return context
 

@@ -86,6 +86,7 @@ _TOKEN_FILE_RECHECK = 30.0  # seconds: a token file still unchanged at renewal i
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
 # reason codes paho reports them as.
 _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
+CRL_CHECK_INTERVAL = 5.0  # seconds between looks at [uplink.tls] crl (the sink polls its own too)
 
 
 @dataclass(slots=True)
@@ -152,6 +153,13 @@ class Uplink:
         if self._session is not None:
             self._session.changed.set()
 
+    def _request_reconnect(self) -> None:
+        """End the connection gracefully (or a back-off) and connect again at once."""
+        self._reconnect.set()
+        self._wake.set()
+        if self._session is not None:
+            self._session.changed.set()  # an idle feeder waits on this, not on _wake
+
     def stop(self, grace: float) -> None:
         """Stop sending; wait up to ``grace`` for what is in flight, then close (`run` returns)."""
         self._grace = grace
@@ -164,6 +172,7 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, drain, reconnect, until `stop` (or cancellation)."""
+        watcher = asyncio.create_task(self._watch_crl(), name="uplink.crl")
         try:
             while not self._stopping.is_set():
                 try:
@@ -184,6 +193,8 @@ class Uplink:
                 else:
                     self._backoff.reset()  # renewed or stopped on purpose
         finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
             self._set_state(LinkState.STOPPED, "")
 
     async def _back_off(self, failure: LinkFailure) -> None:
@@ -315,14 +326,33 @@ class Uplink:
 
     def _changed_crl(self, material: TlsMaterial, crl: Path) -> TlsMaterial:
         """The material with the CRL file as it is now; if that cannot be used, the previous
-        material (which an expired CRL then refuses), said once per version of the file."""
+        material (which an expired CRL then refuses), said once per version of the file. The
+        version is taken before the file is read: one that changes while it is read (a copy
+        finishing) is read again at the next look."""
+        version = file_version(crl)
         try:
             loaded = TlsMaterial.load(self.config)
         except ValueError as exc:
             log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
-            return dataclasses.replace(material, crl_version=file_version(crl))
+            return dataclasses.replace(material, crl_version=version)
         log.info("uplink: CRL %s loaded (changed on disk)", crl)
-        return loaded
+        return dataclasses.replace(loaded, crl_version=version)
+
+    async def _watch_crl(self) -> None:
+        """Look at the CRL file every `CRL_CHECK_INTERVAL` seconds. A new one that loads ends
+        the connection gracefully, so that the sink is checked against it now, not at the next
+        reconnect (up to the token's lifetime away); and it ends a back-off at once, so that a
+        fresh CRL after an expired one is used without waiting for a slow retry."""
+        while True:
+            await asyncio.sleep(CRL_CHECK_INTERVAL)
+            crl = self.config.tls.crl
+            material = self._material
+            if crl is None or material is None or file_version(crl) == material.crl_version:
+                continue
+            self._material = self._changed_crl(material, crl)
+            if self._material is not material and self._material.context is not material.context:
+                log.info("uplink: reconnecting to check the sink against the new CRL")
+                self._request_reconnect()
 
     def reload(self, config: UplinkConfig) -> None:
         """Use new settings, certificates, key and token from the next connection on, which
@@ -341,8 +371,7 @@ class Uplink:
         self._backoff = Backoff(config.backoff_initial, config.backoff_max)
         self._refused_backoff = Backoff(config.refused_backoff_initial, config.refused_backoff_max)
         self._last_refusal = ""
-        self._reconnect.set()
-        self._wake.set()
+        self._request_reconnect()
         if self._session is not None:
             self._session.changed.set()
 
@@ -415,7 +444,7 @@ class Uplink:
                 log.info("uplink: renewing the connection before the token expires")
                 return
             if self._reconnect.is_set():
-                log.info("uplink: reconnecting with the reloaded configuration")
+                log.info("uplink: reconnecting with the reloaded configuration or CRL")
                 return
             free = session.window - len(session.outbox)
             if free <= 0:

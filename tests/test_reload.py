@@ -130,6 +130,25 @@ async def test_agent_reload_rotates_the_certificate_and_keeps_the_old_one_if_bro
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1", b"2", b"3"]
 
 
+async def test_agent_reload_reconnects_at_once_when_idle(tmp_path: Path, pki: Pki) -> None:
+    """A reload's new connection starts at once even when the agent has nothing to send (its
+    feeder waits for events; a new CRL found by the uplink's own watch takes the same way)."""
+    device = pki.device(f"idle-{uuid.uuid4().hex[:6]}")
+    async with running_sink(tmp_path, pki) as server:
+        path = write_config(
+            tmp_path / "agent", device_id=device.device_id,
+            uplink=uplink_section(pki, device, server.port),
+        )  # fmt: skip
+        async with Agent(load_config(path)) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            await until(lambda: status.connections == 1)
+            path.write_text(path.read_text().replace("[uplink]\n", "[uplink]\nkeepalive = 20\n"))
+            assert agent.reload(load_config(path)) == []
+            await until(lambda: status.connections == 2, timeout=10)
+        assert status.delivered == 0
+
+
 def server_refuses(creds: DeviceCreds, pki: Pki, port: int) -> bool:
     """Whether the sink now refuses ``creds`` at the TLS handshake (CRL picked up)."""
     context = pki.client_context(creds)
