@@ -91,6 +91,22 @@ def agent_process(
     )
 
 
+def sink_on_a_port(
+    tmp_path: Path, pki: Pki, processes: ProcessFactory
+) -> tuple[int, ManagedProcess]:
+    """A sink process (not started) on a port of its own that stays the same across restarts."""
+    port = free_port()
+    config_path = write_sink_config(tmp_path, pki)
+    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
+    sink_process = processes(
+        [CLOUD_SINK, "--config", str(config_path), "run"],
+        ready=r"listening on",
+        name="cloud-sink",
+        start=False,
+    )
+    return port, sink_process
+
+
 @pytest.mark.parametrize(
     "failpoint",
     [
@@ -488,15 +504,7 @@ async def test_sink_killed_and_restarted_under_load(
     tmp_path: Path, pki: Pki, process_factory: ProcessFactory
 ) -> None:
     """F4: kill -9 and a graceful restart of a sink process while the agent streams to it."""
-    port = free_port()
-    config_path = write_sink_config(tmp_path, pki)
-    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
-    sink_process = process_factory(
-        [CLOUD_SINK, "--config", str(config_path), "run"],
-        ready=r"listening on",
-        name="cloud-sink",
-        start=False,
-    )
+    port, sink_process = sink_on_a_port(tmp_path, pki, process_factory)
     await sink_process.astart()
     device = new_device(pki, "f4")
     config = load_config(configure(tmp_path, pki, device, port))
@@ -533,15 +541,7 @@ async def test_a_full_disk_refuses_new_events_and_still_drains(
     """F7 at the agent on a real small disk (a tmpfs), filled while the sink is away: new events
     are refused with a clear reason once only the disk reserve is left, everything accepted
     drains when the sink is back, and the agent takes events again by itself."""
-    port = free_port()
-    config_path = write_sink_config(tmp_path, pki)
-    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
-    sink_process = process_factory(
-        [CLOUD_SINK, "--config", str(config_path), "run"],
-        ready=r"listening on",
-        name="cloud-sink",
-        start=False,
-    )
+    port, sink_process = sink_on_a_port(tmp_path, pki, process_factory)
     device = new_device(pki, "f7")
     accepted: list[int] = []
 
@@ -676,15 +676,7 @@ async def test_a_frozen_sink_is_noticed_while_large_messages_are_sent(
     flow. Its kernel acknowledges what fits in its receive buffer, then nothing: that
     progress of the agent's bytes (F6) must not keep the link alive. The agent gives up on the
     connection within a few keep-alives and delivers everything once the sink runs again."""
-    port = free_port()
-    config_path = write_sink_config(tmp_path, pki)
-    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
-    sink_process = process_factory(
-        [CLOUD_SINK, "--config", str(config_path), "run"],
-        ready=r"listening on",
-        name="cloud-sink",
-        start=False,
-    )
+    port, sink_process = sink_on_a_port(tmp_path, pki, process_factory)
     await sink_process.astart()
     device = new_device(pki, "frozen")
     config = load_config(configure(tmp_path, pki, device, port, extra="keepalive = 2"))
