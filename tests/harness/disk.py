@@ -14,8 +14,9 @@ import pytest
 
 @contextlib.contextmanager
 def small_disk(directory: Path, size: int) -> Iterator[Path]:
-    """Mount a tmpfs of ``size`` bytes on ``directory`` (created) for the block; skips the test
-    where mounting is not allowed (it needs root or CAP_SYS_ADMIN)."""
+    """Mount a tmpfs of ``size`` bytes on ``directory`` (created) for the block. Mounting needs
+    root (or CAP_SYS_ADMIN): as another user the test is skipped, as root (CI) a failed mount
+    fails it, so that CI never silently loses these tests."""
     directory.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(directory)],
@@ -24,7 +25,10 @@ def small_disk(directory: Path, size: int) -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a full disk: {mounted.stderr.strip()}")
+        problem = f"cannot mount a tmpfs for a full disk: {mounted.stderr.strip()}"
+        if os.geteuid() == 0:
+            pytest.fail(problem)
+        pytest.skip(problem)
     try:
         yield directory
     finally:
