@@ -22,6 +22,7 @@ import concurrent.futures
 import functools
 import itertools
 import operator
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -134,17 +135,29 @@ class SqliteCoreQueue:
 
     def _room(self, need: int, headroom: int = 0) -> None:
         """Raise `BackendError` unless writing ``need`` bytes leaves ``disk_reserve`` +
-        ``headroom`` free. They are written twice: into the WAL, which grows on the disk itself,
-        then at a checkpoint into the database, where pages free inside the file take them."""
+        ``headroom`` free. They are written twice: into the WAL, which grows on the disk unless
+        a checkpoint let it be written again from its start, then at a checkpoint into the
+        database, where pages free inside the file (a consumer deleting) take them. Call it
+        outside a transaction."""
         if not self._reserve:
             return
         wanted = self._reserve + headroom
         free = free_bytes(self.path.parent)
         if free - 2 * need >= wanted:
             return
-        (pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
-        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
-        if free - need - max(0, need - pages * page_size) >= wanted:
+        db = self._db
+        (pages,) = db.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        wal = 0
+        try:
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames == copied:  # all back in the database: the next write starts it over
+                wal = os.stat(f"{self.path}-wal").st_size
+        except (sqlite3.OperationalError, FileNotFoundError):
+            pass  # no room to checkpoint, or no WAL: nothing reusable
+        free = free_bytes(self.path.parent)  # the checkpoint may have grown the file
+        growth = max(0, need - wal) + max(0, need - pages * page_size)
+        if free - growth >= wanted:
             return
         self._refused = max(self._refused, need)
         raise BackendError(
@@ -154,8 +167,9 @@ class SqliteCoreQueue:
         )
 
     def _probe(self) -> None:
-        # Room for the largest write refused, and a quarter more: no flapping at the edge.
-        self._room(self._refused, headroom=self._reserve // 4)
+        # Room for the largest write refused (at most the reserve's size: a call of many
+        # devices' events is not sent again as such), and a quarter more: no flapping.
+        self._room(min(self._refused, self._reserve), headroom=self._reserve // 4)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -199,6 +213,7 @@ class SqliteCoreQueue:
             )
             failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
+            self._refused = 0
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
