@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import fcntl
+import hashlib
 import json
 import socket
 import ssl
@@ -119,6 +120,7 @@ class TlsMaterial:
     not_after: float
     crl_version: tuple[int, int, int] | None = None  # `file_version` of the CRL loaded
     crl_next_update: float | None = None  # unix seconds
+    crl_digest: bytes | None = None  # of the CRL file's content: rewritten unchanged, no reload
 
     @classmethod
     def load(cls, config: UplinkConfig) -> TlsMaterial:
@@ -128,7 +130,8 @@ class TlsMaterial:
         try:
             certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
             context = client_context(config)
-            crl = None if tls.crl is None else x509.load_pem_x509_crl(tls.crl.read_bytes())
+            crl_data = None if tls.crl is None else tls.crl.read_bytes()
+            crl = None if crl_data is None else x509.load_pem_x509_crl(crl_data)
         except OSError as exc:
             raise ValueError(f"cannot read the TLS files: {exc}") from None
         except TlsError as exc:
@@ -144,7 +147,12 @@ class TlsMaterial:
             certificate.not_valid_after_utc.timestamp(),
             crl_version,
             None if next_update is None else next_update.timestamp(),
+            None if crl_data is None else crl_digest(crl_data),
         )
+
+
+def crl_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 class LinkFailure(Exception):

@@ -63,6 +63,7 @@ from edge_agent.link import (
     SendProgress,
     TlsMaterial,
     classify,
+    crl_digest,
     file_version,
     recording_socket_class,
 )
@@ -331,6 +332,12 @@ class Uplink:
         finishing) is read again at the next look."""
         version = file_version(crl)
         try:
+            same = crl_digest(crl.read_bytes()) == material.crl_digest
+        except OSError:
+            same = False
+        if same:  # rewritten with the same content (a periodic fetch): nothing to do
+            return dataclasses.replace(material, crl_version=version)
+        try:
             loaded = TlsMaterial.load(self.config)
         except ValueError as exc:
             log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
@@ -343,11 +350,19 @@ class Uplink:
         the connection gracefully, so that the sink is checked against it now, not at the next
         reconnect (up to the token's lifetime away); and it ends a back-off at once, so that a
         fresh CRL after an expired one is used without waiting for a slow retry."""
+        seen = None if self.config.tls.crl is None else file_version(self.config.tls.crl)
         while True:
             await asyncio.sleep(CRL_CHECK_INTERVAL)
             crl = self.config.tls.crl
             material = self._material
-            if crl is None or material is None or file_version(crl) == material.crl_version:
+            if crl is None:
+                continue
+            if material is None:  # nothing loaded yet (an unusable CRL at start): try it now
+                version, seen = seen, file_version(crl)
+                if version != seen:
+                    self._request_reconnect()
+                continue
+            if file_version(crl) == material.crl_version:
                 continue
             self._material = self._changed_crl(material, crl)
             if self._material is not material and self._material.context is not material.context:

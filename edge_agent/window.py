@@ -218,8 +218,11 @@ class Session:
 
     def _expired(self, timeout: float) -> LinkFailure | None:
         now = time.monotonic()
-        largest = max((len(m.payload) for m in self.inflight.values()), default=0)
-        if self.progress(2 * largest + PROGRESS_SLACK):
+        # Only an answer the sink owes (a PUBACK/PUBREC of QoS 1/2 in flight) bounds progress:
+        # with QoS 0 alone nothing is owed, and the link is watched by inbound bytes (PINGRESP)
+        # as before (docs/uplink.md).
+        answered = [len(m.payload) for m in self.inflight.values() if m.qos > 0]
+        if answered and self.progress(2 * max(answered) + PROGRESS_SLACK):
             self._moved_mono = now
             self.moved_at = self.loop.time()
         silent = now - max(self.received_at[0], self._moved_mono)

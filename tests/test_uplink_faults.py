@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import time
@@ -21,7 +22,7 @@ from edge_agent import window as window_module
 from edge_agent.buffer import BufferFull, inspect, read_events
 from edge_agent.config import AgentConfig
 from edge_agent.link import LinkState, read_link_status
-from edge_agent.uplink import Uplink
+from edge_agent.uplink import CRL_CHECK_INTERVAL, Uplink
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
 from tests.harness.disk import free_bytes, small_disk
@@ -315,9 +316,43 @@ async def test_an_expired_or_foreign_crl_refuses_the_sink_and_says_why(
         async with sink(tmp_path, pki, port=port):
             shutil.copyfile(pki.ca.write_crl(tmp_path / "fresh.pem"), crl)
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            # The same CRL written again (a periodic fetch): no reconnect for it.
+            connections = uplink.status.connections
+            os.utime(crl)
+            await asyncio.sleep(CRL_CHECK_INTERVAL + 1.5)
+            assert uplink.status.connections == connections
     assert "fetch a fresh one" in expired, expired
     assert "not signed by the CA" in caplog.text
     assert sorted(stored_payloads(tmp_path / "core.db")) == [0, 1]
+
+
+async def test_a_fresh_crl_ends_a_slow_back_off_when_none_was_usable_at_start(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Started with an expired CRL, the agent never loaded its TLS material and backs off slowly
+    (60 s here). A fresh CRL copied in is tried at once, not after that back-off."""
+    crl = pki.ca.write_crl(tmp_path / "crl.pem", days=1 / 86400)
+    await asyncio.sleep(1.5)
+    device = new_device(pki, "crl0")
+    async with sink(tmp_path, pki) as server:
+        path = with_crl(configure(tmp_path, pki, device, server.port), crl)
+        text = path.read_text().replace(
+            'refused_backoff_initial = "1s"', 'refused_backoff_initial = "60s"'
+        )
+        path.write_text(text.replace('refused_backoff_max = "2s"', 'refused_backoff_max = "120s"'))
+        config = load_config(path)
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await agent.publish("sensors/t", b"1")
+            await until(lambda: uplink.status.state is LinkState.REFUSED, timeout=30)
+            shutil.copyfile(pki.ca.write_crl(tmp_path / "fresh.pem"), crl)
+            started = time.monotonic()
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            waited = time.monotonic() - started
+    figures("fresh CRL after an unusable one", waited_s=round(waited, 1))
+    assert waited < CRL_CHECK_INTERVAL + 5
+    assert stored_payloads(tmp_path / "core.db") == [1]
 
 
 class SkewedClock:
