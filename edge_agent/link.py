@@ -81,6 +81,7 @@ def read_link_status(data_dir: Path) -> LinkStatus | None:
 
 
 CRL_REFUSED = "the sink's certificate cannot be checked with it, so the sink is refused"
+UNUSABLE_CRL = "unusable CRL"  # how `TlsMaterial.load` starts a refusal of the CRL itself
 
 
 def client_context(config: UplinkConfig) -> ssl.SSLContext:
@@ -135,7 +136,7 @@ class TlsMaterial:
         except OSError as exc:
             raise ValueError(f"cannot read the TLS files: {exc}") from None
         except TlsError as exc:
-            raise ValueError(f"unusable CRL: {exc}") from None
+            raise ValueError(f"{UNUSABLE_CRL}: {exc}") from None
         except (ValueError, ssl.SSLError) as exc:
             raise ValueError(
                 f"unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {exc}"

@@ -56,6 +56,7 @@ from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import (
     CRL_REFUSED,
     LINK_FILE,
+    UNUSABLE_CRL,
     LinkFailure,
     LinkState,
     LinkStatus,
@@ -115,6 +116,7 @@ class Uplink:
         self._tokens: TokenSource = token_source(self.config, self.device_id, clock)
         self._material: TlsMaterial | None = None
         self._reconnect = asyncio.Event()  # set by reload: close gracefully, connect again now
+        self._crl_blocked = ""  # why a changed CRL could not be loaded (the other TLS files)
         self._backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         self._refused_backoff = Backoff(
             self.config.refused_backoff_initial, self.config.refused_backoff_max
@@ -340,8 +342,16 @@ class Uplink:
         try:
             loaded = TlsMaterial.load(self.config)
         except ValueError as exc:
+            if not str(exc).startswith(UNUSABLE_CRL):
+                # The certificate or key, not the CRL (a rotation half done): the CRL is read
+                # again at the next look, and the reload that follows a rotation loads it too.
+                if str(exc) != self._crl_blocked:
+                    log.warning("uplink: a new CRL waits for the TLS files to be usable: %s", exc)
+                self._crl_blocked = str(exc)
+                return material
             log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
             return dataclasses.replace(material, crl_version=version)
+        self._crl_blocked = ""
         log.info("uplink: CRL %s loaded (changed on disk)", crl)
         return dataclasses.replace(loaded, crl_version=version)
 

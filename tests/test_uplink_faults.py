@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -353,6 +354,33 @@ async def test_a_fresh_crl_ends_a_slow_back_off_when_none_was_usable_at_start(
     figures("fresh CRL after an unusable one", waited_s=round(waited, 1))
     assert waited < CRL_CHECK_INTERVAL + 5
     assert stored_payloads(tmp_path / "core.db") == [1]
+
+
+async def test_a_new_crl_during_a_certificate_rotation_is_read_once_the_files_are_whole(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new CRL is loaded with the rest of the TLS files. Caught while the certificate file is
+    half written, it used to be blamed for the failure and not read again until it changed; now
+    it waits for the files and is loaded (and the sink checked against it) once they are whole."""
+    caplog.set_level(logging.INFO, logger="edge_agent.uplink")
+    crl = tmp_path / "crl.pem"
+    shutil.copyfile(pki.crl, crl)
+    device = new_device(pki, "crlrot")
+    async with sink(tmp_path, pki) as server:
+        config = load_config(with_crl(configure(tmp_path, pki, device, server.port), crl))
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await until(lambda: uplink.status.connections == 1, timeout=30)
+            whole = device.cert.read_bytes()
+            device.cert.write_bytes(whole[: len(whole) // 2])
+            shutil.copyfile(pki.ca.write_crl(tmp_path / "newer.pem"), crl)
+            await until(lambda: "waits for the TLS files" in caplog.text, timeout=30)
+            assert uplink.status.connections == 1
+            device.cert.write_bytes(whole)
+            await until(lambda: uplink.status.connections == 2, timeout=30)
+    assert "the CRL changed but cannot be used" not in caplog.text
+    assert "loaded (changed on disk)" in caplog.text
 
 
 class SkewedClock:
