@@ -65,10 +65,14 @@ _NEW_TOPIC = operator.itemgetter(0)
 _NEW_PAYLOAD = operator.itemgetter(1)
 
 
+def _rows_cost(payload_bytes: int, topic_bytes: int, rows: int) -> int:
+    """Bytes ``rows`` rows take in the WAL or the database file, with 1/8 for the frame headers
+    and the slack of partly filled pages."""
+    return (payload_bytes + topic_bytes + _ROW_OVERHEAD * rows) * 9 // 8
+
+
 def _row_cost(event: NewEvent) -> int:
-    """Bytes a row takes in the WAL or the database file, with 1/8 for the frame headers and the
-    slack of partly filled pages."""
-    return (len(event.payload) + len(event.topic) + _ROW_OVERHEAD) * 9 // 8
+    return _rows_cost(len(event.payload), len(event.topic), 1)
 
 
 NEARLY_FULL = "the disk is nearly full"
@@ -193,7 +197,7 @@ def _insert_group(
     """
     # C-level sums: this runs on every commit, on the thread that needs the GIL.
     size = sum(map(len, map(_NEW_PAYLOAD, events)))
-    need = (size + sum(map(len, map(_NEW_TOPIC, events))) + _ROW_OVERHEAD * len(events)) * 9 // 8
+    need = _rows_cost(size, sum(map(len, map(_NEW_TOPIC, events))), len(events))
     for attempt in range(_DISK_FULL_ATTEMPTS):
         try:
             room = None if disk is None else disk.room(db, need)
