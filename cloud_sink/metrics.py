@@ -35,6 +35,7 @@ from mqtt_ingest.prometheus import (
     CountersCollector,
     CounterSpec,
     ProcessIoCollector,
+    gauge,
 )
 
 __all__ = ["CONFIRM_SECONDS_BUCKETS", "SinkMetrics", "sink_counters"]
@@ -176,26 +177,20 @@ class SinkMetrics:
         if disk is not None:
             free, reserve = disk
             families.append(
-                _gauge(
+                gauge(
                     "cloud_sink_core_queue_disk_free_bytes",
                     "Free bytes on the sqlite core queue's filesystem (statvfs, at the scrape).",
                     free,
                 )
             )
             families.append(
-                _gauge(
+                gauge(
                     "cloud_sink_core_queue_disk_reserve_bytes",
                     "[backend] disk_reserve: a write cutting into it is an outage.",
                     reserve,
                 )
             )
         return families
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation)
-    family.add_metric([], value)
-    return family
 
 
 class _Collector(Collector):

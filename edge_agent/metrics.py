@@ -32,7 +32,12 @@ from edge_agent.uplink import Uplink
 from mqtt_ingest import Counters, IngestServer
 from mqtt_ingest.clock import Clock
 from mqtt_ingest.disk import free_bytes
-from mqtt_ingest.prometheus import INGEST_COUNTERS, CountersCollector, ProcessIoCollector
+from mqtt_ingest.prometheus import (
+    INGEST_COUNTERS,
+    CountersCollector,
+    ProcessIoCollector,
+    gauge,
+)
 
 __all__ = ["OTHER_TOPICS", "SCAN_DUTY", "AgentMetrics"]
 
@@ -135,12 +140,10 @@ class AgentMetrics:
         events, size = self._buffer.backlog
         max_events, max_bytes = self._buffer.limits
         return [
-            _gauge(
-                "edge_agent_buffer_events", "Events in the buffer (exact, from memory).", events
-            ),
-            _gauge("edge_agent_buffer_bytes", "Payload bytes in the buffer (exact).", size),
-            _gauge("edge_agent_buffer_max_events", "[buffer] max_events.", max_events),
-            _gauge("edge_agent_buffer_max_bytes", "[buffer] max_bytes.", max_bytes),
+            gauge("edge_agent_buffer_events", "Events in the buffer (exact, from memory).", events),
+            gauge("edge_agent_buffer_bytes", "Payload bytes in the buffer (exact).", size),
+            gauge("edge_agent_buffer_max_events", "[buffer] max_events.", max_events),
+            gauge("edge_agent_buffer_max_bytes", "[buffer] max_bytes.", max_bytes),
             _counter(
                 "edge_agent_accepted_events",
                 "Events committed to the buffer (accepted) since the agent started.",
@@ -155,12 +158,12 @@ class AgentMetrics:
         except OSError:  # the directory vanished: nothing to say about it
             return []
         return [
-            _gauge(
+            gauge(
                 "edge_agent_disk_free_bytes",
                 "Free bytes on the data directory's filesystem (statvfs, at the scrape).",
                 free,
             ),
-            _gauge(
+            gauge(
                 "edge_agent_disk_reserve_bytes",
                 "[buffer] disk_reserve: below it new events are refused or drop old ones.",
                 self._config.buffer.disk_reserve,
@@ -216,16 +219,16 @@ class AgentMetrics:
             oldest,
             dropped_events,
             dropped_bytes,
-            _gauge(
+            gauge(
                 "edge_agent_dead_letters", "Events in the dead-letter table.", stats.dead_letters
             ),
             incidents,
-            _gauge(
+            gauge(
                 "edge_agent_backlog_scan_seconds",
                 "How long the last scan of the buffer for the backlog figures took.",
                 self._scan_seconds,
             ),
-            _gauge(
+            gauge(
                 "edge_agent_backlog_scan_age_seconds",
                 "Age of the backlog, drop and dead-letter figures.",
                 time.monotonic() - self._stats_at,
@@ -254,7 +257,7 @@ class AgentMetrics:
                 "Connection attempts or connections that failed (each followed by a backoff).",
                 status.failures if status is not None else 0,
             ),
-            _gauge(
+            gauge(
                 "edge_agent_uplink_inflight_messages",
                 "MQTT messages sent on the uplink and not acknowledged yet.",
                 self._uplink.in_flight if self._uplink is not None else 0,
@@ -272,7 +275,7 @@ class AgentMetrics:
         ]
         if status is not None and status.certificate_not_after is not None:
             families.append(
-                _gauge(
+                gauge(
                     "edge_agent_uplink_certificate_expiry_timestamp_seconds",
                     "When the device certificate expires (Unix time).",
                     status.certificate_not_after,
@@ -280,7 +283,7 @@ class AgentMetrics:
             )
         if status is not None and status.token_expires_at is not None:
             families.append(
-                _gauge(
+                gauge(
                     "edge_agent_uplink_token_expiry_timestamp_seconds",
                     "When the token of the current or last connection expires (Unix time).",
                     status.token_expires_at,
@@ -297,7 +300,7 @@ class AgentMetrics:
                 listener.metrics, "edge_agent_listener_", INGEST_COUNTERS
             )
         return [
-            _gauge(
+            gauge(
                 "edge_agent_listener_connections",
                 "Open connections on the local listener.",
                 listener.connection_count,
@@ -329,12 +332,6 @@ def _top_topics(topics: list[TopicStats], limit: int) -> list[TopicStats]:
             min(t.oldest_event_time_ms for t in rest),
         ),
     ]
-
-
-def _gauge(name: str, documentation: str, value: float) -> Metric:
-    family = GaugeMetricFamily(name, documentation)
-    family.add_metric([], value)
-    return family
 
 
 def _counter(name: str, documentation: str, value: float) -> Metric:

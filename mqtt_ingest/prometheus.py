@@ -18,12 +18,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mqtt_ingest.metrics import Counters
 
-__all__ = ["INGEST_COUNTERS", "CounterSpec", "CountersCollector", "ProcessIoCollector"]
+__all__ = ["INGEST_COUNTERS", "CounterSpec", "CountersCollector", "ProcessIoCollector", "gauge"]
 
 OTHER = "other"
 
@@ -174,3 +174,10 @@ class ProcessIoCollector(Collector):
                 family.add_metric([], int(fields[key]))
                 families.append(family)
         return families
+
+
+def gauge(name: str, documentation: str, value: float) -> Metric:
+    """One unlabelled gauge family with its value."""
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
