@@ -3,9 +3,11 @@ backoff between attempts, and how a failed attempt is told apart from a refusal 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import hashlib
+import itertools
 import json
 import socket
 import ssl
@@ -236,6 +238,20 @@ BACKLOG = 4096
 """Bytes our send queue must hold for the peer's acknowledgements of them to count as life
 (`SendProgress`): a hung server's kernel still acknowledges a lone PINGREQ."""
 
+PROGRESS_SLACK = 64 * 1024
+"""Bytes beyond what the sink owes an answer for that may be acknowledged by TCP without a byte
+coming back before that progress stops counting as life (`SendProgress`): socket buffers, TLS
+records, the answer on its way."""
+
+UNSENT_LIMIT = 128 * 1024
+"""Bytes the kernel may hold for the uplink that it has not sent yet (``TCP_NOTSENT_LOWAT``):
+beyond them paho keeps the messages, so a QoS 0 event is not taken as written (and deleted)
+long before it can cross a slow link, and a cut loses at most this much of them. Bytes in
+flight are not limited: a fast link keeps its whole window busy."""
+
+TLS_RECORD = 16384  # the most plaintext one TLS record carries
+TLS_RECORD_OVERHEAD = 64  # more than a record adds to it (header, tag or MAC and padding)
+
 _TCP_INFO_LENGTH = 136  # struct tcp_info up to tcpi_bytes_received (Linux 4.1 and later)
 _BYTES_ACKED_AT = 120  # offset of tcpi_bytes_acked (u64)
 
@@ -258,31 +274,41 @@ def tcp_send_state(sock: socket.socket) -> tuple[int, int] | None:
 class SendProgress:
     """Whether a connection is moving a backlog of our bytes (RELIABILITY F6).
 
-    While a large message crosses a slow link nothing comes back: the server's PINGRESP waits
-    behind the message, so a watchdog of inbound bytes alone calls a working link dead once the
-    message takes longer than the keep-alive to cross. `moved` says whether, since its last
-    call, the peer's TCP acknowledged more of our bytes while at least `BACKLOG` were queued;
-    then it also tells paho, whose keep-alive check would end the connection for the same
-    reason.
+    While a large message, or a stream of QoS 0 ones, crosses a slow link nothing comes back:
+    the server's PINGRESP waits behind our bytes, so a watchdog of inbound bytes alone calls a
+    working link dead once the queue takes longer than the keep-alive to cross. `moved` says
+    whether, since its last call, the peer's TCP acknowledged more of our bytes while at least
+    `BACKLOG` were queued; then it also tells paho, whose keep-alive check would end the
+    connection for the same reason.
 
     A blackholed path acknowledges nothing, and a hung server stops acknowledging once its
     receive buffer is full. A middlebox that terminates TCP in front of a dead server would
-    acknowledge for it, so progress counts only until ``budget`` bytes were acknowledged since
-    the last byte that came back: a live sink answers each message once it has it all (its
-    PUBACK), so the session's budget is about two of its largest messages in flight."""
+    acknowledge for it, so progress counts only as long as the server cannot have been asked
+    anything yet. The first time it counts after a byte came in, paho is made to send a PINGREQ
+    next (behind the packet it is writing, ahead of those it holds), and progress counts until
+    the peer's TCP has acknowledged the bytes up to it, `PROGRESS_SLACK` more; then the server
+    owes its PINGRESP. Or, if more, until ``budget`` bytes were acknowledged since the last byte
+    that came back: a live sink answers each QoS 1/2 message once it has it all (its PUBACK),
+    so the session's budget is about two of its largest messages in flight. (A stream of QoS 0
+    owes nothing, and a small QoS 1 message may wait behind much of it.)"""
 
-    def __init__(self, mqtt: paho.Client, received_at: list[float]) -> None:
+    def __init__(self, mqtt: paho.Client, received_at: list[float], grace: float = 0.0) -> None:
         self._mqtt = mqtt
         self._received_at = received_at  # when bytes last came in (the recording socket's)
+        # paho ends the connection a keep-alive after the last byte in with a PINGREQ unanswered,
+        # or a keep-alive after its PINGREQ; moved on, both clocks give what our watchdog gives,
+        # `grace` seconds more (the PINGREQ still queued, the answer still crossing).
+        self._grace = grace
         self._last: tuple[int, int] | None = None
         self._inbound_seen = received_at[0]
         self._acked_then: int | None = None  # acknowledged bytes when a byte last came in
+        self._ping_at: int | None = None  # acknowledged bytes by which the peer has our PINGREQ
         # paho 2.2's keep-alive check reads _last_bytes_received; 2.0 and 2.1 read _last_msg_in.
         self._paho_clock = (
             "_last_bytes_received" if hasattr(mqtt, "_last_bytes_received") else "_last_msg_in"
         )
 
-    def moved(self, budget: int) -> bool:
+    def moved(self, budget: int = 0) -> bool:
         sock = self._mqtt.socket()
         state = tcp_send_state(sock) if isinstance(sock, socket.socket) else None
         last, self._last = self._last, state
@@ -291,11 +317,49 @@ class SendProgress:
         if self._acked_then is None or self._received_at[0] != self._inbound_seen:
             self._inbound_seen = self._received_at[0]
             self._acked_then = state[0]
+            self._ping_at = None
         if last is None or state[0] <= last[0] or last[1] < BACKLOG:
             return False
+        if self._ping_at is None:
+            self._ping_at = self._ping(state)
+        if self._ping_at is not None:
+            budget = max(budget, self._ping_at - self._acked_then + PROGRESS_SLACK)
         if state[0] - self._acked_then > budget:
             return False  # that much went out and nothing came back: not a live sink
         mqtt = self._mqtt
-        with mqtt._msgtime_mutex:  # paho's own clock is time.monotonic
-            setattr(mqtt, self._paho_clock, max(getattr(mqtt, self._paho_clock), time.monotonic()))
+        alive = time.monotonic() + self._grace  # paho's own clock is time.monotonic
+        with mqtt._msgtime_mutex:
+            setattr(mqtt, self._paho_clock, max(getattr(mqtt, self._paho_clock), alive))
+        if getattr(mqtt, "_ping_t", 0):  # paho gives a PINGREQ a keep-alive for its answer
+            mqtt._ping_t = max(mqtt._ping_t, alive)
         return True
+
+    def _ping(self, state: tuple[int, int]) -> int | None:
+        """Have a PINGREQ sent next, unless one is unanswered already; return the count of
+        acknowledged bytes by which the peer's TCP has it (None: paho 2.0-2.2's internals, which
+        this reads, are not there)."""
+        mqtt = self._mqtt
+        queue = getattr(mqtt, "_out_packet", None)
+        if queue is None or not hasattr(mqtt, "_send_pingreq"):
+            return None
+        ahead = len(queue)  # an unanswered PINGREQ is in the stream already: its end is a bound
+        if not getattr(mqtt, "_ping_t", 0):
+            if mqtt._send_pingreq() != paho.MQTT_ERR_SUCCESS:
+                return None
+            if len(queue) > 1 and queue[-1]["command"] == paho.PINGREQ:
+                # Ahead of what paho holds (a window of QoS 0 messages), so that the answer comes
+                # after what the kernel holds, not after both. Behind the first packet: a TLS
+                # write that would block must be retried with the same bytes.
+                queue.insert(1, queue.pop())
+                ahead = 2
+        # paho holds plaintext; on the wire each packet is sent as TLS records of its own.
+        rests = (len(packet["packet"]) - packet["pos"] for packet in itertools.islice(queue, ahead))
+        held: int = sum(rest + TLS_RECORD_OVERHEAD * (rest // TLS_RECORD + 1) for rest in rests)
+        return state[0] + state[1] + held
+
+
+def limit_unsent(sock: object) -> None:
+    """Set `UNSENT_LIMIT` on the uplink's socket, where the kernel knows the option."""
+    if isinstance(sock, socket.socket) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LIMIT)

@@ -66,6 +66,7 @@ from edge_agent.link import (
     classify,
     crl_digest,
     file_version,
+    limit_unsent,
     recording_socket_class,
 )
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
@@ -418,7 +419,10 @@ class Uplink:
         # for paho's once-a-second check) means a dead link (RELIABILITY F5).
         session.silence_limit = max(1.5 * config.keepalive, config.keepalive + 2.0)
         session.received_at = self._received_at
-        session.progress = SendProgress(mqtt, self._received_at).moved
+        session.progress = SendProgress(
+            mqtt, self._received_at, grace=session.silence_limit - config.keepalive
+        ).moved
+        limit_unsent(mqtt.socket())
         session.renew_at = self._renew_at(token)
         session.schedule_renewal()
         self._session = session

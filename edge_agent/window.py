@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edge_agent.buffer import StoredEvent
-from edge_agent.link import LinkFailure, PublishTimeout
+from edge_agent.link import PROGRESS_SLACK, LinkFailure, PublishTimeout
 from mqtt_ingest import failpoints
 
 __all__ = ["MID_SPAN", "Message", "Session"]
@@ -29,11 +29,6 @@ __all__ = ["MID_SPAN", "Message", "Session"]
 # paho numbers packets 1..65535 and wraps: a message is not sent while the oldest in flight was
 # sent this many publishes ago (with a margin), so a packet id is never reused while in flight.
 MID_SPAN = 65_000
-
-PROGRESS_SLACK = 64 * 1024
-"""Bytes beyond two of the largest messages in flight that may be acknowledged by TCP without a
-byte coming back before that progress stops counting as life (`Session.expire`): socket
-buffers, TLS records, a PUBACK on its way."""
 
 
 @dataclass(slots=True)
@@ -200,10 +195,10 @@ class Session:
         Measured from the later of the oldest message's hand-off, the last acknowledgement and
         the last progress of our bytes (`progress`): on a slow link a full window, or one large
         message, takes longer than the timeout to cross, and while it moves the link is working,
-        not late (RELIABILITY F6). Progress also counts as something received, but only for
-        about two of the largest messages in flight (`PROGRESS_SLACK` more) without a byte back:
-        a peer that acknowledges at the TCP level but never answers (a middlebox in front of a
-        hung server) is dead all the same.
+        not late (RELIABILITY F6). Progress also counts as something received, but only until
+        the sink has a PINGREQ sent since the last byte back, or two of the largest messages in
+        flight (`PROGRESS_SLACK` more each time): a peer that acknowledges at the TCP level but
+        never answers (a middlebox in front of a hung server) is dead all the same.
         """
         timeout = self.publish_timeout
         while True:
@@ -218,11 +213,10 @@ class Session:
 
     def _expired(self, timeout: float) -> LinkFailure | None:
         now = time.monotonic()
-        # Only an answer the sink owes (a PUBACK/PUBREC of QoS 1/2 in flight) bounds progress:
-        # with QoS 0 alone nothing is owed, and the link is watched by inbound bytes (PINGRESP)
-        # as before (docs/uplink.md).
+        # The answers the sink owes (PUBACK/PUBREC of QoS 1/2 in flight, the PINGRESP that
+        # `progress` asks for) bound progress (docs/uplink.md).
         answered = [len(m.payload) for m in self.inflight.values() if m.qos > 0]
-        if answered and self.progress(2 * max(answered) + PROGRESS_SLACK):
+        if self.progress(2 * max(answered) + PROGRESS_SLACK if answered else 0):
             self._moved_mono = now
             self.moved_at = self.loop.time()
         silent = now - max(self.received_at[0], self._moved_mono)
