@@ -4,6 +4,7 @@ stored once within the duplicate window, failures surface as `BackendError` with
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from urllib.parse import urlsplit
 
@@ -485,11 +486,12 @@ async def test_a_silently_dead_connection_is_noticed_by_pings(
 
 @pytest.mark.parametrize("deleted", ["events", "dead letters"])
 async def test_a_stream_deleted_under_the_sink_is_created_again_by_the_probe(
-    nats_jetstream: NatsNames, deleted: str
+    nats_jetstream: NatsNames, deleted: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The probe looked at the event stream only: with it deleted the sink stayed down for good,
     with the dead-letter stream deleted every dead letter flapped it. It now checks both and
-    creates a missing one again, as at start."""
+    creates a missing one again, as at start, and says as an error that what the stream held is
+    lost: the devices deleted it once the sink confirmed it."""
     queue = await open_queue(nats_jetstream)
     try:
         name = nats_jetstream.stream if deleted == "events" else nats_jetstream.dead_letter_stream
@@ -505,7 +507,12 @@ async def test_a_stream_deleted_under_the_sink_is_created_again_by_the_probe(
 
         with pytest.raises(BackendError):
             await write()
-        await queue.probe()
+        with caplog.at_level(logging.INFO, logger="cloud_sink.backends.nats"):
+            await queue.probe()
         await write()
     finally:
         await queue.aclose()
+    lines = [r for r in caplog.records if "created again" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.ERROR]
+    assert name in lines[0].getMessage()
+    assert "lost" in lines[0].getMessage()

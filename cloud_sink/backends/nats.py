@@ -184,16 +184,22 @@ class NatsCoreQueue:
             raise
         return queue
 
-    async def _ensure_streams(self) -> None:
-        """Both streams there (created if missing) and fit for use, as at start."""
+    async def _ensure_streams(self, *, again: bool = False) -> None:
+        """Both streams there (created if missing) and fit for use, as at start. ``again``: after
+        the start, where a missing stream means lost events."""
         for name, prefix in (
             (self.stream, self.subject_prefix),
             (self.dead_letter_stream, self.dead_letter_subject_prefix),
         ):
-            await self._ensure_stream(name, prefix, self._duplicate_window, self._storage)
+            await self._ensure_stream(name, prefix, self._duplicate_window, self._storage, again)
 
     async def _ensure_stream(
-        self, name: str, prefix: str, duplicate_window: float, storage: StorageType
+        self,
+        name: str,
+        prefix: str,
+        duplicate_window: float,
+        storage: StorageType,
+        again: bool = False,
     ) -> None:
         wanted = f"{prefix}.>"
         jsm = self._client.jsm(timeout=self.timeout)
@@ -208,7 +214,16 @@ class NatsCoreQueue:
                     duplicate_window=duplicate_window,
                 )
             )
-            log.info("created JetStream stream %s for %s", name, wanted)
+            if again:
+                # Everything it held was confirmed to devices, which have deleted it (P1).
+                log.error(
+                    "JetStream stream %s was gone and is created again for %s: the events it held"
+                    " are lost (the stream was deleted, or held in memory across a NATS restart)",
+                    name,
+                    wanted,
+                )
+            else:
+                log.info("created JetStream stream %s for %s", name, wanted)
             return
         config = info.config
         subjects: list[str] = list(config.subjects or [])
@@ -306,7 +321,7 @@ class NatsCoreQueue:
             raise BackendError("NATS is not connected (reconnecting in the background)")
         try:
             async with asyncio.timeout(self.timeout):
-                await self._ensure_streams()
+                await self._ensure_streams(again=True)
         except BackendError:
             raise
         except _ERRORS as exc:
