@@ -246,8 +246,8 @@ records, the answer on its way."""
 UNSENT_LIMIT = 128 * 1024
 """Bytes the kernel may hold for the uplink that it has not sent yet (``TCP_NOTSENT_LOWAT``):
 beyond them paho keeps the messages, so a QoS 0 event is not taken as written (and deleted)
-long before it can cross a slow link, and a cut loses at most this much of them. Bytes in
-flight are not limited: a fast link keeps its whole window busy."""
+long before it can cross a slow link. A cut loses this much of them (one segment more) and
+what was in flight. Bytes in flight are not limited: a fast link keeps its whole window busy."""
 
 TLS_RECORD = 16384  # the most plaintext one TLS record carries
 TLS_RECORD_OVERHEAD = 64  # more than a record adds to it (header, tag or MAC and padding)
@@ -296,7 +296,7 @@ class SendProgress:
         self._mqtt = mqtt
         self._received_at = received_at  # when bytes last came in (the recording socket's)
         # paho ends the connection a keep-alive after the last byte in with a PINGREQ unanswered,
-        # or a keep-alive after its PINGREQ; moved on, both clocks give what our watchdog gives,
+        # or a keep-alive after its PINGREQ; moved on, its clocks give what our watchdog gives,
         # `grace` seconds more (the PINGREQ still queued, the answer still crossing).
         self._grace = grace
         self._last: tuple[int, int] | None = None
@@ -330,31 +330,39 @@ class SendProgress:
         alive = time.monotonic() + self._grace  # paho's own clock is time.monotonic
         with mqtt._msgtime_mutex:
             setattr(mqtt, self._paho_clock, max(getattr(mqtt, self._paho_clock), alive))
+            # Its check sets both clocks to now once the last packet out is a keep-alive old.
+            mqtt._last_msg_out = max(mqtt._last_msg_out, alive)
         if getattr(mqtt, "_ping_t", 0):  # paho gives a PINGREQ a keep-alive for its answer
             mqtt._ping_t = max(mqtt._ping_t, alive)
         return True
 
     def _ping(self, state: tuple[int, int]) -> int | None:
-        """Have a PINGREQ sent next, unless one is unanswered already; return the count of
-        acknowledged bytes by which the peer's TCP has it (None: paho 2.0-2.2's internals, which
-        this reads, are not there)."""
+        """Have a PINGREQ sent next, unless one is unanswered already (then that one); return
+        the count of acknowledged bytes by which the peer's TCP has it (None: paho's internals,
+        which this reads, are not those of 2.2)."""
         mqtt = self._mqtt
-        queue = getattr(mqtt, "_out_packet", None)
-        if queue is None or not hasattr(mqtt, "_send_pingreq"):
-            return None
-        ahead = len(queue)  # an unanswered PINGREQ is in the stream already: its end is a bound
-        if not getattr(mqtt, "_ping_t", 0):
-            if mqtt._send_pingreq() != paho.MQTT_ERR_SUCCESS:
+        try:
+            queue = mqtt._out_packet
+            if not mqtt._ping_t and mqtt._send_pingreq() != paho.MQTT_ERR_SUCCESS:
                 return None
-            if len(queue) > 1 and queue[-1]["command"] == paho.PINGREQ:
-                # Ahead of what paho holds (a window of QoS 0 messages), so that the answer comes
-                # after what the kernel holds, not after both. Behind the first packet: a TLS
-                # write that would block must be retried with the same bytes.
-                queue.insert(1, queue.pop())
-                ahead = 2
-        # paho holds plaintext; on the wire each packet is sent as TLS records of its own.
-        rests = (len(packet["packet"]) - packet["pos"] for packet in itertools.islice(queue, ahead))
-        held: int = sum(rest + TLS_RECORD_OVERHEAD * (rest // TLS_RECORD + 1) for rest in rests)
+            at = next((i for i, p in enumerate(queue) if p["command"] == paho.PINGREQ), None)
+            if at is None:
+                ahead = 0  # written: in the kernel's queue
+            else:
+                if at > 1:
+                    # Ahead of what paho holds (a window of QoS 0 messages), so that the answer
+                    # comes after what the kernel holds, not after both. Behind the first packet:
+                    # a TLS write that would block is retried with the same bytes.
+                    ping = queue[at]
+                    del queue[at]
+                    queue.insert(1, ping)
+                    at = 1
+                ahead = at + 1
+            # paho holds plaintext; on the wire each packet is sent as TLS records of its own.
+            rests = (len(p["packet"]) - p["pos"] for p in itertools.islice(queue, ahead))
+            held: int = sum(rest + TLS_RECORD_OVERHEAD * (rest // TLS_RECORD + 1) for rest in rests)
+        except (AttributeError, KeyError, TypeError):
+            return None
         return state[0] + state[1] + held
 
 
