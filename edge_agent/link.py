@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import socket
 import ssl
 import struct
@@ -296,9 +297,13 @@ class SendProgress:
         self._mqtt = mqtt
         self._received_at = received_at  # when bytes last came in (the recording socket's)
         # paho ends the connection a keep-alive after the last byte in with a PINGREQ unanswered,
-        # or a keep-alive after its PINGREQ; moved on, its clocks give what our watchdog gives,
-        # `grace` seconds more (the PINGREQ still queued, the answer still crossing).
+        # or a keep-alive after its PINGREQ: both clocks are held at now for `grace` seconds
+        # after the last progress, so that paho gives what our watchdog gives (the PINGREQ still
+        # queued, the answer still crossing). Set ahead instead, paho's check would set them
+        # back, and its clock of packets out is left alone: it times paho's PINGREQ on an idle
+        # link, which the server's keep-alive needs.
         self._grace = grace
+        self._hold_until = -math.inf
         self._last: tuple[int, int] | None = None
         self._inbound_seen = received_at[0]
         self._acked_then: int | None = None  # acknowledged bytes when a byte last came in
@@ -309,6 +314,9 @@ class SendProgress:
         )
 
     def moved(self, budget: int = 0) -> bool:
+        now = time.monotonic()
+        if now < self._hold_until:
+            self._hold_paho(now)
         sock = self._mqtt.socket()
         state = tcp_send_state(sock) if isinstance(sock, socket.socket) else None
         last, self._last = self._last, state
@@ -326,15 +334,16 @@ class SendProgress:
             budget = max(budget, self._ping_at - self._acked_then + PROGRESS_SLACK)
         if state[0] - self._acked_then > budget:
             return False  # that much went out and nothing came back: not a live sink
-        mqtt = self._mqtt
-        alive = time.monotonic() + self._grace  # paho's own clock is time.monotonic
-        with mqtt._msgtime_mutex:
-            setattr(mqtt, self._paho_clock, max(getattr(mqtt, self._paho_clock), alive))
-            # Its check sets both clocks to now once the last packet out is a keep-alive old.
-            mqtt._last_msg_out = max(mqtt._last_msg_out, alive)
-        if getattr(mqtt, "_ping_t", 0):  # paho gives a PINGREQ a keep-alive for its answer
-            mqtt._ping_t = max(mqtt._ping_t, alive)
+        self._hold_until = now + self._grace
+        self._hold_paho(now)
         return True
+
+    def _hold_paho(self, now: float) -> None:
+        mqtt = self._mqtt
+        with mqtt._msgtime_mutex:  # paho's own clock is time.monotonic
+            setattr(mqtt, self._paho_clock, max(getattr(mqtt, self._paho_clock), now))
+        if getattr(mqtt, "_ping_t", 0):
+            mqtt._ping_t = max(mqtt._ping_t, now)
 
     def _ping(self, state: tuple[int, int]) -> int | None:
         """Have a PINGREQ sent next, unless one is unanswered already (then that one); return

@@ -739,7 +739,8 @@ async def test_a_qos0_stream_crosses_a_slow_link_without_false_disconnects(
     the keep-alive's PINGREQ waits behind the queued bytes. At 20 kB/s 500 kB take 25 s, 12
     keep-alives: the link used to be called dead every few seconds, and what was in the socket
     at each cut was lost. The agent now asks the sink for a PINGRESP and counts the progress of
-    its bytes until the sink has the PINGREQ."""
+    its bytes until the sink has the PINGREQ. Then the link stays idle for 4 keep-alives: the
+    sink's keep-alive must still get paho's PINGREQs in time."""
     device = new_device(pki, "f6q0")
     async with sink(tmp_path, pki) as server:
         proxy = await chaos_proxy_factory("127.0.0.1", server.port, hold=4096)
@@ -751,6 +752,7 @@ async def test_a_qos0_stream_crosses_a_slow_link_without_false_disconnects(
             assert agent.uplink is not None
             uplink = agent.uplink
             await until(lambda: len(stored_payloads(tmp_path / "core.db")) >= events, timeout=90)
+            await asyncio.sleep(4 * 2)
             connections, failures = uplink.status.connections, uplink.status.failures
     stored = stored_payloads(tmp_path / "core.db")
     figures("QoS 0, slow link", events=events, stored=len(stored), connections=connections)
