@@ -315,8 +315,10 @@ class SendProgress:
 
     def moved(self, budget: int = 0) -> bool:
         now = time.monotonic()
-        if now < self._hold_until:
-            self._hold_paho(now)
+        if self._hold_until != -math.inf:
+            self._hold_paho(min(now, self._hold_until))  # to the end of the grace exactly
+            if now >= self._hold_until:
+                self._hold_until = -math.inf
         sock = self._mqtt.socket()
         state = tcp_send_state(sock) if isinstance(sock, socket.socket) else None
         last, self._last = self._last, state
