@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import itertools
 import json
-import math
 import socket
 import ssl
 import struct
@@ -34,6 +33,7 @@ __all__ = [
     "TlsMaterial",
     "classify",
     "client_context",
+    "limit_unsent",
     "read_link_status",
     "recording_socket_class",
 ]
@@ -299,11 +299,11 @@ class SendProgress:
         # paho ends the connection a keep-alive after the last byte in with a PINGREQ unanswered,
         # or a keep-alive after its PINGREQ: both clocks are held at now for `grace` seconds
         # after the last progress, so that paho gives what our watchdog gives (the PINGREQ still
-        # queued, the answer still crossing). Set ahead instead, paho's check would set them
-        # back, and its clock of packets out is left alone: it times paho's PINGREQ on an idle
-        # link, which the server's keep-alive needs.
+        # queued, the answer still crossing). Set ahead once, paho's own check would set them
+        # back. Its clock of packets out is left alone: it times paho's PINGREQ on a link gone
+        # idle, which the server's keep-alive needs.
         self._grace = grace
-        self._hold_until = -math.inf
+        self._hold_until: float | None = None
         self._last: tuple[int, int] | None = None
         self._inbound_seen = received_at[0]
         self._acked_then: int | None = None  # acknowledged bytes when a byte last came in
@@ -315,10 +315,10 @@ class SendProgress:
 
     def moved(self, budget: int = 0) -> bool:
         now = time.monotonic()
-        if self._hold_until != -math.inf:
+        if self._hold_until is not None:
             self._hold_paho(min(now, self._hold_until))  # to the end of the grace exactly
             if now >= self._hold_until:
-                self._hold_until = -math.inf
+                self._hold_until = None
         sock = self._mqtt.socket()
         state = tcp_send_state(sock) if isinstance(sock, socket.socket) else None
         last, self._last = self._last, state
