@@ -424,8 +424,11 @@ async def test_clock_skew_against_the_leeway(
             for i in range(5):
                 await agent.publish("sensors/t", f"{i}".encode())
             if refused_by is not None:
-                await until(lambda: status.failures >= 3, timeout=30)  # retried, slowly
-                assert link(config) is LinkState.REFUSED
+                # Retried (slowly), and said to be refused between attempts: with full jitter
+                # the next attempt (CONNECTING) may start at once, so wait for both.
+                await until(
+                    lambda: status.failures >= 3 and link(config) is LinkState.REFUSED, timeout=30
+                )
                 await agent.publish("sensors/t", b"5")  # still accepted: the buffer takes it
                 assert inspect(config.agent.data_dir).events == 6
                 said = [r for r in caplog.records if "uplink: refused" in r.getMessage()]
