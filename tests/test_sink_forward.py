@@ -3,6 +3,7 @@ at the stage seam)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,11 +18,30 @@ from cloud_sink.backends import (
     read_dead_letters,
     read_messages,
 )
+from cloud_sink.config import parse_config as parse_sink_config
 from cloud_sink.forward import CALL_MESSAGES, Forwarder, unmappable_topic
 from cloud_sink.rights import DevicePrefixRights
-from mqtt_ingest import ConnectRequest, Counters, Identity, IngestEvent, IngestServer, Refusal
-from mqtt_ingest.envelope import EnvelopeEvent, encode, parse_username
+from cloud_sink.service import Sink
+from mqtt_ingest import (
+    ConnectRequest,
+    Counters,
+    Identity,
+    IngestEvent,
+    IngestServer,
+    Refusal,
+    failpoints,
+)
+from mqtt_ingest.envelope import (
+    FORMAT_BATCH_V1,
+    EnvelopeEvent,
+    encode,
+    format_username,
+    parse_username,
+)
+from tests.harness.pki import Pki
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
+from tests.harness.report import figures, until
+from tests.harness.sink import device_token, write_sink_config
 
 EPOCH = "a1b2c3d4e5f60718"
 
@@ -229,3 +249,53 @@ async def test_a_large_batch_of_envelopes_goes_to_the_backend_in_bounded_calls(
     await queue.aclose()
     assert calls == [CALL_MESSAGES, 25_000 - CALL_MESSAGES]
     assert sum(1 for _ in read_messages(path)) == 25_000
+
+
+async def test_the_sink_weighs_envelopes_into_stage_calls_of_bounded_events(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The sink's server weighs an envelope by its events (`Forwarder.weight`): 30 envelopes of
+    1,000 events that queue up behind a slow stage call go on in two calls of at most
+    `CALL_MESSAGES` events, each one backend call, not in one call of 30,000 events (512
+    envelopes of 1,000 made one stage call a minute of storing, past the stage timeout)."""
+    device = pki.device(f"fw-{uuid.uuid4().hex[:6]}")
+    topic = f"devices/{device.device_id}/t"
+    first = encode(EPOCH, [EnvelopeEvent(100_001, 0, b"first")])
+    envelopes = [
+        encode(EPOCH, [EnvelopeEvent(n * 1000 + i + 1, 0, b"e") for i in range(1000)])
+        for n in range(30)
+    ]
+    username = format_username(device.device_id, format=FORMAT_BATCH_V1)
+    connect = connect_packet(
+        device.device_id, username=username, password=device_token(device).encode()
+    )
+    failpoints.arm("ingest.before_store", "sleep:1@1")  # the first stage call takes 1 s
+    try:
+        async with Sink(parse_sink_config(write_sink_config(tmp_path, pki).read_text())) as sink:
+            raw = await RawClient.open(sink.port, ssl_context=pki.client_context(device))
+            try:
+                await raw.send(connect)
+                connack = await raw.read(10)
+                assert connack is not None
+                assert connack.body[1] == 0
+                await raw.send(publish_packet(topic, first, qos=1, packet_id=1))
+                await until(lambda: sink.metrics.get("events_received") == 1)
+                for packet_id, envelope in enumerate(envelopes, start=2):
+                    await raw.send(publish_packet(topic, envelope, qos=1, packet_id=packet_id))
+                acks = [await raw.read(20) for _ in range(1 + len(envelopes))]
+            finally:
+                await raw.aclose()
+            stage_calls = sink.metrics.get("stage_batches")
+            backend_calls = sink.prometheus.registry.get_sample_value(
+                "cloud_sink_core_queue_confirm_seconds_count",
+                {"backend": "sqlite", "operation": "publish"},
+            )
+    finally:
+        failpoints.disarm_all()
+    stored = sum(1 for _ in read_messages(tmp_path / "core.db"))
+    figures("weighed stage calls", stage_calls=stage_calls, backend_calls=backend_calls)
+    assert [ack.kind if ack else None for ack in acks] == [4] * 31  # PUBACK each
+    assert stored == 30_001
+    # The first envelope alone, then 20 envelopes (20,000 events), then the other 10.
+    assert stage_calls == 3
+    assert backend_calls == 3
