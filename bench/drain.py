@@ -152,7 +152,7 @@ class Pki:
     device_key: Path
 
     def client_context(self) -> ssl.SSLContext:
-        """As the agent builds it (`edge_agent.link.client_context`)."""
+        """As the agent builds it (`edge_agent.tls.client_context`)."""
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca))
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(self.device_cert), str(self.device_key))

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
 from edge_agent.config import AgentConfig, UplinkConfig
-from edge_agent.link import CRL_REFUSED, client_context
+from edge_agent.tls import CRL_REFUSED, client_context
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.crl import TlsError, check_crl

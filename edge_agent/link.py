@@ -1,12 +1,11 @@
-"""The uplink's link: its state as `edge-agent status` shows it, the device's TLS material, the
-backoff between attempts, and how a failed attempt is told apart from a refusal (SPEC §5)."""
+"""The uplink's link: its state as `edge-agent status` shows it, how a failed attempt is told
+apart from a refusal, and how the progress of our bytes on a slow link counts as life (SPEC §5)."""
 
 from __future__ import annotations
 
 import contextlib
 import enum
 import fcntl
-import hashlib
 import itertools
 import json
 import socket
@@ -18,10 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from cryptography import x509
-
-from edge_agent.config import UplinkConfig
-from mqtt_ingest.crl import TlsError, check_crl
 
 __all__ = [
     "LINK_FILE",
@@ -30,9 +25,7 @@ __all__ = [
     "LinkStatus",
     "PublishTimeout",
     "SendProgress",
-    "TlsMaterial",
     "classify",
-    "client_context",
     "limit_unsent",
     "read_link_status",
     "recording_socket_class",
@@ -81,82 +74,6 @@ def read_link_status(data_dir: Path) -> LinkStatus | None:
         return LinkStatus(**raw)
     except (KeyError, TypeError, ValueError):
         return None
-
-
-CRL_REFUSED = "the sink's certificate cannot be checked with it, so the sink is refused"
-UNUSABLE_CRL = "unusable CRL"  # how `TlsMaterial.load` starts a refusal of the CRL itself
-
-
-def client_context(config: UplinkConfig) -> ssl.SSLContext:
-    """Verify the server against ``tls.ca``, the host name and ``tls.crl`` if set; present the
-    device certificate. Raises `TlsError` for an unusable CRL."""
-    tls = config.tls
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.cert), str(tls.key))
-    if tls.crl is not None:
-        check_crl(tls.crl, tls.ca, refused=CRL_REFUSED)
-        trusted = len(context.get_ca_certs())
-        context.load_verify_locations(cafile=str(tls.crl))
-        if len(context.get_ca_certs()) != trusted:  # changed since check_crl read it
-            raise TlsError(f"{tls.crl}: holds a certificate, not only a CRL")
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return context
-
-
-def file_version(path: Path) -> tuple[int, int, int] | None:
-    """What tells a file's versions apart (mtime, size, inode); None if it cannot be read."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
-
-@dataclass(frozen=True)
-class TlsMaterial:
-    """The device's TLS setup, loaded and checked once (at start, on reload and when the CRL
-    file changes), then reused for every connection: a file broken on disk later does not break
-    the link; SIGHUP loads anew."""
-
-    context: ssl.SSLContext
-    not_before: float  # unix seconds
-    not_after: float
-    crl_version: tuple[int, int, int] | None = None  # `file_version` of the CRL loaded
-    crl_next_update: float | None = None  # unix seconds
-    crl_digest: bytes | None = None  # of the CRL file's content: rewritten unchanged, no reload
-
-    @classmethod
-    def load(cls, config: UplinkConfig) -> TlsMaterial:
-        """Raise ValueError saying what is wrong with the files."""
-        tls = config.tls
-        crl_version = None if tls.crl is None else file_version(tls.crl)
-        try:
-            certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
-            context = client_context(config)
-            crl_data = None if tls.crl is None else tls.crl.read_bytes()
-            crl = None if crl_data is None else x509.load_pem_x509_crl(crl_data)
-        except OSError as exc:
-            raise ValueError(f"cannot read the TLS files: {exc}") from None
-        except TlsError as exc:
-            raise ValueError(f"{UNUSABLE_CRL}: {exc}") from None
-        except (ValueError, ssl.SSLError) as exc:
-            raise ValueError(
-                f"unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {exc}"
-            ) from None
-        next_update = None if crl is None else crl.next_update_utc
-        return cls(
-            context,
-            certificate.not_valid_before_utc.timestamp(),
-            certificate.not_valid_after_utc.timestamp(),
-            crl_version,
-            None if next_update is None else next_update.timestamp(),
-            None if crl_data is None else crl_digest(crl_data),
-        )
-
-
-def crl_digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
 
 
 class LinkFailure(Exception):

@@ -37,15 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
 import math
 import os
 import ssl
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -54,34 +51,29 @@ from aiomqtt.exceptions import MqttConnectError
 from edge_agent.buffer import Buffer, StoredEvent
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import (
-    CRL_REFUSED,
     LINK_FILE,
-    UNUSABLE_CRL,
     LinkFailure,
     LinkState,
     LinkStatus,
     PublishTimeout,
     SendProgress,
-    TlsMaterial,
     classify,
-    crl_digest,
-    file_version,
     limit_unsent,
     recording_socket_class,
 )
+from edge_agent.messages import Message, Messages
+from edge_agent.suspects import Suspects
+from edge_agent.tls import DeviceTls, TlsMaterial
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
-from edge_agent.window import Message, Session
+from edge_agent.window import Session
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, MAX_EVENTS, encode, format_username
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, MAX_EVENTS, format_username
 
 __all__ = ["Uplink"]
 
 log = logging.getLogger(__name__)
 
-_ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
-_EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
-_MAX_DEFERRED = 100
 _MAX_FETCH = MAX_EVENTS  # events per read from the buffer (more only holds more rows in memory)
 _DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
@@ -90,15 +82,6 @@ _TOKEN_FILE_RECHECK = 30.0  # seconds: a token file still unchanged at renewal i
 # reason codes paho reports them as.
 _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
 CRL_CHECK_INTERVAL = 5.0  # seconds between looks at [uplink.tls] crl (the sink polls its own too)
-
-
-@dataclass(slots=True)
-class _Suspect:
-    event: StoredEvent
-    failures: int  # connections lost with this event alone in flight
-    confirmed_at_failure: int  # the uplink's `_confirmed` count at the last failure
-    timeouts: int = 0  # publish timeouts with this event alone in flight
-    retry_after: float = 0.0  # loop time before which it is not tried again (after timeouts)
 
 
 class Uplink:
@@ -110,14 +93,14 @@ class Uplink:
         # the next connection, while this one finishes with what it announced at CONNECT (the
         # format above all: a raw message on a batch-v1 connection would be dead-lettered).
         self._opened_with: UplinkConfig = config.uplink
+        self._messages = Messages(self._opened_with, config.agent.device_id, buffer.epoch)
         self.device_id = config.agent.device_id
         self._data_dir = config.agent.data_dir
         self._buffer = buffer
         self._clock = clock
         self._tokens: TokenSource = token_source(self.config, self.device_id, clock)
-        self._material: TlsMaterial | None = None
+        self._tls = DeviceTls(self.config)
         self._reconnect = asyncio.Event()  # set by reload: close gracefully, connect again now
-        self._crl_blocked = ""  # why a changed CRL could not be loaded (the other TLS files)
         self._backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
         self._refused_backoff = Backoff(
             self.config.refused_backoff_initial, self.config.refused_backoff_max
@@ -134,11 +117,7 @@ class Uplink:
         self._preempt = -1  # highest priority committed since the last fetch
         self._stopping = asyncio.Event()
         self._grace = self.config.publish_timeout
-        # Events the connection was lost on while they were alone in flight. Each is tried
-        # again (alone) only after other events got through since its last failure, so one
-        # poison event neither blocks the rest nor gets blamed for a dead link.
-        self._deferred: dict[int, _Suspect] = {}
-        self._confirmed = 0  # QoS 1/2 events acknowledged this run: evidence the server takes them
+        self._suspects = Suspects()  # lost alone in flight: poison, or a dead link?
         self._received_at = [time.monotonic()]  # when the current connection last received bytes
         self._told_same_token = False  # the token file's unchanged token was logged
         self._connected_with = Token(None, None)  # the token the current connection presented
@@ -230,9 +209,11 @@ class Uplink:
 
     async def _connection(self) -> None:
         config = self._opened_with = self.config
+        self._messages = Messages(config, self.device_id, self._buffer.epoch)
         self._set_state(LinkState.CONNECTING, "", quiet=True)
         self._reconnect.clear()
-        material = self._tls_material()
+        material = self._tls.current(self._clock.time())
+        self.status.certificate_not_after = material.not_after
         try:
             token = self._tokens.current()
         except TokenUnavailable as exc:
@@ -296,88 +277,11 @@ class Uplink:
         left = token.expires_at - self._opened_with.token.renew_before - self._clock.time()
         return asyncio.get_running_loop().time() + max(left, 1.0)
 
-    def _tls_material(self) -> TlsMaterial:
-        """The loaded TLS material (loaded now if it never loaded); refuse a certificate that is
-        not valid at this moment."""
-        if self._material is None:
-            try:
-                self._material = TlsMaterial.load(self.config)
-            except ValueError as exc:
-                raise LinkFailure(str(exc), refused=True) from None
-        crl = self.config.tls.crl
-        if crl is not None and file_version(crl) != self._material.crl_version:
-            self._material = self._changed_crl(self._material, crl)
-        material = self._material
-        self.status.certificate_not_after = material.not_after
-        now = self._clock.time()
-        if material.crl_next_update is not None and now >= material.crl_next_update:
-            when = dt.datetime.fromtimestamp(material.crl_next_update, dt.UTC)
-            raise LinkFailure(
-                f"the CRL {crl} expired at {when} (its next update): {CRL_REFUSED}; fetch a "
-                "fresh one (bridge-certs crl)",
-                refused=True,
-            )
-        if now < material.not_before:
-            when = dt.datetime.fromtimestamp(material.not_before, dt.UTC)
-            raise LinkFailure(
-                f"the device certificate is not valid before {when} (check the clock)",
-                refused=True,
-            )
-        if now > material.not_after:
-            when = dt.datetime.fromtimestamp(material.not_after, dt.UTC)
-            raise LinkFailure(f"the device certificate expired at {when}", refused=True)
-        return material
-
-    def _changed_crl(self, material: TlsMaterial, crl: Path) -> TlsMaterial:
-        """The material with the CRL file as it is now; if that cannot be used, the previous
-        material (which an expired CRL then refuses), said once per version of the file. The
-        version is taken before the file is read: one that changes while it is read (a copy
-        finishing) is read again at the next look."""
-        version = file_version(crl)
-        try:
-            same = crl_digest(crl.read_bytes()) == material.crl_digest
-        except OSError:
-            same = False
-        if same:  # rewritten with the same content (a periodic fetch): nothing to do
-            return dataclasses.replace(material, crl_version=version)
-        try:
-            loaded = TlsMaterial.load(self.config)
-        except ValueError as exc:
-            if not str(exc).startswith(UNUSABLE_CRL):
-                # The certificate or key, not the CRL (a rotation half done): the CRL is read
-                # again at the next look, and the reload that follows a rotation loads it too.
-                if str(exc) != self._crl_blocked:
-                    log.warning("uplink: a new CRL waits for the TLS files to be usable: %s", exc)
-                self._crl_blocked = str(exc)
-                return material
-            log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
-            return dataclasses.replace(material, crl_version=version)
-        self._crl_blocked = ""
-        log.info("uplink: CRL %s loaded (changed on disk)", crl)
-        return dataclasses.replace(loaded, crl_version=version)
-
     async def _watch_crl(self) -> None:
-        """Look at the CRL file every `CRL_CHECK_INTERVAL` seconds. A new one that loads ends
-        the connection gracefully, so that the sink is checked against it now, not at the next
-        reconnect (up to the token's lifetime away); and it ends a back-off at once, so that a
-        fresh CRL after an expired one is used without waiting for a slow retry."""
-        seen = None if self.config.tls.crl is None else file_version(self.config.tls.crl)
+        """Look at the CRL file every `CRL_CHECK_INTERVAL` seconds (`DeviceTls.crl_changed`)."""
         while True:
             await asyncio.sleep(CRL_CHECK_INTERVAL)
-            crl = self.config.tls.crl
-            material = self._material
-            if crl is None:
-                continue
-            if material is None:  # nothing loaded yet (an unusable CRL at start): try it now
-                version, seen = seen, file_version(crl)
-                if version != seen:
-                    self._request_reconnect()
-                continue
-            if file_version(crl) == material.crl_version:
-                continue
-            self._material = self._changed_crl(material, crl)
-            if self._material is not material and self._material.context is not material.context:
-                log.info("uplink: reconnecting to check the sink against the new CRL")
+            if self._tls.crl_changed():
                 self._request_reconnect()
 
     def reload(self, config: UplinkConfig) -> None:
@@ -391,7 +295,7 @@ class Uplink:
         except TokenUnavailable as exc:
             raise ValueError(str(exc)) from None
         self.config = config
-        self._material = material
+        self._tls = DeviceTls(config, material)
         self._tokens = tokens
         self.status.server = f"{config.host}:{config.port}"
         self._backoff = Backoff(config.backoff_initial, config.backoff_max)
@@ -484,7 +388,7 @@ class Uplink:
                 self._preempt = -1
                 events = await self._fetch_above(session, cursor[0], free)
                 if events:
-                    for message in self._group(events):
+                    for message in self._messages.drain_order(events):
                         if not await self._send(session, message):
                             break
                     continue
@@ -493,42 +397,22 @@ class Uplink:
                 await session.wait(self._opened_with.batch.linger)
                 more = await self._fetch(session, (events[-1].priority, events[-1].seq), free)
                 events += more
-            suspect = self._probe_candidate(idle=not events) if not probed else None
+            now = asyncio.get_running_loop().time()
+            suspect = None if probed else self._suspects.candidate(idle=not events, now=now)
             if suspect is not None:
-                await self._send(session, self._messages([suspect.event], alone=True)[0])
+                await self._send(session, self._messages.of([suspect.event], alone=True)[0])
                 # Delivered: the next suspect may go. Not delivered (stop, reload): no other
                 # probe on this connection (a lost connection ends it anyway).
-                probed = suspect.event.seq in self._deferred
+                probed = suspect.event.seq in self._suspects.seqs
                 continue
             if not events:
-                await session.wait(self._next_retry())  # the renewal timer wakes it too
+                # The renewal timer wakes it too.
+                await session.wait(self._suspects.next_retry(now))
                 continue
             cursor = (events[-1].priority, events[-1].seq)
-            for message in self._group(events):
+            for message in self._messages.drain_order(events):
                 if not await self._send(session, message):
                     break
-
-    def _probe_candidate(self, idle: bool) -> _Suspect | None:
-        """A deferred event worth another try: other events got through since it failed, or
-        there is nothing else to send (``idle``: then it is not held back for want of traffic;
-        a failure without other events getting through in between does not count towards
-        ``max_attempts``, see `_finish`)."""
-        confirmed, now = self._confirmed, asyncio.get_running_loop().time()
-        return next(
-            (
-                s
-                for s in self._deferred.values()
-                if (idle or confirmed > s.confirmed_at_failure) and now >= s.retry_after
-            ),
-            None,
-        )
-
-    def _next_retry(self) -> float | None:
-        """Seconds until a deferred event held back after timeouts may go again, or None."""
-        later = [s.retry_after for s in self._deferred.values() if s.retry_after]
-        if not later:
-            return None
-        return max(0.0, min(later) - asyncio.get_running_loop().time())
 
     def _lingers(self, events: list[StoredEvent]) -> bool:
         """Whether a part-full batch waits for more: only while other messages are in flight
@@ -579,7 +463,7 @@ class Uplink:
         connection (events are taken in cursor order), but deferred ones may be anywhere, and
         so may those of them acknowledged on this connection whose rows are not deleted yet."""
         sent = session.taken.keys() if cursor is None else session.settling
-        skip = frozenset(self._deferred.keys() | sent)
+        skip = frozenset(self._suspects.seqs | sent)
         return await self._buffer.next_events(
             self._want(free), cursor, skip=skip, max_bytes=self._opened_with.window_bytes
         )
@@ -588,7 +472,7 @@ class Uplink:
         """Not yet sent events of a priority above ``priority`` (the cursor stays where it is)."""
         want = self._want(free)
         skip = frozenset(
-            self._deferred.keys() | {s for s, p in session.taken.items() if p > priority}
+            self._suspects.seqs | {s for s, p in session.taken.items() if p > priority}
         )
         events = await self._buffer.next_events(
             want, None, skip=skip, max_bytes=self._opened_with.window_bytes, above=priority
@@ -598,65 +482,6 @@ class Uplink:
             # next turn reads above the cursor again, until a read finds nothing.
             self._preempt = max(self._preempt, events[-1].priority)
         return events
-
-    def _group(self, events: list[StoredEvent]) -> list[Message]:
-        """Messages in drain order: suspects (attempts >= 1) first and alone, then the rest."""
-        fresh = [e for e in events if e.attempts == 0]
-        once = [e for e in events if e.attempts == 1]
-        more = [e for e in events if e.attempts >= 2]
-        messages: list[Message] = []
-        for event in more:
-            messages += self._messages([event], alone=True)
-        if once:
-            messages += self._messages(once, alone=True)
-        messages += self._messages(fresh, alone=False)
-        return messages
-
-    def _messages(self, events: list[StoredEvent], *, alone: bool) -> list[Message]:
-        device = self.device_id
-        config = self._opened_with
-        if config.format != FORMAT_BATCH_V1:
-            return [
-                Message(
-                    [e.seq],
-                    e.priority,
-                    config.uplink_topic(device, e.topic),
-                    e.payload,
-                    e.qos,
-                    alone,
-                    e,
-                )
-                for e in events
-            ]
-        groups: dict[tuple[str, int], list[list[StoredEvent]]] = {}
-        sizes: dict[tuple[str, int], int] = {}
-        limit = config.batch
-        for event in events:
-            key = (event.topic, event.qos)
-            runs = groups.setdefault(key, [[]])
-            size = len(event.payload) + _EVENT_OVERHEAD
-            if runs[-1] and (
-                len(runs[-1]) >= limit.max_events
-                or sizes[key] + size > limit.max_bytes - _ENVELOPE_OVERHEAD
-            ):
-                runs.append([])
-                sizes[key] = 0
-            runs[-1].append(event)
-            sizes[key] = sizes.get(key, 0) + size
-        epoch = self._buffer.epoch
-        return [
-            Message(
-                [e.seq for e in run],
-                max(e.priority for e in run),
-                config.uplink_topic(device, topic),
-                encode(epoch, run, zstd_level=limit.zstd_level),
-                qos,
-                alone,
-                run[0] if len(run) == 1 else None,
-            )
-            for (topic, qos), runs in groups.items()
-            for run in runs
-        ]
 
     async def _send(self, session: Session, message: Message) -> bool:
         """Queue ``message`` (in drain order) for `Session.pump`. The queue holds up to a window, so
@@ -725,16 +550,11 @@ class Uplink:
     def _delivered(self, seqs: list[int], qos: int) -> None:
         """Seqs acknowledged on the current connection (`Session.on_delivered`)."""
         self.status.delivered += len(seqs)
-        if qos > 0:
-            # Evidence that the server takes events; a QoS 0 write is none (paho reports it
-            # published once it is in the socket, whether the server reads anything or not).
-            self._confirmed += len(seqs)
-        if self._deferred and self._session is not None:
-            for seq in seqs:
-                if self._deferred.pop(seq, None) is not None:
-                    # Its row stays until the next delete; a read after the cursor (where a
-                    # deferred event may be) must not send it again meanwhile.
-                    self._session.settling.add(seq)
+        suspects = self._suspects.delivered(seqs, qos)
+        if suspects and self._session is not None:
+            # Their rows stay until the next delete; a read after the cursor (where a set-aside
+            # event may be) must not send them again meanwhile.
+            self._session.settling.update(suspects)
 
     async def _delete_loop(self, session: Session) -> None:
         """Delete acknowledged rows in batches: one transaction (and, with ``full`` durability,
@@ -785,35 +605,22 @@ class Uplink:
         event = next(iter(session.inflight.values())).single
         if event is None:
             return
-        suspect = self._deferred.pop(event.seq, None)
-        # Poison is an event the connection keeps being closed on (SPEC §5). Our own publish
-        # timeout is not that: a large event on a slow link, or a server that stopped
-        # acknowledging; the event is still tried alone later, but never dead-lettered for it.
-        closed = not isinstance(session.failure, PublishTimeout)
-        if suspect is None:
-            suspect = _Suspect(event, int(closed), self._confirmed)
-        elif closed and self._confirmed > suspect.confirmed_at_failure:
-            suspect.failures += 1  # others got through since its last failure: it counts
-        suspect.confirmed_at_failure = self._confirmed
-        if not closed:
-            # Each try alone holds everything else back for a whole publish_timeout: after
-            # each timeout the next try waits twice as long (up to an hour), so an event a
-            # server never acknowledges costs less and less throughput, and is not dropped.
-            suspect.timeouts += 1
-            wait = min(self._opened_with.publish_timeout * 2 ** min(suspect.timeouts, 16), 3600.0)
-            suspect.retry_after = asyncio.get_running_loop().time() + wait
-        if suspect.failures >= self.config.max_attempts:
+        failures = self._suspects.lost(
+            event,
+            closed=not isinstance(session.failure, PublishTimeout),
+            publish_timeout=self._opened_with.publish_timeout,
+            max_attempts=self.config.max_attempts,
+            now=asyncio.get_running_loop().time(),
+        )
+        if failures is not None:
             reason = (
-                f"the connection was lost {suspect.failures} times with this event alone in "
-                f"flight, other events getting through in between (last: {session.failure.detail})"
+                f"the connection was lost {failures} times with this event alone in flight, "
+                f"other events getting through in between (last: {session.failure.detail})"
             )
             if await self._buffer.dead_letter(event.seq, reason):
                 self.status.dead_lettered += 1
                 log.error("uplink: event seq %d on %r moved to dead letters: %s",
                           event.seq, event.topic[:100], reason)  # fmt: skip
-            return
-        if len(self._deferred) < _MAX_DEFERRED:
-            self._deferred[event.seq] = suspect
 
     # -- link state -------------------------------------------------------------------------
 

@@ -22,26 +22,14 @@ import paho.mqtt.client as paho
 
 from edge_agent.buffer import StoredEvent
 from edge_agent.link import PROGRESS_SLACK, LinkFailure, PublishTimeout
+from edge_agent.messages import Message
 from mqtt_ingest import failpoints
 
-__all__ = ["MID_SPAN", "Message", "Session"]
+__all__ = ["MID_SPAN", "Session"]
 
 # paho numbers packets 1..65535 and wraps: a message is not sent while the oldest in flight was
 # sent this many publishes ago (with a margin), so a packet id is never reused while in flight.
 MID_SPAN = 65_000
-
-
-@dataclass(slots=True)
-class Message:
-    seqs: list[int]  # the events it carries (their payloads are only in ``payload``)
-    priority: int
-    topic: str
-    payload: bytes
-    qos: int
-    alone: bool  # nothing else may be in flight with it
-    single: StoredEvent | None  # the event, when it is the only one (poison handling)
-    sent_at: float = 0.0  # loop time it was handed to paho
-    number: int = 0  # how many messages the connection had published before this one
 
 
 @dataclass

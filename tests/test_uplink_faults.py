@@ -362,7 +362,7 @@ async def test_a_new_crl_during_a_certificate_rotation_is_read_once_the_files_ar
     """A new CRL is loaded with the rest of the TLS files. Caught while the certificate file is
     half written, it used to be blamed for the failure and not read again until it changed; now
     it waits for the files and is loaded (and the sink checked against it) once they are whole."""
-    caplog.set_level(logging.INFO, logger="edge_agent.uplink")
+    caplog.set_level(logging.INFO, logger="edge_agent")
     crl = tmp_path / "crl.pem"
     shutil.copyfile(pki.crl, crl)
     device = new_device(pki, "crlrot")

@@ -1,0 +1,100 @@
+"""How buffered events become MQTT messages on the uplink (SPEC §3, §5): one event per message
+in ``raw`` format; in ``batch-v1``, consecutive events of one topic and QoS per batch envelope,
+bounded by ``[uplink.batch]`` ``max_events`` and ``max_bytes``. Events the connection was lost
+on before (attempts >= 1) go first and alone in flight (poison handling, see `edge_agent.uplink`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_agent.buffer import StoredEvent
+from edge_agent.config import UplinkConfig
+from mqtt_ingest.envelope import FORMAT_BATCH_V1, encode
+
+__all__ = ["Message", "Messages"]
+
+_ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
+_EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
+
+
+@dataclass(slots=True)
+class Message:
+    seqs: list[int]  # the events it carries (their payloads are only in ``payload``)
+    priority: int
+    topic: str
+    payload: bytes
+    qos: int
+    alone: bool  # nothing else may be in flight with it
+    single: StoredEvent | None  # the event, when it is the only one (poison handling)
+    sent_at: float = 0.0  # loop time it was handed to paho
+    number: int = 0  # how many messages the connection had published before this one
+
+
+@dataclass(frozen=True, slots=True)
+class Messages:
+    """The messages of one connection: its settings (the format it announced at CONNECT), the
+    device and the buffer's epoch (part of each event id in an envelope)."""
+
+    config: UplinkConfig
+    device_id: str
+    epoch: str
+
+    def drain_order(self, events: list[StoredEvent]) -> list[Message]:
+        """Messages in drain order: suspects (attempts >= 1) first and alone, then the rest."""
+        fresh = [e for e in events if e.attempts == 0]
+        once = [e for e in events if e.attempts == 1]
+        more = [e for e in events if e.attempts >= 2]
+        messages: list[Message] = []
+        for event in more:
+            messages += self.of([event], alone=True)
+        if once:
+            messages += self.of(once, alone=True)
+        messages += self.of(fresh, alone=False)
+        return messages
+
+    def of(self, events: list[StoredEvent], *, alone: bool) -> list[Message]:
+        """``events`` (in drain order) as messages, each to go ``alone`` in flight or not."""
+        device = self.device_id
+        config = self.config
+        if config.format != FORMAT_BATCH_V1:
+            return [
+                Message(
+                    [e.seq],
+                    e.priority,
+                    config.uplink_topic(device, e.topic),
+                    e.payload,
+                    e.qos,
+                    alone,
+                    e,
+                )
+                for e in events
+            ]
+        groups: dict[tuple[str, int], list[list[StoredEvent]]] = {}
+        sizes: dict[tuple[str, int], int] = {}
+        limit = config.batch
+        for event in events:
+            key = (event.topic, event.qos)
+            runs = groups.setdefault(key, [[]])
+            size = len(event.payload) + _EVENT_OVERHEAD
+            if runs[-1] and (
+                len(runs[-1]) >= limit.max_events
+                or sizes[key] + size > limit.max_bytes - _ENVELOPE_OVERHEAD
+            ):
+                runs.append([])
+                sizes[key] = 0
+            runs[-1].append(event)
+            sizes[key] = sizes.get(key, 0) + size
+        return [
+            Message(
+                [e.seq for e in run],
+                max(e.priority for e in run),
+                config.uplink_topic(device, topic),
+                encode(self.epoch, run, zstd_level=limit.zstd_level),
+                qos,
+                alone,
+                run[0] if len(run) == 1 else None,
+            )
+            for (topic, qos), runs in groups.items()
+            for run in runs
+        ]

@@ -1,0 +1,106 @@
+"""Poison handling on the uplink (SPEC §5): the events a connection was lost on while they were
+alone in flight, set aside and tried again (alone) only once other events got through since, or
+at once when there is nothing else to send, so that one poison event neither blocks the rest nor
+gets blamed for a dead link. After ``max_attempts`` such losses, each but the first with other
+events getting through since the previous one, the uplink moves the event to the dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import KeysView
+from dataclasses import dataclass
+
+from edge_agent.buffer import StoredEvent
+
+__all__ = ["Suspect", "Suspects"]
+
+MAX_SUSPECTS = 100  # set aside at once, at most (more are simply sent again with the rest)
+MAX_RETRY_WAIT = 3600.0  # seconds: the longest wait after publish timeouts
+
+
+@dataclass(slots=True)
+class Suspect:
+    event: StoredEvent
+    failures: int  # connections lost with this event alone in flight
+    confirmed_at_failure: int  # `Suspects.confirmed` at the last failure
+    timeouts: int = 0  # publish timeouts with this event alone in flight
+    retry_after: float = 0.0  # loop time before which it is not tried again (after timeouts)
+
+
+class Suspects:
+    """The events set aside, by seq, and the evidence that the server takes events."""
+
+    def __init__(self) -> None:
+        self._by_seq: dict[int, Suspect] = {}
+        self.confirmed = 0
+        """QoS 1/2 events acknowledged this run: evidence that the server takes events (a QoS 0
+        write is none: paho reports it published once it is in the socket)."""
+
+    @property
+    def seqs(self) -> KeysView[int]:
+        """Not to be read with the rest: they go alone, when `candidate` says so."""
+        return self._by_seq.keys()
+
+    def candidate(self, *, idle: bool, now: float) -> Suspect | None:
+        """One worth another try: other events got through since it failed, or there is
+        nothing else to send (``idle``: it is then not held back for want of traffic; a failure
+        without other events getting through in between does not count towards
+        ``max_attempts``, see `lost`); and not held back after timeouts at loop time ``now``."""
+        confirmed = self.confirmed
+        return next(
+            (
+                s
+                for s in self._by_seq.values()
+                if (idle or confirmed > s.confirmed_at_failure) and now >= s.retry_after
+            ),
+            None,
+        )
+
+    def next_retry(self, now: float) -> float | None:
+        """Seconds from ``now`` until one held back after timeouts may go again, or None."""
+        later = [s.retry_after for s in self._by_seq.values() if s.retry_after]
+        if not later:
+            return None
+        return max(0.0, min(later) - now)
+
+    def delivered(self, seqs: list[int], qos: int) -> list[int]:
+        """Count acknowledged ``seqs``; return those of them that were set aside (no more)."""
+        if qos > 0:
+            self.confirmed += len(seqs)
+        if not self._by_seq:
+            return []
+        return [seq for seq in seqs if self._by_seq.pop(seq, None) is not None]
+
+    def lost(
+        self,
+        event: StoredEvent,
+        *,
+        closed: bool,
+        publish_timeout: float,
+        max_attempts: int,
+        now: float,
+    ) -> int | None:
+        """The connection was lost with ``event`` alone in flight: ``closed`` by the other side
+        (or the link), or ended by our publish timeout at loop time ``now``. Returns how many
+        losses count once they reach ``max_attempts`` (the caller dead-letters the event);
+        otherwise None, and the event is set aside (up to `MAX_SUSPECTS`)."""
+        suspect = self._by_seq.pop(event.seq, None)
+        # Poison is an event the connection keeps being closed on (SPEC §5). Our own publish
+        # timeout is not that: a large event on a slow link, or a server that stopped
+        # acknowledging; the event is still tried alone later, but never dead-lettered for it.
+        if suspect is None:
+            suspect = Suspect(event, int(closed), self.confirmed)
+        elif closed and self.confirmed > suspect.confirmed_at_failure:
+            suspect.failures += 1  # others got through since its last failure: it counts
+        suspect.confirmed_at_failure = self.confirmed
+        if not closed:
+            # Each try alone holds everything else back for a whole publish_timeout: after
+            # each timeout the next try waits twice as long (up to an hour), so an event a
+            # server never acknowledges costs less and less throughput, and is not dropped.
+            suspect.timeouts += 1
+            wait = min(publish_timeout * 2 ** min(suspect.timeouts, 16), MAX_RETRY_WAIT)
+            suspect.retry_after = now + wait
+        if suspect.failures >= max_attempts:
+            return suspect.failures
+        if len(self._by_seq) < MAX_SUSPECTS:
+            self._by_seq[event.seq] = suspect
+        return None

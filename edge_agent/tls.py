@@ -1,0 +1,201 @@
+"""The device's TLS material for the uplink: the client context (CA, certificate, key, the CA's
+CRL for the sink's certificate), loaded and checked once and reused for every connection, and
+loaded again when the CRL file changes (SPEC §5, §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from edge_agent.config import UplinkConfig
+from edge_agent.link import LinkFailure
+from mqtt_ingest.crl import TlsError, check_crl
+
+__all__ = [
+    "CRL_REFUSED",
+    "DeviceTls",
+    "TlsMaterial",
+    "client_context",
+    "file_version",
+]
+
+log = logging.getLogger(__name__)
+
+CRL_REFUSED = "the sink's certificate cannot be checked with it, so the sink is refused"
+UNUSABLE_CRL = "unusable CRL"  # how `TlsMaterial.load` starts a refusal of the CRL itself
+
+
+def client_context(config: UplinkConfig) -> ssl.SSLContext:
+    """Verify the server against ``tls.ca``, the host name and ``tls.crl`` if set; present the
+    device certificate. Raises `TlsError` for an unusable CRL."""
+    tls = config.tls
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.crl is not None:
+        check_crl(tls.crl, tls.ca, refused=CRL_REFUSED)
+        trusted = len(context.get_ca_certs())
+        context.load_verify_locations(cafile=str(tls.crl))
+        if len(context.get_ca_certs()) != trusted:  # changed since check_crl read it
+            raise TlsError(f"{tls.crl}: holds a certificate, not only a CRL")
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file's versions apart (mtime, size, inode); None if it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The device's TLS setup, loaded and checked once (at start, on reload and when the CRL
+    file changes), then reused for every connection: a file broken on disk later does not break
+    the link; SIGHUP loads anew."""
+
+    context: ssl.SSLContext
+    not_before: float  # unix seconds
+    not_after: float
+    crl_version: tuple[int, int, int] | None = None  # `file_version` of the CRL loaded
+    crl_next_update: float | None = None  # unix seconds
+    crl_digest: bytes | None = None  # of the CRL file's content: rewritten unchanged, no reload
+
+    @classmethod
+    def load(cls, config: UplinkConfig) -> TlsMaterial:
+        """Raise ValueError saying what is wrong with the files."""
+        tls = config.tls
+        crl_version = None if tls.crl is None else file_version(tls.crl)
+        try:
+            certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+            context = client_context(config)
+            crl_data = None if tls.crl is None else tls.crl.read_bytes()
+            crl = None if crl_data is None else x509.load_pem_x509_crl(crl_data)
+        except OSError as exc:
+            raise ValueError(f"cannot read the TLS files: {exc}") from None
+        except TlsError as exc:
+            raise ValueError(f"{UNUSABLE_CRL}: {exc}") from None
+        except (ValueError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {exc}"
+            ) from None
+        next_update = None if crl is None else crl.next_update_utc
+        return cls(
+            context,
+            certificate.not_valid_before_utc.timestamp(),
+            certificate.not_valid_after_utc.timestamp(),
+            crl_version,
+            None if next_update is None else next_update.timestamp(),
+            None if crl_data is None else crl_digest(crl_data),
+        )
+
+
+def crl_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class DeviceTls:
+    """The uplink's `TlsMaterial` for one configuration: loaded at the first connection (or
+    given, by a reload that loaded it), checked against the clock at every connection, and
+    loaded again when the CRL file changes. A broken file later keeps what was loaded."""
+
+    def __init__(self, config: UplinkConfig, material: TlsMaterial | None = None) -> None:
+        self.config = config
+        self.material = material
+        self._crl_blocked = ""  # why a changed CRL could not be loaded (the other TLS files)
+        crl = config.tls.crl
+        self._seen = None if crl is None else file_version(crl)  # before anything loaded
+
+    def current(self, now: float) -> TlsMaterial:
+        """The material for a connection at unix time ``now`` (loaded now if it never loaded,
+        and again if the CRL changed); `LinkFailure` (refused) for files that cannot be used,
+        a CRL past its next update or a certificate not valid ``now``."""
+        if self.material is None:
+            try:
+                self.material = TlsMaterial.load(self.config)
+            except ValueError as exc:
+                raise LinkFailure(str(exc), refused=True) from None
+        crl = self.config.tls.crl
+        if crl is not None and file_version(crl) != self.material.crl_version:
+            self.material = self._changed_crl(self.material, crl)
+        material = self.material
+        if material.crl_next_update is not None and now >= material.crl_next_update:
+            raise LinkFailure(
+                f"the CRL {crl} expired at {_utc(material.crl_next_update)} (its next update): "
+                f"{CRL_REFUSED}; fetch a fresh one (bridge-certs crl)",
+                refused=True,
+            )
+        if now < material.not_before:
+            raise LinkFailure(
+                f"the device certificate is not valid before {_utc(material.not_before)} (check"
+                " the clock)",
+                refused=True,
+            )
+        if now > material.not_after:
+            raise LinkFailure(
+                f"the device certificate expired at {_utc(material.not_after)}", refused=True
+            )
+        return material
+
+    def crl_changed(self) -> bool:
+        """Look at the CRL file (the uplink does every few seconds): whether the connection
+        should be renewed now, because a new CRL loaded (the sink is then checked against it,
+        not at the next reconnect, up to a token's lifetime away), or because the file changed
+        while nothing could be loaded yet (a fresh CRL after an expired one ends a slow
+        back-off)."""
+        crl = self.config.tls.crl
+        material = self.material
+        if crl is None:
+            return False
+        if material is None:  # nothing loaded yet (an unusable CRL at start): try it now
+            version, self._seen = self._seen, file_version(crl)
+            return version != self._seen
+        if file_version(crl) == material.crl_version:
+            return False
+        self.material = self._changed_crl(material, crl)
+        if self.material is not material and self.material.context is not material.context:
+            log.info("uplink: reconnecting to check the sink against the new CRL")
+            return True
+        return False
+
+    def _changed_crl(self, material: TlsMaterial, crl: Path) -> TlsMaterial:
+        """The material with the CRL file as it is now; if that cannot be used, the previous
+        material (which an expired CRL then refuses), said once per version of the file. The
+        version is taken before the file is read: one that changes while it is read (a copy
+        finishing) is read again at the next look."""
+        version = file_version(crl)
+        try:
+            same = crl_digest(crl.read_bytes()) == material.crl_digest
+        except OSError:
+            same = False
+        if same:  # rewritten with the same content (a periodic fetch): nothing to do
+            return dataclasses.replace(material, crl_version=version)
+        try:
+            loaded = TlsMaterial.load(self.config)
+        except ValueError as exc:
+            if not str(exc).startswith(UNUSABLE_CRL):
+                # The certificate or key, not the CRL (a rotation half done): the CRL is read
+                # again at the next look, and the reload that follows a rotation loads it too.
+                if str(exc) != self._crl_blocked:
+                    log.warning("uplink: a new CRL waits for the TLS files to be usable: %s", exc)
+                self._crl_blocked = str(exc)
+                return material
+            log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
+            return dataclasses.replace(material, crl_version=version)
+        self._crl_blocked = ""
+        log.info("uplink: CRL %s loaded (changed on disk)", crl)
+        return dataclasses.replace(loaded, crl_version=version)
+
+
+def _utc(unix: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(unix, dt.UTC)
