@@ -205,6 +205,28 @@ async def test_drop_oldest_spares_higher_priorities_and_counts(tmp_path: Path) -
         assert "no events of priority <= 0" in full[0].reason
 
 
+async def test_a_drop_oldest_event_refused_all_the_same_drops_nothing(tmp_path: Path) -> None:
+    """The droppable events (priority <= its own) cannot make room for it: it is refused and
+    they stay. It used to drop them first and then be refused (SPEC: "if nothing can be
+    dropped the event is refused", not "after dropping what could be")."""
+    async with await Buffer.open(tmp_path, max_bytes=1000) as buffer:
+        await buffer.append_one(event(b"h" * 600, topic="alarm", priority=5))
+        await buffer.append_one(event(b"o" * 300, topic="bulk", priority=0))
+        outcome = await buffer.append([event(b"n" * 500, topic="bulk", on_full="drop-oldest")])
+        assert isinstance(outcome[0], BufferFull)
+        assert "no events of priority <= 0" in outcome[0].reason
+        stats = await buffer.stats()
+        assert stats.drops == {}
+        assert [e.seq for e in await buffer.next_events(10)] == [1, 2]
+        # One that dropping the bulk event makes room for: stored, the drop counted.
+        outcome = await buffer.append([event(b"s" * 150, topic="bulk", on_full="drop-oldest")])
+        assert outcome == [3]
+        stats = await buffer.stats()
+        assert stats.drops == {("buffer-full", "bulk"): (1, 300)}
+        assert [e.seq for e in await buffer.next_events(10)] == [1, 3]
+        assert stats.bytes == 750
+
+
 async def test_a_burst_of_drops_is_logged_once_not_per_commit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -344,6 +366,29 @@ async def test_full_disk_applies_the_topic_policy_and_recovers(tmp_path: Path) -
         await buffer.delete([e.seq for e in await buffer.next_events(5)])
         await buffer.append_one(event(big))
     assert inspect(tmp_path).events >= 1
+
+
+async def test_a_full_disk_drops_about_what_the_new_events_need(tmp_path: Path) -> None:
+    """SQLite finds the disk full: a group of 20 small drop-oldest events drops about as many
+    bytes as it needs (a few pages more), not the whole backlog. It used to drop 4 KiB and more
+    per event: 1,480 of 1,480 old events for 20 new ones, then 19 of the 20 themselves."""
+    async with await Buffer.open(tmp_path, max_page_count=200, disk_reserve=0) as buffer:
+        stored = 0
+        while True:
+            outcomes = await buffer.append([event(b"x" * 100) for _ in range(20)])
+            stored += sum(isinstance(o, int) for o in outcomes)
+            if any(isinstance(o, BufferFull) for o in outcomes):
+                break
+        outcomes = await buffer.append(
+            [event(b"y" * 100, topic="bulk", on_full="drop-oldest") for _ in range(20)]
+        )
+        stats = await buffer.stats()
+    dropped = stats.drops.get(("buffer-full", "t"), (0, 0))[0]
+    figures("full disk", stored_before=stored, dropped=dropped, left=stats.events)
+    assert all(isinstance(o, int) for o in outcomes), outcomes
+    assert ("buffer-full", "bulk") not in stats.drops  # none of the group's own events
+    assert 0 < dropped <= 100, f"{dropped} of {stored} old events dropped for 20 new ones"
+    assert stats.events == stored - dropped + 20
 
 
 async def test_a_real_full_disk_keeps_a_reserve_so_the_buffer_still_drains(

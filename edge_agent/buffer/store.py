@@ -25,6 +25,7 @@ from edge_agent.buffer.files import (
 )
 from edge_agent.buffer.model import (
     DB_NAME,
+    PAGE_SIZE,
     BufferError,
     BufferFull,
     BufferStats,
@@ -219,17 +220,18 @@ def _insert_group_once(
     max_events: int,
     max_bytes: int,
     now_ms: int,
-    disk_full: int,
+    attempt: int,
     room: _Room | None,
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     outcomes: list[int | BufferFull] = []
+    disk_full = _DiskFullDrops.at(attempt) if attempt else None
     dropped: dict[
         tuple[str, str], list[int]
     ] = {}  # (reason, topic) -> [events, bytes, first, last]
     try:
         with _transaction(db, totals):
             if (
-                not disk_full
+                disk_full is None
                 and room is None
                 and totals.events + len(events) <= max_events
                 and totals.bytes + size <= max_bytes
@@ -306,16 +308,52 @@ def _insert_one_with_policy(
     max_bytes: int,
     now_ms: int,
     dropped: dict[tuple[str, str], list[int]],
-    disk_full: int,
+    disk_full: _DiskFullDrops | None,
     room: _Room | None,
 ) -> int | BufferFull:
     """One event of a group that does not simply fit: the topic's policy decides (``disk_full``:
-    the how-manieth retry after SQLite found the disk full, 0 for none; ``room``: what is left
-    above the disk reserve, None for plenty)."""
-    if disk_full and event.on_full == "reject":
-        return BufferFull(event.topic, "the disk is full")
+    what the group's ``drop-oldest`` events drop after SQLite found the disk full, None for
+    not; ``room``: what is left above the disk reserve, None for plenty). The events a
+    ``drop-oldest`` event dropped stay only if it is stored: refused all the same, it drops
+    nothing (a savepoint, and the counts kept in memory, are rolled back)."""
+    if event.on_full == "reject":
+        if disk_full is not None:
+            return BufferFull(event.topic, "the disk is full")
+        if room is not None and not room.take(_row_cost(event)):
+            return BufferFull(event.topic, room.reason())
+        return _insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped)
+    kept = [x for x in (totals, room, disk_full) if x is not None]
+    saved = [[getattr(x, f.name) for f in dataclasses.fields(x)] for x in kept]
+    drops = {key: entry.copy() for key, entry in dropped.items()}
+    db.execute("SAVEPOINT event")
+    outcome = _drop_and_insert(
+        db, event, totals, max_events, max_bytes, now_ms, dropped, disk_full, room
+    )
+    if isinstance(outcome, BufferFull):
+        db.execute("ROLLBACK TO event")
+        for state, values in zip(kept, saved, strict=True):
+            for field, value in zip(dataclasses.fields(state), values, strict=True):
+                setattr(state, field.name, value)
+        dropped.clear()
+        dropped.update(drops)
+    db.execute("RELEASE event")
+    return outcome
+
+
+def _drop_and_insert(
+    db: sqlite3.Connection,
+    event: NewEvent,
+    totals: _Totals,
+    max_events: int,
+    max_bytes: int,
+    now_ms: int,
+    dropped: dict[tuple[str, str], list[int]],
+    disk_full: _DiskFullDrops | None,
+    room: _Room | None,
+) -> int | BufferFull:
+    """`_insert_one_with_policy` for a ``drop-oldest`` event, in its savepoint."""
     if room is not None and not room.take(cost := _row_cost(event)):
-        if event.on_full == "reject" or not room.wal_fits(cost):
+        if not room.wal_fits(cost):
             return BufferFull(event.topic, room.reason())
         making = _MakeRoom(room, cost)
         _drop_oldest(db, event.priority, totals, dropped, making)
@@ -324,17 +362,40 @@ def _insert_one_with_policy(
                 event.topic,
                 f"{room.reason()} and no events of priority <= {event.priority} are left to drop",
             )
-    if disk_full:
-        freed = _drop_oldest(
-            db,
-            event.priority,
-            totals,
-            dropped,
-            _bytes_freed((len(event.payload) + 4096) << disk_full),
-        )
-        if not freed:
-            return BufferFull(event.topic, "the disk is full and nothing can be dropped")
+    if disk_full is not None:
+        disk_full.want += _row_cost(event) << (disk_full.attempt - 1)
+        if disk_full.freed < disk_full.want:
+            _drop_oldest(db, event.priority, totals, dropped, disk_full.enough)
+            if disk_full.freed == 0:
+                return BufferFull(event.topic, "the disk is full and nothing can be dropped")
     return _insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped)
+
+
+@dataclass
+class _DiskFullDrops:
+    """What the ``drop-oldest`` events of a group retried after SQLite found the disk full
+    drop: the bytes of their own rows plus a few pages once per group for the b-tree, doubled on
+    each further attempt (the rows' pages go to the database's free list, where the inserts find
+    them). It used to be 4 KiB and more per event: one group of 20 small events dropped
+    1,480 old ones."""
+
+    attempt: int  # 1 for the first retry
+    want: int  # bytes to drop so far
+    freed: int = 0  # bytes of the rows dropped so far, with their overhead
+    counted: int = 0  # of what the current `_drop_oldest` call dropped
+
+    @classmethod
+    def at(cls, attempt: int) -> _DiskFullDrops:
+        return cls(attempt, (4 * PAGE_SIZE) << (attempt - 1))
+
+    def enough(self, events: int, freed: int) -> bool:
+        """`_drop_oldest`'s test (its counts are of the current call); (0, 0) before a call."""
+        if events == 0 and freed == 0:
+            self.counted = 0
+        now = freed + events * _ROW_OVERHEAD
+        self.freed += now - self.counted
+        self.counted = now
+        return self.freed >= self.want
 
 
 def _insert_one(
