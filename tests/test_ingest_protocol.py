@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import tracemalloc
 from collections.abc import Sequence
 
@@ -181,6 +182,28 @@ async def test_ping_and_subscribe(stage: RecordingStage) -> None:
         assert suback.body == b"\x00\x03\x80\x01\x02"
         await client.aclose()
     assert counters(server).get("security_events", "subscribe_denied") == 1
+
+
+async def test_a_subscribe_of_many_denied_filters_is_one_log_line(
+    stage: RecordingStage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SUBSCRIBE near the packet limit holds tens of thousands of filters: logged one line per
+    filter, a few such packets stalled every other connection for seconds. One line per packet,
+    every filter counted."""
+    caplog.set_level(logging.WARNING, logger="mqtt_ingest")
+    async with running_server(stage) as server:
+        client = await RawClient.connected(server.port, "many-filters")
+        for packet_id in (1, 2):
+            await client.send(subscribe_packet(packet_id, *[("#", 0)] * 10_000))
+            suback = await client.read()
+            assert suback is not None
+            assert suback.kind == SUBACK
+            assert suback.body == packet_id.to_bytes(2, "big") + b"\x80" * 10_000
+        await client.aclose()
+    lines = [r.getMessage() for r in caplog.records if "may not subscribe" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[0].endswith("may not subscribe to '#' (and 9999 more filters)")
+    assert counters(server).get("security_events", "subscribe_denied") == 20_000
 
 
 async def test_publish_outside_rights_closes_without_ack(stage: RecordingStage) -> None:
