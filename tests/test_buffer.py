@@ -28,7 +28,7 @@ from edge_agent.buffer import (
     inspect,
     read_events,
 )
-from edge_agent.buffer.files import WAL_SIZE_LIMIT
+from edge_agent.buffer.files import SEQ_GAP, WAL_SIZE_LIMIT
 from mqtt_ingest import FakeClock
 from tests.harness.disk import fill, free_bytes, small_disk
 from tests.harness.process import rss_kib
@@ -615,6 +615,40 @@ async def test_wal_deleted_after_a_crash_is_reported(tmp_path: Path) -> None:
         stats = await buffer.stats()
         assert [i.kind for i in stats.incidents] == ["wal-missing"]
         assert stats.events == 5  # what was checkpointed is kept and still drains
+        # Seq 6 was given out by the lost commit (and may be at the sink under this epoch):
+        # a new event given it again would be dropped there as a duplicate.
+        assert await buffer.append_one(event(b"new")) == 5 + SEQ_GAP + 1
+    async with await Buffer.open(tmp_path) as buffer:  # a clean stop: no further jump
+        assert await buffer.append_one(event(b"newer")) == 5 + SEQ_GAP + 2
+
+
+@pytest.mark.parametrize(
+    ("durability", "jumps"), [("normal", True), ("full", False)], ids=["normal", "full"]
+)
+async def test_seqs_jump_after_an_unclean_stop_that_may_have_rolled_back(
+    tmp_path: Path, durability: Literal["full", "normal"], jumps: bool
+) -> None:
+    """With ``normal`` durability a power loss rolls back the last commits, and nothing tells
+    that from a kill -9 afterwards: every unclean stop makes the seqs jump (`SEQ_GAP`). With
+    ``full`` every commit was synced: no jump."""
+    child = (
+        "import asyncio, os, sys\n"
+        "from pathlib import Path\n"
+        "from edge_agent.buffer import Buffer, NewEvent\n"
+        "async def main():\n"
+        "    buffer = await Buffer.open(Path(sys.argv[1]), durability=sys.argv[2])\n"
+        "    for _ in range(3):\n"
+        "        await buffer.append_one(NewEvent('t', b'x', 1, 0, 0, None, 'reject'))\n"
+        "    os._exit(0)\n"  # no close: an unclean stop
+        "asyncio.run(main())\n"
+    )
+    await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", child, str(tmp_path), durability], check=True
+    )
+    async with await Buffer.open(tmp_path, durability=durability) as buffer:
+        stats = await buffer.stats()
+        assert (stats.events, stats.incidents) == (3, [])
+        assert await buffer.append_one(event(b"new")) == (3 + SEQ_GAP + 1 if jumps else 4)
 
 
 async def test_close_during_the_commit_linger_commits_and_returns(tmp_path: Path) -> None:

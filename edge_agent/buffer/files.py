@@ -114,7 +114,9 @@ def _open_checked(
     state = directory / STATE_NAME
     now_ms = int(clock.time() * 1000)
     incidents: list[tuple[str, str]] = []
-    unclean = state.exists() and state.read_text().strip() == "open"
+    # "open" (or "open normal": commits not synced) while an agent has it, "closed" after.
+    previous = state.read_text().split() if state.exists() else []
+    unclean = previous[:1] == ["open"]
     # Before _check: its connection, the last to close, may checkpoint and remove the WAL.
     wal_present = (directory / f"{DB_NAME}-wal").exists()
     if path.exists():
@@ -162,10 +164,38 @@ def _open_checked(
             f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}: "
             "upgrade the agent"
         )
+    elif unclean and ("normal" in previous or not wal_present):
+        _skip_seqs(db, durability)
     for kind, detail in incidents:
         db.execute("INSERT INTO incidents VALUES (?, ?, ?)", (now_ms, kind, detail))
-    _write_state(state, "open")
+    _write_state(state, "open" if durability == "full" else "open normal")
     return db
+
+
+SEQ_GAP = 1 << 32
+"""How far the seqs jump after an unclean stop that may have rolled back commits."""
+
+
+def _skip_seqs(db: sqlite3.Connection, durability: Literal["full", "normal"]) -> None:
+    """After an unclean stop that may have rolled back commits (the last run had ``normal``
+    durability: a power loss; or a missing WAL), the seqs those commits gave out may be at the
+    sink already, under this epoch: given again to new events, the sink would drop those as
+    duplicates (silently: an event id is what dedupes). So the next seq is `SEQ_GAP` past the
+    highest one kept, and that is synced before any event is taken (a second power loss must
+    not roll it back)."""
+    _, newest = _seq_marks(db)
+    db.execute("PRAGMA synchronous=FULL")
+    try:
+        with _transaction(db):
+            _set_meta(db, "high_water", newest + SEQ_GAP)
+    finally:
+        db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+    log.warning(
+        "buffer: after an unclean stop that may have rolled back commits, seqs go on from %d"
+        " (not %d): those the lost commits gave out may be known at the sink",
+        newest + SEQ_GAP + 1,
+        newest + 1,
+    )
 
 
 def _migrate_from_1(db: sqlite3.Connection, path: Path) -> None:
