@@ -62,6 +62,8 @@ class Batcher:
         self._pending: deque[tuple[IngestEvent, asyncio.Future[None]]] = deque()
         self._withdrawn = 0
         """About how many entries of `_pending` are withdrawn (compacted past half)."""
+        self._in_stage: set[asyncio.Future[None]] = set()
+        """The futures of the events in stage calls now: not withdrawn."""
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -76,10 +78,13 @@ class Batcher:
         return future
 
     def withdraw(self, futures: Iterable[asyncio.Future[None]]) -> None:
-        """Cancel these futures: their submitter is gone and acknowledges nothing. The events
-        no stage call has taken yet will not be stored; one already in a stage call may be."""
+        """Cancel these futures: their submitter is gone and acknowledges nothing, and the
+        events no stage call has taken yet will not be stored. Those in a stage call are left
+        to it: they may be stored, and a QoS 2 session kept for the client must know whether
+        (cancelled, a stored event was forgotten, and the client's resend stored again)."""
+        in_stage = self._in_stage
         for future in futures:
-            if not future.done():
+            if not future.done() and future not in in_stage:
                 future.cancel()
                 self._withdrawn += 1
         if self._withdrawn > len(self._pending) // 2:
@@ -154,6 +159,14 @@ class Batcher:
         return batch
 
     async def _store(self, batch: Sequence[tuple[IngestEvent, asyncio.Future[None]]]) -> None:
+        futures = [future for _, future in batch]
+        self._in_stage.update(futures)
+        try:
+            await self._store_taken(batch)
+        finally:
+            self._in_stage.difference_update(futures)
+
+    async def _store_taken(self, batch: Sequence[tuple[IngestEvent, asyncio.Future[None]]]) -> None:
         events = [event for event, _ in batch]
         outcomes: Sequence[StageRefused | None] | None
         try:

@@ -297,10 +297,13 @@ class IngestServer:
                 "%s: client %r connected again from %s: closing the older connection",
                 self.name, client_id, connection.peer,
             )  # fmt: skip
+            if not clean_session and len(old._qos2) <= self.limits.max_inflight:
+                # Before the abort: the old connection's teardown withdraws what it still
+                # holds, and this one answers the resends of these (not stored twice).
+                kept, old._qos2 = old._qos2, {}
+                old._handed_over = set(kept.values())
             old.abort("taken over by a new connection", "takeover")
             self.metrics.inc("takeovers")
-            kept, old._qos2 = old._qos2, {}
-            old._handed_over = set(kept.values())
         stored = self._sessions.pop(client_id, None)
         if kept is None and stored is not None and stored[1] > self._loop_time():
             kept = stored[0]
@@ -312,11 +315,12 @@ class IngestServer:
         return True
 
     def _keep_session(self, client_id: str, qos2: dict[int, asyncio.Future[None]]) -> None:
-        """Keep the QoS 2 state of a closed persistent session (only what was stored)."""
+        """Keep the QoS 2 state of a closed persistent session: what was stored, and what is in
+        a stage call now (a resend waits for its outcome instead of being stored again)."""
         stored = {
             packet_id: future
             for packet_id, future in qos2.items()
-            if future.done() and _stored(future)
+            if not future.done() or _stored(future)
         }
         if not stored or len(stored) > self.limits.max_inflight:
             return  # (more than a well-behaved client can have in flight: not kept)
@@ -386,11 +390,18 @@ class _Connection:
         self._ack_wakeup.set()
 
     def abort(self, reason: str, label: str) -> None:
-        """Close now: nothing more is read or acknowledged."""
+        """Close now: nothing more is read, handed to the stage or acknowledged (events already
+        in a stage call may still be stored), and the connection's slot is free at once."""
         if self._close_reason is None:
             self._close_reason = _Close(reason, label=label)
         self.writer.transport.abort()
         self._ack_wakeup.set()
+        if self.task is not None and self.task is not asyncio.current_task():
+            # Its read loop may wait for room (max_inflight) and its ack writer for the stage:
+            # the connection used to live on until the stage answered (up to its timeout),
+            # holding its slot, and then read on from what it had buffered, handing a revoked
+            # device's events to the stage. Cancelled, it withdraws them (`_teardown`).
+            self.task.cancel()
 
     # -- the connection's life ------------------------------------------------------------------
 

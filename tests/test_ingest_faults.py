@@ -23,6 +23,7 @@ from tests.harness.rawmqtt import (
     pubrel_packet,
     utf8,
 )
+from tests.harness.report import figures, until
 from tests.harness.stages import RecordingStage, counters, running_server
 
 pytestmark = pytest.mark.fault
@@ -501,6 +502,119 @@ async def test_a_session_taken_over_mid_store_answers_the_resend_once(
         assert (rec.kind, rec.packet_id) == (5, 5)
         await third.aclose()
     assert stage.payloads() == [b"slow", b"new"]
+
+
+async def test_a_session_closed_mid_store_answers_the_resend_once(
+    stage: RecordingStage,
+) -> None:
+    """The QoS 2 event is in a stage call when the link drops (no takeover): the session kept
+    for the client knows it, and the resend on the next connection is answered once that call
+    is done. Its future used to be withdrawn mid-call and the session forgot it: stored twice."""
+    stage.hold()
+    async with running_server(stage) as server:
+        first = await persistent(server.port, "q2-drop-mid", session_present=False)
+        await first.send(publish_packet("t", b"exactly-once", qos=2, packet_id=5))
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        await first.aclose()
+        await until(lambda: server.connection_count == 0, timeout=5)
+        stage.release()
+        await stage.wait_for(1)
+        second = await persistent(server.port, "q2-drop-mid", session_present=True)
+        await second.send(publish_packet("t", b"exactly-once", qos=2, packet_id=5, dup=True))
+        rec = await second.read()
+        assert rec is not None
+        assert (rec.kind, rec.packet_id) == (5, 5)
+        await second.send(pubrel_packet(5))
+        comp = await second.read()
+        assert comp is not None
+        assert (comp.kind, comp.packet_id) == (7, 5)
+        await second.aclose()
+    assert stage.payloads() == [b"exactly-once"]
+
+
+async def test_clean_takeovers_do_not_pile_events_up_behind_a_slow_stage() -> None:
+    """A client taking its own connection over with CleanSession 1, again and again, each time
+    with a few QoS 2 events queued behind a slow stage: the older connection's events used to
+    be handed to the new connection, which discarded the session, so nobody withdrew them and
+    the stage's queue grew with every takeover (256 events with 8 in flight allowed)."""
+
+    class SlowStage(RecordingStage):
+        async def store(
+            self, events: Sequence[IngestEvent]
+        ) -> Sequence[StageRefused | None] | None:
+            await asyncio.sleep(0.2)
+            return await super().store(events)
+
+    limits = Limits(max_inflight=8, batch_max_events=4)
+    clients: list[RawClient] = []
+    peak = 0
+    async with running_server(SlowStage(), limits=limits) as server:
+        for _ in range(30):
+            client = await RawClient.connected(server.port, "taker")  # takes the last one over
+            clients.append(client)
+            await client.send(
+                b"".join(publish_packet("t", b"x" * 1000, qos=2, packet_id=i + 1) for i in range(7))
+            )
+            await asyncio.sleep(0.02)
+            peak = max(peak, len(server._batcher._pending))
+        for client in clients:
+            await client.aclose()
+        takeovers = counters(server).get("takeovers")
+    figures("clean takeovers", takeovers=takeovers, queued_at_most=peak)
+    assert takeovers == 29
+    assert peak <= 2 * limits.max_inflight
+
+
+@pytest.mark.parametrize(("qos", "linger"), [(0, 0.002), (1, 0.0)], ids=["qos0", "qos1-no-linger"])
+async def test_a_closed_connection_hands_the_stage_nothing_more(
+    stage: RecordingStage, qos: int, linger: float
+) -> None:
+    """A connection closed from outside (a CRL or deny list revoking its device, expiry, a
+    takeover) while it waits at ``max_inflight`` for a slow stage: it used to read on from
+    what it had buffered once the stage answered, handing a revoked device's events over."""
+    stage.hold()
+    limits = Limits(max_inflight=2, batch_linger=linger)
+    async with running_server(stage, limits=limits) as server:
+        client = await RawClient.connected(server.port, "revoked")
+        burst = b"".join(publish_packet("t", b"before", qos=1, packet_id=i) for i in (1, 2))
+        burst += b"".join(
+            publish_packet("t", b"late", qos=qos, packet_id=i if qos else None)
+            for i in range(10, 30)
+        )
+        await client.send(burst)
+        await asyncio.wait_for(stage.waiting.wait(), 5)
+        await asyncio.sleep(0.2)  # the late ones wait in the connection's buffers
+        assert server.close_where(lambda identity, cert: ("certificate revoked", "revoked")) == 1
+        await until(lambda: server.connection_count == 0, timeout=5)  # at once, not after
+        stage.release()
+        await asyncio.sleep(0.5)
+        await client.aclose()
+    assert b"late" not in stage.payloads()
+    assert counters(server).get("connections_closed", "revoked") == 1
+
+
+async def test_taken_over_connections_waiting_for_the_stage_free_their_slots(
+    stage: RecordingStage,
+) -> None:
+    """One device reconnecting while the stage is slow: each connection it took over stayed
+    until the stage answered, and ten of them held every slot (max_connections 10)."""
+    stage.hold()
+    limits = Limits(max_inflight=8, max_connections=10)
+    clients: list[RawClient] = []
+    async with running_server(stage, limits=limits) as server:
+        for _ in range(10):
+            client = await RawClient.connected(server.port, "reconnecting")
+            clients.append(client)
+            await client.send(
+                b"".join(publish_packet("t", b"x", qos=1, packet_id=i + 1) for i in range(8))
+            )
+            await asyncio.sleep(0.05)
+        await until(lambda: server.connection_count == 1, timeout=5)
+        other = await RawClient.connected(server.port, "another-device")
+        stage.release()
+        for client in [*clients, other]:
+            await client.aclose()
+    assert counters(server).get("takeovers") == 9
 
 
 async def test_waiting_on_a_slow_stage_does_not_count_against_the_keep_alive(
