@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -495,8 +496,26 @@ def _flip_btree_page(db: Path) -> None:
             handle.write(b"\x07\xff\xff\xff")
 
 
+def _empty(db: Path) -> None:
+    """Opened as it is, a 0-byte file is a fresh database: its events gone without a word."""
+    db.write_bytes(b"")
+
+
+def _version(version: int) -> Callable[[Path], None]:
+    def damage(db: Path) -> None:
+        """The header's user_version (bytes 60-63): 0 made the open create the schema again
+        over the tables and fail, 1 a migration fail, both on every start (a crash loop)."""
+        with db.open("r+b") as handle:
+            handle.seek(60)
+            handle.write(version.to_bytes(4, "big"))
+
+    return damage
+
+
 @pytest.mark.parametrize(
-    "damage", [_overwrite_header, _truncate, _flip_btree_page], ids=["header", "truncate", "page"]
+    "damage",
+    [_overwrite_header, _truncate, _flip_btree_page, _empty, _version(0), _version(1)],
+    ids=["header", "truncate", "page", "empty", "version-0", "version-1"],
 )
 async def test_corrupt_database_is_quarantined_and_a_fresh_one_started(
     tmp_path: Path, damage: object

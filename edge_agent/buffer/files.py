@@ -119,7 +119,16 @@ def _open_checked(
     unclean = previous[:1] == ["open"]
     # Before _check: its connection, the last to close, may checkpoint and remove the WAL.
     wal_present = (directory / f"{DB_NAME}-wal").exists()
-    if path.exists():
+    if state.exists() and (not path.exists() or path.stat().st_size == 0):
+        # An agent had a database here (the state file says so), and an empty or missing file
+        # would open as a fresh, empty database: its events gone without a word.
+        what = "missing" if not path.exists() else "empty (0 bytes)"
+        moved = _quarantine(directory, now_ms) if _any_file(directory) else None
+        detail = f"the database file was {what}" + (f"; moved to {moved}" if moved else "")
+        detail += "; the events it held, if any, are lost"
+        log.error("buffer: %s", detail)
+        incidents.append(("corrupt", detail))
+    elif path.exists():
         problem = _check(path)
         if problem is not None:
             counted = _count_what_we_can(path)
@@ -132,42 +141,45 @@ def _open_checked(
             log.error("buffer: %s", detail)
             incidents.append(("wal-missing", detail))
     db = connect(path)
-    db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a no-op unless the database is new
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-    db.execute("PRAGMA foreign_keys=OFF")
-    # Zero deleted rows only where the page is written anyway: Debian's SQLite defaults to ON,
-    # which also rewrites every page the drain's deletes free (about 0.7 us of the buffer
-    # thread's ~9 per drained event, docs/benchmarks.md). A freed page may keep old payload
-    # bytes until it is reused, which a buffer that keeps taking events does soon.
-    db.execute("PRAGMA secure_delete=FAST")
-    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-    # The WAL is checkpointed at about 1 MiB (1000 pages of 1 KiB) but may grow past that while
-    # a reader holds a snapshot; then it is cut back to this size, not kept at its largest.
-    db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-    if max_page_count is not None:
-        db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0:
-        epoch = secrets.token_hex(8)  # hex: safe to write into the script
-        db.executescript(
-            f"BEGIN IMMEDIATE;{_SCHEMA}"  # noqa: S608  # only constants, a hex epoch and an int
-            f"INSERT INTO meta VALUES ('epoch', '{epoch}'), ('created_at', '{now_ms}');"
-            f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
-        )
-        log.info("buffer: created %s (epoch %s)", path, epoch)
-    elif version == 1:
-        _migrate_from_1(db, path)
-    elif version > SCHEMA_VERSION:
-        db.close()
-        raise BufferError(
-            f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}: "
-            "upgrade the agent"
-        )
-    elif unclean and ("normal" in previous or not wal_present):
-        _skip_seqs(db, durability)
-    for kind, detail in incidents:
-        db.execute("INSERT INTO incidents VALUES (?, ?, ?)", (now_ms, kind, detail))
+    try:
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a no-op unless the database is new
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        db.execute("PRAGMA foreign_keys=OFF")
+        # Zero deleted rows only where the page is written anyway: Debian's SQLite defaults to ON,
+        # which also rewrites every page the drain's deletes free (about 0.7 us of the buffer
+        # thread's ~9 per drained event, docs/benchmarks.md). A freed page may keep old payload
+        # bytes until it is reused, which a buffer that keeps taking events does soon.
+        db.execute("PRAGMA secure_delete=FAST")
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        # The WAL is checkpointed at about 1 MiB (1000 pages of 1 KiB) but may grow past that while
+        # a reader holds a snapshot; then it is cut back to this size, not kept at its largest.
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        if max_page_count is not None:
+            db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            epoch = secrets.token_hex(8)  # hex: safe to write into the script
+            db.executescript(
+                f"BEGIN IMMEDIATE;{_SCHEMA}"  # noqa: S608  # only constants, a hex epoch and an int
+                f"INSERT INTO meta VALUES ('epoch', '{epoch}'), ('created_at', '{now_ms}');"
+                f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+            )
+            log.info("buffer: created %s (epoch %s)", path, epoch)
+        elif version == 1:
+            _migrate_from_1(db, path)
+        elif version > SCHEMA_VERSION:
+            raise BufferError(
+                f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}: "
+                "upgrade the agent"
+            )
+        elif unclean and ("normal" in previous or not wal_present):
+            _skip_seqs(db, durability)
+        for kind, detail in incidents:
+            db.execute("INSERT INTO incidents VALUES (?, ?, ?)", (now_ms, kind, detail))
+    except BaseException:
+        db.close()  # a second open in this process must not find it locked
+        raise
     _write_state(state, "open" if durability == "full" else "open normal")
     return db
 
@@ -254,8 +266,14 @@ def _check(path: Path) -> str | None:
             if result != [("ok",)]:
                 return "quick_check: " + "; ".join(str(r[0]) for r in result[:5])
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if "events" not in tables and db.execute("PRAGMA user_version").fetchone()[0]:
-                return "the events table is missing"
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and tables:
+                # The schema is made and its version set in one transaction: a header saying
+                # 0 over tables is damage, and creating the schema again would fail (for ever).
+                return f"schema version 0 but it holds tables ({', '.join(sorted(tables)[:5])})"
+            missing = _TABLES.get(version, frozenset()) - tables
+            if missing:
+                return f"schema version {version} without its tables {', '.join(sorted(missing))}"
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
@@ -268,6 +286,17 @@ def _check(path: Path) -> str | None:
             ) from None
         return f"cannot read the database: {exc}"
     return None
+
+
+_TABLES = {
+    1: frozenset({"events", "meta", "dead_letters", "sqlite_sequence"}),
+    SCHEMA_VERSION: frozenset({"events", "meta", "dead_letters", "drops", "incidents"}),
+}
+"""Tables each known schema version has (what `_migrate_from_1` and the agent use)."""
+
+
+def _any_file(directory: Path) -> bool:
+    return any((directory / f"{DB_NAME}{suffix}").exists() for suffix in ("", "-wal", "-shm"))
 
 
 _CORRUPTION = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
