@@ -77,19 +77,23 @@ class Batcher:
             self._wakeup.set()
         return future
 
-    def withdraw(self, futures: Iterable[asyncio.Future[None]]) -> None:
+    def withdraw(self, futures: Iterable[asyncio.Future[None]]) -> int:
         """Cancel these futures: their submitter is gone and acknowledges nothing, and the
         events no stage call has taken yet will not be stored. Those in a stage call are left
         to it: they may be stored, and a QoS 2 session kept for the client must know whether
-        (cancelled, a stored event was forgotten, and the client's resend stored again)."""
+        (cancelled, a stored event was forgotten, and the client's resend stored again).
+        Returns how many were withdrawn."""
         in_stage = self._in_stage
+        withdrawn = 0
         for future in futures:
             if not future.done() and future not in in_stage:
                 future.cancel()
-                self._withdrawn += 1
+                withdrawn += 1
+        self._withdrawn += withdrawn
         if self._withdrawn > len(self._pending) // 2:
             self._pending = deque(entry for entry in self._pending if not entry[1].done())
             self._withdrawn = 0
+        return withdrawn
 
     def close(self) -> None:
         """Take no more events; `run` ends at its next turn, failing what is still queued.

@@ -74,6 +74,10 @@ INGEST_COUNTERS: Mapping[str, CounterSpec] = {
         "qos2_duplicates", "QoS 2 publishes resent before PUBREL (answered, not stored again)."
     ),
     "events_received": CounterSpec("events_received", "PUBLISHes taken for the durable stage."),
+    "qos0_dropped": CounterSpec(
+        "qos0_dropped",
+        "QoS 0 events of closed connections not stored: too many of them were queued already.",
+    ),
     "events_acked": CounterSpec("events_acked", "Events acknowledged (PUBACK/PUBREC)."),
     "stage_events": CounterSpec(
         "stage_events",

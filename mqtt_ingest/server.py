@@ -99,6 +99,10 @@ class _Pending:
     counts_as_event: bool
 
 
+ORPHANS_PER_INFLIGHT = 4
+"""QoS 0 events closed connections may leave queued for the stage, in ``max_inflight``s."""
+
+
 def _stored(future: asyncio.Future[None]) -> bool:
     """A done stage future that succeeded."""
     return not future.cancelled() and future.exception() is None
@@ -157,6 +161,8 @@ class IngestServer:
         )
         """Persistent sessions of closed connections: client id -> (QoS 2 packet ids stored and
         awaiting PUBREL, loop time it expires), oldest first."""
+        self._orphans = 0
+        """QoS 0 events of closed connections still queued for the stage."""
         self._tasks: asyncio.TaskGroup | None = None
         self._batcher_task: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -314,6 +320,28 @@ class IngestServer:
         connection._resumed = set(kept)
         return True
 
+    def _leave_qos0(self, futures: list[asyncio.Future[None]], client_id: str) -> None:
+        """QoS 0 events of a closed connection still queued for the stage: stored (their client
+        never sends them again), unless closed connections left `ORPHANS_PER_INFLIGHT` x
+        ``max_inflight`` of them queued already: then withdrawn and counted. A client that
+        reconnects again and again behind a slow stage grew the queue without bound."""
+        if self._orphans + len(futures) <= ORPHANS_PER_INFLIGHT * self.limits.max_inflight:
+            self._orphans += len(futures)
+            for future in futures:
+                future.add_done_callback(self._orphan_done)
+            return
+        dropped = self._batcher.withdraw(futures)
+        if dropped:
+            self.metrics.inc("qos0_dropped", dropped)
+            log.warning(
+                "%s: %d QoS 0 events of %s not stored: its connection closed, and closed"
+                " connections left %d queued for the stage already",
+                self.name, dropped, client_id, self._orphans,
+            )  # fmt: skip
+
+    def _orphan_done(self, _: asyncio.Future[None]) -> None:
+        self._orphans -= 1
+
     def _keep_session(self, client_id: str, qos2: dict[int, asyncio.Future[None]]) -> None:
         """Keep the QoS 2 state of a closed persistent session: what was stored, and what is in
         a stage call now (a resend waits for its outcome instead of being stored again)."""
@@ -444,6 +472,9 @@ class _Connection:
             for pending in self._acks
             if pending.ack is not None and pending.future not in handed_over
         )
+        qos0 = [p.future for p in self._acks if p.ack is None and not p.future.done()]
+        if qos0:
+            self.server._leave_qos0(qos0, self.client_id)
         for future in self._qos2.values():
             future.add_done_callback(_consume)
         self._acks.clear()

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mqtt_ingest import Anonymous, IngestEvent, IngestServer, Limits, StageRefused
+from mqtt_ingest.server import ORPHANS_PER_INFLIGHT
 from tests.harness.rawmqtt import (
     RawClient,
     connect_packet,
@@ -556,13 +557,47 @@ async def test_clean_takeovers_do_not_pile_events_up_behind_a_slow_stage() -> No
                 b"".join(publish_packet("t", b"x" * 1000, qos=2, packet_id=i + 1) for i in range(7))
             )
             await asyncio.sleep(0.02)
-            peak = max(peak, len(server._batcher._pending))
+            peak = max(peak, sum(not future.done() for _, future in server._batcher._pending))
         for client in clients:
             await client.aclose()
         takeovers = counters(server).get("takeovers")
     figures("clean takeovers", takeovers=takeovers, queued_at_most=peak)
     assert takeovers == 29
     assert peak <= 2 * limits.max_inflight
+
+
+async def test_qos0_events_of_reconnecting_clients_are_bounded_and_counted() -> None:
+    """QoS 0 events of a closed connection are still stored, but a client reconnecting again
+    and again behind a slow stage grew the stage's queue by up to ``max_inflight`` each time
+    (256 events after 40 rounds with 8 allowed). Beyond `ORPHANS_PER_INFLIGHT` x
+    ``max_inflight`` they are withdrawn and counted: every event stored or counted (P4)."""
+
+    class SlowStage(RecordingStage):
+        async def store(
+            self, events: Sequence[IngestEvent]
+        ) -> Sequence[StageRefused | None] | None:
+            await asyncio.sleep(0.2)
+            return await super().store(events)
+
+    stage = SlowStage()
+    limits = Limits(max_inflight=8, batch_max_events=4)
+    peak = 0
+    async with running_server(stage, limits=limits) as server:
+        for _ in range(40):
+            client = await RawClient.connected(server.port, "fire-and-forget")
+            await client.send(b"".join(publish_packet("q0", b"x" * 1000) for _ in range(7)))
+            await asyncio.sleep(0.02)
+            await client.aclose()
+            await until(lambda: server.connection_count == 0, timeout=5)
+            queued = sum(not future.done() for _, future in server._batcher._pending)
+            peak = max(peak, queued)
+        dropped = counters(server).get("qos0_dropped")
+        await until(lambda: len(stage.payloads("q0")) + dropped >= 40 * 7, timeout=60)
+    stored = len(stage.payloads("q0"))
+    figures("qos0 reconnects", stored=stored, dropped=dropped, queued_at_most=peak)
+    assert dropped > 0
+    assert stored + dropped == 40 * 7
+    assert peak <= (ORPHANS_PER_INFLIGHT + 1) * limits.max_inflight
 
 
 @pytest.mark.parametrize(("qos", "linger"), [(0, 0.002), (1, 0.0)], ids=["qos0", "qos1-no-linger"])
