@@ -4,12 +4,15 @@ A device may publish only under its own prefix (``devices/{device_id}/`` by defa
 subscribe at all. ``devices/me`` alone is refused. MQTT resolves no paths, but the platform's
 consumers may (a topic turned into a file path, an object key, a URL): a topic level ``.`` or
 ``..`` is refused too, so ``devices/me/../other/x`` cannot reach another device's data anywhere
-downstream (RELIABILITY F18).
+downstream (RELIABILITY F18); and so is a level that Unicode compatibility normalisation (NFKC,
+which many path and key handlers apply) turns into one, such as U+2025 (two dot leader) or two
+U+FF0E (fullwidth full stop).
 """
 
 from __future__ import annotations
 
 import string
+import unicodedata
 
 from mqtt_ingest import Action, Identity
 
@@ -54,11 +57,12 @@ class DevicePrefixRights:
         if action is not Action.PUBLISH:
             return False
         prefix = self.prefix(identity.name)
-        return (
-            topic.startswith(prefix)
-            and len(topic) > len(prefix)
-            and _DOT_LEVELS.isdisjoint(topic[len(prefix) :].split("/"))
-        )
+        if not topic.startswith(prefix) or len(topic) == len(prefix):
+            return False
+        rest = topic[len(prefix) :]
+        if not rest.isascii():
+            rest = unicodedata.normalize("NFKC", rest)  # also any '/' it makes: a new level
+        return _DOT_LEVELS.isdisjoint(rest.split("/"))
 
 
 _DOT_LEVELS = frozenset((".", ".."))

@@ -27,6 +27,11 @@ ME = Identity("dev-7")
         ("devices/dev-7/./x", False),
         ("devices/dev-7/.../x", True),  # not a path step anywhere
         ("devices/dev-7/.hidden/x", True),
+        # What NFKC (applied by many path and key handlers) turns into '..' or '.': refused.
+        ("devices/dev-7/\u2025/dev-8/x", False),  # TWO DOT LEADER
+        ("devices/dev-7/\uff0e\uff0e/dev-8/x", False),  # FULLWIDTH FULL STOP x 2
+        ("devices/dev-7/\uff0e\uff0fdev-8", False),  # '.' and a FULLWIDTH SOLIDUS: './dev-8'
+        ("devices/dev-7/temp\u00e9rature", True),  # other non-ASCII levels are fine
         ("devices/dev-7/", False),
         ("devices/dev-7", False),
         ("devices/dev-8/temp", False),
