@@ -15,6 +15,7 @@ import termios
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 
@@ -121,6 +122,15 @@ def recording_socket_class(
     arrivals = received_at if received_at is not None else [0.0]
 
     class _Recording(ssl.SSLSocket):
+        def getpeername(self) -> Any:
+            # `SSLContext.wrap_socket` asks this first. On a connection reset before the
+            # handshake the wrap itself fails (Python 3.11 checks for data sent before the
+            # handshake), and the new socket was left to the garbage collector: a
+            # ResourceWarning. Listed now, it is closed with the attempt's other sockets.
+            if self not in sockets:
+                sockets.append(self)
+            return super().getpeername()
+
         def do_handshake(self, block: bool = False) -> None:
             if self not in sockets:
                 sockets.append(self)  # the caller closes it when the attempt is over

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
+import struct
 import subprocess
 import time
 import uuid
@@ -19,7 +22,7 @@ from cloud_sink.auth import thumbprint
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect, read_events
-from edge_agent.link import LinkState, read_link_status
+from edge_agent.link import LinkState, read_link_status, recording_socket_class
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
@@ -254,3 +257,23 @@ async def test_status_and_token_commands_show_the_uplink(tmp_path: Path, pki: Pk
     assert (claims["sub"], claims["aud"]) == (device.device_id, AUD)
     stopped = await acli(path, "status")
     assert "the agent is not running; last state stopped" in stopped.stdout
+
+
+def test_a_socket_reset_before_the_tls_handshake_is_closed_with_the_attempt() -> None:
+    """A reset before the handshake fails the TLS wrap itself (Python 3.11 checks for data
+    sent before the handshake); the new socket was left to the garbage collector, and its
+    ResourceWarning failed `test_network_cuts_lose_nothing[reset]` now and then. The attempt's
+    list now holds it, for the uplink to close."""
+    sockets: list[ssl.SSLSocket] = []
+    context = ssl.create_default_context()
+    context.sslsocket_class = recording_socket_class([], sockets)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname()[:2])
+        peer, _ = server.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset
+        time.sleep(0.1)
+        with pytest.raises(ConnectionResetError):
+            context.wrap_socket(client, server_hostname="localhost", do_handshake_on_connect=False)
+    assert len(sockets) == 1
+    sockets[0].close()
