@@ -505,6 +505,14 @@ async def test_a_session_taken_over_mid_store_answers_the_resend_once(
     assert stage.payloads() == [b"slow", b"new"]
 
 
+class SlowStage(RecordingStage):
+    """A slow but healthy stage: every call takes 0.2 s."""
+
+    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
+        await asyncio.sleep(0.2)
+        return await super().store(events)
+
+
 async def test_a_session_closed_mid_store_answers_the_resend_once(
     stage: RecordingStage,
 ) -> None:
@@ -539,13 +547,6 @@ async def test_clean_takeovers_do_not_pile_events_up_behind_a_slow_stage() -> No
     be handed to the new connection, which discarded the session, so nobody withdrew them and
     the stage's queue grew with every takeover (256 events with 8 in flight allowed)."""
 
-    class SlowStage(RecordingStage):
-        async def store(
-            self, events: Sequence[IngestEvent]
-        ) -> Sequence[StageRefused | None] | None:
-            await asyncio.sleep(0.2)
-            return await super().store(events)
-
     limits = Limits(max_inflight=8, batch_max_events=4)
     clients: list[RawClient] = []
     peak = 0
@@ -571,13 +572,6 @@ async def test_qos0_events_of_reconnecting_clients_are_bounded_and_counted() -> 
     and again behind a slow stage grew the stage's queue by up to ``max_inflight`` each time
     (256 events after 40 rounds with 8 allowed). Beyond `ORPHANS_PER_INFLIGHT` x
     ``max_inflight`` they are withdrawn and counted: every event stored or counted (P4)."""
-
-    class SlowStage(RecordingStage):
-        async def store(
-            self, events: Sequence[IngestEvent]
-        ) -> Sequence[StageRefused | None] | None:
-            await asyncio.sleep(0.2)
-            return await super().store(events)
 
     stage = SlowStage()
     limits = Limits(max_inflight=8, batch_max_events=4)
