@@ -77,6 +77,7 @@ async def test_publish_stores_in_order_with_headers(nats_jetstream: NatsNames) -
     assert first.subject == f"{nats_jetstream.subject_prefix}.devices.dev-1.t"
     assert first.msg_id == "dev-1/00112233aabbccdd/1"
     assert {k: v for k, v in first.headers.items() if k != "Nats-Msg-Id"} == {
+        "Nats-Expected-Stream": nats_jetstream.stream,  # refused by any other stream
         "event-id": "dev-1/00112233aabbccdd/1",
         "device-id": "dev-1",
         "topic": "devices/dev-1/t",
@@ -274,6 +275,7 @@ async def test_headers_as_nats_py_writes_them(nats_jetstream: NatsNames) -> None
             b"x",
             headers={
                 "Nats-Msg-Id": "other",
+                "Nats-Expected-Stream": nats_jetstream.stream,
                 "event-id": odd.event_id,
                 "device-id": odd.device_id,
                 "topic": odd.topic,
@@ -516,3 +518,84 @@ async def test_a_stream_deleted_under_the_sink_is_created_again_by_the_probe(
     assert [r.levelno for r in lines] == [logging.ERROR]
     assert name in lines[0].getMessage()
     assert "lost" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("kind", ["events", "dead letters"])
+async def test_another_stream_over_our_subjects_is_no_confirm(
+    nats_jetstream: NatsNames, kind: str
+) -> None:
+    """Our stream deleted and another created over its subjects (in memory, say): its PubAcks
+    were taken as confirms, and events acknowledged to devices went there. Every message now
+    names its stream (Nats-Expected-Stream): the server refuses, the sink goes down."""
+    queue = await open_queue(nats_jetstream)
+    ours = nats_jetstream.stream if kind == "events" else nats_jetstream.dead_letter_stream
+    dead = f"{queue.dead_letter_subject_prefix}.>"
+    subjects = nats_jetstream.subjects if kind == "events" else dead
+    other = f"{ours}-other"
+
+    async def write() -> None:
+        if kind == "events":
+            await queue.publish([core_message(1)])
+        else:
+            await queue.dead_letter([DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "t", 1)])
+
+    try:
+        async with nats_connection(nats_jetstream.url) as nc:
+            js = nc.jetstream()
+            await js.delete_stream(ours)
+            await js.add_stream(StreamConfig(name=other, subjects=[subjects]))
+        with pytest.raises(BackendError, match="refused"):
+            await write()
+    finally:
+        await queue.aclose()
+        async with nats_connection(nats_jetstream.url) as nc:
+            await nc.jetstream().delete_stream(other)
+
+
+async def test_a_large_batch_on_a_cut_link_fails_within_the_timeout_and_recovers(
+    nats_jetstream: NatsNames, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """A full stage call (20,000 events, several MB) over a link cut without FIN or RST: past
+    nats-py's 2 MiB pending limit its forced flush waited for the socket to drain and swallowed
+    our timeout's cancellation, so the publish hung (20 s and more with a 2 s timeout), and
+    nats-py's reconnect waited on the unsent bytes too. Now: BackendError within the timeout,
+    the stalled connection closed, and once the link is back the resend goes through."""
+    queue, proxy = await queue_behind_proxy(nats_jetstream, chaos_proxy_factory, 2.0)
+    try:
+        assert (await queue.publish([core_message(0)])).stored == 1
+        batch = [core_message(seq)._replace(payload=b"x" * 200) for seq in range(1, 20_001)]
+        proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="PubAck"):
+            await queue.publish(batch)
+        failed_after = time.monotonic() - started
+        proxy.pass_through()
+        outcome = await publish_once_reconnected(queue, batch, within=30.0)
+        recovered_after = time.monotonic() - started
+    finally:
+        await queue.aclose()
+    figures("nats cut link", failed_after=failed_after, recovered_after=recovered_after)
+    assert failed_after < 4.0
+    assert outcome.stored + outcome.duplicates == 20_000
+
+
+async def test_a_cancelled_large_batch_ends_at_once_on_a_slow_link(
+    nats_jetstream: NatsNames, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """A cancellation (the ingest stage timeout, a SIGTERM drain) during nats-py's forced flush
+    was swallowed: the call went on for 10 s more. It now ends the call at once."""
+    queue, proxy = await queue_behind_proxy(nats_jetstream, chaos_proxy_factory, 10.0)
+    try:
+        big = [core_message(seq)._replace(payload=b"x" * 100_000) for seq in range(1, 201)]
+        proxy.bandwidth(100_000, direction=Direction.UPSTREAM)
+        task = asyncio.create_task(queue.publish(big))
+        await asyncio.sleep(0.5)
+        cancelled_at = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ended_after = time.monotonic() - cancelled_at
+    finally:
+        proxy.pass_through()
+        await queue.aclose()
+    assert ended_after < 1.0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import nats.errors
 import nats.js.errors
@@ -245,10 +245,10 @@ class NatsCoreQueue:
         UTF-8 character is at most 4 bytes: what is clearly short is not encoded to measure."""
         if isinstance(message, DeadLetterMessage):
             subject_bound = len(self.dead_letter_subject_prefix) + 4 * len(message.device_id)
-            metadata = len(message.reason)
+            metadata = len(message.reason) + len(self.dead_letter_stream)
         else:
             subject_bound = len(self.subject_prefix) + 4 * len(message.topic)
-            metadata = 2 * len(message.event_id)
+            metadata = 2 * len(message.event_id) + len(self.stream)
         if subject_bound + 1 > _MAX_SUBJECT_BYTES:
             subject = (
                 self._dead_letter_subject(message)
@@ -264,9 +264,9 @@ class NatsCoreQueue:
         metadata += len(message.topic) + len(message.device_id)
         if len(message.payload) + _HEADER_ALLOWANCE + 4 * metadata > max_payload:
             headers = (
-                _dead_letter_headers(message)
+                _dead_letter_headers(message, self.dead_letter_stream)
                 if isinstance(message, DeadLetterMessage)
-                else _event_headers(message)
+                else _event_headers(message, self.stream)
             )
             size = len(headers.encode()) + len(message.payload)
             if size > max_payload:
@@ -280,8 +280,9 @@ class NatsCoreQueue:
         """Publish the whole batch at once; return when every PubAck is in, else `BackendError`."""
         if not messages:
             return PublishOutcome(stored=0, duplicates=0)
+        stream = self.stream
         items = [
-            (event_subject(self.subject_prefix, m.topic), _event_headers(m), m.payload)
+            (event_subject(self.subject_prefix, m.topic), _event_headers(m, stream), m.payload)
             for m in messages
         ]
         duplicates = await self._publish_all(items, what="events")
@@ -293,8 +294,10 @@ class NatsCoreQueue:
         """Store undeliverable events in the dead-letter stream; `BackendError` if not confirmed."""
         if not messages:
             return
+        stream = self.dead_letter_stream
         items = [
-            (self._dead_letter_subject(m), _dead_letter_headers(m), m.payload) for m in messages
+            (self._dead_letter_subject(m), _dead_letter_headers(m, stream), m.payload)
+            for m in messages
         ]
         await self._publish_all(items, what="dead letters")
 
@@ -309,9 +312,30 @@ class NatsCoreQueue:
         except _PUBLISH_ERRORS as exc:
             if isinstance(exc, TimeoutError):
                 detail = f"no PubAck for every message within {self.timeout:g}s"
+                self._abort_if_stalled()
             else:
                 detail = str(exc) if isinstance(exc, PublishRefused) else repr(exc)
             raise BackendError(f"NATS publish of {len(items)} {what}: {detail}") from exc
+
+    def _abort_if_stalled(self) -> None:
+        """After a publish timeout with bytes still unsent, the link is stalled (a cut without
+        FIN or RST). nats-py's reconnect would first wait for them to drain: until the kernel
+        gives up on the socket (about 15 minutes, past the duplicate window). Aborted, the
+        connection is lost at once: the batches in flight fail, and nats-py reconnects as soon
+        as the server can be reached."""
+        try:
+            writer: Any = getattr(self._client._transport, "_io_writer", None)  # nats-py's
+            transport = writer.transport
+            unsent = transport.get_write_buffer_size()
+        except AttributeError:
+            return
+        if unsent:
+            log.warning(
+                "NATS: %d bytes still unsent after %gs without every PubAck: closing the stalled"
+                " connection (nats-py connects again)",
+                unsent, self.timeout,
+            )  # fmt: skip
+            transport.abort()
 
     async def probe(self) -> None:
         """Both streams checked (and created again if they were deleted: a probe that only
@@ -335,9 +359,15 @@ class NatsCoreQueue:
             log.warning("closing the NATS connection: %r", exc)
 
 
-def _dead_letter_headers(m: DeadLetterMessage) -> str:
+# Every message names the stream it is for (``Nats-Expected-Stream``): if another stream took
+# its subjects (ours deleted, another created over ``<prefix>.>``), the server refuses it with
+# an error PubAck instead of storing it elsewhere (maybe in memory, with another duplicate
+# window) and confirming, which passed for delivered.
+
+
+def _dead_letter_headers(m: DeadLetterMessage, stream: str) -> str:
     return (
-        "NATS/1.0\r\n"
+        f"NATS/1.0\r\nNats-Expected-Stream: {stream}\r\n"
         f"reason: {_header_value(m.reason)}\r\n"
         f"device-id: {_header_value(m.device_id)}\r\n"
         f"topic: {_header_value(m.topic)}\r\n"
@@ -345,14 +375,15 @@ def _dead_letter_headers(m: DeadLetterMessage) -> str:
     )
 
 
-def _event_headers(m: CoreMessage) -> str:
+def _event_headers(m: CoreMessage, stream: str) -> str:
     """The SPEC §3 metadata as a NATS header block, ``Nats-Msg-Id`` (the event id) first."""
     event_id = _header_value(m.event_id)
     optional = "" if m.seq is None else f"seq: {m.seq}\r\n"
     if m.event_time_ms is not None:
         optional += f"event-time: {m.event_time_ms}\r\n"
     return (
-        f"NATS/1.0\r\nNats-Msg-Id: {event_id}\r\nevent-id: {event_id}\r\n"
+        f"NATS/1.0\r\nNats-Msg-Id: {event_id}\r\nNats-Expected-Stream: {stream}\r\n"
+        f"event-id: {event_id}\r\n"
         f"device-id: {_header_value(m.device_id)}\r\ntopic: {_header_value(m.topic)}\r\n"
         f"{optional}received-at: {m.received_at_ms}\r\nqos: {m.qos}\r\n\r\n"
     )

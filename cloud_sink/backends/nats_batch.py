@@ -20,8 +20,9 @@ out or is cancelled: a late PubAck of a batch that gave up finds no tracker and 
 counted for a later batch. A disconnect fails every batch in flight at once (`fail_all`): what
 was sent may or may not be stored, and the resend is recognised by its ``Nats-Msg-Id``.
 
-Uses nats-py internals (``Client._process_msg``, ``_send_command``, ``_flush_pending``,
-``_flush_queue``, ``Subscription._id``): pyproject.toml pins nats-py to the tested release.
+Uses nats-py internals (``Client._process_msg``, ``_pending``, ``_pending_data_size``,
+``_flush_pending``, ``_flush_queue``, ``Subscription._id``): pyproject.toml pins nats-py to the
+tested release.
 """
 
 from __future__ import annotations
@@ -155,8 +156,14 @@ class BatchPublisher:
         client.stats["out_bytes"] += body_bytes
         try:
             # One command: nothing of another batch can come in between, and nats-py writes
-            # its pending buffer in order.
-            await client._send_command(b"".join(frames))
+            # its pending buffer in order. Appended here, not with `_send_command`: past
+            # nats-py's pending limit (2 MiB, a stage call often is more) that one forces a
+            # flush and waits for the socket to drain, swallowing a cancellation, so neither
+            # our timeout nor the caller's could end the wait on a stalled link. Our wait is
+            # `batch.done`, which they can.
+            command = b"".join(frames)
+            client._pending.append(command)
+            client._pending_data_size += len(command)
             if client._flush_queue is not None and client._flush_queue.empty():
                 await client._flush_pending()  # kick the flusher, as nats-py's publish does
             await batch.done
