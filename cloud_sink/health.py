@@ -131,9 +131,11 @@ class BackendGuard:
                 attempt += 1
                 try:
                     await self._queue.probe()
-                except BackendError as exc:
+                except Exception as exc:
+                    # Any failure (a backend's untranslated error too) is a failed probe: this
+                    # task ending would take the sink down with it.
                     self._metrics.inc("backend_probes", reason="failed")
-                    log.debug("core queue still down (probe %d): %s", attempt, exc)
+                    log.debug("core queue still down (probe %d): %r", attempt, exc)
                     continue
                 self._metrics.inc("backend_probes", reason="ok")
                 self._mark_up(attempt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from cloud_sink.backends import (
     read_messages,
 )
 from cloud_sink.backends.base import BackendError
+from cloud_sink.health import BackendGuard, BackendState
+from mqtt_ingest import Counters
+from mqtt_ingest.backoff import Backoff
 from tests.harness.disk import fill, free_bytes, small_disk
 from tests.harness.sink import core_message
 
@@ -101,3 +105,26 @@ async def test_the_disk_reserve_refuses_writes_and_the_probe_alike(tmp_path: Pat
             await queue.probe()
         finally:
             await queue.aclose()
+
+
+async def test_a_filesystem_error_of_the_disk_check_is_an_outage(tmp_path: Path) -> None:
+    """The disk reserve's statvfs failing (here: the directory removed; a stale or failing
+    mount alike) raised a plain OSError: each batch failed as a stage error with no outage
+    declared (CONNECTs accepted, /readyz 200), and a probe's killed the reconnect task."""
+    directory = tmp_path / "core"
+    directory.mkdir()
+    queue = await SqliteCoreQueue.open(directory / "core.db")
+    guard = BackendGuard(queue, Backoff(0.05, 0.1), Counters())
+    async with asyncio.TaskGroup() as tasks:
+        runner = tasks.create_task(guard.run())
+        await guard.publish([core_message(1)])
+        shutil.rmtree(directory)
+        with pytest.raises(BackendError, match="No such file"):
+            await guard.publish([core_message(2)])
+        assert guard.state is BackendState.DOWN
+        with pytest.raises(BackendError):
+            await queue.probe()
+        await asyncio.sleep(0.3)  # a few failed probes
+        assert not runner.done()
+        runner.cancel()
+    await queue.aclose()

@@ -110,7 +110,9 @@ class SqliteCoreQueue:
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.shield(loop.run_in_executor(self._executor, function, *args))
-        except (sqlite3.Error, failpoints.FailpointError) as exc:
+        except (sqlite3.Error, OSError, failpoints.FailpointError) as exc:
+            # OSError: the disk reserve's statvfs (the directory gone, a stale or failing
+            # mount) is the core queue failing too: an outage, not a stage error.
             raise BackendError(f"sqlite core queue: {exc}") from exc
 
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
