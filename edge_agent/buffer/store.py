@@ -326,8 +326,8 @@ def _insert_one_with_policy(
     saved = [[getattr(x, f.name) for f in dataclasses.fields(x)] for x in kept]
     drops = {key: entry.copy() for key, entry in dropped.items()}
     db.execute("SAVEPOINT event")
-    outcome = _drop_and_insert(
-        db, event, totals, max_events, max_bytes, now_ms, dropped, disk_full, room
+    outcome = _make_room(db, event, totals, dropped, disk_full, room) or _insert_one(
+        db, event, totals, max_events, max_bytes, now_ms, dropped
     )
     if isinstance(outcome, BufferFull):
         db.execute("ROLLBACK TO event")
@@ -340,18 +340,17 @@ def _insert_one_with_policy(
     return outcome
 
 
-def _drop_and_insert(
+def _make_room(
     db: sqlite3.Connection,
     event: NewEvent,
     totals: _Totals,
-    max_events: int,
-    max_bytes: int,
-    now_ms: int,
     dropped: dict[tuple[str, str], list[int]],
     disk_full: _DiskFullDrops | None,
     room: _Room | None,
-) -> int | BufferFull:
-    """`_insert_one_with_policy` for a ``drop-oldest`` event, in its savepoint."""
+) -> BufferFull | None:
+    """For a ``drop-oldest`` event (in its savepoint): drop what the disk reserve or a full
+    disk asks for; the refusal if that cannot be done, else None (`_insert_one` drops what the
+    buffer's own bounds ask for)."""
     if room is not None and not room.take(cost := _row_cost(event)):
         if not room.wal_fits(cost):
             return BufferFull(event.topic, room.reason())
@@ -368,7 +367,7 @@ def _drop_and_insert(
             _drop_oldest(db, event.priority, totals, dropped, disk_full.enough)
             if disk_full.freed == 0:
                 return BufferFull(event.topic, "the disk is full and nothing can be dropped")
-    return _insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped)
+    return None
 
 
 @dataclass
