@@ -80,6 +80,10 @@ class Messages:
             if runs[-1] and (
                 len(runs[-1]) >= limit.max_events
                 or sizes[key] + size > limit.max_bytes - _ENVELOPE_OVERHEAD
+                # Seqs must increase within an envelope. In drain order (priority first) they
+                # do not when a topic's rows have two priorities (its rule changed): one
+                # envelope of both failed to encode on every connection, and the uplink stalled.
+                or event.seq <= runs[-1][-1].seq
             ):
                 runs.append([])
                 sizes[key] = 0

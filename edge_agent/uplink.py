@@ -449,7 +449,11 @@ class Uplink:
             if ahead is not None:
                 ahead[1].cancel()  # read for another cursor (a linger read more): not needed
                 ahead[1].add_done_callback(_discard)
-            self._preempt = -1  # this read sees everything committed so far
+            if cursor is None:
+                # This read sees everything committed so far. One after the cursor does not
+                # see priorities above it: a flag set meanwhile (during an empty `_fetch_above`,
+                # say) must stay, or that event waits for the next connection.
+                self._preempt = -1
             events = await self._fetch(session, cursor, free)
         if events and len(events) == self._want(free):
             after = (events[-1].priority, events[-1].seq)

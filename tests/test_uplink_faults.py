@@ -20,7 +20,7 @@ import pytest
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent import window as window_module
-from edge_agent.buffer import BufferFull, inspect, read_events
+from edge_agent.buffer import BufferFull, StoredEvent, inspect, read_events
 from edge_agent.config import AgentConfig
 from edge_agent.link import UNSENT_LIMIT, LinkState, read_link_status
 from edge_agent.uplink import CRL_CHECK_INTERVAL, Uplink
@@ -1028,3 +1028,77 @@ async def test_two_gateways_with_one_identity_both_deliver_everything(
     )  # fmt: skip
     assert sorted(stored) == list(range(2 * sent))  # all, once each
     assert takeovers >= 1
+
+
+async def test_a_topic_whose_priority_changed_still_drains_in_envelopes(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Events buffered at priority 0, then the topic's rule moved to priority 5 (a restart or
+    SIGHUP) and more came: in drain order one page held [p5 seq 4-6, p0 seq 1-3] of one topic,
+    grouped into one envelope whose seqs did not increase. It failed to encode on every
+    connection: nothing was delivered, for good. Such a topic now goes in two envelopes."""
+    device = new_device(pki, "prio")
+    async with sink(tmp_path, pki) as server:
+        path = configure(tmp_path, pki, device, server.port)  # batch-v1
+        await preload(load_config(path), 3)
+        rule = 'filter = "#"\nqos = 1'
+        path.write_text(path.read_text().replace(rule, f"{rule}\npriority = 5"))
+        config = load_config(path)
+        assert config.topics[-1].priority == 5
+        await preload(config, 3)
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=20)
+            failures = uplink.status.failures
+    assert failures == 0
+    # Drain order is priority first: the newer events (now priority 5) went first.
+    assert stored_payloads(tmp_path / "core.db") == [0, 1, 2, 0, 1, 2]
+
+
+async def test_an_alarm_committed_during_an_empty_read_above_the_cursor_is_sent(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """A read of events above the cursor's priority (preemption) finds nothing, and an alarm is
+    committed while it runs: the next read, after the cursor, cleared the preemption flag
+    although it cannot see priorities above the cursor, and the alarm stayed in the buffer
+    until the next connection (with a token file: until its renewal, or never). The commit is
+    placed inside that read by wrapping the buffer's read (the seam the uplink reads through)."""
+    device = new_device(pki, "preempt")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        extra = 'format = "raw"\nwindow = 4\nwindow_bytes = 4000'
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
+        data = config.agent.data_dir
+        await preload(config, 60, size=1000)  # priority 0 ("alarms/#" has priority 9)
+        proxy.bandwidth(40_000, direction=Direction.UPSTREAM)
+        async with Agent(config) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            buffer = uplink._buffer
+            read = buffer.next_events
+            committed = asyncio.Event()
+
+            async def next_events(
+                limit: int,
+                after: tuple[int, int] | None = None,
+                *,
+                skip: frozenset[int] = frozenset(),
+                max_bytes: int | None = None,
+                above: int | None = None,
+            ) -> list[StoredEvent]:
+                events = await read(limit, after, skip=skip, max_bytes=max_bytes, above=above)
+                if above is not None and not events and not committed.is_set():
+                    committed.set()
+                    await agent.publish("alarms/a", b"2000")  # after this read's snapshot
+                return events
+
+            buffer.next_events = next_events  # type: ignore[method-assign]
+            await until(lambda: uplink.status.delivered >= 10, timeout=20)
+            await agent.publish("alarms/a", b"1000")  # preempts; the read after it is empty
+            await asyncio.wait_for(committed.wait(), 20)
+            proxy.pass_through()
+            await until(lambda: inspect(data).events == 0, timeout=20)
+            connections = uplink.status.connections
+    assert connections == 1
+    assert sorted(stored_payloads(tmp_path / "core.db"))[-2:] == [1000, 2000]
