@@ -248,6 +248,9 @@ class Uplink:
                 self.status.connections += 1
                 self.status.connected_since = self._clock.time()
                 self._last_refusal = ""
+                # Accepted: a later refusal is a new story and starts its slow back-off over
+                # (it went on from where earlier refusals had left it, up to the maximum).
+                self._refused_backoff.reset()
                 self._set_state(LinkState.ONLINE, _token_note(token, self._clock))
                 await self._drain(client, token)
         except MqttConnectError as exc:

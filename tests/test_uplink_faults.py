@@ -351,7 +351,11 @@ async def test_a_fresh_crl_ends_a_slow_back_off_when_none_was_usable_at_start(
             started = time.monotonic()
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
             waited = time.monotonic() - started
+            # Accepted at last: a later refusal starts the slow back-off over (it went on from
+            # where these refusals had left it).
+            refusals_counted = uplink._refused_backoff.failures
     figures("fresh CRL after an unusable one", waited_s=round(waited, 1))
+    assert refusals_counted == 0
     assert waited < CRL_CHECK_INTERVAL + 5
     assert stored_payloads(tmp_path / "core.db") == [1]
 
