@@ -113,6 +113,7 @@ class Agent:
             self._uplink = Uplink(self.config, self._buffer, self.clock)
             self._buffer.on_commit = self._uplink.committed
         self._id_prefix = f"{self.config.agent.device_id}/{self._buffer.epoch}/"
+        await self._reprioritize(self.config)  # the rules may have changed since the last run
         self._acceptor = Acceptor(self.config, self._buffer, self.clock)
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.push_async_callback(self._cancel_tasks)
@@ -164,6 +165,23 @@ class Agent:
             if self._listener is not None
             else "",
         )
+
+    async def _reprioritize(self, config: AgentConfig) -> None:
+        """Buffered events take their topic's priority under ``config``'s rules: one topic's
+        events at two priorities would be drained out of seq order (SPEC P3), the newer first.
+        A failure is logged: the events keep their old priority, nothing else changes."""
+        assert self._buffer is not None
+        try:
+            changed, highest = await self._buffer.reprioritize(
+                lambda topic: config.rule_for(topic).priority
+            )
+        except Exception:
+            log.exception("buffer: could not give buffered events their new topic priorities")
+            return
+        if changed:
+            log.info("buffer: %d buffered events took their topic's new priority", changed)
+        if highest is not None and self._uplink is not None:
+            self._uplink.committed(highest)  # above the drain's cursor: read them first
 
     def _get_listener(self) -> IngestServer | None:
         return self._listener
@@ -247,6 +265,8 @@ class Agent:
             # Even with the same settings: the files behind the same paths may have changed.
             self._uplink.reload(config.uplink)
         self._acceptor.config = config
+        if config.topics != old.topics and self._tasks is not None:
+            self._tasks.create_task(self._reprioritize(config), name="edge_agent.reprioritize")
         # What runs is what `config` says: the sections only a restart applies stay as they were.
         self.config = config.model_copy(update={name: getattr(old, name) for name in _RESTART_ONLY})
         return restart

@@ -23,6 +23,7 @@ from edge_agent import window as window_module
 from edge_agent.buffer import BufferFull, StoredEvent, inspect, read_events
 from edge_agent.config import AgentConfig
 from edge_agent.link import UNSENT_LIMIT, LinkState, read_link_status
+from edge_agent.messages import Messages
 from edge_agent.uplink import CRL_CHECK_INTERVAL, Uplink
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
@@ -1034,30 +1035,56 @@ async def test_two_gateways_with_one_identity_both_deliver_everything(
     assert takeovers >= 1
 
 
-async def test_a_topic_whose_priority_changed_still_drains_in_envelopes(
-    tmp_path: Path, pki: Pki
-) -> None:
-    """Events buffered at priority 0, then the topic's rule moved to priority 5 (a restart or
-    SIGHUP) and more came: in drain order one page held [p5 seq 4-6, p0 seq 1-3] of one topic,
-    grouped into one envelope whose seqs did not increase. It failed to encode on every
-    connection: nothing was delivered, for good. Such a topic now goes in two envelopes."""
+def with_priority(path: Path, priority: int) -> AgentConfig:
+    """The agent's config at ``path`` with the catch-all rule at ``priority`` (written back)."""
+    rule = 'filter = "#"\nqos = 1'
+    path.write_text(path.read_text().replace(rule, f"{rule}\npriority = {priority}"))
+    config = load_config(path)
+    assert config.topics[-1].priority == priority
+    return config
+
+
+async def test_a_topic_whose_priority_changed_keeps_its_order(tmp_path: Path, pki: Pki) -> None:
+    """Events buffered at priority 0, then the topic's rule moved to priority 5 and more came.
+    Rows kept the priority they were stored with, and the drain (priority first) sent the newer
+    events first (SPEC P3). In batch-v1 one envelope held both runs, its seqs not increasing: it
+    failed to encode on every connection and nothing more was delivered. At start the buffered
+    events now take their topic's priority of now."""
     device = new_device(pki, "prio")
     async with sink(tmp_path, pki) as server:
         path = configure(tmp_path, pki, device, server.port)  # batch-v1
         await preload(load_config(path), 3)
-        rule = 'filter = "#"\nqos = 1'
-        path.write_text(path.read_text().replace(rule, f"{rule}\npriority = 5"))
-        config = load_config(path)
-        assert config.topics[-1].priority == 5
-        await preload(config, 3)
+        config = with_priority(path, 5)
+        async with Agent(config.model_copy(update={"uplink": None})) as agent:
+            for payload in (b"10", b"11", b"12"):
+                await agent.publish("sensors/t", payload)
         async with Agent(config) as agent:
             uplink = agent.uplink
             assert uplink is not None
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=20)
             failures = uplink.status.failures
     assert failures == 0
-    # Drain order is priority first: the newer events (now priority 5) went first.
-    assert stored_payloads(tmp_path / "core.db") == [0, 1, 2, 0, 1, 2]
+    assert stored_payloads(tmp_path / "core.db") == [0, 1, 2, 10, 11, 12]
+
+
+async def test_a_reload_gives_buffered_events_their_new_priority(tmp_path: Path, pki: Pki) -> None:
+    """SIGHUP with a topic's priority raised (say, alarms stuck behind a backlog of telemetry
+    during an outage): the buffered events of that topic take it too, not only new ones."""
+    device = new_device(pki, "reprio")
+    path = configure(tmp_path, pki, device, free_port())  # nothing listens: all stays buffered
+    config = load_config(path)
+    async with Agent(config) as agent:
+        for payload in (b"1", b"2", b"3"):
+            await agent.publish("sensors/t", payload)
+        await agent.publish("alarms/door", b"a")  # its own rule: priority 9, not changed
+        assert agent.reload(with_priority(path, 5)) == []
+        data = config.agent.data_dir
+        await until(
+            lambda: [e.priority for e in read_events(data) if e.topic == "sensors/t"] == [5] * 3,
+            timeout=10,
+        )
+        priorities = {e.topic: e.priority for e in read_events(data)}
+    assert priorities == {"sensors/t": 5, "alarms/door": 9}
 
 
 async def test_an_alarm_committed_during_an_empty_read_above_the_cursor_is_sent(
@@ -1106,3 +1133,17 @@ async def test_an_alarm_committed_during_an_empty_read_above_the_cursor_is_sent(
             connections = uplink.status.connections
     assert connections == 1
     assert sorted(stored_payloads(tmp_path / "core.db"))[-2:] == [1000, 2000]
+
+
+def test_an_envelope_run_ends_where_the_seq_does_not_increase(tmp_path: Path, pki: Pki) -> None:
+    """Rows of one topic at two priorities (a reload in progress, a requeued dead letter) come
+    in drain order with seqs going down: each run of increasing seqs is its own envelope."""
+    config = load_config(configure(tmp_path, pki, new_device(pki, "runs"), free_port()))
+    assert config.uplink is not None
+    messages = Messages(config.uplink, "dev", "0123456789abcdef")
+
+    def event(seq: int, priority: int) -> StoredEvent:
+        return StoredEvent(seq, "sensors/t", b"x", 1, priority, 0, 0)
+
+    out = messages.drain_order([event(4, 5), event(5, 5), event(1, 0), event(2, 0)])
+    assert [m.seqs for m in out] == [[4, 5], [1, 2]]

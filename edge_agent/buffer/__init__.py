@@ -82,6 +82,7 @@ from edge_agent.buffer.store import (
     _insert_group,
     _next_events,
     _record_attempt,
+    _reprioritize,
     _requeue_dead,
     _stats,
     _sweep,
@@ -443,6 +444,13 @@ class Buffer:
         now_ms = int(self._clock.time() * 1000)
         limits = (self._max_events, self._max_bytes)
         return await self._run(_requeue_dead, self._totals, limits, ttl, now_ms)
+
+    async def reprioritize(self, priority_of: Callable[[str], int]) -> tuple[int, int | None]:
+        """Give every buffered event ``priority_of(its topic)``, once the topic rules changed:
+        the drain is priority first, and events of one topic buffered at two priorities were
+        sent out of seq order (the newer first). Returns (events changed, the highest priority
+        given or None). One scan of the buffer, on its thread: commits wait meanwhile."""
+        return await self._run(_reprioritize, priority_of)
 
     async def sweep_expired(self) -> int:
         """Drop events whose TTL passed; counted under reason ``ttl``."""

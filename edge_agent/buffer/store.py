@@ -700,6 +700,32 @@ def _requeue_dead(
     return moved
 
 
+def _reprioritize(
+    db: sqlite3.Connection, priority_of: Callable[[str], int]
+) -> tuple[int, int | None]:
+    """Give every buffered event its topic's priority of now: (events changed, the highest
+    priority given, None if none). One scan for the (topic, priority) pairs, one update."""
+    pairs = db.execute("SELECT DISTINCT topic, priority FROM events").fetchall()
+    wanted = {topic: priority_of(topic) for topic, _ in pairs}
+    changed = {topic: wanted[topic] for topic, priority in pairs if wanted[topic] != priority}
+    if not changed:
+        return 0, None
+    with _transaction(db):
+        db.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS new_priority"
+            " (topic TEXT PRIMARY KEY, priority INTEGER NOT NULL)"
+        )
+        db.execute("DELETE FROM temp.new_priority")
+        db.executemany("INSERT INTO temp.new_priority VALUES (?, ?)", changed.items())
+        wanted_sql = "(SELECT n.priority FROM temp.new_priority AS n WHERE n.topic = events.topic)"
+        count: int = db.execute(
+            f"UPDATE events SET priority = {wanted_sql}"  # noqa: S608  # constants only
+            f" WHERE topic IN (SELECT topic FROM temp.new_priority) AND priority <> {wanted_sql}"
+        ).rowcount
+        db.execute("DELETE FROM temp.new_priority")
+    return count, max(changed.values())
+
+
 def _sweep(db: sqlite3.Connection, now_ms: int, totals: _Totals) -> dict[str, tuple[int, int, int]]:
     with _transaction(db, totals):
         rows = db.execute(
