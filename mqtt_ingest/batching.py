@@ -123,6 +123,9 @@ class Batcher:
                     self._wakeup.clear()
                 if not batch:
                     continue
+                # In a stage call from here on (`withdraw` leaves them alone), also while a
+                # call's task has not started yet.
+                self._in_stage.update(future for _, future in batch)
                 if self._concurrency == 1:
                     await self._store(batch)
                 else:
@@ -163,12 +166,10 @@ class Batcher:
         return batch
 
     async def _store(self, batch: Sequence[tuple[IngestEvent, asyncio.Future[None]]]) -> None:
-        futures = [future for _, future in batch]
-        self._in_stage.update(futures)
         try:
             await self._store_taken(batch)
         finally:
-            self._in_stage.difference_update(futures)
+            self._in_stage.difference_update(future for _, future in batch)
 
     async def _store_taken(self, batch: Sequence[tuple[IngestEvent, asyncio.Future[None]]]) -> None:
         events = [event for event, _ in batch]
