@@ -89,11 +89,8 @@ class Uplink:
         if config.uplink is None:
             raise ValueError("no [uplink] in the configuration")
         self.config: UplinkConfig = config.uplink
-        # The settings the current connection was opened with: `reload` replaces `config` for
-        # the next connection, while this one finishes with what it announced at CONNECT (the
-        # format above all: a raw message on a batch-v1 connection would be dead-lettered).
-        self._opened_with: UplinkConfig = config.uplink
-        self._messages = Messages(self._opened_with, config.agent.device_id, buffer.epoch)
+        # A connection's messages, built with the settings it was opened with (`_opened_with`).
+        self._messages = Messages(config.uplink, config.agent.device_id, buffer.epoch)
         self.device_id = config.agent.device_id
         self._data_dir = config.agent.data_dir
         self._buffer = buffer
@@ -121,6 +118,14 @@ class Uplink:
         self._received_at = [time.monotonic()]  # when the current connection last received bytes
         self._told_same_token = False  # the token file's unchanged token was logged
         self._connected_with = Token(None, None)  # the token the current connection presented
+
+    @property
+    def _opened_with(self) -> UplinkConfig:
+        """The settings the current (or last) connection was opened with: `reload` replaces
+        `config` for the next connection, while this one finishes with what it announced at
+        CONNECT (the format above all: a raw message on a batch-v1 connection would be
+        dead-lettered). Its messages are built with them."""
+        return self._messages.config
 
     @property
     def in_flight(self) -> int:
@@ -208,7 +213,7 @@ class Uplink:
         self.status.retry_at = None
 
     async def _connection(self) -> None:
-        config = self._opened_with = self.config
+        config = self.config
         self._messages = Messages(config, self.device_id, self._buffer.epoch)
         self._set_state(LinkState.CONNECTING, "", quiet=True)
         self._reconnect.clear()
