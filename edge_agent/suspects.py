@@ -2,16 +2,18 @@
 alone in flight, set aside and tried again (alone) only once other events got through since, or
 at once when there is nothing else to send, so that one poison event neither blocks the rest nor
 gets blamed for a dead link. After ``max_attempts`` such losses, each but the first with other
-events getting through since the previous one, the uplink moves the event to the dead letters."""
+events getting through since the previous one, the uplink moves the event to the dead letters.
+The losses that count are kept in the buffer (`Buffer.record_losses`): restarting the agent does
+not start them over."""
 
 from __future__ import annotations
 
-from collections.abc import KeysView
+from collections.abc import KeysView, Mapping
 from dataclasses import dataclass
 
 from edge_agent.buffer import StoredEvent
 
-__all__ = ["Suspect", "Suspects"]
+__all__ = ["MAX_SUSPECTS", "Suspect", "Suspects"]
 
 MAX_SUSPECTS = 100  # set aside at once, at most (more are simply sent again with the rest)
 MAX_RETRY_WAIT = 3600.0  # seconds: the longest wait after publish timeouts
@@ -31,9 +33,23 @@ class Suspects:
 
     def __init__(self) -> None:
         self._by_seq: dict[int, Suspect] = {}
+        self._earlier: dict[int, tuple[int, int]] = {}
+        """Losses counted, and `confirmed` at the last one, of events beyond `MAX_SUSPECTS`.
+        Entries of events delivered since stay until the agent restarts: few, each one cost a
+        lost connection."""
         self.confirmed = 0
         """QoS 1/2 events acknowledged this run: evidence that the server takes events (a QoS 0
         write is none: paho reports it published once it is in the socket)."""
+
+    def remember(self, events: list[StoredEvent], losses: Mapping[int, int]) -> None:
+        """The losses counted against events by earlier runs (`Buffer.suspects`): ``events`` (up
+        to `MAX_SUSPECTS`) are set aside again, as if lost before any event got through in this
+        run; the other seqs in ``losses`` keep their counts for when they are lost again."""
+        for event in events[:MAX_SUSPECTS]:
+            self._by_seq[event.seq] = Suspect(event, losses[event.seq], 0)
+        self._earlier.update(
+            (seq, (count, 0)) for seq, count in losses.items() if seq not in self._by_seq
+        )
 
     @property
     def seqs(self) -> KeysView[int]:
@@ -81,16 +97,22 @@ class Suspects:
     ) -> int | None:
         """The connection was lost with ``event`` alone in flight: ``closed`` by the other side
         (or the link), or ended by our publish timeout at loop time ``now``. Returns how many
-        losses count once they reach ``max_attempts`` (the caller dead-letters the event);
-        otherwise None, and the event is set aside (up to `MAX_SUSPECTS`)."""
+        losses count against the event if this one counted (the caller keeps that count, or
+        dead-letters the event once it reaches ``max_attempts``), else None. Below
+        ``max_attempts`` the event is set aside (up to `MAX_SUSPECTS`)."""
         suspect = self._by_seq.pop(event.seq, None)
+        if suspect is None and (earlier := self._earlier.pop(event.seq, None)) is not None:
+            suspect = Suspect(event, *earlier)
         # Poison is an event the connection keeps being closed on (SPEC §5). Our own publish
         # timeout is not that: a large event on a slow link, or a server that stopped
         # acknowledging; the event is still tried alone later, but never dead-lettered for it.
+        counted = False
         if suspect is None:
             suspect = Suspect(event, int(closed), self.confirmed)
+            counted = closed
         elif closed and self.confirmed > suspect.confirmed_at_failure:
             suspect.failures += 1  # others got through since its last failure: it counts
+            counted = True
         suspect.confirmed_at_failure = self.confirmed
         if not closed:
             # Each try alone holds everything else back for a whole publish_timeout: after
@@ -99,8 +121,9 @@ class Suspects:
             suspect.timeouts += 1
             wait = min(publish_timeout * 2 ** min(suspect.timeouts, 16), MAX_RETRY_WAIT)
             suspect.retry_after = now + wait
-        if suspect.failures >= max_attempts:
-            return suspect.failures
-        if len(self._by_seq) < MAX_SUSPECTS:
-            self._by_seq[event.seq] = suspect
-        return None
+        if suspect.failures < max_attempts:
+            if len(self._by_seq) < MAX_SUSPECTS:
+                self._by_seq[event.seq] = suspect
+            elif suspect.failures:
+                self._earlier[event.seq] = (suspect.failures, suspect.confirmed_at_failure)
+        return suspect.failures if counted else None

@@ -21,7 +21,8 @@ Failures:
   simply the only message in flight), it is set aside and tried again (alone) once other events
   got through since, or at once when there is nothing else to send; after ``max_attempts`` such
   losses, each but the first with other events getting through since the previous one, it is
-  moved to the dead-letter table (`edge-agent buffer requeue-dead` puts it back). If nothing
+  moved to the dead-letter table (`edge-agent buffer requeue-dead` puts it back). The losses
+  that count are kept in the buffer, so restarts do not start them over. If nothing
   else gets through, nothing is dead-lettered: that is a broken link or configuration, not a
   poison event, and the event stays buffered.
 
@@ -62,7 +63,7 @@ from edge_agent.link import (
     recording_socket_class,
 )
 from edge_agent.messages import Message, Messages
-from edge_agent.suspects import Suspects
+from edge_agent.suspects import MAX_SUSPECTS, Suspects
 from edge_agent.tls import DeviceTls, TlsMaterial
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
 from edge_agent.window import Session
@@ -162,6 +163,11 @@ class Uplink:
         """Connect, drain, reconnect, until `stop` (or cancellation)."""
         watcher = asyncio.create_task(self._watch_crl(), name="uplink.crl")
         try:
+            try:
+                self._suspects.remember(*await self._buffer.suspects(MAX_SUSPECTS))
+            except Exception:
+                # A flaky disk: poison counts start over, which delays a dead letter, no more.
+                log.exception("uplink: cannot read the poison counts kept in the buffer")
             while not self._stopping.is_set():
                 try:
                     await self._connection()
@@ -624,15 +630,19 @@ class Uplink:
             max_attempts=self.config.max_attempts,
             now=asyncio.get_running_loop().time(),
         )
-        if failures is not None:
-            reason = (
-                f"the connection was lost {failures} times with this event alone in flight, "
-                f"other events getting through in between (last: {session.failure.detail})"
-            )
-            if await self._buffer.dead_letter(event.seq, reason):
-                self.status.dead_lettered += 1
-                log.error("uplink: event seq %d on %r moved to dead letters: %s",
-                          event.seq, event.topic[:100], reason)  # fmt: skip
+        if failures is None:
+            return
+        if failures < self.config.max_attempts:
+            await self._buffer.record_losses(event.seq, failures)  # kept across restarts
+            return
+        reason = (
+            f"the connection was lost {failures} times with this event alone in flight, "
+            f"other events getting through in between (last: {session.failure.detail})"
+        )
+        if await self._buffer.dead_letter(event.seq, reason):
+            self.status.dead_lettered += 1
+            log.error("uplink: event seq %d on %r moved to dead letters: %s",
+                      event.seq, event.topic[:100], reason)  # fmt: skip
 
     # -- link state -------------------------------------------------------------------------
 

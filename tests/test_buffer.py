@@ -790,6 +790,49 @@ async def test_schema_1_buffer_that_cannot_be_migrated_is_refused_untouched(
         assert (await buffer.stats()).events == len(before)
 
 
+@pytest.mark.parametrize("table", ["without", "with"])
+async def test_schema_2_buffer_is_migrated_to_3(tmp_path: Path, table: str) -> None:
+    """Schema 3 adds the ``suspects`` table. A schema 3 file whose header says 2 (``with`` the
+    table: a flipped byte) migrates to itself instead of failing on every start."""
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.append([event(b"%d" % n) for n in range(20)])
+    db = sqlite3.connect(tmp_path / "buffer.db", isolation_level=None)
+    if table == "without":
+        db.execute("DROP TABLE suspects")
+    db.execute("PRAGMA user_version = 2")
+    db.close()
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.record_losses(3, 1)
+        third = [e for e in read_events(tmp_path) if e.seq == 3]
+        assert await buffer.suspects(10) == (third, {3: 1})
+        stats = await buffer.stats()
+        assert (stats.events, stats.incidents) == (20, [])
+    db = sqlite3.connect(tmp_path / "buffer.db")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    finally:
+        db.close()
+
+
+async def test_poison_counts_are_kept_while_their_event_is_buffered(tmp_path: Path) -> None:
+    """SPEC §5: the losses counted against an event as poison survive restarts (the uplink
+    dead-letters it after ``max_attempts``); they go with the event, and a requeued dead letter
+    is counted afresh."""
+    async with await Buffer.open(tmp_path) as buffer:
+        assert await buffer.append([event(b"%d" % n) for n in range(5)]) == [1, 2, 3, 4, 5]
+        for seq, count in [(1, 1), (1, 2), (2, 1), (3, 1), (4, 1), (5, 1)]:
+            await buffer.record_losses(seq, count)
+        await buffer.delete([2])  # delivered
+        assert await buffer.dead_letter(3, "poison")
+        await buffer.record_losses(9, 1)  # an event no longer there (a purge, say)
+    async with await Buffer.open(tmp_path) as buffer:
+        events, losses = await buffer.suspects(2)
+        assert losses == {1: 2, 4: 1, 5: 1}
+        assert [(e.seq, e.payload) for e in events] == [(1, b"0"), (4, b"3")]
+        assert await buffer.requeue_dead() == 1
+        assert (await buffer.suspects(5))[1] == {1: 2, 4: 1, 5: 1}
+
+
 async def test_a_paused_export_does_not_hold_the_wal_open(tmp_path: Path) -> None:
     """`buffer export | less`: the reader pauses mid-way while the agent keeps writing. A
     statement held open all that time kept every checkpoint from resetting the WAL, which

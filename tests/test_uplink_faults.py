@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -170,6 +171,58 @@ async def test_a_poison_event_goes_to_dead_letters_and_the_rest_flows(
     assert stats.dead_letters == 1
     assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
     figures("poison", events=sent + 1, connections=connections, dead_letters=stats.dead_letters)
+
+
+def counted_losses(data_dir: Path, seq: int) -> int:
+    """The losses the buffer keeps against event ``seq`` as poison (read-only, beside the agent)."""
+    db = sqlite3.connect(f"file:{data_dir / 'buffer.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT losses FROM suspects WHERE seq = ?", (seq,)).fetchone()
+    finally:
+        db.close()
+    return 0 if row is None else int(row[0])
+
+
+async def test_poison_counts_are_kept_across_restarts(tmp_path: Path, pki: Pki) -> None:
+    """Each run of the agent ends right after a loss counted against the poison event. The count
+    was kept in memory only: it started over at every start, and an agent restarted that often
+    never dead-lettered the event."""
+    device = new_device(pki, "poison-restarts")
+    async with sink(tmp_path, pki, listener_extra='max_packet_size = "2KiB"') as server:
+        path = configure(tmp_path, pki, device, server.port, extra="max_attempts = 3")
+        config = load_config(path)
+        data = config.agent.data_dir
+        sent = runs = 0
+        poison: int | None = None
+        counts: list[int] = []
+        while runs < 5:
+            runs += 1
+            async with Agent(config) as agent:
+                assert agent.uplink is not None
+                if poison is None:
+                    poison = int((await agent.publish("sensors/big", b"x" * 8000)).split("/")[-1])
+                before = counted_losses(data, poison)
+                deadline = time.monotonic() + 60
+                while counted_losses(data, poison) == before:
+                    if agent.uplink.status.dead_lettered:
+                        break
+                    await agent.publish("sensors/t", f"{sent}".encode())
+                    sent += 1
+                    await asyncio.sleep(0.05)
+                    status = agent.uplink.status
+                    assert time.monotonic() < deadline, (
+                        f"run {runs}: no loss counted against the poison event in 60 s"
+                        f" ({status.failures} failures, last: {status.last_error})"
+                    )
+                counts.append(counted_losses(data, poison))
+                if agent.uplink.status.dead_lettered:
+                    await until(lambda: inspect(data).events == 0, timeout=60)
+                    break
+    figures("poison across restarts", runs=runs, counts=counts, events=sent + 1)
+    stats = inspect(data)
+    assert (runs, stats.dead_letters, stats.events) == (3, 1, 0)
+    assert counts == [1, 2, 0]  # the dead letter's row goes with it
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
 
 
 async def test_requeue_dead_puts_dead_letters_back(tmp_path: Path, pki: Pki) -> None:

@@ -82,9 +82,11 @@ from edge_agent.buffer.store import (
     _insert_group,
     _next_events,
     _record_attempt,
+    _record_losses,
     _reprioritize,
     _requeue_dead,
     _stats,
+    _suspects,
     _sweep,
     _timed,
 )
@@ -429,6 +431,16 @@ class Buffer:
 
     async def record_attempt(self, seqs: Sequence[int]) -> None:
         await self._run(_record_attempt, list(seqs))
+
+    async def record_losses(self, seq: int, losses: int) -> None:
+        """Keep how many connection losses count against event ``seq`` as poison (SPEC §5), so
+        that restarting the agent does not start them over (`suspect_losses`)."""
+        await self._run(_record_losses, seq, losses)
+
+    async def suspects(self, limit: int) -> tuple[list[StoredEvent], dict[int, int]]:
+        """The counts `record_losses` kept, by seq, for the events still buffered, and the first
+        ``limit`` of those events (by seq)."""
+        return await self._run(_suspects, limit)
 
     async def dead_letter(self, seq: int, reason: str) -> bool:
         """Move one event to the dead-letter table; False if it is no longer buffered."""

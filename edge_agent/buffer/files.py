@@ -21,6 +21,7 @@ from typing import Literal
 from edge_agent.buffer.model import (
     _EVENTS,
     _SCHEMA,
+    _SUSPECTS,
     CACHE_KIB,
     DB_NAME,
     LOCK_NAME,
@@ -166,15 +167,18 @@ def _open_checked(
                 f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )
             log.info("buffer: created %s (epoch %s)", path, epoch)
-        elif version == 1:
-            _migrate_from_1(db, path)
         elif version > SCHEMA_VERSION:
             raise BufferError(
                 f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}: "
                 "upgrade the agent"
             )
-        elif unclean and ("normal" in previous or not wal_present):
-            _skip_seqs(db, durability)
+        else:
+            if version == 1:
+                _migrate_from_1(db, path)
+            if version <= 2:
+                _migrate_from_2(db, path)
+            if unclean and ("normal" in previous or not wal_present):
+                _skip_seqs(db, durability)
         for kind, detail in incidents:
             db.execute("INSERT INTO incidents VALUES (?, ?, ?)", (now_ms, kind, detail))
     except BaseException:
@@ -228,26 +232,42 @@ def _migrate_from_1(db: sqlite3.Connection, path: Path) -> None:
                 if statement.strip():
                     db.execute(statement)
             copied = db.execute(
-                "INSERT INTO events SELECT seq, topic, payload, qos, priority, event_time,"
-                " expires_at, attempts FROM events_1"
+                "INSERT INTO events (seq, topic, payload, qos, priority, event_time, expires_at,"
+                " attempts) SELECT seq, topic, payload, qos, priority, event_time, expires_at,"
+                " attempts FROM events_1"
             ).rowcount
             db.execute("DROP TABLE events_1")
             db.execute("DELETE FROM sqlite_sequence")
             _set_meta(db, "high_water", high_water)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("PRAGMA user_version=2")
     except sqlite3.Error as exc:
         db.close()
         raise BufferError(
-            f"{path} has schema version 1 and could not be migrated to {SCHEMA_VERSION} "
-            f"({exc}); nothing was changed: its events are still there"
+            f"{path} has schema version 1 and could not be migrated to 2 ({exc}); nothing was"
+            " changed: its events are still there"
         ) from None
     log.warning(
-        "buffer: migrated %s from schema 1 to %d (%d events kept, last seq %d)",
+        "buffer: migrated %s from schema 1 to 2 (%d events kept, last seq %d)",
         path,
-        SCHEMA_VERSION,
         copied,
         high_water,
     )
+
+
+def _migrate_from_2(db: sqlite3.Connection, path: Path) -> None:
+    """Schema 2 -> 3: the ``suspects`` table, in one transaction. ``IF NOT EXISTS``: a schema 3
+    file whose header says 2 (a flipped byte) migrates to itself instead of failing each start."""
+    try:
+        with _transaction(db):
+            db.execute(_SUSPECTS)
+            db.execute("PRAGMA user_version=3")
+    except sqlite3.Error as exc:
+        db.close()
+        raise BufferError(
+            f"{path} has schema version 2 and could not be migrated to 3 ({exc}); nothing was"
+            " changed: its events are still there"
+        ) from None
+    log.info("buffer: migrated %s from schema 2 to 3", path)
 
 
 def _set_meta(db: sqlite3.Connection, key: str, value: object) -> None:
@@ -290,9 +310,10 @@ def _check(path: Path) -> str | None:
 
 _TABLES = {
     1: frozenset({"events", "meta", "dead_letters", "sqlite_sequence"}),
-    SCHEMA_VERSION: frozenset({"events", "meta", "dead_letters", "drops", "incidents"}),
+    2: frozenset({"events", "meta", "dead_letters", "drops", "incidents"}),
+    3: frozenset({"events", "meta", "dead_letters", "drops", "incidents", "suspects"}),
 }
-"""Tables each known schema version has (what `_migrate_from_1` and the agent use)."""
+"""Tables each known schema version has (what the migrations and the agent use)."""
 
 
 def _any_file(directory: Path) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PAGE_SIZE = 1024
 DISK_RESERVE = 16 * 1024**2
 """The default disk reserve (`store.DiskReserve`): room for the WAL to grow to its size limit
@@ -41,6 +41,15 @@ CREATE TABLE events (
 CREATE INDEX events_drain ON events (priority DESC, seq) WHERE priority <> 0;
 CREATE INDEX events_expiry ON events (expires_at) WHERE expires_at IS NOT NULL;
 """
+# Schema 3: the connection losses that count against an event as poison (edge_agent/suspects.py),
+# kept so that restarts do not start them over. Rows only for such events: the drain's reads,
+# inserts and deletes never touch it (rows of events gone since are removed at the next start).
+_SUSPECTS = """
+CREATE TABLE IF NOT EXISTS suspects (
+    seq INTEGER PRIMARY KEY,
+    losses INTEGER NOT NULL
+) STRICT;
+"""
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;"
     + _EVENTS
@@ -69,6 +78,7 @@ CREATE TABLE incidents (
     detail TEXT NOT NULL
 ) STRICT;
 """
+    + _SUSPECTS
 )
 
 

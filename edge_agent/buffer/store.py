@@ -630,10 +630,33 @@ def _record_attempt(db: sqlite3.Connection, seqs: list[int]) -> None:
         )
 
 
+def _record_losses(db: sqlite3.Connection, seq: int, losses: int) -> None:
+    with _transaction(db):
+        db.execute(
+            "INSERT INTO suspects VALUES (?, ?)"
+            " ON CONFLICT (seq) DO UPDATE SET losses = excluded.losses",
+            (seq, losses),
+        )
+
+
+def _suspects(db: sqlite3.Connection, limit: int) -> tuple[list[StoredEvent], dict[int, int]]:
+    with _transaction(db):
+        # Rows of events delivered, dropped or purged since (seqs are never given out again).
+        db.execute("DELETE FROM suspects WHERE seq NOT IN (SELECT seq FROM events)")
+        losses = dict(db.execute("SELECT seq, losses FROM suspects"))
+        rows = db.execute(
+            _SELECT_EVENTS  # noqa: S608  # constants only
+            + " WHERE seq IN (SELECT seq FROM suspects ORDER BY seq LIMIT ?) ORDER BY seq",
+            (limit,),
+        )
+        return list(map(StoredEvent._make, rows)), losses
+
+
 def _dead_letter(
     db: sqlite3.Connection, seq: int, reason: str, now_ms: int, totals: _Totals
 ) -> bool:
     with _transaction(db, totals):
+        db.execute("DELETE FROM suspects WHERE seq = ?", (seq,))  # requeued: counted afresh
         moved = db.execute(
             "INSERT OR IGNORE INTO dead_letters"
             " SELECT seq, topic, payload, qos, priority, event_time, attempts, ?, ?"

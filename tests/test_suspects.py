@@ -1,0 +1,63 @@
+"""Poison handling's bookkeeping (edge_agent/suspects.py): which losses count towards
+``max_attempts``, and the counts an earlier run of the agent kept in the buffer."""
+
+from __future__ import annotations
+
+from edge_agent.buffer import StoredEvent
+from edge_agent.suspects import MAX_SUSPECTS, Suspects
+
+MAX_ATTEMPTS = 5
+
+
+def stored(seq: int) -> StoredEvent:
+    return StoredEvent(seq, "sensors/t", b"x", 1, 0, 0, 1)
+
+
+def closed(suspects: Suspects, seq: int) -> int | None:
+    """The connection was closed with event ``seq`` alone in flight."""
+    return suspects.lost(
+        stored(seq), closed=True, publish_timeout=10.0, max_attempts=MAX_ATTEMPTS, now=0.0
+    )
+
+
+def test_a_loss_counts_only_after_other_events_got_through_since_the_last() -> None:
+    suspects = Suspects()
+    assert closed(suspects, 7) == 1  # the first loss counts
+    assert list(suspects.seqs) == [7]
+    assert suspects.candidate(idle=False, now=0.0) is None  # nothing got through since
+    assert closed(suspects, 7) is None  # a dead link, not a poison event: not counted
+    assert suspects.delivered([1, 2], qos=0) == []  # QoS 0 writes are no evidence
+    assert closed(suspects, 7) is None
+    assert suspects.delivered([3], qos=1) == []
+    candidate = suspects.candidate(idle=False, now=0.0)
+    assert candidate is not None
+    assert candidate.event.seq == 7
+    assert closed(suspects, 7) == 2
+
+
+def test_counts_of_an_earlier_run_go_on_once_other_events_got_through() -> None:
+    suspects = Suspects()
+    suspects.remember([stored(7)], {7: 3, 8: 1})
+    assert list(suspects.seqs) == [7]  # set aside again: tried alone
+    assert suspects.candidate(idle=False, now=0.0) is None
+    idle = suspects.candidate(idle=True, now=0.0)  # nothing else to send: tried at once
+    assert idle is not None
+    assert idle.event.seq == 7
+    assert closed(suspects, 7) is None  # nothing got through in this run yet
+    assert closed(suspects, 8) is None  # its count (not set aside: beyond the limit) too
+    suspects.delivered([1], qos=1)
+    assert closed(suspects, 7) == 4
+    assert closed(suspects, 8) == 2
+    suspects.delivered([2], qos=2)
+    assert closed(suspects, 7) == MAX_ATTEMPTS  # the caller dead-letters it
+    assert 7 not in suspects.seqs
+
+
+def test_counts_beyond_the_events_set_aside_are_kept() -> None:
+    suspects = Suspects()
+    for seq in range(1, MAX_SUSPECTS + 2):
+        assert closed(suspects, seq) == 1
+    assert len(suspects.seqs) == MAX_SUSPECTS
+    assert MAX_SUSPECTS + 1 not in suspects.seqs  # read and sent with the rest again
+    suspects.delivered([10_000], qos=1)
+    assert closed(suspects, MAX_SUSPECTS + 1) == 2  # not 1: its first loss was not forgotten
