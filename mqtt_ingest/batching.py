@@ -183,8 +183,15 @@ class Batcher:
             self._fail_all(batch, f"stage did not answer within {self._timeout}s")
             return
         except asyncio.CancelledError:
-            self._fail_all(batch, "server stopping")
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                self._fail_all(batch, "server stopping")
+                raise
+            # Raised by the stage, nobody cancelled us (aiormq fails the confirms it awaits with
+            # a CancelledError when its connection closes): a failed call, and the batcher goes
+            # on. Ending it would refuse every event from then on, until a restart.
+            self._fail_all(batch, "stage call cancelled from within")
+            return
         except Exception as exc:
             self._fail_all(batch, f"stage failed: {exc!r}")
             return

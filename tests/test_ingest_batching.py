@@ -139,6 +139,40 @@ async def test_a_closed_batcher_ends_even_if_the_stage_swallows_the_cancellation
         await batches.submit(event(b"late"))
 
 
+class CancelledOnceStage:
+    """The first call raises CancelledError without anyone cancelling it: what aiormq's pending
+    confirms get when its connection closes (``close(exc=asyncio.CancelledError)``)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
+        self.calls += 1
+        if self.calls == 1:
+            raise asyncio.CancelledError
+        return None
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_a_cancelled_error_from_the_stage_fails_its_call_only(concurrency: int) -> None:
+    """The batcher took it for its own cancellation and ended: every event after it was refused
+    ("server stopping") until the server was restarted."""
+    stage = CancelledOnceStage()
+    batches = Batcher(
+        stage, Counters(), max_events=2, linger=0, timeout=10, concurrency=concurrency
+    )
+    runner = asyncio.create_task(batches.run())
+    try:
+        with pytest.raises(StageFailed, match="cancelled from within"):
+            await batches.submit(event(b"first"))
+        async with asyncio.timeout(5):
+            await batches.submit(event(b"second"))  # stored
+        assert (stage.calls, runner.done()) == (2, False)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_weighed_events_bound_each_call_by_weight() -> None:
     """The sink weighs an envelope by its events: a call holds at most ``max_weight`` of them,
     however few MQTT messages that is (always at least one, however heavy)."""
