@@ -303,9 +303,11 @@ class IngestServer:
                 "%s: client %r connected again from %s: closing the older connection",
                 self.name, client_id, connection.peer,
             )  # fmt: skip
-            if not clean_session and len(old._qos2) <= self.limits.max_inflight:
+            persistent = not clean_session and not old._clean_session
+            if persistent and len(old._qos2) <= self.limits.max_inflight:
                 # Before the abort: the old connection's teardown withdraws what it still
-                # holds, and this one answers the resends of these (not stored twice).
+                # holds, and this one answers the resends of these (not stored twice). A clean
+                # session's state is never resumed (MQTT-3.1.2-6): its packet ids are not ours.
                 kept, old._qos2 = old._qos2, {}
                 old._handed_over = set(kept.values())
             old.abort("taken over by a new connection", "takeover")

@@ -475,6 +475,27 @@ async def test_a_persistent_session_keeps_qos2_receipts_across_connections(
     assert counters(server).get("qos2_duplicates") == 2
 
 
+async def test_a_persistent_connection_does_not_resume_the_clean_session_it_takes_over(
+    stage: RecordingStage,
+) -> None:
+    """MQTT-3.1.2-6: a clean session's state ends with its connection. A CleanSession 0 client
+    taking over a live CleanSession 1 connection (a one-off ``mosquitto_pub -i dev -q 2`` beside
+    the device) got "session present" and that session's QoS 2 ids: its own resend of id 1 was
+    answered PUBREC as if stored, and never stored."""
+    async with running_server(stage) as server:
+        clean = await RawClient.connected(server.port, "q2-mixed")
+        await clean.send(publish_packet("t", b"from-clean-session", qos=2, packet_id=1))
+        assert (await clean.read()) is not None  # PUBREC, no PUBREL follows
+        device = await persistent(server.port, "q2-mixed", session_present=False)
+        await device.send(publish_packet("t", b"from-the-device", qos=2, packet_id=1, dup=True))
+        rec = await device.read()
+        assert rec is not None
+        assert (rec.kind, rec.packet_id) == (5, 1)
+        await device.aclose()
+        await clean.aclose()
+    assert stage.payloads() == [b"from-clean-session", b"from-the-device"]
+
+
 async def test_a_session_taken_over_mid_store_answers_the_resend_once(
     stage: RecordingStage,
 ) -> None:
