@@ -1,9 +1,10 @@
 """The one acceptance path every source goes through (listener, CLI, Python API).
 
 An event is checked at the door, once (STYLE 13): its topic must be a valid MQTT topic name with
-no empty level, and its payload within its topic rule's ``max_payload``. Nothing invalid is stored;
-the caller gets `InvalidEvent` saying what and why. The topic's rule then decides the uplink QoS,
-priority, TTL and what happens when the buffer is full.
+no empty level, short enough to be sent with the uplink's ``topic_template``, and its payload
+within its topic rule's ``max_payload``. Nothing invalid is stored; the caller gets `InvalidEvent`
+saying what and why. The topic's rule then decides the uplink QoS, priority, TTL and what happens
+when the buffer is full.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from edge_agent.buffer import Buffer, BufferFull, NewEvent
 from edge_agent.config import AgentConfig, TopicRule
 from mqtt_ingest.clock import Clock
 
-__all__ = ["Acceptor", "InvalidEvent", "check_event", "topic_problem"]
+__all__ = ["Acceptor", "InvalidEvent", "check_event", "topic_problem", "uplink_topic_problem"]
 
 MAX_TOPIC_BYTES = 65535
 RULE_CACHE_TOPICS = 4096
@@ -55,9 +56,24 @@ def topic_problem(topic: str) -> str | None:
     return None
 
 
+def uplink_topic_problem(config: AgentConfig, topic: str) -> str | None:
+    """Why ``topic`` cannot be sent with the uplink's ``topic_template``, or None."""
+    uplink = config.uplink
+    if uplink is None:
+        return None
+    sent = uplink.uplink_topic(config.agent.device_id, topic)
+    size = len(sent.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_TOPIC_BYTES:
+        return (
+            f"sent as {uplink.topic_template!r} the topic would be {size} bytes, over MQTT's"
+            f" {MAX_TOPIC_BYTES}"
+        )
+    return None
+
+
 def check_event(config: AgentConfig, topic: str, payload: bytes) -> TopicRule:
     """The rule for a valid event; raise `InvalidEvent` for an invalid one."""
-    problem = topic_problem(topic)
+    problem = topic_problem(topic) or uplink_topic_problem(config, topic)
     if problem is not None:
         raise InvalidEvent(topic, problem)
     rule = config.rule_for(topic)

@@ -49,6 +49,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 
+from edge_agent.accept import MAX_TOPIC_BYTES
 from edge_agent.buffer import Buffer, StoredEvent
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import (
@@ -504,6 +505,8 @@ class Uplink:
     async def _send(self, session: Session, message: Message) -> bool:
         """Queue ``message`` (in drain order) for `Session.pump`. The queue holds up to a window, so
         acknowledgements are answered with the next messages without waiting for this feeder."""
+        if len(message.topic) > MAX_TOPIC_BYTES // 4 and await self._unsendable(message):
+            return True
         if message.alone:
             while session.inflight or session.outbox:
                 await session.wait()
@@ -523,6 +526,22 @@ class Uplink:
                 await session.wait()
                 if self._stopping.is_set() or self._reconnect.is_set():
                     break
+        return True
+
+    async def _unsendable(self, message: Message) -> bool:
+        """Dead-letter ``message``'s events if its topic is over MQTT's limit (paho refuses it,
+        and each connection failed on it for ever, holding back all behind it): buffered before
+        the acceptance check knew of the uplink's prefix, or before ``topic_template`` grew."""
+        size = len(message.topic.encode("utf-8", errors="surrogatepass"))
+        if size <= MAX_TOPIC_BYTES:
+            return False
+        reason = f"its uplink topic is {size} bytes, over MQTT's {MAX_TOPIC_BYTES}"
+        for seq in message.seqs:
+            if await self._buffer.dead_letter(seq, reason):
+                self.status.dead_lettered += 1
+        self._suspects.delivered(message.seqs, 0)  # gone: no longer to be tried (nor counted)
+        log.error("uplink: %d events on %r moved to dead letters: %s",
+                  len(message.seqs), message.topic[:100], reason)  # fmt: skip
         return True
 
     def _closing(self, session: Session) -> bool:

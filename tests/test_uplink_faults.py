@@ -21,7 +21,8 @@ import pytest
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent import window as window_module
-from edge_agent.buffer import BufferFull, StoredEvent, inspect, read_events
+from edge_agent.accept import InvalidEvent
+from edge_agent.buffer import BufferFull, StoredEvent, inspect, read_dead_letters, read_events
 from edge_agent.config import AgentConfig
 from edge_agent.link import UNSENT_LIMIT, LinkState, read_link_status
 from edge_agent.messages import Messages
@@ -223,6 +224,37 @@ async def test_poison_counts_are_kept_across_restarts(tmp_path: Path, pki: Pki) 
     assert (runs, stats.dead_letters, stats.events) == (3, 1, 0)
     assert counts == [1, 2, 0]  # the dead letter's row goes with it
     assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
+
+
+async def test_a_topic_too_long_for_the_uplink_is_refused_or_dead_lettered(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The door checked the local topic against MQTT's 65,535 bytes, not the uplink topic the
+    template makes of it: such an event was accepted, paho refused to publish it, and every
+    connection failed on it for ever, delivering nothing behind it. Now the door refuses it;
+    one buffered before (by an agent without uplink, or another template) is dead-lettered."""
+    long_topic = "sensors/" + "x" * 65510
+    device = new_device(pki, "long-topic")
+    size = len(f"devices/{device.device_id}/{long_topic}")
+    async with sink(tmp_path, pki) as server:
+        config = load_config(configure(tmp_path, pki, device, server.port, extra='format = "raw"'))
+        async with Agent(config.model_copy(update={"uplink": None})) as offline:
+            await offline.publish(long_topic, b"buffered before")
+            await offline.publish("sensors/t", b"0")
+        async with Agent(config) as agent:
+            with pytest.raises(InvalidEvent, match=f"would be {size} bytes, over MQTT's 65535"):
+                await agent.publish(long_topic, b"refused")
+            await agent.publish("sensors/t", b"1")
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            assert (status.dead_lettered, status.failures) == (1, 0)
+    [dead] = read_dead_letters(config.agent.data_dir)
+    assert (dead.topic, dead.reason) == (
+        long_topic,
+        f"its uplink topic is {size} bytes, over MQTT's 65535",
+    )
+    assert sorted(stored_payloads(tmp_path / "core.db")) == [0, 1]
 
 
 async def test_requeue_dead_puts_dead_letters_back(tmp_path: Path, pki: Pki) -> None:
