@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING
 from edge_agent.accept import Acceptor, InvalidEvent
 from edge_agent.buffer import Buffer, BufferFull
 from edge_agent.config import AgentConfig
-from edge_agent.local import build_listener, remove_listener_file, write_listener_file
+from edge_agent.local import (
+    LISTENER_FILE,
+    build_listener,
+    remove_listener_file,
+    write_listener_file,
+)
 from edge_agent.uplink import Uplink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.clock import Clock, SystemClock
@@ -107,6 +112,7 @@ class Agent:
             commit_max_events=settings.commit_max_events,
             clock=self.clock,
             disk_reserve=settings.disk_reserve,
+            run_files=(LISTENER_FILE,),
         )
         self._stack.push_async_callback(self._buffer.aclose)
         if self.config.uplink is not None:
@@ -143,7 +149,6 @@ class Agent:
                     name="edge-agent",
                 )
             )
-        remove_listener_file(self.config.agent.data_dir)  # left by a crash: may name our pid
         if self.config.listener.enabled:
             self._listener = build_listener(self.config.listener, self._acceptor)
             await self._stack.enter_async_context(self._listener)

@@ -893,3 +893,20 @@ async def test_requeue_dead_keeps_the_limits_and_sets_the_topic_ttl_again(tmp_pa
     finally:
         db.close()
     assert expiries == {"a": 1_000_000_000 + 60_000, "b": None}
+
+
+async def test_files_of_the_previous_run_go_as_soon_as_the_lock_is_taken(tmp_path: Path) -> None:
+    """A ``listener.json`` left by a crashed run can name this process's pid (PID 1 in a
+    container): `edge-agent publish` trusted it while the new agent checked its buffer (seconds
+    for a large one), got its PUBACK from whatever listened on that old port, and exited 0 with
+    nothing stored. It goes before the checks now."""
+    stale = tmp_path / "listener.json"
+    stale.write_text(f'{{"pid": {os.getpid()}, "host": "127.0.0.1", "port": 1883, "tls": false}}')
+    seen: list[bool] = []
+
+    def connect(path: Path) -> sqlite3.Connection:
+        seen.append(stale.exists())  # the first step of opening the database
+        return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+
+    async with await Buffer.open(tmp_path, connect=connect, run_files=("listener.json",)):
+        assert seen == [False]

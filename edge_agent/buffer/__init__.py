@@ -187,6 +187,7 @@ class Buffer:
         max_page_count: int | None = None,
         connect: Callable[[Path], sqlite3.Connection] | None = None,
         disk_reserve: int = DISK_RESERVE,
+        run_files: Sequence[str] = (),
     ) -> Buffer:
         """Lock ``directory``, check or create the database and start the group committer.
 
@@ -194,10 +195,15 @@ class Buffer:
         simulate a full disk). ``connect`` opens the database connection (a seam: the power-loss
         tests run the buffer over a VFS that drops unsynced writes). ``disk_reserve``: bytes of
         the filesystem that new events never take, kept for the drain's deletes and the
-        checkpoints (`DiskReserve`; 0: no check). Raises `BufferLocked` if another agent holds
-        the directory.
+        checkpoints (`DiskReserve`; 0: no check). ``run_files``: names of files in ``directory``
+        that describe the lock holder's run (the agent's ``listener.json``), removed as soon as the
+        lock is taken: one left by a crashed run may name this process's pid (PID 1 in a
+        container) while the checks below take seconds. Raises `BufferLocked` if another agent
+        holds the directory.
         """
         lock_fd = await _lock(directory)
+        for name in run_files:
+            (directory / name).unlink(missing_ok=True)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-buffer")
         loop = asyncio.get_running_loop()
         try:
