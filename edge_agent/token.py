@@ -13,6 +13,7 @@ Each source returns a `Token` or raises `TokenUnavailable` saying what is wrong 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,15 +130,24 @@ class TokenFile:
         return token.expires_at is not None and token.expires_at <= self._clock.time()
 
 
+LAST_DATE = 253_402_300_799  # 9999-12-31 23:59:59 UTC: the last second `datetime` can show
+
+
 def _parse_token(text: str, path: Path) -> Token:
     try:
         claims = jwt.decode(text, options={"verify_signature": False})
     except jwt.InvalidTokenError as exc:
         raise TokenUnavailable(f"{path} does not hold a JWT: {exc}") from None
     expires = claims.get("exp")
-    if expires is not None and not isinstance(expires, int | float):
+    if expires is None:
+        return Token(text, None)
+    # JSON's 1e400 and NaN parse as inf and nan: never expired, and no date to show
+    # (`status` and the uplink's log line raised on them).
+    if isinstance(expires, bool) or not isinstance(expires, int | float):
         raise TokenUnavailable(f"the token in {path} has a non-numeric exp")
-    return Token(text, float(expires) if expires is not None else None)
+    if not math.isfinite(expires) or not 0 <= expires <= LAST_DATE:
+        raise TokenUnavailable(f"the token in {path} has an exp out of range ({expires})")
+    return Token(text, float(expires))
 
 
 class NoToken:

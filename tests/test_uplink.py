@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import ssl
 import struct
@@ -23,6 +24,8 @@ from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect, read_events
 from edge_agent.link import LinkState, read_link_status, recording_socket_class
+from edge_agent.token import TokenFile, TokenUnavailable
+from mqtt_ingest.clock import SystemClock
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
@@ -235,6 +238,39 @@ async def test_token_file_mode_reads_the_file_again_when_it_changes(
             await asyncio.sleep(3)
             assert agent.uplink.status.connections == connections
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1"]
+
+
+def unsigned_token(exp: str) -> str:
+    """A JWT whose claims are ``{"sub": "dev-1", "exp": <exp as written>}``: JSON text, so
+    that values Python's json reads as inf or nan can be written."""
+    encode = jwt.utils.base64url_encode
+    header = encode(b'{"alg":"ES256","typ":"JWT"}').decode()
+    claims = encode(b'{"sub":"dev-1","exp":%s}' % exp.encode()).decode()
+    return f"{header}.{claims}.c2ln"
+
+
+@pytest.mark.parametrize(
+    ("exp", "problem"),
+    [
+        ("1e400", "exp out of range (inf)"),
+        ("NaN", "exp out of range (nan)"),
+        ("-1", "exp out of range (-1)"),
+        ("1e20", "exp out of range (1e+20)"),
+        ("true", "non-numeric exp"),
+        ('"1700000000"', "non-numeric exp"),
+    ],
+)
+def test_a_token_file_with_an_exp_no_date_can_show_is_unusable(
+    tmp_path: Path, exp: str, problem: str
+) -> None:
+    """JSON's 1e400 and NaN read as inf and nan: `status` raised OverflowError on them, and so
+    did the uplink's log line after every CONNECT (reconnecting for ever); nan never expired."""
+    path = tmp_path / "device.jwt"
+    path.write_text(unsigned_token(exp))
+    with pytest.raises(TokenUnavailable, match=re.escape(problem)):
+        TokenFile(path, SystemClock()).current()
+    path.write_text(unsigned_token("253402300799"))  # the last second of year 9999
+    assert TokenFile(path, SystemClock()).current().expires_at == 253402300799.0
 
 
 async def test_status_and_token_commands_show_the_uplink(tmp_path: Path, pki: Pki) -> None:
