@@ -1,4 +1,4 @@
-"""The sink's configuration: one TOML file, validated at start (STYLE 4, 6).
+"""The sink's configuration: one TOML file, validated at start (STYLE 4, 6). Paths are absolute.
 
 Example::
 
@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cloud_sink.backends.sqlite import DISK_RESERVE
 from cloud_sink.rights import check_template
 from mqtt_ingest.configuration import (
+    AbsolutePath,
     Bytes,
     ConfigError,
     Delay,
@@ -84,10 +85,10 @@ class _Strict(BaseModel):
 class ListenerConfig(_Strict):
     host: str = "0.0.0.0"  # noqa: S104  # the sink serves devices on the network, over mTLS only
     port: Annotated[int, Field(ge=0, le=65535)] = 8883
-    ca: Path
-    cert: Path
-    key: Path
-    crl: Path | None = None
+    ca: AbsolutePath
+    cert: AbsolutePath
+    key: AbsolutePath
+    crl: AbsolutePath | None = None
     crl_check_interval: Seconds = 5.0
     max_connections: Annotated[int, Field(gt=0)] = 10_000
     max_inflight: Annotated[int, Field(gt=0)] = 256
@@ -106,7 +107,7 @@ class AuthConfig(_Strict):
     mode: Literal["device-signed", "issuer-signed"] = "device-signed"
     audience: str = Field(min_length=1)
     issuer: str | None = None
-    issuer_keys: list[Path] = Field(default_factory=list)
+    issuer_keys: list[AbsolutePath] = Field(default_factory=list)
     """PEM public keys of the issuer; each key's ``kid`` is its file name without extension."""
     leeway: Seconds = 30.0
     max_lifetime: Seconds = 3600.0
@@ -148,7 +149,7 @@ class _Backend(_Strict):
 
 class SqliteBackendConfig(_Backend):
     type: Literal["sqlite"] = "sqlite"
-    path: Path
+    path: AbsolutePath
     disk_reserve: Room = DISK_RESERVE
     """Free space kept on the file's filesystem: a write that would cut into it is an outage
     (devices keep their events) until there is room again. 0 turns the check off."""

@@ -3,7 +3,8 @@
 Every problem is reported at once, each with its path (``topics[2].qos``), the value and why;
 unknown keys are errors, so a typo never silently falls back to a default. Durations are written
 ``"250ms"``, ``"30s"``, ``"5m"``, ``"12h"``, ``"7d"`` (or a number of seconds) and sizes
-``"64KiB"``, ``"512MiB"``, ``"2GB"`` (or a number of bytes).
+``"64KiB"``, ``"512MiB"``, ``"2GB"`` (or a number of bytes). Paths are absolute: every command
+(``run``, ``publish``, ``status``) must find the same files, wherever it is run from.
 
 Example::
 
@@ -67,6 +68,7 @@ from pydantic import (
 
 from edge_agent.buffer.model import DISK_RESERVE
 from mqtt_ingest.configuration import (
+    AbsolutePath,
     Bytes,
     ConfigError,
     Delay,
@@ -102,7 +104,7 @@ class _Strict(BaseModel):
 
 class AgentSection(_Strict):
     device_id: str
-    data_dir: Path
+    data_dir: AbsolutePath
 
     @field_validator("device_id")
     @classmethod
@@ -135,9 +137,9 @@ class BufferConfig(_Strict):
 class ListenerTls(_Strict):
     """Mutual TLS on the local listener: clients need a certificate from ``ca``."""
 
-    ca: Path
-    cert: Path
-    key: Path
+    ca: AbsolutePath
+    cert: AbsolutePath
+    key: AbsolutePath
 
 
 class ListenerConfig(_Strict):
@@ -194,10 +196,10 @@ class TopicRule(_Strict):
 class UplinkTls(_Strict):
     """Mutual TLS to the sink: the server is verified against ``ca`` and its host name."""
 
-    ca: Path
-    cert: Path
-    key: Path
-    crl: Path | None = None
+    ca: AbsolutePath
+    cert: AbsolutePath
+    key: AbsolutePath
+    crl: AbsolutePath | None = None
     """A CRL of ``ca`` (``bridge-certs crl``): a sink whose server certificate it lists is
     refused. Read again when the file changes, before the next connection attempt."""
 
@@ -213,7 +215,7 @@ class UplinkToken(_Strict):
     lifetime: Seconds = 3600.0
     renew_before: Seconds = 300.0
     """Reconnect with a fresh token this long before the current one expires."""
-    file: Path | None = None
+    file: AbsolutePath | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> UplinkToken:
@@ -241,7 +243,7 @@ class UplinkConfig(_Strict):
     host: str
     port: Annotated[int, Field(gt=0, le=65535)] = 8883
     tls: UplinkTls
-    token: UplinkToken = Field(default_factory=UplinkToken)
+    token: UplinkToken
     format: Literal["batch-v1", "raw"] = "batch-v1"
     topic_template: str = "devices/{device_id}/{topic}"
     keepalive: Annotated[int, Field(ge=2, le=65535)] = 30

@@ -12,9 +12,18 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 
-__all__ = ["Bytes", "ConfigError", "Delay", "Seconds", "load_model", "parse_model"]
+__all__ = [
+    "AbsolutePath",
+    "Bytes",
+    "ConfigError",
+    "Delay",
+    "Room",
+    "Seconds",
+    "load_model",
+    "parse_model",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -56,6 +65,17 @@ Delay = Annotated[float, BeforeValidator(_duration), Field(ge=0, allow_inf_nan=F
 Bytes = Annotated[int, BeforeValidator(_size), Field(gt=0)]
 Room = Annotated[int, BeforeValidator(_size), Field(ge=0)]
 """A size that may be zero (a reserve: 0 = none)."""
+
+
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        # Each command would resolve it against its own working directory: `edge-agent publish`
+        # run elsewhere stored events into a buffer of its own that no agent drains.
+        raise ValueError("must be an absolute path")
+    return value
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 
 
 class ConfigError(Exception):

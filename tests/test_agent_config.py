@@ -58,6 +58,36 @@ ttl = "forever"
     assert "'sometimes'" in found[2]
 
 
+def test_relative_paths_and_a_missing_token_section_are_reported_with_the_rest() -> None:
+    """A relative path was resolved by each command against its own working directory (a
+    `publish` run elsewhere stored into a buffer no agent drains). A missing [uplink.token]
+    (whose default mode needs an audience) came out as one error without a path, hiding the
+    others."""
+    text = """
+[agent]
+device_id = "dev-1"
+data_dir = "data"
+
+[uplink]
+host = "sink"
+
+[uplink.tls]
+ca = "ca.pem"
+cert = "/pki/dev.pem"
+key = "/pki/dev.key"
+
+[[topics]]
+filter = "#"
+qos = 5
+"""
+    assert problems(text) == [
+        "agent.data_dir: must be an absolute path (got 'data')",
+        "uplink.tls.ca: must be an absolute path (got 'ca.pem')",
+        "uplink.token: Field required",
+        "topics[0].qos: Input should be 0, 1 or 2 (got 5)",
+    ]
+
+
 def test_a_valid_config_with_defaults_and_units() -> None:
     config = parse_config(
         BASE.format(
@@ -105,7 +135,7 @@ def test_lingers_may_be_zero() -> None:
         ('[listener]\nhost = "192.168.1.5"\n', "", "listener", "without authentication"),
         (
             '[uplink]\nhost = "sink"\nmax_attempts = 1\n'
-            '[uplink.tls]\nca = "ca.pem"\ncert = "dev.pem"\nkey = "dev.key"\n'
+            '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
             '[uplink.token]\naudience = "sink"\n',
             "",
             "uplink.max_attempts",
@@ -113,7 +143,7 @@ def test_lingers_may_be_zero() -> None:
         ),
         (
             '[uplink]\nhost = "sink"\n'
-            '[uplink.tls]\nca = "ca.pem"\ncert = "dev.pem"\nkey = "dev.key"\n'
+            '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
             '[uplink.token]\naudience = "sink"\n[uplink.batch]\nmax_events = 1001\n',
             "",
             "uplink.batch.max_events",
@@ -122,7 +152,7 @@ def test_lingers_may_be_zero() -> None:
         *(
             (
                 f'[uplink]\nhost = "sink"\n{keys}\n'
-                '[uplink.tls]\nca = "ca.pem"\ncert = "dev.pem"\nkey = "dev.key"\n'
+                '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
                 '[uplink.token]\naudience = "sink"\n',
                 "",
                 "uplink",
