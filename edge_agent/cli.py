@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.listen_port is not None:
                 listener = config.listener.model_copy(update={"port": args.listen_port})
                 config = config.model_copy(update={"listener": listener})
-            return asyncio.run(_run(config, args.config))
+            return asyncio.run(_run(config, args.config, args.listen_port))
         if args.command == "check-config":
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             return 0
@@ -187,14 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-async def _run(config: AgentConfig, path: Path) -> int:
+async def _run(config: AgentConfig, path: Path, listen_port: int | None) -> int:
     stop = stop_on_signals()
     agent = Agent(config)
     # The supervisor outlives the agent: watchdog pings go on while the agent drains.
     async with Supervisor(Notifier.from_environment()) as systemd:
         # Registered before the agent starts: SIGHUP's default action would end the process.
         asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: _reload(agent, path, systemd)
+            signal.SIGHUP, lambda: _reload(agent, path, systemd, listen_port)
         )
         async with agent:
             systemd.ready(lambda: status(agent))
@@ -204,25 +204,26 @@ async def _run(config: AgentConfig, path: Path) -> int:
     return 0
 
 
-def _reload(agent: Agent, path: Path, systemd: Supervisor) -> None:
-    """SIGHUP: read the configuration file again; a file with problems changes nothing."""
+def _reload(agent: Agent, path: Path, systemd: Supervisor, listen_port: int | None) -> None:
+    """SIGHUP: read the configuration file again; a file with problems changes nothing.
+    ``listen_port``: `run --listen-port`, which overrides the file's port."""
     if not agent.running:
         log.warning("SIGHUP while starting: ignored; send it again once ready")
         return
-    systemd.reload(lambda: _apply(agent, path))
+    systemd.reload(lambda: _apply(agent, path, listen_port))
 
 
-def _apply(agent: Agent, path: Path) -> None:
+def _apply(agent: Agent, path: Path, listen_port: int | None) -> None:
     try:
         config = load_config(path)
     except ConfigError as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
         return
-    listener_port = agent.config.listener.port
-    if config.listener.port != listener_port and agent.listener_port is not None:
-        # `run --listen-port` overrides the file; keep comparing like with like.
+    if listen_port is not None:
+        # Compare like with like. Only then: a port changed in the file needs a restart, which
+        # the reload must say.
         config = config.model_copy(
-            update={"listener": config.listener.model_copy(update={"port": listener_port})}
+            update={"listener": config.listener.model_copy(update={"port": listen_port})}
         )
     try:
         restart = agent.reload(config)

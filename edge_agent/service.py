@@ -264,16 +264,19 @@ class Agent:
             raise RuntimeError("the agent is not running")
         old = self.config
         restart = [name for name in _RESTART_ONLY if getattr(old, name) != getattr(config, name)]
+        # What runs is what `config` says: the sections only a restart applies stay as they were.
+        kept: dict[str, object] = {name: getattr(old, name) for name in _RESTART_ONLY}
         if (old.uplink is None) != (config.uplink is None):
             restart.append("uplink (added or removed)")
+            kept["uplink"] = old.uplink  # the running uplink's (or none): a later reload compares
         elif self._uplink is not None and config.uplink is not None:
             # Even with the same settings: the files behind the same paths may have changed.
             self._uplink.reload(config.uplink)
-        self._acceptor.config = config
+        running = config.model_copy(update=kept)
+        self._acceptor.config = running
         if config.topics != old.topics and self._tasks is not None:
-            self._tasks.create_task(self._reprioritize(config), name="edge_agent.reprioritize")
-        # What runs is what `config` says: the sections only a restart applies stay as they were.
-        self.config = config.model_copy(update={name: getattr(old, name) for name in _RESTART_ONLY})
+            self._tasks.create_task(self._reprioritize(running), name="edge_agent.reprioritize")
+        self.config = running
         return restart
 
     async def _sweep_loop(self) -> None:

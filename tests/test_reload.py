@@ -21,9 +21,10 @@ from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect
 from edge_agent.token import TokenFile, TokenUnavailable
 from mqtt_ingest.clock import FakeClock
-from tests.harness.agent import start_agent, uplink_section, write_config
+from tests.harness.agent import AGENT_READY, start_agent, uplink_section, write_config
+from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
-from tests.harness.process import ManagedProcess, ProcessFactory
+from tests.harness.process import ManagedProcess, ProcessFactory, console_script
 from tests.harness.report import until
 from tests.harness.sink import CLOUD_SINK, device_token, running_sink, write_sink_config
 from tests.test_uplink import issue_token, issuer_key
@@ -61,6 +62,7 @@ async def test_agent_sighup_reloads_topic_rules_and_refuses_a_broken_file(
     path.write_text(path.read_text().replace('"4KiB"', '"1KiB"'))
     agent.signal(signal.SIGHUP)
     await until(lambda: "reloaded" in agent.output())
+    assert "after a restart" not in agent.output()  # --listen-port overrides the file's port
     assert not await publish_acked(agent.port, "big/x", b"x" * 2000)  # over the new limit
     assert await publish_acked(agent.port, "big/x", b"x" * 500)
     path.write_text(path.read_text().replace("[[topics]]", "[[topics", 1))  # broken TOML
@@ -69,6 +71,45 @@ async def test_agent_sighup_reloads_topic_rules_and_refuses_a_broken_file(
     assert not await publish_acked(agent.port, "big/x", b"x" * 2000)  # the 1KiB rule stays
     assert await agent.asigterm() == 0
     assert inspect(tmp_path / "data").events == 2
+
+
+async def test_agent_sighup_says_a_new_listener_port_needs_a_restart(
+    tmp_path: Path, process_factory: ProcessFactory
+) -> None:
+    """Without `run --listen-port`, the port came from the file, and the reload replaced the
+    file's new port with the running one before comparing: no word that it needs a restart."""
+    path = write_config(tmp_path)  # port = 0: any free port
+    agent = process_factory(
+        [console_script("edge-agent"), "--config", str(path), "run"],
+        ready=AGENT_READY,
+        name="edge-agent",
+    )
+    path.write_text(path.read_text().replace("port = 0", f"port = {free_port()}"))
+    agent.signal(signal.SIGHUP)
+    await until(lambda: "reloaded" in agent.output())
+    await until(lambda: "changed but only applied after a restart: listener" in agent.output())
+    assert await publish_acked(agent.port, "t", b"still on the port it started with")
+    assert await agent.asigterm() == 0
+
+
+async def test_agent_reload_that_removes_the_uplink_keeps_running_the_one_it_has(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A reload removing [uplink] (refused: needs a restart) still took the uplink out of the
+    agent's configuration, while the uplink ran on: restoring the section with changes was then
+    called "added" again, and its new settings were never applied."""
+    device = pki.device(f"rm-{uuid.uuid4().hex[:6]}")
+    path = write_config(tmp_path, uplink=uplink_section(pki, device, free_port()))
+    with_uplink = path.read_text()
+    async with Agent(load_config(path)) as agent:
+        assert agent.uplink is not None
+        without = load_config(path).model_copy(update={"uplink": None})
+        assert agent.reload(without) == ["uplink (added or removed)"]
+        assert agent.config.uplink == load_config(path).uplink  # the one that runs
+        path.write_text(with_uplink.replace("[uplink]\n", "[uplink]\nkeepalive = 20\n", 1))
+        assert agent.reload(load_config(path)) == []
+        assert agent.config.uplink is not None
+        assert (agent.config.uplink.keepalive, agent.uplink.config.keepalive) == (20, 20)
 
 
 def install(creds: DeviceCreds, directory: Path) -> tuple[Path, Path]:
