@@ -30,7 +30,7 @@ from pathlib import Path
 from cryptography import x509
 
 from cloud_sink.config import ListenerConfig
-from mqtt_ingest.crl import TlsError, check_crl
+from mqtt_ingest.crl import DEVICES_REFUSED, TlsError, check_crl, crl_rollback, load_crl
 
 __all__ = [
     "CertificateKey",
@@ -118,16 +118,7 @@ def _build(
     except (OSError, ssl.SSLError) as exc:
         raise TlsError(f"certificate {listener.cert} / key {listener.key}: {exc}") from None
     if listener.crl is not None:
-        crl = check_crl(listener.crl, listener.ca)
-        trusted = context.cert_store_stats()["x509"]
-        try:
-            context.load_verify_locations(cafile=str(listener.crl))
-        except (OSError, ssl.SSLError) as exc:
-            raise TlsError(f"CRL {listener.crl}: {exc}") from None
-        stats = context.cert_store_stats()
-        if stats["x509"] != trusted or stats["crl"] != 1:
-            raise TlsError(f"CRL {listener.crl}: the file must hold one CRL and no certificate")
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        crl, _ = load_crl(context, listener.crl, listener.ca, refused=DEVICES_REFUSED)
     return context, crl
 
 
@@ -180,6 +171,9 @@ class TlsReloader:
         # A few small files, read on the event loop: cheaper than a thread hop.
         try:
             context, crl = _build(self._listener)
+            rollback = None if crl is None or self.crl is None else crl_rollback(crl, self.crl)
+            if rollback is not None:
+                raise TlsError(f"CRL {self._listener.crl} is older than the one in use: {rollback}")
         except TlsError as exc:
             self.refusals += 1
             log.error("TLS reload (%s) refused, keeping the previous context: %s", why, exc)

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from edge_agent.config import UplinkConfig
 from edge_agent.link import LinkFailure
-from mqtt_ingest.crl import TlsError, check_crl
+from mqtt_ingest.crl import TlsError, crl_rollback, load_crl
 
 __all__ = [
     "CRL_REFUSED",
@@ -35,18 +35,21 @@ UNUSABLE_CRL = "unusable CRL"  # how `TlsMaterial.load` starts a refusal of the 
 def client_context(config: UplinkConfig) -> ssl.SSLContext:
     """Verify the server against ``tls.ca``, the host name and ``tls.crl`` if set; present the
     device certificate. Raises `TlsError` for an unusable CRL."""
+    return _client_context(config)[0]
+
+
+def _client_context(
+    config: UplinkConfig,
+) -> tuple[ssl.SSLContext, x509.CertificateRevocationList | None, bytes | None]:
+    """`client_context`, the CRL loaded into it and the bytes it was loaded from."""
     tls = config.tls
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(tls.cert), str(tls.key))
-    if tls.crl is not None:
-        check_crl(tls.crl, tls.ca, refused=CRL_REFUSED)
-        trusted = len(context.get_ca_certs())
-        context.load_verify_locations(cafile=str(tls.crl))
-        if len(context.get_ca_certs()) != trusted:  # changed since check_crl read it
-            raise TlsError(f"{tls.crl}: holds a certificate, not only a CRL")
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return context
+    if tls.crl is None:
+        return context, None, None
+    crl, data = load_crl(context, tls.crl, tls.ca, refused=CRL_REFUSED)
+    return context, crl, data
 
 
 def file_version(path: Path) -> tuple[int, int, int] | None:
@@ -70,6 +73,7 @@ class TlsMaterial:
     crl_version: tuple[int, int, int] | None = None  # `file_version` of the CRL loaded
     crl_next_update: float | None = None  # unix seconds
     crl_digest: bytes | None = None  # of the CRL file's content: rewritten unchanged, no reload
+    crl: x509.CertificateRevocationList | None = None
 
     @classmethod
     def load(cls, config: UplinkConfig) -> TlsMaterial:
@@ -78,9 +82,7 @@ class TlsMaterial:
         crl_version = None if tls.crl is None else file_version(tls.crl)
         try:
             certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
-            context = client_context(config)
-            crl_data = None if tls.crl is None else tls.crl.read_bytes()
-            crl = None if crl_data is None else x509.load_pem_x509_crl(crl_data)
+            context, crl, crl_data = _client_context(config)
         except OSError as exc:
             raise ValueError(f"cannot read the TLS files: {exc}") from None
         except TlsError as exc:
@@ -97,6 +99,7 @@ class TlsMaterial:
             crl_version,
             None if next_update is None else next_update.timestamp(),
             None if crl_data is None else crl_digest(crl_data),
+            crl,
         )
 
 
@@ -193,8 +196,20 @@ class DeviceTls:
             log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
             return dataclasses.replace(material, crl_version=version)
         self._crl_blocked = ""
+        rollback = self.rollback(loaded)
+        if rollback is not None:
+            log.warning(
+                "uplink: the CRL changed to an older one, keeping the previous: %s", rollback
+            )
+            return dataclasses.replace(material, crl_version=version)
         log.info("uplink: CRL %s loaded (changed on disk)", crl)
         return dataclasses.replace(loaded, crl_version=version)
+
+    def rollback(self, loaded: TlsMaterial) -> str | None:
+        """Why ``loaded``'s CRL is older than the one in use (`crl_rollback`), or None."""
+        if self.material is None or self.material.crl is None or loaded.crl is None:
+            return None
+        return crl_rollback(loaded.crl, self.material.crl)
 
 
 def _utc(unix: float) -> dt.datetime:

@@ -304,6 +304,9 @@ class Uplink:
         starts at once. Everything is loaded and checked first: on a problem this raises
         ValueError and the uplink keeps what it had."""
         material = TlsMaterial.load(config)
+        rollback = self._tls.rollback(material)
+        if rollback is not None:
+            raise ValueError(f"the CRL {config.tls.crl} is older than the one in use: {rollback}")
         tokens = token_source(config, self.device_id, self._clock)
         try:
             tokens.current()

@@ -15,13 +15,20 @@ import ssl
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509 import ObjectIdentifier, UnrecognizedExtension
+from cryptography.x509.oid import NameOID
 
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
-from cloud_sink.tls import TlsError, check_crl
+from cloud_sink.tls import TlsError, build_context, check_crl
+from mqtt_ingest import crl as crl_module
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet, tls_connect
@@ -86,11 +93,14 @@ async def test_changed_crl_file_refuses_the_revoked_device_without_a_restart(
     assert any("CRL file changed" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("breakage", ["garbage", "certificate", "other CA", "empty"])
+@pytest.mark.parametrize("breakage", ["garbage", "certificate", "other CA", "empty", "older"])
 async def test_untrustworthy_crl_is_refused_and_the_previous_one_kept(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, breakage: str
 ) -> None:
+    """ "older": a CRL put back from a backup (or replayed by whoever can write the file) let in
+    again every device revoked since."""
     revoked = pki.device(f"crl-keep-{uuid.uuid4().hex[:6]}")
+    older = pki.ca.write_crl(tmp_path / "older.pem")  # before the revocation
     pki.ca.revoke(revoked.device_id)
     crl = own_crl(tmp_path, pki)
     good = pki.device(f"crl-good-{uuid.uuid4().hex[:6]}")
@@ -105,6 +115,8 @@ async def test_untrustworthy_crl_is_refused_and_the_previous_one_kept(
             shutil.copyfile(pki.other_ca.cert_path, crl)
         elif breakage == "other CA":
             os.replace(pki.other_ca.write_crl(tmp_path / "foreign.pem"), crl)
+        elif breakage == "older":
+            os.replace(older, crl)
         else:
             crl.write_bytes(b"")
         await until(lambda: sink.tls.refusals == 1)
@@ -133,6 +145,138 @@ def test_check_crl_reports_the_reason(tmp_path: Path, pki: Pki) -> None:
         check_crl(crl, pki.ca_cert)
     with pytest.raises(TlsError, match="cannot read"):
         check_crl(tmp_path / "missing.pem", pki.ca_cert)
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str | None:
+    """An in-memory TLS handshake: None if it completed, else the error."""
+    server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
+    ends = [
+        client.wrap_bio(client_in, client_out, server_hostname="localhost"),
+        server.wrap_bio(server_in, server_out, server_side=True),
+    ]
+    done: set[int] = set()
+    for _ in range(20):
+        for index, end in enumerate(ends):
+            try:
+                if index not in done:
+                    end.do_handshake()
+                    done.add(index)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                return str(exc)
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+    if len(done) < 2:
+        return "no progress"
+    try:  # TLS 1.3: the client learns of a refusal at its first read
+        ends[0].read(1)
+    except ssl.SSLWantReadError:
+        return None
+    except ssl.SSLError as exc:
+        return str(exc)
+    return None
+
+
+def crl_with(pki: Pki, extension: x509.ExtensionType, critical: bool) -> bytes:
+    now = dt.datetime.now(dt.UTC)
+    key = pki.ca.key
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca.certificate.subject)
+        .last_update(now - dt.timedelta(hours=1))
+        .next_update(now + dt.timedelta(days=1))
+        .add_extension(extension, critical=critical)
+    )
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+
+
+UNKNOWN = UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
+
+
+@pytest.mark.parametrize(
+    ("extension", "critical", "problem", "openssl_refuses"),
+    [
+        (UNKNOWN, True, "critical extension OpenSSL cannot handle", True),
+        (x509.IssuingDistributionPoint(None, None, False, True, None, False, False), True,
+         "limits its scope", True),
+        (x509.IssuingDistributionPoint(None, None, False, False, None, False, True), True,
+         "limits its scope", True),
+        # OpenSSL takes it for a full CRL: it would miss every revocation of the base CRL.
+        (x509.DeltaCRLIndicator(1), True, "delta CRL", False),
+        (UNKNOWN, False, "", False),
+        (x509.IssuingDistributionPoint(None, None, True, False, None, False, False), True, "",
+         False),
+    ],
+    ids=["critical-unknown", "only-ca", "only-attributes", "delta", "non-critical", "only-user"],
+)  # fmt: skip
+def test_a_crl_openssl_would_refuse_every_device_with_is_refused_first(
+    tmp_path: Path,
+    pki: Pki,
+    extension: x509.ExtensionType,
+    critical: bool,
+    problem: str,
+    openssl_refuses: bool,
+) -> None:
+    """check_crl let these through, and OpenSSL then refused every device ("unhandled critical
+    CRL extension", "different CRL scope"). The handshake shows what OpenSSL does with each."""
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(crl_with(pki, extension, critical))
+    server = pki.server_context()
+    server.load_verify_locations(cafile=str(crl))  # as OpenSSL alone would take it
+    server.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    device = pki.client_context(pki.device(f"scope-{uuid.uuid4().hex[:6]}"))
+    assert (handshake(server, device) is not None) == openssl_refuses
+    if problem:
+        with pytest.raises(TlsError, match=problem):
+            check_crl(crl, pki.ca_cert)
+    else:
+        check_crl(crl, pki.ca_cert)
+
+
+def test_the_crl_loaded_is_the_crl_checked(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file was read twice, to check it and by OpenSSL: one replaced in between (here by
+    another CA's CRL, with which OpenSSL refuses every device) was used unchecked."""
+    crl = own_crl(tmp_path, pki)
+    checked = crl_module._checked
+
+    def replaced_meanwhile(*args: Any) -> x509.CertificateRevocationList:
+        result = checked(*args)
+        os.replace(pki.other_ca.write_crl(tmp_path / "foreign.pem"), crl)
+        return result
+
+    monkeypatch.setattr(crl_module, "_checked", replaced_meanwhile)
+    context = build_context(loaded(crl_config(tmp_path, pki, crl, "5s")).listener)
+    device = pki.client_context(pki.device(f"toctou-{uuid.uuid4().hex[:6]}"))
+    assert handshake(context, device) is None
+
+
+def test_a_crl_of_a_ca_whose_key_may_not_sign_crls_is_refused(tmp_path: Path) -> None:
+    """OpenSSL: "key usage does not include CRL signing" for every device (an external CA)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enterprise CA")])
+    now = dt.datetime.now(dt.UTC)
+    usage = x509.KeyUsage(False, False, False, False, False, True, False, False, False)
+    ca = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    crl = (
+        x509.CertificateRevocationListBuilder().issuer_name(name)
+        .last_update(now - dt.timedelta(hours=1)).next_update(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(TlsError, match="lacks cRLSign"):
+        check_crl(tmp_path / "crl.pem", tmp_path / "ca.pem")
 
 
 async def test_sighup_reloads_the_crl_of_a_running_sink(

@@ -342,16 +342,19 @@ def with_crl(path: Path, crl: Path) -> Path:
 
 
 async def test_a_revoked_sink_certificate_is_refused_once_the_crl_lists_it(
-    tmp_path: Path, pki: Pki
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     """[uplink.tls] crl: the agent checks the sink's server certificate against the CA's CRL,
     and reads the file again when it changes. Online with a CRL that does not list the sink's
     certificate; the certificate is revoked and the new CRL copied in: the agent leaves the
     connection it has and is refused at the next (slow retries, events kept); a sink with a
-    good certificate gets everything."""
+    good certificate gets everything. The older CRL put back (a backup, a rolled-back
+    deployment) is not taken: it let the revoked sink in again."""
+    caplog.set_level(logging.WARNING, logger="edge_agent.tls")
     issued = pki.server(f"sink-{uuid.uuid4().hex[:6]}", ["localhost"], ["127.0.0.1"])
     crl = tmp_path / "crl.pem"
     shutil.copyfile(pki.crl, crl)
+    older = shutil.copyfile(pki.crl, tmp_path / "older.pem")
     device = new_device(pki, "crl")
     port = free_port()
     path = with_crl(configure(tmp_path, pki, device, port), crl)
@@ -367,6 +370,11 @@ async def test_a_revoked_sink_certificate_is_refused_once_the_crl_lists_it(
             shutil.copyfile(pki.crl, crl)  # the same sink, still running
             await until(lambda: uplink.status.state is LinkState.REFUSED, timeout=30)
             detail = uplink.status.last_error
+            os.replace(older, crl)
+            await until(lambda: "changed to an older one" in caplog.text, timeout=30)
+            failures = uplink.status.failures
+            await until(lambda: uplink.status.failures > failures, timeout=30)
+            assert "certificate revoked" in uplink.status.last_error
             await agent.publish("sensors/t", b"1")
         async with sink(tmp_path, pki, port=port):  # the session's good certificate
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
