@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 import jwt
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
@@ -207,7 +208,10 @@ class JwtAuthenticator:
             raise _Refused("malformed token") from None
         settings = self.settings
         if settings.mode == "device-signed":
-            key = certificate.public_key()
+            try:
+                key = certificate.public_key()
+            except (UnsupportedAlgorithm, ValueError):  # an EC curve cryptography lacks
+                raise _Refused("certificate key type not supported") from None
             if not isinstance(key, PublicKey):
                 raise _Refused("certificate key type not supported")
         else:

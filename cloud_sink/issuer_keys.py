@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from mqtt_ingest.keys import PublicKey, algorithm_for
@@ -53,6 +54,8 @@ def read_issuer_keys(paths: Sequence[Path]) -> tuple[dict[str, PublicKey], list[
 def _pem(data: bytes, kid: str) -> tuple[list[tuple[str, PublicKey]], list[str]]:
     try:
         key = load_pem_public_key(data)
+    except UnsupportedAlgorithm as exc:  # an EC curve OpenSSL or cryptography does not have
+        return [], [f"unsupported key: {exc}"]
     except (ValueError, TypeError) as exc:
         return [], [f"not a PEM public key nor a JWKS file: {exc}"]
     if not isinstance(key, PublicKey):
@@ -95,7 +98,7 @@ def _jwk(entry: Any) -> tuple[str, PublicKey]:
     try:
         # Without its alg: the key type and curve choose; the alg it names is checked below.
         key = jwt.PyJWK({name: value for name, value in entry.items() if name != "alg"}).key
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"kid {kid!r}: {exc}") from None
     if not isinstance(key, PublicKey):
         raise ValueError(f"kid {kid!r}: unsupported key type {type(key).__name__}")

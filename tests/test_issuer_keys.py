@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,19 @@ async def test_a_token_signed_by_a_jwks_key_is_accepted_by_kid(tmp_path: Path, p
         peer_address="127.0.0.1:1",
     )
     assert isinstance(await auth.authenticate(request), Identity)
+
+
+def test_an_issuer_key_on_a_curve_cryptography_lacks_is_a_problem(tmp_path: Path) -> None:
+    """cryptography raised UnsupportedAlgorithm (not a ValueError): `check-config` and `run`
+    ended with a traceback and exit 1 (restarted in a loop by systemd, where a config error's
+    exit 2 stops it), and a SIGHUP with it was no "reload refused"."""
+    key, public = tmp_path / "brainpool.key", tmp_path / "brainpool.pem"
+    for command in (
+        ["openssl", "ecparam", "-name", "brainpoolP160r1", "-genkey", "-noout", "-out", str(key)],
+        ["openssl", "ec", "-in", str(key), "-pubout", "-out", str(public)],
+    ):
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+    keys, problems = read_issuer_keys([public])
+    assert keys == {}
+    assert len(problems) == 1
+    assert problems[0].startswith(f"auth.issuer_keys[0]: {public}: unsupported key: "), problems

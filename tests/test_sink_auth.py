@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import math
+import subprocess
 import time
 import uuid
 from collections.abc import Sequence
@@ -377,3 +378,28 @@ async def test_a_certificate_naming_a_forbidden_identity_is_refused(
     outcome = await refused(device_auth(), signed_by_the_ca(pki, [identity]))
     assert outcome.reason.startswith("certificate identity"), outcome.reason
     assert outcome.code == ConnackCode.NOT_AUTHORIZED
+
+
+def sect283k1_device(directory: Path, pki: Pki) -> DeviceCreds:
+    """A device certificate from the CA whose key is on a curve cryptography lacks."""
+    key, csr, cert = (directory / name for name in ("dev.key", "dev.csr", "dev.pem"))
+    for command in (
+        ["openssl", "ecparam", "-name", "sect283k1", "-genkey", "-noout", "-out", str(key)],
+        ["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=dev-curve", "-out", str(csr)],
+        ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki.ca.cert_path), "-CAkey",
+         str(pki.ca.key_path), "-set_serial", "7", "-days", "1", "-out", str(cert)],
+    ):  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+    return DeviceCreds("dev-curve", cert, key, 7)
+
+
+async def test_a_device_key_on_a_curve_cryptography_lacks_is_refused(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Reading the key of such a certificate raised UnsupportedAlgorithm out of `authenticate`:
+    the device got no CONNACK, and the server logged a traceback as an internal error at every
+    retry."""
+    creds = sect283k1_device(tmp_path, pki)
+    header = base64.urlsafe_b64encode(b'{"alg":"ES256","typ":"JWT"}').rstrip(b"=")
+    outcome = await refused(device_auth(), request(creds, header + b".e30.c2ln"))
+    assert outcome.reason == "certificate key type not supported"
