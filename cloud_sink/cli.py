@@ -102,20 +102,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.listen_port is not None:
             listener = config.listener.model_copy(update={"port": args.listen_port})
             config = config.model_copy(update={"listener": listener})
-        return asyncio.run(_run(config, args.config))
+        return asyncio.run(_run(config, args.config, args.listen_port))
     except (BackendError, TlsError, OSError, ValueError) as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 1
 
 
-async def _run(config: SinkConfig, path: Path) -> int:
+async def _run(config: SinkConfig, path: Path, listen_port: int | None) -> int:
     stop = stop_on_signals()
     sink = Sink(config)
     # The supervisor outlives the sink: watchdog pings go on while the sink drains.
     async with Supervisor(Notifier.from_environment()) as systemd:
         # Registered before the sink starts: SIGHUP's default action would end the process.
         asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: _reload(sink, path, systemd)
+            signal.SIGHUP, lambda: _reload(sink, path, systemd, listen_port)
         )
         async with sink:
             log.info(
@@ -130,27 +130,34 @@ async def _run(config: SinkConfig, path: Path) -> int:
     return 0
 
 
-def _reload(sink: Sink, path: Path, systemd: Supervisor) -> None:
-    """SIGHUP: read the configuration again; a file with problems changes nothing."""
+def _reload(sink: Sink, path: Path, systemd: Supervisor, listen_port: int | None) -> None:
+    """SIGHUP: read the configuration again; a file with problems changes nothing.
+    ``listen_port``: `run --listen-port`, which overrides the file's port."""
     if not sink.running:
         log.warning("SIGHUP while starting: ignored; send it again once ready")
         return
-    systemd.reload(lambda: _apply(sink, path))
+    systemd.reload(lambda: _apply(sink, path, listen_port))
 
 
-def _apply(sink: Sink, path: Path) -> None:
+def _apply(sink: Sink, path: Path, listen_port: int | None) -> None:
     try:
         config = load_config(path)
         problems = preflight(config)
         if problems:
             raise ConfigError(str(path), problems)
-        if sink.config.listener.port != config.listener.port:
-            # `run --listen-port` overrides the file: not a change to report.
-            listener = config.listener.model_copy(update={"port": sink.config.listener.port})
+        if listen_port is not None:
+            # Compare like with like. Only then: a port changed in the file needs a restart,
+            # which the reload must say.
+            listener = config.listener.model_copy(update={"port": listen_port})
             config = config.model_copy(update={"listener": listener})
         restart = sink.reload(config)
     except (ConfigError, ValueError) as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
+        return
+    except Exception:
+        # A bug, or a library error nobody translated: out of a signal callback it would only
+        # be asyncio's "Exception in callback" traceback, not a refused reload.
+        log.exception("reload refused, keeping the running configuration")
         return
     log.info("reloaded %s: auth settings and TLS context", path)
     if restart:

@@ -250,6 +250,25 @@ async def test_sink_sighup_reloads_the_deny_list_and_refuses_a_broken_file(
     assert await sink.asigterm() == 0
 
 
+async def test_sink_sighup_says_a_new_listener_port_needs_a_restart(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    """As the agent's: the override meant for `run --listen-port` applied always."""
+    config = write_sink_config(tmp_path, pki)  # port = 0: any free port
+    sink = process_factory(
+        [CLOUD_SINK, "--config", str(config), "run"],
+        ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)",
+        name="cloud-sink",
+    )
+    assert "port = 0" in config.read_text()
+    config.write_text(config.read_text().replace("port = 0", f"port = {free_port()}", 1))
+    sink.signal(signal.SIGHUP)
+    await until(lambda: "changed but only applied after a restart: listener" in sink.output())
+    device = pki.device(f"port-{uuid.uuid4().hex[:6]}")
+    assert await connects(sink.port, device, pki)  # still on the port it started with
+    assert await sink.asigterm() == 0
+
+
 async def test_sink_reload_takes_new_issuer_keys(tmp_path: Path, pki: Pki) -> None:
     device = pki.device(f"kid-{uuid.uuid4().hex[:6]}")
     old_private, old_public = issuer_key(tmp_path / "old")
