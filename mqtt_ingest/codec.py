@@ -39,6 +39,7 @@ from amqtt.mqtt.unsuback import UnsubackPacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
 __all__ = [
+    "CONNECT",
     "ConnackCode",
     "Connect",
     "Disconnect",
@@ -48,6 +49,7 @@ __all__ = [
     "PubRel",
     "Publish",
     "Subscribe",
+    "UnexpectedPacket",
     "Unsubscribe",
     "UnsupportedProtocol",
     "encode_connack",
@@ -109,6 +111,14 @@ class UnsupportedProtocol(MalformedPacket):
         super().__init__(f"protocol {name!r} level {level} (only 'MQTT' 4, MQTT 3.1.1, is served)")
         self.name = name
         self.level = level
+
+
+class UnexpectedPacket(MalformedPacket):
+    """Not the packet type expected (another one than CONNECT first); its body was not read."""
+
+    def __init__(self, name: str, expected: str) -> None:
+        super().__init__(f"{name} where {expected} was expected")
+        self.name = name
 
 
 class PacketTooLarge(MalformedPacket):
@@ -199,19 +209,24 @@ async def read_packet(
     reader: asyncio.StreamReader,
     max_size: int,
     progress: Callable[[], object] | None = None,
+    *,
+    only: int | None = None,
 ) -> Packet:
-    """Read one client-to-server packet.
+    """Read one client-to-server packet (with ``only``: of that type, e.g. `CONNECT` first).
 
     ``progress`` is called whenever part of a large body (over `PROGRESS_BYTES`) arrives: a
     keep-alive deadline must not expire while such a packet is still coming in over a slow link
     (RELIABILITY F6).
 
-    Raises `PacketTooLarge` (checked on the fixed header, before the body is read),
+    Raises `UnexpectedPacket` and `PacketTooLarge` (checked on the fixed header, before the body
+    is read: a client not yet authenticated cannot make us hold ``max_size`` of anything else),
     `MalformedPacket`, or `asyncio.IncompleteReadError` when the peer closes mid-packet or between
     packets (``partial`` is empty then).
     """
     first = (await reader.readexactly(1))[0]
     packet_type, flags = first >> 4, first & 0x0F
+    if only is not None and packet_type != only:
+        raise UnexpectedPacket(_NAMES[packet_type], _NAMES[only])
     remaining = 0
     for shift in (0, 7, 14, 21):
         byte = (await reader.readexactly(1))[0]

@@ -39,6 +39,7 @@ from mqtt_ingest import failpoints
 from mqtt_ingest.batching import Batcher, StageFailed
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.codec import (
+    CONNECT,
     SUBACK_FAILURE,
     ConnackCode,
     Connect,
@@ -49,6 +50,7 @@ from mqtt_ingest.codec import (
     Publish,
     PubRel,
     Subscribe,
+    UnexpectedPacket,
     Unsubscribe,
     UnsupportedProtocol,
     encode_connack,
@@ -99,6 +101,9 @@ class _Pending:
     counts_as_event: bool
 
 
+MAX_CONNECT_BYTES = 16 * 1024
+"""The largest CONNECT read: a client id, a device id and a JWT (wills are refused) fit well
+within it, and a client not yet authenticated gets no more of our memory than that."""
 ORPHANS_PER_INFLIGHT = 4
 """QoS 0 events closed connections may leave queued for the stage, in ``max_inflight``s."""
 
@@ -539,10 +544,17 @@ class _Connection:
             await self._start_tls(self.server._ssl)
         try:
             async with asyncio.timeout_at(self._connect_by):
-                packet = await read_packet(self.reader, self.limits.max_packet_size)
+                # Nothing but a CONNECT, and a small one, is read from a client not yet
+                # authenticated: it could otherwise make us hold max_packet_size per socket.
+                packet = await read_packet(
+                    self.reader, min(self.limits.max_packet_size, MAX_CONNECT_BYTES), only=CONNECT
+                )
         except TimeoutError:
             self.metrics.inc("connections_refused", reason="connect_timeout")
             raise _Close("no CONNECT in time", label="connect_timeout") from None
+        except UnexpectedPacket as exc:
+            self.metrics.inc("connections_refused", reason="not_connect")
+            raise _Close(f"first packet is {exc.name}, not CONNECT", label="malformed") from None
         except asyncio.IncompleteReadError:
             raise _Close("closed before CONNECT", label="closed_before_connect") from None
         except UnsupportedProtocol as exc:
@@ -554,8 +566,7 @@ class _Connection:
         except MalformedPacket as exc:
             self.metrics.inc("connections_refused", reason="malformed")
             raise _Close(f"malformed first packet: {exc.reason}", label="malformed") from None
-        if not isinstance(packet, Connect):
-            self.metrics.inc("connections_refused", reason="not_connect")
+        if not isinstance(packet, Connect):  # never: read with only=CONNECT (narrows the type)
             raise _Close("first packet is not CONNECT", label="malformed")
         gate = self.server._availability
         if gate is not None and not gate.available:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mqtt_ingest import Anonymous, IngestEvent, IngestServer, Limits, StageRefused
-from mqtt_ingest.server import ORPHANS_PER_INFLIGHT
+from mqtt_ingest.server import MAX_CONNECT_BYTES, ORPHANS_PER_INFLIGHT
 from tests.harness.rawmqtt import (
     RawClient,
     connect_packet,
@@ -351,6 +351,28 @@ async def test_declared_256mb_packet_is_closed_before_the_body(stage: RecordingS
         await canary_publishes(server, stage, "after-huge")
     assert counters(server).get("malformed", "too_large") == 1
     assert counters(server).get("connections_closed", "too_large") == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "reason"),
+    [
+        (b"\x30" + encode_length(1024 * 1024 - 5) + utf8("t"), "not_connect"),
+        (b"\x10" + encode_length(MAX_CONNECT_BYTES) + utf8("MQTT"), "malformed"),
+    ],
+    ids=["publish-first", "large-connect"],
+)
+async def test_a_client_not_yet_authenticated_cannot_make_the_server_hold_a_large_packet(
+    stage: RecordingStage, first: bytes, reason: str
+) -> None:
+    """The first packet's body was read up to max_packet_size (1 MiB at the sink's defaults)
+    before its type was looked at: sockets that never authenticate each held that much until
+    the CONNECT deadline. Now only a CONNECT, of at most MAX_CONNECT_BYTES, is read first."""
+    async with running_server(stage) as server:
+        client = await RawClient.open(server.port)
+        await client.send(first)  # the rest of the body never comes
+        assert await client.closed_within(1)
+        await canary_publishes(server, stage, "after")
+    assert counters(server).get("connections_refused", reason) == 1
 
 
 async def test_packet_just_under_the_limit_is_accepted(stage: RecordingStage) -> None:
