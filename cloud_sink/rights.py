@@ -4,17 +4,16 @@ A device may publish only under its own prefix (``devices/{device_id}/`` by defa
 subscribe at all. ``devices/me`` alone is refused. MQTT resolves no paths, but the platform's
 consumers may (a topic turned into a file path, an object key, a URL): a topic level ``.`` or
 ``..`` is refused too, so ``devices/me/../other/x`` cannot reach another device's data anywhere
-downstream (RELIABILITY F18); and so is a level that Unicode compatibility normalisation (NFKC,
-which many path and key handlers apply) turns into one, such as U+2025 (two dot leader) or two
-U+FF0E (fullwidth full stop).
+downstream (RELIABILITY F18); and so is a level that becomes one on the way there (NFKC,
+a backslash as a separator, percent-decoding: `mqtt_ingest.topics.dot_level`).
 """
 
 from __future__ import annotations
 
 import string
-import unicodedata
 
 from mqtt_ingest import Action, Identity
+from mqtt_ingest.topics import dot_level
 
 __all__ = ["DevicePrefixRights", "check_template"]
 
@@ -59,10 +58,4 @@ class DevicePrefixRights:
         prefix = self.prefix(identity.name)
         if not topic.startswith(prefix) or len(topic) == len(prefix):
             return False
-        rest = topic[len(prefix) :]
-        if not rest.isascii():
-            rest = unicodedata.normalize("NFKC", rest)  # also any '/' it makes: a new level
-        return _DOT_LEVELS.isdisjoint(rest.split("/"))
-
-
-_DOT_LEVELS = frozenset((".", ".."))
+        return not dot_level(topic[len(prefix) :])

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Sequence
 from edge_agent.buffer import Buffer, BufferFull, NewEvent
 from edge_agent.config import AgentConfig, TopicRule
 from mqtt_ingest.clock import Clock
+from mqtt_ingest.topics import dot_level
 
 __all__ = ["Acceptor", "InvalidEvent", "check_event", "topic_problem", "uplink_topic_problem"]
 
@@ -45,10 +46,13 @@ def topic_problem(topic: str) -> str | None:
     levels = topic.split("/")
     if "" in levels:
         return "the topic has an empty level ('//', or '/' at either end)"
-    if "." in levels or ".." in levels:
+    if dot_level(topic):
         # A consumer that maps topics to paths would climb out of the device's prefix; our sink
         # refuses such a publish as a rights violation (the link would fail on it for ever).
-        return "a topic level cannot be '.' or '..'"
+        return (
+            "a topic level cannot be '.' or '..', nor become one (Unicode NFKC, '\\' as a"
+            " separator, percent-decoding)"
+        )
     try:
         topic.encode("utf-8")
     except UnicodeEncodeError:

@@ -92,6 +92,11 @@ async def test_api_publish_many_commits_together_and_reports_each_outcome(
         ("a/", b"x", "empty level"),
         ("a/../b", b"x", r"cannot be '\.' or '\.\.'"),
         ("a/.", b"x", r"cannot be '\.' or '\.\.'"),
+        # The sink refuses these as well (a consumer would resolve them as path steps): stored,
+        # each would close the link until dead-lettered.
+        ("a/\u2025/b", b"x", r"cannot be '\.' or '\.\.', nor become one"),
+        ("a/..\\b", b"x", r"cannot be '\.' or '\.\.', nor become one"),
+        ("a/%2e%2e/b", b"x", r"cannot be '\.' or '\.\.', nor become one"),
         ("", b"x", "empty"),
         ("t" * 65536, b"x", "over MQTT's 65535"),
         ("bulk/x", b"y" * 1025, "over max_payload 1024"),

@@ -32,6 +32,15 @@ ME = Identity("dev-7")
         ("devices/dev-7/\uff0e\uff0e/dev-8/x", False),  # FULLWIDTH FULL STOP x 2
         ("devices/dev-7/\uff0e\uff0fdev-8", False),  # '.' and a FULLWIDTH SOLIDUS: './dev-8'
         ("devices/dev-7/temp\u00e9rature", True),  # other non-ASCII levels are fine
+        # A backslash read as a separator (Windows paths), percent-decoding (URLs): refused.
+        ("devices/dev-7/..\\dev-8\\x", False),
+        ("devices/dev-7/a\\.", False),
+        ("devices/dev-7/%2e%2e/dev-8/x", False),
+        ("devices/dev-7/a%2F..%2Fdev-8", False),
+        ("devices/dev-7/%EF%BC%8E%EF%BC%8E", False),  # two FULLWIDTH FULL STOPs, encoded
+        ("devices/dev-7/50%25/x", True),  # '50%'
+        ("devices/dev-7/100%/x", True),  # not an escape
+        ("devices/dev-7/a\\b", True),
         ("devices/dev-7/", False),
         ("devices/dev-7", False),
         ("devices/dev-8/temp", False),
