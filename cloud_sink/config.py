@@ -103,13 +103,18 @@ class ListenerConfig(_Strict):
     every connection, was 2.5 GB at max_connections = 10000); a TLS record is at most 16 KiB."""
 
 
+MAX_LEEWAY = 600.0
+
+
 class AuthConfig(_Strict):
     mode: Literal["device-signed", "issuer-signed"] = "device-signed"
     audience: str = Field(min_length=1)
     issuer: str | None = None
     issuer_keys: list[AbsolutePath] = Field(default_factory=list)
     """PEM public keys of the issuer; each key's ``kid`` is its file name without extension."""
-    leeway: Seconds = 30.0
+    leeway: Annotated[Seconds, Field(le=MAX_LEEWAY)] = 30.0
+    """Clock skew allowed on ``exp``, ``iat`` and ``nbf``; at most 10 minutes: an expired token
+    stays usable this long (and so does a connection past its ``exp``)."""
     max_lifetime: Seconds = 3600.0
     identity: Literal["cn", "san-uri"] = "cn"
     deny: list[str] = Field(default_factory=list)

@@ -256,6 +256,17 @@ def test_reconnect_and_health_validators(tmp_path: Path, pki: Pki) -> None:
     assert problems[2].startswith("health.port:")
 
 
+def test_the_jwt_leeway_is_at_most_ten_minutes(tmp_path: Path, pki: Pki) -> None:
+    """Any leeway was taken ("365d"): expired tokens stayed usable that long."""
+    base = write_sink_config(tmp_path, pki).read_text()
+    assert parse_config(base.replace("[auth]\n", '[auth]\nleeway = "10m"\n')).auth.leeway == 600
+    with pytest.raises(ConfigError) as info:
+        parse_config(base.replace("[auth]\n", '[auth]\nleeway = "365d"\n'))
+    assert info.value.problems == [
+        "auth.leeway: Input should be less than or equal to 600 (got '365d')"
+    ]
+
+
 def test_a_backend_timeout_must_fit_the_stage_timeout(tmp_path: Path, pki: Pki) -> None:
     """With timeout = 40s the ingest server's 30 s stage timeout cut every call first: a dead
     backend never counted as an outage (the sink kept accepting and reporting ready)."""
