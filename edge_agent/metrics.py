@@ -17,6 +17,7 @@ Nothing is registered in prometheus-client's global registry.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from importlib import metadata
@@ -52,6 +53,13 @@ COMMIT_SECONDS_BUCKETS = (
 COMMIT_EVENTS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A scan nobody waits for any more may fail (the scrape that waited logged it, or the next
+    one will): not an "exception never retrieved" at exit."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _version() -> str:
     try:
         return metadata.version("mqtt-edge-bridge")
@@ -84,6 +92,7 @@ class AgentMetrics:
         self._stats: BufferStats | None = None
         self._stats_at = 0.0
         self._scan_seconds = 0.0
+        self._scan: asyncio.Task[None] | None = None  # a backlog scan under way
         self._listener_counters: CountersCollector | None = None
         self._commit_seconds = Histogram(
             "edge_agent_buffer_commit_seconds",
@@ -107,13 +116,33 @@ class AgentMetrics:
         self._commit_events.observe(events)
 
     async def refresh(self) -> None:
-        """Scan the buffer again unless the last scan is recent enough (module docstring)."""
-        settings = self._config.metrics
-        pause = max(settings.backlog_refresh, SCAN_DUTY * self._scan_seconds)
-        if self._stats is not None and time.monotonic() - self._stats_at < pause:
-            return
+        """Scan the buffer again unless the last scan is recent enough (module docstring), or
+        wait for the scan under way. A scrape that stops waiting (its refresh timeout) leaves the
+        scan running: its figures serve the next scrapes, which otherwise each started a scan
+        of their own, never got one, and held the commits back with each."""
+        if self._scan is None:
+            settings = self._config.metrics
+            pause = max(settings.backlog_refresh, SCAN_DUTY * self._scan_seconds)
+            if self._stats is not None and time.monotonic() - self._stats_at < pause:
+                return
+            self._scan = asyncio.get_running_loop().create_task(
+                self._rescan(), name="edge_agent.metrics.scan"
+            )
+            self._scan.add_done_callback(_retrieved)
+        await asyncio.shield(self._scan)
+
+    async def aclose(self) -> None:
+        """Stop a scan under way (the agent is stopping: nobody will read it)."""
+        if self._scan is not None:
+            self._scan.cancel()
+            await asyncio.gather(self._scan, return_exceptions=True)
+
+    async def _rescan(self) -> None:
         started = time.monotonic()
-        stats = await self._buffer.stats()
+        try:
+            stats = await self._buffer.stats()
+        finally:
+            self._scan = None
         self._stats_at = time.monotonic()
         self._scan_seconds = self._stats_at - started
         self._stats = stats

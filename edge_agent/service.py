@@ -140,6 +140,7 @@ class Agent:
                 uplink=self._uplink,
                 listener=self._get_listener,
             )
+            self._stack.push_async_callback(self._metrics.aclose)  # after the server stops
             self._metrics_server = await self._stack.enter_async_context(
                 MetricsServer(
                     self.config.metrics.host,

@@ -21,7 +21,7 @@ from cloud_sink.service import Sink
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect
 from edge_agent.config import parse_config as parse_agent_config
-from mqtt_ingest import ConnackCode, Counters
+from mqtt_ingest import ConnackCode, Counters, exposition, failpoints
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
 from mqtt_ingest.exposition import MetricsServer
 from mqtt_ingest.prometheus import CountersCollector, CounterSpec
@@ -156,6 +156,30 @@ async def test_backlog_scans_are_rate_limited_and_topics_capped(tmp_path: Path) 
     assert value(second, "edge_agent_buffer_events") == 8
     assert value(second, "edge_agent_accepted_events_total") == 8
     assert value(second, "edge_agent_backlog_scan_age_seconds") > 0
+
+
+async def test_a_scan_slower_than_a_scrape_serves_the_next_scrapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape that stopped waiting for a slow scan (its refresh timeout) threw the scan's
+    figures away: the next scrape started a scan of its own, and so on, so no backlog figure
+    was ever served and the commits waited behind scan after scan."""
+    monkeypatch.setattr(exposition, "REFRESH_TIMEOUT", 0.2)
+    path = agent_config(tmp_path)
+    config = parse_agent_config(path.read_text().replace('"1ms"', '"1h"'))
+    async with Agent(config) as agent:
+        assert agent.metrics_port is not None
+        await agent.publish("t/a", b"x")
+        failpoints.arm("buffer.stats", "sleep:0.6")  # every scan: longer than a scrape waits
+        try:
+            first = await scrape(agent.metrics_port)  # served without waiting for it
+            await asyncio.sleep(0.8)
+            second = await scrape(agent.metrics_port)
+        finally:
+            failpoints.disarm_all()
+    assert with_name(first, "edge_agent_backlog_events") == {}
+    assert value(second, "edge_agent_backlog_events", topic="t/a") == 1
+    assert value(first, "edge_agent_buffer_events") == value(second, "edge_agent_buffer_events")
 
 
 async def test_agent_process_logs_its_metrics_port_and_closes_it_on_sigterm(

@@ -771,6 +771,7 @@ def _sweep(db: sqlite3.Connection, now_ms: int, totals: _Totals) -> dict[str, tu
 
 
 def _stats(db: sqlite3.Connection) -> BufferStats:
+    failpoints.hit("buffer.stats")  # a slow scan (a large backlog on an SD card)
     db.execute("BEGIN")  # one consistent snapshot for every query below
     try:
         epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
