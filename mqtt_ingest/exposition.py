@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.exposition import choose_encoder
 
 from mqtt_ingest.http import MAX_CLIENTS, HttpEndpoint, Request, Response
@@ -57,7 +57,10 @@ class MetricsServer(HttpEndpoint):
     async def _metrics(self, request: Request) -> Response:
         await self._refreshed()
         accept = request.headers.get(b"accept", b"").decode("latin-1")
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except (TypeError, ValueError):  # e.g. "text/plain; version=x.y": the default format
+            encoder, content_type = generate_latest, CONTENT_TYPE_LATEST
         return Response(200, encoder(self._registry), content_type)
 
     async def _refreshed(self) -> None:

@@ -1,10 +1,12 @@
 """A tiny HTTP server for the services' side endpoints (readiness, metrics), on the event loop.
 
 HTTP/1.0-style: one request per connection, answered and closed. Requests are bounded: 8 KiB of
-request line and headers, 5 s to send them, at most ``MAX_CLIENTS`` at a time (more are closed
-at once). ``GET`` and ``HEAD`` only (405 otherwise), known paths only (404), anything malformed
-gets 400. Leaving the ``async with`` block cancels the requests being answered: none outlives
-the service.
+request line and headers, 2 s to send them, at most ``MAX_CLIENTS`` at a time. When all are
+taken, a new connection closes the oldest one still sending its request (a probe sends its
+request at once: sockets that send nothing cannot keep readiness probes out), or is closed at
+once if every one is being answered. ``GET`` and ``HEAD`` only (405 otherwise), known paths only
+(404), anything malformed gets 400, a handler that fails 500. Leaving the ``async with`` block
+ends the requests being answered: none outlives the service.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ __all__ = ["MAX_CLIENTS", "HttpEndpoint", "Request", "Response"]
 log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 8
-_REQUEST_TIMEOUT = 5.0
+_HEAD_TIMEOUT = 2.0
+_WRITE_TIMEOUT = 5.0
 _MAX_HEAD = 8 * 1024
+_FAILURE_LOG_EVERY = 60.0  # seconds between logged handler failures
 _REASONS = {
     200: "OK",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -64,7 +69,11 @@ class HttpEndpoint:
         self._announce = announce
         self._server: asyncio.Server | None = None
         self._bound: int | None = None
-        self._handlers: set[asyncio.Task[object]] = set()
+        self._handlers: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
+        self._heads: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
+        """Those still reading their request, oldest first."""
+        self._closing = False
+        self._failure_logged = -_FAILURE_LOG_EVERY
 
     @property
     def port(self) -> int:
@@ -89,6 +98,7 @@ class HttpEndpoint:
     ) -> None:
         if self._server is None:
             return
+        self._closing = True
         self._server.close()
         handlers = list(self._handlers)
         for handler in handlers:
@@ -99,25 +109,50 @@ class HttpEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is None or len(self._handlers) >= MAX_CLIENTS:
+        if task is None or self._closing or not self._room():
             writer.transport.abort()
             return
-        self._handlers.add(task)
+        self._handlers[task] = writer
+        self._heads[task] = writer
         try:
-            await self._answer(reader, writer)
+            await self._answer(reader, writer, task)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # Ended by our own stop: returning is how this task ends cleanly. On Python 3.11 a
+            # cancelled connection task logs "Exception in callback" with a traceback (asyncio's
+            # StreamReaderProtocol asks a cancelled task for its exception).
         finally:
-            self._handlers.discard(task)
+            self._handlers.pop(task, None)
+            self._heads.pop(task, None)
             writer.transport.abort()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _room(self) -> bool:
+        """Whether a new connection may be served: there is a free slot, or one is made by
+        closing the oldest connection still sending its request (its task then ends)."""
+        if len(self._handlers) < MAX_CLIENTS:
+            return True
+        if not self._heads:
+            return False
+        oldest = next(iter(self._heads))
+        self._heads.pop(oldest).transport.abort()
+        self._handlers.pop(oldest, None)
+        return True
+
+    async def _answer(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, task: asyncio.Task[object]
+    ) -> None:
         try:
-            async with asyncio.timeout(_REQUEST_TIMEOUT):
+            async with asyncio.timeout(_HEAD_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            await _respond(writer, Response(400, b"bad request\n"))
+            if task in self._heads:  # not closed by `_room` for a newer connection
+                await _respond(writer, Response(400, b"bad request\n"))
             return
         except ConnectionError:
             return
+        finally:
+            self._heads.pop(task, None)
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
@@ -135,7 +170,16 @@ class HttpEndpoint:
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip()
-        response = await handler(Request(method, path, headers))
+        try:
+            response = await handler(Request(method, path, headers))
+        except Exception:
+            now = asyncio.get_running_loop().time()
+            if now - self._failure_logged >= _FAILURE_LOG_EVERY:  # a client may repeat it
+                self._failure_logged = now
+                log.exception(
+                    "HTTP %s %s failed", method.decode("latin-1"), path[:100].decode("latin-1")
+                )
+            response = Response(500, b"internal error\n")
         await _respond(writer, response, head_only=method == b"HEAD")
 
 
@@ -153,5 +197,5 @@ async def _respond(
     writer.close()
     # A client that never reads must not hold the task: bounded, then the socket is gone.
     with contextlib.suppress(Exception):
-        async with asyncio.timeout(_REQUEST_TIMEOUT):
+        async with asyncio.timeout(_WRITE_TIMEOUT):
             await writer.wait_closed()

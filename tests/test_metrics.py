@@ -4,6 +4,7 @@ with prometheus-client's parser, after workloads whose counts are known exactly.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import uuid
@@ -23,7 +24,8 @@ from edge_agent.buffer import inspect
 from edge_agent.config import parse_config as parse_agent_config
 from mqtt_ingest import ConnackCode, Counters, exposition, failpoints
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
-from mqtt_ingest.exposition import MetricsServer
+from mqtt_ingest.exposition import MAX_CLIENTS, MetricsServer
+from mqtt_ingest.http import HttpEndpoint, Request, Response
 from mqtt_ingest.prometheus import CountersCollector, CounterSpec
 from tests.harness.agent import start_agent, uplink_section, write_config
 from tests.harness.pki import DeviceCreds, Pki
@@ -420,6 +422,51 @@ async def test_endpoint_answers_only_get_metrics_and_stops_with_its_owner() -> N
     assert calls == 4  # the scrapes: two GETs, HEAD, OpenMetrics; not the 404 or 405
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 2):
         pass
+
+
+async def raw_get(port: int, head: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_endpoint_is_not_held_by_idle_sockets_nor_broken_by_odd_requests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by review: MAX_CLIENTS sockets sending one byte each, reopened as they were
+    dropped, kept every readiness probe out; an Accept header prometheus-client cannot parse
+    got no answer and an ERROR traceback; a failing handler the same; and a stop with
+    connections open logged a traceback per connection (Python 3.11)."""
+
+    async def ok(request: Request) -> Response:
+        return Response(200, b"ok\n")
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    routes = {b"/ok": ok, b"/broken": broken}
+    async with HttpEndpoint("127.0.0.1", 0, routes, announce="test at {url}") as server:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(MAX_CLIENTS)]
+        for _, writer in idle:
+            writer.write(b"G")
+        await asyncio.sleep(0.1)
+        answer = await raw_get(server.port, b"GET /ok HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        answer = await raw_get(server.port, b"GET /broken HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 500 "), answer
+        late = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        await asyncio.sleep(0.1)
+    for _, writer in idle + late:
+        writer.close()
+    async with MetricsServer("127.0.0.1", 0, prometheus_client.CollectorRegistry()) as metrics:
+        odd = b"GET /metrics HTTP/1.1\r\nAccept: text/plain; version=x.y\r\n\r\n"
+        assert (await raw_get(metrics.port, odd)).startswith(b"HTTP/1.1 200 ")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["HTTP GET /broken failed"]
 
 
 def test_counters_are_exported_by_spec_with_bounded_reasons() -> None:
