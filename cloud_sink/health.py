@@ -12,6 +12,10 @@ first `BackendError` turns the state to ``DOWN`` (one log line) and from then on
   broker in step. The first successful probe turns the state back to ``UP`` (one log line) and
   the server reads and accepts again.
 
+While it is up and nothing was confirmed for `IDLE_PROBE` seconds (an idle sink), the same task
+probes the backend, so that readiness stops saying "ready" for a core queue that went away while
+nothing was published to it. A failed probe is an outage like a failed publish.
+
 A slow backend is not an outage: as long as it confirms within its own timeout, the forwarder just
 waits, the connections reach their in-flight limit and stop reading (TCP backpressure).
 """
@@ -19,6 +23,7 @@ waits, the connections reach their in-flight limit and stop reading (TCP backpre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
@@ -46,6 +51,8 @@ class BackendState(enum.Enum):
     CLOSED = "closed"
 
 
+IDLE_PROBE = 10.0
+"""Seconds without a confirmed publish after which a backend that is up is probed."""
 FLAP_WINDOW = 60.0
 """An outage that begins within this many seconds of the previous one's end continues that one's
 backoff instead of starting it over."""
@@ -70,6 +77,7 @@ class BackendGuard:
         self._down_since = 0.0
         self._up_since = -math.inf
         self._flaps = 0  # outages in a row that began soon after the previous one ended
+        self._answered_at = time.monotonic()  # the backend's last confirm or passed probe
         self.outages = 0
 
     @property
@@ -95,10 +103,12 @@ class BackendGuard:
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         self._check()
         try:
-            return await self._queue.publish(messages)
+            outcome = await self._queue.publish(messages)
         except BackendError as exc:
             self._mark_down(exc)
             raise
+        self._answered_at = time.monotonic()
+        return outcome
 
     async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
         self._check()
@@ -119,9 +129,12 @@ class BackendGuard:
     # -- the reconnect task --------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Until cancelled: wait for an outage, probe with backoff until the backend answers."""
+        """Until cancelled or closed: probe while idle (`IDLE_PROBE`) until an outage, then probe
+        with backoff until the backend answers."""
         while True:
-            await self._down.wait()
+            await self._while_up()
+            if self._state is BackendState.CLOSED:
+                return
             # A probe can pass while publishing still fails (a queue or stream deleted, a full
             # disk): each such flap starts the backoff further on, so it slows to the cap instead
             # of cycling at the initial delay for ever.
@@ -139,6 +152,25 @@ class BackendGuard:
                     continue
                 self._metrics.inc("backend_probes", reason="ok")
                 self._mark_up(attempt)
+
+    async def _while_up(self) -> None:
+        """Until the state is no longer up: probe the backend whenever it has not answered for
+        `IDLE_PROBE` seconds (a publish that confirmed counts as an answer)."""
+        while self._state is BackendState.UP:
+            quiet = time.monotonic() - self._answered_at
+            if quiet < IDLE_PROBE:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_PROBE - quiet):
+                        await self._down.wait()
+                continue
+            try:
+                await self._queue.probe()
+            except BackendError as exc:
+                self._mark_down(exc)
+            except Exception as exc:  # untranslated: still no answer (see `run`)
+                self._mark_down(BackendError(f"probe failed: {exc!r}"))
+            else:
+                self._answered_at = time.monotonic()
 
     def _check(self) -> None:
         if self._state is not BackendState.UP:
@@ -167,7 +199,7 @@ class BackendGuard:
             return
         self._state = BackendState.UP
         self._reason = ""
-        self._up_since = time.monotonic()
+        self._up_since = self._answered_at = time.monotonic()
         self._down.clear()
         self._up.set()
         log.info(

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cloud_sink import health
 from cloud_sink.backends import read_messages
 from cloud_sink.backends.base import (
     BackendError,
@@ -244,6 +245,30 @@ async def test_nats_outage_no_ack_refused_then_all_delivered_once(
         await run_outage(sink, device, caplog, fault=fault, heal=heal, confirmed=confirmed)
     stored = await stream_ids(nats_jetstream)
     assert figures(f"nats {cut}", device, stored, sink) == (0, 0)
+
+
+async def test_an_idle_sink_is_not_ready_once_its_core_queue_went_away(
+    tmp_path: Path,
+    pki: Pki,
+    nats_jetstream: NatsNames,
+    chaos_proxy_factory: ChaosProxyFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a failed publish marked the backend down: an idle sink answered /readyz 200 for a
+    core queue that had gone away, and took devices in until their first publish. Now the
+    guard probes a backend that has not answered for IDLE_PROBE seconds."""
+    monkeypatch.setattr(health, "IDLE_PROBE", 0.3)
+    proxy = await proxy_to(chaos_proxy_factory, nats_jetstream.url, 4222)
+    config = sink_config(tmp_path, pki, nats_backend(nats_jetstream, proxy.port))
+    async with Sink(config) as sink:
+        assert (await asyncio.to_thread(http_get, sink.health_port, "/readyz"))[0] == 200
+        proxy.blackhole()
+        await until(lambda: sink.backend.state is BackendState.DOWN, 20, "marked down, idle")
+        status, body = await asyncio.to_thread(http_get, sink.health_port, "/readyz")
+        assert (status, body.split(":")[0]) == (503, "not ready")
+        proxy.pass_through()
+        await until(lambda: sink.backend.available, 60, "back up by itself")
+        assert (await asyncio.to_thread(http_get, sink.health_port, "/readyz"))[0] == 200
 
 
 @pytest.mark.parametrize("cut", ["failpoint", "locked", "full-disk"])
