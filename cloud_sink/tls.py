@@ -171,7 +171,11 @@ class TlsReloader:
         # A few small files, read on the event loop: cheaper than a thread hop.
         try:
             context, crl = _build(self._listener)
-            rollback = None if crl is None or self.crl is None else crl_rollback(crl, self.crl)
+            rollback = (
+                None
+                if crl is None or self.crl is None or self._listener.crl is None
+                else crl_rollback(crl, self.crl, self._listener.ca)
+            )
             if rollback is not None:
                 raise TlsError(f"CRL {self._listener.crl} is older than the one in use: {rollback}")
         except TlsError as exc:

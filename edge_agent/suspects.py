@@ -92,14 +92,13 @@ class Suspects:
         *,
         closed: bool,
         publish_timeout: float,
-        max_attempts: int,
         now: float,
     ) -> int | None:
         """The connection was lost with ``event`` alone in flight: ``closed`` by the other side
         (or the link), or ended by our publish timeout at loop time ``now``. Returns how many
         losses count against the event if this one counted (the caller keeps that count, or
-        dead-letters the event once it reaches ``max_attempts``), else None. Below
-        ``max_attempts`` the event is set aside (up to `MAX_SUSPECTS`)."""
+        dead-letters the event once it reaches ``max_attempts`` and then `forget`s it), else
+        None. The event is set aside (up to `MAX_SUSPECTS`; beyond, its count is kept)."""
         suspect = self._by_seq.pop(event.seq, None)
         if suspect is None and (earlier := self._earlier.pop(event.seq, None)) is not None:
             suspect = Suspect(event, *earlier)
@@ -121,9 +120,15 @@ class Suspects:
             suspect.timeouts += 1
             wait = min(publish_timeout * 2 ** min(suspect.timeouts, 16), MAX_RETRY_WAIT)
             suspect.retry_after = now + wait
-        if suspect.failures < max_attempts:
-            if len(self._by_seq) < MAX_SUSPECTS:
-                self._by_seq[event.seq] = suspect
-            elif suspect.failures:
-                self._earlier[event.seq] = (suspect.failures, suspect.confirmed_at_failure)
+        # Kept even at max_attempts, until the caller forgets it: a count restored at or over a
+        # lowered max_attempts, or a dead letter that failed, must not start over at 1.
+        if len(self._by_seq) < MAX_SUSPECTS:
+            self._by_seq[event.seq] = suspect
+        elif suspect.failures:
+            self._earlier[event.seq] = (suspect.failures, suspect.confirmed_at_failure)
         return suspect.failures if counted else None
+
+    def forget(self, seq: int) -> None:
+        """Event ``seq`` left the buffer (dead-lettered, or gone): nothing more to try."""
+        self._by_seq.pop(seq, None)
+        self._earlier.pop(seq, None)

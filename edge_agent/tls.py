@@ -196,7 +196,7 @@ class DeviceTls:
             log.warning("uplink: the CRL changed but cannot be used, keeping the previous: %s", exc)
             return dataclasses.replace(material, crl_version=version)
         self._crl_blocked = ""
-        rollback = self.rollback(loaded)
+        rollback = self.rollback(loaded, self.config.tls.ca)
         if rollback is not None:
             log.warning(
                 "uplink: the CRL changed to an older one, keeping the previous: %s", rollback
@@ -205,11 +205,12 @@ class DeviceTls:
         log.info("uplink: CRL %s loaded (changed on disk)", crl)
         return dataclasses.replace(loaded, crl_version=version)
 
-    def rollback(self, loaded: TlsMaterial) -> str | None:
-        """Why ``loaded``'s CRL is older than the one in use (`crl_rollback`), or None."""
+    def rollback(self, loaded: TlsMaterial, ca: Path) -> str | None:
+        """Why ``loaded``'s CRL (checked against ``ca``) is older than the one in use
+        (`crl_rollback`), or None."""
         if self.material is None or self.material.crl is None or loaded.crl is None:
             return None
-        return crl_rollback(loaded.crl, self.material.crl)
+        return crl_rollback(loaded.crl, self.material.crl, ca)
 
 
 def _utc(unix: float) -> dt.datetime:

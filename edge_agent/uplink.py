@@ -304,7 +304,7 @@ class Uplink:
         starts at once. Everything is loaded and checked first: on a problem this raises
         ValueError and the uplink keeps what it had."""
         material = TlsMaterial.load(config)
-        rollback = self._tls.rollback(material)
+        rollback = self._tls.rollback(material, config.tls.ca)
         if rollback is not None:
             raise ValueError(f"the CRL {config.tls.crl} is older than the one in use: {rollback}")
         tokens = token_source(config, self.device_id, self._clock)
@@ -542,7 +542,8 @@ class Uplink:
         for seq in message.seqs:
             if await self._buffer.dead_letter(seq, reason):
                 self.status.dead_lettered += 1
-        self._suspects.delivered(message.seqs, 0)  # gone: no longer to be tried (nor counted)
+        for seq in message.seqs:
+            self._suspects.forget(seq)
         log.error("uplink: %d events on %r moved to dead letters: %s",
                   len(message.seqs), message.topic[:100], reason)  # fmt: skip
         return True
@@ -649,7 +650,6 @@ class Uplink:
             event,
             closed=not isinstance(session.failure, PublishTimeout),
             publish_timeout=self._opened_with.publish_timeout,
-            max_attempts=self.config.max_attempts,
             now=asyncio.get_running_loop().time(),
         )
         if failures is None:
@@ -665,6 +665,7 @@ class Uplink:
             self.status.dead_lettered += 1
             log.error("uplink: event seq %d on %r moved to dead letters: %s",
                       event.seq, event.topic[:100], reason)  # fmt: skip
+        self._suspects.forget(event.seq)  # moved, or no longer buffered
 
     # -- link state -------------------------------------------------------------------------
 

@@ -53,13 +53,18 @@ def load_crl(
     crl = _checked(data, crl_path, ca_path, None, refused)
     trusted = context.cert_store_stats()["x509"]
     # OpenSSL loads CRLs only from a file (`cadata` takes certificates): a private copy.
-    with tempfile.TemporaryDirectory(prefix="crl-") as directory:
-        copy = Path(directory) / "crl.pem"
-        copy.write_bytes(data)
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="crl-") as directory:
+            copy = Path(directory) / "crl.pem"
+            copy.write_bytes(data)
             context.load_verify_locations(cafile=str(copy))
-        except (OSError, ssl.SSLError) as exc:
-            raise TlsError(f"CRL {crl_path}: {exc}") from None
+    except ssl.SSLError as exc:
+        raise TlsError(f"CRL {crl_path}: {exc}") from None
+    except OSError as exc:
+        raise TlsError(
+            f"CRL {crl_path}: cannot make the private copy OpenSSL loads it from, in"
+            f" {tempfile.gettempdir()} ($TMPDIR): {exc.strerror or exc}"
+        ) from None
     if context.cert_store_stats()["x509"] != trusted:  # `_checked` allows one CRL block only
         raise TlsError(f"CRL {crl_path}: the file must hold one CRL and no certificate")
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
@@ -67,13 +72,21 @@ def load_crl(
 
 
 def crl_rollback(
-    new: x509.CertificateRevocationList, current: x509.CertificateRevocationList
+    new: x509.CertificateRevocationList, current: x509.CertificateRevocationList, ca_path: Path
 ) -> str | None:
-    """Why ``new`` is older than ``current`` of the same CA, or None: a CRL put back from a
-    backup or a rolled-back deployment (or replayed by whoever can write the file) would let in
-    again every certificate revoked since."""
+    """Why ``new`` (checked against ``ca_path``) is older than ``current`` of the same CA key,
+    or None: a CRL put back from a backup or a rolled-back deployment (or replayed by whoever
+    can write the file) would let in again every certificate revoked since. CRLs of another key
+    are not compared: a CA rotated under the same name (new key, numbers from 1 again)."""
     if new.issuer != current.issuer:
         return None  # another CA (the CA file changed too): nothing to compare
+    try:
+        authorities = x509.load_pem_x509_certificates(ca_path.read_bytes())
+    except (OSError, ValueError):
+        return None  # `_checked` read it a moment ago: changed since, nothing to compare with
+    signers = [authority for authority in authorities if _signed_by(new, authority)]
+    if not any(_signed_by(current, signer) for signer in signers):
+        return None
     numbers = [_number(crl) for crl in (new, current)]
     if numbers[0] is not None and numbers[1] is not None:
         if numbers[0] < numbers[1]:
@@ -164,7 +177,11 @@ def _unusable(crl: x509.CertificateRevocationList, signers: list[x509.Certificat
                     "its issuing distribution point limits its scope (OpenSSL: different CRL scope)"
                 )
     for revoked in crl:
-        for extension in revoked.extensions:
+        try:
+            extensions = revoked.extensions
+        except ValueError:
+            continue  # cryptography cannot read it (a reason code it does not know): OpenSSL may
+        for extension in extensions:
             if extension.critical and extension.oid not in _CRITICAL_ENTRY_OK:
                 oid = extension.oid.dotted_string
                 return f"an entry has a critical extension OpenSSL cannot handle ({oid})"

@@ -12,6 +12,7 @@ import shutil
 import signal
 import sqlite3
 import ssl
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ObjectIdentifier, UnrecognizedExtension
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import CRLEntryExtensionOID, NameOID
 
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
 from cloud_sink.tls import TlsError, build_context, check_crl
 from mqtt_ingest import crl as crl_module
+from mqtt_ingest.crl import crl_rollback, load_crl
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet, tls_connect
@@ -252,6 +254,77 @@ def test_the_crl_loaded_is_the_crl_checked(
     context = build_context(loaded(crl_config(tmp_path, pki, crl, "5s")).listener)
     device = pki.client_context(pki.device(f"toctou-{uuid.uuid4().hex[:6]}"))
     assert handshake(context, device) is None
+
+
+def ca_and_crl(
+    directory: Path, key: ec.EllipticCurvePrivateKey, number: int, *entries: x509.RevokedCertificate
+) -> tuple[Path, x509.CertificateRevocationList]:
+    """A CA named "Corp CA" with ``key``, written to ``directory``, and a CRL of it."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corp CA")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    builder = (
+        x509.CertificateRevocationListBuilder().issuer_name(name)
+        .last_update(now - dt.timedelta(hours=1)).next_update(now + dt.timedelta(days=1))
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )  # fmt: skip
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    crl = builder.sign(key, hashes.SHA256())
+    (directory / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return directory / "ca.pem", crl
+
+
+def test_a_crl_of_a_rotated_ca_is_no_rollback_but_an_older_one_of_its_key_is(
+    tmp_path: Path,
+) -> None:
+    """Found by review: a CA rotated under the same name (new key, CRL numbers from 1 again, as
+    `openssl ca` with a fresh crlnumber file does) had its CRLs refused as older than the old
+    key's, and with them the whole reload that installed the new CA."""
+    old_key, new_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    _, in_use = ca_and_crl(tmp_path / "old", old_key, 57)
+    new_ca, rotated = ca_and_crl(tmp_path / "new", new_key, 1)
+    assert crl_rollback(rotated, in_use, new_ca) is None
+    old_ca, older = ca_and_crl(tmp_path / "older", old_key, 56)
+    assert crl_rollback(older, in_use, old_ca) == (
+        "its CRL number 56 is below 57, the CRL in use's"
+    )
+
+
+def test_a_crl_entry_cryptography_cannot_read_is_left_to_openssl(tmp_path: Path) -> None:
+    """Reason code 7 is unused, and cryptography refuses to read it; OpenSSL does not mind."""
+    now = dt.datetime.now(dt.UTC)
+    entry = (
+        x509.RevokedCertificateBuilder().serial_number(7).revocation_date(now)
+        .add_extension(UnrecognizedExtension(CRLEntryExtensionOID.CRL_REASON, b"\x0a\x01\x07"),
+                       critical=False)
+        .build()
+    )  # fmt: skip
+    ca, _ = ca_and_crl(tmp_path, ec.generate_private_key(ec.SECP256R1()), 1, entry)
+    check_crl(tmp_path / "crl.pem", ca)
+
+
+def test_a_crl_needs_a_temporary_directory_and_says_so(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL loads the checked bytes from a private copy: without a usable temporary
+    directory the error escaped as an OSError (out of the sink's TLS reload task)."""
+    crl = own_crl(tmp_path, pki)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    context = pki.server_context()
+    with pytest.raises(TlsError, match=r"cannot make the private copy .* \(\$TMPDIR\)"):
+        load_crl(context, crl, pki.ca_cert, refused="x")
 
 
 def test_a_crl_of_a_ca_whose_key_may_not_sign_crls_is_refused(tmp_path: Path) -> None:

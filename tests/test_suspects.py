@@ -15,9 +15,7 @@ def stored(seq: int) -> StoredEvent:
 
 def closed(suspects: Suspects, seq: int) -> int | None:
     """The connection was closed with event ``seq`` alone in flight."""
-    return suspects.lost(
-        stored(seq), closed=True, publish_timeout=10.0, max_attempts=MAX_ATTEMPTS, now=0.0
-    )
+    return suspects.lost(stored(seq), closed=True, publish_timeout=10.0, now=0.0)
 
 
 def test_a_loss_counts_only_after_other_events_got_through_since_the_last() -> None:
@@ -49,8 +47,22 @@ def test_counts_of_an_earlier_run_go_on_once_other_events_got_through() -> None:
     assert closed(suspects, 7) == 4
     assert closed(suspects, 8) == 2
     suspects.delivered([2], qos=2)
-    assert closed(suspects, 7) == MAX_ATTEMPTS  # the caller dead-letters it
+    assert closed(suspects, 7) == MAX_ATTEMPTS  # the caller dead-letters it, then forgets it
+    assert 7 in suspects.seqs
+    suspects.forget(7)
     assert 7 not in suspects.seqs
+
+
+def test_a_count_at_or_over_max_attempts_is_not_started_over() -> None:
+    """Found by review: with max_attempts lowered across a restart (a count of 4 kept, 3 now),
+    or a dead letter that failed, the event was no longer set aside, and its next counted loss
+    started the count over at 1 (written over the 4 in the buffer)."""
+    suspects = Suspects()
+    suspects.remember([stored(7)], {7: 4})
+    assert closed(suspects, 7) is None  # nothing got through in this run yet
+    assert 7 in suspects.seqs
+    suspects.delivered([1], qos=1)
+    assert closed(suspects, 7) == 5  # not 1: dead-lettered now at any max_attempts up to 5
 
 
 def test_counts_beyond_the_events_set_aside_are_kept() -> None:
