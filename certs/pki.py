@@ -64,7 +64,9 @@ DEFAULT_SERVER_DAYS = 397  # the CA/Browser Forum ceiling, a habit worth keeping
 DEFAULT_DEVICE_DAYS = 365
 DEFAULT_CRL_DAYS = 7
 DEVICE_URI_PREFIX = "urn:device:"
+_BACKDATE = dt.timedelta(minutes=5)  # a certificate's start, before now
 _CRL_BACKDATE = dt.timedelta(minutes=5)  # a CRL's last update, before now (as certificates)
+_MAX_COMMON_NAME = 64  # characters: RFC 5280's ub-common-name
 
 
 class PkiError(Exception):
@@ -240,15 +242,25 @@ def _refuse_existing(paths: Iterable[Path]) -> None:
 
 
 def _validity(not_before: dt.datetime | None, days: float) -> tuple[dt.datetime, dt.datetime]:
+    """(start, end) of ``days`` from ``not_before``, or from 5 minutes ago (a verifier whose
+    clock is a little behind must not find it not yet valid): then it must end after now."""
     if not (days > 0 and math.isfinite(days)):
         raise PkiError(f"validity must be a positive number of days, got {days}")
-    start = not_before if not_before is not None else _now() - dt.timedelta(minutes=5)
+    start = not_before if not_before is not None else _now() - _BACKDATE
     if start.tzinfo is None:
         raise PkiError("not_before must carry a time zone")
     try:
-        return start, start + dt.timedelta(days=days)
+        end = start + dt.timedelta(days=days)
     except OverflowError:
         raise PkiError(f"{days:g} days from {start:%Y-%m-%d} is out of range") from None
+    if end - start < dt.timedelta(seconds=1):
+        raise PkiError(f"a validity of {days:g} days is shorter than a second")
+    if not_before is None and end <= _now():
+        raise PkiError(
+            f"a validity of {days:g} days from {_BACKDATE.seconds // 60} minutes ago (the"
+            " backdating that spares verifiers whose clock is behind) has ended already"
+        )
+    return start, end
 
 
 class CertificateAuthority:
@@ -292,10 +304,11 @@ class CertificateAuthority:
         """Create a self-signed CA in ``directory``; `OutputExists` if one is there already."""
         directory = Path(directory)
         cert_path, key_path = directory / "ca.pem", directory / "ca.key"
-        _refuse_existing([cert_path, key_path])
-        key = generate_key(key_type)
+        # An index or CRL left by an earlier CA would list its certificates as this one's.
+        _refuse_existing([cert_path, key_path, directory / "index.json", directory / "crl.pem"])
+        name = _common_name(common_name, "the CA's --cn")
         start, end = _validity(not_before, days)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        key = generate_key(key_type)
         public = key.public_key()
         cert = (
             x509.CertificateBuilder()
@@ -324,10 +337,16 @@ class CertificateAuthority:
             .sign(key, _signing_hash(key))
         )
         directory.mkdir(parents=True, exist_ok=True)
-        _write_new(key_path, _key_pem(key), 0o600)
-        _write_new(cert_path, _cert_pem(cert), 0o644)
         ca = cls(directory, cert, key)
         ca._record(cert, "ca", common_name, cert_path)
+        try:
+            _write_new(key_path, _key_pem(key), 0o600)
+            _write_new(cert_path, _cert_pem(cert), 0o644)
+        except BaseException:
+            # A key without its certificate: every command says "no CA", init-ca "exists".
+            key_path.unlink(missing_ok=True)
+            ca.index_path.unlink(missing_ok=True)
+            raise
         return ca
 
     @classmethod
@@ -371,13 +390,16 @@ class CertificateAuthority:
                 ips.append(ipaddress.ip_address(text))
             except ValueError:
                 raise PkiError(f"{text!r} is not an IP address") from None
-        for dns in dns_names:
-            if not dns or (any(c in dns for c in "/ \x00*") and not dns.startswith("*.")):
-                raise PkiError(f"{dns!r} is not a DNS name")
-        label = name or (dns_names[0] if dns_names else str(ips[0]))
+        names = [_dns_name(dns) for dns in dns_names]
+        label = name or (names[0] if names else str(ips[0]))
         if any(c in label for c in "/\x00") or label.startswith("."):
             raise PkiError(f"{label!r} cannot name a file; pass --name")
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
+        if len(label) > _MAX_COMMON_NAME:
+            raise PkiError(
+                f"{label[:20]!r}... is {len(label)} characters, the certificate's CN holds"
+                f" {_MAX_COMMON_NAME}: pass --name (a shorter name for its files and CN)"
+            )
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in names]
         sans += [x509.IPAddress(ip) for ip in ips]
         return self._issue(
             kind="server",
@@ -407,6 +429,7 @@ class CertificateAuthority:
             validate_device_id(device_id)
         except InvalidIdentifier as exc:
             raise PkiError(str(exc)) from exc
+        _common_name(device_id, "a device id")  # the sink reads the identity from the CN
         return self._issue(
             kind="device",
             name=device_id,
@@ -478,13 +501,21 @@ class CertificateAuthority:
             )
             .sign(self.key, _signing_hash(self.key))
         )
-        _write_new(key_path, _key_pem(key), 0o600)
-        try:
-            _write_new(cert_path, _cert_pem(cert), 0o644)
-        except BaseException:
-            key_path.unlink(missing_ok=True)  # never leave a key without its certificate
-            raise
+        # Recorded first: a certificate on disk that the index does not list could never be
+        # revoked (a damaged index, a crash between the steps). A record whose files are not
+        # written is harmless: revoked, it lists a serial nobody holds.
         self._record(cert, kind, name, cert_path)
+        try:
+            _write_new(key_path, _key_pem(key), 0o600)
+            try:
+                _write_new(cert_path, _cert_pem(cert), 0o644)
+            except BaseException:
+                key_path.unlink(missing_ok=True)  # never leave a key without its certificate
+                raise
+        except BaseException:
+            with self._locked():
+                self._save([r for r in self.records() if r.serial != cert.serial_number])
+            raise
         return Issued(cert_path, key_path, cert)
 
     # -- the index, revocation, CRL --------------------------------------------------------
@@ -557,8 +588,12 @@ class CertificateAuthority:
                 CertRecord(**{**asdict(r), "revoked_at": stamp}) if r.serial in chosen else r
                 for r in records
             ]
+            # The CRL is made before anything is saved: one that cannot be made (its --days)
+            # left the certificate marked revoked in the index and missing from the CRL, and a
+            # second revoke then said "revoked already".
+            crl = self._crl_for(self.crl_path, crl_days, updated)
             self._save(updated)
-            self._write_crl(self.crl_path, crl_days)
+            _replace(self.crl_path, crl)
         return [r for r in updated if r.serial in chosen]
 
     def _our_crl(self, path: Path) -> x509.CertificateRevocationList | None:
@@ -578,9 +613,11 @@ class CertificateAuthority:
         days: float = DEFAULT_CRL_DAYS,
         now: dt.datetime | None = None,
         after: int = 0,
+        records: Sequence[CertRecord] | None = None,
     ) -> x509.CertificateRevocationList:
-        """A CRL of every revoked certificate; its number is the current second, or ``after``
-        + 1 if that is not larger (CRL numbers must increase: RFC 5280 5.2.3)."""
+        """A CRL of every revoked certificate (of ``records``, by default the index's); its
+        number is the current second, or ``after`` + 1 if that is not larger (CRL numbers must
+        increase: RFC 5280 5.2.3)."""
         now = now or _now()
         _, next_update = _validity(now, days)
         number = max(int(now.timestamp()), after + 1)
@@ -597,7 +634,7 @@ class CertificateAuthority:
                 critical=False,
             )
         )
-        for record in self.records():
+        for record in self.records() if records is None else records:
             if record.revoked_at is not None:
                 builder = builder.add_revoked_certificate(
                     x509.RevokedCertificateBuilder()
@@ -613,10 +650,14 @@ class CertificateAuthority:
         replaced: any other existing file at ``path`` is `OutputExists`."""
         path = path or self.crl_path
         with self._locked():
-            self._write_crl(path, days)
+            _replace(path, self._crl_for(path, days, None))
         return path
 
-    def _write_crl(self, path: Path, days: float | None) -> None:
+    def _crl_for(
+        self, path: Path, days: float | None, records: Sequence[CertRecord] | None
+    ) -> bytes:
+        """The PEM CRL to write at ``path`` (see `write_crl`) of ``records`` (None: the
+        index's)."""
         existing = self._our_crl(path)
         # The PKI's own crl.pem is always ours to replace (even damaged: revoking must work);
         # a file elsewhere only if it is a CRL of this CA (`--out ca.key` must not destroy it).
@@ -633,8 +674,34 @@ class CertificateAuthority:
                 else DEFAULT_CRL_DAYS
             )
         numbers = [_crl_number(crl) for crl in (existing, own) if crl is not None]
-        crl = self.build_crl(days=days, after=max(numbers, default=0))
-        _replace(path, crl.public_bytes(serialization.Encoding.PEM))
+        crl = self.build_crl(days=days, after=max(numbers, default=0), records=records)
+        return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def _common_name(value: str, what: str) -> x509.Name:
+    if not value:
+        raise PkiError(f"{what} cannot be empty")
+    if len(value) > _MAX_COMMON_NAME:
+        raise PkiError(
+            f"{what} of {len(value)} characters does not fit a certificate's common name"
+            f" ({_MAX_COMMON_NAME} at most, RFC 5280)"
+        )
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)])
+
+
+def _dns_name(text: str) -> str:
+    """``text`` as a DNS name for a certificate (IDNA A-labels); `PkiError` if it is none."""
+    wildcard = text.startswith("*.")
+    name = text[2:] if wildcard else text
+    if not name or any(c in name for c in "/ \x00*"):
+        raise PkiError(f"{text!r} is not a DNS name")
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise PkiError(f"{text!r} is not a DNS name: {exc}") from None
+    if len(ascii_name) > 253:
+        raise PkiError(f"{text!r} is longer than a DNS name can be (253 characters)")
+    return ("*." if wildcard else "") + ascii_name
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:

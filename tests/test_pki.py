@@ -376,3 +376,70 @@ def test_parse_when() -> None:
     assert abs((parse_when("-2d") - (now - dt.timedelta(days=2))).total_seconds()) < 5
     assert abs((parse_when("+1.5h") - (now + dt.timedelta(hours=1.5))).total_seconds()) < 5
     assert parse_when("2030-05-01T12:00:00+02:00") == dt.datetime(2030, 5, 1, 10, tzinfo=dt.UTC)
+
+
+def test_a_revocation_whose_crl_cannot_be_made_is_not_recorded(pki_dir: Path) -> None:
+    """Found by review: the index said "revoked" before the CRL was made; with a --days that
+    cannot be used the CRL never listed the certificate, and revoking again said "revoked
+    already". Nothing is written now."""
+    assert run("--dir", str(pki_dir), "device", "dev2").returncode == 0
+    before = tree(pki_dir)
+    failed = run("--dir", str(pki_dir), "revoke", "dev2", "--days", "3000000")
+    assert (failed.returncode, failed.stderr.count("\n")) == (2, 1), failed.stderr
+    assert "out of range" in failed.stderr
+    assert tree(pki_dir) == before
+    assert run("--dir", str(pki_dir), "revoke", "dev2").returncode == 0
+    crl = x509.load_pem_x509_crl((pki_dir / "crl.pem").read_bytes())
+    records = {r.name: r for r in CertificateAuthority.open(pki_dir).records()}
+    assert [r.serial_number for r in crl] == [records["dev2"].serial]
+
+
+def test_nothing_is_issued_that_the_index_cannot_record(pki_dir: Path) -> None:
+    """A damaged index: the certificate and key were written anyway, then the command failed;
+    no record, so neither the device id nor the serial could ever revoke it."""
+    (pki_dir / "index.json").write_text('[{"serial":"1"}')
+    failed = run("--dir", str(pki_dir), "device", "dev4")
+    assert failed.returncode == 2
+    assert "index.json is damaged" in failed.stderr
+    assert not (pki_dir / "devices").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (("device", "d" * 65), "does not fit a certificate's common name"),
+        (("server", "--dns", "a" * 63 + ".b.example.com"), "pass --name"),
+        (("server", "--dns", "a" * 64 + ".example.com"), "is not a DNS name"),
+        (("device", "short", "--days", "0.002"), "has ended already"),
+        (("device", "short", "--days", "0.000001"), "shorter than a second"),
+    ],
+)
+def test_names_and_validities_no_certificate_can_carry_are_one_line_errors(
+    pki_dir: Path, args: tuple[str, ...], why: str
+) -> None:
+    """These crashed with a traceback (exit 1), or issued a certificate already expired."""
+    before = tree(pki_dir)
+    failed = run("--dir", str(pki_dir), *args)
+    assert (failed.returncode, failed.stderr.count("\n")) == (2, 1), failed.stderr
+    assert why in failed.stderr
+    assert tree(pki_dir) == before
+
+
+def test_a_non_ascii_dns_name_is_issued_as_its_a_labels(pki_dir: Path) -> None:
+    done = run("--dir", str(pki_dir), "server", "--dns", "gerät.example", "--name", "geraet")
+    assert done.returncode == 0, done.stderr
+    cert = x509.load_pem_x509_certificate((pki_dir / "servers/geraet.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["xn--gert-noa.example"]
+
+
+def test_init_ca_does_not_adopt_an_earlier_ca_s_index(pki_dir: Path) -> None:
+    """After ca.pem and ca.key were deleted, a new CA listed the old one's certificates as its
+    own (and revoking them put foreign serials on its CRL)."""
+    assert run("--dir", str(pki_dir), "device", "old-device").returncode == 0
+    (pki_dir / "ca.pem").unlink()
+    (pki_dir / "ca.key").unlink()
+    again = run("--dir", str(pki_dir), "init-ca")
+    assert again.returncode == 2
+    assert "index.json exists already" in again.stderr
+    assert not (pki_dir / "ca.key").exists()
