@@ -215,37 +215,28 @@ def _skip_seqs(db: sqlite3.Connection, durability: Literal["full", "normal"]) ->
 
 
 def _migrate_from_1(db: sqlite3.Connection, path: Path) -> None:
-    """Schema 1 -> 2 in one transaction: copy ``events`` into a table without AUTOINCREMENT
-    and record the highest seq ever used as ``meta.high_water``. A failure (a full disk: the copy
-    needs the table's size again) leaves schema 1 untouched and the agent refuses to start."""
-    try:
-        with _transaction(db):
-            high_water = db.execute(
-                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
-                " coalesce((SELECT max(seq) FROM events), 0),"
-                " coalesce((SELECT max(seq) FROM dead_letters), 0))"
-            ).fetchone()[0]
-            db.execute("ALTER TABLE events RENAME TO events_1")
-            db.execute("DROP INDEX events_drain")
-            db.execute("DROP INDEX events_expiry")
-            for statement in _EVENTS.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            copied = db.execute(
-                "INSERT INTO events (seq, topic, payload, qos, priority, event_time, expires_at,"
-                " attempts) SELECT seq, topic, payload, qos, priority, event_time, expires_at,"
-                " attempts FROM events_1"
-            ).rowcount
-            db.execute("DROP TABLE events_1")
-            db.execute("DELETE FROM sqlite_sequence")
-            _set_meta(db, "high_water", high_water)
-            db.execute("PRAGMA user_version=2")
-    except sqlite3.Error as exc:
-        db.close()
-        raise BufferError(
-            f"{path} has schema version 1 and could not be migrated to 2 ({exc}); nothing was"
-            " changed: its events are still there"
-        ) from None
+    """Schema 1 -> 2: copy ``events`` into a table without AUTOINCREMENT and record the highest
+    seq ever used as ``meta.high_water``. The copy needs the table's size again on disk."""
+    with _migrating(db, path, 1):
+        high_water = db.execute(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+            " coalesce((SELECT max(seq) FROM events), 0),"
+            " coalesce((SELECT max(seq) FROM dead_letters), 0))"
+        ).fetchone()[0]
+        db.execute("ALTER TABLE events RENAME TO events_1")
+        db.execute("DROP INDEX events_drain")
+        db.execute("DROP INDEX events_expiry")
+        for statement in _EVENTS.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        copied = db.execute(
+            "INSERT INTO events (seq, topic, payload, qos, priority, event_time, expires_at,"
+            " attempts) SELECT seq, topic, payload, qos, priority, event_time, expires_at,"
+            " attempts FROM events_1"
+        ).rowcount
+        db.execute("DROP TABLE events_1")
+        db.execute("DELETE FROM sqlite_sequence")
+        _set_meta(db, "high_water", high_water)
     log.warning(
         "buffer: migrated %s from schema 1 to 2 (%d events kept, last seq %d)",
         path,
@@ -255,19 +246,27 @@ def _migrate_from_1(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate_from_2(db: sqlite3.Connection, path: Path) -> None:
-    """Schema 2 -> 3: the ``suspects`` table, in one transaction. ``IF NOT EXISTS``: a schema 3
-    file whose header says 2 (a flipped byte) migrates to itself instead of failing each start."""
+    """Schema 2 -> 3: the ``suspects`` table. ``IF NOT EXISTS``: a schema 3 file whose header
+    says 2 (a flipped byte) migrates to itself instead of failing each start."""
+    with _migrating(db, path, 2):
+        db.execute(_SUSPECTS)
+    log.info("buffer: migrated %s from schema 2 to 3", path)
+
+
+@contextlib.contextmanager
+def _migrating(db: sqlite3.Connection, path: Path, version: int) -> Iterator[None]:
+    """One migration step, ``version`` -> ``version`` + 1, in one transaction: a failure (a full
+    disk) leaves the file as the step found it, and the agent refuses to start, saying why."""
     try:
         with _transaction(db):
-            db.execute(_SUSPECTS)
-            db.execute("PRAGMA user_version=3")
+            yield
+            db.execute(f"PRAGMA user_version={version + 1}")
     except sqlite3.Error as exc:
         db.close()
         raise BufferError(
-            f"{path} has schema version 2 and could not be migrated to 3 ({exc}); nothing was"
-            " changed: its events are still there"
+            f"{path} has schema version {version} and could not be migrated to {version + 1}"
+            f" ({exc}); nothing was changed: its events are still there"
         ) from None
-    log.info("buffer: migrated %s from schema 2 to 3", path)
 
 
 def _set_meta(db: sqlite3.Connection, key: str, value: object) -> None:
