@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mqtt_ingest.crl import crl_number
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
 __all__ = [
@@ -253,8 +254,6 @@ def _validity(not_before: dt.datetime | None, days: float) -> tuple[dt.datetime,
         end = start + dt.timedelta(days=days)
     except OverflowError:
         raise PkiError(f"{days:g} days from {start:%Y-%m-%d} is out of range") from None
-    if end - start < dt.timedelta(seconds=1):
-        raise PkiError(f"a validity of {days:g} days is shorter than a second")
     if not_before is None and end <= _now():
         raise PkiError(
             f"a validity of {days:g} days from {_BACKDATE.seconds // 60} minutes ago (the"
@@ -673,7 +672,7 @@ class CertificateAuthority:
                 if replaced is not None and replaced.next_update_utc is not None
                 else DEFAULT_CRL_DAYS
             )
-        numbers = [_crl_number(crl) for crl in (existing, own) if crl is not None]
+        numbers = [crl_number(crl) or 0 for crl in (existing, own) if crl is not None]
         crl = self.build_crl(days=days, after=max(numbers, default=0), records=records)
         return crl.public_bytes(serialization.Encoding.PEM)
 
@@ -702,13 +701,6 @@ def _dns_name(text: str) -> str:
     if len(ascii_name) > 253:
         raise PkiError(f"{text!r} is longer than a DNS name can be (253 characters)")
     return ("*." if wildcard else "") + ascii_name
-
-
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return 0
 
 
 def _parse_serial(text: str) -> int | None:

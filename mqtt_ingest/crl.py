@@ -13,7 +13,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtensionOID
 
-__all__ = ["DEVICES_REFUSED", "TlsError", "check_crl", "crl_rollback", "load_crl"]
+__all__ = [
+    "DEVICES_REFUSED",
+    "TlsError",
+    "check_crl",
+    "crl_number",
+    "crl_rollback",
+    "load_crl",
+]
 
 DEVICES_REFUSED = "every device would be refused with it"
 """What an unusable CRL would do to the sink (``refused`` of `check_crl` and `load_crl`)."""
@@ -87,7 +94,7 @@ def crl_rollback(
     signers = [authority for authority in authorities if _signed_by(new, authority)]
     if not any(_signed_by(current, signer) for signer in signers):
         return None
-    numbers = [_number(crl) for crl in (new, current)]
+    numbers = [crl_number(crl) for crl in (new, current)]
     if numbers[0] is not None and numbers[1] is not None:
         if numbers[0] < numbers[1]:
             return f"its CRL number {numbers[0]} is below {numbers[1]}, the CRL in use's"
@@ -100,7 +107,8 @@ def crl_rollback(
     return None
 
 
-def _number(crl: x509.CertificateRevocationList) -> int | None:
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    """The CRL's number (RFC 5280 5.2.3), None if it has none."""
     try:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
