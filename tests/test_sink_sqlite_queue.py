@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_sink import health
 from cloud_sink.backends import (
     CoreMessage,
     DeadLetterMessage,
@@ -103,6 +104,30 @@ async def test_the_disk_reserve_refuses_writes_and_the_probe_alike(tmp_path: Pat
             with pytest.raises(BackendError, match="the disk is nearly full"):
                 await queue.publish(_messages(300_000, 20_000, 1000))
             await queue.probe()
+        finally:
+            await queue.aclose()
+
+
+async def test_the_probe_of_an_idle_sink_asks_only_the_room_a_write_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: the idle probe (readiness of an idle sink) asked the recovery probe's
+    quarter of the reserve on top: a disk between 1 and 1.25 reserves free, where writes still
+    fit, was declared an outage and every device refused."""
+    monkeypatch.setattr(health, "IDLE_PROBE", 0.1)
+    reserve = 2 * 1024**2
+    with small_disk(tmp_path / "disk", 24 * 1024**2) as disk:
+        queue = await SqliteCoreQueue.open(disk / "core.db", disk_reserve=reserve)
+        guard = BackendGuard(queue, Backoff(0.05, 0.1), Counters())
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                runner = tasks.create_task(guard.run())
+                await guard.publish(_messages(1, 10, 100))
+                fill(disk, reserve * 11 // 10)  # leaves 1.1 reserves free
+                await asyncio.sleep(0.5)  # idle probes
+                assert guard.state is BackendState.UP
+                assert (await guard.publish(_messages(11, 10, 100))).stored == 10
+                runner.cancel()
         finally:
             await queue.aclose()
 

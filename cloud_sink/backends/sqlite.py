@@ -169,9 +169,13 @@ class SqliteCoreQueue:
         )
 
     def _probe(self) -> None:
-        # Room for the largest write refused (at most the reserve's size: a call of many
-        # devices' events is not sent again as such), and a quarter more: no flapping.
-        self._room(min(self._refused, self._reserve), headroom=self._reserve // 4)
+        # After a write refused for the reserve: room for the largest such write (at most the
+        # reserve's size: a call of many devices' events is not sent again as such), and a
+        # quarter more: no flapping. Otherwise (the probe of an idle sink) what a write needs.
+        if self._refused:
+            self._room(min(self._refused, self._reserve), headroom=self._reserve // 4)
+        else:
+            self._room(0)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
