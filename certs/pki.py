@@ -340,11 +340,16 @@ class CertificateAuthority:
         ca._record(cert, "ca", common_name, cert_path)
         try:
             _write_new(key_path, _key_pem(key), 0o600)
-            _write_new(cert_path, _cert_pem(cert), 0o644)
+            try:
+                _write_new(cert_path, _cert_pem(cert), 0o644)
+            except BaseException:
+                # A key without its certificate: every command says "no CA", init-ca "exists".
+                key_path.unlink(missing_ok=True)
+                raise
         except BaseException:
-            # A key without its certificate: every command says "no CA", init-ca "exists".
-            key_path.unlink(missing_ok=True)
-            ca.index_path.unlink(missing_ok=True)
+            # Only what this call wrote: an init-ca running at the same time may have won.
+            with ca._locked():
+                ca._save([r for r in ca.records() if r.serial != cert.serial_number])
             raise
         return ca
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs import CertificateAuthority, KeyType, OutputExists, PkiError, device_uri
+from certs import pki as pki_module
 from certs.cli import main, parse_when
 from tests.harness.process import console_script
 
@@ -443,3 +444,23 @@ def test_init_ca_does_not_adopt_an_earlier_ca_s_index(pki_dir: Path) -> None:
     assert again.returncode == 2
     assert "index.json exists already" in again.stderr
     assert not (pki_dir / "ca.key").exists()
+
+
+def test_an_init_ca_that_loses_a_race_removes_only_what_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: the loser of two init-ca at once deleted the winner's ca.key and the
+    whole index.json on its way out."""
+    directory = tmp_path / "pki"
+    write_new = pki_module._write_new
+
+    def racing(path: Path, data: bytes, mode: int) -> None:
+        if path.name == "ca.key" and not path.exists():
+            write_new(path, b"the winner's key", 0o600)  # another init-ca got there first
+        write_new(path, data, mode)
+
+    monkeypatch.setattr(pki_module, "_write_new", racing)
+    with pytest.raises(OutputExists):
+        CertificateAuthority.create(directory)
+    assert (directory / "ca.key").read_bytes() == b"the winner's key"
+    assert json.loads((directory / "index.json").read_text()) == []  # its own record only
