@@ -72,6 +72,8 @@ class HttpEndpoint:
         self._handlers: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
         self._heads: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
         """Those still reading their request, oldest first."""
+        self._evicted: set[asyncio.Task[object]] = set()
+        """Closed by `_room` for a newer connection, not ended yet."""
         self._closing = False
         self._failure_logged = -_FAILURE_LOG_EVERY
 
@@ -100,7 +102,7 @@ class HttpEndpoint:
             return
         self._closing = True
         self._server.close()
-        handlers = list(self._handlers)
+        handlers = [*self._handlers, *self._evicted]
         for handler in handlers:
             handler.cancel()
         if handlers:
@@ -117,11 +119,11 @@ class HttpEndpoint:
         try:
             await self._answer(reader, writer, task)
         except asyncio.CancelledError:
-            if not self._closing:
+            if not self._closing and task not in self._evicted:
                 raise
-            # Ended by our own stop: returning is how this task ends cleanly. On Python 3.11 a
-            # cancelled connection task logs "Exception in callback" with a traceback (asyncio's
-            # StreamReaderProtocol asks a cancelled task for its exception).
+            # Ended by our own stop or `_room`: returning is how this task ends cleanly. On
+            # Python 3.11 a cancelled connection task logs "Exception in callback" with a
+            # traceback (asyncio's StreamReaderProtocol asks a cancelled task for its exception).
         finally:
             self._handlers.pop(task, None)
             self._heads.pop(task, None)
@@ -137,6 +139,9 @@ class HttpEndpoint:
         oldest = next(iter(self._heads))
         self._heads.pop(oldest).transport.abort()
         self._handlers.pop(oldest, None)
+        oldest.cancel()  # its request may have come in this very turn: not answered either
+        self._evicted.add(oldest)
+        oldest.add_done_callback(self._evicted.discard)
         return True
 
     async def _answer(
