@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
+import idna
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -700,8 +701,8 @@ def _dns_name(text: str) -> str:
     if not name or any(c in name for c in "/ \x00*"):
         raise PkiError(f"{text!r} is not a DNS name")
     try:
-        ascii_name = name.encode("idna").decode("ascii")
-    except UnicodeError as exc:
+        ascii_name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
         raise PkiError(f"{text!r} is not a DNS name: {exc}") from None
     if len(ascii_name) > 253:
         raise PkiError(f"{text!r} is longer than a DNS name can be (253 characters)")
