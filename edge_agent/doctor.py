@@ -70,6 +70,11 @@ def _check(name: str, probe: Callable[[], str | tuple[str, bool]]) -> Check:
         result = probe()
     except _Failed as failed:
         return Check(name, False, failed.detail, failed.fix)
+    except OSError as exc:  # a file that went away or changed kind between two checks
+        where = f"{exc.filename}: " if exc.filename else ""
+        return Check(
+            name, False, f"{where}{exc.strerror or exc}", "check that path and its permissions"
+        )
     detail, warning = result if isinstance(result, tuple) else (result, False)
     return Check(name, True, detail, warning=warning)
 
@@ -127,6 +132,10 @@ def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
 
 
 def _data_dir(directory: Path, reserve: int) -> str | tuple[str, bool]:
+    if directory.exists() and not directory.is_dir():
+        raise _Failed(
+            f"{directory} is not a directory", "remove it or point data_dir at a directory"
+        )
     if not directory.exists():
         parent = directory.parent
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -173,6 +182,10 @@ def _files(uplink: UplinkConfig) -> str | tuple[str, bool]:
     for what, path in paths:
         if not path.exists():
             raise _Failed(f"uplink {what} {path} does not exist", f"put the {what} file at {path}")
+        if not path.is_file():
+            raise _Failed(
+                f"uplink {what} {path} is not a regular file", f"put the {what} file at {path}"
+            )
         if not os.access(path, os.R_OK):
             raise _Failed(
                 f"uplink {what} {path} is not readable for uid {os.getuid()}",

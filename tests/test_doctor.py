@@ -219,3 +219,35 @@ def test_doctor_accepts_the_installed_key_mode_and_warns_on_exposed_keys(
         assert f"has mode {mode:o}: chmod 640 (root:edge-agent) or 600" in files.detail
     else:
         assert f"key mode {mode:04o}" in files.detail
+
+
+def test_doctor_fails_on_a_certificate_path_that_is_a_directory(tmp_path: Path, pki: Pki) -> None:
+    path = agent_config(tmp_path, pki, free_port())
+    config = load_config(path)
+    assert config.uplink is not None
+    config.uplink.tls.cert.unlink()
+    config.uplink.tls.cert.mkdir()
+    checks = list(run_checks(config, path))
+    files = next(check for check in checks if check.name == "files")
+    assert not files.ok
+    assert f"uplink cert {config.uplink.tls.cert} is not a regular file" in files.detail
+
+
+async def test_a_data_dir_that_is_a_file_is_a_clear_error_everywhere(
+    tmp_path: Path, pki: Pki
+) -> None:
+    path = agent_config(tmp_path, pki, free_port())
+    config = load_config(path)
+    config.agent.data_dir.parent.mkdir(parents=True, exist_ok=True)
+    config.agent.data_dir.write_text("not a directory\n")
+    check = list(run_checks(config, path))[1]
+    assert (check.name, check.ok) == ("data directory", False)
+    data = config.agent.data_dir
+    assert f"{data} is not a directory" in check.detail
+    for command in (["run"], ["publish", "sensors/t", "1"]):
+        done = await acli(path, *command)
+        assert done.returncode == 1, (command, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
+        assert f"data_dir {data} is not a directory" in done.stderr
+    done = await acli(path, "status")
+    assert (done.returncode, done.stderr) == (1, f"edge-agent: no buffer at {data}/buffer.db\n")

@@ -65,8 +65,13 @@ def agent_pid(directory: Path) -> int | None:
 
 
 def _open_lock_file(directory: Path) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
-    return os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    if directory.exists() and not directory.is_dir():
+        raise BufferError(f"data_dir {directory} is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise BufferError(f"cannot use data_dir {directory}: {exc.strerror or exc}") from None
 
 
 async def _lock(directory: Path, patience: float = LOCK_PATIENCE) -> int:
