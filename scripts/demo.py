@@ -101,17 +101,23 @@ class Process:
 
     async def start(self) -> None:
         with self.log.open("ab") as log:
+            start = log.tell()  # the log is shared by restarts: only this run's lines count
             self.process = await asyncio.create_subprocess_exec(
                 *self.argv, stdout=log, stderr=log, start_new_session=True
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.ready.search(self.log.read_text(errors="replace")):
+            if self.ready.search(self._output(start)):
                 return
             if self.process.returncode is not None:
                 break
             await asyncio.sleep(0.1)
-        raise SystemExit(f"demo: {self.name} did not start; its log:\n{self.log.read_text()}")
+        raise SystemExit(f"demo: {self.name} did not start; its log:\n{self._output(start)}")
+
+    def _output(self, start: int) -> str:
+        with self.log.open("rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")
 
     async def stop(self) -> int | None:
         process, self.process = self.process, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import os
 import signal
 import subprocess
@@ -63,3 +65,31 @@ def test_demo_stopped_by_a_signal_leaves_nothing_behind(
         ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False
     )
     assert leftovers.stdout == "", "demo processes left running"
+
+
+def test_a_restart_is_ready_only_once_its_own_run_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log is shared by a service's runs: the first run's ready line made a restart that
+    failed look ready at once (and the drain figure include the restart)."""
+    spec = importlib.util.spec_from_file_location("demo", DEMO)
+    assert spec is not None
+    assert spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "demo", demo)  # its dataclasses look their module up
+    spec.loader.exec_module(demo)
+    log = tmp_path / "sink.log"
+    log.write_text("sink: listening on 127.0.0.1:4242\n")  # what the first run wrote
+    failing = demo.Process("sink", [sys.executable, "-c", "print('boom')"], "listening on", log)
+    with pytest.raises(SystemExit, match=r"did not start; its log:\nboom\n$"):
+        asyncio.run(failing.start())
+    ready = demo.Process(
+        "sink", [sys.executable, "-c", "print('listening on x'); import time; time.sleep(60)"],
+        "listening on", log,
+    )  # fmt: skip
+
+    async def start_and_stop() -> object:
+        await ready.start()
+        return await ready.stop()
+
+    assert asyncio.run(start_and_stop()) == -signal.SIGTERM
