@@ -14,6 +14,7 @@ never dropped silently; what even the dead-letter destination cannot take is ref
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -113,42 +114,45 @@ class Forwarder:
 
     def _messages(self, event: IngestEvent) -> tuple[list[CoreMessage], list[DeadLetterMessage]]:
         """The core-queue messages of one MQTT message, and the dead letters of what cannot be
-        one: the whole payload for an unmappable topic or a malformed envelope, each event the
-        backend can never take (too large for it, a name it cannot carry) on its own. Such an
-        event failed the whole batch before: an outage, and the device's resend brought it
-        back, shutting every device out again."""
+        one: the whole payload of a malformed envelope; each event on a topic the backends
+        cannot map, and each event the backend can never take (too large for it, a name it
+        cannot carry), on its own. Such an event failed the whole batch before: an outage, and
+        the device's resend brought it back, shutting every device out again."""
         device = event.identity.name
         received_ms = int(event.received_at * 1000)
+        try:
+            ours = (
+                self._unpacked(event, device, received_ms)
+                if event.identity.attributes.get("format") == FORMAT_BATCH_V1
+                else [self._raw(event, device, received_ms)]
+            )
+        except EnvelopeError as exc:
+            # No event ids to name it by: the digest names the device's resend of these bytes.
+            digest = hashlib.sha256(event.topic.encode() + b"\0" + event.payload).hexdigest()
+            letter_id = f"{device}/envelope/{digest[:32]}"
+            letter = DeadLetterMessage(
+                device, event.topic, event.payload, exc.reason, received_ms, letter_id
+            )
+            return [], [letter]
         problem = unmappable_topic(event.topic)
-        if problem is None:
-            try:
-                ours = (
-                    self._unpacked(event, device, received_ms)
-                    if event.identity.attributes.get("format") == FORMAT_BATCH_V1
-                    else [self._raw(event, device, received_ms)]
+        refusal = self._queue.refusal
+        if problem is None and not any(map(refusal, ours)):
+            return ours, []
+        good: list[CoreMessage] = []
+        letters: list[DeadLetterMessage] = []
+        for message in ours:
+            why = problem or refusal(message)
+            if why is None:
+                good.append(message)
+                continue
+            if message.seq is not None:
+                why += f" (event {message.event_id})"
+            letters.append(
+                DeadLetterMessage(
+                    device, event.topic, message.payload, why, received_ms, message.event_id
                 )
-            except EnvelopeError as exc:
-                problem = exc.reason
-            else:
-                refusal = self._queue.refusal
-                if not any(map(refusal, ours)):
-                    return ours, []
-                good: list[CoreMessage] = []
-                letters: list[DeadLetterMessage] = []
-                for message in ours:
-                    why = refusal(message)
-                    if why is None:
-                        good.append(message)
-                    else:
-                        if message.seq is not None:
-                            why += f" (event {message.event_id})"
-                        letters.append(
-                            DeadLetterMessage(
-                                device, event.topic, message.payload, why, received_ms
-                            )
-                        )
-                return good, letters
-        return [], [DeadLetterMessage(device, event.topic, event.payload, problem, received_ms)]
+            )
+        return good, letters
 
     def _unpacked(self, event: IngestEvent, device: str, received_ms: int) -> list[CoreMessage]:
         """The events of an envelope, each its own message; `EnvelopeError` if malformed."""

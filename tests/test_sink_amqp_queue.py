@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -202,16 +203,27 @@ async def test_a_queue_deleted_under_the_sink_is_declared_again(rabbitmq: Rabbit
 async def test_dead_letters_land_in_their_queue_with_reason(rabbitmq: RabbitNames) -> None:
     device = f"{rabbitmq.routing_prefix}-dev"
     letters = [
-        DeadLetterMessage(device, f"devices/{device}/a.b", b"\x00bad", "topic level 'a.b'", 5),
-        DeadLetterMessage("we.ird *#id", "devices/x", b"{", "malformed envelope", 6),
+        DeadLetterMessage(
+            device, f"devices/{device}/a.b", b"\x00bad", "topic level 'a.b'", 5, f"{device}/e/1"
+        ),
+        DeadLetterMessage(
+            "we.ird *#id", "devices/x", b"{", "malformed envelope", 6, "we.ird *#id/e/2"
+        ),
+        DeadLetterMessage(device, "devices/x", b"long", "event id too long", 7, "é" * 200),
     ]
     async with core_queue(rabbitmq) as queue:
         await queue.dead_letter(letters)
     received = await drain_queue(
-        rabbitmq.url, rabbitmq.dead_letter_queue, expected=2, timeout=DRAIN_TIMEOUT
+        rabbitmq.url, rabbitmq.dead_letter_queue, expected=3, timeout=DRAIN_TIMEOUT
     )
-    assert [r.body for r in received] == [b"\x00bad", b"{"]
-    assert [r.routing_key for r in received] == [device, "we_ird___id"]
+    assert [r.body for r in received] == [b"\x00bad", b"{", b"long"]
+    assert [r.routing_key for r in received] == [device, "we_ird___id", device]
+    # Consumers dedupe a resent letter by its message id; one too long for it is its digest.
+    assert [r.message_id for r in received] == [
+        f"{device}/e/1",
+        "we.ird *#id/e/2",
+        hashlib.sha256(("é" * 200).encode()).hexdigest(),
+    ]
     assert received[0].headers == {
         "reason": "topic level 'a.b'",
         "device-id": device,
@@ -239,7 +251,7 @@ def test_dead_letter_routing_key_is_one_safe_word() -> None:
 async def test_quorum_queue(rabbitmq: RabbitNames) -> None:
     async with core_queue(rabbitmq, queue_type="quorum") as queue:
         await queue.publish([message(rabbitmq, seq) for seq in range(1, 6)])
-        await queue.dead_letter([DeadLetterMessage("d", "t", b"x", "r", 1)])
+        await queue.dead_letter([DeadLetterMessage("d", "t", b"x", "r", 1, "d/e/1")])
     async with amqp_connection(rabbitmq.url) as connection:
         channel = await connection.channel()
         declared = await channel.declare_queue(
@@ -333,7 +345,7 @@ async def test_closed_queue_raises(rabbitmq: RabbitNames) -> None:
     with pytest.raises(BackendError, match="closed"):
         await queue.publish([message(rabbitmq, 1)])
     with pytest.raises(BackendError, match="closed"):
-        await queue.dead_letter([DeadLetterMessage("d", "t", b"x", "r", 1)])
+        await queue.dead_letter([DeadLetterMessage("d", "t", b"x", "r", 1, "d/e/1")])
 
 
 # -- the hand-written publish frames: byte for byte what pamqp writes ---------------------------

@@ -153,6 +153,51 @@ async def test_raw_envelope_and_dead_letters_end_to_end(tmp_path: Path) -> None:
     assert metrics.get("forwarded", "dead_letter") == 2
 
 
+async def test_a_resent_dead_letter_is_stored_once(tmp_path: Path) -> None:
+    """A device resends what was not acknowledged (a sink crash after the backend's commit, F3):
+    its dead letters were stored again at each resend. Each now has an id its resend shares:
+    the event id, or for an envelope that cannot be decoded a digest of its bytes. The events of
+    an envelope on a topic the backends cannot map are dead letters one by one."""
+    path = tmp_path / "core.db"
+    queue = await SqliteCoreQueue.open(path)
+    metrics = Counters()
+    server = IngestServer(
+        stage=Forwarder(queue, metrics, max_body=1024**2),
+        authenticator=UsernameParams(),
+        rights=DevicePrefixRights(),
+        metrics=metrics,
+    )
+    envelope = encode(EPOCH, [EnvelopeEvent(5, 1000, b"e5"), EnvelopeEvent(6, 1001, b"e6")])
+    async with server:
+        for attempt in range(2):  # the same client id, a new connection: the resend
+            batch = await RawClient.open(server.port)
+            await batch.send(connect_packet("dev-2", username="dev-2?format=batch-v1"))
+            assert (await batch.read()) is not None
+            await batch.send(publish_packet("devices/dev-2/a.b", envelope, qos=1, packet_id=1))
+            await batch.send(publish_packet("devices/dev-2/t", b"garbage", qos=1, packet_id=2))
+            acks = [await batch.read() for _ in range(2)]
+            assert [p.packet_id for p in acks if p] == [1, 2], attempt
+            await batch.aclose()
+        raw = await RawClient.connected(server.port, "dev-1")
+        for packet_id in (1, 2):  # a raw publish has no id: two are two letters
+            await raw.send(publish_packet("devices/dev-1/a.b", b"odd", qos=1, packet_id=packet_id))
+            assert await raw.read() is not None
+        await raw.aclose()
+    await queue.aclose()
+    dead = read_dead_letters(path)
+    assert [(d.topic, d.payload) for d in dead] == [
+        ("devices/dev-2/a.b", b"e5"),
+        ("devices/dev-2/a.b", b"e6"),
+        ("devices/dev-2/t", b"garbage"),
+        ("devices/dev-1/a.b", b"odd"),
+        ("devices/dev-1/a.b", b"odd"),
+    ]
+    assert [d.letter_id for d in dead[:2]] == [f"dev-2/{EPOCH}/5", f"dev-2/{EPOCH}/6"]
+    assert dead[0].reason == f"topic level 'a.b' contains '.' (event dev-2/{EPOCH}/5)"
+    assert dead[2].letter_id.startswith("dev-2/envelope/")
+    assert dead[3].letter_id != dead[4].letter_id
+
+
 async def test_a_compressed_envelope_is_bounded_as_an_uncompressed_one(tmp_path: Path) -> None:
     """The body once decompressed must fit ``max_body`` (the sink's ``max_packet_size``): a small
     zstd frame declaring a large body is dead-lettered, not inflated (it took 16 MiB each)."""

@@ -134,10 +134,13 @@ async def test_a_resend_after_the_duplicate_window_is_stored_again_never_lost(
 async def test_raw_publish_and_dead_letters(nats_jetstream: NatsNames) -> None:
     queue = await open_queue(nats_jetstream)
     raw = CoreMessage("sink-abc", "dev-2", "devices/dev-2/x", b"\x00raw\xff", 0, 1)
-    bad = DeadLetterMessage("dev.2", "devices/dev.2/a.b", b"\x00", "topic level 'a.b'\r\n!", 5)
+    bad = DeadLetterMessage(
+        "dev.2", "devices/dev.2/a.b", b"\x00", "topic level 'a.b'\r\n!", 5, "dev.2/e/1"
+    )
     try:
         await queue.publish([raw])
         await queue.dead_letter([bad])
+        await queue.dead_letter([bad])  # the device's resend: the same letter id
     finally:
         await queue.aclose()
     [stored] = await read_stream(
@@ -157,6 +160,7 @@ async def test_raw_publish_and_dead_letters(nats_jetstream: NatsNames) -> None:
     assert dead.headers["device-id"] == "dev.2"
     assert dead.headers["topic"] == "devices/dev.2/a.b"
     assert dead.headers["received-at"] == "5"
+    assert (dead.msg_id, dead.headers["letter-id"]) == ("dev.2/e/1", "dev.2/e/1")
 
 
 async def test_concurrent_batches_from_many_devices(nats_jetstream: NatsNames) -> None:
@@ -504,7 +508,7 @@ async def test_a_stream_deleted_under_the_sink_is_created_again_by_the_probe(
             if deleted == "events":
                 await queue.publish([core_message(1)])
             else:
-                letter = DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "test", 1)
+                letter = DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "test", 1, "dev-1/e/1")
                 await queue.dead_letter([letter])
 
         with pytest.raises(BackendError):
@@ -537,7 +541,9 @@ async def test_another_stream_over_our_subjects_is_no_confirm(
         if kind == "events":
             await queue.publish([core_message(1)])
         else:
-            await queue.dead_letter([DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "t", 1)])
+            await queue.dead_letter(
+                [DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "t", 1, "dev-1/e/2")]
+            )
 
     try:
         async with nats_connection(nats_jetstream.url) as nc:

@@ -46,11 +46,37 @@ async def test_raw_publishes_without_seq_and_dead_letters(tmp_path: Path) -> Non
     queue = await SqliteCoreQueue.open(path)
     raw = CoreMessage("sink-abc", "dev-2", "devices/dev-2/x", b"raw", 0, 1)
     await queue.publish([raw])
-    bad = DeadLetterMessage("dev-2", "devices/dev-2/a.b", b"\x00", "topic level 'a.b'", 5)
+    bad = DeadLetterMessage(
+        "dev-2", "devices/dev-2/a.b", b"\x00", "topic level 'a.b'", 5, "dev-2/e/1"
+    )
     await queue.dead_letter([bad])
     await queue.aclose()
     assert [m for _, m in read_messages(path)] == [raw]
     assert read_dead_letters(path) == [bad]
+
+
+async def test_a_core_queue_from_before_letter_ids_gets_them(tmp_path: Path) -> None:
+    """A core queue made before dead letters had ids: its letters stay, new ones get ids, and a
+    resent letter is stored once."""
+    path = tmp_path / "core.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE dead_letters (position INTEGER PRIMARY KEY, device_id TEXT NOT NULL,"
+        " topic TEXT NOT NULL, reason TEXT NOT NULL, received_at INTEGER NOT NULL,"
+        " payload BLOB NOT NULL);"
+        "INSERT INTO dead_letters (device_id, topic, reason, received_at, payload)"
+        " VALUES ('dev-1', 't', 'old', 1, x'00');"
+    )
+    old.close()
+    queue = await SqliteCoreQueue.open(path)
+    letter = DeadLetterMessage("dev-2", "devices/dev-2/a.b", b"\x01", "new", 2, "dev-2/e/7")
+    await queue.dead_letter([letter])
+    await queue.dead_letter([letter, letter])
+    await queue.aclose()
+    assert read_dead_letters(path) == [
+        DeadLetterMessage("dev-1", "t", b"\x00", "old", 1, ""),
+        letter,
+    ]
 
 
 async def test_concurrent_batches_from_many_devices(tmp_path: Path) -> None:

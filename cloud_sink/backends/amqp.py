@@ -24,6 +24,7 @@ marshalling. aiormq's per-message publish was most of the sink's CPU per event w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -311,9 +312,12 @@ def _dead_letter(m: DeadLetterMessage) -> Outgoing:
         "topic": m.topic,
         "received-at": m.received_at_ms,
     }
-    # No message id of our own, a random one: a returned (unroutable) message is matched to
-    # its batch by it. Rare enough for pamqp's marshalling.
-    message_id = uuid.uuid4().hex
+    # The letter id: consumers dedupe a resent letter by it, as they do events. One too long for
+    # a short string (a letter may be there because its event id is) is replaced by its digest.
+    message_id = m.letter_id
+    limit = MAX_SHORT_STRING_BYTES
+    if len(message_id) * 4 > limit and len(message_id.encode()) > limit:
+        message_id = hashlib.sha256(message_id.encode()).hexdigest()
     properties = Basic.Properties(headers=headers, message_id=message_id, delivery_mode=_PERSISTENT)
     key = dead_letter_routing_key(m.device_id)
     return Outgoing(key, properties.marshal(), m.payload, message_id)

@@ -40,6 +40,10 @@ class DeadLetterMessage:
     payload: bytes
     reason: str
     received_at_ms: int
+    letter_id: str
+    """The same for the device's resend of the same event, so the backend stores it once (as
+    for events): the event id, or for an envelope that cannot be decoded a digest of its topic
+    and bytes; for a raw publish a new id (nothing tells its resend from a second event)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,7 +245,9 @@ class NatsCoreQueue:
         UTF-8 character is at most 4 bytes: what is clearly short is not encoded to measure."""
         if isinstance(message, DeadLetterMessage):
             subject_bound = len(self.dead_letter_subject_prefix) + 4 * len(message.device_id)
-            metadata = len(message.reason) + len(self.dead_letter_stream)
+            metadata = (
+                len(message.reason) + len(self.dead_letter_stream) + 2 * len(message.letter_id)
+            )
         else:
             subject_bound = len(self.subject_prefix) + 4 * len(message.topic)
             metadata = 2 * len(message.event_id) + len(self.stream)
@@ -366,8 +368,10 @@ class NatsCoreQueue:
 
 
 def _dead_letter_headers(m: DeadLetterMessage, stream: str) -> str:
+    letter_id = _header_value(m.letter_id)
     return (
-        f"NATS/1.0\r\nNats-Expected-Stream: {stream}\r\n"
+        f"NATS/1.0\r\nNats-Msg-Id: {letter_id}\r\nNats-Expected-Stream: {stream}\r\n"
+        f"letter-id: {letter_id}\r\n"
         f"reason: {_header_value(m.reason)}\r\n"
         f"device-id: {_header_value(m.device_id)}\r\n"
         f"topic: {_header_value(m.topic)}\r\n"

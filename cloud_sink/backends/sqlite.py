@@ -64,8 +64,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     topic TEXT NOT NULL,
     reason TEXT NOT NULL,
     received_at INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    letter_id TEXT
 );
+"""
+_LETTER_ID = """
+CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_letter_id ON dead_letters (letter_id);
 """
 
 
@@ -101,6 +105,10 @@ class SqliteCoreQueue:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(dead_letters)")}
+            if "letter_id" not in columns:  # a core queue made before dead letters had ids
+                db.execute("ALTER TABLE dead_letters ADD COLUMN letter_id TEXT")
+            db.executescript(_LETTER_ID)
         except sqlite3.Error as exc:
             db.close()
             raise BackendError(f"cannot open the core queue {path}: {exc}") from exc
@@ -212,10 +220,15 @@ class SqliteCoreQueue:
         self._room(sum(len(m.payload) + len(m.reason) + _ROW_OVERHEAD for m in messages))
         db.execute("BEGIN IMMEDIATE")
         try:
+            # A resend of a letter already stored is ignored, as a resent event is.
             db.executemany(
-                "INSERT INTO dead_letters (device_id, topic, reason, received_at, payload)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(m.device_id, m.topic, m.reason, m.received_at_ms, m.payload) for m in messages],
+                "INSERT OR IGNORE INTO dead_letters"
+                " (device_id, topic, reason, received_at, payload, letter_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (m.device_id, m.topic, m.reason, m.received_at_ms, m.payload, m.letter_id)
+                    for m in messages
+                ],
             )
             failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
@@ -253,8 +266,8 @@ def read_dead_letters(path: Path) -> list[DeadLetterMessage]:
         return [
             DeadLetterMessage(*row)
             for row in db.execute(
-                "SELECT device_id, topic, payload, reason, received_at FROM dead_letters"
-                " ORDER BY position"
+                "SELECT device_id, topic, payload, reason, received_at, coalesce(letter_id, '')"
+                " FROM dead_letters ORDER BY position"
             )
         ]
     finally:
