@@ -43,7 +43,7 @@ from edge_agent.config import (
     topic_filter_problem,
     topic_matches,
 )
-from edge_agent.doctor import run_checks
+from edge_agent.doctor import Check, run_checks
 from edge_agent.link import LinkStatus, read_link_status
 from edge_agent.local import read_listener_file
 from edge_agent.memory import tune_malloc
@@ -143,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
+        if args.command == "doctor":  # its first check, failed: nothing later can run
+            print(Check("config", False, str(exc), "correct each item listed").line())
+            return 1
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
     try:

@@ -251,3 +251,13 @@ async def test_a_data_dir_that_is_a_file_is_a_clear_error_everywhere(
         assert f"data_dir {data} is not a directory" in done.stderr
     done = await acli(path, "status")
     assert (done.returncode, done.stderr) == (1, f"edge-agent: no buffer at {data}/buffer.db\n")
+
+
+async def test_doctor_reports_an_invalid_config_as_its_failed_first_check(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "agent")
+    path.write_text(path.read_text().replace('filter = "#"', 'filter = "other/#"'))
+    done = await acli(path, "doctor")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith("FAIL config: "), done.stdout
+    assert 'must have filter = "#"' in done.stdout
+    assert "fix: correct each item listed" in done.stdout
