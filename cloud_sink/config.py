@@ -170,6 +170,9 @@ class AmqpBackendConfig(_Backend):
     queue_type: Literal["classic", "quorum"] = "classic"
     dead_letter_exchange: str = "mqtt-bridge.dead-letters"
     dead_letter_queue: str = "mqtt-bridge.dead-letters"
+    max_message_size: Annotated[Bytes, Field(gt=0, le=512 * 1024**2)] = 16 * 1024**2
+    """RabbitMQ's ``max_message_size``: it closes the channel on a larger body, failing the
+    whole batch. The default is RabbitMQ 4's; 3.x's is 128 MiB."""
     timeout: BackendTimeout = 10.0
 
 

@@ -78,6 +78,7 @@ async def open_backend(config: SinkConfig) -> CoreQueue:
             queue_type=backend.queue_type,
             dead_letter_exchange=backend.dead_letter_exchange,
             dead_letter_queue=backend.dead_letter_queue,
+            max_message_size=backend.max_message_size,
             timeout=backend.timeout,
         )
     from cloud_sink.backends.nats import NatsCoreQueue

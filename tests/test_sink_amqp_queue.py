@@ -24,6 +24,8 @@ from cloud_sink.backends.amqp import AmqpCoreQueue, QueueType, dead_letter_routi
 from cloud_sink.backends.amqp_publisher import BatchPublisher, Outgoing
 from cloud_sink.backends.amqp_wire import event_properties, publish_frames, publish_method
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
+from cloud_sink.forward import Forwarder
+from mqtt_ingest import Counters, Identity, IngestEvent
 from tests.harness.brokers import RabbitNames, amqp_connection, drain_queue
 from tests.harness.chaos import ChaosProxyFactory
 from tests.harness.sink import core_message
@@ -44,6 +46,7 @@ async def core_queue(
     queue: str | None = "default",
     queue_type: QueueType = "classic",
     timeout: float = 10.0,
+    max_message_size: int = 16 * 1024**2,
 ) -> AsyncIterator[AmqpCoreQueue]:
     opened = await AmqpCoreQueue.open(
         url=url or names.url,
@@ -52,6 +55,7 @@ async def core_queue(
         queue_type=queue_type,
         dead_letter_exchange=names.dead_letter_exchange,
         dead_letter_queue=names.dead_letter_queue,
+        max_message_size=max_message_size,
         timeout=timeout,
     )
     try:
@@ -239,6 +243,32 @@ async def test_dead_letters_land_in_their_queue_with_reason(rabbitmq: RabbitName
         events = await channel.declare_queue(rabbitmq.queue, passive=True)
         assert events.declaration_result.message_count == 0
         await channel.close()
+
+
+async def test_an_event_over_max_message_size_is_refused_alone(rabbitmq: RabbitNames) -> None:
+    """RabbitMQ closes the channel on a body over its ``max_message_size``: one such event failed
+    the whole stage call, other devices' events included, at every resend. It is refused alone
+    now (not acknowledged; too large for the dead letters too), the rest is stored. The limit is
+    the body's, headers aside, as RabbitMQ counts it (checked against RabbitMQ 3.10 by lowering
+    its limit)."""
+    identity = Identity("dev-1", {})
+    events = [
+        IngestEvent(identity, "dev-1", "devices/dev-1/t", b"s" * size, 1, False, 1.0)
+        for size in (4096, 4097, 10)
+    ]
+    async with core_queue(rabbitmq, max_message_size=4096) as queue:
+        forwarder = Forwarder(queue, Counters(), max_body=1024**2)
+        refused = await forwarder.store(events)
+    assert refused is not None
+    assert [None if r is None else str(r) for r in refused] == [
+        None,
+        "4097 bytes, over RabbitMQ's max_message_size (4096, [backend] max_message_size)"
+        " (nor as a dead letter: 4097 bytes, over RabbitMQ's max_message_size (4096, [backend]"
+        " max_message_size))",
+        None,
+    ]
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=2, timeout=DRAIN_TIMEOUT)
+    assert [len(r.body) for r in received] == [4096, 10]
 
 
 def test_dead_letter_routing_key_is_one_safe_word() -> None:

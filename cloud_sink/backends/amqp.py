@@ -48,6 +48,8 @@ __all__ = ["AmqpCoreQueue", "QueueType", "dead_letter_routing_key", "routing_key
 QueueType = Literal["classic", "quorum"]
 
 _MAX_ROUTING_KEY_BYTES = MAX_SHORT_STRING_BYTES
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024**2
+"""RabbitMQ 4's default ``max_message_size`` (3.x: 128 MiB)."""
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 _UNSAFE_WORD = re.compile(r"[.*#/+>\x00-\x20\x7f-\x9f\s]")
 _ERRORS: tuple[type[BaseException], ...] = (
@@ -97,6 +99,7 @@ class AmqpCoreQueue:
         queue_type: QueueType,
         dead_letter_exchange: str,
         dead_letter_queue: str,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         timeout: float,
     ) -> None:
         if queue_type not in ("classic", "quorum"):
@@ -109,6 +112,7 @@ class AmqpCoreQueue:
         self.queue_type: QueueType = queue_type
         self.dead_letter_exchange = dead_letter_exchange
         self.dead_letter_queue = dead_letter_queue
+        self.max_message_size = max_message_size
         self.timeout = timeout
         self.duplicates = 0  # RabbitMQ cannot tell: always 0
         self._session: _Session | None = None
@@ -126,6 +130,7 @@ class AmqpCoreQueue:
         queue_type: QueueType = "classic",
         dead_letter_exchange: str,
         dead_letter_queue: str,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         timeout: float = 10.0,  # noqa: ASYNC109 - the deadline of every later call, not just this one
     ) -> AmqpCoreQueue:
         """Connect and declare the exchanges and queues; `BackendError` if that fails in time.
@@ -140,6 +145,7 @@ class AmqpCoreQueue:
             queue_type=queue_type,
             dead_letter_exchange=dead_letter_exchange,
             dead_letter_queue=dead_letter_queue,
+            max_message_size=max_message_size,
             timeout=timeout,
         )
         async with self._guard("open"):
@@ -147,10 +153,18 @@ class AmqpCoreQueue:
         return self
 
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
-        # A dead letter's routing key is made from the device id (cut to 255 bytes) and its
-        # headers are long strings: it always fits. An event's routing key is its topic (as
-        # long), its message id its event id: each an AMQP short string. (A UTF-8 character is
-        # at most 4 bytes: short names are not encoded to be measured.)
+        # RabbitMQ closes the channel on a body over its max_message_size (headers do not
+        # count), which fails every message of the batch, at each resend.
+        if len(message.payload) > self.max_message_size:
+            return (
+                f"{len(message.payload)} bytes, over RabbitMQ's max_message_size"
+                f" ({self.max_message_size}, [backend] max_message_size)"
+            )
+        # A dead letter's routing key is made from the device id (cut to 255 bytes), its
+        # message id is kept short, and its headers are long strings: it fits. An event's
+        # routing key is its topic (as long), its message id its event id: each an AMQP short
+        # string. (A UTF-8 character is at most 4 bytes: short names are not encoded to be
+        # measured.)
         if isinstance(message, DeadLetterMessage):
             return None
         limit = _MAX_ROUTING_KEY_BYTES
