@@ -28,94 +28,32 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import NoReturn
 
-from mqtt_ingest import failpoints
-from mqtt_ingest.batching import Batcher, StageFailed
+from mqtt_ingest.batching import Batcher
 from mqtt_ingest.clock import Clock, SystemClock
-from mqtt_ingest.codec import (
-    CONNECT,
-    SUBACK_FAILURE,
-    ConnackCode,
-    Connect,
-    Disconnect,
-    MalformedPacket,
-    PacketTooLarge,
-    PingReq,
-    Publish,
-    PubRel,
-    Subscribe,
-    UnexpectedPacket,
-    Unsubscribe,
-    UnsupportedProtocol,
-    encode_connack,
-    encode_pingresp,
-    encode_puback,
-    encode_pubcomp,
-    encode_pubrec,
-    encode_suback,
-    encode_unsuback,
-    read_packet,
-)
+from mqtt_ingest.connection import Connection, succeeded
 from mqtt_ingest.limits import Limits
 from mqtt_ingest.metrics import Counters
 from mqtt_ingest.ports import (
-    Action,
     AllowAll,
     Authenticator,
     Availability,
-    ConnectRequest,
     DurableStage,
     Identity,
     IngestEvent,
     Metrics,
-    Refusal,
     TopicRights,
 )
 
-__all__ = ["IngestServer"]
+__all__ = ["ORPHANS_PER_INFLIGHT", "IngestServer"]
 
 log = logging.getLogger(__name__)
 
-
-class _Close(Exception):
-    """End this connection; ``reason`` goes to the log and the ``closed`` counter."""
-
-    def __init__(self, reason: str, *, label: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.label = label or reason
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One entry of a connection's ordered ack queue."""
-
-    future: asyncio.Future[None]
-    ack: bytes | None  # None for QoS 0: stored, but nothing to send
-    counts_as_event: bool
-
-
-MAX_CONNECT_BYTES = 16 * 1024
-"""The largest CONNECT read: a client id, a device id and a JWT (wills are refused) fit well
-within it, and a client not yet authenticated gets no more of our memory than that."""
 ORPHANS_PER_INFLIGHT = 4
 """QoS 0 events closed connections may leave queued for the stage, in ``max_inflight``s."""
-
-
-def _stored(future: asyncio.Future[None]) -> bool:
-    """A done stage future that succeeded."""
-    return not future.cancelled() and future.exception() is None
-
-
-def _consume(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 class IngestServer:
@@ -142,14 +80,14 @@ class IngestServer:
         self.limits = limits or Limits()
         self.metrics: Metrics = metrics if metrics is not None else Counters()
         self.name = name
-        self._authenticator = authenticator
-        self._rights: TopicRights = rights or AllowAll()
-        self._availability = availability
+        self.authenticator = authenticator
+        self.rights: TopicRights = rights or AllowAll()
+        self.availability = availability
         self._host = host
         self._port = port
-        self._ssl = ssl_context
-        self._clock: Clock = clock or SystemClock()
-        self._batcher = Batcher(
+        self.ssl_context = ssl_context
+        self.clock: Clock = clock or SystemClock()
+        self.batcher = Batcher(
             stage,
             self.metrics,
             max_events=self.limits.batch_max_events,
@@ -159,8 +97,8 @@ class IngestServer:
             weigh=weigh,
             max_weight=max_weight,
         )
-        self._connections: set[_Connection] = set()
-        self._clients: dict[str, _Connection] = {}
+        self._connections: set[Connection] = set()
+        self._clients: dict[str, Connection] = {}
         self._sessions: OrderedDict[str, tuple[dict[int, asyncio.Future[None]], float]] = (
             OrderedDict()
         )
@@ -211,10 +149,10 @@ class IngestServer:
     async def __aenter__(self) -> IngestServer:
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._batcher_task = self._tasks.create_task(
-            self._batcher.run(), name=f"mqtt_ingest.{self.name}.batcher"
+            self.batcher.run(), name=f"mqtt_ingest.{self.name}.batcher"
         )
         try:
-            # Plain TCP, TLS started per connection (`_Connection._start_tls`): a socket counts
+            # Plain TCP, TLS started per connection (`Connection._start_tls`): a socket counts
             # against max_connections from its accept, and the handshake and the CONNECT share
             # one connect_timeout (with asyncio's own TLS listener neither was the case).
             self._server = await asyncio.start_server(
@@ -225,14 +163,14 @@ class IngestServer:
                 limit=64 * 1024,
             )
         except BaseException:
-            self._batcher.close()  # or the task group waits for the batcher for ever
+            self.batcher.close()  # or the task group waits for the batcher for ever
             self._batcher_task.cancel()
             await self._stack.aclose()
             raise
         self._bound_port = self._server.sockets[0].getsockname()[1]
         log.info(
             "%s: listening on %s:%d (%s)", self.name, self._host, self.port,
-            "TLS" if self._ssl else "plain",
+            "TLS" if self.ssl_context else "plain",
         )  # fmt: skip
         return self
 
@@ -267,7 +205,7 @@ class IngestServer:
         for connection in list(self._connections):
             if connection.task is not None:
                 connection.task.cancel()
-        self._batcher.close()  # ends the batcher even if the stage's call swallows the cancel
+        self.batcher.close()  # ends the batcher even if the stage's call swallows the cancel
         if self._batcher_task is not None:
             self._batcher_task.cancel()
         await self._stack.aclose()
@@ -286,17 +224,17 @@ class IngestServer:
             writer.transport.abort()
             return
         transport = writer.transport
-        if self._ssl is not None and isinstance(transport, asyncio.ReadTransport):
+        if self.ssl_context is not None and isinstance(transport, asyncio.ReadTransport):
             # Not one byte of the ClientHello may reach the plain reader before start_tls.
             transport.pause_reading()
-        connection = _Connection(self, reader, writer)
+        connection = Connection(self, reader, writer)
         self._connections.add(connection)
         self.metrics.inc("connections_opened")
         connection.task = self._tasks.create_task(
             connection.run(), name=f"mqtt_ingest.{self.name}.connection"
         )
 
-    def _register(self, connection: _Connection, clean_session: bool) -> bool:
+    def register(self, connection: Connection, clean_session: bool) -> bool:
         """Make ``connection`` its client id's; return whether a session was present (MQTT
         3.1.1 §3.2.2.2): with CleanSession 0, the QoS 2 packet ids an earlier connection got
         PUBREC for and no PUBREL, so that their resends are answered, not stored again."""
@@ -308,13 +246,13 @@ class IngestServer:
                 "%s: client %r connected again from %s: closing the older connection",
                 self.name, client_id, connection.peer,
             )  # fmt: skip
-            persistent = not clean_session and not old._clean_session
-            if persistent and len(old._qos2) <= self.limits.max_inflight:
+            persistent = not clean_session and not old.clean_session
+            if persistent and len(old.qos2) <= self.limits.max_inflight:
                 # Before the abort: the old connection's teardown withdraws what it still
                 # holds, and this one answers the resends of these (not stored twice). A clean
                 # session's state is never resumed (MQTT-3.1.2-6): its packet ids are not ours.
-                kept, old._qos2 = old._qos2, {}
-                old._handed_over = set(kept.values())
+                kept, old.qos2 = old.qos2, {}
+                old.handed_over = set(kept.values())
             old.abort("taken over by a new connection", "takeover")
             self.metrics.inc("takeovers")
         stored = self._sessions.pop(client_id, None)
@@ -323,11 +261,11 @@ class IngestServer:
         self._clients[client_id] = connection
         if clean_session or not kept:
             return False
-        connection._qos2 = kept
-        connection._resumed = set(kept)
+        connection.qos2 = kept
+        connection.resumed = set(kept)
         return True
 
-    def _leave_qos0(self, futures: list[asyncio.Future[None]], client_id: str) -> None:
+    def leave_qos0(self, futures: list[asyncio.Future[None]], client_id: str) -> None:
         """QoS 0 events of a closed connection still queued for the stage: stored (their client
         never sends them again), unless closed connections left `ORPHANS_PER_INFLIGHT` x
         ``max_inflight`` of them queued already: then withdrawn and counted. A client that
@@ -337,7 +275,7 @@ class IngestServer:
             for future in futures:
                 future.add_done_callback(self._orphan_done)
             return
-        dropped = self._batcher.withdraw(futures)
+        dropped = self.batcher.withdraw(futures)
         if dropped:
             self.metrics.inc("qos0_dropped", dropped)
             log.warning(
@@ -349,13 +287,13 @@ class IngestServer:
     def _orphan_done(self, _: asyncio.Future[None]) -> None:
         self._orphans -= 1
 
-    def _keep_session(self, client_id: str, qos2: dict[int, asyncio.Future[None]]) -> None:
+    def keep_session(self, client_id: str, qos2: dict[int, asyncio.Future[None]]) -> None:
         """Keep the QoS 2 state of a closed persistent session: what was stored, and what is in
         a stage call now (a resend waits for its outcome instead of being stored again)."""
         stored = {
             packet_id: future
             for packet_id, future in qos2.items()
-            if not future.done() or _stored(future)
+            if not future.done() or succeeded(future)
         }
         if not stored or len(stored) > self.limits.max_inflight:
             return  # (more than a well-behaved client can have in flight: not kept)
@@ -368,519 +306,11 @@ class IngestServer:
     def _loop_time() -> float:
         return asyncio.get_running_loop().time()
 
-    def _forget(self, connection: _Connection) -> None:
+    def is_current(self, connection: Connection) -> bool:
+        """Whether ``connection`` is the one its client id is registered to now."""
+        return bool(connection.client_id) and self._clients.get(connection.client_id) is connection
+
+    def forget(self, connection: Connection) -> None:
         self._connections.discard(connection)
         if connection.client_id and self._clients.get(connection.client_id) is connection:
             del self._clients[connection.client_id]
-
-
-class _Connection:
-    def __init__(
-        self, server: IngestServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.server = server
-        self.limits = server.limits
-        self.metrics = server.metrics
-        self.reader = reader
-        self.writer = writer
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.client_id = ""
-        self.identity: Identity | None = None
-        self.peer_certificate: bytes | None = None
-        """The client certificate (DER) the connection authenticated with, if TLS."""
-        self.task: asyncio.Task[None] | None = None
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks: deque[_Pending] = deque()
-        self._qos2: dict[int, asyncio.Future[None]] = {}
-        self._clean_session = True
-        self._handed_over: set[asyncio.Future[None]] = set()
-        """QoS 2 events a connection that took over this one answers for."""
-        self._resumed: set[int] = set()
-        """QoS 2 packet ids kept from an earlier connection, not yet seen on this one."""
-        self._ack_wakeup = asyncio.Event()
-        self._space = asyncio.Event()
-        self._draining = False
-        self._stopping = False
-        self._close_reason: _Close | None = None
-        self._read_task: asyncio.Task[None] | None = None
-        self._expiry: asyncio.TimerHandle | None = None
-        self._connect_by = asyncio.get_running_loop().time() + self.limits.connect_timeout
-        """The TLS handshake (if any) and the CONNECT must be done by then."""
-
-    # -- control from outside -------------------------------------------------------------------
-
-    def finish(self) -> None:
-        """Stop reading; acknowledge what is in flight, then close."""
-        self._stopping = True
-        self._draining = True
-        if self._read_task is not None:
-            self._read_task.cancel()
-        elif self.task is not None and self.identity is None:
-            # Cancelled, not aborted: a transport aborted under a TLS handshake in progress makes
-            # Python 3.11's start_tls return no transport, and the stream fails on it.
-            if self._close_reason is None:
-                self._close_reason = _Close("server stopping", label="server_stop")
-            self.task.cancel()
-        self._ack_wakeup.set()
-
-    def abort(self, reason: str, label: str) -> None:
-        """Close now: nothing more is read, handed to the stage or acknowledged (events already
-        in a stage call may still be stored), and the connection's slot is free at once."""
-        if self._close_reason is None:
-            self._close_reason = _Close(reason, label=label)
-        self.writer.transport.abort()
-        self._ack_wakeup.set()
-        if self.task is not None and self.task is not asyncio.current_task():
-            # Its read loop may wait for room (max_inflight) and its ack writer for the stage:
-            # the connection used to live on until the stage answered (up to its timeout),
-            # holding its slot, and then read on from what it had buffered, handing a revoked
-            # device's events to the stage. Cancelled, it withdraws them (`_teardown`).
-            self.task.cancel()
-
-    # -- the connection's life ------------------------------------------------------------------
-
-    async def run(self) -> None:
-        reason, label = "closed", "closed"
-        try:
-            await self._session()
-            if self._stopping:
-                reason, label = "server stopping", "server_stop"
-            else:
-                reason, label = "client disconnected", "disconnect"
-        except* _Close as group:
-            first = self._close_reason or group.exceptions[0]
-            assert isinstance(first, _Close)
-            reason, label = first.reason, first.label
-        except* (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError) as group:
-            # Usually the writer side of a connection that abort() already closed.
-            lost = self._close_reason or _Close(repr(group.exceptions[0]), label="connection_lost")
-            reason, label = lost.reason, lost.label
-        except* Exception:
-            log.exception("%s: connection %s failed", self.server.name, self.peer)
-            reason, label = "internal error", "internal_error"
-        finally:
-            if label == "closed" and self._close_reason is not None:  # cancelled by finish()
-                reason, label = self._close_reason.reason, self._close_reason.label
-            await self._teardown(reason, label)
-
-    async def _teardown(self, reason: str, label: str) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        for pending in self._acks:
-            pending.future.add_done_callback(_consume)
-        # QoS 1/2 events not yet in a stage call are withdrawn (the client, unacknowledged,
-        # keeps them): queued behind a slow stage they outlived their connection, and a client
-        # reconnecting and sending again grew the batcher's queue without bound. Not QoS 0 (no
-        # resend comes), nor QoS 2 events a taking-over connection now answers for.
-        handed_over = self._handed_over
-        self.server._batcher.withdraw(
-            pending.future
-            for pending in self._acks
-            if pending.ack is not None and pending.future not in handed_over
-        )
-        qos0 = [p.future for p in self._acks if p.ack is None and not p.future.done()]
-        if qos0:
-            self.server._leave_qos0(qos0, self.client_id)
-        for future in self._qos2.values():
-            future.add_done_callback(_consume)
-        self._acks.clear()
-        if (
-            not self._clean_session
-            and self.identity is not None
-            and self.server._clients.get(self.client_id) is self
-        ):
-            self.server._keep_session(self.client_id, self._qos2)
-        self.server._forget(self)
-        self.metrics.inc("connections_closed", reason=label)
-        if self.identity is not None:
-            log.info(
-                "%s: %s (%s) disconnected: %s", self.server.name, self.client_id, self.peer, reason
-            )
-        else:
-            log.debug(
-                "%s: %s closed before CONNECT completed: %s", self.server.name, self.peer, reason
-            )
-        transport = self.writer.transport
-        if self._close_reason is not None or label not in (
-            "disconnect",
-            "server_stop",
-        ):
-            transport.abort()
-        else:
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await asyncio.shield(self.writer.wait_closed())
-            transport.abort()
-        if not self.done.done():
-            self.done.set_result(None)
-
-    async def _session(self) -> None:
-        await self._handshake()
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._write_acks(), name="mqtt_ingest.connection.acks")
-            self._read_task = tasks.create_task(
-                self._read_loop(), name="mqtt_ingest.connection.read"
-            )
-            if self._draining:  # stop() came while we were authenticating
-                self._read_task.cancel()
-
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
-        try:
-            async with asyncio.timeout_at(self._connect_by):
-                await self.writer.start_tls(context)
-        except TimeoutError:
-            self.metrics.inc("connections_refused", reason="connect_timeout")
-            raise _Close("no TLS handshake in time", label="connect_timeout") from None
-        except (ssl.SSLError, ConnectionError, OSError) as exc:
-            # A wrong certificate, a port scan: counted, logged at debug (asyncio's own TLS
-            # listener logged each as an ERROR with a traceback).
-            self.metrics.inc("connections_refused", reason="tls_handshake")
-            raise _Close(f"TLS handshake failed: {exc!r}", label="tls_handshake") from None
-
-    async def _handshake(self) -> None:
-        if self.server._ssl is not None:
-            await self._start_tls(self.server._ssl)
-        try:
-            async with asyncio.timeout_at(self._connect_by):
-                # Nothing but a CONNECT, and a small one, is read from a client not yet
-                # authenticated: it could otherwise make us hold max_packet_size per socket.
-                packet = await read_packet(
-                    self.reader, min(self.limits.max_packet_size, MAX_CONNECT_BYTES), only=CONNECT
-                )
-        except TimeoutError:
-            self.metrics.inc("connections_refused", reason="connect_timeout")
-            raise _Close("no CONNECT in time", label="connect_timeout") from None
-        except UnexpectedPacket as exc:
-            self.metrics.inc("connections_refused", reason="not_connect")
-            raise _Close(f"first packet is {exc.name}, not CONNECT", label="malformed") from None
-        except asyncio.IncompleteReadError:
-            raise _Close("closed before CONNECT", label="closed_before_connect") from None
-        except UnsupportedProtocol as exc:
-            if exc.name in ("MQTT", "MQIsdp"):  # MQTT 5, 3.1: told so (MQTT-3.1.2-2)
-                code = ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION
-                await self._refuse(code, exc.reason, "protocol")
-            self.metrics.inc("connections_refused", reason="protocol")
-            raise _Close(exc.reason, label="protocol") from None  # not MQTT at all
-        except MalformedPacket as exc:
-            self.metrics.inc("connections_refused", reason="malformed")
-            raise _Close(f"malformed first packet: {exc.reason}", label="malformed") from None
-        if not isinstance(packet, Connect):  # never: read with only=CONNECT (narrows the type)
-            raise _Close("first packet is not CONNECT", label="malformed")
-        gate = self.server._availability
-        if gate is not None and not gate.available:
-            # The gate's owner logged the outage once; a line per refused device would flood.
-            await self._refuse(
-                ConnackCode.SERVER_UNAVAILABLE, "stage unavailable", "unavailable", quiet=True
-            )
-        client_id = packet.client_id
-        if not client_id:
-            if not packet.clean_session:
-                await self._refuse(
-                    ConnackCode.IDENTIFIER_REJECTED,
-                    "empty client id with a persistent session",
-                    "client_id",
-                )
-            client_id = f"auto-{uuid.uuid4().hex}"
-        elif len(client_id.encode()) > self.limits.max_client_id_bytes or any(
-            ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in client_id
-        ):
-            await self._refuse(
-                ConnackCode.IDENTIFIER_REJECTED, f"client id {client_id[:64]!r}", "client_id"
-            )
-        if packet.will_topic is not None:
-            # A will is a message for subscribers on an unclean disconnect; nothing here delivers
-            # to subscribers, so accepting it would drop it silently.
-            await self._refuse(
-                ConnackCode.NOT_AUTHORIZED, "will messages are not supported", "will"
-            )
-        self.client_id = client_id
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        certificate = None
-        if ssl_object is not None:
-            if ssl_object.session_reused:
-                # The certificate was verified in an earlier handshake, against the CA and CRL
-                # of then: it is not evidence of anything now (SPEC §6).
-                await self._refuse(
-                    ConnackCode.NOT_AUTHORIZED,
-                    "resumed TLS session (the client certificate was not verified again)",
-                    "tls session resumed",
-                )
-            certificate = ssl_object.getpeercert(binary_form=True)
-        request = ConnectRequest(
-            client_id=client_id,
-            username=packet.username,
-            password=packet.password,
-            clean_session=packet.clean_session,
-            keep_alive=packet.keep_alive,
-            peer_certificate=certificate,
-            peer_address=self.peer,
-        )
-        try:
-            async with asyncio.timeout(self.limits.connect_timeout):
-                decision = await self.server._authenticator.authenticate(request)
-        except TimeoutError:
-            await self._refuse(ConnackCode.SERVER_UNAVAILABLE, "authentication timed out", "auth")
-        if isinstance(decision, Refusal):
-            await self._refuse(decision.code, decision.reason, decision.label or decision.reason)
-        identity = decision
-        if identity.expires_at is not None:
-            left = identity.expires_at - self.server._clock.time()
-            if left <= 0:
-                await self._refuse(ConnackCode.NOT_AUTHORIZED, "credentials expired", "expired")
-            self._expiry = asyncio.get_running_loop().call_later(
-                left, self.abort, "credentials expired", "expired"
-            )
-        self.identity = identity
-        self.peer_certificate = certificate
-        keep_alive = packet.keep_alive
-        if keep_alive == 0 or keep_alive > self.limits.max_keep_alive:
-            keep_alive = self.limits.max_keep_alive
-        self._keep_alive_timeout = keep_alive * self.limits.keep_alive_factor
-        self._clean_session = packet.clean_session
-        present = self.server._register(self, packet.clean_session)
-        self.writer.write(encode_connack(ConnackCode.ACCEPTED, session_present=present))
-        self.metrics.inc("connects_accepted")
-        log.info(
-            "%s: %s connected from %s as %s (keep-alive %ds)",
-            self.server.name, client_id, self.peer, identity.name, packet.keep_alive,
-        )  # fmt: skip
-
-    async def _refuse(
-        self, code: ConnackCode, reason: str, label: str, *, quiet: bool = False
-    ) -> NoReturn:
-        """Send a refusing CONNACK, then end the connection (raises `_Close`)."""
-        self.metrics.inc("connections_refused", reason=label)
-        log.log(
-            logging.DEBUG if quiet else logging.WARNING,
-            "%s: refused CONNECT from %s (client id %r): %s",
-            self.server.name, self.peer, self.client_id, reason,
-        )  # fmt: skip
-        self.writer.write(encode_connack(code))
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1):
-                await self.writer.drain()
-        raise _Close(f"CONNECT refused: {reason}", label="refused")
-
-    # -- after CONNACK --------------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        max_size = self.limits.max_packet_size
-        max_inflight = self.limits.max_inflight
-        gate = self.server._availability
-        timeout = self._keep_alive_timeout
-        # Moving the deadline costs a new timer; under a stream of packets, move it at most every
-        # `refresh` seconds. It can then fire up to `refresh` early: still >= 1.125 x keep-alive.
-        refresh = min(1.0, timeout / 4)
-        moved_at = -refresh
-        try:
-            async with asyncio.timeout(None) as keep_alive:
-
-                def progress() -> None:
-                    # A large packet still arriving over a slow link: bytes flow, the client is
-                    # alive (RELIABILITY F6), though no whole packet came within the deadline.
-                    nonlocal moved_at
-                    now = loop.time()
-                    if now - moved_at >= refresh:
-                        keep_alive.reschedule(now + timeout)
-                        moved_at = now
-
-                while True:
-                    if len(self._acks) >= max_inflight:
-                        # Our stage is slow, not the client: the keep-alive does not run meanwhile.
-                        keep_alive.reschedule(None)
-                        moved_at = -refresh
-                        self._space.clear()
-                        await self._space.wait()
-                        continue
-                    if gate is not None and not gate.available:
-                        # The stage cannot take events: stop reading, so producers hold them.
-                        keep_alive.reschedule(None)
-                        moved_at = -refresh
-                        await gate.wait_available()
-                        continue
-                    now = loop.time()
-                    if now - moved_at >= refresh:
-                        keep_alive.reschedule(now + timeout)
-                        moved_at = now
-                    packet = await read_packet(self.reader, max_size, progress)
-                    if isinstance(packet, Publish):
-                        if gate is not None and not gate.available:
-                            # Read just before the gate closed: hold this one packet, don't
-                            # hand the stage an event it cannot take.
-                            keep_alive.reschedule(None)
-                            moved_at = -refresh
-                            await gate.wait_available()
-                        self._on_publish(packet)
-                    elif isinstance(packet, PubRel):
-                        self._on_pubrel(packet)
-                    elif isinstance(packet, PingReq | Subscribe | Unsubscribe):
-                        if isinstance(packet, PingReq):
-                            self.writer.write(encode_pingresp())
-                        elif isinstance(packet, Subscribe):
-                            self._on_subscribe(packet)
-                        else:
-                            self.writer.write(encode_unsuback(packet.packet_id))
-                        # Answered at once (not behind the acks), but not faster than the client
-                        # reads: one that sends PINGREQs and reads nothing grew our write buffer
-                        # without bound. Its keep-alive runs while we wait here.
-                        await self.writer.drain()
-                    elif isinstance(packet, Disconnect):
-                        return
-                    else:
-                        raise _Close("second CONNECT", label="malformed")
-        except TimeoutError:
-            raise _Close("keep-alive expired", label="keep_alive") from None
-        except PacketTooLarge as exc:
-            self.metrics.inc("malformed", reason="too_large")
-            raise _Close(exc.reason, label="too_large") from None
-        except MalformedPacket as exc:
-            self.metrics.inc("malformed")
-            raise _Close(f"malformed packet: {exc.reason}", label="malformed") from None
-        except asyncio.IncompleteReadError as exc:
-            if self._close_reason is not None:
-                raise self._close_reason from None
-            what = "peer closed" if not exc.partial else "peer closed in the middle of a packet"
-            raise _Close(what, label="peer_closed") from None
-        except (ConnectionError, ssl.SSLError) as exc:
-            if self._close_reason is not None:
-                raise self._close_reason from None
-            raise _Close(f"connection lost: {exc!r}", label="connection_lost") from None
-        finally:
-            self._draining = True
-            self._ack_wakeup.set()
-
-    def _on_publish(self, packet: Publish) -> None:
-        identity = self.identity
-        assert identity is not None
-        self.metrics.inc("publish_bytes_received", packet.size)
-        if not self.server._rights.allowed(identity, packet.topic, Action.PUBLISH):
-            self.metrics.inc("security_events", reason="publish_denied")
-            log.warning(
-                "%s: security: %s (%s) published to %r outside its rights: closing",
-                self.server.name, self.client_id, identity.name, packet.topic[:200],
-            )  # fmt: skip
-            raise _Close("publish outside the topic rights", label="publish_denied")
-        if packet.qos == 2:
-            assert packet.packet_id is not None
-            earlier = self._qos2.get(packet.packet_id)
-            if self._resumed and packet.packet_id in self._resumed:
-                self._resumed.discard(packet.packet_id)
-                # From an earlier connection: only a resend (DUP) is that message again. A new
-                # one reusing the id (a client that lost its own state) must be stored.
-                if not packet.dup:
-                    earlier = None
-            if earlier is not None and earlier.done() and not _stored(earlier):
-                earlier = None  # (kept from an earlier connection) not stored: store it now
-            if earlier is not None:
-                # Resent before PUBREL: the first copy is (being) stored; answer, don't forward.
-                self.metrics.inc("qos2_duplicates")
-                self._queue(_Pending(earlier, encode_pubrec(packet.packet_id), False))
-                return
-        event = IngestEvent(
-            identity=identity,
-            client_id=self.client_id,
-            topic=packet.topic,
-            payload=packet.payload,
-            qos=packet.qos,
-            retain=packet.retain,
-            received_at=self.server._clock.time(),
-        )
-        future = self.server._batcher.submit(event)
-        self.metrics.inc("events_received")
-        if packet.qos == 0:
-            self._queue(_Pending(future, None, True))
-        elif packet.qos == 1:
-            assert packet.packet_id is not None
-            self._queue(_Pending(future, encode_puback(packet.packet_id), True))
-        else:
-            assert packet.packet_id is not None
-            self._qos2[packet.packet_id] = future
-            self._queue(_Pending(future, encode_pubrec(packet.packet_id), True))
-
-    def _on_pubrel(self, packet: PubRel) -> None:
-        future = self._qos2.pop(packet.packet_id, None)
-        if future is None:
-            # Unknown id (answered before, or from an earlier connection): PUBCOMP anyway (§4.3.3).
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(None)
-        self._queue(_Pending(future, encode_pubcomp(packet.packet_id), False))
-
-    def _on_subscribe(self, packet: Subscribe) -> None:
-        identity = self.identity
-        assert identity is not None
-        codes = []
-        denied: list[str] = []
-        for topic_filter, qos in packet.filters:
-            if self.server._rights.allowed(identity, topic_filter, Action.SUBSCRIBE):
-                codes.append(qos)
-            else:
-                denied.append(topic_filter)
-                codes.append(SUBACK_FAILURE)
-        if denied:
-            # One line per packet: a 256 KiB SUBSCRIBE holds 60,000 filters, and a line per
-            # filter stalled every other connection for most of a second per packet.
-            self.metrics.inc("security_events", len(denied), reason="subscribe_denied")
-            log.warning(
-                "%s: security: %s (%s) may not subscribe to %r%s",
-                self.server.name, self.client_id, identity.name, denied[0][:200],
-                f" (and {len(denied) - 1} more filters)" if len(denied) > 1 else "",
-            )  # fmt: skip
-        self.writer.write(encode_suback(packet.packet_id, codes))
-
-    def _queue(self, pending: _Pending) -> None:
-        self._acks.append(pending)
-        self._ack_wakeup.set()
-
-    async def _write_acks(self) -> None:
-        acks = self._acks
-        while True:
-            if not acks:
-                if self._draining:
-                    return
-                self._ack_wakeup.clear()
-                await self._ack_wakeup.wait()
-                continue
-            head = acks[0].future
-            if not head.done():
-                # asyncio.wait, unlike await, does not cancel the future if we are cancelled.
-                await asyncio.wait((head,))
-            out = bytearray()
-            acked = 0
-            failure: BaseException | None = None
-            while acks and acks[0].future.done():
-                pending = acks.popleft()
-                future = pending.future
-                failure = StageFailed("cancelled") if future.cancelled() else future.exception()
-                if failure is not None:
-                    pending.future.add_done_callback(_consume)
-                    break
-                if pending.ack is not None:
-                    out += pending.ack
-                if pending.counts_as_event:
-                    acked += 1
-            if out:
-                failpoints.hit("ingest.before_ack")
-                self.writer.write(out)
-            if acked:
-                self.metrics.inc("events_acked", acked)
-            if failure is not None:
-                reason = failure.reason if isinstance(failure, StageFailed) else repr(failure)
-                raise _Close(f"event not stored: {reason}", label="stage_failed")
-            if not self._space.is_set() and len(acks) < self.limits.max_inflight:
-                self._space.set()
-            transport = self.writer.transport
-            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
-                await self.writer.drain()  # cannot wait (writing is not paused): no timer
-                continue
-            try:
-                # The read loop stops reading (keep-alive off) while max_inflight acks wait
-                # here: a client that stops reading would otherwise hold its slot for ever.
-                async with asyncio.timeout(self._keep_alive_timeout):
-                    await self.writer.drain()
-            except TimeoutError:
-                raise _Close(
-                    f"client read no acks for {self._keep_alive_timeout:g}s", label="write_stalled"
-                ) from None

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mqtt_ingest import Anonymous, IngestEvent, IngestServer, Limits, StageRefused
-from mqtt_ingest.server import MAX_CONNECT_BYTES, ORPHANS_PER_INFLIGHT
+from mqtt_ingest.connection import MAX_CONNECT_BYTES
+from mqtt_ingest.server import ORPHANS_PER_INFLIGHT
 from tests.harness.rawmqtt import (
     RawClient,
     connect_packet,
@@ -601,7 +602,7 @@ async def test_clean_takeovers_do_not_pile_events_up_behind_a_slow_stage() -> No
                 b"".join(publish_packet("t", b"x" * 1000, qos=2, packet_id=i + 1) for i in range(7))
             )
             await asyncio.sleep(0.02)
-            peak = max(peak, sum(not future.done() for _, future in server._batcher._pending))
+            peak = max(peak, sum(not future.done() for _, future in server.batcher._pending))
         for client in clients:
             await client.aclose()
         takeovers = counters(server).get("takeovers")
@@ -626,7 +627,7 @@ async def test_qos0_events_of_reconnecting_clients_are_bounded_and_counted() -> 
             await asyncio.sleep(0.02)
             await client.aclose()
             await until(lambda: server.connection_count == 0, timeout=5)
-            queued = sum(not future.done() for _, future in server._batcher._pending)
+            queued = sum(not future.done() for _, future in server.batcher._pending)
             peak = max(peak, queued)
         dropped = counters(server).get("qos0_dropped")
         await until(lambda: len(stage.payloads("q0")) + dropped >= 40 * 7, timeout=60)

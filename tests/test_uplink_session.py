@@ -111,7 +111,7 @@ async def test_after_a_connack_timeout_the_next_attempt_connects(
     loop: the next attempt (whose socket may get the same descriptor number) connects."""
     device = new_device(pki, "connack")
     async with sink(tmp_path, pki) as server:
-        authenticator = server._authenticator
+        authenticator = server.authenticator
         authenticate = authenticator.authenticate
         calls = 0
 
