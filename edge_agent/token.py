@@ -102,6 +102,7 @@ class TokenFile:
         self._clock = clock
         self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime_ns)
         self._token: Token | None = None
+        self._reported = ""  # the problem last logged: each attempt would log it again
 
     def current(self) -> Token:
         """The file's token, read again whenever the file changed. A file that turns unreadable
@@ -112,6 +113,7 @@ class TokenFile:
             if signature != self._seen or self._token is None:
                 self._seen = signature
                 self._token = _parse_token(self._path.read_text().strip(), self._path)
+            self._reported = ""
         except (OSError, TokenUnavailable) as exc:
             problem = (
                 f"cannot read the token file {self._path}: {exc.strerror}"
@@ -120,7 +122,9 @@ class TokenFile:
             )
             if self._token is None or self._expired(self._token):
                 raise TokenUnavailable(problem) from None
-            log.warning("uplink: %s; still using the token read before", problem)
+            if problem != self._reported:
+                self._reported = problem
+                log.warning("uplink: %s; still using the token read before", problem)
         token = self._token
         if self._expired(token):
             raise TokenUnavailable(f"the token in {self._path} expired; put a fresh one there")

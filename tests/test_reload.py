@@ -3,6 +3,7 @@ connection, and that a broken file is refused with a log line while the old one 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
 import socket
@@ -293,6 +294,37 @@ async def test_sink_reload_takes_new_issuer_keys(tmp_path: Path, pki: Pki) -> No
                 parse_config(base.replace("[auth]\n", "[auth]\n" + auth.format(key=broken)))
             )
         assert await connects(sink.port, device, pki, new_token)
+
+
+def test_a_missing_token_file_is_reported_once_until_it_changes(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each connection attempt and renewal check asks for the token: the warning of a file gone
+    was logged at every one."""
+    device = pki.device(f"tokg-{uuid.uuid4().hex[:6]}")
+    private, _ = issuer_key(tmp_path)
+    path = tmp_path / "device.jwt"
+    token = issue_token(device, private, ttl=300)
+    path.write_text(token)
+    tokens = TokenFile(path, FakeClock(start=time.time()))
+    assert tokens.current().value == token
+    path.unlink()
+    with caplog.at_level(logging.WARNING, logger="edge_agent.token"):
+        for _ in range(5):
+            assert tokens.current().value == token
+        path.write_text(token)
+        assert tokens.current().value == token  # back: a later problem is news again
+        path.unlink()
+        assert tokens.current().value == token
+    warned = [r.getMessage() for r in caplog.records if "still using the token" in r.getMessage()]
+    assert (
+        warned
+        == [
+            f"uplink: cannot read the token file {path}: No such file or directory;"
+            " still using the token read before"
+        ]
+        * 2
+    )
 
 
 def test_a_broken_token_file_keeps_the_token_read_before(tmp_path: Path, pki: Pki) -> None:
