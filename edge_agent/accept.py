@@ -14,11 +14,17 @@ from collections.abc import Awaitable, Sequence
 from edge_agent.buffer import Buffer, BufferFull, NewEvent
 from edge_agent.config import AgentConfig, TopicRule
 from mqtt_ingest.clock import Clock
-from mqtt_ingest.topics import dot_level
+from mqtt_ingest.topics import MAX_TOPIC_BYTES, topic_problem
 
-__all__ = ["Acceptor", "InvalidEvent", "check_event", "topic_problem", "uplink_topic_problem"]
+__all__ = [
+    "MAX_TOPIC_BYTES",
+    "Acceptor",
+    "InvalidEvent",
+    "check_event",
+    "topic_problem",
+    "uplink_topic_problem",
+]
 
-MAX_TOPIC_BYTES = 65535
 RULE_CACHE_TOPICS = 4096
 """How many valid topics `Acceptor` remembers the rule of (then it starts over)."""
 
@@ -30,34 +36,6 @@ class InvalidEvent(ValueError):
         super().__init__(f"refused event on {topic[:200]!r}: {reason}")
         self.topic = topic
         self.reason = reason
-
-
-def topic_problem(topic: str) -> str | None:
-    """Why ``topic`` cannot be buffered, or None."""
-    if not topic:
-        return "the topic is empty"
-    if "+" in topic or "#" in topic:
-        return "a topic name cannot contain the wildcards '+' or '#'"
-    if "\x00" in topic:
-        return "a topic name cannot contain NUL"
-    size = len(topic.encode("utf-8", errors="surrogatepass"))
-    if size > MAX_TOPIC_BYTES:
-        return f"the topic is {size} bytes, over MQTT's {MAX_TOPIC_BYTES}"
-    levels = topic.split("/")
-    if "" in levels:
-        return "the topic has an empty level ('//', or '/' at either end)"
-    if dot_level(topic):
-        # A consumer that maps topics to paths would climb out of the device's prefix; our sink
-        # refuses such a publish as a rights violation (the link would fail on it for ever).
-        return (
-            "a topic level cannot be '.' or '..', nor become one (Unicode NFKC, '\\' as a"
-            " separator, percent-decoding)"
-        )
-    try:
-        topic.encode("utf-8")
-    except UnicodeEncodeError:
-        return "the topic is not valid UTF-8"
-    return None
 
 
 def uplink_topic_problem(config: AgentConfig, topic: str) -> str | None:

@@ -79,6 +79,7 @@ from mqtt_ingest.configuration import (
 )
 from mqtt_ingest.envelope import MAX_EVENTS
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
+from mqtt_ingest.topics import topic_problem
 
 __all__ = [
     "AgentConfig",
@@ -279,17 +280,39 @@ class UplinkConfig(_Strict):
             raise ValueError("refused_backoff_initial must not be more than refused_backoff_max")
         return self
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            pass
+        else:
+            return value
+        if not value:
+            raise ValueError("the host is empty")
+        try:
+            value.encode("idna")  # what the socket module does with a name
+        except UnicodeError as exc:
+            raise ValueError(f"{value!r} is not a valid host name ({exc})") from None
+        return value
+
     @field_validator("topic_template")
     @classmethod
     def _template(cls, value: str) -> str:
         if "{topic}" not in value:
             raise ValueError("the topic template must contain {topic}")
         try:
-            value.format(device_id="d", topic="t")
+            sample = value.format(device_id="d", topic="t")
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(
                 f"only {{device_id}} and {{topic}} can be used in the template ({exc})"
             ) from None
+        # Every event's uplink topic would be invalid (a wildcard, an empty level): the link
+        # would fail on each, for ever.
+        problem = topic_problem(sample)
+        if problem is not None:
+            raise ValueError(f"the template makes topics such as {sample!r}: {problem}")
         return value
 
     def uplink_topic(self, device_id: str, topic: str) -> str:

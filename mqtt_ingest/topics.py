@@ -1,4 +1,5 @@
-"""Topic levels a consumer would resolve as a path step (RELIABILITY F18), for both wings.
+"""Topic names both wings accept: valid MQTT names with no empty level (`topic_problem`), and no
+level a consumer would resolve as a path step (RELIABILITY F18).
 
 MQTT resolves no paths, but the platform's consumers may: a topic turned into a file path, an
 object key or a URL. A level ``.`` or ``..`` would then climb out of a device's prefix
@@ -14,7 +15,9 @@ from __future__ import annotations
 import unicodedata
 import urllib.parse
 
-__all__ = ["dot_level"]
+__all__ = ["MAX_TOPIC_BYTES", "dot_level", "topic_problem"]
+
+MAX_TOPIC_BYTES = 65535
 
 _DOT_LEVELS = frozenset((".", ".."))
 
@@ -28,3 +31,32 @@ def dot_level(topic: str) -> bool:
         forms.add(urllib.parse.unquote(topic, errors="surrogateescape"))
     forms |= {unicodedata.normalize("NFKC", form) for form in forms if not form.isascii()}
     return any(not _DOT_LEVELS.isdisjoint(form.replace("\\", "/").split("/")) for form in forms)
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why ``topic`` is not a topic name both wings take (a valid MQTT name, no empty level, no
+    path-step level), or None."""
+    if not topic:
+        return "the topic is empty"
+    if "+" in topic or "#" in topic:
+        return "a topic name cannot contain the wildcards '+' or '#'"
+    if "\x00" in topic:
+        return "a topic name cannot contain NUL"
+    size = len(topic.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_TOPIC_BYTES:
+        return f"the topic is {size} bytes, over MQTT's {MAX_TOPIC_BYTES}"
+    levels = topic.split("/")
+    if "" in levels:
+        return "the topic has an empty level ('//', or '/' at either end)"
+    if dot_level(topic):
+        # A consumer that maps topics to paths would climb out of the device's prefix; our sink
+        # refuses such a publish as a rights violation (the link would fail on it for ever).
+        return (
+            "a topic level cannot be '.' or '..', nor become one (Unicode NFKC, '\\' as a"
+            " separator, percent-decoding)"
+        )
+    try:
+        topic.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the topic is not valid UTF-8"
+    return None

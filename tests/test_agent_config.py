@@ -176,6 +176,55 @@ def test_each_validator_names_the_path(extra: str, rule: str, path: str, message
     assert any(p.startswith(f"{path}:") and message in p for p in found), found
 
 
+@pytest.mark.parametrize(
+    ("keys", "path", "message"),
+    [
+        # Each accepted at start, then every connection failed on the first publish, for ever.
+        (
+            'host = "sink"\ntopic_template = "devices/{device_id}/+/{topic}"',
+            "uplink.topic_template",
+            "the template makes topics such as 'devices/d/+/t': a topic name cannot contain the"
+            " wildcards",
+        ),
+        (
+            'host = "sink"\ntopic_template = "devices/{device_id}//{topic}"',
+            "uplink.topic_template",
+            "an empty level",
+        ),
+        (
+            'host = "sink"\ntopic_template = "{topic}/../x"',
+            "uplink.topic_template",
+            "cannot be '.' or '..'",
+        ),
+        # Each connection attempt logged a traceback ("unexpected error").
+        ('host = "sink..example.com"', "uplink.host", "'sink..example.com' is not a valid host"),
+        ('host = ""', "uplink.host", "the host is empty"),
+    ],
+)
+def test_an_uplink_that_could_never_send_is_refused_at_start(
+    keys: str, path: str, message: str
+) -> None:
+    extra = (
+        f"[uplink]\n{keys}\n"
+        '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
+        '[uplink.token]\naudience = "sink"\n'
+    )
+    found = problems(BASE.format(extra=extra, rule=""))
+    assert any(p.startswith(f"{path}:") and message in p for p in found), found
+
+
+@pytest.mark.parametrize("host", ["sink.example.com", "straße.example", "10.0.0.1", "::1"])
+def test_valid_uplink_hosts(host: str) -> None:
+    extra = (
+        f'[uplink]\nhost = "{host}"\n'
+        '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
+        '[uplink.token]\naudience = "sink"\n'
+    )
+    config = parse_config(BASE.format(extra=extra, rule=""), "agent.toml")
+    assert config.uplink is not None
+    assert config.uplink.host == host
+
+
 def test_durations_are_finite_and_bounded_where_larger_ones_break() -> None:
     """Values the schema once took that then failed at run time: a ttl of inf (or 1e17 s, over
     a 64-bit millisecond expiry) failed every commit of its group with OverflowError; a linger
