@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 
 __all__ = [
     "LINK_FILE",
+    "LinkDead",
     "LinkFailure",
     "LinkState",
     "LinkStatus",
@@ -84,6 +85,11 @@ class LinkFailure(Exception):
         super().__init__(detail)
         self.detail = detail
         self.refused = refused
+
+
+class LinkDead(LinkFailure):
+    """Nothing came back for too long (paho's keep-alive, the silence watchdog): the link died.
+    That says nothing against an event in flight, unlike the server closing the connection."""
 
 
 class PublishTimeout(LinkFailure):

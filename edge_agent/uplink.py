@@ -54,6 +54,7 @@ from edge_agent.buffer import Buffer, StoredEvent
 from edge_agent.config import AgentConfig, UplinkConfig
 from edge_agent.link import (
     LINK_FILE,
+    LinkDead,
     LinkFailure,
     LinkState,
     LinkStatus,
@@ -79,6 +80,7 @@ log = logging.getLogger(__name__)
 _MAX_FETCH = MAX_EVENTS  # events per read from the buffer (more only holds more rows in memory)
 _DELETE_EVERY = 0.02  # seconds: acknowledged rows are deleted in batches
 _STATUS_EVERY = 2.0  # seconds between link.json refreshes while events flow
+_KEEPALIVE_TIMEOUT = 141  # the reason code paho gives a link that missed its keep-alive
 _TOKEN_FILE_RECHECK = 30.0  # seconds: a token file still unchanged at renewal is looked at again
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
 # reason codes paho reports them as.
@@ -382,7 +384,11 @@ class Uplink:
                 pass  # we subscribe to nothing
         except aiomqtt.MqttError as exc:
             cause = exc.__cause__
-            session.fail(LinkFailure(f"connection lost: {cause or exc}"))
+            rc = getattr(cause, "rc", None)
+            if getattr(rc, "value", rc) == _KEEPALIVE_TIMEOUT:  # paho's: no PINGRESP in time
+                session.fail(LinkDead(f"connection lost: {cause}"))
+            else:
+                session.fail(LinkFailure(f"connection lost: {cause or exc}"))
 
     async def _feed(self, client: aiomqtt.Client, session: Session) -> None:
         cursor: tuple[int, int] | None = None
@@ -641,8 +647,8 @@ class Uplink:
         if graceful or not lost or session.failure is None:
             return
         await self._buffer.record_attempt(lost)
-        if len(session.inflight) != 1:
-            return
+        if len(session.inflight) != 1 or isinstance(session.failure, LinkDead):
+            return  # a dead link blames no event: a blackhole is not poison
         event = next(iter(session.inflight.values())).single
         if event is None:
             return

@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edge_agent.buffer import StoredEvent
-from edge_agent.link import PROGRESS_SLACK, LinkFailure, PublishTimeout
+from edge_agent.link import PROGRESS_SLACK, LinkDead, LinkFailure, PublishTimeout
 from edge_agent.messages import Message
 from mqtt_ingest import failpoints
 
@@ -209,7 +209,7 @@ class Session:
             self.moved_at = self.loop.time()
         silent = now - max(self.received_at[0], self._moved_mono)
         if silent >= self.silence_limit:
-            return LinkFailure(f"nothing received for {silent:.1f}s: the link is dead")
+            return LinkDead(f"nothing received for {silent:.1f}s: the link is dead")
         if self.inflight:
             oldest = next(iter(self.inflight.values()))
             started = max(oldest.sent_at, self.last_ack_at, self.moved_at)

@@ -1071,6 +1071,36 @@ async def test_an_event_alone_in_flight_at_a_cut_goes_again_without_other_traffi
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
 
 
+async def test_an_event_alone_in_flight_when_the_link_dies_is_not_blamed(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """A blackhole (F5) with one event alone in flight: paho's keep-alive or the silence watchdog
+    ends the connection. That was counted against the event as if the sink had closed on it, so
+    a quiet, flapping link dead-lettered innocent events after ``max_attempts`` blackholes."""
+    device = new_device(pki, "dead-link")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        path = configure(tmp_path, pki, device, proxy.port, extra="keepalive = 2")
+        config = load_config(path)
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await until(lambda: uplink.status.connected_since is not None)
+            proxy.blackhole()
+            event_id = await agent.publish("sensors/t", b"0")
+            await until(lambda: uplink.in_flight == 1)
+            await until(lambda: uplink.status.failures >= 1, timeout=20)
+            assert uplink.status.last_error is not None
+            error = uplink.status.last_error
+            assert "Keep alive timeout" in error or "the link is dead" in error, error
+            seq = int(event_id.rsplit("/", 1)[1])
+            assert counted_losses(config.agent.data_dir, seq) == 0
+            proxy.pass_through()
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            assert uplink.status.dead_lettered == 0
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
+
+
 async def test_window_bytes_bounds_what_is_in_flight(
     tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
