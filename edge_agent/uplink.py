@@ -424,6 +424,11 @@ class Uplink:
             now = asyncio.get_running_loop().time()
             suspect = None if probed else self._suspects.candidate(idle=not events, now=now)
             if suspect is not None:
+                if not await self._buffer.holds(suspect.event.seq):
+                    # Expired, dropped for room or purged since it was set aside: its copy in
+                    # memory must not go up (it is counted as dropped).
+                    self._suspects.forget(suspect.event.seq)
+                    continue
                 await self._send(session, self._messages.of([suspect.event], alone=True)[0])
                 # Delivered: the next suspect may go. Not delivered (stop, reload): no other
                 # probe on this connection (a lost connection ends it anyway).

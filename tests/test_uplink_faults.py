@@ -27,6 +27,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.link import UNSENT_LIMIT, LinkState, read_link_status
 from edge_agent.messages import Messages
 from edge_agent.uplink import CRL_CHECK_INTERVAL, Uplink
+from mqtt_ingest import failpoints
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
 from tests.harness.disk import free_bytes, small_disk
@@ -1099,6 +1100,37 @@ async def test_an_event_alone_in_flight_when_the_link_dies_is_not_blamed(
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
             assert uplink.status.dead_lettered == 0
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
+
+
+async def test_an_event_set_aside_then_expired_is_not_sent(tmp_path: Path, pki: Pki) -> None:
+    """An event set aside (lost alone in flight) was sent from its copy in memory after the TTL
+    sweep had dropped (and counted) it: the core queue got an event reported as dropped."""
+    device = new_device(pki, "ttl-suspect")
+    async with sink(tmp_path, pki) as server:
+        path = write_config(
+            tmp_path / "agent", device_id=device.device_id,
+            buffer='ttl_sweep_interval = "200ms"',
+            uplink=uplink_section(pki, device, server.port),
+            topics='[[topics]]\nfilter = "#"\nqos = 1\nttl = "2s"\n',
+        )  # fmt: skip
+        config = load_config(path)
+        data = config.agent.data_dir
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await until(lambda: uplink.status.connected_since is not None)
+            # The sink's stage fails: it closes the connection, nothing acknowledged or stored.
+            failpoints.arm("ingest.before_store", "raise")
+            try:
+                await agent.publish("sensors/t", b"expired")
+                await until(lambda: uplink.status.failures >= 1)  # lost alone: set aside
+                await until(lambda: ("ttl", "sensors/t") in inspect(data).drops, timeout=10)
+            finally:
+                failpoints.disarm_all()
+            await agent.publish("sensors/t", b"fresh")
+            await until(lambda: inspect(data).events == 0, timeout=20)
+            await asyncio.sleep(0.5)  # a probe of the stale copy would go now
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"fresh"]
 
 
 async def test_window_bytes_bounds_what_is_in_flight(

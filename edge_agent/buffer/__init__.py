@@ -79,6 +79,7 @@ from edge_agent.buffer.store import (
     _dead_letters,
     _delete,
     _epoch,
+    _holds,
     _insert_group,
     _next_events,
     _record_attempt,
@@ -434,6 +435,11 @@ class Buffer:
         if drop_reason is not None:
             log.warning("buffer: %d events dropped: %s", removed, drop_reason)
         return removed
+
+    async def holds(self, seq: int) -> bool:
+        """Whether event ``seq`` is still buffered (not delivered, dropped, expired, purged or
+        dead-lettered)."""
+        return await self._run(_holds, seq)
 
     async def record_attempt(self, seqs: Sequence[int]) -> None:
         await self._run(_record_attempt, list(seqs))

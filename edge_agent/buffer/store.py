@@ -630,6 +630,10 @@ def _record_attempt(db: sqlite3.Connection, seqs: list[int]) -> None:
         )
 
 
+def _holds(db: sqlite3.Connection, seq: int) -> bool:
+    return db.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone() is not None
+
+
 def _record_losses(db: sqlite3.Connection, seq: int, losses: int) -> None:
     with _transaction(db):
         db.execute(
