@@ -113,6 +113,7 @@ class Uplink:
         )
         self._last_refusal = ""
         self._status_written = 0.0
+        self._written_counts = (0, 0)  # delivered, dead-lettered as link.json has them
         self._session: Session | None = None
         self._wake = asyncio.Event()
         self._preempt = -1  # highest priority committed since the last fetch
@@ -613,7 +614,17 @@ class Uplink:
         one fsync) per ``_DELETE_EVERY`` seconds at most, instead of one per acknowledgement. A
         row acknowledged but not yet deleted when the agent dies is sent again: harmless."""
         while True:
-            await session.acked.wait()
+            if self._written_counts != self._counts():
+                # Delivered since link.json was written: written once the acks pause, so that
+                # `status` does not show the count of the middle of a burst until the next one.
+                try:
+                    async with asyncio.timeout(_STATUS_EVERY):
+                        await session.acked.wait()
+                except TimeoutError:
+                    self._write_status()
+                    continue
+            else:
+                await session.acked.wait()
             await asyncio.sleep(_DELETE_EVERY)
             session.acked.clear()
             await self._delete_done(session)
@@ -691,8 +702,12 @@ class Uplink:
         if changed or state is LinkState.BACKOFF:
             self._write_status()
 
+    def _counts(self) -> tuple[int, int]:
+        return self.status.delivered, self.status.dead_lettered
+
     def _write_status(self) -> None:
         self._status_written = asyncio.get_running_loop().time()
+        self._written_counts = self._counts()
         path = self._data_dir / LINK_FILE
         temporary = path.with_suffix(".tmp")
         try:

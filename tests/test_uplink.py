@@ -102,6 +102,29 @@ async def test_events_reach_the_core_queue_once_in_order(
     assert status.state is LinkState.STOPPED
 
 
+async def test_status_shows_the_whole_burst_delivered_once_it_ends(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """link.json was written at most every 2 s while acks came, and not after the last: after
+    a burst `status` showed a delivered count of its middle until the next one."""
+    device = new_device(pki, "stale")
+    async with sink(tmp_path, pki) as server:
+        config = load_config(agent_config(tmp_path, pki, device, server.port))
+        async with Agent(config) as agent:
+            await until(lambda: read_link_status(config.agent.data_dir) is not None)
+            for i in range(50):
+                await agent.publish("sensors/t", b"%d" % i)
+            await until(lambda: inspect(config.agent.data_dir).events == 0)
+
+            def shown() -> int | None:
+                status = read_link_status(config.agent.data_dir)
+                return None if status is None else status.delivered
+
+            await until(lambda: shown() == 50, timeout=6)
+            assert agent.uplink is not None
+            assert agent.uplink.status.state is LinkState.ONLINE  # no state change wrote it
+
+
 async def test_backlog_built_offline_drains_when_the_sink_appears(tmp_path: Path, pki: Pki) -> None:
     device = new_device(pki, "off")
     port = free_port()
