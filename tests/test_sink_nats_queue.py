@@ -605,3 +605,56 @@ async def test_a_cancelled_large_batch_ends_at_once_on_a_slow_link(
         proxy.pass_through()
         await queue.aclose()
     assert ended_after < 1.0
+
+
+async def test_a_client_nats_py_closed_for_good_is_replaced_by_the_probe(
+    nats_jetstream: NatsNames,
+) -> None:
+    """On some server errors on a live connection (an authorization violation after a reload of
+    the server's users, an expired user) nats-py closes its client for good: it never
+    reconnects, and the sink stayed down until a restart. A relay in front of the server sends
+    one such error, then passes traffic through again."""
+    upstream = urlsplit(nats_jetstream.url)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            upstream.hostname or "127.0.0.1", upstream.port or 4222
+        )
+        writers.append(writer)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    queue = await open_queue(nats_jetstream, url=f"nats://127.0.0.1:{port}", timeout=2.0)
+    try:
+        assert (await queue.publish([core_message(1)])).stored == 1
+        for writer in writers:
+            writer.write(b"-ERR 'Authorization Violation'\r\n")
+            await writer.drain()
+            writer.close()
+        async with asyncio.timeout(5):
+            while not queue._client.is_closed:  # noqa: ASYNC110  # nats-py's own state
+                await asyncio.sleep(0.05)
+        with pytest.raises(BackendError, match="not connected"):
+            await queue.publish([core_message(2)])
+        await queue.probe()  # a new client
+        assert (await queue.publish([core_message(2)])).stored == 1
+    finally:
+        await queue.aclose()
+        server.close()
+    stored = await read_stream(
+        nats_jetstream.url, nats_jetstream.stream, expected=2, timeout=READ_TIMEOUT
+    )
+    assert [m.headers["seq"] for m in stored] == ["1", "2"]

@@ -85,6 +85,45 @@ def subject_covers(pattern: str, subject: str) -> bool:
     return len(p_tokens) == len(s_tokens)
 
 
+async def _connect(url: str, seconds: float) -> tuple[AckClient, BatchPublisher]:
+    """A connected client (which reconnects in the background from then on) and its batch
+    publisher; `BackendError` if the server cannot be reached within ``seconds``."""
+    client = AckClient()
+    publisher = BatchPublisher(client)
+    errors: list[Exception] = []
+    try:
+        async with asyncio.timeout(seconds):
+            await client.connect(
+                url,
+                name="cloud-sink",
+                connect_timeout=max(1, round(seconds)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=_RECONNECT_WAIT,
+                # A connection that died silently (NAT or conntrack expiry, a host gone, no
+                # FIN or RST) looks connected until pings go unanswered: nats-py's default
+                # (120 s x 2) kept the sink in an outage for ~6 minutes, past JetStream's
+                # duplicate window for the resends. Pings every `seconds`: ~2-3 x that.
+                ping_interval=max(1, round(seconds)),
+                max_outstanding_pings=2,
+                error_cb=_log_error(url, errors),
+                disconnected_cb=_on_lost(
+                    publisher, logging.WARNING, "disconnected from NATS", url
+                ),
+                reconnected_cb=_log_event(logging.WARNING, "reconnected to NATS", url),
+                closed_cb=_on_lost(publisher, logging.INFO, "NATS connection closed", url),
+            )
+            await publisher.start()
+    except _ERRORS as exc:
+        await _close_quietly(client)
+        cause = errors[-1] if errors else exc
+        raise BackendError(f"cannot connect to NATS at {url}: {cause!r}") from exc
+    except BaseException:
+        await _close_quietly(client)
+        raise
+    return client, publisher
+
+
 class NatsCoreQueue:
     def __init__(
         self,
@@ -104,6 +143,8 @@ class NatsCoreQueue:
         self.dead_letter_stream = dead_letter_stream
         self.dead_letter_subject_prefix = dead_letter_subject_prefix
         self.timeout = timeout
+        self.url = ""  # set by `open`: a client nats-py closed for good is replaced (`probe`)
+        self._closing = False
         self._duplicate_window = 120.0  # set by `open`, for `_ensure_streams`
         self._storage = StorageType.FILE
         self.duplicates = 0
@@ -128,39 +169,7 @@ class NatsCoreQueue:
         existing stream does not take ``<prefix>.>`` or keeps duplicates for less than
         `duplicate_window` seconds.
         """
-        client = AckClient()
-        publisher = BatchPublisher(client)
-        errors: list[Exception] = []
-        try:
-            async with asyncio.timeout(timeout):
-                await client.connect(
-                    url,
-                    name="cloud-sink",
-                    connect_timeout=max(1, round(timeout)),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=_RECONNECT_WAIT,
-                    # A connection that died silently (NAT or conntrack expiry, a host gone, no
-                    # FIN or RST) looks connected until pings go unanswered: nats-py's default
-                    # (120 s x 2) kept the sink in an outage for ~6 minutes, past JetStream's
-                    # duplicate window for the resends. Pings every `timeout`: ~2-3 x timeout.
-                    ping_interval=max(1, round(timeout)),
-                    max_outstanding_pings=2,
-                    error_cb=_log_error(url, errors),
-                    disconnected_cb=_on_lost(
-                        publisher, logging.WARNING, "disconnected from NATS", url
-                    ),
-                    reconnected_cb=_log_event(logging.WARNING, "reconnected to NATS", url),
-                    closed_cb=_on_lost(publisher, logging.INFO, "NATS connection closed", url),
-                )
-                await publisher.start()
-        except _ERRORS as exc:
-            await _close_quietly(client)
-            cause = errors[-1] if errors else exc
-            raise BackendError(f"cannot connect to NATS at {url}: {cause!r}") from exc
-        except BaseException:
-            await _close_quietly(client)
-            raise
+        client, publisher = await _connect(url, timeout)
         queue = cls(
             client,
             publisher,
@@ -170,6 +179,7 @@ class NatsCoreQueue:
             dead_letter_subject_prefix=dead_letter_subject_prefix,
             timeout=timeout,
         )
+        queue.url = url
         queue._duplicate_window = duplicate_window
         queue._storage = StorageType.MEMORY if storage == "memory" else StorageType.FILE
         try:
@@ -343,7 +353,13 @@ class NatsCoreQueue:
         """Both streams checked (and created again if they were deleted: a probe that only
         looked at one passed while every publish failed) within ``timeout``; fails at once
         while nats-py is still reconnecting in the background."""
-        if not self._client.is_connected:
+        if self._client.is_closed and self.url and not self._closing:
+            # nats-py closes the client for good on some server errors on a live connection
+            # (an authorization violation after a reload of the server's users, an expired
+            # user): it never reconnects, and the sink stayed down until a restart.
+            self._client, self._publisher = await _connect(self.url, self.timeout)
+            log.warning("NATS: the connection had been closed for good; connected again")
+        elif not self._client.is_connected:
             raise BackendError("NATS is not connected (reconnecting in the background)")
         try:
             async with asyncio.timeout(self.timeout):
@@ -354,6 +370,7 @@ class NatsCoreQueue:
             raise BackendError(f"NATS probe of the streams: {exc!r}") from exc
 
     async def aclose(self) -> None:
+        self._closing = True
         try:
             async with asyncio.timeout(self.timeout):
                 await self._client.close()
