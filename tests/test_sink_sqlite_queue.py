@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from cloud_sink.backends import (
 )
 from cloud_sink.backends.base import BackendError
 from cloud_sink.health import BackendGuard, BackendState
-from mqtt_ingest import Counters
+from mqtt_ingest import Counters, failpoints
 from mqtt_ingest.backoff import Backoff
 from tests.harness.disk import fill, free_bytes, small_disk
 from tests.harness.sink import core_message
@@ -179,3 +180,36 @@ async def test_a_filesystem_error_of_the_disk_check_is_an_outage(tmp_path: Path)
         assert not runner.done()
         runner.cancel()
     await queue.aclose()
+
+
+async def test_a_stalled_write_is_an_outage_and_the_probe_does_not_queue_behind_it(
+    tmp_path: Path,
+) -> None:
+    """A write that hangs (a stalled disk; the failpoint sleeps in its transaction) raised
+    nothing: the ingest server's stage timeout cut it off without an outage, the idle probe
+    queued behind it and hung too, and the sink said ready while it could confirm nothing."""
+    path = tmp_path / "core.db"
+    queue = await SqliteCoreQueue.open(path)
+    queue.call_timeout = 0.5
+    try:
+        failpoints.arm("sink.sqlite.write", "sleep:2@1")
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"no answer within 0.5s \(a stalled disk\?\)"):
+            await queue.publish([core_message(1)])
+        assert time.monotonic() - started < 1.5
+        with pytest.raises(BackendError, match="an earlier call is still running"):
+            await queue.probe()
+        async with asyncio.timeout(5):
+            while True:  # the disk answers again
+                try:
+                    await queue.probe()
+                    break
+                except BackendError:
+                    await asyncio.sleep(0.1)
+        outcome = await queue.publish([core_message(1), core_message(2)])
+    finally:
+        failpoints.disarm_all()
+        await queue.aclose()
+    # The stalled write did commit in the end: its resend is a duplicate, not a second copy.
+    assert (outcome.stored, outcome.duplicates) == (1, 1)
+    assert [m.seq for _, m in read_messages(path)] == [1, 2]

@@ -107,9 +107,7 @@ async def _connect(url: str, seconds: float) -> tuple[AckClient, BatchPublisher]
                 ping_interval=max(1, round(seconds)),
                 max_outstanding_pings=2,
                 error_cb=_log_error(url, errors),
-                disconnected_cb=_on_lost(
-                    publisher, logging.WARNING, "disconnected from NATS", url
-                ),
+                disconnected_cb=_on_lost(publisher, logging.WARNING, "disconnected from NATS", url),
                 reconnected_cb=_log_event(logging.WARNING, "reconnected to NATS", url),
                 closed_cb=_on_lost(publisher, logging.INFO, "NATS connection closed", url),
             )

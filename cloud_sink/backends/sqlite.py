@@ -13,6 +13,9 @@ A write that would leave less than ``disk_reserve`` free on the file's filesyste
 a quarter of the reserve to spare: an outage that lasts until someone makes room, instead of
 SQLite failing on the last bytes, the probe's empty transaction passing, and the sink going
 down and up every few seconds.
+
+A call with no answer within `CALL_TIMEOUT` (a stalled disk) is an outage too; `probe` fails at
+once while it still runs on the thread.
 """
 
 from __future__ import annotations
@@ -21,19 +24,22 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
+import logging
 import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from mqtt_ingest import failpoints
 from mqtt_ingest.disk import free_bytes, megabytes
 from mqtt_ingest.sqlite_rows import insert_rows
 
-__all__ = ["DISK_RESERVE", "SqliteCoreQueue", "read_dead_letters", "read_messages"]
+__all__ = ["CALL_TIMEOUT", "DISK_RESERVE", "SqliteCoreQueue", "read_dead_letters", "read_messages"]
+
+log = logging.getLogger(__name__)
 
 DISK_RESERVE = 64 * 1024**2
 """The default ``disk_reserve``: room for the WAL of several of the largest stage calls (20,000
@@ -45,6 +51,9 @@ _TOPIC = operator.itemgetter(2)
 T = TypeVar("T")
 
 _BUSY_TIMEOUT = 5.0
+CALL_TIMEOUT = 10.0
+"""Seconds a call may take before it is an outage: two calls (events, then dead letters) end
+within the ingest server's 30 s stage timeout, as with the other backends' ``timeout``."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -85,9 +94,17 @@ def _insert_sql(rows: int) -> str:
 
 
 class SqliteCoreQueue:
-    def __init__(self, path: Path, db: sqlite3.Connection, disk_reserve: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        db: sqlite3.Connection,
+        disk_reserve: int = 0,
+        call_timeout: float = CALL_TIMEOUT,
+    ) -> None:
         self.path = path
+        self.call_timeout = call_timeout
         self._db = db
+        self._running: asyncio.Future[Any] | None = None  # the last call handed to the thread
         self._reserve = disk_reserve
         self._refused = 0  # bytes of the largest write refused for the reserve since one passed
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sink-sqlite")
@@ -116,8 +133,18 @@ class SqliteCoreQueue:
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
+        running = self._running = loop.run_in_executor(self._executor, function, *args)
         try:
-            return await asyncio.shield(loop.run_in_executor(self._executor, function, *args))
+            async with asyncio.timeout(self.call_timeout):
+                return await asyncio.shield(running)
+        except TimeoutError:
+            # A stalled disk (a hung fsync or volume): an outage, as a backend that does not
+            # confirm in time. The ingest server's 30 s stage timeout cut such a call off
+            # without one, and the sink stayed "ready" while it could confirm nothing.
+            running.add_done_callback(_consume)
+            raise BackendError(
+                f"sqlite core queue: no answer within {self.call_timeout:g}s (a stalled disk?)"
+            ) from None
         except (sqlite3.Error, OSError, failpoints.FailpointError) as exc:
             # OSError: the disk reserve's statvfs (the directory gone, a stale or failing
             # mount) is the core queue failing too: an outage, not a stage error.
@@ -136,11 +163,21 @@ class SqliteCoreQueue:
         await self._run(self._insert_dead, list(messages))
 
     async def probe(self) -> None:
-        """Take the write lock and let it go: the file is there, writable and not locked."""
+        """Take the write lock and let it go: the file is there, writable and not locked. Fails
+        at once while a call that timed out is still running (it would queue behind it)."""
+        if self._running is not None and not self._running.done():
+            raise BackendError(
+                "sqlite core queue: an earlier call is still running (a stalled disk?)"
+            )
         await self._run(self._probe)
 
     async def aclose(self) -> None:
-        await self._run(self._db.close)
+        try:
+            await self._run(self._db.close)
+        except BackendError as exc:
+            log.warning("closing the sqlite core queue: %s", exc)
+            self._executor.shutdown(wait=False)  # its thread is stuck: do not wait for it
+            return
         self._executor.shutdown(wait=True)
 
     def _room(self, need: int, headroom: int = 0) -> None:
@@ -272,3 +309,9 @@ def read_dead_letters(path: Path) -> list[DeadLetterMessage]:
         ]
     finally:
         db.close()
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Done callback of a call given up on: its outcome is not needed (nor logged as lost)."""
+    if not future.cancelled():
+        future.exception()
