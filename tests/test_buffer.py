@@ -206,6 +206,33 @@ async def test_drop_oldest_spares_higher_priorities_and_counts(tmp_path: Path) -
         assert "no events of priority <= 0" in full[0].reason
 
 
+async def test_drop_oldest_remembers_what_it_found_missing_until_it_is_not(
+    tmp_path: Path,
+) -> None:
+    """A low-priority drop-oldest event at a buffer full of higher priorities scanned the whole
+    table to find nothing to drop, once per event (37% off the drain at 10 such events a
+    second with a million buffered). What it found missing is remembered, until an event of
+    that priority is stored again or priorities change."""
+    async with await Buffer.open(tmp_path, max_events=3) as buffer:
+        await buffer.append([event(topic="alarm", priority=5) for _ in range(3)])
+        for _ in range(2):  # the second one looks no further
+            [full] = await buffer.append([event(topic="bulk", on_full="drop-oldest")])
+            assert isinstance(full, BufferFull)
+        await buffer.delete([1])  # delivered: room for one
+        assert await buffer.append([event(b"old", topic="bulk")]) == [4]
+        # Priority 0 is there again: dropped for the next one, not refused.
+        assert await buffer.append([event(b"new", topic="bulk", on_full="drop-oldest")]) == [5]
+        assert [e.payload for e in await buffer.next_events(10)][-1:] == [b"new"]
+        await buffer.delete([5])
+        assert await buffer.append([event(topic="alarm", priority=5)]) == [6]
+        [full] = await buffer.append([event(topic="bulk", on_full="drop-oldest")])
+        assert isinstance(full, BufferFull)  # priority 5 only again
+        # The alarms' rule now says priority 0: they may be dropped for bulk events.
+        await buffer.reprioritize(lambda topic: 0)
+        assert await buffer.append([event(topic="bulk", on_full="drop-oldest")]) == [7]
+        assert [e.seq for e in await buffer.next_events(10)] == [3, 6, 7]
+
+
 async def test_a_drop_oldest_event_refused_all_the_same_drops_nothing(tmp_path: Path) -> None:
     """The droppable events (priority <= its own) cannot make room for it: it is refused and
     they stay. It used to drop them first and then be refused (SPEC: "if nothing can be

@@ -474,7 +474,7 @@ class Buffer:
         the drain is priority first, and events of one topic buffered at two priorities were
         sent out of seq order (the newer first). Returns (events changed, the highest priority
         given or None). One scan of the buffer, on its thread: commits wait meanwhile."""
-        return await self._run(_reprioritize, priority_of)
+        return await self._run(_reprioritize, priority_of, self._totals)
 
     async def sweep_expired(self) -> int:
         """Drop events whose TTL passed; counted under reason ``ttl``."""

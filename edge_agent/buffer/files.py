@@ -429,6 +429,7 @@ def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
         "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
     ).fetchone()
     totals.high_water, totals.last_seq = _seq_marks(db)
+    totals.nothing_at_or_below = -1
 
 
 def _seq_marks(db: sqlite3.Connection) -> tuple[int, int]:

@@ -177,7 +177,12 @@ class _Totals:
     """The highest seq ever committed in this database."""
     high_water: int = 0
     """``meta.high_water`` as committed."""
+    nothing_at_or_below: int = -1
+    """No event of this priority or a lower one is stored (-1: not known). ``drop-oldest``
+    looks no further then: finding nothing took a scan of the whole table, for each event of a
+    low priority arriving at a buffer full of higher ones."""
 
     def restore(self, saved: _Totals) -> None:
         self.events, self.bytes = saved.events, saved.bytes
         self.last_seq, self.high_water = saved.last_seq, saved.high_water
+        self.nothing_at_or_below = saved.nothing_at_or_below

@@ -286,6 +286,9 @@ def _insert_all(
             None if event.ttl is None else now_ms + int(event.ttl * 1000),
         )
     insert_rows(db, _insert_sql, params, 7, most=_MAX_CHUNK)
+    if totals.nothing_at_or_below >= 0:
+        lowest = min(event.priority for event in events)
+        totals.nothing_at_or_below = min(totals.nothing_at_or_below, lowest - 1)
     totals.events += len(events)
     totals.bytes += size
     totals.last_seq += len(events)
@@ -331,9 +334,13 @@ def _insert_one_with_policy(
     )
     if isinstance(outcome, BufferFull):
         db.execute("ROLLBACK TO event")
+        found = totals.nothing_at_or_below
+        undone = dropped != drops
         for state, values in zip(kept, saved, strict=True):
             for field, value in zip(dataclasses.fields(state), values, strict=True):
                 setattr(state, field.name, value)
+        if not undone:  # it dropped nothing: what it found missing is missing still
+            totals.nothing_at_or_below = max(totals.nothing_at_or_below, found)
         dropped.clear()
         dropped.update(drops)
     db.execute("RELEASE event")
@@ -471,6 +478,8 @@ def _drop_oldest(
     what was deleted so far says so. Returns how many were deleted."""
     deleted = 0
     freed = 0
+    if priority <= totals.nothing_at_or_below:
+        return 0
     while not enough(deleted, freed):
         rows = db.execute(
             "SELECT seq, topic, length(payload) FROM events WHERE priority <= ?"
@@ -478,6 +487,7 @@ def _drop_oldest(
             (priority,),
         ).fetchall()
         if not rows:
+            totals.nothing_at_or_below = max(totals.nothing_at_or_below, priority)
             break
         for seq, topic, size in rows:
             db.execute("DELETE FROM events WHERE seq = ?", (seq,))
@@ -728,7 +738,7 @@ def _requeue_dead(
 
 
 def _reprioritize(
-    db: sqlite3.Connection, priority_of: Callable[[str], int]
+    db: sqlite3.Connection, priority_of: Callable[[str], int], totals: _Totals
 ) -> tuple[int, int | None]:
     """Give every buffered event its topic's priority of now: (events changed, the highest
     priority given, None if none). One scan for the (topic, priority) pairs, one update."""
@@ -750,6 +760,7 @@ def _reprioritize(
             f" WHERE topic IN (SELECT topic FROM temp.new_priority) AND priority <> {wanted_sql}"
         ).rowcount
         db.execute("DELETE FROM temp.new_priority")
+    totals.nothing_at_or_below = -1  # events may have come down to any priority
     return count, max(changed.values())
 
 
