@@ -457,7 +457,7 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return min(value, 2**63 - 1)  # SQLite's largest integer: "all" for any buffer
 
 
 def _event_json(event: StoredEvent, id_prefix: str) -> str:

@@ -473,3 +473,8 @@ async def test_cli_buffer_dead_lists_dead_letters_with_their_reason(tmp_path: Pa
     assert letter["dead_at_ms"] > 0
     peek = await acli(config_path, "buffer", "peek")
     assert [json.loads(line)["id"] for line in peek.stdout.splitlines()] == [first]
+    # Any count is "all" beyond the buffer's size (SQLite's LIMIT overflowed with a traceback).
+    for command in ("dead", "peek"):
+        done = await acli(config_path, "buffer", command, "-n", str(2**64))
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert len(done.stdout.splitlines()) == 1

@@ -575,6 +575,21 @@ async def test_corrupt_database_is_quarantined_and_a_fresh_one_started(
         assert len(stats.incidents) == 1
 
 
+async def test_two_quarantines_with_the_same_clock_reading_keep_both(tmp_path: Path) -> None:
+    """A clock that starts from the same value at each boot (no RTC) gave the second quarantine
+    the first one's name, and os.replace deleted the first corrupt database without a word."""
+    clock = FakeClock(start=1_700_000_000.0)
+    for round_ in (1, 2):
+        async with await Buffer.open(tmp_path, clock=clock) as buffer:
+            await buffer.append([event(b"%d" % round_)])
+        _overwrite_header(tmp_path / "buffer.db")
+    async with await Buffer.open(tmp_path, clock=clock) as buffer:
+        stats = await buffer.stats()
+        assert [i.kind for i in stats.incidents] == ["corrupt"]  # the fresh database's own
+    moved = sorted(p.name for p in (tmp_path / "quarantine").iterdir() if p.suffix == ".db")
+    assert moved == ["buffer-20231114T221320000000Z-2.db", "buffer-20231114T221320000000Z.db"]
+
+
 async def test_a_corrupt_database_is_quarantined_with_its_live_wal_and_shm(tmp_path: Path) -> None:
     """After a crash the recent commits are in the -wal (and its index in the -shm): they go to
     quarantine with the database, never stay beside the fresh one (SQLite would replay a stale

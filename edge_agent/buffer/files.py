@@ -364,6 +364,12 @@ def _quarantine(directory: Path, now_ms: int) -> Path:
     target.mkdir(exist_ok=True)
     stamp = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     base = target / f"buffer-{stamp}.db"
+    # A name no earlier quarantine took (a clock stuck or set back gives the same stamp): the
+    # lock keeps other agents out, and os.replace would silently overwrite the earlier files.
+    number = 1
+    while any(Path(f"{base}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+        number += 1
+        base = target / f"buffer-{stamp}-{number}.db"
     for suffix in ("", "-wal", "-shm"):
         source = directory / f"{DB_NAME}{suffix}"
         if source.exists():
