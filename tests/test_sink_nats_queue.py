@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nats.js.api import DiscardPolicy, StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from cloud_sink.backends.nats import NatsCoreQueue, _header_value, subject_covers
@@ -204,6 +204,31 @@ async def test_existing_stream_is_checked(nats_jetstream: NatsNames) -> None:
     # A compatible existing stream is accepted as it is.
     queue = await open_queue(nats_jetstream, duplicate_window=5)
     await queue.aclose()
+
+
+async def test_an_existing_memory_stream_is_refused_for_file_storage(
+    nats_jetstream: NatsNames,
+) -> None:
+    """A stream created beforehand in memory was taken: a NATS restart then lost every event the
+    sink had confirmed (and the devices had deleted)."""
+    async with nats_connection(nats_jetstream.url) as client:
+        await client.jsm(timeout=5).add_stream(
+            StreamConfig(
+                name=nats_jetstream.stream,
+                subjects=[f"{nats_jetstream.subject_prefix}.>"],
+                storage=StorageType.MEMORY,
+                duplicate_window=120,
+            )
+        )
+    with pytest.raises(BackendError, match="keeps its messages in memory"):
+        await NatsCoreQueue.open(
+            url=nats_jetstream.url,
+            stream=nats_jetstream.stream,
+            subject_prefix=nats_jetstream.subject_prefix,
+            dead_letter_stream=nats_jetstream.dead_letter_stream,
+            dead_letter_subject_prefix=nats_jetstream.dead_letter_subject_prefix,
+            storage="file",
+        )
 
 
 async def test_unreachable_server_fails_within_timeout(nats_jetstream: NatsNames) -> None:

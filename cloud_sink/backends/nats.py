@@ -246,6 +246,12 @@ class NatsCoreQueue:
                 f"JetStream stream {name!r} has a duplicate window of {window:g}s, less than"
                 f" the configured {duplicate_window:g}s: resends would be stored twice"
             )
+        if storage == StorageType.FILE and config.storage == StorageType.MEMORY:
+            raise BackendError(
+                f"JetStream stream {name!r} keeps its messages in memory: a NATS restart would"
+                " lose events the sink confirmed to devices (which deleted them); recreate it"
+                " with file storage"
+            )
 
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
         """A subject too long for the server's control line (it resets the connection on one),
