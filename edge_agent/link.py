@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 
 __all__ = [
     "LINK_FILE",
+    "REFUSAL_WINDOW",
     "LinkDead",
     "LinkFailure",
     "LinkState",
@@ -78,6 +79,13 @@ def read_link_status(data_dir: Path) -> LinkStatus | None:
         return None
 
 
+REFUSAL_WINDOW = 3.0
+"""Seconds after the handshake within which a close with not a byte from the server is read as
+a refusal of our certificate (the server's verdict comes one round trip after our side of the
+handshake ends). Later, it is a server that stopped or restarted while it handled our CONNECT:
+a transient failure, not one for the slow back-off of refusals."""
+
+
 class LinkFailure(Exception):
     """A connection attempt or session ended; ``refused``: by credentials, retry slowly."""
 
@@ -119,12 +127,14 @@ def recording_socket_class(
     With TLS 1.3 a server checks the client certificate after the client considers the handshake
     done; it then sends an alert or just closes. paho sees a closed socket and aiomqtt reports a
     CONNACK timeout, which would look like a network problem and be retried fast, forever. A TLS
-    alert, or an end of stream before the server sent a single byte, is what tells them apart.
+    alert, or an end of stream before the server sent a single byte within `REFUSAL_WINDOW` of
+    the handshake, is what tells them apart.
 
     ``received_at[0]`` is set to `time.monotonic()` whenever bytes arrive (the uplink's watchdog
     of a silent link).
     """
     received = [0]
+    handshaken = [0.0]  # time.monotonic() when our side of the handshake ended
     arrivals = received_at if received_at is not None else [0.0]
 
     class _Recording(ssl.SSLSocket):
@@ -145,6 +155,7 @@ def recording_socket_class(
             except OSError:
                 self.close()  # paho would leak the socket of a failed handshake
                 raise
+            handshaken[0] = time.monotonic()
 
         def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
             try:
@@ -154,7 +165,8 @@ def recording_socket_class(
             except ssl.SSLError as exc:
                 errors.append(f"the server refused the TLS session: {exc.reason or exc}")
                 raise
-            if not data and not received[0]:
+            late = time.monotonic() - handshaken[0] > REFUSAL_WINDOW
+            if not data and not received[0] and not late:
                 errors.append(
                     "the server closed the connection right after the TLS handshake, before any "
                     "MQTT answer: it most likely refused the client certificate (revoked, "

@@ -24,10 +24,10 @@ from edge_agent import window as window_module
 from edge_agent.accept import InvalidEvent
 from edge_agent.buffer import BufferFull, StoredEvent, inspect, read_dead_letters, read_events
 from edge_agent.config import AgentConfig
-from edge_agent.link import UNSENT_LIMIT, LinkState, read_link_status
+from edge_agent.link import REFUSAL_WINDOW, UNSENT_LIMIT, LinkState, read_link_status
 from edge_agent.messages import Messages
 from edge_agent.uplink import CRL_CHECK_INTERVAL, Uplink
-from mqtt_ingest import failpoints
+from mqtt_ingest import ConnectRequest, Identity, Refusal, failpoints
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
 from tests.harness.disk import free_bytes, small_disk
@@ -1131,6 +1131,39 @@ async def test_an_event_set_aside_then_expired_is_not_sent(tmp_path: Path, pki: 
             await until(lambda: inspect(data).events == 0, timeout=20)
             await asyncio.sleep(0.5)  # a probe of the stale copy would go now
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"fresh"]
+
+
+async def test_a_sink_stopping_during_our_connect_is_not_a_certificate_refusal(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A sink stopped (or restarted) while it handles our CONNECT closes the connection without
+    a byte: that was read as a refusal of our certificate, and the agent waited out the slow
+    back-off of refusals (30 s to 15 min) with `status` saying "refused". A close later than
+    `REFUSAL_WINDOW` after the handshake is a transient failure."""
+    device = new_device(pki, "restart")
+    port = free_port()
+    config = load_config(configure(tmp_path, pki, device, port))
+    async with Agent(config) as agent:
+        assert agent.uplink is not None
+        uplink = agent.uplink
+        await agent.publish("sensors/t", b"0")
+        async with sink(tmp_path, pki, port=port) as server:
+            entered = asyncio.Event()
+
+            async def stalled(request: ConnectRequest) -> Identity | Refusal:
+                entered.set()
+                await asyncio.sleep(3600)  # the sink stops while it is here
+                raise AssertionError("not reached")
+
+            server.authenticator.authenticate = stalled  # type: ignore[method-assign]
+            await entered.wait()
+            failures = uplink.status.failures  # refused connections before the sink was up
+            await asyncio.sleep(REFUSAL_WINDOW + 0.5)
+        await until(lambda: uplink.status.failures > failures, timeout=20)
+        assert uplink.status.state is LinkState.BACKOFF, uplink.status.last_error
+        async with sink(tmp_path, pki, port=port):
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
 
 
 async def test_window_bytes_bounds_what_is_in_flight(
