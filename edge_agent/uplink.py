@@ -257,9 +257,10 @@ class Uplink:
             max_inflight_messages=0,  # the window is ours (paho's own limit scans per PUBACK)
             logger=logging.getLogger("edge_agent.uplink.mqtt"),
         )
-        started = asyncio.get_running_loop().time()
+        connected_at: float | None = None
         try:
             async with client:
+                connected_at = asyncio.get_running_loop().time()
                 self.status.connections += 1
                 self.status.connected_since = self._clock.time()
                 self._last_refusal = ""
@@ -285,7 +286,10 @@ class Uplink:
             for sock in sockets:
                 sock.close()  # paho leaves the socket of a connect that failed after the handshake
             self.status.connected_since = None
-            if asyncio.get_running_loop().time() - started >= config.stable_after:
+            # Up that long, not merely that long since the attempt began: a connect that took
+            # its whole connect_timeout (as long as stable_after or more) reset the back-off.
+            now = asyncio.get_running_loop().time()
+            if connected_at is not None and now - connected_at >= config.stable_after:
                 self._backoff.reset()
 
     def _renew_at(self, token: Token) -> float | None:

@@ -1166,6 +1166,27 @@ async def test_a_sink_stopping_during_our_connect_is_not_a_certificate_refusal(
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
 
 
+async def test_only_a_connection_that_was_up_resets_the_back_off(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """``stable_after`` was timed from the start of the attempt: connects that each failed after
+    their whole ``connect_timeout`` (as long as ``stable_after`` here) reset the back-off every
+    time, and the agent hammered a sink that never answered at the initial delay."""
+    device = new_device(pki, "stable")
+    async with sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        proxy.blackhole()  # accepted, never answered
+        extra = 'connect_timeout = "1s"\nstable_after = "1s"'
+        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            uplink = agent.uplink
+            await until(lambda: uplink.status.failures >= 3, timeout=30)
+            assert uplink._backoff.failures >= 3  # growing, not started over at each attempt
+            proxy.pass_through()
+            await until(lambda: uplink.status.connected_since is not None, timeout=30)
+
+
 async def test_window_bytes_bounds_what_is_in_flight(
     tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
