@@ -94,8 +94,8 @@ class Suspects:
         publish_timeout: float,
         now: float,
     ) -> int | None:
-        """The connection was lost with ``event`` alone in flight: ``closed`` by the other side
-        (or the link), or ended by our publish timeout at loop time ``now``. Returns how many
+        """The connection was lost with ``event`` alone in flight: ``closed`` by the other side,
+        or not (our publish timeout, a link gone silent) at loop time ``now``. Returns how many
         losses count against the event if this one counted (the caller keeps that count, or
         dead-letters the event once it reaches ``max_attempts`` and then `forget`s it), else
         None. The event is set aside (up to `MAX_SUSPECTS`; beyond, its count is kept)."""

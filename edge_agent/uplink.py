@@ -667,14 +667,17 @@ class Uplink:
         if graceful or not lost or session.failure is None:
             return
         await self._buffer.record_attempt(lost)
-        if len(session.inflight) != 1 or isinstance(session.failure, LinkDead):
-            return  # a dead link blames no event: a blackhole is not poison
+        if len(session.inflight) != 1:
+            return
         event = next(iter(session.inflight.values())).single
         if event is None:
             return
         failures = self._suspects.lost(
             event,
-            closed=not isinstance(session.failure, PublishTimeout),
+            # Not the server closing on it: our publish timeout, or a link gone silent (a
+            # blackhole; or a path that drops the large packet and everything behind it, which
+            # must not hold the backlog back either, so the event is still set aside).
+            closed=not isinstance(session.failure, (PublishTimeout, LinkDead)),
             publish_timeout=self._opened_with.publish_timeout,
             now=asyncio.get_running_loop().time(),
         )
