@@ -12,6 +12,7 @@ import pytest
 from cloud_sink.backends import (
     BackendError,
     CoreMessage,
+    CoreQueue,
     DeadLetterMessage,
     PublishOutcome,
     SqliteCoreQueue,
@@ -90,6 +91,16 @@ class SwitchableQueue:
         await self.inner.aclose()
 
 
+def forwarding_server(queue: CoreQueue, metrics: Counters) -> IngestServer:
+    """An ingest server forwarding into ``queue``, devices named by their client id."""
+    return IngestServer(
+        stage=Forwarder(queue, metrics, max_body=1024**2),
+        authenticator=UsernameParams(),
+        rights=DevicePrefixRights(),
+        metrics=metrics,
+    )
+
+
 @pytest.mark.parametrize(
     ("topic", "problem"),
     [
@@ -110,12 +121,7 @@ async def test_raw_envelope_and_dead_letters_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "core.db"
     queue = SwitchableQueue(await SqliteCoreQueue.open(path))
     metrics = Counters()
-    server = IngestServer(
-        stage=Forwarder(queue, metrics, max_body=1024**2),
-        authenticator=UsernameParams(),
-        rights=DevicePrefixRights(),
-        metrics=metrics,
-    )
+    server = forwarding_server(queue, metrics)
     envelope = encode(EPOCH, [EnvelopeEvent(5, 1000, b"e5"), EnvelopeEvent(6, 1001, b"e6")])
     async with server:
         raw = await RawClient.connected(server.port, "dev-1")
@@ -160,13 +166,7 @@ async def test_a_resent_dead_letter_is_stored_once(tmp_path: Path) -> None:
     an envelope on a topic the backends cannot map are dead letters one by one."""
     path = tmp_path / "core.db"
     queue = await SqliteCoreQueue.open(path)
-    metrics = Counters()
-    server = IngestServer(
-        stage=Forwarder(queue, metrics, max_body=1024**2),
-        authenticator=UsernameParams(),
-        rights=DevicePrefixRights(),
-        metrics=metrics,
-    )
+    server = forwarding_server(queue, Counters())
     envelope = encode(EPOCH, [EnvelopeEvent(5, 1000, b"e5"), EnvelopeEvent(6, 1001, b"e6")])
     async with server:
         for attempt in range(2):  # the same client id, a new connection: the resend
