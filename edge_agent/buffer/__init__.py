@@ -42,6 +42,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from edge_agent.buffer.drain import (
+    _dead_letter,
+    _dead_letters,
+    _delete,
+    _epoch,
+    _holds,
+    _next_events,
+    _record_attempt,
+    _record_losses,
+    _reprioritize,
+    _requeue_dead,
+    _stats,
+    _suspects,
+    _sweep,
+)
 from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _close_cleanly,
@@ -72,25 +87,7 @@ from edge_agent.buffer.model import (
     _Pending,
     _Totals,
 )
-from edge_agent.buffer.store import (
-    NEARLY_FULL,
-    DiskReserve,
-    _dead_letter,
-    _dead_letters,
-    _delete,
-    _epoch,
-    _holds,
-    _insert_group,
-    _next_events,
-    _record_attempt,
-    _record_losses,
-    _reprioritize,
-    _requeue_dead,
-    _stats,
-    _suspects,
-    _sweep,
-    _timed,
-)
+from edge_agent.buffer.store import NEARLY_FULL, DiskReserve, _insert_group, _timed
 from mqtt_ingest import failpoints
 from mqtt_ingest.clock import Clock, SystemClock
 

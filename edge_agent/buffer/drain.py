@@ -1,0 +1,344 @@
+"""The drain's and the operator's statements, on the buffer's thread: reads in drain order,
+deletes, attempts and poison counts, dead letters and their requeue, reprioritizing, the TTL
+sweep and the statistics. (Inserts and the ``on_full`` policies: `edge_agent.buffer.store`.)"""
+
+from __future__ import annotations
+
+import math
+import operator
+import sqlite3
+from collections.abc import Callable
+
+from edge_agent.buffer.files import (
+    _keep_high_water,
+    _load_totals,
+    _seq_marks,
+    _transaction,
+)
+from edge_agent.buffer.model import (
+    BufferError,
+    BufferStats,
+    DeadLetter,
+    Incident,
+    StoredEvent,
+    TopicStats,
+    _Totals,
+)
+from edge_agent.buffer.store import _count_drops
+from mqtt_ingest import failpoints
+
+# The drain order (priority high first, then seq) in pieces that each read one index range:
+# priorities other than 0 from the partial index events_drain, priority 0 in rowid order.
+_SELECT_EVENTS = "SELECT seq, topic, payload, qos, priority, event_time, attempts FROM events"
+_AT_PRIORITY_AFTER = (  # (priority, seq, limit)
+    _SELECT_EVENTS + " WHERE priority <> 0 AND priority = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+_BETWEEN_PRIORITIES = (  # (above, below, limit): priority strictly between them
+    _SELECT_EVENTS + " WHERE priority <> 0 AND priority < ? AND priority > ?"
+    " ORDER BY priority DESC, seq LIMIT ?"
+)
+_AT_ZERO_AFTER = _SELECT_EVENTS + " WHERE priority = 0 AND seq > ? ORDER BY seq LIMIT ?"
+
+
+def _drain_queries(after: tuple[int, int] | None) -> list[tuple[str, tuple[float, ...]]]:
+    """The queries (each still missing its LIMIT) that read the events after ``after``."""
+    queries: list[tuple[str, tuple[float, ...]]] = []
+    priority: float
+    if after is None:
+        priority, seq = math.inf, 0  # above every priority
+    else:
+        priority, seq = after
+        if priority != 0:
+            queries.append((_AT_PRIORITY_AFTER, (priority, seq)))
+    if priority > 0:
+        queries.append((_BETWEEN_PRIORITIES, (priority, 0)))
+    if priority >= 0:
+        queries.append((_AT_ZERO_AFTER, (seq if priority == 0 else -math.inf,)))
+    queries.append((_BETWEEN_PRIORITIES, (min(priority, 0), -math.inf)))
+    return queries
+
+
+_READ_CHUNK = 64  # rows fetched at a time by `_next_events` (a page overshoots its budget by less)
+_PAYLOAD = operator.itemgetter(2)
+
+
+def _next_events(
+    db: sqlite3.Connection,
+    limit: int,
+    after: tuple[int, int] | None,
+    skip: frozenset[int],
+    max_bytes: int | None,
+    above: int | None,
+) -> list[StoredEvent]:
+    failpoints.hit("buffer.read")
+    taken: list[StoredEvent] = []
+    size = 0
+    budget = math.inf if max_bytes is None else max_bytes
+    make = StoredEvent._make
+    for query, args in _drain_queries(after):
+        if len(taken) >= limit or size >= budget:
+            break
+        # In chunks, not fetchall: a page of large events stops at the byte budget instead of
+        # holding 1000 x max_payload in memory. Each chunk is filtered and measured with
+        # C-level iteration (the thread holds the GIL the event loop needs meanwhile).
+        cursor = db.execute(query, (*args, limit - len(taken) + len(skip)))
+        try:
+            while len(taken) < limit and size < budget:
+                rows = cursor.fetchmany(_READ_CHUNK)
+                if not rows:
+                    break
+                last = above is not None and rows[-1][4] <= above
+                if last:  # drain order: every row after the first such one is lower too
+                    rows = [row for row in rows if row[4] > above]
+                if skip:
+                    rows = [row for row in rows if row[0] not in skip]
+                del rows[limit - len(taken) :]
+                grown = size + sum(map(len, map(_PAYLOAD, rows)))
+                if grown >= budget:  # the page ends with the row that reaches the budget
+                    for index, row in enumerate(rows):
+                        size += len(row[2])
+                        if size >= budget:
+                            del rows[index + 1 :]
+                            break
+                else:
+                    size = grown
+                taken += map(make, rows)
+                if last:
+                    return taken
+        finally:
+            cursor.close()  # ends the statement (and its read snapshot) at once
+    return taken
+
+
+_DELETE_CHUNK = 512  # a power of two, under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32)
+
+
+def _padded(chunk: list[int]) -> list[int]:
+    """``chunk`` repeated at its end up to a power of two (an IN list is a set: no effect), so
+    that the deletes prepare at most 10 statements of each kind. The sqlite3 module caches 128
+    prepared statements per connection, and one with a 500-value IN list holds ~120 KB: with a
+    statement per chunk length the cache grew the agent by up to ~15 MB."""
+    size = 1 << (len(chunk) - 1).bit_length()
+    return chunk + chunk[-1:] * (size - len(chunk))
+
+
+def _delete(
+    db: sqlite3.Connection, seqs: list[int], totals: _Totals, drop_reason: str | None
+) -> int:
+    if not seqs:
+        return 0
+    with _transaction(db, totals):
+        removed = 0
+        size = 0
+        per_topic: dict[str, list[int]] = {}
+        # Statements per chunk, not per seq, and none that returns a row per event: the drain
+        # deletes every event it delivers, and each row stepped out of SQLite takes the GIL back
+        # from the event loop (the sqlite3 module releases it around every step).
+        for first in range(0, len(seqs), _DELETE_CHUNK):
+            chunk = _padded(seqs[first : first + _DELETE_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            for topic, events, length in db.execute(
+                "SELECT topic, count(*), sum(length(payload)) FROM events"  # noqa: S608
+                f" WHERE seq IN ({marks}) GROUP BY topic",  # only placeholders
+                chunk,
+            ):
+                removed += events
+                size += length
+                entry = per_topic.setdefault(topic, [0, 0])
+                entry[0] += events
+                entry[1] += length
+            db.execute(f"DELETE FROM events WHERE seq IN ({marks})", chunk)  # noqa: S608
+        if drop_reason is not None:
+            _count_drops(db, drop_reason, per_topic)
+        totals.events -= removed
+        totals.bytes -= size
+        _keep_high_water(db, totals)
+    return removed
+
+
+def _record_attempt(db: sqlite3.Connection, seqs: list[int]) -> None:
+    with _transaction(db):
+        db.executemany(
+            "UPDATE events SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs]
+        )
+
+
+def _holds(db: sqlite3.Connection, seq: int) -> bool:
+    return db.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone() is not None
+
+
+def _record_losses(db: sqlite3.Connection, seq: int, losses: int) -> None:
+    with _transaction(db):
+        db.execute(
+            "INSERT INTO suspects VALUES (?, ?)"
+            " ON CONFLICT (seq) DO UPDATE SET losses = excluded.losses",
+            (seq, losses),
+        )
+
+
+def _suspects(db: sqlite3.Connection, limit: int) -> tuple[list[StoredEvent], dict[int, int]]:
+    with _transaction(db):
+        # Rows of events delivered, dropped or purged since (seqs are never given out again).
+        db.execute("DELETE FROM suspects WHERE seq NOT IN (SELECT seq FROM events)")
+        losses = dict(db.execute("SELECT seq, losses FROM suspects"))
+        rows = db.execute(
+            _SELECT_EVENTS  # noqa: S608  # constants only
+            + " WHERE seq IN (SELECT seq FROM suspects ORDER BY seq LIMIT ?) ORDER BY seq",
+            (limit,),
+        )
+        return list(map(StoredEvent._make, rows)), losses
+
+
+def _dead_letter(
+    db: sqlite3.Connection, seq: int, reason: str, now_ms: int, totals: _Totals
+) -> bool:
+    with _transaction(db, totals):
+        db.execute("DELETE FROM suspects WHERE seq = ?", (seq,))  # requeued: counted afresh
+        moved = db.execute(
+            "INSERT OR IGNORE INTO dead_letters"
+            " SELECT seq, topic, payload, qos, priority, event_time, attempts, ?, ?"
+            " FROM events WHERE seq = ?",
+            (reason, now_ms, seq),
+        ).rowcount
+        row = db.execute("DELETE FROM events WHERE seq = ? RETURNING length(payload)", (seq,))
+        found = row.fetchone()
+        if found is not None:
+            totals.events -= 1
+            totals.bytes -= found[0]
+        _keep_high_water(db, totals)
+    return bool(moved)
+
+
+def _epoch(db: sqlite3.Connection) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def _dead_letters(db: sqlite3.Connection, limit: int) -> list[DeadLetter]:
+    rows = db.execute(
+        "SELECT seq, topic, payload, attempts, reason, dead_at FROM dead_letters"
+        " ORDER BY seq LIMIT ?",
+        (limit,),
+    )
+    return [DeadLetter(*row) for row in rows]
+
+
+def _requeue_dead(
+    db: sqlite3.Connection,
+    totals: _Totals,
+    limits: tuple[int, int],
+    ttl: Callable[[str], float | None],
+    now_ms: int,
+) -> int:
+    with _transaction(db, totals):
+        count, size = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters"
+        ).fetchone()
+        max_events, max_bytes = limits
+        if totals.events + count > max_events or totals.bytes + size > max_bytes:
+            raise BufferError(
+                f"the {count} dead letters ({size} bytes) do not fit beside the {totals.events}"
+                f" events ({totals.bytes} bytes) buffered: max_events {max_events}, max_bytes"
+                f" {max_bytes}; let the backlog drain (or purge) first"
+            )
+        moved = db.execute(
+            "INSERT OR IGNORE INTO events"
+            " (seq, topic, payload, qos, priority, event_time, expires_at, attempts)"
+            " SELECT seq, topic, payload, qos, priority, event_time, NULL, 0 FROM dead_letters"
+        ).rowcount
+        topics = [row[0] for row in db.execute("SELECT DISTINCT topic FROM dead_letters")]
+        for topic in topics:
+            if (seconds := ttl(topic)) is not None:
+                db.execute(
+                    "UPDATE events SET expires_at = ?"
+                    " WHERE topic = ? AND seq IN (SELECT seq FROM dead_letters)",
+                    (now_ms + int(seconds * 1000), topic),
+                )
+        db.execute("DELETE FROM dead_letters")
+        _keep_high_water(db, totals)
+    _load_totals(db, totals)
+    return moved
+
+
+def _reprioritize(
+    db: sqlite3.Connection, priority_of: Callable[[str], int], totals: _Totals
+) -> tuple[int, int | None]:
+    """Give every buffered event its topic's priority of now: (events changed, the highest
+    priority given, None if none). One scan for the (topic, priority) pairs, one update."""
+    pairs = db.execute("SELECT DISTINCT topic, priority FROM events").fetchall()
+    wanted = {topic: priority_of(topic) for topic, _ in pairs}
+    changed = {topic: wanted[topic] for topic, priority in pairs if wanted[topic] != priority}
+    if not changed:
+        return 0, None
+    with _transaction(db):
+        db.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS new_priority"
+            " (topic TEXT PRIMARY KEY, priority INTEGER NOT NULL)"
+        )
+        db.execute("DELETE FROM temp.new_priority")
+        db.executemany("INSERT INTO temp.new_priority VALUES (?, ?)", changed.items())
+        wanted_sql = "(SELECT n.priority FROM temp.new_priority AS n WHERE n.topic = events.topic)"
+        count: int = db.execute(
+            f"UPDATE events SET priority = {wanted_sql}"  # noqa: S608  # constants only
+            f" WHERE topic IN (SELECT topic FROM temp.new_priority) AND priority <> {wanted_sql}"
+        ).rowcount
+        db.execute("DELETE FROM temp.new_priority")
+    totals.nothing_at_or_below = -1  # events may have come down to any priority
+    return count, max(changed.values())
+
+
+def _sweep(db: sqlite3.Connection, now_ms: int, totals: _Totals) -> dict[str, tuple[int, int, int]]:
+    with _transaction(db, totals):
+        rows = db.execute(
+            "DELETE FROM events WHERE expires_at IS NOT NULL AND expires_at <= ?"
+            " RETURNING seq, topic, length(payload)",
+            (now_ms,),
+        ).fetchall()
+        per_topic: dict[str, list[int]] = {}
+        for seq, topic, size in rows:
+            entry = per_topic.setdefault(topic, [0, 0, seq, seq])
+            entry[0] += 1
+            entry[1] += size
+            entry[2] = min(entry[2], seq)
+            entry[3] = max(entry[3], seq)
+            totals.events -= 1
+            totals.bytes -= size
+        _count_drops(db, "ttl", per_topic)
+        _keep_high_water(db, totals)
+    return {topic: (v[0], v[2], v[3]) for topic, v in per_topic.items()}
+
+
+def _stats(db: sqlite3.Connection) -> BufferStats:
+    failpoints.hit("buffer.stats")  # a slow scan (a large backlog on an SD card)
+    db.execute("BEGIN")  # one consistent snapshot for every query below
+    try:
+        epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        topics = [
+            TopicStats(*row)
+            for row in db.execute(
+                "SELECT topic, count(*), sum(length(payload)), min(event_time) FROM events"
+                " GROUP BY topic ORDER BY topic"
+            )
+        ]
+        drops = {
+            (reason, topic): (events, size)
+            for reason, topic, events, size in db.execute("SELECT * FROM drops")
+        }
+        dead = db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        incidents = [
+            Incident(*row)
+            for row in db.execute("SELECT at, kind, detail FROM incidents ORDER BY at")
+        ]
+        _, last_seq = _seq_marks(db)
+    finally:
+        db.execute("COMMIT")
+    return BufferStats(
+        epoch=epoch,
+        events=sum(t.events for t in topics),
+        bytes=sum(t.bytes for t in topics),
+        topics=topics,
+        drops=drops,
+        dead_letters=dead,
+        incidents=incidents,
+        next_seq=last_seq + 1,
+    )
