@@ -337,6 +337,13 @@ class Connection:
                 decision = await self.server.authenticator.authenticate(request)
         except TimeoutError:
             await self._refuse(ConnackCode.SERVER_UNAVAILABLE, "authentication timed out", "auth")
+        except asyncio.CancelledError:
+            if self._stopping:
+                # The server stops while it judges this CONNECT: "server unavailable", not a
+                # close without a word, which a client may read as its certificate refused
+                # (our agent does within 3 s of the handshake) and back off slowly.
+                self.writer.write(encode_connack(ConnackCode.SERVER_UNAVAILABLE))
+            raise
         if isinstance(decision, Refusal):
             await self._refuse(decision.code, decision.reason, decision.label or decision.reason)
         identity = decision

@@ -19,7 +19,7 @@ What it does (SPEC §3, §4, §7):
   client id of a live one takes over (the old one is closed). SUBSCRIBE is answered with a SUBACK
   failure unless the topic rights allow it (nothing is ever delivered: this is not a broker).
 - `stop` stops accepting, lets in-flight events finish within ``limits.stop_deadline`` and closes
-  every connection.
+  every connection (a CONNECT still being authenticated gets CONNACK 3).
 """
 
 from __future__ import annotations

@@ -1137,13 +1137,16 @@ async def test_an_event_set_aside_then_expired_is_not_sent(tmp_path: Path, pki: 
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"fresh"]
 
 
+@pytest.mark.parametrize("how", ["sink stops", "silent close, late"])
 async def test_a_sink_stopping_during_our_connect_is_not_a_certificate_refusal(
-    tmp_path: Path, pki: Pki
+    tmp_path: Path, pki: Pki, how: str
 ) -> None:
-    """A sink stopped (or restarted) while it handles our CONNECT closes the connection without
+    """A sink stopped (or restarted) while it handled our CONNECT closed the connection without
     a byte: that was read as a refusal of our certificate, and the agent waited out the slow
-    back-off of refusals (30 s to 15 min) with `status` saying "refused". A close later than
-    `REFUSAL_WINDOW` after the handshake is a transient failure."""
+    back-off of refusals (30 s to 15 min) with `status` saying "refused". Our sink now answers
+    CONNACK 3 "server unavailable" when it stops then; and a silent close later than
+    `REFUSAL_WINDOW` after the handshake (another server; here an authenticator that fails, an
+    internal error) is a transient failure too."""
     device = new_device(pki, "restart")
     port = free_port()
     config = load_config(configure(tmp_path, pki, device, port))
@@ -1156,15 +1159,21 @@ async def test_a_sink_stopping_during_our_connect_is_not_a_certificate_refusal(
 
             async def stalled(request: ConnectRequest) -> Identity | Refusal:
                 entered.set()
-                await asyncio.sleep(3600)  # the sink stops while it is here
-                raise AssertionError("not reached")
+                if how == "sink stops":
+                    await asyncio.sleep(3600)  # the sink stops while it is here
+                await asyncio.sleep(REFUSAL_WINDOW + 0.5)
+                raise RuntimeError("closes the connection without a CONNACK")
 
             server.authenticator.authenticate = stalled  # type: ignore[method-assign]
             await entered.wait()
             failures = uplink.status.failures  # refused connections before the sink was up
-            await asyncio.sleep(REFUSAL_WINDOW + 0.5)
+            if how == "silent close, late":
+                await until(lambda: uplink.status.failures > failures, timeout=20)
         await until(lambda: uplink.status.failures > failures, timeout=20)
         assert uplink.status.state is LinkState.BACKOFF, uplink.status.last_error
+        if how == "sink stops":  # our sink says why
+            assert uplink.status.last_error is not None
+            assert "Server unavailable" in uplink.status.last_error, uplink.status.last_error
         async with sink(tmp_path, pki, port=port):
             await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"0"]
