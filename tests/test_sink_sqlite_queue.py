@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -213,3 +215,50 @@ async def test_a_stalled_write_is_an_outage_and_the_probe_does_not_queue_behind_
     # The stalled write did commit in the end: its resend is a duplicate, not a second copy.
     assert (outcome.stored, outcome.duplicates) == (1, 1)
     assert [m.seq for _, m in read_messages(path)] == [1, 2]
+
+
+async def test_the_probe_waits_for_a_call_that_is_merely_running(tmp_path: Path) -> None:
+    """Only a call given up on fails the probe at once: one that is just running (a dead letter
+    being written when the idle probe came) made a healthy sink declare an outage."""
+    queue = await SqliteCoreQueue.open(tmp_path / "core.db")
+    try:
+        failpoints.arm("sink.sqlite.write", "sleep:0.3@1")
+        writing = asyncio.create_task(queue.publish([core_message(1)]))
+        await asyncio.sleep(0.05)  # the write holds the thread
+        await queue.probe()
+        assert (await writing).stored == 1
+    finally:
+        failpoints.disarm_all()
+        await queue.aclose()
+
+
+def test_a_stopped_sink_exits_with_a_write_still_stuck(tmp_path: Path) -> None:
+    """The thread of a call stuck on a stalled disk was joined at interpreter exit: the sink
+    stopped, and the process hung until the disk answered (for ever on a hung volume)."""
+    script = f"""
+import asyncio
+from pathlib import Path
+from cloud_sink.backends import SqliteCoreQueue
+from cloud_sink.backends.base import BackendError
+from mqtt_ingest import failpoints
+from tests.harness.sink import core_message
+
+async def main():
+    queue = await SqliteCoreQueue.open(Path({str(tmp_path / "core.db")!r}))
+    queue.call_timeout = 0.2
+    failpoints.arm("sink.sqlite.write", "sleep:60")
+    try:
+        await queue.publish([core_message(1)])
+    except BackendError as exc:
+        print("outage:", exc)
+    await queue.aclose()
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=30, check=False,
+        cwd=Path(__file__).parent.parent,  # the repository: `tests` is importable
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "outage: sqlite core queue: no answer within 0.2s" in done.stdout

@@ -27,7 +27,9 @@ import itertools
 import logging
 import operator
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -104,10 +106,10 @@ class SqliteCoreQueue:
         self.path = path
         self.call_timeout = call_timeout
         self._db = db
-        self._running: asyncio.Future[Any] | None = None  # the last call handed to the thread
+        self._stuck: asyncio.Future[Any] | None = None  # a call given up on, maybe still running
         self._reserve = disk_reserve
         self._refused = 0  # bytes of the largest write refused for the reserve since one passed
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sink-sqlite")
+        self._executor = _DaemonWorker("sink-sqlite")
         self.duplicates = 0
 
     @classmethod
@@ -133,7 +135,7 @@ class SqliteCoreQueue:
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
-        running = self._running = loop.run_in_executor(self._executor, function, *args)
+        running = loop.run_in_executor(self._executor, function, *args)
         try:
             async with asyncio.timeout(self.call_timeout):
                 return await asyncio.shield(running)
@@ -142,6 +144,7 @@ class SqliteCoreQueue:
             # confirm in time. The ingest server's 30 s stage timeout cut such a call off
             # without one, and the sink stayed "ready" while it could confirm nothing.
             running.add_done_callback(_consume)
+            self._stuck = running
             raise BackendError(
                 f"sqlite core queue: no answer within {self.call_timeout:g}s (a stalled disk?)"
             ) from None
@@ -165,7 +168,7 @@ class SqliteCoreQueue:
     async def probe(self) -> None:
         """Take the write lock and let it go: the file is there, writable and not locked. Fails
         at once while a call that timed out is still running (it would queue behind it)."""
-        if self._running is not None and not self._running.done():
+        if self._stuck is not None and not self._stuck.done():
             raise BackendError(
                 "sqlite core queue: an earlier call is still running (a stalled disk?)"
             )
@@ -309,6 +312,41 @@ def read_dead_letters(path: Path) -> list[DeadLetterMessage]:
         ]
     finally:
         db.close()
+
+
+class _DaemonWorker(concurrent.futures.Executor):
+    """One daemon thread running the calls in order. `ThreadPoolExecutor`'s threads are joined
+    at interpreter exit: a call stuck on a stalled disk kept the stopped sink from exiting."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, function = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+
+_Call = tuple["concurrent.futures.Future[Any]", Callable[[], Any]]
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
