@@ -714,7 +714,7 @@ class Uplink:
 
     def _write_status(self) -> None:
         self._status_written = asyncio.get_running_loop().time()
-        self._written_counts = self._counts()
+        counts = self._counts()
         path = self._data_dir / LINK_FILE
         temporary = path.with_suffix(".tmp")
         try:
@@ -722,6 +722,8 @@ class Uplink:
             os.replace(temporary, path)
         except OSError as exc:
             log.debug("uplink: cannot write %s: %s", path, exc)
+        else:
+            self._written_counts = counts  # what link.json has (a failed write is tried again)
 
 
 def _discard(task: asyncio.Task[list[StoredEvent]]) -> None:
