@@ -204,6 +204,11 @@ async def _run(config: AgentConfig, path: Path, listen_port: int | None) -> int:
             await stop.wait()
             systemd.stopping()
             log.info("stopping on signal")
+            # A reload now would start the uplink on a new connection while it settles its
+            # in-flight messages for the stop.
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: log.warning("SIGHUP while stopping: ignored")
+            )
     return 0
 
 

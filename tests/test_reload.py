@@ -23,6 +23,7 @@ from edge_agent.buffer import inspect
 from edge_agent.token import TokenFile, TokenUnavailable
 from mqtt_ingest.clock import FakeClock
 from tests.harness.agent import AGENT_READY, start_agent, uplink_section, write_config
+from tests.harness.chaos import ChaosProxyFactory
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
@@ -91,6 +92,32 @@ async def test_agent_sighup_says_a_new_listener_port_needs_a_restart(
     await until(lambda: "changed but only applied after a restart: listener" in agent.output())
     assert await publish_acked(agent.port, "t", b"still on the port it started with")
     assert await agent.asigterm() == 0
+
+
+async def test_agent_ignores_sighup_while_it_stops(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory,
+    chaos_proxy_factory: ChaosProxyFactory,
+) -> None:  # fmt: skip
+    """A SIGHUP during the stop reloaded the configuration into an agent settling its uplink's
+    in-flight messages: a new connection requested while it was ending."""
+    device = pki.device(f"hupstop-{uuid.uuid4().hex[:6]}")
+    async with running_sink(tmp_path, pki) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        path = write_config(
+            tmp_path, device_id=device.device_id, uplink=uplink_section(pki, device, proxy.port)
+        )
+        agent = start_agent(process_factory, path)
+        await until(lambda: "uplink: online" in agent.output())
+        proxy.blackhole()  # what goes out now stays in flight: the stop waits for it (3 s)
+        assert await publish_acked(agent.port, "sensors/t", b"in flight at the stop")
+        agent.signal(signal.SIGTERM)
+        await until(lambda: "stopping on signal" in agent.output())
+        agent.signal(signal.SIGHUP)
+        assert await agent.await_exit() == 0
+    output = agent.output()
+    assert "SIGHUP while stopping: ignored" in output
+    assert "reloaded" not in output
+    assert inspect(tmp_path / "data").events == 1  # never acknowledged: kept for the next run
 
 
 async def test_agent_reload_that_removes_the_uplink_keeps_running_the_one_it_has(
