@@ -106,9 +106,12 @@ class Batcher:
         self._closed = True
         self._wakeup.set()
 
+    def _closing(self) -> bool:
+        return self._closed  # (a call: mypy keeps the attribute narrowed across awaits)
+
     async def run(self) -> None:
         """Feed the stage until closed or cancelled, then fail whatever is still queued."""
-        running: set[asyncio.Task[None]] = set()
+        running: dict[asyncio.Task[None], list[tuple[IngestEvent, asyncio.Future[None]]]] = {}
         try:
             while True:
                 await self._wakeup.wait()
@@ -118,6 +121,8 @@ class Batcher:
                     await asyncio.sleep(self._linger)
                 while len(running) >= self._concurrency:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                if self._closing():  # closed while lingering or waiting for a free call
+                    break
                 batch = self._take()
                 if not self._pending:
                     self._wakeup.clear()
@@ -131,14 +136,22 @@ class Batcher:
                 else:
                     # Tasks start in creation order: the stage sees the calls in arrival order.
                     task = asyncio.create_task(self._store(batch))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                    running[task] = batch
+                    task.add_done_callback(running.pop)
         finally:
             self._closed = True
-            for task in running:
+            calls = list(running.items())
+            for task, _ in calls:
                 task.cancel()  # each fails its own batch: nothing of it was acknowledged
-            if running:
-                await asyncio.wait(running)
+            if calls:
+                await asyncio.wait([task for task, _ in calls])
+            for _, batch in calls:
+                # A task cancelled before it started never ran its body: its batch is failed
+                # here, or its futures would wait for ever.
+                self._in_stage.difference_update(future for _, future in batch)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StageFailed("server stopping"))
             while self._pending:
                 _, future = self._pending.popleft()
                 if not future.done():

@@ -106,6 +106,37 @@ async def test_stopping_fails_the_calls_still_open() -> None:
         await batches.submit(event(b"late"))
 
 
+async def test_close_alone_ends_the_batcher_and_fails_every_call_not_started() -> None:
+    """`close()` during the linger sleep was lost (the wakeup was cleared after the take) and
+    `run` never ended. With calls in flight, a call created and cancelled before it started
+    left its events' futures pending for ever (and `withdraw` skipped them)."""
+    lingering = GatedStage()
+    batches = Batcher(lingering, Counters(), max_events=10, linger=0.1, timeout=10)
+    runner = asyncio.create_task(batches.run())
+    waiting = batches.submit(event(b"lingers"))
+    await asyncio.sleep(0.02)  # in the linger sleep
+    batches.close()
+    async with asyncio.timeout(5):
+        await runner
+    with pytest.raises(StageFailed, match="server stopping"):
+        await waiting
+    assert lingering.calls == []
+
+    stage = GatedStage()
+    batches = batcher(stage, concurrency=2)
+    runner = asyncio.create_task(batches.run())
+    futures = [batches.submit(event(b"%d" % i)) for i in range(6)]
+    await stage.wait_calls(2)  # both calls busy: the batcher waits for a free one
+    batches.close()
+    for gate in stage.gates:
+        gate.set()
+    async with asyncio.timeout(5):
+        await runner
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert outcomes[:4] == [None] * 4  # the two calls that ran
+    assert all(isinstance(o, StageFailed) for o in outcomes[4:]), outcomes
+
+
 class CancelSwallowingStage:
     """A call that, cancelled, returns as if it had completed: what Python 3.11's
     ``asyncio.wait_for`` inside aio-pika, nats-py or aiomqtt does when the cancellation lands as
