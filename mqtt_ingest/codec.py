@@ -428,11 +428,18 @@ def _utf8(raw: bytes, what: str) -> str:
     return text
 
 
+def _filter(walker: _Walker) -> str:
+    name = walker.string("topic filter")
+    if not name:
+        raise MalformedPacket("an empty topic filter")  # MQTT-4.7.3-1
+    return name
+
+
 def _strings(raw: bytes) -> tuple[str, ...]:
     walker = _Walker(raw)
     found: list[str] = []
     while walker.position < len(raw):
-        found.append(walker.string("topic filter"))
+        found.append(_filter(walker))
     return tuple(found)
 
 
@@ -440,7 +447,7 @@ def _strings_with_qos(raw: bytes) -> tuple[tuple[str, int], ...]:
     walker = _Walker(raw)
     found: list[tuple[str, int]] = []
     while walker.position < len(raw):
-        name = walker.string("topic filter")
+        name = _filter(walker)
         qos = walker.byte()
         if qos > 2:
             raise MalformedPacket(f"SUBSCRIBE requested QoS byte {qos:#x}")  # MQTT-3.8.3-4

@@ -277,6 +277,8 @@ MALFORMED = {
     "PINGREQ with a body": b"\xc0\x01\x00",
     "SUBSCRIBE without filters": packet(0x82, b"\x00\x01"),
     "SUBSCRIBE QoS 3": packet(0x82, b"\x00\x01" + utf8("a") + b"\x03"),
+    "SUBSCRIBE of an empty filter": packet(0x82, b"\x00\x01" + utf8("") + b"\x00"),
+    "UNSUBSCRIBE of an empty filter": packet(0xA2, b"\x00\x01" + utf8("")),
     "DUP on QoS 0": bytes([0x38]) + encode_length(4) + utf8("t") + b"x",
     "PUBREL with extra bytes": packet(0x62, b"\x00\x01\x00"),
 }
