@@ -28,6 +28,7 @@ from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load
 from cloud_sink.service import Sink, preflight
 from cloud_sink.systemd import LAYOUT, status
 from cloud_sink.tls import TlsError
+from mqtt_ingest.configuration import port_argument
 from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
@@ -50,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="serve until SIGTERM/SIGINT (then drain and exit 0); SIGHUP reloads the CRL"
     )
-    run.add_argument("--listen-port", type=int, metavar="PORT", help="override [listener] port")
+    run.add_argument(
+        "--listen-port", type=port_argument, metavar="PORT", help="override [listener] port"
+    )
     commands.add_parser(
         "check-config",
         help="validate the configuration and the files it names, then print it in full",
@@ -126,6 +129,10 @@ async def _run(config: SinkConfig, path: Path, listen_port: int | None) -> int:
             await stop.wait()
             systemd.stopping("stopping: draining in-flight publishes")
             log.info("stopping on signal: draining in-flight publishes")
+            # A reload now would tell systemd RELOADING and READY after STOPPING.
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: log.warning("SIGHUP while stopping: ignored")
+            )
     log.info("cloud-sink stopped")
     return 0
 
@@ -169,28 +176,45 @@ def _tail(config: SinkConfig, follow: bool, as_json: bool) -> int:
         raise ValueError(f"tail reads the sqlite core queue; this sink uses {config.backend.type}")
     path = config.backend.path
     last = 0
-    while True:
-        for position, message in read_messages(path, after=last):
-            last = position
-            if as_json:
-                record = {
-                    "position": position,
-                    "event_id": message.event_id,
-                    "device_id": message.device_id,
-                    "topic": message.topic,
-                    "seq": message.seq,
-                    "event_time_ms": message.event_time_ms,
-                    "received_at_ms": message.received_at_ms,
-                    "qos": message.qos,
-                    "payload": message.payload.decode("utf-8", errors="replace"),
-                }
-                print(json.dumps(record, ensure_ascii=False), flush=True)
-            else:
-                text = message.payload[:80].decode("utf-8", errors="replace")
-                print(f"{message.event_id}  {message.topic}  {text}", flush=True)
-        if not follow:
-            return 0
-        time.sleep(0.5)
+    inode = None
+    try:
+        while True:
+            if follow and path.exists() and path.stat().st_ino != inode:
+                # A new file (restored, replaced): its positions start over.
+                inode, last = path.stat().st_ino, 0
+            last = _print_after(path, last, as_json)
+            if not follow:
+                return 0
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C ends --follow: no traceback
+        return 0
+    except BrokenPipeError:
+        # `tail | head`: the reader has all it wants. No traceback, and none at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _print_after(path: Path, last: int, as_json: bool) -> int:
+    """Print the messages after position ``last``; the last position printed."""
+    for position, message in read_messages(path, after=last):
+        last = position
+        if as_json:
+            record = {
+                "position": position,
+                "event_id": message.event_id,
+                "device_id": message.device_id,
+                "topic": message.topic,
+                "seq": message.seq,
+                "event_time_ms": message.event_time_ms,
+                "received_at_ms": message.received_at_ms,
+                "qos": message.qos,
+                "payload": message.payload.decode("utf-8", errors="replace"),
+            }
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            text = message.payload[:80].decode("utf-8", errors="replace")
+            print(f"{message.event_id}  {message.topic}  {text}", flush=True)
+    return last
 
 
 def _positive_seconds(text: str) -> float:
@@ -198,8 +222,9 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (0 < value < 10 * 365 * 86400):
-        raise argparse.ArgumentTypeError(f"{text!r}: a lifetime must be positive (and finite)")
+    if not (1 <= value < 10 * 365 * 86400):
+        # JWT times are whole seconds: under 1 s, exp would equal iat.
+        raise argparse.ArgumentTypeError(f"{text!r}: a lifetime is 1 s at least (and finite)")
     return value
 
 
@@ -207,6 +232,10 @@ def _issue_token(args: argparse.Namespace) -> int:
     try:
         certificate = x509.load_pem_x509_certificate(args.cert.read_bytes())
         key = load_pem_private_key(args.key.read_bytes(), password=None)
+    except TypeError:  # cryptography's word for a key that needs a password
+        print(f"cloud-sink: {args.key} is encrypted: give the key without a passphrase",
+              file=sys.stderr)  # fmt: skip
+        return 1
     except (OSError, ValueError) as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 1

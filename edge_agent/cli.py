@@ -51,6 +51,7 @@ from edge_agent.service import Agent
 from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
 from mqtt_ingest.clock import SystemClock
+from mqtt_ingest.configuration import port_argument
 from mqtt_ingest.disk import free_bytes
 from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import stop_on_signals
@@ -85,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the agent until SIGTERM or SIGINT")
     run.add_argument(
         "--listen-port",
-        type=int,
+        type=port_argument,
         metavar="PORT",
         help="override [listener] port (0: any free port, printed in the ready line)",
     )

@@ -7,6 +7,7 @@ reports every problem at once, each as ``path: message (got value)``.
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "Seconds",
     "load_model",
     "parse_model",
+    "port_argument",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -121,3 +123,14 @@ def _describe(error: Any) -> str:
     if isinstance(error.get("input"), dict):
         shown = ""
     return f"{location or '(top level)'}: {message}{shown}"
+
+
+def port_argument(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free port) to 65535; a usage error otherwise."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: 0 (any free port) to 65535")
+    return port

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,13 +22,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from certs import device_uri
-from cloud_sink.backends import read_messages
+from cloud_sink.backends import SqliteCoreQueue, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink, preflight
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
-from tests.harness.sink import AUD, CLOUD_SINK, amqp_backend, device_token, write_sink_config
+from tests.harness.sink import (
+    AUD,
+    CLOUD_SINK,
+    amqp_backend,
+    core_message,
+    device_token,
+    write_sink_config,
+)
 
 
 def sink_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -131,11 +140,21 @@ async def test_issue_token_mints_a_certificate_bound_issuer_token(tmp_path: Path
     assert jwt.get_unverified_header(result.stdout.strip())["kid"] == "k1"
     # Refused before minting what the sink would refuse, or what makes no sense.
     other = pki.device(f"other-{uuid.uuid4().hex[:6]}")
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        issuer.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     for change, message in (
         (("--device", other.device_id), f"not of '{other.device_id}'"),
-        (("--ttl", "-600"), "must be positive"),
-        (("--ttl", "nan"), "must be positive"),
-        (("--ttl", "inf"), "must be positive"),
+        (("--ttl", "-600"), "a lifetime is 1 s at least"),
+        (("--ttl", "nan"), "a lifetime is 1 s at least"),
+        (("--ttl", "inf"), "a lifetime is 1 s at least"),
+        (("--ttl", "0.5"), "a lifetime is 1 s at least"),  # exp was iat: whole seconds
+        (("--key", str(encrypted)), "is encrypted: give the key without a passphrase"),
     ):
         argv = [CLOUD_SINK, "issue-token", "--device", device.device_id, "--cert",
                 str(device.cert), "--key", str(key_path), "--kid", "k1", "--issuer",
@@ -146,6 +165,7 @@ async def test_issue_token_mints_a_certificate_bound_issuer_token(tmp_path: Path
         assert refused.returncode != 0, change
         assert refused.stdout == ""
         assert message in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 async def _publish_through_sink(config: SinkConfig, device: DeviceCreds, pki: Pki) -> None:
@@ -335,3 +355,67 @@ def test_check_config_reports_a_backend_whose_package_extra_is_missing(
         f"backend.type: {backend!r} needs the package's [{backend}] extra (install it from its"
         f" checkout or wheel as '...[{backend}]'); not installed: {modules}"
     ]
+
+
+def test_tail_of_a_core_queue_not_set_up_or_not_one(tmp_path: Path, pki: Pki) -> None:
+    """An empty file (the sink creating it) crashed `tail` with a traceback, and so did a file
+    that is not a database."""
+    config = write_sink_config(tmp_path, pki)
+    core = tmp_path / "core.db"
+    core.touch()
+    done = sink_cli(config, "tail")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    core.write_text("not a database, " * 100)
+    done = sink_cli(config, "tail")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"cloud-sink: cannot read the core queue {core}: "), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_tail_follows_a_replaced_core_queue_and_ends_quietly(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A core queue replaced under `tail --follow` (restored, recreated) starts its positions
+    over: its events were never printed. Ctrl-C ended it with a traceback."""
+    config = write_sink_config(tmp_path, pki)
+    core = tmp_path / "core.db"
+
+    async def fill(path: Path, count: int, device: str) -> None:
+        queue = await SqliteCoreQueue.open(path)
+        await queue.publish([core_message(seq, device) for seq in range(1, count + 1)])
+        await queue.aclose()
+
+    await fill(core, 3, "dev-old")
+    follower = await asyncio.create_subprocess_exec(
+        CLOUD_SINK, "--config", str(config), "tail", "--follow",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.5)
+        await fill(tmp_path / "new.db", 2, "dev-new")
+        os.replace(tmp_path / "new.db", core)
+        await asyncio.sleep(1.5)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            out, err = await follower.communicate()
+    assert follower.returncode == 0, err
+    assert b"Traceback" not in err
+    devices = [line.split()[0].split("/")[0] for line in out.decode().splitlines()]
+    assert devices == ["dev-old"] * 3 + ["dev-new"] * 2
+
+
+def test_cli_errors_are_one_line_with_the_exit_code_systemd_expects(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A port out of range passed to bind() and a core queue path that is a directory were
+    tracebacks with exit 1; a usage error is 2 (systemd does not restart it)."""
+    config = write_sink_config(tmp_path, pki)
+    done = sink_cli(config, "run", "--listen-port", "70000")
+    assert done.returncode == 2
+    assert "70000 is not a port: 0 (any free port) to 65535" in done.stderr
+    (tmp_path / "core.db").mkdir()
+    done = sink_cli(config, "run", "--listen-port", "0")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"cloud-sink: cannot open the core queue {tmp_path}/core.db")
+    assert "Traceback" not in done.stderr

@@ -117,9 +117,12 @@ class SqliteCoreQueue:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A lock held longer than this by another process is an outage (BackendError), and
         # must be seen as one well before the ingest server's stage timeout (30 s).
-        db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
-        )
+        try:
+            db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT
+            )
+        except sqlite3.Error as exc:  # a directory it cannot write, a directory at the path
+            raise BackendError(f"cannot open the core queue {path}: {exc}") from exc
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -286,7 +289,9 @@ def _reader(path: Path) -> sqlite3.Connection:
 
 
 def read_messages(path: Path, *, after: int = 0) -> Iterator[tuple[int, CoreMessage]]:
-    """(position, message) in delivery order after ``after``; read-only, works while running."""
+    """(position, message) in delivery order after ``after``; read-only, works while running.
+    A file the sink has not set up yet holds none; one that is not a core queue is a
+    `BackendError`."""
     db = _reader(path)
     try:
         rows = db.execute(
@@ -296,6 +301,11 @@ def read_messages(path: Path, *, after: int = 0) -> Iterator[tuple[int, CoreMess
         )
         for position, *fields in rows:
             yield position, CoreMessage(*fields)
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):  # (the sink creating it: nothing in it yet)
+            raise BackendError(f"cannot read the core queue {path}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise BackendError(f"cannot read the core queue {path}: {exc}") from exc
     finally:
         db.close()
 
