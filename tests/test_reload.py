@@ -3,6 +3,7 @@ connection, and that a broken file is refused with a log line while the old one 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import signal
@@ -251,6 +252,41 @@ async def connects(port: int, device: DeviceCreds, pki: Pki, password: str | Non
             return True
     except aiomqtt.MqttError:
         return False
+
+
+async def test_sink_ignores_sighup_while_it_drains(
+    tmp_path: Path, pki: Pki, process_factory: ProcessFactory
+) -> None:
+    """A SIGHUP after SIGTERM reloaded the sink while it drained, and told systemd RELOADING and
+    READY after STOPPING."""
+    config = write_sink_config(tmp_path, pki)
+    sink = process_factory(
+        [CLOUD_SINK, "--config", str(config), "run", "--listen-port", "{port}"],
+        ready=r"listening on 127\.0\.0\.1:(?P<port>\d+)",
+        name="cloud-sink",
+        env={"BRIDGE_FAILPOINTS": "sink.sqlite.write=sleep:3@1"},  # the first write: 3 s
+    )
+    device = pki.device(f"drain-{uuid.uuid4().hex[:6]}")
+
+    async def publish() -> None:
+        async with aiomqtt.Client(
+            "localhost", sink.port, identifier=device.device_id, username=device.device_id,
+            password=device_token(device), tls_context=pki.client_context(device), timeout=10,
+        ) as client:  # fmt: skip
+            await client.publish(f"devices/{device.device_id}/t", b"in the drain", qos=1)
+
+    publishing = asyncio.create_task(publish())
+    await until(lambda: "connected from" in sink.output())
+    await asyncio.sleep(0.3)  # the publish is in the (slow) write
+    sink.signal(signal.SIGTERM)
+    await until(lambda: "stopping on signal" in sink.output())
+    sink.signal(signal.SIGHUP)
+    assert await sink.await_exit() == 0
+    await publishing  # acknowledged by the drain
+    output = sink.output()
+    assert "SIGHUP while stopping: ignored" in output
+    assert "reloaded" not in output
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"in the drain"]
 
 
 async def test_sink_sighup_reloads_the_deny_list_and_refuses_a_broken_file(
