@@ -228,10 +228,13 @@ class Sink:
             name for name in ("listener", "rights", "backend", "health", "metrics")
             if getattr(old, name) != getattr(config, name)
         ]  # fmt: skip
+        # The TLS files first, at once: refused (an older CRL, a broken file), nothing else of
+        # the reload may be applied either. (It was rebuilt later, after [auth] was in use.)
+        if self._tls is not None and not self._tls.reload("SIGHUP"):
+            raise ValueError("the TLS files cannot be used (logged above): nothing was changed")
         self._authenticator.settings = settings
         self.config = old.model_copy(update={"auth": config.auth})
         self._revalidate()
-        self.reload_tls()  # and once the new CRL is in use, `_revalidate` again
         return restart
 
     def _revalidate(self) -> None:
@@ -259,11 +262,6 @@ class Sink:
         self._certificate_keys = seen
         if closed:
             log.warning("closed %d connection(s) of denied or revoked devices", closed)
-
-    def reload_tls(self) -> None:
-        """Rebuild the TLS context (new CRL) for the next connections; for SIGHUP."""
-        if self._tls is not None:
-            self._tls.request_reload()
 
     async def __aenter__(self) -> Sink:
         config = self.config

@@ -149,7 +149,6 @@ class TlsReloader:
         self._expiry_warned = ""  # "", "soon" or "expired": what was logged for this CRL
         self._current.sni_callback = self._select
         self._base = self._current
-        self._requested = asyncio.Event()
         self._seen = _fingerprint(listener.crl) if listener.crl is not None else None
         self.reloads = 0
         self.refusals = 0
@@ -161,14 +160,12 @@ class TlsReloader:
         """The base context for the server (it forwards every handshake to the current one)."""
         return self._base
 
-    def request_reload(self) -> None:
-        """Rebuild the context soon (the SIGHUP handler calls this)."""
-        self._requested.set()
-
     def reload(self, why: str) -> bool:
         """Build a new context from the files now; on failure keep the current one. Returns
         whether the new one is in use."""
         # A few small files, read on the event loop: cheaper than a thread hop.
+        if self._listener.crl is not None:
+            self._seen = _fingerprint(self._listener.crl)  # this version is judged now
         try:
             context, crl = _build(self._listener)
             rollback = (
@@ -217,30 +214,22 @@ class TlsReloader:
             )  # fmt: skip
 
     async def run(self) -> None:
-        """Until cancelled: reload on request and whenever the CRL file changes."""
+        """Until cancelled: reload whenever the CRL file changes (SIGHUP calls `reload`)."""
         crl = self._listener.crl
         self.check_expiry()
         while True:
-            try:
-                async with asyncio.timeout(self._interval):
-                    await self._requested.wait()
-            except TimeoutError:
-                if crl is None:
-                    continue
-                self.check_expiry()
-                seen = _fingerprint(crl)
-                if seen == self._seen:
-                    continue
+            await asyncio.sleep(self._interval)
+            if crl is None:
+                continue
+            self.check_expiry()
+            seen = _fingerprint(crl)
+            if seen == self._seen:
+                continue
+            if seen is None:
                 self._seen = seen
-                if seen is None:
-                    log.error("CRL %s is gone; keeping the previous context", crl)
-                    continue
-                self.reload("CRL file changed")
-            else:
-                self._requested.clear()
-                if crl is not None:
-                    self._seen = _fingerprint(crl)
-                self.reload("SIGHUP")
+                log.error("CRL %s is gone; keeping the previous context", crl)
+                continue
+            self.reload("CRL file changed")
 
     def _select(
         self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext

@@ -289,6 +289,28 @@ async def test_sink_ignores_sighup_while_it_drains(
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"in the drain"]
 
 
+async def test_a_sink_reload_refused_for_its_crl_changes_nothing_else(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """[auth] was applied at once and the TLS files only later, where an older CRL put back is
+    refused: the new deny list was in use although the reload was refused (and logged as
+    done). Now the TLS files are judged first."""
+    crl = pki.ca.write_crl(tmp_path / "crl.pem", days=1)
+    older = shutil.copyfile(crl, tmp_path / "older.pem")
+    pki.ca.write_crl(crl, days=1)  # replaced: a higher CRL number
+    text = write_sink_config(tmp_path, pki).read_text()
+    text = text.replace("[listener]\n", f'[listener]\ncrl = "{crl}"\n')
+    device = pki.device(f"kept-{uuid.uuid4().hex[:6]}")
+    async with Sink(parse_config(text)) as sink:
+        assert await connects(sink.port, device, pki)
+        shutil.copyfile(older, crl)  # a rollback: it would let revoked devices in again
+        denying = text.replace("[auth]\n", f'[auth]\ndeny = ["{device.device_id}"]\n')
+        with pytest.raises(ValueError, match="TLS files cannot be used"):
+            sink.reload(parse_config(denying))
+        assert await connects(sink.port, device, pki)  # the deny list was not applied
+        assert sink.config.auth.deny == []
+
+
 async def test_sink_sighup_reloads_the_deny_list_and_refuses_a_broken_file(
     tmp_path: Path, pki: Pki, process_factory: ProcessFactory
 ) -> None:
