@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from cloud_sink.auth import algorithm_for, cn_identity, san_uri_identity, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
-from cloud_sink.service import Sink, preflight
+from cloud_sink.service import Sink, StartAbandoned, preflight
 from cloud_sink.systemd import LAYOUT, status
 from cloud_sink.tls import TlsError
 from mqtt_ingest.configuration import port_argument
@@ -113,26 +113,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(config: SinkConfig, path: Path, listen_port: int | None) -> int:
     stop = stop_on_signals()
-    sink = Sink(config)
+    # A stop while the core queue is connected (up to its timeout) gives the start up: it used
+    # to wait for it, then exit 1 and leave the unit "failed".
+    sink = Sink(config, abandon_on=stop)
     # The supervisor outlives the sink: watchdog pings go on while the sink drains.
     async with Supervisor(Notifier.from_environment()) as systemd:
         # Registered before the sink starts: SIGHUP's default action would end the process.
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, lambda: _reload(sink, path, systemd, listen_port)
         )
-        async with sink:
-            log.info(
-                "cloud-sink ready: listening on %s:%d, core queue %s",
-                config.listener.host, sink.port, config.backend.type,
-            )  # fmt: skip
-            systemd.ready(lambda: status(sink))
-            await stop.wait()
-            systemd.stopping("stopping: draining in-flight publishes")
-            log.info("stopping on signal: draining in-flight publishes")
-            # A reload now would tell systemd RELOADING and READY after STOPPING.
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGHUP, lambda: log.warning("SIGHUP while stopping: ignored")
-            )
+        try:
+            async with sink:
+                log.info(
+                    "cloud-sink ready: listening on %s:%d, core queue %s",
+                    config.listener.host, sink.port, config.backend.type,
+                )  # fmt: skip
+                systemd.ready(lambda: status(sink))
+                await stop.wait()
+                systemd.stopping("stopping: draining in-flight publishes")
+                log.info("stopping on signal: draining in-flight publishes")
+                # A reload now would tell systemd RELOADING and READY after STOPPING.
+                asyncio.get_running_loop().add_signal_handler(
+                    signal.SIGHUP, lambda: log.warning("SIGHUP while stopping: ignored")
+                )
+        except StartAbandoned:  # raised by the start only
+            log.info("cloud-sink stopped while starting")
+            return 0
     log.info("cloud-sink stopped")
     return 0
 

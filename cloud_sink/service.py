@@ -40,7 +40,7 @@ from mqtt_ingest.disk import free_bytes
 from mqtt_ingest.exposition import MetricsServer
 from mqtt_ingest.lifecycle import cancel_until_done
 
-__all__ = ["Sink", "open_backend", "preflight"]
+__all__ = ["Sink", "StartAbandoned", "open_backend", "preflight"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,10 @@ def _importable(module: str) -> bool:
         return False
 
 
+class StartAbandoned(Exception):
+    """The start was given up (`Sink`'s ``abandon_on`` set while connecting)."""
+
+
 class Sink:
     """The whole sink: ``async with Sink(config) as sink:``; leaving the block drains and stops.
 
@@ -134,8 +138,17 @@ class Sink:
     opened). ``sink.port`` is the MQTT port, ``sink.health_port`` the readiness endpoint's.
     """
 
-    def __init__(self, config: SinkConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: SinkConfig,
+        *,
+        clock: Clock | None = None,
+        abandon_on: asyncio.Event | None = None,
+    ) -> None:
+        """``abandon_on``: set while the core queue is being connected (up to its timeout), the
+        start is given up (`StartAbandoned`); `run` passes its stop event."""
         self.config = config
+        self._abandon_on = abandon_on
         self.metrics = Counters()
         self._clock = clock
         self._stack = contextlib.AsyncExitStack()
@@ -263,6 +276,23 @@ class Sink:
         if closed:
             log.warning("closed %d connection(s) of denied or revoked devices", closed)
 
+    async def _open_backend(self, config: SinkConfig) -> CoreQueue:
+        """`open_backend`, given up if `abandon_on` is set meanwhile (`StartAbandoned`)."""
+        if self._abandon_on is None:
+            return await open_backend(config)
+        opening = asyncio.create_task(open_backend(config))
+        abandoned = asyncio.create_task(self._abandon_on.wait())
+        try:
+            await asyncio.wait({opening, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned.cancel()
+        if not opening.done():
+            await cancel_until_done([opening])
+            if not opening.cancelled() and opening.exception() is None:
+                await opening.result().aclose()  # opened all the same (a lost cancellation)
+            raise StartAbandoned("stopped while connecting to the core queue")
+        return opening.result()
+
     async def __aenter__(self) -> Sink:
         config = self.config
         listener = config.listener
@@ -273,7 +303,7 @@ class Sink:
             settings, self._clock or SystemClock(), revocations=lambda: tls.revocations
         )
         reconnect = config.backend.reconnect
-        queue = await open_backend(config)
+        queue = await self._open_backend(config)
         stack = self._stack
         try:
             # Exit runs in reverse: server drained, tasks cancelled, endpoint closed, queue closed.

@@ -419,3 +419,48 @@ def test_cli_errors_are_one_line_with_the_exit_code_systemd_expects(
     assert done.returncode == 1
     assert done.stderr.startswith(f"cloud-sink: cannot open the core queue {tmp_path}/core.db")
     assert "Traceback" not in done.stderr
+
+
+async def test_a_stop_while_the_core_queue_is_connected_ends_the_start(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """SIGTERM while the sink connected to a core queue that did not answer was only acted on
+    once the connect timed out (12 s here), and `run` then exited 1: a `systemctl stop` during a
+    start waited, and left the unit "failed"."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = write_sink_config(tmp_path, pki)
+    text = config.read_text()
+    config.write_text(
+        text[: text.index("[backend]")]
+        + f'[backend]\ntype = "amqp"\nurl = "amqp://guest:guest@127.0.0.1:{port}/"\n'
+        + 'timeout = "12s"\n'
+    )
+    sink = await asyncio.create_subprocess_exec(
+        CLOUD_SINK, "--config", str(config), "run",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(10):
+            while not held:  # noqa: ASYNC110  # the sink is connecting
+                await asyncio.sleep(0.05)
+        started = time.monotonic()
+        sink.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(8):
+            _, err = await sink.communicate()
+    finally:
+        if sink.returncode is None:
+            sink.kill()
+            await sink.wait()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert sink.returncode == 0, err
+    assert time.monotonic() - started < 8
+    assert b"cloud-sink stopped while starting" in err
