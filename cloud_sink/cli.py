@@ -30,7 +30,7 @@ from cloud_sink.systemd import LAYOUT, status
 from cloud_sink.tls import TlsError
 from mqtt_ingest.configuration import port_argument
 from mqtt_ingest.install import add_install_command, install_command
-from mqtt_ingest.lifecycle import stop_on_signals
+from mqtt_ingest.lifecycle import reader_gone, stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
 
 __all__ = ["main"]
@@ -194,10 +194,8 @@ def _tail(config: SinkConfig, follow: bool, as_json: bool) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:  # Ctrl-C ends --follow: no traceback
         return 0
-    except BrokenPipeError:
-        # `tail | head`: the reader has all it wants. No traceback, and none at exit either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except BrokenPipeError:  # `tail | head`
+        return reader_gone()
 
 
 def _print_after(path: Path, last: int, as_json: bool) -> int:

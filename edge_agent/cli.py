@@ -54,7 +54,7 @@ from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.configuration import port_argument
 from mqtt_ingest.disk import free_bytes
 from mqtt_ingest.install import add_install_command, install_command
-from mqtt_ingest.lifecycle import stop_on_signals
+from mqtt_ingest.lifecycle import reader_gone, stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
 
 __all__ = ["main"]
@@ -507,11 +507,8 @@ def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
         try:
             prefix = f"{config.agent.device_id}/{read_epoch(directory)}/"
             return _read_out(directory, args, matcher, prefix)
-        except BrokenPipeError:
-            # `export | head`: the reader has all it wants. No traceback, and none at exit
-            # either (the interpreter flushes stdout once more).
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+        except BrokenPipeError:  # `export | head`
+            return reader_gone()
     if not (directory / DB_NAME).exists():
         # Opening would create an empty buffer there (a typo in data_dir, say).
         raise _Failed(f"no buffer at {directory / DB_NAME}")

@@ -33,6 +33,7 @@ from edge_agent.uplink import Uplink
 from mqtt_ingest import Counters, IngestServer
 from mqtt_ingest.clock import Clock
 from mqtt_ingest.disk import free_bytes
+from mqtt_ingest.lifecycle import drop_outcome
 from mqtt_ingest.prometheus import (
     INGEST_COUNTERS,
     CountersCollector,
@@ -51,13 +52,6 @@ COMMIT_SECONDS_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
 COMMIT_EVENTS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
-
-
-def _retrieved(task: asyncio.Task[None]) -> None:
-    """A scan nobody waits for any more may fail (the scrape that waited logged it, or the next
-    one will): not an "exception never retrieved" at exit."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _version() -> str:
@@ -128,7 +122,9 @@ class AgentMetrics:
             self._scan = asyncio.get_running_loop().create_task(
                 self._rescan(), name="edge_agent.metrics.scan"
             )
-            self._scan.add_done_callback(_retrieved)
+            # A scan nobody waits for any more may fail (the scrape that waited logged it, or
+            # the next one will): not an "exception never retrieved" at exit.
+            self._scan.add_done_callback(drop_outcome)
         await asyncio.shield(self._scan)
 
     async def aclose(self) -> None:

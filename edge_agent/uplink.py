@@ -72,6 +72,7 @@ from edge_agent.window import Session
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, MAX_EVENTS, format_username
+from mqtt_ingest.lifecycle import drop_outcome
 
 __all__ = ["Uplink"]
 
@@ -482,7 +483,7 @@ class Uplink:
         else:
             if ahead is not None:
                 ahead[1].cancel()  # read for another cursor (a linger read more): not needed
-                ahead[1].add_done_callback(_discard)
+                ahead[1].add_done_callback(drop_outcome)
             if cursor is None:
                 # This read sees everything committed so far. One after the cursor does not
                 # see priorities above it: a flag set meanwhile (during an empty `_fetch_above`,
@@ -724,12 +725,6 @@ class Uplink:
             log.debug("uplink: cannot write %s: %s", path, exc)
         else:
             self._written_counts = counts  # what link.json has (a failed write is tried again)
-
-
-def _discard(task: asyncio.Task[list[StoredEvent]]) -> None:
-    """Done callback of an abandoned read: its outcome is not needed (nor logged as lost)."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def _first(*events: asyncio.Event) -> None:

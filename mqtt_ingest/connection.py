@@ -44,6 +44,7 @@ from mqtt_ingest.codec import (
     encode_unsuback,
     read_packet,
 )
+from mqtt_ingest.lifecycle import drop_outcome
 from mqtt_ingest.ports import (
     Action,
     ConnectRequest,
@@ -86,11 +87,6 @@ within it, and a client not yet authenticated gets no more of our memory than th
 def succeeded(future: asyncio.Future[None]) -> bool:
     """A done stage future that succeeded."""
     return not future.cancelled() and future.exception() is None
-
-
-def _consume(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 class Connection:
@@ -187,7 +183,7 @@ class Connection:
         if self._expiry is not None:
             self._expiry.cancel()
         for pending in self._acks:
-            pending.future.add_done_callback(_consume)
+            pending.future.add_done_callback(drop_outcome)
         # QoS 1/2 events not yet in a stage call are withdrawn (the client, unacknowledged,
         # keeps them): queued behind a slow stage they outlived their connection, and a client
         # reconnecting and sending again grew the batcher's queue without bound. Not QoS 0 (no
@@ -202,7 +198,7 @@ class Connection:
         if qos0:
             self.server.leave_qos0(qos0, self.client_id)
         for future in self.qos2.values():
-            future.add_done_callback(_consume)
+            future.add_done_callback(drop_outcome)
         self._acks.clear()
         if not self.clean_session and self.identity is not None and self.server.is_current(self):
             self.server.keep_session(self.client_id, self.qos2)
@@ -577,7 +573,7 @@ class Connection:
                 future = pending.future
                 failure = StageFailed("cancelled") if future.cancelled() else future.exception()
                 if failure is not None:
-                    pending.future.add_done_callback(_consume)
+                    pending.future.add_done_callback(drop_outcome)
                     break
                 if pending.ack is not None:
                     out += pending.ack

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["cancel_until_done", "stop_on_signals"]
+__all__ = ["cancel_until_done", "drop_outcome", "reader_gone", "stop_on_signals"]
 
 
 def stop_on_signals(*signals: signal.Signals) -> asyncio.Event:
@@ -36,3 +38,18 @@ async def cancel_until_done(
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=again_every)
+
+
+def drop_outcome(future: asyncio.Future[Any]) -> None:
+    """Done callback of a future whose outcome nobody awaits any more (a call given up on, a
+    read no longer needed): its exception, if any, counts as retrieved, so it is not logged as
+    "never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
+def reader_gone() -> int:
+    """For a command whose stdout reader went away (`... | head`: it has all it wants): no
+    traceback, and none at exit either (the interpreter flushes stdout once more). Returns 0."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0

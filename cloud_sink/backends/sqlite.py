@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from mqtt_ingest import failpoints
 from mqtt_ingest.disk import free_bytes, megabytes
+from mqtt_ingest.lifecycle import drop_outcome
 from mqtt_ingest.sqlite_rows import insert_rows
 
 __all__ = ["CALL_TIMEOUT", "DISK_RESERVE", "SqliteCoreQueue", "read_dead_letters", "read_messages"]
@@ -146,7 +147,7 @@ class SqliteCoreQueue:
             # A stalled disk (a hung fsync or volume): an outage, as a backend that does not
             # confirm in time. The ingest server's 30 s stage timeout cut such a call off
             # without one, and the sink stayed "ready" while it could confirm nothing.
-            running.add_done_callback(_consume)
+            running.add_done_callback(drop_outcome)
             self._stuck = running
             raise BackendError(
                 f"sqlite core queue: no answer within {self.call_timeout:g}s (a stalled disk?)"
@@ -357,9 +358,3 @@ class _DaemonWorker(concurrent.futures.Executor):
 
 
 _Call = tuple["concurrent.futures.Future[Any]", Callable[[], Any]]
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Done callback of a call given up on: its outcome is not needed (nor logged as lost)."""
-    if not future.cancelled():
-        future.exception()
