@@ -93,9 +93,12 @@ class Suspects:
         closed: bool,
         publish_timeout: float,
         now: float,
+        silent: bool = False,
     ) -> int | None:
         """The connection was lost with ``event`` alone in flight: ``closed`` by the other side,
-        or not (our publish timeout, a link gone silent) at loop time ``now``. Returns how many
+        or not (our publish timeout; ``silent``: a link gone silent) at loop time ``now``. A
+        silent link's first loss of an event makes it wait no longer than a close does: a quiet
+        link's blackhole is common, and says nothing about the event. Returns how many
         losses count against the event if this one counted (the caller keeps that count, or
         dead-letters the event once it reaches ``max_attempts`` and then `forget`s it), else
         None. The event is set aside (up to `MAX_SUSPECTS`; beyond, its count is kept)."""
@@ -106,6 +109,7 @@ class Suspects:
         # timeout is not that: a large event on a slow link, or a server that stopped
         # acknowledging; the event is still tried alone later, but never dead-lettered for it.
         counted = False
+        first = suspect is None
         if suspect is None:
             suspect = Suspect(event, int(closed), self.confirmed)
             counted = closed
@@ -113,7 +117,7 @@ class Suspects:
             suspect.failures += 1  # others got through since its last failure: it counts
             counted = True
         suspect.confirmed_at_failure = self.confirmed
-        if not closed:
+        if not closed and not (silent and first):
             # Each try alone holds everything else back for a whole publish_timeout: after
             # each timeout the next try waits twice as long (up to an hour), so an event a
             # server never acknowledges costs less and less throughput, and is not dropped.

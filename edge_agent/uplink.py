@@ -681,6 +681,7 @@ class Uplink:
             closed=not isinstance(session.failure, (PublishTimeout, LinkDead)),
             publish_timeout=self._opened_with.publish_timeout,
             now=asyncio.get_running_loop().time(),
+            silent=isinstance(session.failure, LinkDead),
         )
         if failures is None:
             return

@@ -73,3 +73,24 @@ def test_counts_beyond_the_events_set_aside_are_kept() -> None:
     assert MAX_SUSPECTS + 1 not in suspects.seqs  # read and sent with the rest again
     suspects.delivered([10_000], qos=1)
     assert closed(suspects, MAX_SUSPECTS + 1) == 2  # not 1: its first loss was not forgotten
+
+
+def test_a_silent_link_never_counts_and_delays_only_a_second_loss() -> None:
+    """A blackhole (keep-alive, the silence watchdog) with an event alone in flight: never a
+    count towards dead-lettering; the first time it goes again as soon as the link is back (it
+    waited twice the publish timeout, failing a drain expected within a minute), a second time
+    only after a wait, as after a publish timeout (a path that drops large packets)."""
+    suspects = Suspects()
+
+    def silent(now: float) -> int | None:
+        return suspects.lost(stored(7), closed=False, publish_timeout=10.0, now=now, silent=True)
+
+    assert silent(now=0.0) is None
+    candidate = suspects.candidate(idle=True, now=0.0)
+    assert candidate is not None
+    assert candidate.event.seq == 7
+    assert suspects.delivered([3], qos=1) == []
+    assert silent(now=1.0) is None
+    assert suspects.candidate(idle=True, now=1.0) is None
+    assert suspects.next_retry(now=1.0) == 20.0  # 2 x the publish timeout from now
+    assert suspects.candidate(idle=True, now=21.0) is not None
