@@ -1328,7 +1328,7 @@ async def test_an_alarm_committed_during_an_empty_read_above_the_cursor_is_sent(
         async with Agent(config) as agent:
             uplink = agent.uplink
             assert uplink is not None
-            buffer = uplink._buffer
+            buffer = uplink.buffer
             read = buffer.next_events
             committed = asyncio.Event()
 
