@@ -118,6 +118,8 @@ class Connection:
         self._draining = False
         self._stopping = False
         self._close_reason: _Close | None = None
+        self._aborted = False
+        self._torn_down = False
         self._read_task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._connect_by = asyncio.get_running_loop().time() + self.limits.connect_timeout
@@ -144,6 +146,7 @@ class Connection:
         in a stage call may still be stored), and the connection's slot is free at once."""
         if self._close_reason is None:
             self._close_reason = _Close(reason, label=label)
+        self._aborted = True
         self.writer.transport.abort()
         self._ack_wakeup.set()
         if self.task is not None and self.task is not asyncio.current_task():
@@ -152,6 +155,19 @@ class Connection:
             # holding its slot, and then read on from what it had buffered, handing a revoked
             # device's events to the stage. Cancelled, it withdraws them (`_teardown`).
             self.task.cancel()
+
+    def ended(self, _task: asyncio.Task[None]) -> None:
+        """The connection's task is done. Its teardown has run, unless it was cancelled before
+        its first step (a stop in the same turn of the loop as the accept): then nothing else
+        closes the socket or frees the slot, and `stop` waited its whole deadline for it."""
+        if self.done.done():
+            return
+        self.writer.transport.abort()
+        if not self._torn_down:
+            self.server.forget(self)
+            label = self._close_reason.label if self._close_reason is not None else "server_stop"
+            self.metrics.inc("connections_closed", reason=label)
+        self.done.set_result(None)
 
     # -- the connection's life ------------------------------------------------------------------
 
@@ -180,6 +196,7 @@ class Connection:
             await self._teardown(reason, label)
 
     async def _teardown(self, reason: str, label: str) -> None:
+        self._torn_down = True
         if self._expiry is not None:
             self._expiry.cancel()
         for pending in self._acks:
@@ -470,7 +487,18 @@ class Connection:
             self._draining = True
             self._ack_wakeup.set()
 
+    def _ended_aborted(self) -> None:
+        """Raise the close reason if `abort` came. The read loop may already be woken when the
+        connection is aborted (its data came in the same turn of the loop) and run before its
+        cancellation: a packet it had buffered must not reach the stage then. After a takeover
+        a QoS 2 publish stored that way was stored again when resent on the new connection
+        (whose session had no trace of it); after a revocation, a revoked device's event."""
+        if self._aborted:
+            assert self._close_reason is not None
+            raise self._close_reason
+
     def _on_publish(self, packet: Publish) -> None:
+        self._ended_aborted()
         identity = self.identity
         assert identity is not None
         self.metrics.inc("publish_bytes_received", packet.size)
@@ -516,9 +544,17 @@ class Connection:
         else:
             assert packet.packet_id is not None
             self.qos2[packet.packet_id] = future
+            if len(self.qos2) > self.limits.max_unreleased:
+                # A client that never sends PUBREL held a future per packet id: up to 65,535
+                # of them (14 MB) per connection. An honest one has at most its window.
+                raise _Close(
+                    f"over {self.limits.max_unreleased} QoS 2 messages awaiting PUBREL",
+                    label="too_many_unreleased",
+                )
             self._queue(_Pending(future, encode_pubrec(packet.packet_id), True))
 
     def _on_pubrel(self, packet: PubRel) -> None:
+        self._ended_aborted()
         future = self.qos2.pop(packet.packet_id, None)
         if future is None:
             # Unknown id (answered before, or from an earlier connection): PUBCOMP anyway (§4.3.3).

@@ -26,6 +26,9 @@ class Limits:
     """The durable stage receives at most this many events per call ..."""
     batch_linger: float = 0.002
     """... gathered across all connections for at most this long after the first one."""
+    max_unreleased: int = 4096
+    """QoS 2 messages of one connection answered with PUBREC and awaiting PUBREL: beyond, the
+    connection is closed (a client that never sends PUBREL held memory per packet id)."""
     stage_timeout: float = 30.0
     """A stage call that takes longer fails its events: no ack, connections closed."""
     stage_concurrency: int = 1
@@ -46,6 +49,7 @@ class Limits:
             "max_packet_size": self.max_packet_size,
             "max_connections": self.max_connections,
             "max_inflight": self.max_inflight,
+            "max_unreleased": self.max_unreleased,
             "max_keep_alive": self.max_keep_alive,
             "max_client_id_bytes": self.max_client_id_bytes,
             "batch_max_events": self.batch_max_events,

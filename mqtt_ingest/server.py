@@ -233,6 +233,7 @@ class IngestServer:
         connection.task = self._tasks.create_task(
             connection.run(), name=f"mqtt_ingest.{self.name}.connection"
         )
+        connection.task.add_done_callback(connection.ended)
 
     def register(self, connection: Connection, clean_session: bool) -> bool:
         """Make ``connection`` its client id's; return whether a session was present (MQTT

@@ -551,6 +551,105 @@ async def test_a_session_taken_over_mid_store_answers_the_resend_once(
     assert stage.payloads() == [b"slow", b"new"]
 
 
+async def test_a_qos2_publish_read_in_the_turn_of_its_takeover_is_stored_once() -> None:
+    """The new connection's CONNECT and a QoS 2 PUBLISH on the old one arrive in the same turn
+    of the loop: the old connection, aborted by the takeover, still read the PUBLISH it had
+    buffered and handed it to the stage (linger 0), after its session state had moved to the
+    new connection. The resend (DUP) on the new connection was then stored again."""
+    for round_ in range(5):
+        stage = RecordingStage()
+        async with running_server(stage, limits=Limits(batch_linger=0.0)) as server:
+            old = await persistent(server.port, "q2-turn", session_present=False)
+            new = await RawClient.open(server.port)
+            await asyncio.sleep(0.05)
+            new.writer.write(connect_packet("q2-turn", clean=False))
+            old.writer.write(publish_packet("t", b"once", qos=2, packet_id=7))
+            await new.writer.drain()
+            connack = await new.read()
+            assert connack is not None
+            await new.send(publish_packet("t", b"once", qos=2, packet_id=7, dup=True))
+            rec = await new.read()
+            assert rec is not None
+            assert (rec.kind, rec.packet_id) == (5, 7)
+            await new.send(pubrel_packet(7))
+            comp = await new.read()
+            assert comp is not None
+            assert (comp.kind, comp.packet_id) == (7, 7)
+            await new.aclose()
+            await old.aclose()
+        assert stage.payloads() == [b"once"], f"round {round_}"
+
+
+async def test_a_publish_read_in_the_turn_of_a_revocation_is_not_stored(
+    stage: RecordingStage,
+) -> None:
+    """Credentials withdrawn (a CRL, the deny list) in the turn the device's PUBLISH arrives:
+    the aborted connection still read it and handed it to the stage."""
+    async with running_server(stage, limits=Limits(batch_linger=0.0)) as server:
+        client = await RawClient.connected(server.port, "revoked-now")
+        connection = next(iter(server._connections))
+        feed = connection.reader.feed_data
+        closed: list[int] = []
+
+        def feed_then_revoke(data: bytes) -> None:
+            feed(data)  # the read loop is woken, not run yet
+            closed.append(server.close_where(lambda identity, cert: ("revoked", "revoked")))
+
+        connection.reader.feed_data = feed_then_revoke  # type: ignore[method-assign]
+        await client.send(publish_packet("t", b"after-revocation", qos=1, packet_id=1))
+        assert await client.read() is None  # closed, no PUBACK
+        await asyncio.sleep(0.2)
+        await client.aclose()
+    assert closed == [1]
+    assert stage.payloads() == []
+
+
+async def test_qos2_messages_never_released_are_bounded(stage: RecordingStage) -> None:
+    """A client that sends QoS 2 publishes and never PUBREL held a future per packet id, up to
+    65,535 of them per connection: over ``max_unreleased`` it is closed."""
+    async with running_server(stage, limits=Limits(max_unreleased=50)) as server:
+        client = await RawClient.connected(server.port, "no-pubrel")
+        await client.send(
+            b"".join(publish_packet("t", b"x", qos=2, packet_id=i) for i in range(1, 50))
+        )
+        for _ in range(49):
+            rec = await client.read()
+            assert rec is not None
+            assert rec.kind == 5
+        await client.send(pubrel_packet(1))  # released: room for two more
+        assert (await client.read()) is not None  # PUBCOMP
+        await client.send(b"".join(publish_packet("t", b"x", qos=2, packet_id=i) for i in (50, 51)))
+        assert [(await client.read()) is not None for _ in range(2)] == [True, True]
+        await client.send(publish_packet("t", b"x", qos=2, packet_id=52))
+        await until(lambda: server.connection_count == 0, timeout=5)
+        await client.aclose()
+    assert counters(server).get("connections_closed", "too_many_unreleased") == 1
+
+
+async def test_a_stop_in_the_turn_of_an_accept_does_not_wait_its_deadline(
+    stage: RecordingStage,
+) -> None:
+    """`stop` came in the turn a socket was accepted, before the connection's task took its
+    first step: the task was cancelled before `run`, nothing set `done`, and the stop waited
+    its whole deadline with the socket open and counted."""
+    server = IngestServer(stage=stage, authenticator=Anonymous(), limits=Limits(stop_deadline=30))
+    accept = server._accept
+
+    def accept_then_stop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accept(reader, writer)
+        for connection in server._connections:
+            connection.finish()  # what `stop` does before its first await, in this turn
+
+    server._accept = accept_then_stop  # type: ignore[method-assign]
+    async with server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(server.stop(), 5)
+        assert server.connection_count == 0
+        writer.close()
+    assert counters(server).get("connections_closed", "server_stop") == 1
+
+
 class SlowStage(RecordingStage):
     """A slow but healthy stage: every call takes 0.2 s."""
 
