@@ -595,7 +595,7 @@ async def test_a_publish_read_in_the_turn_of_a_revocation_is_not_stored(
             feed(data)  # the read loop is woken, not run yet
             closed.append(server.close_where(lambda identity, cert: ("revoked", "revoked")))
 
-        connection.reader.feed_data = feed_then_revoke  # type: ignore[method-assign]
+        connection.reader.feed_data = feed_then_revoke  # type: ignore[method-assign,assignment]
         await client.send(publish_packet("t", b"after-revocation", qos=1, packet_id=1))
         assert await client.read() is None  # closed, no PUBACK
         await asyncio.sleep(0.2)
