@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 
 from cloud_sink.auth import algorithm_for, cn_identity, san_uri_identity, thumbprint
 from cloud_sink.backends import BackendError, read_messages
-from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config
+from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config, shown
 from cloud_sink.service import Sink, StartAbandoned, preflight
 from cloud_sink.systemd import LAYOUT, status
 from cloud_sink.tls import TlsError
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "check-config":
-            print(json.dumps(config.model_dump(mode="json"), indent=2))
+            print(json.dumps(shown(config), indent=2))
             return 0
         if args.command == "tail":
             return _tail(config, args.follow, args.json)

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cloud_sink.backends.base import redacted_url
 from cloud_sink.backends.sqlite import DISK_RESERVE
 from cloud_sink.rights import check_template
 from mqtt_ingest.configuration import (
@@ -66,6 +68,7 @@ __all__ = [
     "check_files",
     "load_config",
     "parse_config",
+    "shown",
 ]
 
 
@@ -160,11 +163,26 @@ class SqliteBackendConfig(_Backend):
     (devices keep their events) until there is room again. 0 turns the check off."""
 
 
+def _server_url(url: str, schemes: tuple[str, ...]) -> str:
+    """Checked at start (and by check-config), not at the first connection attempt."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is no number or out of range
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"the scheme must be one of {', '.join(schemes)}, not {parts.scheme!r}")
+    if not parts.hostname:
+        raise ValueError("the URL names no host")
+    return url
+
+
 class AmqpBackendConfig(_Backend):
     """RabbitMQ (extra ``amqp``): durable topic exchange, confirms, mandatory publishes."""
 
     type: Literal["amqp"]
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """Its password is shown as ``***`` by check-config."""
     exchange: str = "mqtt-bridge.events"
     queue: str | None = "mqtt-bridge.events"
     queue_type: Literal["classic", "quorum"] = "classic"
@@ -174,6 +192,11 @@ class AmqpBackendConfig(_Backend):
     """RabbitMQ's ``max_message_size``: it closes the channel on a larger body, failing the
     whole batch. The default is RabbitMQ 4's; 3.x's is 128 MiB."""
     timeout: BackendTimeout = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _server_url(value, ("amqp", "amqps"))
 
 
 class NatsBackendConfig(_Backend):
@@ -187,6 +210,11 @@ class NatsBackendConfig(_Backend):
     dead_letter_subject_prefix: str = "bridge.dead"
     duplicate_window: Seconds = 120.0
     timeout: BackendTimeout = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _server_url(value, ("nats", "tls", "ws", "wss"))
 
 
 BackendConfig = Annotated[
@@ -241,6 +269,15 @@ def check_files(config: SinkConfig) -> list[str]:
         except OSError as exc:
             problems.append(f"{where}: cannot read {path}: {exc.strerror or exc}")
     return problems
+
+
+def shown(config: SinkConfig) -> dict[str, object]:
+    """The configuration as `check-config` prints it: every value, passwords as ``***``."""
+    data = config.model_dump(mode="json")
+    backend = data["backend"]
+    if isinstance(backend, dict) and isinstance(backend.get("url"), str):
+        backend["url"] = redacted_url(backend["url"])
+    return data
 
 
 def parse_config(text: str, source: str = "<config>") -> SinkConfig:

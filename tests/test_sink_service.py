@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from certs import device_uri
 from cloud_sink.backends import SqliteCoreQueue, read_messages
+from cloud_sink.backends.base import redacted_url
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink, preflight
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
@@ -355,6 +356,41 @@ def test_check_config_reports_a_backend_whose_package_extra_is_missing(
         f"backend.type: {backend!r} needs the package's [{backend}] extra (install it from its"
         f" checkout or wheel as '...[{backend}]'); not installed: {modules}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("backend", "url", "problem"),
+    [
+        ("amqp", "http://rabbit:5672/", "the scheme must be one of amqp, amqps, not 'http'"),
+        ("amqp", "amqp://rabbit:notaport/", "not a valid URL"),
+        ("amqp", "amqp:///vhost", "the URL names no host"),
+        ("nats", "nats://nats:99999", "not a valid URL"),
+        ("nats", "127.0.0.1:4222", "the scheme must be one of nats, tls, ws, wss"),
+    ],
+)
+def test_check_config_refuses_a_backend_url_it_cannot_connect_to(
+    tmp_path: Path, pki: Pki, backend: str, url: str, problem: str
+) -> None:
+    """A bad URL passed check-config and failed only at the first connection attempt."""
+    text = write_sink_config(tmp_path, pki).read_text()
+    with pytest.raises(ConfigError) as info:
+        parse_config(text.split("[backend]")[0] + f'[backend]\ntype = "{backend}"\nurl = "{url}"\n')
+    [only] = info.value.problems
+    assert only.startswith((f"backend.{backend}.url: ", "backend.url: ")), only
+    assert problem in only, only
+
+
+def test_check_config_and_the_logs_show_no_backend_password(tmp_path: Path, pki: Pki) -> None:
+    text = write_sink_config(tmp_path, pki).read_text()
+    url = "amqp://bridge:s3cr%40t@rabbit.example:5671/prod"
+    path = tmp_path / "amqp.toml"
+    path.write_text(text.split("[backend]")[0] + f'[backend]\ntype = "amqp"\nurl = "{url}"\n')
+    done = sink_cli(path, "check-config")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["backend"]["url"] == "amqp://bridge:***@rabbit.example:5671/prod"
+    assert "s3cr" not in done.stdout
+    assert redacted_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+    assert redacted_url("tls://u:p@[::1]:4222") == "tls://u:***@[::1]:4222"
 
 
 def test_tail_of_a_core_queue_not_set_up_or_not_one(tmp_path: Path, pki: Pki) -> None:

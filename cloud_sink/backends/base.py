@@ -5,8 +5,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["BackendError", "CoreMessage", "CoreQueue", "DeadLetterMessage", "PublishOutcome"]
+__all__ = [
+    "BackendError",
+    "CoreMessage",
+    "CoreQueue",
+    "DeadLetterMessage",
+    "PublishOutcome",
+    "redacted_url",
+]
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: what logs and `check-config` show."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url  # not a URL the config accepts (it is checked): nothing to find in it
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class BackendError(Exception):

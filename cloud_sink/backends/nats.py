@@ -29,7 +29,13 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType, StreamConfig
 
-from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
+from cloud_sink.backends.base import (
+    BackendError,
+    CoreMessage,
+    DeadLetterMessage,
+    PublishOutcome,
+    redacted_url,
+)
 from cloud_sink.backends.nats_batch import AckClient, BatchPublisher, PublishRefused
 
 __all__ = ["NatsCoreQueue", "event_subject", "subject_covers"]
@@ -91,6 +97,7 @@ async def _connect(url: str, seconds: float) -> tuple[AckClient, BatchPublisher]
     client = AckClient()
     publisher = BatchPublisher(client)
     errors: list[Exception] = []
+    shown = redacted_url(url)  # the logs get no password
     try:
         async with asyncio.timeout(seconds):
             await client.connect(
@@ -106,16 +113,18 @@ async def _connect(url: str, seconds: float) -> tuple[AckClient, BatchPublisher]
                 # duplicate window for the resends. Pings every `seconds`: ~2-3 x that.
                 ping_interval=max(1, round(seconds)),
                 max_outstanding_pings=2,
-                error_cb=_log_error(url, errors),
-                disconnected_cb=_on_lost(publisher, logging.WARNING, "disconnected from NATS", url),
-                reconnected_cb=_log_event(logging.WARNING, "reconnected to NATS", url),
-                closed_cb=_on_lost(publisher, logging.INFO, "NATS connection closed", url),
+                error_cb=_log_error(shown, errors),
+                disconnected_cb=_on_lost(
+                    publisher, logging.WARNING, "disconnected from NATS", shown
+                ),
+                reconnected_cb=_log_event(logging.WARNING, "reconnected to NATS", shown),
+                closed_cb=_on_lost(publisher, logging.INFO, "NATS connection closed", shown),
             )
             await publisher.start()
     except _ERRORS as exc:
         await _close_quietly(client)
         cause = errors[-1] if errors else exc
-        raise BackendError(f"cannot connect to NATS at {url}: {cause!r}") from exc
+        raise BackendError(f"cannot connect to NATS at {shown}: {cause!r}") from exc
     except BaseException:
         await _close_quietly(client)
         raise
@@ -188,7 +197,7 @@ class NatsCoreQueue:
             if isinstance(exc, BackendError):
                 raise
             if isinstance(exc, _ERRORS):
-                raise BackendError(f"NATS stream setup on {url}: {exc!r}") from exc
+                raise BackendError(f"NATS stream setup on {redacted_url(url)}: {exc!r}") from exc
             raise
         return queue
 
