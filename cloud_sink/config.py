@@ -52,11 +52,13 @@ from mqtt_ingest.configuration import (
     Bytes,
     ConfigError,
     Delay,
+    Interval,
     Room,
     Seconds,
     load_model,
     parse_model,
 )
+from mqtt_ingest.limits import MQTT_MAX_PACKET
 
 __all__ = [
     "AmqpBackendConfig",
@@ -92,10 +94,11 @@ class ListenerConfig(_Strict):
     cert: AbsolutePath
     key: AbsolutePath
     crl: AbsolutePath | None = None
-    crl_check_interval: Seconds = 5.0
+    crl_check_interval: Interval = 5.0
     max_connections: Annotated[int, Field(gt=0)] = 10_000
     max_inflight: Annotated[int, Field(gt=0)] = 256
-    max_packet_size: Bytes = 1024**2
+    max_packet_size: Annotated[Bytes, Field(le=MQTT_MAX_PACKET)] = 1024**2
+    """At most MQTT's own limit, 256 MB."""
     connect_timeout: Seconds = 5.0
     batch_linger: Annotated[Delay, Field(le=1.0)] = 0.0
     """How long the first event of an idle core queue waits for others before it is forwarded.
@@ -141,8 +144,8 @@ class RightsConfig(_Strict):
 class ReconnectConfig(_Strict):
     """Backoff between probes of a core queue that failed (full jitter, capped)."""
 
-    initial: Seconds = 0.5
-    max: Seconds = 30.0
+    initial: Interval = 0.5
+    max: Interval = 30.0
 
     @model_validator(mode="after")
     def _ordered(self) -> ReconnectConfig:

@@ -47,7 +47,7 @@ from edge_agent.doctor import Check, run_checks
 from edge_agent.link import LinkStatus, read_link_status
 from edge_agent.local import read_listener_file
 from edge_agent.memory import tune_malloc
-from edge_agent.service import Agent
+from edge_agent.service import Agent, StartError
 from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
 from mqtt_ingest.clock import SystemClock
@@ -160,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             return 0
         if args.command == "publish":
-            payload = sys.stdin.buffer.read() if args.payload == "-" else args.payload.encode()
+            # fsencode: the argument's bytes as given, whatever the locale (not UTF-8 text).
+            payload = sys.stdin.buffer.read() if args.payload == "-" else os.fsencode(args.payload)
             return asyncio.run(_publish(config, args.topic, payload, args.qos))
         if args.command == "status":
             stats = inspect(config.agent.data_dir)
@@ -186,9 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(token.value)
             return 0
         return _buffer_command(config, args)
-    except (_Failed, BufferError, InvalidEvent, TokenUnavailable) as exc:
+    except (_Failed, BufferError, InvalidEvent, TokenUnavailable, StartError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `check-config | head`, `status | head`
+        return reader_gone()
 
 
 async def _run(config: AgentConfig, path: Path, listen_port: int | None) -> int:
@@ -261,6 +264,14 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
                 " to take the event: nothing was stored"
             )
         host = "127.0.0.1" if listener.host in ("0.0.0.0", "::", "") else listener.host  # noqa: S104
+        size = _publish_size(topic, payload, qos)
+        if config.listener.max_packet_size < size:
+            # A long topic: max_payload leaves room for about 1,000 bytes of it. The listener
+            # would close the connection on the packet, which said nothing about why.
+            raise _Failed(
+                f"the PUBLISH would be {size} bytes, over the listener's max_packet_size"
+                f" ({config.listener.max_packet_size}): nothing was stored"
+            )
         try:
             identifier = f"edge-agent-publish-{os.getpid()}"
             async with aiomqtt.Client(
@@ -285,6 +296,13 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
     return 0
 
 
+def _publish_size(topic: str, payload: bytes, qos: int) -> int:
+    """The whole PUBLISH packet's size, as the listener measures it."""
+    remaining = 2 + len(topic.encode("utf-8", "surrogatepass")) + (2 if qos else 0) + len(payload)
+    length_bytes = 1 + (remaining >= 128) + (remaining >= 16_384) + (remaining >= 2_097_152)
+    return 1 + length_bytes + remaining
+
+
 async def _publish_until_closed(
     client: aiomqtt.Client, topic: str, payload: bytes, qos: int
 ) -> None:
@@ -297,8 +315,8 @@ async def _publish_until_closed(
             async for _ in client.messages:
                 pass  # we subscribe to nothing: the iteration ends when the connection does
         raise aiomqtt.MqttError(
-            "the agent closed the connection instead (it refuses events so when the buffer is"
-            " full and the topic's on_full is reject: see `edge-agent status`)"
+            "the agent closed the connection instead: it refused the event (a full buffer"
+            " with on_full = reject, say: see `edge-agent status` and the agent's log)"
         )
 
     async with asyncio.TaskGroup() as tasks:
@@ -320,6 +338,15 @@ def _disk(config: AgentConfig) -> dict[str, int]:
     return {"free": free_bytes(config.agent.data_dir), "reserve": config.buffer.disk_reserve}
 
 
+def _shown(text: str) -> str:
+    """``text`` with its unprintable characters escaped: a topic is any local publisher's, and
+    one holding ESC or CR sequences rewrote the operator's terminal (JSON output is escaped
+    already)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _stats_text(stats: BufferStats, config: AgentConfig, disk: dict[str, int]) -> str:
     now_ms = int(time.time() * 1000)
     lines = [
@@ -328,7 +355,8 @@ def _stats_text(stats: BufferStats, config: AgentConfig, disk: dict[str, int]) -
     ]
     for topic in stats.topics:
         age = _age(now_ms, topic.oldest_event_time_ms)
-        lines.append(f"{topic.topic[:40]:<40} {topic.events:>10} {topic.bytes:>12} {age:>8}")
+        name = _shown(topic.topic)[:40]
+        lines.append(f"{name:<40} {topic.events:>10} {topic.bytes:>12} {age:>8}")
     lines.append(f"{'total':<40} {stats.events:>10} {stats.bytes:>12}")
     limits = config.buffer
     lines.append(
@@ -341,13 +369,15 @@ def _stats_text(stats: BufferStats, config: AgentConfig, disk: dict[str, int]) -
     if stats.drops:
         lines.append("dropped:")
         for (reason, name), (events, size) in sorted(stats.drops.items()):
-            lines.append(f"  {reason:<12} {name[:40]:<40} {events:>10} events {size:>12} bytes")
+            shown = _shown(name)[:40]
+            lines.append(f"  {reason:<12} {shown:<40} {events:>10} events {size:>12} bytes")
     else:
         lines.append("dropped: none")
     lines.append(f"dead letters: {stats.dead_letters}")
     for incident in stats.incidents:
         lines.append(
-            f"incident {_age(now_ms, incident.at_ms)} ago: {incident.kind}: {incident.detail}"
+            f"incident {_age(now_ms, incident.at_ms)} ago: {incident.kind}:"
+            f" {_shown(incident.detail)}"
         )
     return "\n".join(lines)
 

@@ -72,6 +72,7 @@ from mqtt_ingest.configuration import (
     Bytes,
     ConfigError,
     Delay,
+    Interval,
     Room,
     Seconds,
     load_model,
@@ -79,6 +80,7 @@ from mqtt_ingest.configuration import (
 )
 from mqtt_ingest.envelope import MAX_EVENTS
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
+from mqtt_ingest.limits import MQTT_MAX_PACKET
 from mqtt_ingest.topics import topic_problem
 
 __all__ = [
@@ -127,7 +129,7 @@ class BufferConfig(_Strict):
     producers wait for it, and the local listener gives a commit 30 s before it closes the
     connection unacknowledged (the event then committed anyway: a duplicate)."""
     commit_max_events: Annotated[int, Field(gt=0)] = 1000
-    ttl_sweep_interval: Seconds = 60.0
+    ttl_sweep_interval: Interval = 60.0
     disk_reserve: Room = DISK_RESERVE
     """Free space on the data directory's filesystem that new events never take: the drain's
     deletes and SQLite's checkpoints need it (on a disk full to the last byte the buffer can no
@@ -150,7 +152,8 @@ class ListenerConfig(_Strict):
     tls: ListenerTls | None = None
     max_connections: Annotated[int, Field(gt=0)] = 1000
     max_inflight: Annotated[int, Field(gt=0)] = 256
-    max_packet_size: Bytes = 1024**2
+    max_packet_size: Annotated[Bytes, Field(le=MQTT_MAX_PACKET)] = 1024**2
+    """At most MQTT's own limit, 256 MB."""
     connect_timeout: Seconds = 5.0
 
     @model_validator(mode="after")
@@ -170,6 +173,12 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _same_address(one: str, other: str) -> bool:
+    """Whether binding both hosts on one port would collide (a wildcard takes every address)."""
+    wildcards = ("", "0.0.0.0", "::")  # noqa: S104 (compared, not bound)
+    return one == other or one in wildcards or other in wildcards
 
 
 MAX_TTL = 100 * 365.25 * 86400
@@ -259,10 +268,10 @@ class UplinkConfig(_Strict):
     connect_timeout: Seconds = 10.0
     publish_timeout: Seconds = 60.0
     """No acknowledgement within this long: the link is treated as dead and the window resent."""
-    backoff_initial: Seconds = 0.5
-    backoff_max: Seconds = 60.0
-    refused_backoff_initial: Seconds = 30.0
-    refused_backoff_max: Seconds = 900.0
+    backoff_initial: Interval = 0.5
+    backoff_max: Interval = 60.0
+    refused_backoff_initial: Interval = 30.0
+    refused_backoff_max: Interval = 900.0
     """Credentials or certificates refused: retry slowly (they rarely fix themselves)."""
     stable_after: Seconds = 30.0
     """A connection up this long resets the backoff."""
@@ -369,6 +378,23 @@ class AgentConfig(_Strict):
                 f"max_payload over what the local listener accepts (listener.max_packet_size"
                 f" {self.listener.max_packet_size} less {PACKET_OVERHEAD} bytes for the topic"
                 f" and header = {room}): {'; '.join(over)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> AgentConfig:
+        # Both bound at start: the second failed with "address already in use" after the
+        # buffer was opened, which check-config had not seen coming.
+        listener, metrics = self.listener, self.metrics
+        if (
+            listener.enabled
+            and metrics.port
+            and metrics.port == listener.port
+            and _same_address(listener.host, metrics.host)
+        ):
+            raise ValueError(
+                f"[listener] and [metrics] both listen on port {metrics.port}"
+                f" ({listener.host} and {metrics.host})"
             )
         return self
 

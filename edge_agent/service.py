@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edge_agent.accept import Acceptor, InvalidEvent
 from edge_agent.buffer import Buffer, BufferFull
@@ -27,6 +28,7 @@ from edge_agent.local import (
 from edge_agent.uplink import Uplink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.clock import Clock, SystemClock
+from mqtt_ingest.configuration import model_problems
 from mqtt_ingest.lifecycle import cancel_until_done
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from edge_agent.metrics import AgentMetrics
     from mqtt_ingest.exposition import MetricsServer
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "StartError"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,13 @@ STOP_GRACE = 3.0  # seconds the uplink gets on stop to see its in-flight message
 
 _RESTART_ONLY = ("agent", "buffer", "listener", "metrics")
 """Config sections a SIGHUP does not apply (`Agent.reload` reports a change to them)."""
+
+
+_Server = TypeVar("_Server", bound=contextlib.AbstractAsyncContextManager[Any])
+
+
+class StartError(Exception):
+    """The agent could not start (a port it cannot listen on): one line for the operator."""
 
 
 class Agent:
@@ -129,7 +138,8 @@ class Agent:
                 self._uplink.run(), name="edge_agent.uplink"
             )
             self._stack.push_async_callback(self._stop_uplink)
-        if self.config.metrics.port is not None:  # entered before the listener: stops after it
+        metrics_port = self.config.metrics.port
+        if metrics_port is not None:  # entered before the listener: stops after it
             from edge_agent.metrics import AgentMetrics
             from mqtt_ingest.exposition import MetricsServer
 
@@ -141,19 +151,27 @@ class Agent:
                 listener=self._get_listener,
             )
             self._stack.push_async_callback(self._metrics.aclose)  # after the server stops
-            self._metrics_server = await self._stack.enter_async_context(
+            metrics = self.config.metrics
+            self._metrics_server = await self._listen(
+                "[metrics]",
+                metrics.host,
+                metrics_port,
                 MetricsServer(
-                    self.config.metrics.host,
-                    self.config.metrics.port,
+                    metrics.host,
+                    metrics_port,
                     self._metrics.registry,
                     refresh=self._metrics.refresh,
                     name="edge-agent",
-                )
+                ),
             )
         if self.config.listener.enabled:
-            self._listener = build_listener(self.config.listener, self._acceptor)
-            await self._stack.enter_async_context(self._listener)
             listener = self.config.listener
+            self._listener = await self._listen(
+                "[listener]",
+                listener.host,
+                listener.port,
+                build_listener(listener, self._acceptor),
+            )
             write_listener_file(
                 self.config.agent.data_dir,
                 listener.host,
@@ -171,6 +189,15 @@ class Agent:
             if self._listener is not None
             else "",
         )
+
+    async def _listen(self, section: str, host: str, port: int, server: _Server) -> _Server:
+        """Enter ``server``; a port that cannot be bound is a one-line `StartError`."""
+        try:
+            await self._stack.enter_async_context(server)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise StartError(f"cannot listen on {host}:{port} ({section}): {reason}") from None
+        return server
 
     async def _reprioritize(self, config: AgentConfig) -> None:
         """Buffered events take their topic's priority under ``config``'s rules: one topic's
@@ -270,10 +297,17 @@ class Agent:
         if (old.uplink is None) != (config.uplink is None):
             restart.append("uplink (added or removed)")
             kept["uplink"] = old.uplink  # the running uplink's (or none): a later reload compares
-        elif self._uplink is not None and config.uplink is not None:
+        running = config.model_copy(update=kept)
+        # The new rules must hold with the sections that keep running: a max_payload that fits
+        # only the new file's [listener] would have been applied with the old one.
+        problems = model_problems(running)
+        if problems:
+            raise ValueError(
+                "with the sections only a restart changes kept as they run: " + "; ".join(problems)
+            )
+        if "uplink" not in kept and self._uplink is not None and config.uplink is not None:
             # Even with the same settings: the files behind the same paths may have changed.
             self._uplink.reload(config.uplink)
-        running = config.model_copy(update=kept)
         self._acceptor.config = running
         if config.topics != old.topics and self._tasks is not None:
             self._tasks.create_task(self._reprioritize(running), name="edge_agent.reprioritize")

@@ -20,9 +20,11 @@ __all__ = [
     "Bytes",
     "ConfigError",
     "Delay",
+    "Interval",
     "Room",
     "Seconds",
     "load_model",
+    "model_problems",
     "parse_model",
     "port_argument",
 ]
@@ -64,6 +66,8 @@ def _size(value: Any) -> Any:
 Seconds = Annotated[float, BeforeValidator(_duration), Field(gt=0, allow_inf_nan=False)]
 Delay = Annotated[float, BeforeValidator(_duration), Field(ge=0, allow_inf_nan=False)]
 """A duration that may be zero (a linger: 0 = do not wait)."""
+Interval = Annotated[Seconds, Field(ge=0.1)]
+"""The period of a loop or a retry: at least 100 ms (a smaller one made the loop spin)."""
 Bytes = Annotated[int, BeforeValidator(_size), Field(gt=0)]
 Room = Annotated[int, BeforeValidator(_size), Field(ge=0)]
 """A size that may be zero (a reserve: 0 = none)."""
@@ -110,6 +114,16 @@ def load_model(model: type[M], path: Path) -> M:
     except UnicodeDecodeError:
         raise ConfigError(str(path), ["not UTF-8 text"]) from None
     return parse_model(model, text, str(path))
+
+
+def model_problems(model: BaseModel) -> list[str]:
+    """``model``'s problems when validated again: one made by ``model_copy(update=...)`` was
+    never checked as a whole (its cross-section rules above all)."""
+    try:
+        type(model).model_validate(model.model_dump())
+    except ValidationError as exc:
+        return [_describe(error) for error in exc.errors()]
+    return []
 
 
 def _describe(error: Any) -> str:

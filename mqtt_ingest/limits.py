@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Limits"]
+__all__ = ["MQTT_MAX_PACKET", "Limits"]
+
+MQTT_MAX_PACKET = 268_435_455
+"""The largest remaining length MQTT 3.1.1's variable-length encoding can express (256 MB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,5 +68,5 @@ class Limits:
             raise ValueError(f"limits.keep_alive_factor must be >= 1, got {self.keep_alive_factor}")
         if self.batch_linger < 0 or self.stop_deadline < 0:
             raise ValueError("limits.batch_linger and limits.stop_deadline cannot be negative")
-        if self.max_packet_size > 268_435_455:
+        if self.max_packet_size > MQTT_MAX_PACKET:
             raise ValueError("limits.max_packet_size is over MQTT's 256 MB maximum")

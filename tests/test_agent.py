@@ -306,6 +306,76 @@ async def test_cli_says_what_is_wrong_instead_of_a_traceback(tmp_path: Path) -> 
         assert "Traceback" not in broken.stderr, command
 
 
+async def test_cli_publish_of_a_packet_the_listener_cannot_take_says_so(tmp_path: Path) -> None:
+    """max_payload leaves room for a topic of about 1,000 bytes: a longer one made a packet
+    over the listener's max_packet_size, which closed the connection, and the CLI said the
+    buffer was full. A payload that is no UTF-8 (the shell's bytes) was a traceback."""
+    config = write_config(
+        tmp_path,
+        listener='port = 0\nmax_packet_size = "64KiB"',
+        topics='[[topics]]\nfilter = "#"\nmax_payload = 64512\n',
+    )
+    async with Agent(load_config(config)):
+        long_topic = "a" * 2000
+        refused = await acli(config, "publish", long_topic, "-", stdin=b"x" * 64_000)
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            "edge-agent: the PUBLISH would be 66008 bytes, over the listener's max_packet_size"
+            " (65536): nothing was stored"
+        )
+        raw = await asyncio.to_thread(
+            subprocess.run,
+            [EDGE_AGENT, "--config", str(config), "publish", "sensors/raw", b"\xff\xfe"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert raw.returncode == 0, raw.stderr
+    assert [e.payload for e in read_events(tmp_path / "data")] == [b"\xff\xfe"]
+
+
+async def test_cli_status_escapes_what_a_topic_would_do_to_the_terminal(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    forged = "sensors/\x1b[2K\rtotal  0 events: all delivered"
+    async with Agent(load_config(config)) as agent:
+        await agent.publish(forged, b"x")
+    status = await acli(config, "status")
+    assert status.returncode == 0, status.stderr
+    assert "\x1b" not in status.stdout
+    assert "\r" not in status.stdout
+    assert "sensors/\\x1b[2K\\rtotal  0 events" in status.stdout
+
+
+async def test_cli_run_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    """`run` printed a 36-line traceback for a port it could not bind (a Mosquitto on 1883)."""
+    async with running_server(RecordingStage()) as taken:
+        config = write_config(tmp_path, listener=f"port = {taken.port}")
+        result = await acli(config, "run")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"edge-agent: cannot listen on 127.0.0.1:{taken.port} ([listener]): Address already in use"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_check_config_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [EDGE_AGENT, "--config", str(config), "check-config"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.stderr == b""
+    assert done.returncode == 0
+
+
 async def test_cli_peek_export_purge(tmp_path: Path) -> None:
     config_path = write_config(tmp_path)
     async with Agent(load_config(config_path)) as agent:

@@ -243,6 +243,27 @@ def test_durations_are_finite_and_bounded_where_larger_ones_break() -> None:
     assert slow == ["buffer.commit_linger: Input should be less than or equal to 1 (got '35s')"]
 
 
+def test_values_that_passed_check_config_and_failed_at_run_are_refused() -> None:
+    """A packet size over MQTT's limit and one port for the listener and the metrics passed
+    check-config, then `run` exited with a traceback (restarted by systemd every 5 s); a loop
+    period of a microsecond made an idle agent spin at 85% CPU."""
+    extra = (
+        '[buffer]\nttl_sweep_interval = "0.001ms"\n'
+        '[listener]\nport = 18999\nmax_packet_size = "300MiB"\n'
+        '[metrics]\nhost = "0.0.0.0"\nport = 18999\n'
+    )
+    assert problems(BASE.format(extra=extra, rule="")) == [
+        "buffer.ttl_sweep_interval: Input should be greater than or equal to 0.1 (got '0.001ms')",
+        "listener.max_packet_size: Input should be less than or equal to 268435455 (got '300MiB')",
+    ]
+    extra = '[listener]\nport = 18999\n[metrics]\nhost = "0.0.0.0"\nport = 18999\n'
+    assert problems(BASE.format(extra=extra, rule="")) == [
+        "(top level): [listener] and [metrics] both listen on port 18999 (127.0.0.1 and 0.0.0.0)"
+    ]
+    apart = '[listener]\nport = 18999\n[metrics]\nhost = "127.0.0.2"\nport = 18999\n'
+    assert parse_config(BASE.format(extra=apart, rule="")).metrics.port == 18999
+
+
 def test_non_loopback_listener_is_allowed_with_mutual_tls() -> None:
     extra = (
         '[listener]\nhost = "0.0.0.0"\n[listener.tls]\n'

@@ -141,6 +141,36 @@ async def test_agent_reload_that_removes_the_uplink_keeps_running_the_one_it_has
         assert (agent.config.uplink.keepalive, agent.uplink.config.keepalive) == (20, 20)
 
 
+async def test_agent_reload_refuses_topic_rules_that_do_not_fit_the_running_listener(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The new file's rules were checked against its own [listener], which only a restart
+    applies: a max_payload over what the running listener takes was applied anyway."""
+    device = pki.device(f"fit-{uuid.uuid4().hex[:6]}")
+    small = 'port = 0\nmax_packet_size = "64KiB"'
+    topics = '[[topics]]\nfilter = "#"\nmax_payload = {}\n'
+    path = write_config(
+        tmp_path,
+        listener=small,
+        uplink=uplink_section(pki, device, free_port()),
+        topics=topics.format(64512),
+    )
+    text = path.read_text()
+    async with Agent(load_config(path)) as agent:
+        assert agent.uplink is not None
+        connections = agent.uplink.status.connections
+        path.write_text(
+            text.replace('max_packet_size = "64KiB"', 'max_packet_size = "2MiB"').replace(
+                "max_payload = 64512", 'max_payload = "1MiB"'
+            )
+        )
+        with pytest.raises(ValueError, match=r"topics\[0\] \('#'\): 1048576"):
+            agent.reload(load_config(path))
+        assert agent.config.topics[0].max_payload == 64512  # nothing applied
+        assert not agent.uplink.reconnecting.is_set()  # nor the uplink's reload
+        assert agent.uplink.status.connections == connections
+
+
 def install(creds: DeviceCreds, directory: Path) -> tuple[Path, Path]:
     """The device's certificate and key copied where the agent's config points."""
     directory.mkdir(parents=True, exist_ok=True)
