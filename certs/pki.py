@@ -301,7 +301,8 @@ class CertificateAuthority:
         days: float = DEFAULT_CA_DAYS,
         not_before: dt.datetime | None = None,
     ) -> CertificateAuthority:
-        """Create a self-signed CA in ``directory``; `OutputExists` if one is there already."""
+        """Create a self-signed CA in ``directory``; `OutputExists` if one is there already (or
+        an earlier CA's ``index.json`` or ``crl.pem``). When it fails, nothing it wrote is left."""
         directory = Path(directory)
         cert_path, key_path = directory / "ca.pem", directory / "ca.key"
         # An index or CRL left by an earlier CA would list its certificates as this one's.
@@ -338,20 +339,24 @@ class CertificateAuthority:
         )
         directory.mkdir(parents=True, exist_ok=True)
         ca = cls(directory, cert, key)
-        ca._record(cert, "ca", common_name, cert_path)
-        try:
-            _write_new(key_path, _key_pem(key), 0o600)
+        # The files first, the index last, all under the lock: a failure leaves nothing behind
+        # (an index left alone would make every later init-ca refuse the directory), and an
+        # init-ca that ran meanwhile is refused by the check again, before anything is written.
+        written: list[Path] = []
+        with ca._locked():
             try:
+                _refuse_existing([cert_path, key_path, ca.index_path, ca.crl_path])
+                _write_new(key_path, _key_pem(key), 0o600)
+                written.append(key_path)
                 _write_new(cert_path, _cert_pem(cert), 0o644)
+                written.append(cert_path)
+                written.append(ca.index_path)  # it was not there: whatever is there is ours
+                ca._save([_new_record(cert, "ca", common_name, cert_path)])
             except BaseException:
-                # A key without its certificate: every command says "no CA", init-ca "exists".
-                key_path.unlink(missing_ok=True)
+                # Only what this call wrote: an init-ca of another version may have won.
+                for path in reversed(written):
+                    path.unlink(missing_ok=True)
                 raise
-        except BaseException:
-            # Only what this call wrote: an init-ca running at the same time may have won.
-            with ca._locked():
-                ca._save([r for r in ca.records() if r.serial != cert.serial_number])
-            raise
         return ca
 
     @classmethod
@@ -540,16 +545,8 @@ class CertificateAuthority:
         _replace(self.index_path, (json.dumps(payload, indent=2) + "\n").encode())
 
     def _record(self, cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> None:
-        record = CertRecord(
-            serial=cert.serial_number,
-            kind=kind,
-            name=name,
-            not_before=cert.not_valid_before_utc.isoformat(),
-            not_after=cert.not_valid_after_utc.isoformat(),
-            cert_path=str(path),
-        )
         with self._locked():
-            self._save([*self.records(), record])
+            self._save([*self.records(), _new_record(cert, kind, name, path)])
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -681,6 +678,17 @@ class CertificateAuthority:
         numbers = [crl_number(crl) or 0 for crl in (existing, own) if crl is not None]
         crl = self.build_crl(days=days, after=max(numbers, default=0), records=records)
         return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def _new_record(cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> CertRecord:
+    return CertRecord(
+        serial=cert.serial_number,
+        kind=kind,
+        name=name,
+        not_before=cert.not_valid_before_utc.isoformat(),
+        not_after=cert.not_valid_after_utc.isoformat(),
+        cert_path=str(path),
+    )
 
 
 def _common_name(value: str, what: str) -> x509.Name:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import stat
 import subprocess
@@ -467,4 +468,41 @@ def test_an_init_ca_that_loses_a_race_removes_only_what_it_wrote(
     with pytest.raises(OutputExists):
         CertificateAuthority.create(directory)
     assert (directory / "ca.key").read_bytes() == b"the winner's key"
-    assert json.loads((directory / "index.json").read_text()) == []  # its own record only
+    assert not (directory / "index.json").exists()  # its own record only: none written
+
+
+@pytest.mark.parametrize("failing", ["ca.key", "ca.pem", "index.json"])
+def test_a_failed_init_ca_leaves_nothing_that_refuses_the_next(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failing: str,
+) -> None:
+    """Found by review: the CA was recorded in index.json before its files were written, and a
+    failure rewrote the index as ``[]`` instead of removing it: every later init-ca refused the
+    directory ("index.json exists already")."""
+    directory = tmp_path / "pki"
+    write_new, replace = pki_module._write_new, pki_module._replace
+
+    def full(path: Path) -> None:
+        if path.name == failing:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def failing_write_new(path: Path, data: bytes, mode: int) -> None:
+        full(path)
+        write_new(path, data, mode)
+
+    def failing_replace(path: Path, data: bytes, mode: int = 0o644) -> None:
+        full(path)
+        replace(path, data, mode)
+
+    monkeypatch.setattr(pki_module, "_write_new", failing_write_new)
+    monkeypatch.setattr(pki_module, "_replace", failing_replace)
+    assert main(["--dir", str(directory), "init-ca"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bridge-certs: error: {directory / failing}: No space left on device\n"
+    assert sorted(p.name for p in directory.iterdir()) == [".lock"]
+    monkeypatch.undo()
+    assert main(["--dir", str(directory), "init-ca"]) == 0
+    records = CertificateAuthority.open(directory).records()
+    assert [(r.kind, r.name) for r in records] == [("ca", "Edge Bridge CA")]
