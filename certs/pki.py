@@ -26,7 +26,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -565,37 +565,42 @@ class CertificateAuthority:
 
         A serial is given in hex (``0x`` prefix and colons optional), as ``list`` prints it.
         The CRL is rewritten, valid for ``crl_days`` or, by default, as long as the CRL it
-        replaces was (else `DEFAULT_CRL_DAYS`). Returns the records revoked now; `PkiError` if
-        none matched.
+        replaces was (else `DEFAULT_CRL_DAYS`). Returns the records revoked now. If the index
+        has every match revoked but ``crl.pem`` does not list them all, the CRL is made again
+        and those records are returned. `PkiError` if none matched, or if every match is
+        revoked already (in the index and on the CRL).
         """
         with self._locked():
             records = self.records()
             # A device id wins over a serial spelled the same; a random 159-bit serial that reads
             # like a real device id is not a practical worry.
-            matches = [r for r in records if r.kind == "device" and r.name == target]
-            serial = None if matches else _parse_serial(target)
+            targets = [r for r in records if r.kind == "device" and r.name == target]
+            serial = None if targets else _parse_serial(target)
             if serial is not None:
-                matches = [r for r in records if r.kind != "ca" and r.serial == serial]
-            matches = [r for r in matches if r.revoked_at is None]
-            if not matches:
-                already = [
-                    r for r in records if r.name == target or r.serial == _parse_serial(target)
-                ]
-                if already and all(r.revoked_at for r in already):
-                    raise PkiError(f"{target!r} is revoked already")
+                targets = [r for r in records if r.kind != "ca" and r.serial == serial]
+            if not targets:
                 raise PkiError(f"no certificate issued by this CA matches {target!r}")
+            matches = [r for r in targets if r.revoked_at is None]
+            if not matches:
+                listed = self._crl_serials()
+                if all(r.serial in listed for r in targets):
+                    raise PkiError(f"{target!r} is revoked already")
+                # Revoked in the index, missing from crl.pem (lost, or an earlier version saved
+                # the index first and then failed): verifiers read the CRL, so it is made again.
+                _replace(self.crl_path, self._crl_for(self.crl_path, crl_days, records))
+                return targets
             stamp = _now().isoformat()
             chosen = {r.serial for r in matches}
             updated = [
                 CertRecord(**{**asdict(r), "revoked_at": stamp}) if r.serial in chosen else r
                 for r in records
             ]
-            # The CRL is made before anything is saved: one that cannot be made (its --days)
-            # left the certificate marked revoked in the index and missing from the CRL, and a
-            # second revoke then said "revoked already".
-            crl = self._crl_for(self.crl_path, crl_days, updated)
+            # The CRL is made before anything is written (one that cannot be made, by its
+            # --days, changes nothing), and written before the index: if saving the index then
+            # fails, the certificate is refused all the same, later CRLs keep it (`_crl_for`
+            # carries our CRL's entries over), and revoking again records it.
+            _replace(self.crl_path, self._crl_for(self.crl_path, crl_days, updated))
             self._save(updated)
-            _replace(self.crl_path, crl)
         return [r for r in updated if r.serial in chosen]
 
     def _our_crl(self, path: Path) -> x509.CertificateRevocationList | None:
@@ -616,10 +621,12 @@ class CertificateAuthority:
         now: dt.datetime | None = None,
         after: int = 0,
         records: Sequence[CertRecord] | None = None,
+        also_revoked: Mapping[int, dt.datetime] | None = None,
     ) -> x509.CertificateRevocationList:
-        """A CRL of every revoked certificate (of ``records``, by default the index's); its
-        number is the current second, or ``after`` + 1 if that is not larger (CRL numbers must
-        increase: RFC 5280 5.2.3)."""
+        """A CRL of every revoked certificate (of ``records``, by default the index's, and the
+        serials of ``also_revoked``, with their revocation dates); its number is the current
+        second, or ``after`` + 1 if that is not larger (CRL numbers must increase: RFC 5280
+        5.2.3)."""
         now = now or _now()
         _, next_update = _validity(now, days)
         number = max(int(now.timestamp()), after + 1)
@@ -636,14 +643,15 @@ class CertificateAuthority:
                 critical=False,
             )
         )
-        for record in self.records() if records is None else records:
-            if record.revoked_at is not None:
-                builder = builder.add_revoked_certificate(
-                    x509.RevokedCertificateBuilder()
-                    .serial_number(record.serial)
-                    .revocation_date(dt.datetime.fromisoformat(record.revoked_at))
-                    .build()
-                )
+        revoked = {
+            record.serial: dt.datetime.fromisoformat(record.revoked_at)
+            for record in (self.records() if records is None else records)
+            if record.revoked_at is not None
+        }
+        for serial, when in {**(also_revoked or {}), **revoked}.items():
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
         return builder.sign(self.key, _signing_hash(self.key))
 
     def write_crl(self, path: Path | None = None, *, days: float | None = None) -> Path:
@@ -675,9 +683,27 @@ class CertificateAuthority:
                 if replaced is not None and replaced.next_update_utc is not None
                 else DEFAULT_CRL_DAYS
             )
-        numbers = [crl_number(crl) or 0 for crl in (existing, own) if crl is not None]
-        crl = self.build_crl(days=days, after=max(numbers, default=0), records=records)
+        ours = [crl for crl in (existing, own) if crl is not None]
+        numbers = [crl_number(crl) or 0 for crl in ours]
+        records = self.records() if records is None else records
+        # A serial this CA's CRL lists stays listed even if the index does not say revoked (a
+        # revoke whose index could not be saved): a CRL never takes a revocation back.
+        indexed = {r.serial for r in records if r.revoked_at is not None}
+        carried = {
+            entry.serial_number: entry.revocation_date_utc
+            for crl in ours
+            for entry in crl
+            if entry.serial_number not in indexed
+        }
+        crl = self.build_crl(
+            days=days, after=max(numbers, default=0), records=records, also_revoked=carried
+        )
         return crl.public_bytes(serialization.Encoding.PEM)
+
+    def _crl_serials(self) -> set[int]:
+        """The serials the PKI's own ``crl.pem`` lists (none if it is missing or not ours)."""
+        crl = self._our_crl(self.crl_path)
+        return set() if crl is None else {entry.serial_number for entry in crl}
 
 
 def _new_record(cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> CertRecord:

@@ -506,3 +506,105 @@ def test_a_failed_init_ca_leaves_nothing_that_refuses_the_next(
     assert main(["--dir", str(directory), "init-ca"]) == 0
     records = CertificateAuthority.open(directory).records()
     assert [(r.kind, r.name) for r in records] == [("ca", "Edge Bridge CA")]
+
+
+def _fail_replacing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make `_replace` of a file called ``name`` fail as a full disk does (no file name)."""
+    replace = pki_module._replace
+
+    def failing(path: Path, data: bytes, mode: int = 0o644) -> None:
+        if path.name == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(path, data, mode)
+
+    monkeypatch.setattr(pki_module, "_replace", failing)
+
+
+def _crl_serials(pki_dir: Path) -> list[int]:
+    return [r.serial_number for r in x509.load_pem_x509_crl((pki_dir / "crl.pem").read_bytes())]
+
+
+def _refused_by_crl(pki_dir: Path, cert: Path) -> bool:
+    ca, crl = str(pki_dir / "ca.pem"), str(pki_dir / "crl.pem")
+    verified = openssl("verify", "-crl_check", "-CAfile", ca, "-CRLfile", crl, str(cert))
+    return verified.returncode != 0 and "certificate revoked" in verified.stdout + verified.stderr
+
+
+def test_a_revoke_whose_crl_cannot_be_written_can_be_retried(
+    pki_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by review: the index was saved before the CRL was written; with the disk full at
+    the CRL the index said revoked, the CRL did not list it (the device still accepted), and
+    revoking again said "revoked already"."""
+    assert main(["--dir", str(pki_dir), "device", "dev-1"]) == 0
+    assert main(["--dir", str(pki_dir), "crl"]) == 0
+    _fail_replacing(monkeypatch, "crl.pem")
+    assert main(["--dir", str(pki_dir), "revoke", "dev-1"]) == 2
+    monkeypatch.undo()
+    assert _crl_serials(pki_dir) == []
+    capsys.readouterr()
+    assert main(["--dir", str(pki_dir), "revoke", "dev-1"]) == 0, capsys.readouterr().err
+    (record,) = [r for r in CertificateAuthority.open(pki_dir).records() if r.name == "dev-1"]
+    assert record.revoked_at is not None
+    assert _crl_serials(pki_dir) == [record.serial]
+    assert _refused_by_crl(pki_dir, pki_dir / "devices/dev-1.pem")
+
+
+def test_a_revoke_whose_index_cannot_be_saved_is_on_the_crl_and_stays_there(
+    pki_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CRL is written first: a failure after it errs towards revoked, a scheduled `crl`
+    does not take the revocation back, and revoking again records it in the index."""
+    assert main(["--dir", str(pki_dir), "device", "dev-1"]) == 0
+    serial = x509.load_pem_x509_certificate(
+        (pki_dir / "devices/dev-1.pem").read_bytes()
+    ).serial_number
+    _fail_replacing(monkeypatch, "index.json")
+    assert main(["--dir", str(pki_dir), "revoke", "dev-1"]) == 2
+    monkeypatch.undo()
+    assert _crl_serials(pki_dir) == [serial]
+    assert main(["--dir", str(pki_dir), "crl"]) == 0  # the index does not say revoked
+    assert _crl_serials(pki_dir) == [serial]
+    assert _refused_by_crl(pki_dir, pki_dir / "devices/dev-1.pem")
+    capsys.readouterr()
+    assert main(["--dir", str(pki_dir), "revoke", "dev-1"]) == 0, capsys.readouterr().err
+    records = {r.name: r for r in CertificateAuthority.open(pki_dir).records()}
+    assert records["dev-1"].revoked_at is not None
+    assert _crl_serials(pki_dir) == [serial]  # listed once
+
+
+def test_revoking_again_remakes_a_crl_that_lost_the_revocation(
+    pki_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The index says revoked, crl.pem does not list it (lost, or left by the version that
+    saved the index first): "revoked already" would leave the device accepted."""
+    assert main(["--dir", str(pki_dir), "device", "dev-1"]) == 0
+    assert main(["--dir", str(pki_dir), "revoke", "dev-1"]) == 0
+    (pki_dir / "crl.pem").unlink()
+    capsys.readouterr()
+    assert main(["--dir", str(pki_dir), "revoke", "dev-1"]) == 0, capsys.readouterr().err
+    assert _refused_by_crl(pki_dir, pki_dir / "devices/dev-1.pem")
+    assert main(["--dir", str(pki_dir), "revoke", "dev-1"]) == 2
+    assert capsys.readouterr().err == "bridge-certs: error: 'dev-1' is revoked already\n"
+
+
+def test_revoked_already_looks_only_at_what_the_target_names(
+    pki_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by review: "revoked already" was judged over every record whose name or serial
+    matched, of any kind: a server sharing a revoked device's name hid it, and a revoked server
+    named like a missing device made that device "revoked already"."""
+    d = str(pki_dir)
+    assert main(["--dir", d, "device", "dev-1"]) == 0
+    assert main(["--dir", d, "server", "--dns", "x.example", "--name", "dev-1"]) == 0
+    assert main(["--dir", d, "server", "--dns", "cafe"]) == 0
+    assert main(["--dir", d, "revoke", "dev-1"]) == 0
+    cafe = x509.load_pem_x509_certificate((pki_dir / "servers/cafe.pem").read_bytes())
+    assert main(["--dir", d, "revoke", f"0x{cafe.serial_number:x}"]) == 0
+    capsys.readouterr()
+    assert main(["--dir", d, "revoke", "dev-1"]) == 2
+    assert capsys.readouterr().err == "bridge-certs: error: 'dev-1' is revoked already\n"
+    assert main(["--dir", d, "revoke", "cafe"]) == 2  # no device cafe, no serial 0xcafe
+    assert capsys.readouterr().err == (
+        "bridge-certs: error: no certificate issued by this CA matches 'cafe'\n"
+    )
