@@ -729,11 +729,23 @@ def _common_name(value: str, what: str) -> x509.Name:
 
 
 def _dns_name(text: str) -> str:
-    """``text`` as a DNS name for a certificate (IDNA A-labels); `PkiError` if it is none."""
+    """``text`` as a DNS name for a certificate (IDNA A-labels); `PkiError` if it is none.
+
+    One trailing dot (the fully qualified spelling) is dropped: a SAN ``host.example.`` matches
+    no client connecting to ``host.example``. An IP address is refused: as a DNS SAN it matches
+    no connection to that address, which needs an IP SAN (``--ip``).
+    """
     wildcard = text.startswith("*.")
     name = text[2:] if wildcard else text
-    if not name or any(c in name for c in "/ \x00*"):
+    name = name.removesuffix(".")
+    if not name or name.endswith(".") or any(c in name for c in "/ \x00*"):
         raise PkiError(f"{text!r} is not a DNS name")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        raise PkiError(f"{text!r} is an IP address, not a DNS name: pass it with --ip")
     try:
         ascii_name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
     except (idna.IDNAError, UnicodeError) as exc:

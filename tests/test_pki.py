@@ -212,6 +212,8 @@ def test_validity_options_make_expired_and_future_certificates(pki_dir: Path) ->
         (["device", "x", "--not-before", "yesterday"], "'yesterday' is not 'now'"),
         (["server"], "needs at least one --dns name or --ip address"),
         (["server", "--ip", "300.1.1.1"], "'300.1.1.1' is not an IP address"),
+        (["server", "--dns", "sink.example.."], "'sink.example..' is not a DNS name"),
+        (["server", "--dns", "."], "'.' is not a DNS name"),
         (["revoke", "nobody"], "no certificate issued by this CA matches 'nobody'"),
         (["init-ca"], "ca.pem exists already; refusing to overwrite"),
     ],
@@ -608,3 +610,34 @@ def test_revoked_already_looks_only_at_what_the_target_names(
     assert capsys.readouterr().err == (
         "bridge-certs: error: no certificate issued by this CA matches 'cafe'\n"
     )
+
+
+def test_a_dns_name_with_a_trailing_dot_is_issued_without_it(
+    pki_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by review: 'sink.example.com.' went into the SAN as it was, and clients connecting
+    to sink.example.com failed hostname verification."""
+    assert main(["--dir", str(pki_dir), "server", "--dns", "sink.example.com."]) == 0
+    assert "servers/sink.example.com.pem" in capsys.readouterr().out
+    cert = x509.load_pem_x509_certificate((pki_dir / "servers/sink.example.com.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["sink.example.com"]
+    checked = openssl(
+        "verify", "-CAfile", str(pki_dir / "ca.pem"), "-verify_hostname", "sink.example.com",
+        str(pki_dir / "servers/sink.example.com.pem"),
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
+def test_an_ip_address_given_as_dns_name_is_refused(
+    pki_dir: Path, capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    """Found by review: '--dns 127.0.0.1' wrote a DNS SAN, which no connection to 127.0.0.1
+    matches."""
+    before = tree(pki_dir)
+    assert main(["--dir", str(pki_dir), "server", "--dns", address]) == 2
+    assert capsys.readouterr().err == (
+        f"bridge-certs: error: {address!r} is an IP address, not a DNS name: pass it with --ip\n"
+    )
+    assert tree(pki_dir) == before
