@@ -379,6 +379,16 @@ class CertificateAuthority:
 
     # -- issuing ---------------------------------------------------------------------------
 
+    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """The AKI of what this CA signs: its certificate's SKI, copied. Verifiers match the two
+        byte for byte, and a CA made elsewhere need not derive its SKI as we do (SHA-1 of the
+        key); only a CA certificate without one gets the AKI computed from its key."""
+        try:
+            ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        except x509.ExtensionNotFound:
+            return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+
     def issue_server(
         self,
         dns_names: Sequence[str],
@@ -505,10 +515,7 @@ class CertificateAuthority:
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
+            .add_extension(self._authority_key_identifier(), critical=False)
             .sign(self.key, _signing_hash(self.key))
         )
         # Recorded first: a certificate on disk that the index does not list could never be
@@ -638,10 +645,7 @@ class CertificateAuthority:
             .last_update(now - _CRL_BACKDATE)
             .next_update(next_update)
             .add_extension(x509.CRLNumber(number), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
+            .add_extension(self._authority_key_identifier(), critical=False)
         )
         revoked = {
             record.serial: dt.datetime.fromisoformat(record.revoked_at)

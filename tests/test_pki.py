@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -641,3 +642,50 @@ def test_an_ip_address_given_as_dns_name_is_refused(
         f"bridge-certs: error: {address!r} is an IP address, not a DNS name: pass it with --ip\n"
     )
     assert tree(pki_dir) == before
+
+
+@pytest.mark.parametrize("ski", [b"\x5a" * 8, None], ids=["8-byte-ski", "no-ski"])
+def test_what_a_ca_made_elsewhere_signs_is_verified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ski: bytes | None
+) -> None:
+    """Found by review: the authority key identifier was computed from the CA's key instead of
+    copied from its certificate's SKI; with a CA made elsewhere (another SKI method, here an
+    8-byte one) every certificate and CRL it signed failed verification."""
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Elsewhere CA")])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+    if ski is not None:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier(ski), critical=False)
+    ca_cert = builder.sign(key, hashes.SHA256())
+    (directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    d = str(directory)
+    assert main(["--dir", d, "device", "dev-1"]) == 0
+    assert main(["--dir", d, "device", "dev-2"]) == 0
+    assert main(["--dir", d, "server", "--dns", "localhost"]) == 0
+    assert main(["--dir", d, "revoke", "dev-2"]) == 0, capsys.readouterr().err
+    ca, crl = str(directory / "ca.pem"), str(directory / "crl.pem")
+    for cert in ["devices/dev-1.pem", "servers/localhost.pem"]:
+        verified = openssl(
+            "verify", "-crl_check", "-CAfile", ca, "-CRLfile", crl, str(directory / cert)
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert _refused_by_crl(directory, directory / "devices/dev-2.pem")
