@@ -247,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
-        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""  # a write(2) names no file
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as exc:  # what cryptography refuses and no check of ours foresaw
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -184,6 +184,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An `OSError` while writing ``path`` names ``path``: a failed write or fsync names no
+    file at all, and the temporary file's name would mean nothing to the operator."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to a new file ``path``; never replaces an existing one.
 
@@ -191,38 +201,40 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     ``link`` fails if the name exists, so two concurrent writers cannot clobber each other, and a
     crash leaves either no file or the whole file, never a truncated key.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise OutputExists(path) from None
-    finally:
-        os.unlink(tmp)
-    _fsync_dir(path.parent)
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputExists(path) from None
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(path.parent)
 
 
 def _replace(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, fsync directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
 
 
 def _key_pem(key: PrivateKey) -> bytes:

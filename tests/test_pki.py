@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import json
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -689,3 +690,31 @@ def test_what_a_ca_made_elsewhere_signs_is_verified(
         )
         assert verified.returncode == 0, verified.stdout + verified.stderr
     assert _refused_by_crl(directory, directory / "devices/dev-2.pem")
+
+
+def test_a_file_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    """Found by review: a failed write names no file, and the error read
+    'bridge-certs: error: : No space left on device'. A real one: a file size limit."""
+    directory = tmp_path / "pki"
+    repo = Path(__file__).resolve().parents[1]
+    limited = subprocess.run(
+        [
+            "sh", "-c", 'ulimit -f 1 && exec "$@"', "sh",
+            BRIDGE_CERTS, "--dir", str(directory), "init-ca", "--key-type", "rsa-3072",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": str(repo)},  # this checkout's code, as pytest imports
+    )  # fmt: skip
+    assert limited.returncode == 2
+    assert limited.stderr == f"bridge-certs: error: {directory / 'ca.key'}: File too large\n"
+    assert not (directory / "index.json").exists()
+    assert run("--dir", str(directory), "init-ca").returncode == 0
+
+
+def test_an_os_error_naming_no_file_prints_no_empty_name(
+    pki_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever raises an OSError without a file name, the line has no empty ': ' in it."""
+    _fail_replacing(monkeypatch, "crl.pem")
+    assert main(["--dir", str(pki_dir), "crl"]) == 2
+    assert capsys.readouterr().err == "bridge-certs: error: No space left on device\n"
