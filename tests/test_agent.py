@@ -323,12 +323,10 @@ async def test_cli_publish_of_a_packet_the_listener_cannot_take_says_so(tmp_path
             "edge-agent: the PUBLISH would be 66008 bytes, over the listener's max_packet_size"
             " (65536): nothing was stored"
         )
+        argv: list[str | bytes] = [EDGE_AGENT, "--config", str(config), "publish"]
+        argv += ["sensors/raw", b"\xff\xfe"]  # the shell's bytes, no UTF-8
         raw = await asyncio.to_thread(
-            subprocess.run,
-            [EDGE_AGENT, "--config", str(config), "publish", "sensors/raw", b"\xff\xfe"],
-            capture_output=True,
-            timeout=60,
-            check=False,
+            subprocess.run, argv, capture_output=True, timeout=60, check=False
         )
         assert raw.returncode == 0, raw.stderr
     assert [e.payload for e in read_events(tmp_path / "data")] == [b"\xff\xfe"]
