@@ -425,6 +425,10 @@ async def test_tail_follows_a_replaced_core_queue_and_ends_quietly(
     follower = await asyncio.create_subprocess_exec(
         CLOUD_SINK, "--config", str(config), "tail", "--follow",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # Ctrl-C as at a terminal: a test run started in the background (`cmd &` in a script)
+        # ignores SIGINT, its children inherit that, and Python then never raises
+        # KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         await asyncio.sleep(1.5)
