@@ -144,12 +144,14 @@ class TlsReloader:
         self._on_reload = on_reload
         """Called after each reload that put a new context in use (to re-check open
         connections against the new CRL)."""
+        # The version before the file is read: a CRL replaced while it is read is loaded again
+        # by `run` (taken after, it was the new file's, which was then never loaded).
+        self._seen = _fingerprint(listener.crl) if listener.crl is not None else None
         self._current, self.crl = _build(listener)
         self.revocations = Revocations(self.crl)
         self._expiry_warned = ""  # "", "soon" or "expired": what was logged for this CRL
         self._current.sni_callback = self._select
         self._base = self._current
-        self._seen = _fingerprint(listener.crl) if listener.crl is not None else None
         self.reloads = 0
         self.refusals = 0
         self.resumptions_refused = 0

@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ObjectIdentifier, UnrecognizedExtension
 from cryptography.x509.oid import CRLEntryExtensionOID, NameOID
 
+from cloud_sink import tls as tls_module
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
-from cloud_sink.tls import TlsError, build_context, check_crl
+from cloud_sink.tls import TlsError, TlsReloader, build_context, certificate_key, check_crl
 from mqtt_ingest import crl as crl_module
 from mqtt_ingest.crl import crl_rollback, load_crl
 from tests.harness.pki import DeviceCreds, Pki
@@ -254,6 +255,38 @@ def test_the_crl_loaded_is_the_crl_checked(
     context = build_context(loaded(crl_config(tmp_path, pki, crl, "5s")).listener)
     device = pki.client_context(pki.device(f"toctou-{uuid.uuid4().hex[:6]}"))
     assert handshake(context, device) is None
+
+
+async def test_a_crl_replaced_while_the_sink_starts_is_loaded(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CRL file's version was taken after the file was read at start: a CRL replaced in
+    between (a revocation landing as the sink starts) counted as loaded, and was never."""
+    crl = own_crl(tmp_path, pki)
+    listener = loaded(crl_config(tmp_path, pki, crl, "5s")).listener
+    victim = pki.device(f"start-{uuid.uuid4().hex[:6]}")
+    read = tls_module.load_crl
+
+    def replaced_once_read(
+        context: ssl.SSLContext, crl_path: Path, ca_path: Path, *, refused: str
+    ) -> tuple[x509.CertificateRevocationList, bytes]:
+        monkeypatch.setattr(tls_module, "load_crl", read)
+        result = read(context, crl_path, ca_path, refused=refused)
+        pki.ca.revoke(victim.device_id)
+        pki.ca.write_crl(crl)
+        return result
+
+    monkeypatch.setattr(tls_module, "load_crl", replaced_once_read)
+    reloader = TlsReloader(listener, 0.05)
+    key = certificate_key(x509.load_pem_x509_certificate(victim.cert.read_bytes()))
+    assert key not in reloader.revocations  # the CRL read: before the revocation
+    async with asyncio.TaskGroup() as tasks:
+        watching = tasks.create_task(reloader.run(), name="test.tls_reload")
+        try:
+            await until(lambda: reloader.reloads == 1)
+        finally:
+            watching.cancel()
+    assert key in reloader.revocations
 
 
 def ca_and_crl(
