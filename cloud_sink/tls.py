@@ -12,7 +12,12 @@ mtime, size or inode, polled every ``interval`` seconds). A new CRL is checked b
 it must parse as one PEM CRL signed by the configured CA, be valid now (OpenSSL refuses every
 client certificate against a CRL past its next update), and loading it must add no certificate
 to the trust store (a certificate pasted into the CRL file would otherwise become a trusted CA).
-An invalid file is refused with one log line and the previous context stays in use. The CRL in
+An invalid file is refused with one log line and the previous context stays in use. A version of
+the file is done with once it is in use, or refused for a reason time cannot fix (broken, not the
+CA's, expired, older than the CRL in use); refused for one it can (not valid yet, the server
+certificate or key being replaced), it is tried again every ``interval``, and said once. A new
+CRL that is valid while the certificate or key is not has its revocations applied all the same
+(refused at CONNECT, open connections closed) until the context can be rebuilt with it. The CRL in
 use is announced a day before its next update (a warning), and once it has passed (an error).
 """
 
@@ -101,11 +106,19 @@ def _build(
     listener: ListenerConfig,
 ) -> tuple[ssl.SSLContext, x509.CertificateRevocationList | None]:
     """The context and its CRL (None if none is configured)."""
+    context = _server_context(listener)
     crl = None
+    if listener.crl is not None:
+        crl, _ = load_crl(context, listener.crl, listener.ca, refused=DEVICES_REFUSED)
+    return context, crl
+
+
+def _server_context(listener: ListenerConfig) -> ssl.SSLContext:
+    """The context without the CRL. Raises `TlsError`, transient (the CRL is not at fault)."""
     try:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(listener.ca))
     except (OSError, ssl.SSLError) as exc:
-        raise TlsError(f"CA {listener.ca}: {exc}") from None
+        raise TlsError(f"CA {listener.ca}: {exc}", transient=True) from None
     context.verify_mode = ssl.CERT_REQUIRED
     # No session resumption: a resumed handshake does not verify the client certificate again
     # (a device revoked, expired or denied by a new CA file since would get back in with its
@@ -116,13 +129,17 @@ def _build(
     try:
         context.load_cert_chain(str(listener.cert), str(listener.key))
     except (OSError, ssl.SSLError) as exc:
-        raise TlsError(f"certificate {listener.cert} / key {listener.key}: {exc}") from None
-    if listener.crl is not None:
-        crl, _ = load_crl(context, listener.crl, listener.ca, refused=DEVICES_REFUSED)
-    return context, crl
+        raise TlsError(
+            f"certificate {listener.cert} / key {listener.key}: {exc}", transient=True
+        ) from None
+    return context
 
 
-def _fingerprint(path: Path) -> tuple[int, int, int] | None:
+_Version = tuple[int, int, int]
+"""A version of a file: its mtime (ns), size and inode."""
+
+
+def _fingerprint(path: Path) -> _Version | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -142,18 +159,24 @@ class TlsReloader:
         self._listener = listener
         self._interval = interval
         self._on_reload = on_reload
-        """Called after each reload that put a new context in use (to re-check open
-        connections against the new CRL)."""
+        """Called whenever new revocations are in use (to re-check open connections)."""
         # The version before the file is read: a CRL replaced while it is read is loaded again
         # by `run` (taken after, it was the new file's, which was then never loaded).
         self._seen = _fingerprint(listener.crl) if listener.crl is not None else None
-        self._current, self.crl = _build(listener)
+        self._current, self.crl = _build(listener)  # `crl`: the current context's
+        self._newest = self.crl
+        """The newest CRL taken: the context's, or one whose revocations alone are in use while
+        the context cannot be rebuilt. An older one is a rollback."""
         self.revocations = Revocations(self.crl)
+        """What `_newest` revokes (checked at CONNECT and on open connections)."""
+        self._said: tuple[_Version | None, str] | None = None
+        """The last refusal logged (CRL version, reason): a retry that ends the same is quiet."""
         self._expiry_warned = ""  # "", "soon" or "expired": what was logged for this CRL
         self._current.sni_callback = self._select
         self._base = self._current
         self.reloads = 0
         self.refusals = 0
+        """Refusals logged (a version retried for the same reason counts once)."""
         self.resumptions_refused = 0
         """TLS 1.2 handshakes refused because the client offered a cached session."""
 
@@ -163,35 +186,94 @@ class TlsReloader:
         return self._base
 
     def reload(self, why: str) -> bool:
-        """Build a new context from the files now; on failure keep the current one. Returns
-        whether the new one is in use."""
+        """Build a new context from the files now; on failure keep the current one (and log
+        why). Returns whether the new one is in use."""
+        return self._reload(why, say_again=True)
+
+    def _reload(self, why: str, *, say_again: bool) -> bool:
+        """`reload`; unless ``say_again``, a refusal already logged for this version of the CRL
+        file is not logged again (`run` retries one refused for a transient reason)."""
         # A few small files, read on the event loop: cheaper than a thread hop.
-        if self._listener.crl is not None:
-            self._seen = _fingerprint(self._listener.crl)  # this version is judged now
+        path = self._listener.crl
+        # The version before the file is read: one replaced meanwhile is read again by `run`.
+        version = _fingerprint(path) if path is not None else None
         try:
-            context, crl = _build(self._listener)
-            rollback = (
-                None
-                if crl is None or self.crl is None or self._listener.crl is None
-                else crl_rollback(crl, self.crl, self._listener.ca)
-            )
-            if rollback is not None:
-                raise TlsError(f"CRL {self._listener.crl} is older than the one in use: {rollback}")
+            context = _server_context(self._listener)
         except TlsError as exc:
-            self.refusals += 1
-            log.error("TLS reload (%s) refused, keeping the previous context: %s", why, exc)
+            self._blocked(why, exc, version, say_again)
             return False
-        self._current, self.crl = context, crl
+        try:
+            crl = None if path is None else self._new_crl(path, context)
+        except TlsError as exc:
+            if not exc.transient:
+                self._seen = version  # done with: refused until the file changes
+            self._refuse(why, exc, version, say_again)
+            return False
+        self._seen, self._said = version, None
+        self._current, self.crl, self._newest = context, crl, crl
         self.revocations = Revocations(crl)
         self._expiry_warned = ""
         self.reloads += 1
         log.info(
             "TLS context reloaded (%s): CRL %s lists %d revoked certificate(s)",
-            why, self._listener.crl, 0 if crl is None else len(crl),
+            why, path, 0 if crl is None else len(crl),
         )  # fmt: skip
         if self._on_reload is not None:
             self._on_reload()
         return True
+
+    def _blocked(
+        self, why: str, blocked: TlsError, version: _Version | None, say_again: bool
+    ) -> None:
+        """The CA, certificate or key cannot be used (a rotation half done, say): the context
+        stays, and the CRL file, not at fault, is tried again by `run`. A new CRL is judged all
+        the same, and if it is valid the devices it revokes are refused at CONNECT and
+        disconnected meanwhile (P5: they were let in until the files were whole again)."""
+        path = self._listener.crl
+        try:
+            crl = None if path is None else self._new_crl(path, None)
+        except TlsError as exc:
+            if not exc.transient:
+                self._seen = version
+                blocked = TlsError(f"{exc}; and {blocked}")
+            self._refuse(why, blocked, version, say_again)
+            return
+        self._refuse(why, blocked, version, say_again)
+        if crl is None or crl == self._newest:
+            return
+        self._newest, self.revocations = crl, Revocations(crl)
+        log.warning(
+            "CRL %s is valid but waits for the TLS files to be usable: the %d certificate(s) it"
+            " revokes are refused at CONNECT and disconnected meanwhile",
+            path, len(crl),
+        )  # fmt: skip
+        if self._on_reload is not None:
+            self._on_reload()
+
+    def _new_crl(
+        self, path: Path, context: ssl.SSLContext | None
+    ) -> x509.CertificateRevocationList:
+        """The CRL file checked, and loaded into ``context`` if there is one; `TlsError` if it
+        cannot be used, or is older than `_newest`."""
+        ca = self._listener.ca
+        if context is None:
+            crl = check_crl(path, ca)
+        else:
+            crl, _ = load_crl(context, path, ca, refused=DEVICES_REFUSED)
+        rollback = None if self._newest is None else crl_rollback(crl, self._newest, ca)
+        if rollback is not None:
+            raise TlsError(f"CRL {path} is older than the one in use: {rollback}")
+        return crl
+
+    def _refuse(self, why: str, exc: TlsError, version: _Version | None, say_again: bool) -> None:
+        """Log a refusal, unless (``say_again`` False) the same one for the same version was."""
+        said = (version, str(exc))
+        if said == self._said and not say_again:
+            return
+        self._said = said
+        self.refusals += 1
+        retried = f" (tried again every {self._interval:g}s)" if version != self._seen else ""
+        log.error("TLS reload (%s) refused, keeping the previous context: %s%s", why, exc, retried)
 
     def check_expiry(self, now: dt.datetime | None = None) -> None:
         """Warn once when the CRL in use is within `CRL_WARN_BEFORE` of its next update, and
@@ -231,7 +313,9 @@ class TlsReloader:
                 self._seen = seen
                 log.error("CRL %s is gone; keeping the previous context", crl)
                 continue
-            self.reload("CRL file changed")
+            # Also a version refused for a transient reason (not yet valid, the certificate or
+            # key being replaced), which stays unseen: tried again every interval.
+            self._reload("CRL file changed", say_again=False)
 
     def _select(
         self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext

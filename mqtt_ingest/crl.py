@@ -32,7 +32,16 @@ _CRITICAL_ENTRY_OK = {CRLEntryExtensionOID.CERTIFICATE_ISSUER}
 
 
 class TlsError(Exception):
-    """The TLS material cannot be used; the message says which file and why."""
+    """The TLS material cannot be used; the message says which file and why.
+
+    ``transient``: the files as they are may be usable later (a CRL not valid yet, a file that
+    cannot be read now, one being replaced): worth trying again without waiting for the CRL
+    file to change. Otherwise the CRL file is refused until it changes.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def check_crl(
@@ -70,7 +79,8 @@ def load_crl(
     except OSError as exc:
         raise TlsError(
             f"CRL {crl_path}: cannot make the private copy OpenSSL loads it from, in"
-            f" {tempfile.gettempdir()} ($TMPDIR): {exc.strerror or exc}"
+            f" {tempfile.gettempdir()} ($TMPDIR): {exc.strerror or exc}",
+            transient=True,
         ) from None
     if context.cert_store_stats()["x509"] != trusted:  # `_checked` allows one CRL block only
         raise TlsError(f"CRL {crl_path}: the file must hold one CRL and no certificate")
@@ -119,18 +129,19 @@ def _read(crl_path: Path) -> bytes:
     try:
         return crl_path.read_bytes()
     except OSError as exc:
-        raise TlsError(f"cannot read {crl_path}: {exc.strerror}") from None
+        raise TlsError(f"cannot read {crl_path}: {exc.strerror}", transient=True) from None
 
 
 def _checked(
     data: bytes, crl_path: Path, ca_path: Path, now: dt.datetime | None, refused: str
 ) -> x509.CertificateRevocationList:
+    # The CA file at fault, not the CRL (a rotation half done, say): transient for the CRL.
     try:
         authorities = x509.load_pem_x509_certificates(ca_path.read_bytes())
     except OSError as exc:
-        raise TlsError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        raise TlsError(f"cannot read {exc.filename}: {exc.strerror}", transient=True) from None
     except ValueError as exc:
-        raise TlsError(f"{ca_path}: not a PEM certificate: {exc}") from None
+        raise TlsError(f"{ca_path}: not a PEM certificate: {exc}", transient=True) from None
     if data.count(b"-----BEGIN") != 1 or b"-----BEGIN X509 CRL-----" not in data:
         raise TlsError(f"{crl_path}: expected exactly one PEM 'X509 CRL' block")
     try:
@@ -150,7 +161,8 @@ def _checked(
     if crl.last_update_utc > now:
         raise TlsError(
             f"{crl_path}: not valid before {crl.last_update_utc:%Y-%m-%d %H:%M:%S} UTC (this"
-            f" host's clock is behind?): {refused}"
+            f" host's clock is behind?): {refused}",
+            transient=True,  # it becomes valid; an expired one never does
         )
     if crl.next_update_utc is not None and crl.next_update_utc <= now:
         raise TlsError(

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ObjectIdentifier, UnrecognizedExtension
 from cryptography.x509.oid import CRLEntryExtensionOID, NameOID
 
-from cloud_sink import tls as tls_module
+from certs import pki as pki_module
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
 from cloud_sink.tls import TlsError, TlsReloader, build_context, certificate_key, check_crl
@@ -265,18 +265,18 @@ async def test_a_crl_replaced_while_the_sink_starts_is_loaded(
     crl = own_crl(tmp_path, pki)
     listener = loaded(crl_config(tmp_path, pki, crl, "5s")).listener
     victim = pki.device(f"start-{uuid.uuid4().hex[:6]}")
-    read = tls_module.load_crl
+    read = load_crl  # what cloud_sink.tls calls
 
     def replaced_once_read(
         context: ssl.SSLContext, crl_path: Path, ca_path: Path, *, refused: str
     ) -> tuple[x509.CertificateRevocationList, bytes]:
-        monkeypatch.setattr(tls_module, "load_crl", read)
+        monkeypatch.setattr("cloud_sink.tls.load_crl", read)
         result = read(context, crl_path, ca_path, refused=refused)
         pki.ca.revoke(victim.device_id)
         pki.ca.write_crl(crl)
         return result
 
-    monkeypatch.setattr(tls_module, "load_crl", replaced_once_read)
+    monkeypatch.setattr("cloud_sink.tls.load_crl", replaced_once_read)
     reloader = TlsReloader(listener, 0.05)
     key = certificate_key(x509.load_pem_x509_certificate(victim.cert.read_bytes()))
     assert key not in reloader.revocations  # the CRL read: before the revocation
@@ -383,6 +383,89 @@ def test_a_crl_of_a_ca_whose_key_may_not_sign_crls_is_refused(tmp_path: Path) ->
     (tmp_path / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(TlsError, match="lacks cRLSign"):
         check_crl(tmp_path / "crl.pem", tmp_path / "ca.pem")
+
+
+async def connected(port: int, device: DeviceCreds, pki: Pki) -> RawClient:
+    """An open MQTT connection of ``device`` (CONNACK accepted)."""
+    client = await RawClient.open(port, ssl_context=pki.client_context(device))
+    token = device_token(device).encode()
+    await client.send(connect_packet(device.device_id, username=device.device_id, password=token))
+    connack = await client.read()
+    assert connack is not None
+    assert connack.body == b"\x00\x00"
+    return client
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records
+        if "refused, keeping the previous context" in r.getMessage()
+    ]  # fmt: skip
+
+
+async def test_a_crl_that_lands_while_the_server_key_is_replaced_is_applied(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new CRL refused because the server key was half replaced was done with: once the key
+    was whole again nothing loaded it, and the devices it revokes stayed accepted. It is tried
+    again at every look (the refusal said once), and meanwhile its revocations apply at CONNECT
+    and to open connections."""
+    caplog.set_level(logging.INFO, logger="cloud_sink.tls")
+    crl = own_crl(tmp_path, pki)
+    cert = shutil.copyfile(pki.server_cert, tmp_path / "server.pem")
+    key = shutil.copyfile(pki.server_key, tmp_path / "server.key")
+    config = crl_config(tmp_path, pki, crl, "0.2s")
+    text = config.read_text().replace(str(pki.server_cert), str(cert))
+    config.write_text(text.replace(str(pki.server_key), str(key)))
+    victim, other = (pki.device(f"{n}-{uuid.uuid4().hex[:6]}") for n in ("rot", "ok"))
+    async with Sink(loaded(config)) as sink:
+        session = await connected(sink.port, victim, pki)
+        whole = key.read_bytes()
+        key.write_bytes(whole[: len(whole) // 2])  # the new key being copied in
+        pki.ca.revoke(victim.device_id)
+        pki.ca.write_crl(crl)
+        await until(lambda: sink.tls.refusals == 1)
+        assert await session.closed_within(5), "revoked device kept its session"
+        assert not await connects(sink.port, victim, pki), "revoked device let in"
+        assert sink.metrics.get("connections_refused", "certificate revoked") == 1
+        assert await connects(sink.port, other, pki)  # the previous context serves
+        await asyncio.sleep(1.0)  # five looks at the file
+        assert (sink.tls.reloads, sink.tls.refusals) == (0, 1)
+        key.write_bytes(whole)
+        await until(lambda: sink.tls.reloads == 1)
+        assert not await connects(sink.port, victim, pki)
+        # Refused at the handshake now, by the new context: not at CONNECT.
+        assert sink.metrics.get("connections_refused", "certificate revoked") == 1
+        assert await connects(sink.port, other, pki)
+    assert len(refusal_lines(caplog)) == 1, "a refusal retried is said once"
+    assert "tried again every 0.2s" in refusal_lines(caplog)[0]
+
+
+async def test_a_crl_not_valid_yet_is_applied_once_it_is(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CRL whose last update was a few seconds ahead of this host's clock (the CA's clock
+    ahead) was refused and done with: valid a moment later, it was never loaded. It is tried
+    again at every look, and the refusal said once."""
+    caplog.set_level(logging.INFO, logger="cloud_sink.tls")
+    crl = own_crl(tmp_path, pki)
+    victim = pki.device(f"early-{uuid.uuid4().hex[:6]}")
+    async with Sink(loaded(crl_config(tmp_path, pki, crl, "0.2s"))) as sink:
+        assert await connects(sink.port, victim, pki)
+        pki.ca.revoke(victim.device_id)
+        valid_from = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+        early = pki.ca.build_crl(now=valid_from + pki_module._CRL_BACKDATE)
+        assert early.last_update_utc <= valid_from
+        (tmp_path / "crl.new").write_bytes(early.public_bytes(serialization.Encoding.PEM))
+        os.replace(tmp_path / "crl.new", crl)
+        await until(lambda: sink.tls.refusals == 1)
+        assert sink.tls.reloads == 0
+        await until(lambda: sink.tls.reloads == 1)
+        assert not await connects(sink.port, victim, pki), "revoked device let in"
+        assert sink.tls.refusals == 1
+    lines = refusal_lines(caplog)
+    assert len(lines) == 1, "a refusal retried is said once"
+    assert "not valid before" in lines[0]
 
 
 async def test_sighup_reloads_the_crl_of_a_running_sink(
