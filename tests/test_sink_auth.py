@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import math
 import subprocess
 import time
@@ -295,6 +296,30 @@ async def test_through_the_ingest_server_over_mutual_tls(pki: Pki, dev: DeviceCr
                 pass
         assert info.value.rc in (4, 134)  # "bad user name or password" (paho maps 3.1.1 codes)
     assert stage.payloads() == [b"ok"]
+
+
+async def test_a_refused_connect_is_one_log_line_with_its_reason(
+    pki: Pki, dev: DeviceCreds, caplog: pytest.LogCaptureFixture
+) -> None:
+    """F11: one clear line per refusal. The authenticator logged it at WARNING too, so every
+    refused CONNECT was two lines; the connection's line (with the reason) is the one."""
+    auth = JwtAuthenticator(AuthSettings(audience=AUD))
+    reason = (await refused(auth, request(dev, b"not-a-token"))).reason
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    async with running_server(
+        RecordingStage(), authenticator=auth, ssl_context=pki.server_context()
+    ) as server:
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with aiomqtt.Client(
+                "localhost", server.port, identifier=dev.device_id, username=dev.device_id,
+                password="not-a-token", tls_context=pki.client_context(dev),
+            ):  # fmt: skip
+                pass
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1, said
+    assert "refused CONNECT" in said[0]
+    assert said[0].endswith(f": {reason}")
 
 
 def _now() -> float:
