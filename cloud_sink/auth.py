@@ -108,7 +108,7 @@ def san_uri_identity(certificate: x509.Certificate) -> str:
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):  # none; or extensions that do not parse
         return ""
     found = [u.removeprefix(URI_PREFIX) for u in uris if u.startswith(URI_PREFIX)]
     try:
@@ -176,7 +176,12 @@ class JwtAuthenticator:
         claims = self._verify(request.password, certificate)
         if claims.get("sub") != device:
             raise _Refused("token sub does not match the certificate")
-        expires_at = float(claims["exp"]) + self.settings.leeway
+        # The connection ends with its token or with its certificate, whichever ends first: a
+        # token outliving the certificate kept a connection up to max_lifetime past the end.
+        not_after = certificate.not_valid_after_utc.timestamp()
+        if not_after <= self.clock.time():
+            raise _Refused("certificate expired", ConnackCode.NOT_AUTHORIZED)
+        expires_at = min(float(claims["exp"]) + self.settings.leeway, not_after)
         return Identity(device, params, expires_at)
 
     def _device_id(self, certificate: x509.Certificate) -> str:

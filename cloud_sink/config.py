@@ -58,6 +58,7 @@ from mqtt_ingest.configuration import (
     load_model,
     parse_model,
 )
+from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 from mqtt_ingest.limits import MQTT_MAX_PACKET
 
 __all__ = [
@@ -124,6 +125,17 @@ class AuthConfig(_Strict):
     max_lifetime: Seconds = 3600.0
     identity: Literal["cn", "san-uri"] = "cn"
     deny: list[str] = Field(default_factory=list)
+
+    @field_validator("deny")
+    @classmethod
+    def _deny(cls, value: list[str]) -> list[str]:
+        # A typo ("dev-13 ", say) denied nobody, without a word.
+        for index, device in enumerate(value):
+            try:
+                validate_device_id(device)
+            except InvalidIdentifier as exc:
+                raise ValueError(f"deny[{index}] is no device id: {exc.reason}") from None
+        return value
 
     @model_validator(mode="after")
     def _issuer_mode(self) -> AuthConfig:

@@ -23,10 +23,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from certs import KeyType
-from cloud_sink.auth import AuthSettings, JwtAuthenticator, thumbprint
+from cloud_sink.auth import AuthSettings, JwtAuthenticator, san_uri_identity, thumbprint
 from mqtt_ingest import ConnackCode, ConnectRequest, FakeClock, Identity, Refusal
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.stages import RecordingStage, running_server
@@ -91,6 +91,41 @@ async def test_device_signed_token_for_each_key_type(pki: Pki, key_type: KeyType
     assert outcome.name == creds.device_id
     assert outcome.attributes == {"format": "batch-v1"}
     assert outcome.expires_at == NOW + 600 + 30
+
+
+def test_a_certificate_whose_extensions_do_not_parse_has_no_san_identity() -> None:
+    """cryptography raises ValueError on such extensions: it was a traceback at CONNECT."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-bad-san")])
+    now = dt.datetime.now(dt.UTC)
+    garbage = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x86\x01")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(garbage, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    assert san_uri_identity(cert) == ""
+
+
+async def test_a_connection_ends_with_its_certificate_if_that_ends_first(dev: DeviceCreds) -> None:
+    """A token outliving the certificate kept the connection up to max_lifetime past the
+    certificate's end; at CONNECT, an expired certificate is refused whatever the token says."""
+    cert = x509.load_pem_x509_certificate(dev.cert.read_bytes())
+    end = cert.not_valid_after_utc.timestamp()
+    auth = JwtAuthenticator(AuthSettings(audience=AUD), FakeClock(start=end - 100))
+    late = token(dev, iat=end - 100, exp=end + 500)
+    outcome = await auth.authenticate(request(dev, late))
+    assert isinstance(outcome, Identity)
+    assert outcome.expires_at == end
+    after = JwtAuthenticator(AuthSettings(audience=AUD), FakeClock(start=end + 10))
+    fresh = token(dev, iat=end + 5, exp=end + 500)
+    assert (await refused(after, request(dev, fresh))).reason == "certificate expired"
 
 
 async def test_f17_attacks_each_refused_with_its_reason(pki: Pki, dev: DeviceCreds) -> None:

@@ -380,6 +380,17 @@ def test_check_config_refuses_a_backend_url_it_cannot_connect_to(
     assert problem in only, only
 
 
+def test_a_deny_entry_that_is_no_device_id_is_refused(tmp_path: Path, pki: Pki) -> None:
+    """A typo in the deny list ("dev-13 ") denied nobody, without a word."""
+    text = write_sink_config(tmp_path, pki).read_text()
+    with pytest.raises(ConfigError) as info:
+        parse_config(text.replace("[auth]\n", '[auth]\ndeny = ["dev-12", "dev-13 "]\n', 1))
+    assert info.value.problems == [
+        "auth.deny: deny[1] is no device id: control characters and white space are not allowed"
+        " (got ['dev-12', 'dev-13 '])"
+    ]
+
+
 def test_check_config_and_the_logs_show_no_backend_password(tmp_path: Path, pki: Pki) -> None:
     text = write_sink_config(tmp_path, pki).read_text()
     url = "amqp://bridge:s3cr%40t@rabbit.example:5671/prod"
