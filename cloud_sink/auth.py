@@ -23,18 +23,17 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import unquote
 
 import jwt
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 
 from cloud_sink.tls import Revocations, certificate_key
 from mqtt_ingest import ConnackCode, ConnectRequest, Identity, Refusal
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, parse_username
+from mqtt_ingest.identity import cn_identity, san_uri_identity
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 from mqtt_ingest.keys import PublicKey, algorithm_for
 
@@ -43,12 +42,9 @@ __all__ = [
     "JwtAuthenticator",
     "PublicKey",
     "algorithm_for",
-    "cn_identity",
-    "san_uri_identity",
     "thumbprint",
 ]
 
-URI_PREFIX = "urn:device:"
 BAD_TOKEN = ConnackCode.BAD_USERNAME_OR_PASSWORD
 FORMATS = frozenset({"raw", FORMAT_BATCH_V1})
 
@@ -93,28 +89,6 @@ class _Refused(Exception):
     ) -> None:
         super().__init__(reason)
         self.refusal = Refusal(reason, code, label)
-
-
-def cn_identity(certificate: x509.Certificate) -> str:
-    """The subject CN, or "" unless there is exactly one (with several, tools disagree on which
-    one names the subject)."""
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if len(names) == 1 else ""
-
-
-def san_uri_identity(certificate: x509.Certificate) -> str:
-    """The device id of the one ``urn:device:`` SAN URI (percent-encoded UTF-8, as bridge-certs'
-    device_uri writes it), or "" unless there is exactly one that decodes."""
-    try:
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except (x509.ExtensionNotFound, ValueError):  # none; or extensions that do not parse
-        return ""
-    found = [u.removeprefix(URI_PREFIX) for u in uris if u.startswith(URI_PREFIX)]
-    try:
-        return unquote(found[0], errors="strict") if len(found) == 1 else ""
-    except UnicodeDecodeError:
-        return ""
 
 
 class JwtAuthenticator:

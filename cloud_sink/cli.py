@@ -22,13 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
-from cloud_sink.auth import algorithm_for, cn_identity, san_uri_identity, thumbprint
+from cloud_sink.auth import algorithm_for, thumbprint
 from cloud_sink.backends import BackendError, read_messages
 from cloud_sink.config import ConfigError, SinkConfig, SqliteBackendConfig, load_config, shown
 from cloud_sink.service import Sink, StartAbandoned, preflight
 from cloud_sink.systemd import LAYOUT, status
 from cloud_sink.tls import TlsError
 from mqtt_ingest.configuration import port_argument
+from mqtt_ingest.identity import certificate_identities
 from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import reader_gone, stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
@@ -243,7 +244,7 @@ def _issue_token(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"cloud-sink: {exc}", file=sys.stderr)
         return 1
-    names = {cn_identity(certificate), san_uri_identity(certificate)} - {""}
+    names = certificate_identities(certificate)
     if args.device not in names:
         # The sink would refuse it (sub must equal the certificate's identity, its CN or its
         # device SAN URI depending on [auth] identity): say so now.

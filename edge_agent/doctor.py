@@ -32,6 +32,7 @@ from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.crl import TlsError, check_crl
 from mqtt_ingest.disk import free_bytes, megabytes
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, format_username
+from mqtt_ingest.identity import certificate_identities
 
 __all__ = ["Check", "run_checks"]
 
@@ -101,6 +102,9 @@ def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
         crl = _check("crl", lambda: _crl(uplink))
         yield crl
         chain = chain if crl.ok else crl
+    identity = _check("identity", lambda: _identity(config.agent.device_id, uplink))
+    yield identity
+    chain = chain if identity.ok else identity
     key = _check("key", lambda: _key_matches(uplink))
     yield key
     token = _check("token", lambda: _token(config, uplink))
@@ -247,6 +251,19 @@ def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
     if left.days < CERTIFICATE_WARNING_DAYS:
         return detail + ": renew it soon", True
     return detail
+
+
+def _identity(device_id: str, uplink: UplinkConfig) -> str:
+    """The certificate must name this device (its CN or its device SAN URI): the sink takes the
+    device id from it and refuses a client id, user name or token ``sub`` that differ."""
+    names = certificate_identities(_load_certificate(uplink.tls.cert))
+    if device_id not in names:
+        shown = " / ".join(sorted(names)) or "no single CN nor device SAN URI"
+        raise _Failed(
+            f"{uplink.tls.cert} is the certificate of {shown}, not of device_id {device_id!r}",
+            "install this device's certificate, or set [agent] device_id to the certificate's",
+        )
+    return f"the certificate names {device_id!r}"
 
 
 def _crl(uplink: UplinkConfig) -> str | tuple[str, bool]:

@@ -53,8 +53,8 @@ async def test_doctor_passes_against_a_working_sink(tmp_path: Path, pki: Pki) ->
     assert "the agent will create its buffer there" in done.stdout
     names = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line[:4].strip()]
     assert names == [
-        "config", "data", "files", "clock", "certificate", "key", "token", "dns", "tcp", "tls",
-        "connect",
+        "config", "data", "files", "clock", "certificate", "identity", "key", "token", "dns",
+        "tcp", "tls", "connect",
     ]  # fmt: skip
     assert "CONNACK accepted" in done.stdout
     assert "FAIL" not in done.stdout
@@ -101,6 +101,14 @@ def _foreign(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
     return ""
 
 
+def _other_device(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
+    """The most common provisioning mistake: another device's certificate and key."""
+    other = pki.device(f"twin-{uuid.uuid4().hex[:6]}")
+    shutil.copyfile(other.cert, device.cert)
+    shutil.copyfile(other.key, device.key)
+    return ""
+
+
 def _missing_ca(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
     return "MISSING_CA"
 
@@ -139,6 +147,7 @@ def _expired_crl(pki: Pki, device: DeviceCreds, tmp_path: Path) -> str:
         (_not_yet_valid, "clock", "before the certificate was issued"),
         (_expired, "certificate", "expired"),
         (_foreign, "certificate", "was not issued by the CA"),
+        (_other_device, "identity", "is the certificate of twin-"),
         (_unknown_host, "dns", "does not resolve"),
         (_closed_port, "tcp", "cannot reach"),
         (_wrong_name, "tls", "not trusted"),

@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from certs import KeyType
-from cloud_sink.auth import AuthSettings, JwtAuthenticator, san_uri_identity, thumbprint
+from cloud_sink.auth import AuthSettings, JwtAuthenticator, thumbprint
 from mqtt_ingest import ConnackCode, ConnectRequest, FakeClock, Identity, Refusal
+from mqtt_ingest.identity import san_uri_identity
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.stages import RecordingStage, running_server
 
