@@ -25,21 +25,27 @@ import ipaddress
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
 
-import idna
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certs.errors import CaMissing, KeyUnreadable, OutputExists, PkiError
+from certs.files import refuse_existing, replace_file, write_new
+from certs.keys import KeyType, PrivateKey, generate_key, key_pem, load_private_key, signing_hash
+from certs.names import (
+    MAX_COMMON_NAME,
+    device_uri,
+    dns_name,
+    format_serial,
+    parse_serial,
+    subject_name,
+)
 from mqtt_ingest.crl import crl_number
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
@@ -56,48 +62,18 @@ __all__ = [
     "format_serial",
     "generate_key",
     "load_private_key",
+    "replace_file",
+    "write_new",
 ]
 
 CertKind = Literal["ca", "server", "device"]
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_SERVER_DAYS = 397  # the CA/Browser Forum ceiling, a habit worth keeping
 DEFAULT_DEVICE_DAYS = 365
 DEFAULT_CRL_DAYS = 7
-DEVICE_URI_PREFIX = "urn:device:"
 _BACKDATE = dt.timedelta(minutes=5)  # a certificate's start, before now
 _CRL_BACKDATE = dt.timedelta(minutes=5)  # a CRL's last update, before now (as certificates)
-_MAX_COMMON_NAME = 64  # characters: RFC 5280's ub-common-name
-
-
-class PkiError(Exception):
-    """Anything the operator must fix before the PKI tool can do what was asked."""
-
-
-class OutputExists(PkiError):
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"{path} exists already; refusing to overwrite it")
-        self.path = path
-
-
-class CaMissing(PkiError):
-    def __init__(self, directory: Path) -> None:
-        super().__init__(f"no CA in {directory} (ca.pem and ca.key); run 'bridge-certs init-ca'")
-        self.directory = directory
-
-
-class KeyUnreadable(PkiError):
-    def __init__(self, path: Path, why: str) -> None:
-        super().__init__(f"cannot read private key {path}: {why}")
-        self.path = path
-
-
-class KeyType(StrEnum):
-    EC_P256 = "ec-p256"
-    RSA_2048 = "rsa-2048"
-    RSA_3072 = "rsa-3072"
-    ED25519 = "ed25519"
 
 
 @dataclass(frozen=True)
@@ -133,126 +109,12 @@ class Issued:
         return self.certificate.serial_number
 
 
-def device_uri(device_id: str) -> str:
-    """``urn:device:<id>``, the id percent-encoded as UTF-8 where a URI needs it (a SAN URI is
-    ASCII: an id like ``gerät-1`` could not be issued); the sink decodes it."""
-    return DEVICE_URI_PREFIX + quote(device_id, safe="-_~!$&'()=:@,;")
-
-
-def generate_key(key_type: KeyType) -> PrivateKey:
-    if key_type is KeyType.EC_P256:
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type is KeyType.ED25519:
-        return ed25519.Ed25519PrivateKey.generate()
-    bits = 2048 if key_type is KeyType.RSA_2048 else 3072
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-
-
-def load_private_key(path: Path) -> PrivateKey:
-    """Load an unencrypted PEM private key; `KeyUnreadable` says why it could not be used."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyUnreadable(path, exc.strerror or str(exc)) from exc
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError as exc:
-        raise KeyUnreadable(path, "it is encrypted; this tool keeps keys unencrypted") from exc
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyUnreadable(path, "not a PEM private key") from exc
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
-        raise KeyUnreadable(path, f"unsupported key type {type(key).__name__}")
-    return key
-
-
-def _signing_hash(key: PrivateKey) -> hashes.SHA256 | None:
-    # Ed25519 signs the message itself; the others sign a SHA-256 digest.
-    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """An `OSError` while writing ``path`` names ``path``: a failed write or fsync names no
-    file at all, and the temporary file's name would mean nothing to the operator."""
-    try:
-        yield
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to a new file ``path``; never replaces an existing one.
-
-    Written to a temporary file in the same directory, fsynced, then hard-linked to its name:
-    ``link`` fails if the name exists, so two concurrent writers cannot clobber each other, and a
-    crash leaves either no file or the whole file, never a truncated key.
-    """
-    with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise OutputExists(path) from None
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(path.parent)
-
-
-def _replace(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, fsync directory)."""
-    with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-
-def _key_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _refuse_existing(paths: Iterable[Path]) -> None:
-    for path in paths:
-        if path.exists():
-            raise OutputExists(path)
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _validity(not_before: dt.datetime | None, days: float) -> tuple[dt.datetime, dt.datetime]:
@@ -318,8 +180,8 @@ class CertificateAuthority:
         directory = Path(directory)
         cert_path, key_path = directory / "ca.pem", directory / "ca.key"
         # An index or CRL left by an earlier CA would list its certificates as this one's.
-        _refuse_existing([cert_path, key_path, directory / "index.json", directory / "crl.pem"])
-        name = _common_name(common_name, "the CA's --cn")
+        refuse_existing([cert_path, key_path, directory / "index.json", directory / "crl.pem"])
+        name = subject_name(common_name, "the CA's --cn")
         start, end = _validity(not_before, days)
         key = generate_key(key_type)
         public = key.public_key()
@@ -347,7 +209,7 @@ class CertificateAuthority:
                 critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(key, _signing_hash(key))
+            .sign(key, signing_hash(key))
         )
         directory.mkdir(parents=True, exist_ok=True)
         ca = cls(directory, cert, key)
@@ -357,10 +219,10 @@ class CertificateAuthority:
         written: list[Path] = []
         with ca._locked():
             try:
-                _refuse_existing([cert_path, key_path, ca.index_path, ca.crl_path])
-                _write_new(key_path, _key_pem(key), 0o600)
+                refuse_existing([cert_path, key_path, ca.index_path, ca.crl_path])
+                write_new(key_path, key_pem(key), 0o600)
                 written.append(key_path)
-                _write_new(cert_path, _cert_pem(cert), 0o644)
+                write_new(cert_path, _cert_pem(cert), 0o644)
                 written.append(cert_path)
                 written.append(ca.index_path)  # it was not there: whatever is there is ours
                 ca._save([_new_record(cert, "ca", common_name, cert_path)])
@@ -422,14 +284,14 @@ class CertificateAuthority:
                 ips.append(ipaddress.ip_address(text))
             except ValueError:
                 raise PkiError(f"{text!r} is not an IP address") from None
-        names = [_dns_name(dns) for dns in dns_names]
+        names = [dns_name(dns) for dns in dns_names]
         label = name or (names[0] if names else str(ips[0]))
         if any(c in label for c in "/\x00") or label.startswith("."):
             raise PkiError(f"{label!r} cannot name a file; pass --name")
-        if len(label) > _MAX_COMMON_NAME:
+        if len(label) > MAX_COMMON_NAME:
             raise PkiError(
                 f"{label[:20]!r}... is {len(label)} characters, the certificate's CN holds"
-                f" {_MAX_COMMON_NAME}: pass --name (a shorter name for its files and CN)"
+                f" {MAX_COMMON_NAME}: pass --name (a shorter name for its files and CN)"
             )
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in names]
         sans += [x509.IPAddress(ip) for ip in ips]
@@ -461,7 +323,7 @@ class CertificateAuthority:
             validate_device_id(device_id)
         except InvalidIdentifier as exc:
             raise PkiError(str(exc)) from exc
-        _common_name(device_id, "a device id")  # the sink reads the identity from the CN
+        subject_name(device_id, "a device id")  # the sink reads the identity from the CN
         return self._issue(
             kind="device",
             name=device_id,
@@ -489,7 +351,7 @@ class CertificateAuthority:
         cert_path: Path,
         key_path: Path,
     ) -> Issued:
-        _refuse_existing([cert_path, key_path])
+        refuse_existing([cert_path, key_path])
         start, end = _validity(not_before, days)
         # Beyond its CA's end a certificate fails verification anyway: say so by its dates.
         end = min(end, self.certificate.not_valid_after_utc)
@@ -528,16 +390,16 @@ class CertificateAuthority:
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(self._authority_key_identifier(), critical=False)
-            .sign(self.key, _signing_hash(self.key))
+            .sign(self.key, signing_hash(self.key))
         )
         # Recorded first: a certificate on disk that the index does not list could never be
         # revoked (a damaged index, a crash between the steps). A record whose files are not
         # written is harmless: revoked, it lists a serial nobody holds.
         self._record(cert, kind, name, cert_path)
         try:
-            _write_new(key_path, _key_pem(key), 0o600)
+            write_new(key_path, key_pem(key), 0o600)
             try:
-                _write_new(cert_path, _cert_pem(cert), 0o644)
+                write_new(cert_path, _cert_pem(cert), 0o644)
             except BaseException:
                 key_path.unlink(missing_ok=True)  # never leave a key without its certificate
                 raise
@@ -561,7 +423,7 @@ class CertificateAuthority:
     def _save(self, records: list[CertRecord]) -> None:
         # Serials are 159-bit integers: kept as strings so no JSON reader rounds them.
         payload = [{**asdict(r), "serial": str(r.serial)} for r in records]
-        _replace(self.index_path, (json.dumps(payload, indent=2) + "\n").encode())
+        replace_file(self.index_path, (json.dumps(payload, indent=2) + "\n").encode())
 
     def _record(self, cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> None:
         with self._locked():
@@ -594,7 +456,7 @@ class CertificateAuthority:
             # A device id wins over a serial spelled the same; a random 159-bit serial that reads
             # like a real device id is not a practical worry.
             targets = [r for r in records if r.kind == "device" and r.name == target]
-            serial = None if targets else _parse_serial(target)
+            serial = None if targets else parse_serial(target)
             if serial is not None:
                 targets = [r for r in records if r.kind != "ca" and r.serial == serial]
             if not targets:
@@ -606,7 +468,7 @@ class CertificateAuthority:
                     raise PkiError(f"{target!r} is revoked already")
                 # Revoked in the index, missing from crl.pem (lost, or an earlier version saved
                 # the index first and then failed): verifiers read the CRL, so it is made again.
-                _replace(self.crl_path, self._crl_for(self.crl_path, crl_days, records))
+                replace_file(self.crl_path, self._crl_for(self.crl_path, crl_days, records))
                 return targets
             stamp = _now().isoformat()
             chosen = {r.serial for r in matches}
@@ -618,7 +480,7 @@ class CertificateAuthority:
             # --days, changes nothing), and written before the index: if saving the index then
             # fails, the certificate is refused all the same, later CRLs keep it (`_crl_for`
             # carries our CRL's entries over), and revoking again records it.
-            _replace(self.crl_path, self._crl_for(self.crl_path, crl_days, updated))
+            replace_file(self.crl_path, self._crl_for(self.crl_path, crl_days, updated))
             self._save(updated)
         return [r for r in updated if r.serial in chosen]
 
@@ -668,7 +530,7 @@ class CertificateAuthority:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
             )
-        return builder.sign(self.key, _signing_hash(self.key))
+        return builder.sign(self.key, signing_hash(self.key))
 
     def write_crl(self, path: Path | None = None, *, days: float | None = None) -> Path:
         """(Re)write the CRL, valid for ``days`` or, by default, as long as the CRL it replaces
@@ -676,7 +538,7 @@ class CertificateAuthority:
         replaced: any other existing file at ``path`` is `OutputExists`."""
         path = path or self.crl_path
         with self._locked():
-            _replace(path, self._crl_for(path, days, None))
+            replace_file(path, self._crl_for(path, days, None))
         return path
 
     def _crl_for(
@@ -731,54 +593,3 @@ def _new_record(cert: x509.Certificate, kind: CertKind, name: str, path: Path) -
         not_after=cert.not_valid_after_utc.isoformat(),
         cert_path=str(path),
     )
-
-
-def _common_name(value: str, what: str) -> x509.Name:
-    if not value:
-        raise PkiError(f"{what} cannot be empty")
-    if len(value) > _MAX_COMMON_NAME:
-        raise PkiError(
-            f"{what} of {len(value)} characters does not fit a certificate's common name"
-            f" ({_MAX_COMMON_NAME} at most, RFC 5280)"
-        )
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value)])
-
-
-def _dns_name(text: str) -> str:
-    """``text`` as a DNS name for a certificate (IDNA A-labels); `PkiError` if it is none.
-
-    One trailing dot (the fully qualified spelling) is dropped: a SAN ``host.example.`` matches
-    no client connecting to ``host.example``. An IP address is refused: as a DNS SAN it matches
-    no connection to that address, which needs an IP SAN (``--ip``).
-    """
-    wildcard = text.startswith("*.")
-    name = text[2:] if wildcard else text
-    name = name.removesuffix(".")
-    if not name or name.endswith(".") or any(c in name for c in "/ \x00*"):
-        raise PkiError(f"{text!r} is not a DNS name")
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        pass
-    else:
-        raise PkiError(f"{text!r} is an IP address, not a DNS name: pass it with --ip")
-    try:
-        ascii_name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
-    except (idna.IDNAError, UnicodeError) as exc:
-        raise PkiError(f"{text!r} is not a DNS name: {exc}") from None
-    if len(ascii_name) > 253:
-        raise PkiError(f"{text!r} is longer than a DNS name can be (253 characters)")
-    return ("*." if wildcard else "") + ascii_name
-
-
-def _parse_serial(text: str) -> int | None:
-    """A serial as `list` prints it: hex, optionally ``0x``-prefixed or colon-separated."""
-    cleaned = text.lower().removeprefix("0x").replace(":", "")
-    try:
-        return int(cleaned, 16) if cleaned else None
-    except ValueError:
-        return None
-
-
-def format_serial(serial: int) -> str:
-    return f"0x{serial:x}"

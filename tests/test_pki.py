@@ -461,14 +461,14 @@ def test_an_init_ca_that_loses_a_race_removes_only_what_it_wrote(
     """Found by review: the loser of two init-ca at once deleted the winner's ca.key and the
     whole index.json on its way out."""
     directory = tmp_path / "pki"
-    write_new = pki_module._write_new
+    write_new = pki_module.write_new
 
     def racing(path: Path, data: bytes, mode: int) -> None:
         if path.name == "ca.key" and not path.exists():
             write_new(path, b"the winner's key", 0o600)  # another init-ca got there first
         write_new(path, data, mode)
 
-    monkeypatch.setattr(pki_module, "_write_new", racing)
+    monkeypatch.setattr(pki_module, "write_new", racing)
     with pytest.raises(OutputExists):
         CertificateAuthority.create(directory)
     assert (directory / "ca.key").read_bytes() == b"the winner's key"
@@ -486,7 +486,7 @@ def test_a_failed_init_ca_leaves_nothing_that_refuses_the_next(
     failure rewrote the index as ``[]`` instead of removing it: every later init-ca refused the
     directory ("index.json exists already")."""
     directory = tmp_path / "pki"
-    write_new, replace = pki_module._write_new, pki_module._replace
+    write_new, replace = pki_module.write_new, pki_module.replace_file
 
     def full(path: Path) -> None:
         if path.name == failing:
@@ -500,8 +500,8 @@ def test_a_failed_init_ca_leaves_nothing_that_refuses_the_next(
         full(path)
         replace(path, data, mode)
 
-    monkeypatch.setattr(pki_module, "_write_new", failing_write_new)
-    monkeypatch.setattr(pki_module, "_replace", failing_replace)
+    monkeypatch.setattr(pki_module, "write_new", failing_write_new)
+    monkeypatch.setattr(pki_module, "replace_file", failing_replace)
     assert main(["--dir", str(directory), "init-ca"]) == 2
     err = capsys.readouterr().err
     assert err == f"bridge-certs: error: {directory / failing}: No space left on device\n"
@@ -514,14 +514,14 @@ def test_a_failed_init_ca_leaves_nothing_that_refuses_the_next(
 
 def _fail_replacing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Make `_replace` of a file called ``name`` fail as a full disk does (no file name)."""
-    replace = pki_module._replace
+    replace = pki_module.replace_file
 
     def failing(path: Path, data: bytes, mode: int = 0o644) -> None:
         if path.name == name:
             raise OSError(errno.ENOSPC, "No space left on device")
         replace(path, data, mode)
 
-    monkeypatch.setattr(pki_module, "_replace", failing)
+    monkeypatch.setattr(pki_module, "replace_file", failing)
 
 
 def _crl_serials(pki_dir: Path) -> list[int]:

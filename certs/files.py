@@ -1,0 +1,82 @@
+"""Files of the PKI directory, written so that a crash leaves the old file or the whole new one
+(STYLE 14): a temporary file in the same directory, fsynced, then linked or renamed into place,
+and the directory fsynced."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from certs.errors import OutputExists
+
+__all__ = ["refuse_existing", "replace_file", "write_new"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An `OSError` while writing ``path`` names ``path``: a failed write or fsync names no
+    file at all, and the temporary file's name would mean nothing to the operator."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a new file ``path``; never replaces an existing one.
+
+    Written to a temporary file in the same directory, fsynced, then hard-linked to its name:
+    ``link`` fails if the name exists, so two concurrent writers cannot clobber each other, and a
+    crash leaves either no file or the whole file, never a truncated key.
+    """
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputExists(path) from None
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(path.parent)
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, fsync directory)."""
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def refuse_existing(paths: Iterable[Path]) -> None:
+    for path in paths:
+        if path.exists():
+            raise OutputExists(path)
