@@ -214,6 +214,9 @@ class UplinkTls(_Strict):
     refused. Read again when the file changes, before the next connection attempt."""
 
 
+MAX_TOKEN_LIFETIME = 366 * 86400.0
+
+
 class UplinkToken(_Strict):
     """The JWT sent as the MQTT password (SPEC §6)."""
 
@@ -222,7 +225,9 @@ class UplinkToken(_Strict):
     issuer-signed token read from ``file`` (re-read when it changes). ``none``: no password, for
     a standard broker that authenticates by certificate only."""
     audience: str | None = None
-    lifetime: Seconds = 3600.0
+    lifetime: Annotated[Seconds, Field(ge=2, le=MAX_TOKEN_LIFETIME)] = 3600.0
+    """2 s to a year: JWT times are whole seconds (a lifetime under one minted tokens already
+    expired), and the sink refuses any longer than its ``[auth] max_lifetime`` anyway."""
     renew_before: Seconds = 300.0
     """Reconnect with a fresh token this long before the current one expires."""
     file: AbsolutePath | None = None

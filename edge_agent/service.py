@@ -241,6 +241,9 @@ class Agent:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # The API first: a publish now would be committed after the uplink stopped (or fail on
+        # a closed buffer); `running` says False. The listener keeps its own reference.
+        self._acceptor = None
         # Listener first (stops accepting, acks what is in flight), then tasks, then the buffer.
         await self._stack.aclose()
         log.info("edge-agent %s stopped", self.config.agent.device_id)

@@ -58,6 +58,20 @@ async def test_api_publish_returns_the_event_id_once_committed(tmp_path: Path) -
     assert (events["sensors/t1"].qos, events["sensors/t1"].priority) == (1, 0)
 
 
+async def test_api_publish_after_the_agent_stopped_is_a_runtime_error(tmp_path: Path) -> None:
+    """`running` stayed True after the `async with`, and a publish failed on the closed buffer
+    with a BufferError instead of the documented RuntimeError."""
+    agent = Agent(load_config(write_config(tmp_path)))
+    assert not agent.running
+    async with agent:
+        assert agent.running
+        await agent.publish("sensors/a", b"1")
+    assert not agent.running
+    with pytest.raises(RuntimeError, match="the agent is not running"):
+        await agent.publish("sensors/a", b"2")
+    assert [e.payload for e in read_events(tmp_path / "data")] == [b"1"]
+
+
 async def test_api_publish_many_commits_together_and_reports_each_outcome(
     tmp_path: Path,
 ) -> None:

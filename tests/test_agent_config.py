@@ -243,6 +243,22 @@ def test_durations_are_finite_and_bounded_where_larger_ones_break() -> None:
     assert slow == ["buffer.commit_linger: Input should be less than or equal to 1 (got '35s')"]
 
 
+@pytest.mark.parametrize(
+    ("lifetime", "message"),
+    [("0.5s", "greater than or equal to 2"), ("400d", "less than or equal to 31622400")],
+)
+def test_a_token_lifetime_is_two_seconds_to_a_year(lifetime: str, message: str) -> None:
+    """Under a second, device-signed tokens were minted expired (JWT times are whole seconds);
+    a lifetime past the year 9999 broke the uplink's log line about the token's expiry."""
+    extra = (
+        '[uplink]\nhost = "sink"\n'
+        '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
+        f'[uplink.token]\naudience = "sink"\nlifetime = "{lifetime}"\nrenew_before = "1s"\n'
+    )
+    found = problems(BASE.format(extra=extra, rule=""))
+    assert any(p.startswith("uplink.token.lifetime:") and message in p for p in found), found
+
+
 def test_values_that_passed_check_config_and_failed_at_run_are_refused() -> None:
     """A packet size over MQTT's limit and one port for the listener and the metrics passed
     check-config, then `run` exited with a traceback (restarted by systemd every 5 s); a loop
