@@ -45,6 +45,8 @@ class Limits:
     after its connection closed: the packet ids it got PUBREC for and no PUBREL yet."""
     max_sessions: int = 10_000
     """At most this many such sessions are kept (the oldest closed ones go first)."""
+    max_session_ids: int = 65_536
+    """... and at most this many packet ids in all of them together (about 13 MB)."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -60,6 +62,7 @@ class Limits:
             "stage_concurrency": self.stage_concurrency,
             "session_expiry": self.session_expiry,
             "max_sessions": self.max_sessions,
+            "max_session_ids": self.max_session_ids,
         }
         for name, value in positive.items():
             if value <= 0:

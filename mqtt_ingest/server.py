@@ -104,6 +104,8 @@ class IngestServer:
         )
         """Persistent sessions of closed connections: client id -> (QoS 2 packet ids stored and
         awaiting PUBREL, loop time it expires), oldest first."""
+        self._session_ids = 0
+        """Packet ids in `_sessions`, all sessions together (`Limits.max_session_ids`)."""
         self._orphans = 0
         """QoS 0 events of closed connections still queued for the stage."""
         self._tasks: asyncio.TaskGroup | None = None
@@ -257,6 +259,8 @@ class IngestServer:
             old.abort("taken over by a new connection", "takeover")
             self.metrics.inc("takeovers")
         stored = self._sessions.pop(client_id, None)
+        if stored is not None:
+            self._session_ids -= len(stored[0])
         if kept is None and stored is not None and stored[1] > self._loop_time():
             kept = stored[0]
         self._clients[client_id] = connection
@@ -298,10 +302,20 @@ class IngestServer:
         }
         if not stored or len(stored) > self.limits.max_inflight:
             return  # (more than a well-behaved client can have in flight: not kept)
+        earlier = self._sessions.pop(client_id, None)
+        if earlier is not None:
+            self._session_ids -= len(earlier[0])
         self._sessions[client_id] = (stored, self._loop_time() + self.limits.session_expiry)
-        self._sessions.move_to_end(client_id)
-        while len(self._sessions) > self.limits.max_sessions:
-            self._sessions.popitem(last=False)
+        self._session_ids += len(stored)
+        # The oldest go first beyond either bound: the packet ids of all sessions together are
+        # bounded too (10,000 sessions of 256 ids each held half a gigabyte, and any process
+        # on the gateway can open sessions on the agent's anonymous loopback listener).
+        while (
+            len(self._sessions) > self.limits.max_sessions
+            or self._session_ids > self.limits.max_session_ids
+        ):
+            _, (dropped, _) = self._sessions.popitem(last=False)
+            self._session_ids -= len(dropped)
 
     @staticmethod
     def _loop_time() -> float:

@@ -62,11 +62,12 @@ async def test_api_publish_after_the_agent_stopped_is_a_runtime_error(tmp_path: 
     """`running` stayed True after the `async with`, and a publish failed on the closed buffer
     with a BufferError instead of the documented RuntimeError."""
     agent = Agent(load_config(write_config(tmp_path)))
-    assert not agent.running
+    states = [agent.running]
     async with agent:
-        assert agent.running
+        states.append(agent.running)
         await agent.publish("sensors/a", b"1")
-    assert not agent.running
+    states.append(agent.running)
+    assert states == [False, True, False]
     with pytest.raises(RuntimeError, match="the agent is not running"):
         await agent.publish("sensors/a", b"2")
     assert [e.payload for e in read_events(tmp_path / "data")] == [b"1"]

@@ -500,6 +500,27 @@ async def test_a_persistent_session_keeps_qos2_receipts_across_connections(
     assert counters(server).get("qos2_duplicates") == 2
 
 
+async def test_kept_sessions_are_bounded_by_their_packet_ids_in_all(stage: RecordingStage) -> None:
+    """Sessions of many client ids, each with QoS 2 ids never released: bounded by the number
+    of sessions only, they held up to 10,000 x 256 ids. The oldest go first past either bound."""
+    limits = Limits(max_session_ids=10)
+    async with running_server(stage, limits=limits) as server:
+        for n in range(4):  # 4 sessions of 4 ids each: 16 ids, over 10
+            client = await persistent(server.port, f"q2-many-{n}", session_present=False)
+            await client.send(
+                b"".join(publish_packet("t", b"x", qos=2, packet_id=i) for i in range(1, 5))
+            )
+            assert [(await client.read()) is not None for _ in range(4)] == [True] * 4
+            await client.aclose()
+            await until(lambda: server.connection_count == 0, timeout=5)
+        assert server._session_ids == 8  # the two newest sessions
+        for n, present in ((0, False), (1, False), (2, True), (3, True)):
+            again = await persistent(server.port, f"q2-many-{n}", session_present=present)
+            await again.aclose()
+            await until(lambda: server.connection_count == 0, timeout=5)
+        assert server._session_ids == 8  # resumed and kept again, counted once
+
+
 async def test_a_persistent_connection_does_not_resume_the_clean_session_it_takes_over(
     stage: RecordingStage,
 ) -> None:
