@@ -126,6 +126,10 @@ def install_command(args: argparse.Namespace, layout: ServiceLayout) -> int:
     return 0
 
 
+_UNIT_SPECIAL = "\"'\\%$;"
+"""Characters systemd reads specially on an ExecStart= line (with white space)."""
+
+
 def find_executable(name: str) -> Path:
     """Our console script ``name``: next to the running interpreter (a virtual environment),
     else on ``$PATH``. Raises `InstallError` when there is none."""
@@ -179,6 +183,16 @@ class _Installer:
             raise InstallError("installing a system service needs root (or --root DIR, --dry-run)")
         where = f" into {self.root}" if self.root is not None else ""
         self.say(f"installing {layout.unit_name}{where}" + (" (dry run)" if self.dry_run else ""))
+        text = str(self.executable)
+        if any(c.isspace() or c in _UNIT_SPECIAL for c in text):
+            # systemd splits ExecStart= at spaces and expands % and $: the unit ran another
+            # program, or none.
+            raise InstallError(
+                f"{text!r}: a path with white space, quotes, '\\', '%', '$' or ';' cannot be the"
+                " unit's ExecStart=; install the package under a plain path (/opt/...)"
+            )
+        if self.root is None and not (self.executable.is_file() and os.access(text, os.X_OK)):
+            raise InstallError(f"{text} is not an executable file; pass --executable PATH")
         if any(PurePosixPath(self.executable).is_relative_to(p) for p in HIDDEN_BY_PROTECT_HOME):
             self.say(
                 f"WARNING: {self.executable} is below a home directory, which the unit hides "

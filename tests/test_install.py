@@ -97,6 +97,26 @@ def test_dry_run_does_nothing_and_says_everything(tmp_path: Path) -> None:
         assert step in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("executable", "message"),
+    [
+        ("/opt/my tools/edge-agent", "cannot be the unit's ExecStart="),
+        ("/opt/100%/edge-agent", "cannot be the unit's ExecStart="),
+        ("/nowhere/edge-agent", "/nowhere/edge-agent is not an executable file"),
+    ],
+)
+def test_an_executable_the_unit_could_not_run_is_refused(
+    tmp_path: Path, executable: str, message: str
+) -> None:
+    """The path went into ExecStart= as it was: systemd split it at the space (or expanded the
+    %), and the service ran another program or none."""
+    root = ["--root", str(tmp_path / "root")] if " " in executable or "%" in executable else []
+    result = run("edge-agent", "install", *root, "--dry-run", "--executable", executable)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+    assert not (tmp_path / "root").exists()
+
+
 def test_install_without_root_privileges_or_root_dir_is_refused(tmp_path: Path) -> None:
     # As root (CI containers), become nobody first.
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
