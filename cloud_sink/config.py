@@ -185,6 +185,10 @@ def _server_url(url: str, schemes: tuple[str, ...]) -> str:
         parts.port  # noqa: B018 - raises ValueError on a port that is no number or out of range
     except ValueError as exc:
         raise ValueError(f"not a valid URL ({exc})") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        # A password with a '/', '?' or '#' cut the URL there: the host was taken from the
+        # password, and the password was shown whole.
+        raise ValueError("an '@' after the host: percent-encode the user name and password")
     if parts.scheme not in schemes:
         raise ValueError(f"the scheme must be one of {', '.join(schemes)}, not {parts.scheme!r}")
     if not parts.hostname:

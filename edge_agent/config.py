@@ -176,9 +176,34 @@ def _is_loopback(host: str) -> bool:
 
 
 def _same_address(one: str, other: str) -> bool:
-    """Whether binding both hosts on one port would collide (a wildcard takes every address)."""
-    wildcards = ("", "0.0.0.0", "::")  # noqa: S104 (compared, not bound)
-    return one == other or one in wildcards or other in wildcards
+    """Whether binding both hosts on one port surely collides: the same address, or a wildcard
+    and an address of its family ("" and "localhost" stand for both families; asyncio binds
+    "::" IPv6 only). A host name is compared as written."""
+    mine, theirs = _bound(one), _bound(other)
+    return any(
+        a == b or (a in _WILDCARDS and _family(b) == _family(a))
+        or (b in _WILDCARDS and _family(a) == _family(b))
+        for a in mine
+        for b in theirs
+    )  # fmt: skip
+
+
+_WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (compared, not bound)
+
+
+def _bound(host: str) -> tuple[str, ...]:
+    if host == "":
+        return _WILDCARDS
+    if host == "localhost":
+        return ("127.0.0.1", "::1")
+    return (host,)
+
+
+def _family(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 MAX_TTL = 100 * 365.25 * 86400

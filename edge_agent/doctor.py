@@ -253,17 +253,20 @@ def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
     return detail
 
 
-def _identity(device_id: str, uplink: UplinkConfig) -> str:
-    """The certificate must name this device (its CN or its device SAN URI): the sink takes the
-    device id from it and refuses a client id, user name or token ``sub`` that differ."""
+def _identity(device_id: str, uplink: UplinkConfig) -> str | tuple[str, bool]:
+    """The certificate must name this device (its CN or its device SAN URI): our sink takes the
+    device id from it and refuses a client id, user name or token ``sub`` that differ. With
+    ``[uplink.token] mode = "none"`` (a standard broker) a warning: such a broker may not care."""
     names = certificate_identities(_load_certificate(uplink.tls.cert))
-    if device_id not in names:
-        shown = " / ".join(sorted(names)) or "no single CN nor device SAN URI"
-        raise _Failed(
-            f"{uplink.tls.cert} is the certificate of {shown}, not of device_id {device_id!r}",
-            "install this device's certificate, or set [agent] device_id to the certificate's",
-        )
-    return f"the certificate names {device_id!r}"
+    if device_id in names:
+        return f"the certificate names {device_id!r}"
+    shown = " / ".join(sorted(names)) or "no single CN nor device SAN URI"
+    problem = f"{uplink.tls.cert} is the certificate of {shown}, not of device_id {device_id!r}"
+    if uplink.token.mode == "none":
+        return f"{problem} (our sink would refuse it; a standard broker may not)", True
+    raise _Failed(
+        problem, "install this device's certificate, or set [agent] device_id to the certificate's"
+    )
 
 
 def _crl(uplink: UplinkConfig) -> str | tuple[str, bool]:

@@ -195,7 +195,10 @@ class Agent:
         try:
             await self._stack.enter_async_context(server)
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            # asyncio's bind error has a long strerror; a host name that does not resolve
+            # (socket.gaierror) has a negative errno.
+            errno = exc.errno or 0
+            reason = os.strerror(errno) if errno > 0 else (exc.strerror or str(exc))
             raise StartError(f"cannot listen on {host}:{port} ({section}): {reason}") from None
         return server
 

@@ -525,6 +525,14 @@ class Connection:
                 self.metrics.inc("qos2_duplicates")
                 self._queue(_Pending(earlier, encode_pubrec(packet.packet_id), False))
                 return
+            if packet.packet_id not in self.qos2 and len(self.qos2) >= self.limits.max_unreleased:
+                # A client that never sends PUBREL held a future per packet id: up to 65,535
+                # of them (14 MB) per connection. An honest one has at most its window. Closed
+                # before the event goes to the stage: nothing unacknowledged is stored.
+                raise _Close(
+                    f"over {self.limits.max_unreleased} QoS 2 messages awaiting PUBREL",
+                    label="too_many_unreleased",
+                )
         event = IngestEvent(
             identity=identity,
             client_id=self.client_id,
@@ -544,13 +552,6 @@ class Connection:
         else:
             assert packet.packet_id is not None
             self.qos2[packet.packet_id] = future
-            if len(self.qos2) > self.limits.max_unreleased:
-                # A client that never sends PUBREL held a future per packet id: up to 65,535
-                # of them (14 MB) per connection. An honest one has at most its window.
-                raise _Close(
-                    f"over {self.limits.max_unreleased} QoS 2 messages awaiting PUBREL",
-                    label="too_many_unreleased",
-                )
             self._queue(_Pending(future, encode_pubrec(packet.packet_id), True))
 
     def _on_pubrel(self, packet: PubRel) -> None:

@@ -149,7 +149,7 @@ class HttpEndpoint:
     ) -> None:
         try:
             async with asyncio.timeout(_HEAD_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
+                lines = await _read_head(reader)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             if task in self._heads:  # not closed by `_room` for a newer connection
                 await _respond(writer, Response(400, b"bad request\n"))
@@ -158,15 +158,15 @@ class HttpEndpoint:
             return
         finally:
             self._heads.pop(task, None)
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
+        parts = lines[0].split(b" ") if lines else []
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
             await _respond(writer, Response(400, b"bad request\n"))
             return
         method, path = parts[0], parts[1].split(b"?", 1)[0]
+        head_only = method == b"HEAD"  # the answer to a HEAD has no body, whatever it is
         handler = self._routes.get(path)
         if handler is None:
-            await _respond(writer, Response(404, b"not found\n"))
+            await _respond(writer, Response(404, b"not found\n"), head_only=head_only)
             return
         if method not in (b"GET", b"HEAD"):
             await _respond(writer, Response(405, b"method not allowed\n"))
@@ -185,7 +185,23 @@ class HttpEndpoint:
                     "HTTP %s %s failed", method.decode("latin-1"), path[:100].decode("latin-1")
                 )
             response = Response(500, b"internal error\n")
-        await _respond(writer, response, head_only=method == b"HEAD")
+        await _respond(writer, response, head_only=head_only)
+
+
+async def _read_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """The request line and header lines, up to the empty line. A bare LF ends a line too (RFC
+    9112 §2.2: `printf 'GET /readyz HTTP/1.0\\n\\n' | nc` waited 2 s for a 400)."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        line = await reader.readuntil(b"\n")
+        size += len(line)
+        if size > _MAX_HEAD:
+            raise asyncio.LimitOverrunError("request head too long", size)
+        line = line[:-1].removesuffix(b"\r")
+        if not line:
+            return lines
+        lines.append(line)
 
 
 async def _respond(

@@ -198,6 +198,20 @@ class _Installer:
                 f"WARNING: {self.executable} is below a home directory, which the unit hides "
                 "(ProtectHome=yes): install the package in /opt or /usr/local instead"
             )
+        unit_path = self.path(layout.unit_path)
+        if unit_path.is_symlink():
+            # `systemctl mask` links the unit to /dev/null: replaced by a file, the service was
+            # unmasked without a word (and another link's target is the operator's, not ours).
+            target = os.readlink(unit_path)
+            if target == "/dev/null":
+                raise InstallError(
+                    f"{unit_path} is masked (a link to /dev/null): run `systemctl unmask"
+                    f" {layout.unit_name}` first if it should run; nothing was changed"
+                )
+            raise InstallError(
+                f"{unit_path} is a link to {target}, not a unit file: remove the link to install"
+                " ours; nothing was changed"
+            )
         self.user()
         self.directory(layout.config_dir, 0o750, "root", layout.name)
         self.directory(layout.state_dir, 0o700, layout.name, layout.name)

@@ -369,6 +369,15 @@ async def test_cli_run_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> N
         f"edge-agent: cannot listen on 127.0.0.1:{taken.port} ([listener]): Address already in use"
     )
     assert "Traceback" not in result.stderr
+    nowhere = write_config(tmp_path / "nowhere")
+    nowhere.write_text(
+        nowhere.read_text() + '\n[metrics]\nhost = "no-such-host.invalid"\nport = 19111\n'
+    )
+    unresolved = await acli(nowhere, "run")
+    assert unresolved.returncode == 1
+    last = unresolved.stderr.strip().splitlines()[-1]
+    assert last.startswith("edge-agent: cannot listen on no-such-host.invalid:19111 ([metrics]): ")
+    assert "Unknown error" not in last, last
 
 
 def test_cli_check_config_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:

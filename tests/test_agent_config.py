@@ -276,8 +276,24 @@ def test_values_that_passed_check_config_and_failed_at_run_are_refused() -> None
     assert problems(BASE.format(extra=extra, rule="")) == [
         "(top level): [listener] and [metrics] both listen on port 18999 (127.0.0.1 and 0.0.0.0)"
     ]
-    apart = '[listener]\nport = 18999\n[metrics]\nhost = "127.0.0.2"\nport = 18999\n'
-    assert parse_config(BASE.format(extra=apart, rule="")).metrics.port == 18999
+    tls = "[listener.tls]\nca = '/a'\ncert = '/b'\nkey = '/c'\n"  # not loopback: needs TLS
+    for listener, metrics, clash in (
+        ("127.0.0.1", "127.0.0.2", False),
+        ("0.0.0.0", "::1", False),  # two families: both bind
+        ("localhost", "127.0.0.1", True),
+        ("::", "::1", True),
+    ):
+        extra = (
+            f'[listener]\nhost = "{listener}"\nport = 18999\n'
+            + (tls if listener[0] in "0:" else "")
+            + f'[metrics]\nhost = "{metrics}"\nport = 18999\n'
+        )
+        text = BASE.format(extra=extra, rule="")
+        if not clash:
+            assert parse_config(text).metrics.port == 18999
+            continue
+        found = problems(text)
+        assert any("both listen on port 18999" in p for p in found), (listener, metrics, found)
 
 
 def test_non_loopback_listener_is_allowed_with_mutual_tls() -> None:

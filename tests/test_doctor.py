@@ -192,6 +192,24 @@ async def test_doctor_fails_on_each_broken_item(
     assert "fix:" in done.stdout
 
 
+def test_doctor_only_warns_of_another_identity_for_a_standard_broker(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """With no token (a standard broker, which may not read the device id from the
+    certificate), a certificate of another name is a warning, not a failure."""
+    device = copy_creds(pki.device(f"doc-{uuid.uuid4().hex[:6]}"), tmp_path / "creds")
+    other = pki.device(f"twin-{uuid.uuid4().hex[:6]}")
+    shutil.copyfile(other.cert, device.cert)
+    shutil.copyfile(other.key, device.key)
+    section = uplink_section(pki, device, free_port(), token='mode = "none"')
+    path = write_config(tmp_path / "agent", device_id=device.device_id, uplink=section)
+    checks = {check.name: check for check in run_checks(load_config(path), path)}
+    identity = checks["identity"]
+    assert (identity.ok, identity.warning) == (True, True)
+    assert f"is the certificate of {other.device_id}" in identity.detail
+    assert "a standard broker may not" in identity.detail
+
+
 async def test_doctor_does_not_knock_a_running_agent_off_the_sink(tmp_path: Path, pki: Pki) -> None:
     """Its CONNECT uses the device's client id: the sink would take the session over, closing
     the running agent's connection (which then resends its in-flight window)."""

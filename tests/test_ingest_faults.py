@@ -628,7 +628,8 @@ async def test_a_publish_read_in_the_turn_of_a_revocation_is_not_stored(
 async def test_qos2_messages_never_released_are_bounded(stage: RecordingStage) -> None:
     """A client that sends QoS 2 publishes and never PUBREL held a future per packet id, up to
     65,535 of them per connection: over ``max_unreleased`` it is closed."""
-    async with running_server(stage, limits=Limits(max_unreleased=50)) as server:
+    limits = Limits(max_unreleased=50, batch_linger=0.05)  # the last one not yet in a call
+    async with running_server(stage, limits=limits) as server:
         client = await RawClient.connected(server.port, "no-pubrel")
         await client.send(
             b"".join(publish_packet("t", b"x", qos=2, packet_id=i) for i in range(1, 50))
@@ -641,10 +642,13 @@ async def test_qos2_messages_never_released_are_bounded(stage: RecordingStage) -
         assert (await client.read()) is not None  # PUBCOMP
         await client.send(b"".join(publish_packet("t", b"x", qos=2, packet_id=i) for i in (50, 51)))
         assert [(await client.read()) is not None for _ in range(2)] == [True, True]
-        await client.send(publish_packet("t", b"x", qos=2, packet_id=52))
+        await client.send(publish_packet("t", b"over", qos=2, packet_id=52))
         await until(lambda: server.connection_count == 0, timeout=5)
         await client.aclose()
+        await asyncio.sleep(0.2)
     assert counters(server).get("connections_closed", "too_many_unreleased") == 1
+    assert b"over" not in stage.payloads()  # closed on it, unacknowledged: not stored
+    assert len(stage.payloads()) == 51
 
 
 async def test_a_stop_in_the_turn_of_an_accept_does_not_wait_its_deadline(

@@ -117,6 +117,22 @@ def test_an_executable_the_unit_could_not_run_is_refused(
     assert not (tmp_path / "root").exists()
 
 
+def test_install_leaves_a_masked_unit_masked(tmp_path: Path) -> None:
+    """`systemctl mask` links the unit to /dev/null: install replaced the link with a file and
+    so unmasked the service without a word."""
+    root = tmp_path / "root"
+    unit = root / "etc/systemd/system/edge-agent.service"
+    unit.parent.mkdir(parents=True)
+    unit.symlink_to("/dev/null")
+    result = run("edge-agent", "install", "--root", str(root))
+    assert result.returncode == 1
+    assert "is masked (a link to /dev/null): run `systemctl unmask edge-agent.service`" in (
+        result.stderr
+    )
+    assert unit.is_symlink()
+    assert not (root / "etc/edge-agent").exists()  # nothing was changed
+
+
 def test_install_without_root_privileges_or_root_dir_is_refused(tmp_path: Path) -> None:
     # As root (CI containers), become nobody first.
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -469,6 +469,24 @@ async def test_endpoint_is_not_held_by_idle_sockets_nor_broken_by_odd_requests(
     assert errors == ["HTTP GET /broken failed"]
 
 
+async def test_endpoint_takes_bare_line_feeds_and_answers_head_without_a_body() -> None:
+    """A request ending its lines with a bare LF (`printf ... | nc`) waited 2 s for a 400;
+    the 404 answer to a HEAD carried a body (HTTP forbids it)."""
+
+    async def ok(request: Request) -> Response:
+        return Response(200, b"ok\n")
+
+    async with HttpEndpoint("127.0.0.1", 0, {b"/ok": ok}, announce="test at {url}") as server:
+        started = asyncio.get_running_loop().time()
+        answer = await raw_get(server.port, b"GET /ok HTTP/1.0\nHost: x\n\n")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert answer.endswith(b"\r\n\r\nok\n")
+        assert asyncio.get_running_loop().time() - started < 1.5
+        for path in (b"/ok", b"/nope"):
+            answer = await raw_get(server.port, b"HEAD " + path + b" HTTP/1.1\r\n\r\n")
+            assert answer.endswith(b"Connection: close\r\n\r\n"), answer  # no body
+
+
 def test_counters_are_exported_by_spec_with_bounded_reasons() -> None:
     counters = Counters()
     specs = {

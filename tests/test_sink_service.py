@@ -366,6 +366,8 @@ def test_check_config_reports_a_backend_whose_package_extra_is_missing(
         ("amqp", "amqp:///vhost", "the URL names no host"),
         ("nats", "nats://nats:99999", "not a valid URL"),
         ("nats", "127.0.0.1:4222", "the scheme must be one of nats, tls, ws, wss"),
+        # A '/' in the password: the host was taken from it, and it was shown whole.
+        ("amqp", "amqp://bridge:1234/5678@rabbit:5672/", "percent-encode the user name"),
     ],
 )
 def test_check_config_refuses_a_backend_url_it_cannot_connect_to(
@@ -402,6 +404,7 @@ def test_check_config_and_the_logs_show_no_backend_password(tmp_path: Path, pki:
     assert "s3cr" not in done.stdout
     assert redacted_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
     assert redacted_url("tls://u:p@[::1]:4222") == "tls://u:***@[::1]:4222"
+    assert redacted_url("nats://s3cr3t-token@nats:4222") == "nats://***@nats:4222"  # a token
 
 
 def test_tail_of_a_core_queue_not_set_up_or_not_one(tmp_path: Path, pki: Pki) -> None:

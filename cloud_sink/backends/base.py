@@ -18,16 +18,17 @@ __all__ = [
 
 
 def redacted_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``: what logs and `check-config` show."""
+    """``url`` with its credentials replaced by ``***``: what logs and `check-config` show. The
+    password; or, without one, the user part (``nats://TOKEN@host`` is a NATS token)."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
     except ValueError:
         return url  # not a URL the config accepts (it is checked): nothing to find in it
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if "@" not in parts.netloc:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    shown = f"{user.partition(':')[0]}:***" if ":" in user else "***"
+    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 class BackendError(Exception):
