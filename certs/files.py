@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from certs.errors import OutputExists
+from mqtt_ingest.disk import fsync_directory, write_temporary
 
 __all__ = ["refuse_existing", "replace_file", "write_new"]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -42,38 +34,28 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
     """
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        temporary = write_temporary(path, data, mode)
         try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             try:
-                os.link(tmp, path)
+                os.link(temporary, path)
             except FileExistsError:
                 raise OutputExists(path) from None
         finally:
-            os.unlink(tmp)
-        _fsync_dir(path.parent)
+            temporary.unlink()
+        fsync_directory(path.parent)
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, fsync directory)."""
     with _naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        temporary = write_temporary(path, data, mode)
         try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            os.replace(temporary, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
 
 def refuse_existing(paths: Iterable[Path]) -> None:

@@ -1,12 +1,15 @@
-"""Free space on a filesystem, for the disk reserves of the agent's buffer and the sink's sqlite
-core queue: SQLite on a filesystem full to the last byte cannot even delete or checkpoint."""
+"""Files on disk: free space, for the disk reserves of the agent's buffer and the sink's sqlite
+core queue (SQLite on a filesystem full to the last byte cannot even delete or checkpoint), and
+the pieces of a crash-safe write (STYLE 14): a file fsynced before it is named, a directory
+fsynced after."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["free_bytes", "megabytes"]
+__all__ = ["free_bytes", "fsync_directory", "megabytes", "write_temporary"]
 
 
 def free_bytes(directory: Path) -> int:
@@ -17,3 +20,29 @@ def free_bytes(directory: Path) -> int:
 
 def megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+def write_temporary(path: Path, data: bytes, mode: int) -> Path:
+    """A new file next to ``path`` (a dot name) holding ``data``, with ``mode`` whatever the
+    umask, fsynced; removed again if writing it fails. The caller links or renames it."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the names changed in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -32,6 +32,8 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
+from mqtt_ingest.disk import fsync_directory, write_temporary
+
 __all__ = [
     "InstallError",
     "ServiceLayout",
@@ -299,7 +301,7 @@ class _Installer:
         if self.dry_run:
             self.say(f"would write {path} {mode:04o} root:{group} from the template")
             return
-        temporary = _write_temporary(path, data, mode)
+        temporary = write_temporary(path, data, mode)
         try:
             # link(2) fails if the name exists: no window in which a config made meanwhile is lost.
             os.link(temporary, path)
@@ -308,7 +310,7 @@ class _Installer:
             return
         finally:
             temporary.unlink()
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         self.say(f"wrote {path} {mode:04o} root:{group} (edit it: every key is explained)")
         self.chown(path, "root", group)
 
@@ -325,9 +327,9 @@ class _Installer:
             self.say(f"would {verb} {path} 0644 (ExecStart={self.executable})")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = _write_temporary(path, data, 0o644)
+        temporary = write_temporary(path, data, 0o644)
         os.replace(temporary, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         self.say(
             f"{'replaced' if old is not None else 'wrote'} {path} (ExecStart={self.executable})"
         )
@@ -363,23 +365,3 @@ def _exists(lookup: Callable[[str], object], name: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _write_temporary(path: Path, data: bytes, mode: int) -> Path:
-    """``data`` in a new file next to ``path``, fsynced (STYLE 14)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    with open(fd, "wb") as file:
-        os.fchmod(fd, mode)  # the umask must not narrow what the service needs to read
-        file.write(data)
-        file.flush()
-        os.fsync(fd)
-    return temporary
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

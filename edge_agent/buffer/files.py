@@ -33,6 +33,7 @@ from edge_agent.buffer.model import (
     _Totals,
 )
 from mqtt_ingest.clock import Clock
+from mqtt_ingest.disk import fsync_directory
 
 log = logging.getLogger("edge_agent.buffer")
 
@@ -374,8 +375,8 @@ def _quarantine(directory: Path, now_ms: int) -> Path:
         source = directory / f"{DB_NAME}{suffix}"
         if source.exists():
             os.replace(source, f"{base}{suffix}")
-    _fsync_dir(directory)
-    _fsync_dir(target)
+    fsync_directory(directory)
+    fsync_directory(target)
     return base
 
 
@@ -386,15 +387,7 @@ def _write_state(path: Path, value: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 def _close_cleanly(db: sqlite3.Connection, directory: Path) -> None:
