@@ -2,7 +2,8 @@
 
 - ``GET /healthz``: 200 ``ok`` while the process serves HTTP at all (liveness).
 - ``GET /readyz``: 200 ``ready`` only while the MQTT listener is up and the core queue is up;
-  otherwise 503 with a one-line reason (``starting``, ``core queue down: ...``, ``draining``).
+  otherwise 503 with a one-line reason (``starting``, ``core queue down: ...``, ``draining``,
+  ``CRL ... expired at ...``: every TLS handshake fails then).
   A load balancer takes an instance out of rotation on 503, e.g. during an outage of its core
   queue or while SIGTERM drains it.
 """

@@ -228,6 +228,11 @@ class Sink:
             return f"core queue down: {self._backend.reason}"
         if self._backend.state is BackendState.CLOSED:
             return "stopped"
+        # Every TLS handshake fails: a load balancer should send the devices to an instance
+        # whose CRL is fresh (this one's may not have been refreshed).
+        expired = self._tls.expired() if self._tls is not None else None
+        if expired is not None:
+            return f"{expired}: every device is refused"
         return None
 
     def reload(self, config: SinkConfig) -> list[str]:

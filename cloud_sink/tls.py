@@ -275,6 +275,16 @@ class TlsReloader:
         retried = f" (tried again every {self._interval:g}s)" if version != self._seen else ""
         log.error("TLS reload (%s) refused, keeping the previous context: %s%s", why, exc, retried)
 
+    def expired(self, now: dt.datetime | None = None) -> str | None:
+        """Why no device can connect, if the CRL in use is past its next update (OpenSSL then
+        refuses every client certificate), else None."""
+        crl = self.crl
+        if crl is None or crl.next_update_utc is None:
+            return None
+        if crl.next_update_utc > (now or dt.datetime.now(dt.UTC)):
+            return None
+        return f"CRL {self._listener.crl} expired at {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC"
+
     def check_expiry(self, now: dt.datetime | None = None) -> None:
         """Warn once when the CRL in use is within `CRL_WARN_BEFORE` of its next update, and
         say so again once it has passed (every handshake then fails)."""

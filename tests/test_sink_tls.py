@@ -96,6 +96,19 @@ async def test_changed_crl_file_refuses_the_revoked_device_without_a_restart(
     assert any("CRL file changed" in r.getMessage() for r in caplog.records)
 
 
+async def test_the_sink_is_not_ready_once_its_crl_expires(tmp_path: Path, pki: Pki) -> None:
+    """Past its next update the CRL makes OpenSSL refuse every device, and /readyz said ready:
+    a load balancer kept sending devices to the one instance whose CRL went stale."""
+    crl = pki.ca.write_crl(tmp_path / "short.pem", days=3 / 86400)  # 3 s (and 5 min backdated)
+    async with Sink(loaded(crl_config(tmp_path, pki, crl, "1h"))) as sink:
+        assert sink.not_ready() is None
+        await until(lambda: sink.not_ready() is not None, timeout=10)
+        reason = sink.not_ready()
+        assert reason is not None
+        assert reason.startswith(f"CRL {crl} expired at "), reason
+        assert reason.endswith(": every device is refused")
+
+
 @pytest.mark.parametrize("breakage", ["garbage", "certificate", "other CA", "empty", "older"])
 async def test_untrustworthy_crl_is_refused_and_the_previous_one_kept(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, breakage: str
