@@ -89,7 +89,8 @@ class HttpEndpoint:
         )
         self._bound = self._server.sockets[0].getsockname()[1]
         # Never "listening on": tests and operators grep that for the MQTT port.
-        log.info(self._announce.format(url=f"http://{self._host}:{self._bound}"))
+        host = f"[{self._host}]" if ":" in self._host else self._host  # an IPv6 address
+        log.info(self._announce.format(url=f"http://{host}:{self._bound}"))
         return self
 
     async def __aexit__(

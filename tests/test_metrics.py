@@ -469,6 +469,15 @@ async def test_endpoint_is_not_held_by_idle_sockets_nor_broken_by_odd_requests(
     assert errors == ["HTTP GET /broken failed"]
 
 
+async def test_endpoint_announces_an_ipv6_url_with_brackets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mqtt_ingest")
+    async with HttpEndpoint("::1", 0, {}, announce="test at {url}") as server:
+        pass
+    assert f"test at http://[::1]:{server.port}" in [r.getMessage() for r in caplog.records]
+
+
 async def test_endpoint_takes_bare_line_feeds_and_answers_head_without_a_body() -> None:
     """A request ending its lines with a bare LF (`printf ... | nc`) waited 2 s for a 400;
     the 404 answer to a HEAD carried a body (HTTP forbids it)."""
