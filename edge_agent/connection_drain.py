@@ -262,9 +262,10 @@ class ConnectionDrain:
     async def _fetch_above(self, session: Session, priority: int, free: int) -> list[StoredEvent]:
         """Not yet sent events of a priority above ``priority`` (the cursor stays where it is)."""
         want = self._want(free)
-        skip = frozenset(
-            self._suspects.seqs | {s for s, p in session.taken.items() if p > priority}
-        )
+        # `settling` too: a set-aside event delivered since, its row not deleted yet, whose
+        # priority in `taken` is its copy's (a reload may have raised its topic's since).
+        taken_above = {s for s, p in session.taken.items() if p > priority}
+        skip = frozenset(self._suspects.seqs | session.settling | taken_above)
         events = await self._buffer.next_events(
             want, None, skip=skip, max_bytes=self.config.window_bytes, above=priority
         )

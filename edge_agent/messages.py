@@ -70,11 +70,13 @@ class Messages:
                 )
                 for e in events
             ]
-        groups: dict[tuple[str, int], list[list[StoredEvent]]] = {}
-        sizes: dict[tuple[str, int], int] = {}
+        # By topic: each topic's runs go in seq order. (Grouped by topic and QoS, a topic whose
+        # rule's QoS changed twice went up out of order: QoS 1 seqs 1-5 and 11-15, then 6-10.)
+        groups: dict[str, list[list[StoredEvent]]] = {}
+        sizes: dict[str, int] = {}
         limit = config.batch
         for event in events:
-            key = (event.topic, event.qos)
+            key = event.topic
             runs = groups.setdefault(key, [[]])
             size = len(event.payload) + _EVENT_OVERHEAD
             if runs[-1] and (
@@ -84,6 +86,9 @@ class Messages:
                 # do not when a topic's rows have two priorities (its rule changed): one
                 # envelope of both failed to encode on every connection, and the uplink stalled.
                 or event.seq <= runs[-1][-1].seq
+                # One QoS per message: an event keeps the QoS its rule had when it was
+                # accepted.
+                or event.qos != runs[-1][-1].qos
             ):
                 runs.append([])
                 sizes[key] = 0
@@ -95,10 +100,10 @@ class Messages:
                 max(e.priority for e in run),
                 config.uplink_topic(device, topic),
                 encode(self.epoch, run, zstd_level=limit.zstd_level),
-                qos,
+                run[0].qos,
                 alone,
                 run[0] if len(run) == 1 else None,
             )
-            for (topic, qos), runs in groups.items()
+            for topic, runs in groups.items()
             for run in runs
         ]

@@ -1369,3 +1369,18 @@ def test_an_envelope_run_ends_where_the_seq_does_not_increase(tmp_path: Path, pk
 
     out = messages.drain_order([event(4, 5), event(5, 5), event(1, 0), event(2, 0)])
     assert [m.seqs for m in out] == [[4, 5], [1, 2]]
+
+
+def test_a_topic_whose_qos_changed_twice_goes_up_in_seq_order(tmp_path: Path, pki: Pki) -> None:
+    """Found by review: events keep the QoS their rule had when they were accepted, and
+    envelopes were grouped by topic and QoS: a topic at QoS 1, then 2, then 1 again went up as
+    seqs 1-2 and 5-6 (one envelope), then 3-4 (SPEC P3, with no fault)."""
+    config = load_config(configure(tmp_path, pki, new_device(pki, "qos-runs"), free_port()))
+    assert config.uplink is not None
+    messages = Messages(config.uplink, "dev", "0123456789abcdef")
+
+    def event(seq: int, qos: int) -> StoredEvent:
+        return StoredEvent(seq, "sensors/t", b"x", qos, 0, 0, 0)
+
+    out = messages.drain_order([event(1, 1), event(2, 1), event(3, 2), event(4, 2), event(5, 1)])
+    assert [(m.seqs, m.qos) for m in out] == [([1, 2], 1), ([3, 4], 2), ([5], 1)]
