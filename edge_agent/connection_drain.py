@@ -60,6 +60,7 @@ class ConnectionDrain:
         # dead-lettered). Its messages are built with them.
         self.config = uplink.messages.config
         self._preempt = -1  # highest priority committed since the last fetch
+        self._up_since = asyncio.get_running_loop().time()  # the connection was just accepted
         self.session: Session | None = None
 
     @property
@@ -180,7 +181,16 @@ class ConnectionDrain:
                 more = await self._fetch(session, (events[-1].priority, events[-1].seq), free)
                 events += more
             now = asyncio.get_running_loop().time()
-            suspect = None if probed else self._suspects.candidate(idle=not events, now=now)
+            suspect = (
+                None
+                if probed
+                else self._suspects.candidate(
+                    idle=not events,
+                    now=now,
+                    up_since=self._up_since,
+                    patience=self._uplink.config.stable_after,
+                )
+            )
             if suspect is not None:
                 if not await self._buffer.holds(suspect.event.seq):
                     # Expired, dropped for room or purged since it was set aside: its copy in

@@ -8,6 +8,7 @@ not start them over."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import KeysView, Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class Suspect:
     confirmed_at_failure: int  # `Suspects.confirmed` at the last failure
     timeouts: int = 0  # publish timeouts with this event alone in flight
     retry_after: float = 0.0  # loop time before which it is not tried again (after timeouts)
+    lost_at: float = 0.0  # loop time of its last loss (0: in an earlier run of the agent)
 
 
 class Suspects:
@@ -56,17 +58,33 @@ class Suspects:
         """Not to be read with the rest: they go alone, when `candidate` says so."""
         return self._by_seq.keys()
 
-    def candidate(self, *, idle: bool, now: float) -> Suspect | None:
+    def candidate(
+        self,
+        *,
+        idle: bool,
+        now: float,
+        up_since: float | None = None,
+        patience: float = math.inf,
+    ) -> Suspect | None:
         """One worth another try: other events got through since it failed, or there is
         nothing else to send (``idle``: it is then not held back for want of traffic; a failure
         without other events getting through in between does not count towards
-        ``max_attempts``, see `lost`); and not held back after timeouts at loop time ``now``."""
+        ``max_attempts``, see `lost`), or the connection (up since loop time ``up_since``) has
+        been up ``patience`` seconds since it failed: a link carrying only QoS 0 events, which
+        are no evidence, is never idle either, and held it back for as long as they came; and
+        not held back after timeouts at loop time ``now``."""
         confirmed = self.confirmed
+        since = -math.inf if up_since is None else up_since
         return next(
             (
                 s
                 for s in self._by_seq.values()
-                if (idle or confirmed > s.confirmed_at_failure) and now >= s.retry_after
+                if (
+                    idle
+                    or confirmed > s.confirmed_at_failure
+                    or now - max(s.lost_at, since) >= patience
+                )
+                and now >= s.retry_after
             ),
             None,
         )
@@ -117,6 +135,7 @@ class Suspects:
             suspect.failures += 1  # others got through since its last failure: it counts
             counted = True
         suspect.confirmed_at_failure = self.confirmed
+        suspect.lost_at = now
         if not closed and not (silent and first):
             # Each try alone holds everything else back for a whole publish_timeout: after
             # each timeout the next try waits twice as long (up to an hour), so an event a

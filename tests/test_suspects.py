@@ -94,3 +94,22 @@ def test_a_silent_link_never_counts_and_delays_only_a_second_loss() -> None:
     assert suspects.candidate(idle=True, now=1.0) is None
     assert suspects.next_retry(now=1.0) == 20.0  # 2 x the publish timeout from now
     assert suspects.candidate(idle=True, now=21.0) is not None
+
+
+def test_a_link_up_long_enough_is_evidence_when_only_qos0_gets_through() -> None:
+    """Found by review: only QoS 1/2 acknowledgements count as events getting through, and a
+    link carrying a steady QoS 0 stream is never idle either: an event set aside waited for as
+    long as the stream lasted. A connection up ``patience`` seconds since its loss is enough."""
+    suspects = Suspects()
+    assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=100.0) == 1
+    assert suspects.delivered([1, 2, 3], qos=0) == []  # the QoS 0 stream goes on
+    # A new connection up since 105: not yet 30 s since the loss, nor since it came up.
+    assert suspects.candidate(idle=False, now=120.0, up_since=105.0, patience=30.0) is None
+    assert suspects.candidate(idle=False, now=134.0, up_since=105.0, patience=30.0) is None
+    candidate = suspects.candidate(idle=False, now=135.0, up_since=105.0, patience=30.0)
+    assert candidate is not None
+    assert candidate.event.seq == 7
+    # Lost again with nothing acknowledged in between: tried again, never counted.
+    assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=136.0) is None
+    assert suspects.candidate(idle=False, now=150.0, up_since=140.0, patience=30.0) is None
+    assert suspects.candidate(idle=False, now=170.0, up_since=140.0, patience=30.0) is not None
