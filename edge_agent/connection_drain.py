@@ -61,6 +61,17 @@ class ConnectionDrain:
         self.config = uplink.messages.config
         self._preempt = -1  # highest priority committed since the last fetch
         self._up_since = asyncio.get_running_loop().time()  # the connection was just accepted
+        # paho pings after `keepalive` s without inbound bytes and gives up `keepalive` s after
+        # that (checked once a second): up to 2 x keep-alive + 1 s. A healthy link answers each
+        # ping at once, so inbound silence of 1.5 x keep-alive (and at least keep-alive + 2 s,
+        # for paho's once-a-second check) means a dead link (RELIABILITY F5).
+        keepalive = self.config.keepalive
+        self._silence_limit = max(1.5 * keepalive, keepalive + 2.0)
+        # A connection up this long since an event's loss: the event set aside is tried again,
+        # even with only QoS 0 going through (no evidence of their own; `Suspects.candidate`).
+        # At least the silence limit: a link gone silent soon after the CONNACK is found dead
+        # before.
+        self._patience = max(uplink.config.stable_after, self._silence_limit)
         self.session: Session | None = None
 
     @property
@@ -89,11 +100,7 @@ class ConnectionDrain:
         session = Session(
             config.window, config.window_bytes, config.publish_timeout, mqtt, self._delivered
         )
-        # paho pings after `keepalive` s without inbound bytes and gives up `keepalive` s after
-        # that (checked once a second): up to 2 x keep-alive + 1 s. A healthy link answers each
-        # ping at once, so inbound silence of 1.5 x keep-alive (and at least keep-alive + 2 s,
-        # for paho's once-a-second check) means a dead link (RELIABILITY F5).
-        session.silence_limit = max(1.5 * config.keepalive, config.keepalive + 2.0)
+        session.silence_limit = self._silence_limit
         session.received_at = self._received_at
         session.progress = SendProgress(
             mqtt, self._received_at, grace=session.silence_limit - config.keepalive
@@ -188,7 +195,7 @@ class ConnectionDrain:
                     idle=not events,
                     now=now,
                     up_since=self._up_since,
-                    patience=self._uplink.config.stable_after,
+                    patience=self._patience,
                 )
             )
             if suspect is not None:

@@ -28,6 +28,7 @@ class Suspect:
     timeouts: int = 0  # publish timeouts with this event alone in flight
     retry_after: float = 0.0  # loop time before which it is not tried again (after timeouts)
     lost_at: float = 0.0  # loop time of its last loss (0: in an earlier run of the agent)
+    unproven: int = 0  # closes on it since it was set aside that did not count
 
 
 class Suspects:
@@ -66,28 +67,27 @@ class Suspects:
         up_since: float | None = None,
         patience: float = math.inf,
     ) -> Suspect | None:
-        """One worth another try: other events got through since it failed, or there is
-        nothing else to send (``idle``: it is then not held back for want of traffic; a failure
-        without other events getting through in between does not count towards
-        ``max_attempts``, see `lost`), or the connection (up since loop time ``up_since``) has
-        been up ``patience`` seconds since it failed: a link carrying only QoS 0 events, which
-        are no evidence, is never idle either, and held it back for as long as they came; and
-        not held back after timeouts at loop time ``now``."""
+        """One worth another try, at loop time ``now`` (and not held back after timeouts):
+        - other events got through since it failed;
+        - or there is nothing else to send (``idle``: it is then not held back for want of
+          traffic; a failure without other events getting through in between does not count
+          towards ``max_attempts``, see `lost`);
+        - or the connection (up since loop time ``up_since``) has been up ``patience`` seconds
+          since it failed, doubling with each close on it since that did not count (up to an
+          hour): a link carrying only QoS 0 events, which are no evidence, may never be idle,
+          and held it back for as long as they came. (Such a close is not counted: with a sink
+          refusing every event, or a wrong topic template, all of them would be dead-lettered.)
+        """
         confirmed = self.confirmed
         since = -math.inf if up_since is None else up_since
-        return next(
-            (
-                s
-                for s in self._by_seq.values()
-                if (
-                    idle
-                    or confirmed > s.confirmed_at_failure
-                    or now - max(s.lost_at, since) >= patience
-                )
-                and now >= s.retry_after
-            ),
-            None,
-        )
+
+        def worth(s: Suspect) -> bool:
+            if idle or confirmed > s.confirmed_at_failure:
+                return True
+            wait = min(patience * 2.0 ** min(s.unproven, 16), MAX_RETRY_WAIT)
+            return now - max(s.lost_at, since) >= wait
+
+        return next((s for s in self._by_seq.values() if now >= s.retry_after and worth(s)), None)
 
     def next_retry(self, now: float) -> float | None:
         """Seconds from ``now`` until one held back after timeouts may go again, or None."""
@@ -136,6 +136,9 @@ class Suspects:
             counted = True
         suspect.confirmed_at_failure = self.confirmed
         suspect.lost_at = now
+        if closed and not first:
+            # Silent losses and timeouts wait `retry_after` instead.
+            suspect.unproven = 0 if counted else suspect.unproven + 1
         if not closed and not (silent and first):
             # Each try alone holds everything else back for a whole publish_timeout: after
             # each timeout the next try waits twice as long (up to an hour), so an event a

@@ -19,9 +19,10 @@ Failures:
   recorded. An event with one attempt is resent in a message alone in flight; with more, in a
   message of its own. When a connection is lost with an event alone in flight (sent alone, or
   simply the only message in flight), it is set aside and tried again (alone) once other events
-  got through since, at once when there is nothing else to send, or once the connection has
-  been up ``stable_after`` since its loss (QoS 0 traffic proves nothing, and is never idle);
-  after ``max_attempts`` such
+  got through since; at once when there is nothing else to send; or once the connection has
+  been up ``stable_after`` (at least the silence limit) since its loss, doubling with each
+  uncounted close on it (QoS 0 traffic proves nothing, and may never be idle); after
+  ``max_attempts`` such
   losses, each but the first with other events getting through since the previous one, it is
   moved to the dead-letter table (`edge-agent buffer requeue-dead` puts it back). The losses
   that count are kept in the buffer, so restarts do not start them over. If nothing

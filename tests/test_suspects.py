@@ -98,8 +98,10 @@ def test_a_silent_link_never_counts_and_delays_only_a_second_loss() -> None:
 
 def test_a_link_up_long_enough_is_evidence_when_only_qos0_gets_through() -> None:
     """Found by review: only QoS 1/2 acknowledgements count as events getting through, and a
-    link carrying a steady QoS 0 stream is never idle either: an event set aside waited for as
-    long as the stream lasted. A connection up ``patience`` seconds since its loss is enough."""
+    link carrying a steady QoS 0 stream may never be idle: an event set aside waited for as
+    long as the stream lasted. A connection up ``patience`` seconds since its loss is enough to
+    try it again; a close on it then does not count (a sink refusing everything, a wrong topic
+    template, would get every event dead-lettered), and the next such try waits twice as long."""
     suspects = Suspects()
     assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=100.0) == 1
     assert suspects.delivered([1, 2, 3], qos=0) == []  # the QoS 0 stream goes on
@@ -109,7 +111,17 @@ def test_a_link_up_long_enough_is_evidence_when_only_qos0_gets_through() -> None
     candidate = suspects.candidate(idle=False, now=135.0, up_since=105.0, patience=30.0)
     assert candidate is not None
     assert candidate.event.seq == 7
-    # Lost again with nothing acknowledged in between: tried again, never counted.
     assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=136.0) is None
-    assert suspects.candidate(idle=False, now=150.0, up_since=140.0, patience=30.0) is None
-    assert suspects.candidate(idle=False, now=170.0, up_since=140.0, patience=30.0) is not None
+    # Now 60 s of a connection (a poison event among QoS 0 closes connections less and less
+    # often, up to an hourly try, and is never dead-lettered without evidence); idle: at once.
+    assert suspects.candidate(idle=False, now=170.0, up_since=140.0, patience=30.0) is None
+    assert suspects.candidate(idle=False, now=200.0, up_since=140.0, patience=30.0) is not None
+    assert suspects.candidate(idle=True, now=141.0, up_since=140.0, patience=30.0) is not None
+    assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=201.0) is None
+    assert suspects.candidate(idle=False, now=320.0, up_since=201.5, patience=30.0) is None
+    assert suspects.candidate(idle=False, now=322.0, up_since=201.5, patience=30.0) is not None
+    # Evidence after all: the next close counts, and the wait starts over.
+    assert suspects.delivered([8], qos=1) == []
+    assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=330.0) == 2
+    assert suspects.candidate(idle=False, now=360.0, up_since=331.0, patience=30.0) is None
+    assert suspects.candidate(idle=False, now=361.0, up_since=331.0, patience=30.0) is not None
