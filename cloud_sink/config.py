@@ -43,11 +43,13 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from cloud_sink.backends.base import redacted_url
 from cloud_sink.backends.sqlite import DISK_RESERVE
 from cloud_sink.rights import check_template
 from mqtt_ingest.configuration import (
+    SECRET_VALUE,
     AbsolutePath,
     Bytes,
     ConfigError,
@@ -179,20 +181,28 @@ class SqliteBackendConfig(_Backend):
 
 
 def _server_url(url: str, schemes: tuple[str, ...]) -> str:
-    """Checked at start (and by check-config), not at the first connection attempt."""
+    """Checked at start (and by check-config), not at the first connection attempt. A problem
+    is reported without the URL (`SECRET_VALUE`): it may hold a password."""
+
+    def refuse(why: str) -> PydanticCustomError:
+        return PydanticCustomError(SECRET_VALUE, why)
+
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a port that is no number or out of range
-    except ValueError as exc:
-        raise ValueError(f"not a valid URL ({exc})") from None
+    except ValueError:
+        raise refuse("not a valid URL") from None
     if "@" in parts.path + parts.query + parts.fragment:
         # A password with a '/', '?' or '#' cut the URL there: the host was taken from the
         # password, and the password was shown whole.
-        raise ValueError("an '@' after the host: percent-encode the user name and password")
+        raise refuse("an '@' after the host: percent-encode the user name and password")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a port that is no number or out of range
+    except ValueError:
+        raise refuse("the port must be a number from 0 to 65535") from None
     if parts.scheme not in schemes:
-        raise ValueError(f"the scheme must be one of {', '.join(schemes)}, not {parts.scheme!r}")
+        raise refuse(f"the scheme must be one of {', '.join(schemes)}, not {parts.scheme!r}")
     if not parts.hostname:
-        raise ValueError("the URL names no host")
+        raise refuse("the URL names no host")
     return url
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 
 __all__ = [
+    "SECRET_VALUE",
     "AbsolutePath",
     "Bytes",
     "ConfigError",
@@ -126,6 +127,11 @@ def model_problems(model: BaseModel) -> list[str]:
     return []
 
 
+SECRET_VALUE = "secret_value"  # noqa: S105 (an error type, not a password)
+"""The error type (`pydantic_core.PydanticCustomError`) of a value a problem must not show: a
+URL with a password."""
+
+
 def _describe(error: Any) -> str:
     location = ""
     for part in error["loc"]:
@@ -133,7 +139,8 @@ def _describe(error: Any) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
-    shown = "" if error["type"] in ("missing", "extra_forbidden") else f" (got {error['input']!r})"
+    hidden = ("missing", "extra_forbidden", SECRET_VALUE)
+    shown = "" if error["type"] in hidden else f" (got {error['input']!r})"
     if isinstance(error.get("input"), dict):
         shown = ""
     return f"{location or '(top level)'}: {message}{shown}"

@@ -362,12 +362,13 @@ def test_check_config_reports_a_backend_whose_package_extra_is_missing(
     ("backend", "url", "problem"),
     [
         ("amqp", "http://rabbit:5672/", "the scheme must be one of amqp, amqps, not 'http'"),
-        ("amqp", "amqp://rabbit:notaport/", "not a valid URL"),
+        ("amqp", "amqp://rabbit:notaport/", "the port must be a number from 0 to 65535"),
         ("amqp", "amqp:///vhost", "the URL names no host"),
-        ("nats", "nats://nats:99999", "not a valid URL"),
+        ("nats", "nats://nats:99999", "the port must be a number from 0 to 65535"),
         ("nats", "127.0.0.1:4222", "the scheme must be one of nats, tls, ws, wss"),
-        # A '/' in the password: the host was taken from it, and it was shown whole.
+        # A '/' or '?' in the password: the host or port was taken from it, and it was shown.
         ("amqp", "amqp://bridge:1234/5678@rabbit:5672/", "percent-encode the user name"),
+        ("amqp", "amqp://bridge:hunter2?x@rabbit/", "percent-encode the user name"),
     ],
 )
 def test_check_config_refuses_a_backend_url_it_cannot_connect_to(
@@ -380,6 +381,8 @@ def test_check_config_refuses_a_backend_url_it_cannot_connect_to(
     [only] = info.value.problems
     assert only.startswith((f"backend.{backend}.url: ", "backend.url: ")), only
     assert problem in only, only
+    assert "got" not in only  # the URL may hold a password: never shown
+    assert all(secret not in only for secret in ("5678", "hunter2"))
 
 
 def test_a_deny_entry_that_is_no_device_id_is_refused(tmp_path: Path, pki: Pki) -> None:
