@@ -76,7 +76,8 @@ class BackendGuard:
         self._reason = ""
         self._down_since = 0.0
         self._up_since = -math.inf
-        self._flaps = 0  # outages in a row that began soon after the previous one ended
+        self._ended_at_attempt = 0  # the backoff attempt at which the last outage ended
+        self._first_attempt = 0  # where this outage's backoff starts
         self._answered_at = time.monotonic()  # the backend's last confirm or passed probe
         self.outages = 0
 
@@ -121,6 +122,18 @@ class BackendGuard:
     async def probe(self) -> None:
         await self._queue.probe()
 
+    async def _probe(self) -> None:
+        """The backend's probe, for this task. A CancelledError it raises itself (aiormq fails
+        what it awaits that way when its connection closes; nobody cancelled this task) is a
+        failed probe: it ended this task, without a word, and the sink stayed down for good."""
+        try:
+            await self._queue.probe()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise BackendError("probe cancelled from within the backend") from None
+
     async def aclose(self) -> None:
         self._state = BackendState.CLOSED
         self._up.clear()
@@ -138,12 +151,12 @@ class BackendGuard:
             # A probe can pass while publishing still fails (a queue or stream deleted, a full
             # disk): each such flap starts the backoff further on, so it slows to the cap instead
             # of cycling at the initial delay for ever.
-            attempt = self._flaps
+            attempt = self._first_attempt
             while self._state is BackendState.DOWN:
                 await asyncio.sleep(self._backoff.delay(attempt))
                 attempt += 1
                 try:
-                    await self._queue.probe()
+                    await self._probe()
                 except Exception as exc:
                     # Any failure (a backend's untranslated error too) is a failed probe: this
                     # task ending would take the sink down with it.
@@ -164,7 +177,7 @@ class BackendGuard:
                         await self._down.wait()
                 continue
             try:
-                await self._queue.probe()
+                await self._probe()
             except BackendError as exc:
                 self._mark_down(exc)
             except Exception as exc:  # untranslated: still no answer (see `run`)
@@ -183,7 +196,11 @@ class BackendGuard:
         self._reason = str(exc)
         self._down_since = time.monotonic()
         soon = self._down_since - self._up_since < FLAP_WINDOW
-        self._flaps = self._flaps + 1 if soon else 0
+        # The backoff goes on from where the last outage's ended (n = its last attempt): a
+        # probe can pass while publishing still fails (a queue deleted, a full disk), and the
+        # flaps slow to the cap. (It went on from the number of flaps in a row: after an
+        # outage of many probes, the next one began at the short delays again.)
+        self._first_attempt = self._ended_at_attempt if soon else 0
         self.outages += 1
         self._metrics.inc("backend_outages")
         self._up.clear()
@@ -197,6 +214,7 @@ class BackendGuard:
     def _mark_up(self, probes: int) -> None:
         if self._state is not BackendState.DOWN:
             return
+        self._ended_at_attempt = probes
         self._state = BackendState.UP
         self._reason = ""
         self._up_since = self._answered_at = time.monotonic()

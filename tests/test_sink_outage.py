@@ -412,3 +412,71 @@ async def test_an_outage_right_after_recovery_continues_the_backoff() -> None:
         runner.cancel()
     print_figures("flapping backend, 1.5 s", outages=guard.outages)
     assert 3 <= guard.outages <= 40  # restarting the backoff each time: 300 and more
+
+
+class ScriptedQueue(ProbeOnlyQueue):
+    """A core queue whose publishes fail while ``down`` and whose probes fail (or raise a
+    CancelledError from within, as aiormq does when its connection closes) as scripted."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.failing_probes = 0
+        self.cancelled_probes = 0
+
+    async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
+        if self.down:
+            raise BackendError("down")
+        return PublishOutcome(len(messages), 0)
+
+    async def probe(self) -> None:
+        if self.cancelled_probes:
+            self.cancelled_probes -= 1
+            raise asyncio.CancelledError
+        if self.failing_probes:
+            self.failing_probes -= 1
+            raise BackendError("still down")
+
+
+class RecordedBackoff(Backoff):
+    """Backoff that waits 1 ms and records the attempt numbers it was asked for."""
+
+    attempts: list[int]
+
+    def delay(self, attempt: int, rng: Callable[[], float] = lambda: 0.0) -> float:
+        self.attempts.append(attempt)
+        return 0.001
+
+
+async def outage(guard: BackendGuard, queue: ScriptedQueue) -> None:
+    """One outage (a publish fails), over once the probes pass."""
+    queue.down = True
+    with contextlib.suppress(BackendError):
+        await guard.publish([core_message(1)])
+    queue.down = False
+    async with asyncio.timeout(5):
+        await guard.wait_available()
+
+
+async def test_a_probe_cancelled_from_within_is_a_failed_probe_not_the_end_of_the_guard() -> None:
+    """Found by review: the reconnect task caught Exception only; a CancelledError raised by the
+    backend's probe ended it silently (a TaskGroup ignores a child that ends cancelled), and
+    the sink stayed down, CONNACK 3 to every device, until a restart."""
+    queue = ScriptedQueue()
+    backoff = RecordedBackoff(0.01, 0.1)
+    backoff.attempts = []
+    guard = BackendGuard(queue, backoff, Counters())
+    async with asyncio.TaskGroup() as tasks:
+        runner = tasks.create_task(guard.run())
+        queue.cancelled_probes = 2
+        await outage(guard, queue)
+        assert guard.state is BackendState.UP
+        assert not runner.done()
+        # An outage right after one that took many probes goes on from where its backoff was
+        # (docs/sink.md); it started over from the number of flaps in a row.
+        queue.failing_probes = 5
+        await outage(guard, queue)
+        assert backoff.attempts[-6:] == [3, 4, 5, 6, 7, 8]  # the first: 0, 1 (cancelled), 2
+        backoff.attempts.clear()
+        await outage(guard, queue)
+        assert backoff.attempts == [9]
+        runner.cancel()
