@@ -14,12 +14,10 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import aiomqtt
-from cryptography import x509
 
 from edge_agent.accept import Acceptor, InvalidEvent, check_event
 from edge_agent.buffer import (
@@ -27,7 +25,6 @@ from edge_agent.buffer import (
     Buffer,
     BufferError,
     BufferFull,
-    BufferStats,
     DeadLetter,
     StoredEvent,
     agent_pid,
@@ -44,15 +41,14 @@ from edge_agent.config import (
     topic_matches,
 )
 from edge_agent.doctor import Check, run_checks
-from edge_agent.link import LinkStatus, read_link_status
 from edge_agent.local import read_listener_file
 from edge_agent.memory import tune_malloc
 from edge_agent.service import Agent, StartError
+from edge_agent.status import disk_room, link_text, read_link, status_json, status_text
 from edge_agent.systemd import LAYOUT, status
 from edge_agent.token import TokenUnavailable, token_source
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.configuration import port_argument
-from mqtt_ingest.disk import free_bytes
 from mqtt_ingest.install import add_install_command, install_command
 from mqtt_ingest.lifecycle import reader_gone, stop_on_signals
 from mqtt_ingest.systemd import Notifier, Supervisor
@@ -61,8 +57,6 @@ __all__ = ["main"]
 
 DEFAULT_CONFIG = os.environ.get("EDGE_AGENT_CONFIG", "/etc/edge-agent/agent.toml")
 log = logging.getLogger("edge_agent")
-CERTIFICATE_WARNING = 30 * 86400  # seconds: status warns when the certificate expires sooner
-TOKEN_WARNING = 3600
 
 
 class _Failed(Exception):
@@ -165,12 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_publish(config, args.topic, payload, args.qos))
         if args.command == "status":
             stats = inspect(config.agent.data_dir)
-            link = _link(config)
-            disk = _disk(config)
+            link = read_link(config)
+            disk = disk_room(config)
             if args.json:
-                print(json.dumps(_stats_json(stats) | {"disk": disk, "uplink": link}))
+                print(json.dumps(status_json(stats) | {"disk": disk, "uplink": link}))
             else:
-                print(_stats_text(stats, config, disk) + "\n" + _link_text(link))
+                print(status_text(stats, config, disk) + "\n" + link_text(link))
             return 0
         if args.command == "doctor":
             failed = 0
@@ -323,163 +317,6 @@ async def _publish_until_closed(
         watch = tasks.create_task(closed(), name="edge_agent.cli.publish_watch")
         await client.publish(topic, payload, qos=qos, timeout=30)
         watch.cancel()
-
-
-def _age(now_ms: int, then_ms: int) -> str:
-    seconds = max(0, (now_ms - then_ms) // 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def _disk(config: AgentConfig) -> dict[str, int]:
-    """Free space on the data directory's filesystem, against ``[buffer] disk_reserve``."""
-    return {"free": free_bytes(config.agent.data_dir), "reserve": config.buffer.disk_reserve}
-
-
-def _shown(text: str) -> str:
-    """``text`` with its unprintable characters escaped: a topic is any local publisher's, and
-    one holding ESC or CR sequences rewrote the operator's terminal (JSON output is escaped
-    already)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def _stats_text(stats: BufferStats, config: AgentConfig, disk: dict[str, int]) -> str:
-    now_ms = int(time.time() * 1000)
-    lines = [
-        f"buffer {config.agent.data_dir}  epoch {stats.epoch}  next seq {stats.next_seq}",
-        f"{'TOPIC':<40} {'EVENTS':>10} {'BYTES':>12} {'OLDEST':>8}",
-    ]
-    for topic in stats.topics:
-        age = _age(now_ms, topic.oldest_event_time_ms)
-        name = _shown(topic.topic)[:40]
-        lines.append(f"{name:<40} {topic.events:>10} {topic.bytes:>12} {age:>8}")
-    lines.append(f"{'total':<40} {stats.events:>10} {stats.bytes:>12}")
-    limits = config.buffer
-    lines.append(
-        f"limits: {stats.events}/{limits.max_events} events, {stats.bytes}/{limits.max_bytes} bytes"
-    )
-    line = f"disk: {disk['free']} bytes free, disk_reserve {disk['reserve']}"
-    if disk["free"] < disk["reserve"]:
-        line += " (below it: new events only reuse the room of delivered ones, docs/buffer.md)"
-    lines.append(line)
-    if stats.drops:
-        lines.append("dropped:")
-        for (reason, name), (events, size) in sorted(stats.drops.items()):
-            shown = _shown(name)[:40]
-            lines.append(f"  {reason:<12} {shown:<40} {events:>10} events {size:>12} bytes")
-    else:
-        lines.append("dropped: none")
-    lines.append(f"dead letters: {stats.dead_letters}")
-    for incident in stats.incidents:
-        lines.append(
-            f"incident {_age(now_ms, incident.at_ms)} ago: {incident.kind}:"
-            f" {_shown(incident.detail)}"
-        )
-    return "\n".join(lines)
-
-
-def _stats_json(stats: BufferStats) -> dict[str, object]:
-    return {
-        "epoch": stats.epoch,
-        "events": stats.events,
-        "bytes": stats.bytes,
-        "next_seq": stats.next_seq,
-        "topics": [
-            {
-                "topic": t.topic,
-                "events": t.events,
-                "bytes": t.bytes,
-                "oldest_ms": t.oldest_event_time_ms,
-            }
-            for t in stats.topics
-        ],
-        "drops": [
-            {"reason": reason, "topic": topic, "events": events, "bytes": size}
-            for (reason, topic), (events, size) in sorted(stats.drops.items())
-        ],
-        "dead_letters": stats.dead_letters,
-        "incidents": [
-            {"at_ms": i.at_ms, "kind": i.kind, "detail": i.detail} for i in stats.incidents
-        ],
-    }
-
-
-def _link(config: AgentConfig) -> dict[str, object]:
-    """The uplink as ``status`` shows it: configuration, live state, credential expiry."""
-    if config.uplink is None:
-        return {"configured": False}
-    now = time.time()
-    result: dict[str, object] = {
-        "configured": True,
-        "server": f"{config.uplink.host}:{config.uplink.port}",
-        "agent_pid": agent_pid(config.agent.data_dir),
-    }
-    state: LinkStatus | None = read_link_status(config.agent.data_dir)
-    if state is not None:
-        result["link"] = json.loads(state.to_json())
-    try:
-        certificate = x509.load_pem_x509_certificate(config.uplink.tls.cert.read_bytes())
-        result["certificate_expires_in_s"] = int(certificate.not_valid_after_utc.timestamp() - now)
-    except (OSError, ValueError) as exc:
-        result["certificate_problem"] = str(exc)
-    if config.uplink.token.mode == "token-file":
-        try:
-            token = token_source(config.uplink, config.agent.device_id, SystemClock()).current()
-            if token.expires_at is not None:
-                result["token_expires_in_s"] = int(token.expires_at - now)
-        except TokenUnavailable as exc:
-            result["token_problem"] = str(exc)
-    return result
-
-
-def _seconds(value: object) -> str:
-    seconds = int(value) if isinstance(value, int | float) else 0
-    return _age(seconds * 1000, 0) if seconds >= 0 else f"-{_age(-seconds * 1000, 0)}"
-
-
-def _link_text(link: dict[str, object]) -> str:
-    if not link["configured"]:
-        return "uplink: not configured (the agent only buffers)"
-    lines = []
-    state = link.get("link")
-    pid = link["agent_pid"]
-    if pid is None:
-        last = f"; last state {state['state']}" if isinstance(state, dict) else ""
-        lines.append(f"uplink: {link['server']}: the agent is not running{last}")
-    elif isinstance(state, dict):
-        since = _seconds(time.time() - float(state["since"]))
-        line = f"uplink: {state['state']} ({link['server']}) for {since}"
-        if state["detail"]:
-            line += f": {state['detail']}"
-        lines.append(line)
-        if state["state"] != "online" and state.get("last_error"):
-            lines.append(f"  last error: {state['last_error']}")
-        lines.append(
-            f"  delivered {state['delivered']} events over {state['connections']} connections"
-            f" this run; {state['dead_lettered']} dead-lettered"
-        )
-    else:
-        lines.append(f"uplink: {link['server']}: no link state yet")
-    if "certificate_problem" in link:
-        lines.append(f"certificate: WARNING {link['certificate_problem']}")
-    elif "certificate_expires_in_s" in link:
-        left = link["certificate_expires_in_s"]
-        assert isinstance(left, int)
-        warn = "WARNING " if left < CERTIFICATE_WARNING else ""
-        when = f"expired {_seconds(-left)} ago" if left < 0 else f"expires in {_seconds(left)}"
-        lines.append(f"certificate: {warn}{when}")
-    if "token_problem" in link:
-        lines.append(f"token: WARNING {link['token_problem']}")
-    elif "token_expires_in_s" in link:
-        left = link["token_expires_in_s"]
-        assert isinstance(left, int)
-        warn = "WARNING " if left < TOKEN_WARNING else ""
-        lines.append(f"token: {warn}expires in {_seconds(left)}")
-    return "\n".join(lines)
 
 
 def _topic_filter(text: str) -> str:
