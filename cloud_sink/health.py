@@ -164,7 +164,7 @@ class BackendGuard:
                     log.debug("core queue still down (probe %d): %r", attempt, exc)
                     continue
                 self._metrics.inc("backend_probes", reason="ok")
-                self._mark_up(attempt)
+                self._mark_up(attempt, probes=attempt - self._first_attempt)
 
     async def _while_up(self) -> None:
         """Until the state is no longer up: probe the backend whenever it has not answered for
@@ -211,10 +211,12 @@ class BackendGuard:
             exc,
         )
 
-    def _mark_up(self, probes: int) -> None:
+    def _mark_up(self, attempt: int, *, probes: int) -> None:
+        """Up again after ``probes`` probes, its backoff at ``attempt`` (where the next outage's
+        goes on from, if it begins soon)."""
         if self._state is not BackendState.DOWN:
             return
-        self._ended_at_attempt = probes
+        self._ended_at_attempt = attempt
         self._state = BackendState.UP
         self._reason = ""
         self._up_since = self._answered_at = time.monotonic()

@@ -84,7 +84,9 @@ class Suspects:
         def worth(s: Suspect) -> bool:
             if idle or confirmed > s.confirmed_at_failure:
                 return True
-            wait = min(patience * 2.0 ** min(s.unproven, 16), MAX_RETRY_WAIT)
+            # Capped at an hour, but never below the patience itself (a keep-alive over 40
+            # minutes makes a longer silence limit), nor is "never" (inf) an hour.
+            wait = min(patience * 2.0 ** min(s.unproven, 16), max(MAX_RETRY_WAIT, patience))
             return now - max(s.lost_at, since) >= wait
 
         return next((s for s in self._by_seq.values() if now >= s.retry_after and worth(s)), None)

@@ -457,7 +457,9 @@ async def outage(guard: BackendGuard, queue: ScriptedQueue) -> None:
         await guard.wait_available()
 
 
-async def test_a_probe_cancelled_from_within_is_a_failed_probe_not_the_end_of_the_guard() -> None:
+async def test_a_probe_cancelled_from_within_is_a_failed_probe_not_the_end_of_the_guard(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Found by review: the reconnect task caught Exception only; a CancelledError raised by the
     backend's probe ended it silently (a TaskGroup ignores a child that ends cancelled), and
     the sink stayed down, CONNACK 3 to every device, until a restart."""
@@ -477,6 +479,11 @@ async def test_a_probe_cancelled_from_within_is_a_failed_probe_not_the_end_of_th
         await outage(guard, queue)
         assert backoff.attempts[-6:] == [3, 4, 5, 6, 7, 8]  # the first: 0, 1 (cancelled), 2
         backoff.attempts.clear()
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="cloud_sink")
         await outage(guard, queue)
         assert backoff.attempts == [9]
+        back = [r.getMessage() for r in caplog.records if "core queue back" in r.getMessage()]
+        assert len(back) == 1
+        assert back[0].endswith("(1 probe(s)): accepting and reading again"), back
         runner.cancel()

@@ -125,3 +125,12 @@ def test_a_link_up_long_enough_is_evidence_when_only_qos0_gets_through() -> None
     assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=330.0) == 2
     assert suspects.candidate(idle=False, now=360.0, up_since=331.0, patience=30.0) is None
     assert suspects.candidate(idle=False, now=361.0, up_since=331.0, patience=30.0) is not None
+
+
+def test_the_cap_on_the_wait_never_shortens_the_patience() -> None:
+    suspects = Suspects()
+    assert suspects.lost(stored(7), closed=True, publish_timeout=10.0, now=0.0) == 1
+    assert suspects.candidate(idle=False, now=7200.0) is None  # no patience given: never
+    huge = 5000.0  # the silence limit of a 55-minute keep-alive
+    assert suspects.candidate(idle=False, now=4999.0, up_since=0.0, patience=huge) is None
+    assert suspects.candidate(idle=False, now=5000.0, up_since=0.0, patience=huge) is not None
