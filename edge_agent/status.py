@@ -161,19 +161,13 @@ def link_text(link: dict[str, object]) -> str:
         )
     else:
         lines.append(f"uplink: {link['server']}: no link state yet")
-    if "certificate_problem" in link:
-        lines.append(f"certificate: WARNING {link['certificate_problem']}")
-    elif "certificate_expires_in_s" in link:
-        left = link["certificate_expires_in_s"]
-        assert isinstance(left, int)
-        warn = "WARNING " if left < CERTIFICATE_WARNING else ""
-        when = f"expired {_seconds(-left)} ago" if left < 0 else f"expires in {_seconds(left)}"
-        lines.append(f"certificate: {warn}{when}")
-    if "token_problem" in link:
-        lines.append(f"token: WARNING {link['token_problem']}")
-    elif "token_expires_in_s" in link:
-        left = link["token_expires_in_s"]
-        assert isinstance(left, int)
-        warn = "WARNING " if left < TOKEN_WARNING else ""
-        lines.append(f"token: {warn}expires in {_seconds(left)}")
+    for name, warning in (("certificate", CERTIFICATE_WARNING), ("token", TOKEN_WARNING)):
+        if f"{name}_problem" in link:
+            lines.append(f"{name}: WARNING {link[f'{name}_problem']}")
+        elif f"{name}_expires_in_s" in link:
+            left = link[f"{name}_expires_in_s"]
+            assert isinstance(left, int)
+            warn = "WARNING " if left < warning else ""
+            when = f"expired {_seconds(-left)} ago" if left < 0 else f"expires in {_seconds(left)}"
+            lines.append(f"{name}: {warn}{when}")
     return "\n".join(lines)
