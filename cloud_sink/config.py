@@ -194,7 +194,10 @@ def _server_url(url: str, schemes: tuple[str, ...]) -> str:
     if "@" in parts.path + parts.query + parts.fragment:
         # A password with a '/', '?' or '#' cut the URL there: the host was taken from the
         # password, and the password was shown whole.
-        raise refuse("an '@' after the host: percent-encode the user name and password")
+        if "amqp" in schemes:
+            raise refuse("an '@' after the host: percent-encode the user name and password")
+        # nats-py does not percent-decode them: such a password cannot be given in the URL.
+        raise refuse("an '@' after the host: NATS takes no '/', '?' or '#' in a URL's password")
     try:
         parts.port  # noqa: B018 - raises ValueError on a port that is no number or out of range
     except ValueError:

@@ -369,6 +369,7 @@ def test_check_config_reports_a_backend_whose_package_extra_is_missing(
         # A '/' or '?' in the password: the host or port was taken from it, and it was shown.
         ("amqp", "amqp://bridge:1234/5678@rabbit:5672/", "percent-encode the user name"),
         ("amqp", "amqp://bridge:hunter2?x@rabbit/", "percent-encode the user name"),
+        ("nats", "nats://bridge:hunter2#x@nats:4222", "NATS takes no '/', '?' or '#'"),
     ],
 )
 def test_check_config_refuses_a_backend_url_it_cannot_connect_to(
