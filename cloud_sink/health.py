@@ -39,6 +39,7 @@ from cloud_sink.backends.base import (
 )
 from mqtt_ingest import Metrics
 from mqtt_ingest.backoff import Backoff
+from mqtt_ingest.lifecycle import being_cancelled
 
 __all__ = ["BackendGuard", "BackendState", "Backoff"]
 
@@ -129,8 +130,7 @@ class BackendGuard:
         try:
             await self._queue.probe()
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if being_cancelled():
                 raise
             raise BackendError("probe cancelled from within the backend") from None
 

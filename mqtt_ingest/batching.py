@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from mqtt_ingest import failpoints
+from mqtt_ingest.lifecycle import being_cancelled
 from mqtt_ingest.ports import DurableStage, IngestEvent, Metrics, StageRefused
 
 __all__ = ["Batcher", "StageFailed"]
@@ -196,8 +197,7 @@ class Batcher:
             self._fail_all(batch, f"stage did not answer within {self._timeout}s")
             return
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if being_cancelled():
                 self._fail_all(batch, "server stopping")
                 raise
             # Raised by the stage, nobody cancelled us (aiormq fails the confirms it awaits with

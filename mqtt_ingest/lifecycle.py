@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["cancel_until_done", "drop_outcome", "reader_gone", "stop_on_signals"]
+__all__ = ["being_cancelled", "cancel_until_done", "drop_outcome", "reader_gone", "stop_on_signals"]
 
 
 def stop_on_signals(*signals: signal.Signals) -> asyncio.Event:
@@ -38,6 +38,14 @@ async def cancel_until_done(
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=again_every)
+
+
+def being_cancelled() -> bool:
+    """Whether the current task was asked to stop. A CancelledError caught while it was not
+    came from within an awaited call (aiormq fails the calls it awaits that way when its
+    connection closes): a failure of that call, not the end of the task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def drop_outcome(future: asyncio.Future[Any]) -> None:
