@@ -12,9 +12,10 @@ first `BackendError` turns the state to ``DOWN`` (one log line) and from then on
   broker in step. The first successful probe turns the state back to ``UP`` (one log line) and
   the server reads and accepts again.
 
-While it is up and nothing was confirmed for `IDLE_PROBE` seconds (an idle sink), the same task
-probes the backend, so that readiness stops saying "ready" for a core queue that went away while
-nothing was published to it. A failed probe is an outage like a failed publish.
+While it is up and nothing was confirmed (published or dead-lettered) for `IDLE_PROBE` seconds (an
+idle sink), the same task probes the backend, so that readiness stops saying "ready" for a core
+queue that went away while nothing was published to it. A failed probe is an outage like a failed
+publish.
 
 A slow backend is not an outage: as long as it confirms within its own timeout, the forwarder just
 waits, the connections reach their in-flight limit and stop reading (TCP backpressure).
@@ -41,7 +42,7 @@ from mqtt_ingest import Metrics
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.lifecycle import being_cancelled
 
-__all__ = ["BackendGuard", "BackendState", "Backoff"]
+__all__ = ["BackendDown", "BackendGuard", "BackendState", "Backoff"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ IDLE_PROBE = 10.0
 FLAP_WINDOW = 60.0
 """An outage that begins within this many seconds of the previous one's end continues that one's
 backoff instead of starting it over."""
+
+
+class BackendDown(BackendError):
+    """A call the guard refused without asking the backend: the core queue is down (or closed).
+    Not a backend error of its own, so `cloud_sink_core_queue_errors_total` leaves it out."""
 
 
 class BackendGuard:
@@ -79,7 +85,7 @@ class BackendGuard:
         self._up_since = -math.inf
         self._ended_at_attempt = 0  # the backoff attempt at which the last outage ended
         self._first_attempt = 0  # where this outage's backoff starts
-        self._answered_at = time.monotonic()  # the backend's last confirm or passed probe
+        self._answered_at = time.monotonic()  # the backend's last answer (confirm, probe)
         self.outages = 0
 
     @property
@@ -119,6 +125,9 @@ class BackendGuard:
         except BackendError as exc:
             self._mark_down(exc)
             raise
+        # A confirmed dead letter is an answer too: a sink that only dead-letters (every topic
+        # unmappable) probed its backend every IDLE_PROBE seconds for nothing.
+        self._answered_at = time.monotonic()
 
     async def probe(self) -> None:
         await self._queue.probe()
@@ -187,7 +196,7 @@ class BackendGuard:
 
     def _check(self) -> None:
         if self._state is not BackendState.UP:
-            raise BackendError(f"core queue {self._state.value}: {self._reason}")
+            raise BackendDown(f"core queue {self._state.value}: {self._reason}")
 
     def _mark_down(self, exc: BackendError) -> None:
         if self._state is not BackendState.UP:

@@ -28,7 +28,7 @@ from cloud_sink.backends.base import (
     DeadLetterMessage,
     PublishOutcome,
 )
-from cloud_sink.health import BackendGuard, BackendState
+from cloud_sink.health import BackendDown, BackendGuard, BackendState
 from mqtt_ingest import Counters, IngestServer
 from mqtt_ingest.prometheus import (
     INGEST_COUNTERS,
@@ -112,7 +112,8 @@ class SinkMetrics:
         )
         self._errors = Counter(
             "cloud_sink_core_queue_errors",
-            "Core-queue calls that failed (nothing of theirs was acknowledged).",
+            "Core-queue calls that failed (nothing of theirs was acknowledged); not the calls"
+            " refused during an outage without asking the backend.",
             ["backend", "operation"],
             registry=self.registry,
         )
@@ -223,6 +224,8 @@ class _TimedQueue:
         started = time.monotonic()
         try:
             outcome = await self._queue.publish(messages)
+        except BackendDown:
+            raise
         except Exception:
             self._publish_errors.inc()
             raise
@@ -233,6 +236,8 @@ class _TimedQueue:
         started = time.monotonic()
         try:
             await self._queue.dead_letter(messages)
+        except BackendDown:
+            raise
         except Exception:
             self._dead_letter_errors.inc()
             raise

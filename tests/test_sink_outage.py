@@ -30,7 +30,8 @@ from cloud_sink.backends.base import (
     PublishOutcome,
 )
 from cloud_sink.config import SinkConfig, parse_config
-from cloud_sink.health import BackendGuard, BackendState
+from cloud_sink.health import BackendDown, BackendGuard, BackendState
+from cloud_sink.metrics import SinkMetrics
 from cloud_sink.service import Sink
 from mqtt_ingest import Counters, failpoints
 from mqtt_ingest.backoff import Backoff
@@ -487,3 +488,64 @@ async def test_a_probe_cancelled_from_within_is_a_failed_probe_not_the_end_of_th
         assert len(back) == 1
         assert back[0].endswith("(1 probe(s)): accepting and reading again"), back
         runner.cancel()
+
+
+async def test_only_calls_that_reach_the_backend_count_as_its_errors() -> None:
+    """Found by review: the calls the guard refused during an outage, without asking the
+    backend, counted in cloud_sink_core_queue_errors_total as if the backend had failed each."""
+    queue = ScriptedQueue()
+    guard = BackendGuard(queue, Backoff(initial=60, cap=60), Counters())
+    metrics = SinkMetrics(
+        Counters(), "scripted", server=lambda: None, guard=lambda: guard, not_ready=lambda: None
+    )
+    timed = metrics.timed(guard)
+    queue.down = True
+    for _ in range(5):  # the first reaches the backend and fails; the others are refused
+        with pytest.raises(BackendError):
+            await timed.publish([core_message(1)])
+    with pytest.raises(BackendDown):
+        await timed.dead_letter([dead_letter_message()])
+    errors = metrics.registry.get_sample_value(
+        "cloud_sink_core_queue_errors_total", {"backend": "scripted", "operation": "publish"}
+    )
+    dead_errors = metrics.registry.get_sample_value(
+        "cloud_sink_core_queue_errors_total", {"backend": "scripted", "operation": "dead_letter"}
+    )
+    assert (errors, dead_errors, guard.outages) == (1, 0, 1)
+
+
+async def test_a_confirmed_dead_letter_is_an_answer_no_idle_probe_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by review: only a confirmed publish counted as the backend answering, so a sink
+    whose traffic was all dead letters probed its backend every IDLE_PROBE seconds anyway."""
+    monkeypatch.setattr(health, "IDLE_PROBE", 0.3)
+    queue = CountingProbes()
+    guard = BackendGuard(queue, Backoff(initial=60, cap=60), Counters())
+    async with asyncio.TaskGroup() as tasks:
+        runner = tasks.create_task(guard.run())
+        for _ in range(12):  # 1.2 s of dead letters, one every 0.1 s
+            await guard.dead_letter([dead_letter_message()])
+            await asyncio.sleep(0.1)
+        dead_lettering = queue.probes
+        await asyncio.sleep(0.7)  # then idle: probed
+        runner.cancel()
+    print_figures("dead letters only", probes_while_dead_lettering=dead_lettering)
+    assert dead_lettering == 0
+    assert queue.probes >= 1
+
+
+class CountingProbes(ScriptedQueue):
+    """Dead letters are confirmed; probes are counted."""
+
+    probes = 0
+
+    async def dead_letter(self, messages: Sequence[DeadLetterMessage]) -> None:
+        return None
+
+    async def probe(self) -> None:
+        self.probes += 1
+
+
+def dead_letter_message() -> DeadLetterMessage:
+    return DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "unmappable", 1, "dev-1/e/1")
