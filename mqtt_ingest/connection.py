@@ -1,5 +1,6 @@
-"""One client connection of the `IngestServer` (mqtt_ingest/server.py): its handshake, CONNECT
-and authentication, its read loop, and its ordered acknowledgements.
+"""One client connection of the `IngestServer` (mqtt_ingest/server.py): its life from the accept
+to the teardown, its read loop, and its ordered acknowledgements. The TLS handshake, CONNECT and
+authentication are `mqtt_ingest.handshake`.
 
 Events go to the server's `Batcher`; an acknowledgement (PUBACK, PUBREC, PUBCOMP) is written
 only once the stage confirmed the event, in the order the packets arrived. The session state
@@ -13,18 +14,15 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from mqtt_ingest import failpoints
 from mqtt_ingest.batching import StageFailed
 from mqtt_ingest.codec import (
-    CONNECT,
     SUBACK_FAILURE,
     ConnackCode,
-    Connect,
     Disconnect,
     MalformedPacket,
     PacketTooLarge,
@@ -32,9 +30,7 @@ from mqtt_ingest.codec import (
     Publish,
     PubRel,
     Subscribe,
-    UnexpectedPacket,
     Unsubscribe,
-    UnsupportedProtocol,
     encode_connack,
     encode_pingresp,
     encode_puback,
@@ -44,30 +40,20 @@ from mqtt_ingest.codec import (
     encode_unsuback,
     read_packet,
 )
+from mqtt_ingest.handshake import Close, Handshake
 from mqtt_ingest.lifecycle import drop_outcome
 from mqtt_ingest.ports import (
     Action,
-    ConnectRequest,
     Identity,
     IngestEvent,
-    Refusal,
 )
 
 if TYPE_CHECKING:
     from mqtt_ingest.server import IngestServer
 
-__all__ = ["MAX_CONNECT_BYTES", "Connection", "succeeded"]
+__all__ = ["Connection", "succeeded"]
 
 log = logging.getLogger(__name__)
-
-
-class _Close(Exception):
-    """End this connection; ``reason`` goes to the log and the ``closed`` counter."""
-
-    def __init__(self, reason: str, *, label: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.label = label or reason
 
 
 @dataclass(slots=True)
@@ -77,11 +63,6 @@ class _Pending:
     future: asyncio.Future[None]
     ack: bytes | None  # None for QoS 0: stored, but nothing to send
     counts_as_event: bool
-
-
-MAX_CONNECT_BYTES = 16 * 1024
-"""The largest CONNECT read: a client id, a device id and a JWT (wills are refused) fit well
-within it, and a client not yet authenticated gets no more of our memory than that."""
 
 
 def succeeded(future: asyncio.Future[None]) -> bool:
@@ -117,7 +98,7 @@ class Connection:
         self._space = asyncio.Event()
         self._draining = False
         self._stopping = False
-        self._close_reason: _Close | None = None
+        self._close_reason: Close | None = None
         self._aborted = False
         self._torn_down = False
         self._read_task: asyncio.Task[None] | None = None
@@ -137,7 +118,7 @@ class Connection:
             # Cancelled, not aborted: a transport aborted under a TLS handshake in progress makes
             # Python 3.11's start_tls return no transport, and the stream fails on it.
             if self._close_reason is None:
-                self._close_reason = _Close("server stopping", label="server_stop")
+                self._close_reason = Close("server stopping", label="server_stop")
             self.task.cancel()
         self._ack_wakeup.set()
 
@@ -145,7 +126,7 @@ class Connection:
         """Close now: nothing more is read, handed to the stage or acknowledged (events already
         in a stage call may still be stored), and the connection's slot is free at once."""
         if self._close_reason is None:
-            self._close_reason = _Close(reason, label=label)
+            self._close_reason = Close(reason, label=label)
         self._aborted = True
         self.writer.transport.abort()
         self._ack_wakeup.set()
@@ -179,13 +160,13 @@ class Connection:
                 reason, label = "server stopping", "server_stop"
             else:
                 reason, label = "client disconnected", "disconnect"
-        except* _Close as group:
+        except* Close as group:
             first = self._close_reason or group.exceptions[0]
-            assert isinstance(first, _Close)
+            assert isinstance(first, Close)
             reason, label = first.reason, first.label
         except* (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError) as group:
             # Usually the writer side of a connection that abort() already closed.
-            lost = self._close_reason or _Close(repr(group.exceptions[0]), label="connection_lost")
+            lost = self._close_reason or Close(repr(group.exceptions[0]), label="connection_lost")
             reason, label = lost.reason, lost.label
         except* Exception:
             log.exception("%s: connection %s failed", self.server.name, self.peer)
@@ -254,149 +235,34 @@ class Connection:
             if self._draining:  # stop() came while we were authenticating
                 self._read_task.cancel()
 
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
-        try:
-            async with asyncio.timeout_at(self._connect_by):
-                await self.writer.start_tls(context)
-        except TimeoutError:
-            self.metrics.inc("connections_refused", reason="connect_timeout")
-            raise _Close("no TLS handshake in time", label="connect_timeout") from None
-        except (ssl.SSLError, ConnectionError, OSError) as exc:
-            # A wrong certificate, a port scan: counted, logged at debug (asyncio's own TLS
-            # listener logged each as an ERROR with a traceback).
-            self.metrics.inc("connections_refused", reason="tls_handshake")
-            raise _Close(f"TLS handshake failed: {exc!r}", label="tls_handshake") from None
-
     async def _handshake(self) -> None:
-        if self.server.ssl_context is not None:
-            await self._start_tls(self.server.ssl_context)
-        try:
-            async with asyncio.timeout_at(self._connect_by):
-                # Nothing but a CONNECT, and a small one, is read from a client not yet
-                # authenticated: it could otherwise make us hold max_packet_size per socket.
-                packet = await read_packet(
-                    self.reader, min(self.limits.max_packet_size, MAX_CONNECT_BYTES), only=CONNECT
-                )
-        except TimeoutError:
-            self.metrics.inc("connections_refused", reason="connect_timeout")
-            raise _Close("no CONNECT in time", label="connect_timeout") from None
-        except UnexpectedPacket as exc:
-            self.metrics.inc("connections_refused", reason="not_connect")
-            raise _Close(f"first packet is {exc.name}, not CONNECT", label="malformed") from None
-        except asyncio.IncompleteReadError:
-            raise _Close("closed before CONNECT", label="closed_before_connect") from None
-        except UnsupportedProtocol as exc:
-            if exc.name in ("MQTT", "MQIsdp"):  # MQTT 5, 3.1: told so (MQTT-3.1.2-2)
-                code = ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION
-                await self._refuse(code, exc.reason, "protocol")
-            self.metrics.inc("connections_refused", reason="protocol")
-            raise _Close(exc.reason, label="protocol") from None  # not MQTT at all
-        except MalformedPacket as exc:
-            self.metrics.inc("connections_refused", reason="malformed")
-            raise _Close(f"malformed first packet: {exc.reason}", label="malformed") from None
-        if not isinstance(packet, Connect):  # never: read with only=CONNECT (narrows the type)
-            raise _Close("first packet is not CONNECT", label="malformed")
-        gate = self.server.availability
-        if gate is not None and not gate.available:
-            # The gate's owner logged the outage once; a line per refused device would flood.
-            await self._refuse(
-                ConnackCode.SERVER_UNAVAILABLE, "stage unavailable", "unavailable", quiet=True
-            )
-        client_id = packet.client_id
-        if not client_id:
-            if not packet.clean_session:
-                await self._refuse(
-                    ConnackCode.IDENTIFIER_REJECTED,
-                    "empty client id with a persistent session",
-                    "client_id",
-                )
-            client_id = f"auto-{uuid.uuid4().hex}"
-        elif len(client_id.encode()) > self.limits.max_client_id_bytes or any(
-            ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in client_id
-        ):
-            await self._refuse(
-                ConnackCode.IDENTIFIER_REJECTED, f"client id {client_id[:64]!r}", "client_id"
-            )
-        if packet.will_topic is not None:
-            # A will is a message for subscribers on an unclean disconnect; nothing here delivers
-            # to subscribers, so accepting it would drop it silently.
-            await self._refuse(
-                ConnackCode.NOT_AUTHORIZED, "will messages are not supported", "will"
-            )
+        """TLS, CONNECT and authentication (`Handshake`), then the session registered and
+        CONNACK 0 sent."""
+        handshake = Handshake(
+            self.server, self.reader, self.writer, self.peer, self._connect_by,
+            stopping=lambda: self._stopping,
+        )  # fmt: skip
+        admission = await handshake.run()
+        client_id = admission.client_id
         self.client_id = client_id
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        certificate = None
-        if ssl_object is not None:
-            if ssl_object.session_reused:
-                # The certificate was verified in an earlier handshake, against the CA and CRL
-                # of then: it is not evidence of anything now (SPEC §6).
-                await self._refuse(
-                    ConnackCode.NOT_AUTHORIZED,
-                    "resumed TLS session (the client certificate was not verified again)",
-                    "tls session resumed",
-                )
-            certificate = ssl_object.getpeercert(binary_form=True)
-        request = ConnectRequest(
-            client_id=client_id,
-            username=packet.username,
-            password=packet.password,
-            clean_session=packet.clean_session,
-            keep_alive=packet.keep_alive,
-            peer_certificate=certificate,
-            peer_address=self.peer,
-        )
-        try:
-            async with asyncio.timeout(self.limits.connect_timeout):
-                decision = await self.server.authenticator.authenticate(request)
-        except TimeoutError:
-            await self._refuse(ConnackCode.SERVER_UNAVAILABLE, "authentication timed out", "auth")
-        except asyncio.CancelledError:
-            if self._stopping:
-                # The server stops while it judges this CONNECT: "server unavailable", not a
-                # close without a word, which a client may read as its certificate refused
-                # (our agent does within 3 s of the handshake) and back off slowly.
-                self.writer.write(encode_connack(ConnackCode.SERVER_UNAVAILABLE))
-            raise
-        if isinstance(decision, Refusal):
-            await self._refuse(decision.code, decision.reason, decision.label or decision.reason)
-        identity = decision
-        if identity.expires_at is not None:
-            left = identity.expires_at - self.server.clock.time()
-            if left <= 0:
-                await self._refuse(ConnackCode.NOT_AUTHORIZED, "credentials expired", "expired")
+        if admission.expires_in is not None:
             self._expiry = asyncio.get_running_loop().call_later(
-                left, self.abort, "credentials expired", "expired"
+                admission.expires_in, self.abort, "credentials expired", "expired"
             )
-        self.identity = identity
-        self.peer_certificate = certificate
-        keep_alive = packet.keep_alive
+        self.identity = admission.identity
+        self.peer_certificate = admission.certificate
+        keep_alive = admission.keep_alive
         if keep_alive == 0 or keep_alive > self.limits.max_keep_alive:
             keep_alive = self.limits.max_keep_alive
         self._keep_alive_timeout = keep_alive * self.limits.keep_alive_factor
-        self.clean_session = packet.clean_session
-        present = self.server.register(self, packet.clean_session)
+        self.clean_session = admission.clean_session
+        present = self.server.register(self, admission.clean_session)
         self.writer.write(encode_connack(ConnackCode.ACCEPTED, session_present=present))
         self.metrics.inc("connects_accepted")
         log.info(
             "%s: %s connected from %s as %s (keep-alive %ds)",
-            self.server.name, client_id, self.peer, identity.name, packet.keep_alive,
+            self.server.name, client_id, self.peer, admission.identity.name, admission.keep_alive,
         )  # fmt: skip
-
-    async def _refuse(
-        self, code: ConnackCode, reason: str, label: str, *, quiet: bool = False
-    ) -> NoReturn:
-        """Send a refusing CONNACK, then end the connection (raises `_Close`)."""
-        self.metrics.inc("connections_refused", reason=label)
-        log.log(
-            logging.DEBUG if quiet else logging.WARNING,
-            "%s: refused CONNECT from %s (client id %r): %s",
-            self.server.name, self.peer, self.client_id, reason,
-        )  # fmt: skip
-        self.writer.write(encode_connack(code))
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1):
-                await self.writer.drain()
-        raise _Close(f"CONNECT refused: {reason}", label="refused")
 
     # -- after CONNACK --------------------------------------------------------------------------
 
@@ -465,24 +331,24 @@ class Connection:
                     elif isinstance(packet, Disconnect):
                         return
                     else:
-                        raise _Close("second CONNECT", label="malformed")
+                        raise Close("second CONNECT", label="malformed")
         except TimeoutError:
-            raise _Close("keep-alive expired", label="keep_alive") from None
+            raise Close("keep-alive expired", label="keep_alive") from None
         except PacketTooLarge as exc:
             self.metrics.inc("malformed", reason="too_large")
-            raise _Close(exc.reason, label="too_large") from None
+            raise Close(exc.reason, label="too_large") from None
         except MalformedPacket as exc:
             self.metrics.inc("malformed")
-            raise _Close(f"malformed packet: {exc.reason}", label="malformed") from None
+            raise Close(f"malformed packet: {exc.reason}", label="malformed") from None
         except asyncio.IncompleteReadError as exc:
             if self._close_reason is not None:
                 raise self._close_reason from None
             what = "peer closed" if not exc.partial else "peer closed in the middle of a packet"
-            raise _Close(what, label="peer_closed") from None
+            raise Close(what, label="peer_closed") from None
         except (ConnectionError, ssl.SSLError) as exc:
             if self._close_reason is not None:
                 raise self._close_reason from None
-            raise _Close(f"connection lost: {exc!r}", label="connection_lost") from None
+            raise Close(f"connection lost: {exc!r}", label="connection_lost") from None
         finally:
             self._draining = True
             self._ack_wakeup.set()
@@ -508,7 +374,7 @@ class Connection:
                 "%s: security: %s (%s) published to %r outside its rights: closing",
                 self.server.name, self.client_id, identity.name, packet.topic[:200],
             )  # fmt: skip
-            raise _Close("publish outside the topic rights", label="publish_denied")
+            raise Close("publish outside the topic rights", label="publish_denied")
         if packet.qos == 2:
             assert packet.packet_id is not None
             earlier = self.qos2.get(packet.packet_id)
@@ -529,7 +395,7 @@ class Connection:
                 # A client that never sends PUBREL held a future per packet id: up to 65,535
                 # of them (14 MB) per connection. An honest one has at most its window. Closed
                 # before the event goes to the stage: nothing unacknowledged is stored.
-                raise _Close(
+                raise Close(
                     f"over {self.limits.max_unreleased} QoS 2 messages awaiting PUBREL",
                     label="too_many_unreleased",
                 )
@@ -623,7 +489,7 @@ class Connection:
                 self.metrics.inc("events_acked", acked)
             if failure is not None:
                 reason = failure.reason if isinstance(failure, StageFailed) else repr(failure)
-                raise _Close(f"event not stored: {reason}", label="stage_failed")
+                raise Close(f"event not stored: {reason}", label="stage_failed")
             if not self._space.is_set() and len(acks) < self.limits.max_inflight:
                 self._space.set()
             transport = self.writer.transport
@@ -636,6 +502,6 @@ class Connection:
                 async with asyncio.timeout(self._keep_alive_timeout):
                     await self.writer.drain()
             except TimeoutError:
-                raise _Close(
+                raise Close(
                     f"client read no acks for {self._keep_alive_timeout:g}s", label="write_stalled"
                 ) from None

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mqtt_ingest import Anonymous, IngestEvent, IngestServer, Limits, StageRefused
-from mqtt_ingest.connection import MAX_CONNECT_BYTES
+from mqtt_ingest.handshake import MAX_CONNECT_BYTES
 from mqtt_ingest.server import ORPHANS_PER_INFLIGHT
 from tests.harness.rawmqtt import (
     RawClient,
