@@ -33,7 +33,7 @@ from cloud_sink.tls import (
     certificate_key,
     set_read_buffer,
 )
-from mqtt_ingest import Counters, Identity, IngestServer, Limits
+from mqtt_ingest import ConnectRequest, Counters, Identity, IngestServer, Limits
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.disk import free_bytes
@@ -264,7 +264,8 @@ class Sink:
         revocations = self._tls.revocations if self._tls is not None else Revocations()
         known, seen = self._certificate_keys, {}
 
-        def verdict(identity: Identity, certificate: bytes | None) -> tuple[str, str] | None:
+        def verdict(identity: Identity, request: ConnectRequest) -> tuple[str, str] | None:
+            certificate = request.peer_certificate
             if identity.name in deny:
                 return "device is on the deny list", "denied"
             if certificate is not None and revocations:

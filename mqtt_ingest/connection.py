@@ -42,11 +42,7 @@ from mqtt_ingest.codec import (
 )
 from mqtt_ingest.handshake import Close, Handshake
 from mqtt_ingest.lifecycle import drop_outcome
-from mqtt_ingest.ports import (
-    Action,
-    Identity,
-    IngestEvent,
-)
+from mqtt_ingest.ports import Action, ConnectRequest, Identity, IngestEvent
 
 if TYPE_CHECKING:
     from mqtt_ingest.server import IngestServer
@@ -83,8 +79,8 @@ class Connection:
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.client_id = ""
         self.identity: Identity | None = None
-        self.peer_certificate: bytes | None = None
-        """The client certificate (DER) the connection authenticated with, if TLS."""
+        self.request: ConnectRequest | None = None
+        """What the connection authenticated with (kept to judge it again at a reload)."""
         self.task: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._acks: deque[_Pending] = deque()
@@ -243,26 +239,48 @@ class Connection:
             stopping=lambda: self._stopping,
         )  # fmt: skip
         admission = await handshake.run()
-        client_id = admission.client_id
+        request = admission.request
+        client_id = request.client_id
         self.client_id = client_id
-        if admission.expires_in is not None:
-            self._expiry = asyncio.get_running_loop().call_later(
-                admission.expires_in, self.abort, "credentials expired", "expired"
-            )
         self.identity = admission.identity
-        self.peer_certificate = admission.certificate
-        keep_alive = admission.keep_alive
+        self.request = request
+        self._expire_at(admission.identity.expires_at)
+        keep_alive = request.keep_alive
         if keep_alive == 0 or keep_alive > self.limits.max_keep_alive:
             keep_alive = self.limits.max_keep_alive
         self._keep_alive_timeout = keep_alive * self.limits.keep_alive_factor
-        self.clean_session = admission.clean_session
-        present = self.server.register(self, admission.clean_session)
+        self.clean_session = request.clean_session
+        present = self.server.register(self, self.clean_session)
         self.writer.write(encode_connack(ConnackCode.ACCEPTED, session_present=present))
         self.metrics.inc("connects_accepted")
         log.info(
             "%s: %s connected from %s as %s (keep-alive %ds)",
-            self.server.name, client_id, self.peer, admission.identity.name, admission.keep_alive,
+            self.server.name, client_id, self.peer, admission.identity.name, request.keep_alive,
         )  # fmt: skip
+
+    def _expire_at(self, expires_at: float | None) -> None:
+        """Close the connection at ``expires_at`` (wall-clock seconds), and not at another
+        time set before; None: at no time."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if expires_at is None:
+            return
+        self._expiry = asyncio.get_running_loop().call_later(
+            expires_at - self.server.clock.time(), self.abort, "credentials expired", "expired"
+        )
+
+    def renew(self, identity: Identity) -> None:
+        """The connection's credentials judged again (a reload of the authenticator's
+        settings): ``identity`` replaces the one of its CONNECT, and its ``expires_at`` the
+        time the connection ends (closed now if that is past)."""
+        if self.identity is None or self._aborted:
+            return
+        self.identity = identity
+        if identity.expires_at is not None and identity.expires_at <= self.server.clock.time():
+            self.abort("credentials expired", "expired")
+            return
+        self._expire_at(identity.expires_at)
 
     # -- after CONNACK --------------------------------------------------------------------------
 

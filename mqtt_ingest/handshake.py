@@ -26,7 +26,7 @@ from mqtt_ingest.codec import (
     encode_connack,
     read_packet,
 )
-from mqtt_ingest.ports import ConnectRequest, Identity, Refusal
+from mqtt_ingest.ports import MAX_PEER_CHAIN, ConnectRequest, Identity, Refusal
 
 if TYPE_CHECKING:
     from mqtt_ingest.server import IngestServer
@@ -53,16 +53,11 @@ class Close(Exception):
 class Admission:
     """A CONNECT the authenticator accepted."""
 
-    client_id: str
-    """As sent, or ``auto-...`` for an empty one with a clean session."""
     identity: Identity
-    certificate: bytes | None
-    """The client certificate (DER) verified in this connection's TLS handshake, if TLS."""
-    clean_session: bool
-    keep_alive: int
-    """As the client asked (0: none)."""
-    expires_in: float | None
-    """Seconds until the credentials expire (then the connection is closed), if they do."""
+    request: ConnectRequest
+    """What the client authenticated with (its certificate and token: kept to judge it again
+    at a reload, `IngestServer.close_where`). Its client id is ``auto-...`` for an empty one
+    with a clean session."""
 
 
 class Handshake:
@@ -105,7 +100,8 @@ class Handshake:
             await self._refuse(
                 ConnackCode.NOT_AUTHORIZED, "will messages are not supported", "will"
             )
-        certificate = await self._peer_certificate()
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        certificate = await self._peer_certificate(ssl_object)
         request = ConnectRequest(
             client_id=client_id,
             username=packet.username,
@@ -114,21 +110,12 @@ class Handshake:
             keep_alive=packet.keep_alive,
             peer_certificate=certificate,
             peer_address=self.peer,
+            peer_chain=_intermediates(ssl_object) if certificate is not None else (),
         )
         identity = await self._authenticate(request)
-        expires_in = None
-        if identity.expires_at is not None:
-            expires_in = identity.expires_at - self.server.clock.time()
-            if expires_in <= 0:
-                await self._refuse(ConnackCode.NOT_AUTHORIZED, "credentials expired", "expired")
-        return Admission(
-            client_id=client_id,
-            identity=identity,
-            certificate=certificate,
-            clean_session=packet.clean_session,
-            keep_alive=packet.keep_alive,
-            expires_in=expires_in,
-        )
+        if identity.expires_at is not None and identity.expires_at <= self.server.clock.time():
+            await self._refuse(ConnackCode.NOT_AUTHORIZED, "credentials expired", "expired")
+        return Admission(identity, request)
 
     async def _start_tls(self, context: ssl.SSLContext) -> None:
         try:
@@ -190,8 +177,7 @@ class Handshake:
         self._client_id = client_id
         return client_id
 
-    async def _peer_certificate(self) -> bytes | None:
-        ssl_object = self.writer.get_extra_info("ssl_object")
+    async def _peer_certificate(self, ssl_object: ssl.SSLObject | None) -> bytes | None:
         if ssl_object is None:
             return None
         if ssl_object.session_reused:
@@ -237,3 +223,19 @@ class Handshake:
             async with asyncio.timeout(1):
                 await self.writer.drain()
         raise Close(f"CONNECT refused: {reason}", label="refused")
+
+
+def _intermediates(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[bytes, ...]:
+    """The intermediates of the peer's verified chain (DER, leaf side first): the chain without
+    the leaf and its last certificate (the trust anchor, from the server's own store), at most
+    `MAX_PEER_CHAIN`. Python 3.13 has ``get_verified_chain``; 3.11 and 3.12 the same method
+    on the private ``_sslobj`` (``_ssl.Certificate`` objects). () if neither is there."""
+    public = getattr(ssl_object, "get_verified_chain", None)
+    if public is not None:
+        chain = [bytes(der) for der in public()]
+    else:
+        private = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
+        if private is None:
+            return ()
+        chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in private()]  # type: ignore[attr-defined]
+    return tuple(chain[1:-1][:MAX_PEER_CHAIN])

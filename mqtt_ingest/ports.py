@@ -19,6 +19,7 @@ from typing import Protocol
 from mqtt_ingest.codec import ConnackCode
 
 __all__ = [
+    "MAX_PEER_CHAIN",
     "Action",
     "AllowAll",
     "Anonymous",
@@ -35,6 +36,11 @@ __all__ = [
 ]
 
 
+MAX_PEER_CHAIN = 8
+"""The most intermediates a `ConnectRequest` (kept for the connection's life) holds: a chain
+verified with more is kept cut short (it will not verify again from what was kept)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectRequest:
     """What an authenticator gets to decide on."""
@@ -46,6 +52,9 @@ class ConnectRequest:
     keep_alive: int
     peer_certificate: bytes | None  # DER, present only when TLS verified it
     peer_address: str
+    peer_chain: tuple[bytes, ...] = ()
+    """The intermediate certificates (DER, leaf first) TLS verified the peer certificate with:
+    its verified chain without the leaf and the trust anchor, at most `MAX_PEER_CHAIN`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from mqtt_ingest.ports import (
     AllowAll,
     Authenticator,
     Availability,
+    ConnectRequest,
     DurableStage,
     Identity,
     IngestEvent,
@@ -128,17 +129,24 @@ class IngestServer:
         return len(self._connections)
 
     def close_where(
-        self, verdict: Callable[[Identity, bytes | None], tuple[str, str] | None]
+        self,
+        verdict: Callable[[Identity, ConnectRequest], tuple[str, str] | Identity | None],
     ) -> int:
-        """Close every authenticated connection for which ``verdict(identity, peer certificate
-        DER)`` returns ``(reason, label)``: nothing more is read or acknowledged on it (what was
-        acknowledged stays stored). For credentials withdrawn while connected (a deny list or a
-        CRL reloaded). Returns how many were closed."""
+        """Close every authenticated connection for which ``verdict(identity, the request it
+        authenticated with)`` returns ``(reason, label)``: nothing more is read or acknowledged
+        on it (what was acknowledged stays stored). For credentials withdrawn while connected
+        (a deny list, a CRL, a CA file or the authenticator's settings reloaded). An `Identity`
+        returned replaces the connection's (`Connection.renew`: it ends at its ``expires_at``);
+        None leaves it as it is. Returns how many were closed."""
         closed = 0
         for connection in list(self._connections):
-            if connection.identity is None:
+            if connection.identity is None or connection.request is None:
                 continue  # not past CONNECT: authentication will judge it
-            found = verdict(connection.identity, connection.peer_certificate)
+            found = verdict(connection.identity, connection.request)
+            if isinstance(found, Identity):
+                if found != connection.identity:
+                    connection.renew(found)
+                continue
             if found is not None:
                 log.warning(
                     "%s: closing %s (%s): %s",
