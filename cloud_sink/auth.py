@@ -110,6 +110,11 @@ class JwtAuthenticator:
     async def authenticate(self, request: ConnectRequest) -> Identity | Refusal:
         """The device's identity, or a `Refusal` with its reason. Not logged here: the
         connection logs each refused CONNECT once, with that reason (RELIABILITY F11)."""
+        return self.check(request)
+
+    def check(self, request: ConnectRequest) -> Identity | Refusal:
+        """`authenticate`, at once: also what the sink judges an open connection with again
+        (the request it authenticated with) when these settings are replaced."""
         try:
             identity = self._check(request)
         except _Refused as refused:

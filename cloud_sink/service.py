@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import importlib.util
 import logging
 from types import TracebackType
@@ -29,11 +31,12 @@ from cloud_sink.tls import (
     Revocations,
     TlsError,
     TlsReloader,
+    TrustStore,
     build_context,
     certificate_key,
     set_read_buffer,
 )
-from mqtt_ingest import ConnectRequest, Counters, Identity, IngestServer, Limits
+from mqtt_ingest import ConnectRequest, Counters, Identity, IngestServer, Limits, Refusal
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock, SystemClock
 from mqtt_ingest.disk import free_bytes
@@ -160,6 +163,8 @@ class Sink:
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._certificate_keys: dict[bytes, CertificateKey] = {}  # of connected devices
+        self._judged: tuple[TrustStore | None, AuthSettings] | None = None
+        """The CA certificates and [auth] settings open connections were last judged by."""
         self.prometheus = SinkMetrics(
             self.metrics,
             config.backend.type,
@@ -237,9 +242,11 @@ class Sink:
 
     def reload(self, config: SinkConfig) -> list[str]:
         """Apply a new configuration to the running sink (SIGHUP): the [auth] section (deny list,
-        issuer and keys, audience, leeway, lifetimes) for the next CONNECTs, and a TLS context
-        rebuilt with the CRL. Raise ValueError if the new settings are unusable (nothing changes
-        then). Returns the sections that changed but only take effect after a restart."""
+        issuer and keys, audience, leeway, lifetimes, identity source) and a TLS context rebuilt
+        with the CA file and the CRL, for the next CONNECTs and the open connections (each judged
+        again as its CONNECT would be now: `_revalidate`). Raise ValueError if the new settings
+        are unusable (nothing changes then). Returns the sections that changed but only take
+        effect after a restart."""
         settings = auth_settings(config)  # ValueError: a key file that cannot be used
         old = self.config
         restart = [
@@ -256,15 +263,34 @@ class Sink:
         return restart
 
     def _revalidate(self) -> None:
-        """Close the open connections of devices denied or revoked since they connected: a
-        credential withdrawn takes effect at once, not at the device's next CONNECT."""
+        """Judge the open connections again by what now applies, as their CONNECT would be: a
+        credential withdrawn takes effect at once, not at the device's next CONNECT. Closed:
+        a device denied (``denied``) or revoked (``revoked``) since it connected; if the CA
+        certificates changed since the connections were last judged, one whose certificate
+        chain they no longer verify (``untrusted``); if the [auth] settings besides the deny
+        list changed, one whose CONNECT they refuse (``reauth_refused``), and the others end at
+        the time these settings give (a new leeway moves it). The deny list and the CRL cost a
+        set lookup per connection; the rest (a chain, a token verified) only when it changed."""
         if self._server is None:
             return
-        deny = self._authenticator.settings.deny
-        revocations = self._tls.revocations if self._tls is not None else Revocations()
+        settings = self._authenticator.settings
+        deny = settings.deny
+        tls = self._tls
+        revocations = tls.revocations if tls is not None else Revocations()
+        trust = tls.trust if tls is not None else None
+        judged_trust, judged_settings = self._judged or (trust, settings)
+        now = self._authenticator.clock.time()
+        chain_problem = None
+        if trust is not None and trust != judged_trust:
+            chain_problem = trust.verifier(dt.datetime.fromtimestamp(now, dt.UTC))
+        authenticate = None
+        if dataclasses.replace(settings, deny=judged_settings.deny) != judged_settings:
+            authenticate = self._authenticator.check
         known, seen = self._certificate_keys, {}
 
-        def verdict(identity: Identity, request: ConnectRequest) -> tuple[str, str] | None:
+        def verdict(
+            identity: Identity, request: ConnectRequest
+        ) -> tuple[str, str] | Identity | None:
             certificate = request.peer_certificate
             if identity.name in deny:
                 return "device is on the deny list", "denied"
@@ -275,12 +301,28 @@ class Sink:
                 seen[certificate] = key
                 if key in revocations:
                     return "certificate revoked", "revoked"
+            if certificate is not None and chain_problem is not None:
+                problem = chain_problem(certificate, request.peer_chain)
+                if problem is not None:
+                    return (
+                        f"certificate chain not trusted by the CA file now: {problem}",
+                        "untrusted",
+                    )
+            if authenticate is not None:
+                decision = authenticate(request)
+                if isinstance(decision, Refusal):
+                    return (
+                        f"refused by the [auth] settings now: {decision.reason}",
+                        "reauth_refused",
+                    )
+                return decision  # its expiry follows the settings (a new leeway)
             return None
 
         closed = self._server.close_where(verdict)
         self._certificate_keys = seen
+        self._judged = trust, settings
         if closed:
-            log.warning("closed %d connection(s) of denied or revoked devices", closed)
+            log.warning("closed %d connection(s) whose credentials no longer pass", closed)
 
     async def _open_backend(self, config: SinkConfig) -> CoreQueue:
         """`open_backend`, given up if `abandon_on` is set meanwhile (`StartAbandoned`)."""
@@ -308,6 +350,7 @@ class Sink:
         self._authenticator = JwtAuthenticator(
             settings, self._clock or SystemClock(), revocations=lambda: tls.revocations
         )
+        self._judged = tls.trust, settings
         reconnect = config.backend.reconnect
         queue = await self._open_backend(config)
         stack = self._stack

@@ -5,7 +5,8 @@ An asyncio server keeps the `ssl.SSLContext` it was started with, so the sink st
 calls that callback while it processes the ClientHello, whether or not the client sent a server
 name, and before the client certificate is verified; the swapped-in context's certificate store
 (CA and CRL) then decides. Connections already open are re-checked by the sink after each reload
-(``on_reload``): a device the new CRL revokes is disconnected.
+(``on_reload``): a device the new CRL revokes is disconnected, and so is one whose certificate chain
+the new CA file no longer verifies (`TrustStore`).
 
 `TlsReloader.run` rebuilds the context on request (SIGHUP) and when the CRL file changes (its
 mtime, size or inode, polled every ``interval`` seconds). A new CRL is checked before it is used:
@@ -29,10 +30,11 @@ import datetime as dt
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509 import verification
 
 from cloud_sink.config import ListenerConfig
 from mqtt_ingest.crl import DEVICES_REFUSED, TlsError, check_crl, crl_rollback, load_crl
@@ -42,6 +44,7 @@ __all__ = [
     "Revocations",
     "TlsError",
     "TlsReloader",
+    "TrustStore",
     "build_context",
     "certificate_key",
     "check_crl",
@@ -75,6 +78,70 @@ class Revocations:
 
     def __contains__(self, key: CertificateKey) -> bool:
         return key in self._keys
+
+
+def _ca_constraints(
+    _policy: verification.Policy,
+    _certificate: x509.Certificate,
+    value: x509.BasicConstraints | None,
+) -> None:
+    if value is None or not value.ca:
+        raise ValueError("not a CA certificate (basic constraints without cA)")
+
+
+class TrustStore:
+    """The CA certificates of a TLS context, as OpenSSL loaded them from the CA file, to verify
+    the chain of a connection already open against them again (its handshake used the store of
+    its moment).
+
+    The check is cryptography's RFC 5280 path validation, not OpenSSL's: extensions are let
+    through as OpenSSL lets them (any on the leaf; a CA needs ``cA``). Without OpenSSL's
+    partial-chain flag only a self-signed certificate of the file is a trust anchor (the
+    others are intermediates it may use), as for OpenSSL."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.certificates = frozenset(context.get_ca_certs(binary_form=True))
+        partial = getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
+        self.partial_chain = bool(partial and context.verify_flags & partial)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TrustStore):
+            return NotImplemented
+        return (self.certificates, self.partial_chain) == (other.certificates, other.partial_chain)
+
+    def __hash__(self) -> int:
+        return hash((self.certificates, self.partial_chain))
+
+    def verifier(self, at: dt.datetime) -> Callable[[bytes, Sequence[bytes]], str | None]:
+        """``check(leaf DER, intermediates DER)``: None if the chain verifies at ``at``, else
+        why not."""
+        certificates = [x509.load_der_x509_certificate(der) for der in sorted(self.certificates)]
+        anchors = [c for c in certificates if self.partial_chain or c.subject == c.issuer]
+        from_file = [c for c in certificates if c not in anchors]
+        if not anchors:
+            return lambda _leaf, _chain: "the CA file holds no trust anchor"
+        ca_policy = verification.ExtensionPolicy.permit_all().require_present(
+            x509.BasicConstraints, verification.Criticality.AGNOSTIC, _ca_constraints
+        )
+        verifier = (
+            verification.PolicyBuilder()
+            .store(verification.Store(anchors))
+            .time(at)
+            .extension_policies(
+                ca_policy=ca_policy, ee_policy=verification.ExtensionPolicy.permit_all()
+            )
+            .build_client_verifier()
+        )
+
+        def check(leaf: bytes, chain: Sequence[bytes]) -> str | None:
+            try:
+                intermediates = [x509.load_der_x509_certificate(der) for der in chain]
+                verifier.verify(x509.load_der_x509_certificate(leaf), intermediates + from_file)
+            except (verification.VerificationError, ValueError) as exc:
+                return str(exc)
+            return None
+
+        return check
 
 
 def set_read_buffer(size: int) -> bool:
@@ -159,11 +226,14 @@ class TlsReloader:
         self._listener = listener
         self._interval = interval
         self._on_reload = on_reload
-        """Called whenever new revocations are in use (to re-check open connections)."""
+        """Called whenever new revocations or a new context are in use (to re-check open
+        connections)."""
         # The version before the file is read: a CRL replaced while it is read is loaded again
         # by `run` (taken after, it was the new file's, which was then never loaded).
         self._seen = _fingerprint(listener.crl) if listener.crl is not None else None
         self._current, self.crl = _build(listener)  # `crl`: the current context's
+        self.trust = TrustStore(self._current)
+        """The CA certificates of the current context."""
         self._newest = self.crl
         """The newest CRL taken: the context's, or one whose revocations alone are in use while
         the context cannot be rebuilt. An older one is a rollback."""
@@ -211,6 +281,7 @@ class TlsReloader:
             return False
         self._seen, self._said = version, None
         self._current, self.crl, self._newest = context, crl, crl
+        self.trust = TrustStore(context)
         self.revocations = Revocations(crl)
         self._expiry_warned = ""
         self.reloads += 1

@@ -398,11 +398,14 @@ def test_a_crl_of_a_ca_whose_key_may_not_sign_crls_is_refused(tmp_path: Path) ->
         check_crl(tmp_path / "crl.pem", tmp_path / "ca.pem")
 
 
-async def connected(port: int, device: DeviceCreds, pki: Pki) -> RawClient:
-    """An open MQTT connection of ``device`` (CONNACK accepted)."""
+async def connected(
+    port: int, device: DeviceCreds, pki: Pki, token: str | None = None
+) -> RawClient:
+    """An open MQTT connection of ``device`` (CONNACK accepted), with ``token`` if given."""
     client = await RawClient.open(port, ssl_context=pki.client_context(device))
-    token = device_token(device).encode()
-    await client.send(connect_packet(device.device_id, username=device.device_id, password=token))
+    password = (token or device_token(device)).encode()
+    name = device.device_id
+    await client.send(connect_packet(name, username=name, password=password))
     connack = await client.read()
     assert connack is not None
     assert connack.body == b"\x00\x00"
@@ -622,6 +625,139 @@ async def test_a_device_denied_or_revoked_while_connected_is_disconnected(
         assert ack is not None
         assert ack.kind == 4
         await survivor.aclose()
+
+
+async def publishes(client: RawClient, device: DeviceCreds, packet_id: int = 1) -> None:
+    """One QoS 1 publish on an open connection, acknowledged."""
+    topic = f"devices/{device.device_id}/t"
+    await client.send(publish_packet(topic, b"x", qos=1, packet_id=packet_id))
+    ack = await client.read()
+    assert ack is not None
+    assert ack.kind == 4
+
+
+def closings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if ": closing " in r.getMessage()]
+
+
+async def test_a_reload_of_auth_settings_closes_the_connections_they_refuse(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload of [auth] judges the open connections as their CONNECT would be judged now: a
+    device whose token the new settings refuse is disconnected at once, not when its token
+    expires; a refused reload changes nothing."""
+    caplog.set_level(logging.INFO, logger="mqtt_ingest")
+    config = write_sink_config(tmp_path, pki)
+    short, long = (pki.device(f"{n}-{uuid.uuid4().hex[:6]}") for n in ("short", "long"))
+    async with Sink(loaded(config)) as sink:
+        clients = {
+            short.device_id: await connected(sink.port, short, pki, device_token(short, 300)),
+            long.device_id: await connected(sink.port, long, pki, device_token(long, 3000)),
+        }
+        # Refused (a key file that is no key): nothing of it applies, no connection is judged.
+        broken = tmp_path / "broken.pem"
+        broken.write_text("not a key\n")
+        text = config.read_text()
+        refused = text.replace('audience = "sink.test"', 'audience = "elsewhere"').replace(
+            "[auth]\n", f'[auth]\nissuer_keys = ["{broken}"]\n'
+        )
+        with pytest.raises(ValueError, match="broken"):
+            sink.reload(parse_config(refused))
+        for device in (short, long):
+            await publishes(clients[device.device_id], device)
+        # A shorter max_lifetime refuses the 3000 s token: that device goes, the other stays.
+        sink.reload(parse_config(text.replace("[auth]\n", '[auth]\nmax_lifetime = "10m"\n')))
+        assert await clients[long.device_id].closed_within(5), "refused device kept its session"
+        await until(lambda: sink.metrics.get("connections_closed", "reauth_refused") == 1)
+        await publishes(clients[short.device_id], short, packet_id=2)
+        [line] = [m for m in closings(caplog) if long.device_id in m]
+        assert "refused by the [auth] settings now: token lifetime 3000s over the maximum" in line
+        # Another audience refuses every token issued for the old one.
+        sink.reload(parse_config(text.replace('audience = "sink.test"', 'audience = "other"')))
+        assert await clients[short.device_id].closed_within(5), "refused device kept its session"
+        await until(lambda: sink.metrics.get("connections_closed", "reauth_refused") == 2)
+        [line] = [m for m in closings(caplog) if short.device_id in m]
+        assert line.endswith("refused by the [auth] settings now: wrong audience")
+        assert sink.server.connection_count == 0
+
+
+async def test_a_reload_to_issuer_signed_tokens_closes_device_signed_connections(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A change of token mode applies to connections already open: a device-signed token is
+    refused in issuer-signed mode (unknown kid) as at CONNECT."""
+    config = write_sink_config(tmp_path, pki)
+    device = pki.device(f"mode-{uuid.uuid4().hex[:6]}")
+    issuer_key = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "issuer-1.pem"
+    key_file.write_bytes(
+        issuer_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    async with Sink(loaded(config)) as sink:
+        client = await connected(sink.port, device, pki)
+        auth = (
+            '[auth]\nmode = "issuer-signed"\nissuer = "https://issuer.test"\n'
+            f'issuer_keys = ["{key_file}"]\n'
+        )
+        sink.reload(parse_config(config.read_text().replace("[auth]\n", auth)))
+        assert await client.closed_within(5), "device-signed session kept in issuer-signed mode"
+        await until(lambda: sink.metrics.get("connections_closed", "reauth_refused") == 1)
+
+
+async def test_a_reload_of_the_leeway_moves_the_end_of_open_connections(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A connection ends at its token's exp + leeway: a reload that shortens the leeway ends it
+    sooner (it would otherwise live on by the old leeway)."""
+    config = write_sink_config(tmp_path, pki)  # leeway: the default 30 s
+    device = pki.device(f"leeway-{uuid.uuid4().hex[:6]}")
+    async with Sink(loaded(config)) as sink:
+        client = await connected(sink.port, device, pki, device_token(device, ttl=3))
+        sink.reload(parse_config(config.read_text().replace("[auth]\n", '[auth]\nleeway = "1s"\n')))
+        await publishes(client, device)  # still valid: exp is ahead
+        assert await client.closed_within(8), "the connection outlived exp + the new leeway"
+        await until(lambda: sink.metrics.get("connections_closed", "expired") == 1)
+
+
+def ca_bundle(path: Path, *authorities: Path) -> Path:
+    path.write_bytes(b"".join(authority.read_bytes() for authority in authorities))
+    return path
+
+
+async def test_a_reload_that_drops_a_ca_closes_the_connections_it_verified(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA taken out of the CA file (or replaced) takes its devices' open connections with it
+    at the reload, as their next handshake would be refused; a reload that leaves the CA
+    certificates as they are closes nothing."""
+    caplog.set_level(logging.INFO, logger="mqtt_ingest")
+    ca_file = ca_bundle(tmp_path / "ca.pem", pki.ca_cert, pki.other_ca.cert_path)
+    config = write_sink_config(tmp_path, pki)
+    config.write_text(config.read_text().replace(str(pki.ca_cert), str(ca_file)))
+    ours = pki.device(f"ours-{uuid.uuid4().hex[:6]}")
+    foreign = pki.foreign_device(f"foreign-{uuid.uuid4().hex[:6]}")
+    async with Sink(loaded(config)) as sink:
+        clients = {
+            device.device_id: await connected(sink.port, device, pki) for device in (ours, foreign)
+        }
+        sink.reload(loaded(config))  # the same CA certificates: nobody is judged anew
+        for device in (ours, foreign):
+            await publishes(clients[device.device_id], device)
+        ca_bundle(ca_file, pki.ca_cert)
+        sink.reload(loaded(config))
+        assert await clients[foreign.device_id].closed_within(5), "untrusted device kept on"
+        await until(lambda: sink.metrics.get("connections_closed", "untrusted") == 1)
+        [line] = [m for m in closings(caplog) if foreign.device_id in m]
+        assert "certificate chain not trusted by the CA file now" in line
+        await publishes(clients[ours.device_id], ours, packet_id=2)
+        assert not await connects(sink.port, foreign, pki)  # as a new handshake
+        # Replaced: the other CA instead of ours.
+        ca_bundle(ca_file, pki.other_ca.cert_path)
+        sink.reload(loaded(config))
+        assert await clients[ours.device_id].closed_within(5), "untrusted device kept on"
+        await until(lambda: sink.metrics.get("connections_closed", "untrusted") == 2)
 
 
 async def test_a_device_revoked_between_its_handshake_and_its_connect_is_refused(
