@@ -18,11 +18,20 @@ Guarantees (SPEC §2, §5; RELIABILITY F1, F2, F7, F8, F20):
   creation: ``device_id/epoch/seq`` is globally unique even after a wipe.
 - Bounded by event count and payload bytes. When full, each event's topic rule decides: ``reject``
   raises `BufferFull` for that event (its producer gets no ack), ``drop-oldest`` drops the oldest
-  events of lower or equal priority (counted per reason and topic, logged once per commit).
-- One agent per data directory (an exclusive ``flock``); a second one gets `BufferLocked`.
-- At open, ``PRAGMA quick_check``: a corrupt database is moved aside with its ``-wal``/``-shm``
+  events of lower or equal priority (counted per reason and topic, exactly, in ``drops``; logged
+  once per burst of a reason and topic: when it starts, once a minute while it lasts and with
+  its whole count and seq range when it ends, `droplog.DropLog`).
+- One agent per data directory (an exclusive ``flock``); a second one gets `BufferLocked`. An
+  open that fails after taking the lock lets go of it, of the connection and of the thread.
+- At open, ``PRAGMA integrity_check``: a corrupt database is moved aside with its ``-wal``/``-shm``
   into ``quarantine/``, a fresh one is created and the incident (with what could be counted) is
-  recorded and logged. A WAL deleted after an unclean stop is reported the same way.
+  recorded and logged; so is one whose first reads find damaged content no check sees (a topic
+  that is not UTF-8, a ``meta`` value that is not a number). Indexes that do not match their
+  table (the tables sound) are rebuilt instead (REINDEX, nothing lost; a ``reindexed``
+  incident). A WAL deleted after an unclean stop, or one whose damaged frame made SQLite's
+  recovery drop commits, is reported too (``wal-missing``, ``wal-damaged``).
+- After every unclean stop the seqs jump by ``SEQ_GAP``: commits lost in it (a power loss with
+  ``normal`` durability, a missing or damaged WAL) never have their seqs given out again.
 
 All SQLite work runs on one dedicated thread, one call per transaction: an ``await`` cancelled
 mid-commit does not undo the commit (STYLE 9), so every state change is idempotent.
@@ -61,6 +70,7 @@ from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _close_cleanly,
     _connect,
+    _load_epoch,
     _load_totals,
     _lock,
     _open_checked,
@@ -200,12 +210,13 @@ class Buffer:
         holds the directory.
         """
         lock_fd = await _lock(directory)
-        for name in run_files:
-            (directory / name).unlink(missing_ok=True)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edge-buffer")
         loop = asyncio.get_running_loop()
+        opening: asyncio.Future[tuple[sqlite3.Connection, tuple[_Totals, str]]] | None = None
         try:
-            connection = await loop.run_in_executor(
+            for name in run_files:
+                (directory / name).unlink(missing_ok=True)
+            opening = loop.run_in_executor(
                 executor,
                 _open_checked,
                 directory,
@@ -213,28 +224,37 @@ class Buffer:
                 max_page_count,
                 clock or SystemClock(),
                 connect or _connect,
+                _load,
+            )
+            # Shielded: cancelled, the open still ends (below) before the lock is let go.
+            connection, (totals, epoch) = await asyncio.shield(opening)
+            buffer = cls(
+                directory,
+                connection,
+                executor,
+                lock_fd,
+                max_events=max_events,
+                max_bytes=max_bytes,
+                linger=commit_linger,
+                max_group=commit_max_events,
+                clock=clock or SystemClock(),
+                disk_reserve=disk_reserve,
+            )
+            buffer._totals = totals
+            buffer.epoch = epoch
+            buffer._committer = loop.create_task(
+                buffer._commit_loop(), name="edge_agent.buffer.commit"
             )
         except BaseException:
-            executor.shutdown(wait=False)
+            # Whatever failed after the lock was taken: nothing of this open stays behind (the
+            # next open in this process found the directory locked by its own pid).
+            if opening is not None:
+                await asyncio.wait((opening,))
+                if not opening.cancelled() and opening.exception() is None:
+                    executor.submit(opening.result()[0].close).result()
+            executor.shutdown(wait=True)
             os.close(lock_fd)
             raise
-        buffer = cls(
-            directory,
-            connection,
-            executor,
-            lock_fd,
-            max_events=max_events,
-            max_bytes=max_bytes,
-            linger=commit_linger,
-            max_group=commit_max_events,
-            clock=clock or SystemClock(),
-            disk_reserve=disk_reserve,
-        )
-        await buffer._run(_load_totals, buffer._totals)
-        buffer.epoch = (await buffer.stats()).epoch
-        buffer._committer = asyncio.get_running_loop().create_task(
-            buffer._commit_loop(), name="edge_agent.buffer.commit"
-        )
         return buffer
 
     async def __aenter__(self) -> Buffer:
@@ -496,6 +516,16 @@ class Buffer:
     def limits(self) -> tuple[int, int]:
         """(``max_events``, ``max_bytes``)."""
         return self._max_events, self._max_bytes
+
+
+def _load(db: sqlite3.Connection) -> tuple[_Totals, str]:
+    """The open's first reads, on the buffer thread: the totals kept in memory and the epoch.
+    `_stats` reads every topic (and `_open_checked` quarantines a database whose topics, or
+    ``meta`` values, these reads find damaged, instead of failing every start)."""
+    totals = _Totals()
+    _load_totals(db, totals)
+    _load_epoch(db)  # a missing epoch row: `_Damaged`, not a TypeError in `_stats`
+    return totals, _stats(db).epoch
 
 
 # -- inspection without the lock (edge-agent status while the agent runs) -----------------------

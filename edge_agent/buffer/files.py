@@ -1,6 +1,6 @@
 """The buffer's database file, on the buffer's own thread: the directory lock, opening and checking
-(quick_check, quarantine of a corrupt file, migration), transactions and the totals kept beside
-them."""
+(integrity_check, REINDEX of damaged indexes, quarantine of a corrupt file, commits a damaged WAL
+lost, migration), transactions and the totals kept beside them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from edge_agent.buffer.model import (
     STATE_NAME,
     BufferError,
     BufferLocked,
+    T,
     _Totals,
 )
 from mqtt_ingest.clock import Clock
@@ -116,7 +118,15 @@ def _open_checked(
     max_page_count: int | None,
     clock: Clock,
     connect: Callable[[Path], sqlite3.Connection],
-) -> sqlite3.Connection:
+    load: Callable[[sqlite3.Connection], T],
+) -> tuple[sqlite3.Connection, T]:
+    """Check the database (quarantine, repair, losses of the last run), open it (create,
+    migrate) and ``load`` what the `Buffer` keeps in memory (its first reads).
+
+    Content damaged in a way no check saw and that makes ``load`` fail (`_is_damage`: a topic
+    that is not UTF-8, a ``meta`` value that is not a number) is quarantined like a failed
+    check, and a fresh database opened: otherwise every start failed the same way (systemd
+    restarting the agent for ever). On success the state file says "open"."""
     path = directory / DB_NAME
     state = directory / STATE_NAME
     now_ms = int(clock.time() * 1000)
@@ -126,6 +136,7 @@ def _open_checked(
     unclean = previous[:1] == ["open"]
     # Before _check: its connection, the last to close, may checkpoint and remove the WAL.
     wal_present = (directory / f"{DB_NAME}-wal").exists()
+    wal_commits = _wal_commits(directory / f"{DB_NAME}-wal") if unclean and wal_present else []
     if state.exists() and (not path.exists() or path.stat().st_size == 0):
         # An agent had a database here (the state file says so), and an empty or missing file
         # would open as a fresh, empty database: its events gone without a word.
@@ -136,17 +147,76 @@ def _open_checked(
         log.error("buffer: %s", detail)
         incidents.append(("corrupt", detail))
     elif path.exists():
-        problem = _check(path)
-        if problem is not None:
-            counted = _count_what_we_can(path)
-            moved = _quarantine(directory, now_ms)
-            detail = f"{problem}; moved to {moved}; {counted}"
-            log.error("buffer: corrupt database quarantined: %s", detail)
-            incidents.append(("corrupt", detail))
-        elif unclean and not wal_present:
-            detail = "the -wal file was missing after an unclean stop: recent commits may be lost"
-            log.error("buffer: %s", detail)
-            incidents.append(("wal-missing", detail))
+        checked = _check(path)
+        if checked.problem is not None:
+            incidents.append(_quarantined(directory, now_ms, checked.problem))
+        else:
+            if checked.repaired is not None:
+                log.warning("buffer: %s", checked.repaired)
+                incidents.append(("reindexed", checked.repaired))
+            if unclean and not wal_present:
+                detail = (
+                    "the -wal file was missing after an unclean stop: recent commits may be lost"
+                )
+                log.error("buffer: %s", detail)
+                incidents.append(("wal-missing", detail))
+            elif (lost := _wal_loss(wal_commits, checked.wal_frames)) is not None:
+                log.error("buffer: %s", lost)
+                incidents.append(("wal-damaged", lost))
+    try:
+        db, loaded = _open_loaded(connect, path, durability, max_page_count, now_ms, unclean,
+                                  incidents, load)  # fmt: skip
+    except sqlite3.DatabaseError as exc:
+        if not _is_damage(exc):
+            raise
+        incidents.append(_quarantined(directory, now_ms, f"its first reads failed: {exc}"))
+        # A fresh database: this fails only for a cause that is not damage.
+        db, loaded = _open_loaded(connect, path, durability, max_page_count, now_ms, unclean,
+                                  incidents, load)  # fmt: skip
+    _write_state(state, "open" if durability == "full" else "open normal")
+    return db, loaded
+
+
+def _quarantined(directory: Path, now_ms: int, problem: str) -> tuple[str, str]:
+    """Move the database aside after ``problem``; the incident saying what was in it."""
+    counted = _count_what_we_can(directory / DB_NAME)
+    moved = _quarantine(directory, now_ms)
+    detail = f"{problem}; moved to {moved}; {counted}"
+    log.error("buffer: corrupt database quarantined: %s", detail)
+    return "corrupt", detail
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """Content that no SQLite check sees as damage but that the buffer never writes (a ``meta``
+    value that is not a number)."""
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc``, raised by a read, means the content is damaged (and not a full disk, a
+    permission, a lock: causes that go away, with the database still good)."""
+    if isinstance(exc, _Damaged):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _CORRUPTION
+    # Raised by Python's sqlite3 itself, reading a TEXT value (a topic with a flipped high
+    # bit) that is not UTF-8: quick_check and integrity_check do not look at encodings.
+    return str(exc).startswith("Could not decode to UTF-8")
+
+
+def _open_loaded(
+    connect: Callable[[Path], sqlite3.Connection],
+    path: Path,
+    durability: Literal["full", "normal"],
+    max_page_count: int | None,
+    now_ms: int,
+    unclean: bool,
+    incidents: list[tuple[str, str]],
+    load: Callable[[sqlite3.Connection], T],
+) -> tuple[sqlite3.Connection, T]:
+    """Connect, set the pragmas, create or migrate the schema, jump the seqs after an unclean
+    stop, record ``incidents`` and ``load``; the connection is closed if any of it fails (a
+    second open in this process must not find the database locked)."""
     db = connect(path)
     try:
         db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a no-op unless the database is new
@@ -183,15 +253,14 @@ def _open_checked(
                 _migrate_from_1(db, path)
             if version <= 2:
                 _migrate_from_2(db, path)
-            if unclean and ("normal" in previous or not wal_present):
+            if unclean:
                 _skip_seqs(db, durability)
         for kind, detail in incidents:
             db.execute("INSERT INTO incidents VALUES (?, ?, ?)", (now_ms, kind, detail))
+        return db, load(db)
     except BaseException:
-        db.close()  # a second open in this process must not find it locked
+        db.close()
         raise
-    _write_state(state, "open" if durability == "full" else "open normal")
-    return db
 
 
 SEQ_GAP = 1 << 32
@@ -199,12 +268,14 @@ SEQ_GAP = 1 << 32
 
 
 def _skip_seqs(db: sqlite3.Connection, durability: Literal["full", "normal"]) -> None:
-    """After an unclean stop that may have rolled back commits (the last run had ``normal``
-    durability: a power loss; or a missing WAL), the seqs those commits gave out may be at the
-    sink already, under this epoch: given again to new events, the sink would drop those as
-    duplicates (silently: an event id is what dedupes). So the next seq is `SEQ_GAP` past the
-    highest one kept, and that is synced before any event is taken (a second power loss must
-    not roll it back)."""
+    """After an unclean stop the last commits may have rolled back: with ``normal`` durability
+    a power loss does that, and with any durability a missing WAL or a damaged WAL frame (SQLite's
+    recovery silently drops the frames from the first one whose checksum fails, acknowledged
+    commits with them). Nothing tells all of those from a kill -9 that lost nothing. The seqs
+    the lost commits gave out may be at the sink already, under this epoch: given again to new
+    events, the sink would drop those as duplicates (silently: an event id is what dedupes). So
+    after every unclean stop the next seq is `SEQ_GAP` past the highest one kept, and that is
+    synced before any event is taken (a second power loss must not roll it back)."""
     _, newest = _seq_marks(db)
     db.execute("PRAGMA synchronous=FULL")
     try:
@@ -213,7 +284,7 @@ def _skip_seqs(db: sqlite3.Connection, durability: Literal["full", "normal"]) ->
     finally:
         db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     log.warning(
-        "buffer: after an unclean stop that may have rolled back commits, seqs go on from %d"
+        "buffer: after an unclean stop (its last commits may have rolled back), seqs go on from %d"
         " (not %d): those the lost commits gave out may be known at the sink",
         newest + SEQ_GAP + 1,
         newest + 1,
@@ -282,35 +353,126 @@ def _set_meta(db: sqlite3.Connection, key: str, value: object) -> None:
     )
 
 
-def _check(path: Path) -> str | None:
+@dataclasses.dataclass
+class _Checked:
+    problem: str | None = None
+    """Why the database must be quarantined, or None."""
+    repaired: str | None = None
+    """What was repaired (rebuilt indexes), or None."""
+    wal_frames: int | None = None
+    """The WAL frames SQLite's recovery kept (None: not known)."""
+
+
+def _check(path: Path) -> _Checked:
+    """``PRAGMA integrity_check``, and what quick_check does not see: the schema version
+    against the tables. Index entries that do not match their table (which quick_check does
+    not compare: the drain read a wrong row, or failed at every read) are rebuilt (REINDEX,
+    nothing lost) when the tables themselves are sound."""
+    checked = _Checked()
     try:
         # Read-write (we hold the lock): SQLite can then recover a stale -shm after a crash.
-        db = sqlite3.connect(path, timeout=10)
+        db = sqlite3.connect(path, timeout=10, isolation_level=None)
         try:
-            result = db.execute("PRAGMA quick_check").fetchall()
-            if result != [("ok",)]:
-                return "quick_check: " + "; ".join(str(r[0]) for r in result[:5])
+            checked.wal_frames = _wal_frames_kept(db)
+            result = _integrity(db, "integrity_check")
+            if result is not None:
+                if _integrity(db, "quick_check") is not None:
+                    checked.problem = "integrity_check: " + result
+                    return checked
+                # The pages and tables are sound: only indexes differ from their tables.
+                db.execute("REINDEX")
+                again = _integrity(db, "integrity_check")
+                if again is not None:
+                    checked.problem = f"integrity_check: {result}; after REINDEX: {again}"
+                    return checked
+                checked.repaired = f"indexes rebuilt (REINDEX), no event lost: {result}"
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0 and tables:
                 # The schema is made and its version set in one transaction: a header saying
                 # 0 over tables is damage, and creating the schema again would fail (for ever).
-                return f"schema version 0 but it holds tables ({', '.join(sorted(tables)[:5])})"
+                checked.problem = (
+                    f"schema version 0 but it holds tables ({', '.join(sorted(tables)[:5])})"
+                )
+                return checked
             missing = _TABLES.get(version, frozenset()) - tables
             if missing:
-                return f"schema version {version} without its tables {', '.join(sorted(missing))}"
+                checked.problem = (
+                    f"schema version {version} without its tables {', '.join(sorted(missing))}"
+                )
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
-        if exc.sqlite_errorcode & 0xFF not in _CORRUPTION:
+        if not _is_damage(exc):
             # A full disk (no room for the -shm file), a lock, a permission: the database may be
             # perfectly good, and moving it aside would lose it. Refuse to start instead.
             raise BufferError(
-                f"cannot open the buffer {path}: {exc} ({exc.sqlite_errorname}); it is not known"
-                " to be corrupt and was left in place"
+                f"cannot open the buffer {path}: {exc} ({getattr(exc, 'sqlite_errorname', '?')});"
+                " it is not known to be corrupt and was left in place"
             ) from None
-        return f"cannot read the database: {exc}"
-    return None
+        checked.problem = f"cannot read the database: {exc}"
+    return checked
+
+
+def _integrity(db: sqlite3.Connection, pragma: str) -> str | None:
+    """What ``PRAGMA {pragma}`` found wrong (its first 5 lines), or None."""
+    result = db.execute(f"PRAGMA {pragma}").fetchall()
+    return None if result == [("ok",)] else "; ".join(str(r[0]) for r in result[:5])
+
+
+def _wal_frames_kept(db: sqlite3.Connection) -> int | None:
+    """How many frames of the WAL SQLite's recovery kept (a passive checkpoint's "log" count,
+    read by the first connection: the close of the last one would checkpoint anyway); None if
+    the checkpoint could not run (a full disk: then `_check` says why)."""
+    try:
+        row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return None if row is None or row[1] < 0 else int(row[1])
+
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+_WAL_HEADER = 32
+_WAL_FRAME_HEADER = 24
+
+
+def _wal_commits(wal: Path) -> list[int]:
+    """The frames (numbered from 1) of ``wal`` that end a commit and belong to the WAL's
+    current generation (its salts), read from the frame headers alone: SQLite's recovery keeps
+    the frames up to the first whose checksum fails, and drops the rest without a word."""
+    try:
+        with wal.open("rb") as file:
+            header = file.read(_WAL_HEADER)
+            if len(header) < _WAL_HEADER:
+                return []
+            magic, _, page_size = struct.unpack(">III", header[:12])
+            salts = header[16:24]
+            if magic not in _WAL_MAGIC or not 512 <= page_size <= 65536:
+                return []
+            commits, frame = [], 0
+            while len(head := file.read(_WAL_FRAME_HEADER)) == _WAL_FRAME_HEADER:
+                frame += 1
+                if head[8:16] == salts and head[4:8] != b"\0\0\0\0":
+                    commits.append(frame)
+                file.seek(page_size, os.SEEK_CUR)
+            return commits
+    except OSError:
+        return []
+
+
+def _wal_loss(commits: list[int], kept: int | None) -> str | None:
+    """The incident's detail if recovery dropped commits of the WAL (`_wal_commits`)."""
+    if kept is None:
+        return None
+    lost = [frame for frame in commits if frame > kept]
+    if not lost:
+        return None
+    return (
+        f"the -wal file was damaged after an unclean stop: SQLite's recovery kept its first {kept}"
+        f" frames and dropped the {len(lost)} commits after them (frames {kept + 1} to"
+        f" {lost[-1]}): their events are lost (with durability full, the last one may have been"
+        " cut by a power loss before it was acknowledged); their seqs are not given again"
+    )
 
 
 _TABLES = {
@@ -423,6 +585,15 @@ def _transaction(db: sqlite3.Connection, totals: _Totals | None = None) -> Itera
         raise
 
 
+def _load_epoch(db: sqlite3.Connection) -> str:
+    """The database's epoch; `_Damaged` if its row is gone (quick_check does not see a flipped
+    byte in the key 'epoch')."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+    if row is None:
+        raise _Damaged("meta has no epoch")
+    return str(row[0])
+
+
 def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
     totals.events, totals.bytes = db.execute(
         "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
@@ -434,7 +605,10 @@ def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
 def _seq_marks(db: sqlite3.Connection) -> tuple[int, int]:
     """(``meta.high_water``, the highest seq ever committed)."""
     row = db.execute("SELECT value FROM meta WHERE key = 'high_water'").fetchone()
-    high_water = int(row[0]) if row else 0
+    try:
+        high_water = int(row[0]) if row else 0
+    except ValueError:
+        raise _Damaged(f"meta.high_water is not a number: {row[0]!r}") from None
     newest = db.execute(
         "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
         " coalesce((SELECT max(seq) FROM dead_letters), 0))"
