@@ -230,7 +230,8 @@ class AgentMetrics:
             dropped_bytes.add_metric([reason], size)
         incidents = CounterMetricFamily(
             "edge_agent_buffer_incidents",
-            "Buffer incidents recorded (corrupt database quarantined, WAL missing), by kind.",
+            "Buffer incidents recorded (corrupt: quarantined; reindexed; wal-missing; wal-damaged),"
+            " by kind.",
             labels=["kind"],
         )
         kinds: dict[str, int] = {}
