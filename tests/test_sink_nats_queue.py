@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
-from cloud_sink.backends.nats import NatsCoreQueue, _header_value, subject_covers
+from cloud_sink.backends.nats import NatsCoreQueue, _event_headers, _header_value, subject_covers
 from cloud_sink.backends.nats_batch import read_reply
+from cloud_sink.forward import Forwarder
+from mqtt_ingest import Counters, Identity, IngestEvent
 from tests.harness.brokers import NatsNames, nats_connection, read_stream
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
 from tests.harness.report import figures
@@ -683,3 +685,93 @@ async def test_a_client_nats_py_closed_for_good_is_replaced_by_the_probe(
         nats_jetstream.url, nats_jetstream.stream, expected=2, timeout=READ_TIMEOUT
     )
     assert [m.headers["seq"] for m in stored] == ["1", "2"]
+
+
+def raw_event(device: str, payload: bytes) -> IngestEvent:
+    """A raw publish of ``device`` as the ingest server hands it to the forwarder."""
+    return IngestEvent(Identity(device, {}), device, f"devices/{device}/t", payload, 1, False, 1.0)
+
+
+async def test_a_message_over_its_streams_max_msg_size_is_a_refusal(
+    nats_jetstream: NatsNames,
+) -> None:
+    """An existing stream with a ``max_msg_size`` of its own under the server's ``max_payload``:
+    `refusal` checked only the latter, JetStream refused the larger event with an error PubAck
+    and the whole stage call failed (every other device's events unacked, an outage), at every
+    resend of it. `refusal` measures as JetStream does, headers included (nats-server counts
+    them: a message of exactly the limit is stored, one byte more refused)."""
+    limit = 1024
+    async with nats_connection(nats_jetstream.url) as client:
+        await client.jsm(timeout=5).add_stream(
+            StreamConfig(
+                name=nats_jetstream.stream,
+                subjects=[nats_jetstream.subjects],
+                duplicate_window=120,
+                max_msg_size=limit,
+            )
+        )
+    queue = await open_queue(nats_jetstream)
+    try:
+        fits = core_message(1)
+        head = len(_event_headers(fits, nats_jetstream.stream).encode())
+        fits = fits._replace(payload=bytes(limit - head))
+        over = core_message(2)._replace(payload=bytes(limit - head + 1))
+        assert queue.refusal(fits) is None
+        assert queue.refusal(over) == (
+            f"{limit + 1} bytes with its headers: JetStream stream {nats_jetstream.stream!r}"
+            f" takes {limit} (its max_msg_size)"
+        )
+        assert (await queue.publish([fits])).stored == 1
+        with pytest.raises(BackendError, match="message size exceeds maximum allowed"):
+            await queue.publish([over])  # what the forwarder no longer hands it
+        # Through the forwarder: the large event goes to the dead letters by itself (the
+        # dead-letter stream has no such limit), the other device's event is stored.
+        forwarder = Forwarder(queue, Counters(), max_body=1024**2)
+        big, small = raw_event("big-dev", bytes(4000)), raw_event("other-dev", b"fine")
+        assert await forwarder.store([small, big]) is None
+    finally:
+        await queue.aclose()
+    stored = await read_stream(
+        nats_jetstream.url, nats_jetstream.stream, expected=2, timeout=READ_TIMEOUT
+    )
+    assert [m.body for m in stored] == [bytes(limit - head), b"fine"]
+    [dead] = await read_stream(
+        nats_jetstream.url, nats_jetstream.dead_letter_stream, expected=1, timeout=READ_TIMEOUT
+    )
+    assert dead.headers["device-id"] == "big-dev"
+    assert "its max_msg_size" in dead.headers["reason"]
+
+
+async def test_a_streams_max_msg_size_is_read_again_by_each_probe(
+    nats_jetstream: NatsNames,
+) -> None:
+    """A limit set (or lifted) on a stream while the sink runs: the refused batch is an outage,
+    the probe reads the new limit, and the resent event is dead-lettered instead of failing the
+    batch again for ever. The dead-letter stream's own limit bounds dead letters."""
+    queue = await open_queue(nats_jetstream)
+    event = core_message(1)._replace(payload=bytes(2000))
+    letter = DeadLetterMessage("dev-1", "devices/dev-1/t", bytes(2000), "why", 1, "dev-1/e/1")
+    try:
+        assert queue.refusal(event) is None
+        assert queue.refusal(letter) is None
+        async with nats_connection(nats_jetstream.url) as client:
+            jsm = client.jsm(timeout=5)
+            for name in nats_jetstream.streams:
+                config = (await jsm.stream_info(name)).config
+                config.max_msg_size = 1024
+                await jsm.update_stream(config)
+        with pytest.raises(BackendError, match="message size exceeds maximum allowed"):
+            await queue.publish([event])
+        await queue.probe()
+        assert "JetStream stream" in (queue.refusal(event) or "")
+        assert nats_jetstream.dead_letter_stream in (queue.refusal(letter) or "")
+        async with nats_connection(nats_jetstream.url) as client:
+            jsm = client.jsm(timeout=5)
+            config = (await jsm.stream_info(nats_jetstream.stream)).config
+            config.max_msg_size = -1
+            await jsm.update_stream(config)
+        await queue.probe()
+        assert queue.refusal(event) is None
+        assert (await queue.publish([event])).stored == 1
+    finally:
+        await queue.aclose()

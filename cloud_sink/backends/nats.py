@@ -154,6 +154,9 @@ class NatsCoreQueue:
         self._closing = False
         self._duplicate_window = 120.0  # set by `open`, for `_ensure_streams`
         self._storage = StorageType.FILE
+        # Each stream's own max_msg_size (headers count), if it has one: read by
+        # `_ensure_streams` at start and at every probe, for `refusal`.
+        self._max_msg_size: dict[str, int] = {}
         self.duplicates = 0
 
     @classmethod
@@ -173,8 +176,8 @@ class NatsCoreQueue:
         """Connect to `url` and create both streams or check the existing ones.
 
         Raises `BackendError` when the server cannot be reached within `timeout`, or when an
-        existing stream does not take ``<prefix>.>`` or keeps duplicates for less than
-        `duplicate_window` seconds.
+        existing stream does not take ``<prefix>.>``, keeps duplicates for less than
+        `duplicate_window` seconds, or keeps its messages in memory for a file queue.
         """
         client, publisher = await _connect(url, timeout)
         queue = cls(
@@ -208,7 +211,13 @@ class NatsCoreQueue:
             (self.stream, self.subject_prefix),
             (self.dead_letter_stream, self.dead_letter_subject_prefix),
         ):
-            await self._ensure_stream(name, prefix, self._duplicate_window, self._storage, again)
+            limit = await self._ensure_stream(
+                name, prefix, self._duplicate_window, self._storage, again
+            )
+            if limit is None:
+                self._max_msg_size.pop(name, None)
+            else:
+                self._max_msg_size[name] = limit
 
     async def _ensure_stream(
         self,
@@ -217,7 +226,9 @@ class NatsCoreQueue:
         duplicate_window: float,
         storage: StorageType,
         again: bool = False,
-    ) -> None:
+    ) -> int | None:
+        """The stream there and fit for use (`BackendError` if not); its ``max_msg_size`` if it
+        has one (JetStream refuses a larger message, headers included, with an error PubAck)."""
         wanted = f"{prefix}.>"
         jsm = self._client.jsm(timeout=self.timeout)
         try:
@@ -241,7 +252,7 @@ class NatsCoreQueue:
                 )
             else:
                 log.info("created JetStream stream %s for %s", name, wanted)
-            return
+            return None
         config = info.config
         subjects: list[str] = list(config.subjects or [])
         if not any(subject_covers(s, wanted) for s in subjects):
@@ -261,19 +272,23 @@ class NatsCoreQueue:
                 " lose events the sink confirmed to devices (which deleted them); recreate it"
                 " with file storage"
             )
+        size = config.max_msg_size
+        return size if size is not None and size > 0 else None
 
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
         """A subject too long for the server's control line (it resets the connection on one),
-        or a message over its ``max_payload`` with the headers (it refuses the publish). A
-        UTF-8 character is at most 4 bytes: what is clearly short is not encoded to measure."""
+        or a message with its headers over the server's ``max_payload`` (it refuses the
+        publish) or over its stream's ``max_msg_size`` (JetStream refuses it: the whole batch
+        failed, at every resend). A UTF-8 character is at most 4 bytes: what is clearly short
+        is not encoded to measure."""
         if isinstance(message, DeadLetterMessage):
+            stream = self.dead_letter_stream
             subject_bound = len(self.dead_letter_subject_prefix) + 4 * len(message.device_id)
-            metadata = (
-                len(message.reason) + len(self.dead_letter_stream) + 2 * len(message.letter_id)
-            )
+            metadata = len(message.reason) + len(stream) + 2 * len(message.letter_id)
         else:
+            stream = self.stream
             subject_bound = len(self.subject_prefix) + 4 * len(message.topic)
-            metadata = 2 * len(message.event_id) + len(self.stream)
+            metadata = 2 * len(message.event_id) + len(stream)
         if subject_bound + 1 > _MAX_SUBJECT_BYTES:
             subject = (
                 self._dead_letter_subject(message)
@@ -285,17 +300,25 @@ class NatsCoreQueue:
                     f"subject of {len(subject.encode())} bytes: NATS subjects here are limited"
                     f" to {_MAX_SUBJECT_BYTES} (the server's control line is 4 KiB)"
                 )
-        max_payload = self._client.max_payload
+        limit = max_payload = self._client.max_payload
+        stream_limit = self._max_msg_size.get(stream)
+        if stream_limit is not None and stream_limit < limit:
+            limit = stream_limit
         metadata += len(message.topic) + len(message.device_id)
-        if len(message.payload) + _HEADER_ALLOWANCE + 4 * metadata > max_payload:
+        if len(message.payload) + _HEADER_ALLOWANCE + 4 * metadata > limit:
             headers = (
-                _dead_letter_headers(message, self.dead_letter_stream)
+                _dead_letter_headers(message, stream)
                 if isinstance(message, DeadLetterMessage)
-                else _event_headers(message, self.stream)
+                else _event_headers(message, stream)
             )
             size = len(headers.encode()) + len(message.payload)
-            if size > max_payload:
-                return f"{size} bytes with its headers: the NATS server takes {max_payload}"
+            if size > limit:
+                if limit == max_payload:
+                    return f"{size} bytes with its headers: the NATS server takes {max_payload}"
+                return (
+                    f"{size} bytes with its headers: JetStream stream {stream!r} takes {limit}"
+                    " (its max_msg_size)"
+                )
         return None
 
     def _dead_letter_subject(self, m: DeadLetterMessage) -> str:
