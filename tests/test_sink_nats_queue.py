@@ -775,3 +775,43 @@ async def test_a_streams_max_msg_size_is_read_again_by_each_probe(
         assert (await queue.publish([event])).stored == 1
     finally:
         await queue.aclose()
+
+
+@pytest.mark.parametrize("setting", ["no_ack", "sealed"])
+async def test_a_stream_that_cannot_confirm_is_refused_at_start_and_by_the_probe(
+    nats_jetstream: NatsNames, setting: str
+) -> None:
+    """An existing stream set ``no_ack`` (no PubAck at all) or ``sealed`` (every message
+    refused) passed `open` and every probe while every publish failed: the sink went down and
+    up again for ever. It is refused with the setting named, as a memory stream is."""
+    async with nats_connection(nats_jetstream.url) as client:
+        jsm = client.jsm(timeout=5)
+        await jsm.add_stream(
+            StreamConfig(
+                name=nats_jetstream.stream,
+                subjects=[nats_jetstream.subjects],
+                duplicate_window=120,
+                no_ack=setting == "no_ack",
+            )
+        )
+        if setting == "sealed":
+            config = (await jsm.stream_info(nats_jetstream.stream)).config
+            config.sealed = True
+            await jsm.update_stream(config)
+    with pytest.raises(BackendError, match=f"{nats_jetstream.stream}' is {setting}"):
+        await open_queue(nats_jetstream, timeout=2.0)
+    # Set on the dead-letter stream while the sink runs: the probe fails with the reason.
+    async with nats_connection(nats_jetstream.url) as client:
+        await client.jsm(timeout=5).delete_stream(nats_jetstream.stream)
+    queue = await open_queue(nats_jetstream, timeout=2.0)
+    try:
+        async with nats_connection(nats_jetstream.url) as client:
+            jsm = client.jsm(timeout=5)
+            config = (await jsm.stream_info(nats_jetstream.dead_letter_stream)).config
+            setattr(config, setting, True)
+            await jsm.update_stream(config)
+        dead = nats_jetstream.dead_letter_stream
+        with pytest.raises(BackendError, match=f"{dead}' is {setting}"):
+            await queue.probe()
+    finally:
+        await queue.aclose()

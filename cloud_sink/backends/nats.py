@@ -177,7 +177,8 @@ class NatsCoreQueue:
 
         Raises `BackendError` when the server cannot be reached within `timeout`, or when an
         existing stream does not take ``<prefix>.>``, keeps duplicates for less than
-        `duplicate_window` seconds, or keeps its messages in memory for a file queue.
+        `duplicate_window` seconds, keeps its messages in memory for a file queue, or cannot
+        confirm (``no_ack``, ``sealed``).
         """
         client, publisher = await _connect(url, timeout)
         queue = cls(
@@ -271,6 +272,18 @@ class NatsCoreQueue:
                 f"JetStream stream {name!r} keeps its messages in memory: a NATS restart would"
                 " lose events the sink confirmed to devices (which deleted them); recreate it"
                 " with file storage"
+            )
+        # Either one failed every publish while the checks above (and so every probe) passed:
+        # the sink went down and up again for ever.
+        if config.no_ack:
+            raise BackendError(
+                f"JetStream stream {name!r} is no_ack: it sends no PubAck, so nothing"
+                " published to it can be confirmed; recreate it without no_ack"
+            )
+        if config.sealed:
+            raise BackendError(
+                f"JetStream stream {name!r} is sealed: it refuses every message; point the sink"
+                " at another stream"
             )
         size = config.max_msg_size
         return size if size is not None and size > 0 else None
