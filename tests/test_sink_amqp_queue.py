@@ -629,6 +629,38 @@ async def test_unroutable_message_fails_only_its_batch(rabbitmq: RabbitNames) ->
     assert b"p1001" not in bodies
 
 
+async def test_a_returned_message_fails_the_batch_it_was_published_in(
+    rabbitmq: RabbitNames,
+) -> None:
+    """A basic.return names no delivery tag: it was matched by message id to the newest batch in
+    flight holding it. With a device's resend in flight beside its first publish (the same event
+    id), the older batch was confirmed and reported stored though its message came back. Here the
+    same id in batches in flight at once, some unroutable, some routable (their routing keys
+    differ), in either order: each return fails its own batch."""
+    routed, lost = f"{rabbitmq.routing_prefix}-ok", f"{rabbitmq.routing_prefix}-lost"
+    async with core_queue(rabbitmq, queue=None) as queue:
+        async with amqp_connection(rabbitmq.url) as connection:
+            channel = await connection.channel()
+            bound = await channel.declare_queue(rabbitmq.queue, durable=True)
+            await bound.bind(rabbitmq.exchange, f"devices.{routed}.*")
+            await channel.close()
+        returned = message(rabbitmq, 1, lost)
+        stored = message(rabbitmq, 1, routed)._replace(event_id=returned.event_id)
+        for batches in (
+            [[returned], [returned]],
+            [[returned, returned], [stored], [returned]],
+            [[stored], [returned]],
+        ):
+            results = await asyncio.gather(
+                *(queue.publish(batch) for batch in batches), return_exceptions=True
+            )
+            kinds = [BackendError if batch[0] is returned else PublishOutcome for batch in batches]
+            assert [type(r) for r in results] == kinds, results
+        assert (await queue.publish([stored])).stored == 1  # later confirms still match
+    received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=3, timeout=DRAIN_TIMEOUT)
+    assert [r.body for r in received] == [b"p1", b"p1", b"p1"]
+
+
 async def test_channel_closed_by_the_broker_fails_the_batch(rabbitmq: RabbitNames) -> None:
     async with core_queue(rabbitmq) as queue:
         await queue.publish([message(rabbitmq, 1)])

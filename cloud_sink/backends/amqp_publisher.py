@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import aiormq
@@ -41,7 +41,8 @@ _MESSAGES_PER_WRITE = 256  # messages marshalled into one write-queue item
 
 class Outgoing(NamedTuple):
     """One message to publish: ``properties`` are marshalled basic properties (flags first),
-    ``message_id`` the one they carry (a basic.return is matched to its batch by it)."""
+    ``message_id`` the one they carry (a basic.return is matched to its message by it, its routing
+    key and the publish order)."""
 
     routing_key: str
     properties: bytes
@@ -53,14 +54,9 @@ class Outgoing(NamedTuple):
 class _Batch:
     first: int  # delivery tags first..last, inclusive
     last: int
-    message_ids: Sequence[str]  # of tags first, first + 1, ...
+    exchange: str
+    messages: Sequence[Outgoing]  # of tags first, first + 1, ...
     future: asyncio.Future[None]
-    lookup: frozenset[str] | None = field(default=None)  # built on the first return only
-
-    def holds(self, message_id: str) -> bool:
-        if self.lookup is None:
-            self.lookup = frozenset(self.message_ids)
-        return message_id in self.lookup
 
 
 class BatchPublisher:
@@ -74,6 +70,7 @@ class BatchPublisher:
         self._written_to = channel.delivery_tag  # the last tag handed to the writer
         self._settled_to = channel.delivery_tag  # every tag up to this one is acked or nacked
         self._singles: set[int] = set()  # tags above it, settled one by one (out of order)
+        self._returned_to = channel.delivery_tag  # the tag of the last message returned
         self._batches: deque[_Batch] = deque()  # in tag order, until every tag is settled
         # The channel reader looks these up on the instance for every basic.ack, basic.nack
         # and basic.return frame.
@@ -104,7 +101,8 @@ class BatchPublisher:
             batch = _Batch(
                 first=first,
                 last=first + len(messages) - 1,
-                message_ids=[m.message_id for m in messages],
+                exchange=exchange,
+                messages=messages,
                 future=channel.create_future(),
             )
             self._batches.append(batch)
@@ -203,10 +201,32 @@ class BatchPublisher:
             raise ValueError(f"unexpected frame {header!r} instead of ContentHeader", header)
         message = await self._channel._read_content(frame, header)
         message_id = header.properties.message_id
-        # A return comes before the confirm of its message, so its batch is still here.
-        for batch in reversed(self._batches):
-            if message_id is not None and batch.holds(message_id):
-                if not batch.future.done():
-                    batch.future.set_exception(PublishError(message, frame))
-                return
-        log.error("amqp: returned message %r matches no publish in flight", message_id)
+        batch = None if message_id is None else self._returned(frame, message_id)
+        if batch is None:
+            log.error("amqp: returned message %r matches no publish in flight", message_id)
+        elif not batch.future.done():
+            batch.future.set_exception(PublishError(message, frame))
+
+    def _returned(self, frame: Basic.Return, message_id: str) -> _Batch | None:
+        """The batch of the message a basic.return is for. The frame carries no delivery tag,
+        but RabbitMQ returns a message before it confirms it and returns them in publish order:
+        it is the first message with this id, exchange and routing key (whether a message is
+        routable) published after the last one returned and not confirmed yet.
+
+        Matched by id alone, a return went to the newest batch holding the id: with a device's
+        resend in flight beside its first publish, a batch whose message came back was reported
+        confirmed."""
+        after = max(self._returned_to, self._settled_to)
+        key, exchange = frame.routing_key, frame.exchange
+        for batch in self._batches:
+            if batch.last <= after or batch.exchange != exchange:
+                continue
+            messages = batch.messages
+            for index in range(
+                max(after + 1, batch.first) - batch.first, batch.last - batch.first + 1
+            ):
+                m = messages[index]
+                if m.message_id == message_id and m.routing_key == key:
+                    self._returned_to = batch.first + index
+                    return batch
+        return None
