@@ -429,7 +429,9 @@ def copy_backlog(source: Path, target: Path) -> None:
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
+    return sqlite3.connect(
+        path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=5
+    )
 
 
 def buffer_empty(db: sqlite3.Connection) -> bool:

@@ -493,7 +493,8 @@ def sink_toml(
 async def stored_count(backend: str, names: Names, core: Path) -> int:
     """Messages the core queue holds now."""
     if backend == "sqlite":
-        with contextlib.closing(sqlite3.connect(f"file:{core}?mode=ro", uri=True)) as db:
+        # A URI quotes what a directory name may hold ('#', '?', '%'); `root` is absolute.
+        with contextlib.closing(sqlite3.connect(core.as_uri() + "?mode=ro", uri=True)) as db:
             return int(db.execute("SELECT count(*) FROM events").fetchone()[0])
     if backend == "amqp":
         import aio_pika
@@ -1137,7 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.profile.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-sink-", dir=args.dir) as root:
-        asyncio.run(run(args, Path(root)))
+        asyncio.run(run(args, Path(root).resolve()))
     out(f"\ntotal time {time.perf_counter() - started:.0f} s; temporary data removed")
 
 

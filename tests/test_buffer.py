@@ -1114,3 +1114,22 @@ async def test_files_of_the_previous_run_go_as_soon_as_the_lock_is_taken(tmp_pat
 
     async with await Buffer.open(tmp_path, connect=connect, run_files=("listener.json",)):
         assert seen == [False]
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("name", ["with #hash", "with ?query", "with %25", "50%"])
+async def test_read_only_inspection_whatever_the_directory_is_called(
+    tmp_path: Path, name: str
+) -> None:
+    """``edge-agent status`` and ``buffer peek`` opened a ``file:`` URI made of the path
+    unquoted: a '#' or '?' in a directory's name ended the file name there (another, empty
+    database was created and read), a '%' failed."""
+    directory = tmp_path / name
+    async with await Buffer.open(directory) as buffer:
+        await buffer.append_one(event(b"x"))
+    assert inspect(directory).events == 1
+    assert [e.payload for e in read_events(directory)] == [b"x"]
+    assert entries(tmp_path) == [name]  # nothing else opened

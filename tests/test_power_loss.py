@@ -71,7 +71,7 @@ async def crash_during_appends(
 
 def integrity(path: Path) -> str:
     """``PRAGMA integrity_check`` (RELIABILITY's "ok" after a restart), read-only."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
     try:
         return "; ".join(str(row[0]) for row in db.execute("PRAGMA integrity_check"))
     finally:

@@ -262,3 +262,27 @@ asyncio.run(main())
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "outage: sqlite core queue: no answer within 0.2s" in done.stdout
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("directory", ["plain", "with #hash", "with ?query", "with %25", "50%"])
+async def test_tail_reads_the_core_queue_whatever_its_directory_is_called(
+    tmp_path: Path, directory: str
+) -> None:
+    """`read_messages` (``cloud-sink tail``) and `read_dead_letters` opened a ``file:`` URI made
+    of the path unquoted: a '#' or '?' in a directory's name ended the file name there (they
+    showed nothing, and created a stray empty database beside it), a '%' failed."""
+    path = tmp_path / directory / "core.db"
+    letter = DeadLetterMessage("dev-1", "devices/dev-1/t", b"x", "why", 1, "dev-1/e/9")
+    queue = await SqliteCoreQueue.open(path, disk_reserve=0)
+    try:
+        await queue.publish([core_message(1)])
+        await queue.dead_letter([letter])
+    finally:
+        await queue.aclose()
+    assert [m for _, m in read_messages(path)] == [core_message(1)]
+    assert read_dead_letters(path) == [letter]
+    assert entries(tmp_path) == [directory]  # nothing else opened

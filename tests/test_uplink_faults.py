@@ -183,7 +183,7 @@ async def test_a_poison_event_goes_to_dead_letters_and_the_rest_flows(
 
 def counted_losses(data_dir: Path, seq: int) -> int:
     """The losses the buffer keeps against event ``seq`` as poison (read-only, beside the agent)."""
-    db = sqlite3.connect(f"file:{data_dir / 'buffer.db'}?mode=ro", uri=True)
+    db = sqlite3.connect((data_dir / "buffer.db").resolve().as_uri() + "?mode=ro", uri=True)
     try:
         row = db.execute("SELECT losses FROM suspects WHERE seq = ?", (seq,)).fetchone()
     finally:

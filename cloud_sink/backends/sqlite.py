@@ -283,10 +283,17 @@ class SqliteCoreQueue:
             raise
 
 
+def _read_only_uri(path: Path) -> str:
+    """``path`` as a read-only SQLite URI. Quoted: unquoted, a ``#`` or ``?`` in a directory's
+    name ended the file name there (the reader opened, and created, another file: it showed
+    nothing), and a ``%`` failed."""
+    return path.resolve().as_uri() + "?mode=ro"
+
+
 def _reader(path: Path) -> sqlite3.Connection:
     if not path.exists():
         raise BackendError(f"no core queue at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    return sqlite3.connect(_read_only_uri(path), uri=True, timeout=30)
 
 
 def read_messages(path: Path, *, after: int = 0) -> Iterator[tuple[int, CoreMessage]]:

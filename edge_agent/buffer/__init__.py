@@ -538,7 +538,7 @@ def _open_read_only(directory: Path) -> tuple[sqlite3.Connection, Path]:
     try:
         if not path.exists():
             raise BufferError(f"no buffer at {path}")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
     except (OSError, sqlite3.DatabaseError) as exc:
         raise _unreadable(path, exc) from None
     try:
