@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from cloud_sink.backends.base import redacted_url
+from cloud_sink.backends.base import redacted_url, subject_prefix_problem, subject_prefixes_overlap
 from cloud_sink.backends.sqlite import DISK_RESERVE
 from cloud_sink.rights import check_template
 from mqtt_ingest.configuration import (
@@ -247,6 +247,26 @@ class NatsBackendConfig(_Backend):
     @classmethod
     def _url(cls, value: str) -> str:
         return _server_url(value, ("nats", "tls", "ws", "wss"))
+
+    @field_validator("subject_prefix", "dead_letter_subject_prefix")
+    @classmethod
+    def _subject_prefix(cls, value: str) -> str:
+        # Unchecked, "x.*" stored events on literal wildcard subjects and "x.>" or "x." failed
+        # every publish with an opaque server error.
+        problem = subject_prefix_problem(value)
+        if problem is not None:
+            raise ValueError(f"a NATS subject prefix {problem}")
+        return value
+
+    @model_validator(mode="after")
+    def _prefixes_apart(self) -> NatsBackendConfig:
+        if subject_prefixes_overlap(self.subject_prefix, self.dead_letter_subject_prefix):
+            raise ValueError(
+                f"subject_prefix {self.subject_prefix!r} and dead_letter_subject_prefix"
+                f" {self.dead_letter_subject_prefix!r} overlap: the two streams would take each"
+                " other's subjects"
+            )
+        return self
 
 
 BackendConfig = Annotated[

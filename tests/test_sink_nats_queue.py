@@ -8,6 +8,7 @@ import logging
 import time
 from urllib.parse import urlsplit
 
+import nats.js.errors
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -815,3 +816,28 @@ async def test_a_stream_that_cannot_confirm_is_refused_at_start_and_by_the_probe
             await queue.probe()
     finally:
         await queue.aclose()
+
+
+@pytest.mark.parametrize("prefix", ["{p}.*", "{p}.>", "{p}.", "{p} x", "{p}-dlq.events"])
+async def test_a_subject_prefix_that_is_no_subjects_start_is_refused_at_open(
+    nats_jetstream: NatsNames, prefix: str
+) -> None:
+    """With a wildcard in the prefix every event's subject was a wildcard subject ("x.*":
+    stored on a literal '*' subject; "x.>", "x.": every publish failed with an opaque server
+    error), and prefixes that overlap make streams that take each other's subjects. The
+    configuration refuses them (tests/test_sink_service.py); so does `open`, before connecting."""
+    with pytest.raises(ValueError, match="subject_prefix"):
+        await NatsCoreQueue.open(
+            url=nats_jetstream.url,
+            stream=nats_jetstream.stream,
+            subject_prefix=prefix.format(p=nats_jetstream.subject_prefix),
+            dead_letter_stream=nats_jetstream.dead_letter_stream,
+            dead_letter_subject_prefix=nats_jetstream.dead_letter_subject_prefix,
+            storage="memory",
+            timeout=2.0,
+        )
+    async with nats_connection(nats_jetstream.url) as client:
+        jsm = client.jsm(timeout=5)
+        for name in nats_jetstream.streams:
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await jsm.stream_info(name)

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from certs import device_uri
 from cloud_sink.backends import SqliteCoreQueue, read_messages
 from cloud_sink.backends.base import redacted_url
-from cloud_sink.config import ConfigError, SinkConfig, parse_config
+from cloud_sink.config import ConfigError, NatsBackendConfig, SinkConfig, parse_config
 from cloud_sink.service import Sink, preflight
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
 from tests.harness.pki import DeviceCreds, Pki
@@ -384,6 +384,46 @@ def test_check_config_refuses_a_backend_url_it_cannot_connect_to(
     assert problem in only, only
     assert "got" not in only  # the URL may hold a password: never shown
     assert all(secret not in only for secret in ("5678", "hunter2"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ('subject_prefix = "x.*"', "subject_prefix: a NATS subject prefix must hold no wildcard"),
+        ('subject_prefix = "x.>"', "subject_prefix: a NATS subject prefix must hold no wildcard"),
+        ('subject_prefix = "x."', "subject_prefix: a NATS subject prefix must not start or end"),
+        ('subject_prefix = ".x"', "subject_prefix: a NATS subject prefix must not start or end"),
+        ('subject_prefix = "x..y"', "subject_prefix: a NATS subject prefix must not start or end"),
+        ('subject_prefix = ""', "subject_prefix: a NATS subject prefix must not be empty"),
+        ('dead_letter_subject_prefix = "a b"', "dead_letter_subject_prefix: a NATS subject"),
+        ('dead_letter_subject_prefix = "a\\tb"', "dead_letter_subject_prefix: a NATS subject"),
+        (
+            'subject_prefix = "bridge"',
+            "'bridge' and dead_letter_subject_prefix 'bridge.dead' overlap",
+        ),
+        ('dead_letter_subject_prefix = "bridge.events"', "overlap"),
+        ('dead_letter_subject_prefix = "bridge.events.dead"', "overlap"),
+    ],
+)
+def test_a_nats_subject_prefix_that_is_no_subjects_start_is_refused(
+    tmp_path: Path, pki: Pki, settings: str, problem: str
+) -> None:
+    """The subject prefixes were not checked: with "x.*" every event was stored on a literal
+    wildcard subject; with "x.>" or "x." every publish failed with an opaque server error; with
+    prefixes that overlap the second stream could not be created (or took the first's
+    subjects)."""
+    text = write_sink_config(tmp_path, pki).read_text().split("[backend]")[0]
+    text += f'[backend]\ntype = "nats"\n{settings}\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    [only] = info.value.problems
+    assert only.startswith("backend.nats"), only
+    assert problem in only, only
+    # Prefixes apart in a token (not merely a character) are fine.
+    fine = 'subject_prefix = "a.b-c"\ndead_letter_subject_prefix = "a.b"'
+    backend = parse_config(text.replace(settings, fine)).backend
+    assert isinstance(backend, NatsBackendConfig)
+    assert (backend.subject_prefix, backend.dead_letter_subject_prefix) == ("a.b-c", "a.b")
 
 
 def test_a_deny_entry_that_is_no_device_id_is_refused(tmp_path: Path, pki: Pki) -> None:

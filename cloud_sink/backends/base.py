@@ -14,6 +14,8 @@ __all__ = [
     "DeadLetterMessage",
     "PublishOutcome",
     "redacted_url",
+    "subject_prefix_problem",
+    "subject_prefixes_overlap",
 ]
 
 
@@ -29,6 +31,29 @@ def redacted_url(url: str) -> str:
     user, _, host = parts.netloc.rpartition("@")
     shown = f"{user.partition(':')[0]}:***" if ":" in user else "***"
     return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+
+
+def subject_prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` cannot start NATS subjects (``<prefix>.<topic>``, a stream for
+    ``<prefix>.>``), or None. Here, not in the NATS backend, for the configuration to check."""
+    if not prefix:
+        return "must not be empty"
+    if any(c.isspace() or not c.isprintable() for c in prefix):
+        return "must hold no white space or control characters"
+    if "*" in prefix or ">" in prefix:
+        # Every event's subject would be a wildcard: stored on a literal '*' subject, or refused.
+        return "must hold no wildcard ('*' or '>')"
+    if "" in prefix.split("."):
+        return "must not start or end with '.' nor hold '..' (an empty token)"
+    return None
+
+
+def subject_prefixes_overlap(first: str, second: str) -> bool:
+    """Whether subjects under one prefix may be subjects under the other too (the same, or one
+    the first tokens of the other): the two streams' subjects would overlap."""
+    a, b = first.split("."), second.split(".")
+    shorter = min(len(a), len(b))
+    return a[:shorter] == b[:shorter]
 
 
 class BackendError(Exception):

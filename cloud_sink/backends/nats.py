@@ -35,6 +35,8 @@ from cloud_sink.backends.base import (
     DeadLetterMessage,
     PublishOutcome,
     redacted_url,
+    subject_prefix_problem,
+    subject_prefixes_overlap,
 )
 from cloud_sink.backends.nats_batch import AckClient, BatchPublisher, PublishRefused
 
@@ -178,8 +180,21 @@ class NatsCoreQueue:
         Raises `BackendError` when the server cannot be reached within `timeout`, or when an
         existing stream does not take ``<prefix>.>``, keeps duplicates for less than
         `duplicate_window` seconds, keeps its messages in memory for a file queue, or cannot
-        confirm (``no_ack``, ``sealed``).
+        confirm (``no_ack``, ``sealed``). `ValueError` (nothing connected) for a subject prefix
+        that is no subject's start, or two that overlap.
         """
+        for key, prefix in (
+            ("subject_prefix", subject_prefix),
+            ("dead_letter_subject_prefix", dead_letter_subject_prefix),
+        ):
+            problem = subject_prefix_problem(prefix)
+            if problem is not None:
+                raise ValueError(f"{key} {prefix!r}: a NATS subject prefix {problem}")
+        if subject_prefixes_overlap(subject_prefix, dead_letter_subject_prefix):
+            raise ValueError(
+                f"subject_prefix {subject_prefix!r} and dead_letter_subject_prefix"
+                f" {dead_letter_subject_prefix!r} overlap"
+            )
         client, publisher = await _connect(url, timeout)
         queue = cls(
             client,
