@@ -369,6 +369,35 @@ async def test_lost_connection_raises_then_reconnects(
     assert bodies[-1] == b"p4"
 
 
+async def test_a_call_failing_on_an_old_connection_keeps_the_new_one(
+    rabbitmq: RabbitNames, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """Two publishes wait on a connection that went silent; the first times out and drops it,
+    and a probe connects again. When the second then times out, it must drop its own, old
+    connection: it dropped whichever was current, the new one that works, failing whatever was
+    in flight on it. The first connection goes through one proxy (blackholed), later ones
+    through another (fine), so that the new connections can be counted."""
+    host, port = urlsplit(rabbitmq.url).hostname or "127.0.0.1", urlsplit(rabbitmq.url).port
+    silent = await chaos_proxy_factory(host, port or 5672)
+    fine = await chaos_proxy_factory(host, port or 5672)
+    timeout = 2.0
+    async with core_queue(rabbitmq, url=via(rabbitmq.url, silent.port), timeout=timeout) as queue:
+        await queue.publish([message(rabbitmq, 1)])
+        silent.blackhole()
+        queue.url = via(rabbitmq.url, fine.port)  # where the next connection goes
+        first = asyncio.create_task(queue.publish([message(rabbitmq, 2)]))
+        await asyncio.sleep(timeout / 2)
+        second = asyncio.create_task(queue.publish([message(rabbitmq, 3)]))
+        with pytest.raises(BackendError, match="no answer"):
+            await first
+        await queue.probe()  # a new connection
+        assert not second.done()
+        with pytest.raises(BackendError, match="no answer"):
+            await second
+        assert (await queue.publish([message(rabbitmq, 4)])).stored == 1
+        assert fine.stats.accepted == 1  # the new connection was kept
+
+
 async def test_closed_queue_raises(rabbitmq: RabbitNames) -> None:
     async with core_queue(rabbitmq) as queue:
         pass

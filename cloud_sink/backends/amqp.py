@@ -87,6 +87,13 @@ class _Session:
         return not self.connection.is_closed and not self.channel.is_closed
 
 
+@dataclass(slots=True)
+class _Call:
+    """The session one call uses, once it has one (`AmqpCoreQueue._guard`)."""
+
+    session: _Session | None = None
+
+
 class AmqpCoreQueue:
     """`CoreQueue` on RabbitMQ; create it with `open`."""
 
@@ -148,8 +155,8 @@ class AmqpCoreQueue:
             max_message_size=max_message_size,
             timeout=timeout,
         )
-        async with self._guard("open"):
-            await self._ready()
+        async with self._guard("open") as call:
+            call.session = await self._ready()
         return self
 
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
@@ -188,8 +195,8 @@ class AmqpCoreQueue:
                 raise BackendError(
                     f"amqp: routing key over {_MAX_ROUTING_KEY_BYTES} bytes: {key!r}"
                 )
-        async with self._guard(f"publish of {len(messages)} event(s)"):
-            session = await self._ready()
+        async with self._guard(f"publish of {len(messages)} event(s)") as call:
+            session = call.session = await self._ready()
             await session.publisher.publish(self.exchange, prepared)
         return PublishOutcome(stored=len(messages), duplicates=0)
 
@@ -197,8 +204,8 @@ class AmqpCoreQueue:
         if not messages:
             return
         prepared = [_dead_letter(m) for m in messages]
-        async with self._guard(f"dead letter of {len(messages)} event(s)"):
-            session = await self._ready()
+        async with self._guard(f"dead letter of {len(messages)} event(s)") as call:
+            session = call.session = await self._ready()
             await session.publisher.publish(self.dead_letter_exchange, prepared)
 
     async def probe(self) -> None:
@@ -207,8 +214,8 @@ class AmqpCoreQueue:
 
         Declaring only the exchange passed while a deleted queue made every publish come back
         unroutable: the sink flapped between outage and recovery for ever."""
-        async with self._guard("probe"):
-            session = await self._ready()
+        async with self._guard("probe") as call:
+            session = call.session = await self._ready()
             await self._declare(session.channel)
 
     async def aclose(self) -> None:
@@ -224,21 +231,23 @@ class AmqpCoreQueue:
     # -- internals ----------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _guard(self, what: str) -> AsyncIterator[None]:
-        """Run the body within ``timeout``; turn every broker failure into `BackendError`."""
+    async def _guard(self, what: str) -> AsyncIterator[_Call]:
+        """Run the body within ``timeout``; turn every broker failure into `BackendError`. The
+        body names the session it uses in the `_Call`: a failure drops that one."""
+        call = _Call()
         try:
             async with asyncio.timeout(self.timeout):
-                yield
+                yield call
         except BackendError:
             raise
         except aio_pika.exceptions.DeliveryError as exc:
             # Nack or returned message: the channel is still fine, nothing to reset.
             raise BackendError(f"amqp {what} not confirmed: {_describe(exc)}") from exc
         except TimeoutError as exc:
-            await self._reset()
+            self._reset(call.session)
             raise BackendError(f"amqp {what}: no answer within {self.timeout:g}s") from exc
         except _ERRORS as exc:
-            await self._reset()
+            self._reset(call.session)
             raise BackendError(f"amqp {what} failed: {exc!r}") from exc
 
     async def _ready(self) -> _Session:
@@ -290,14 +299,18 @@ class AmqpCoreQueue:
         await dead_letters.bind(dead_letter_exchange, "#")
         return exchange, dead_letter_exchange
 
-    async def _reset(self) -> None:
-        """Drop the current session after a failure; the next call reconnects.
+    def _reset(self, session: _Session | None) -> None:
+        """Drop ``session``, which a call failed on, if it is still the current one; the next
+        call reconnects. (Dropping whichever was current, a call that failed late on an old
+        session, after another had connected again, dropped the new one that worked, and
+        whatever was in flight on it.) None: the call failed before it had one (connecting,
+        or waiting for the call that connects).
 
         The old connection is closed in the background: a dead peer never answers Close, and the
         failing call must not take longer than its deadline.
         """
-        session, self._session = self._session, None
-        if session is not None:
+        if session is not None and session is self._session:
+            self._session = None
             self._discard(session)
 
     def _discard(self, session: _Session) -> None:
