@@ -493,7 +493,7 @@ _CORRUPTION = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 def _count_what_we_can(path: Path) -> str:
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
     except sqlite3.DatabaseError as exc:
         return f"its events could not be counted ({exc})"
     try:
