@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
-        "run", help="serve until SIGTERM/SIGINT (then drain and exit 0); SIGHUP reloads the CRL"
+        "run",
+        help="serve until SIGTERM/SIGINT (then drain and exit 0); SIGHUP reloads [auth] and"
+        " the TLS files (CA, certificate, key, CRL) and judges open connections again",
     )
     run.add_argument(
         "--listen-port", type=port_argument, metavar="PORT", help="override [listener] port"
