@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -503,6 +504,75 @@ async def test_a_real_full_disk_keeps_a_reserve_so_the_buffer_still_drains(
         assert full >= reserve // 2  # less what the last checkpoints took
         assert drained == stored - dropped + taken
         assert inspect(disk).events == 1
+
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+_FSIZE_CHILD = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from edge_agent.buffer import Buffer, BufferFull, NewEvent
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (300 * 1024, 300 * 1024))
+def ev(p): return NewEvent('t', p, 1, 0, 0, None, 'reject')
+async def main():
+    async with await Buffer.open(Path(sys.argv[1]), disk_reserve=int(sys.argv[2])) as b:
+        stored, refused = 0, []
+        while not refused:
+            out = await b.append([ev(b'x' * 100) for _ in range(10)])
+            stored += sum(isinstance(o, int) for o in out)
+            refused = [o.reason for o in out if isinstance(o, BufferFull)]
+        drained, errors = 0, []
+        while page := await b.next_events(50):
+            try:
+                drained += await b.delete([e.seq for e in page])
+            except Exception as exc:
+                errors.append(repr(exc))
+                if len(errors) == 20:
+                    break
+        after = await b.append([ev(b'y' * 100) for _ in range(10)])
+        print(json.dumps({"stored": stored, "refused": refused[0], "drained": drained,
+                          "errors": errors[:3], "after": [isinstance(o, int) for o in after]}))
+asyncio.run(main())
+"""
+
+
+async def test_rlimit_fsize_refuses_new_events_but_still_drains_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """F7 with its own injection, RLIMIT_FSIZE (300 KiB). `statvfs` cannot see the limit, so the
+    disk reserve let the database grow past what its file can hold: the checkpoint could never
+    complete, and SQLite restarts the WAL only after a complete one. With 1 KiB pages the WAL
+    even reached the limit before its first auto-checkpoint (~1000 frames): no commit succeeded
+    any more, so no checkpoint ran again and every delete of the drain failed ("disk I/O
+    error") for ever (stored 700, drained 0). Now the reserve counts the limit, and a failed
+    commit is followed by a checkpoint before the next attempt."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _FSIZE_CHILD, str(tmp_path), str(100 * 1024)],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout)
+    figures("RLIMIT_FSIZE 300 KiB", **{k: outcome[k] for k in ("stored", "drained")})
+    assert outcome["stored"] > 500, outcome
+    assert outcome["refused"].startswith("the disk is nearly full"), outcome
+    assert outcome["errors"] == [], outcome
+    assert outcome["drained"] == outcome["stored"]
+    assert all(outcome["after"]), outcome  # taken again once drained, with nobody's help
+
+
+async def test_a_checkpoint_after_a_full_disk_is_not_run_for_every_commit(tmp_path: Path) -> None:
+    """The checkpoint that follows a failed commit (`WalRescue`) runs once, not before every
+    retry of every group, while the disk stays full (here: max_page_count)."""
+    async with await Buffer.open(tmp_path, max_page_count=40, disk_reserve=0) as buffer:
+        outcomes: list[int | BufferFull] = []
+        for _ in range(30):
+            outcomes += await buffer.append([event(b"z" * 3000)])
+        assert any(isinstance(o, BufferFull) for o in outcomes)
+        assert buffer._rescue.checkpoints == 1
 
 
 # -- F8: corruption ------------------------------------------------------------------------

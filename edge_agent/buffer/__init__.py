@@ -97,7 +97,7 @@ from edge_agent.buffer.model import (
     _Pending,
     _Totals,
 )
-from edge_agent.buffer.store import NEARLY_FULL, DiskReserve, _insert_group, _timed
+from edge_agent.buffer.store import NEARLY_FULL, DiskReserve, WalRescue, _insert_group, _timed
 from mqtt_ingest import failpoints
 from mqtt_ingest.clock import Clock, SystemClock
 
@@ -149,6 +149,7 @@ class Buffer:
         self.directory = directory
         self._disk = DiskReserve(directory, disk_reserve) if disk_reserve > 0 else None
         self._disk_refusal: str | None = None
+        self._rescue = WalRescue()
         """The reason the last group commit refused events for the disk reserve, if it did."""
         self._db = connection
         self._executor = executor
@@ -372,6 +373,7 @@ class Buffer:
                 self._max_bytes,
                 now_ms,
                 self._disk,
+                self._rescue,
             )
         except Exception as exc:
             log.error("buffer: commit of %d events failed: %r", len(flat), exc)
@@ -448,7 +450,7 @@ class Buffer:
         Delivered events are just deleted; with ``drop_reason`` (an operator's purge) they are
         counted as dropped for that reason, per topic, and logged.
         """
-        removed = await self._run(_delete, list(seqs), self._totals, drop_reason)
+        removed = await self._run(_delete, list(seqs), self._totals, drop_reason, self._rescue)
         if drop_reason is not None:
             log.warning("buffer: %d events dropped: %s", removed, drop_reason)
         return removed
@@ -497,7 +499,7 @@ class Buffer:
         """Drop events whose TTL passed; counted under reason ``ttl``."""
         now_ms = int(self._clock.time() * 1000)
         self._drop_log.flush()  # bursts of buffer-full drops that have ended
-        dropped = await self._run(_sweep, now_ms, self._totals)
+        dropped = await self._run(_sweep, now_ms, self._totals, self._rescue)
         for topic, (events, first, last) in dropped.items():
             log.warning("buffer: %d events on %r expired (seq %d..%d)", events, topic, first, last)
         return sum(events for events, _, _ in dropped.values())

@@ -24,7 +24,7 @@ from edge_agent.buffer.model import (
     TopicStats,
     _Totals,
 )
-from edge_agent.buffer.store import _count_drops
+from edge_agent.buffer.store import WalRescue, _count_drops
 from mqtt_ingest import failpoints
 
 # The drain order (priority high first, then seq) in pieces that each read one index range:
@@ -123,10 +123,20 @@ def _padded(chunk: list[int]) -> list[int]:
 
 
 def _delete(
-    db: sqlite3.Connection, seqs: list[int], totals: _Totals, drop_reason: str | None
+    db: sqlite3.Connection,
+    seqs: list[int],
+    totals: _Totals,
+    drop_reason: str | None,
+    rescue: WalRescue,
 ) -> int:
     if not seqs:
         return 0
+    return rescue.attempt(db, _delete_once, seqs, totals, drop_reason)
+
+
+def _delete_once(
+    db: sqlite3.Connection, seqs: list[int], totals: _Totals, drop_reason: str | None
+) -> int:
     with _transaction(db, totals):
         removed = 0
         size = 0
@@ -287,7 +297,15 @@ def _reprioritize(
     return count, max(changed.values())
 
 
-def _sweep(db: sqlite3.Connection, now_ms: int, totals: _Totals) -> dict[str, tuple[int, int, int]]:
+def _sweep(
+    db: sqlite3.Connection, now_ms: int, totals: _Totals, rescue: WalRescue
+) -> dict[str, tuple[int, int, int]]:
+    return rescue.attempt(db, _sweep_once, now_ms, totals)
+
+
+def _sweep_once(
+    db: sqlite3.Connection, now_ms: int, totals: _Totals
+) -> dict[str, tuple[int, int, int]]:
     with _transaction(db, totals):
         rows = db.execute(
             "DELETE FROM events WHERE expires_at IS NOT NULL AND expires_at <= ?"

@@ -7,8 +7,10 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import operator
 import os
+import resource
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +41,64 @@ _DISK_FULL_ATTEMPTS = 4
 
 class _DiskFull(Exception):
     """SQLite could not write (disk, RLIMIT_FSIZE or max_page_count); the transaction is gone."""
+
+
+def _is_disk_full(exc: sqlite3.OperationalError) -> bool:
+    return str(exc).lower().startswith(DISK_FULL)
+
+
+class WalRescue:
+    """Checkpoints the WAL after SQLite found no room to write, before the next attempt.
+
+    SQLite checkpoints (and so lets the next transaction reuse the WAL from its start) only
+    after a commit that grew the WAL past ``wal_autocheckpoint`` pages. A WAL that could not
+    grow before that point (``RLIMIT_FSIZE`` under 1 MiB, another process filling the disk)
+    failed every later commit, the drain's deletes too, so no checkpoint ever ran and the buffer
+    neither drained nor took events again: one passive checkpoint after the failure cures that
+    whenever the database file has room for the WAL's pages. On a disk that is really full the
+    checkpoint fails too or does not help: then it runs at most once per `interval` seconds (a
+    checkpoint that let the next attempt succeed does not count)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.checkpoints = 0
+        """Checkpoints run after a failure so far."""
+        self._quiet_until = -math.inf
+
+    def after_full(self, db: sqlite3.Connection) -> bool:
+        """Checkpoint after a failed transaction (rolled back) unless one ran less than
+        `interval` ago without helping; whether one ran and completed (the next attempt writes
+        the WAL from its start)."""
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return False
+        self._quiet_until = now + self.interval
+        self.checkpoints += 1
+        try:
+            busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            if not _is_disk_full(exc):
+                raise
+            log.warning("buffer: no room to checkpoint the WAL either: %s", exc)
+            return False
+        return not busy and frames == copied
+
+    def helped(self) -> None:
+        """The attempt after a checkpoint succeeded: the next failure may checkpoint at once."""
+        self._quiet_until = -math.inf
+
+    def attempt(self, db: sqlite3.Connection, function: Callable[..., T], *args: object) -> T:
+        """``function(db, *args)`` (one transaction), once more after a checkpoint if SQLite
+        found no room to write the first time (the drain's deletes, the TTL sweep)."""
+        try:
+            return function(db, *args)
+        except sqlite3.OperationalError as exc:
+            if not _is_disk_full(exc) or not self.after_full(db):
+                raise
+            log.info("buffer: %s: checkpointed the WAL, trying again", exc)
+        result = function(db, *args)
+        self.helped()
+        return result
 
 
 def _timed(db: sqlite3.Connection, function: Callable[..., T], *args: object) -> tuple[T, float]:
@@ -87,13 +147,28 @@ class DiskReserve:
         self.reserve = reserve
         self._wal = directory / f"{DB_NAME}-wal"
         self._unmeasurable = False
+        limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self._file_limit = None if limit == resource.RLIM_INFINITY else limit
+        """``RLIMIT_FSIZE``: no file may grow past it, whatever ``statvfs`` says."""
+
+    def _free(self, db: sqlite3.Connection, page_size: int | None = None) -> int:
+        """Bytes free on the filesystem, or below ``RLIMIT_FSIZE`` for the database as the WAL
+        holds it (its pages must fit in the file at the checkpoint, or it never completes and
+        the WAL, once it reaches the limit, takes no commit again: not even a delete)."""
+        free = free_bytes(self.directory)
+        if self._file_limit is not None:
+            if page_size is None:
+                (page_size,) = db.execute("PRAGMA page_size").fetchone()
+            (pages,) = db.execute("PRAGMA page_count").fetchone()
+            free = min(free, self._file_limit - pages * page_size)
+        return free
 
     def room(self, db: sqlite3.Connection, need: int) -> _Room | None:
         """None when ``need`` bytes of new rows fit (the common case: one ``statvfs``, and near
         the reserve one look at the free list); else what new rows may still take, after a
         passive checkpoint. Call it outside a transaction."""
         try:
-            free = free_bytes(self.directory)
+            free = self._free(db)
         except OSError as exc:  # no check rather than no commits
             if not self._unmeasurable:
                 log.warning("buffer: cannot measure the free disk space, not checked: %s", exc)
@@ -121,7 +196,7 @@ class DiskReserve:
         if frames > 0 and frames != copied:  # a reader kept part of it: only the tail is reusable
             wal = max(0, wal - 32 - frames * (page_size + 24))
         room.wal = wal
-        room.free = free_bytes(self.directory)  # after the checkpoint, which may grow the file
+        room.free = self._free(db, page_size)  # after the checkpoint, which may grow the file
         room.disk = room.free - self.reserve
         room.slack = min(self.reserve, room.free) // 2
         return room
@@ -177,6 +252,7 @@ def _insert_group(
     max_bytes: int,
     now_ms: int,
     disk: DiskReserve | None = None,
+    rescue: WalRescue | None = None,
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     """Commit a whole group in one transaction; returns outcomes and drops (events, first, last).
 
@@ -185,21 +261,32 @@ def _insert_group(
     full all the same (SQLite found no room: another process took it, or ``RLIMIT_FSIZE`` or
     ``max_page_count``) SQLite rolls the transaction back, so the group is tried again in "disk
     full" mode: ``reject`` events are refused outright and ``drop-oldest`` events first drop old
-    events to make room (more on each attempt).
+    events to make room (more on each attempt). Before that, once, ``rescue`` checkpoints the
+    WAL: when that lets the WAL be reused, the group is tried again as it was.
     """
     # C-level sums: this runs on every commit, on the thread that needs the GIL.
     size = sum(map(len, map(_NEW_PAYLOAD, events)))
     need = _rows_cost(size, sum(map(len, map(_NEW_TOPIC, events))), len(events))
-    for attempt in range(_DISK_FULL_ATTEMPTS):
+    attempt = 0
+    rescued: int | None = None  # the attempt a checkpoint was run for
+    while attempt < _DISK_FULL_ATTEMPTS:
         try:
             room = None if disk is None else disk.room(db, need)
-            return _insert_group_once(
+            result = _insert_group_once(
                 db, events, size, totals, max_events, max_bytes, now_ms, attempt, room
             )
         except _DiskFull:
             log.warning(
                 "buffer: the disk is full (attempt %d for %d events)", attempt + 1, len(events)
             )
+            if rescued is None and rescue is not None and rescue.after_full(db):
+                rescued = attempt  # the same attempt again: the WAL is reused from its start
+            else:
+                attempt += 1
+            continue
+        if rescue is not None and rescued == attempt:  # not a later one refusing events
+            rescue.helped()
+        return result
     return [BufferFull(e.topic, "the disk is full") for e in events], {}
 
 
@@ -247,7 +334,7 @@ def _insert_group_once(
                 _keep_high_water(db, totals)
             failpoints.hit("buffer.before_commit")
     except sqlite3.OperationalError as exc:
-        if str(exc).lower().startswith(DISK_FULL):
+        if _is_disk_full(exc):
             raise _DiskFull(str(exc)) from None
         raise
     return outcomes, {key: (v[0], v[2], v[3]) for key, v in dropped.items()}
