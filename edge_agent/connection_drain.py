@@ -134,7 +134,12 @@ class ConnectionDrain:
             for task in session.tasks:
                 task.cancel()
             await asyncio.gather(*session.tasks, return_exceptions=True)
-            await self._finish(session, graceful)
+            try:
+                await self._finish(session, graceful)
+            finally:
+                # What was in flight and not acknowledged is back in the backlog: TTLs and
+                # drop-oldest apply to it again (they passed over it while it was held).
+                await self._buffer.release_held()
 
     def _renew_at(self, token: Token) -> float | None:
         """Loop time at which to renew the connection, or None."""
@@ -273,7 +278,7 @@ class ConnectionDrain:
         sent = session.taken.keys() if cursor is None else session.settling
         skip = frozenset(self._suspects.seqs | sent)
         return await self._buffer.next_events(
-            self._want(free), cursor, skip=skip, max_bytes=self.config.window_bytes
+            self._want(free), cursor, skip=skip, max_bytes=self.config.window_bytes, hold=True
         )
 
     async def _fetch_above(self, session: Session, priority: int, free: int) -> list[StoredEvent]:
@@ -284,7 +289,7 @@ class ConnectionDrain:
         taken_above = {s for s, p in session.taken.items() if p > priority}
         skip = frozenset(self._suspects.seqs | session.settling | taken_above)
         events = await self._buffer.next_events(
-            want, None, skip=skip, max_bytes=self.config.window_bytes, above=priority
+            want, None, skip=skip, max_bytes=self.config.window_bytes, above=priority, hold=True
         )
         if events:
             # More may be waiting (the page ends at `want` events or at `window_bytes`): the

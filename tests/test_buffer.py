@@ -308,6 +308,50 @@ async def test_ttl_sweep_drops_expired_events_and_counts(tmp_path: Path) -> None
         assert stats.drops == {("ttl", "short"): (2, 2)}
 
 
+async def test_the_ttl_sweep_passes_over_events_the_drain_holds(tmp_path: Path) -> None:
+    """Events the uplink read are sent, or on their way: they may be delivered. The sweep
+    deleted them under its feet and counted them as expired although their PUBACKs came
+    (delivered 5, swept 5, drops {('ttl', 't'): (5, 50)} and "5 events on 't' expired": phantom
+    drops, SPEC P4). Held, they are left alone; once the connection is over (released) what
+    was not delivered expires like the rest."""
+    clock = FakeClock(start=1_700_000_000.0)
+    async with await Buffer.open(tmp_path, clock=clock) as buffer:
+        await buffer.append([event(b"x" * 10, ttl=60.0) for _ in range(8)])
+        page = await buffer.next_events(5, hold=True)  # in flight
+        await buffer.next_events(10)  # a read without hold (`buffer export`) holds nothing
+        clock.advance(61)
+        assert await buffer.sweep_expired() == 3  # the 3 never sent
+        assert await buffer.delete([e.seq for e in page[:4]]) == 4  # the PUBACKs: delivered
+        assert (await buffer.stats()).drops == {("ttl", "t"): (3, 30)}
+        # The connection is lost with the 5th in flight: back in the backlog, it expires.
+        assert await buffer.sweep_expired() == 0
+        await buffer.release_held()
+        assert await buffer.sweep_expired() == 1
+        stats = await buffer.stats()
+    assert (stats.events, stats.drops) == (0, {("ttl", "t"): (4, 40)})
+
+
+async def test_drop_oldest_passes_over_events_the_drain_holds(tmp_path: Path) -> None:
+    """drop-oldest dropped the oldest events, those in flight first, and counted them as
+    dropped although they were delivered. Now it drops the oldest it does not hold; when it
+    holds every one, the event is refused, and accepted again once they are released."""
+    async with await Buffer.open(tmp_path, max_events=4) as buffer:
+        await buffer.append([event(b"%d" % i) for i in range(4)])
+        sent = await buffer.next_events(2, hold=True)
+        assert await buffer.append([event(topic="bulk", on_full="drop-oldest")]) == [5]
+        assert [e.seq for e in await buffer.next_events(10)] == [1, 2, 4, 5]  # 3 dropped
+        assert await buffer.delete([e.seq for e in sent]) == 2
+        assert (await buffer.stats()).drops == {("buffer-full", "t"): (1, 1)}
+        await buffer.append([event(topic="bulk") for _ in range(2)])
+        await buffer.next_events(10, hold=True)  # all four in flight
+        [full] = await buffer.append([event(topic="bulk", on_full="drop-oldest")])
+        assert isinstance(full, BufferFull)
+        assert (await buffer.stats()).drops == {("buffer-full", "t"): (1, 1)}
+        await buffer.release_held()  # the connection was lost: droppable again
+        assert await buffer.append([event(topic="bulk", on_full="drop-oldest")]) == [8]
+        assert (await buffer.stats()).drops[("buffer-full", "t")] == (2, 2)
+
+
 async def test_drain_order_priority_then_seq_with_paging(tmp_path: Path) -> None:
     async with await Buffer.open(tmp_path) as buffer:
         await buffer.append([event(b"low1"), event(b"high1", priority=5), event(b"low2")])

@@ -1358,8 +1358,11 @@ async def test_an_alarm_committed_during_an_empty_read_above_the_cursor_is_sent(
                 skip: frozenset[int] = frozenset(),
                 max_bytes: int | None = None,
                 above: int | None = None,
+                hold: bool = False,
             ) -> list[StoredEvent]:
-                events = await read(limit, after, skip=skip, max_bytes=max_bytes, above=above)
+                events = await read(
+                    limit, after, skip=skip, max_bytes=max_bytes, above=above, hold=hold
+                )
                 if above is not None and not events and not committed.is_set():
                     committed.set()
                     await agent.publish("alarms/a", b"2000")  # after this read's snapshot

@@ -60,11 +60,13 @@ from edge_agent.buffer.drain import (
     _next_events,
     _record_attempt,
     _record_losses,
+    _release,
     _reprioritize,
     _requeue_dead,
     _stats,
     _suspects,
     _sweep,
+    _take,
 )
 from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
@@ -150,6 +152,9 @@ class Buffer:
         self._disk = DiskReserve(directory, disk_reserve) if disk_reserve > 0 else None
         self._disk_refusal: str | None = None
         self._rescue = WalRescue()
+        self._held: set[int] = set()
+        """Seqs the drain read with ``hold`` and has not deleted or released: the TTL sweep and
+        ``drop-oldest`` pass them over. Only the buffer's thread touches it."""
         """The reason the last group commit refused events for the disk reserve, if it did."""
         self._db = connection
         self._executor = executor
@@ -374,6 +379,7 @@ class Buffer:
                 now_ms,
                 self._disk,
                 self._rescue,
+                self._held,
             )
         except Exception as exc:
             log.error("buffer: commit of %d events failed: %r", len(flat), exc)
@@ -434,6 +440,7 @@ class Buffer:
         skip: frozenset[int] = frozenset(),
         max_bytes: int | None = None,
         above: int | None = None,
+        hold: bool = False,
     ) -> list[StoredEvent]:
         """Up to ``limit`` events in drain order: priority (high first), then seq.
 
@@ -441,8 +448,20 @@ class Buffer:
         Events whose seq is in ``skip`` are passed over; the page ends once its payloads reach
         ``max_bytes`` (at least one event is returned), and at the first event of a priority at
         or below ``above``.
+
+        With ``hold`` (the uplink's reads) the events are held until they are deleted or
+        `release_held` is called: sent, their outcome unknown, they may be delivered, so the TTL
+        sweep and ``drop-oldest`` pass them over (SPEC P4: a drop counted for an event that is
+        delivered all the same is a phantom drop).
         """
+        if hold:
+            return await self._run(_take, self._held, limit, after, skip, max_bytes, above)
         return await self._run(_next_events, limit, after, skip, max_bytes, above)
+
+    async def release_held(self) -> None:
+        """The drain's connection is over: what it held and did not delete (in flight when the
+        connection was lost, never sent) is back in the buffer, where TTLs and drops apply."""
+        await self._run(_release, self._held)
 
     async def delete(self, seqs: Sequence[int], *, drop_reason: str | None = None) -> int:
         """Remove events (idempotent); returns how many were still there.
@@ -450,7 +469,9 @@ class Buffer:
         Delivered events are just deleted; with ``drop_reason`` (an operator's purge) they are
         counted as dropped for that reason, per topic, and logged.
         """
-        removed = await self._run(_delete, list(seqs), self._totals, drop_reason, self._rescue)
+        removed = await self._run(
+            _delete, list(seqs), self._totals, drop_reason, self._rescue, self._held
+        )
         if drop_reason is not None:
             log.warning("buffer: %d events dropped: %s", removed, drop_reason)
         return removed
@@ -476,7 +497,7 @@ class Buffer:
     async def dead_letter(self, seq: int, reason: str) -> bool:
         """Move one event to the dead-letter table; False if it is no longer buffered."""
         now_ms = int(self._clock.time() * 1000)
-        return await self._run(_dead_letter, seq, reason, now_ms, self._totals)
+        return await self._run(_dead_letter, seq, reason, now_ms, self._totals, self._held)
 
     async def requeue_dead(self, ttl: Callable[[str], float | None] = lambda topic: None) -> int:
         """Move every dead letter back into the buffer (with its original seq), to expire after
@@ -496,10 +517,11 @@ class Buffer:
         return await self._run(_reprioritize, priority_of, self._totals)
 
     async def sweep_expired(self) -> int:
-        """Drop events whose TTL passed; counted under reason ``ttl``."""
+        """Drop events whose TTL passed, but not those the drain holds (`next_events`); counted
+        under reason ``ttl``."""
         now_ms = int(self._clock.time() * 1000)
         self._drop_log.flush()  # bursts of buffer-full drops that have ended
-        dropped = await self._run(_sweep, now_ms, self._totals, self._rescue)
+        dropped = await self._run(_sweep, now_ms, self._totals, self._rescue, self._held)
         for topic, (events, first, last) in dropped.items():
             log.warning("buffer: %d events on %r expired (seq %d..%d)", events, topic, first, last)
         return sum(events for events, _, _ in dropped.values())

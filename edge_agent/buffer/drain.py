@@ -4,6 +4,7 @@ sweep and the statistics. (Inserts and the ``on_full`` policies: `edge_agent.buf
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 import sqlite3
@@ -110,6 +111,26 @@ def _next_events(
     return taken
 
 
+def _take(
+    db: sqlite3.Connection,
+    held: set[int],
+    limit: int,
+    after: tuple[int, int] | None,
+    skip: frozenset[int],
+    max_bytes: int | None,
+    above: int | None,
+) -> list[StoredEvent]:
+    """`_next_events`, the events read added to ``held`` (on the buffer's thread, where the
+    sweep and the drops read it: an event read is held before anything can expire it)."""
+    events = _next_events(db, limit, after, skip, max_bytes, above)
+    held.update(event.seq for event in events)
+    return events
+
+
+def _release(db: sqlite3.Connection, held: set[int]) -> None:
+    held.clear()
+
+
 _DELETE_CHUNK = 512  # a power of two, under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32)
 
 
@@ -128,10 +149,13 @@ def _delete(
     totals: _Totals,
     drop_reason: str | None,
     rescue: WalRescue,
+    held: set[int],
 ) -> int:
     if not seqs:
         return 0
-    return rescue.attempt(db, _delete_once, seqs, totals, drop_reason)
+    removed = rescue.attempt(db, _delete_once, seqs, totals, drop_reason)
+    held.difference_update(seqs)
+    return removed
 
 
 def _delete_once(
@@ -200,8 +224,9 @@ def _suspects(db: sqlite3.Connection, limit: int) -> tuple[list[StoredEvent], di
 
 
 def _dead_letter(
-    db: sqlite3.Connection, seq: int, reason: str, now_ms: int, totals: _Totals
+    db: sqlite3.Connection, seq: int, reason: str, now_ms: int, totals: _Totals, held: set[int]
 ) -> bool:
+    held.discard(seq)
     with _transaction(db, totals):
         db.execute("DELETE FROM suspects WHERE seq = ?", (seq,))  # requeued: counted afresh
         moved = db.execute(
@@ -298,20 +323,30 @@ def _reprioritize(
 
 
 def _sweep(
-    db: sqlite3.Connection, now_ms: int, totals: _Totals, rescue: WalRescue
+    db: sqlite3.Connection, now_ms: int, totals: _Totals, rescue: WalRescue, held: set[int]
 ) -> dict[str, tuple[int, int, int]]:
-    return rescue.attempt(db, _sweep_once, now_ms, totals)
+    """Delete the events whose TTL passed, but not those ``held`` by the drain (sent, or on
+    their way: they may be delivered, and counted as expired they would be phantom drops)."""
+    return rescue.attempt(db, _sweep_once, now_ms, totals, held)
 
 
 def _sweep_once(
-    db: sqlite3.Connection, now_ms: int, totals: _Totals
+    db: sqlite3.Connection, now_ms: int, totals: _Totals, held: set[int]
 ) -> dict[str, tuple[int, int, int]]:
     with _transaction(db, totals):
-        rows = db.execute(
-            "DELETE FROM events WHERE expires_at IS NOT NULL AND expires_at <= ?"
-            " RETURNING seq, topic, length(payload)",
-            (now_ms,),
-        ).fetchall()
+        if held:
+            rows = db.execute(
+                "DELETE FROM events WHERE expires_at IS NOT NULL AND expires_at <= ?"
+                " AND seq NOT IN (SELECT value FROM json_each(?))"
+                " RETURNING seq, topic, length(payload)",
+                (now_ms, json.dumps(sorted(held))),
+            ).fetchall()
+        else:
+            rows = db.execute(
+                "DELETE FROM events WHERE expires_at IS NOT NULL AND expires_at <= ?"
+                " RETURNING seq, topic, length(payload)",
+                (now_ms,),
+            ).fetchall()
         per_topic: dict[str, list[int]] = {}
         for seq, topic, size in rows:
             entry = per_topic.setdefault(topic, [0, 0, seq, seq])
