@@ -63,6 +63,12 @@ class _Failed(Exception):
     """A one-line error for the user, exit status 1."""
 
 
+_TOPIC_HELP = (
+    "only topics matching this MQTT filter; '#' and '+' at the first level match '$' topics"
+    " too (the catch-all rule buffers them)"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -104,12 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     actions = buffer.add_subparsers(dest="action", required=True, metavar="ACTION")
     peek = actions.add_parser("peek", help="show the next events in drain order")
     peek.add_argument("-n", type=_positive, default=10, help="how many (default 10)")
-    peek.add_argument("--topic", type=_topic_filter, help="only topics matching this MQTT filter")
+    peek.add_argument("--topic", type=_topic_filter, help=_TOPIC_HELP)
     export = actions.add_parser("export", help="every buffered event as JSON lines")
-    export.add_argument("--topic", type=_topic_filter, help="only topics matching this MQTT filter")
+    export.add_argument("--topic", type=_topic_filter, help=_TOPIC_HELP)
     export.add_argument("--output", type=Path, help="file to write (default stdout)")
     purge = actions.add_parser("purge", help="delete buffered events (the agent must be stopped)")
-    purge.add_argument("--topic", type=_topic_filter, help="only topics matching this MQTT filter")
+    purge.add_argument("--topic", type=_topic_filter, help=_TOPIC_HELP)
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     dead = actions.add_parser("dead", help="the dead letters, with why each was set aside")
     dead.add_argument("-n", type=_positive, help="how many (default all)")
@@ -369,7 +375,7 @@ def _with_payload(record: dict[str, object], payload: bytes) -> str:
 def _buffer_command(config: AgentConfig, args: argparse.Namespace) -> int:
     directory = config.agent.data_dir
     pattern: str | None = getattr(args, "topic", None)
-    matcher = (lambda topic: topic_matches(pattern, topic)) if pattern else None
+    matcher = (lambda topic: topic_matches(pattern, topic, dollar=True)) if pattern else None
     if args.action in ("peek", "export", "dead"):
         try:
             prefix = f"{config.agent.device_id}/{read_epoch(directory)}/"
@@ -456,7 +462,11 @@ async def _matching(config: AgentConfig, pattern: str | None) -> tuple[str, list
         seqs: list[int] = []
         after = None
         while batch := await buffer.next_events(1000, after):
-            seqs += [e.seq for e in batch if pattern is None or topic_matches(pattern, e.topic)]
+            seqs += [
+                e.seq
+                for e in batch
+                if pattern is None or topic_matches(pattern, e.topic, dollar=True)
+            ]
             after = (batch[-1].priority, batch[-1].seq)
     return buffer.epoch, seqs
 

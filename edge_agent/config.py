@@ -456,9 +456,11 @@ def topic_filter_problem(value: str) -> str | None:
     return None
 
 
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT 3.1.1 §4.7 matching; topics starting with '$' do not match wildcards at level one."""
-    if topic.startswith("$") and topic_filter[:1] in ("#", "+"):
+def topic_matches(topic_filter: str, topic: str, *, dollar: bool = False) -> bool:
+    """MQTT 3.1.1 §4.7 matching; topics starting with '$' do not match wildcards at level one,
+    unless ``dollar``: an operator's selection of buffered events (``buffer purge|export|peek
+    --topic '#'``), which must cover the ``$aws/...`` events the catch-all rule buffers."""
+    if topic.startswith("$") and topic_filter[:1] in ("#", "+") and not dollar:
         return False
     filter_levels = topic_filter.split("/")
     topic_levels = topic.split("/")

@@ -430,6 +430,30 @@ async def test_cli_peek_export_purge(tmp_path: Path) -> None:
     )
 
 
+async def test_cli_topic_wildcards_cover_the_dollar_topics_the_catch_all_buffers(
+    tmp_path: Path,
+) -> None:
+    """`#` (and `+` at level one) did not match `$aws/...` topics in `export` and `purge`
+    (MQTT subscriber matching), though the catch-all rule buffers such events: `purge --topic
+    '#'` said "purged 1 events" and left the `$` one behind."""
+    config_path = write_config(tmp_path)
+    async with Agent(load_config(config_path)) as agent:
+        await agent.publish("$aws/things/dev/shadow/update", b"{}")
+        await agent.publish("sensors/0", b"v0")
+    export = await acli(config_path, "buffer", "export", "--topic", "#")
+    assert [json.loads(line)["topic"] for line in export.stdout.splitlines()] == [
+        "$aws/things/dev/shadow/update",
+        "sensors/0",
+    ]
+    peek = await acli(config_path, "buffer", "peek", "--topic", "+/things/#")
+    assert [json.loads(line)["topic"] for line in peek.stdout.splitlines()] == [
+        "$aws/things/dev/shadow/update"
+    ]
+    purge = await acli(config_path, "buffer", "purge", "--topic", "#", "--yes")
+    assert "purged 2 events" in purge.stderr, purge.stderr
+    assert inspect(tmp_path / "data").events == 0
+
+
 async def test_cli_check_config_prints_the_effective_config_or_every_problem(
     tmp_path: Path,
 ) -> None:

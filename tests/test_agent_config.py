@@ -384,3 +384,12 @@ def test_first_matching_rule_wins() -> None:
 )
 def test_topic_matching(topic_filter: str, topic: str, expected: bool) -> None:
     assert topic_matches(topic_filter, topic) is expected
+
+
+def test_an_operators_selection_covers_dollar_topics() -> None:
+    """`buffer purge|export|peek --topic` match with ``dollar``: the catch-all rule buffers
+    `$aws/...` events, and `purge --topic '#'` said "purged N events" leaving them behind."""
+    assert topic_matches("#", "$aws/things/x", dollar=True)
+    assert topic_matches("+/things/#", "$aws/things/x", dollar=True)
+    assert not topic_matches("a/#", "$aws/things/x", dollar=True)
+    assert not topic_matches("#", "$aws/things/x")  # subscriber matching is unchanged
