@@ -46,16 +46,14 @@ import math
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 from edge_agent.buffer.drain import (
     _dead_letter,
-    _dead_letters,
     _delete,
-    _epoch,
     _holds,
     _next_events,
     _record_attempt,
@@ -99,6 +97,7 @@ from edge_agent.buffer.model import (
     _Pending,
     _Totals,
 )
+from edge_agent.buffer.readonly import inspect, read_dead_letters, read_epoch, read_events
 from edge_agent.buffer.store import NEARLY_FULL, DiskReserve, WalRescue, _insert_group, _timed
 from mqtt_ingest import failpoints
 from mqtt_ingest.clock import Clock, SystemClock
@@ -550,97 +549,3 @@ def _load(db: sqlite3.Connection) -> tuple[_Totals, str]:
     _load_totals(db, totals)
     _load_epoch(db)  # a missing epoch row: `_Damaged`, not a TypeError in `_stats`
     return totals, _stats(db).epoch
-
-
-# -- inspection without the lock (edge-agent status while the agent runs) -----------------------
-
-
-def _open_read_only(directory: Path) -> tuple[sqlite3.Connection, Path]:
-    """A read-only connection to the buffer in ``directory``, for the operator's commands;
-    `BufferError` if there is none or it cannot be read."""
-    path = directory / DB_NAME
-    try:
-        if not path.exists():
-            raise BufferError(f"no buffer at {path}")
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
-    except (OSError, sqlite3.DatabaseError) as exc:
-        raise _unreadable(path, exc) from None
-    try:
-        db.execute("PRAGMA user_version")  # connecting alone opens nothing yet
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        raise _unreadable(path, exc) from None
-    return db, path
-
-
-def _unreadable(path: Path, exc: OSError | sqlite3.DatabaseError) -> BufferError:
-    hint = ""
-    if isinstance(exc, PermissionError) or "unable to open" in str(exc):
-        hint = " (run this as the agent's user, or as root)"
-    return BufferError(f"cannot read the buffer {path}: {exc}{hint}")
-
-
-def _read_only(directory: Path, function: Callable[..., T], *args: object) -> T:
-    """``function(db, *args)`` on a read-only connection to the buffer in ``directory``;
-    `BufferError` if there is none or it cannot be read."""
-    db, path = _open_read_only(directory)
-    try:
-        return function(db, *args)
-    except sqlite3.DatabaseError as exc:
-        raise _unreadable(path, exc) from None
-    finally:
-        db.close()
-
-
-def inspect(directory: Path) -> BufferStats:
-    """Read-only statistics of the buffer in ``directory``; works while the agent runs."""
-    return _read_only(directory, _stats)
-
-
-def read_epoch(directory: Path) -> str:
-    """The buffer's epoch (the middle of its event ids), read-only and at once: `inspect`
-    counts every event for it (seconds for a million)."""
-    epoch = _read_only(directory, _epoch)
-    if epoch is None:
-        raise BufferError(f"the buffer {directory / DB_NAME} has no epoch")
-    return epoch
-
-
-def read_dead_letters(directory: Path, *, limit: int = -1) -> list[DeadLetter]:
-    """The dead letters in seq order, read-only (``buffer dead``), at most ``limit`` (-1: all).
-    Raises `BufferError` if the buffer cannot be read."""
-    return _read_only(directory, _dead_letters, limit)
-
-
-def read_events(
-    directory: Path, *, limit: int | None = None, topic_filter: Callable[[str], bool] | None = None
-) -> Iterator[StoredEvent]:
-    """Buffered events in drain order, read-only (for ``buffer peek`` / ``export``); at most
-    ``limit`` of them. Raises `BufferError` if the buffer cannot be read.
-
-    Read in pages, one short statement each: the consumer may be slow (``export | less``), and
-    a statement open all that time kept the agent's WAL from being checkpointed (it grew by all
-    that the agent wrote meanwhile).
-    """
-    if limit is not None and limit <= 0:
-        return
-    db, path = _open_read_only(directory)
-    try:
-        after: tuple[int, int] | None = None
-        taken = 0
-        while page := _next_events(db, _READ_PAGE, after, frozenset(), None, None):
-            for event in page:
-                if topic_filter is not None and not topic_filter(event.topic):
-                    continue
-                yield event
-                taken += 1
-                if limit is not None and taken >= limit:
-                    return
-            after = (page[-1].priority, page[-1].seq)
-    except sqlite3.DatabaseError as exc:
-        raise _unreadable(path, exc) from None
-    finally:
-        db.close()
-
-
-_READ_PAGE = 500
