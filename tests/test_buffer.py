@@ -4,6 +4,7 @@ lock, corruption and a full disk (RELIABILITY F7, F8, F20)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -35,7 +36,7 @@ from edge_agent.buffer.files import SEQ_GAP, WAL_SIZE_LIMIT
 from mqtt_ingest import FakeClock, failpoints
 from tests.harness.agent import start_agent, write_config
 from tests.harness.disk import fill, free_bytes, small_disk
-from tests.harness.process import ProcessFactory, rss_kib
+from tests.harness.process import ProcessFactory, console_script, rss_kib
 from tests.harness.report import figures
 
 
@@ -901,6 +902,47 @@ async def test_a_topic_that_is_not_utf8_is_quarantined_not_a_crash_loop(
     assert "Could not decode to UTF-8 column 'topic'" in incident.detail
     assert "about 50 events (140 payload bytes) were in it" in incident.detail
     assert len([p for p in (data / "quarantine").iterdir() if p.suffix == ".db"]) == 1
+
+
+async def test_damage_found_while_running_stops_the_agent_and_its_restart_quarantines(
+    tmp_path: Path, process_factory: ProcessFactory
+) -> None:
+    """A database damaged while the agent runs (no check at the open could see it) failed every
+    commit, each with a log line, for as long as the agent ran: systemd never restarted it, so
+    nothing quarantined it. The agent exits 1 now, and its restart quarantines the database."""
+    config = write_config(tmp_path)
+    data = tmp_path / "data"
+    agent = await asyncio.to_thread(start_agent, process_factory, config)
+    for i in range(3):
+        assert (await _cli_publish(config, f"sensors/s{i}")).returncode == 0
+    db_path = data / "buffer.db"
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the database file
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'events'")
+    page_size = int.from_bytes(db_path.read_bytes()[16:18], "big")
+    with db_path.open("r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(b"\x07\xff\xff\xff")  # the events table's root: a garbage page type
+    with contextlib.closing(sqlite3.connect(db_path)) as db, db:
+        # Another connection's write: the agent's connection drops its cached pages.
+        db.execute("UPDATE meta SET value = value")
+    refused = await _cli_publish(config, "sensors/after")
+    assert refused.returncode != 0
+    assert await agent.await_exit(timeout=20) == 1
+    assert "the database is damaged" in agent.output()
+    await agent.arestart()
+    assert await agent.asigterm() == 0
+    [incident] = inspect(data).incidents
+    figures("damage while running", incident=incident.detail[:120])
+    assert incident.kind == "corrupt"
+    assert len([p for p in (data / "quarantine").iterdir() if p.suffix == ".db"]) == 1
+
+
+async def _cli_publish(config: Path, topic: str) -> subprocess.CompletedProcess[str]:
+    command = [console_script("edge-agent"), "--config", str(config), "publish", topic, "x"]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=30, check=False
+    )
 
 
 @pytest.mark.parametrize("clean", [True, False], ids=["clean-stop", "unclean-stop"])

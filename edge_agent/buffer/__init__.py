@@ -70,6 +70,7 @@ from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _close_cleanly,
     _connect,
+    _is_damage,
     _load_epoch,
     _load_totals,
     _lock,
@@ -180,6 +181,12 @@ class Buffer:
         """Called after each group commit with its highest priority (wakes the uplink)."""
         self.accepted = 0
         """Events committed by group commits so far (this run)."""
+        self.damage: sqlite3.DatabaseError | None = None
+        """The first error of this run that means the database is damaged (`_is_damage`): no
+        check at the open saw it. The next open quarantines what its checks find."""
+        self.on_damage: Callable[[sqlite3.DatabaseError], None] | None = None
+        """Called once, at the first such error (`edge-agent run` exits 1: systemd restarts it,
+        and the start's checks quarantine the database instead of every commit failing)."""
         self.on_commit_timed: Callable[[float, int], None] | None = None
         """Called after each group commit with the seconds its transaction took on the buffer
         thread (inserts, drops and the COMMIT with its fsync) and the events it committed."""
@@ -294,7 +301,23 @@ class Buffer:
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         # Shielded: the thread finishes the transaction whatever happens to the awaiting task.
-        return await asyncio.shield(loop.run_in_executor(self._executor, function, self._db, *args))
+        call = loop.run_in_executor(self._executor, function, self._db, *args)
+        try:
+            return await asyncio.shield(call)
+        except sqlite3.DatabaseError as exc:
+            if self.damage is None and _is_damage(exc):
+                self._damaged(exc)
+            raise
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> None:
+        self.damage = exc
+        log.error(
+            "buffer: the database is damaged (%s); nothing can be committed or read reliably"
+            " until a restart quarantines it",
+            exc,
+        )
+        if self.on_damage is not None:
+            self.on_damage(exc)
 
     # -- accepting ------------------------------------------------------------------------------
 
