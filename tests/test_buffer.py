@@ -904,6 +904,33 @@ async def test_a_topic_that_is_not_utf8_is_quarantined_not_a_crash_loop(
     assert len([p for p in (data / "quarantine").iterdir() if p.suffix == ".db"]) == 1
 
 
+async def test_index_damage_that_reindex_cannot_repair_is_quarantined(tmp_path: Path) -> None:
+    """Found by review: one flipped bit made two rows of ``drops`` equal in their primary key
+    (quick_check passes, integrity_check reports the index): REINDEX then failed on the UNIQUE
+    constraint, and every start refused, "not known to be corrupt" (a crash loop)."""
+    async with await Buffer.open(tmp_path):
+        pass
+    with contextlib.closing(sqlite3.connect(tmp_path / "buffer.db")) as db:
+        with db:
+            rows = [("full", "sensors/1", 3, 30), ("full", "sensors/3", 1, 10)]
+            db.executemany("INSERT INTO drops VALUES (?, ?, ?, ?)", rows)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'drops'")
+    data = bytearray((tmp_path / "buffer.db").read_bytes())
+    start = (root - 1) * PAGE_SIZE
+    at = data.index(b"sensors/3", start, start + PAGE_SIZE)
+    data[at + len("sensors/")] ^= 0x02  # '3' -> '1': in the table, not in its index
+    (tmp_path / "buffer.db").write_bytes(data)
+    assert _quick_check(tmp_path / "buffer.db") == [("ok",)]
+    for _ in range(2):  # as systemd would start it again
+        async with await Buffer.open(tmp_path) as buffer:
+            stats = await buffer.stats()
+    [incident] = stats.incidents
+    assert incident.kind == "corrupt"
+    assert "REINDEX failed: UNIQUE constraint failed: drops.reason, drops.topic" in incident.detail
+    assert len([p for p in (tmp_path / "quarantine").iterdir() if p.suffix == ".db"]) == 1
+
+
 async def test_damage_found_while_running_stops_the_agent_and_its_restart_quarantines(
     tmp_path: Path, process_factory: ProcessFactory
 ) -> None:

@@ -380,7 +380,13 @@ def _check(path: Path) -> _Checked:
                     checked.problem = "integrity_check: " + result
                     return checked
                 # The pages and tables are sound: only indexes differ from their tables.
-                db.execute("REINDEX")
+                try:
+                    db.execute("REINDEX")
+                except sqlite3.DatabaseError as exc:
+                    # A row changed in its table can now equal another in a UNIQUE key: the
+                    # index cannot be rebuilt, and the content is damaged all the same.
+                    checked.problem = f"integrity_check: {result}; REINDEX failed: {exc}"
+                    return checked
                 again = _integrity(db, "integrity_check")
                 if again is not None:
                     checked.problem = f"integrity_check: {result}; after REINDEX: {again}"
