@@ -632,11 +632,7 @@ async def test_nack_fails_the_batch_and_later_confirms_match(rabbitmq: RabbitNam
 async def test_unroutable_message_fails_only_its_batch(rabbitmq: RabbitNames) -> None:
     routed, lost = f"{rabbitmq.routing_prefix}-ok", f"{rabbitmq.routing_prefix}-lost"
     async with core_queue(rabbitmq, queue=None) as queue:
-        async with amqp_connection(rabbitmq.url) as connection:
-            channel = await connection.channel()
-            bound = await channel.declare_queue(rabbitmq.queue, durable=True)
-            await bound.bind(rabbitmq.exchange, f"devices.{routed}.*")
-            await channel.close()
+        await bind_queue(rabbitmq, routed)
         good = [message(rabbitmq, seq, routed) for seq in range(1, 301)]
         mixed = [message(rabbitmq, 1000, routed), message(rabbitmq, 1001, lost)]
         mixed.append(message(rabbitmq, 1002, routed))
@@ -668,11 +664,7 @@ async def test_a_returned_message_fails_the_batch_it_was_published_in(
     differ), in either order: each return fails its own batch."""
     routed, lost = f"{rabbitmq.routing_prefix}-ok", f"{rabbitmq.routing_prefix}-lost"
     async with core_queue(rabbitmq, queue=None) as queue:
-        async with amqp_connection(rabbitmq.url) as connection:
-            channel = await connection.channel()
-            bound = await channel.declare_queue(rabbitmq.queue, durable=True)
-            await bound.bind(rabbitmq.exchange, f"devices.{routed}.*")
-            await channel.close()
+        await bind_queue(rabbitmq, routed)
         returned = message(rabbitmq, 1, lost)
         stored = message(rabbitmq, 1, routed)._replace(event_id=returned.event_id)
         for batches in (
@@ -716,3 +708,12 @@ async def test_event_id_over_255_bytes_is_refused_before_sending(rabbitmq: Rabbi
         assert outcome.stored == 1
     received = await drain_queue(rabbitmq.url, rabbitmq.queue, expected=1, timeout=DRAIN_TIMEOUT)
     assert [r.body for r in received] == [b"p3"]
+
+
+async def bind_queue(rabbitmq: RabbitNames, device: str) -> None:
+    """The test's queue, bound to the events of ``device`` only (others are unroutable)."""
+    async with amqp_connection(rabbitmq.url) as connection:
+        channel = await connection.channel()
+        bound = await channel.declare_queue(rabbitmq.queue, durable=True)
+        await bound.bind(rabbitmq.exchange, f"devices.{device}.*")
+        await channel.close()
