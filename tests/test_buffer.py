@@ -332,27 +332,6 @@ async def test_the_ttl_sweep_passes_over_events_the_drain_holds(tmp_path: Path) 
     assert (stats.events, stats.drops) == (0, {("ttl", "t"): (4, 40)})
 
 
-async def test_drop_oldest_passes_over_events_the_drain_holds(tmp_path: Path) -> None:
-    """drop-oldest dropped the oldest events, those in flight first, and counted them as
-    dropped although they were delivered. Now it drops the oldest it does not hold; when it
-    holds every one, the event is refused, and accepted again once they are released."""
-    async with await Buffer.open(tmp_path, max_events=4) as buffer:
-        await buffer.append([event(b"%d" % i) for i in range(4)])
-        sent = await buffer.next_events(2, hold=True)
-        assert await buffer.append([event(topic="bulk", on_full="drop-oldest")]) == [5]
-        assert [e.seq for e in await buffer.next_events(10)] == [1, 2, 4, 5]  # 3 dropped
-        assert await buffer.delete([e.seq for e in sent]) == 2
-        assert (await buffer.stats()).drops == {("buffer-full", "t"): (1, 1)}
-        await buffer.append([event(topic="bulk") for _ in range(2)])
-        await buffer.next_events(10, hold=True)  # all four in flight
-        [full] = await buffer.append([event(topic="bulk", on_full="drop-oldest")])
-        assert isinstance(full, BufferFull)
-        assert (await buffer.stats()).drops == {("buffer-full", "t"): (1, 1)}
-        await buffer.release_held()  # the connection was lost: droppable again
-        assert await buffer.append([event(topic="bulk", on_full="drop-oldest")]) == [8]
-        assert (await buffer.stats()).drops[("buffer-full", "t")] == (2, 2)
-
-
 async def test_drain_order_priority_then_seq_with_paging(tmp_path: Path) -> None:
     async with await Buffer.open(tmp_path) as buffer:
         await buffer.append([event(b"low1"), event(b"high1", priority=5), event(b"low2")])

@@ -401,7 +401,6 @@ class Buffer:
                 now_ms,
                 self._disk,
                 self._rescue,
-                self._held,
             )
         except Exception as exc:
             log.error("buffer: commit of %d events failed: %r", len(flat), exc)

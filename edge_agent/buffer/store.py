@@ -13,7 +13,7 @@ import os
 import resource
 import sqlite3
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,7 +253,6 @@ def _insert_group(
     now_ms: int,
     disk: DiskReserve | None = None,
     rescue: WalRescue | None = None,
-    held: Set[int] = frozenset(),
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     """Commit a whole group in one transaction; returns outcomes and drops (events, first, last).
 
@@ -263,8 +262,7 @@ def _insert_group(
     ``max_page_count``) SQLite rolls the transaction back, so the group is tried again in "disk
     full" mode: ``reject`` events are refused outright and ``drop-oldest`` events first drop old
     events to make room (more on each attempt). Before that, once, ``rescue`` checkpoints the
-    WAL: when that lets the WAL be reused, the group is tried again as it was. Events ``held``
-    by the drain (sent, their outcome unknown) are never dropped.
+    WAL: when that lets the WAL be reused, the group is tried again as it was.
     """
     # C-level sums: this runs on every commit, on the thread that needs the GIL.
     size = sum(map(len, map(_NEW_PAYLOAD, events)))
@@ -275,7 +273,7 @@ def _insert_group(
         try:
             room = None if disk is None else disk.room(db, need)
             result = _insert_group_once(
-                db, events, size, totals, max_events, max_bytes, now_ms, attempt, room, held
+                db, events, size, totals, max_events, max_bytes, now_ms, attempt, room
             )
         except _DiskFull:
             log.warning(
@@ -302,7 +300,6 @@ def _insert_group_once(
     now_ms: int,
     attempt: int,
     room: _Room | None,
-    held: Set[int],
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     outcomes: list[int | BufferFull] = []
     disk_full = _DiskFullDrops.at(attempt) if attempt else None
@@ -331,7 +328,6 @@ def _insert_group_once(
                             dropped,
                             disk_full,
                             room,
-                            held,
                         )
                     )
                 _count_drops(db, "buffer-full", {topic: v for (_, topic), v in dropped.items()})
@@ -395,7 +391,6 @@ def _insert_one_with_policy(
     dropped: dict[tuple[str, str], list[int]],
     disk_full: _DiskFullDrops | None,
     room: _Room | None,
-    held: Set[int],
 ) -> int | BufferFull:
     """One event of a group that does not simply fit: the topic's policy decides (``disk_full``:
     what the group's ``drop-oldest`` events drop after SQLite found the disk full, None for
@@ -407,13 +402,13 @@ def _insert_one_with_policy(
             return BufferFull(event.topic, "the disk is full")
         if room is not None and not room.take(_row_cost(event)):
             return BufferFull(event.topic, room.reason())
-        return _insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped, held)
+        return _insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped)
     kept = [x for x in (totals, room, disk_full) if x is not None]
     saved = [[getattr(x, f.name) for f in dataclasses.fields(x)] for x in kept]
     drops = {key: entry.copy() for key, entry in dropped.items()}
     db.execute("SAVEPOINT event")
-    outcome = _make_room(db, event, totals, dropped, disk_full, room, held) or _insert_one(
-        db, event, totals, max_events, max_bytes, now_ms, dropped, held
+    outcome = _make_room(db, event, totals, dropped, disk_full, room) or _insert_one(
+        db, event, totals, max_events, max_bytes, now_ms, dropped
     )
     if isinstance(outcome, BufferFull):
         db.execute("ROLLBACK TO event")
@@ -437,7 +432,6 @@ def _make_room(
     dropped: dict[tuple[str, str], list[int]],
     disk_full: _DiskFullDrops | None,
     room: _Room | None,
-    held: Set[int],
 ) -> BufferFull | None:
     """For a ``drop-oldest`` event (in its savepoint): drop what the disk reserve or a full
     disk asks for; the refusal if that cannot be done, else None (`_insert_one` drops what the
@@ -446,7 +440,7 @@ def _make_room(
         if not room.wal_fits(cost):
             return BufferFull(event.topic, room.reason())
         making = _MakeRoom(room, cost)
-        _drop_oldest(db, event.priority, totals, dropped, making, held)
+        _drop_oldest(db, event.priority, totals, dropped, making)
         if not making.made:
             return BufferFull(
                 event.topic,
@@ -455,7 +449,7 @@ def _make_room(
     if disk_full is not None:
         disk_full.want += _row_cost(event) << (disk_full.attempt - 1)
         if disk_full.freed < disk_full.want:
-            _drop_oldest(db, event.priority, totals, dropped, disk_full.enough, held)
+            _drop_oldest(db, event.priority, totals, dropped, disk_full.enough)
             if disk_full.freed == 0:
                 return BufferFull(event.topic, "the disk is full and nothing can be dropped")
     return None
@@ -496,7 +490,6 @@ def _insert_one(
     max_bytes: int,
     now_ms: int,
     dropped: dict[tuple[str, str], list[int]],
-    held: Set[int],
 ) -> int | BufferFull:
     size = len(event.payload)
     if size > max_bytes:
@@ -508,7 +501,7 @@ def _insert_one(
     if not fits(0, 0):
         if event.on_full == "reject":
             return BufferFull(event.topic, _which_limit(totals, size, max_events, max_bytes))
-        _drop_oldest(db, event.priority, totals, dropped, fits, held)
+        _drop_oldest(db, event.priority, totals, dropped, fits)
         if not fits(0, 0):
             return BufferFull(
                 event.topic,
@@ -558,32 +551,23 @@ def _drop_oldest(
     totals: _Totals,
     dropped: dict[tuple[str, str], list[int]],
     enough: Callable[[int, int], bool],
-    held: Set[int] = frozenset(),
 ) -> int:
     """Delete the oldest events of priority <= ``priority`` until ``enough(events, bytes)`` of
-    what was deleted so far says so. Returns how many were deleted. Events ``held`` by the
-    drain are passed over: sent, they may be delivered, and a drop would be counted for them."""
+    what was deleted so far says so. Returns how many were deleted."""
     deleted = 0
     freed = 0
-    after = 0
-    passed_over = False
     if priority <= totals.nothing_at_or_below:
         return 0
     while not enough(deleted, freed):
         rows = db.execute(
-            "SELECT seq, topic, length(payload) FROM events WHERE priority <= ? AND seq > ?"
+            "SELECT seq, topic, length(payload) FROM events WHERE priority <= ?"
             " ORDER BY seq LIMIT 64",
-            (priority, after),
+            (priority,),
         ).fetchall()
         if not rows:
-            if not passed_over:  # held ones may be dropped once the drain lets them go
-                totals.nothing_at_or_below = max(totals.nothing_at_or_below, priority)
+            totals.nothing_at_or_below = max(totals.nothing_at_or_below, priority)
             break
-        after = rows[-1][0]
         for seq, topic, size in rows:
-            if seq in held:
-                passed_over = True
-                continue
             db.execute("DELETE FROM events WHERE seq = ?", (seq,))
             totals.events -= 1
             totals.bytes -= size
