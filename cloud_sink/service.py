@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import importlib.util
 import logging
 from types import TracebackType
@@ -267,10 +266,11 @@ class Sink:
         credential withdrawn takes effect at once, not at the device's next CONNECT. Closed:
         a device denied (``denied``) or revoked (``revoked``) since it connected; if the CA
         certificates changed since the connections were last judged, one whose certificate
-        chain they no longer verify (``untrusted``); if the [auth] settings besides the deny
-        list changed, one whose CONNECT they refuse (``reauth_refused``), and the others end at
-        the time these settings give (a new leeway moves it). The deny list and the CRL cost a
-        set lookup per connection; the rest (a chain, a token verified) only when it changed."""
+        chain is no longer anchored in them (``untrusted``); if the [auth] settings besides the
+        deny list changed, one whose CONNECT they refuse (``reauth_refused``), and the others
+        end at the time these settings give (a new leeway moves it). The deny list and the CRL
+        cost a set lookup per connection; the rest (a chain's anchor, a token verified) only
+        when it changed."""
         if self._server is None:
             return
         settings = self._authenticator.settings
@@ -279,10 +279,9 @@ class Sink:
         revocations = tls.revocations if tls is not None else Revocations()
         trust = tls.trust if tls is not None else None
         judged_trust, judged_settings = self._judged or (trust, settings)
-        now = self._authenticator.clock.time()
         chain_problem = None
         if trust is not None and trust != judged_trust:
-            chain_problem = trust.verifier(dt.datetime.fromtimestamp(now, dt.UTC))
+            chain_problem = trust.verifier()
         authenticate = None
         if dataclasses.replace(settings, deny=judged_settings.deny) != judged_settings:
             authenticate = self._authenticator.check

@@ -6,7 +6,7 @@ calls that callback while it processes the ClientHello, whether or not the clien
 name, and before the client certificate is verified; the swapped-in context's certificate store
 (CA and CRL) then decides. Connections already open are re-checked by the sink after each reload
 (``on_reload``): a device the new CRL revokes is disconnected, and so is one whose certificate chain
-the new CA file no longer verifies (`TrustStore`).
+is no longer anchored in the new CA file (`TrustStore`).
 
 `TlsReloader.run` rebuilds the context on request (SIGHUP) and when the CRL file changes (its
 mtime, size or inode, polled every ``interval`` seconds). A new CRL is checked before it is used:
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509 import verification
+from cryptography.exceptions import InvalidSignature
 
 from cloud_sink.config import ListenerConfig
 from mqtt_ingest.crl import DEVICES_REFUSED, TlsError, check_crl, crl_rollback, load_crl
@@ -80,66 +80,61 @@ class Revocations:
         return key in self._keys
 
 
-def _ca_constraints(
-    _policy: verification.Policy,
-    _certificate: x509.Certificate,
-    value: x509.BasicConstraints | None,
-) -> None:
-    if value is None or not value.ca:
-        raise ValueError("not a CA certificate (basic constraints without cA)")
-
-
 class TrustStore:
-    """The CA certificates of a TLS context, as OpenSSL loaded them from the CA file, to verify
-    the chain of a connection already open against them again (its handshake used the store of
-    its moment).
+    """The CA certificates of a TLS context, as OpenSSL loaded them from the CA file, to judge
+    again whether a connection already open is anchored in them (its handshake used the store
+    of its moment).
 
-    The check is cryptography's RFC 5280 path validation, not OpenSSL's: extensions are let
-    through as OpenSSL lets them (any on the leaf; a CA needs ``cA``). Without OpenSSL's
-    partial-chain flag only a self-signed certificate of the file is a trust anchor (the
-    others are intermediates it may use), as for OpenSSL."""
+    OpenSSL verified the whole chain at the handshake; after a change of the CA file the only
+    question is whether its anchor is still there: the top of the chain the connection verified
+    with (its last intermediate, or the leaf if it had none) must be directly issued by one of
+    these certificates (issuer name and signature: RSA, EC, Ed25519 or Ed448), or be one.
+    Nothing else is judged again: not the chain's policy (cryptography's RFC 5280 path
+    validation, used before, refused what OpenSSL takes: Ed25519 CAs, version 1 roots), nor
+    the CA certificate's own validity or whether a certificate of the file that issued it is
+    itself anchored by a root of the file."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.certificates = frozenset(context.get_ca_certs(binary_form=True))
-        partial = getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
-        self.partial_chain = bool(partial and context.verify_flags & partial)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TrustStore):
             return NotImplemented
-        return (self.certificates, self.partial_chain) == (other.certificates, other.partial_chain)
+        return self.certificates == other.certificates
 
     def __hash__(self) -> int:
-        return hash((self.certificates, self.partial_chain))
+        return hash(self.certificates)
 
-    def verifier(self, at: dt.datetime) -> Callable[[bytes, Sequence[bytes]], str | None]:
-        """``check(leaf DER, intermediates DER)``: None if the chain verifies at ``at``, else
-        why not."""
-        certificates = [x509.load_der_x509_certificate(der) for der in sorted(self.certificates)]
-        anchors = [c for c in certificates if self.partial_chain or c.subject == c.issuer]
-        from_file = [c for c in certificates if c not in anchors]
-        if not anchors:
-            return lambda _leaf, _chain: "the CA file holds no trust anchor"
-        ca_policy = verification.ExtensionPolicy.permit_all().require_present(
-            x509.BasicConstraints, verification.Criticality.AGNOSTIC, _ca_constraints
-        )
-        verifier = (
-            verification.PolicyBuilder()
-            .store(verification.Store(anchors))
-            .time(at)
-            .extension_policies(
-                ca_policy=ca_policy, ee_policy=verification.ExtensionPolicy.permit_all()
-            )
-            .build_client_verifier()
-        )
+    def verifier(self) -> Callable[[bytes, Sequence[bytes]], str | None]:
+        """``check(leaf DER, intermediates DER)``: None if the chain's top is issued by (or is)
+        one of the certificates, else why not. A top shared by many connections (an
+        intermediate) is judged once per verifier."""
+        issuers: dict[bytes, list[x509.Certificate]] = {}
+        for der in sorted(self.certificates):
+            certificate = x509.load_der_x509_certificate(der)
+            issuers.setdefault(certificate.subject.public_bytes(), []).append(certificate)
+        judged: dict[bytes, str | None] = {}
+
+        def anchored(top: bytes) -> str | None:
+            if top in self.certificates:
+                return None
+            try:
+                certificate = x509.load_der_x509_certificate(top)
+            except ValueError as exc:
+                return f"unreadable certificate: {exc}"
+            for issuer in issuers.get(certificate.issuer.public_bytes(), ()):
+                try:
+                    certificate.verify_directly_issued_by(issuer)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+                return None
+            return f"no CA certificate of the file issued {certificate.issuer.rfc4514_string()!r}"
 
         def check(leaf: bytes, chain: Sequence[bytes]) -> str | None:
-            try:
-                intermediates = [x509.load_der_x509_certificate(der) for der in chain]
-                verifier.verify(x509.load_der_x509_certificate(leaf), intermediates + from_file)
-            except (verification.VerificationError, ValueError) as exc:
-                return str(exc)
-            return None
+            top = chain[-1] if chain else leaf
+            if top not in judged:
+                judged[top] = anchored(top)
+            return judged[top]
 
         return check
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import sqlite3
 import ssl
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -26,10 +27,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ObjectIdentifier, UnrecognizedExtension
 from cryptography.x509.oid import CRLEntryExtensionOID, NameOID
 
+from certs import CertificateAuthority, KeyType
 from certs import pki as pki_module
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
-from cloud_sink.tls import TlsError, TlsReloader, build_context, certificate_key, check_crl
+from cloud_sink.tls import (
+    TlsError,
+    TlsReloader,
+    TrustStore,
+    build_context,
+    certificate_key,
+    check_crl,
+)
 from mqtt_ingest import crl as crl_module
 from mqtt_ingest.crl import crl_rollback, load_crl
 from tests.harness.pki import DeviceCreds, Pki
@@ -758,6 +767,86 @@ async def test_a_reload_that_drops_a_ca_closes_the_connections_it_verified(
         sink.reload(loaded(config))
         assert await clients[ours.device_id].closed_within(5), "untrusted device kept on"
         await until(lambda: sink.metrics.get("connections_closed", "untrusted") == 2)
+
+
+async def test_a_ca_added_keeps_the_devices_of_an_ed25519_ca_connected(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """OpenSSL takes an Ed25519 CA (``bridge-certs init-ca --key-type ed25519``); the check of
+    open connections at a CA file change used cryptography's path validation, which forbids
+    Ed25519 keys, so adding a CA (a rotation) closed every device of that CA as untrusted."""
+    ed_ca = CertificateAuthority.create(
+        tmp_path / "edca", common_name="Ed CA", key_type=KeyType.ED25519
+    )
+    device = issued_creds(ed_ca, f"ed-{uuid.uuid4().hex[:6]}")
+    ca_file = ca_bundle(tmp_path / "ca.pem", ed_ca.cert_path)
+    config = write_sink_config(tmp_path, pki)
+    config.write_text(config.read_text().replace(str(pki.ca_cert), str(ca_file)))
+    async with Sink(loaded(config)) as sink:
+        client = await connected(sink.port, device, pki)
+        await publishes(client, device)
+        ca_bundle(ca_file, ed_ca.cert_path, pki.other_ca.cert_path)  # a CA added, none removed
+        sink.reload(loaded(config))
+        assert not await client.closed_within(1), "a device of a CA still in the file closed"
+        await publishes(client, device, packet_id=2)
+        ca_bundle(ca_file, pki.other_ca.cert_path)  # and now removed
+        sink.reload(loaded(config))
+        assert await client.closed_within(5), "a device of a CA taken out kept on"
+        await until(lambda: sink.metrics.get("connections_closed", "untrusted") == 1)
+
+
+def issued_creds(ca: CertificateAuthority, device_id: str, **issue: Any) -> DeviceCreds:
+    issued = ca.issue_device(device_id, **issue)
+    return DeviceCreds(device_id, issued.cert_path, issued.key_path, issued.serial)
+
+
+def der(path: Path) -> bytes:
+    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+def trust_check(*authorities: Path) -> Callable[[bytes, tuple[bytes, ...]], str | None]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for authority in authorities:
+        context.load_verify_locations(cafile=str(authority))
+    return TrustStore(context).verifier()
+
+
+def test_the_trust_store_takes_the_cas_openssl_takes_and_only_their_own_devices(
+    tmp_path: Path,
+) -> None:
+    """A connection stays anchored if its chain's top is issued by a CA of the file, whatever
+    the key types (cryptography's path validation refused Ed25519 CAs, version 1 roots); a CA
+    of the same name with another key does not anchor it."""
+    for ca_type in (KeyType.ED25519, KeyType.RSA_2048, KeyType.EC_P256):
+        ca = CertificateAuthority.create(tmp_path / ca_type.value, key_type=ca_type)
+        impostor = CertificateAuthority.create(tmp_path / f"{ca_type.value}-new", key_type=ca_type)
+        check, other = trust_check(ca.cert_path), trust_check(impostor.cert_path)
+        for device_type in KeyType:
+            issued = ca.issue_device(f"d-{ca_type.value}-{device_type.value}", key_type=device_type)
+            leaf = der(issued.cert_path)
+            assert check(leaf, ()) is None, (ca_type, device_type)
+            assert other(leaf, ()) is not None, (ca_type, device_type)
+        # The top of the chain, not the leaf, is judged; and a CA of the file is its own anchor.
+        device = der(ca.issue_device("d-top").cert_path)
+        assert check(der(impostor.cert_path), (der(ca.cert_path),)) is None
+        assert check(device, (der(impostor.cert_path),)) is not None
+
+    # A version 1 root, as ``openssl x509 -req -signkey`` makes it: OpenSSL takes it.
+    def run(*args: str) -> None:
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+
+    run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "v1.key")
+    run("openssl", "req", "-new", "-key", "v1.key", "-subj", "/CN=v1ca", "-out", "v1.csr")
+    run("openssl", "x509", "-req", "-in", "v1.csr", "-signkey", "v1.key", "-out", "v1.pem",
+        "-days", "10")  # fmt: skip
+    run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "d.key")
+    run("openssl", "req", "-new", "-key", "d.key", "-subj", "/CN=dev-v1", "-out", "d.csr")
+    (tmp_path / "ext").write_text("basicConstraints=CA:FALSE\n")
+    run("openssl", "x509", "-req", "-in", "d.csr", "-CA", "v1.pem", "-CAkey", "v1.key",
+        "-CAcreateserial", "-out", "d.pem", "-days", "5", "-extfile", "ext")  # fmt: skip
+    run("openssl", "verify", "-CAfile", "v1.pem", "d.pem")
+    assert trust_check(tmp_path / "v1.pem")(der(tmp_path / "d.pem"), ()) is None
 
 
 async def test_a_device_revoked_between_its_handshake_and_its_connect_is_refused(
