@@ -266,11 +266,12 @@ class Sink:
         credential withdrawn takes effect at once, not at the device's next CONNECT. Closed:
         a device denied (``denied``) or revoked (``revoked``) since it connected; if the CA
         certificates changed since the connections were last judged, one whose certificate
-        chain is no longer anchored in them (``untrusted``); if the [auth] settings besides the
-        deny list changed, one whose CONNECT they refuse (``reauth_refused``), and the others
-        end at the time these settings give (a new leeway moves it). The deny list and the CRL
-        cost a set lookup per connection; the rest (a chain's anchor, a token verified) only
-        when it changed."""
+        chain is no longer anchored in them (``untrusted``), and every connection not yet past
+        CONNECT (``ca_changed``: its handshake used the old ones; it comes back); if the
+        [auth] settings besides the deny list changed, one whose CONNECT they refuse
+        (``reauth_refused``), and the others end at the time these settings give (a new leeway
+        moves it). The deny list and the CRL cost a set lookup per connection; the rest (a
+        chain's anchor, a token verified) only when it changed."""
         if self._server is None:
             return
         settings = self._authenticator.settings
@@ -318,6 +319,12 @@ class Sink:
             return None
 
         closed = self._server.close_where(verdict)
+        if chain_problem is not None:
+            # Their handshake verified the chain with the CA certificates of its moment, and
+            # their CONNECT checks only the CRL again: they reconnect against the new ones.
+            self._server.close_unauthenticated(
+                "the CA file changed since its TLS handshake", "ca_changed"
+            )
         self._certificate_keys = seen
         self._judged = trust, settings
         if closed:

@@ -133,6 +133,18 @@ class Connection:
             # device's events to the stage. Cancelled, it withdraws them (`_teardown`).
             self.task.cancel()
 
+    def close_unauthenticated(self, reason: str, label: str) -> bool:
+        """Close the connection if it is not yet past CONNECT (identity None); whether it was.
+        As `finish` does it: its task cancelled, the transport left to its teardown (aborted
+        under a TLS handshake in progress, Python 3.11's start_tls returns no transport)."""
+        task = self.task
+        if self.identity is not None or self._aborted or task is None or task.done():
+            return False
+        if self._close_reason is None:
+            self._close_reason = Close(reason, label=label)
+        task.cancel()
+        return True
+
     def ended(self, _task: asyncio.Task[None]) -> None:
         """The connection's task is done. Its teardown has run, unless it was cancelled before
         its first step (a stop in the same turn of the loop as the accept): then nothing else

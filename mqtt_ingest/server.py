@@ -156,6 +156,21 @@ class IngestServer:
                 closed += 1
         return closed
 
+    def close_unauthenticated(self, reason: str, label: str) -> int:
+        """Close every connection not yet past CONNECT (its TLS handshake or authentication in
+        progress, or done and its CONNECT not yet judged): for a trust store replaced, which
+        the handshakes it verified no longer speak for; the clients come back with a new one.
+        One log line for them all (they have no device name yet). Returns how many."""
+        closed = sum(
+            connection.close_unauthenticated(reason, label)
+            for connection in list(self._connections)
+        )
+        if closed:
+            log.warning(
+                "%s: closing %d connection(s) not yet past CONNECT: %s", self.name, closed, reason
+            )
+        return closed
+
     async def __aenter__(self) -> IngestServer:
         self._tasks = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._batcher_task = self._tasks.create_task(

@@ -849,6 +849,38 @@ def test_the_trust_store_takes_the_cas_openssl_takes_and_only_their_own_devices(
     assert trust_check(tmp_path / "v1.pem")(der(tmp_path / "d.pem"), ()) is None
 
 
+async def test_a_handshake_done_before_a_ca_file_change_is_closed_before_its_connect(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake verifies the chain with the CA certificates of its moment, and CONNECT
+    checks only the CRL again: a device of a CA taken out by a reload, its handshake done
+    before and its CONNECT after, got in and stayed. Connections not yet past CONNECT are
+    closed at such a reload (they come back with a new handshake)."""
+    caplog.set_level(logging.INFO, logger="mqtt_ingest")
+    ca_file = ca_bundle(tmp_path / "ca.pem", pki.ca_cert, pki.other_ca.cert_path)
+    config = write_sink_config(tmp_path, pki)
+    config.write_text(config.read_text().replace(str(pki.ca_cert), str(ca_file)))
+    foreign = pki.foreign_device(f"foreign-{uuid.uuid4().hex[:6]}")
+    ours = pki.device(f"ours-{uuid.uuid4().hex[:6]}")
+    async with Sink(loaded(config)) as sink:
+        waiting = [
+            await RawClient.open(sink.port, ssl_context=pki.client_context(device))
+            for device in (foreign, ours)
+        ]
+        sink.reload(loaded(config))  # the same CA certificates: nobody is closed
+        assert not await waiting[0].closed_within(0.5)
+        ca_bundle(ca_file, pki.ca_cert)  # the foreign CA taken out
+        sink.reload(loaded(config))
+        for client in waiting:
+            assert await client.closed_within(5), "connection not past CONNECT kept on"
+        await until(lambda: sink.metrics.get("connections_closed", "ca_changed") == 2)
+        assert any(
+            "closing 2 connection(s) not yet past CONNECT" in r.getMessage() for r in caplog.records
+        )
+        assert not await connects(sink.port, foreign, pki)
+        await (await connected(sink.port, ours, pki)).aclose()
+
+
 async def test_a_device_revoked_between_its_handshake_and_its_connect_is_refused(
     tmp_path: Path, pki: Pki
 ) -> None:
