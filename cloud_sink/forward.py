@@ -64,6 +64,10 @@ class Forwarder:
         refusal = self._queue.refusal
         for index, event in enumerate(events):
             ours, letters = self._messages(event)
+            if letters and await self._queue.recheck_limits():
+                # A limit was raised since the backend last read it (a busy sink is not
+                # probed): what it refused is asked again before anything is dead-lettered.
+                ours, letters = self._messages(event)
             if letters:
                 why_not = next(filter(None, map(refusal, letters)), None)
                 if why_not is not None:

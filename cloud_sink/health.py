@@ -74,6 +74,7 @@ class BackendGuard:
     def __init__(self, queue: CoreQueue, backoff: Backoff, metrics: Metrics) -> None:
         self._queue = queue
         self.refusal = queue.refusal  # asked per message: no pass-through call per layer
+        self.recheck_limits = queue.recheck_limits
         self._backoff = backoff
         self._metrics = metrics
         self._state = BackendState.UP

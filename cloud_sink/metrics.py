@@ -215,6 +215,7 @@ class _TimedQueue:
     ) -> None:
         self._queue = queue
         self.refusal = queue.refusal  # asked per message: no pass-through call per layer
+        self.recheck_limits = queue.recheck_limits
         self._publish_seconds = publish_seconds
         self._dead_letter_seconds = dead_letter_seconds
         self._publish_errors = publish_errors

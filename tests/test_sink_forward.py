@@ -72,6 +72,9 @@ class SwitchableQueue:
             return f"{len(message.payload)} bytes, over {limit}"
         return self.inner.refusal(message)
 
+    async def recheck_limits(self) -> bool:
+        return False
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         if self.down:
             raise BackendError("backend unavailable")

@@ -4,6 +4,7 @@ stored once within the duplicate window, failures surface as `BackendError` with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
+from cloud_sink.backends import nats as nats_backend
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from cloud_sink.backends.nats import NatsCoreQueue, _event_headers, _header_value, subject_covers
 from cloud_sink.backends.nats_batch import read_reply
@@ -776,6 +778,119 @@ async def test_a_streams_max_msg_size_is_read_again_by_each_probe(
         assert (await queue.publish([event])).stored == 1
     finally:
         await queue.aclose()
+
+
+async def set_max_msg_size(names: NatsNames, stream: str, limit: int) -> None:
+    async with nats_connection(names.url) as client:
+        jsm = client.jsm(timeout=5)
+        config = (await jsm.stream_info(stream)).config
+        config.max_msg_size = limit
+        await jsm.update_stream(config)
+
+
+async def stream_messages(names: NatsNames, stream: str) -> int:
+    async with nats_connection(names.url) as client:
+        return (await client.jsm(timeout=5).stream_info(stream)).state.messages
+
+
+class BusyDevice:
+    """A device whose small events the forwarder stores back to back, as on a busy sink (no
+    idle gap: never probed); every call must succeed."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        self.calls = 0
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            assert await self.forwarder.store([raw_event("busy-dev", b"small")]) is None
+            self.calls += 1
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> int:
+        """The calls made; raises what a failed one raised."""
+        if self._task.done():
+            self._task.result()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        return self.calls
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+async def test_a_raised_max_msg_size_is_read_again_before_a_busy_sink_dead_letters(
+    nats_jetstream: NatsNames,
+) -> None:
+    """A busy sink is never probed (`IDLE_PROBE`): a stream's max_msg_size raised while it ran
+    was not noticed, and every event between the old and the new limit went to the dead letters
+    until a restart or an idle gap. Before one is dead-lettered for the limit, the limit is read
+    again (unless that reading is under a second old): the event is stored."""
+    limit = 1024
+    async with nats_connection(nats_jetstream.url) as client:
+        await client.jsm(timeout=5).add_stream(
+            StreamConfig(
+                name=nats_jetstream.stream,
+                subjects=[nats_jetstream.subjects],
+                duplicate_window=120,
+                max_msg_size=limit,
+            )
+        )
+    queue = await open_queue(nats_jetstream)
+    forwarder = Forwarder(queue, Counters(), max_body=1024**2)
+    busy = BusyDevice(forwarder)
+    try:
+        assert "its max_msg_size" in (
+            queue.refusal(core_message(1)._replace(payload=bytes(2000))) or ""
+        )
+        await asyncio.sleep(0.2)
+        await set_max_msg_size(nats_jetstream, nats_jetstream.stream, 4 * limit)
+        await asyncio.sleep(1.2)  # still busy: not probed; the last reading over a second old
+        assert await forwarder.store([raw_event("big-dev", bytes(2000))]) is None
+        calls = await busy.stop()
+    finally:
+        busy.cancel()
+        await queue.aclose()
+    assert calls > 10
+    assert await stream_messages(nats_jetstream, nats_jetstream.dead_letter_stream) == 0
+    stored = await read_stream(
+        nats_jetstream.url, nats_jetstream.stream, expected=calls + 1, timeout=READ_TIMEOUT
+    )
+    assert [m.headers["device-id"] for m in stored if len(m.body) == 2000] == ["big-dev"]
+
+
+async def test_a_lowered_max_msg_size_is_read_by_a_busy_sink_within_the_refresh_period(
+    nats_jetstream: NatsNames, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy sink reads its streams' limits again in the background every `_LIMITS_REFRESH`
+    seconds (30; here 0.5): a lowered limit is known without a failed batch, and an event over
+    it goes to the dead letters (the re-reading before that confirms it)."""
+    monkeypatch.setattr(nats_backend, "_LIMITS_REFRESH", 0.5)
+    queue = await open_queue(nats_jetstream)
+    forwarder = Forwarder(queue, Counters(), max_body=1024**2)
+    big = core_message(1)._replace(payload=bytes(2000))
+    busy = BusyDevice(forwarder)
+    try:
+        assert queue.refusal(big) is None
+        await set_max_msg_size(nats_jetstream, nats_jetstream.stream, 1024)
+        deadline = time.monotonic() + 5.0
+        while queue.refusal(big) is None:
+            assert time.monotonic() < deadline, "the lowered limit was not read"
+            await asyncio.sleep(0.05)
+        waited = 5.0 - (deadline - time.monotonic())
+        assert await forwarder.store([raw_event("big-dev", bytes(2000))]) is None
+        calls = await busy.stop()
+    finally:
+        busy.cancel()
+        await queue.aclose()
+    figures("lowered limit read by a busy sink", seconds=round(waited, 2), calls=calls)
+    [dead] = await read_stream(
+        nats_jetstream.url, nats_jetstream.dead_letter_stream, expected=1, timeout=READ_TIMEOUT
+    )
+    assert dead.headers["device-id"] == "big-dev"
+    assert "its max_msg_size" in dead.headers["reason"]
 
 
 @pytest.mark.parametrize("setting", ["no_ack", "sealed"])

@@ -383,6 +383,9 @@ class ProbeOnlyQueue:
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
         return None
 
+    async def recheck_limits(self) -> bool:
+        return False
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         raise BackendError("every publish fails")
 

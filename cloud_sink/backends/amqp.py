@@ -183,6 +183,9 @@ class AmqpCoreQueue:
             return f"event id over {limit} bytes: an AMQP message id holds {limit}"
         return None
 
+    async def recheck_limits(self) -> bool:
+        return False  # max_message_size is the sink's own setting
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         if not messages:
             return PublishOutcome(stored=0, duplicates=0)

@@ -108,6 +108,14 @@ class CoreQueue(Protocol):
         device's resend."""
         ...
 
+    async def recheck_limits(self) -> bool:
+        """Whether the limits `refusal` judges by changed, read again if they can change
+        while the sink runs and `refusal` refused for one since they were read (else False at
+        once, without a round trip). The forwarder asks before it dead-letters, and asks
+        `refusal` again on True: a limit raised behind a busy sink dead-lettered events it
+        takes. Never raises for a failed reading (the publish shows an outage)."""
+        ...
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         """Return once every message is confirmed by the backend; raise `BackendError` if not."""
         ...

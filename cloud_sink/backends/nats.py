@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -53,6 +54,14 @@ _NEWLINES_AS_SPACES = str.maketrans({"\r": " ", "\n": " "})
 # reply subject (~50 bytes here) and three numbers. A longer line resets the whole connection.
 _MAX_SUBJECT_BYTES = 3840
 _HEADER_ALLOWANCE = 256  # a header block's fixed text and numbers, beyond ids, topic and reason
+# The streams' max_msg_size, read at start and by every probe, but a busy sink is never probed:
+# publishing reads them again in the background at least this often (seconds), so a lowered
+# limit is known before an event over it fails its batch.
+_LIMITS_REFRESH = 30.0
+# An event `refusal` refused for its stream's limit is dead-lettered only after the limit was
+# read again, unless it was read less than this long ago (seconds): a raised limit is seen at
+# once, and a device sending oversized events costs a round trip a second at most.
+_RECHECK_AFTER = 1.0
 
 
 def event_subject(prefix: str, topic: str) -> str:
@@ -156,9 +165,14 @@ class NatsCoreQueue:
         self._closing = False
         self._duplicate_window = 120.0  # set by `open`, for `_ensure_streams`
         self._storage = StorageType.FILE
-        # Each stream's own max_msg_size (headers count), if it has one: read by
-        # `_ensure_streams` at start and at every probe, for `refusal`.
+        # Each stream's own max_msg_size (headers count), if it has one, for `refusal`: read by
+        # `_ensure_streams` at start and at every probe, by `publish` in the background every
+        # `_LIMITS_REFRESH` seconds, and by `recheck_limits` after a refusal for it.
         self._max_msg_size: dict[str, int] = {}
+        self._limits_read_at = time.monotonic()  # the last reading of both limits
+        self._limits_due = self._limits_read_at + _LIMITS_REFRESH  # the next one in `publish`
+        self._limits_refused = False  # `refusal` refused for a stream's max_msg_size since
+        self._limits_task: asyncio.Task[None] | None = None
         self.duplicates = 0
 
     @classmethod
@@ -223,6 +237,7 @@ class NatsCoreQueue:
     async def _ensure_streams(self, *, again: bool = False) -> None:
         """Both streams there (created if missing) and fit for use, as at start. ``again``: after
         the start, where a missing stream means lost events."""
+        started = time.monotonic()
         for name, prefix in (
             (self.stream, self.subject_prefix),
             (self.dead_letter_stream, self.dead_letter_subject_prefix),
@@ -230,10 +245,84 @@ class NatsCoreQueue:
             limit = await self._ensure_stream(
                 name, prefix, self._duplicate_window, self._storage, again
             )
-            if limit is None:
-                self._max_msg_size.pop(name, None)
-            else:
-                self._max_msg_size[name] = limit
+            self._set_limit(name, limit)
+        self._limits_read(started)
+
+    def _set_limit(self, stream: str, limit: int | None) -> None:
+        if limit is None:
+            self._max_msg_size.pop(stream, None)
+        else:
+            self._max_msg_size[stream] = limit
+
+    def _limits_read(self, started: float) -> None:
+        """Both limits were read by a call that started at ``started`` (monotonic)."""
+        self._limits_read_at = max(self._limits_read_at, started)
+        self._limits_due = max(self._limits_due, started + _LIMITS_REFRESH)
+
+    async def _read_limits(self) -> None:
+        """Both streams' max_msg_size read again, nothing else checked (the probe does that);
+        a stream not found keeps its limit: its publishes fail, and the probe creates it."""
+        started = time.monotonic()
+        jsm = self._client.jsm(timeout=self.timeout)
+        for name in (self.stream, self.dead_letter_stream):
+            try:
+                size = (await jsm.stream_info(name)).config.max_msg_size
+            except nats.js.errors.NotFoundError:
+                continue
+            self._set_limit(name, size if size is not None and size > 0 else None)
+        self._limits_read(started)
+
+    async def recheck_limits(self) -> bool:
+        """Whether the streams' max_msg_size changed, read again if `refusal` refused for one
+        since the last reading and that was `_RECHECK_AFTER` seconds ago or more: a refusal
+        for a raised limit is never final (the forwarder asks again before dead-lettering). A
+        failed reading keeps the limits (an outage shows in the publish, not here)."""
+        if not self._limits_refused:
+            return False
+        self._limits_refused = False
+        if time.monotonic() - self._limits_read_at < _RECHECK_AFTER:
+            return False
+        if not self._client.is_connected:
+            return False
+        before = dict(self._max_msg_size)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._read_limits()
+        except _ERRORS as exc:
+            log.warning("NATS: reading the streams' max_msg_size again: %r", exc)
+            return False
+        if self._max_msg_size == before:
+            return False
+        log.info("NATS: the streams' max_msg_size changed: %s", self._limits_text())
+        return True
+
+    def _limits_text(self) -> str:
+        return ", ".join(
+            f"{name} {self._max_msg_size.get(name, 'none')}"
+            for name in (self.stream, self.dead_letter_stream)
+        )
+
+    def _refresh_limits_if_due(self) -> None:
+        """Read the limits again in the background every `_LIMITS_REFRESH` seconds (no round
+        trip in the publish itself): a busy sink is never probed."""
+        now = time.monotonic()
+        if now < self._limits_due or self._limits_task is not None or self._closing:
+            return
+        self._limits_due = now + _LIMITS_REFRESH  # the next attempt, even if this one fails
+        self._limits_task = asyncio.create_task(self._refresh_limits())
+
+    async def _refresh_limits(self) -> None:
+        before = dict(self._max_msg_size)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._read_limits()
+        except _ERRORS as exc:
+            log.debug("NATS: refreshing the streams' max_msg_size: %r", exc)
+        else:
+            if self._max_msg_size != before:
+                log.info("NATS: the streams' max_msg_size changed: %s", self._limits_text())
+        finally:
+            self._limits_task = None
 
     async def _ensure_stream(
         self,
@@ -343,6 +432,7 @@ class NatsCoreQueue:
             if size > limit:
                 if limit == max_payload:
                     return f"{size} bytes with its headers: the NATS server takes {max_payload}"
+                self._limits_refused = True  # read again before it is final: `recheck_limits`
                 return (
                     f"{size} bytes with its headers: JetStream stream {stream!r} takes {limit}"
                     " (its max_msg_size)"
@@ -356,6 +446,7 @@ class NatsCoreQueue:
         """Publish the whole batch at once; return when every PubAck is in, else `BackendError`."""
         if not messages:
             return PublishOutcome(stored=0, duplicates=0)
+        self._refresh_limits_if_due()
         stream = self.stream
         items = [
             (event_subject(self.subject_prefix, m.topic), _event_headers(m, stream), m.payload)
@@ -435,6 +526,8 @@ class NatsCoreQueue:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._limits_task is not None:
+            self._limits_task.cancel()
         try:
             async with asyncio.timeout(self.timeout):
                 await self._client.close()

@@ -160,6 +160,9 @@ class SqliteCoreQueue:
     def refusal(self, message: CoreMessage | DeadLetterMessage) -> str | None:
         return None  # a row holds up to 1 GB: far beyond any packet the sink accepts
 
+    async def recheck_limits(self) -> bool:
+        return False  # `refusal` has no limit
+
     async def publish(self, messages: Sequence[CoreMessage]) -> PublishOutcome:
         stored = await self._run(self._insert, list(messages))
         outcome = PublishOutcome(stored=stored, duplicates=len(messages) - stored)
