@@ -51,6 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from edge_agent.buffer.checks import _is_damage
 from edge_agent.buffer.drain import (
     _dead_letter,
     _delete,
@@ -70,7 +71,6 @@ from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _close_cleanly,
     _connect,
-    _is_damage,
     _load_epoch,
     _load_totals,
     _lock,
