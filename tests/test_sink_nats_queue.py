@@ -704,15 +704,7 @@ async def test_a_message_over_its_streams_max_msg_size_is_a_refusal(
     resend of it. `refusal` measures as JetStream does, headers included (nats-server counts
     them: a message of exactly the limit is stored, one byte more refused)."""
     limit = 1024
-    async with nats_connection(nats_jetstream.url) as client:
-        await client.jsm(timeout=5).add_stream(
-            StreamConfig(
-                name=nats_jetstream.stream,
-                subjects=[nats_jetstream.subjects],
-                duplicate_window=120,
-                max_msg_size=limit,
-            )
-        )
+    await add_limited_stream(nats_jetstream, limit)
     queue = await open_queue(nats_jetstream)
     try:
         fits = core_message(1)
@@ -829,15 +821,7 @@ async def test_a_raised_max_msg_size_is_read_again_before_a_busy_sink_dead_lette
     until a restart or an idle gap. Before one is dead-lettered for the limit, the limit is read
     again (unless that reading is under a second old): the event is stored."""
     limit = 1024
-    async with nats_connection(nats_jetstream.url) as client:
-        await client.jsm(timeout=5).add_stream(
-            StreamConfig(
-                name=nats_jetstream.stream,
-                subjects=[nats_jetstream.subjects],
-                duplicate_window=120,
-                max_msg_size=limit,
-            )
-        )
+    await add_limited_stream(nats_jetstream, limit)
     queue = await open_queue(nats_jetstream)
     forwarder = Forwarder(queue, Counters(), max_body=1024**2)
     busy = BusyDevice(forwarder)
@@ -956,3 +940,16 @@ async def test_a_subject_prefix_that_is_no_subjects_start_is_refused_at_open(
         for name in nats_jetstream.streams:
             with pytest.raises(nats.js.errors.NotFoundError):
                 await jsm.stream_info(name)
+
+
+async def add_limited_stream(nats_jetstream: NatsNames, limit: int) -> None:
+    """The test's events stream, made before the sink with a ``max_msg_size`` of its own."""
+    async with nats_connection(nats_jetstream.url) as client:
+        await client.jsm(timeout=5).add_stream(
+            StreamConfig(
+                name=nats_jetstream.stream,
+                subjects=[nats_jetstream.subjects],
+                duplicate_window=120,
+                max_msg_size=limit,
+            )
+        )
