@@ -742,9 +742,7 @@ async def test_a_reload_that_drops_a_ca_closes_the_connections_it_verified(
     at the reload, as their next handshake would be refused; a reload that leaves the CA
     certificates as they are closes nothing."""
     caplog.set_level(logging.INFO, logger="mqtt_ingest")
-    ca_file = ca_bundle(tmp_path / "ca.pem", pki.ca_cert, pki.other_ca.cert_path)
-    config = write_sink_config(tmp_path, pki)
-    config.write_text(config.read_text().replace(str(pki.ca_cert), str(ca_file)))
+    config, ca_file = two_ca_sink_config(tmp_path, pki)
     ours = pki.device(f"ours-{uuid.uuid4().hex[:6]}")
     foreign = pki.foreign_device(f"foreign-{uuid.uuid4().hex[:6]}")
     async with Sink(loaded(config)) as sink:
@@ -857,9 +855,7 @@ async def test_a_handshake_done_before_a_ca_file_change_is_closed_before_its_con
     before and its CONNECT after, got in and stayed. Connections not yet past CONNECT are
     closed at such a reload (they come back with a new handshake)."""
     caplog.set_level(logging.INFO, logger="mqtt_ingest")
-    ca_file = ca_bundle(tmp_path / "ca.pem", pki.ca_cert, pki.other_ca.cert_path)
-    config = write_sink_config(tmp_path, pki)
-    config.write_text(config.read_text().replace(str(pki.ca_cert), str(ca_file)))
+    config, ca_file = two_ca_sink_config(tmp_path, pki)
     foreign = pki.foreign_device(f"foreign-{uuid.uuid4().hex[:6]}")
     ours = pki.device(f"ours-{uuid.uuid4().hex[:6]}")
     async with Sink(loaded(config)) as sink:
@@ -903,3 +899,12 @@ async def test_a_device_revoked_between_its_handshake_and_its_connect_is_refused
         assert connack.body == b"\x00\x05"  # not authorized
         refused = sink.metrics.get("connections_refused", "certificate revoked")
     assert refused == 1
+
+
+def two_ca_sink_config(tmp_path: Path, pki: Pki) -> tuple[Path, Path]:
+    """A sink configuration trusting our CA and the other one, from one CA file (returned too,
+    for a reload to change)."""
+    ca_file = ca_bundle(tmp_path / "ca.pem", pki.ca_cert, pki.other_ca.cert_path)
+    config = write_sink_config(tmp_path, pki)
+    config.write_text(config.read_text().replace(str(pki.ca_cert), str(ca_file)))
+    return config, ca_file
