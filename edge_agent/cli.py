@@ -204,15 +204,16 @@ async def _run(config: AgentConfig, path: Path, listen_port: int | None) -> int:
             signal.SIGHUP, lambda: _reload(agent, path, systemd, listen_port)
         )
         async with agent:
-            # A damaged database (no check saw it at the open): stop, exit 1, and let systemd
-            # restart the agent, whose open quarantines it; staying up failed every commit.
-            agent.buffer.on_damage = lambda _: stop.set()
+            # A damaged database (no check saw it at the open), a committer stopped by a bug:
+            # stop, exit 1, and let systemd restart the agent (whose open quarantines a damaged
+            # database); staying up failed every commit.
+            agent.buffer.on_failure = lambda _: stop.set()
             systemd.ready(lambda: status(agent))
             await stop.wait()
             systemd.stopping()
-            damaged = agent.buffer.damage is not None
-            if damaged:
-                log.error("stopping: the buffer's database is damaged; exiting 1 to be restarted")
+            failure = agent.buffer.failure
+            if failure is not None:
+                log.error("stopping: the buffer failed (%r); exiting 1 to be restarted", failure)
             else:
                 log.info("stopping on signal")
             # A reload now would start the uplink on a new connection while it settles its
@@ -220,7 +221,7 @@ async def _run(config: AgentConfig, path: Path, listen_port: int | None) -> int:
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: log.warning("SIGHUP while stopping: ignored")
             )
-    return 1 if damaged else 0
+    return 1 if failure is not None else 0
 
 
 def _reload(agent: Agent, path: Path, systemd: Supervisor, listen_port: int | None) -> None:

@@ -910,6 +910,47 @@ async def test_index_damage_that_reindex_cannot_repair_is_quarantined(tmp_path: 
     assert len([p for p in (tmp_path / "quarantine").iterdir() if p.suffix == ".db"]) == 1
 
 
+async def test_a_committer_stopped_by_an_error_refuses_events_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    """Found by review: an error out of the commit loop (here the commit callback, a bug) ended
+    its task, and every later append waited for ever: no ack, no error, nothing logged. Now
+    the waiting and later appends are refused at once, and the failure is reported once."""
+    failures: list[BaseException] = []
+    async with await Buffer.open(tmp_path) as buffer:
+        buffer.on_failure = failures.append
+
+        def broken(priority: int) -> None:
+            raise RuntimeError("a bug in the commit callback")
+
+        buffer.on_commit = broken
+        first = await buffer.append_one(event(b"committed"))  # committed, then the error
+        async with asyncio.timeout(10):  # a hang fails the test, not the suite
+            with pytest.raises(BufferError, match="committer stopped"):
+                await buffer.append_one(event(b"after"))
+        assert [repr(f) for f in failures] == [repr(RuntimeError("a bug in the commit callback"))]
+        assert buffer.failure is failures[0]
+    assert [e.payload for e in read_events(tmp_path)] == [b"committed"]
+    assert first == 1
+
+
+async def test_a_cancelled_close_still_lets_go_of_the_lock(tmp_path: Path) -> None:
+    """Found by review: a close cancelled while the committer finished marked the buffer closed,
+    and the next aclose() returned at once: the lock and the thread stayed (the next open in the
+    process: BufferLocked naming its own pid). The close goes on, and a second call waits."""
+    buffer = await Buffer.open(tmp_path, commit_linger=0.5)
+    pending = buffer.append_one(event(b"pending"))
+    closing = asyncio.create_task(buffer.aclose())
+    await asyncio.sleep(0.05)  # in the linger: the close waits for the committer
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await buffer.aclose()
+    assert await pending == 1
+    async with await Buffer.open(tmp_path) as again:  # not locked
+        assert [e.payload for e in await again.next_events(10)] == [b"pending"]
+
+
 async def test_damage_found_while_running_stops_the_agent_and_its_restart_quarantines(
     tmp_path: Path, process_factory: ProcessFactory
 ) -> None:

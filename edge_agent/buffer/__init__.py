@@ -173,6 +173,7 @@ class Buffer:
         self._wakeup = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None
         self._totals = _Totals()
         self.epoch = ""
         self.commits = 0
@@ -181,12 +182,13 @@ class Buffer:
         """Called after each group commit with its highest priority (wakes the uplink)."""
         self.accepted = 0
         """Events committed by group commits so far (this run)."""
-        self.damage: sqlite3.DatabaseError | None = None
-        """The first error of this run that means the database is damaged (`_is_damage`): no
-        check at the open saw it. The next open quarantines what its checks find."""
-        self.on_damage: Callable[[sqlite3.DatabaseError], None] | None = None
-        """Called once, at the first such error (`edge-agent run` exits 1: systemd restarts it,
-        and the start's checks quarantine the database instead of every commit failing)."""
+        self.failure: BaseException | None = None
+        """What left the buffer unusable this run, if anything: an error that means the
+        database is damaged (`_is_damage`; no check at the open saw it: the next open
+        quarantines what its checks find), or the committer stopped by an error (every later
+        append is refused at once instead of waiting for ever)."""
+        self.on_failure: Callable[[BaseException], None] | None = None
+        """Called once, at that failure (`edge-agent run` then exits 1: systemd restarts it)."""
         self.on_commit_timed: Callable[[float, int], None] | None = None
         """Called after each group commit with the seconds its transaction took on the buffer
         thread (inserts, drops and the COMMIT with its fsync) and the events it committed."""
@@ -257,6 +259,7 @@ class Buffer:
             buffer._committer = loop.create_task(
                 buffer._commit_loop(), name="edge_agent.buffer.commit"
             )
+            buffer._committer.add_done_callback(buffer._committer_done)
         except BaseException:
             # Whatever failed after the lock was taken: nothing of this open stays behind (the
             # next open in this process found the directory locked by its own pid).
@@ -281,14 +284,20 @@ class Buffer:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Commit what is pending, checkpoint, close and unlock. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._wakeup.set()
+        """Commit what is pending, checkpoint, close and unlock. Idempotent; cancelled, the close
+        goes on, and a second call waits for it (the first one set the buffer closed and, once
+        cancelled, a second returned at once: the lock and the thread stayed)."""
+        if self._closing is None:
+            self._closed = True
+            self._wakeup.set()
+            self._closing = self._loop.create_task(self._close(), name="edge_agent.buffer.close")
+        # asyncio.wait: our own cancellation still propagates (STYLE 8); the close does not stop.
+        await asyncio.wait((self._closing,))
+        self._closing.result()
+
+    async def _close(self) -> None:
         if self._committer is not None:
-            # asyncio.wait: our own cancellation still propagates (STYLE 8).
-            await asyncio.wait((self._committer,))
+            await asyncio.wait((self._committer,))  # it commits what is pending, then ends
         self._drop_log.flush(all_bursts=True)
         try:
             await self._run(_close_cleanly, self.directory)
@@ -305,19 +314,35 @@ class Buffer:
         try:
             return await asyncio.shield(call)
         except sqlite3.DatabaseError as exc:
-            if self.damage is None and _is_damage(exc):
-                self._damaged(exc)
+            if self.failure is None and _is_damage(exc):
+                log.error(
+                    "buffer: the database is damaged (%s); nothing can be committed or read"
+                    " reliably until a restart quarantines it",
+                    exc,
+                )
+                self._failed(exc)
             raise
 
-    def _damaged(self, exc: sqlite3.DatabaseError) -> None:
-        self.damage = exc
-        log.error(
-            "buffer: the database is damaged (%s); nothing can be committed or read reliably"
-            " until a restart quarantines it",
-            exc,
-        )
-        if self.on_damage is not None:
-            self.on_damage(exc)
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        if self.on_failure is not None:
+            self.on_failure(exc)
+
+    def _committer_done(self, task: asyncio.Task[None]) -> None:
+        """The committer ended. Before `aclose`, only by an error (a bug): the events waiting
+        and every later append are refused at once; they waited for ever (no ack, no error)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        for _, future, _ in self._pending:
+            if not future.done():
+                future.set_exception(BufferError(f"the buffer's committer stopped: {exc!r}"))
+        self._pending.clear()
+        self._pending_events = 0
+        if self.failure is None:  # once (also called by an append before this callback runs)
+            log.error("buffer: the committer stopped: %r; refusing every event", exc, exc_info=exc)
+            self._failed(exc)
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -340,6 +365,10 @@ class Buffer:
         # one future, one tuple.
         if self._closed:
             raise BufferError("the buffer is closed")
+        committer = self._committer
+        if committer is not None and committer.done():
+            self._committer_done(committer)
+            raise BufferError(f"the buffer's committer stopped: {self.failure!r}")
         future = self._loop.create_future()
         if not self._pending:
             self._oldest = self._loop.time()
