@@ -992,6 +992,31 @@ async def _cli_publish(config: Path, topic: str) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.parametrize("flip", [(0, 0x40), (3, 0x20)], ids=["not hex", "uppercase"])
+async def test_an_epoch_that_is_not_what_the_buffer_writes_is_quarantined(
+    tmp_path: Path, flip: tuple[int, int]
+) -> None:
+    """Found by review: one flipped bit of meta.epoch passes every SQLite check. A digit that
+    is not hex stopped every batch envelope (encode refused the epoch) at every connection,
+    for good; an uppercase one made the ids the agent returns differ from the sink's (it reads
+    the epoch back from the envelope's bytes, in lowercase)."""
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.append([event(b"x") for _ in range(3)])
+        epoch = buffer.epoch
+    index, mask = flip
+    letter = next(i for i, c in enumerate(epoch) if c.isalpha() == (mask == 0x20) and i >= index)
+    damaged = epoch[:letter] + chr(ord(epoch[letter]) ^ mask) + epoch[letter + 1 :]
+    _flip(tmp_path / "buffer.db", b"epoch" + epoch.encode(), 5 + letter, mask=mask)
+    assert _integrity_check(tmp_path / "buffer.db") == [("ok",)]
+    async with await Buffer.open(tmp_path) as buffer:
+        stats = await buffer.stats()
+        assert buffer.epoch != damaged
+    [incident] = stats.incidents
+    assert (stats.events, incident.kind) == (0, "corrupt")
+    assert f"meta.epoch is not 16 lowercase hex digits: {damaged!r}" in incident.detail
+    assert "about 3 events" in incident.detail
+
+
 @pytest.mark.parametrize("clean", [True, False], ids=["clean-stop", "unclean-stop"])
 async def test_a_high_water_that_is_not_a_number_is_quarantined(
     tmp_path: Path, clean: bool

@@ -11,6 +11,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -410,12 +411,20 @@ def _transaction(db: sqlite3.Connection, totals: _Totals | None = None) -> Itera
 
 
 def _load_epoch(db: sqlite3.Connection) -> str:
-    """The database's epoch; `_Damaged` if its row is gone (quick_check does not see a flipped
-    byte in the key 'epoch')."""
+    """The database's epoch; `_Damaged` if its row is gone or its value is not what the buffer
+    writes, 16 lowercase hex digits (quick_check does not see a flipped byte: a non-hex digit
+    stopped every batch envelope, at every connection; an uppercase one made the agent's event
+    ids differ from the sink's, which reads the epoch back from the envelope's bytes)."""
     row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
     if row is None:
         raise _Damaged("meta has no epoch")
-    return str(row[0])
+    epoch = row[0]
+    if not isinstance(epoch, str) or _EPOCH.fullmatch(epoch) is None:
+        raise _Damaged(f"meta.epoch is not 16 lowercase hex digits: {str(epoch)[:40]!r}")
+    return epoch
+
+
+_EPOCH = re.compile(r"[0-9a-f]{16}")
 
 
 def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
