@@ -21,7 +21,13 @@ from collections.abc import Sequence
 
 from cloud_sink.backends.base import CoreMessage, CoreQueue, DeadLetterMessage
 from mqtt_ingest import IngestEvent, Metrics, StageRefused
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeError, decode, events_at_most
+from mqtt_ingest.envelope import (
+    FORMAT_BATCH_V1,
+    EnvelopeError,
+    EnvelopeTooLarge,
+    decode,
+    events_at_most,
+)
 
 __all__ = ["CALL_MESSAGES", "Forwarder", "unmappable_topic"]
 
@@ -63,7 +69,21 @@ class Forwarder:
         refused: list[StageRefused | None] | None = None
         refusal = self._queue.refusal
         for index, event in enumerate(events):
-            ours, letters = self._messages(event)
+            try:
+                ours, letters = self._messages(event)
+            except EnvelopeTooLarge as exc:
+                # Decompressed, over max_packet_size: refused as an uncompressed envelope of
+                # that size is (by the packet limit), not acknowledged into the dead letters as
+                # one undecoded blob (its events then never reached the core queue).
+                if refused is None:
+                    refused = [None] * len(events)
+                refused[index] = StageRefused(exc.reason)
+                self._metrics.inc("forwarded", reason="refused")
+                log.warning(
+                    "forward: refused an envelope of %s on %r, not acknowledged: %s",
+                    event.identity.name, event.topic[:100], exc.reason,
+                )  # fmt: skip
+                continue
             if letters and await self._queue.recheck_limits():
                 # A limit was raised since the backend last read it (a busy sink is not
                 # probed): what it refused is asked again before anything is dead-lettered.
@@ -130,6 +150,8 @@ class Forwarder:
                 if event.identity.attributes.get("format") == FORMAT_BATCH_V1
                 else [self._raw(event, device, received_ms)]
             )
+        except EnvelopeTooLarge:
+            raise
         except EnvelopeError as exc:
             # No event ids to name it by: the digest names the device's resend of these bytes.
             digest = hashlib.sha256(event.topic.encode() + b"\0" + event.payload).hexdigest()

@@ -274,6 +274,8 @@ class UplinkBatch(_Strict):
     max_events: Annotated[int, Field(gt=0, le=MAX_EVENTS)] = 500
     """Events per envelope, at most the envelope's own limit (1,000, the sink's too)."""
     max_bytes: Bytes = 64 * 1024
+    """The PUBLISH packet of an envelope at most (uncompressed, topic and header included): at
+    most the sink's ``max_packet_size``. A single larger event goes alone."""
     linger: Delay = 0.005
     """How long a part-full batch waits for more events before it is sent."""
     zstd_level: Annotated[int, Field(ge=1, le=22)] | None = None

@@ -16,6 +16,8 @@ __all__ = ["Message", "Messages"]
 
 _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
 _EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
+_PACKET_OVERHEAD = 9  # of a PUBLISH: fixed header (<= 5), topic length (2), packet id (2)
+_ZSTD_OVERHEAD = 64  # zstd output over its input, at most, for bodies under 1 MiB
 
 
 @dataclass(slots=True)
@@ -74,14 +76,25 @@ class Messages:
         # rule's QoS changed twice went up out of order: QoS 1 seqs 1-5 and 11-15, then 6-10.)
         groups: dict[str, list[list[StoredEvent]]] = {}
         sizes: dict[str, int] = {}
+        room: dict[str, int] = {}
         limit = config.batch
+        # `max_bytes` bounds the whole PUBLISH packet, as the sink's max_packet_size does: the
+        # envelope went up to it and the topic on top, and a packet at the sink's limit closed
+        # the connection (then sent again, and again, until its events went alone).
+        overhead = _ENVELOPE_OVERHEAD + _PACKET_OVERHEAD
+        if limit.zstd_level is not None:  # incompressible payloads come out a little larger
+            overhead += _ZSTD_OVERHEAD
         for event in events:
             key = event.topic
-            runs = groups.setdefault(key, [[]])
+            runs = groups.get(key)
+            if runs is None:
+                runs = groups[key] = [[]]
+                topic_bytes = len(config.uplink_topic(device, key).encode())
+                room[key] = limit.max_bytes - overhead - topic_bytes
             size = len(event.payload) + _EVENT_OVERHEAD
             if runs[-1] and (
                 len(runs[-1]) >= limit.max_events
-                or sizes[key] + size > limit.max_bytes - _ENVELOPE_OVERHEAD
+                or sizes[key] + size > room[key]
                 # Seqs must increase within an envelope. In drain order (priority first) they
                 # do not when a topic's rows have two priorities (its rule changed): one
                 # envelope of both failed to encode on every connection, and the uplink stalled.

@@ -34,6 +34,7 @@ __all__ = [
     "Envelope",
     "EnvelopeError",
     "EnvelopeEvent",
+    "EnvelopeTooLarge",
     "decode",
     "encode",
     "events_at_most",
@@ -62,6 +63,12 @@ class EnvelopeError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"malformed batch envelope: {reason}")
         self.reason = reason
+
+
+class EnvelopeTooLarge(EnvelopeError):
+    """A well-formed envelope whose body (decompressed) is over the receiver's limit: too large
+    here, not malformed. Not to be acknowledged: the sender keeps its events (sent alone, they
+    may fit), as it keeps a packet over the size limit."""
 
 
 class EnvelopeEvent(NamedTuple):
@@ -162,7 +169,7 @@ def decode(data: bytes, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
     if flags & FLAG_ZSTD:
         body = _decompress(body, max_body)
     elif len(body) > max_body:
-        raise EnvelopeError(f"body of {len(body)} bytes is over the limit of {max_body}")
+        raise EnvelopeTooLarge(f"body of {len(body)} bytes is over the limit of {max_body}")
     events = _events(body)
     if events is None:
         _explain(body)  # raises EnvelopeError with the reason
@@ -271,7 +278,7 @@ def _decompress(body: bytes, max_body: int) -> bytes:
     if size == zstandard.CONTENTSIZE_UNKNOWN:
         raise EnvelopeError("the zstd frame does not declare its size")
     if size > max_body:
-        raise EnvelopeError(f"compressed body declares {size} bytes; the limit is {max_body}")
+        raise EnvelopeTooLarge(f"compressed body declares {size} bytes; the limit is {max_body}")
     # One frame and nothing after it: a second frame's events would be acknowledged and never
     # forwarded. zstd finds the frame's end itself (walking its block headers in Python cost
     # 0.4 s of the event loop for a packet of empty blocks) and refuses output beyond the

@@ -1,12 +1,19 @@
-"""The batch envelope codec (SPEC §3): round trip, strict decoding, bounded decompression."""
+"""The batch envelope codec (SPEC §3): round trip, strict decoding, bounded decompression; and
+envelopes at the sink's size limit, end to end."""
 
 from __future__ import annotations
+
+import uuid
+from pathlib import Path
 
 import pytest
 import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cloud_sink.backends import read_dead_letters, read_messages
+from edge_agent import Agent, load_config
+from edge_agent.buffer import inspect
 from mqtt_ingest.envelope import (
     MAX_EVENTS,
     EnvelopeError,
@@ -17,6 +24,10 @@ from mqtt_ingest.envelope import (
     format_username,
     parse_username,
 )
+from tests.harness.pki import Pki
+from tests.harness.report import figures, until
+from tests.harness.sink import running_sink
+from tests.test_uplink import agent_config
 
 EPOCH = "0123456789abcdef"
 
@@ -214,3 +225,52 @@ def test_events_at_most_bounds_an_envelope_without_decoding_it() -> None:
     assert events_at_most(big) == MAX_EVENTS  # a bound: 60 kB could hold that many
     for junk in (b"", b"raw payload", b"MEB\x01\x00" + bytes(8), b"MEB\x01\x01" + bytes(12)):
         assert events_at_most(junk) == 1  # dead-lettered as one message
+
+
+# -- envelopes at the sink's size limit, end to end --------------------------------------------
+
+LONG_TOPIC = "sensors/" + "x" * 80  # devices/<id>/... makes it about 107 bytes on the uplink
+
+
+@pytest.mark.integration
+async def test_max_bytes_equal_to_the_sinks_max_packet_size_fits(tmp_path: Path, pki: Pki) -> None:
+    """Found by review: docs/envelope.md said to keep max_bytes at most the sink's
+    max_packet_size, but max_bytes bounded the envelope only: two events of 32,700 bytes made a
+    65,458-byte envelope and, with the topic, a 65,572-byte packet over the sink's 64 KiB. The
+    sink closed the connection, and the envelope was sent again until its events went alone.
+    max_bytes now bounds the whole packet, topic included."""
+    device = pki.device(f"mb-{uuid.uuid4().hex[:6]}")
+    async with running_sink(tmp_path, pki, listener_extra='max_packet_size = "64KiB"') as server:
+        extra = '[uplink.batch]\nmax_bytes = "64KiB"\n'
+        config = load_config(agent_config(tmp_path, pki, device, server.port, extra=extra))
+        async with Agent(config) as agent:
+            await agent.publish_many([(LONG_TOPIC, b"a" * 32_700), (LONG_TOPIC, b"b" * 32_700)])
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=20)
+            assert agent.uplink is not None
+            status = agent.uplink.status
+    figures("envelope at the packet limit", connections=status.connections)
+    assert (status.connections, status.failures) == (1, 0)
+    assert len(list(read_messages(tmp_path / "core.db"))) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zstd", ["", "zstd_level = 3\n"], ids=["plain", "zstd"])
+async def test_an_envelope_too_large_for_the_sink_is_refused_compressed_or_not(
+    tmp_path: Path, pki: Pki, zstd: str
+) -> None:
+    """Found by review: with max_bytes over the sink's max_packet_size (a setting the agent
+    cannot check), an uncompressed envelope is refused at the packet limit and its events, kept,
+    go up alone later; compressed, the same envelope passed the packet limit, failed the
+    decompressed-size limit, and was acknowledged into the dead letters as one undecoded blob:
+    its events left the agent and never reached the core queue. Both are refused now."""
+    device = pki.device(f"mz-{uuid.uuid4().hex[:6]}")
+    async with running_sink(tmp_path, pki, listener_extra='max_packet_size = "64KiB"') as server:
+        extra = '[uplink.batch]\nmax_bytes = "256KiB"\n' + zstd
+        config = load_config(agent_config(tmp_path, pki, device, server.port, extra=extra))
+        async with Agent(config) as agent:
+            await agent.publish_many([("sensors/t", bytes(30_000)) for _ in range(4)])
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+    stored = list(read_messages(tmp_path / "core.db"))
+    dead = read_dead_letters(tmp_path / "core.db")
+    figures(f"envelope over the sink's limit ({zstd.strip() or 'plain'})", stored=len(stored))
+    assert (len(stored), dead) == (4, [])
