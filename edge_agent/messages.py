@@ -17,7 +17,6 @@ __all__ = ["Message", "Messages"]
 _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
 _EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
 _PACKET_OVERHEAD = 9  # of a PUBLISH: fixed header (<= 5), topic length (2), packet id (2)
-_ZSTD_OVERHEAD = 64  # zstd output over its input, at most, for bodies under 1 MiB
 
 
 @dataclass(slots=True)
@@ -81,9 +80,7 @@ class Messages:
         # `max_bytes` bounds the whole PUBLISH packet, as the sink's max_packet_size does: the
         # envelope went up to it and the topic on top, and a packet at the sink's limit closed
         # the connection (then sent again, and again, until its events went alone).
-        overhead = _ENVELOPE_OVERHEAD + _PACKET_OVERHEAD
-        if limit.zstd_level is not None:  # incompressible payloads come out a little larger
-            overhead += _ZSTD_OVERHEAD
+        overhead = _ENVELOPE_OVERHEAD + _PACKET_OVERHEAD  # (compressed only if smaller)
         for event in events:
             key = event.topic
             runs = groups.get(key)

@@ -104,7 +104,8 @@ def _varint(value: int, out: bytearray) -> None:
 
 
 def encode(epoch: str, events: Sequence[EventLike], *, zstd_level: int | None = None) -> bytes:
-    """One envelope; ``zstd_level`` compresses the body (None: uncompressed)."""
+    """One envelope; ``zstd_level`` compresses the body when that makes it smaller (None:
+    uncompressed)."""
     if not 1 <= len(events) <= MAX_EVENTS:
         raise ValueError(f"an envelope holds 1 to {MAX_EVENTS} events, got {len(events)}")
     try:
@@ -146,10 +147,14 @@ def encode(epoch: str, events: Sequence[EventLike], *, zstd_level: int | None = 
     if zstd_level is not None:
         import zstandard
 
-        packed = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(
+        compressed = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(
             packed
         )
-        flags |= FLAG_ZSTD
+        # Only if smaller: a small or incompressible body came out up to tens of bytes larger,
+        # which can take a packet sized to the sink's limit over it.
+        if len(compressed) < len(packed):
+            packed = compressed
+            flags |= FLAG_ZSTD
     return MAGIC + bytes([VERSION, flags]) + epoch_bytes + packed
 
 

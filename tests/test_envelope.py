@@ -3,6 +3,7 @@ envelopes at the sink's size limit, end to end."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from pathlib import Path
 
@@ -274,3 +275,17 @@ async def test_an_envelope_too_large_for_the_sink_is_refused_compressed_or_not(
     dead = read_dead_letters(tmp_path / "core.db")
     figures(f"envelope over the sink's limit ({zstd.strip() or 'plain'})", stored=len(stored))
     assert (len(stored), dead) == (4, [])
+
+
+def test_a_body_compression_would_grow_is_sent_uncompressed() -> None:
+    """Found by review: with zstd on, a small or incompressible body came out larger (a single
+    small event 26 -> 35 bytes), which can take a packet sized to the sink's limit over it."""
+    small = [EnvelopeEvent(1, 0, b"x")]
+    assert encode(EPOCH, small, zstd_level=3) == encode(EPOCH, small)
+    noise = [EnvelopeEvent(seq, 0, bytes(random.Random(seq).randbytes(1000))) for seq in (1, 2)]
+    plain = encode(EPOCH, noise)
+    assert encode(EPOCH, noise, zstd_level=19) == plain
+    repetitive = [EnvelopeEvent(1, 0, b"A" * 1000)]
+    packed = encode(EPOCH, repetitive, zstd_level=3)
+    assert len(packed) < len(encode(EPOCH, repetitive))
+    assert list(decode(packed).events) == repetitive
