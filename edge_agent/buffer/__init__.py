@@ -151,11 +151,11 @@ class Buffer:
         self.directory = directory
         self._disk = DiskReserve(directory, disk_reserve) if disk_reserve > 0 else None
         self._disk_refusal: str | None = None
+        """The reason the last group commit refused events for the disk reserve, if it did."""
         self._rescue = WalRescue()
         self._held: set[int] = set()
         """Seqs the drain read with ``hold`` and has not deleted or released: the TTL sweep and
         ``drop-oldest`` pass them over. Only the buffer's thread touches it."""
-        """The reason the last group commit refused events for the disk reserve, if it did."""
         self._db = connection
         self._executor = executor
         self._lock_fd = lock_fd
@@ -430,6 +430,7 @@ class Buffer:
                 now_ms,
                 self._disk,
                 self._rescue,
+                self._held,
             )
         except Exception as exc:
             log.error("buffer: commit of %d events failed: %r", len(flat), exc)

@@ -13,8 +13,8 @@ import os
 import resource
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.buffer.files import (
@@ -253,6 +253,7 @@ def _insert_group(
     now_ms: int,
     disk: DiskReserve | None = None,
     rescue: WalRescue | None = None,
+    held: Set[int] = frozenset(),
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     """Commit a whole group in one transaction; returns outcomes and drops (events, first, last).
 
@@ -262,7 +263,8 @@ def _insert_group(
     ``max_page_count``) SQLite rolls the transaction back, so the group is tried again in "disk
     full" mode: ``reject`` events are refused outright and ``drop-oldest`` events first drop old
     events to make room (more on each attempt). Before that, once, ``rescue`` checkpoints the
-    WAL: when that lets the WAL be reused, the group is tried again as it was.
+    WAL: when that lets the WAL be reused, the group is tried again as it was. Events ``held``
+    by the drain (sent, their outcome unknown) are never dropped (`_Held`).
     """
     # C-level sums: this runs on every commit, on the thread that needs the GIL.
     size = sum(map(len, map(_NEW_PAYLOAD, events)))
@@ -273,7 +275,7 @@ def _insert_group(
         try:
             room = None if disk is None else disk.room(db, need)
             result = _insert_group_once(
-                db, events, size, totals, max_events, max_bytes, now_ms, attempt, room
+                db, events, size, totals, max_events, max_bytes, now_ms, attempt, room, held
             )
         except _DiskFull:
             log.warning(
@@ -300,9 +302,11 @@ def _insert_group_once(
     now_ms: int,
     attempt: int,
     room: _Room | None,
+    held: Set[int],
 ) -> tuple[list[int | BufferFull], dict[tuple[str, str], tuple[int, int, int]]]:
     outcomes: list[int | BufferFull] = []
     disk_full = _DiskFullDrops.at(attempt) if attempt else None
+    passed = _Held(held)  # what this transaction's drops found held
     dropped: dict[
         tuple[str, str], list[int]
     ] = {}  # (reason, topic) -> [events, bytes, first, last]
@@ -328,6 +332,7 @@ def _insert_group_once(
                             dropped,
                             disk_full,
                             room,
+                            passed,
                         )
                     )
                 _count_drops(db, "buffer-full", {topic: v for (_, topic), v in dropped.items()})
@@ -391,6 +396,7 @@ def _insert_one_with_policy(
     dropped: dict[tuple[str, str], list[int]],
     disk_full: _DiskFullDrops | None,
     room: _Room | None,
+    held: _Held,
 ) -> int | BufferFull:
     """One event of a group that does not simply fit: the topic's policy decides (``disk_full``:
     what the group's ``drop-oldest`` events drop after SQLite found the disk full, None for
@@ -402,23 +408,25 @@ def _insert_one_with_policy(
             return BufferFull(event.topic, "the disk is full")
         if room is not None and not room.take(_row_cost(event)):
             return BufferFull(event.topic, room.reason())
-        return _insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped)
-    kept = [x for x in (totals, room, disk_full) if x is not None]
+        return _insert_one(db, event, totals, max_events, max_bytes, now_ms, dropped, held)
+    kept = [x for x in (totals, room, disk_full, held) if x is not None]
     saved = [[getattr(x, f.name) for f in dataclasses.fields(x)] for x in kept]
     drops = {key: entry.copy() for key, entry in dropped.items()}
     db.execute("SAVEPOINT event")
-    outcome = _make_room(db, event, totals, dropped, disk_full, room) or _insert_one(
-        db, event, totals, max_events, max_bytes, now_ms, dropped
+    outcome = _make_room(db, event, totals, dropped, disk_full, room, held) or _insert_one(
+        db, event, totals, max_events, max_bytes, now_ms, dropped, held
     )
     if isinstance(outcome, BufferFull):
         db.execute("ROLLBACK TO event")
         found = totals.nothing_at_or_below
+        learned = held.learned()
         undone = dropped != drops
         for state, values in zip(kept, saved, strict=True):
-            for field, value in zip(dataclasses.fields(state), values, strict=True):
-                setattr(state, field.name, value)
-        if not undone:  # it dropped nothing: what it found missing is missing still
+            for f, value in zip(dataclasses.fields(state), values, strict=True):
+                setattr(state, f.name, value)
+        if not undone:  # it dropped nothing: what it found missing (or held) is so still
             totals.nothing_at_or_below = max(totals.nothing_at_or_below, found)
+            held.after, held.only_held = learned
         dropped.clear()
         dropped.update(drops)
     db.execute("RELEASE event")
@@ -432,6 +440,7 @@ def _make_room(
     dropped: dict[tuple[str, str], list[int]],
     disk_full: _DiskFullDrops | None,
     room: _Room | None,
+    held: _Held,
 ) -> BufferFull | None:
     """For a ``drop-oldest`` event (in its savepoint): drop what the disk reserve or a full
     disk asks for; the refusal if that cannot be done, else None (`_insert_one` drops what the
@@ -440,18 +449,18 @@ def _make_room(
         if not room.wal_fits(cost):
             return BufferFull(event.topic, room.reason())
         making = _MakeRoom(room, cost)
-        _drop_oldest(db, event.priority, totals, dropped, making)
+        _drop_oldest(db, event.priority, totals, dropped, making, held)
         if not making.made:
-            return BufferFull(
-                event.topic,
-                f"{room.reason()} and no events of priority <= {event.priority} are left to drop",
-            )
+            return BufferFull(event.topic, room.reason() + held.nothing_left(event.priority))
     if disk_full is not None:
         disk_full.want += _row_cost(event) << (disk_full.attempt - 1)
         if disk_full.freed < disk_full.want:
-            _drop_oldest(db, event.priority, totals, dropped, disk_full.enough)
+            _drop_oldest(db, event.priority, totals, dropped, disk_full.enough, held)
             if disk_full.freed == 0:
-                return BufferFull(event.topic, "the disk is full and nothing can be dropped")
+                return BufferFull(
+                    event.topic,
+                    "the disk is full" + held.nothing_left(event.priority),
+                )
     return None
 
 
@@ -490,6 +499,7 @@ def _insert_one(
     max_bytes: int,
     now_ms: int,
     dropped: dict[tuple[str, str], list[int]],
+    held: _Held,
 ) -> int | BufferFull:
     size = len(event.payload)
     if size > max_bytes:
@@ -501,12 +511,12 @@ def _insert_one(
     if not fits(0, 0):
         if event.on_full == "reject":
             return BufferFull(event.topic, _which_limit(totals, size, max_events, max_bytes))
-        _drop_oldest(db, event.priority, totals, dropped, fits)
+        _drop_oldest(db, event.priority, totals, dropped, fits, held)
         if not fits(0, 0):
             return BufferFull(
                 event.topic,
                 _which_limit(totals, size, max_events, max_bytes)
-                + f" and no events of priority <= {event.priority} are left to drop",
+                + held.nothing_left(event.priority),
             )
     (seq,) = _insert_all(db, [event], totals, now_ms, size)
     return seq
@@ -545,29 +555,86 @@ def _which_limit(totals: _Totals, size: int, max_events: int, max_bytes: int) ->
     return f"max_bytes ({max_bytes}) reached"
 
 
+@dataclass
+class _Held:
+    """What the drops of one group commit found of the events the drain holds
+    (`Buffer.next_events` with ``hold``: sent, their outcome unknown; a drop counted for one that
+    is then delivered would be a phantom, so `_drop_oldest` passes them over). They are the
+    oldest events (the drain reads in seq order), and a scan from the start for each new event
+    walked past all of them: 10 s for 1000 events into a full buffer with 12,000 held. The held
+    set cannot change within a transaction (only the buffer's thread touches it), so each scan
+    goes on where the last one for its priority stopped: the held rows are read once a group.
+    The fields are replaced, never changed in place, so that a savepoint's state saved and put
+    back (`_insert_one_with_policy`) restores them."""
+
+    seqs: Set[int]
+    after: Mapping[int, tuple[int, bool]] = field(default_factory=dict)
+    """Per priority p: (seq, passed): every row of priority <= p up to seq is held (the rest up
+    to there were dropped), and whether any was held."""
+    only_held: int = -1
+    """Every row left of this priority or a lower one is held (-1: not known)."""
+    stopped: bool = False
+    """The last `_drop_oldest` found nothing more to drop but held rows."""
+
+    def learned(self) -> tuple[Mapping[int, tuple[int, bool]], int]:
+        return self.after, self.only_held
+
+    def nothing_left(self, priority: int) -> str:
+        """The end of the reason of an event refused when `_drop_oldest` could not make room."""
+        if self.stopped:
+            return f" and the events of priority <= {priority} left are all in flight"
+        return f" and no events of priority <= {priority} are left to drop"
+
+
+_NOT_HELD: Set[int] = frozenset()
+
+
 def _drop_oldest(
     db: sqlite3.Connection,
     priority: int,
     totals: _Totals,
     dropped: dict[tuple[str, str], list[int]],
     enough: Callable[[int, int], bool],
+    held: _Held | None = None,
 ) -> int:
     """Delete the oldest events of priority <= ``priority`` until ``enough(events, bytes)`` of
-    what was deleted so far says so. Returns how many were deleted."""
+    what was deleted so far says so, passing over those ``held`` by the drain. Returns how many
+    were deleted."""
     deleted = 0
     freed = 0
+    if held is not None:
+        held.stopped = False
     if priority <= totals.nothing_at_or_below:
         return 0
+    if held is not None and priority <= held.only_held:
+        held.stopped = True
+        return 0
+    seqs = _NOT_HELD if held is None else held.seqs
+    after, passed = (0, False) if held is None else held.after.get(priority, (0, False))
+    limit = 64
     while not enough(deleted, freed):
         rows = db.execute(
-            "SELECT seq, topic, length(payload) FROM events WHERE priority <= ?"
-            " ORDER BY seq LIMIT 64",
-            (priority,),
+            "SELECT seq, topic, length(payload) FROM events WHERE priority <= ? AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (priority, after, limit),
         ).fetchall()
         if not rows:
-            totals.nothing_at_or_below = max(totals.nothing_at_or_below, priority)
+            if not passed:
+                totals.nothing_at_or_below = max(totals.nothing_at_or_below, priority)
+            elif held is not None:
+                held.only_held = max(held.only_held, priority)
+                held.stopped = True
             break
+        before = deleted
         for seq, topic, size in rows:
+            if seq <= after:  # in a run of held seqs passed over already
+                continue
+            after = seq  # everything up to here is held or deleted now
+            if seq in seqs:
+                passed = True
+                while after + 1 in seqs:  # held seqs come in runs: no row to read for them
+                    after += 1
+                continue
             db.execute("DELETE FROM events WHERE seq = ?", (seq,))
             totals.events -= 1
             totals.bytes -= size
@@ -579,6 +646,10 @@ def _drop_oldest(
             entry[3] = seq
             if enough(deleted, freed):
                 break
+        if deleted == before:  # a page of held rows: read on in longer pages
+            limit = min(limit * 4, 4096)
+    if held is not None and after:
+        held.after = {**held.after, priority: (after, passed)}
     return deleted
 
 
