@@ -666,10 +666,64 @@ async def test_rlimit_fsize_refuses_new_events_but_still_drains_and_recovers(
     outcome = json.loads(result.stdout)
     figures("RLIMIT_FSIZE 300 KiB", **{k: outcome[k] for k in ("stored", "drained")})
     assert outcome["stored"] > 500, outcome
-    assert outcome["refused"].startswith("the disk is nearly full"), outcome
+    assert outcome["refused"].startswith(
+        "the database file is nearly at the file size limit (RLIMIT_FSIZE 0.3 MB: "
+    ), outcome
     assert outcome["errors"] == [], outcome
     assert outcome["drained"] == outcome["stored"]
     assert all(outcome["after"]), outcome  # taken again once drained, with nobody's help
+
+
+_FSIZE_RESERVE_CHILD = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from edge_agent.buffer import Buffer, BufferFull, NewEvent
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024**2, 8 * 1024**2))  # LimitFSIZE=8M
+def ev(p): return NewEvent('t', p, 1, 0, 0, None, 'reject')
+async def main():
+    async with await Buffer.open(Path(sys.argv[1])) as b:  # the default disk_reserve, 16 MiB
+        stored, refused = 0, []
+        while not refused:
+            out = await b.append([ev(b'x' * 1000) for _ in range(50)])
+            stored += sum(isinstance(o, int) for o in out)
+            refused = [o.reason for o in out if isinstance(o, BufferFull)]
+        drained = 0
+        while page := await b.next_events(500):
+            drained += await b.delete([e.seq for e in page])
+        after = await b.append([ev(b'y' * 1000) for _ in range(50)])
+        print(json.dumps({"stored": stored, "refused": refused[0], "drained": drained,
+                          "after": [isinstance(o, int) for o in after]}))
+asyncio.run(main())
+"""
+
+
+async def test_a_file_size_limit_under_the_disk_reserve_keeps_a_share_of_it(
+    tmp_path: Path,
+) -> None:
+    """With RLIMIT_FSIZE (systemd's LimitFSIZE=8M) below disk_reserve (16 MiB by default) the
+    reserve was kept below the limit whole: every event was refused, from the first one on an
+    empty database with plenty of disk, as "the disk is nearly full (8.4 MB free, disk_reserve
+    16.8 MB is kept for draining)". Below the limit the reserve is now a quarter of it, and the
+    reason names the limit."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _FSIZE_RESERVE_CHILD, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout)
+    figures("RLIMIT_FSIZE 8 MiB, disk_reserve 16 MiB", stored=outcome["stored"])
+    assert outcome["stored"] * 1000 > 4 * 1024**2, outcome  # 6 MiB above a reserve of 2 MiB
+    assert outcome["refused"].startswith(
+        "the database file is nearly at the file size limit (RLIMIT_FSIZE 8.4 MB: "
+    ), outcome
+    assert outcome["refused"].endswith(", 2.1 MB of it is kept for draining)"), outcome
+    assert outcome["drained"] == outcome["stored"]
+    assert all(outcome["after"]), outcome
 
 
 async def test_a_checkpoint_after_a_full_disk_is_not_run_for_every_commit(tmp_path: Path) -> None:

@@ -99,7 +99,13 @@ from edge_agent.buffer.model import (
     _Totals,
 )
 from edge_agent.buffer.readonly import inspect, read_dead_letters, read_epoch, read_events
-from edge_agent.buffer.store import NEARLY_FULL, DiskReserve, WalRescue, _insert_group, _timed
+from edge_agent.buffer.store import (
+    RESERVE_REFUSALS,
+    DiskReserve,
+    WalRescue,
+    _insert_group,
+    _timed,
+)
 from mqtt_ingest import failpoints
 from mqtt_ingest.clock import Clock, SystemClock
 
@@ -469,7 +475,7 @@ class Buffer:
             (
                 o.reason
                 for o in outcomes
-                if isinstance(o, BufferFull) and o.reason.startswith(NEARLY_FULL)
+                if isinstance(o, BufferFull) and o.reason.startswith(RESERVE_REFUSALS)
             ),
             None,
         )

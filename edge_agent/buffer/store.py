@@ -129,6 +129,9 @@ def _row_cost(event: NewEvent) -> int:
 
 NEARLY_FULL = "the disk is nearly full"
 """How the reason of an event refused for the disk reserve starts."""
+NEAR_FILE_LIMIT = "the database file is nearly at the file size limit"
+"""How it starts when ``RLIMIT_FSIZE`` is what leaves no room (`DiskReserve`)."""
+RESERVE_REFUSALS = (NEARLY_FULL, NEAR_FILE_LIMIT)
 
 
 class DiskReserve:
@@ -140,7 +143,18 @@ class DiskReserve:
     New rows may grow the database file only above the reserve; the WAL, which a checkpoint
     lets the next transaction reuse from its start (and which is cut back to `WAL_SIZE_LIMIT`),
     may also take up to half of the reserve for a while (half of what is free, when another
-    process took part of the reserve)."""
+    process took part of the reserve).
+
+    Under ``RLIMIT_FSIZE`` the database file's room below the limit is counted too, with a
+    reserve of at most a quarter of the limit (`FILE_LIMIT_SHARE`): with the whole reserve
+    (16 MiB by default) a limit of 8 MiB (systemd's ``LimitFSIZE=8M``) refused every event on an
+    empty database, with plenty of disk, saying that the disk was nearly full."""
+
+    FILE_LIMIT_SHARE = 4
+    """The reserve below ``RLIMIT_FSIZE`` is at most the limit divided by this. What it keeps
+    is room for the checkpoints to write the WAL's pages into the database file; the drain's
+    deletes mostly rewrite pages the file has, and the WAL is a file of its own (up to
+    `WAL_SIZE_LIMIT` between checkpoints)."""
 
     def __init__(self, directory: Path, reserve: int) -> None:
         self.directory = directory
@@ -151,16 +165,20 @@ class DiskReserve:
         self._file_limit = None if limit == resource.RLIM_INFINITY else limit
         """``RLIMIT_FSIZE``: no file may grow past it, whatever ``statvfs`` says."""
 
-    def _free(self, db: sqlite3.Connection, page_size: int | None = None) -> int:
-        """Bytes free on the filesystem, or below ``RLIMIT_FSIZE`` for the database as the WAL
-        holds it (its pages must fit in the file at the checkpoint, or it never completes and
-        the WAL, once it reaches the limit, takes no commit again: not even a delete)."""
-        free = free_bytes(self.directory)
+    def _free(self, db: sqlite3.Connection, page_size: int | None = None) -> _Free:
+        """Bytes free on the filesystem and the reserve kept of them, or, when that leaves less
+        room, those below ``RLIMIT_FSIZE`` for the database as the WAL holds it (its pages must
+        fit in the file at the checkpoint, or it never completes and the WAL, once it reaches
+        the limit, takes no commit again: not even a delete) and the reserve kept of them."""
+        free = _Free(free_bytes(self.directory), self.reserve)
         if self._file_limit is not None:
             if page_size is None:
                 (page_size,) = db.execute("PRAGMA page_size").fetchone()
             (pages,) = db.execute("PRAGMA page_count").fetchone()
-            free = min(free, self._file_limit - pages * page_size)
+            reserve = min(self.reserve, self._file_limit // self.FILE_LIMIT_SHARE)
+            below = _Free(self._file_limit - pages * page_size, reserve, self._file_limit)
+            if below.bytes - below.reserve < free.bytes - free.reserve:
+                return below
         return free
 
     def room(self, db: sqlite3.Connection, need: int) -> _Room | None:
@@ -174,13 +192,11 @@ class DiskReserve:
                 log.warning("buffer: cannot measure the free disk space, not checked: %s", exc)
                 self._unmeasurable = True
             return None
-        if free - 2 * need >= self.reserve:
+        if free.bytes - 2 * need >= free.reserve:
             return None
         (page_size,) = db.execute("PRAGMA page_size").fetchone()
         (pages,) = db.execute("PRAGMA freelist_count").fetchone()
-        # The WAL may take half of the reserve, or of what is free if another process took more.
-        slack = min(self.reserve, free) // 2
-        room = _Room(free - self.reserve, slack, 0, pages * page_size, free, self.reserve)
+        room = _Room.above(free, pages * page_size)
         if dataclasses.replace(room).take(need):
             return None  # fits even if the WAL grows by all of it: no checkpoint needed
         try:
@@ -196,10 +212,18 @@ class DiskReserve:
         if frames > 0 and frames != copied:  # a reader kept part of it: only the tail is reusable
             wal = max(0, wal - 32 - frames * (page_size + 24))
         room.wal = wal
-        room.free = self._free(db, page_size)  # after the checkpoint, which may grow the file
-        room.disk = room.free - self.reserve
-        room.slack = min(self.reserve, room.free) // 2
+        room.measured(self._free(db, page_size))  # after the checkpoint, which may grow the file
         return room
+
+
+@dataclass(frozen=True)
+class _Free:
+    """Bytes free for the buffer's files and the reserve kept of them (`DiskReserve._free`)."""
+
+    bytes: int
+    reserve: int
+    file_limit: int | None = None
+    """``RLIMIT_FSIZE`` when it is what leaves the least room, else None (the filesystem)."""
 
 
 @dataclass
@@ -209,15 +233,28 @@ class _Room:
     file (reusing pages on its free list, else growing it)."""
 
     disk: int
-    """Bytes of the filesystem above the reserve (negative: the reserve is in use already)."""
+    """Bytes free above the reserve (negative: the reserve is in use already), on the
+    filesystem or below ``RLIMIT_FSIZE`` (`_Free`)."""
     slack: int
     """Bytes of the reserve the WAL may still take (it is reused and cut back later)."""
     wal: int
     """Bytes of the WAL file that new frames reuse."""
     pages: int
     """Bytes of the database's free list."""
-    free: int
-    reserve: int
+    free: _Free
+
+    @classmethod
+    def above(cls, free: _Free, pages: int) -> _Room:
+        room = cls(0, 0, 0, pages, free)
+        room.measured(free)
+        return room
+
+    def measured(self, free: _Free) -> None:
+        """Room from what is free; the WAL may take half of the reserve, or of what is free if
+        another process took more."""
+        self.free = free
+        self.disk = free.bytes - free.reserve
+        self.slack = min(free.reserve, free.bytes) // 2
 
     def wal_fits(self, cost: int) -> bool:
         """Whether the WAL could take a row of ``cost`` bytes (dropping rows cannot help it)."""
@@ -238,9 +275,16 @@ class _Room:
         return True
 
     def reason(self) -> str:
+        free = self.free
+        if free.file_limit is not None:
+            return (
+                f"{NEAR_FILE_LIMIT} (RLIMIT_FSIZE {megabytes(free.file_limit)}: "
+                f"{megabytes(max(free.bytes, 0))} left, {megabytes(free.reserve)} of it is kept "
+                "for draining)"
+            )
         return (
-            f"{NEARLY_FULL} ({megabytes(self.free)} free, disk_reserve "
-            f"{megabytes(self.reserve)} is kept for draining)"
+            f"{NEARLY_FULL} ({megabytes(free.bytes)} free, disk_reserve "
+            f"{megabytes(free.reserve)} is kept for draining)"
         )
 
 
