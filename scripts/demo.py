@@ -1,7 +1,10 @@
 """The end-to-end demo (README): PKI, a sink, an agent, sensors, an outage, the drain, the count.
 
 Everything lives in a temporary directory and every process is stopped at the end, also on
-Ctrl-C. The verdict is computed: every event the sensors had acknowledged by the agent on a
+Ctrl-C, SIGTERM or SIGHUP (a closed terminal): the first one stops the demo and waits for the
+services to stop (the agent finishes its in-flight sends); a second one kills them (SIGKILL) instead
+of waiting. Whatever happened, every service started is gone before the directory is removed. The
+verdict is computed: every event the sensors had acknowledged by the agent on a
 QoS 1/2 topic is looked up in the core queue by its sensor and counter.
 """
 
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,7 +27,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiomqtt
 
@@ -32,6 +36,8 @@ from edge_agent.buffer import inspect
 from edge_agent.link import read_link_status
 
 BIN = Path(sys.executable).parent
+REAP_GRACE = 5.0  # seconds a service left running after the loop gets between SIGTERM and SIGKILL
+DELIVERY_TIMEOUT = 60.0  # seconds for the agent to empty its buffer once the sensors stopped
 DEVICE = "gw-demo-1"
 LIVE_BACKLOG = 50  # events: what the live sensors keep in flight; below this, the backlog is gone
 
@@ -73,24 +79,56 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def reserve_port() -> socket.socket:
+    """A loopback port kept for the demo until the socket is closed: bound with SO_REUSEADDR but
+    not listening, so its service can listen on it (asyncio's servers set SO_REUSEADDR) and no
+    other program is given it, by bind(0) or as an outgoing connection's port, while the service
+    is down (the sink restarts on its port after 20 s without it: a port only probed free at the
+    start could be someone else's by then)."""
+    reservation = socket.socket()
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.bind(("127.0.0.1", 0))
+    return reservation
 
 
-def run(*argv: str) -> str:
-    import subprocess
+def port_of(reservation: socket.socket) -> int:
+    port: int = reservation.getsockname()[1]
+    return port
 
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-    if done.returncode != 0:
-        raise SystemExit(f"demo: {' '.join(argv)} failed:\n{done.stderr}")
-    return done.stdout
+
+def command(name: str, module: str) -> list[str]:
+    """How to run the console script ``name``: the one next to the interpreter (a virtualenv's
+    bin), else ``module``'s ``main`` run by this interpreter (console scripts installed elsewhere,
+    e.g. pip's --user scripts): the code the demo itself imports, never some other install's."""
+    script = BIN / name
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+async def run(*argv: str) -> str:
+    """``argv`` to completion; a failure ends the demo with its stderr. Awaited, so that a signal
+    cancels it (and kills the command) like every other step."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise SystemExit(f"demo: {' '.join(argv)} failed:\n{err.decode(errors='replace')}")
+    return out.decode()
 
 
 class Process:
     """A service of the demo: started, waited for, signalled, never left behind."""
+
+    started: ClassVar[list[asyncio.subprocess.Process]] = []
+    """Every service process started, for `reap` (`stop` forgets the one it stops)."""
 
     def __init__(self, name: str, argv: list[str], ready: str, log: Path) -> None:
         self.name = name
@@ -105,6 +143,7 @@ class Process:
             self.process = await asyncio.create_subprocess_exec(
                 *self.argv, stdout=log, stderr=log, start_new_session=True
             )
+            Process.started.append(self.process)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.ready.search(self._output(start)):
@@ -129,6 +168,55 @@ class Process:
         except TimeoutError:
             process.kill()
             return await process.wait()
+
+    @staticmethod
+    def kill_all() -> None:
+        """SIGKILL to every service still running (its session's process group), at once."""
+        for process in Process.started:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def reap(grace: float | None = None) -> None:
+    """Synchronously, after the event loop whatever ended it: every service started and not
+    known to have exited gets SIGTERM on its process group, ``grace`` seconds, then SIGKILL. The
+    services run in sessions of their own, which no signal to the demo reaches: one the loop's
+    clean-up did not stop would be left running in a deleted directory. A signal while this waits
+    goes straight to SIGKILL."""
+    grace = REAP_GRACE if grace is None else grace
+    left = [process.pid for process in Process.started if process.returncode is None]
+    if not left:
+        return
+    # asyncio's child watcher thread reaps them, and reports it to the closed loop: not news
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    hurry: list[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, lambda s, _: hurry.append(s)) for signum in signums}
+    try:
+        for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            for pgid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signum)
+            deadline = time.monotonic() + wait
+            while (left := [p for p in left if _group_alive(p)]) and time.monotonic() < deadline:
+                if hurry and signum == signal.SIGTERM:
+                    break
+                time.sleep(0.05)
+            if not left:
+                return
+        say(f"demo: could not stop the process groups {left}")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def sensor_loop(sensor: Sensor, port: int, stop: asyncio.Event) -> None:
@@ -211,17 +299,37 @@ async def show_drain(data: Path, total: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def until_delivered(data: Path, within: float | None = None) -> None:
+    """Until the agent's buffer is empty (the agent process owns it: polled, read-only)."""
+    within = DELIVERY_TIMEOUT if within is None else within
+    try:
+        async with asyncio.timeout(within):
+            while backlog(data) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise SystemExit(
+            f"demo: {backlog(data)} events still in the agent's buffer {within:g} s after the"
+            " sensors stopped; see agent.log and sink.log"
+        ) from None
+
+
 async def demo(work: Path, online: float, offline: float) -> int:
     say(f"demo: working in {work}")
     pki = work / "pki"
-    certs = str(BIN / "bridge-certs")
-    run(certs, "--dir", str(pki), "init-ca")
-    run(certs, "--dir", str(pki), "server", "--dns", "localhost", "--ip", "127.0.0.1")
-    run(certs, "--dir", str(pki), "device", DEVICE)
+    certs = command("bridge-certs", "certs.cli")
+    await run(*certs, "--dir", str(pki), "init-ca")
+    await run(*certs, "--dir", str(pki), "server", "--dns", "localhost", "--ip", "127.0.0.1")
+    await run(*certs, "--dir", str(pki), "device", DEVICE)
     say("demo: PKI ready (CA, sink certificate for localhost, device certificate)")
 
-    core = work / "core.db"
-    sink_port, agent_port = free_port(), free_port()
+    with reserve_port() as sink_reserved, reserve_port() as agent_reserved:
+        sink_port, agent_port = port_of(sink_reserved), port_of(agent_reserved)
+        return await _run_demo(work, (sink_port, agent_port), online, offline)
+
+
+async def _run_demo(work: Path, ports: tuple[int, int], online: float, offline: float) -> int:
+    pki, core = work / "pki", work / "core.db"
+    sink_port, agent_port = ports
     (work / "sink.toml").write_text(
         f'[listener]\nhost = "127.0.0.1"\nport = {sink_port}\nca = "{pki}/ca.pem"\n'
         f'cert = "{pki}/servers/localhost.pem"\nkey = "{pki}/servers/localhost.key"\n\n'
@@ -238,13 +346,13 @@ async def demo(work: Path, online: float, offline: float) -> int:
     )
     sink = Process(
         "cloud-sink",
-        [str(BIN / "cloud-sink"), "--config", str(work / "sink.toml"), "run"],
+        [*command("cloud-sink", "cloud_sink.cli"), "--config", str(work / "sink.toml"), "run"],
         r"listening on",
         work / "sink.log",
     )
     agent = Process(
         "edge-agent",
-        [str(BIN / "edge-agent"), "--config", str(work / "agent.toml"), "run"],
+        [*command("edge-agent", "edge_agent.cli"), "--config", str(work / "agent.toml"), "run"],
         r"listener on",
         work / "agent.log",
     )
@@ -267,10 +375,9 @@ async def demo(work: Path, online: float, offline: float) -> int:
             await show_drain(data, total)
             await watch(4, "online", data, core)
         say("demo: sensors stopped")
-        async with asyncio.timeout(60):
-            while backlog(data) > 0:  # noqa: ASYNC110  # the agent process owns the buffer
-                await asyncio.sleep(0.1)
+        await until_delivered(data)
     finally:
+        say("demo: stopping the agent and the sink")
         agent_rc = await agent.stop()
         sink_rc = await sink.stop()
         say(f"demo: stopped the agent (exit {agent_rc}) and the sink (exit {sink_rc})")
@@ -310,16 +417,20 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bridge-demo-"))
+    received: list[int] = []
     status = 1
     try:
-        status = asyncio.run(_until_signalled(demo(work, args.online, args.offline)))
-    except KeyboardInterrupt:
+        status = asyncio.run(_until_signalled(demo(work, args.online, args.offline), received))
+    except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers were in place
         status = 130
     except Signalled as stopped:
         status = 128 + stopped.signum
     except SystemExit as step:  # a step that failed says so, e.g. "see agent.log"
         say(str(step.code))
     finally:
+        reap()
+        if received:  # also when a step failed because of it (a service killed by a 2nd signal)
+            status = 128 + received[0]
         failed = status not in (0, 130) and not 128 < status < 160  # not stopped by a signal
         if args.keep or failed:
             say(f"demo: kept {work} (agent.log, sink.log)")
@@ -334,20 +445,26 @@ class Signalled(Exception):
         self.signum = signum
 
 
-async def _until_signalled(main: Coroutine[Any, Any, int]) -> int:
-    """``main``, cancelled by SIGTERM or SIGHUP (a closed terminal) as Ctrl-C cancels it, so
-    that its clean-up stops the services: they run in sessions of their own, which no signal
-    to the demo reaches."""
+async def _until_signalled(main: Coroutine[Any, Any, int], received: list[int]) -> int:
+    """``main``, cancelled by Ctrl-C (SIGINT), SIGTERM or SIGHUP (a closed terminal), so that
+    its clean-up stops the services: they run in sessions of their own, which no signal to the
+    demo reaches. Each signal is appended to ``received``.
+
+    SIGINT too is handled here, not by asyncio.run: its second Ctrl-C raised KeyboardInterrupt in
+    the middle of the clean-up, which left the sink running. Here a second signal only hurries
+    the clean-up: the services still running are killed (SIGKILL) instead of waited for."""
     task = asyncio.ensure_future(main)
-    received: list[int] = []
     loop = asyncio.get_running_loop()
 
     def stop(signum: int) -> None:
-        if not received:  # a second signal must not cut the clean-up short
-            received.append(signum)
+        received.append(signum)
+        if len(received) == 1:
             task.cancel()
+        elif len(received) == 2:
+            say("demo: signalled again: killing the agent and the sink (SIGKILL)")
+            Process.kill_all()
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop, signum)
     try:
         return await task
