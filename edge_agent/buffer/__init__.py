@@ -99,13 +99,8 @@ from edge_agent.buffer.model import (
     _Totals,
 )
 from edge_agent.buffer.readonly import inspect, read_dead_letters, read_epoch, read_events
-from edge_agent.buffer.store import (
-    RESERVE_REFUSALS,
-    DiskReserve,
-    WalRescue,
-    _insert_group,
-    _timed,
-)
+from edge_agent.buffer.reserve import RESERVE_REFUSALS, DiskReserve, WalRescue
+from edge_agent.buffer.store import _insert_group, _timed
 from mqtt_ingest import failpoints
 from mqtt_ingest.clock import Clock, SystemClock
 

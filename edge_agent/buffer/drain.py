@@ -25,7 +25,8 @@ from edge_agent.buffer.model import (
     TopicStats,
     _Totals,
 )
-from edge_agent.buffer.store import WalRescue, _count_drops
+from edge_agent.buffer.reserve import WalRescue
+from edge_agent.buffer.store import _count_drops
 from mqtt_ingest import failpoints
 
 # The drain order (priority high first, then seq) in pieces that each read one index range:
