@@ -12,7 +12,10 @@ The password is a JWT, checked in one of two modes:
 
 The algorithm is pinned to the key type (ES256 for P-256, RS256 for RSA, EdDSA for Ed25519): no
 ``none``, no HMAC, no algorithm the header chooses. Times are checked with the injected clock and
-a leeway. Every refusal has its own reason (log, metrics) and a CONNACK code.
+a leeway. A device-signed token is minted for the connection it is presented on, so its ``iat``
+must also be recent (within the leeway): a device whose clock is behind is refused at CONNECT
+rather than cut at ``exp`` before it renews (RELIABILITY F11). Every refusal has its own reason
+(log, metrics) and a CONNACK code.
 """
 
 from __future__ import annotations
@@ -112,16 +115,18 @@ class JwtAuthenticator:
         connection logs each refused CONNECT once, with that reason (RELIABILITY F11)."""
         return self.check(request)
 
-    def check(self, request: ConnectRequest) -> Identity | Refusal:
+    def check(self, request: ConnectRequest, *, again: bool = False) -> Identity | Refusal:
         """`authenticate`, at once: also what the sink judges an open connection with again
-        (the request it authenticated with) when these settings are replaced."""
+        (the request it authenticated with) when these settings are replaced: ``again=True``
+        then, which leaves out the rule that a device-signed token was issued just now (it was,
+        when the connection was opened; it has aged since, the connection stays)."""
         try:
-            identity = self._check(request)
+            identity = self._check(request, again=again)
         except _Refused as refused:
             return refused.refusal
         return identity
 
-    def _check(self, request: ConnectRequest) -> Identity:
+    def _check(self, request: ConnectRequest, *, again: bool) -> Identity:
         if request.peer_certificate is None:
             raise _Refused("no client certificate", ConnackCode.NOT_AUTHORIZED)
         certificate = x509.load_der_x509_certificate(request.peer_certificate)
@@ -152,7 +157,7 @@ class JwtAuthenticator:
             raise _Refused(f"unsupported format {params['format']!r}", label="unsupported format")
         if not request.password:
             raise _Refused("no token")
-        claims = self._verify(request.password, certificate)
+        claims = self._verify(request.password, certificate, again=again)
         if claims.get("sub") != device:
             raise _Refused("token sub does not match the certificate")
         # The connection ends with its token or with its certificate, whichever ends first: a
@@ -177,7 +182,9 @@ class JwtAuthenticator:
                 label="certificate identity invalid",
             ) from None
 
-    def _verify(self, password: bytes, certificate: x509.Certificate) -> dict[str, Any]:
+    def _verify(
+        self, password: bytes, certificate: x509.Certificate, *, again: bool
+    ) -> dict[str, Any]:
         try:
             token = password.decode("ascii")
             header = jwt.get_unverified_header(token)
@@ -235,7 +242,7 @@ class JwtAuthenticator:
             raise _Refused("bad signature") from None
         except jwt.PyJWTError as exc:
             raise _Refused(f"invalid token: {exc}", label="invalid token") from None
-        self._check_times(claims)
+        self._check_times(claims, minted_now=settings.mode == "device-signed" and not again)
         if settings.mode == "issuer-signed":
             confirmation = claims.get("cnf")
             expected = thumbprint(certificate.public_bytes(Encoding.DER))
@@ -245,7 +252,14 @@ class JwtAuthenticator:
                 raise _Refused("token bound to another certificate")
         return claims
 
-    def _check_times(self, claims: dict[str, Any]) -> None:
+    def _check_times(self, claims: dict[str, Any], *, minted_now: bool) -> None:
+        """``minted_now``: the token was minted for this CONNECT (device-signed), so its ``iat``
+        is the device's clock now. One older than the leeway is a device clock behind ours: the
+        device plans its renewal by ``exp`` on its clock, we close at ``exp + leeway`` on ours,
+        and once it is behind by more than ``renew_before + leeway`` we would cut every
+        connection before it renews. Refused at CONNECT instead, saying why (RELIABILITY F11).
+        JWT times are whole seconds (the agent truncates): a token minted this very second can
+        look up to one second older, hence the extra second."""
         now = self.clock.time()
         leeway = self.settings.leeway
         times = [claims["exp"], claims["iat"], claims.get("nbf", claims["iat"])]
@@ -256,6 +270,11 @@ class JwtAuthenticator:
             raise _Refused("token expired")
         if iat - leeway > now or nbf - leeway > now:
             raise _Refused("token not valid yet")
+        if minted_now and now - iat > leeway + 1:
+            raise _Refused(
+                f"token issued {int(now - iat)}s ago: the device clock is behind?",
+                label="token issued too long ago",
+            )
         if exp - iat > self.settings.max_lifetime:
             lifetime, limit = exp - iat, self.settings.max_lifetime
             raise _Refused(

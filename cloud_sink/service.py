@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import logging
 from types import TracebackType
@@ -285,7 +286,8 @@ class Sink:
             chain_problem = trust.verifier()
         authenticate = None
         if dataclasses.replace(settings, deny=judged_settings.deny) != judged_settings:
-            authenticate = self._authenticator.check
+            # Its token was minted for its CONNECT: that its iat has aged since is no reason.
+            authenticate = functools.partial(self._authenticator.check, again=True)
         known, seen = self._certificate_keys, {}
 
         def verdict(

@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 
 from certs import KeyType
 from cloud_sink.auth import AuthSettings, JwtAuthenticator, thumbprint
+from edge_agent.token import DeviceSignedTokens
 from mqtt_ingest import ConnackCode, ConnectRequest, FakeClock, Identity, Refusal
 from mqtt_ingest.identity import san_uri_identity
 from tests.harness.pki import DeviceCreds, Pki
@@ -369,7 +370,8 @@ def _now() -> float:
         (61, "token not valid yet"),
         (600, "token not valid yet"),
         (-61, None),
-        (-159, None),
+        (-63, "token issued 63s ago: the device clock is behind?"),
+        (-159, "token issued 159s ago: the device clock is behind?"),
         (-161, "token expired"),
         (-600, "token expired"),
     ],
@@ -379,7 +381,10 @@ async def test_clock_skew_against_a_60s_leeway(
 ) -> None:
     """F11: the device's clock is ``skew`` seconds off the sink's when it mints a 100 s token,
     checked by the sink at once with 60 s of leeway: a device ahead by more than the leeway is
-    "not valid yet", one behind by more than lifetime + leeway is "expired"."""
+    "not valid yet", one behind by more than lifetime + leeway is "expired", and one behind by
+    more than the leeway (a second more: JWT times are whole seconds) is refused for its clock:
+    accepted, its connection would be closed at exp + leeway (our clock) before the device
+    renews it (renew_before ahead of exp on its clock)."""
     auth = JwtAuthenticator(AuthSettings(audience=AUD, leeway=60), FakeClock(start=NOW))
     minted = token(dev, iat=NOW + skew, exp=NOW + skew + 100)
     outcome = await auth.authenticate(request(dev, minted))
@@ -388,6 +393,69 @@ async def test_clock_skew_against_a_60s_leeway(
     else:
         assert isinstance(outcome, Refusal)
         assert outcome.reason == refusal
+
+
+@pytest.mark.parametrize("behind", [0, 20, 30, 32, 290, 600])
+def test_a_device_clock_behind_is_accepted_only_if_the_device_renews_before_our_close(
+    dev: DeviceCreds, behind: int
+) -> None:
+    """The agent plans its renewal renew_before (5 min) ahead of exp on its clock; the sink
+    closes at exp + leeway (30 s) on its own. Accepted, a device more than renew_before + leeway
+    behind had every connection cut at exp before renewing (at 1 h tokens: each hour). Now: a
+    device clock behind by more than the leeway is refused at CONNECT, saying why."""
+    tokens = DeviceSignedTokens(
+        dev.device_id, dev.key, AUD, 3600, FakeClock(start=NOW - behind + 0.5)
+    )
+    minted = tokens.current()
+    assert minted.value is not None and minted.expires_at is not None
+    auth = JwtAuthenticator(AuthSettings(audience=AUD), FakeClock(start=NOW + 0.5))
+    outcome = auth.check(request(dev, minted.value.encode()))
+    if behind > 30:
+        assert isinstance(outcome, Refusal), outcome
+        assert outcome.reason == f"token issued {behind}s ago: the device clock is behind?"
+        return
+    assert isinstance(outcome, Identity), outcome
+    assert outcome.expires_at is not None
+    renewal = minted.expires_at - 300 + behind  # on our clock
+    assert renewal < outcome.expires_at
+
+
+async def test_a_device_signed_token_is_judged_fresh_as_of_its_connect(dev: DeviceCreds) -> None:
+    """The sink's reload judges open connections again by the request they connected with: a
+    device-signed token minted at that CONNECT is older now, which is no reason to close the
+    connection (``again``); a CONNECT with it now is refused."""
+    clock = FakeClock(start=NOW)
+    auth = JwtAuthenticator(AuthSettings(audience=AUD, leeway=30), clock)
+    connect = request(dev, token(dev, iat=NOW, exp=NOW + 3600))
+    assert isinstance(auth.check(connect), Identity)
+    clock.advance(1800)
+    outcome = auth.check(connect, again=True)
+    assert isinstance(outcome, Identity)
+    assert outcome.expires_at == NOW + 3600 + 30
+    refusal = auth.check(connect)
+    assert isinstance(refusal, Refusal)
+    assert refusal.reason == "token issued 1800s ago: the device clock is behind?"
+    assert refusal.label == "token issued too long ago"
+
+
+async def test_an_issuer_signed_token_may_have_been_issued_long_ago(
+    pki: Pki, dev: DeviceCreds
+) -> None:
+    """A token file's token is issued once and used for many connections: no freshness rule."""
+    issuer = ec.generate_private_key(ec.SECP256R1())
+    auth = JwtAuthenticator(
+        AuthSettings(
+            audience=AUD, mode="issuer-signed", issuer="https://iss",
+            issuer_keys={"k1": issuer.public_key()},
+        ),
+        FakeClock(start=NOW),
+    )  # fmt: skip
+    claims = {
+        "sub": dev.device_id, "aud": AUD, "iss": "https://iss", "iat": NOW - 3000,
+        "exp": NOW + 600, "cnf": {"x5t#S256": thumbprint(der(dev))},
+    }  # fmt: skip
+    minted = jwt.encode(claims, issuer, algorithm="ES256", headers={"kid": "k1"}).encode()
+    assert isinstance(await auth.authenticate(request(dev, minted)), Identity)
 
 
 def signed_by_the_ca(pki: Pki, common_names: Sequence[str]) -> ConnectRequest:

@@ -45,6 +45,7 @@ from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet, tls_connect
 from tests.harness.sink import CLOUD_SINK, device_token, write_sink_config
+from tests.test_uplink_faults import SkewedClock
 
 
 def crl_config(tmp_path: Path, pki: Pki, crl: Path, interval: str) -> Path:
@@ -713,6 +714,24 @@ async def test_a_reload_to_issuer_signed_tokens_closes_device_signed_connections
         sink.reload(parse_config(config.read_text().replace("[auth]\n", auth)))
         assert await client.closed_within(5), "device-signed session kept in issuer-signed mode"
         await until(lambda: sink.metrics.get("connections_closed", "reauth_refused") == 1)
+
+
+async def test_a_reload_of_auth_keeps_a_healthy_device_signed_connection(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A device-signed token must be issued within the leeway of its CONNECT (a device clock
+    behind is refused there). The reload's re-check judges that as of the CONNECT: a connection
+    open for ten minutes (its token's iat ten minutes old by now) is not closed for it."""
+    config = write_sink_config(tmp_path, pki)  # leeway: the default 30 s
+    device = pki.device(f"aged-{uuid.uuid4().hex[:6]}")
+    clock = SkewedClock(0)
+    async with Sink(loaded(config), clock=clock) as sink:
+        client = await connected(sink.port, device, pki, device_token(device, ttl=3000))
+        clock.offset = 600  # ten minutes later, as far as the token times go
+        sink.reload(parse_config(config.read_text().replace("[auth]\n", '[auth]\nleeway = "20s"\n')))
+        await publishes(client, device)
+        assert sink.metrics.get("connections_closed", "reauth_refused") == 0
+        assert sink.server.connection_count == 1
 
 
 async def test_a_reload_of_the_leeway_moves_the_end_of_open_connections(

@@ -503,8 +503,8 @@ class SkewedClock:
 
 @pytest.mark.parametrize(
     ("skew", "refused_by"),
-    [(600, "sink"), (63, "sink"), (57, None), (-61, None), (-600, "agent")],
-    ids=["+10min", "+63s", "+57s", "-61s", "-10min"],
+    [(600, "sink"), (63, "sink"), (57, None), (-57, None), (-63, "sink"), (-600, "agent")],
+    ids=["+10min", "+63s", "+57s", "-57s", "-63s", "-10min"],
 )
 async def test_clock_skew_against_the_leeway(
     tmp_path: Path,
@@ -514,11 +514,12 @@ async def test_clock_skew_against_the_leeway(
     refused_by: str | None,
 ) -> None:
     """RELIABILITY F11 with a 60 s leeway (JWT times are whole seconds: 61 s is on the rounding
-    edge, so 63 and 57). A clock ahead by more mints tokens "issued in the future": the sink
-    refuses them. A clock 10 minutes behind finds its new certificate not valid yet (bridge-certs
-    backdates by 5 minutes) and does not even try. Either way: said once however often retried,
-    the agent buffering on, and all delivered once the clock is right. A clock behind within
-    that mints tokens the sink accepts (still within their lifetime)."""
+    edge, so 63 and 57). A clock ahead by more mints tokens "issued in the future", one behind
+    by more tokens issued too long ago for a token minted for this CONNECT: the sink refuses
+    them (accepted, a clock behind would have its connections cut at exp before it renews). A
+    clock 10 minutes behind finds its new certificate not valid yet (bridge-certs backdates by
+    5 minutes) and does not even try. Either way: said once however often retried, the agent
+    buffering on, and all delivered once the clock is right. Within the leeway: accepted."""
     device = new_device(pki, "f11")
     clock = SkewedClock(skew)
     async with sink(tmp_path, pki, extra_auth='leeway = "60s"') as server:
@@ -578,6 +579,57 @@ async def test_connection_renewed_before_the_token_expires(tmp_path: Path, pki: 
     assert connections >= 3
     assert expired == 0
     assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
+
+
+@pytest.mark.parametrize("behind", [1, 7])
+async def test_a_clock_behind_is_never_cut_at_exp_before_it_renews(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, behind: int
+) -> None:
+    """RELIABILITY F11 "mid-session expiry: the agent renews first", scaled down: lifetime 8 s,
+    renew_before 3 s, leeway 3 s. The agent renews at exp - 3 s on its clock, the sink closes at
+    exp + 3 s on its own: a clock more than 6 s behind (at 1 h / 5 min / 30 s: 330 s) was
+    accepted and cut at exp every time. Within the leeway (1 s behind) it connects and renews
+    before the sink's close; beyond it (7 s) the sink refuses the CONNECT, saying the device
+    clock is behind, and the agent keeps buffering; all is delivered once the clock is right."""
+    device = new_device(pki, "skewren")
+    clock = SkewedClock(-behind)
+    async with sink(tmp_path, pki, extra_auth='leeway = "3s"') as server:
+        config = load_config(
+            configure(
+                tmp_path, pki, device, server.port,
+                token='audience = "sink.test"\nlifetime = "8s"\nrenew_before = "3s"',
+            )
+        )  # fmt: skip
+        sent = 0
+        async with Agent(config, clock=clock) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            end = asyncio.get_running_loop().time() + 12
+            while asyncio.get_running_loop().time() < end:
+                await agent.publish("sensors/t", f"{sent}".encode())
+                sent += 1
+                await asyncio.sleep(0.01)
+            if behind > 3:
+                assert status.connections == 0
+                assert status.state in (LinkState.REFUSED, LinkState.CONNECTING)
+                assert inspect(config.agent.data_dir).events == sent  # buffered, all of it
+                clock.offset = 0  # the clock is put right
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            connections = status.connections
+        expired = counters(server).get("connections_closed", "expired")
+        refused = counters(server).get("connections_refused", "token issued too long ago")
+    figures(
+        f"clock {behind} s behind, renewal", events=sent, connections=connections,
+        closed_by_sink_at_exp=expired, refused_for_the_clock=refused,
+    )  # fmt: skip
+    assert expired == 0, "the sink cut the connection at exp before the agent renewed"
+    assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
+    if behind > 3:
+        assert refused > 0
+        assert "the device clock is behind?" in caplog.text
+    else:
+        assert connections >= 2  # renewed
+        assert refused == 0
 
 
 @pytest.mark.parametrize("cut", ["reset", "close", "blackhole"])
