@@ -55,6 +55,11 @@ class TokenSource(Protocol):
         """The token for the next connection; raise `TokenUnavailable`."""
         ...
 
+    def changed(self) -> bool:
+        """Whether `current` would read something new (a token file changed since): the uplink
+        ends a back-off for it."""
+        ...
+
 
 def load_private_key(path: Path) -> PrivateKey:
     try:
@@ -95,6 +100,9 @@ class DeviceSignedTokens:
         claims = {"sub": self._device_id, "aud": self._audience, "iat": now, "exp": expires}
         return Token(jwt.encode(claims, key, algorithm=algorithm), float(expires))
 
+    def changed(self) -> bool:
+        return False  # minted per connection: nothing to wait for
+
 
 class TokenFile:
     def __init__(self, path: Path, clock: Clock) -> None:
@@ -130,6 +138,15 @@ class TokenFile:
             raise TokenUnavailable(f"the token in {self._path} expired; put a fresh one there")
         return token
 
+    def changed(self) -> bool:
+        """Whether the file changed (inode, size, mtime) since `current` last read it. A file
+        that cannot be looked at is no change: there is nothing new to read."""
+        try:
+            info = os.stat(self._path)
+        except OSError:
+            return False
+        return (info.st_ino, info.st_size, info.st_mtime_ns) != self._seen
+
     def _expired(self, token: Token) -> bool:
         return token.expires_at is not None and token.expires_at <= self._clock.time()
 
@@ -157,6 +174,9 @@ def _parse_token(text: str, path: Path) -> Token:
 class NoToken:
     def current(self) -> Token:
         return Token(None, None)
+
+    def changed(self) -> bool:
+        return False
 
 
 def token_source(config: UplinkConfig, device_id: str, clock: Clock) -> TokenSource:

@@ -31,7 +31,8 @@ Failures:
 
 Tokens: ``device-signed`` tokens are minted per connection; the connection is renewed (drained,
 closed, reopened with a fresh token) ``renew_before`` its expiry, so the sink never has to close
-it at ``exp``. A ``token-file`` token is re-read on every connection and when the file changes.
+it at ``exp``. A ``token-file`` token is re-read on every connection and when the file changes;
+a change during a back-off ends it (a fixed token file is used at once).
 
 The link state is kept in ``<data_dir>/link.json`` (rewritten on every state change, read by
 ``edge-agent status``) and logged, one line per change.
@@ -77,7 +78,8 @@ log = logging.getLogger(__name__)
 # Client id rejected, bad user name or password, not authorized: MQTT 3.1.1 codes and the MQTT 5
 # reason codes paho reports them as.
 _REFUSED_CONNACK = frozenset({2, 4, 5, 133, 134, 135})
-CRL_CHECK_INTERVAL = 5.0  # seconds between looks at [uplink.tls] crl (the sink polls its own too)
+# seconds between looks at [uplink.tls] crl (the sink polls its own too) and the token file
+CRL_CHECK_INTERVAL = 5.0
 
 
 class Uplink:
@@ -143,7 +145,7 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, drain, reconnect, until `stop` (or cancellation)."""
-        watcher = asyncio.create_task(self._watch_crl(), name="uplink.crl")
+        watcher = asyncio.create_task(self._watch_files(), name="uplink.files")
         try:
             try:
                 self.suspects.remember(*await self.buffer.suspects(MAX_SUSPECTS))
@@ -274,11 +276,18 @@ class Uplink:
             if connected_at is not None and now - connected_at >= config.stable_after:
                 self._backoff.reset()
 
-    async def _watch_crl(self) -> None:
-        """Look at the CRL file every `CRL_CHECK_INTERVAL` seconds (`DeviceTls.crl_changed`)."""
+    async def _watch_files(self) -> None:
+        """Look at the CRL file and the token file every `CRL_CHECK_INTERVAL` seconds. A new
+        CRL renews the connection (`DeviceTls.crl_changed`). A token file changed since it was
+        read ends a back-off: a fresh token written while the link is refused (an expired one in
+        the file) is used at once, not after the slow back-off (up to `refused_backoff_max`).
+        Online, a new token file waits for the renewal (`fresh_token`)."""
         while True:
             await asyncio.sleep(CRL_CHECK_INTERVAL)
             if self._tls.crl_changed():
+                self._request_reconnect()
+            elif self.status.retry_at is not None and self._tokens.changed():
+                log.info("uplink: the token file changed; connecting again now")
                 self._request_reconnect()
 
     def reload(self, config: UplinkConfig) -> None:

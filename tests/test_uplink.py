@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import socket
 import ssl
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -22,9 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cloud_sink.auth import thumbprint
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
+from edge_agent import uplink as uplink_module
 from edge_agent.buffer import inspect, read_events
 from edge_agent.link import LinkState, read_link_status, recording_socket_class
 from edge_agent.token import TokenFile, TokenUnavailable
+from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import SystemClock
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.mosquitto import free_port
@@ -260,6 +264,60 @@ async def test_token_file_mode_reads_the_file_again_when_it_changes(
             connections = agent.uplink.status.connections
             await asyncio.sleep(3)
             assert agent.uplink.status.connections == connections
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1"]
+
+
+class _FullBackoff(Backoff):
+    """The back-off's ceiling every time, no jitter: a refused back-off of a known length."""
+
+    def next_delay(self, rng: Callable[[], float] = random.random) -> float:
+        delay = self.ceiling(self.failures)
+        self.failures += 1
+        return delay
+
+
+async def test_a_token_file_fixed_during_a_refused_backoff_is_used_at_once(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/operations.md: "the agent reads the file again whenever it changes". With an
+    expired token the link is refused and backs off slowly (up to 15 min by default); a fresh
+    token written meanwhile waited for the back-off to end: only the CRL file was watched. Now
+    the token file is watched too, and its change ends the back-off."""
+    monkeypatch.setattr(uplink_module, "Backoff", _FullBackoff)
+    monkeypatch.setattr(uplink_module, "CRL_CHECK_INTERVAL", 0.2)
+    device = new_device(pki, "tokwait")
+    private, public = issuer_key(tmp_path)
+    token_path = tmp_path / "device.jwt"
+    token_path.write_text(issue_token(device, private, ttl=-60))  # expired
+    issuer_auth = (
+        f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
+    )
+    async with sink(tmp_path, pki, extra_auth=issuer_auth) as server:
+        path = agent_config(
+            tmp_path, pki, device, server.port,
+            token=f'mode = "token-file"\nfile = "{token_path}"',
+        )  # fmt: skip
+        path.write_text(
+            path.read_text()
+            .replace('refused_backoff_initial = "1s"', 'refused_backoff_initial = "10m"')
+            .replace('refused_backoff_max = "2s"', 'refused_backoff_max = "10m"')
+        )
+        config = load_config(path)
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            await agent.publish("sensors/t1", b"1")
+            await until(lambda: status.retry_at is not None, timeout=30)
+            retry_at = status.retry_at
+            assert retry_at is not None and status.state is LinkState.REFUSED
+            token_path.write_text(issue_token(device, private, ttl=600))
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=60)
+            delivered_at = time.time()
+            failures = status.failures
+    figures("a fresh token file during a refused back-off", failures=failures,
+            backoff_left_s=round(retry_at - delivered_at))  # fmt: skip
+    assert delivered_at < retry_at, "the fresh token waited for the back-off to end"
+    assert failures == 1
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1"]
 
 
