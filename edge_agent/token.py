@@ -21,6 +21,7 @@ from typing import Protocol
 
 import jwt
 from cryptography.hazmat.primitives import serialization
+from jwt.utils import base64url_decode
 
 from edge_agent.config import UplinkConfig
 from mqtt_ingest.clock import Clock
@@ -105,22 +106,36 @@ class DeviceSignedTokens:
 
 
 class TokenFile:
-    def __init__(self, path: Path, clock: Clock) -> None:
+    """``device_id``, ``audience``: what the token must be for (``sub``, ``aud``); a file holding
+    another device's token (the wrong file copied) is a broken new file, not a fresh token."""
+
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock,
+        *,
+        device_id: str | None = None,
+        audience: str | None = None,
+    ) -> None:
         self._path = path
         self._clock = clock
+        self._device_id = device_id
+        self._audience = audience
         self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime_ns)
         self._token: Token | None = None
         self._reported = ""  # the problem last logged: each attempt would log it again
 
     def current(self) -> Token:
         """The file's token, read again whenever the file changed. A file that turns unreadable
-        or malformed keeps the token read before in use while that one is valid."""
+        or malformed, or holds a token for another device or audience, keeps the token read
+        before in use while that one is valid."""
         try:
             info = os.stat(self._path)
             signature = (info.st_ino, info.st_size, info.st_mtime_ns)
             if signature != self._seen or self._token is None:
                 self._seen = signature
-                self._token = _parse_token(self._path.read_text().strip(), self._path)
+                text = self._path.read_text().strip()
+                self._token = _parse_token(text, self._path, self._device_id, self._audience)
             self._reported = ""
         except (OSError, TokenUnavailable) as exc:
             problem = (
@@ -154,11 +169,35 @@ class TokenFile:
 LAST_DATE = 253_402_300_799  # 9999-12-31 23:59:59 UTC: the last second `datetime` can show
 
 
-def _parse_token(text: str, path: Path) -> Token:
+# The length of a signature by the algorithms the sink accepts (mqtt_ingest/keys.py): ES256 is
+# r and s of 32 bytes each, EdDSA (Ed25519) 64 bytes; RS256 the modulus' length (checked apart).
+SIGNATURE_BYTES = {"ES256": 64, "EdDSA": 64}
+
+
+def _parse_token(
+    text: str, path: Path, device_id: str | None = None, audience: str | None = None
+) -> Token:
+    """The token in ``text``, read without verifying it (the agent has no issuer key), but
+    refused if it cannot be the one to send: cut short in its signature (a copy interrupted, a
+    full disk: ``header.payload.`` parses), or for another device or audience. The sink would
+    refuse it; taken as a fresh token it would replace one still valid."""
     try:
         claims = jwt.decode(text, options={"verify_signature": False})
+        algorithm = jwt.get_unverified_header(text).get("alg")
     except jwt.InvalidTokenError as exc:
         raise TokenUnavailable(f"{path} does not hold a JWT: {exc}") from None
+    _check_signature(text.rsplit(".", 1)[-1], algorithm, path)
+    subject = claims.get("sub")
+    if device_id is not None and subject != device_id:
+        raise TokenUnavailable(
+            f"the token in {path} is for {subject!r}, not this device ({device_id!r})"
+        )
+    if audience is not None:
+        audiences = claims.get("aud")
+        if not (audiences == audience or isinstance(audiences, list) and audience in audiences):
+            raise TokenUnavailable(
+                f"the token in {path} is for the audience {audiences!r}, not {audience!r}"
+            )
     expires = claims.get("exp")
     if expires is None:
         return Token(text, None)
@@ -169,6 +208,22 @@ def _parse_token(text: str, path: Path) -> Token:
     if not math.isfinite(expires) or not 0 <= expires <= LAST_DATE:
         raise TokenUnavailable(f"the token in {path} has an exp out of range ({expires})")
     return Token(text, float(expires))
+
+
+def _check_signature(segment: str, algorithm: object, path: Path) -> None:
+    size = len(base64url_decode(segment))  # a valid one: jwt.decode checked it
+    if size == 0:
+        raise TokenUnavailable(f"the token in {path} has no signature (the file cut short?)")
+    if algorithm == "RS256":
+        # RSA keys of 1024 bits and more, in steps of 512.
+        fits = size >= 128 and size % 64 == 0
+    else:
+        fits = SIGNATURE_BYTES.get(str(algorithm), size) == size
+    if not fits:
+        raise TokenUnavailable(
+            f"the token in {path} has a signature of {size} bytes, wrong for {algorithm}"
+            " (the file cut short?)"
+        )
 
 
 class NoToken:
@@ -188,5 +243,5 @@ def token_source(config: UplinkConfig, device_id: str, clock: Clock) -> TokenSou
         )
     if settings.mode == "token-file":
         assert settings.file is not None  # checked by the config
-        return TokenFile(settings.file, clock)
+        return TokenFile(settings.file, clock, device_id=device_id, audience=settings.audience)
     return NoToken()

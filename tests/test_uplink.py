@@ -327,7 +327,7 @@ def unsigned_token(exp: str) -> str:
     encode = jwt.utils.base64url_encode
     header = encode(b'{"alg":"ES256","typ":"JWT"}').decode()
     claims = encode(b'{"sub":"dev-1","exp":%s}' % exp.encode()).decode()
-    return f"{header}.{claims}.c2ln"
+    return f"{header}.{claims}.{encode(bytes(64)).decode()}"
 
 
 @pytest.mark.parametrize(
@@ -352,6 +352,88 @@ def test_a_token_file_with_an_exp_no_date_can_show_is_unusable(
         TokenFile(path, SystemClock()).current()
     path.write_text(unsigned_token("253402300799"))  # the last second of year 9999
     assert TokenFile(path, SystemClock()).current().expires_at == 253402300799.0
+
+
+@pytest.mark.parametrize(
+    ("cut", "problem"),
+    [
+        (lambda t: t[: t.rindex(".") + 1], "has no signature (the file cut short?)"),
+        (lambda t: t[:-6], "has a signature of 60 bytes, wrong for ES256 (the file cut short?)"),
+        (lambda t: t[: t.rindex(".")], "does not hold a JWT"),
+    ],
+    ids=["no signature", "signature cut short", "no signature segment"],
+)
+def test_a_token_file_cut_short_is_not_a_token(
+    tmp_path: Path, pki: Pki, cut: Callable[[str], str], problem: str
+) -> None:
+    """A token file cut short in its signature (a copy interrupted, a full disk, a writer seen
+    half-way) parsed: ``header.payload.`` was taken as a fresh token, replacing a valid one at
+    renewal, and the sink refused it (bad signature). Refused as a broken file now."""
+    device = new_device(pki, "trunc")
+    private, _ = issuer_key(tmp_path)
+    whole = issue_token(device, private, ttl=600)
+    path = tmp_path / "device.jwt"
+    path.write_text(cut(whole))
+    with pytest.raises(TokenUnavailable, match=re.escape(problem)):
+        TokenFile(path, SystemClock(), device_id=device.device_id).current()
+    path.write_text(whole)
+    assert TokenFile(path, SystemClock(), device_id=device.device_id).current().value == whole
+
+
+def test_a_token_file_for_another_device_or_audience_keeps_the_token_read_before(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The wrong file copied to the gateway (another device's token, or one for another sink):
+    the sink refuses it, so it must not replace the token still in use ("a broken new file keeps
+    the previous token in use while that one is valid")."""
+    device, other = new_device(pki, "tokmine"), new_device(pki, "tokother")
+    private, _ = issuer_key(tmp_path)
+    path = tmp_path / "device.jwt"
+    mine = issue_token(device, private, ttl=300)
+    path.write_text(mine)
+    tokens = TokenFile(path, SystemClock(), device_id=device.device_id, audience=AUD)
+    assert tokens.current().value == mine
+    path.write_text(issue_token(other, private, ttl=600))
+    assert tokens.current().value == mine
+    with pytest.raises(TokenUnavailable, match=f"is for '{other.device_id}', not this device"):
+        TokenFile(path, SystemClock(), device_id=device.device_id).current()
+    elsewhere = TokenFile(path, SystemClock(), device_id=other.device_id, audience="elsewhere")
+    with pytest.raises(TokenUnavailable, match="is for the audience 'sink.test', not 'elsewhere'"):
+        elsewhere.current()
+    assert TokenFile(path, SystemClock(), device_id=other.device_id).current().value is not None
+
+
+async def test_a_token_file_for_another_device_does_not_replace_the_valid_one(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """At renewal, a token file holding another device's token was taken as the fresh token:
+    the agent dropped its working connection and was refused, its own token minutes from its
+    end. Now the connection is kept on the token it has, and events keep flowing."""
+    device, other = new_device(pki, "tokmine"), new_device(pki, "tokother")
+    private, public = issuer_key(tmp_path)
+    token_path = tmp_path / "device.jwt"
+    token_path.write_text(issue_token(device, private, ttl=60))
+    issuer_auth = (
+        f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
+    )
+    async with sink(tmp_path, pki, extra_auth=issuer_auth) as server:
+        path = agent_config(
+            tmp_path, pki, device, server.port,
+            token=f'mode = "token-file"\nfile = "{token_path}"\nrenew_before = "57s"',
+        )  # fmt: skip
+        config = load_config(path)
+        async with Agent(config) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            await until(lambda: status.connections == 1, timeout=30)
+            token_path.write_text(issue_token(other, private, ttl=120))  # the wrong device's
+            await asyncio.sleep(5)  # past the renewal, due at connect + 3 s
+            await agent.publish("sensors/t1", b"after")
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            state, connections, failures = status.state, status.connections, status.failures
+    figures("token file for another device", state=str(state), connections=connections)
+    assert (state, connections, failures) == (LinkState.ONLINE, 1, 0)
+    assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"after"]
 
 
 async def test_status_and_token_commands_show_the_uplink(tmp_path: Path, pki: Pki) -> None:
