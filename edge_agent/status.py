@@ -12,14 +12,14 @@ from cryptography import x509
 from edge_agent.buffer import BufferStats, agent_pid
 from edge_agent.config import AgentConfig
 from edge_agent.link import LinkStatus, read_link_status
-from edge_agent.token import TokenUnavailable, token_source
+from edge_agent.token import Token, TokenUnavailable, token_source
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.disk import free_bytes
 
 __all__ = ["disk_room", "link_text", "read_link", "status_json", "status_text"]
 
 CERTIFICATE_WARNING = 30 * 86400  # seconds: status warns when the certificate expires sooner
-TOKEN_WARNING = 3600
+TOKEN_WARNING = 3600  # seconds: at most this, or a quarter of the token's lifetime (below)
 
 
 def _age(now_ms: int, then_ms: int) -> str:
@@ -128,9 +128,21 @@ def read_link(config: AgentConfig) -> dict[str, object]:
             token = token_source(config.uplink, config.agent.device_id, SystemClock()).current()
             if token.expires_at is not None:
                 result["token_expires_in_s"] = int(token.expires_at - now)
+                result["token_warning_s"] = token_warning(token, config.uplink.token.renew_before)
         except TokenUnavailable as exc:
             result["token_problem"] = str(exc)
     return result
+
+
+def token_warning(token: Token, renew_before: float) -> int:
+    """Seconds before a file token's expiry from which `status` warns: a quarter of its lifetime
+    (``exp - iat``), at most `TOKEN_WARNING`, and at least ``renew_before`` (from then on the
+    agent waits for a new file). A fresh token from the default ``issue-token --ttl 3600`` was
+    below a flat hour from the start: always a warning."""
+    if token.expires_at is None or token.issued_at is None:
+        return TOKEN_WARNING
+    lifetime = max(0.0, token.expires_at - token.issued_at)
+    return int(max(renew_before, min(TOKEN_WARNING, lifetime / 4)))
 
 
 def _seconds(value: object) -> str:
@@ -161,7 +173,9 @@ def link_text(link: dict[str, object]) -> str:
         )
     else:
         lines.append(f"uplink: {link['server']}: no link state yet")
-    for name, warning in (("certificate", CERTIFICATE_WARNING), ("token", TOKEN_WARNING)):
+    token_warning = link.get("token_warning_s", TOKEN_WARNING)
+    for name, warning in (("certificate", CERTIFICATE_WARNING), ("token", token_warning)):
+        assert isinstance(warning, int)
         if f"{name}_problem" in link:
             lines.append(f"{name}: WARNING {link[f'{name}_problem']}")
         elif f"{name}_expires_in_s" in link:

@@ -49,6 +49,7 @@ class TokenUnavailable(Exception):
 class Token:
     value: str | None  # None: connect without a password
     expires_at: float | None  # unix seconds; None: does not expire (or unknown)
+    issued_at: float | None = None  # a token file's iat, if it has a usable one (for `status`)
 
 
 class TokenSource(Protocol):
@@ -194,20 +195,25 @@ def _parse_token(
         )
     if audience is not None:
         audiences = claims.get("aud")
-        if not (audiences == audience or isinstance(audiences, list) and audience in audiences):
+        if not (audiences == audience or (isinstance(audiences, list) and audience in audiences)):
             raise TokenUnavailable(
                 f"the token in {path} is for the audience {audiences!r}, not {audience!r}"
             )
+    issued = claims.get("iat")
+    if isinstance(issued, bool) or not isinstance(issued, int | float):
+        issued = None
+    elif not math.isfinite(issued) or not 0 <= issued <= LAST_DATE:
+        issued = None  # only shown: the sink judges it
     expires = claims.get("exp")
     if expires is None:
-        return Token(text, None)
+        return Token(text, None, issued)
     # JSON's 1e400 and NaN parse as inf and nan: never expired, and no date to show
     # (`status` and the uplink's log line raised on them).
     if isinstance(expires, bool) or not isinstance(expires, int | float):
         raise TokenUnavailable(f"the token in {path} has a non-numeric exp")
     if not math.isfinite(expires) or not 0 <= expires <= LAST_DATE:
         raise TokenUnavailable(f"the token in {path} has an exp out of range ({expires})")
-    return Token(text, float(expires))
+    return Token(text, float(expires), None if issued is None else float(issued))
 
 
 def _check_signature(segment: str, algorithm: object, path: Path) -> None:

@@ -407,7 +407,8 @@ def test_a_device_clock_behind_is_accepted_only_if_the_device_renews_before_our_
         dev.device_id, dev.key, AUD, 3600, FakeClock(start=NOW - behind + 0.5)
     )
     minted = tokens.current()
-    assert minted.value is not None and minted.expires_at is not None
+    assert minted.value is not None
+    assert minted.expires_at is not None
     auth = JwtAuthenticator(AuthSettings(audience=AUD), FakeClock(start=NOW + 0.5))
     outcome = auth.check(request(dev, minted.value.encode()))
     if behind > 30:

@@ -728,7 +728,8 @@ async def test_a_reload_of_auth_keeps_a_healthy_device_signed_connection(
     async with Sink(loaded(config), clock=clock) as sink:
         client = await connected(sink.port, device, pki, device_token(device, ttl=3000))
         clock.offset = 600  # ten minutes later, as far as the token times go
-        sink.reload(parse_config(config.read_text().replace("[auth]\n", '[auth]\nleeway = "20s"\n')))
+        text = config.read_text().replace("[auth]\n", '[auth]\nleeway = "20s"\n')
+        sink.reload(parse_config(text))
         await publishes(client, device)
         assert sink.metrics.get("connections_closed", "reauth_refused") == 0
         assert sink.server.connection_count == 1
