@@ -106,6 +106,13 @@ class ConnectionDrain:
             mqtt, self._received_at, grace=session.silence_limit - config.keepalive
         ).moved
         limit_unsent(mqtt.socket())
+        if self._uplink.undeleted:
+            # Acknowledged on an earlier connection, their rows not deleted (a full disk): the
+            # first delete removes them, and no read sends them again meanwhile.
+            left, self._uplink.undeleted = self._uplink.undeleted, []
+            session.done += left
+            session.settling.update(left)
+            session.acked.set()
         session.renew_at = self._renew_at(self._token)
         session.schedule_renewal()
         self.session = session
@@ -138,8 +145,11 @@ class ConnectionDrain:
                 await self._finish(session, graceful)
             finally:
                 # What was in flight and not acknowledged is back in the backlog: TTLs and
-                # drop-oldest apply to it again (they passed over it while it was held).
-                await self._buffer.release_held()
+                # drop-oldest apply to it again (they passed over it while it was held). What
+                # was acknowledged and could not be deleted stays held (delivered: never to
+                # count as expired or dropped), for the uplink to delete.
+                self._uplink.undeleted = list(dict.fromkeys(session.done))
+                await self._buffer.release_held(keep=session.done)
 
     def _renew_at(self, token: Token) -> float | None:
         """Loop time at which to renew the connection, or None."""
@@ -204,7 +214,9 @@ class ConnectionDrain:
                 )
             )
             if suspect is not None:
-                if not await self._buffer.holds(suspect.event.seq):
+                # Held like the events read (its copy in memory goes, not a row read now): the
+                # sweep must not expire it while its PUBACK is on its way.
+                if not await self._buffer.hold(suspect.event.seq):
                     # Expired, dropped for room or purged since it was set aside: its copy in
                     # memory must not go up (it is counted as dropped).
                     self._suspects.forget(suspect.event.seq)
@@ -274,8 +286,9 @@ class ConnectionDrain:
     ) -> list[StoredEvent]:
         """The next events after ``cursor``. Nothing after the cursor was sent on this
         connection (events are taken in cursor order), but deferred ones may be anywhere, and
-        so may those of them acknowledged on this connection whose rows are not deleted yet."""
-        sent = session.taken.keys() if cursor is None else session.settling
+        so may those of them acknowledged on this connection whose rows are not deleted yet
+        (and those acknowledged on an earlier one: `settling`)."""
+        sent = session.taken.keys() | session.settling if cursor is None else session.settling
         skip = frozenset(self._suspects.seqs | sent)
         return await self._buffer.next_events(
             self._want(free), cursor, skip=skip, max_bytes=self.config.window_bytes, hold=True

@@ -113,6 +113,10 @@ class Uplink:
         self.stopping = asyncio.Event()
         self.grace = self.config.publish_timeout  # for what is in flight at stop
         self.suspects = Suspects()  # lost alone in flight: poison, or a dead link?
+        self.undeleted: list[int] = []
+        """Seqs acknowledged on the last connection whose rows it could not delete (a full
+        disk, F7): delivered, they stay held in the buffer (never swept nor dropped) until a
+        delete succeeds: before the next attempt to connect, or that connection's first."""
         self._received_at = [time.monotonic()]  # when the current connection last received bytes
         self._told_same_token = False  # the token file's unchanged token was logged
 
@@ -153,6 +157,7 @@ class Uplink:
                 # A flaky disk: poison counts start over, which delays a dead letter, no more.
                 log.exception("uplink: cannot read the poison counts kept in the buffer")
             while not self.stopping.is_set():
+                await self._delete_undeleted()
                 try:
                     await self._connection()
                 except LinkFailure as failure:
@@ -170,10 +175,27 @@ class Uplink:
                     await self._back_off(LinkFailure(f"internal error: {exc!r}"))
                 else:
                     self._backoff.reset()  # renewed or stopped on purpose
+            await self._delete_undeleted()
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             self._set_state(LinkState.STOPPED, "")
+
+    async def _delete_undeleted(self) -> None:
+        """Delete the rows of `undeleted`, if any: without waiting for a connection (the sink
+        may be out of reach for long, and held rows never expire)."""
+        if not self.undeleted:
+            return
+        try:
+            await self.buffer.delete(self.undeleted)
+        except Exception as exc:
+            log.warning(
+                "uplink: cannot delete %d delivered events from the buffer yet: %s",
+                len(self.undeleted),
+                exc,
+            )
+            return
+        self.undeleted = []
 
     async def _back_off(self, failure: LinkFailure) -> None:
         backoff = self._refused_backoff if failure.refused else self._backoff

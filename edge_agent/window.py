@@ -45,7 +45,9 @@ class Session:
     on_delivered: Callable[[list[int], int], None]  # seqs acknowledged, at this QoS
     inflight: dict[int, Message] = field(default_factory=dict)  # by packet id, oldest first
     taken: dict[int, int] = field(default_factory=dict)  # seq -> priority: sent, not yet deleted
-    settling: set[int] = field(default_factory=set)  # set-aside events acknowledged, not deleted
+    # Acknowledged, rows not deleted, where a read may come to them again: set-aside events,
+    # and those of an earlier connection (`Uplink.undeleted`).
+    settling: set[int] = field(default_factory=set)
     done: list[int] = field(default_factory=list)  # acknowledged, to delete
     # Fed in drain order, up to a window: when one read brings many acknowledgements, the
     # freed slots are refilled in the same turn of the loop and go out in one write.

@@ -416,6 +416,25 @@ async def test_drop_oldest_reads_the_held_events_once_a_group_not_once_an_event(
         assert (await buffer.stats()).drops == {("buffer-full", "t"): (189, 189)}
 
 
+async def test_hold_takes_one_event_and_release_keeps_what_it_is_told(tmp_path: Path) -> None:
+    """`hold`: an event set aside, sent again from its copy in memory, is held like a read
+    one (the sweep deleted it under its retry's feet); one no longer buffered is not. Released
+    with ``keep`` (acknowledged, its delete failed) an event stays held until deleted."""
+    clock = FakeClock(start=1_700_000_000.0)
+    async with await Buffer.open(tmp_path, clock=clock) as buffer:
+        seqs = [s for s in await buffer.append([event(b"x", ttl=60.0)] * 4) if isinstance(s, int)]
+        assert await buffer.hold(seqs[0])
+        assert not await buffer.hold(10_000)  # not buffered: not held either
+        await buffer.next_events(2, after=(0, seqs[0]), hold=True)  # seqs[1], seqs[2]
+        clock.advance(61)
+        assert await buffer.sweep_expired() == 1  # seqs[3] only
+        await buffer.release_held(keep=[seqs[1]])
+        assert await buffer.sweep_expired() == 2  # seqs[0], seqs[2]
+        assert await buffer.delete([seqs[1]]) == 1  # delivered after all: deleted, never swept
+        stats = await buffer.stats()
+    assert (stats.events, stats.drops) == (0, {("ttl", "t"): (3, 3)})
+
+
 async def test_drain_order_priority_then_seq_with_paging(tmp_path: Path) -> None:
     async with await Buffer.open(tmp_path) as buffer:
         await buffer.append([event(b"low1"), event(b"high1", priority=5), event(b"low2")])

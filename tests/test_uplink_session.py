@@ -14,8 +14,10 @@ import pytest
 from cloud_sink.backends.sqlite import read_dead_letters, read_messages
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect, read_events
+from edge_agent.config import AgentConfig
 from mqtt_ingest import failpoints
 from mqtt_ingest.ports import ConnectRequest, Identity, Refusal
+from tests.harness.agent import uplink_section, write_config
 from tests.harness.chaos import ChaosProxyFactory, Direction
 from tests.harness.pki import Pki
 from tests.harness.report import figures, until
@@ -23,7 +25,14 @@ from tests.harness.sink import AUD
 from tests.harness.sink import running_sink as sink
 from tests.harness.stages import RecordingStage, running_server
 from tests.test_uplink import issue_token, issuer_key
-from tests.test_uplink_faults import acks_held, configure, new_device, preload, stored_payloads
+from tests.test_uplink_faults import (
+    SkewedClock,
+    acks_held,
+    configure,
+    new_device,
+    preload,
+    stored_payloads,
+)
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -300,3 +309,87 @@ async def test_high_priority_events_beyond_window_bytes_all_go_before_the_backlo
             await until(lambda: inspect(data).events == 0, timeout=30)
     figures("alarms beyond window_bytes", backlog_left_when_alarms_done=backlog_left)
     assert backlog_left > 100  # the alarms went first, the backlog waited
+
+
+def _ttl_config(tmp_path: Path, pki: Pki, prefix: str, port: int) -> AgentConfig:
+    """An agent through ``port`` whose events expire after an hour (of its clock)."""
+    device = new_device(pki, prefix)
+    extra = 'format = "raw"\nkeepalive = 600\npublish_timeout = "60s"\nconnect_timeout = "2s"'
+    path = write_config(
+        tmp_path / "agent",
+        device_id=device.device_id,
+        uplink=uplink_section(pki, device, port, extra=extra),
+        topics='[[topics]]\nfilter = "#"\nqos = 1\nttl = "1h"\n',
+    )
+    return load_config(path)
+
+
+async def test_an_event_set_aside_is_not_expired_while_its_retry_is_in_flight(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """An event set aside (lost alone in flight) is tried again from its copy in memory, not
+    read with ``hold``: the TTL sweep deleted its row and counted it as expired while the retry
+    waited for its PUBACK, which then came: delivered and counted as dropped (a phantom drop,
+    SPEC P4). The sink's stage holds the retry while the agent's clock passes the TTL and a
+    sweep runs."""
+    stage = RecordingStage()
+    stage.hold()  # no PUBACK until `release`
+    clock = SkewedClock(0)
+    async with running_server(stage, ssl_context=pki.server_context()) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        config = _ttl_config(tmp_path, pki, "probettl", proxy.port)
+        data = config.agent.data_dir
+        async with Agent(config, clock=clock) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await agent.publish("sensors/t", b"probe")
+            await until(lambda: uplink.in_flight == 1)
+            await proxy.reset()  # lost alone in flight: set aside
+            await until(lambda: uplink.status.failures >= 1)
+            proxy.pass_through()
+            # The next connection has nothing else to send: the event goes again, alone.
+            await until(lambda: uplink.status.connections >= 2 and uplink.in_flight == 1)
+            [event] = read_events(data)
+            assert event.seq in uplink.suspects.seqs  # the retry of the event set aside
+            clock.offset = 2 * 3600  # its TTL has passed
+            swept = await agent.buffer.sweep_expired()
+            stage.release()
+            await until(lambda: uplink.status.delivered == 1, timeout=20)  # its PUBACK
+            await until(lambda: inspect(data).events == 0)
+        drops = inspect(data).drops
+    assert (swept, drops) == (0, {})  # delivered: not also counted as expired
+    assert b"probe" in stage.payloads()
+
+
+async def test_events_acknowledged_whose_delete_failed_are_not_expired(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """F7: acknowledged rows cannot be deleted (a full disk), in the delete loop (which ends the
+    connection) nor at the connection's end. Delivered, they must never count as expired: they
+    were released with the rest and the sweep counted them as dropped (SPEC P4). They stay held
+    until a delete succeeds, and are not sent again."""
+    stage = RecordingStage()
+    clock = SkewedClock(0)
+    async with running_server(stage, ssl_context=pki.server_context()) as server:
+        proxy = await chaos_proxy_factory("127.0.0.1", server.port)
+        config = _ttl_config(tmp_path, pki, "undeleted", proxy.port)
+        data = config.agent.data_dir
+        async with Agent(config, clock=clock) as agent:
+            uplink = agent.uplink
+            assert uplink is not None
+            await until(lambda: uplink.status.connected_since is not None)
+            failpoints.arm("buffer.delete", "raise")
+            await agent.publish_many([("sensors/t", b"0"), ("sensors/t", b"1")])
+            await until(lambda: uplink.status.delivered == 2)
+            proxy.blackhole()  # no new connection gets through (to read the rows again)
+            await until(lambda: uplink.status.failures >= 1)  # the failed delete ended it
+            assert "cannot delete delivered events" in uplink.status.last_error
+            assert inspect(data).events == 2
+            clock.offset = 2 * 3600  # their TTL has passed
+            swept = await agent.buffer.sweep_expired()
+            failpoints.disarm_all()
+            proxy.pass_through()
+            await until(lambda: inspect(data).events == 0, timeout=30)
+        drops = inspect(data).drops
+    assert (swept, drops) == (0, {})
+    assert sorted(stage.payloads()) == [b"0", b"1"]  # each once: not sent again

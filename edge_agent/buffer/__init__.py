@@ -46,7 +46,7 @@ import math
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -55,7 +55,7 @@ from edge_agent.buffer.checks import _is_damage
 from edge_agent.buffer.drain import (
     _dead_letter,
     _delete,
-    _holds,
+    _hold,
     _next_events,
     _record_attempt,
     _record_losses,
@@ -155,8 +155,9 @@ class Buffer:
         """The reason the last group commit refused events for the disk reserve, if it did."""
         self._rescue = WalRescue()
         self._held: set[int] = set()
-        """Seqs the drain read with ``hold`` and has not deleted or released: the TTL sweep and
-        ``drop-oldest`` pass them over. Only the buffer's thread touches it."""
+        """Seqs the drain read with ``hold`` (or took with `hold`) and has not deleted or
+        released: the TTL sweep and ``drop-oldest`` pass them over. Only the buffer's thread
+        touches it."""
         self._db = connection
         self._executor = executor
         self._lock_fd = lock_fd
@@ -510,10 +511,12 @@ class Buffer:
             return await self._run(_take, self._held, limit, after, skip, max_bytes, above)
         return await self._run(_next_events, limit, after, skip, max_bytes, above)
 
-    async def release_held(self) -> None:
+    async def release_held(self, keep: Iterable[int] = ()) -> None:
         """The drain's connection is over: what it held and did not delete (in flight when the
-        connection was lost, never sent) is back in the buffer, where TTLs and drops apply."""
-        await self._run(_release, self._held)
+        connection was lost, never sent) is back in the buffer, where TTLs and drops apply;
+        except ``keep``: events acknowledged whose rows could not be deleted (delivered, they
+        must never count as expired), held until a later `delete` removes them."""
+        await self._run(_release, self._held, frozenset(keep))
 
     async def delete(self, seqs: Sequence[int], *, drop_reason: str | None = None) -> int:
         """Remove events (idempotent); returns how many were still there.
@@ -528,10 +531,12 @@ class Buffer:
             log.warning("buffer: %d events dropped: %s", removed, drop_reason)
         return removed
 
-    async def holds(self, seq: int) -> bool:
+    async def hold(self, seq: int) -> bool:
         """Whether event ``seq`` is still buffered (not delivered, dropped, expired, purged or
-        dead-lettered)."""
-        return await self._run(_holds, seq)
+        dead-lettered); if it is, it is held as `next_events` with ``hold`` holds what it reads,
+        checked and held in one step: the uplink sends an event set aside from its copy in
+        memory, and the sweep must not expire it between the check and the PUBACK."""
+        return await self._run(_hold, self._held, seq)
 
     async def record_attempt(self, seqs: Sequence[int]) -> None:
         await self._run(_record_attempt, list(seqs))

@@ -128,8 +128,17 @@ def _take(
     return events
 
 
-def _release(db: sqlite3.Connection, held: set[int]) -> None:
-    held.clear()
+def _hold(db: sqlite3.Connection, held: set[int], seq: int) -> bool:
+    """Whether event ``seq`` is still buffered; if it is, it is added to ``held`` in the same
+    step (on the buffer's thread: no sweep can come in between)."""
+    if db.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone() is None:
+        return False
+    held.add(seq)
+    return True
+
+
+def _release(db: sqlite3.Connection, held: set[int], keep: frozenset[int]) -> None:
+    held.intersection_update(keep)
 
 
 _DELETE_CHUNK = 512  # a power of two, under SQLITE_MAX_VARIABLE_NUMBER (999 before SQLite 3.32)
@@ -154,6 +163,7 @@ def _delete(
 ) -> int:
     if not seqs:
         return 0
+    failpoints.hit("buffer.delete")  # a delete that fails (a full disk that no checkpoint helps)
     removed = rescue.attempt(db, _delete_once, seqs, totals, drop_reason)
     held.difference_update(seqs)
     return removed
@@ -196,10 +206,6 @@ def _record_attempt(db: sqlite3.Connection, seqs: list[int]) -> None:
         db.executemany(
             "UPDATE events SET attempts = attempts + 1 WHERE seq = ?", [(s,) for s in seqs]
         )
-
-
-def _holds(db: sqlite3.Connection, seq: int) -> bool:
-    return db.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone() is not None
 
 
 def _record_losses(db: sqlite3.Connection, seq: int, losses: int) -> None:
