@@ -208,12 +208,16 @@ async def _run(config: AgentConfig, path: Path, listen_port: int | None) -> int:
             # stop, exit 1, and let systemd restart the agent (whose open quarantines a damaged
             # database); staying up failed every commit.
             agent.buffer.on_failure = lambda _: stop.set()
+            if agent.buffer.failure is not None:  # while the agent started, before the hook
+                stop.set()
             systemd.ready(lambda: status(agent))
             await stop.wait()
             systemd.stopping()
-            failure = agent.buffer.failure
-            if failure is not None:
-                log.error("stopping: the buffer failed (%r); exiting 1 to be restarted", failure)
+            if agent.buffer.failure is not None:
+                log.error(
+                    "stopping: the buffer failed (%r); exiting 1 to be restarted",
+                    agent.buffer.failure,
+                )
             else:
                 log.info("stopping on signal")
             # A reload now would start the uplink on a new connection while it settles its
@@ -221,7 +225,8 @@ async def _run(config: AgentConfig, path: Path, listen_port: int | None) -> int:
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: log.warning("SIGHUP while stopping: ignored")
             )
-    return 1 if failure is not None else 0
+    # Also a failure during the stop (the last commits, the close).
+    return 1 if agent.buffer.failure is not None else 0
 
 
 def _reload(agent: Agent, path: Path, systemd: Supervisor, listen_port: int | None) -> None:

@@ -1067,22 +1067,25 @@ async def test_index_damage_that_reindex_cannot_repair_is_quarantined(tmp_path: 
     assert len([p for p in (tmp_path / "quarantine").iterdir() if p.suffix == ".db"]) == 1
 
 
+@pytest.mark.parametrize("callback", ["on_commit", "on_commit_timed"])
 async def test_a_committer_stopped_by_an_error_refuses_events_instead_of_hanging(
-    tmp_path: Path,
+    tmp_path: Path, callback: str
 ) -> None:
-    """Found by review: an error out of the commit loop (here the commit callback, a bug) ended
+    """Found by review: an error out of the commit loop (here a commit callback, a bug) ended
     its task, and every later append waited for ever: no ack, no error, nothing logged. Now
-    the waiting and later appends are refused at once, and the failure is reported once."""
+    the waiting and later appends are refused at once, and the failure is reported once. An
+    error before the group's producers are answered (``on_commit_timed``, the second review)
+    left that group waiting: committed, its producers get their seqs all the same."""
     failures: list[BaseException] = []
     async with await Buffer.open(tmp_path) as buffer:
         buffer.on_failure = failures.append
 
-        def broken(priority: int) -> None:
+        def broken(*args: object) -> None:
             raise RuntimeError("a bug in the commit callback")
 
-        buffer.on_commit = broken
-        first = await buffer.append_one(event(b"committed"))  # committed, then the error
+        setattr(buffer, callback, broken)
         async with asyncio.timeout(10):  # a hang fails the test, not the suite
+            first = await buffer.append_one(event(b"committed"))  # committed, then the error
             with pytest.raises(BufferError, match="committer stopped"):
                 await buffer.append_one(event(b"after"))
         assert [repr(f) for f in failures] == [repr(RuntimeError("a bug in the commit callback"))]

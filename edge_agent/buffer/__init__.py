@@ -440,27 +440,31 @@ class Buffer:
                 if not future.done():
                     future.set_exception(BufferError(f"commit failed: {exc!r}"))
             return
-        for (reason, topic), (events, first, last) in dropped.items():
-            self._drop_log.record(reason, topic, events, first, last)
-        self.commits += 1
-        # Seqs are assigned consecutively and only to committed events: no per-event count.
-        committed = self._totals.last_seq - last_seq
-        self.accepted += committed
-        if committed < len(flat) or self._disk_refusal is not None:
-            self._log_disk_refusals(outcomes, committed)
-        if self.on_commit_timed is not None:
-            self.on_commit_timed(seconds, committed)
-        failpoints.hit("buffer.after_commit_before_ack")
-        start = 0
-        for appended, future, one in group:
-            if not future.done():
-                if not one:
-                    future.set_result(outcomes[start : start + len(appended)])
-                elif isinstance(outcome := outcomes[start], BufferFull):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
-            start += len(appended)
+        try:
+            for (reason, topic), (events, first, last) in dropped.items():
+                self._drop_log.record(reason, topic, events, first, last)
+            self.commits += 1
+            # Seqs are assigned consecutively and only to committed events: no per-event count.
+            committed = self._totals.last_seq - last_seq
+            self.accepted += committed
+            if committed < len(flat) or self._disk_refusal is not None:
+                self._log_disk_refusals(outcomes, committed)
+            if self.on_commit_timed is not None:
+                self.on_commit_timed(seconds, committed)
+            failpoints.hit("buffer.after_commit_before_ack")
+        finally:
+            # The group is committed whatever the bookkeeping above raised (a bug ends the
+            # committer, `_committer_done`): its producers get their seqs, not a wait for ever.
+            start = 0
+            for appended, future, one in group:
+                if not future.done():
+                    if not one:
+                        future.set_result(outcomes[start : start + len(appended)])
+                    elif isinstance(outcome := outcomes[start], BufferFull):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+                start += len(appended)
         if self.on_commit is not None and flat:
             self.on_commit(max(event.priority for event in flat))
 
