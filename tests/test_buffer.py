@@ -1111,6 +1111,57 @@ async def test_a_cancelled_close_still_lets_go_of_the_lock(tmp_path: Path) -> No
         assert [e.payload for e in await again.next_events(10)] == [b"pending"]
 
 
+async def test_index_damage_found_when_reindex_has_no_room_is_left_in_place(
+    tmp_path: Path,
+) -> None:
+    """Found by review: every error of the REINDEX counted as damage, so index-only damage
+    found at a start with a full disk (here RLIMIT_FSIZE: REINDEX cannot write its WAL) moved a
+    healthy, repairable database and its events aside. It is left in place now, the start
+    refused ("not known to be corrupt"), and repaired at the next start with room."""
+    async with await Buffer.open(tmp_path) as buffer:
+        for _ in range(20):
+            await buffer.append([event(b"p" * 10, topic=f"t/{i}", priority=1) for i in range(1000)])
+    with contextlib.closing(sqlite3.connect(tmp_path / "buffer.db")) as db:
+        with db:
+            rows = [("full", "sensors/1", 3, 30), ("full", "sensors/3", 1, 10)]
+            db.executemany("INSERT INTO drops VALUES (?, ?, ?, ?)", rows)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'drops'")
+    data = bytearray((tmp_path / "buffer.db").read_bytes())
+    start = (root - 1) * PAGE_SIZE
+    at = data.index(b"sensors/3", start, start + PAGE_SIZE)
+    data[at + len("sensors/")] ^= 0x04  # '3' -> '7': in the table only, still unique
+    (tmp_path / "buffer.db").write_bytes(data)
+    assert _quick_check(tmp_path / "buffer.db") == [("ok",)]
+    child = (
+        "import asyncio, resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from edge_agent.buffer import Buffer, BufferError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))\n"
+        "async def main():\n"
+        "    try:\n"
+        "        async with await Buffer.open(Path(sys.argv[1]), disk_reserve=0):\n"
+        "            print('opened')\n"
+        "    except BufferError as exc:\n"
+        "        print('refused:', exc)\n"
+        "asyncio.run(main())\n"
+    )
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", child, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "it is not known to be corrupt and was left in place" in result.stdout, result
+    assert not (tmp_path / "quarantine").exists()
+    async with await Buffer.open(tmp_path) as buffer:  # room again: repaired, nothing lost
+        stats = await buffer.stats()
+    assert [i.kind for i in stats.incidents] == ["reindexed"]
+    assert stats.events == 20_000
+
+
 async def test_damage_found_while_running_stops_the_agent_and_its_restart_quarantines(
     tmp_path: Path, process_factory: ProcessFactory
 ) -> None:

@@ -61,9 +61,11 @@ def _check(path: Path) -> _Checked:
                 # The pages and tables are sound: only indexes differ from their tables.
                 try:
                     db.execute("REINDEX")
-                except sqlite3.DatabaseError as exc:
+                except sqlite3.IntegrityError as exc:
                     # A row changed in its table can now equal another in a UNIQUE key: the
-                    # index cannot be rebuilt, and the content is damaged all the same.
+                    # index cannot be rebuilt, and the content is damaged all the same. (Any
+                    # other error goes to the handler below: a full disk or a lock leaves a
+                    # repairable database in place, not quarantined.)
                     checked.problem = f"integrity_check: {result}; REINDEX failed: {exc}"
                     return checked
                 again = _integrity(db, "integrity_check")
