@@ -435,6 +435,31 @@ async def test_hold_takes_one_event_and_release_keeps_what_it_is_told(tmp_path: 
     assert (stats.events, stats.drops) == (0, {("ttl", "t"): (3, 3)})
 
 
+async def test_an_event_inserted_in_a_group_is_droppable_by_the_next_ones(tmp_path: Path) -> None:
+    """Found by review: a group's drops learned "only held events left at priority <= 0" and
+    kept it after an event of priority 0 was inserted later in the same group: the next
+    drop-oldest event was refused "all in flight" with that event there to drop."""
+    async with await Buffer.open(tmp_path, max_events=100, max_bytes=1100) as buffer:
+        await buffer.append([event(b"h" * 100, priority=0), event(b"x" * 1000, priority=8)])
+        # The drain read the priority-0 event while it was the highest (the priority-8 one came
+        # later): it is held.
+        [held] = await buffer.next_events(1, hold=True, skip=frozenset({2}))
+        assert held.seq == 1
+        a, d, b, c = await buffer.append(
+            [
+                event(b"a" * 50, priority=0, on_full="drop-oldest"),  # only held left: refused
+                event(b"d" * 10, priority=9, on_full="drop-oldest"),  # drops seq 2 (1000 B)
+                event(b"b" * 50, priority=0, on_full="drop-oldest"),  # fits, not held
+                event(b"c" * 960, priority=0, on_full="drop-oldest"),  # drops b
+            ]
+        )
+        assert isinstance(a, BufferFull)
+        assert "all in flight" in a.reason
+        assert (d, b, c) == (3, 4, 5)  # seqs go to committed events only
+        kept = [(e.seq, e.priority) for e in await buffer.next_events(10)]
+    assert kept == [(3, 9), (1, 0), (5, 0)]
+
+
 async def test_drain_order_priority_then_seq_with_paging(tmp_path: Path) -> None:
     async with await Buffer.open(tmp_path) as buffer:
         await buffer.append([event(b"low1"), event(b"high1", priority=5), event(b"low2")])

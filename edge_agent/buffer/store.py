@@ -332,6 +332,10 @@ def _insert_one(
                 + held.nothing_left(event.priority),
             )
     (seq,) = _insert_all(db, [event], totals, now_ms, size)
+    # A row of its priority that is not held: below it, "only held rows left" no longer holds
+    # (as `_insert_all` lowers `nothing_at_or_below`; a later event of that priority was
+    # refused "all in flight" with this one there to drop).
+    held.only_held = min(held.only_held, event.priority - 1)
     return seq
 
 
