@@ -19,7 +19,7 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cloud_sink.auth import thumbprint
 from cloud_sink.backends import read_messages
@@ -380,6 +380,19 @@ def test_a_token_file_cut_short_is_not_a_token(
         TokenFile(path, SystemClock(), device_id=device.device_id).current()
     path.write_text(whole)
     assert TokenFile(path, SystemClock(), device_id=device.device_id).current().value == whole
+
+
+@pytest.mark.parametrize("bits", [2048, 2304, 3000])
+def test_an_rs256_token_file_of_any_key_size_is_a_token(tmp_path: Path, bits: int) -> None:
+    """Found by review: the cut-short check took RS256 signatures for RSA keys in steps of 512
+    bits only, so every token of a 2304 or 3000-bit issuer key was "cut short" (the sink takes
+    them): the agent kept the old token until it expired, then had none."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    claims = {"sub": "dev-1", "aud": AUD, "iat": int(time.time()), "exp": int(time.time()) + 600}
+    token = jwt.encode(claims, key, algorithm="RS256")
+    path = tmp_path / "device.jwt"
+    path.write_text(token)
+    assert TokenFile(path, SystemClock(), device_id="dev-1").current().value == token
 
 
 def test_a_token_file_for_another_device_or_audience_keeps_the_token_read_before(
