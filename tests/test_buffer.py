@@ -913,24 +913,7 @@ async def test_a_database_that_cannot_be_opened_is_not_taken_for_corrupt(tmp_pat
     its events left delivery. Now the agent refuses to start and the buffer stays where it is."""
     await _filled(tmp_path, 5)
     assert not (tmp_path / "buffer.db-shm").exists()
-    child = (
-        "import asyncio, resource, signal, sys\n"
-        "from pathlib import Path\n"
-        "from edge_agent.buffer import Buffer, BufferError\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-        "try:\n"
-        "    asyncio.run(Buffer.open(Path(sys.argv[1])))\n"
-        "except BufferError as exc:\n"
-        "    print(exc)\n"
-    )
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", child, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = await _open_under_file_limit(tmp_path, 4096)
     assert "not known to be corrupt and was left in place" in result.stdout, result.stderr
     assert "SQLITE_IOERR" in result.stdout
     assert not (tmp_path / "quarantine").exists()
@@ -1158,27 +1141,7 @@ async def test_index_damage_found_when_reindex_has_no_room_is_left_in_place(
     data[at + len("sensors/")] ^= 0x04  # '3' -> '7': in the table only, still unique
     (tmp_path / "buffer.db").write_bytes(data)
     assert _quick_check(tmp_path / "buffer.db") == [("ok",)]
-    child = (
-        "import asyncio, resource, signal, sys\n"
-        "from pathlib import Path\n"
-        "from edge_agent.buffer import Buffer, BufferError\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))\n"
-        "async def main():\n"
-        "    try:\n"
-        "        async with await Buffer.open(Path(sys.argv[1]), disk_reserve=0):\n"
-        "            print('opened')\n"
-        "    except BufferError as exc:\n"
-        "        print('refused:', exc)\n"
-        "asyncio.run(main())\n"
-    )
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", child, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = await _open_under_file_limit(tmp_path, 40_000)
     assert "it is not known to be corrupt and was left in place" in result.stdout, result
     assert not (tmp_path / "quarantine").exists()
     async with await Buffer.open(tmp_path) as buffer:  # room again: repaired, nothing lost
@@ -1219,6 +1182,32 @@ async def test_damage_found_while_running_stops_the_agent_and_its_restart_quaran
     figures("damage while running", incident=incident.detail[:120])
     assert incident.kind == "corrupt"
     assert len([p for p in (data / "quarantine").iterdir() if p.suffix == ".db"]) == 1
+
+
+async def _open_under_file_limit(directory: Path, limit: int) -> subprocess.CompletedProcess[str]:
+    """`Buffer.open` (and close) in a child process whose files cannot grow past ``limit``
+    bytes (RLIMIT_FSIZE); it prints "opened" or the `BufferError` that refused the start."""
+    child = (
+        "import asyncio, resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from edge_agent.buffer import Buffer, BufferError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "async def main():\n"
+        "    try:\n"
+        "        async with await Buffer.open(Path(sys.argv[1]), disk_reserve=0):\n"
+        "            print('opened')\n"
+        "    except BufferError as exc:\n"
+        "        print('refused:', exc)\n"
+        "asyncio.run(main())\n"
+    )
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", child, str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
 
 async def _cli_publish(config: Path, topic: str) -> subprocess.CompletedProcess[str]:
