@@ -188,6 +188,11 @@ async def test_nothing_is_lost_when_the_link_goes_away(tmp_path: Path, pki: Pki)
     assert not list(read_events(config.agent.data_dir))
 
 
+def issuer_signed_auth(public: Path) -> str:
+    """The sink's [auth] lines for tokens signed by the issuer whose public key is ``public``."""
+    return f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
+
+
 def issuer_key(tmp_path: Path) -> tuple[Path, Path]:
     """(private key, public key) PEM files of a token issuer; the public one named k1.pem."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -240,10 +245,8 @@ async def test_token_file_mode_reads_the_file_again_when_it_changes(
     private, public = issuer_key(tmp_path)
     token_path = tmp_path / "device.jwt"
     token_path.write_text(issue_token(device, private, ttl=-60))  # already expired
-    issuer_auth = (
-        f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
-    )
-    async with sink(tmp_path, pki, extra_auth=issuer_auth) as server:
+
+    async with sink(tmp_path, pki, extra_auth=issuer_signed_auth(public)) as server:
         path = agent_config(
             tmp_path, pki, device, server.port,
             token=f'mode = "token-file"\nfile = "{token_path}"',
@@ -290,10 +293,8 @@ async def test_a_token_file_fixed_during_a_refused_backoff_is_used_at_once(
     private, public = issuer_key(tmp_path)
     token_path = tmp_path / "device.jwt"
     token_path.write_text(issue_token(device, private, ttl=-60))  # expired
-    issuer_auth = (
-        f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
-    )
-    async with sink(tmp_path, pki, extra_auth=issuer_auth) as server:
+
+    async with sink(tmp_path, pki, extra_auth=issuer_signed_auth(public)) as server:
         path = agent_config(
             tmp_path, pki, device, server.port,
             token=f'mode = "token-file"\nfile = "{token_path}"',
@@ -428,10 +429,8 @@ async def test_a_token_file_for_another_device_does_not_replace_the_valid_one(
     private, public = issuer_key(tmp_path)
     token_path = tmp_path / "device.jwt"
     token_path.write_text(issue_token(device, private, ttl=60))
-    issuer_auth = (
-        f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
-    )
-    async with sink(tmp_path, pki, extra_auth=issuer_auth) as server:
+
+    async with sink(tmp_path, pki, extra_auth=issuer_signed_auth(public)) as server:
         path = agent_config(
             tmp_path, pki, device, server.port,
             token=f'mode = "token-file"\nfile = "{token_path}"\nrenew_before = "57s"',

@@ -24,7 +24,7 @@ from tests.harness.report import figures, until
 from tests.harness.sink import AUD
 from tests.harness.sink import running_sink as sink
 from tests.harness.stages import RecordingStage, running_server
-from tests.test_uplink import issue_token, issuer_key
+from tests.test_uplink import issue_token, issuer_key, issuer_signed_auth
 from tests.test_uplink_faults import (
     SkewedClock,
     acks_held,
@@ -265,8 +265,7 @@ async def test_a_token_file_not_yet_renewed_does_not_hold_back_the_rest_of_a_pag
     private, public = issuer_key(tmp_path)
     token_path = tmp_path / "device.jwt"
     token_path.write_text(issue_token(device, private, ttl=200))  # < renew_before (300 s)
-    issuer = f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
-    async with sink(tmp_path, pki, extra_auth=issuer) as server:
+    async with sink(tmp_path, pki, extra_auth=issuer_signed_auth(public)) as server:
         proxy = await chaos_proxy_factory("127.0.0.1", server.port)
         token = f'mode = "token-file"\nfile = "{token_path}"'
         path = configure(
