@@ -1150,6 +1150,24 @@ async def test_index_damage_found_when_reindex_has_no_room_is_left_in_place(
     assert stats.events == 20_000
 
 
+async def test_a_first_read_failing_for_want_of_room_refuses_the_start_in_words(
+    tmp_path: Path,
+) -> None:
+    """Found by review: the open's statistics (a GROUP BY over 20,000 topics, its temporary file
+    over RLIMIT_FSIZE) failed with an I/O error that ended their transaction, and the COMMIT
+    after it raised "cannot commit - no transaction is active": a traceback (exit 1) instead
+    of the refusal, in words, that the open's other checks give."""
+    async with await Buffer.open(tmp_path) as buffer:
+        for _ in range(20):
+            await buffer.append([event(b"p" * 10, topic=f"t/{i}", priority=1) for i in range(1000)])
+    result = await _open_under_file_limit(tmp_path, 100_000)
+    assert "it is not known to be corrupt and was left in place" in result.stdout, result
+    assert "SQLITE_IOERR" in result.stdout
+    assert not (tmp_path / "quarantine").exists()
+    async with await Buffer.open(tmp_path) as buffer:  # room again: all there
+        assert (await buffer.stats()).events == 20_000
+
+
 async def test_damage_found_while_running_stops_the_agent_and_its_restart_quarantines(
     tmp_path: Path, process_factory: ProcessFactory
 ) -> None:

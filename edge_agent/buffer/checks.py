@@ -93,12 +93,17 @@ def _check(path: Path) -> _Checked:
         if not _is_damage(exc):
             # A full disk (no room for the -shm file), a lock, a permission: the database may be
             # perfectly good, and moving it aside would lose it. Refuse to start instead.
-            raise BufferError(
-                f"cannot open the buffer {path}: {exc} ({getattr(exc, 'sqlite_errorname', '?')});"
-                " it is not known to be corrupt and was left in place"
-            ) from None
+            raise _left_in_place(path, exc) from None
         checked.problem = f"cannot read the database: {exc}"
     return checked
+
+
+def _left_in_place(path: Path, exc: sqlite3.DatabaseError) -> BufferError:
+    """The refusal to start for an error that is not damage (`_is_damage`)."""
+    return BufferError(
+        f"cannot open the buffer {path}: {exc} ({getattr(exc, 'sqlite_errorname', '?')});"
+        " it is not known to be corrupt and was left in place"
+    )
 
 
 def _integrity(db: sqlite3.Connection, pragma: str) -> str | None:

@@ -391,7 +391,10 @@ def _stats(db: sqlite3.Connection) -> BufferStats:
         ]
         _, last_seq = _seq_marks(db)
     finally:
-        db.execute("COMMIT")
+        # An I/O error (a temporary file of the GROUP BY over RLIMIT_FSIZE) ends the
+        # transaction by itself: a COMMIT then raised "no transaction is active" instead.
+        if db.in_transaction:
+            db.execute("COMMIT")
     return BufferStats(
         epoch=epoch,
         events=sum(t.events for t in topics),

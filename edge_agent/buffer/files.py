@@ -24,6 +24,7 @@ from edge_agent.buffer.checks import (
     _count_what_we_can,
     _Damaged,
     _is_damage,
+    _left_in_place,
     _wal_commits,
     _wal_loss,
 )
@@ -176,11 +177,14 @@ def _open_checked(
                                   incidents, load)  # fmt: skip
     except sqlite3.DatabaseError as exc:
         if not _is_damage(exc):
-            raise
+            raise _left_in_place(path, exc) from None  # it was a raw traceback (exit 1)
         incidents.append(_quarantined(directory, now_ms, f"its first reads failed: {exc}"))
         # A fresh database: this fails only for a cause that is not damage.
-        db, loaded = _open_loaded(connect, path, durability, max_page_count, now_ms, unclean,
-                                  incidents, load)  # fmt: skip
+        try:
+            db, loaded = _open_loaded(connect, path, durability, max_page_count, now_ms,
+                                      unclean, incidents, load)  # fmt: skip
+        except sqlite3.DatabaseError as again:
+            raise _left_in_place(path, again) from None
     _write_state(state, "open" if durability == "full" else "open normal")
     return db, loaded
 
