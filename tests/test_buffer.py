@@ -1054,17 +1054,7 @@ async def test_index_damage_that_reindex_cannot_repair_is_quarantined(tmp_path: 
     constraint, and every start refused, "not known to be corrupt" (a crash loop)."""
     async with await Buffer.open(tmp_path):
         pass
-    with contextlib.closing(sqlite3.connect(tmp_path / "buffer.db")) as db:
-        with db:
-            rows = [("full", "sensors/1", 3, 30), ("full", "sensors/3", 1, 10)]
-            db.executemany("INSERT INTO drops VALUES (?, ?, ?, ?)", rows)
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'drops'")
-    data = bytearray((tmp_path / "buffer.db").read_bytes())
-    start = (root - 1) * PAGE_SIZE
-    at = data.index(b"sensors/3", start, start + PAGE_SIZE)
-    data[at + len("sensors/")] ^= 0x02  # '3' -> '1': in the table, not in its index
-    (tmp_path / "buffer.db").write_bytes(data)
+    _damage_a_drops_row(tmp_path / "buffer.db", 0x02)  # '3' -> '1': two rows now equal
     assert _quick_check(tmp_path / "buffer.db") == [("ok",)]
     for _ in range(2):  # as systemd would start it again
         async with await Buffer.open(tmp_path) as buffer:
@@ -1129,17 +1119,7 @@ async def test_index_damage_found_when_reindex_has_no_room_is_left_in_place(
     async with await Buffer.open(tmp_path) as buffer:
         for _ in range(20):
             await buffer.append([event(b"p" * 10, topic=f"t/{i}", priority=1) for i in range(1000)])
-    with contextlib.closing(sqlite3.connect(tmp_path / "buffer.db")) as db:
-        with db:
-            rows = [("full", "sensors/1", 3, 30), ("full", "sensors/3", 1, 10)]
-            db.executemany("INSERT INTO drops VALUES (?, ?, ?, ?)", rows)
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'drops'")
-    data = bytearray((tmp_path / "buffer.db").read_bytes())
-    start = (root - 1) * PAGE_SIZE
-    at = data.index(b"sensors/3", start, start + PAGE_SIZE)
-    data[at + len("sensors/")] ^= 0x04  # '3' -> '7': in the table only, still unique
-    (tmp_path / "buffer.db").write_bytes(data)
+    _damage_a_drops_row(tmp_path / "buffer.db", 0x04)  # '3' -> '7': still unique
     assert _quick_check(tmp_path / "buffer.db") == [("ok",)]
     result = await _open_under_file_limit(tmp_path, 40_000)
     assert "it is not known to be corrupt and was left in place" in result.stdout, result
@@ -1200,6 +1180,22 @@ async def test_damage_found_while_running_stops_the_agent_and_its_restart_quaran
     figures("damage while running", incident=incident.detail[:120])
     assert incident.kind == "corrupt"
     assert len([p for p in (data / "quarantine").iterdir() if p.suffix == ".db"]) == 1
+
+
+def _damage_a_drops_row(path: Path, mask: int) -> None:
+    """Two rows in ``drops`` (topics sensors/1 and sensors/3), then one bit of the second's
+    topic flipped with ``mask`` in the table's page only: its index no longer matches it."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        with db:
+            rows = [("full", "sensors/1", 3, 30), ("full", "sensors/3", 1, 10)]
+            db.executemany("INSERT INTO drops VALUES (?, ?, ?, ?)", rows)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(root,)] = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'drops'")
+    data = bytearray(path.read_bytes())
+    start = (root - 1) * PAGE_SIZE
+    at = data.index(b"sensors/3", start, start + PAGE_SIZE)
+    data[at + len("sensors/")] ^= mask
+    path.write_bytes(data)
 
 
 async def _open_under_file_limit(directory: Path, limit: int) -> subprocess.CompletedProcess[str]:
