@@ -137,6 +137,93 @@ async def test_the_disk_reserve_refuses_writes_and_the_probe_alike(tmp_path: Pat
             await queue.aclose()
 
 
+_UNDER_FILE_LIMIT = """
+import asyncio, resource, signal, subprocess, sys
+from pathlib import Path
+from cloud_sink.backends.base import BackendError
+from tests.test_sink_sqlite_queue import _messages
+from cloud_sink.backends import SqliteCoreQueue
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path, limit, reserve, batch = Path(sys.argv[1]), *map(int, sys.argv[2:])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+async def main():
+    queue = await SqliteCoreQueue.open(path, disk_reserve=reserve)
+    stored = failures = 0
+    while failures < 3:
+        try:
+            stored += (await queue.publish(_messages(stored, batch, 200))).stored
+            if failures:
+                print("passed again after", failures, "failure(s)")
+                failures = 0
+        except BackendError as exc:
+            failures += 1
+            print("refused at", stored, ":", exc)
+            try:
+                await queue.probe()
+                print("probe passed")
+            except BackendError as probe:
+                print("probe refused:", probe)
+    # A consumer (another process, with no file size limit) deletes what it read.
+    consumer = (
+        "import resource, sqlite3, sys; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2); "
+        "db = sqlite3.connect(sys.argv[1]); db.execute('DELETE FROM events'); db.commit()"
+    )
+    subprocess.run([sys.executable, "-c", consumer, str(path)], check=True)
+    await queue.probe()
+    print("after the consumer:", (await queue.publish(_messages(10**6, batch, 200))).stored)
+    await queue.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def _fill_under_file_limit(path: Path, limit: int, reserve: int, batch: int) -> list[str]:
+    """Publish calls of ``batch`` events into a core queue in a child process whose files
+    cannot grow past ``limit`` bytes (RLIMIT_FSIZE) until three in a row are refused (each
+    followed by a probe), then let a consumer empty it and publish once more; its lines."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _UNDER_FILE_LIMIT, str(path), str(limit), str(reserve), str(batch)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.splitlines()
+
+
+async def test_under_a_file_size_limit_writes_are_refused_before_the_wal_is_stuck(
+    tmp_path: Path,
+) -> None:
+    """Found in review: under ``RLIMIT_FSIZE`` (systemd's ``LimitFSIZE=``) the reserve counted
+    the disk only. At 4 MiB the WAL reached the limit before its first checkpoint (13,000
+    events): every write failed ("disk I/O error") while the probe passed, so the sink went
+    down and up for good with an empty database. Now a write that would cut into the room
+    below the limit is refused and the probe fails with it, until a consumer makes room."""
+    lines = await _fill_under_file_limit(tmp_path / "core.db", 4 * 1024**2, 64 * 1024**2, 1000)
+    refusals = [line for line in lines if line.startswith("refused at")]
+    assert len(refusals) == 3
+    assert all("nearly at the file size limit (RLIMIT_FSIZE 4.2 MB" in r for r in refusals), lines
+    assert sum(line.startswith("probe refused: ") for line in lines) == 3, lines
+    assert int(refusals[0].split()[2]) >= 8000  # most of the limit is used first
+    assert lines[-1] == "after the consumer: 1000"
+
+
+async def test_a_wal_that_could_not_grow_is_written_again_by_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """With the reserve off: a write failing because the WAL reached ``RLIMIT_FSIZE`` before
+    its first checkpoint is followed by a checkpoint, and the next write passes (it failed for
+    good: SQLite checkpoints only after a commit)."""
+    lines = await _fill_under_file_limit(tmp_path / "core.db", 3 * 10**6, 0, 500)
+    assert "passed again after 1 failure(s)" in lines
+    assert lines[-1] == "after the consumer: 500"
+
+
 async def test_the_probe_of_an_idle_sink_asks_only_the_room_a_write_needs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

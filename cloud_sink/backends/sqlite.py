@@ -12,7 +12,13 @@ A write that would leave less than ``disk_reserve`` free on the file's filesyste
 (`BackendError`, before it starts), and `probe` fails until the largest write refused fits with
 a quarter of the reserve to spare: an outage that lasts until someone makes room, instead of
 SQLite failing on the last bytes, the probe's empty transaction passing, and the sink going
-down and up every few seconds.
+down and up every few seconds. Under ``RLIMIT_FSIZE`` (systemd's ``LimitFSIZE=``) the room
+below the limit counts too (measured without: at 4 MiB the WAL reached the limit before its
+first checkpoint, after 13,000 events of 200 bytes, and every write failed while the probe
+passed), with a reserve of at most a quarter of the limit. A write that fails anyway (the
+check off, another process filling the disk) is followed by a passive checkpoint, so a WAL
+that could not grow is written again from its start by the next write instead of failing
+every one for good.
 
 A call with no answer within `CALL_TIMEOUT` (a stalled disk) is an outage too; `probe` fails at
 once while it still runs on the thread.
@@ -22,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
 import operator
-import os
 import queue
+import resource
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -112,6 +119,9 @@ class SqliteCoreQueue:
         self._refused = 0  # bytes of the largest write refused for the reserve since one passed
         self._executor = _DaemonWorker("sink-sqlite")
         self.duplicates = 0
+        limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        self._file_limit = None if limit == resource.RLIM_INFINITY else limit
+        """``RLIMIT_FSIZE``: no file may grow past it, whatever ``statvfs`` says."""
 
     @classmethod
     async def open(cls, path: Path, disk_reserve: int = DISK_RESERVE) -> SqliteCoreQueue:
@@ -190,17 +200,43 @@ class SqliteCoreQueue:
             return
         self._executor.shutdown(wait=True)
 
-    def _room(self, need: int, headroom: int = 0) -> None:
-        """Raise `BackendError` unless writing ``need`` bytes leaves ``disk_reserve`` +
-        ``headroom`` free. They are written twice: into the WAL, which grows on the disk unless
-        a checkpoint let it be written again from its start, then at a checkpoint into the
-        database, where pages free inside the file (a consumer deleting) take them. Call it
-        outside a transaction."""
-        if not self._reserve:
-            return
-        wanted = self._reserve + headroom
+    def _short(self, need: int, spare: bool, wal: int = 0, pages: int = 0) -> str | None:
+        """Why writing ``need`` bytes would cut into ``disk_reserve`` (and a quarter of it more
+        if ``spare``), or None: on the filesystem, or below ``RLIMIT_FSIZE``, which each file
+        may reach (there the reserve kept in the database file is at most a quarter of the
+        limit; the WAL may reach the limit itself). ``wal``: bytes of a checkpointed WAL the
+        next write starts over (0: it grows); ``pages``: bytes free inside the database."""
+        reserve = self._reserve
+        spared = reserve // 4 if spare else 0
         free = free_bytes(self.path.parent)
-        if free - 2 * need >= wanted:
+        if free - max(0, need - wal) - max(0, need - pages) < reserve + spared:
+            return (
+                f"the disk is nearly full ({megabytes(free)} free on {self.path.parent}, "
+                f"disk_reserve {megabytes(reserve)}"
+            )
+        limit = self._file_limit
+        if limit is not None:
+            kept = min(reserve, limit // 4)
+            database, log_file = _size(self.path), _size(Path(f"{self.path}-wal"))
+            growth = max(0, need - pages)  # (none: the file is not written past its end)
+            database_over = growth and database + growth > limit - kept - (
+                kept // 4 if spare else 0
+            )
+            wal_over = (max(wal, need) if wal else log_file + need) > limit
+            if database_over or wal_over:
+                return (
+                    f"the database is nearly at the file size limit (RLIMIT_FSIZE "
+                    f"{megabytes(limit)}: {self.path.name} {megabytes(database)}, its WAL "
+                    f"{megabytes(log_file)}, {megabytes(kept)} kept below it"
+                )
+        return None
+
+    def _room(self, need: int, *, spare: bool = False) -> None:
+        """Raise `BackendError` unless writing ``need`` bytes leaves the reserve (`_short`).
+        They are written twice: into the WAL, which grows unless a checkpoint let it be written
+        again from its start, then at a checkpoint into the database, where pages free inside
+        the file (a consumer deleting) take them. Call it outside a transaction."""
+        if not self._reserve or self._short(need, spare) is None:
             return
         db = self._db
         (pages,) = db.execute("PRAGMA freelist_count").fetchone()
@@ -209,26 +245,30 @@ class SqliteCoreQueue:
         try:
             _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if frames == copied:  # all back in the database: the next write starts it over
-                wal = os.stat(f"{self.path}-wal").st_size
-        except (sqlite3.OperationalError, FileNotFoundError):
-            pass  # no room to checkpoint, or no WAL: nothing reusable
-        free = free_bytes(self.path.parent)  # the checkpoint may have grown the file
-        growth = max(0, need - wal) + max(0, need - pages * page_size)
-        if free - growth >= wanted:
+                wal = _size(Path(f"{self.path}-wal"))
+        except sqlite3.OperationalError:
+            pass  # no room to checkpoint: nothing reusable
+        # (after the checkpoint, which may have grown the file)
+        why = self._short(need, spare, wal, pages * page_size)
+        if why is None:
             return
         self._refused = max(self._refused, need)
-        raise BackendError(
-            f"sqlite core queue: the disk is nearly full ({megabytes(free)} free on "
-            f"{self.path.parent}, disk_reserve {megabytes(self._reserve)}, a write of "
-            f"{megabytes(need)} refused)"
-        )
+        raise BackendError(f"sqlite core queue: {why}, a write of {megabytes(need)} refused)")
+
+    def _after_failure(self) -> None:
+        """After a write that failed (rolled back): a passive checkpoint, so a WAL that could
+        not grow (no room on the disk or below ``RLIMIT_FSIZE``) is written again from its
+        start by the next write. SQLite checkpoints only after a commit that grew the WAL past
+        ``wal_autocheckpoint``: without this one, no write ever passed again."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _probe(self) -> None:
         # After a write refused for the reserve: room for the largest such write (at most the
         # reserve's size: a call of many devices' events is not sent again as such), and a
         # quarter more: no flapping. Otherwise (the probe of an idle sink) what a write needs.
         if self._refused:
-            self._room(min(self._refused, self._reserve), headroom=self._reserve // 4)
+            self._room(min(self._refused, self._reserve), spare=True)
         else:
             self._room(0)
         db = self._db
@@ -256,9 +296,11 @@ class SqliteCoreQueue:
             failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
             self._refused = 0
-        except BaseException:
+        except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                self._after_failure()
             raise
         return stored
 
@@ -280,9 +322,11 @@ class SqliteCoreQueue:
             failpoints.hit("sink.sqlite.write")
             db.execute("COMMIT")
             self._refused = 0
-        except BaseException:
+        except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                self._after_failure()
             raise
 
 
@@ -368,3 +412,10 @@ class _DaemonWorker(concurrent.futures.Executor):
 
 
 _Call = tuple["concurrent.futures.Future[Any]", Callable[[], Any]]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
