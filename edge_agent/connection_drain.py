@@ -193,7 +193,7 @@ class ConnectionDrain:
                 self._preempt = -1
                 events = await self._fetch_above(session, cursor[0], free)
                 if events:
-                    for message in self._messages.drain_order(events):
+                    for message in await self._drain_order(events):
                         if not await self._send(session, message):
                             break
                     continue
@@ -231,9 +231,17 @@ class ConnectionDrain:
                 await session.wait(self._suspects.next_retry(now))
                 continue
             cursor = (events[-1].priority, events[-1].seq)
-            for message in self._messages.drain_order(events):
+            for message in await self._drain_order(events):
                 if not await self._send(session, message):
                     break
+
+    async def _drain_order(self, events: list[StoredEvent]) -> list[Message]:
+        """`Messages.drain_order`, on a worker thread when envelopes are compressed: zstd
+        releases the GIL, and on the event loop a fetch of 64 KiB envelopes held it (keep-alive,
+        PUBACKs, local publishers) about 6 ms per envelope at level 19, 0.4 ms at level 3."""
+        if self.config.batch.zstd_level is None:
+            return self._messages.drain_order(events)
+        return await asyncio.to_thread(self._messages.drain_order, events)
 
     def _lingers(self, events: list[StoredEvent]) -> bool:
         """Whether a part-full batch waits for more: only while other messages are in flight
