@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from edge_agent.config import UplinkConfig
 from edge_agent.link import LinkFailure
 from mqtt_ingest.crl import TlsError, crl_rollback, load_crl
+from mqtt_ingest.identity import certificate_identities
 
 __all__ = [
     "CRL_REFUSED",
@@ -24,6 +26,7 @@ __all__ = [
     "TlsMaterial",
     "client_context",
     "file_version",
+    "issued_by",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,8 @@ class TlsMaterial:
     crl_next_update: float | None = None  # unix seconds
     crl_digest: bytes | None = None  # of the CRL file's content: rewritten unchanged, no reload
     crl: x509.CertificateRevocationList | None = None
+    identities: frozenset[str] = frozenset()  # the device ids the certificate names
+    issued_by_ca: bool = False  # the certificate was issued by a CA certificate of ``tls.ca``
 
     @classmethod
     def load(cls, config: UplinkConfig) -> TlsMaterial:
@@ -82,15 +87,17 @@ class TlsMaterial:
         crl_version = None if tls.crl is None else file_version(tls.crl)
         try:
             certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+            authorities = x509.load_pem_x509_certificates(tls.ca.read_bytes())
             context, crl, crl_data = _client_context(config)
-        except OSError as exc:
-            raise ValueError(f"cannot read the TLS files: {exc}") from None
         except TlsError as exc:
             raise ValueError(f"{UNUSABLE_CRL}: {exc}") from None
+        # Before OSError, which ssl.SSLError is: a broken key or CA file names the files.
         except (ValueError, ssl.SSLError) as exc:
             raise ValueError(
                 f"unusable TLS files ({tls.cert}, {tls.key}, {tls.ca}): {exc}"
             ) from None
+        except OSError as exc:
+            raise ValueError(f"cannot read the TLS files: {exc}") from None
         next_update = None if crl is None else crl.next_update_utc
         return cls(
             context,
@@ -100,7 +107,41 @@ class TlsMaterial:
             None if next_update is None else next_update.timestamp(),
             None if crl_data is None else crl_digest(crl_data),
             crl,
+            frozenset(certificate_identities(certificate)),
+            any(issued_by(certificate, ca) for ca in authorities),
         )
+
+
+def _problems(
+    material: TlsMaterial, config: UplinkConfig, device_id: str, now: float
+) -> dict[str, str]:
+    """What keeps ``material`` from working at unix time ``now``, by kind (`rotation_refusal`)."""
+    cert = config.tls.cert
+    problems = {}
+    if now > material.not_after:
+        problems["validity"] = f"the certificate {cert} expired at {_utc(material.not_after)}"
+    elif now < material.not_before:
+        problems["validity"] = (
+            f"the certificate {cert} is not valid before {_utc(material.not_before)} "
+            "(check the clock)"
+        )
+    if config.token.mode != "none" and device_id not in material.identities:
+        named = " / ".join(sorted(material.identities)) or "no single CN nor device SAN URI"
+        problems["identity"] = (
+            f"{cert} is the certificate of {named}, not of device_id {device_id!r}"
+        )
+    if not material.issued_by_ca:
+        problems["issuer"] = f"the certificate {cert} was not issued by a CA in {config.tls.ca}"
+    return problems
+
+
+def issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``certificate``."""
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def crl_digest(data: bytes) -> bytes:
@@ -204,6 +245,25 @@ class DeviceTls:
             return dataclasses.replace(material, crl_version=version)
         log.info("uplink: CRL %s loaded (changed on disk)", crl)
         return dataclasses.replace(loaded, crl_version=version)
+
+    def rotation_refusal(
+        self, loaded: TlsMaterial, config: UplinkConfig, device_id: str, now: float
+    ) -> str | None:
+        """Why ``loaded`` (new files, by a reload at unix time ``now``) cannot work where the
+        material in use can, or None: a certificate not valid now, one that does not name
+        ``device_id`` (our sink refuses it; with ``[uplink.token] mode = "none"`` a standard
+        broker may not care), or one not issued by a CA of ``tls.ca`` (a certificate of another
+        PKI: the sink refuses it at the handshake). Taken, each of them took a working link
+        down. A problem the material in use has too (an expired certificate reloaded with a
+        new topic policy), or no material in use yet, refuses nothing: no link to keep."""
+        in_use = self.material
+        if in_use is None:
+            return None
+        new, old = (
+            _problems(loaded, config, device_id, now),
+            _problems(in_use, config, device_id, now),
+        )
+        return next((text for kind, text in new.items() if kind not in old), None)
 
     def rollback(self, loaded: TlsMaterial, ca: Path) -> str | None:
         """Why ``loaded``'s CRL (checked against ``ca``) is older than the one in use

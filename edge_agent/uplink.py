@@ -317,6 +317,9 @@ class Uplink:
         starts at once. Everything is loaded and checked first: on a problem this raises
         ValueError and the uplink keeps what it had."""
         material = TlsMaterial.load(config)
+        refusal = self._tls.rotation_refusal(material, config, self.device_id, self.clock.time())
+        if refusal is not None:
+            raise ValueError(refusal)
         rollback = self._tls.rollback(material, config.tls.ca)
         if rollback is not None:
             raise ValueError(f"the CRL {config.tls.crl} is older than the one in use: {rollback}")

@@ -4,6 +4,7 @@ connection, and that a broken file is refused with a log line while the old one 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import shutil
 import signal
@@ -228,6 +229,87 @@ async def test_agent_reload_rotates_the_certificate_and_keeps_the_old_one_if_bro
             assert agent.reload(load_config(path)) == ["metrics"]
             assert agent.reload(load_config(path)) == ["metrics"]  # still not applied
     assert [m.payload for _, m in read_messages(tmp_path / "core.db")] == [b"1", b"2", b"3"]
+
+
+async def test_agent_reload_refuses_a_certificate_that_cannot_work_where_the_one_in_use_can(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Found by review: a reload checked only that the files parse and the key matches. An
+    expired certificate, one of another CA or of another device was taken, and the working link
+    went down (refused) until someone noticed. Each is refused now, naming the file, and the
+    link stays up on the material in use; a good rotation still passes. A broken key file is
+    named too (ssl.SSLError is an OSError: it said only "cannot read the TLS files: [SSL] PEM
+    lib")."""
+    device_id = f"rr-{uuid.uuid4().hex[:6]}"
+    cert, key = install(pki.device(device_id), tmp_path / "creds")
+    good = cert.read_bytes(), key.read_bytes()
+    out = tmp_path / "bad"
+    out.mkdir()
+    month_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    bad = {
+        "expired at": pki.ca.issue_device(
+            device_id, not_before=month_ago, days=1, cert_path=out / "e.pem", key_path=out / "e.key"
+        ),
+        "was not issued by a CA in": pki.other_ca.issue_device(
+            device_id, cert_path=out / "f.pem", key_path=out / "f.key"
+        ),
+        f"not of device_id {device_id!r}": pki.ca.issue_device(
+            f"{device_id}-other", cert_path=out / "o.pem", key_path=out / "o.key"
+        ),
+    }
+    async with running_sink(tmp_path, pki) as server:
+        path = write_config(
+            tmp_path / "agent",
+            device_id=device_id,
+            uplink=uplink_section(pki, DeviceCreds(device_id, cert, key, 0), server.port),
+        )
+        async with Agent(load_config(path)) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            await until(lambda: status.connections == 1)
+            for reason, issued in bad.items():
+                shutil.copyfile(issued.cert_path, cert)
+                shutil.copyfile(issued.key_path, key)
+                with pytest.raises(ValueError, match=reason) as refused:
+                    agent.reload(load_config(path))
+                assert str(cert) in str(refused.value)
+            cert.write_bytes(good[0])
+            key.write_text("not a key\n")
+            with pytest.raises(ValueError, match="unusable TLS files") as refused:
+                agent.reload(load_config(path))
+            assert str(key) in str(refused.value)
+            await agent.publish("t", b"after")
+            await until(lambda: status.delivered == 1)
+            assert (status.connections, status.failures) == (1, 0)
+            renewed = pki.ca.issue_device(
+                device_id, cert_path=out / "r.pem", key_path=out / "r.key"
+            )
+            shutil.copyfile(renewed.cert_path, cert)
+            shutil.copyfile(renewed.key_path, key)
+            assert agent.reload(load_config(path)) == []
+            await until(lambda: status.connections == 2)
+
+
+async def test_agent_reload_is_not_refused_for_a_problem_the_certificate_in_use_has(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The reload checks guard a working link only: with the certificate of another device in
+    use (the link refused), a reload of the same files with a new topic policy is taken."""
+    device_id = f"rs-{uuid.uuid4().hex[:6]}"
+    other = pki.device(f"{device_id}-other")
+    async with running_sink(tmp_path, pki) as server:
+        path = write_config(
+            tmp_path / "agent",
+            device_id=device_id,
+            uplink=uplink_section(pki, other, server.port),
+        )
+        async with Agent(load_config(path)) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            await until(lambda: status.failures >= 1)
+            path.write_text(path.read_text().replace("priority = 9", "priority = 3"))
+            assert agent.reload(load_config(path)) == []
+            assert agent.config.topics[0].priority == 3
 
 
 async def test_agent_reload_reconnects_at_once_when_idle(tmp_path: Path, pki: Pki) -> None:
