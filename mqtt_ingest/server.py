@@ -273,7 +273,7 @@ class IngestServer:
                 self.name, client_id, connection.peer,
             )  # fmt: skip
             persistent = not clean_session and not old.clean_session
-            if persistent and len(old.qos2) <= self.limits.max_inflight:
+            if persistent:
                 # Before the abort: the old connection's teardown withdraws what it still
                 # holds, and this one answers the resends of these (not stored twice). A clean
                 # session's state is never resumed (MQTT-3.1.2-6): its packet ids are not ours.
@@ -323,8 +323,12 @@ class IngestServer:
             for packet_id, future in qos2.items()
             if not future.done() or succeeded(future)
         }
-        if not stored or len(stored) > self.limits.max_inflight:
-            return  # (more than a well-behaved client can have in flight: not kept)
+        if not stored:
+            return
+        # Not bounded by max_inflight (events not yet acknowledged): a client may hold up to
+        # max_unreleased ids PUBREC'd and not released (MQTT 3.1.1 has no receive maximum), and
+        # a session cut at max_inflight + 1 was forgotten whole, its resends stored twice. The
+        # memory of all sessions together is bounded by max_session_ids below.
         earlier = self._sessions.pop(client_id, None)
         if earlier is not None:
             self._session_ids -= len(earlier[0])

@@ -944,3 +944,34 @@ async def test_qos0_events_of_a_closed_connection_are_still_stored(stage: Record
         await canary_publishes(server, stage, "q0-after")
         await blocker.aclose()
     assert sorted(stage.payloads("q0")) == [b"%d" % i for i in range(5)]
+
+
+@pytest.mark.parametrize("how", ["dropped", "taken_over"])
+async def test_a_session_with_more_unreleased_ids_than_max_inflight_is_kept(
+    stage: RecordingStage, how: str
+) -> None:
+    """PUBREC sent for ``max_inflight`` + 1 QoS 2 messages, none released yet (well within
+    ``max_unreleased``; MQTT 3.1.1 has no receive maximum), then the link drops or the client
+    takes its connection over before the last PUBREC reached it. The whole session was
+    forgotten (CONNACK said no session), and the resend (DUP) of that message stored twice."""
+    limits = Limits(max_inflight=4)
+    count = limits.max_inflight + 1
+    async with running_server(stage, limits=limits) as server:
+        first = await persistent(server.port, "q2-wide", session_present=False)
+        await first.send(
+            b"".join(
+                publish_packet("t", b"m%d" % i, qos=2, packet_id=i) for i in range(1, count + 1)
+            )
+        )
+        assert [(await first.read()) is not None for _ in range(count)] == [True] * count
+        if how == "dropped":
+            await first.aclose()
+            await until(lambda: server.connection_count == 0, timeout=5)
+        second = await persistent(server.port, "q2-wide", session_present=True)
+        await second.send(publish_packet("t", b"m%d" % count, qos=2, packet_id=count, dup=True))
+        await second.send(pubrel_packet(count))
+        answers = [await second.read() for _ in range(2)]
+        assert [(a.kind, a.packet_id) for a in answers if a] == [(5, count), (7, count)]
+        await second.aclose()
+        await first.aclose()
+    assert stage.payloads().count(b"m%d" % count) == 1
