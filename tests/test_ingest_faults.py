@@ -975,3 +975,42 @@ async def test_a_session_with_more_unreleased_ids_than_max_inflight_is_kept(
         await second.aclose()
         await first.aclose()
     assert stage.payloads().count(b"m%d" % count) == 1
+
+
+@pytest.mark.parametrize("kind", ["SUBSCRIBE", "UNSUBSCRIBE"])
+async def test_a_subscribe_of_a_megabyte_does_not_stall_other_clients(
+    stage: RecordingStage, kind: str
+) -> None:
+    """A SUBSCRIBE (or UNSUBSCRIBE) of 1 MiB, the agent's and the sink's default packet limit,
+    holds about 260,000 one-character filters: decoding them and building the SUBACK held the
+    event loop for one to three seconds per packet, every other client's acks waiting (F14).
+    Nothing is ever delivered here: such a packet is closed on its declared length."""
+    limits = Limits(max_packet_size=1024 * 1024)
+    lags: list[float] = []
+
+    async def watch() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(0.005)
+            lags.append(loop.time() - start - 0.005)
+
+    async with running_server(stage, limits=limits) as server:
+        client = await RawClient.connected(server.port, "many-filters")
+        room = limits.max_packet_size - 8
+        if kind == "SUBSCRIBE":
+            body = struct.pack("!H", 1) + (utf8("a") + b"\x00") * (room // 4)
+            big = packet(0x82, body)
+        else:
+            big = packet(0xA2, struct.pack("!H", 1) + utf8("a") * (room // 3))
+        watcher = asyncio.create_task(watch())
+        await client.send(big)
+        answer = await client.read(30)  # None: closed
+        await asyncio.sleep(0.05)
+        watcher.cancel()
+        await client.aclose()
+        await canary_publishes(server, stage, f"after-{kind}")
+    figures("huge subscribe", kind=kind, packet_bytes=len(big), max_loop_lag_s=round(max(lags), 3))
+    assert max(lags) < 0.25, f"the event loop stalled for {max(lags):.2f} s"
+    assert answer is None, f"answered ({answer}) instead of closed"
+    assert counters(server).get("connections_closed", "too_large") == 1
