@@ -32,6 +32,7 @@ __all__ = [
     "limit_unsent",
     "read_link_status",
     "recording_socket_class",
+    "token_note",
 ]
 
 LINK_FILE = "link.json"
@@ -64,6 +65,18 @@ class LinkStatus:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    def detail_at(self, now: float) -> str:
+        """`detail` as shown at unix time ``now``: online, the token's time left counts down
+        (the detail written at CONNACK said "expires in 3599s" in `status` and in systemd's
+        status line for the whole hour)."""
+        if self.state is LinkState.ONLINE and self.token_expires_at is not None:
+            return token_note(self.token_expires_at, now)
+        return self.detail
+
+
+def token_note(expires_at: float, now: float) -> str:
+    return f"token expires in {max(0, int(expires_at - now))}s"
 
 
 def read_link_status(data_dir: Path) -> LinkStatus | None:

@@ -118,11 +118,23 @@ def read_link(config: AgentConfig) -> dict[str, object]:
     state: LinkStatus | None = read_link_status(config.agent.data_dir)
     if state is not None:
         result["link"] = json.loads(state.to_json())
+        result["detail"] = state.detail_at(now)
+    # While the agent runs, the certificate it loaded (a rotation it refused left the file on
+    # disk another one: shown from the file, a valid one there hid the expiry of the one in
+    # use); the file besides when it differs.
+    loaded = None
+    if state is not None and result["agent_pid"] is not None:
+        loaded = state.certificate_not_after
+    prefix = "certificate" if loaded is None else "certificate_file"
     try:
         certificate = x509.load_pem_x509_certificate(config.uplink.tls.cert.read_bytes())
-        result["certificate_expires_in_s"] = int(certificate.not_valid_after_utc.timestamp() - now)
+        not_after = certificate.not_valid_after_utc.timestamp()
+        if not_after != loaded:
+            result[f"{prefix}_expires_in_s"] = int(not_after - now)
     except (OSError, ValueError) as exc:
-        result["certificate_problem"] = str(exc)
+        result[f"{prefix}_problem"] = str(exc)
+    if loaded is not None:
+        result["certificate_expires_in_s"] = int(loaded - now)
     if config.uplink.token.mode == "token-file":
         try:
             token = token_source(config.uplink, config.agent.device_id, SystemClock()).current()
@@ -162,8 +174,8 @@ def link_text(link: dict[str, object]) -> str:
     elif isinstance(state, dict):
         since = _seconds(time.time() - float(state["since"]))
         line = f"uplink: {state['state']} ({link['server']}) for {since}"
-        if state["detail"]:
-            line += f": {state['detail']}"
+        if link.get("detail"):
+            line += f": {link['detail']}"
         lines.append(line)
         if state["state"] != "online" and state.get("last_error"):
             lines.append(f"  last error: {state['last_error']}")
@@ -174,12 +186,16 @@ def link_text(link: dict[str, object]) -> str:
     else:
         lines.append(f"uplink: {link['server']}: no link state yet")
     token_warning = link.get("token_warning_s", TOKEN_WARNING)
-    for name, warning in (("certificate", CERTIFICATE_WARNING), ("token", token_warning)):
+    for name, key, warning in (
+        ("certificate", "certificate", CERTIFICATE_WARNING),
+        ("certificate file (not loaded)", "certificate_file", CERTIFICATE_WARNING),
+        ("token", "token", token_warning),
+    ):
         assert isinstance(warning, int)
-        if f"{name}_problem" in link:
-            lines.append(f"{name}: WARNING {link[f'{name}_problem']}")
-        elif f"{name}_expires_in_s" in link:
-            left = link[f"{name}_expires_in_s"]
+        if f"{key}_problem" in link:
+            lines.append(f"{name}: WARNING {link[f'{key}_problem']}")
+        elif f"{key}_expires_in_s" in link:
+            left = link[f"{key}_expires_in_s"]
             assert isinstance(left, int)
             warn = "WARNING " if left < warning else ""
             when = f"expired {_seconds(-left)} ago" if left < 0 else f"expires in {_seconds(left)}"

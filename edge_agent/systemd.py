@@ -28,8 +28,8 @@ def status(agent: Agent) -> ServiceStatus:
         return ServiceStatus("buffer-only", f"no uplink configured (buffering only); {backlog}")
     link = uplink.status
     text = f"uplink {link.state.value} {link.server}"
-    if link.detail:
-        text += f" ({link.detail})"
+    if detail := link.detail_at(uplink.clock.time()):
+        text += f" ({detail})"
     return ServiceStatus(link.state.value, f"{text}; {backlog}")
 
 

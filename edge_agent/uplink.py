@@ -62,6 +62,7 @@ from edge_agent.link import (
     LinkStatus,
     classify,
     recording_socket_class,
+    token_note,
 )
 from edge_agent.messages import Messages
 from edge_agent.suspects import MAX_SUSPECTS, Suspects
@@ -409,7 +410,7 @@ async def _first(*events: asyncio.Event) -> None:
 def _token_note(token: Token, clock: Clock) -> str:
     if token.expires_at is None:
         return "token without expiry" if token.value is not None else "no token"
-    return f"token expires in {max(0, int(token.expires_at - clock.time()))}s"
+    return token_note(token.expires_at, clock.time())
 
 
 def _when(unix: float | None) -> str:

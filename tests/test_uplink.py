@@ -28,6 +28,7 @@ from edge_agent import uplink as uplink_module
 from edge_agent.buffer import inspect, read_events
 from edge_agent.link import LinkState, read_link_status, recording_socket_class
 from edge_agent.status import link_text, read_link
+from edge_agent.systemd import status as systemd_status
 from edge_agent.token import TokenFile, TokenUnavailable
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import SystemClock
@@ -501,6 +502,42 @@ async def test_status_and_token_commands_show_the_uplink(tmp_path: Path, pki: Pk
     assert (claims["sub"], claims["aud"]) == (device.device_id, AUD)
     stopped = await acli(path, "status")
     assert "the agent is not running; last state stopped" in stopped.stdout
+
+
+async def test_status_shows_the_certificate_in_use_and_the_token_time_left_now(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Found by review: `status` read the certificate file, not the certificate in use: after a
+    rotation the agent refused (a wrong key), the valid file on disk hid the expiry warning of
+    the one in use. And the online line's "token expires in Ns" was written at CONNACK and
+    stayed so, in `status` and systemd's status line, for the token's whole life."""
+    device_id = f"shown-{uuid.uuid4().hex[:6]}"
+    creds = tmp_path / "creds"
+    short = pki.ca.issue_device(
+        device_id, days=10, cert_path=creds / "d.pem", key_path=creds / "d.key"
+    )
+    device = DeviceCreds(device_id, short.cert_path, short.key_path, short.serial)
+    token = f'audience = "{AUD}"\nlifetime = "60s"\nrenew_before = "5s"'
+    async with sink(tmp_path, pki) as server:
+        path = agent_config(tmp_path, pki, device, server.port, token=token)
+        async with Agent(load_config(path)) as agent:
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            await until(lambda: status.connections == 1)
+            longer = pki.ca.issue_device(
+                device_id, days=365, cert_path=tmp_path / "l.pem", key_path=tmp_path / "l.key"
+            )
+            device.cert.write_bytes(longer.cert_path.read_bytes())  # and the old key: refused
+            with pytest.raises(ValueError, match="unusable TLS files"):
+                agent.reload(load_config(path))
+            await asyncio.sleep(2.5)
+            shown = (await acli(path, "status")).stdout
+            line = systemd_status(agent).text
+    assert "certificate: WARNING expires in 9d" in shown, shown
+    assert "certificate file (not loaded): expires in 364d" in shown, shown
+    for text in (shown, line):
+        left = int(re.findall(r"token expires in (\d+)s", text)[0])
+        assert left <= 58, text
 
 
 def test_a_socket_reset_before_the_tls_handshake_is_closed_with_the_attempt() -> None:
