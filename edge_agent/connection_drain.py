@@ -19,7 +19,14 @@ import paho.mqtt.client as paho
 
 from edge_agent.accept import MAX_TOPIC_BYTES
 from edge_agent.buffer import StoredEvent
-from edge_agent.link import LinkDead, LinkFailure, PublishTimeout, SendProgress, limit_unsent
+from edge_agent.link import (
+    LinkDead,
+    LinkFailure,
+    LocalFailure,
+    PublishTimeout,
+    SendProgress,
+    limit_unsent,
+)
 from edge_agent.messages import Message
 from edge_agent.token import Token
 from edge_agent.window import Session
@@ -416,7 +423,7 @@ class ConnectionDrain:
                 await self._buffer.delete(seqs)
             except Exception as exc:
                 session.done = seqs + session.done
-                session.fail(LinkFailure(f"cannot delete delivered events from the buffer: {exc}"))
+                session.fail(LocalFailure(f"cannot delete delivered events from the buffer: {exc}"))
                 return
             except BaseException:
                 session.done = seqs + session.done  # deleted or not: delete again (idempotent)
@@ -442,7 +449,9 @@ class ConnectionDrain:
         if graceful or not lost or session.failure is None:
             return
         await self._buffer.record_attempt(lost)
-        if len(session.inflight) != 1:
+        if len(session.inflight) != 1 or isinstance(session.failure, LocalFailure):
+            # Our own failure (the buffer's) says nothing about the event alone in flight: a
+            # suspect stays as it was, any other is sent again with the rest.
             return
         event = next(iter(session.inflight.values())).single
         if event is None:

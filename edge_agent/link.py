@@ -26,6 +26,7 @@ __all__ = [
     "LinkFailure",
     "LinkState",
     "LinkStatus",
+    "LocalFailure",
     "PublishTimeout",
     "SendProgress",
     "classify",
@@ -111,6 +112,12 @@ class LinkFailure(Exception):
 class LinkDead(LinkFailure):
     """Nothing came back for too long (paho's keep-alive, the silence watchdog): the link died.
     That says nothing against an event in flight, unlike the server closing the connection."""
+
+
+class LocalFailure(LinkFailure):
+    """We ended the connection for a failure of our own (the buffer could not delete what was
+    acknowledged, the watchdog broke): no evidence against an event in flight, which is neither
+    set aside nor counted as poison for it."""
 
 
 class PublishTimeout(LinkFailure):

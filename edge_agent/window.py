@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edge_agent.buffer import StoredEvent
-from edge_agent.link import PROGRESS_SLACK, LinkDead, LinkFailure, PublishTimeout
+from edge_agent.link import PROGRESS_SLACK, LinkDead, LinkFailure, LocalFailure, PublishTimeout
 from edge_agent.messages import Message
 from mqtt_ingest import failpoints
 
@@ -196,7 +196,7 @@ class Session:
             try:
                 failure = self._expired(timeout)
             except Exception as exc:  # never leave the link unwatched
-                failure = LinkFailure(f"the link's watchdog failed: {exc!r}")
+                failure = LocalFailure(f"the link's watchdog failed: {exc!r}")
             if failure is not None:
                 self.fail(failure)
                 return

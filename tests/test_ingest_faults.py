@@ -26,7 +26,7 @@ from tests.harness.rawmqtt import (
     utf8,
 )
 from tests.harness.report import figures, until
-from tests.harness.stages import RecordingStage, counters, running_server
+from tests.harness.stages import RecordingStage, SlowStage, counters, running_server
 
 pytestmark = pytest.mark.fault
 
@@ -673,14 +673,6 @@ async def test_a_stop_in_the_turn_of_an_accept_does_not_wait_its_deadline(
         assert server.connection_count == 0
         writer.close()
     assert counters(server).get("connections_closed", "server_stop") == 1
-
-
-class SlowStage(RecordingStage):
-    """A slow but healthy stage: every call takes 0.2 s."""
-
-    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
-        await asyncio.sleep(0.2)
-        return await super().store(events)
 
 
 async def test_a_session_closed_mid_store_answers_the_resend_once(

@@ -14,7 +14,7 @@ import pytest
 
 from mqtt_ingest import Anonymous, Counters, IngestEvent, IngestServer, StageRefused
 
-__all__ = ["RecordingStage", "counters", "running_server", "stage"]
+__all__ = ["RecordingStage", "SlowStage", "counters", "running_server", "stage"]
 
 
 class RecordingStage:
@@ -60,6 +60,18 @@ class RecordingStage:
         async with asyncio.timeout(timeout):
             while len(self.events) < count:  # noqa: ASYNC110  # polling a plain list
                 await asyncio.sleep(0.01)
+
+
+class SlowStage(RecordingStage):
+    """A slow but healthy stage: every call takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.2) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
+        await asyncio.sleep(self.delay)
+        return await super().store(events)
 
 
 @pytest.fixture
