@@ -54,17 +54,24 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ipaddress
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from edge_agent.buffer.model import DISK_RESERVE
 from mqtt_ingest.configuration import (
@@ -155,15 +162,6 @@ class ListenerConfig(_Strict):
     max_packet_size: Annotated[Bytes, Field(le=MQTT_MAX_PACKET)] = 1024**2
     """At most MQTT's own limit, 256 MB."""
     connect_timeout: Seconds = 5.0
-
-    @model_validator(mode="after")
-    def _fail_closed(self) -> ListenerConfig:
-        if self.enabled and self.tls is None and not _is_loopback(self.host):
-            raise ValueError(
-                f"listening on {self.host!r} without authentication would let anyone on that "
-                "network write into the buffer: bind 127.0.0.1/::1 or configure [listener.tls]"
-            )
-        return self
 
 
 def _is_loopback(host: str) -> bool:
@@ -257,16 +255,6 @@ class UplinkToken(_Strict):
     """Reconnect with a fresh token this long before the current one expires."""
     file: AbsolutePath | None = None
 
-    @model_validator(mode="after")
-    def _complete(self) -> UplinkToken:
-        if self.mode == "device-signed" and not self.audience:
-            raise ValueError("device-signed tokens need an audience (the sink's [auth] audience)")
-        if self.mode == "token-file" and self.file is None:
-            raise ValueError("token-file mode needs file = the path of the token")
-        if self.mode == "device-signed" and self.renew_before >= self.lifetime:
-            raise ValueError("renew_before must be shorter than the token lifetime")
-        return self
-
 
 class UplinkBatch(_Strict):
     """Batch envelopes (format = "batch-v1"): consecutive events of one topic per message."""
@@ -312,14 +300,6 @@ class UplinkConfig(_Strict):
     other events getting through in between, goes to the dead-letter table. At least 2: the
     first such loss only sets the event aside (one lost connection never blames an event)."""
     batch: UplinkBatch = Field(default_factory=UplinkBatch)
-
-    @model_validator(mode="after")
-    def _backoffs_ordered(self) -> UplinkConfig:
-        if self.backoff_initial > self.backoff_max:
-            raise ValueError("backoff_initial must not be more than backoff_max")
-        if self.refused_backoff_initial > self.refused_backoff_max:
-            raise ValueError("refused_backoff_initial must not be more than refused_backoff_max")
-        return self
 
     @field_validator("host")
     @classmethod
@@ -385,50 +365,33 @@ class AgentConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     topics: list[TopicRule] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _catch_all_last(self) -> AgentConfig:
-        if self.topics and self.topics[-1].filter != "#":
-            raise ValueError(
-                'the last [[topics]] rule must have filter = "#" so that every topic has a policy'
+    @model_validator(mode="wrap")
+    @classmethod
+    def _cross_section_rules(
+        cls, data: Any, handler: ModelWrapValidatorHandler[AgentConfig]
+    ) -> AgentConfig:
+        """The rules over several keys or sections, checked whatever else is wrong: each over the
+        values it needs that are valid, each problem with the path of a key to change. (As
+        model validators they ran only once every field was valid, and stopped at the first
+        failure: a file with 7 mistakes took 6 rounds of edit and check-config.)"""
+        crossed = [
+            InitErrorDetails(
+                type="value_error", loc=problem.loc, input=problem.value,
+                ctx={"error": ValueError(problem.message)},
             )
-        return self
-
-    @model_validator(mode="after")
-    def _payloads_fit_the_listener(self) -> AgentConfig:
-        # A local device could never publish such a payload, and `edge-agent publish` (which
-        # goes through the running agent's listener) failed as if the buffer were full.
-        if not self.listener.enabled:
-            return self
-        room = self.listener.max_packet_size - PACKET_OVERHEAD
-        over = [
-            f"topics[{index}] ({rule.filter!r}): {rule.max_payload}"
-            for index, rule in enumerate(self.topics)
-            if rule.max_payload > room
-        ]
-        if over:
-            raise ValueError(
-                f"max_payload over what the local listener accepts (listener.max_packet_size"
-                f" {self.listener.max_packet_size} less {PACKET_OVERHEAD} bytes for the topic"
-                f" and header = {room}): {'; '.join(over)}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _ports_apart(self) -> AgentConfig:
-        # Both bound at start: the second failed with "address already in use" after the
-        # buffer was opened, which check-config had not seen coming.
-        listener, metrics = self.listener, self.metrics
-        if (
-            listener.enabled
-            and metrics.port
-            and metrics.port == listener.port
-            and _same_address(listener.host, metrics.host)
-        ):
-            raise ValueError(
-                f"[listener] and [metrics] both listen on port {metrics.port}"
-                f" ({listener.host} and {metrics.host})"
-            )
-        return self
+            for problem in _cross_section_problems(data)
+        ]  # fmt: skip
+        try:
+            config = handler(data)
+        except ValidationError as exc:
+            if not crossed:
+                raise
+            raise ValidationError.from_exception_data(
+                exc.title, [*map(_reraised, exc.errors()), *crossed]
+            ) from None
+        if crossed:
+            raise ValidationError.from_exception_data(cls.__name__, crossed)
+        return config
 
     def rule_for(self, topic: str) -> TopicRule:
         """The first rule whose filter matches ``topic``, else the catch-all (the last rule).
@@ -441,6 +404,201 @@ class AgentConfig(_Strict):
             if topic_matches(rule.filter, topic):
                 return rule
         return self.topics[-1]
+
+
+def _reraised(error: ErrorDetails) -> InitErrorDetails:
+    """``error`` as it was (type, path, message, value), to raise again with others."""
+    return InitErrorDetails(
+        type=PydanticCustomError(error["type"], error["msg"]),
+        loc=error["loc"],
+        input=error["input"],
+    )
+
+
+class _Problem(NamedTuple):
+    """A broken rule over several keys: ``loc`` is the key to change, ``value`` its value."""
+
+    loc: tuple[str | int, ...]
+    message: str
+    value: object
+
+
+def _cross_section_problems(data: object) -> list[_Problem]:
+    """Every broken rule over several keys or sections of ``data`` (a configuration not yet
+    validated: the TOML's dict). A rule is skipped when a value it needs is missing or invalid:
+    that value's own problem is reported instead."""
+    if not isinstance(data, dict):
+        return []  # a model instance: validated already
+    found: list[_Problem] = []
+    for check in _CHECKS:
+        with contextlib.suppress(_Unknown):
+            found.extend(check(data))
+    return found
+
+
+class _Unknown(Exception):
+    """A value a rule needs is missing or invalid."""
+
+
+def _part(section: object, key: str, default: object = None) -> object:
+    """``section[key]`` as written (a dict, a list or a value), else ``default``."""
+    if isinstance(section, BaseModel):
+        return getattr(section, key, default)
+    return section.get(key, default) if isinstance(section, dict) else default
+
+
+def _value(model: type[BaseModel], section: object, key: str) -> Any:
+    """``section[key]`` validated as ``model``'s field ``key`` (its default when absent);
+    `_Unknown` if it is not valid (its field validators aside: no rule reads such a field)."""
+    if isinstance(section, BaseModel):
+        return getattr(section, key)
+    field = model.model_fields[key]
+    if not isinstance(section, dict) or (key not in section and field.is_required()):
+        raise _Unknown
+    if key not in section:
+        return field.get_default(call_default_factory=True)
+    try:
+        return _adapter(model, key).validate_python(section[key])
+    except ValidationError:
+        raise _Unknown from None
+
+
+@functools.cache
+def _adapter(model: type[BaseModel], key: str) -> TypeAdapter[Any]:
+    return TypeAdapter(model.model_fields[key].rebuild_annotation())
+
+
+_Check = Callable[[dict[str, Any]], Iterator[_Problem]]
+
+
+def _catch_all_last(data: dict[str, Any]) -> Iterator[_Problem]:
+    topics = data.get("topics")
+    if isinstance(topics, list) and topics:
+        last = _value(TopicRule, topics[-1], "filter")
+        if last != "#":
+            yield _Problem(
+                ("topics", len(topics) - 1, "filter"),
+                'the last [[topics]] rule must have filter = "#" so that every topic has a policy',
+                _part(topics[-1], "filter"),
+            )
+
+
+def _payloads_fit_the_listener(data: dict[str, Any]) -> Iterator[_Problem]:
+    # A local device could never publish such a payload, and `edge-agent publish` (which goes
+    # through the running agent's listener) failed as if the buffer were full.
+    listener = _part(data, "listener", {})
+    if not _value(ListenerConfig, listener, "enabled"):
+        return
+    size = _value(ListenerConfig, listener, "max_packet_size")
+    room = size - PACKET_OVERHEAD
+    topics = data.get("topics")
+    for index, rule in enumerate(topics if isinstance(topics, list) else []):
+        try:
+            payload = _value(TopicRule, rule, "max_payload")
+        except _Unknown:
+            continue
+        if payload > room:
+            yield _Problem(
+                ("topics", index, "max_payload"),
+                f"max_payload over what the local listener accepts (listener.max_packet_size"
+                f" {size} less {PACKET_OVERHEAD} bytes for the topic and header = {room}):"
+                f" topics[{index}] ({_part(rule, 'filter')!r}): {payload}",
+                _part(rule, "max_payload"),
+            )
+
+
+def _ports_apart(data: dict[str, Any]) -> Iterator[_Problem]:
+    # Both bound at start: the second failed with "address already in use" after the buffer
+    # was opened, which check-config had not seen coming.
+    listener, metrics = _part(data, "listener", {}), _part(data, "metrics", {})
+    if not _value(ListenerConfig, listener, "enabled"):
+        return
+    port, host = _value(ListenerConfig, listener, "port"), _value(ListenerConfig, listener, "host")
+    metrics_port = _value(MetricsConfig, metrics, "port")
+    metrics_host = _value(MetricsConfig, metrics, "host")
+    if metrics_port and metrics_port == port and _same_address(host, metrics_host):
+        yield _Problem(
+            ("metrics", "port"),
+            f"[listener] and [metrics] both listen on port {metrics_port}"
+            f" ({host} and {metrics_host})",
+            _part(metrics, "port"),
+        )
+
+
+def _listener_fails_closed(data: dict[str, Any]) -> Iterator[_Problem]:
+    listener = _part(data, "listener", {})
+    host = _value(ListenerConfig, listener, "host")
+    if (
+        _value(ListenerConfig, listener, "enabled")
+        and _part(listener, "tls") is None
+        and not _is_loopback(host)
+    ):
+        yield _Problem(
+            ("listener", "host"),
+            f"listening on {host!r} without authentication would let anyone on that network"
+            " write into the buffer: bind 127.0.0.1/::1 or configure [listener.tls]",
+            host,
+        )
+
+
+def _token_is_complete(data: dict[str, Any]) -> Iterator[_Problem]:
+    token = _part(_part(data, "uplink"), "token")
+    if token is None:
+        return  # no [uplink], or no [uplink.token]: reported as missing
+    mode = _value(UplinkToken, token, "mode")
+    if mode == "device-signed" and not _value(UplinkToken, token, "audience"):
+        yield _Problem(
+            ("uplink", "token", "audience"),
+            "device-signed tokens need an audience (the sink's [auth] audience)",
+            _part(token, "audience", token),
+        )
+    if mode == "token-file" and _value(UplinkToken, token, "file") is None:
+        yield _Problem(
+            ("uplink", "token", "file"),
+            "token-file mode needs file = the path of the token",
+            token,  # missing
+        )
+
+
+def _token_renewed_before_expiry(data: dict[str, Any]) -> Iterator[_Problem]:
+    token = _part(_part(data, "uplink"), "token")
+    if token is None or _value(UplinkToken, token, "mode") != "device-signed":
+        return
+    if _value(UplinkToken, token, "renew_before") >= _value(UplinkToken, token, "lifetime"):
+        yield _Problem(
+            ("uplink", "token", "renew_before"),
+            "renew_before must be shorter than the token lifetime",
+            _part(token, "renew_before", token),
+        )
+
+
+def _backoffs_ordered(first: str, most: str) -> _Check:
+    def check(data: dict[str, Any]) -> Iterator[_Problem]:
+        uplink = _part(data, "uplink")
+        if uplink is None:
+            return
+        if _value(UplinkConfig, uplink, first) > _value(UplinkConfig, uplink, most):
+            yield _Problem(
+                ("uplink", first),
+                f"{first} must not be more than {most}",
+                _part(uplink, first, uplink),
+            )
+
+    return check
+
+
+_CHECKS: tuple[_Check, ...] = (
+    _listener_fails_closed,
+    _token_is_complete,
+    _token_renewed_before_expiry,
+    _backoffs_ordered("backoff_initial", "backoff_max"),
+    _backoffs_ordered("refused_backoff_initial", "refused_backoff_max"),
+    _catch_all_last,
+    _payloads_fit_the_listener,
+    _ports_apart,
+)
+"""In the order of the sections they concern. The listener's and the token's rules are here too:
+as model validators of their sections they ran only once every key of the section was valid."""
 
 
 def topic_filter_problem(value: str) -> str | None:

@@ -58,6 +58,131 @@ ttl = "forever"
     assert "'sometimes'" in found[2]
 
 
+def test_check_config_reports_cross_section_problems_with_the_others() -> None:
+    """The rules over several keys or sections ran only once every field was valid, and each
+    stopped at its first failure: a file with 7 mistakes took 6 rounds of edit and recheck."""
+    text = """
+[agent]
+device_id = "dev-1"
+data_dir = "/var/lib/edge-agent"
+[buffer]
+max_events = 0
+[metrics]
+port = 1883
+[[topics]]
+filter = "a/#"
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    found = "\n".join(caught.value.problems)
+    assert "buffer.max_events" in found
+    assert 'the last [[topics]] rule must have filter = "#"' in found
+    assert "both listen on port 1883" in found
+
+
+def test_field_and_cross_section_mistakes_all_come_out_at_once_with_paths() -> None:
+    text = """
+[agent]
+device_id = "a/b"
+data_dir = "/data"
+
+[buffer]
+max_events = 0
+
+[listener]
+port = 18999
+max_packet_size = "64KiB"
+
+[metrics]
+port = 18999
+
+[uplink]
+host = "sink"
+port = 0
+backoff_initial = "2m"
+backoff_max = "1m"
+refused_backoff_initial = "1h"
+
+[uplink.tls]
+ca = "/pki/ca.pem"
+cert = "/pki/dev.pem"
+key = "/pki/dev.key"
+
+[uplink.token]
+lifetime = "1m"
+renew_before = "5m"
+
+[[topics]]
+filter = "a/#"
+qos = 3
+max_payload = "1MiB"
+
+[[topics]]
+filter = "b/#"
+max_payload = "64KiB"
+"""
+    found = problems(text)
+    assert [p.split(": ")[0] for p in found] == [
+        "agent.device_id",
+        "buffer.max_events",
+        "uplink.port",
+        "topics[0].qos",
+        "uplink.token.audience",
+        "uplink.token.renew_before",
+        "uplink.backoff_initial",
+        "uplink.refused_backoff_initial",
+        "topics[1].filter",
+        "topics[0].max_payload",
+        "topics[1].max_payload",
+        "metrics.port",
+    ], found
+    assert found[4:] == [
+        "uplink.token.audience: device-signed tokens need an audience (the sink's [auth] audience)",
+        "uplink.token.renew_before: renew_before must be shorter than the token lifetime"
+        " (got '5m')",
+        "uplink.backoff_initial: backoff_initial must not be more than backoff_max (got '2m')",
+        "uplink.refused_backoff_initial: refused_backoff_initial must not be more than"
+        " refused_backoff_max (got '1h')",
+        'topics[1].filter: the last [[topics]] rule must have filter = "#" so that every topic'
+        " has a policy (got 'b/#')",
+        "topics[0].max_payload: max_payload over what the local listener accepts"
+        " (listener.max_packet_size 65536 less 1024 bytes for the topic and header = 64512):"
+        " topics[0] ('a/#'): 1048576 (got '1MiB')",
+        "topics[1].max_payload: max_payload over what the local listener accepts"
+        " (listener.max_packet_size 65536 less 1024 bytes for the topic and header = 64512):"
+        " topics[1] ('b/#'): 65536 (got '64KiB')",
+        "metrics.port: [listener] and [metrics] both listen on port 18999 (127.0.0.1 and"
+        " 127.0.0.1) (got 18999)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("keys", "path", "message"),
+    [
+        ('mode = "token-file"', "uplink.token.file", "token-file mode needs file"),
+        ('audience = ""', "uplink.token.audience", "need an audience"),
+    ],
+)
+def test_an_incomplete_token_is_reported_at_its_key(keys: str, path: str, message: str) -> None:
+    extra = (
+        '[uplink]\nhost = "sink"\nport = 0\n'
+        '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
+        f"[uplink.token]\n{keys}\n"
+    )
+    found = problems(BASE.format(extra=extra, rule=""))
+    assert found[0].startswith("uplink.port:"), found  # a field error does not hide the rule
+    assert any(p.startswith(f"{path}:") and message in p for p in found), found
+
+
+def test_a_rule_over_an_invalid_value_is_left_to_that_value() -> None:
+    """A rule needing a value that is itself wrong says nothing: its problem is reported."""
+    extra = "[listener]\nport = 70000\n[metrics]\nport = 70000\n"
+    assert [p.split(":")[0] for p in problems(BASE.format(extra=extra, rule=""))] == [
+        "listener.port",
+        "metrics.port",
+    ]
+
+
 def test_relative_paths_and_a_missing_token_section_are_reported_with_the_rest() -> None:
     """A relative path was resolved by each command against its own working directory (a
     `publish` run elsewhere stored into a buffer no agent drains). A missing [uplink.token]
@@ -123,7 +248,7 @@ def test_lingers_may_be_zero() -> None:
         (
             '[listener]\nmax_packet_size = "64KiB"\n',
             'max_payload = "64KiB"',
-            "(top level)",  # the rule and the listener together
+            "topics[0].max_payload",
             "max_payload over what the local listener accepts (listener.max_packet_size 65536"
             " less 1024 bytes for the topic and header = 64512): topics[0] ('#'): 65536",
         ),
@@ -131,8 +256,8 @@ def test_lingers_may_be_zero() -> None:
         ("[buffer]\ncommit_linger = -0.5\n", "", "buffer.commit_linger", "greater than or equal"),
         ("[buffer]\nsurprise = 1\n", "", "buffer.surprise", "unknown key"),
         ("[listener]\nport = 70000\n", "", "listener.port", "less than or equal to 65535"),
-        ('[listener]\nhost = "0.0.0.0"\n', "", "listener", "without authentication"),
-        ('[listener]\nhost = "192.168.1.5"\n', "", "listener", "without authentication"),
+        ('[listener]\nhost = "0.0.0.0"\n', "", "listener.host", "without authentication"),
+        ('[listener]\nhost = "192.168.1.5"\n', "", "listener.host", "without authentication"),
         (
             '[uplink]\nhost = "sink"\nmax_attempts = 1\n'
             '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
@@ -155,16 +280,18 @@ def test_lingers_may_be_zero() -> None:
                 '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
                 '[uplink.token]\naudience = "sink"\n',
                 "",
-                "uplink",
+                path,
                 message,
             )
-            for keys, message in (
+            for keys, path, message in (
                 (
                     'backoff_initial = "2m"\nbackoff_max = "1m"',
+                    "uplink.backoff_initial",
                     "backoff_initial must not be more than backoff_max",
                 ),
                 (
                     'refused_backoff_initial = "1h"',  # over the default 900 s maximum
+                    "uplink.refused_backoff_initial",
                     "refused_backoff_initial must not be more than refused_backoff_max",
                 ),
             )
@@ -271,10 +398,8 @@ def test_values_that_passed_check_config_and_failed_at_run_are_refused() -> None
     assert problems(BASE.format(extra=extra, rule="")) == [
         "buffer.ttl_sweep_interval: Input should be greater than or equal to 0.1 (got '0.001ms')",
         "listener.max_packet_size: Input should be less than or equal to 268435455 (got '300MiB')",
-    ]
-    extra = '[listener]\nport = 18999\n[metrics]\nhost = "0.0.0.0"\nport = 18999\n'
-    assert problems(BASE.format(extra=extra, rule="")) == [
-        "(top level): [listener] and [metrics] both listen on port 18999 (127.0.0.1 and 0.0.0.0)"
+        "metrics.port: [listener] and [metrics] both listen on port 18999 (127.0.0.1 and 0.0.0.0)"
+        " (got 18999)",
     ]
     tls = "[listener.tls]\nca = '/a'\ncert = '/b'\nkey = '/c'\n"  # not loopback: needs TLS
     for listener, metrics, clash in (
