@@ -1,7 +1,8 @@
 """``edge-agent``: run the agent, publish from scripts, inspect and manage the buffer.
 
 Exit status: 0 success, 1 the operation failed (event not committed, buffer locked, ...),
-2 bad usage or configuration.
+2 bad usage or configuration (also `run` refused for ``[listener.tls]`` files it cannot use:
+systemd's ``RestartPreventExitStatus=2`` does not restart it in a loop).
 """
 
 from __future__ import annotations
@@ -187,7 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(token.value)
             return 0
         return _buffer_command(config, args)
-    except (_Failed, BufferError, InvalidEvent, TokenUnavailable, StartError) as exc:
+    except StartError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except (_Failed, BufferError, InvalidEvent, TokenUnavailable) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `check-config | head`, `status | head`

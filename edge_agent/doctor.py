@@ -25,7 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
-from edge_agent.config import AgentConfig, UplinkConfig
+from edge_agent.config import AgentConfig, ListenerTls, UplinkConfig
+from edge_agent.local import ListenerTlsError, listener_tls
 from edge_agent.tls import CRL_REFUSED, client_context
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
@@ -86,6 +87,10 @@ def run_checks(config: AgentConfig, path: Path) -> Iterator[Check]:
     yield _check(
         "data directory", lambda: _data_dir(config.agent.data_dir, config.buffer.disk_reserve)
     )
+    local_tls = config.listener.tls
+    if config.listener.enabled and local_tls is not None:
+        # `run` refuses to start without these (exit status 2); nothing later depends on them.
+        yield _check("listener tls", lambda: _listener_tls(local_tls))
     uplink = config.uplink
     if uplink is None:
         yield Check("uplink", True, "not configured: the agent only buffers", warning=True)
@@ -205,6 +210,34 @@ def _files(uplink: UplinkConfig) -> str | tuple[str, bool]:
             True,
         )
     return f"ca, certificate and key present and readable; key mode {mode:04o}"
+
+
+def _listener_tls(tls: ListenerTls) -> str | tuple[str, bool]:
+    """What `run` loads for ``[listener.tls]`` (the same function), then the certificate's
+    expiry and the key's mode."""
+    try:
+        _, certificate = listener_tls(tls)
+    except ListenerTlsError as exc:
+        raise _Failed(
+            str(exc),
+            "put the listener's server certificate and its key, and the CA of the local clients'"
+            " certificates, at those paths, readable by the agent's user; the agent does not"
+            " start without them",
+        ) from None
+    left = certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    if left.total_seconds() <= 0:
+        raise _Failed(
+            f"cert {tls.cert} expired on {certificate.not_valid_after_utc:%Y-%m-%d}: local"
+            " clients refuse it",
+            "issue a new one (bridge-certs server ...), install it, systemctl restart edge-agent",
+        )
+    detail = f"ca, cert and key usable, the key matches; the cert expires in {left.days} days"
+    mode = stat.S_IMODE(tls.key.stat().st_mode)
+    if mode & 0o037:
+        return f"{detail}; but the key {tls.key} has mode {mode:o}: chmod 640 or 600", True
+    if left.days < CERTIFICATE_WARNING_DAYS:
+        return detail + ": renew it soon", True
+    return detail
 
 
 def _load_certificate(path: Path) -> x509.Certificate:

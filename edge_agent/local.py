@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+)
 from cryptography.x509.oid import NameOID
 
 from edge_agent.accept import Acceptor, InvalidEvent
 from edge_agent.buffer import BufferFull, NewEvent
-from edge_agent.config import ListenerConfig
+from edge_agent.config import ListenerConfig, ListenerTls
 from mqtt_ingest import (
     Anonymous,
     Authenticator,
@@ -38,7 +44,9 @@ __all__ = [
     "BufferStage",
     "CertificateCommonName",
     "ListenerRecord",
+    "ListenerTlsError",
     "build_listener",
+    "listener_tls",
     "read_listener_file",
     "remove_listener_file",
     "write_listener_file",
@@ -116,13 +124,79 @@ class CertificateCommonName:
         return Identity(str(names[0].value))
 
 
-def build_listener(config: ListenerConfig, acceptor: Acceptor) -> IngestServer:
-    ssl_context: ssl.SSLContext | None = None
+class ListenerTlsError(Exception):
+    """``[listener.tls]`` files that cannot be used: one line naming the section and the files."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"[listener.tls]: {problem}")
+
+
+def listener_tls(tls: ListenerTls) -> tuple[ssl.SSLContext, x509.Certificate]:
+    """The listener's server context (clients must present a certificate issued by ``tls.ca``)
+    and its certificate.
+
+    Raises `ListenerTlsError` naming every file that cannot be read, else the one whose content
+    cannot be used: OpenSSL's own errors name no file ("No such file or directory", "PEM lib"),
+    and it would ask a terminal for the pass phrase of an encrypted key.
+    """
+    named = (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key))
+    data: dict[str, bytes] = {}
+    unreadable = []
+    for what, path in named:
+        try:
+            data[what] = path.read_bytes()
+        except IsADirectoryError:
+            unreadable.append(f"{what} {path} is a directory, not a file")
+        except OSError as exc:
+            unreadable.append(f"cannot read {what} {path}: {exc.strerror or exc}")
+    if unreadable:
+        raise ListenerTlsError("; ".join(unreadable))
+    try:
+        x509.load_pem_x509_certificates(data["ca"])
+    except ValueError:
+        raise ListenerTlsError(
+            f"ca {tls.ca} has no usable CA certificate (PEM) for the clients' certificates"
+        ) from None
+    try:
+        certificate = x509.load_pem_x509_certificates(data["cert"])[0]  # then its chain, if any
+    except ValueError:
+        raise ListenerTlsError(f"cert {tls.cert} is not a PEM certificate") from None
+    try:
+        key = load_pem_private_key(data["key"], password=None)
+    except TypeError:
+        raise ListenerTlsError(
+            f"key {tls.key} is encrypted: the agent needs it without a pass phrase"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ListenerTlsError(f"key {tls.key} is not a PEM private key") from None
+    public = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if public != certificate.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise ListenerTlsError(f"key {tls.key} is not the key of cert {tls.cert}")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+    except (OSError, ssl.SSLError) as exc:  # changed since it was read, or OpenSSL's own limits
+        raise ListenerTlsError(f"ca {tls.ca}: {exc}") from None
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenerTlsError(f"cert {tls.cert} / key {tls.key}: {exc}") from None
+    return context, certificate
+
+
+def build_listener(
+    config: ListenerConfig, acceptor: Acceptor, ssl_context: ssl.SSLContext | None = None
+) -> IngestServer:
+    """The listener; with ``[listener.tls]``, ``ssl_context`` is `listener_tls`'s (loaded here
+    if not given, raising `ListenerTlsError`)."""
     authenticator: Authenticator = Anonymous()
-    if config.tls is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(config.tls.ca))
-        ssl_context.verify_mode = ssl.CERT_REQUIRED
-        ssl_context.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    if config.tls is None:
+        ssl_context = None
+    else:
+        if ssl_context is None:
+            ssl_context, _ = listener_tls(config.tls)
         authenticator = CertificateCommonName()
     limits = Limits(
         connect_timeout=config.connect_timeout,

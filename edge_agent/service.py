@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,7 +22,9 @@ from edge_agent.buffer import Buffer, BufferFull
 from edge_agent.config import AgentConfig
 from edge_agent.local import (
     LISTENER_FILE,
+    ListenerTlsError,
     build_listener,
+    listener_tls,
     remove_listener_file,
     write_listener_file,
 )
@@ -52,7 +55,17 @@ _Server = TypeVar("_Server", bound=contextlib.AbstractAsyncContextManager[Any])
 
 
 class StartError(Exception):
-    """The agent could not start (a port it cannot listen on): one line for the operator."""
+    """The agent could not start: one line for the operator.
+
+    ``exit_status`` is what ``edge-agent run`` exits with: 1 for what a restart may cure (a port
+    in use: systemd restarts the agent), 2 for what only the operator can (``[listener.tls]``
+    files missing or unusable), as an invalid configuration: the unit's
+    ``RestartPreventExitStatus=2`` stops there instead of restarting in a loop.
+    """
+
+    def __init__(self, message: str, *, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 class Agent:
@@ -111,6 +124,14 @@ class Agent:
         return self
 
     async def _start(self) -> None:
+        listener_context: ssl.SSLContext | None = None
+        if self.config.listener.enabled and self.config.listener.tls is not None:
+            # Before the buffer opens (an integrity check may take minutes): OpenSSL's own
+            # error for a missing file is a traceback naming no file.
+            try:
+                listener_context, _ = listener_tls(self.config.listener.tls)
+            except ListenerTlsError as exc:
+                raise StartError(str(exc), exit_status=2) from None
         settings = self.config.buffer
         self._buffer = await Buffer.open(
             self.config.agent.data_dir,
@@ -170,7 +191,7 @@ class Agent:
                 "[listener]",
                 listener.host,
                 listener.port,
-                build_listener(listener, self._acceptor),
+                build_listener(listener, self._acceptor, listener_context),
             )
             write_listener_file(
                 self.config.agent.data_dir,

@@ -288,3 +288,94 @@ async def test_doctor_reports_an_invalid_config_as_its_failed_first_check(tmp_pa
     assert done.stdout.startswith("FAIL config: "), done.stdout
     assert 'must have filter = "#"' in done.stdout
     assert "fix: correct each item listed" in done.stdout
+
+
+def _listener_tls(directory: Path, ca: Path, cert: Path, key: Path) -> Path:
+    return write_config(
+        directory,
+        listener=(
+            'host = "0.0.0.0"\nport = 0\n[listener.tls]\n'
+            f'ca = "{ca}"\ncert = "{cert}"\nkey = "{key}"\n'
+        ),
+    )
+
+
+async def test_doctor_and_run_on_a_missing_listener_tls_file(tmp_path: Path) -> None:
+    """Found by review: doctor checked only the uplink's files and passed; `run` then printed a
+    traceback ending in a FileNotFoundError that named no file, and exited 1, which systemd's
+    Restart=on-failure turned into a restart loop. Now doctor fails on [listener.tls], and `run`
+    refuses the start in one line naming the section and every missing file, exit status 2
+    (like an invalid configuration: the unit's RestartPreventExitStatus=2)."""
+    path = _listener_tls(tmp_path, tmp_path / "ca.pem", tmp_path / "srv.pem", tmp_path / "srv.key")
+    doctor = await acli(path, "doctor")
+    assert doctor.returncode == 1, doctor.stdout
+    failing = [line for line in doctor.stdout.splitlines() if line.startswith("FAIL")]
+    assert failing, doctor.stdout
+    assert failing[0].startswith("FAIL listener tls: "), doctor.stdout
+    assert f"{tmp_path}/ca.pem" in failing[0]
+    run = await acli(path, "run")
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("edge-agent: [listener.tls]: "), last
+    for what, name in (("ca", "ca.pem"), ("cert", "srv.pem"), ("key", "srv.key")):
+        assert f"cannot read {what} {tmp_path}/{name}: No such file or directory" in last, last
+    assert not (tmp_path / "data" / "buffer.db").exists()  # refused before the buffer opened
+
+
+async def test_doctor_and_run_on_a_listener_key_that_is_not_the_certificates(
+    tmp_path: Path, pki: Pki
+) -> None:
+    server = pki.server(f"listener-{uuid.uuid4().hex[:6]}", ["localhost"], ["127.0.0.1"])
+    other = pki.device(f"other-{uuid.uuid4().hex[:6]}")
+    path = _listener_tls(tmp_path, pki.ca_cert, server.cert_path, other.key)
+    doctor = await acli(path, "doctor")
+    assert doctor.returncode == 1, doctor.stdout
+    failing = [line for line in doctor.stdout.splitlines() if line.startswith("FAIL")]
+    assert failing, doctor.stdout
+    assert failing[0] == (
+        f"FAIL listener tls: [listener.tls]: key {other.key} is not the key of cert"
+        f" {server.cert_path}"
+    ), doctor.stdout
+    run = await acli(path, "run")
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"edge-agent: [listener.tls]: key {other.key} is not the key of cert {server.cert_path}"
+    )
+
+
+async def test_doctor_and_run_on_a_listener_ca_that_is_no_certificate(
+    tmp_path: Path, pki: Pki
+) -> None:
+    server = pki.server(f"listener-{uuid.uuid4().hex[:6]}", ["localhost"], ["127.0.0.1"])
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    path = _listener_tls(tmp_path, ca, server.cert_path, server.key_path)
+    doctor = await acli(path, "doctor")
+    assert doctor.returncode == 1, doctor.stdout
+    assert f"FAIL listener tls: [listener.tls]: ca {ca} has no usable CA certificate" in (
+        doctor.stdout
+    )
+    run = await acli(path, "run")
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 2, run.stderr
+    assert f"edge-agent: [listener.tls]: ca {ca} has no usable CA certificate" in run.stderr
+
+
+def test_doctor_passes_a_working_listener_tls_and_warns_before_it_expires(
+    tmp_path: Path, pki: Pki
+) -> None:
+    name = f"listener-{uuid.uuid4().hex[:6]}"
+    server = pki.server(name, ["localhost"], ["127.0.0.1"], days=365)
+    path = _listener_tls(tmp_path / "a", pki.ca_cert, server.cert_path, server.key_path)
+    checks = {check.name: check for check in run_checks(load_config(path), path)}
+    listener = checks["listener tls"]
+    assert (listener.ok, listener.warning) == (True, False), listener
+    assert "the key matches; the cert expires in 364 days" in listener.detail
+    soon = pki.server(f"{name}-soon", ["localhost"], ["127.0.0.1"], days=10)
+    path = _listener_tls(tmp_path / "b", pki.ca_cert, soon.cert_path, soon.key_path)
+    checks = {check.name: check for check in run_checks(load_config(path), path)}
+    listener = checks["listener tls"]
+    assert (listener.ok, listener.warning) == (True, True), listener
+    assert listener.detail.endswith("expires in 9 days: renew it soon"), listener
