@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
+from edge_agent.clocksync import clock_sync
 from edge_agent.config import AgentConfig, ListenerTls, UplinkConfig
 from edge_agent.local import ListenerTlsError, listener_tls
 from edge_agent.tls import CRL_REFUSED, client_context
@@ -42,6 +43,9 @@ CRL_WARNING = dt.timedelta(days=1)
 X509_V_ERR_UNABLE_TO_GET_CRL = 3
 X509_V_ERR_CERT_REVOKED = 23
 NETWORK_TIMEOUT = 10.0
+BAD_CREDENTIALS, NOT_AUTHORIZED = 4, 5  # CONNACK return codes (MQTT 3.1.1)
+_V5_CODES = {0x86: BAD_CREDENTIALS, 0x87: NOT_AUTHORIZED}
+"""paho reports a 3.1.1 CONNACK's code as the MQTT 5 reason code it maps it to."""
 
 
 @dataclass(frozen=True)
@@ -249,16 +253,27 @@ def _load_certificate(path: Path) -> x509.Certificate:
         ) from None
 
 
-def _clock(uplink: UplinkConfig) -> str:
+def _clock(uplink: UplinkConfig) -> str | tuple[str, bool]:
+    """Not before the certificate (which fails), and synchronised by NTP (a warning otherwise:
+    the sink refuses a device-signed token minted further than its leeway, 30 s by default,
+    from its own clock, and any token once the clock is past ``exp``)."""
     now = dt.datetime.now(dt.UTC)
     certificate = _load_certificate(uplink.tls.cert)
+    sync = clock_sync()
     if now < certificate.not_valid_before_utc:
         raise _Failed(
             f"the system clock ({now:%Y-%m-%d %H:%M}Z) is before the certificate was issued "
-            f"({certificate.not_valid_before_utc:%Y-%m-%d %H:%M}Z)",
+            f"({certificate.not_valid_before_utc:%Y-%m-%d %H:%M}Z); {sync.detail}",
             "set the clock (enable NTP: timedatectl set-ntp true); JWTs are refused too",
         )
-    return f"{now:%Y-%m-%d %H:%M:%S}Z, within the certificate's validity"
+    detail = f"{now:%Y-%m-%d %H:%M:%S}Z, within the certificate's validity; {sync.detail}"
+    if sync.synchronised:
+        return detail
+    return (
+        f"{detail}: a clock off by more than the sink's leeway (30 s by default) gets its "
+        "tokens refused; enable NTP (timedatectl set-ntp true, or chrony/ntpd)",
+        True,
+    )
 
 
 def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
@@ -406,6 +421,12 @@ def _tls(uplink: UplinkConfig) -> str:
     return f"{version} with {uplink.host}, server certificate verified"
 
 
+def _connack_code(exc: MqttConnectError) -> int | None:
+    """The CONNACK return code of a refusal (MQTT 3.1.1's numbers)."""
+    code = exc.rc if isinstance(exc.rc, int) or exc.rc is None else exc.rc.value
+    return _V5_CODES.get(code, code) if code is not None else None
+
+
 async def _connect(config: AgentConfig, uplink: UplinkConfig) -> str:
     token = token_source(uplink, config.agent.device_id, SystemClock()).current()
     device = config.agent.device_id
@@ -423,11 +444,19 @@ async def _connect(config: AgentConfig, uplink: UplinkConfig) -> str:
         ):  # fmt: skip
             pass
     except MqttConnectError as exc:
-        raise _Failed(
-            f"the server refused the CONNECT: {exc}",
-            "check [uplink.token] (audience, mode) against the sink's [auth], and that the device "
-            "id is not on its deny list",
-        ) from None
+        fix = (
+            "check [uplink.token] (audience, mode) against the sink's [auth], and that the "
+            "device id is not on its deny list"
+        )
+        if _connack_code(exc) in (BAD_CREDENTIALS, NOT_AUTHORIZED):
+            # The sink refuses a token from a clock behind or ahead with "bad user name or
+            # password" (its log: "token expired", "token issued Ns ago", "not valid yet").
+            fix = (
+                "check the gateway's clock (a token minted by a clock behind or ahead is "
+                "refused), [uplink.token] (audience, mode) against the sink's [auth], and that "
+                "the device id is not on its deny list; the sink's log says which"
+            )
+        raise _Failed(f"the server refused the CONNECT: {exc}", fix) from None
     except aiomqtt.MqttError as exc:
         raise _Failed(
             f"no CONNACK: {exc}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -12,15 +13,26 @@ from pathlib import Path
 
 import pytest
 
+from cloud_sink.config import parse_config as parse_sink_config
+from cloud_sink.service import Sink
 from edge_agent import Agent, load_config
+from edge_agent.clocksync import (
+    ClockSync,
+    clock_sync,
+    kernel_sync,
+    parse_timedatectl,
+    timedatectl_sync,
+)
 from edge_agent.doctor import run_checks
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.disk import small_disk
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
-from tests.harness.sink import running_sink
+from tests.harness.report import figures
+from tests.harness.sink import running_sink, write_sink_config
 from tests.harness.stages import counters
 from tests.test_agent import acli
+from tests.test_uplink_faults import SkewedClock
 
 pytestmark = pytest.mark.integration
 
@@ -379,3 +391,116 @@ def test_doctor_passes_a_working_listener_tls_and_warns_before_it_expires(
     listener = checks["listener tls"]
     assert (listener.ok, listener.warning) == (True, True), listener
     assert listener.detail.endswith("expires in 9 days: renew it soon"), listener
+
+
+@pytest.mark.parametrize(
+    ("behind", "refusal"),
+    [
+        (600, "token issued 600s ago: the device clock is behind?"),
+        (3 * 3600, "token expired"),
+        (-600, "token not valid yet"),
+    ],
+    ids=["10min-behind", "3h-behind", "10min-ahead"],
+)
+async def test_doctor_names_the_clock_when_the_sink_refuses_a_token_minted_by_a_wrong_clock(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, behind: int, refusal: str
+) -> None:
+    """Found by review: with the gateway's clock hours behind, the clock check passed (the
+    certificate was issued even further back), the sink refused the token (CONNACK "bad user
+    name or password") and the fix line pointed at the audience, the mode and the deny list
+    only. A sink clock ahead is a gateway clock behind: the doctor, a process of its own, mints
+    its token with this machine's real clock."""
+    config = write_sink_config(tmp_path, pki)
+    async with Sink(parse_sink_config(config.read_text()), clock=SkewedClock(behind)) as sink:
+        path = agent_config(tmp_path, pki, sink.port)
+        done = await acli(path, "doctor")
+    assert f"): {refusal}" in caplog.text
+    assert done.returncode == 1, done.stdout
+    lines = done.stdout.splitlines()
+    [failing] = [index for index, line in enumerate(lines) if line.startswith("FAIL")]
+    assert lines[failing].startswith("FAIL connect: the server refused the CONNECT: "), lines
+    fix = lines[failing + 1]
+    assert "the gateway's clock (a token minted by a clock behind or ahead is refused)" in fix
+    assert "[uplink.token] (audience, mode)" in fix
+
+
+TIMEDATECTL_SHOW = """Timezone=Etc/UTC
+LocalRTC=no
+CanNTP=yes
+NTP=yes
+NTPSynchronized={}
+TimeUSec=Wed 2024-05-01 10:00:00 UTC
+RTCTimeUSec=Wed 2024-05-01 10:00:00 UTC
+"""
+TIMEDATECTL_STATUS = """               Local time: Wed 2024-05-01 10:00:00 UTC
+           Universal time: Wed 2024-05-01 10:00:00 UTC
+                 RTC time: Wed 2024-05-01 10:00:00
+                Time zone: Etc/UTC (UTC, +0000)
+System clock synchronized: {}
+              NTP service: active
+          RTC in local TZ: no
+"""
+TIMEDATECTL_STATUS_BEFORE_239 = """      Local time: Wed 2019-05-01 10:00:00 UTC
+  Universal time: Wed 2019-05-01 10:00:00 UTC
+        RTC time: Wed 2019-05-01 10:00:00
+       Time zone: Etc/UTC (UTC, +0000)
+ Network time on: yes
+NTP synchronized: {}
+ RTC in local TZ: no
+"""
+
+
+@pytest.mark.parametrize(
+    "text", [TIMEDATECTL_SHOW, TIMEDATECTL_STATUS, TIMEDATECTL_STATUS_BEFORE_239]
+)
+def test_timedatectl_output_is_read_in_each_format(text: str) -> None:
+    assert parse_timedatectl(text.format("yes")) is True
+    assert parse_timedatectl(text.format("no")) is False
+    assert parse_timedatectl("yes\n") is None  # `--value` alone: not what is run
+    no_systemd = "System has not been booted with systemd as init system (PID 1). Can't operate."
+    assert parse_timedatectl(no_systemd) is None
+
+
+def test_the_kernels_maximum_error_at_its_ceiling_is_not_synchronised() -> None:
+    """As systemd's timedatectl decides: a maximum error under 16 s is synchronised (STA_UNSYNC
+    alone is not: chronyd may keep it set to keep the kernel off the RTC)."""
+    synced = kernel_sync(maxerror_us=16_000_000 - 1, esterror_us=120)
+    assert synced == ClockSync(
+        True, "NTP synchronised (kernel: estimated error 0.1 ms, at most 16.0 s)"
+    )
+    unsynced = kernel_sync(maxerror_us=16_000_000, esterror_us=16_000_000)
+    assert unsynced.synchronised is False
+    assert "the kernel's maximum error is 16 s, its ceiling" in unsynced.detail
+
+
+def test_clock_sync_on_this_machine_agrees_with_timedatectl(tmp_path: Path, pki: Pki) -> None:
+    """What this machine says (printed); where timedatectl answers (a systemd host), the
+    kernel's answer read here must be its. doctor's clock line carries it, a WARN unless
+    synchronised."""
+    found = clock_sync()
+    figures("clock_sync on this machine", synchronised=found.synchronised, detail=found.detail)
+    if found.synchronised is None:
+        assert found.detail.startswith("NTP synchronisation unknown (adjtimex: "), found
+    fallback = timedatectl_sync()  # what is asked where adjtimex cannot be called
+    figures("timedatectl on this machine", answer=fallback)
+    if isinstance(fallback, str):  # why it could not tell: "unknown" then names it
+        assert fallback.startswith("timedatectl: "), fallback
+    timedatectl = shutil.which("timedatectl")
+    if timedatectl is not None:
+        done = subprocess.run(
+            [timedatectl, "show", "-p", "NTPSynchronized", "--value"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if done.returncode == 0 and done.stdout.strip() in ("yes", "no"):
+            assert found.synchronised is (done.stdout.strip() == "yes"), (found, done.stdout)
+    path = agent_config(tmp_path, pki, free_port())
+    clock = next(check for check in run_checks(load_config(path), path) if check.name == "clock")
+    figures("doctor's clock line", line=clock.line())
+    assert clock.ok
+    assert found.detail in clock.detail
+    assert clock.warning is not found.synchronised
+    if clock.warning:
+        assert "enable NTP (timedatectl set-ntp true, or chrony/ntpd)" in clock.detail
