@@ -21,14 +21,12 @@ from pathlib import Path
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
 from edge_agent.clocksync import clock_sync
 from edge_agent.config import AgentConfig, ListenerTls, UplinkConfig
 from edge_agent.local import ListenerTlsError, listener_tls
-from edge_agent.tls import CRL_REFUSED, client_context
+from edge_agent.tls import CRL_REFUSED, client_context, issued_by, key_matches
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.crl import TlsError, check_crl
@@ -284,7 +282,7 @@ def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
         raise _Failed(
             f"{uplink.tls.ca} is not a PEM certificate: {exc}", "use the CA's ca.pem"
         ) from None
-    if not any(_issued_by(certificate, ca) for ca in authority):
+    if not any(issued_by(certificate, ca) for ca in authority):
         raise _Failed(
             f"{uplink.tls.cert} was not issued by the CA in {uplink.tls.ca}",
             "use the device certificate and the CA of the same PKI (bridge-certs list)",
@@ -333,25 +331,12 @@ def _crl(uplink: UplinkConfig) -> str | tuple[str, bool]:
     return detail
 
 
-def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def _key_matches(uplink: UplinkConfig) -> str:
     try:
         key = load_private_key(uplink.tls.key)
     except TokenUnavailable as exc:
         raise _Failed(str(exc), "use the key written next to the certificate") from None
-    certificate = _load_certificate(uplink.tls.cert)
-    public = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    expected = certificate.public_key().public_bytes(
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    )
-    if public != expected:
+    if not key_matches(key, _load_certificate(uplink.tls.cert)):
         raise _Failed(
             f"{uplink.tls.key} is not the key of {uplink.tls.cert}",
             "install the key that was issued with this certificate",

@@ -16,16 +16,13 @@ from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
-    load_pem_private_key,
-)
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import NameOID
 
 from edge_agent.accept import Acceptor, InvalidEvent
 from edge_agent.buffer import BufferFull, NewEvent
 from edge_agent.config import ListenerConfig, ListenerTls
+from edge_agent.tls import key_matches
 from mqtt_ingest import (
     Anonymous,
     Authenticator,
@@ -169,10 +166,7 @@ def listener_tls(tls: ListenerTls) -> tuple[ssl.SSLContext, x509.Certificate]:
         ) from None
     except (ValueError, UnsupportedAlgorithm):
         raise ListenerTlsError(f"key {tls.key} is not a PEM private key") from None
-    public = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    if public != certificate.public_key().public_bytes(
-        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    ):
+    if not key_matches(key, certificate):
         raise ListenerTlsError(f"key {tls.key} is not the key of cert {tls.cert}")
     try:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edge_agent.config import UplinkConfig
 from edge_agent.link import LinkFailure
@@ -27,6 +29,7 @@ __all__ = [
     "client_context",
     "file_version",
     "issued_by",
+    "key_matches",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,6 +136,14 @@ def _problems(
     if not material.issued_by_ca:
         problems["issuer"] = f"the certificate {cert} was not issued by a CA in {config.tls.ca}"
     return problems
+
+
+def key_matches(key: PrivateKeyTypes, certificate: x509.Certificate) -> bool:
+    """Whether ``key`` is the private key of ``certificate``."""
+    public = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return public == certificate.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
