@@ -7,12 +7,21 @@ of those is refused rather than escaped: ``/``, ``+`` and ``#`` (MQTT topic synt
 and AMQP routing syntax), ``?`` (it starts the connection parameters in the MQTT user name), NUL,
 other control characters, white space and characters that do not show (zero width, bidirectional
 overrides: an id holding one reads like another).
+
+An id is also refused when it becomes something else on its way to a consumer that normalises
+topics as `mqtt_ingest.topics` expects some to (file paths, object keys, URLs): one not in
+Unicode NFKC form (two U+FF0E fullwidth full stops are ``..`` there, ``a`` U+FF0F ``b`` is
+``a/b``, and a decomposed ``é`` reads like the composed one in a log or a deny list), one with a
+percent-escape (``%2E%2E``, ``a%2Fb``) or a ``\\`` (a path separator on Windows). The rights
+check refuses such levels after a device's prefix; in the id they were the prefix itself:
+``devices/%2E%2E/devices/victim/t`` is ``devices/victim/t`` for such a consumer.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+import urllib.parse
 
 __all__ = ["MAX_DEVICE_ID_BYTES", "InvalidIdentifier", "validate_device_id"]
 
@@ -64,4 +73,14 @@ def validate_device_id(value: str) -> str:
         raise InvalidIdentifier(
             value, f"invisible or formatting character U+{ord(hidden):04X} is not allowed"
         )
+    if "\\" in value:
+        raise InvalidIdentifier(value, "'\\' is a path separator for some consumers")
+    if not value.isascii():
+        normal = unicodedata.normalize("NFKC", value)
+        if normal != value:
+            raise InvalidIdentifier(
+                value, f"it is not in Unicode NFKC form (it reads as, or becomes, {normal!r})"
+            )
+    if "%" in value and urllib.parse.unquote(value) != value:
+        raise InvalidIdentifier(value, "a percent-escape becomes another character when decoded")
     return value

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import unicodedata
+import urllib.parse
 from collections.abc import Iterator
 
 import pytest
@@ -160,6 +161,14 @@ def test_system_clock_monotonic_never_goes_back() -> None:
         ("dev\u202e31-", r"U\+202E"),  # right-to-left override
         ("\u2060dev-13", r"U\+2060"),
         ("dev-13\ufeff", r"U\+FEFF"),
+        # What becomes '.', '..' or '/' for a consumer that percent-decodes, NFKC-normalises or
+        # reads '\\' as a separator (mqtt_ingest/topics.py): another device's prefix there.
+        ("%2E%2E", "percent"),
+        ("victim%2fspoof", "percent"),
+        ("\uff0e\uff0e", "NFKC"),
+        ("victim\uff0fspoof", "NFKC"),
+        ("victim\\spoof", "separator"),
+        ("cafe\u0301-1", "NFKC"),  # reads as the NFC 'café-1', a different id
     ],
 )
 def test_invalid_device_ids_are_refused_with_a_reason(value: str, reason: str) -> None:
@@ -183,6 +192,9 @@ def test_every_accepted_id_is_safe_as_topic_level_subject_token_and_file_name(va
     assert not any(unicodedata.category(c)[0] in "CZ" for c in value), "an invisible character"
     assert value not in {".", ".."}
     assert len(value.encode()) <= 128
+    assert unicodedata.normalize("NFKC", value) == value
+    assert "\\" not in value
+    assert urllib.parse.unquote(value) == value
 
 
 async def test_cancel_until_done_ends_a_task_that_swallowed_its_cancellation() -> None:
