@@ -156,6 +156,7 @@ class Sink:
         self._clock = clock
         self._stack = contextlib.AsyncExitStack()
         self._draining = False
+        self._at_capacity = False  # (`_full`)
         self._server: IngestServer | None = None
         self._backend: BackendGuard | None = None
         self._tls: TlsReloader | None = None
@@ -238,7 +239,22 @@ class Sink:
         expired = self._tls.expired() if self._tls is not None else None
         if expired is not None:
             return f"{expired}: every device is refused"
-        return None
+        return self._full(self._server.connection_count)
+
+    def _full(self, count: int) -> str | None:
+        """Why not ready at ``count`` connections: at ``max_connections`` every new one is reset
+        at once, and a load balancer should send devices elsewhere (it was told "ready"). Ready
+        again below 95% of it (at least one below), so that one device leaving and another
+        arriving does not flap the answer. (Counted: every connection, those not yet past CONNECT
+        too, as the listener counts them.)"""
+        most = self.config.listener.max_connections
+        if count >= most:
+            self._at_capacity = True
+        elif count <= min(most - 1, most * 95 // 100):
+            self._at_capacity = False
+        if not self._at_capacity:
+            return None
+        return f"full: {count} connections, max_connections {most}"
 
     def reload(self, config: SinkConfig) -> list[str]:
         """Apply a new configuration to the running sink (SIGHUP): the [auth] section (deny list,

@@ -9,12 +9,15 @@ import uuid
 from pathlib import Path
 
 import aiomqtt
+import pytest
 
 from cloud_sink.config import parse_config
 from cloud_sink.service import Sink
 from mqtt_ingest import failpoints
 from tests.harness.pki import Pki
 from tests.harness.process import ProcessFactory
+from tests.harness.rawmqtt import RawClient
+from tests.harness.report import until
 from tests.harness.sink import CLOUD_SINK, device_token, http_get, write_sink_config
 
 HEALTH = '\n[health]\nhost = "127.0.0.1"\nport = 0\n'
@@ -86,3 +89,33 @@ async def test_readyz_is_503_while_sigterm_drains(tmp_path: Path, pki: Pki) -> N
     finally:
         failpoints.disarm_all()
     assert sink.metrics.get("events_acked") == 1
+
+
+async def test_readyz_is_503_while_the_sink_is_full(tmp_path: Path, pki: Pki) -> None:
+    """Found by review: at max_connections every new connection is reset at once, and /readyz
+    said ready: a load balancer kept sending devices to the full instance. Ready again once
+    one leaves (below 95% of the limit, here 2: at 1)."""
+    text = write_sink_config(tmp_path, pki).read_text() + HEALTH
+    config = parse_config(text.replace("[listener]\n", "[listener]\nmax_connections = 2\n"))
+    devices = [pki.device(f"full-{n}-{uuid.uuid4().hex[:6]}") for n in range(3)]
+    async with Sink(config) as sink:
+        clients = [
+            await RawClient.open(sink.port, ssl_context=pki.client_context(d)) for d in devices[:2]
+        ]
+        await until(lambda: sink.server.connection_count == 2)
+        assert await get(sink.health_port, "/readyz") == (
+            503,
+            "not ready: full: 2 connections, max_connections 2\n",
+        )
+
+        async def third() -> None:
+            client = await RawClient.open(sink.port, ssl_context=pki.client_context(devices[2]))
+            await client.read(timeout=5)
+
+        with pytest.raises(ConnectionResetError):  # as the load balancer was told
+            await third()
+        await clients.pop().aclose()
+        await until(lambda: sink.server.connection_count == 1)
+        assert await get(sink.health_port, "/readyz") == (200, "ready\n")
+        for client in clients:
+            await client.aclose()
