@@ -42,8 +42,27 @@ X509_V_ERR_UNABLE_TO_GET_CRL = 3
 X509_V_ERR_CERT_REVOKED = 23
 NETWORK_TIMEOUT = 10.0
 BAD_CREDENTIALS, NOT_AUTHORIZED = 4, 5  # CONNACK return codes (MQTT 3.1.1)
-_V5_CODES = {0x86: BAD_CREDENTIALS, 0x87: NOT_AUTHORIZED}
+_V5_CODES = {0x84: 1, 0x85: 2, 0x88: 3, 0x86: BAD_CREDENTIALS, 0x87: NOT_AUTHORIZED}
 """paho reports a 3.1.1 CONNACK's code as the MQTT 5 reason code it maps it to."""
+_CREDENTIALS_FIX = (
+    "check the gateway's clock (a token minted by a clock behind or ahead is refused), "
+    "[uplink.token] (audience, mode) against the sink's [auth], and that the device id is not on "
+    "its deny list; the sink's log says which"
+)
+CONNACK_FIXES = {
+    1: "the server does not speak MQTT 3.1.1: check [uplink] host and port",
+    2: (
+        "the server refused the client id (our sink takes the device id from the certificate: "
+        "[agent] device_id must be the one the certificate names)"
+    ),
+    3: (
+        "the server cannot take events now (our sink: its core queue is down, or it is starting"
+        " or stopping): nothing to change here; the sink's /readyz and log say why"
+    ),
+    BAD_CREDENTIALS: _CREDENTIALS_FIX,
+    NOT_AUTHORIZED: _CREDENTIALS_FIX,
+}
+"""What to do about a CONNACK refusal, by its 3.1.1 return code."""
 
 
 @dataclass(frozen=True)
@@ -429,18 +448,10 @@ async def _connect(config: AgentConfig, uplink: UplinkConfig) -> str:
         ):  # fmt: skip
             pass
     except MqttConnectError as exc:
-        fix = (
-            "check [uplink.token] (audience, mode) against the sink's [auth], and that the "
-            "device id is not on its deny list"
-        )
-        if _connack_code(exc) in (BAD_CREDENTIALS, NOT_AUTHORIZED):
-            # The sink refuses a token from a clock behind or ahead with "bad user name or
-            # password" (its log: "token expired", "token issued Ns ago", "not valid yet").
-            fix = (
-                "check the gateway's clock (a token minted by a clock behind or ahead is "
-                "refused), [uplink.token] (audience, mode) against the sink's [auth], and that "
-                "the device id is not on its deny list; the sink's log says which"
-            )
+        # The sink refuses a token from a clock behind or ahead with "bad user name or
+        # password" (its log: "token expired", "token issued Ns ago", "not valid yet"). A sink
+        # whose core queue is down answers "server unavailable": no setting here is wrong.
+        fix = CONNACK_FIXES.get(_connack_code(exc) or 0, _CREDENTIALS_FIX)
         raise _Failed(f"the server refused the CONNECT: {exc}", fix) from None
     except aiomqtt.MqttError as exc:
         raise _Failed(

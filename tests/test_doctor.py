@@ -30,7 +30,7 @@ from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.report import figures
 from tests.harness.sink import running_sink, write_sink_config
-from tests.harness.stages import counters
+from tests.harness.stages import Gate, RecordingStage, counters, running_server
 from tests.test_agent import acli
 from tests.test_uplink_faults import SkewedClock
 
@@ -422,6 +422,25 @@ async def test_doctor_names_the_clock_when_the_sink_refuses_a_token_minted_by_a_
     fix = lines[failing + 1]
     assert "the gateway's clock (a token minted by a clock behind or ahead is refused)" in fix
     assert "[uplink.token] (audience, mode)" in fix
+
+
+async def test_doctor_says_a_server_unavailable_is_no_setting_of_the_agent(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A server that cannot take events (our sink with its core queue down) answers CONNACK 3,
+    "server unavailable": the fix pointed at the token's audience, the mode and the deny list,
+    none of which is wrong then."""
+    gate = Gate()
+    gate.close()
+    async with running_server(
+        RecordingStage(), ssl_context=pki.server_context(), availability=gate
+    ) as server:
+        done = await acli(agent_config(tmp_path, pki, server.port), "doctor")
+    lines = done.stdout.splitlines()
+    [failing] = [index for index, line in enumerate(lines) if line.startswith("FAIL")]
+    assert lines[failing].startswith("FAIL connect: the server refused the CONNECT: "), lines
+    assert "the server cannot take events now" in lines[failing + 1]
+    assert "audience" not in lines[failing + 1]
 
 
 TIMEDATECTL_SHOW = """Timezone=Etc/UTC

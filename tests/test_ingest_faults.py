@@ -26,7 +26,7 @@ from tests.harness.rawmqtt import (
     utf8,
 )
 from tests.harness.report import figures, until
-from tests.harness.stages import RecordingStage, SlowStage, counters, running_server
+from tests.harness.stages import Gate, RecordingStage, SlowStage, counters, running_server
 
 pytestmark = pytest.mark.fault
 
@@ -123,27 +123,6 @@ async def test_stage_that_never_answers_stops_the_reading(stage: RecordingStage)
         assert client.writer.transport.get_write_buffer_size() > 1_000_000
         await client.aclose()
         stage.release()
-
-
-class Gate:
-    """A hand-operated `Availability` gate."""
-
-    def __init__(self) -> None:
-        self._open = asyncio.Event()
-        self._open.set()
-
-    @property
-    def available(self) -> bool:
-        return self._open.is_set()
-
-    async def wait_available(self) -> None:
-        await self._open.wait()
-
-    def close(self) -> None:
-        self._open.clear()
-
-    def open(self) -> None:
-        self._open.set()
 
 
 async def test_closed_gate_stops_reading_and_refuses_connects_until_it_opens(

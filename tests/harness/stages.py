@@ -14,7 +14,7 @@ import pytest
 
 from mqtt_ingest import Anonymous, Counters, IngestEvent, IngestServer, StageRefused
 
-__all__ = ["RecordingStage", "SlowStage", "counters", "running_server", "stage"]
+__all__ = ["Gate", "RecordingStage", "SlowStage", "counters", "running_server", "stage"]
 
 
 class RecordingStage:
@@ -72,6 +72,27 @@ class SlowStage(RecordingStage):
     async def store(self, events: Sequence[IngestEvent]) -> Sequence[StageRefused | None] | None:
         await asyncio.sleep(self.delay)
         return await super().store(events)
+
+
+class Gate:
+    """A hand-operated `Availability` gate."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def available(self) -> bool:
+        return self._open.is_set()
+
+    async def wait_available(self) -> None:
+        await self._open.wait()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
 
 
 @pytest.fixture
