@@ -56,9 +56,11 @@ def status_text(stats: BufferStats, config: AgentConfig, disk: dict[str, int]) -
         lines.append(f"{name:<40} {topic.events:>10} {topic.bytes:>12} {age:>8}")
     lines.append(f"{'total':<40} {stats.events:>10} {stats.bytes:>12}")
     limits = config.buffer
-    lines.append(
-        f"limits: {stats.events}/{limits.max_events} events, {stats.bytes}/{limits.max_bytes} bytes"
-    )
+    stored, size = stats.events + stats.dead_letters, stats.bytes + stats.dead_letter_bytes
+    line = f"limits: {stored}/{limits.max_events} events, {size}/{limits.max_bytes} bytes"
+    if stats.dead_letters:
+        line += " (dead letters included)"
+    lines.append(line)
     line = f"disk: {disk['free']} bytes free, disk_reserve {disk['reserve']}"
     if disk["free"] < disk["reserve"]:
         line += " (below it: new events only reuse the room of delivered ones, docs/buffer.md)"
@@ -99,6 +101,7 @@ def status_json(stats: BufferStats) -> dict[str, object]:
             for (reason, topic), (events, size) in sorted(stats.drops.items())
         ],
         "dead_letters": stats.dead_letters,
+        "dead_letter_bytes": stats.dead_letter_bytes,
         "incidents": [
             {"at_ms": i.at_ms, "kind": i.kind, "detail": i.detail} for i in stats.incidents
         ],

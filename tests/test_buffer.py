@@ -1545,15 +1545,42 @@ async def test_the_wal_shrinks_back_after_a_long_reader(tmp_path: Path) -> None:
     assert shrunk <= WAL_SIZE_LIMIT
 
 
+@pytest.mark.parametrize("limit", ["max_events", "max_bytes"])
+async def test_dead_letters_count_against_the_buffer_limits(tmp_path: Path, limit: str) -> None:
+    """The dead-letter table had no bound: dead letters piled up beside a buffer at its limits
+    until the disk reserve refused everything. They count with the events now, before and after
+    a restart, and the refusal says so; a requeue makes no room, a delivered event does."""
+    limits = {"max_events": 4} if limit == "max_events" else {"max_bytes": 4000}
+    async with await Buffer.open(tmp_path, **limits) as buffer:  # type: ignore[arg-type]
+        assert await buffer.append([event(bytes(1000)) for _ in range(4)]) == [1, 2, 3, 4]
+        assert await buffer.dead_letter(1, "poison")
+        assert await buffer.dead_letter(2, "poison")
+        assert buffer.backlog == (2, 2000)  # the backlog is what drains
+        with pytest.raises(BufferFull, match=rf"{limit} \(4.*2 dead letters among them"):
+            await buffer.append_one(event(bytes(1000)))
+    async with await Buffer.open(tmp_path, **limits) as buffer:  # type: ignore[arg-type]
+        with pytest.raises(BufferFull, match="2 dead letters among them"):
+            await buffer.append_one(event(bytes(1000)))
+        assert await buffer.requeue_dead() == 2
+        with pytest.raises(BufferFull, match=f"{limit} "):
+            await buffer.append_one(event(bytes(1000)))
+        await buffer.delete([1])
+        assert await buffer.append_one(event(bytes(1000))) == 5
+        stats = await buffer.stats()
+    assert (stats.events, stats.dead_letters, stats.dead_letter_bytes) == (4, 0, 0)
+
+
 async def test_requeue_dead_keeps_the_limits_and_sets_the_topic_ttl_again(tmp_path: Path) -> None:
     """`buffer requeue-dead` put 10 events into a buffer of max_events 5, and the requeued events
-    never expired whatever their topic's ttl."""
+    never expired whatever their topic's ttl. (Dead letters count against the limits with the
+    events, so only limits lowered since they were made can refuse a requeue.)"""
     clock = FakeClock(start=1_000_000.0)
-    async with await Buffer.open(tmp_path, max_events=3, clock=clock) as buffer:
+    async with await Buffer.open(tmp_path, max_events=5, clock=clock) as buffer:
         assert await buffer.append([event(topic="a"), event(topic="b")]) == [1, 2]
         assert await buffer.dead_letter(1, "poison")
         assert await buffer.dead_letter(2, "poison")
         await buffer.append([event(), event()])
+    async with await Buffer.open(tmp_path, max_events=3, clock=clock) as buffer:
         with pytest.raises(BufferError, match=r"the 2 dead letters .* do not fit beside the 2"):
             await buffer.requeue_dead()
         assert (await buffer.stats()).dead_letters == 2  # nothing moved

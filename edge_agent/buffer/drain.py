@@ -247,6 +247,9 @@ def _dead_letter(
         if found is not None:
             totals.events -= 1
             totals.bytes -= found[0]
+            if moved:
+                totals.dead_events += 1
+                totals.dead_bytes += found[0]
         _keep_high_water(db, totals)
     return bool(moved)
 
@@ -277,6 +280,8 @@ def _requeue_dead(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters"
         ).fetchone()
         max_events, max_bytes = limits
+        # Counted against the limits already (with the events): this refuses only where the
+        # limits were lowered since they were made.
         if totals.events + count > max_events or totals.bytes + size > max_bytes:
             raise BufferError(
                 f"the {count} dead letters ({size} bytes) do not fit beside the {totals.events}"
@@ -384,7 +389,9 @@ def _stats(db: sqlite3.Connection) -> BufferStats:
             (reason, topic): (events, size)
             for reason, topic, events, size in db.execute("SELECT * FROM drops")
         }
-        dead = db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        dead, dead_bytes = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters"
+        ).fetchone()
         incidents = [
             Incident(*row)
             for row in db.execute("SELECT at, kind, detail FROM incidents ORDER BY at")
@@ -402,6 +409,7 @@ def _stats(db: sqlite3.Connection) -> BufferStats:
         topics=topics,
         drops=drops,
         dead_letters=dead,
+        dead_letter_bytes=dead_bytes,
         incidents=incidents,
         next_seq=last_seq + 1,
     )

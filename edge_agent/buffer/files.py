@@ -435,6 +435,9 @@ def _load_totals(db: sqlite3.Connection, totals: _Totals) -> None:
     totals.events, totals.bytes = db.execute(
         "SELECT count(*), coalesce(sum(length(payload)), 0) FROM events"
     ).fetchone()
+    totals.dead_events, totals.dead_bytes = db.execute(
+        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM dead_letters"
+    ).fetchone()
     totals.high_water, totals.last_seq = _seq_marks(db)
     totals.nothing_at_or_below = -1
 

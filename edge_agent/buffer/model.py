@@ -160,6 +160,7 @@ class BufferStats:
     dead_letters: int
     incidents: list[Incident]
     next_seq: int
+    dead_letter_bytes: int = 0  # their payloads: counted against max_bytes with the events'
 
 
 # An append waiting for the committer: its events, its future and whether it is `append_one`
@@ -173,6 +174,10 @@ class _Totals:
 
     events: int = 0
     bytes: int = 0
+    dead_events: int = 0
+    dead_bytes: int = 0
+    """The dead letters, counted against ``max_events``/``max_bytes`` with the events: a table
+    without a bound grew beside the buffer's limits (until the disk reserve refused everything)."""
     last_seq: int = 0
     """The highest seq ever committed in this database."""
     high_water: int = 0
@@ -184,5 +189,14 @@ class _Totals:
 
     def restore(self, saved: _Totals) -> None:
         self.events, self.bytes = saved.events, saved.bytes
+        self.dead_events, self.dead_bytes = saved.dead_events, saved.dead_bytes
         self.last_seq, self.high_water = saved.last_seq, saved.high_water
         self.nothing_at_or_below = saved.nothing_at_or_below
+
+    def fit(self, events: int, size: int, max_events: int, max_bytes: int) -> bool:
+        """Whether ``events`` more events of ``size`` bytes in all stay within the limits,
+        dead letters counted."""
+        return (
+            self.events + self.dead_events + events <= max_events
+            and self.bytes + self.dead_bytes + size <= max_bytes
+        )

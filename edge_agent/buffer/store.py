@@ -128,8 +128,7 @@ def _insert_group_once(
             if (
                 disk_full is None
                 and room is None
-                and totals.events + len(events) <= max_events
-                and totals.bytes + size <= max_bytes
+                and totals.fit(len(events), size, max_events, max_bytes)
             ):
                 outcomes.extend(_insert_all(db, events, totals, now_ms, size))
             else:
@@ -319,7 +318,7 @@ def _insert_one(
         return BufferFull(event.topic, f"the payload alone is over max_bytes ({max_bytes})")
 
     def fits(_: int, __: int) -> bool:
-        return totals.events + 1 <= max_events and totals.bytes + size <= max_bytes
+        return totals.fit(1, size, max_events, max_bytes)
 
     if not fits(0, 0):
         if event.on_full == "reject":
@@ -367,9 +366,15 @@ def _bytes_freed(room: int) -> Callable[[int, int], bool]:
 
 
 def _which_limit(totals: _Totals, size: int, max_events: int, max_bytes: int) -> str:
-    if totals.events + 1 > max_events:
-        return f"max_events ({max_events}) reached"
-    return f"max_bytes ({max_bytes}) reached"
+    dead = (
+        f" ({totals.dead_events} dead letters among them: `edge-agent buffer dead` shows them,"
+        " `buffer requeue-dead` sends them again)"
+        if totals.dead_events
+        else ""
+    )
+    if totals.events + totals.dead_events + 1 > max_events:
+        return f"max_events ({max_events}) reached{dead}"
+    return f"max_bytes ({max_bytes}) reached{dead}"
 
 
 @dataclass
