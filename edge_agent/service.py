@@ -229,16 +229,14 @@ class Agent:
         A failure is logged: the events keep their old priority, nothing else changes."""
         assert self._buffer is not None
         try:
-            changed, highest = await self._buffer.reprioritize(
-                lambda topic: config.rule_for(topic).priority
-            )
+            changed = await self._buffer.reprioritize(lambda topic: config.rule_for(topic).priority)
         except Exception:
             log.exception("buffer: could not give buffered events their new topic priorities")
             return
         if changed:
             log.info("buffer: %d buffered events took their topic's new priority", changed)
-        if highest is not None and self._uplink is not None:
-            self._uplink.committed(highest)  # above the drain's cursor: read them first
+            if self._uplink is not None:
+                self._uplink.priorities_changed()
 
     def _get_listener(self) -> IngestServer | None:
         return self._listener

@@ -133,6 +133,16 @@ class Uplink:
         if self._drain is not None:
             self._drain.committed(priority)
 
+    def priorities_changed(self) -> None:
+        """Buffered events took new priorities: a connection that read events at their old ones
+        ends gracefully and the next one reads afresh, highest first. What it had taken and its
+        cursor are by the old ones: events in flight were read again at their new priority and
+        sent twice (raw mode: nothing dedupes), when no reload's reconnect ended it (a reload
+        that also removed [uplink]) or it began before the priorities changed."""
+        if self._drain is not None:
+            log.info("uplink: buffered events took new priorities; connecting again")
+            self._request_reconnect()
+
     def _request_reconnect(self) -> None:
         """End the connection gracefully (or a back-off) and connect again at once."""
         self.reconnecting.set()

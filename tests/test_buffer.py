@@ -263,9 +263,9 @@ async def test_reprioritize_gives_buffered_events_their_topics_priority(tmp_path
     async with await Buffer.open(tmp_path) as buffer:
         await buffer.append([event(topic="bulk"), event(topic="alarm"), event(topic="bulk")])
         rules = {"alarm": 9, "bulk": 0}
-        assert await buffer.reprioritize(rules.__getitem__) == (1, 9)
+        assert await buffer.reprioritize(rules.__getitem__) == 1
         assert [e.seq for e in await buffer.next_events(10)] == [2, 1, 3]
-        assert await buffer.reprioritize(rules.__getitem__) == (0, None)  # nothing to change
+        assert await buffer.reprioritize(rules.__getitem__) == 0  # nothing to change
 
 
 async def test_a_burst_of_drops_is_logged_once_not_per_commit(

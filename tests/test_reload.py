@@ -31,6 +31,7 @@ from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
 from tests.harness.report import until
 from tests.harness.sink import CLOUD_SINK, device_token, running_sink, write_sink_config
+from tests.harness.stages import SlowStage, running_server
 from tests.test_uplink import issue_token, issuer_key
 
 pytestmark = pytest.mark.integration
@@ -310,6 +311,37 @@ async def test_agent_reload_is_not_refused_for_a_problem_the_certificate_in_use_
             path.write_text(path.read_text().replace("priority = 9", "priority = 3"))
             assert agent.reload(load_config(path)) == []
             assert agent.config.topics[0].priority == 3
+
+
+async def test_new_priorities_while_a_window_is_in_flight_send_nothing_twice(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Noticed by the drain review: a reload that changes a topic's priority gives its buffered
+    events the new one while the connection goes on when nothing ends it (here [uplink] removed
+    at the same time: refused, the uplink keeps running unreloaded). Events in flight at their
+    old priority were read again at the new one and sent twice (raw mode: nothing dedupes)."""
+    stage = SlowStage(1.0)
+    async with running_server(stage, ssl_context=pki.server_context()) as server:
+        device = pki.device(f"prio-{uuid.uuid4().hex[:6]}")
+        topics = '[[topics]]\nfilter = "a/#"\nqos = 1\n\n[[topics]]\nfilter = "#"\nqos = 1\n'
+        path = write_config(
+            tmp_path / "agent",
+            device_id=device.device_id,
+            uplink=uplink_section(pki, device, server.port, extra='format = "raw"\nwindow = 10'),
+            topics=topics,
+        )
+        config = load_config(path)
+        async with Agent(config) as agent:
+            await agent.publish_many([("a/x", b"%d" % n) for n in range(5)])
+            await until(lambda: stage.calls >= 1)  # in flight, the stage storing the first
+            text = path.read_text()
+            without_uplink = text[: text.index("[uplink]")] + text[text.index("[[topics]]") :]
+            path.write_text(
+                without_uplink.replace('"a/#"\nqos = 1', '"a/#"\nqos = 1\npriority = 9')
+            )
+            assert agent.reload(load_config(path)) == ["uplink (added or removed)"]
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+    assert sorted(stage.payloads()) == [b"%d" % n for n in range(5)]
 
 
 async def test_agent_reload_reconnects_at_once_when_idle(tmp_path: Path, pki: Pki) -> None:

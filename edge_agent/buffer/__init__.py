@@ -570,11 +570,11 @@ class Buffer:
         limits = (self._max_events, self._max_bytes)
         return await self._run(_requeue_dead, self._totals, limits, ttl, now_ms)
 
-    async def reprioritize(self, priority_of: Callable[[str], int]) -> tuple[int, int | None]:
+    async def reprioritize(self, priority_of: Callable[[str], int]) -> int:
         """Give every buffered event ``priority_of(its topic)``, once the topic rules changed:
         the drain is priority first, and events of one topic buffered at two priorities were
-        sent out of seq order (the newer first). Returns (events changed, the highest priority
-        given or None). One scan of the buffer, on its thread: commits wait meanwhile."""
+        sent out of seq order (the newer first). Returns how many events changed. One scan of
+        the buffer, on its thread: commits wait meanwhile."""
         return await self._run(_reprioritize, priority_of, self._totals)
 
     async def sweep_expired(self) -> int:

@@ -309,14 +309,14 @@ def _requeue_dead(
 
 def _reprioritize(
     db: sqlite3.Connection, priority_of: Callable[[str], int], totals: _Totals
-) -> tuple[int, int | None]:
-    """Give every buffered event its topic's priority of now: (events changed, the highest
-    priority given, None if none). One scan for the (topic, priority) pairs, one update."""
+) -> int:
+    """Give every buffered event its topic's priority of now: how many changed. One scan for the
+    (topic, priority) pairs, one update."""
     pairs = db.execute("SELECT DISTINCT topic, priority FROM events").fetchall()
     wanted = {topic: priority_of(topic) for topic, _ in pairs}
     changed = {topic: wanted[topic] for topic, priority in pairs if wanted[topic] != priority}
     if not changed:
-        return 0, None
+        return 0
     with _transaction(db):
         db.execute(
             "CREATE TEMP TABLE IF NOT EXISTS new_priority"
@@ -331,7 +331,7 @@ def _reprioritize(
         ).rowcount
         db.execute("DELETE FROM temp.new_priority")
     totals.nothing_at_or_below = -1  # events may have come down to any priority
-    return count, max(changed.values())
+    return count
 
 
 def _sweep(
