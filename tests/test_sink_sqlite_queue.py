@@ -373,3 +373,51 @@ async def test_tail_reads_the_core_queue_whatever_its_directory_is_called(
     assert [m for _, m in read_messages(path)] == [core_message(1)]
     assert read_dead_letters(path) == [letter]
     assert entries(tmp_path) == [directory]  # nothing else opened
+
+
+_ONE_LARGE_CALL = """
+import asyncio, resource, signal, sys
+from pathlib import Path
+from cloud_sink.backends.base import BackendError
+from tests.test_sink_sqlite_queue import _messages
+from cloud_sink.backends import SqliteCoreQueue
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 1024**2, resource.RLIM_INFINITY))
+
+async def main():
+    queue = await SqliteCoreQueue.open(Path(sys.argv[1]))  # the default reserve, 64 MiB
+    try:
+        await queue.publish(_messages(0, 17, 200 * 1024))  # one stage call of 3.5 MB
+    except BackendError as exc:
+        print("refused:", exc)
+    try:
+        await queue.probe()
+        print("probe passed")
+    except BackendError as exc:
+        print("probe refused:", exc)
+    await queue.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_call_larger_than_the_file_limit_can_take_does_not_keep_the_probe_failing(
+    tmp_path: Path,
+) -> None:
+    """Found in review: under ``RLIMIT_FSIZE`` the probe asked room for the largest refused write
+    capped at the reserve (64 MiB), not at what the file may take: one stage call of 3.5 MB
+    under a 4 MiB limit was refused, and then the probe of an empty database failed for good
+    (the guard sends no write while the core queue is down): an outage only a restart ended."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _ONE_LARGE_CALL, str(tmp_path / "core.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("refused: sqlite core queue: the database is nearly at"), lines
+    assert lines[1] == "probe passed", lines

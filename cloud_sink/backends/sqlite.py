@@ -265,10 +265,15 @@ class SqliteCoreQueue:
 
     def _probe(self) -> None:
         # After a write refused for the reserve: room for the largest such write (at most the
-        # reserve's size: a call of many devices' events is not sent again as such), and a
-        # quarter more: no flapping. Otherwise (the probe of an idle sink) what a write needs.
+        # reserve's size, and under RLIMIT_FSIZE at most what is kept below it: a call of many
+        # devices' events is not sent again as such, and one the file can never take kept the
+        # probe failing for good), and a quarter more: no flapping. Otherwise (the probe of an
+        # idle sink) what a write needs.
         if self._refused:
-            self._room(min(self._refused, self._reserve), spare=True)
+            most = self._reserve
+            if self._file_limit is not None:
+                most = min(most, self._file_limit // 4)
+            self._room(min(self._refused, most), spare=True)
         else:
             self._room(0)
         db = self._db
