@@ -151,9 +151,11 @@ def listener_tls(tls: ListenerTls) -> tuple[ssl.SSLContext, x509.Certificate]:
     try:
         x509.load_pem_x509_certificates(data["ca"])
     except ValueError:
-        raise ListenerTlsError(
-            f"ca {tls.ca} has no usable CA certificate (PEM) for the clients' certificates"
-        ) from None
+        # OpenSSL reads forms cryptography does not (TRUSTED CERTIFICATE): it judges those.
+        if not _openssl_reads_certificates(tls.ca):
+            raise ListenerTlsError(
+                f"ca {tls.ca} has no usable CA certificate (PEM) for the clients' certificates"
+            ) from None
     try:
         certificate = x509.load_pem_x509_certificates(data["cert"])[0]  # then its chain, if any
     except ValueError:
@@ -178,6 +180,15 @@ def listener_tls(tls: ListenerTls) -> tuple[ssl.SSLContext, x509.Certificate]:
     except (OSError, ssl.SSLError) as exc:
         raise ListenerTlsError(f"cert {tls.cert} / key {tls.key}: {exc}") from None
     return context, certificate
+
+
+def _openssl_reads_certificates(path: Path) -> bool:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError):
+        return False
+    return context.cert_store_stats()["x509"] > 0
 
 
 def build_listener(

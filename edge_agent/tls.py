@@ -26,6 +26,7 @@ __all__ = [
     "CRL_REFUSED",
     "DeviceTls",
     "TlsMaterial",
+    "chains_to",
     "client_context",
     "file_version",
     "issued_by",
@@ -81,7 +82,9 @@ class TlsMaterial:
     crl_digest: bytes | None = None  # of the CRL file's content: rewritten unchanged, no reload
     crl: x509.CertificateRevocationList | None = None
     identities: frozenset[str] = frozenset()  # the device ids the certificate names
-    issued_by_ca: bool = False  # the certificate was issued by a CA certificate of ``tls.ca``
+    issued_by_ca: bool | None = False
+    """The certificate was issued by a CA certificate of ``tls.ca`` (through the intermediates of
+    its file); None: not known (a CA file in a form only OpenSSL reads)."""
 
     @classmethod
     def load(cls, config: UplinkConfig) -> TlsMaterial:
@@ -89,9 +92,9 @@ class TlsMaterial:
         tls = config.tls
         crl_version = None if tls.crl is None else file_version(tls.crl)
         try:
-            certificate = x509.load_pem_x509_certificate(tls.cert.read_bytes())
-            authorities = x509.load_pem_x509_certificates(tls.ca.read_bytes())
+            certificate, *chain = x509.load_pem_x509_certificates(tls.cert.read_bytes())
             context, crl, crl_data = _client_context(config)
+            authorities = _authorities(tls.ca.read_bytes())
         except TlsError as exc:
             raise ValueError(f"{UNUSABLE_CRL}: {exc}") from None
         # Before OSError, which ssl.SSLError is: a broken key or CA file names the files.
@@ -111,8 +114,37 @@ class TlsMaterial:
             None if crl_data is None else crl_digest(crl_data),
             crl,
             frozenset(certificate_identities(certificate)),
-            any(issued_by(certificate, ca) for ca in authorities),
+            None if authorities is None else chains_to(certificate, chain, authorities),
         )
+
+
+def _authorities(data: bytes) -> list[x509.Certificate] | None:
+    """The CA file's certificates; None for a form OpenSSL reads (it loaded the file) and
+    ``cryptography`` does not (``TRUSTED CERTIFICATE``, as in ``ca-bundle.trust.crt``)."""
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return None
+
+
+def chains_to(
+    certificate: x509.Certificate,
+    chain: list[x509.Certificate],
+    authorities: list[x509.Certificate],
+) -> bool:
+    """Whether ``certificate`` was issued by one of ``authorities``, directly or through the
+    intermediates of ``chain`` (the rest of its file, as OpenSSL sends it). Signatures only, as
+    the sink judges a chain's anchor again at a reload: OpenSSL verifies the rest."""
+    current, left = certificate, list(chain)
+    for _ in range(len(chain) + 1):
+        if any(issued_by(current, ca) for ca in authorities):
+            return True
+        parent = next((c for c in left if issued_by(current, c)), None)
+        if parent is None:
+            return False
+        left.remove(parent)
+        current = parent
+    return False
 
 
 def _problems(
@@ -133,7 +165,7 @@ def _problems(
         problems["identity"] = (
             f"{cert} is the certificate of {named}, not of device_id {device_id!r}"
         )
-    if not material.issued_by_ca:
+    if material.issued_by_ca is False:
         problems["issuer"] = f"the certificate {cert} was not issued by a CA in {config.tls.ca}"
     return problems
 
