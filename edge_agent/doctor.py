@@ -26,7 +26,7 @@ from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
 from edge_agent.clocksync import clock_sync
 from edge_agent.config import AgentConfig, ListenerTls, UplinkConfig
 from edge_agent.local import ListenerTlsError, listener_tls
-from edge_agent.tls import CRL_REFUSED, client_context, issued_by, key_matches
+from edge_agent.tls import CRL_REFUSED, chains_to, client_context, key_matches
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.crl import TlsError, check_crl
@@ -295,13 +295,15 @@ def _clock(uplink: UplinkConfig) -> str | tuple[str, bool]:
 
 def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
     certificate = _load_certificate(uplink.tls.cert)
+    # (Its file may go on with the intermediates between it and the CA, as OpenSSL sends them.)
+    chain = x509.load_pem_x509_certificates(uplink.tls.cert.read_bytes())[1:]
     try:
         authority = x509.load_pem_x509_certificates(uplink.tls.ca.read_bytes())
     except ValueError as exc:
         raise _Failed(
             f"{uplink.tls.ca} is not a PEM certificate: {exc}", "use the CA's ca.pem"
         ) from None
-    if not any(issued_by(certificate, ca) for ca in authority):
+    if not chains_to(certificate, chain, authority):
         raise _Failed(
             f"{uplink.tls.cert} was not issued by the CA in {uplink.tls.ca}",
             "use the device certificate and the CA of the same PKI (bridge-certs list)",
