@@ -38,11 +38,20 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from cloud_sink.backends.base import redacted_url, subject_prefix_problem, subject_prefixes_overlap
@@ -55,10 +64,16 @@ from mqtt_ingest.configuration import (
     ConfigError,
     Delay,
     Interval,
+    Problem,
     Room,
+    Rule,
     Seconds,
+    UnknownValue,
     load_model,
     parse_model,
+    valid,
+    validated_with_rules,
+    written,
 )
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 from mqtt_ingest.limits import MQTT_MAX_PACKET
@@ -117,6 +132,7 @@ MAX_LEEWAY = 600.0
 
 class AuthConfig(_Strict):
     mode: Literal["device-signed", "issuer-signed"] = "device-signed"
+    """``issuer-signed`` needs ``issuer`` and ``issuer_keys`` (`SinkConfig`'s rules)."""
     audience: str = Field(min_length=1)
     issuer: str | None = None
     issuer_keys: list[AbsolutePath] = Field(default_factory=list)
@@ -139,12 +155,6 @@ class AuthConfig(_Strict):
                 raise ValueError(f"deny[{index}] is no device id: {exc.reason}") from None
         return value
 
-    @model_validator(mode="after")
-    def _issuer_mode(self) -> AuthConfig:
-        if self.mode == "issuer-signed" and (not self.issuer or not self.issuer_keys):
-            raise ValueError('mode = "issuer-signed" needs issuer and issuer_keys')
-        return self
-
 
 class RightsConfig(_Strict):
     prefix: str = "devices/{device_id}/"
@@ -156,16 +166,11 @@ class RightsConfig(_Strict):
 
 
 class ReconnectConfig(_Strict):
-    """Backoff between probes of a core queue that failed (full jitter, capped)."""
+    """Backoff between probes of a core queue that failed (full jitter, capped); ``initial``
+    at most ``max`` (`SinkConfig`'s rules)."""
 
     initial: Interval = 0.5
     max: Interval = 30.0
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ReconnectConfig:
-        if self.initial > self.max:
-            raise ValueError("initial must not be more than max")
-        return self
 
 
 class _Backend(_Strict):
@@ -231,15 +236,30 @@ class AmqpBackendConfig(_Backend):
         return _server_url(value, ("amqp", "amqps"))
 
 
+def _subject_prefix(value: str) -> str:
+    # Unchecked, "x.*" stored events on literal wildcard subjects and "x.>" or "x." failed
+    # every publish with an opaque server error.
+    problem = subject_prefix_problem(value)
+    if problem is not None:
+        raise ValueError(f"a NATS subject prefix {problem}")
+    return value
+
+
+SubjectPrefix = Annotated[str, AfterValidator(_subject_prefix)]
+"""In the type, not a field validator: `SinkConfig`'s rule that the two prefixes are apart reads
+it validated (`mqtt_ingest.configuration.valid`)."""
+
+
 class NatsBackendConfig(_Backend):
-    """NATS JetStream (extra ``nats``): Nats-Msg-Id dedupe within the duplicate window."""
+    """NATS JetStream (extra ``nats``): Nats-Msg-Id dedupe within the duplicate window; the two
+    subject prefixes apart (`SinkConfig`'s rules)."""
 
     type: Literal["nats"]
     url: str = "nats://127.0.0.1:4222"
     stream: str = "MQTT_BRIDGE"
-    subject_prefix: str = "bridge.events"
+    subject_prefix: SubjectPrefix = "bridge.events"
     dead_letter_stream: str = "MQTT_BRIDGE_DEAD"
-    dead_letter_subject_prefix: str = "bridge.dead"
+    dead_letter_subject_prefix: SubjectPrefix = "bridge.dead"
     duplicate_window: Seconds = 120.0
     timeout: BackendTimeout = 10.0
 
@@ -247,26 +267,6 @@ class NatsBackendConfig(_Backend):
     @classmethod
     def _url(cls, value: str) -> str:
         return _server_url(value, ("nats", "tls", "ws", "wss"))
-
-    @field_validator("subject_prefix", "dead_letter_subject_prefix")
-    @classmethod
-    def _subject_prefix(cls, value: str) -> str:
-        # Unchecked, "x.*" stored events on literal wildcard subjects and "x.>" or "x." failed
-        # every publish with an opaque server error.
-        problem = subject_prefix_problem(value)
-        if problem is not None:
-            raise ValueError(f"a NATS subject prefix {problem}")
-        return value
-
-    @model_validator(mode="after")
-    def _prefixes_apart(self) -> NatsBackendConfig:
-        if subject_prefixes_overlap(self.subject_prefix, self.dead_letter_subject_prefix):
-            raise ValueError(
-                f"subject_prefix {self.subject_prefix!r} and dead_letter_subject_prefix"
-                f" {self.dead_letter_subject_prefix!r} overlap: the two streams would take each"
-                " other's subjects"
-            )
-        return self
 
 
 BackendConfig = Annotated[
@@ -289,6 +289,59 @@ class MetricsConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] | None = None
 
 
+def _issuer_named(data: dict[str, Any]) -> Iterator[Problem]:
+    auth = written(data, "auth")
+    if auth is None or valid(AuthConfig, auth, "mode") != "issuer-signed":
+        return  # no [auth]: reported as missing
+    for key in ("issuer", "issuer_keys"):
+        try:
+            given = valid(AuthConfig, auth, key)
+        except UnknownValue:
+            continue
+        if not given:
+            yield Problem(
+                ("auth", key),
+                'mode = "issuer-signed" needs issuer and issuer_keys',
+                written(auth, key, auth),
+            )
+
+
+def _reconnect_ordered(data: dict[str, Any]) -> Iterator[Problem]:
+    reconnect = written(written(data, "backend"), "reconnect", {})
+    if valid(ReconnectConfig, reconnect, "initial") > valid(ReconnectConfig, reconnect, "max"):
+        yield Problem(
+            ("backend", "reconnect", "initial"),
+            "initial must not be more than max",
+            written(reconnect, "initial", reconnect),
+        )
+
+
+def _prefixes_apart(data: dict[str, Any]) -> Iterator[Problem]:
+    backend = written(data, "backend")
+    if written(backend, "type") != "nats":
+        return
+    events = valid(NatsBackendConfig, backend, "subject_prefix")
+    dead = valid(NatsBackendConfig, backend, "dead_letter_subject_prefix")
+    if subject_prefixes_overlap(events, dead):
+        # At the one written: the other may be its default.
+        key = (
+            "subject_prefix"
+            if written(backend, "subject_prefix") is not None
+            else "dead_letter_subject_prefix"
+        )
+        yield Problem(
+            ("backend", key),
+            f"subject_prefix {events!r} and dead_letter_subject_prefix {dead!r} overlap: the two"
+            " streams would take each other's subjects",
+            written(backend, key, backend),
+        )
+
+
+_RULES: tuple[Rule, ...] = (_issuer_named, _reconnect_ordered, _prefixes_apart)
+"""In the order of the sections they concern. As model validators of their sections they ran
+only once every key of the section was valid, and were reported at the section."""
+
+
 class SinkConfig(_Strict):
     listener: ListenerConfig
     auth: AuthConfig
@@ -296,6 +349,13 @@ class SinkConfig(_Strict):
     backend: BackendConfig
     health: HealthConfig = Field(default_factory=HealthConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _rules(cls, data: Any, handler: ModelWrapValidatorHandler[SinkConfig]) -> SinkConfig:
+        """The rules over several keys (`_RULES`), checked whatever else is wrong, each problem
+        at the key to change: with pydantic's own, check-config reports every problem at once."""
+        return validated_with_rules(cls, data, handler, _RULES)
 
 
 def check_files(config: SinkConfig) -> list[str]:

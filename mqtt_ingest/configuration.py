@@ -1,19 +1,39 @@
-"""Configuration building blocks both wings share: units, errors, TOML loading with pydantic.
+"""Configuration building blocks both wings share: units, errors, TOML loading with pydantic,
+and the rules over several keys.
 
 Durations are written ``"250ms"``, ``"30s"``, ``"5m"``, ``"12h"``, ``"7d"`` (or a number of
 seconds) and sizes ``"64KiB"``, ``"512MiB"``, ``"2GB"`` (or a number of bytes). `load_model`
 reports every problem at once, each as ``path: message (got value)``.
+
+A rule over several keys or sections is a `Rule` over the TOML's raw dict, run by
+`validated_with_rules` (from the whole configuration's wrap validator) whatever else is wrong:
+it reads the values it needs with `valid`, is skipped when one of them is missing or invalid
+(that value's own problem is reported instead), and reports each `Problem` at the key to change.
+(As pydantic model validators such rules ran only once every field of their model was valid,
+stopped at their first failure, and were reported at the section or at "(top level)".)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import re
 import tomllib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ModelWrapValidatorHandler,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 __all__ = [
     "SECRET_VALUE",
@@ -22,12 +42,18 @@ __all__ = [
     "ConfigError",
     "Delay",
     "Interval",
+    "Problem",
     "Room",
+    "Rule",
     "Seconds",
+    "UnknownValue",
     "load_model",
     "model_problems",
     "parse_model",
     "port_argument",
+    "valid",
+    "validated_with_rules",
+    "written",
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -125,6 +151,96 @@ def model_problems(model: BaseModel) -> list[str]:
     except ValidationError as exc:
         return [_describe(error) for error in exc.errors()]
     return []
+
+
+class Problem(NamedTuple):
+    """A broken rule over several keys: ``loc`` is the key to change, ``value`` its value (its
+    section's dict when the key is missing: a dict is not shown)."""
+
+    loc: tuple[str | int, ...]
+    message: str
+    value: object
+
+
+Rule = Callable[[dict[str, Any]], Iterator[Problem]]
+"""A rule over several keys or sections of a configuration's raw dict (not yet validated)."""
+
+
+class UnknownValue(Exception):
+    """A value a rule needs is missing or invalid: the rule is skipped."""
+
+
+def written(section: object, key: str, default: object = None) -> object:
+    """``section[key]`` as written (a dict, a list or a value), else ``default``."""
+    if isinstance(section, BaseModel):
+        return getattr(section, key, default)
+    return section.get(key, default) if isinstance(section, dict) else default
+
+
+def valid(model: type[BaseModel], section: object, key: str) -> Any:
+    """``section[key]`` validated as ``model``'s field ``key`` (its default when absent);
+    `UnknownValue` if it is not valid. Only the field's type is checked (with its ``Annotated``
+    validators), not the model's ``field_validator``s."""
+    if isinstance(section, BaseModel):
+        return getattr(section, key)
+    field = model.model_fields[key]
+    if not isinstance(section, dict) or (key not in section and field.is_required()):
+        raise UnknownValue
+    if key not in section:
+        return field.get_default(call_default_factory=True)
+    try:
+        return _adapter(model, key).validate_python(section[key])
+    except ValidationError:
+        raise UnknownValue from None
+
+
+@functools.cache
+def _adapter(model: type[BaseModel], key: str) -> TypeAdapter[Any]:
+    return TypeAdapter(model.model_fields[key].rebuild_annotation())
+
+
+def validated_with_rules(
+    model: type[M], data: Any, handler: ModelWrapValidatorHandler[M], rules: Iterable[Rule]
+) -> M:
+    """``data`` validated by ``handler`` (a wrap validator's) and checked by ``rules``: every
+    problem of both in one `ValidationError`, pydantic's first, each rule's at its key."""
+    crossed = [
+        InitErrorDetails(
+            type="value_error", loc=problem.loc, input=problem.value,
+            ctx={"error": ValueError(problem.message)},
+        )
+        for problem in _broken(data, rules)
+    ]  # fmt: skip
+    try:
+        config = handler(data)
+    except ValidationError as exc:
+        if not crossed:
+            raise
+        raise ValidationError.from_exception_data(
+            exc.title, [*map(_reraised, exc.errors()), *crossed]
+        ) from None
+    if crossed:
+        raise ValidationError.from_exception_data(model.__name__, crossed)
+    return config
+
+
+def _broken(data: object, rules: Iterable[Rule]) -> list[Problem]:
+    if not isinstance(data, dict):
+        return []  # a model instance: validated already
+    found: list[Problem] = []
+    for rule in rules:
+        with contextlib.suppress(UnknownValue):
+            found.extend(rule(data))
+    return found
+
+
+def _reraised(error: ErrorDetails) -> InitErrorDetails:
+    """``error`` as it was (type, path, message, value), to raise again with others."""
+    return InitErrorDetails(
+        type=PydanticCustomError(error["type"], error["msg"]),
+        loc=error["loc"],
+        input=error["input"],
+    )
 
 
 SECRET_VALUE = "secret_value"  # noqa: S105 (an error type, not a password)

@@ -108,8 +108,9 @@ async def test_check_config_and_its_errors(tmp_path: Path, pki: Pki) -> None:
         "listener.ca",
         "listener.cert",
         "listener.key",
-        "auth",
         "backend",
+        "auth.issuer",
+        "auth.issuer_keys",
     ]
 
 
@@ -273,8 +274,53 @@ def test_reconnect_and_health_validators(tmp_path: Path, pki: Pki) -> None:
     assert problems.pop(1).startswith(
         "listener.batch_linger: Input should be less than or equal to 1"
     )
-    assert "initial must not be more than max" in problems[1]
-    assert problems[2].startswith("health.port:")
+    assert problems[1].startswith("health.port:")
+    assert problems[2] == "backend.reconnect.initial: initial must not be more than max (got '5s')"
+
+
+def test_check_config_reports_the_rules_over_several_keys_with_the_others(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The rules over several keys (issuer-signed needs issuer and issuer_keys, reconnect initial
+    <= max, the NATS subject prefixes apart) were model validators of their sections: each ran
+    only once every key of its section was valid, and was reported at the section ("auth",
+    "backend.nats.reconnect"). A file with these mistakes took three rounds of check-config."""
+    text = write_sink_config(tmp_path, pki).read_text().split("[backend]")[0]
+    text = text.replace("[listener]\n", "[listener]\nmax_connections = 0\n")
+    text = text.replace("[auth]\n", '[auth]\nmode = "issuer-signed"\nleeway = "1h"\n')
+    text += (
+        '[backend]\ntype = "nats"\nsubject_prefix = "bridge"\ntimeout = "40s"\n\n'
+        '[backend.reconnect]\ninitial = "10s"\nmax = "1s"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    issuer = 'mode = "issuer-signed" needs issuer and issuer_keys'
+    assert info.value.problems == [
+        "listener.max_connections: Input should be greater than 0 (got 0)",
+        "auth.leeway: Input should be less than or equal to 600 (got '1h')",
+        "backend.nats.timeout: Input should be less than or equal to 12 (got '40s')",
+        f"auth.issuer: {issuer}",
+        f"auth.issuer_keys: {issuer}",
+        "backend.reconnect.initial: initial must not be more than max (got '10s')",
+        "backend.subject_prefix: subject_prefix 'bridge' and dead_letter_subject_prefix"
+        " 'bridge.dead' overlap: the two streams would take each other's subjects (got 'bridge')",
+    ]
+    # A rule is skipped when a value it needs is invalid: that value's own problem is enough.
+    text = text.replace('subject_prefix = "bridge"', 'subject_prefix = "bridge.*"')
+    text = text.replace('initial = "10s"', 'initial = "0s"')
+    text = text.replace('mode = "issuer-signed"', 'mode = "issuer-signed"\nissuer = ""')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert [p.split(": ")[0] for p in info.value.problems] == [
+        "listener.max_connections",
+        "auth.leeway",
+        "backend.nats.reconnect.initial",
+        "backend.nats.subject_prefix",
+        "backend.nats.timeout",
+        "auth.issuer",
+        "auth.issuer_keys",
+    ], info.value.problems
+    assert f"auth.issuer: {issuer} (got '')" in info.value.problems
 
 
 def test_the_jwt_leeway_is_at_most_ten_minutes(tmp_path: Path, pki: Pki) -> None:
@@ -417,7 +463,8 @@ def test_a_nats_subject_prefix_that_is_no_subjects_start_is_refused(
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     [only] = info.value.problems
-    assert only.startswith("backend.nats"), only
+    key = settings.split(" = ")[0]
+    assert only.startswith((f"backend.nats.{key}: ", f"backend.{key}: ")), only
     assert problem in only, only
     # Prefixes apart in a token (not merely a character) are fine.
     fine = 'subject_prefix = "a.b-c"\ndead_letter_subject_prefix = "a.b"'

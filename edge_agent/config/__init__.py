@@ -57,10 +57,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ModelWrapValidatorHandler, ValidationError, model_validator
-from pydantic_core import InitErrorDetails
+from pydantic import Field, ModelWrapValidatorHandler, model_validator
 
-from edge_agent.config.rules import cross_section_problems, reraised
+from edge_agent.config.rules import RULES
 from edge_agent.config.sections import (
     AgentSection,
     BufferConfig,
@@ -76,7 +75,7 @@ from edge_agent.config.sections import (
     topic_filter_problem,
     topic_matches,
 )
-from mqtt_ingest.configuration import ConfigError, load_model, parse_model
+from mqtt_ingest.configuration import ConfigError, load_model, parse_model, validated_with_rules
 
 __all__ = [
     "AgentConfig",
@@ -111,28 +110,12 @@ class AgentConfig(Strict):
     def _cross_section_rules(
         cls, data: Any, handler: ModelWrapValidatorHandler[AgentConfig]
     ) -> AgentConfig:
-        """The rules over several keys or sections, checked whatever else is wrong: each over the
-        values it needs that are valid, each problem with the path of a key to change. (As
-        model validators they ran only once every field was valid, and stopped at the first
-        failure: a file with 7 mistakes took 6 rounds of edit and check-config.)"""
-        crossed = [
-            InitErrorDetails(
-                type="value_error", loc=problem.loc, input=problem.value,
-                ctx={"error": ValueError(problem.message)},
-            )
-            for problem in cross_section_problems(data)
-        ]  # fmt: skip
-        try:
-            config = handler(data)
-        except ValidationError as exc:
-            if not crossed:
-                raise
-            raise ValidationError.from_exception_data(
-                exc.title, [*map(reraised, exc.errors()), *crossed]
-            ) from None
-        if crossed:
-            raise ValidationError.from_exception_data(cls.__name__, crossed)
-        return config
+        """The rules over several keys or sections (`edge_agent.config.rules`), checked
+        whatever else is wrong: each over the values it needs that are valid, each problem with
+        the path of a key to change. (As model validators they ran only once every field was
+        valid, and stopped at the first failure: a file with 7 mistakes took 6 rounds of edit
+        and check-config.)"""
+        return validated_with_rules(cls, data, handler, RULES)
 
     def rule_for(self, topic: str) -> TopicRule:
         """The first rule whose filter matches ``topic``, else the catch-all (the last rule).
