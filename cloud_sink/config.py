@@ -150,7 +150,7 @@ class AuthConfig(_Strict):
         # A typo ("dev-13 ", say) denied nobody, without a word.
         for index, device in enumerate(value):
             try:
-                validate_device_id(device)
+                validate_device_id(device, normal=False)
             except InvalidIdentifier as exc:
                 raise ValueError(f"deny[{index}] is no device id: {exc.reason}") from None
         return value

@@ -484,6 +484,21 @@ def test_a_deny_entry_that_is_no_device_id_is_refused(tmp_path: Path, pki: Pki) 
     ]
 
 
+def test_a_deny_list_keeps_ids_a_normalising_consumer_reads_as_others(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Found by review: device ids that a normalising consumer reads as others are refused now
+    (percent-escapes, NFKC, backslash); a deny list that named one (the id an operator denies
+    after seeing the attack) made the sink's configuration invalid after the upgrade: it did not
+    start, and a reload was refused. The deny list keeps them; the other rules still hold."""
+    text = write_sink_config(tmp_path, pki).read_text()
+    names = '["%2E%2E", "cafe\u0301-1", "victim\\\\spoof"]'
+    config = parse_config(text.replace("[auth]\n", f"[auth]\ndeny = {names}\n", 1))
+    assert config.auth.deny == ["%2E%2E", "cafe\u0301-1", "victim\\spoof"]
+    with pytest.raises(ConfigError, match=r"deny\[0\] is no device id: '/'"):
+        parse_config(text.replace("[auth]\n", '[auth]\ndeny = ["a/b"]\n', 1))
+
+
 def test_check_config_and_the_logs_show_no_backend_password(tmp_path: Path, pki: Pki) -> None:
     text = write_sink_config(tmp_path, pki).read_text()
     url = "amqp://bridge:s3cr%40t@rabbit.example:5671/prod"
