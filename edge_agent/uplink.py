@@ -241,12 +241,17 @@ class Uplink:
         self._set_state(LinkState.CONNECTING, "", quiet=True)
         self.reconnecting.clear()
         material = self._tls.current(self.clock.time())
+        shown = self.status.certificate_not_after, self.status.token_expires_at
         self.status.certificate_not_after = material.not_after
         try:
             token = self._tokens.current()
         except TokenUnavailable as exc:
             raise LinkFailure(str(exc), refused=True) from None
         self.status.token_expires_at = token.expires_at
+        if shown != (material.not_after, token.expires_at):
+            # `status` shows them as in use: after a restart with a new certificate it showed
+            # the last run's until the next state change (up to connect_timeout).
+            self.write_status()
         tls_errors: list[str] = []
         sockets: list[ssl.SSLSocket] = []  # this attempt's, closed when it ends
         self._received_at = [time.monotonic()]

@@ -540,6 +540,36 @@ async def test_status_shows_the_certificate_in_use_and_the_token_time_left_now(
         assert left <= 58, text
 
 
+async def test_status_shows_the_certificate_in_use_from_the_first_attempt(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Found by review: link.json got the certificate in use only at the next state change
+    after the connection attempt began: after a restart with a new certificate, `status` showed
+    the last run's (and the new file as "not loaded") for up to connect_timeout, here while a
+    server that never answers the handshake holds the attempt."""
+    device = new_device(pki, "first-attempt")
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the agent gives up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        path = agent_config(tmp_path, pki, device, port, extra='connect_timeout = "30s"')
+        config = load_config(path)
+        async with Agent(config):
+            # (Written before the handshake; it used to be when the attempt failed, 10 s on.)
+            await until(lambda: read_link_status(config.agent.data_dir) is not None, timeout=5)
+            state = read_link_status(config.agent.data_dir)
+    assert state is not None
+    expected = x509.load_pem_x509_certificate(device.cert.read_bytes()).not_valid_after_utc
+    assert (state.state, state.certificate_not_after) == (
+        LinkState.CONNECTING,
+        expected.timestamp(),
+    )
+
+
 def test_a_socket_reset_before_the_tls_handshake_is_closed_with_the_attempt() -> None:
     """A reset before the handshake fails the TLS wrap itself (Python 3.11 checks for data
     sent before the handshake); the new socket was left to the garbage collector, and its
