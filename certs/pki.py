@@ -6,6 +6,7 @@ Layout of a PKI directory::
     index.json                every certificate issued: serial, kind, name, validity, revocation
     .lock                     held (flock) around every change to index.json and the CRL
     crl.pem                   written by `CertificateAuthority.write_crl` (and by `revoke`)
+    crlnumber                 the highest CRL number issued, to any path (numbers only go up)
     servers/NAME.pem .key     sink server certificates
     devices/ID.pem  .key      device certificates (CN = device id, SAN URI ``urn:device:ID``)
 
@@ -162,6 +163,10 @@ class CertificateAuthority:
     @property
     def index_path(self) -> Path:
         return self.directory / "index.json"
+
+    @property
+    def crl_number_path(self) -> Path:
+        return self.directory / "crlnumber"
 
     # -- construction ----------------------------------------------------------------------
 
@@ -573,10 +578,21 @@ class CertificateAuthority:
             for entry in crl
             if entry.serial_number not in indexed
         }
-        crl = self.build_crl(
-            days=days, after=max(numbers, default=0), records=records, also_revoked=carried
-        )
+        # Numbers run ahead of the clock when CRLs come faster than one a second: one written
+        # with --out may be ahead of crl.pem, and a verifier holding it would refuse the next
+        # crl.pem (a revocation, say) as a rollback. Every CRL is numbered above all before it.
+        after = max([*numbers, self._last_crl_number()])
+        crl = self.build_crl(days=days, after=after, records=records, also_revoked=carried)
+        # Recorded before the CRL is written: a number skipped is harmless, one reused is not.
+        replace_file(self.crl_number_path, f"{crl_number(crl)}\n".encode())
         return crl.public_bytes(serialization.Encoding.PEM)
+
+    def _last_crl_number(self) -> int:
+        """The highest CRL number this PKI issued (0 if unknown: missing or unreadable)."""
+        try:
+            return int(self.crl_number_path.read_text().strip())
+        except (OSError, ValueError):
+            return 0
 
     def _crl_serials(self) -> set[int]:
         """The serials the PKI's own ``crl.pem`` lists (none if it is missing or not ours)."""

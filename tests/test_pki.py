@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from certs import CertificateAuthority, KeyType, OutputExists, PkiError, device_uri
 from certs import pki as pki_module
 from certs.cli import main, parse_when
+from mqtt_ingest.crl import crl_number, crl_rollback
 from tests.harness.process import console_script
 
 BRIDGE_CERTS = console_script("bridge-certs")
@@ -718,3 +719,19 @@ def test_an_os_error_naming_no_file_prints_no_empty_name(
     _fail_replacing(monkeypatch, "crl.pem")
     assert main(["--dir", str(pki_dir), "crl"]) == 2
     assert capsys.readouterr().err == "bridge-certs: error: No space left on device\n"
+
+
+def test_every_crl_of_the_ca_has_a_number_above_all_it_issued_before(tmp_path: Path) -> None:
+    """CRL numbers run ahead of the clock when CRLs are written faster than one a second; a
+    `revoke` looked only at crl.pem, so after a few `crl --out DEPLOYED` its CRL was numbered
+    below the deployed one, and a sink refused it as a rollback: the revocation never applied."""
+    ca = CertificateAuthority.create(tmp_path / "pki")
+    ca.issue_device("victim")
+    deployed = tmp_path / "deployed-crl.pem"
+    for _ in range(3):
+        ca.write_crl(deployed)  # bridge-certs crl --out DEPLOYED, within one second
+    ca.revoke("victim")
+    in_use = x509.load_pem_x509_crl(deployed.read_bytes())
+    new = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl_rollback(new, in_use, ca.cert_path) is None
+    assert crl_number(new) > crl_number(in_use)  # type: ignore[operator]
