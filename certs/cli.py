@@ -22,11 +22,14 @@ from certs.pki import (
     DEFAULT_CRL_DAYS,
     DEFAULT_DEVICE_DAYS,
     DEFAULT_SERVER_DAYS,
+    CaMissing,
     CertificateAuthority,
+    CertRecord,
     Issued,
     KeyType,
     PkiError,
     format_serial,
+    read_index,
 )
 
 __all__ = ["main", "parse_when"]
@@ -172,6 +175,28 @@ def _report(issued: Issued) -> None:
     )
 
 
+def _list(records: Sequence[CertRecord], *, as_json: bool) -> None:
+    now = dt.datetime.now(dt.UTC)
+    for record in records:
+        row = {
+            "serial": format_serial(record.serial),
+            "kind": record.kind,
+            "name": record.name,
+            "status": record.status(now),
+            "not_before": record.not_before,
+            "not_after": record.not_after,
+            "revoked_at": record.revoked_at,
+            "cert": record.cert_path,
+        }
+        if as_json:
+            print(json.dumps(row))
+        else:
+            print(
+                f"{row['serial']:<44} {record.kind:<7} {row['status']:<14} "
+                f"{record.not_after[:19]}  {record.name}"
+            )
+
+
 def _run(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     if args.command == "init-ca":
@@ -185,6 +210,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {ca.cert_path} and {ca.key_path} (mode 0600)")
         return 0
 
+    if args.command == "list":
+        # The index alone: listing needs no CA private key (kept offline, or the owner's only).
+        if not (directory / "ca.pem").is_file():
+            raise CaMissing(directory)
+        _list(read_index(directory), as_json=args.json)
+        return 0
     ca = CertificateAuthority.open(directory)
     if args.command == "server":
         _report(
@@ -216,26 +247,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {ca.crl_path}")
     elif args.command == "crl":
         print(f"wrote {ca.write_crl(args.out, days=args.days)}")
-    elif args.command == "list":
-        now = dt.datetime.now(dt.UTC)
-        for record in ca.records():
-            row = {
-                "serial": format_serial(record.serial),
-                "kind": record.kind,
-                "name": record.name,
-                "status": record.status(now),
-                "not_before": record.not_before,
-                "not_after": record.not_after,
-                "revoked_at": record.revoked_at,
-                "cert": record.cert_path,
-            }
-            if args.json:
-                print(json.dumps(row))
-            else:
-                print(
-                    f"{row['serial']:<44} {record.kind:<7} {row['status']:<14} "
-                    f"{record.not_after[:19]}  {record.name}"
-                )
     return 0
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "format_serial",
     "generate_key",
     "load_private_key",
+    "read_index",
     "replace_file",
     "write_new",
 ]
@@ -417,13 +418,7 @@ class CertificateAuthority:
     # -- the index, revocation, CRL --------------------------------------------------------
 
     def records(self) -> list[CertRecord]:
-        if not self.index_path.exists():
-            return []
-        try:
-            raw = json.loads(self.index_path.read_text())
-            return [CertRecord(**{**item, "serial": int(item["serial"])}) for item in raw]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise PkiError(f"{self.index_path} is damaged: {exc}") from exc
+        return read_index(self.directory)
 
     def _save(self, records: list[CertRecord]) -> None:
         # Serials are 159-bit integers: kept as strings so no JSON reader rounds them.
@@ -598,6 +593,19 @@ class CertificateAuthority:
         """The serials the PKI's own ``crl.pem`` lists (none if it is missing or not ours)."""
         crl = self._our_crl(self.crl_path)
         return set() if crl is None else {entry.serial_number for entry in crl}
+
+
+def read_index(directory: Path) -> list[CertRecord]:
+    """The records of ``directory``'s ``index.json`` (none if it is missing), read without the CA
+    key: listing what was issued needs no private key. `PkiError` if the index is damaged."""
+    path = Path(directory) / "index.json"
+    if not path.exists():
+        return []
+    try:
+        raw = json.loads(path.read_text())
+        return [CertRecord(**{**item, "serial": int(item["serial"])}) for item in raw]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PkiError(f"{path} is damaged: {exc}") from exc
 
 
 def _new_record(cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> CertRecord:

@@ -735,3 +735,17 @@ def test_every_crl_of_the_ca_has_a_number_above_all_it_issued_before(tmp_path: P
     new = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
     assert crl_rollback(new, in_use, ca.cert_path) is None
     assert crl_number(new) > crl_number(in_use)  # type: ignore[operator]
+
+
+def test_list_reads_the_index_without_the_ca_key(pki_dir: Path) -> None:
+    """`list` reads index.json only: it needs no CA private key (kept offline, or readable by
+    the CA's owner only), and said "no CA ... run 'bridge-certs init-ca'" without one."""
+    assert run("--dir", str(pki_dir), "device", "dev-1").returncode == 0
+    (pki_dir / "ca.key").rename(pki_dir.parent / "offline.key")
+    listing = run("--dir", str(pki_dir), "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert [(r["kind"], r["name"]) for r in rows] == [("ca", "Edge Bridge CA"), ("device", "dev-1")]
+    missing = run("--dir", str(pki_dir.parent / "nothing"), "list")
+    assert missing.returncode == 2
+    assert "no CA in" in missing.stderr
