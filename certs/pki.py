@@ -23,13 +23,11 @@ import contextlib
 import datetime as dt
 import fcntl
 import ipaddress
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -38,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs.errors import CaMissing, KeyUnreadable, OutputExists, PkiError
 from certs.files import refuse_existing, replace_file, write_new
+from certs.index import CertKind, CertRecord, index_bytes, new_record, read_index
 from certs.keys import KeyType, PrivateKey, generate_key, key_pem, load_private_key, signing_hash
 from certs.names import (
     MAX_COMMON_NAME,
@@ -68,36 +67,12 @@ __all__ = [
     "write_new",
 ]
 
-CertKind = Literal["ca", "server", "device"]
-
 DEFAULT_CA_DAYS = 3650
 DEFAULT_SERVER_DAYS = 397  # the CA/Browser Forum ceiling, a habit worth keeping
 DEFAULT_DEVICE_DAYS = 365
 DEFAULT_CRL_DAYS = 7
 _BACKDATE = dt.timedelta(minutes=5)  # a certificate's start, before now
 _CRL_BACKDATE = dt.timedelta(minutes=5)  # a CRL's last update, before now (as certificates)
-
-
-@dataclass(frozen=True)
-class CertRecord:
-    """One line of ``index.json``."""
-
-    serial: int
-    kind: CertKind
-    name: str
-    not_before: str  # ISO 8601, UTC
-    not_after: str
-    cert_path: str
-    revoked_at: str | None = None
-
-    def status(self, now: dt.datetime) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        if now < dt.datetime.fromisoformat(self.not_before):
-            return "not-yet-valid"
-        if now > dt.datetime.fromisoformat(self.not_after):
-            return "expired"
-        return "valid"
 
 
 @dataclass(frozen=True)
@@ -231,7 +206,7 @@ class CertificateAuthority:
                 write_new(cert_path, _cert_pem(cert), 0o644)
                 written.append(cert_path)
                 written.append(ca.index_path)  # it was not there: whatever is there is ours
-                ca._save([_new_record(cert, "ca", common_name, cert_path)])
+                ca._save([new_record(cert, "ca", common_name, cert_path)])
             except BaseException:
                 # Only what this call wrote: an init-ca of another version may have won.
                 for path in reversed(written):
@@ -421,13 +396,11 @@ class CertificateAuthority:
         return read_index(self.directory)
 
     def _save(self, records: list[CertRecord]) -> None:
-        # Serials are 159-bit integers: kept as strings so no JSON reader rounds them.
-        payload = [{**asdict(r), "serial": str(r.serial)} for r in records]
-        replace_file(self.index_path, (json.dumps(payload, indent=2) + "\n").encode())
+        replace_file(self.index_path, index_bytes(records))  # atomically
 
     def _record(self, cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> None:
         with self._locked():
-            self._save([*self.records(), _new_record(cert, kind, name, path)])
+            self._save([*self.records(), new_record(cert, kind, name, path)])
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -593,27 +566,3 @@ class CertificateAuthority:
         """The serials the PKI's own ``crl.pem`` lists (none if it is missing or not ours)."""
         crl = self._our_crl(self.crl_path)
         return set() if crl is None else {entry.serial_number for entry in crl}
-
-
-def read_index(directory: Path) -> list[CertRecord]:
-    """The records of ``directory``'s ``index.json`` (none if it is missing), read without the CA
-    key: listing what was issued needs no private key. `PkiError` if the index is damaged."""
-    path = Path(directory) / "index.json"
-    if not path.exists():
-        return []
-    try:
-        raw = json.loads(path.read_text())
-        return [CertRecord(**{**item, "serial": int(item["serial"])}) for item in raw]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PkiError(f"{path} is damaged: {exc}") from exc
-
-
-def _new_record(cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> CertRecord:
-    return CertRecord(
-        serial=cert.serial_number,
-        kind=kind,
-        name=name,
-        not_before=cert.not_valid_before_utc.isoformat(),
-        not_after=cert.not_valid_after_utc.isoformat(),
-        cert_path=str(path),
-    )
