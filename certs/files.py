@@ -33,7 +33,7 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
     crash leaves either no file or the whole file, never a truncated key.
     """
     with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(path.parent)
         temporary = write_temporary(path, data, mode)
         try:
             try:
@@ -48,7 +48,7 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
 def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically replace ``path`` with ``data`` (temp file, fsync, rename, fsync directory)."""
     with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_directory(path.parent)
         temporary = write_temporary(path, data, mode)
         try:
             os.replace(temporary, path)
@@ -56,6 +56,21 @@ def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
             temporary.unlink(missing_ok=True)
             raise
         fsync_directory(path.parent)
+
+
+DIRECTORY_MODE = 0o755
+"""Of the directories the tool creates, whatever the umask: with ``umask 000`` they were
+world-writable, and anyone could rename a CA certificate and key of their own over the PKI's
+(or replace ``index.json``, ``crl.pem``): later certificates would be signed by their key."""
+
+
+def make_directory(path: Path) -> None:
+    """Create ``path`` and its missing parents, none writable by group or others."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        with contextlib.suppress(OSError):  # created and changed by someone else meanwhile
+            os.chmod(created, DIRECTORY_MODE)
 
 
 def refuse_existing(paths: Iterable[Path]) -> None:

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from certs.errors import CaMissing, KeyUnreadable, OutputExists, PkiError
-from certs.files import refuse_existing, replace_file, write_new
+from certs.files import make_directory, refuse_existing, replace_file, write_new
 from certs.index import CertKind, CertRecord, index_bytes, new_record, read_index
 from certs.keys import KeyType, PrivateKey, generate_key, key_pem, load_private_key, signing_hash
 from certs.names import (
@@ -192,7 +192,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .sign(key, signing_hash(key))
         )
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         ca = cls(directory, cert, key)
         # The files first, the index last, all under the lock: a failure leaves nothing behind
         # (an index left alone would make every later init-ca refuse the directory), and an
@@ -406,7 +406,7 @@ class CertificateAuthority:
     def _locked(self) -> Iterator[None]:
         """Hold ``.lock`` (an exclusive flock, waited for) around a read-modify-write of the index
         or the CRL. Not re-entrant: a second flock on a new descriptor would wait for itself."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_directory(self.directory)
         fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -749,3 +749,17 @@ def test_list_reads_the_index_without_the_ca_key(pki_dir: Path) -> None:
     missing = run("--dir", str(pki_dir.parent / "nothing"), "list")
     assert missing.returncode == 2
     assert "no CA in" in missing.stderr
+
+
+def test_directories_are_not_writable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+    """Found by review: with ``umask 000`` the PKI directory and devices/ were world-writable,
+    and anyone could rename a CA certificate and key of their own over the PKI's (open() only
+    checks that the two match): later certificates would be signed by their key."""
+    done = subprocess.run(
+        ["sh", "-c", 'umask 000 && "$0" --dir "$1" init-ca && "$0" --dir "$1" device dev-1',
+         BRIDGE_CERTS, str(tmp_path / "a" / "pki")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for directory in (tmp_path / "a", tmp_path / "a" / "pki", tmp_path / "a" / "pki" / "devices"):
+        assert stat.S_IMODE(directory.stat().st_mode) & 0o022 == 0, directory
