@@ -169,6 +169,11 @@ class AgentMetrics:
             gauge("edge_agent_buffer_bytes", "Payload bytes in the buffer (exact).", size),
             gauge("edge_agent_buffer_max_events", "[buffer] max_events.", max_events),
             gauge("edge_agent_buffer_max_bytes", "[buffer] max_bytes.", max_bytes),
+            gauge(
+                "edge_agent_dead_letter_bytes",
+                "Payload bytes of the dead letters (exact): counted against max_bytes.",
+                self._buffer.dead_letters[1],
+            ),
             _counter(
                 "edge_agent_accepted_events",
                 "Events committed to the buffer (accepted) since the agent started.",

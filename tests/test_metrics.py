@@ -20,7 +20,7 @@ from cloud_sink.config import SinkConfig
 from cloud_sink.config import parse_config as parse_sink_config
 from cloud_sink.service import Sink
 from edge_agent import Agent, load_config
-from edge_agent.buffer import inspect
+from edge_agent.buffer import BufferFull, inspect
 from edge_agent.config import parse_config as parse_agent_config
 from mqtt_ingest import ConnackCode, Counters, exposition, failpoints
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
@@ -134,6 +134,30 @@ async def test_drop_oldest_overflow_is_counted(tmp_path: Path) -> None:
     assert value(samples, "edge_agent_dropped_events_total", reason="ttl") == 0
     assert value(samples, "edge_agent_backlog_events", topic="bulk/v") == 5
     assert value(samples, "edge_agent_buffer_max_events") == 5
+
+
+async def test_dead_letters_are_exported_with_what_counts_against_the_limits(
+    tmp_path: Path,
+) -> None:
+    """Dead letters count against max_events/max_bytes (docs/buffer.md): the metrics must let an
+    alert see a buffer filled by them, not only the backlog (docs/metrics.md's alert example)."""
+    config = load_config(agent_config(tmp_path, buffer='max_bytes = "100B"'))
+    async with Agent(config) as agent:
+        assert agent.metrics_port is not None
+        ids = [await agent.publish("sensors/x", b"x" * 20) for _ in range(5)]
+        for event_id in ids[:4]:
+            assert await agent.buffer.dead_letter(int(event_id.rsplit("/", 1)[1]), "poison")
+        with pytest.raises(BufferFull, match="4 dead letters among them"):
+            await agent.publish("sensors/x", b"x")
+        samples = await scrape(agent.metrics_port)
+    assert value(samples, "edge_agent_buffer_bytes") == 20
+    assert value(samples, "edge_agent_buffer_events") == 1
+    assert value(samples, "edge_agent_dead_letters") == 4
+    assert value(samples, "edge_agent_dead_letter_bytes") == 80
+    stored = value(samples, "edge_agent_buffer_bytes") + value(
+        samples, "edge_agent_dead_letter_bytes"
+    )
+    assert stored == value(samples, "edge_agent_buffer_max_bytes")
 
 
 async def test_backlog_scans_are_rate_limited_and_topics_capped(tmp_path: Path) -> None:

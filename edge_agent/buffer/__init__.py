@@ -598,6 +598,12 @@ class Buffer:
         return self._totals.events, self._totals.bytes
 
     @property
+    def dead_letters(self) -> tuple[int, int]:
+        """(events, payload bytes) in the dead-letter table, from memory: they count against
+        `limits` with the `backlog`."""
+        return self._totals.dead_events, self._totals.dead_bytes
+
+    @property
     def limits(self) -> tuple[int, int]:
         """(``max_events``, ``max_bytes``)."""
         return self._max_events, self._max_bytes
