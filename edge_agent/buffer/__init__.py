@@ -55,6 +55,7 @@ from edge_agent.buffer.checks import _is_damage
 from edge_agent.buffer.drain import (
     _dead_letter,
     _delete,
+    _first_reads,
     _hold,
     _next_events,
     _record_attempt,
@@ -71,8 +72,6 @@ from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _close_cleanly,
     _connect,
-    _load_epoch,
-    _load_totals,
     _lock,
     _open_checked,
     agent_pid,
@@ -240,7 +239,7 @@ class Buffer:
                 max_page_count,
                 clock or SystemClock(),
                 connect or _connect,
-                _load,
+                _first_reads,
             )
             # Shielded: cancelled, the open still ends (below) before the lock is let go.
             connection, (totals, epoch) = await asyncio.shield(opening)
@@ -607,13 +606,3 @@ class Buffer:
     def limits(self) -> tuple[int, int]:
         """(``max_events``, ``max_bytes``)."""
         return self._max_events, self._max_bytes
-
-
-def _load(db: sqlite3.Connection) -> tuple[_Totals, str]:
-    """The open's first reads, on the buffer thread: the totals kept in memory and the epoch.
-    `_stats` reads every topic (and `_open_checked` quarantines a database whose topics, or
-    ``meta`` values, these reads find damaged, instead of failing every start)."""
-    totals = _Totals()
-    _load_totals(db, totals)
-    _load_epoch(db)  # a missing epoch row: `_Damaged`, not a TypeError in `_stats`
-    return totals, _stats(db).epoch

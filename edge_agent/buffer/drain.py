@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from edge_agent.buffer.files import (
     _keep_high_water,
+    _load_epoch,
     _load_totals,
     _seq_marks,
     _transaction,
@@ -413,3 +414,13 @@ def _stats(db: sqlite3.Connection) -> BufferStats:
         incidents=incidents,
         next_seq=last_seq + 1,
     )
+
+
+def _first_reads(db: sqlite3.Connection) -> tuple[_Totals, str]:
+    """The open's first reads, on the buffer thread: the totals kept in memory and the epoch.
+    `_stats` reads every topic (and `_open_checked` quarantines a database whose topics, or
+    ``meta`` values, these reads find damaged, instead of failing every start)."""
+    totals = _Totals()
+    _load_totals(db, totals)
+    _load_epoch(db)  # a missing epoch row: `_Damaged`, not a TypeError in `_stats`
+    return totals, _stats(db).epoch
