@@ -32,7 +32,7 @@ from edge_agent.buffer import (
     inspect,
     read_events,
 )
-from edge_agent.buffer.files import SEQ_GAP, WAL_SIZE_LIMIT
+from edge_agent.buffer.files import SEQ_GAP, WAL_SIZE_LIMIT, _connect
 from mqtt_ingest import FakeClock, failpoints
 from tests.harness.agent import start_agent, write_config
 from tests.harness.disk import fill, free_bytes, small_disk
@@ -1629,3 +1629,33 @@ async def test_read_only_inspection_whatever_the_directory_is_called(
     assert inspect(directory).events == 1
     assert [e.payload for e in read_events(directory)] == [b"x"]
     assert entries(tmp_path) == [name]  # nothing else opened
+
+
+async def test_a_drop_oldest_event_the_dead_letters_leave_no_room_for_drops_nothing(
+    tmp_path: Path,
+) -> None:
+    """Dead letters count against the limits and `drop-oldest` never drops them: an event
+    larger than what they leave (or any event once they fill max_events) cannot be stored
+    whatever is dropped. Each such event deleted every buffered event of its priority or lower
+    in its savepoint, found no room, and rolled it all back: a scan and delete of the whole
+    backlog per event on the buffer's thread (0.2 s per event over 100,000 events), and a
+    refusal saying no events were left to drop."""
+    deletes: list[str] = []
+
+    def connect(path: Path) -> sqlite3.Connection:
+        db = _connect(path)
+        db.set_trace_callback(
+            lambda sql: deletes.append(sql) if sql.startswith("DELETE FROM events") else None
+        )
+        return db
+
+    async with await Buffer.open(tmp_path, max_bytes=10_000, connect=connect) as buffer:
+        for seq in await buffer.append([event(bytes(2000)) for _ in range(4)]):
+            assert await buffer.dead_letter(seq, "poison")
+        await buffer.append([event(b"y") for _ in range(100)])
+        deletes.clear()
+        [refused] = await buffer.append([event(bytes(2500), on_full="drop-oldest")])
+    assert isinstance(refused, BufferFull), refused
+    assert "dead letters alone leave no room" in refused.reason, refused
+    assert "left to drop" not in refused.reason, refused
+    assert deletes == []  # nothing dropped and rolled back

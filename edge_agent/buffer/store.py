@@ -323,6 +323,14 @@ def _insert_one(
     if not fits(0, 0):
         if event.on_full == "reject":
             return BufferFull(event.topic, _which_limit(totals, size, max_events, max_bytes))
+        if totals.dead_events + 1 > max_events or totals.dead_bytes + size > max_bytes:
+            # Drops never take dead letters: dropping every event would not make room (it did,
+            # then rolled back: a scan and delete of the whole backlog per event).
+            return BufferFull(
+                event.topic,
+                _which_limit(totals, size, max_events, max_bytes)
+                + ", and the dead letters alone leave no room for this event",
+            )
         _drop_oldest(db, event.priority, totals, dropped, fits, held)
         if not fits(0, 0):
             return BufferFull(
