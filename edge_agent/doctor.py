@@ -25,7 +25,7 @@ from cryptography import x509
 from edge_agent.buffer import DB_NAME, BufferError, agent_pid, inspect
 from edge_agent.clocksync import clock_sync
 from edge_agent.config import AgentConfig, ListenerTls, UplinkConfig
-from edge_agent.local import ListenerTlsError, listener_tls
+from edge_agent.local import ListenerTlsError, listener_tls, openssl_reads_certificates
 from edge_agent.tls import CRL_REFUSED, chains_to, client_context, key_matches
 from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
@@ -297,13 +297,22 @@ def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
     certificate = _load_certificate(uplink.tls.cert)
     # (Its file may go on with the intermediates between it and the CA, as OpenSSL sends them.)
     chain = x509.load_pem_x509_certificates(uplink.tls.cert.read_bytes())[1:]
+    issuer = "issued by the configured CA"
     try:
         authority = x509.load_pem_x509_certificates(uplink.tls.ca.read_bytes())
     except ValueError as exc:
-        raise _Failed(
-            f"{uplink.tls.ca} is not a PEM certificate: {exc}", "use the CA's ca.pem"
-        ) from None
-    if not chains_to(certificate, chain, authority):
+        # A form only OpenSSL reads (TRUSTED CERTIFICATE): the uplink takes it (1bd927f), and
+        # the handshake checks the issuer.
+        if not openssl_reads_certificates(uplink.tls.ca):
+            raise _Failed(
+                f"{uplink.tls.ca} is not a PEM certificate: {exc}", "use the CA's ca.pem"
+            ) from None
+        authority = None
+        issuer = (
+            f"issuer not checked ({uplink.tls.ca} is in a form only OpenSSL reads: the TLS"
+            " handshake checks it)"
+        )
+    if authority is not None and not chains_to(certificate, chain, authority):
         raise _Failed(
             f"{uplink.tls.cert} was not issued by the CA in {uplink.tls.ca}",
             "use the device certificate and the CA of the same PKI (bridge-certs list)",
@@ -314,10 +323,10 @@ def _certificate(uplink: UplinkConfig) -> str | tuple[str, bool]:
             f"the certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}",
             "issue a new one (bridge-certs device ...), install it, systemctl reload edge-agent",
         )
-    detail = f"issued by the configured CA, expires in {left.days} days"
+    detail = f"{issuer}, expires in {left.days} days"
     if left.days < CERTIFICATE_WARNING_DAYS:
         return detail + ": renew it soon", True
-    return detail
+    return detail, authority is None
 
 
 def _identity(device_id: str, uplink: UplinkConfig) -> str | tuple[str, bool]:

@@ -44,6 +44,7 @@ __all__ = [
     "ListenerTlsError",
     "build_listener",
     "listener_tls",
+    "openssl_reads_certificates",
     "read_listener_file",
     "remove_listener_file",
     "write_listener_file",
@@ -152,7 +153,7 @@ def listener_tls(tls: ListenerTls) -> tuple[ssl.SSLContext, x509.Certificate]:
         x509.load_pem_x509_certificates(data["ca"])
     except ValueError:
         # OpenSSL reads forms cryptography does not (TRUSTED CERTIFICATE): it judges those.
-        if not _openssl_reads_certificates(tls.ca):
+        if not openssl_reads_certificates(tls.ca):
             raise ListenerTlsError(
                 f"ca {tls.ca} has no usable CA certificate (PEM) for the clients' certificates"
             ) from None
@@ -182,7 +183,9 @@ def listener_tls(tls: ListenerTls) -> tuple[ssl.SSLContext, x509.Certificate]:
     return context, certificate
 
 
-def _openssl_reads_certificates(path: Path) -> bool:
+def openssl_reads_certificates(path: Path) -> bool:
+    """Whether OpenSSL loads a certificate from ``path`` (it reads forms ``cryptography`` does
+    not: ``TRUSTED CERTIFICATE``)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_verify_locations(cafile=str(path))

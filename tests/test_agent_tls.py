@@ -146,3 +146,29 @@ def test_a_ca_file_in_openssl_trusted_certificate_form_still_loads(tmp_path: Pat
         DeviceTls(config, material).rotation_refusal(material, config, "gw-1", time.time()) is None
     )
     listener_tls(ListenerTls(ca=trusted, cert=files["server.pem"], key=files["server.key"]))
+
+
+def test_doctor_takes_a_ca_file_in_openssl_trusted_certificate_form(tmp_path: Path) -> None:
+    """The uplink and the listener take a CA file only OpenSSL reads (``TRUSTED CERTIFICATE``)
+    since 1bd927f, but doctor's certificate check still read it with ``cryptography`` alone:
+    FAIL "is not a PEM certificate" for a CA file the agent connects with, and doctor skipped its
+    end-to-end check for it."""
+    from edge_agent.doctor import _certificate
+
+    root = _issue("Root CA", None, ca=True)
+    device, device_key = _issue("gw-1", root)
+    plain, trusted = tmp_path / "ca.pem", tmp_path / "ca.trust.pem"
+    plain.write_bytes(_pem(root[0]))
+    subprocess.run(
+        ["openssl", "x509", "-in", str(plain), "-addtrust", "clientAuth", "-out", str(trusted)],
+        check=True,
+    )
+    cert, key = tmp_path / "device.pem", tmp_path / "device.key"
+    cert.write_bytes(_pem(device))
+    key.write_bytes(_key_pem(device_key))
+    config = _uplink(trusted, cert, key)
+    assert TlsMaterial.load(config).issued_by_ca is None  # the agent takes it
+    result = _certificate(config)  # raised _Failed("... is not a PEM certificate")
+    detail, warning = result if isinstance(result, tuple) else (result, False)
+    assert warning, detail
+    assert "not checked" in detail, detail
