@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -58,10 +59,11 @@ def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
         fsync_directory(path.parent)
 
 
-DIRECTORY_MODE = 0o755
-"""Of the directories the tool creates, whatever the umask: with ``umask 000`` they were
+GROUP_OTHERS_WRITE = 0o022
+"""Taken off the directories the tool creates, whatever the umask: with ``umask 000`` they were
 world-writable, and anyone could rename a CA certificate and key of their own over the PKI's
-(or replace ``index.json``, ``crl.pem``): later certificates would be signed by their key."""
+(or replace ``index.json``, ``crl.pem``): later certificates would be signed by their key. Only
+taken off: a stricter umask (077) keeps them private."""
 
 
 def make_directory(path: Path) -> None:
@@ -70,7 +72,7 @@ def make_directory(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for created in missing:
         with contextlib.suppress(OSError):  # created and changed by someone else meanwhile
-            os.chmod(created, DIRECTORY_MODE)
+            os.chmod(created, stat.S_IMODE(os.stat(created).st_mode) & ~GROUP_OTHERS_WRITE)
 
 
 def refuse_existing(paths: Iterable[Path]) -> None:

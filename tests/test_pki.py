@@ -763,3 +763,17 @@ def test_directories_are_not_writable_by_others_whatever_the_umask(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     for directory in (tmp_path / "a", tmp_path / "a" / "pki", tmp_path / "a" / "pki" / "devices"):
         assert stat.S_IMODE(directory.stat().st_mode) & 0o022 == 0, directory
+
+
+def test_directories_keep_what_a_strict_umask_hides(tmp_path: Path) -> None:
+    """The fix for ``umask 000`` set every directory it creates to 0755, loosening a stricter
+    umask: under ``umask 077`` the PKI directory and devices/ were 0700 and became 0755, so
+    anyone on the host could list the devices (index.json) and read their certificates."""
+    done = subprocess.run(
+        ["sh", "-c", 'umask 077 && "$0" --dir "$1" init-ca && "$0" --dir "$1" device dev-1',
+         BRIDGE_CERTS, str(tmp_path / "a" / "pki")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for directory in (tmp_path / "a", tmp_path / "a" / "pki", tmp_path / "a" / "pki" / "devices"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
