@@ -1651,6 +1651,7 @@ async def test_a_drop_oldest_event_the_dead_letters_leave_no_room_for_drops_noth
 
     async with await Buffer.open(tmp_path, max_bytes=10_000, connect=connect) as buffer:
         for seq in await buffer.append([event(bytes(2000)) for _ in range(4)]):
+            assert isinstance(seq, int)
             assert await buffer.dead_letter(seq, "poison")
         await buffer.append([event(b"y") for _ in range(100)])
         deletes.clear()
