@@ -238,7 +238,6 @@ class Uplink:
     async def _connection(self) -> None:
         config = self.config
         self.messages = Messages(config, self.device_id, self.buffer.epoch)
-        self._set_state(LinkState.CONNECTING, "", quiet=True)
         self.reconnecting.clear()
         material = self._tls.current(self.clock.time())
         shown = self.status.certificate_not_after, self.status.token_expires_at
@@ -248,9 +247,11 @@ class Uplink:
         except TokenUnavailable as exc:
             raise LinkFailure(str(exc), refused=True) from None
         self.status.token_expires_at = token.expires_at
-        if shown != (material.not_after, token.expires_at):
-            # `status` shows them as in use: after a restart with a new certificate it showed
-            # the last run's until the next state change (up to connect_timeout).
+        # In link.json with the state: `status` shows them as in use (after a restart with a
+        # new certificate it showed the last run's until the attempt ended).
+        if self.status.state is not LinkState.CONNECTING:
+            self._set_state(LinkState.CONNECTING, "", quiet=True)
+        elif shown != (material.not_after, token.expires_at):
             self.write_status()
         tls_errors: list[str] = []
         sockets: list[ssl.SSLSocket] = []  # this attempt's, closed when it ends
