@@ -9,6 +9,7 @@ when the buffer is full.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Sequence
 
 from edge_agent.buffer import Buffer, BufferFull, NewEvent
@@ -115,4 +116,10 @@ class Acceptor:
         return self.buffer.append_one(self.prepare(topic, payload))
 
     async def accept_many(self, events: Sequence[NewEvent]) -> list[int | BufferFull]:
-        return await self.buffer.append(events)
+        """Store ``events`` (one group commit); cancelled before the commit began, none is."""
+        appended = self.buffer.append(events)
+        try:
+            return await appended
+        except asyncio.CancelledError:
+            self.buffer.withdraw(appended)
+            raise

@@ -1660,3 +1660,27 @@ async def test_a_drop_oldest_event_the_dead_letters_leave_no_room_for_drops_noth
     assert "dead letters alone leave no room" in refused.reason, refused
     assert "left to drop" not in refused.reason, refused
     assert deletes == []  # nothing dropped and rolled back
+
+
+async def test_appends_cancelled_before_their_commit_are_not_stored(tmp_path: Path) -> None:
+    """Found by review: behind a stalled commit, the local listener's stage timeout cancelled
+    the appends queued meanwhile; they stayed queued and were committed once the disk came
+    back, while their producers, told nothing was stored, sent them again: each event stored
+    twice under two seqs (nothing downstream can dedupe that), each round held in memory. The
+    committer leaves cancelled appends out; `withdraw` takes them back at once (the listener's
+    stage does, through `Acceptor.accept_many`)."""
+    failpoints.arm("buffer.before_commit", "sleep:1@1")  # the first commit stalls for 1 s
+    try:
+        async with await Buffer.open(tmp_path) as buffer:
+            first = buffer.append_one(event(b"first"))
+            await asyncio.sleep(0.3)  # its commit began, and stalls
+            withdrawn = buffer.append([event(b"withdrawn"), event(b"withdrawn too")])
+            left_out = buffer.append_one(event(b"left out"))
+            withdrawn.cancel()
+            buffer.withdraw(withdrawn)
+            left_out.cancel()
+            assert await first == 1
+            assert await buffer.append_one(event(b"after")) == 2
+    finally:
+        failpoints.disarm_all()
+    assert [e.payload for e in read_events(tmp_path)] == [b"first", b"after"]

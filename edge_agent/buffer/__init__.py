@@ -376,9 +376,21 @@ class Buffer:
         self._pending.append((events, future, one))
         self._pending_events += len(events)
         self._wakeup.set()
-        # Not shielded: a cancelled caller cancels only this future; the committer skips it
-        # (its events may still be committed: harmless, nobody was told they were).
+        # Not shielded: a cancelled caller cancels only this future, whose events the committer
+        # leaves out unless their commit began (see `withdraw`).
         return future
+
+    def withdraw(self, future: asyncio.Future[Any]) -> None:
+        """Take back the events of a cancelled append at once, unless their commit began. The
+        committer leaves them out anyway, but only when it takes its next group: behind a
+        stalled commit, the local listener's stage timeout (30 s) cancelled appends whose
+        producers then sent them again, every round piling up in memory (and, when they were
+        committed after all, storing each event again under a new seq)."""
+        for index, (events, queued, _) in enumerate(self._pending):
+            if queued is future:
+                del self._pending[index]
+                self._pending_events -= len(events)
+                return
 
     async def _commit_loop(self) -> None:
         """Commit groups until closed and drained.
@@ -414,6 +426,11 @@ class Buffer:
                     count += len(pending[0])
                 self._oldest = -math.inf  # the rest waited for this group: no linger for it
             self._pending_events -= count
+            if any(pending[1].cancelled() for pending in group):
+                # Nobody waits for them: their producers were told nothing was stored.
+                group = deque(pending for pending in group if not pending[1].cancelled())
+                if not group:
+                    continue
             await self._commit(group)
 
     async def _commit(self, group: deque[_Pending]) -> None:
