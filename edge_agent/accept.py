@@ -51,6 +51,11 @@ def uplink_topic_problem(config: AgentConfig, topic: str) -> str | None:
             f"sent as {uplink.topic_template!r} the topic would be {size} bytes, over MQTT's"
             f" {MAX_TOPIC_BYTES}"
         )
+    # The template's text next to {topic} can make a level of the two that neither has alone
+    # ('%' + '2e%2e' percent-decodes to '..'): the sink would close the link on it, each time.
+    problem = topic_problem(sent)
+    if problem is not None:
+        return f"sent as {uplink.topic_template!r} the topic would be {sent[:200]!r}: {problem}"
     return None
 
 

@@ -518,3 +518,29 @@ def test_an_operators_selection_covers_dollar_topics() -> None:
     assert topic_matches("+/things/#", "$aws/things/x", dollar=True)
     assert not topic_matches("a/#", "$aws/things/x", dollar=True)
     assert not topic_matches("#", "$aws/things/x")  # subscriber matching is unchanged
+
+
+@pytest.mark.parametrize(
+    ("template", "topic"),
+    [
+        ("devices/{device_id}/%{topic}", "2e%2e/x"),
+        ("devices/{device_id}/{topic}2e", "x/%2e%"),
+    ],
+)
+def test_a_topic_the_template_turns_into_a_dot_level_is_refused_at_the_door(
+    template: str, topic: str
+) -> None:
+    """The door checked the uplink topic's length only: a local topic valid on its own but made
+    into a '..' level by the text the template puts next to it ('%' + '2e%2e' percent-decodes
+    to '..') was accepted, and the sink closed the link on it as a rights violation, connection
+    after connection, until it was dead-lettered."""
+    from edge_agent.accept import InvalidEvent, check_event
+
+    extra = (
+        f'[uplink]\nhost = "sink"\ntopic_template = "{template}"\n'
+        '[uplink.tls]\nca = "/pki/ca.pem"\ncert = "/pki/dev.pem"\nkey = "/pki/dev.key"\n'
+        '[uplink.token]\naudience = "sink"\n'
+    )
+    config = parse_config(BASE.format(extra=extra, rule=""))
+    with pytest.raises(InvalidEvent, match=r"cannot be '\.' or '\.\.'"):
+        check_event(config, topic, b"x")
