@@ -26,6 +26,7 @@ from edge_agent.buffer import (
     Buffer,
     BufferError,
     BufferFull,
+    BufferLocked,
     DeadLetter,
     StoredEvent,
     agent_pid,
@@ -273,9 +274,9 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
     check_event(config, topic, payload)  # a clear error before anything is sent
     directory = config.agent.data_dir
     pid = agent_pid(directory)
-    if pid is not None:
-        listener = read_listener_file(directory)
-        if listener is None or listener.pid != pid or listener.tls:
+    listener = None if pid is None else read_listener_file(directory)
+    if pid is not None and listener is not None:
+        if listener.pid != pid or listener.tls:
             raise _Failed(
                 f"the agent (pid {pid}) holds {directory} and has no plain local listener"
                 " to take the event: nothing was stored"
@@ -299,8 +300,16 @@ async def _publish(config: AgentConfig, topic: str, payload: bytes, qos: int) ->
             exc = group.exceptions[0]
             raise _Failed(f"the agent's listener did not confirm the event: {exc}") from None
         return 0
+    # No agent, or a holder without a listener: most often another `edge-agent publish` with
+    # the agent stopped, which holds the lock while it commits (half of eight run at once
+    # failed, told an agent held the directory). The open waits for the lock a moment.
     try:
         buffer = await _open_buffer(config)
+    except BufferLocked:
+        raise _Failed(
+            f"the agent (pid {agent_pid(directory)}) holds {directory} and has no plain local"
+            " listener to take the event: nothing was stored"
+        ) from None
     except BufferError as exc:
         raise _Failed(str(exc)) from None
     async with buffer:

@@ -283,6 +283,17 @@ async def test_cli_publish_trusts_no_other_server_on_the_listener_port(tmp_path:
     assert not record.exists()
 
 
+async def test_cli_publishes_at_once_with_the_agent_stopped_all_commit(tmp_path: Path) -> None:
+    """Found by review: with the agent stopped, `publish` commits straight into the buffer and
+    holds its lock meanwhile; a second one took that for an agent without a listener and failed
+    ("the agent (pid N) holds ..."): half of eight run at once did. They wait for the lock."""
+    config = write_config(tmp_path)
+    done = await asyncio.gather(*(acli(config, "publish", "sensors/x", f"{n}") for n in range(8)))
+    assert [d.returncode for d in done] == [0] * 8, [d.stderr for d in done]
+    payloads = sorted(e.payload for e in read_events(tmp_path / "data"))
+    assert payloads == [b"%d" % n for n in range(8)]
+
+
 async def test_cli_publish_refused_by_a_full_buffer_fails_at_the_refusal(tmp_path: Path) -> None:
     """The listener refuses by closing the connection (no PUBACK); the CLI fails on that close,
     not 30 s later when its publish would time out."""
