@@ -239,8 +239,15 @@ class Uplink:
         config = self.config
         self.messages = Messages(config, self.device_id, self.buffer.epoch)
         self.reconnecting.clear()
-        material = self._tls.current(self.clock.time())
         shown = self.status.certificate_not_after, self.status.token_expires_at
+        try:
+            material = self._tls.current(self.clock.time())
+        except LinkFailure:
+            # Refused (expired, not yet valid, CRL past its update): the certificate's expiry
+            # is still what the metrics and `status` must show, to alert on.
+            if self._tls.material is not None:
+                self.status.certificate_not_after = self._tls.material.not_after
+            raise
         self.status.certificate_not_after = material.not_after
         try:
             token = self._tokens.current()

@@ -561,3 +561,28 @@ def test_metrics_config_validators(tmp_path: Path) -> None:
     ):
         with pytest.raises(Exception, match=re.escape(where)):
             parse_agent_config(base + f"[metrics]\n{bad}\n")
+
+
+async def test_an_expired_certificate_keeps_its_expiry_exported(tmp_path: Path, pki: Pki) -> None:
+    """An agent started with an expired device certificate refused to connect and exported no
+    expiry at all: the alert example on it (docs/metrics.md) had no series to fire on, for
+    exactly the certificate that had expired."""
+    device = pki.expired_device(f"me-{uuid.uuid4().hex[:6]}")
+    path = write_config(
+        tmp_path / "agent",
+        device_id=device.device_id,
+        uplink=uplink_section(pki, device, 1),  # refused before any connection is tried
+        topics=TOPICS,
+    )
+    path.write_text(path.read_text() + AGENT_METRICS)
+    config = load_config(path)
+    async with Agent(config) as agent:
+        assert agent.metrics_port is not None
+        assert agent.uplink is not None
+        uplink = agent.uplink
+        await until(lambda: uplink.status.failures >= 1)
+        samples = await scrape(agent.metrics_port)
+    assert value(samples, "edge_agent_uplink_state", state="refused") == 1
+    cert = x509.load_pem_x509_certificate(device.cert.read_bytes())
+    expiry = value(samples, "edge_agent_uplink_certificate_expiry_timestamp_seconds")
+    assert expiry == cert.not_valid_after_utc.timestamp()
