@@ -586,3 +586,31 @@ async def test_an_expired_certificate_keeps_its_expiry_exported(tmp_path: Path, 
     cert = x509.load_pem_x509_certificate(device.cert.read_bytes())
     expiry = value(samples, "edge_agent_uplink_certificate_expiry_timestamp_seconds")
     assert expiry == cert.not_valid_after_utc.timestamp()
+
+
+async def test_a_buffer_full_by_count_is_seen_by_the_documented_alerts(tmp_path: Path) -> None:
+    """Found by review: the only fill alert in docs/metrics.md was on bytes; with small events
+    the buffer reaches max_events first and refused new events with that ratio near 0 (and a
+    `reject` topic drops nothing, so the drop alert stayed quiet too)."""
+    config = load_config(agent_config(tmp_path, buffer="max_events = 5"))
+    async with Agent(config) as agent:
+        assert agent.metrics_port is not None
+        for _ in range(5):
+            await agent.publish("sensors/a", b"12345")
+        with pytest.raises(BufferFull):
+            await agent.publish("sensors/a", b"x")  # `reject`: refused, nothing dropped
+        samples = await scrape(agent.metrics_port)
+    stored_bytes = value(samples, "edge_agent_buffer_bytes") + value(
+        samples, "edge_agent_dead_letter_bytes"
+    )
+    assert stored_bytes / value(samples, "edge_agent_buffer_max_bytes") < 0.8  # quiet
+    assert sum(with_name(samples, "edge_agent_dropped_events_total").values()) == 0  # quiet
+    stored_events = value(samples, "edge_agent_buffer_events") + value(
+        samples, "edge_agent_dead_letters"
+    )
+    assert stored_events / value(samples, "edge_agent_buffer_max_events") > 0.8  # fires
+    docs = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    expression = (
+        "(edge_agent_buffer_events + edge_agent_dead_letters) / edge_agent_buffer_max_events"
+    )
+    assert expression in docs
