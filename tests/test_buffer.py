@@ -1685,3 +1685,20 @@ async def test_appends_cancelled_before_their_commit_are_not_stored(tmp_path: Pa
     finally:
         failpoints.disarm_all()
     assert [e.payload for e in read_events(tmp_path)] == [b"first", b"after"]
+
+
+async def test_appends_withdrawn_during_the_linger_leave_no_empty_commit(tmp_path: Path) -> None:
+    """Found by review of 8482438: `withdraw` can empty the pending appends while the committer
+    lingers; it then committed an empty group (a transaction on the buffer's thread, a commit
+    counted, a commit of 0 events in the metrics)."""
+    async with await Buffer.open(tmp_path, commit_linger=0.3) as buffer:
+        observed: list[int] = []
+        buffer.on_commit_timed = lambda seconds, events: observed.append(events)
+        appended = buffer.append([event(b"a")])
+        await asyncio.sleep(0.1)  # the committer lingers for it
+        appended.cancel()
+        buffer.withdraw(appended)
+        await asyncio.sleep(0.4)
+        assert (buffer.commits, observed) == (0, [])
+        assert await buffer.append_one(event(b"b")) == 1
+    assert [e.payload for e in read_events(tmp_path)] == [b"b"]

@@ -413,6 +413,8 @@ class Buffer:
                 delay = self._oldest + self._linger - self._loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                if not self._pending:  # all withdrawn meanwhile: no empty commit
+                    continue
             if self._pending_events <= self._max_group:
                 group, self._pending = self._pending, deque()
                 count = self._pending_events
