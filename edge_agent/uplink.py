@@ -392,7 +392,9 @@ class Uplink:
             self.status.detail = detail
         if state is LinkState.ONLINE and not quiet:
             log.info("uplink: online to %s (%s)", self.status.server, detail)
-        if changed or state is LinkState.BACKOFF:
+        if changed or state in (LinkState.BACKOFF, LinkState.REFUSED):
+            # Each back-off has its retry_at and failure count: a refusal before the state went
+            # to connecting (the token or TLS material while loading) is the same state again.
             self.write_status()
 
     def _counts(self) -> tuple[int, int]:

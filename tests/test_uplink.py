@@ -588,3 +588,29 @@ def test_a_socket_reset_before_the_tls_handshake_is_closed_with_the_attempt() ->
             context.wrap_socket(client, server_hostname="localhost", do_handshake_on_connect=False)
     assert len(sockets) == 1
     sockets[0].close()
+
+
+async def test_link_json_follows_each_refusal_before_the_connect(tmp_path: Path, pki: Pki) -> None:
+    """Found by review of 526f433: the state goes to connecting only once the TLS material and
+    the token are loaded. A refusal while loading them (a token file that expired, a
+    certificate past its date, a CRL past its next update) then found the state refused
+    with the same detail, unchanged: link.json was never written again, its failures count and
+    retry_at stayed those of the first attempt (a retry time long past)."""
+    device = new_device(pki, "refused-early")
+    private, _ = issuer_key(tmp_path)
+    token_path = tmp_path / "device.jwt"
+    token_path.write_text(issue_token(device, private, ttl=-60))  # expired: TokenUnavailable
+    path = agent_config(
+        tmp_path, pki, device, free_port(),
+        token=f'mode = "token-file"\nfile = "{token_path}"',
+    )  # fmt: skip
+    config = load_config(path)
+    async with Agent(config) as agent:
+        assert agent.uplink is not None
+        status = agent.uplink.status
+        await until(lambda: status.failures >= 3, timeout=30)
+        await until(lambda: status.retry_at is not None, timeout=30)
+        written = read_link_status(config.agent.data_dir)
+        in_memory = (status.state, status.failures, status.retry_at)
+    assert written is not None
+    assert (written.state, written.failures, written.retry_at) == in_memory
