@@ -751,29 +751,20 @@ def test_list_reads_the_index_without_the_ca_key(pki_dir: Path) -> None:
     assert "no CA in" in missing.stderr
 
 
-def test_directories_are_not_writable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("umask", "expected"), [("000", 0o755), ("077", 0o700)])
+def test_directories_are_not_writable_by_others_and_keep_a_strict_umask(
+    tmp_path: Path, umask: str, expected: int
+) -> None:
     """Found by review: with ``umask 000`` the PKI directory and devices/ were world-writable,
     and anyone could rename a CA certificate and key of their own over the PKI's (open() only
-    checks that the two match): later certificates would be signed by their key."""
+    checks that the two match): later certificates would be signed by their key. The first fix
+    set them all to 0755, loosening ``umask 077`` (0700: the device list and certificates
+    private): only the group/other write bits are taken off."""
     done = subprocess.run(
-        ["sh", "-c", 'umask 000 && "$0" --dir "$1" init-ca && "$0" --dir "$1" device dev-1',
+        ["sh", "-c", f'umask {umask} && "$0" --dir "$1" init-ca && "$0" --dir "$1" device dev-1',
          BRIDGE_CERTS, str(tmp_path / "a" / "pki")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     for directory in (tmp_path / "a", tmp_path / "a" / "pki", tmp_path / "a" / "pki" / "devices"):
-        assert stat.S_IMODE(directory.stat().st_mode) & 0o022 == 0, directory
-
-
-def test_directories_keep_what_a_strict_umask_hides(tmp_path: Path) -> None:
-    """The fix for ``umask 000`` set every directory it creates to 0755, loosening a stricter
-    umask: under ``umask 077`` the PKI directory and devices/ were 0700 and became 0755, so
-    anyone on the host could list the devices (index.json) and read their certificates."""
-    done = subprocess.run(
-        ["sh", "-c", 'umask 077 && "$0" --dir "$1" init-ca && "$0" --dir "$1" device dev-1',
-         BRIDGE_CERTS, str(tmp_path / "a" / "pki")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    for directory in (tmp_path / "a", tmp_path / "a" / "pki", tmp_path / "a" / "pki" / "devices"):
-        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+        assert stat.S_IMODE(directory.stat().st_mode) == expected, directory
