@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from edge_agent.token import Token
 from edge_agent.window import Session
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, MAX_EVENTS
 from mqtt_ingest.lifecycle import drop_outcome
+from mqtt_ingest.topics import topic_problem
 
 if TYPE_CHECKING:
     from edge_agent.uplink import Uplink
@@ -328,7 +330,7 @@ class ConnectionDrain:
     async def _send(self, session: Session, message: Message) -> bool:
         """Queue ``message`` (in drain order) for `Session.pump`. The queue holds up to a window, so
         acknowledgements are answered with the next messages without waiting for this feeder."""
-        if len(message.topic) > MAX_TOPIC_BYTES // 4 and await self._unsendable(message):
+        if _sent_topic_problem(message.topic) is not None and await self._unsendable(message):
             return True
         if message.alone:
             while session.inflight or session.outbox:
@@ -352,13 +354,20 @@ class ConnectionDrain:
         return True
 
     async def _unsendable(self, message: Message) -> bool:
-        """Dead-letter ``message``'s events if its topic is over MQTT's limit (paho refuses it,
-        and each connection failed on it for ever, holding back all behind it): buffered before
-        the acceptance check knew of the uplink's prefix, or before ``topic_template`` grew."""
-        size = len(message.topic.encode("utf-8", errors="surrogatepass"))
-        if size <= MAX_TOPIC_BYTES:
+        """Dead-letter ``message``'s events if its topic cannot go up: over MQTT's limit (paho
+        refuses it, and each connection failed on it for ever, holding back all behind it), or
+        with a level that is or becomes ``..`` (the sink closes the link on it, each time):
+        buffered before the door checked the topic the template makes, or before
+        ``topic_template`` changed."""
+        problem = _sent_topic_problem(message.topic)
+        if problem is None:
             return False
-        reason = f"its uplink topic is {size} bytes, over MQTT's {MAX_TOPIC_BYTES}"
+        size = len(message.topic.encode("utf-8", errors="surrogatepass"))
+        reason = (
+            f"its uplink topic is {size} bytes, over MQTT's {MAX_TOPIC_BYTES}"
+            if size > MAX_TOPIC_BYTES
+            else f"its uplink topic {message.topic[:200]!r} cannot be sent: {problem}"
+        )
         for seq in message.seqs:
             if await self._buffer.dead_letter(seq, reason):
                 self.status.dead_lettered += 1
@@ -480,3 +489,9 @@ class ConnectionDrain:
             log.error("uplink: event seq %d on %r moved to dead letters: %s",
                       event.seq, event.topic[:100], reason)  # fmt: skip
         self._suspects.forget(event.seq)  # moved, or no longer buffered
+
+
+@functools.lru_cache(maxsize=4096)
+def _sent_topic_problem(topic: str) -> str | None:
+    """`topic_problem` of an uplink topic, cached: one look-up per message on the drain."""
+    return topic_problem(topic)

@@ -322,6 +322,34 @@ async def test_a_topic_too_long_for_the_uplink_is_refused_or_dead_lettered(
     assert sorted(stored_payloads(tmp_path / "core.db")) == [0, 1]
 
 
+async def test_a_buffered_event_whose_uplink_topic_has_a_dot_level_is_dead_lettered(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Noticed by review: the door now refuses a topic that the template makes into a '..'
+    level, but one buffered before (an older agent, another template) was still sent, and the
+    sink closed the link on it as a rights violation, connection after connection, until the
+    poison count dead-lettered it. The drain dead-letters it at once, as a too-long one."""
+    device = new_device(pki, "dot-level")
+    template = 'topic_template = "devices/{device_id}/%{topic}"'
+    async with sink(tmp_path, pki) as server:
+        config = load_config(configure(tmp_path, pki, device, server.port, extra=template))
+        async with Agent(config.model_copy(update={"uplink": None})) as offline:
+            await offline.publish("2e%2e/x", b"buffered before")
+            await offline.publish("ok", b"0")
+        async with Agent(config) as agent:
+            await until(lambda: inspect(config.agent.data_dir).events == 0, timeout=30)
+            assert agent.uplink is not None
+            status = agent.uplink.status
+            assert (status.dead_lettered, status.failures) == (1, 0)
+    [dead] = read_dead_letters(config.agent.data_dir)
+    sent = f"devices/{device.device_id}/%2e%2e/x"
+    assert (dead.topic, dead.reason.split(": ")[0]) == (
+        "2e%2e/x",
+        f"its uplink topic {sent!r} cannot be sent",
+    )
+    assert sorted(stored_payloads(tmp_path / "core.db")) == [0]
+
+
 async def test_requeue_dead_puts_dead_letters_back(tmp_path: Path, pki: Pki) -> None:
     from tests.test_agent import acli
 
