@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -660,6 +660,23 @@ async def test_a_real_full_disk_keeps_a_reserve_so_the_buffer_still_drains(
 
 
 ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+async def _child_outcome(code: str, *args: str) -> dict[str, Any]:
+    """Run ``code`` in a child Python (its own resource limits) and return the JSON it prints."""
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", code, *args],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome: dict[str, Any] = json.loads(result.stdout)
+    return outcome
+
+
 _FSIZE_CHILD = """
 import asyncio, json, resource, signal, sys
 from pathlib import Path
@@ -699,16 +716,7 @@ async def test_rlimit_fsize_refuses_new_events_but_still_drains_and_recovers(
     any more, so no checkpoint ran again and every delete of the drain failed ("disk I/O
     error") for ever (stored 700, drained 0). Now the reserve counts the limit, and a failed
     commit is followed by a checkpoint before the next attempt."""
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", _FSIZE_CHILD, str(tmp_path), str(100 * 1024)],
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    outcome = json.loads(result.stdout)
+    outcome = await _child_outcome(_FSIZE_CHILD, str(tmp_path), str(100 * 1024))
     figures("RLIMIT_FSIZE 300 KiB", **{k: outcome[k] for k in ("stored", "drained")})
     assert outcome["stored"] > 500, outcome
     assert outcome["refused"].startswith(
@@ -751,16 +759,7 @@ async def test_a_file_size_limit_under_the_disk_reserve_keeps_a_share_of_it(
     empty database with plenty of disk, as "the disk is nearly full (8.4 MB free, disk_reserve
     16.8 MB is kept for draining)". Below the limit the reserve is now a quarter of it, and the
     reason names the limit."""
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", _FSIZE_RESERVE_CHILD, str(tmp_path)],
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    outcome = json.loads(result.stdout)
+    outcome = await _child_outcome(_FSIZE_RESERVE_CHILD, str(tmp_path))
     figures("RLIMIT_FSIZE 8 MiB, disk_reserve 16 MiB", stored=outcome["stored"])
     assert outcome["stored"] * 1000 > 4 * 1024**2, outcome  # 6 MiB above a reserve of 2 MiB
     assert outcome["refused"].startswith(
