@@ -1595,6 +1595,38 @@ async def test_requeue_dead_keeps_the_limits_and_sets_the_topic_ttl_again(tmp_pa
     assert expiries == {"a": 1_000_000_000 + 60_000, "b": None}
 
 
+async def test_both_insert_paths_store_the_same_column_types(tmp_path: Path) -> None:
+    """The group insert binds payloads as bytearrays and "no TTL" as '' (sqlite3's adapter
+    lookup for bytes and None was most of its binding cost): the rows must be what the one-event
+    path (a full buffer's policy) stores, a BLOB and NULL or an INTEGER expiry."""
+    clock = FakeClock(start=1_000_000.0)
+    async with await Buffer.open(tmp_path, max_events=4, clock=clock) as buffer:
+        # Higher than what the full buffer's events drop (c and d).
+        fast = [event(b"\x00a", topic="a", priority=1), event(b"", topic="b", priority=1, ttl=60.0)]
+        assert await buffer.append(fast) == [1, 2]
+        assert await buffer.append([event(topic="c"), event(topic="d")]) == [3, 4]
+        policy = [
+            event(b"\x00e", topic="e", on_full="drop-oldest"),
+            event(topic="f", on_full="drop-oldest", ttl=60.0),
+        ]
+        assert await buffer.append(policy) == [5, 6]
+    db = sqlite3.connect(tmp_path / "buffer.db")
+    try:
+        rows = db.execute(
+            "SELECT topic, payload, typeof(payload), expires_at, typeof(expires_at) FROM events"
+            " WHERE topic IN ('a', 'b', 'e', 'f') ORDER BY seq"
+        ).fetchall()
+    finally:
+        db.close()
+    expiry = 1_000_000_000 + 60_000
+    assert rows == [
+        ("a", b"\x00a", "blob", None, "null"),
+        ("b", b"", "blob", expiry, "integer"),
+        ("e", b"\x00e", "blob", None, "null"),
+        ("f", b"x", "blob", expiry, "integer"),
+    ]
+
+
 async def test_files_of_the_previous_run_go_as_soon_as_the_lock_is_taken(tmp_path: Path) -> None:
     """A ``listener.json`` left by a crashed run can name this process's pid (PID 1 in a
     container): `edge-agent publish` trusted it while the new agent checked its buffer (seconds

@@ -292,7 +292,11 @@ class SqliteCoreQueue:
             + sum(map(len, map(_TOPIC, messages)))
             + _ROW_OVERHEAD * len(messages)
         )
-        params = list(itertools.chain.from_iterable(messages))  # the columns in field order
+        # The columns in field order.
+        params: list[object] = list(itertools.chain.from_iterable(messages))
+        # Payloads bound as bytearrays: Python's sqlite3 sends bytes through its adapter lookup,
+        # which raises and clears an AttributeError per value (`edge_agent.buffer.store._ROW`).
+        params[3::8] = map(bytearray, map(_PAYLOAD, messages))
         db.execute("BEGIN IMMEDIATE")
         try:
             before = db.total_changes  # rows ignored as duplicates are not changes

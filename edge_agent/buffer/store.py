@@ -157,7 +157,12 @@ def _insert_group_once(
     return outcomes, {key: (v[0], v[2], v[3]) for key, v in dropped.items()}
 
 
-_ROW = "(?, ?, ?, ?, ?, ?, ?)"
+# Python's sqlite3 binds an int, float, str or bytearray as it is, but sends any other value
+# (bytes, None) through its adapter lookup first, which raises and clears an AttributeError:
+# 1.5 of the 2.2 µs per event that binding a row took here (measured with an INSERT failing at
+# its first row), on the thread that needs the GIL while the event loop has it. So a payload is
+# bound as a bytearray (stored as the same BLOB) and "no TTL" as '' (NULLIF makes it NULL).
+_ROW = "(?, ?, ?, ?, ?, ?, NULLIF(?, ''))"
 _INSERT_ROWS = (
     "INSERT INTO events (seq, topic, payload, qos, priority, event_time, expires_at) VALUES "
 )
@@ -174,11 +179,11 @@ def _insert_all(
         params += (
             seq,
             event.topic,
-            event.payload,
+            bytearray(event.payload),
             event.qos,
             event.priority,
             event.event_time_ms,
-            None if event.ttl is None else now_ms + int(event.ttl * 1000),
+            "" if event.ttl is None else now_ms + int(event.ttl * 1000),
         )
     insert_rows(db, _insert_sql, params, 7, most=_MAX_CHUNK)
     if totals.nothing_at_or_below >= 0:
