@@ -13,12 +13,19 @@ import nats.js.errors
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    PersistMode,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 from cloud_sink.backends import nats as nats_backend
 from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessage, PublishOutcome
 from cloud_sink.backends.nats import NatsCoreQueue, _event_headers, _header_value, subject_covers
 from cloud_sink.backends.nats_batch import read_reply
+from cloud_sink.backends.nats_streams import check_stream, removals
 from cloud_sink.forward import Forwarder
 from mqtt_ingest import Counters, Identity, IngestEvent
 from tests.harness.brokers import NatsNames, nats_connection, read_stream
@@ -234,6 +241,88 @@ async def test_an_existing_memory_stream_is_refused_for_file_storage(
             dead_letter_subject_prefix=nats_jetstream.dead_letter_subject_prefix,
             storage="file",
         )
+
+
+async def test_a_stream_that_removes_unread_messages_is_named_once_with_how(
+    nats_jetstream: NatsNames, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream made beforehand with limits that discard the oldest messages (or an age limit)
+    removes events the sink confirmed, read or not: accepted, as the platform's retention choice,
+    but said at start, once (not at every probe), with the limits. The same limits with
+    ``discard: new`` lose nothing (a full stream refuses; `test_stream_full_is_a_refusal`)."""
+    async with nats_connection(nats_jetstream.url) as client:
+        await client.jsm(timeout=5).add_stream(
+            StreamConfig(
+                name=nats_jetstream.stream,
+                subjects=[f"{nats_jetstream.subject_prefix}.>"],
+                storage=StorageType.MEMORY,
+                duplicate_window=120,
+                max_msgs=1000,
+                max_age=3600,
+            )
+        )
+        await client.jsm(timeout=5).add_stream(
+            StreamConfig(
+                name=nats_jetstream.dead_letter_stream,
+                subjects=[f"{nats_jetstream.dead_letter_subject_prefix}.>"],
+                storage=StorageType.MEMORY,
+                duplicate_window=120,
+                max_msgs=1000,
+                max_bytes=1 << 20,
+                discard=DiscardPolicy.NEW,
+            )
+        )
+    with caplog.at_level(logging.WARNING, logger="cloud_sink.backends.nats"):
+        queue = await open_queue(nats_jetstream)
+        try:
+            await queue.probe()
+            await queue.publish([core_message(1)])
+        finally:
+            await queue.aclose()
+    lines = [r.getMessage() for r in caplog.records if "removes messages" in r.getMessage()]
+    assert len(lines) == 1
+    assert nats_jetstream.stream in lines[0]
+    assert "max_msgs 1000 with discard old; max_age 3600s" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("config", "found"),
+    [
+        (StreamConfig(), []),
+        (StreamConfig(max_msgs=-1, max_bytes=-1, max_age=0, max_msgs_per_subject=-1), []),
+        (StreamConfig(max_bytes=10, discard=DiscardPolicy.OLD), ["max_bytes 10 with discard old"]),
+        (StreamConfig(max_msgs=5, max_bytes=10, discard=DiscardPolicy.NEW), []),
+        (
+            StreamConfig(max_msgs_per_subject=3, discard=DiscardPolicy.NEW),
+            ["max_msgs_per_subject 3 (the oldest of a subject go)"],
+        ),
+        (
+            StreamConfig(
+                max_msgs_per_subject=3, discard=DiscardPolicy.NEW, discard_new_per_subject=True
+            ),
+            [],
+        ),
+        (StreamConfig(max_age=60.5, discard=DiscardPolicy.NEW), ["max_age 60.5s"]),
+        (
+            StreamConfig(retention=RetentionPolicy.INTEREST),
+            ["retention interest (what no consumer is interested in goes at once)"],
+        ),
+        (StreamConfig(retention=RetentionPolicy.WORK_QUEUE), []),  # removed once consumed
+    ],
+)
+def test_what_makes_a_stream_remove_unread_messages(config: StreamConfig, found: list[str]) -> None:
+    assert removals(config) == found
+
+
+def test_a_stream_acknowledging_before_its_disk_is_refused_for_file_storage() -> None:
+    """nats-server 2.12's ``persist_mode: async`` sends the PubAck before the write is on disk
+    (the server here is older: checked on the stream's configuration as the server returns it)."""
+    config = StreamConfig(subjects=["events.>"], duplicate_window=120, storage=StorageType.FILE)
+    check_stream("s", config, "events.>", 120, StorageType.FILE)
+    config.persist_mode = PersistMode.ASYNC
+    with pytest.raises(BackendError, match="persist_mode async"):
+        check_stream("s", config, "events.>", 120, StorageType.FILE)
+    check_stream("s", config, "events.>", 120, StorageType.MEMORY)  # memory asked for: as asked
 
 
 async def test_unreachable_server_fails_within_timeout(nats_jetstream: NatsNames) -> None:

@@ -40,6 +40,7 @@ from cloud_sink.backends.base import (
     subject_prefixes_overlap,
 )
 from cloud_sink.backends.nats_batch import AckClient, BatchPublisher, PublishRefused
+from cloud_sink.backends.nats_streams import check_stream, removals, subject_covers
 
 __all__ = ["NatsCoreQueue", "event_subject", "subject_covers"]
 
@@ -82,24 +83,6 @@ def _header_value(value: str) -> str:
         # The common case, cheaply: the only printable white space is the ASCII space.
         return value
     return value.translate(_NEWLINES_AS_SPACES).strip()
-
-
-def subject_covers(pattern: str, subject: str) -> bool:
-    """Whether every subject matched by `subject` (which may hold wildcards) is matched by
-    `pattern`."""
-    p_tokens = pattern.split(".")
-    s_tokens = subject.split(".")
-    for i, p in enumerate(p_tokens):
-        if p == ">":
-            return i < len(s_tokens)
-        if i >= len(s_tokens):
-            return False
-        s = s_tokens[i]
-        if s == ">":
-            return False  # pattern is narrower than a tail wildcard
-        if p != "*" and p != s:
-            return False
-    return len(p_tokens) == len(s_tokens)
 
 
 async def _connect(url: str, seconds: float) -> tuple[AckClient, BatchPublisher]:
@@ -165,6 +148,7 @@ class NatsCoreQueue:
         self._closing = False
         self._duplicate_window = 120.0  # set by `open`, for `_ensure_streams`
         self._storage = StorageType.FILE
+        self._removals_logged: set[str] = set()  # streams whose `removals` were logged
         # Each stream's own max_msg_size (headers count), if it has one, for `refusal`: read by
         # `_ensure_streams` at start and at every probe, by `publish` in the background every
         # `_LIMITS_REFRESH` seconds, and by `recheck_limits` after a refusal for it.
@@ -359,35 +343,17 @@ class NatsCoreQueue:
                 log.info("created JetStream stream %s for %s", name, wanted)
             return None
         config = info.config
-        subjects: list[str] = list(config.subjects or [])
-        if not any(subject_covers(s, wanted) for s in subjects):
-            raise BackendError(
-                f"JetStream stream {name!r} exists with subjects {subjects}, which do not cover"
-                f" {wanted!r}: fix the stream or the configured subject prefix"
-            )
-        window = float(config.duplicate_window or 0)
-        if window + 1e-3 < duplicate_window:
-            raise BackendError(
-                f"JetStream stream {name!r} has a duplicate window of {window:g}s, less than"
-                f" the configured {duplicate_window:g}s: resends would be stored twice"
-            )
-        if storage == StorageType.FILE and config.storage == StorageType.MEMORY:
-            raise BackendError(
-                f"JetStream stream {name!r} keeps its messages in memory: a NATS restart would"
-                " lose events the sink confirmed to devices (which deleted them); recreate it"
-                " with file storage"
-            )
-        # Either one failed every publish while the checks above (and so every probe) passed:
-        # the sink went down and up again for ever.
-        if config.no_ack:
-            raise BackendError(
-                f"JetStream stream {name!r} is no_ack: it sends no PubAck, so nothing"
-                " published to it can be confirmed; recreate it without no_ack"
-            )
-        if config.sealed:
-            raise BackendError(
-                f"JetStream stream {name!r} is sealed: it refuses every message; point the sink"
-                " at another stream"
+        check_stream(name, config, wanted, duplicate_window, storage)
+        found = removals(config)
+        if found and name not in self._removals_logged:
+            self._removals_logged.add(name)  # once, not at every probe
+            log.warning(
+                "JetStream stream %s removes messages whether a consumer read them or not: %s."
+                " An event the sink confirmed (and its gateway deleted) can go before anything"
+                " reads it; with discard new and no max_age a full stream refuses new events"
+                " instead, and the gateways keep them",
+                name,
+                "; ".join(found),
             )
         size = config.max_msg_size
         return size if size is not None and size > 0 else None
