@@ -73,6 +73,33 @@ async def test_api_publish_after_the_agent_stopped_is_a_runtime_error(tmp_path: 
     assert [e.payload for e in read_events(tmp_path / "data")] == [b"1"]
 
 
+async def test_api_publish_from_another_event_loop_stores_nothing(tmp_path: Path) -> None:
+    """From another thread's event loop, `publish` raised (its future belongs to the agent's
+    loop) but its event was committed all the same: a caller retrying on the error stored it
+    twice. It is refused before anything is queued now, saying which loop to use."""
+    config = load_config(write_config(tmp_path))
+    async with Agent(config) as agent:
+
+        def elsewhere() -> list[str]:
+            refusals = []
+            for call in (
+                lambda: agent.publish("sensors/a", b"1"),
+                lambda: agent.publish_many([("sensors/a", b"2")]),
+            ):
+                try:
+                    asyncio.run(call())
+                except RuntimeError as exc:
+                    refusals.append(str(exc))
+            return refusals
+
+        refusals = await asyncio.to_thread(elsewhere)
+        await asyncio.sleep(0.1)  # a commit of what was queued would have happened by now
+        assert await agent.publish("sensors/a", b"3")  # the agent is none the worse for it
+    assert len(refusals) == 2
+    assert all("runs on another event loop" in refusal for refusal in refusals)
+    assert [e.payload for e in read_events(config.agent.data_dir)] == [b"3"]
+
+
 async def test_api_publish_many_commits_together_and_reports_each_outcome(
     tmp_path: Path,
 ) -> None:

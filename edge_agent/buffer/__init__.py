@@ -366,6 +366,18 @@ class Buffer:
         # one future, one tuple.
         if self._closed:
             raise BufferError("the buffer is closed")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._loop:
+            # Before anything is queued: from another thread the queue would be shared without
+            # a lock, and the event committed while its caller, unable to await this loop's
+            # future, was told it failed (and sent it again).
+            raise RuntimeError(
+                "the buffer (the agent) runs on another event loop: publish from the loop"
+                " that started it (asyncio.run_coroutine_threadsafe from other threads)"
+            )
         committer = self._committer
         if committer is not None and committer.done():
             self._committer_done(committer)
