@@ -332,11 +332,24 @@ class ConnectionDrain:
         acknowledgements are answered with the next messages without waiting for this feeder."""
         if _sent_topic_problem(message.topic) is not None and await self._unsendable(message):
             return True
-        if message.alone:
+        # Messages resent after one loss go in rounds of 1, 2, 4... messages, each round once
+        # the one before is acknowledged: the first goes alone in flight (a poison event lost
+        # with it is set aside at once), and after a cut with a full window in flight the link
+        # is back to a full window within a few round trips, not one round trip per message.
+        # A round lost takes its events to two attempts: alone next time. Nothing else goes
+        # with a round, so that the events lost with one are only those of the round.
+        if message.ramp and session.ramp_left:
+            session.ramp_left -= 1
+        elif message.alone or message.ramp or session.ramp_round:
             while session.inflight or session.outbox:
                 await session.wait()
                 if self._closing(session):
                     return False
+            if message.ramp:
+                session.ramp_round = min(2 * session.ramp_round or 1, session.window)
+                session.ramp_left = session.ramp_round - 1
+            else:
+                session.ramp_round = session.ramp_left = 0
         while session.full():
             await session.wait()  # woken when there is room, a failure, stop, reload, renewal
             if self._closing(session):

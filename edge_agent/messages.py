@@ -1,7 +1,8 @@
 """How buffered events become MQTT messages on the uplink (SPEC §3, §5): one event per message
 in ``raw`` format; in ``batch-v1``, consecutive events of one topic and QoS per batch envelope,
 bounded by ``[uplink.batch]`` ``max_events`` and ``max_bytes``. Events the connection was lost
-on before (attempts >= 1) go first and alone in flight (poison handling, see `edge_agent.uplink`).
+on before (attempts >= 1) go first: once, in rounds that double; more often, alone in flight
+(poison handling, see `edge_agent.uplink`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Message:
     payload: bytes
     qos: int
     alone: bool  # nothing else may be in flight with it
+    ramp: bool  # resent after one loss: in a round of 1, 2, 4... messages (`ConnectionDrain`)
     single: StoredEvent | None  # the event, when it is the only one (poison handling)
     sent_at: float = 0.0  # loop time it was handed to paho
     number: int = 0  # how many messages the connection had published before this one
@@ -42,7 +44,8 @@ class Messages:
     epoch: str
 
     def drain_order(self, events: list[StoredEvent]) -> list[Message]:
-        """Messages in drain order: suspects (attempts >= 1) first and alone, then the rest."""
+        """Messages in drain order: events lost more than once first, each in a message alone in
+        flight; then those lost once, in rounds (``ramp``); then the rest."""
         fresh = [e for e in events if e.attempts == 0]
         once = [e for e in events if e.attempts == 1]
         more = [e for e in events if e.attempts >= 2]
@@ -50,12 +53,15 @@ class Messages:
         for event in more:
             messages += self.of([event], alone=True)
         if once:
-            messages += self.of(once, alone=True)
-        messages += self.of(fresh, alone=False)
+            messages += self.of(once, ramp=True)
+        messages += self.of(fresh)
         return messages
 
-    def of(self, events: list[StoredEvent], *, alone: bool) -> list[Message]:
-        """``events`` (in drain order) as messages, each to go ``alone`` in flight or not."""
+    def of(
+        self, events: list[StoredEvent], *, alone: bool = False, ramp: bool = False
+    ) -> list[Message]:
+        """``events`` (in drain order) as messages, each to go ``alone`` in flight, in a
+        ``ramp`` round, or neither."""
         device = self.device_id
         config = self.config
         if config.format != FORMAT_BATCH_V1:
@@ -67,6 +73,7 @@ class Messages:
                     e.payload,
                     e.qos,
                     alone,
+                    ramp,
                     e,
                 )
                 for e in events
@@ -112,6 +119,7 @@ class Messages:
                 encode(self.epoch, run, zstd_level=limit.zstd_level),
                 run[0].qos,
                 alone,
+                ramp,
                 run[0] if len(run) == 1 else None,
             )
             for topic, runs in groups.items()

@@ -16,8 +16,9 @@ Failures:
 - Refused credentials (bad token, certificate refused by the server or by us, token file
   missing or expired): state ``refused``, logged once per distinct reason, retried slowly.
 - Poison events: when a connection is lost with messages in flight, their events get an attempt
-  recorded. An event with one attempt is resent in a message alone in flight; with more, in a
-  message of its own. When a connection is lost with an event alone in flight (sent alone, or
+  recorded. Events with one attempt are resent first, in rounds of 1, 2, 4... messages in
+  flight, each once the one before is acknowledged; with more, each in a message of its own,
+  alone in flight. When a connection is lost with an event alone in flight (sent alone, or
   simply the only message in flight), it is set aside and tried again (alone) once other events
   got through since; at once when there is nothing else to send; or once the connection has
   been up ``stable_after`` (at least the silence limit) since its loss, doubling with each

@@ -58,6 +58,8 @@ class Session:
     acked: asyncio.Event = field(default_factory=asyncio.Event)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     published: int = 0  # messages handed to paho on this connection
+    ramp_round: int = 0  # size of the last round of messages resent after one loss (0: none)
+    ramp_left: int = 0  # messages that round may still take
     bytes_out: int = 0  # payload bytes queued or in flight (``window_bytes``)
     pumping: bool = False  # a `pump` is scheduled
     last_ack_at: float = 0.0  # loop time of the last acknowledgement on this connection

@@ -392,3 +392,42 @@ async def test_events_acknowledged_whose_delete_failed_are_not_expired(
         drops = inspect(data).drops
     assert (swept, drops) == (0, {})
     assert sorted(stage.payloads()) == [b"0", b"1"]  # each once: not sent again
+
+
+@pytest.mark.parametrize("format_", ["raw", "batch-v1"])
+async def test_messages_lost_once_go_again_in_doubling_rounds_not_one_at_a_time(
+    tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory, format_: str
+) -> None:
+    """A cut with a full window in flight gave each of its events an attempt, and the next
+    connection sent them one message at a time, a round trip each (on a 300 ms cellular link,
+    30 s for a window of 100 before the backlog moved again). They go in rounds of 1, 2, 4...
+    now: the first alone (a poison event is still set aside at once), the rest within a few
+    round trips."""
+    extra = (
+        f'format = "{format_}"\nwindow = 16\nbatch.max_events = 1\npublish_timeout = "30s"\n'
+        "keepalive = 600"
+    )
+    async with acks_held(tmp_path, pki, chaos_proxy_factory, "rounds", extra) as held:
+        agent, uplink, proxy = held  # PUBACKs held: the whole window stays in flight
+        await asyncio.gather(*(agent.publish("sensors/t", b"%d" % i) for i in range(16)))
+        # (A PUBACK may cross before the blackhole: the proxy's read under way completes.)
+        await until(lambda: uplink.in_flight + uplink.status.delivered == 16)
+        assert uplink.in_flight >= 15
+        await proxy.reset()  # lost with a full window in flight: one attempt each
+        data = agent.config.agent.data_dir
+        await until(lambda: {e.attempts for e in read_events(data)} == {1})
+        proxy.pass_through()
+        proxy.latency(0.2, direction=Direction.DOWNSTREAM)  # each round takes a round trip
+        peaks: list[int] = []
+
+        def rounds_seen() -> bool:
+            if not peaks or uplink.in_flight != peaks[-1]:
+                peaks.append(uplink.in_flight)
+            return inspect(data).events == 0
+
+        await until(rounds_seen, timeout=30, every=0.01)
+        status = uplink.status
+    figures(f"rounds after a cut ({format_})", in_flight_seen=peaks)
+    assert max(peaks) >= 4  # one at a time, the most ever in flight was 1
+    assert status.dead_lettered == 0
+    assert sorted(set(stored_payloads(tmp_path / "core.db"))) == list(range(16))
