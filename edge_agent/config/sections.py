@@ -54,7 +54,8 @@ class BufferConfig(Strict):
     commit_linger: Annotated[Delay, Field(le=1.0)] = 0.005
     """How long a group commit waits for more events after the first one. At most 1 s:
     producers wait for it, and the local listener gives a commit 30 s before it closes the
-    connection unacknowledged (the event then committed anyway: a duplicate)."""
+    connection unacknowledged (an event whose commit had not begun is left out; one being
+    committed is stored all the same: a duplicate once its producer sends it again)."""
     commit_max_events: Annotated[int, Field(gt=0)] = 1000
     ttl_sweep_interval: Interval = 60.0
     disk_reserve: Room = DISK_RESERVE
