@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from certs import lock
 from certs.pki import (
     DEFAULT_CA_DAYS,
     DEFAULT_CRL_DAYS,
@@ -167,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(issued: Issued) -> None:
+    for record in issued.settled:  # an earlier run of this tool, killed part way
+        done = (
+            "it had finished: marked complete"
+            if record.issuance == "complete"
+            else "its key never reached its name: its leftover files removed, marked abandoned"
+        )
+        print(
+            f"settled an interrupted issuance of {record.kind} {record.name} serial"
+            f" {format_serial(record.serial)}: {done}"
+        )
     cert = issued.certificate
     print(
         f"wrote {issued.cert_path} and {issued.key_path} (mode 0600): "
@@ -175,7 +186,7 @@ def _report(issued: Issued) -> None:
     )
 
 
-def _list(records: Sequence[CertRecord], *, as_json: bool) -> None:
+def _list(directory: Path, records: Sequence[CertRecord], *, as_json: bool) -> None:
     now = dt.datetime.now(dt.UTC)
     for record in records:
         row = {
@@ -186,7 +197,8 @@ def _list(records: Sequence[CertRecord], *, as_json: bool) -> None:
             "not_before": record.not_before,
             "not_after": record.not_after,
             "revoked_at": record.revoked_at,
-            "cert": record.cert_path,
+            "cert": str(record.cert_file(directory)),
+            "key": None if (key := record.key_file(directory)) is None else str(key),
         }
         if as_json:
             print(json.dumps(row))
@@ -214,7 +226,9 @@ def _run(args: argparse.Namespace) -> int:
         # The index alone: listing needs no CA private key (kept offline, or the owner's only).
         if not (directory / "ca.pem").is_file():
             raise CaMissing(directory)
-        _list(read_index(directory), as_json=args.json)
+        with lock.shared(directory):  # an issuance under way is seen whole, once finished
+            records = read_index(directory)
+        _list(directory, records, as_json=args.json)
         return 0
     ca = CertificateAuthority.open(directory)
     if args.command == "server":
@@ -246,7 +260,15 @@ def _run(args: argparse.Namespace) -> int:
             print(f"revoked {record.kind} {record.name} serial {format_serial(record.serial)}")
         print(f"wrote {ca.crl_path}")
     elif args.command == "crl":
-        print(f"wrote {ca.write_crl(args.out, days=args.days)}")
+        path = ca.write_crl(args.out, days=args.days)
+        print(f"wrote {path}")
+        if path != ca.crl_path and not lock.writable(directory):
+            print(
+                f"{PROG}: note: {directory} is read-only: this CRL's number is not recorded in"
+                " crlnumber; it is the second it was made, so a later CRL numbers above it"
+                " unless the clock goes back",
+                file=sys.stderr,
+            )
     return 0
 
 

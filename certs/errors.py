@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CaMissing", "KeyUnreadable", "OutputExists", "PkiError"]
+__all__ = ["CaMissing", "KeyUnreadable", "OutputExists", "PkiError", "ReadOnlyPki"]
 
 
 class PkiError(Exception):
@@ -27,3 +27,16 @@ class KeyUnreadable(PkiError):
     def __init__(self, path: Path, why: str) -> None:
         super().__init__(f"cannot read private key {path}: {why}")
         self.path = path
+
+
+class ReadOnlyPki(PkiError):
+    """The PKI directory cannot be written (read-only media, or no write permission): the
+    command changes it (issue, revoke, the PKI's own crl.pem). ``list`` and ``crl --out FILE``
+    do not, and work on it as it is."""
+
+    def __init__(self, directory: Path, action: str, why: str) -> None:
+        super().__init__(
+            f"cannot {action}: the PKI directory {directory} is not writable ({why});"
+            " only 'list' and 'crl --out FILE' work on it as it is"
+        )
+        self.directory = directory

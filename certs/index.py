@@ -1,21 +1,44 @@
-"""The PKI's ``index.json``: every certificate issued (serial, kind, name, validity, revocation),
-read without the CA key (``bridge-certs list``)."""
+"""The PKI's ``index.json``: every certificate issued (serial, kind, name, validity, revocation,
+where its files went, whether its issuance finished), read without the CA key (``bridge-certs
+list``).
+
+Paths are stored relative to the PKI directory when they are inside it, absolute otherwise, so
+they mean the same whatever directory a later command runs in. Records written before that
+(no ``relative_to``) stored a path as it was given, relative to the directory the issuing
+command ran in: one ending in the tool's own layout (``devices/ID.pem``, ``servers/NAME.pem``,
+``ca.pem``) is read as that file of the PKI directory, the only place such a path can have
+named; any other relative path is kept as given, marked ``issuer-cwd`` (its base is unknown).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePath
+from typing import Any, Literal
 
 from cryptography import x509
 
 from certs.errors import PkiError
 
-__all__ = ["CertKind", "CertRecord", "index_bytes", "new_record", "read_index"]
+__all__ = [
+    "CertKind",
+    "CertRecord",
+    "Issuance",
+    "index_bytes",
+    "new_record",
+    "read_index",
+    "stored_path",
+]
 
 CertKind = Literal["ca", "server", "device"]
+Issuance = Literal["started", "complete", "abandoned"]
+"""``started``: recorded, its files being written (or the run was killed: the next issuance
+settles it); ``complete``: certificate and key at their names; ``abandoned``: a killed run's
+leftovers removed, the key never reached its name."""
+RelativeTo = Literal["pki", "issuer-cwd"]
 
 
 @dataclass(frozen=True)
@@ -29,15 +52,61 @@ class CertRecord:
     not_after: str
     cert_path: str
     revoked_at: str | None = None
+    key_path: str | None = None  # None: recorded before key paths were
+    issuance: Issuance = "complete"  # records before this field were complete or unknowable
+    relative_to: RelativeTo = "pki"
 
     def status(self, now: dt.datetime) -> str:
         if self.revoked_at is not None:
             return "revoked"
+        if self.issuance == "started":
+            return "interrupted"
+        if self.issuance == "abandoned":
+            return "abandoned"
         if now < dt.datetime.fromisoformat(self.not_before):
             return "not-yet-valid"
         if now > dt.datetime.fromisoformat(self.not_after):
             return "expired"
         return "valid"
+
+    def cert_file(self, directory: Path) -> Path:
+        """The certificate's path as seen from here, for the PKI directory ``directory``."""
+        return self._file(directory, self.cert_path)
+
+    def key_file(self, directory: Path) -> Path | None:
+        return None if self.key_path is None else self._file(directory, self.key_path)
+
+    def _file(self, directory: Path, stored: str) -> Path:
+        # An absolute path stays absolute under `/`; an issuer-cwd one has no better base.
+        return Path(directory) / stored if self.relative_to == "pki" else Path(stored)
+
+
+def stored_path(directory: Path, path: Path) -> str:
+    """``path`` as the index keeps it: relative to ``directory`` if inside it, else absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(os.path.abspath(directory)).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def _default_tail(kind: str, name: str) -> PurePath:
+    return {
+        "ca": PurePath("ca.pem"),
+        "server": PurePath("servers", f"{name}.pem"),
+        "device": PurePath("devices", f"{name}.pem"),
+    }.get(kind, PurePath())
+
+
+def _from_old(directory: Path, item: dict[str, Any]) -> dict[str, Any]:
+    """A record written before paths were stored relative to the PKI directory (see above)."""
+    path = PurePath(item["cert_path"])
+    if path.is_absolute():
+        return {**item, "cert_path": stored_path(directory, Path(path)), "relative_to": "pki"}
+    tail = _default_tail(item["kind"], item["name"])
+    if tail.parts and path.parts[-len(tail.parts) :] == tail.parts:
+        return {**item, "cert_path": tail.as_posix(), "relative_to": "pki"}
+    return {**item, "relative_to": "issuer-cwd"}
 
 
 def read_index(directory: Path) -> list[CertRecord]:
@@ -48,19 +117,34 @@ def read_index(directory: Path) -> list[CertRecord]:
         return []
     try:
         raw = json.loads(path.read_text())
-        return [CertRecord(**{**item, "serial": int(item["serial"])}) for item in raw]
+        items = [{**item, "serial": int(item["serial"])} for item in raw]
+        return [
+            CertRecord(**(item if "relative_to" in item else _from_old(directory, item)))
+            for item in items
+        ]
     except (ValueError, KeyError, TypeError) as exc:
         raise PkiError(f"{path} is damaged: {exc}") from exc
 
 
-def new_record(cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> CertRecord:
+def new_record(
+    cert: x509.Certificate,
+    kind: CertKind,
+    name: str,
+    *,
+    directory: Path,
+    cert_path: Path,
+    key_path: Path,
+    issuance: Issuance,
+) -> CertRecord:
     return CertRecord(
         serial=cert.serial_number,
         kind=kind,
         name=name,
         not_before=cert.not_valid_before_utc.isoformat(),
         not_after=cert.not_valid_after_utc.isoformat(),
-        cert_path=str(path),
+        cert_path=stored_path(directory, cert_path),
+        key_path=stored_path(directory, key_path),
+        issuance=issuance,
     )
 
 

@@ -4,27 +4,33 @@ Layout of a PKI directory::
 
     ca.pem  ca.key            the CA (key mode 0600)
     index.json                every certificate issued: serial, kind, name, validity, revocation
-    .lock                     held (flock) around every change to index.json and the CRL
+    .lock                     held (flock) around every change to the directory (`certs.lock`)
     crl.pem                   written by `CertificateAuthority.write_crl` (and by `revoke`)
-    crlnumber                 the highest CRL number issued, to any path (numbers only go up)
+    crlnumber                 the highest CRL number recorded, to any path (numbers only go up)
     servers/NAME.pem .key     sink server certificates
     devices/ID.pem  .key      device certificates (CN = device id, SAN URI ``urn:device:ID``)
+    .NAME.key.pending         a key waiting for its certificate (`certs.issuance`)
 
 Nothing is ever overwritten: a certificate or key file that exists already is an error raised
 before anything is written (a CRL replaces only a CRL of the same CA). Two runs at once (a
 provisioning line issuing while an operator revokes) are serialized by ``.lock``, so neither
 undoes the other's change to the index. Private keys are created with mode 0600, fsynced and
-linked into place atomically (STYLE 14); ``index.json`` is replaced atomically.
+linked into place atomically (STYLE 14), only once their certificate is in place; a run killed
+part way is settled by the next issuance (`certs.issuance`). ``index.json`` is replaced
+atomically.
+
+A PKI directory that cannot be written (an offline CA on read-only media) still serves ``list``
+and `write_crl` to a path elsewhere: that CRL's number cannot be recorded in ``crlnumber``, so it
+is numbered by the clock instead, and the call returns only once the clock has passed it (see
+`_crl_for`). Everything that changes the directory is `ReadOnlyPki`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
-import fcntl
 import ipaddress
-import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,11 +38,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certs.errors import CaMissing, KeyUnreadable, OutputExists, PkiError
+from certs import lock
+from certs.errors import CaMissing, KeyUnreadable, OutputExists, PkiError, ReadOnlyPki
 from certs.files import make_directory, refuse_existing, replace_file, write_new
 from certs.index import CertKind, CertRecord, index_bytes, new_record, read_index
+from certs.issuance import discard, pending_key_path, settle, write_pair
 from certs.keys import KeyType, PrivateKey, generate_key, key_pem, load_private_key, signing_hash
 from certs.names import (
     MAX_COMMON_NAME,
@@ -46,6 +54,10 @@ from certs.names import (
     parse_serial,
     subject_name,
 )
+from certs.profiles import ca_certificate, leaf_certificate
+from certs.validity import now as _now
+from certs.validity import validity as _validity
+from certs.validity import wait_until as _wait_until
 from mqtt_ingest.crl import crl_number
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
@@ -58,6 +70,7 @@ __all__ = [
     "KeyUnreadable",
     "OutputExists",
     "PkiError",
+    "ReadOnlyPki",
     "device_uri",
     "format_serial",
     "generate_key",
@@ -71,8 +84,10 @@ DEFAULT_CA_DAYS = 3650
 DEFAULT_SERVER_DAYS = 397  # the CA/Browser Forum ceiling, a habit worth keeping
 DEFAULT_DEVICE_DAYS = 365
 DEFAULT_CRL_DAYS = 7
-_BACKDATE = dt.timedelta(minutes=5)  # a certificate's start, before now
 _CRL_BACKDATE = dt.timedelta(minutes=5)  # a CRL's last update, before now (as certificates)
+MAX_UNRECORDED_LEAD = 60
+"""Seconds the recorded CRL numbers may run ahead of the clock when a CRL is numbered without
+being recorded (read-only media): it waits that long at most, else refuses."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,9 @@ class Issued:
     cert_path: Path
     key_path: Path
     certificate: x509.Certificate
+    settled: tuple[CertRecord, ...] = ()
+    """Issuances of earlier runs, killed part way, that this one settled first (each now
+    ``complete`` or ``abandoned``, see `certs.issuance`)."""
 
     @property
     def serial(self) -> int:
@@ -88,30 +106,6 @@ class Issued:
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def _validity(not_before: dt.datetime | None, days: float) -> tuple[dt.datetime, dt.datetime]:
-    """(start, end) of ``days`` from ``not_before``, or from 5 minutes ago (a verifier whose
-    clock is a little behind must not find it not yet valid): then it must end after now."""
-    if not (days > 0 and math.isfinite(days)):
-        raise PkiError(f"validity must be a positive number of days, got {days}")
-    start = not_before if not_before is not None else _now() - _BACKDATE
-    if start.tzinfo is None:
-        raise PkiError("not_before must carry a time zone")
-    try:
-        end = start + dt.timedelta(days=days)
-    except OverflowError:
-        raise PkiError(f"{days:g} days from {start:%Y-%m-%d} is out of range") from None
-    if not_before is None and end <= _now():
-        raise PkiError(
-            f"a validity of {days:g} days from {_BACKDATE.seconds // 60} minutes ago (the"
-            " backdating that spares verifiers whose clock is behind) has ended already"
-        )
-    return start, end
 
 
 class CertificateAuthority:
@@ -165,40 +159,14 @@ class CertificateAuthority:
         name = subject_name(common_name, "the CA's --cn")
         start, end = _validity(not_before, days)
         key = generate_key(key_type)
-        public = key.public_key()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .sign(key, signing_hash(key))
-        )
+        cert = ca_certificate(name, key, start, end)
         make_directory(directory)
         ca = cls(directory, cert, key)
         # The files first, the index last, all under the lock: a failure leaves nothing behind
         # (an index left alone would make every later init-ca refuse the directory), and an
         # init-ca that ran meanwhile is refused by the check again, before anything is written.
         written: list[Path] = []
-        with ca._locked():
+        with ca._locked("create a CA"):
             try:
                 refuse_existing([cert_path, key_path, ca.index_path, ca.crl_path])
                 write_new(key_path, key_pem(key), 0o600)
@@ -206,7 +174,16 @@ class CertificateAuthority:
                 write_new(cert_path, _cert_pem(cert), 0o644)
                 written.append(cert_path)
                 written.append(ca.index_path)  # it was not there: whatever is there is ours
-                ca._save([new_record(cert, "ca", common_name, cert_path)])
+                record = new_record(
+                    cert,
+                    "ca",
+                    common_name,
+                    directory=directory,
+                    cert_path=cert_path,
+                    key_path=key_path,
+                    issuance="complete",
+                )
+                ca._save([record])
             except BaseException:
                 # Only what this call wrote: an init-ca of another version may have won.
                 for path in reversed(written):
@@ -332,7 +309,6 @@ class CertificateAuthority:
         cert_path: Path,
         key_path: Path,
     ) -> Issued:
-        refuse_existing([cert_path, key_path])
         start, end = _validity(not_before, days)
         # Beyond its CA's end a certificate fails verification anyway: say so by its dates.
         end = min(end, self.certificate.not_valid_after_utc)
@@ -342,53 +318,50 @@ class CertificateAuthority:
                 " before the requested validity starts"
             )
         key = generate_key(key_type)
-        public = key.public_key()
-        is_rsa = isinstance(key, rsa.RSAPrivateKey)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.certificate.subject)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=is_rsa,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(self._authority_key_identifier(), critical=False)
-            .sign(self.key, signing_hash(self.key))
+        cert = leaf_certificate(
+            self.certificate,
+            self.key,
+            self._authority_key_identifier(),
+            key.public_key(),
+            common_name=common_name,
+            sans=sans,
+            usage=usage,
+            key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+            start=start,
+            end=end,
         )
-        # Recorded first: a certificate on disk that the index does not list could never be
-        # revoked (a damaged index, a crash between the steps). A record whose files are not
-        # written is harmless: revoked, it lists a serial nobody holds.
-        self._record(cert, kind, name, cert_path)
-        try:
-            write_new(key_path, key_pem(key), 0o600)
+        with self._locked("issue a certificate"):
+            before = self.records()
+            records = settle(self.directory, before, self.certificate)
+            settled = tuple(r for r, was in zip(records, before, strict=True) if r != was)
+            if settled:
+                self._save(records)
+            # Checked once settled: a killed run's leftover certificate is no reason to refuse.
+            # The pending name too: what is there now is not this run's to remove on failure.
+            refuse_existing([cert_path, key_path, pending_key_path(key_path)])
+            # Recorded first (`certs.issuance`): a certificate on disk that the index does not
+            # list could never be revoked.
+            record = new_record(
+                cert,
+                kind,
+                name,
+                directory=self.directory,
+                cert_path=cert_path,
+                key_path=key_path,
+                issuance="started",
+            )
+            self._save([*records, record])
             try:
-                write_new(cert_path, _cert_pem(cert), 0o644)
+                write_pair(cert_path, _cert_pem(cert), key_path, key_pem(key))
             except BaseException:
-                key_path.unlink(missing_ok=True)  # never leave a key without its certificate
+                # A record whose certificate was never written is dropped; one whose certificate
+                # was on disk, if only for a moment, stays known.
+                written = discard(cert_path, key_path, cert.serial_number, self.certificate)
+                kept = [dataclasses.replace(record, issuance="abandoned")] if written else []
+                self._save([*records, *kept])
                 raise
-        except BaseException:
-            with self._locked():
-                self._save([r for r in self.records() if r.serial != cert.serial_number])
-            raise
-        return Issued(cert_path, key_path, cert)
+            self._save([*records, dataclasses.replace(record, issuance="complete")])
+        return Issued(cert_path, key_path, cert, settled)
 
     # -- the index, revocation, CRL --------------------------------------------------------
 
@@ -398,21 +371,12 @@ class CertificateAuthority:
     def _save(self, records: list[CertRecord]) -> None:
         replace_file(self.index_path, index_bytes(records))  # atomically
 
-    def _record(self, cert: x509.Certificate, kind: CertKind, name: str, path: Path) -> None:
-        with self._locked():
-            self._save([*self.records(), new_record(cert, kind, name, path)])
-
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold ``.lock`` (an exclusive flock, waited for) around a read-modify-write of the index
-        or the CRL. Not re-entrant: a second flock on a new descriptor would wait for itself."""
-        make_directory(self.directory)
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    def _locked(self, action: str) -> Iterator[None]:
+        """Hold ``.lock`` exclusively around a change to the directory (`certs.lock`);
+        `ReadOnlyPki` naming ``action`` if it cannot be written."""
+        with lock.exclusive(self.directory, action):
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     def revoke(self, target: str, *, crl_days: float | None = None) -> list[CertRecord]:
         """Revoke by device id (every unrevoked certificate of that device) or by serial.
@@ -424,7 +388,7 @@ class CertificateAuthority:
         and those records are returned. `PkiError` if none matched, or if every match is
         revoked already (in the index and on the CRL).
         """
-        with self._locked():
+        with self._locked("revoke"):
             records = self.records()
             # A device id wins over a serial spelled the same; a random 159-bit serial that reads
             # like a real device id is not a practical worry.
@@ -508,17 +472,39 @@ class CertificateAuthority:
     def write_crl(self, path: Path | None = None, *, days: float | None = None) -> Path:
         """(Re)write the CRL, valid for ``days`` or, by default, as long as the CRL it replaces
         was (else `DEFAULT_CRL_DAYS`). Replacing one is the point, but only a CRL of this CA is
-        replaced: any other existing file at ``path`` is `OutputExists`."""
+        replaced: any other existing file at ``path`` is `OutputExists`.
+
+        If the PKI directory cannot be written (read-only media), a CRL to a path elsewhere is
+        still written, its number not recorded in ``crlnumber`` (see `_crl_for`); the PKI's own
+        ``crl.pem`` is then `ReadOnlyPki`."""
         path = path or self.crl_path
-        with self._locked():
-            replace_file(path, self._crl_for(path, days, None))
+        if path == self.crl_path or lock.writable(self.directory):
+            with self._locked("write crl.pem"):
+                replace_file(path, self._crl_for(path, days, None))
+            return path
+        with lock.shared(self.directory):  # a writer on another, writable mount waits
+            pem = self._crl_for(path, days, None, record_number=False)
+        replace_file(path, pem)
         return path
 
     def _crl_for(
-        self, path: Path, days: float | None, records: Sequence[CertRecord] | None
+        self,
+        path: Path,
+        days: float | None,
+        records: Sequence[CertRecord] | None,
+        *,
+        record_number: bool = True,
     ) -> bytes:
         """The PEM CRL to write at ``path`` (see `write_crl`) of ``records`` (None: the
-        index's)."""
+        index's), numbered above every CRL number recorded and every CRL of this CA at ``path``
+        and in ``crl.pem``.
+
+        Its number is recorded in ``crlnumber`` before it is returned, or, with
+        ``record_number`` False (the directory is read-only), it is the clock's second (the
+        recorded numbers, if they run ahead of the clock, are waited out, up to
+        `MAX_UNRECORDED_LEAD`, else `PkiError`) and this returns only once the clock has passed
+        it: every later CRL, numbered at least by its own second, is numbered above it as long
+        as the CA's clock does not go back. A recorded number needs no such trust."""
         existing = self._our_crl(path)
         # The PKI's own crl.pem is always ours to replace (even damaged: revoking must work);
         # a file elsewhere only if it is a CRL of this CA (`--out ca.key` must not destroy it).
@@ -550,10 +536,31 @@ class CertificateAuthority:
         # with --out may be ahead of crl.pem, and a verifier holding it would refuse the next
         # crl.pem (a revocation, say) as a rollback. Every CRL is numbered above all before it.
         after = max([*numbers, self._last_crl_number()])
-        crl = self.build_crl(days=days, after=after, records=records, also_revoked=carried)
-        # Recorded before the CRL is written: a number skipped is harmless, one reused is not.
-        replace_file(self.crl_number_path, f"{crl_number(crl)}\n".encode())
+        now = _now()
+        if not record_number:
+            now = self._clock_past(after, now)
+        crl = self.build_crl(days=days, now=now, after=after, records=records, also_revoked=carried)
+        number = crl_number(crl) or after + 1
+        if record_number:
+            # Recorded before the CRL is written: a number skipped is harmless, one reused is not.
+            replace_file(self.crl_number_path, f"{number}\n".encode())
+        else:
+            _wait_until(number + 1)  # no later CRL can be numbered ``number`` or below
         return crl.public_bytes(serialization.Encoding.PEM)
+
+    def _clock_past(self, after: int, now: dt.datetime) -> dt.datetime:
+        """A time whose second is above ``after``, the highest CRL number known: ``now``, or
+        a little later, waited for."""
+        lead = after + 1 - int(now.timestamp())
+        if lead > MAX_UNRECORDED_LEAD:
+            raise PkiError(
+                f"CRL number {after} (recorded in {self.directory}) is {lead} s ahead of the"
+                " clock; a CRL whose number cannot be recorded is numbered by the clock: check"
+                " the clock, or write it with the PKI directory writable"
+            )
+        if lead > 0:
+            _wait_until(after + 1)
+        return _now()
 
     def _last_crl_number(self) -> int:
         """The highest CRL number this PKI issued (0 if unknown: missing or unreadable)."""
