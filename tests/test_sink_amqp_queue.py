@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import time
@@ -27,7 +28,7 @@ from cloud_sink.backends.base import BackendError, CoreMessage, DeadLetterMessag
 from cloud_sink.forward import Forwarder
 from mqtt_ingest import Counters, Identity, IngestEvent
 from tests.harness.brokers import RabbitNames, amqp_connection, drain_queue
-from tests.harness.chaos import ChaosProxyFactory
+from tests.harness.chaos import ChaosProxyFactory, Direction
 from tests.harness.sink import core_message
 
 DRAIN_TIMEOUT = 10.0
@@ -396,6 +397,66 @@ async def test_a_call_failing_on_an_old_connection_keeps_the_new_one(
             await second
         assert (await queue.publish([message(rabbitmq, 4)])).stored == 1
         assert fine.stats.accepted == 1  # the new connection was kept
+
+
+def client_sockets_to(port: int) -> int:
+    """This machine's TCP sockets connected to loopback ``port`` (client ends, any state but
+    TIME_WAIT and CLOSE, listeners aside): what a connection the sink dropped still holds."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote, state = fields[2], fields[3]
+                if int(remote.rpartition(":")[2], 16) == port and state not in ("06", "07", "0A"):
+                    count += 1
+    return count
+
+
+async def test_a_dropped_connection_with_unsent_bytes_is_closed_within_its_bound(
+    rabbitmq: RabbitNames, chaos_proxy_factory: ChaosProxyFactory
+) -> None:
+    """The broker stops reading mid-batch (as RabbitMQ does to a publishing connection under a
+    memory or disk alarm, while it still sends heartbeats): the publish times out and the
+    session is dropped. Its close must end within its bound and let the socket go, unsent batch
+    and all. A graceful close waited for those bytes to drain, the cancellation of its deadline
+    swallowed inside aiormq: the socket and its batch stayed for minutes (aiormq's heartbeat
+    grace), one more for each publish and probe cycle of a long alarm, and closing the queue
+    (the sink's stop) hung as long."""
+    host, port = urlsplit(rabbitmq.url).hostname or "127.0.0.1", urlsplit(rabbitmq.url).port
+    silent = await chaos_proxy_factory(host, port or 5672)
+    fine = await chaos_proxy_factory(host, port or 5672)
+    timeout = 2.0
+    body = b"x" * 10_000
+    batch = [message(rabbitmq, n)._replace(payload=body) for n in range(2, 2_002)]
+    queue = await AmqpCoreQueue.open(
+        url=via(rabbitmq.url, silent.port),
+        exchange=rabbitmq.exchange,
+        queue=rabbitmq.queue,
+        queue_type="classic",
+        dead_letter_exchange=rabbitmq.dead_letter_exchange,
+        dead_letter_queue=rabbitmq.dead_letter_queue,
+        timeout=timeout,
+    )
+    try:
+        await queue.publish([message(rabbitmq, 1)])
+        assert client_sockets_to(silent.port) == 1
+        silent.blackhole(direction=Direction.UPSTREAM)  # the broker reads nothing more
+        queue.url = via(rabbitmq.url, fine.port)
+        with pytest.raises(BackendError, match="no answer"):
+            await queue.publish(batch)  # 20 MB: most of it still unsent
+        await queue.probe()  # connected again, through the other proxy
+        bound = min(timeout, 5.0) + 2.0  # the close's own bound, and slack for a loaded machine
+        deadline = time.monotonic() + bound
+        while client_sockets_to(silent.port) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        assert client_sockets_to(silent.port) == 0, "the dropped connection's socket is still open"
+    finally:
+        started = time.monotonic()
+        await queue.aclose()
+        closed_in = time.monotonic() - started
+    assert closed_in < timeout + 2.0, f"closing the queue took {closed_in:.1f}s"
 
 
 async def test_closed_queue_raises(rabbitmq: RabbitNames) -> None:

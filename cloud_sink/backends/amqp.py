@@ -26,18 +26,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 import aiormq
+import aiormq.connection
 import pamqp.exceptions
 from pamqp.commands import Basic
+from yarl import URL
 
 from cloud_sink.backends.amqp_publisher import BatchPublisher, Outgoing
 from cloud_sink.backends.amqp_wire import MAX_SHORT_STRING_BYTES, event_properties
@@ -51,6 +55,7 @@ _MAX_ROUTING_KEY_BYTES = MAX_SHORT_STRING_BYTES
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024**2
 """RabbitMQ 4's default ``max_message_size`` (3.x: 128 MiB)."""
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 _UNSAFE_WORD = re.compile(r"[.*#/+>\x00-\x20\x7f-\x9f\s]")
 _ERRORS: tuple[type[BaseException], ...] = (
     *aio_pika.exceptions.CONNECTION_EXCEPTIONS,  # AMQPError, OSError (TimeoutError), RuntimeError
@@ -71,6 +76,74 @@ def dead_letter_routing_key(device_id: str) -> str:
     word = _UNSAFE_WORD.sub("_", device_id) or "_"
     encoded = word.encode("utf-8", "replace")[:_MAX_ROUTING_KEY_BYTES]
     return encoded.decode("utf-8", "ignore") or "_"
+
+
+class _Sockets(aiormq.TransportFactory):
+    """aiormq's transport factory for the URL's scheme, keeping the stream it opened in reach
+    (`abort`)."""
+
+    def __init__(self, tls: bool) -> None:
+        self._factory: aiormq.TransportFactory = (
+            aiormq.connection.TLSTransportFactory()
+            if tls
+            else aiormq.connection.TCPTransportFactory()
+        )
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def create(
+        self, url: URL, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await self._factory.create(url, **kwargs)
+        self._writer = writer
+        return reader, writer
+
+    def abort(self) -> None:
+        """Drop the socket at once, unsent bytes and all (no-op if none was opened): with a
+        reset, so that the kernel does not keep the orphaned socket and its unsent bytes either
+        (a plain close leaves them trying to reach a peer that reads nothing)."""
+        if self._writer is None:
+            return
+        transport = self._writer.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
+
+class _Connection(aio_pika.Connection):
+    """aio-pika's connection, with its socket in reach: `_close_connection` aborts it when a
+    graceful close overruns its deadline."""
+
+    def __init__(self, url: URL, *args: Any, **kwargs: Any) -> None:
+        super().__init__(url, *args, **kwargs)
+        self.sockets = _Sockets(tls=self.url.scheme == "amqps")
+        # Passed down to aiormq's Connection as it is (aio-pika's own keyword parsing drops it).
+        self.kwargs["transport_factory"] = self.sockets
+
+
+async def _close_connection(connection: aio_pika.abc.AbstractConnection, seconds: float) -> None:
+    """Close ``connection`` within about ``seconds``; errors do not matter any more.
+
+    A dead or blocked peer (RabbitMQ stops reading a publishing connection under a resource
+    alarm, and still sends heartbeats) never answers Close, and aiormq waits for the unsent
+    bytes to drain before it lets the socket go, up to its heartbeat grace (minutes), without
+    ending that wait when cancelled: a deadline around the close passed, and the socket stayed
+    open with the batch it held, one more for each publish timeout and probe of a long alarm
+    (and closing the queue, the sink's stop, waited as long). Past the deadline the socket is
+    aborted, which ends aiormq's wait."""
+    closing = asyncio.ensure_future(connection.close())
+    try:
+        await asyncio.wait([closing], timeout=seconds)
+    finally:
+        if not closing.done():
+            if isinstance(connection, _Connection):
+                connection.sockets.abort()
+            await asyncio.wait([closing], timeout=1.0)
+            if not closing.done():
+                closing.cancel()
+        if closing.done() and not closing.cancelled():
+            closing.exception()  # retrieved: it does not matter any more
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +341,9 @@ class AmqpCoreQueue:
             return session
 
     async def _connect(self) -> _Session:
-        connection = await aio_pika.connect(self.url, timeout=self.timeout)
+        connection = await aio_pika.connect(
+            self.url, timeout=self.timeout, connection_class=_Connection
+        )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             exchange, dead_letter_exchange = await self._declare(channel)
@@ -276,9 +351,7 @@ class AmqpCoreQueue:
             if not isinstance(raw, aiormq.Channel):
                 raise TypeError(f"aio-pika gave an unexpected channel type {type(raw)!r}")
         except BaseException:
-            with suppress(Exception):
-                async with asyncio.timeout(self.timeout):
-                    await connection.close()
+            await _close_connection(connection, self.timeout)
             raise
         return _Session(connection, channel, BatchPublisher(raw), exchange, dead_letter_exchange)
 
@@ -322,10 +395,7 @@ class AmqpCoreQueue:
         task.add_done_callback(self._closing.discard)
 
     async def _close(self, session: _Session) -> None:
-        # A dead peer never answers Close: bounded, and errors do not matter any more.
-        with suppress(Exception):
-            async with asyncio.timeout(min(self.timeout, 5.0)):
-                await session.connection.close()
+        await _close_connection(session.connection, min(self.timeout, 5.0))
 
 
 def _event(m: CoreMessage) -> Outgoing:
