@@ -91,7 +91,14 @@ class Acceptor:
         self._rules = {}
 
     def prepare(self, topic: str, payload: bytes, event_time: float | None = None) -> NewEvent:
-        """Check one event and apply its topic rule; raise `InvalidEvent`."""
+        """Check one event and apply its topic rule; raise `InvalidEvent`, or `TypeError` for a
+        payload that is not bytes."""
+        if type(payload) is not bytes and not isinstance(payload, (bytes, bytearray, memoryview)):
+            # Here, at the call: the group insert binds `bytearray(payload)` on the committer's
+            # thread, where a str would fail the commit of every event grouped with it.
+            raise TypeError(
+                f"payload must be bytes, not {type(payload).__name__} (topic {topic[:200]!r})"
+            )
         # Devices publish on few topics, again and again: the topic checks and the rule lookup
         # (a third of the per-event work of Agent.publish) are done once per topic.
         rule = self._rules.get(topic)

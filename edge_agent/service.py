@@ -273,8 +273,9 @@ class Agent:
     async def publish(self, topic: str, payload: bytes) -> str:
         """Accept one event; return its id once it is committed.
 
-        Raises `edge_agent.InvalidEvent` (bad topic, payload over the rule's ``max_payload``) or
-        `edge_agent.BufferFull` (the rule says ``reject`` and the buffer is full).
+        Raises `edge_agent.InvalidEvent` (bad topic, payload over the rule's ``max_payload``),
+        `TypeError` (a payload that is not bytes) or `edge_agent.BufferFull` (the rule says
+        ``reject`` and the buffer is full).
         """
         if self._acceptor is None:
             raise RuntimeError("the agent is not running")

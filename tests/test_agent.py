@@ -100,6 +100,29 @@ async def test_api_publish_from_another_event_loop_stores_nothing(tmp_path: Path
     assert [e.payload for e in read_events(config.agent.data_dir)] == [b"3"]
 
 
+async def test_api_publish_of_a_str_payload_is_refused_at_the_call_alone(tmp_path: Path) -> None:
+    """The group insert binds payloads as ``bytearray(payload)``: a ``str`` payload (typed
+    ``bytes``, but Python lets it through) raised TypeError on the committer's thread, and the
+    whole group commit failed with it, every other publisher's event of that group refused
+    ("commit failed"). It is refused at the call now, to its caller only, nothing stored."""
+    config = load_config(write_config(tmp_path))
+    async with Agent(config) as agent:
+        await agent.publish("sensors/a", b"0")
+        outcomes = await asyncio.gather(
+            *[agent.publish("sensors/a", b"%d" % i) for i in range(1, 4)],
+            agent.publish("sensors/b", "text"),  # type: ignore[arg-type]
+            *[agent.publish("sensors/a", b"%d" % i) for i in range(4, 7)],
+            return_exceptions=True,
+        )
+        with pytest.raises(TypeError, match="payload must be bytes, not str"):
+            await agent.publish_many([("sensors/a", b"7"), ("sensors/b", "text")])  # type: ignore[list-item]
+    refused = outcomes.pop(3)
+    assert isinstance(refused, TypeError)
+    assert all(isinstance(outcome, str) for outcome in outcomes), outcomes
+    stored = [e.payload for e in read_events(config.agent.data_dir)]
+    assert stored == [b"%d" % i for i in range(7)]
+
+
 async def test_api_publish_many_commits_together_and_reports_each_outcome(
     tmp_path: Path,
 ) -> None:
