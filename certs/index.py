@@ -6,8 +6,9 @@ Paths are stored relative to the PKI directory when they are inside it, absolute
 they mean the same whatever directory a later command runs in. Records written before that
 (no ``relative_to``) stored a path as it was given, relative to the directory the issuing
 command ran in: one ending in the tool's own layout (``devices/ID.pem``, ``servers/NAME.pem``,
-``ca.pem``) is read as that file of the PKI directory, the only place such a path can have
-named; any other relative path is kept as given, marked ``issuer-cwd`` (its base is unknown).
+``ca.pem``) is read as that file of the PKI directory if that file is the record's certificate
+(its serial: ``--cert out/devices/ID.pem`` made such a path elsewhere); any other relative path
+is kept as given, marked ``issuer-cwd`` (its base is unknown).
 """
 
 from __future__ import annotations
@@ -104,9 +105,23 @@ def _from_old(directory: Path, item: dict[str, Any]) -> dict[str, Any]:
     if path.is_absolute():
         return {**item, "cert_path": stored_path(directory, Path(path)), "relative_to": "pki"}
     tail = _default_tail(item["kind"], item["name"])
-    if tail.parts and path.parts[-len(tail.parts) :] == tail.parts:
+    if (
+        tail.parts
+        and path.parts[-len(tail.parts) :] == tail.parts
+        and _holds_serial(Path(directory) / tail, item["serial"])
+    ):
         return {**item, "cert_path": tail.as_posix(), "relative_to": "pki"}
     return {**item, "relative_to": "issuer-cwd"}
+
+
+def _holds_serial(path: Path, serial: int) -> bool:
+    """Whether ``path`` is the certificate ``serial``: an old path in the tool's layout may also
+    have been given with ``--cert`` elsewhere (``out/devices/ID.pem``), and mapped to the PKI
+    directory's file it named one that does not exist, or another certificate."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).serial_number == serial
+    except (OSError, ValueError):
+        return False
 
 
 def read_index(directory: Path) -> list[CertRecord]:

@@ -305,28 +305,39 @@ def test_records_of_earlier_versions_are_read_by_what_their_paths_can_mean(
     tmp_path: Path, pki_dir: Path
 ) -> None:
     """An index written before: paths as given to the issuing command. One in the tool's own
-    layout names that file of the PKI directory; another relative one has no knowable base and
-    is shown as given; an absolute one as it is. A later issuance keeps them so."""
+    layout names that file of the PKI directory if that file is the record's certificate (not
+    when ``--cert out/devices/ID.pem`` put it elsewhere: it was mapped to a file that does not
+    exist, or to another certificate, and the next save lost the path it had); another relative
+    one has no knowable base and is shown as given; an absolute one as it is. A later issuance
+    keeps them so."""
+    assert run("--dir", str(pki_dir), "device", "e").returncode == 0
     records = json.loads((pki_dir / "index.json").read_text())
     ca = {key: records[0][key] for key in ("serial", "kind", "name", "not_before", "not_after")}
+    e_serial = records[1]["serial"]
     old = [
         {**ca, "cert_path": "some/where/pki/ca.pem", "revoked_at": None},
-        {**ca, "serial": "7", "kind": "device", "name": "a", "cert_path": "pki/devices/a.pem",
+        {**ca, "serial": "7", "kind": "device", "name": "a", "cert_path": "out/devices/a.pem",
          "revoked_at": None},
         {**ca, "serial": "8", "kind": "device", "name": "b", "cert_path": "new/b.pem",
          "revoked_at": None},
         {**ca, "serial": "9", "kind": "device", "name": "c", "cert_path": "/srv/c.pem",
          "revoked_at": None},
+        {**ca, "serial": e_serial, "kind": "device", "name": "e", "cert_path": "pki/devices/e.pem",
+         "revoked_at": None},
+        {**ca, "serial": "10", "kind": "device", "name": "e", "cert_path": "out/devices/e.pem",
+         "revoked_at": None},
     ]  # fmt: skip
     (pki_dir / "index.json").write_text(json.dumps(old))
     expected = [
         (str(pki_dir / "ca.pem"), "valid"),
-        (str(pki_dir / "devices/a.pem"), "valid"),
+        ("out/devices/a.pem", "valid"),  # no such file in the PKI directory
         ("new/b.pem", "valid"),
         ("/srv/c.pem", "valid"),
+        (str(pki_dir / "devices/e.pem"), "valid"),
+        ("out/devices/e.pem", "valid"),  # the PKI directory's file is another certificate
     ]
     assert [(r["cert"], r["status"]) for r in listing(pki_dir, cwd=tmp_path)] == expected
     assert run("--dir", str(pki_dir), "device", "d").returncode == 0
     rows = listing(pki_dir, cwd=tmp_path)
-    assert [(r["cert"], r["status"]) for r in rows[:4]] == expected
-    assert [r["key"] for r in rows] == [None] * 4 + [str(pki_dir / "devices/d.key")]
+    assert [(r["cert"], r["status"]) for r in rows[:6]] == expected
+    assert [r["key"] for r in rows] == [None] * 6 + [str(pki_dir / "devices/d.key")]
