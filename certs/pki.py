@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -478,7 +479,8 @@ class CertificateAuthority:
         still written, its number not recorded in ``crlnumber`` (see `_crl_for`); the PKI's own
         ``crl.pem`` is then `ReadOnlyPki`."""
         path = path or self.crl_path
-        if path == self.crl_path or lock.writable(self.directory):
+        own = os.path.abspath(path) == os.path.abspath(self.crl_path)  # however it is spelled
+        if own or lock.writable(self.directory):
             with self._locked("write crl.pem"):
                 replace_file(path, self._crl_for(path, days, None))
             return path

@@ -126,6 +126,7 @@ def test_an_offline_ca_on_read_only_media_lists_and_writes_crls_elsewhere(
             (("server", "--dns", "sink.example"), "issue a certificate"),
             (("revoke", "lost"), "revoke"),
             (("crl",), "write crl.pem"),
+            (("crl", "--out", f"{media}/../{media.name}/crl.pem"), "write crl.pem"),  # respelled
         ]:
             refused = run("--dir", str(media), *args)
             assert refused.returncode == 2
