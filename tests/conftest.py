@@ -3,8 +3,8 @@
 from hypothesis import settings
 
 pytest_plugins = [
+    "tests.harness.process",  # before the plugins that import it (assertion rewriting)
     "tests.harness.pki",
-    "tests.harness.process",
     "tests.harness.mosquitto",
     "tests.harness.brokers",
     "tests.harness.chaos",

@@ -25,9 +25,17 @@ from tests.harness.process import console_script
 BRIDGE_CERTS = console_script("bridge-certs")
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [BRIDGE_CERTS, *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
+        [BRIDGE_CERTS, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
@@ -43,14 +51,6 @@ def tree(directory: Path) -> dict[str, bytes]:
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture
-def pki_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "pki"
-    result = run("--dir", str(directory), "init-ca")
-    assert result.returncode == 0, result.stderr
-    return directory
 
 
 @pytest.mark.parametrize("key_type", list(KeyType))

@@ -18,31 +18,9 @@ from cryptography import x509
 from certs import CertificateAuthority
 from mqtt_ingest import failpoints
 from mqtt_ingest.crl import crl_number
-from tests.test_pki import BRIDGE_CERTS, openssl, tree
+from tests.test_pki import openssl, run, tree
 
 pytestmark = pytest.mark.integration
-
-
-def run(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [BRIDGE_CERTS, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
-@pytest.fixture
-def pki_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "pki"
-    result = run("--dir", str(directory), "init-ca")
-    assert result.returncode == 0, result.stderr
-    return directory
 
 
 def listing(directory: Path, cwd: Path | None = None) -> list[dict[str, str]]:

@@ -2,13 +2,15 @@
 
 The session fixture `pki` holds a CA, a server certificate for ``localhost``/``127.0.0.1``, device
 certificates of each key type, and one call each for the bad variants the fault tests need:
-expired, not yet valid, issued by another CA, revoked.
+expired, not yet valid, issued by another CA, revoked. `pki_dir` is a fresh PKI directory made by
+the ``bridge-certs`` console script, for the tests of the tool's command line.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ssl
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from certs import CertificateAuthority, Issued, KeyType
+from tests.harness.process import console_script
 
-__all__ = ["DeviceCreds", "Pki", "pki"]
+__all__ = ["DeviceCreds", "Pki", "pki", "pki_dir"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +107,12 @@ class Pki:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def pki_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "pki"
+    command = [console_script("bridge-certs"), "--dir", str(directory), "init-ca"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return directory
