@@ -19,8 +19,22 @@ class OutputExists(PkiError):
 
 class CaMissing(PkiError):
     def __init__(self, directory: Path) -> None:
-        super().__init__(f"no CA in {directory} (ca.pem and ca.key); run 'bridge-certs init-ca'")
+        cert, key = directory / "ca.pem", directory / "ca.key"
+        if key.exists() and not cert.exists() and not (directory / "index.json").exists():
+            # Left by an init-ca that did not finish: its retry refused the directory too.
+            message = interrupted_init(key)
+        else:
+            message = f"no CA in {directory} (ca.pem and ca.key); run 'bridge-certs init-ca'"
+        super().__init__(message)
         self.directory = directory
+
+
+def interrupted_init(key: Path) -> str:
+    return (
+        f"{key} is there without ca.pem or index.json: an init-ca that did not finish? No"
+        " certificate can have been issued with it (never removed for you: a CA key). Delete"
+        " it, then run 'bridge-certs init-ca' again"
+    )
 
 
 class KeyUnreadable(PkiError):

@@ -42,7 +42,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs import lock
-from certs.errors import CaMissing, KeyUnreadable, OutputExists, PkiError, ReadOnlyPki
+from certs.errors import (
+    CaMissing,
+    KeyUnreadable,
+    OutputExists,
+    PkiError,
+    ReadOnlyPki,
+    interrupted_init,
+)
 from certs.files import make_directory, refuse_existing, replace_file, write_new
 from certs.index import CertKind, CertRecord, index_bytes, new_record, read_index
 from certs.issuance import discard, pending_key_path, settle, write_pair
@@ -59,6 +66,7 @@ from certs.profiles import ca_certificate, leaf_certificate
 from certs.validity import now as _now
 from certs.validity import validity as _validity
 from certs.validity import wait_until as _wait_until
+from mqtt_ingest import failpoints
 from mqtt_ingest.crl import crl_number
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
@@ -155,8 +163,11 @@ class CertificateAuthority:
         an earlier CA's ``index.json`` or ``crl.pem``). When it fails, nothing it wrote is left."""
         directory = Path(directory)
         cert_path, key_path = directory / "ca.pem", directory / "ca.key"
+        index = directory / "index.json"
+        if key_path.exists() and not cert_path.exists() and not index.exists():
+            raise PkiError(interrupted_init(key_path))
         # An index or CRL left by an earlier CA would list its certificates as this one's.
-        refuse_existing([cert_path, key_path, directory / "index.json", directory / "crl.pem"])
+        refuse_existing([cert_path, key_path, index, directory / "crl.pem"])
         name = subject_name(common_name, "the CA's --cn")
         start, end = _validity(not_before, days)
         key = generate_key(key_type)
@@ -172,6 +183,7 @@ class CertificateAuthority:
                 refuse_existing([cert_path, key_path, ca.index_path, ca.crl_path])
                 write_new(key_path, key_pem(key), 0o600)
                 written.append(key_path)
+                failpoints.hit("certs.init_ca.after_key")
                 write_new(cert_path, _cert_pem(cert), 0o644)
                 written.append(cert_path)
                 written.append(ca.index_path)  # it was not there: whatever is there is ours

@@ -320,3 +320,27 @@ def test_records_of_earlier_versions_are_read_by_what_their_paths_can_mean(
     rows = listing(pki_dir, cwd=tmp_path)
     assert [(r["cert"], r["status"]) for r in rows[:6]] == expected
     assert [r["key"] for r in rows] == [None] * 6 + [str(pki_dir / "devices/d.key")]
+
+
+@pytest.mark.fault
+def test_an_init_ca_killed_between_its_files_says_what_to_do(tmp_path: Path) -> None:
+    """An init-ca killed after writing ca.key left it alone there: every command then said
+    "no CA ... run init-ca", and init-ca said "ca.key exists already". A CA key is never removed
+    for the operator (it may be the only copy of a real CA's), but both now say what happened
+    and what to do."""
+    directory = tmp_path / "pki"
+    killed = run(
+        "--dir", str(directory), "init-ca",
+        env={"BRIDGE_FAILPOINTS": "certs.init_ca.after_key=kill9"},
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert _files(directory) == [".lock", "ca.key"]
+    hint = "is there without ca.pem or index.json: an init-ca that did not finish?"
+    for args in (("init-ca",), ("device", "dev-1")):
+        refused = run("--dir", str(directory), *args)
+        assert refused.returncode == 2
+        assert hint in refused.stderr, refused.stderr
+        assert "Delete it, then run 'bridge-certs init-ca' again" in refused.stderr
+    assert _files(directory) == [".lock", "ca.key"]
+    (directory / "ca.key").unlink()
+    assert run("--dir", str(directory), "init-ca").returncode == 0
