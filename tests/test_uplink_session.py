@@ -410,9 +410,10 @@ async def test_messages_lost_once_go_again_in_doubling_rounds_not_one_at_a_time(
     async with acks_held(tmp_path, pki, chaos_proxy_factory, "rounds", extra) as held:
         agent, uplink, proxy = held  # PUBACKs held: the whole window stays in flight
         await asyncio.gather(*(agent.publish("sensors/t", b"%d" % i) for i in range(16)))
-        # (A PUBACK may cross before the blackhole: the proxy's read under way completes.)
+        # (PUBACKs may cross before the blackhole: the proxy's read under way completes. Rounds
+        # of 1, 2 and 4 need 7 messages in flight at the cut for the third to be seen.)
         await until(lambda: uplink.in_flight + uplink.status.delivered == 16)
-        assert uplink.in_flight >= 15
+        assert uplink.in_flight >= 7
         await proxy.reset()  # lost with a full window in flight: one attempt each
         data = agent.config.agent.data_dir
         await until(lambda: {e.attempts for e in read_events(data)} == {1})
