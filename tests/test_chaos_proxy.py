@@ -355,6 +355,31 @@ async def test_reset_sends_rst_to_both_sides(proxy: ChaosProxy, echo: EchoServer
     assert (stats.accepted, stats.upstream_failures) == (3, 0)
 
 
+@pytest.mark.parametrize("ending", ["reset", "close"])
+async def test_a_cut_path_that_ends_delivers_nothing_it_held(
+    proxy: ChaosProxy, echo: EchoServer, ending: str
+) -> None:
+    """Bytes a blackhole held die with the connection: the proxy let its pumps see the path
+    healed before it cancelled them, and they could deliver what they held just before the RST
+    (the agent then saw acknowledgements a cut should have lost: a flaky uplink test)."""
+    for _ in range(20):  # the race went either way
+        async with client(proxy) as (reader, writer):
+            assert await roundtrip(reader, writer, b"a") == b"a"
+            proxy.blackhole(direction=Direction.DOWNSTREAM)
+            writer.write(b"held")
+            await writer.drain()
+            await echo.wait_for("upstream flows", lambda: echo.received.endswith(b"held"))
+            await asyncio.sleep(0.02)  # the echo's answer reaches the proxy, which holds it
+            await (proxy.reset() if ending == "reset" else proxy.close())
+            async with asyncio.timeout(WAIT):
+                try:
+                    after = await reader.read(100)
+                except ConnectionResetError:
+                    after = b""
+            assert after == b""
+        proxy.pass_through()
+
+
 async def test_peer_reset_is_passed_on(proxy: ChaosProxy, echo: EchoServer) -> None:
     async with client(proxy) as (reader, writer):
         assert await roundtrip(reader, writer, b"hi") == b"hi"

@@ -410,13 +410,13 @@ class ChaosProxy:
 
     async def _terminate(self, how: _Ending) -> None:
         self._terminal = how
-        self._shaping = dict.fromkeys(_ONE_WAY, _PASS)
-        self._mode_changed.fire()
         _log.info("chaos proxy %s: %s", self._port, how.value)
         victims = list(self._connections.values())
         for conn in victims:
             conn.ending = how
             conn.task.cancel()
+        # The shaping stays until the connections are gone: pumps woken by a healed path would
+        # deliver what a blackhole held before their cancellation reached them.
         if victims:
             _, pending = await asyncio.wait({c.task for c in victims}, timeout=TEARDOWN_TIMEOUT)
             if pending:
@@ -424,6 +424,9 @@ class ChaosProxy:
         # A task cancelled before its first step never runs its finally; finish those here.
         for conn in victims:
             self._finish(conn)
+        if self._terminal is how:  # no mode call meanwhile
+            self._shaping = dict.fromkeys(_ONE_WAY, _PASS)
+            self._mode_changed.fire()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
