@@ -13,8 +13,8 @@ TLS; the backlog is built with the buffer API before the agent starts, then copi
     same Mosquitto. Alternating, ``--runs`` times; medians and their ratio (goal >= 0.9x).
 (b) batch mode: the agent drains ``--events`` through the sink into the sqlite core queue (goal
     >= 130,000 events/s end to end); reference: a bare aiomqtt loop publishing the same events as
-    pre-encoded batch-v1 envelopes (500 events or 64 KiB, the agent's defaults) to the same sink,
-    so the ratio says how much of the sink's capacity the agent reaches.
+    pre-encoded envelopes (``--format``; 500 events or 64 KiB, the agent's defaults) to the same
+    sink, so the ratio says how much of the sink's capacity the agent reaches.
 (c) the agent's RSS (``VmRSS`` from ``/proc/PID/status``, sampled while it drains, and ``VmHWM``)
     with ``--rss-events`` buffered (default 5 x ``--events``: 1,000,000), drained in batch mode
     through the sink (goal <= 64 MB); reference: the same agent idle and connected.
@@ -61,6 +61,7 @@ from pathlib import Path
 
 from bench.report import out, table, yes
 from bench.wire import length, utf8
+from mqtt_ingest.envelope import BATCH_FORMATS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -168,6 +169,15 @@ def make_pki(directory: Path) -> Pki:
     return Pki(ca.cert_path, server.cert_path, server.key_path, device.cert_path, device.key_path)
 
 
+def batch_format(args: argparse.Namespace | None) -> str:
+    """The batch envelope format of (b)-(d): ``--format``, else the agent's default."""
+    from edge_agent.config import UplinkConfig
+
+    if args is not None and args.format is not None:
+        return str(args.format)
+    return str(UplinkConfig.model_fields["format"].default)
+
+
 def agent_toml(
     data_dir: Path,
     pki: Pki,
@@ -193,7 +203,7 @@ def agent_toml(
         f"{buffer_extra}\n"
         "[listener]\nport = 0\n\n"
         f'[uplink]\nhost = "localhost"\nport = {port}\n'
-        f'format = "{"raw" if raw else "batch-v1"}"\nwindow = {window}\n\n'
+        f'format = "{"raw" if raw else batch_format(args)}"\nwindow = {window}\n\n'
         f"{uplink_batch}"
         f'[uplink.tls]\nca = "{pki.ca}"\ncert = "{pki.device_cert}"\nkey = "{pki.device_key}"\n\n'
         f"[uplink.token]\n{token}\n\n"
@@ -533,7 +543,7 @@ async def bare_drain(
         sys.executable, "-m", "bench.drain", "_bare",
         json.dumps({
             "port": server.port, "events": events, "window": args.window,
-            "topics": args.topics, "batch": batch, "token": token,
+            "topics": args.topics, "batch": batch, "token": token, "format": batch_format(args),
             "ca": str(pki.ca), "cert": str(pki.device_cert), "key": str(pki.device_key),
         }),
         cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE,
@@ -566,7 +576,7 @@ async def _bare(spec: dict[str, object]) -> dict[str, float]:
     import aiomqtt
 
     from edge_agent.config import UplinkBatch
-    from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
+    from mqtt_ingest.envelope import EnvelopeEvent, encode, format_username
 
     events, window = int(str(spec["events"])), int(str(spec["window"]))
     names = [f"devices/{DEVICE}/{t}" for t in topics(int(str(spec["topics"])))]
@@ -584,7 +594,8 @@ async def _bare(spec: dict[str, object]) -> dict[str, float]:
             for first in range(0, len(seqs), per_envelope):
                 run = [EnvelopeEvent(s, now_ms, bodies[s % len(bodies)]) for s in
                        seqs[first : first + per_envelope]]  # fmt: skip
-                per_topic[-1].append((topic, encode(epoch, run)))
+                version = BATCH_FORMATS[str(spec["format"])]
+                per_topic[-1].append((topic, encode(epoch, run, version=version)))
         # Topics interleaved, as the events were buffered.
         messages = [m for group in itertools.zip_longest(*per_topic) for m in group if m]
     else:
@@ -597,7 +608,7 @@ async def _bare(spec: dict[str, object]) -> dict[str, float]:
         "localhost",
         int(str(spec["port"])),
         identifier=f"{DEVICE}" if token else "bench-bare",
-        username=format_username(DEVICE, format=FORMAT_BATCH_V1) if token else None,
+        username=format_username(DEVICE, format=str(spec["format"])) if token else None,
         password=token,
         tls_context=context,
         keepalive=30,
@@ -1020,7 +1031,8 @@ async def run(args: argparse.Namespace, root: Path) -> None:
         f"bench.drain: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
         f"SQLite {sqlite3.sqlite_version}, OpenSSL {ssl.OPENSSL_VERSION.split()[1]}; data in "
         f"{root}; {PAYLOAD_BYTES}-byte payloads, QoS 1, mutual TLS, {args.topics} topics round "
-        f"robin, window {args.window}, durability {args.durability}"
+        f"robin, window {args.window}, durability {args.durability}, "
+        f"batch format {batch_format(args)}"
     )
     pki = make_pki(root / "pki")
     rows: list[Row] = []
@@ -1055,6 +1067,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--durability", choices=["full", "normal"], default="full", help="for (a)-(c); (d): full"
     )
+    parser.add_argument(
+        "--format", choices=sorted(BATCH_FORMATS), default=None,
+        help="the envelope format of (b)-(d), agent and bare loop (default: the agent's default)",
+    )  # fmt: skip
     parser.add_argument(
         "--commit-linger", type=float, default=None, metavar="MS",
         help="the agent's [buffer] commit_linger in ms (default: the agent's default)",

@@ -13,11 +13,11 @@ each CONNECT carries a device-signed ES256 JWT.
     protocols, pre-encoded packets, no MQTT library) publish QoS 1 to
     ``devices/<id>/telemetry``, each keeping ``--window`` PUBLISH packets unacknowledged. Two
     formats: ``raw`` (one 200-byte event per PUBLISH, the sink generates the ids) and ``batch``
-    (``format=batch-v1``: envelopes of ``--envelope-events`` events with unique seqs, as the
-    agent cuts them). The measured window runs from "go" to the last PUBACK of ``--events``
-    events (after a warm-up); the sink acknowledges only what its backend confirmed, so the rate
-    is the confirmed rate. Targets: the sink into ``sqlite``, ``amqp`` (RabbitMQ), ``nats``
-    (JetStream), and Mosquitto receiving the same packets (no forwarding).
+    (``format=batch-v2``, the agent's default: envelopes of ``--envelope-events`` events with
+    unique seqs, as the agent cuts them). The measured window runs from "go" to the last PUBACK
+    of ``--events`` events (after a warm-up); the sink acknowledges only what its backend
+    confirmed, so the rate is the confirmed rate. Targets: the sink into ``sqlite``, ``amqp``
+    (RabbitMQ), ``nats`` (JetStream), and Mosquitto receiving the same packets (no forwarding).
 (2) References: each backend's bare client loop in its own process, the same messages (subject
     or routing key, headers, 200-byte payloads, persistent / file storage) at several windows:
     nats-py ``publish_async`` with ``publish_async_max_pending`` = window; aio-pika with
@@ -154,12 +154,15 @@ def payload(n: int) -> bytes:
     return bytes((n * 7 + i) % 251 for i in range(PAYLOAD_BYTES))
 
 
+ENVELOPE_FORMAT = "batch-v2"  # the agent's default
+
+
 def envelope_packets(
     topic: str, messages: int, per_envelope: int, first_id: int = 1
 ) -> list[bytes]:
-    """``messages`` PUBLISH packets, each a batch-v1 envelope of ``per_envelope`` events with
-    seqs that never repeat (every event id is new to the backend)."""
-    from mqtt_ingest.envelope import EnvelopeEvent, encode
+    """``messages`` PUBLISH packets, each an `ENVELOPE_FORMAT` envelope of ``per_envelope``
+    events with seqs that never repeat (every event id is new to the backend)."""
+    from mqtt_ingest.envelope import BATCH_FORMATS, EnvelopeEvent, encode
 
     epoch, name, now_ms = secrets.token_hex(8), utf8(topic), int(time.time() * 1000)
     bodies = [payload(n) for n in range(16)]
@@ -169,7 +172,13 @@ def envelope_packets(
         events = [
             EnvelopeEvent(s, now_ms, bodies[s % 16]) for s in range(first, first + per_envelope)
         ]
-        packets.append(publish_packet(name, (first_id + m - 1) % 65535 + 1, encode(epoch, events)))
+        packets.append(
+            publish_packet(
+                name,
+                (first_id + m - 1) % 65535 + 1,
+                encode(epoch, events, version=BATCH_FORMATS[ENVELOPE_FORMAT]),
+            )
+        )
     return packets
 
 
@@ -311,7 +320,9 @@ async def _load(spec: dict[str, object]) -> None:
             # Mosquitto does not decode envelopes: a few, sent again and again, will do there.
             unique = min(64, warmup + messages) if spec.get("cyclic") else warmup + messages
             packets = envelope_packets(topic, unique, per_envelope)
-        username = f"{device.device_id}?format=batch-v1" if fmt == "batch" else device.device_id
+        username = (
+            f"{device.device_id}?format={ENVELOPE_FORMAT}" if fmt == "batch" else device.device_id
+        )
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(spec["ca"]))
         context.load_cert_chain(device.cert, device.key)
         hello = connect_packet(

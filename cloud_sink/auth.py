@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cloud_sink.tls import Revocations, certificate_key
 from mqtt_ingest import ConnackCode, ConnectRequest, Identity, Refusal
 from mqtt_ingest.clock import Clock, SystemClock
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, parse_username
+from mqtt_ingest.envelope import BATCH_FORMATS, parse_username
 from mqtt_ingest.identity import cn_identity, san_uri_identity
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 from mqtt_ingest.keys import PublicKey, algorithm_for
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 BAD_TOKEN = ConnackCode.BAD_USERNAME_OR_PASSWORD
-FORMATS = frozenset({"raw", FORMAT_BATCH_V1})
+FORMATS = frozenset({"raw", *BATCH_FORMATS})
 
 
 @dataclass(frozen=True)

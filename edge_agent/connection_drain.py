@@ -31,7 +31,7 @@ from edge_agent.link import (
 from edge_agent.messages import Message
 from edge_agent.token import Token
 from edge_agent.window import Session
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, MAX_EVENTS
+from mqtt_ingest.envelope import MAX_EVENTS
 from mqtt_ingest.lifecycle import drop_outcome
 from mqtt_ingest.topics import topic_problem
 
@@ -65,7 +65,7 @@ class ConnectionDrain:
         self._messages = uplink.messages
         # The settings this connection was opened with: a reload replaces the uplink's config
         # for the next connection, while this one finishes with what it announced at CONNECT
-        # (the format above all: a raw message on a batch-v1 connection would be
+        # (the format above all: a raw message on a batch connection would be
         # dead-lettered). Its messages are built with them.
         self.config = uplink.messages.config
         self._preempt = -1  # highest priority committed since the last fetch
@@ -258,7 +258,7 @@ class ConnectionDrain:
         config = self.config
         batch = config.batch
         return (
-            config.format == FORMAT_BATCH_V1
+            config.envelope_version is not None
             and batch.linger > 0
             and len(events) < batch.max_events
             and not self._stopping.is_set()
@@ -268,7 +268,7 @@ class ConnectionDrain:
         """Events per fetch: enough for the free slots, and in raw mode a few windows ahead, so
         that the loop does not go to the buffer's thread for every freed slot."""
         config = self.config
-        if config.format == FORMAT_BATCH_V1:
+        if config.envelope_version is not None:
             return min(free * config.batch.max_events, _MAX_FETCH)
         return min(max(free, config.window * 4), _MAX_FETCH)
 

@@ -31,7 +31,6 @@ from edge_agent.token import TokenUnavailable, load_private_key, token_source
 from mqtt_ingest.clock import SystemClock
 from mqtt_ingest.crl import TlsError, check_crl
 from mqtt_ingest.disk import free_bytes, megabytes
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, format_username
 from mqtt_ingest.identity import certificate_identities
 
 __all__ = ["Check", "run_checks"]
@@ -46,8 +45,9 @@ _V5_CODES = {0x84: 1, 0x85: 2, 0x88: 3, 0x86: BAD_CREDENTIALS, 0x87: NOT_AUTHORI
 """paho reports a 3.1.1 CONNACK's code as the MQTT 5 reason code it maps it to."""
 _CREDENTIALS_FIX = (
     "check the gateway's clock (a token minted by a clock behind or ahead is refused), "
-    "[uplink.token] (audience, mode) against the sink's [auth], and that the device id is not on "
-    "its deny list; the sink's log says which"
+    "[uplink.token] (audience, mode) against the sink's [auth], that the device id is not on "
+    "its deny list, and that the sink knows [uplink] format (a sink older than batch-v2 needs "
+    'format = "batch-v1"); the sink\'s log says which'
 )
 CONNACK_FIXES = {
     1: "the server does not speak MQTT 3.1.1: check [uplink] host and port",
@@ -445,11 +445,7 @@ def _connack_code(exc: MqttConnectError) -> int | None:
 async def _connect(config: AgentConfig, uplink: UplinkConfig) -> str:
     token = token_source(uplink, config.agent.device_id, SystemClock()).current()
     device = config.agent.device_id
-    username = (
-        format_username(device, format=FORMAT_BATCH_V1)
-        if uplink.format == FORMAT_BATCH_V1
-        else device
-    )
+    username = uplink.username(device)
     try:
         async with aiomqtt.Client(
             uplink.host, uplink.port, identifier=device,

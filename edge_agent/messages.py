@@ -1,8 +1,8 @@
 """How buffered events become MQTT messages on the uplink (SPEC §3, §5): one event per message
-in ``raw`` format; in ``batch-v1``, consecutive events of one topic and QoS per batch envelope,
-bounded by ``[uplink.batch]`` ``max_events`` and ``max_bytes``. Events the connection was lost
-on before (attempts >= 1) go first: once, in rounds that double; more often, alone in flight
-(poison handling, see `edge_agent.uplink`).
+in ``raw`` format; in ``batch-v2`` (or ``-v1``), consecutive events of one topic and QoS per
+batch envelope, bounded by ``[uplink.batch]`` ``max_events`` and ``max_bytes``. Events the
+connection was lost on before (attempts >= 1) go first: once, in rounds that double; more
+often, alone in flight (poison handling, see `edge_agent.uplink`).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from edge_agent.buffer import StoredEvent
 from edge_agent.config import UplinkConfig
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, encode
+from mqtt_ingest.envelope import encode
 
 __all__ = ["Message", "Messages"]
 
 _ENVELOPE_OVERHEAD = 64  # header of a batch envelope, generously
-_EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length varints, generously
+_EVENT_OVERHEAD = 24  # per event in an envelope: seq, time and length (v1: varints), generously
 _PACKET_OVERHEAD = 9  # of a PUBLISH: fixed header (<= 5), topic length (2), packet id (2)
 
 
@@ -64,7 +64,8 @@ class Messages:
         ``ramp`` round, or neither."""
         device = self.device_id
         config = self.config
-        if config.format != FORMAT_BATCH_V1:
+        version = config.envelope_version
+        if version is None:
             return [
                 Message(
                     [e.seq],
@@ -116,7 +117,7 @@ class Messages:
                 [e.seq for e in run],
                 max(e.priority for e in run),
                 config.uplink_topic(device, topic),
-                encode(self.epoch, run, zstd_level=limit.zstd_level),
+                encode(self.epoch, run, version=version, zstd_level=limit.zstd_level),
                 run[0].qos,
                 alone,
                 ramp,

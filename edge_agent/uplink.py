@@ -2,7 +2,7 @@
 
 One connection at a time, a fresh aiomqtt client per attempt. On a connection the drain reads
 the buffer in drain order (priority, then seq), groups events into MQTT messages (one event per
-message in ``raw`` format; consecutive events of one topic per batch envelope in ``batch-v1``)
+message in ``raw`` format; consecutive events of one topic per batch envelope in ``batch-v2``)
 and keeps up to ``window`` messages in flight. An event's row is deleted only once its message
 was acknowledged (PUBACK / PUBCOMP; QoS 0: written to the socket). Anything else (a timeout, a
 lost connection, an exception) means "outcome unknown": the row stays and is sent again on the
@@ -71,7 +71,6 @@ from edge_agent.tls import DeviceTls, TlsMaterial
 from edge_agent.token import Token, TokenSource, TokenUnavailable, token_source
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import Clock
-from mqtt_ingest.envelope import FORMAT_BATCH_V1, format_username
 
 __all__ = ["Uplink"]
 
@@ -266,11 +265,7 @@ class Uplink:
         self._received_at = [time.monotonic()]
         context = material.context
         context.sslsocket_class = recording_socket_class(tls_errors, sockets, self._received_at)
-        username = (
-            format_username(self.device_id, format=FORMAT_BATCH_V1)
-            if config.format == FORMAT_BATCH_V1
-            else self.device_id
-        )
+        username = config.username(self.device_id)
         client = aiomqtt.Client(
             config.host,
             config.port,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import uuid
 from pathlib import Path
+from struct import pack
 
 import pytest
 import zstandard
@@ -16,6 +17,7 @@ from cloud_sink.backends import read_dead_letters, read_messages
 from edge_agent import Agent, load_config
 from edge_agent.buffer import inspect
 from mqtt_ingest.envelope import (
+    BATCH_FORMATS,
     MAX_EVENTS,
     EnvelopeError,
     EnvelopeEvent,
@@ -31,6 +33,7 @@ from tests.harness.sink import running_sink
 from tests.test_uplink import agent_config
 
 EPOCH = "0123456789abcdef"
+VERSIONS = sorted(BATCH_FORMATS.values())
 
 
 @st.composite
@@ -43,19 +46,44 @@ def batches(draw: st.DrawFn) -> list[EnvelopeEvent]:
     ]
 
 
-@given(events=batches(), compress=st.booleans(), epoch=st.binary(min_size=8, max_size=8))
-def test_round_trip(events: list[EnvelopeEvent], compress: bool, epoch: bytes) -> None:
-    data = encode(epoch.hex(), events, zstd_level=3 if compress else None)
-    decoded = decode(data)
+@given(
+    events=batches(),
+    compress=st.booleans(),
+    epoch=st.binary(min_size=8, max_size=8),
+    version=st.sampled_from(VERSIONS),
+)
+def test_round_trip(
+    events: list[EnvelopeEvent], compress: bool, epoch: bytes, version: int
+) -> None:
+    data = encode(epoch.hex(), events, version=version, zstd_level=3 if compress else None)
+    assert data[3] == version
+    decoded = decode(data, version=version)
     assert decoded.epoch == epoch.hex()
     assert list(decoded.events) == events
 
 
-@given(data=st.binary(max_size=400))
-def test_arbitrary_bytes_decode_or_raise_envelope_error(data: bytes) -> None:
+def test_v2_widens_only_the_columns_that_need_it() -> None:
+    """u32 seq steps, i32 time steps and u16 lengths unless a value needs 8 or 4 bytes: each
+    column widens on its own, and every width round-trips."""
+    narrow = [EnvelopeEvent(7, 1_700_000_000_000, b"a"), EnvelopeEvent(9, 1_699_999_999_000, b"")]
+    cases = {
+        0x00: narrow,
+        0x01: [narrow[0], narrow[1]._replace(seq=7 + 2**32)],
+        0x02: [narrow[0], narrow[1]._replace(event_time_ms=0)],
+        0x04: [narrow[0], narrow[1]._replace(payload=bytes(70_000))],
+    }
+    for widths, events in cases.items():
+        data = encode(EPOCH, events, version=2)
+        assert data[15] == widths  # header (13), count (2), widths
+        assert list(decode(data).events) == events
+    assert len(encode(EPOCH, narrow, version=2)) == 13 + 19 + 4 + 4 + 2 * 2 + 1
+
+
+@given(data=st.binary(max_size=400), version=st.sampled_from(VERSIONS))
+def test_arbitrary_bytes_decode_or_raise_envelope_error(data: bytes, version: int) -> None:
     refused: EnvelopeError | None = None
     try:
-        envelope = decode(b"MEB\x01\x00" + bytes(8) + data)
+        envelope = decode(b"MEB" + bytes([version, 0]) + bytes(8) + data)
     except EnvelopeError as exc:
         refused = exc
     if refused is not None:
@@ -66,22 +94,31 @@ def test_arbitrary_bytes_decode_or_raise_envelope_error(data: bytes) -> None:
     assert 1 <= len(seqs) <= MAX_EVENTS
     assert seqs == sorted(set(seqs))
     assert seqs[0] > 0
+    assert all(0 <= event.event_time_ms < 2**63 for event in envelope.events)
+    # What was accepted is what the encoder writes for those events.
+    again = encode(EPOCH, envelope.events, version=version)
+    assert list(decode(again).events) == list(envelope.events)
 
 
-@given(events=batches(), cut=st.integers(0, 10_000))
-def test_every_truncation_is_refused(events: list[EnvelopeEvent], cut: int) -> None:
-    data = encode(EPOCH, events)
+@given(events=batches(), cut=st.integers(0, 10_000), version=st.sampled_from(VERSIONS))
+def test_every_truncation_is_refused(events: list[EnvelopeEvent], cut: int, version: int) -> None:
+    data = encode(EPOCH, events, version=version)
     cut = cut % len(data)
     with pytest.raises(EnvelopeError) as info:
         decode(data[:cut])
     assert info.value.reason != "malformed body"
 
 
-@given(events=batches(), position=st.integers(0, 10_000), value=st.integers(0, 255))
+@given(
+    events=batches(),
+    position=st.integers(0, 10_000),
+    value=st.integers(0, 255),
+    version=st.sampled_from(VERSIONS),
+)
 def test_every_corrupted_byte_decodes_or_says_why(
-    events: list[EnvelopeEvent], position: int, value: int
+    events: list[EnvelopeEvent], position: int, value: int, version: int
 ) -> None:
-    data = bytearray(encode(EPOCH, events))
+    data = bytearray(encode(EPOCH, events, version=version))
     data[13 + position % (len(data) - 13)] = value
     refused: EnvelopeError | None = None
     try:
@@ -91,12 +128,19 @@ def test_every_corrupted_byte_decodes_or_says_why(
     assert refused is None or refused.reason != "malformed body"
 
 
+V2 = b"MEB\x02\x00" + bytes(8)
+
+
+def _head(count: int, widths: int, first_seq: int, first_time: int) -> bytes:
+    return pack("<HBQQ", count, widths, first_seq, first_time)
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
         (b"MEB\x01", "shorter than"),
         (b"XYZ\x01\x00" + bytes(8) + b"\x01\x01\x00\x00", "bad magic"),
-        (b"MEB\x02\x00" + bytes(8) + b"\x01\x01\x00\x00", "unsupported version 2"),
+        (b"MEB\x03\x00" + bytes(8) + b"\x01\x01\x00\x00", "unsupported version 3"),
         (b"MEB\x01\x04" + bytes(8) + b"\x01\x01\x00\x00", "unknown flags"),
         (b"MEB\x01\x00" + bytes(8) + b"\x00", "count 0"),
         (b"MEB\x01\x00" + bytes(8) + b"\x02\x05\x00\x00\x05\x00\x00", "does not increase"),
@@ -119,11 +163,35 @@ def test_every_corrupted_byte_decodes_or_says_why(
             "event time of event 0",
         ),
         (b"MEB\x01\x01" + bytes(8) + b"not zstd", "not a zstd frame"),
+        # v2: the head, then the columns (seq steps, time steps, lengths), then the payloads
+        (V2 + b"\x01", "body of 1 bytes is shorter than its 19-byte head"),
+        (V2 + _head(0, 0, 1, 0), "event count 0 is outside"),
+        (V2 + _head(1001, 0, 1, 0), "event count 1001 is outside"),
+        (V2 + _head(1, 0x08, 1, 0) + b"\x00\x00", "unknown width bits 0x08"),
+        (V2 + _head(2, 0, 1, 0) + b"\x00", "the columns of 2 events run past the end"),
+        (V2 + _head(1, 0, 0, 0) + b"\x00\x00", "seq 0 of event 0 does not increase"),
+        (V2 + _head(2, 0, 5, 0) + pack("<IiHH", 0, 0, 0, 0), "seq 5 of event 1 does not"),
+        (V2 + _head(1, 0, 2**63, 0) + b"\x00\x00", "seq of event 0 is over 2"),
+        (V2 + _head(2, 1, 1, 0) + pack("<QiHH", 2**63 - 1, 0, 0, 0), "seq of event 1 is over"),
+        (V2 + _head(1, 0, 1, 2**63) + b"\x00\x00", "event time of event 0 is outside"),
+        (V2 + _head(2, 0, 1, 0) + pack("<IiHH", 1, -1, 0, 0), "event time of event 1 is out"),
+        (V2 + _head(1, 0, 1, 0) + pack("<H", 5) + b"ab", "payload of 0 runs past the end"),
+        (V2 + _head(1, 0, 1, 0) + pack("<H", 0) + b"!", "1 bytes after the last event"),
     ],
 )
 def test_malformed_envelopes_say_why(data: bytes, reason: str) -> None:
     with pytest.raises(EnvelopeError, match=reason):
         decode(data)
+
+
+def test_a_connection_gets_the_version_it_announced() -> None:
+    """The sink passes the version of the connection's format: an envelope of another version
+    is malformed there (dead-lettered, like any), never read by its header alone."""
+    events = [EnvelopeEvent(1, 0, b"x")]
+    for announced, other in ((1, 2), (2, 1)):
+        assert list(decode(encode(EPOCH, events, version=announced), version=announced).events)
+        with pytest.raises(EnvelopeError, match=f"version {other} on a connection that an"):
+            decode(encode(EPOCH, events, version=other), version=announced)
 
 
 def test_a_zstd_bomb_is_refused_without_inflating() -> None:
@@ -172,26 +240,39 @@ def test_a_frame_of_many_empty_blocks_is_read_by_zstd_alone() -> None:
         decode(b"MEB\x01\x01" + bytes(8) + empty, max_body=1024**2)
 
 
-def test_encoder_refuses_what_the_decoder_would() -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_encoder_refuses_what_the_decoder_would(version: int) -> None:
+    def encoded(events: list[EnvelopeEvent], epoch: str = EPOCH) -> bytes:
+        return encode(epoch, events, version=version)
+
     with pytest.raises(ValueError, match="1 to"):
-        encode(EPOCH, [])
+        encoded([])
     with pytest.raises(ValueError, match="1 to"):
-        encode(EPOCH, [EnvelopeEvent(i + 1, 0, b"") for i in range(MAX_EVENTS + 1)])
+        encoded([EnvelopeEvent(i + 1, 0, b"") for i in range(MAX_EVENTS + 1)])
     with pytest.raises(ValueError, match="increasing"):
-        encode(EPOCH, [EnvelopeEvent(2, 0, b""), EnvelopeEvent(2, 0, b"")])
+        encoded([EnvelopeEvent(2, 0, b""), EnvelopeEvent(2, 0, b"")])
+    with pytest.raises(ValueError, match="increasing"):
+        encoded([EnvelopeEvent(0, 0, b"")])
     with pytest.raises(ValueError, match="16 hex"):
-        encode("xyz", [EnvelopeEvent(1, 0, b"")])
+        encoded([EnvelopeEvent(1, 0, b"")], epoch="xyz")
     with pytest.raises(ValueError, match="over 2"):
-        encode(EPOCH, [EnvelopeEvent(2**63, 0, b"")])
+        encoded([EnvelopeEvent(2**63, 0, b"")])
     with pytest.raises(ValueError, match="outside 0"):
-        encode(EPOCH, [EnvelopeEvent(1, 2**63, b"")])
+        encoded([EnvelopeEvent(1, 2**63, b"")])
+    with pytest.raises(ValueError, match="outside 0"):
+        encoded([EnvelopeEvent(1, 5, b""), EnvelopeEvent(2, -1, b"")])
+    with pytest.raises(ValueError, match="version 3 is not one of"):
+        encode(EPOCH, [EnvelopeEvent(1, 0, b"")], version=3)
 
 
-def test_compression_pays_for_repetitive_payloads() -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compression_pays_for_repetitive_payloads(version: int) -> None:
     events = [
         EnvelopeEvent(i + 1, 1_700_000_000_000 + i, b'{"t": 21.5, "unit": "C"}') for i in range(200)
     ]
-    assert len(encode(EPOCH, events, zstd_level=3)) < len(encode(EPOCH, events)) / 4
+    packed = encode(EPOCH, events, version=version, zstd_level=3)
+    assert len(packed) < len(encode(EPOCH, events, version=version)) / 4
+    assert list(decode(packed).events) == events
 
 
 @pytest.mark.parametrize(
@@ -215,17 +296,28 @@ def test_bad_connection_parameters_are_refused(username: str) -> None:
         parse_username(username)
 
 
-def test_events_at_most_bounds_an_envelope_without_decoding_it() -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_events_at_most_bounds_an_envelope_without_decoding_it(version: int) -> None:
     """What the sink weighs a batch by: exact when uncompressed, never below the truth."""
     for count in (1, 7, MAX_EVENTS):
+        # The smallest events a compressed body can declare (empty payloads, narrow columns)
         events = [EnvelopeEvent(i + 1, 0, b"") for i in range(count)]
-        assert events_at_most(encode(EPOCH, events)) == count
-        packed = encode(EPOCH, events, zstd_level=3)
+        assert events_at_most(encode(EPOCH, events, version=version)) == count
+        packed = encode(EPOCH, events, version=version, zstd_level=3)
+        assert packed[4] == 1 or count < MAX_EVENTS  # the bound of a compressed one is tested
         assert count <= events_at_most(packed) <= MAX_EVENTS
-    big = encode(EPOCH, [EnvelopeEvent(1, 0, bytes(60_000))], zstd_level=3)
+    big = encode(EPOCH, [EnvelopeEvent(1, 0, bytes(60_000))], version=version, zstd_level=3)
     assert events_at_most(big) == MAX_EVENTS  # a bound: 60 kB could hold that many
-    for junk in (b"", b"raw payload", b"MEB\x01\x00" + bytes(8), b"MEB\x01\x01" + bytes(12)):
-        assert events_at_most(junk) == 1  # dead-lettered as one message
+    header = b"MEB" + bytes([version])
+    junk = (
+        b"",
+        b"raw payload",
+        header + bytes(9),
+        header + b"\x01" + bytes(12),
+        b"MEB\x03" + bytes(12),
+    )
+    for data in junk:
+        assert events_at_most(data) == 1  # dead-lettered as one message
 
 
 # -- envelopes at the sink's size limit, end to end --------------------------------------------
@@ -277,15 +369,22 @@ async def test_an_envelope_too_large_for_the_sink_is_refused_compressed_or_not(
     assert (len(stored), dead) == (4, [])
 
 
-def test_a_body_compression_would_grow_is_sent_uncompressed() -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_body_compression_would_grow_is_sent_uncompressed(version: int) -> None:
     """Found by review: with zstd on, a small or incompressible body came out larger (a single
     small event 26 -> 35 bytes), which can take a packet sized to the sink's limit over it."""
+
+    def encoded(events: list[EnvelopeEvent], zstd_level: int | None = None) -> bytes:
+        return encode(EPOCH, events, version=version, zstd_level=zstd_level)
+
     small = [EnvelopeEvent(1, 0, b"x")]
-    assert encode(EPOCH, small, zstd_level=3) == encode(EPOCH, small)
+    assert encoded(small, zstd_level=3) == encoded(small)
     noise = [EnvelopeEvent(seq, 0, bytes(random.Random(seq).randbytes(1000))) for seq in (1, 2)]
-    plain = encode(EPOCH, noise)
-    assert encode(EPOCH, noise, zstd_level=19) == plain
+    plain = encoded(noise)
+    # Never larger: sent as it is (v2's head and columns hold a few zero bytes zstd can take).
+    assert len(encoded(noise, zstd_level=19)) <= len(plain)
+    assert encoded(noise, zstd_level=19) == plain or version == 2
     repetitive = [EnvelopeEvent(1, 0, b"A" * 1000)]
-    packed = encode(EPOCH, repetitive, zstd_level=3)
-    assert len(packed) < len(encode(EPOCH, repetitive))
+    packed = encoded(repetitive, zstd_level=3)
+    assert len(packed) < len(encoded(repetitive))
     assert list(decode(packed).events) == repetitive

@@ -33,7 +33,7 @@ from mqtt_ingest import (
     failpoints,
 )
 from mqtt_ingest.envelope import (
-    FORMAT_BATCH_V1,
+    BATCH_FORMATS,
     EnvelopeEvent,
     encode,
     format_username,
@@ -160,6 +160,44 @@ async def test_raw_envelope_and_dead_letters_end_to_end(tmp_path: Path) -> None:
     assert "bad magic" in dead[1].reason
     assert metrics.get("forwarded", "duplicate") == 2
     assert metrics.get("forwarded", "dead_letter") == 2
+
+
+async def test_each_connection_is_read_in_the_envelope_version_it_announced(
+    tmp_path: Path,
+) -> None:
+    """batch-v2 and batch-v1 side by side: each connection's envelopes are decoded as its
+    format's version, and one of the other version is malformed there (dead-lettered), not read
+    by its header alone."""
+    path = tmp_path / "core.db"
+    queue = await SqliteCoreQueue.open(path)
+    metrics = Counters()
+    events = [EnvelopeEvent(5, 1000, b"e5"), EnvelopeEvent(6 + 2**32, 999, b"e6")]
+    v1, v2 = (encode(EPOCH, events, version=version) for version in (1, 2))
+    async with forwarding_server(queue, metrics) as server:
+        for device, fmt, good, other in (
+            ("dev-5", "batch-v2", v2, v1),
+            ("dev-6", "batch-v1", v1, v2),
+        ):
+            client = await RawClient.open(server.port)
+            await client.send(connect_packet(device, username=f"{device}?format={fmt}"))
+            assert (await client.read()) is not None
+            await client.send(publish_packet(f"devices/{device}/t", good, qos=1, packet_id=1))
+            await client.send(publish_packet(f"devices/{device}/t", other, qos=1, packet_id=2))
+            acks = [await client.read() for _ in range(2)]
+            assert [(p.kind, p.packet_id) for p in acks if p] == [(4, 1), (4, 2)]
+            await client.aclose()
+    await queue.aclose()
+    stored = [(m.event_id, m.seq, m.event_time_ms, m.payload) for _, m in read_messages(path)]
+    assert stored == [
+        (f"{device}/{EPOCH}/{e.seq}", e.seq, e.event_time_ms, e.payload)
+        for device in ("dev-5", "dev-6")
+        for e in events
+    ]
+    dead = read_dead_letters(path)
+    assert [(d.device_id, d.reason) for d in dead] == [
+        ("dev-5", "version 1 on a connection that announced version 2"),
+        ("dev-6", "version 2 on a connection that announced version 1"),
+    ]
 
 
 async def test_a_resent_dead_letter_is_stored_once(tmp_path: Path) -> None:
@@ -305,8 +343,9 @@ async def test_a_large_batch_of_envelopes_goes_to_the_backend_in_bounded_calls(
     assert sum(1 for _ in read_messages(path)) == 25_000
 
 
+@pytest.mark.parametrize("fmt", sorted(BATCH_FORMATS))
 async def test_the_sink_weighs_envelopes_into_stage_calls_of_bounded_events(
-    tmp_path: Path, pki: Pki
+    tmp_path: Path, pki: Pki, fmt: str
 ) -> None:
     """The sink's server weighs an envelope by its events (`Forwarder.weight`): 30 envelopes of
     1,000 events that queue up behind a slow stage call go on in two calls of at most
@@ -314,12 +353,15 @@ async def test_the_sink_weighs_envelopes_into_stage_calls_of_bounded_events(
     envelopes of 1,000 made one stage call a minute of storing, past the stage timeout)."""
     device = pki.device(f"fw-{uuid.uuid4().hex[:6]}")
     topic = f"devices/{device.device_id}/t"
-    first = encode(EPOCH, [EnvelopeEvent(100_001, 0, b"first")])
+    version = BATCH_FORMATS[fmt]
+    first = encode(EPOCH, [EnvelopeEvent(100_001, 0, b"first")], version=version)
     envelopes = [
-        encode(EPOCH, [EnvelopeEvent(n * 1000 + i + 1, 0, b"e") for i in range(1000)])
+        encode(
+            EPOCH, [EnvelopeEvent(n * 1000 + i + 1, 0, b"e") for i in range(1000)], version=version
+        )
         for n in range(30)
     ]
-    username = format_username(device.device_id, format=FORMAT_BATCH_V1)
+    username = format_username(device.device_id, format=fmt)
     connect = connect_packet(
         device.device_id, username=username, password=device_token(device).encode()
     )

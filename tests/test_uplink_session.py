@@ -394,7 +394,7 @@ async def test_events_acknowledged_whose_delete_failed_are_not_expired(
     assert sorted(stage.payloads()) == [b"0", b"1"]  # each once: not sent again
 
 
-@pytest.mark.parametrize("format_", ["raw", "batch-v1"])
+@pytest.mark.parametrize("format_", ["raw", "batch-v2", "batch-v1"])
 async def test_messages_lost_once_go_again_in_doubling_rounds_not_one_at_a_time(
     tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory, format_: str
 ) -> None:

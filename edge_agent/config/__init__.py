@@ -27,7 +27,7 @@ Example::
     [uplink]                   # optional: without it the agent only buffers
     host = "sink.example.com"
     port = 8883
-    format = "batch-v1"        # or "raw" for any standard broker
+    format = "batch-v2"        # or "raw" for any standard broker
 
     [uplink.tls]
     ca = "/etc/edge-agent/ca.pem"

@@ -22,7 +22,7 @@ from mqtt_ingest.configuration import (
     Room,
     Seconds,
 )
-from mqtt_ingest.envelope import MAX_EVENTS
+from mqtt_ingest.envelope import BATCH_FORMATS, MAX_EVENTS, format_username
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 from mqtt_ingest.limits import MQTT_MAX_PACKET
 from mqtt_ingest.topics import topic_problem
@@ -178,7 +178,8 @@ class UplinkToken(Strict):
 
 
 class UplinkBatch(Strict):
-    """Batch envelopes (format = "batch-v1"): consecutive events of one topic per message."""
+    """Batch envelopes (format = "batch-v2" or "batch-v1"): consecutive events of one topic per
+    message."""
 
     max_events: Annotated[int, Field(gt=0, le=MAX_EVENTS)] = 500
     """Events per envelope, at most the envelope's own limit (1,000, the sink's too)."""
@@ -195,7 +196,9 @@ class UplinkConfig(Strict):
     port: Annotated[int, Field(gt=0, le=65535)] = 8883
     tls: UplinkTls
     token: UplinkToken
-    format: Literal["batch-v1", "raw"] = "batch-v1"
+    format: Literal["batch-v2", "batch-v1", "raw"] = "batch-v2"
+    """How events travel: batch envelopes (docs/envelope.md; v1 for sinks older than v2) or
+    ``raw``, one event per message, for any standard broker."""
     topic_template: str = "devices/{device_id}/{topic}"
     keepalive: Annotated[int, Field(ge=2, le=65535)] = 30
     """Seconds; paho pings after this much silence from the server and drops the link when
@@ -259,6 +262,17 @@ class UplinkConfig(Strict):
 
     def uplink_topic(self, device_id: str, topic: str) -> str:
         return self.topic_template.format(device_id=device_id, topic=topic)
+
+    @property
+    def envelope_version(self) -> int | None:
+        """The batch envelope version of ``format``; None in ``raw``."""
+        return BATCH_FORMATS.get(self.format)
+
+    def username(self, device_id: str) -> str:
+        """The CONNECT user name: the device id, with the envelope format it announces."""
+        if self.format in BATCH_FORMATS:
+            return format_username(device_id, format=self.format)
+        return device_id
 
 
 class MetricsConfig(Strict):
