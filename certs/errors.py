@@ -46,11 +46,11 @@ class KeyUnreadable(PkiError):
 class ReadOnlyPki(PkiError):
     """The PKI directory cannot be written (read-only media, or no write permission): the
     command changes it (issue, revoke, the PKI's own crl.pem). ``list`` and ``crl --out FILE``
-    do not, and work on it as it is."""
+    do not, and work on it as it is. With ``missing``, the directory does not exist and cannot
+    be created there (an init-ca on read-only media)."""
 
-    def __init__(self, directory: Path, action: str, why: str) -> None:
-        super().__init__(
-            f"cannot {action}: the PKI directory {directory} is not writable ({why});"
-            " only 'list' and 'crl --out FILE' work on it as it is"
-        )
+    def __init__(self, directory: Path, action: str, why: str, *, missing: bool = False) -> None:
+        state = "does not exist and cannot be created" if missing else "is not writable"
+        tail = "" if missing else "; only 'list' and 'crl --out FILE' work on it as it is"
+        super().__init__(f"cannot {action}: the PKI directory {directory} {state} ({why}){tail}")
         self.directory = directory

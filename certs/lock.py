@@ -33,9 +33,15 @@ def writable(directory: Path) -> bool:
 @contextlib.contextmanager
 def exclusive(directory: Path, action: str) -> Iterator[None]:
     """Hold ``.lock`` exclusively (waited for) around a change to the directory; `ReadOnlyPki`
-    naming ``action`` if the directory cannot be written. Not re-entrant: a second flock on a
-    new descriptor would wait for itself."""
-    make_directory(directory)
+    naming ``action`` if the directory cannot be written, or cannot be created if missing. Not
+    re-entrant: a second flock on a new descriptor would wait for itself."""
+    try:
+        make_directory(directory)
+    except OSError as exc:
+        if exc.errno in _NOT_WRITABLE:
+            why = f"{exc.filename}: {exc.strerror}"
+            raise ReadOnlyPki(directory, action, why, missing=True) from exc
+        raise
     if not writable(directory):
         read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
         raise ReadOnlyPki(

@@ -50,7 +50,7 @@ from certs.errors import (
     ReadOnlyPki,
     interrupted_init,
 )
-from certs.files import make_directory, refuse_existing, replace_file, write_new
+from certs.files import refuse_existing, replace_file, write_new
 from certs.index import CertKind, CertRecord, index_bytes, new_record, read_index
 from certs.issuance import discard, pending_key_path, settle, write_pair
 from certs.keys import KeyType, PrivateKey, generate_key, key_pem, load_private_key, signing_hash
@@ -172,8 +172,7 @@ class CertificateAuthority:
         start, end = _validity(not_before, days)
         key = generate_key(key_type)
         cert = ca_certificate(name, key, start, end)
-        make_directory(directory)
-        ca = cls(directory, cert, key)
+        ca = cls(directory, cert, key)  # its directory is made by the lock (`ReadOnlyPki`)
         # The files first, the index last, all under the lock: a failure leaves nothing behind
         # (an index left alone would make every later init-ca refuse the directory), and an
         # init-ca that ran meanwhile is refused by the check again, before anything is written.

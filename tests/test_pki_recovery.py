@@ -134,6 +134,26 @@ def test_a_crl_numbered_far_behind_its_records_is_refused_on_read_only_media(
     assert not out.exists()
 
 
+def test_init_ca_for_a_missing_directory_on_read_only_media_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """init-ca for a PKI directory that does not exist on read-only media failed with the raw
+    mkdir error (``DIR: Read-only file system``), unlike every other refusal there. It says now
+    which PKI directory cannot be created, and why."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    why = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    with read_only(empty, tmp_path / "media") as media:
+        for directory, created in [(media / "pki", media / "pki"), (media / "a/pki", media / "a")]:
+            refused = run("--dir", str(directory), "init-ca")
+            assert refused.returncode == 2
+            assert refused.stderr == (
+                f"bridge-certs: error: cannot create a CA: the PKI directory {directory} does"
+                f" not exist and cannot be created ({created}: {why})\n"
+            ), refused.stderr
+    assert list(empty.iterdir()) == []
+
+
 # -- 2. a run killed between its writes ------------------------------------------------------
 
 
