@@ -167,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(issued: Issued) -> None:
-    for record in issued.settled:  # an earlier run of this tool, killed part way
+def _report_settled(settled: Sequence[CertRecord], removed: Sequence[Path]) -> None:
+    for record in settled:  # an earlier run of this tool, killed part way
         done = (
             "it had finished: marked complete"
             if record.issuance == "complete"
@@ -178,6 +178,12 @@ def _report(issued: Issued) -> None:
             f"settled an interrupted issuance of {record.kind} {record.name} serial"
             f" {format_serial(record.serial)}: {done}"
         )
+    for path in removed:
+        print(f"removed {path}: a temporary file left by an interrupted write of a key")
+
+
+def _report(issued: Issued) -> None:
+    _report_settled(issued.settled, issued.removed)
     cert = issued.certificate
     print(
         f"wrote {issued.cert_path} and {issued.key_path} (mode 0600): "

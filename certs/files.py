@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from certs.errors import OutputExists
+from mqtt_ingest import failpoints
 from mqtt_ingest.disk import fsync_directory, write_temporary
 
 __all__ = ["refuse_existing", "replace_file", "write_new"]
@@ -37,10 +38,12 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
         make_directory(path.parent)
         temporary = write_temporary(path, data, mode)
         try:
+            failpoints.hit("certs.write_new.before_link")
             try:
                 os.link(temporary, path)
             except FileExistsError:
                 raise OutputExists(path) from None
+            failpoints.hit("certs.write_new.after_link")
         finally:
             temporary.unlink()
         fsync_directory(path.parent)

@@ -18,12 +18,20 @@ its name and nobody can hold it, so the pending key and the certificate (only if
 of that record: its serial, signed by this CA) are removed and the record is marked
 ``abandoned``, kept so its serial stays known. Nothing else is ever touched: a file at a key's
 name, or a certificate with another serial, is left alone (and refuses the issuance as before).
+
+A run killed inside step 2 (`write_new`: a temporary file, linked to the pending name, then
+removed) leaves that temporary file, a copy of the key (mode 0600): the pending key's second
+name, or its only copy if the kill came before the link. Settling a record removes those of its
+pending key too (``..NAME.key.pending.XXXXXXXX.tmp``, `stray_temporaries`). None can be needed:
+the certificate is written only once that write has returned, its temporary file gone, so no
+certificate of that key exists, and its record is settled ``abandoned``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,14 +43,24 @@ from certs.files import write_new
 from certs.index import CertRecord
 from certs.keys import load_private_key
 from mqtt_ingest import failpoints
-from mqtt_ingest.disk import fsync_directory
+from mqtt_ingest.disk import fsync_directory, temporaries
 
-__all__ = ["discard", "pending_key_path", "settle", "write_pair"]
+__all__ = ["discard", "pending_key_path", "settle", "stray_temporaries", "write_pair"]
 
 
 def pending_key_path(key_path: Path) -> Path:
     """Where a key waits for its certificate (a dot name: no glob of ``*.key`` picks it up)."""
     return key_path.with_name(f".{key_path.name}.pending")
+
+
+def stray_temporaries(key_path: Path) -> list[Path]:
+    """The temporary files a killed write of ``key_path``'s pending key left (see above): named
+    as `write_new` names them, with the mode it writes a key with."""
+    return [
+        path
+        for path in temporaries(pending_key_path(key_path))
+        if stat.S_IMODE(path.lstat().st_mode) == 0o600
+    ]
 
 
 def write_pair(cert_path: Path, cert_pem: bytes, key_path: Path, key_pem: bytes) -> None:
@@ -97,11 +115,12 @@ def _matches(cert: x509.Certificate, key_path: Path) -> bool | None:
 
 def settle(
     directory: Path, records: Sequence[CertRecord], issuer: x509.Certificate
-) -> list[CertRecord]:
-    """The records with every ``started`` one settled (see above), its leftover files removed.
-    A record whose key path is unknown, or whose certificate is in place next to a key that
-    cannot be read now, is left as it is."""
+) -> tuple[list[CertRecord], list[Path]]:
+    """The records with every ``started`` one settled (see above), its leftover files removed,
+    and the stray temporary key files removed with them. A record whose key path is unknown, or
+    whose certificate is in place next to a key that cannot be read now, is left as it is."""
     settled: list[CertRecord] = []
+    removed: list[Path] = []
     for record in records:
         key_path = record.key_file(directory)
         if record.issuance != "started" or key_path is None:
@@ -112,7 +131,14 @@ def settle(
         matches = _matches(cert, key_path) if cert is not None and key_path.exists() else False
         if matches is None:
             settled.append(record)
-        elif matches:
+            continue
+        strays = stray_temporaries(key_path)
+        for stray in strays:
+            stray.unlink()
+        if strays:
+            fsync_directory(key_path.parent)
+        removed += strays
+        if matches:
             pending = pending_key_path(key_path)
             if pending.exists():  # killed between link and unlink: the same file twice
                 pending.unlink()
@@ -121,4 +147,4 @@ def settle(
         else:  # the key never reached its name (whatever is there now is not ours)
             discard(cert_path, key_path, record.serial, issuer)
             settled.append(dataclasses.replace(record, issuance="abandoned"))
-    return settled
+    return settled, removed

@@ -10,6 +10,7 @@ Layout of a PKI directory::
     servers/NAME.pem .key     sink server certificates
     devices/ID.pem  .key      device certificates (CN = device id, SAN URI ``urn:device:ID``)
     .NAME.key.pending         a key waiting for its certificate (`certs.issuance`)
+    ..NAME.key.pending.*.tmp  left by a run killed while writing that key; removed when settled
 
 Nothing is ever overwritten: a certificate or key file that exists already is an error raised
 before anything is written (a CRL replaces only a CRL of the same CA). Two runs at once (a
@@ -107,6 +108,8 @@ class Issued:
     settled: tuple[CertRecord, ...] = ()
     """Issuances of earlier runs, killed part way, that this one settled first (each now
     ``complete`` or ``abandoned``, see `certs.issuance`)."""
+    removed: tuple[Path, ...] = ()
+    """Temporary files of those runs' key writes, removed as they were settled."""
 
     @property
     def serial(self) -> int:
@@ -344,8 +347,9 @@ class CertificateAuthority:
         )
         with self._locked("issue a certificate"):
             before = self.records()
-            records = settle(self.directory, before, self.certificate)
+            records, strays = settle(self.directory, before, self.certificate)
             settled = tuple(r for r, was in zip(records, before, strict=True) if r != was)
+            removed = tuple(strays)
             if settled:
                 self._save(records)
             # Checked once settled: a killed run's leftover certificate is no reason to refuse.
@@ -373,7 +377,7 @@ class CertificateAuthority:
                 self._save([*records, *kept])
                 raise
             self._save([*records, dataclasses.replace(record, issuance="complete")])
-        return Issued(cert_path, key_path, cert, settled)
+        return Issued(cert_path, key_path, cert, settled, removed)
 
     # -- the index, revocation, CRL --------------------------------------------------------
 

@@ -6,10 +6,11 @@ fsynced after."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
-__all__ = ["free_bytes", "fsync_directory", "megabytes", "write_temporary"]
+__all__ = ["free_bytes", "fsync_directory", "megabytes", "temporaries", "write_temporary"]
 
 
 def free_bytes(directory: Path) -> int:
@@ -37,6 +38,22 @@ def write_temporary(path: Path, data: bytes, mode: int) -> Path:
         temporary.unlink(missing_ok=True)
         raise
     return temporary
+
+
+def temporaries(path: Path) -> list[Path]:
+    """The files `write_temporary` made for ``path`` that are still there (a process killed
+    before it removed one): regular files named exactly as it names them (``mkstemp``'s eight
+    random characters), nothing else."""
+    name = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:  # no such directory, or not readable: none to be seen
+        return []
+    return sorted(
+        Path(entry.path)
+        for entry in entries
+        if name.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+    )
 
 
 def fsync_directory(directory: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -227,6 +228,65 @@ def test_an_issuance_killed_after_its_files_are_in_place_is_marked_complete(
     assert _files(servers) == sorted(pair)  # the pending link is gone, the pair as it was
     assert {name: (servers / name).read_bytes() for name in pair} == pair
     assert [r["status"] for r in listing(pki_dir)] == ["valid", "valid"]
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("failpoint", ["before_link", "after_link"])
+def test_a_key_write_killed_before_removing_its_temporary_file_is_cleaned_up(
+    pki_dir: Path, failpoint: str
+) -> None:
+    """A key is written to a temporary file, linked to its pending name, and the temporary
+    name removed: killed before that, the temporary file, a copy of a private key (the pending
+    key's second name, or its only copy if the kill came before the link), stayed for good. The
+    next issuance removes it with that run's other leftovers and says so; its certificate was
+    never written (it is written only once the key write has returned). Look-alikes the tool
+    did not write, and the temporary files of records not being settled, are left alone."""
+    assert run("--dir", str(pki_dir), "device", "dev-0").returncode == 0
+    killed = run(
+        "--dir", str(pki_dir), "device", "dev-1",
+        env={"BRIDGE_FAILPOINTS": f"certs.write_new.{failpoint}=kill9"},
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    devices = pki_dir / "devices"
+    (stray,) = devices.glob("..dev-1.key.pending.*.tmp")
+    assert stat.S_IMODE(stray.stat().st_mode) == 0o600
+    pending = devices / ".dev-1.key.pending"
+    if failpoint == "after_link":
+        assert stray.stat().st_ino == pending.stat().st_ino
+    else:
+        assert not pending.exists()
+    assert not (devices / "dev-1.pem").exists()
+    foreign = {
+        "..dev-1.key.pending.mine.tmp": 0o600,  # not a name mkstemp makes
+        ".dev-1.key.abcd1234.tmp": 0o600,  # not the pending key's
+        "..dev-1.key.pending.abcd1234.tmp": 0o644,  # not a mode the tool writes a key with
+        "..dev-0.key.pending.abcd1234.tmp": 0o600,  # dev-0's record is not being settled
+    }
+    for name, mode in foreign.items():
+        (devices / name).write_bytes(b"not the tool's")
+        (devices / name).chmod(mode)
+    (devices / "..dev-1.key.pending.abcd1235.tmp").symlink_to(devices / "dev-0.key")
+    kept = {k: v for k, v in tree(devices).items() if k not in (stray.name, pending.name)}
+    interrupted = listing(pki_dir)[2]["serial"]
+
+    retried = run("--dir", str(pki_dir), "device", "dev-1")
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.startswith(
+        f"settled an interrupted issuance of device dev-1 serial {interrupted}: its key never"
+        " reached its name: its leftover files removed, marked abandoned\n"
+        f"removed {stray}: a temporary file left by an interrupted write of a key\n"
+        f"wrote {devices / 'dev-1.pem'} and {devices / 'dev-1.key'} (mode 0600): "
+    ), retried.stdout
+    assert not stray.exists()
+    assert not pending.exists()
+    after = tree(devices)
+    assert {name: after[name] for name in kept} == kept  # dev-0's pair and the look-alikes
+    assert sorted(set(after) - set(kept)) == ["dev-1.key", "dev-1.pem"]
+    matched = openssl("x509", "-in", str(devices / "dev-1.pem"), "-noout", "-pubkey")
+    derived = openssl("pkey", "-in", str(devices / "dev-1.key"), "-pubout")
+    assert matched.returncode == 0
+    assert matched.stdout == derived.stdout
+    assert [r["status"] for r in listing(pki_dir)] == ["valid", "valid", "abandoned", "valid"]
 
 
 @pytest.mark.fault
