@@ -26,6 +26,7 @@ from certs.pki import (
     CaMissing,
     CertificateAuthority,
     CertRecord,
+    ExistsAfterSettling,
     Issued,
     KeyType,
     PkiError,
@@ -215,6 +216,28 @@ def _list(directory: Path, records: Sequence[CertRecord], *, as_json: bool) -> N
             )
 
 
+def _issue(ca: CertificateAuthority, args: argparse.Namespace) -> Issued:
+    if args.command == "server":
+        return ca.issue_server(
+            args.dns,
+            args.ip,
+            name=args.name,
+            key_type=args.key_type,
+            days=args.days,
+            not_before=args.not_before,
+            cert_path=args.cert,
+            key_path=args.key,
+        )
+    return ca.issue_device(
+        args.device_id,
+        key_type=args.key_type,
+        days=args.days,
+        not_before=args.not_before,
+        cert_path=args.cert,
+        key_path=args.key,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     if args.command == "init-ca":
@@ -237,30 +260,13 @@ def _run(args: argparse.Namespace) -> int:
         _list(directory, records, as_json=args.json)
         return 0
     ca = CertificateAuthority.open(directory)
-    if args.command == "server":
-        _report(
-            ca.issue_server(
-                args.dns,
-                args.ip,
-                name=args.name,
-                key_type=args.key_type,
-                days=args.days,
-                not_before=args.not_before,
-                cert_path=args.cert,
-                key_path=args.key,
-            )
-        )
-    elif args.command == "device":
-        _report(
-            ca.issue_device(
-                args.device_id,
-                key_type=args.key_type,
-                days=args.days,
-                not_before=args.not_before,
-                cert_path=args.cert,
-                key_path=args.key,
-            )
-        )
+    if args.command in ("server", "device"):
+        try:
+            issued = _issue(ca, args)
+        except ExistsAfterSettling as exc:  # what it settled first is done all the same
+            _report_settled(exc.settled, exc.removed)
+            raise
+        _report(issued)
     elif args.command == "revoke":
         for record in ca.revoke(args.target, crl_days=args.days):
             print(f"revoked {record.kind} {record.name} serial {format_serial(record.serial)}")

@@ -12,8 +12,8 @@ class PkiError(Exception):
 
 
 class OutputExists(PkiError):
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"{path} exists already; refusing to overwrite it")
+    def __init__(self, path: Path, why: str = "") -> None:
+        super().__init__(f"{path} exists already{why}; refusing to overwrite it")
         self.path = path
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "CaMissing",
     "CertRecord",
     "CertificateAuthority",
+    "ExistsAfterSettling",
     "Issued",
     "KeyType",
     "KeyUnreadable",
@@ -114,6 +115,30 @@ class Issued:
     @property
     def serial(self) -> int:
         return self.certificate.serial_number
+
+
+class ExistsAfterSettling(OutputExists):
+    """`OutputExists` from an issuance that first settled earlier runs killed part way: that is
+    done and saved, so it comes with the refusal (``settled``, ``removed``: as in `Issued`).
+    ``completed``: the settled record whose file ``path`` is, a run killed once it had
+    completed its issuance; the message says so."""
+
+    def __init__(
+        self,
+        path: Path,
+        settled: tuple[CertRecord, ...],
+        removed: tuple[Path, ...],
+        completed: CertRecord | None,
+    ) -> None:
+        why = (
+            ""
+            if completed is None
+            else f": an earlier run, interrupted, had completed its issuance (serial"
+            f" {format_serial(completed.serial)}, now marked complete)"
+        )
+        super().__init__(path, why)
+        self.settled = settled
+        self.removed = removed
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -354,7 +379,13 @@ class CertificateAuthority:
                 self._save(records)
             # Checked once settled: a killed run's leftover certificate is no reason to refuse.
             # The pending name too: what is there now is not this run's to remove on failure.
-            refuse_existing([cert_path, key_path, pending_key_path(key_path)])
+            try:
+                refuse_existing([cert_path, key_path, pending_key_path(key_path)])
+            except OutputExists as exc:
+                if settled or removed:  # done and saved: reported with the refusal
+                    completed = self._completed_at(exc.path, settled)
+                    raise ExistsAfterSettling(exc.path, settled, removed, completed) from None
+                raise
             # Recorded first (`certs.issuance`): a certificate on disk that the index does not
             # list could never be revoked.
             record = new_record(
@@ -378,6 +409,16 @@ class CertificateAuthority:
                 raise
             self._save([*records, dataclasses.replace(record, issuance="complete")])
         return Issued(cert_path, key_path, cert, settled, removed)
+
+    def _completed_at(self, path: Path, settled: Sequence[CertRecord]) -> CertRecord | None:
+        """The record of ``settled`` marked complete whose certificate or key is at ``path``."""
+        spelled = os.path.abspath(path)  # however it is spelled
+        for record in settled:
+            files = [record.cert_file(self.directory), record.key_file(self.directory)]
+            ours = {os.path.abspath(f) for f in files if f is not None}
+            if record.issuance == "complete" and spelled in ours:
+                return record
+        return None
 
     # -- the index, revocation, CRL --------------------------------------------------------
 

@@ -212,7 +212,8 @@ def test_an_issuance_killed_after_its_files_are_in_place_is_marked_complete(
     pki_dir: Path,
 ) -> None:
     """Killed after the key was linked to its name, before the record said so: the pair is
-    whole and is never touched; the retry says it exists and the record becomes valid."""
+    whole and is never touched; the record becomes valid, and the retry says so as every settle
+    does, and that the files it refuses to overwrite are that interrupted run's."""
     killed = run(
         "--dir", str(pki_dir), "server", "--dns", "sink.example",
         env={"BRIDGE_FAILPOINTS": "certs.issue.after_link=kill9"},
@@ -222,9 +223,18 @@ def test_an_issuance_killed_after_its_files_are_in_place_is_marked_complete(
     pair = {
         name: (servers / name).read_bytes() for name in ("sink.example.key", "sink.example.pem")
     }
+    interrupted = listing(pki_dir)[1]["serial"]
     retried = run("--dir", str(pki_dir), "server", "--dns", "sink.example")
     assert retried.returncode == 2
-    assert "sink.example.pem exists already; refusing to overwrite it" in retried.stderr
+    assert retried.stdout == (
+        f"settled an interrupted issuance of server sink.example serial {interrupted}: it had"
+        " finished: marked complete\n"
+    )
+    assert retried.stderr == (
+        f"bridge-certs: error: {servers / 'sink.example.pem'} exists already: an earlier run,"
+        f" interrupted, had completed its issuance (serial {interrupted}, now marked complete);"
+        " refusing to overwrite it\n"
+    ), retried.stderr
     assert _files(servers) == sorted(pair)  # the pending link is gone, the pair as it was
     assert {name: (servers / name).read_bytes() for name in pair} == pair
     assert [r["status"] for r in listing(pki_dir)] == ["valid", "valid"]
