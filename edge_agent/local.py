@@ -8,6 +8,7 @@ closed: MQTT 3.1.1 has no negative acknowledgement, and the publisher keeps the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import ssl
 from collections.abc import Sequence
@@ -225,4 +226,8 @@ def build_listener(
         limits=limits,
         clock=acceptor.clock,
         name="edge-agent.listener",
+        # Debug: local devices that connect for each reading (scripts, battery sensors) made two
+        # lines per event, and a publisher refused by a full buffer two per retry (SPEC §5: never
+        # a line per event). The listener's metrics count connections by how they end.
+        connection_log=logging.DEBUG,
     )

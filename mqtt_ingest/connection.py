@@ -211,9 +211,11 @@ class Connection:
         self.server.forget(self)
         self.metrics.inc("connections_closed", reason=label)
         if self.identity is not None:
-            log.info(
-                "%s: %s (%s) disconnected: %s", self.server.name, self.client_id, self.peer, reason
-            )
+            log.log(
+                self.server.connection_log,
+                "%s: %s (%s) disconnected: %s",
+                self.server.name, self.client_id, self.peer, reason,
+            )  # fmt: skip
         else:
             log.debug(
                 "%s: %s closed before CONNECT completed: %s", self.server.name, self.peer, reason
@@ -265,7 +267,8 @@ class Connection:
         present = self.server.register(self, self.clean_session)
         self.writer.write(encode_connack(ConnackCode.ACCEPTED, session_present=present))
         self.metrics.inc("connects_accepted")
-        log.info(
+        log.log(
+            self.server.connection_log,
             "%s: %s connected from %s as %s (keep-alive %ds)",
             self.server.name, client_id, self.peer, admission.identity.name, request.keep_alive,
         )  # fmt: skip

@@ -76,11 +76,15 @@ class IngestServer:
         name: str = "ingest",
         weigh: Callable[[IngestEvent], int] | None = None,
         max_weight: int = 0,
+        connection_log: int = logging.INFO,
     ) -> None:
-        """``weigh`` and ``max_weight`` bound each stage call by weight (see `Batcher`)."""
+        """``weigh`` and ``max_weight`` bound each stage call by weight (see `Batcher`).
+        ``connection_log``: the level of each client's "connected" and "disconnected" lines
+        (the metrics count them whatever it is)."""
         self.limits = limits or Limits()
         self.metrics: Metrics = metrics if metrics is not None else Counters()
         self.name = name
+        self.connection_log = connection_log
         self.authenticator = authenticator
         self.rights: TopicRights = rights or AllowAll()
         self.availability = availability

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pty
 import select
@@ -213,6 +214,32 @@ async def test_listener_acks_only_committed_events(tmp_path: Path) -> None:
     assert [e.payload for e in read_events(config.agent.data_dir)] == [b"!"] + [
         f"{i}".encode() for i in range(20)
     ]
+
+
+async def test_local_devices_that_connect_per_reading_log_no_line_per_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SPEC §5: never a log line per event. A script or a battery sensor that connects for each
+    reading made the listener log "connected" and "disconnected" at INFO: two lines per event
+    (and a publisher refused by a full buffer, two per retry). They are debug lines on the
+    agent's listener now (the sink, whose devices stay connected, keeps them at INFO); the
+    listener's metrics count the connections."""
+    config = load_config(write_config(tmp_path))
+    caplog.set_level(logging.DEBUG)
+    async with Agent(config) as agent:
+        assert agent.listener_port is not None
+        for i in range(5):
+            async with aiomqtt.Client(
+                "127.0.0.1", agent.listener_port, identifier=f"reading-{i}"
+            ) as client:
+                await client.publish("sensors/t", b"%d" % i, qos=1)
+    lines = [r for r in caplog.records if r.name == "mqtt_ingest.connection"]
+    connected = [r for r in lines if "connected from" in r.getMessage()]
+    disconnected = [r for r in lines if ") disconnected:" in r.getMessage()]
+    assert (len(connected), len(disconnected)) == (5, 5)  # still there, for --log-level DEBUG
+    assert {r.levelno for r in connected + disconnected} == {logging.DEBUG}
+    assert [r.getMessage() for r in lines if r.levelno >= logging.INFO] == []
+    assert inspect(config.agent.data_dir).events == 5
 
 
 async def test_listener_reject_when_full_gives_no_ack(tmp_path: Path) -> None:
