@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mqtt_ingest.disk import temporaries
+
 __all__ = ["CaMissing", "KeyUnreadable", "OutputExists", "PkiError", "ReadOnlyPki"]
 
 
@@ -30,10 +32,15 @@ class CaMissing(PkiError):
 
 
 def interrupted_init(key: Path) -> str:
+    """What to do about a CA key alone, naming the copy of it a write killed after its link
+    left (a temporary file, `certs.files.write_new`)."""
+    copies = temporaries(key, mode=0o600)
+    also = "".join(f" and {copy}" for copy in copies)
+    what = f"it{also} (a copy of it the killed write left)" if copies else "it"
     return (
         f"{key} is there without ca.pem or index.json: an init-ca that did not finish? No"
-        " certificate can have been issued with it (never removed for you: a CA key). Delete"
-        " it, then run 'bridge-certs init-ca' again"
+        f" certificate can have been issued with it (never removed for you: a CA key). Delete"
+        f" {what}, then run 'bridge-certs init-ca' again"
     )
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,13 +53,8 @@ def pending_key_path(key_path: Path) -> Path:
 
 
 def stray_temporaries(key_path: Path) -> list[Path]:
-    """The temporary files a killed write of ``key_path``'s pending key left (see above): named
-    as `write_new` names them, with the mode it writes a key with."""
-    return [
-        path
-        for path in temporaries(pending_key_path(key_path))
-        if stat.S_IMODE(path.lstat().st_mode) == 0o600
-    ]
+    """The temporary files a killed write of ``key_path``'s pending key left (see above)."""
+    return temporaries(pending_key_path(key_path), mode=0o600)
 
 
 def write_pair(cert_path: Path, cert_pem: bytes, key_path: Path, key_pem: bytes) -> None:

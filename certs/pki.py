@@ -69,6 +69,7 @@ from certs.validity import validity as _validity
 from certs.validity import wait_until as _wait_until
 from mqtt_ingest import failpoints
 from mqtt_ingest.crl import crl_number
+from mqtt_ingest.disk import temporaries
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
 __all__ = [
@@ -208,6 +209,10 @@ class CertificateAuthority:
         with ca._locked("create a CA"):
             try:
                 refuse_existing([cert_path, key_path, ca.index_path, ca.crl_path])
+                # A CA key of an init-ca killed before its link: it never had its name, so
+                # nothing was signed with it (after the link, ca.key is there: refused above).
+                for stray in temporaries(key_path, mode=0o600):
+                    stray.unlink()
                 write_new(key_path, key_pem(key), 0o600)
                 written.append(key_path)
                 failpoints.hit("certs.init_ca.after_key")

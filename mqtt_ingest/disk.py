@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -40,10 +41,10 @@ def write_temporary(path: Path, data: bytes, mode: int) -> Path:
     return temporary
 
 
-def temporaries(path: Path) -> list[Path]:
+def temporaries(path: Path, mode: int | None = None) -> list[Path]:
     """The files `write_temporary` made for ``path`` that are still there (a process killed
     before it removed one): regular files named exactly as it names them (``mkstemp``'s eight
-    random characters), nothing else."""
+    random characters), with permission bits ``mode`` if given, nothing else."""
     name = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
     try:
         entries = list(os.scandir(path.parent))
@@ -52,7 +53,9 @@ def temporaries(path: Path) -> list[Path]:
     return sorted(
         Path(entry.path)
         for entry in entries
-        if name.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+        if name.fullmatch(entry.name)
+        and entry.is_file(follow_symlinks=False)
+        and (mode is None or stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode) == mode)
     )
 
 
