@@ -79,6 +79,38 @@ def test_v2_widens_only_the_columns_that_need_it() -> None:
     assert len(encode(EPOCH, narrow, version=2)) == 13 + 19 + 4 + 4 + 2 * 2 + 1
 
 
+I32 = 2**31
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "widths"),
+    [
+        ((1, 0), (1 + 2**32 - 1, 0), 0x00),  # the largest u32 seq step
+        ((1, 0), (1 + 2**32, 0), 0x01),
+        ((1, 0), (2, I32 - 1), 0x00),  # the largest i32 time step
+        ((1, 0), (2, I32), 0x02),
+        ((1, I32), (2, 0), 0x00),  # the smallest
+        ((1, I32 + 1), (2, 0), 0x02),
+    ],
+)
+def test_v2_widens_a_column_exactly_past_its_limit(
+    first: tuple[int, int], second: tuple[int, int], widths: int
+) -> None:
+    """A step at a narrow column's limit stays narrow, one past it widens the column; a length
+    too, below. (Off by one, struct would refuse to pack the value, with struct.error rather
+    than ValueError, and the agent's encoding of that batch would fail on every connection; no
+    test pinned these limits.)"""
+    events = [EnvelopeEvent(*first, b""), EnvelopeEvent(*second, b"")]
+    data = encode(EPOCH, events, version=2)
+    assert data[15] == widths  # header (13), count (2), widths
+    assert list(decode(data, version=2).events) == events
+    for length, wide in ((65_535, 0x00), (65_536, 0x04)):
+        events = [EnvelopeEvent(1, 0, b""), EnvelopeEvent(2, 0, bytes(length))]
+        data = encode(EPOCH, events, version=2)
+        assert data[15] == wide
+        assert list(decode(data, version=2).events) == events
+
+
 @given(data=st.binary(max_size=400), version=st.sampled_from(VERSIONS))
 def test_arbitrary_bytes_decode_or_raise_envelope_error(data: bytes, version: int) -> None:
     refused: EnvelopeError | None = None
@@ -133,6 +165,19 @@ V2 = b"MEB\x02\x00" + bytes(8)
 
 def _head(count: int, widths: int, first_seq: int, first_time: int) -> bytes:
     return pack("<HBQQ", count, widths, first_seq, first_time)
+
+
+def test_every_unknown_width_bit_is_refused() -> None:
+    """Bits 0-2 say the widths of the three columns; any other bit set is refused, whatever
+    the columns hold (only bit 3 was tested)."""
+    for widths in range(256):
+        seq, time, length = ("QI"[not widths & 1], "qi"[not widths & 2], "IH"[not widths & 4])
+        data = V2 + _head(2, widths, 1, 0) + pack(f"<{seq}{time}2{length}", 1, 0, 1, 0) + b"x"
+        if widths < 8:
+            assert [e.seq for e in decode(data).events] == [1, 2]
+        else:
+            with pytest.raises(EnvelopeError, match=f"unknown width bits {widths:#04x}"):
+                decode(data)
 
 
 @pytest.mark.parametrize(
