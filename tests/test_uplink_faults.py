@@ -1431,7 +1431,7 @@ async def test_a_topic_whose_priority_changed_keeps_its_order(tmp_path: Path, pk
     events now take their topic's priority of now."""
     device = new_device(pki, "prio")
     async with sink(tmp_path, pki) as server:
-        path = configure(tmp_path, pki, device, server.port)  # batch-v1
+        path = configure(tmp_path, pki, device, server.port)  # the default batch format
         await preload(load_config(path), 3)
         config = with_priority(path, 5)
         async with Agent(config.model_copy(update={"uplink": None})) as agent:

@@ -47,7 +47,7 @@ def _disarmed() -> Iterator[None]:
 async def test_a_reload_that_changes_the_format_does_not_reach_the_open_connection(
     tmp_path: Path, pki: Pki, chaos_proxy_factory: ChaosProxyFactory
 ) -> None:
-    """The open connection announced batch-v1 at CONNECT. A reload to raw while its feeder
+    """The open connection announced batch-v2 at CONNECT. A reload to raw while its feeder
     lingers for a fuller batch must not turn that batch into raw messages on it (the sink would
     dead-letter them as broken envelopes); the new format starts with the next connection."""
     extra = 'window = 4\nbatch.linger = "1s"\npublish_timeout = "30s"\nkeepalive = 600'
