@@ -20,8 +20,8 @@ The format is specified in docs/envelope.md. Both versions share a header::
             payload      length bytes
 
 ``batch-v2`` (columns of little-endian integers: encoded and decoded by `struct` and
-`itertools` in C, about 4 times faster than v1's varints in Python, and 3 bytes smaller per
-event of a typical envelope)::
+`itertools` in C, about 4 times faster than v1's varints in Python; 10 bytes per event against
+v1's 9 to 13, by the seq's size)::
 
         count            u16      (1 .. MAX_EVENTS)
         widths           u8       (bit 0: seq steps are u64, else u32; bit 1: time steps are
