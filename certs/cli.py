@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from certs import lock
+from certs.crls import DEFAULT_CRL_DAYS
 from certs.pki import (
     DEFAULT_CA_DAYS,
-    DEFAULT_CRL_DAYS,
     DEFAULT_DEVICE_DAYS,
     DEFAULT_SERVER_DAYS,
     CaMissing,

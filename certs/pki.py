@@ -28,12 +28,11 @@ is numbered by the clock instead, and the call returns only once the clock has p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certs import lock
+from certs.crls import Signer
 from certs.errors import (
     CaMissing,
     KeyUnreadable,
@@ -52,9 +51,9 @@ from certs.errors import (
     interrupted_init,
 )
 from certs.files import refuse_existing, replace_file, write_new
-from certs.index import CertKind, CertRecord, index_bytes, new_record, read_index
+from certs.index import CertKind, CertRecord, new_record, read_index
 from certs.issuance import discard, pending_key_path, settle, write_pair
-from certs.keys import KeyType, PrivateKey, generate_key, key_pem, load_private_key, signing_hash
+from certs.keys import KeyType, generate_key, key_pem, load_private_key
 from certs.names import (
     MAX_COMMON_NAME,
     device_uri,
@@ -66,9 +65,7 @@ from certs.names import (
 from certs.profiles import ca_certificate, leaf_certificate
 from certs.validity import now as _now
 from certs.validity import validity as _validity
-from certs.validity import wait_until as _wait_until
 from mqtt_ingest import failpoints
-from mqtt_ingest.crl import crl_number
 from mqtt_ingest.disk import temporaries
 from mqtt_ingest.ids import InvalidIdentifier, validate_device_id
 
@@ -95,11 +92,6 @@ __all__ = [
 DEFAULT_CA_DAYS = 3650
 DEFAULT_SERVER_DAYS = 397  # the CA/Browser Forum ceiling, a habit worth keeping
 DEFAULT_DEVICE_DAYS = 365
-DEFAULT_CRL_DAYS = 7
-_CRL_BACKDATE = dt.timedelta(minutes=5)  # a CRL's last update, before now (as certificates)
-MAX_UNRECORDED_LEAD = 60
-"""Seconds the recorded CRL numbers may run ahead of the clock when a CRL is numbered without
-being recorded (read-only media): it waits that long at most, else refuses."""
 
 
 @dataclass(frozen=True)
@@ -146,13 +138,9 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-class CertificateAuthority:
-    """The CA of one PKI directory; load it with `open`, create it with `create`."""
-
-    def __init__(self, directory: Path, certificate: x509.Certificate, key: PrivateKey) -> None:
-        self.directory = directory
-        self.certificate = certificate
-        self.key = key
+class CertificateAuthority(Signer):
+    """The CA of one PKI directory; load it with `open`, create it with `create`. (Its CRLs,
+    the index and the lock: `certs.crls.Signer`.)"""
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -163,18 +151,6 @@ class CertificateAuthority:
     @property
     def key_path(self) -> Path:
         return self.directory / "ca.key"
-
-    @property
-    def crl_path(self) -> Path:
-        return self.directory / "crl.pem"
-
-    @property
-    def index_path(self) -> Path:
-        return self.directory / "index.json"
-
-    @property
-    def crl_number_path(self) -> Path:
-        return self.directory / "crlnumber"
 
     # -- construction ----------------------------------------------------------------------
 
@@ -255,16 +231,6 @@ class CertificateAuthority:
         return cls(directory, cert, key)
 
     # -- issuing ---------------------------------------------------------------------------
-
-    def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
-        """The AKI of what this CA signs: its certificate's SKI, copied. Verifiers match the two
-        byte for byte, and a CA made elsewhere need not derive its SKI as we do (SHA-1 of the
-        key); only a CA certificate without one gets the AKI computed from its key."""
-        try:
-            ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        except x509.ExtensionNotFound:
-            return x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
-        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
 
     def issue_server(
         self,
@@ -427,19 +393,6 @@ class CertificateAuthority:
 
     # -- the index, revocation, CRL --------------------------------------------------------
 
-    def records(self) -> list[CertRecord]:
-        return read_index(self.directory)
-
-    def _save(self, records: list[CertRecord]) -> None:
-        replace_file(self.index_path, index_bytes(records))  # atomically
-
-    @contextlib.contextmanager
-    def _locked(self, action: str) -> Iterator[None]:
-        """Hold ``.lock`` exclusively around a change to the directory (`certs.lock`);
-        `ReadOnlyPki` naming ``action`` if it cannot be written."""
-        with lock.exclusive(self.directory, action):
-            yield
-
     def revoke(self, target: str, *, crl_days: float | None = None) -> list[CertRecord]:
         """Revoke by device id (every unrevoked certificate of that device) or by serial.
 
@@ -482,157 +435,3 @@ class CertificateAuthority:
             replace_file(self.crl_path, self._crl_for(self.crl_path, crl_days, updated))
             self._save(updated)
         return [r for r in updated if r.serial in chosen]
-
-    def _our_crl(self, path: Path) -> x509.CertificateRevocationList | None:
-        """The CRL in ``path`` if it is one signed by this CA, else None."""
-        try:
-            crl = x509.load_pem_x509_crl(path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        if crl.issuer != self.certificate.subject:
-            return None
-        public = self.key.public_key()  # the certificate's, checked at open
-        return crl if crl.is_signature_valid(public) else None
-
-    def build_crl(
-        self,
-        *,
-        days: float = DEFAULT_CRL_DAYS,
-        now: dt.datetime | None = None,
-        after: int = 0,
-        records: Sequence[CertRecord] | None = None,
-        also_revoked: Mapping[int, dt.datetime] | None = None,
-    ) -> x509.CertificateRevocationList:
-        """A CRL of every revoked certificate (of ``records``, by default the index's, and the
-        serials of ``also_revoked``, with their revocation dates); its number is the current
-        second, or ``after`` + 1 if that is not larger (CRL numbers must increase: RFC 5280
-        5.2.3)."""
-        now = now or _now()
-        _, next_update = _validity(now, days)
-        number = max(int(now.timestamp()), after + 1)
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.certificate.subject)
-            # Backdated like certificates: a verifier whose clock is a little behind refuses a
-            # CRL "not yet valid", and with it every client certificate.
-            .last_update(now - _CRL_BACKDATE)
-            .next_update(next_update)
-            .add_extension(x509.CRLNumber(number), critical=False)
-            .add_extension(self._authority_key_identifier(), critical=False)
-        )
-        revoked = {
-            record.serial: dt.datetime.fromisoformat(record.revoked_at)
-            for record in (self.records() if records is None else records)
-            if record.revoked_at is not None
-        }
-        for serial, when in {**(also_revoked or {}), **revoked}.items():
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-            )
-        return builder.sign(self.key, signing_hash(self.key))
-
-    def write_crl(self, path: Path | None = None, *, days: float | None = None) -> Path:
-        """(Re)write the CRL, valid for ``days`` or, by default, as long as the CRL it replaces
-        was (else `DEFAULT_CRL_DAYS`). Replacing one is the point, but only a CRL of this CA is
-        replaced: any other existing file at ``path`` is `OutputExists`.
-
-        If the PKI directory cannot be written (read-only media), a CRL to a path elsewhere is
-        still written, its number not recorded in ``crlnumber`` (see `_crl_for`); the PKI's own
-        ``crl.pem`` is then `ReadOnlyPki`."""
-        path = path or self.crl_path
-        own = os.path.abspath(path) == os.path.abspath(self.crl_path)  # however it is spelled
-        if own or lock.writable(self.directory):
-            with self._locked("write crl.pem"):
-                replace_file(path, self._crl_for(path, days, None))
-            return path
-        with lock.shared(self.directory):  # a writer on another, writable mount waits
-            pem = self._crl_for(path, days, None, record_number=False)
-        replace_file(path, pem)
-        return path
-
-    def _crl_for(
-        self,
-        path: Path,
-        days: float | None,
-        records: Sequence[CertRecord] | None,
-        *,
-        record_number: bool = True,
-    ) -> bytes:
-        """The PEM CRL to write at ``path`` (see `write_crl`) of ``records`` (None: the
-        index's), numbered above every CRL number recorded and every CRL of this CA at ``path``
-        and in ``crl.pem``.
-
-        Its number is recorded in ``crlnumber`` before it is returned, or, with
-        ``record_number`` False (the directory is read-only), it is the clock's second (the
-        recorded numbers, if they run ahead of the clock, are waited out, up to
-        `MAX_UNRECORDED_LEAD`, else `PkiError`) and this returns only once the clock has passed
-        it: every later CRL, numbered at least by its own second, is numbered above it as long
-        as the CA's clock does not go back. A recorded number needs no such trust."""
-        existing = self._our_crl(path)
-        # The PKI's own crl.pem is always ours to replace (even damaged: revoking must work);
-        # a file elsewhere only if it is a CRL of this CA (`--out ca.key` must not destroy it).
-        if existing is None and path != self.crl_path and path.exists():
-            raise OutputExists(path)
-        own = existing if path == self.crl_path else self._our_crl(self.crl_path)
-        if days is None:
-            # A periodic `crl` or a `revoke` must not shorten a 30-day CRL to the default 7.
-            replaced = existing or own
-            days = (
-                (replaced.next_update_utc - replaced.last_update_utc - _CRL_BACKDATE)
-                / dt.timedelta(days=1)
-                if replaced is not None and replaced.next_update_utc is not None
-                else DEFAULT_CRL_DAYS
-            )
-        ours = [crl for crl in (existing, own) if crl is not None]
-        numbers = [crl_number(crl) or 0 for crl in ours]
-        records = self.records() if records is None else records
-        # A serial this CA's CRL lists stays listed even if the index does not say revoked (a
-        # revoke whose index could not be saved): a CRL never takes a revocation back.
-        indexed = {r.serial for r in records if r.revoked_at is not None}
-        carried = {
-            entry.serial_number: entry.revocation_date_utc
-            for crl in ours
-            for entry in crl
-            if entry.serial_number not in indexed
-        }
-        # Numbers run ahead of the clock when CRLs come faster than one a second: one written
-        # with --out may be ahead of crl.pem, and a verifier holding it would refuse the next
-        # crl.pem (a revocation, say) as a rollback. Every CRL is numbered above all before it.
-        after = max([*numbers, self._last_crl_number()])
-        now = _now()
-        if not record_number:
-            now = self._clock_past(after, now)
-        crl = self.build_crl(days=days, now=now, after=after, records=records, also_revoked=carried)
-        number = crl_number(crl) or after + 1
-        if record_number:
-            # Recorded before the CRL is written: a number skipped is harmless, one reused is not.
-            replace_file(self.crl_number_path, f"{number}\n".encode())
-        else:
-            _wait_until(number + 1)  # no later CRL can be numbered ``number`` or below
-        return crl.public_bytes(serialization.Encoding.PEM)
-
-    def _clock_past(self, after: int, now: dt.datetime) -> dt.datetime:
-        """A time whose second is above ``after``, the highest CRL number known: ``now``, or
-        a little later, waited for."""
-        lead = after + 1 - int(now.timestamp())
-        if lead > MAX_UNRECORDED_LEAD:
-            raise PkiError(
-                f"CRL number {after} (recorded in {self.directory}) is {lead} s ahead of the"
-                " clock; a CRL whose number cannot be recorded is numbered by the clock: check"
-                " the clock, or write it with the PKI directory writable"
-            )
-        if lead > 0:
-            _wait_until(after + 1)
-        return _now()
-
-    def _last_crl_number(self) -> int:
-        """The highest CRL number this PKI issued (0 if unknown: missing or unreadable)."""
-        try:
-            return int(self.crl_number_path.read_text().strip())
-        except (OSError, ValueError):
-            return 0
-
-    def _crl_serials(self) -> set[int]:
-        """The serials the PKI's own ``crl.pem`` lists (none if it is missing or not ours)."""
-        crl = self._our_crl(self.crl_path)
-        return set() if crl is None else {entry.serial_number for entry in crl}

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs import CertificateAuthority, KeyType, OutputExists, PkiError, device_uri
+from certs import crls as crls_module
 from certs import pki as pki_module
 from certs.cli import main, parse_when
 from mqtt_ingest.crl import crl_number, crl_rollback
@@ -502,7 +503,8 @@ def test_a_failed_init_ca_leaves_nothing_that_refuses_the_next(
         replace(path, data, mode)
 
     monkeypatch.setattr(pki_module, "write_new", failing_write_new)
-    monkeypatch.setattr(pki_module, "replace_file", failing_replace)
+    for module in (pki_module, crls_module):  # the CA's files, and its index and CRLs
+        monkeypatch.setattr(module, "replace_file", failing_replace)
     assert main(["--dir", str(directory), "init-ca"]) == 2
     err = capsys.readouterr().err
     assert err == f"bridge-certs: error: {directory / failing}: No space left on device\n"
@@ -522,7 +524,8 @@ def _fail_replacing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         replace(path, data, mode)
 
-    monkeypatch.setattr(pki_module, "replace_file", failing)
+    for module in (pki_module, crls_module):  # the CA's files, and its index and CRLs
+        monkeypatch.setattr(module, "replace_file", failing)
 
 
 def _crl_serials(pki_dir: Path) -> list[int]:

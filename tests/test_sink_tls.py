@@ -27,8 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ObjectIdentifier, UnrecognizedExtension
 from cryptography.x509.oid import CRLEntryExtensionOID, NameOID
 
-from certs import CertificateAuthority, KeyType
-from certs import pki as pki_module
+from certs import CertificateAuthority, KeyType, crls
 from cloud_sink.config import ConfigError, SinkConfig, parse_config
 from cloud_sink.service import Sink
 from cloud_sink.tls import (
@@ -480,7 +479,7 @@ async def test_a_crl_not_valid_yet_is_applied_once_it_is(
         assert await connects(sink.port, victim, pki)
         pki.ca.revoke(victim.device_id)
         valid_from = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
-        early = pki.ca.build_crl(now=valid_from + pki_module._CRL_BACKDATE)
+        early = pki.ca.build_crl(now=valid_from + crls._CRL_BACKDATE)
         assert early.last_update_utc <= valid_from
         (tmp_path / "crl.new").write_bytes(early.public_bytes(serialization.Encoding.PEM))
         os.replace(tmp_path / "crl.new", crl)
