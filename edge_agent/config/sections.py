@@ -270,9 +270,9 @@ class UplinkConfig(Strict):
 
     def username(self, device_id: str) -> str:
         """The CONNECT user name: the device id, with the envelope format it announces."""
-        if self.format in BATCH_FORMATS:
-            return format_username(device_id, format=self.format)
-        return device_id
+        if self.envelope_version is None:
+            return device_id
+        return format_username(device_id, format=self.format)
 
 
 class MetricsConfig(Strict):
