@@ -1,7 +1,8 @@
 """The agent's SQLite buffer: every SQL statement and transaction boundary of the agent is in this
 package (`model`: schema and types; `files`: lock, open, checks, recovery, transactions; `store`:
-the statements of accepting, draining and inspecting; here: the `Buffer` the rest of the agent
-uses, on the event loop).
+the statements of accepting; `drain`: those of draining and inspecting, and the `Buffer` methods
+that run them; here: the `Buffer` the rest of the agent uses, on the event loop: its open, close
+and group commit).
 
 Guarantees (SPEC §2, §5; RELIABILITY F1, F2, F7, F8, F20):
 
@@ -46,28 +47,13 @@ import math
 import os
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 from edge_agent.buffer.checks import _is_damage
-from edge_agent.buffer.drain import (
-    _dead_letter,
-    _delete,
-    _first_reads,
-    _hold,
-    _next_events,
-    _record_attempt,
-    _record_losses,
-    _release,
-    _reprioritize,
-    _requeue_dead,
-    _stats,
-    _suspects,
-    _sweep,
-    _take,
-)
+from edge_agent.buffer.drain import _Draining, _first_reads
 from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _close_cleanly,
@@ -131,7 +117,7 @@ __all__ = [
 log = logging.getLogger("edge_agent.buffer")
 
 
-class Buffer:
+class Buffer(_Draining):
     """Open with ``async with await Buffer.open(...)`` (or `open` then `aclose`)."""
 
     def __init__(
@@ -516,124 +502,3 @@ class Buffer:
         elif committed and self._disk_refusal is not None:
             log.warning("buffer: room on the disk again: accepting events")
             self._disk_refusal = None
-
-    # -- draining (the uplink) ------------------------------------------------------------------
-
-    async def next_events(
-        self,
-        limit: int,
-        after: tuple[int, int] | None = None,
-        *,
-        skip: frozenset[int] = frozenset(),
-        max_bytes: int | None = None,
-        above: int | None = None,
-        hold: bool = False,
-    ) -> list[StoredEvent]:
-        """Up to ``limit`` events in drain order: priority (high first), then seq.
-
-        ``after`` = (priority, seq) of the last event already taken, to page through the backlog.
-        Events whose seq is in ``skip`` are passed over; the page ends once its payloads reach
-        ``max_bytes`` (at least one event is returned), and at the first event of a priority at
-        or below ``above``.
-
-        With ``hold`` (the uplink's reads) the events are held until they are deleted or
-        `release_held` is called: sent, their outcome unknown, they may be delivered, so the TTL
-        sweep and ``drop-oldest`` pass them over (SPEC P4: a drop counted for an event that is
-        delivered all the same is a phantom drop).
-        """
-        if hold:
-            return await self._run(_take, self._held, limit, after, skip, max_bytes, above)
-        return await self._run(_next_events, limit, after, skip, max_bytes, above)
-
-    async def release_held(self, keep: Iterable[int] = ()) -> None:
-        """The drain's connection is over: what it held and did not delete (in flight when the
-        connection was lost, never sent) is back in the buffer, where TTLs and drops apply;
-        except ``keep``: events acknowledged whose rows could not be deleted (delivered, they
-        must never count as expired), held until a later `delete` removes them."""
-        await self._run(_release, self._held, frozenset(keep))
-
-    async def delete(self, seqs: Sequence[int], *, drop_reason: str | None = None) -> int:
-        """Remove events (idempotent); returns how many were still there.
-
-        Delivered events are just deleted; with ``drop_reason`` (an operator's purge) they are
-        counted as dropped for that reason, per topic, and logged.
-        """
-        removed = await self._run(
-            _delete, list(seqs), self._totals, drop_reason, self._rescue, self._held
-        )
-        if drop_reason is not None:
-            log.warning("buffer: %d events dropped: %s", removed, drop_reason)
-        return removed
-
-    async def hold(self, seq: int) -> bool:
-        """Whether event ``seq`` is still buffered (not delivered, dropped, expired, purged or
-        dead-lettered); if it is, it is held as `next_events` with ``hold`` holds what it reads,
-        checked and held in one step: the uplink sends an event set aside from its copy in
-        memory, and the sweep must not expire it between the check and the PUBACK."""
-        return await self._run(_hold, self._held, seq)
-
-    async def record_attempt(self, seqs: Sequence[int]) -> None:
-        await self._run(_record_attempt, list(seqs))
-
-    async def record_losses(self, seq: int, losses: int) -> None:
-        """Keep how many connection losses count against event ``seq`` as poison (SPEC §5), so
-        that restarting the agent does not start them over (`suspect_losses`)."""
-        await self._run(_record_losses, seq, losses)
-
-    async def suspects(self, limit: int) -> tuple[list[StoredEvent], dict[int, int]]:
-        """The counts `record_losses` kept, by seq, for the events still buffered, and the first
-        ``limit`` of those events (by seq)."""
-        return await self._run(_suspects, limit)
-
-    async def dead_letter(self, seq: int, reason: str) -> bool:
-        """Move one event to the dead-letter table; False if it is no longer buffered."""
-        now_ms = int(self._clock.time() * 1000)
-        return await self._run(_dead_letter, seq, reason, now_ms, self._totals, self._held)
-
-    async def requeue_dead(self, ttl: Callable[[str], float | None] = lambda topic: None) -> int:
-        """Move every dead letter back into the buffer (with its original seq), to expire after
-        ``ttl(topic)`` seconds from now (None: never; the CLI passes the topic rules' TTL).
-
-        Raises `BufferError` if they would not fit in the buffer's limits (nothing moves then).
-        """
-        now_ms = int(self._clock.time() * 1000)
-        limits = (self._max_events, self._max_bytes)
-        return await self._run(_requeue_dead, self._totals, limits, ttl, now_ms)
-
-    async def reprioritize(self, priority_of: Callable[[str], int]) -> int:
-        """Give every buffered event ``priority_of(its topic)``, once the topic rules changed:
-        the drain is priority first, and events of one topic buffered at two priorities were
-        sent out of seq order (the newer first). Returns how many events changed. One scan of
-        the buffer, on its thread: commits wait meanwhile."""
-        return await self._run(_reprioritize, priority_of, self._totals)
-
-    async def sweep_expired(self) -> int:
-        """Drop events whose TTL passed, but not those the drain holds (`next_events`); counted
-        under reason ``ttl``."""
-        now_ms = int(self._clock.time() * 1000)
-        self._drop_log.flush()  # bursts of buffer-full drops that have ended
-        dropped = await self._run(_sweep, now_ms, self._totals, self._rescue, self._held)
-        for topic, (events, first, last) in dropped.items():
-            log.warning("buffer: %d events on %r expired (seq %d..%d)", events, topic, first, last)
-        return sum(events for events, _, _ in dropped.values())
-
-    async def stats(self) -> BufferStats:
-        """Per-topic backlog, drops, dead letters, incidents: scans the whole ``events`` table on
-        the buffer thread (commits wait meanwhile), so not for a hot path."""
-        return await self._run(_stats)
-
-    @property
-    def backlog(self) -> tuple[int, int]:
-        """(events, payload bytes) buffered, from memory: free to read at any time."""
-        return self._totals.events, self._totals.bytes
-
-    @property
-    def dead_letters(self) -> tuple[int, int]:
-        """(events, payload bytes) in the dead-letter table, from memory: they count against
-        `limits` with the `backlog`."""
-        return self._totals.dead_events, self._totals.dead_bytes
-
-    @property
-    def limits(self) -> tuple[int, int]:
-        """(``max_events``, ``max_bytes``)."""
-        return self._max_events, self._max_bytes

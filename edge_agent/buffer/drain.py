@@ -1,15 +1,18 @@
 """The drain's and the operator's statements, on the buffer's thread: reads in drain order,
 deletes, attempts and poison counts, dead letters and their requeue, reprioritizing, the TTL
-sweep and the statistics. (Inserts and the ``on_full`` policies: `edge_agent.buffer.store`.)"""
+sweep and the statistics; and `_Draining`, the `Buffer` methods that run them. (Inserts and the
+``on_full`` policies: `edge_agent.buffer.store`.)"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import operator
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
+from edge_agent.buffer.droplog import DropLog
 from edge_agent.buffer.files import (
     _keep_high_water,
     _load_epoch,
@@ -23,12 +26,16 @@ from edge_agent.buffer.model import (
     DeadLetter,
     Incident,
     StoredEvent,
+    T,
     TopicStats,
     _Totals,
 )
 from edge_agent.buffer.reserve import WalRescue
 from edge_agent.buffer.store import _count_drops
 from mqtt_ingest import failpoints
+from mqtt_ingest.clock import Clock
+
+log = logging.getLogger("edge_agent.buffer")
 
 # The drain order (priority high first, then seq) in pieces that each read one index range:
 # priorities other than 0 from the partial index events_drain, priority 0 in rowid order.
@@ -424,3 +431,138 @@ def _first_reads(db: sqlite3.Connection) -> tuple[_Totals, str]:
     _load_totals(db, totals)
     _load_epoch(db)  # a missing epoch row: `_Damaged`, not a TypeError in `_stats`
     return totals, _stats(db).epoch
+
+
+class _Draining:
+    """`Buffer`'s calls for the drain and the operator: each runs its statements above as one
+    call on the buffer's thread (`Buffer._run`), with the state the buffer keeps in memory."""
+
+    _held: set[int]
+    _totals: _Totals
+    _rescue: WalRescue
+    _drop_log: DropLog
+    _clock: Clock
+    _max_events: int
+    _max_bytes: int
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        raise NotImplementedError  # `Buffer._run`
+
+    async def next_events(
+        self,
+        limit: int,
+        after: tuple[int, int] | None = None,
+        *,
+        skip: frozenset[int] = frozenset(),
+        max_bytes: int | None = None,
+        above: int | None = None,
+        hold: bool = False,
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` events in drain order: priority (high first), then seq.
+
+        ``after`` = (priority, seq) of the last event already taken, to page through the backlog.
+        Events whose seq is in ``skip`` are passed over; the page ends once its payloads reach
+        ``max_bytes`` (at least one event is returned), and at the first event of a priority at
+        or below ``above``.
+
+        With ``hold`` (the uplink's reads) the events are held until they are deleted or
+        `release_held` is called: sent, their outcome unknown, they may be delivered, so the TTL
+        sweep and ``drop-oldest`` pass them over (SPEC P4: a drop counted for an event that is
+        delivered all the same is a phantom drop).
+        """
+        if hold:
+            return await self._run(_take, self._held, limit, after, skip, max_bytes, above)
+        return await self._run(_next_events, limit, after, skip, max_bytes, above)
+
+    async def release_held(self, keep: Iterable[int] = ()) -> None:
+        """The drain's connection is over: what it held and did not delete (in flight when the
+        connection was lost, never sent) is back in the buffer, where TTLs and drops apply;
+        except ``keep``: events acknowledged whose rows could not be deleted (delivered, they
+        must never count as expired), held until a later `delete` removes them."""
+        await self._run(_release, self._held, frozenset(keep))
+
+    async def delete(self, seqs: Sequence[int], *, drop_reason: str | None = None) -> int:
+        """Remove events (idempotent); returns how many were still there.
+
+        Delivered events are just deleted; with ``drop_reason`` (an operator's purge) they are
+        counted as dropped for that reason, per topic, and logged.
+        """
+        removed = await self._run(
+            _delete, list(seqs), self._totals, drop_reason, self._rescue, self._held
+        )
+        if drop_reason is not None:
+            log.warning("buffer: %d events dropped: %s", removed, drop_reason)
+        return removed
+
+    async def hold(self, seq: int) -> bool:
+        """Whether event ``seq`` is still buffered (not delivered, dropped, expired, purged or
+        dead-lettered); if it is, it is held as `next_events` with ``hold`` holds what it reads,
+        checked and held in one step: the uplink sends an event set aside from its copy in
+        memory, and the sweep must not expire it between the check and the PUBACK."""
+        return await self._run(_hold, self._held, seq)
+
+    async def record_attempt(self, seqs: Sequence[int]) -> None:
+        await self._run(_record_attempt, list(seqs))
+
+    async def record_losses(self, seq: int, losses: int) -> None:
+        """Keep how many connection losses count against event ``seq`` as poison (SPEC §5), so
+        that restarting the agent does not start them over (`suspect_losses`)."""
+        await self._run(_record_losses, seq, losses)
+
+    async def suspects(self, limit: int) -> tuple[list[StoredEvent], dict[int, int]]:
+        """The counts `record_losses` kept, by seq, for the events still buffered, and the first
+        ``limit`` of those events (by seq)."""
+        return await self._run(_suspects, limit)
+
+    async def dead_letter(self, seq: int, reason: str) -> bool:
+        """Move one event to the dead-letter table; False if it is no longer buffered."""
+        now_ms = int(self._clock.time() * 1000)
+        return await self._run(_dead_letter, seq, reason, now_ms, self._totals, self._held)
+
+    async def requeue_dead(self, ttl: Callable[[str], float | None] = lambda topic: None) -> int:
+        """Move every dead letter back into the buffer (with its original seq), to expire after
+        ``ttl(topic)`` seconds from now (None: never; the CLI passes the topic rules' TTL).
+
+        Raises `BufferError` if they would not fit in the buffer's limits (nothing moves then).
+        """
+        now_ms = int(self._clock.time() * 1000)
+        limits = (self._max_events, self._max_bytes)
+        return await self._run(_requeue_dead, self._totals, limits, ttl, now_ms)
+
+    async def reprioritize(self, priority_of: Callable[[str], int]) -> int:
+        """Give every buffered event ``priority_of(its topic)``, once the topic rules changed:
+        the drain is priority first, and events of one topic buffered at two priorities were
+        sent out of seq order (the newer first). Returns how many events changed. One scan of
+        the buffer, on its thread: commits wait meanwhile."""
+        return await self._run(_reprioritize, priority_of, self._totals)
+
+    async def sweep_expired(self) -> int:
+        """Drop events whose TTL passed, but not those the drain holds (`next_events`); counted
+        under reason ``ttl``."""
+        now_ms = int(self._clock.time() * 1000)
+        self._drop_log.flush()  # bursts of buffer-full drops that have ended
+        dropped = await self._run(_sweep, now_ms, self._totals, self._rescue, self._held)
+        for topic, (events, first, last) in dropped.items():
+            log.warning("buffer: %d events on %r expired (seq %d..%d)", events, topic, first, last)
+        return sum(events for events, _, _ in dropped.values())
+
+    async def stats(self) -> BufferStats:
+        """Per-topic backlog, drops, dead letters, incidents: scans the whole ``events`` table on
+        the buffer thread (commits wait meanwhile), so not for a hot path."""
+        return await self._run(_stats)
+
+    @property
+    def backlog(self) -> tuple[int, int]:
+        """(events, payload bytes) buffered, from memory: free to read at any time."""
+        return self._totals.events, self._totals.bytes
+
+    @property
+    def dead_letters(self) -> tuple[int, int]:
+        """(events, payload bytes) in the dead-letter table, from memory: they count against
+        `limits` with the `backlog`."""
+        return self._totals.dead_events, self._totals.dead_bytes
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """(``max_events``, ``max_bytes``)."""
+        return self._max_events, self._max_bytes
