@@ -9,11 +9,11 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 SCHEMA_VERSION = 3
 PAGE_SIZE = 1024
-DISK_RESERVE = 16 * 1024**2
-"""The default disk reserve (`store.DiskReserve`): room for the WAL to grow to its size limit
-four times over, for the drain's deletes and the checkpoints that follow them."""
 """For new databases. Every commit rewrites whole pages (at least the last leaf of ``events``),
 so at a few events per commit small pages write far fewer bytes per event (docs/buffer.md)."""
+DISK_RESERVE = 16 * 1024**2
+"""The default disk reserve (`reserve.DiskReserve`): room for the WAL to grow to its size limit
+four times over, for the drain's deletes and the checkpoints that follow them."""
 CACHE_KIB = 512
 """SQLite's page cache per connection (its default is 2,000 KiB). The buffer's reads and writes are
 sequential (appends, drain in seq order), so a small cache costs nothing measurable and keeps
