@@ -18,14 +18,11 @@ from typing import Literal
 import apsw
 import pytest
 
-from edge_agent.buffer import Buffer, BufferFull, NewEvent, read_events
+from edge_agent.buffer import Buffer, BufferFull, read_events
+from tests.harness.buffer import event
 from tests.harness.powerloss import ApswConnection, CrashVFS
 
 pytestmark = pytest.mark.fault
-
-
-def event(payload: bytes) -> NewEvent:
-    return NewEvent("sensors/t", payload, 1, 0, 1_700_000_000_000, None, "reject")
 
 
 async def crash_during_appends(

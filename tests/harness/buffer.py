@@ -1,5 +1,6 @@
-"""Events for the SQLite buffer's own tests (tests/test_buffer*.py): a `NewEvent` with the
-defaults those tests take for granted, its payload first and any other field by keyword."""
+"""Events for the SQLite buffer's own tests (tests/test_buffer*.py, tests/test_power_loss.py): a
+`NewEvent` with the defaults those tests take for granted, its payload first and any other field
+by keyword."""
 
 from __future__ import annotations
 
