@@ -218,7 +218,7 @@ async def test_rabbitmq_outage_no_ack_refused_then_all_delivered(
     assert lost == 0  # duplicates are allowed: consumers dedupe by message_id
 
 
-# nats-py (2.16) leaks the socket of a failed reconnect attempt (see test_sink_nats_queue.py).
+# nats-py (2.16) leaks the socket of a failed reconnect attempt (see test_sink_nats_faults.py).
 @pytest.mark.filterwarnings("ignore:unclosed <StreamWriter:ResourceWarning")
 @pytest.mark.parametrize("cut", ["blackhole", "close"])
 async def test_nats_outage_no_ack_refused_then_all_delivered_once(
