@@ -19,7 +19,7 @@ from cryptography import x509
 from certs import CertificateAuthority
 from mqtt_ingest import failpoints
 from mqtt_ingest.crl import crl_number
-from tests.test_pki import openssl, run, tree
+from tests.harness.bridge_certs import openssl, run, tree
 
 pytestmark = pytest.mark.integration
 
