@@ -28,12 +28,12 @@ from mqtt_ingest.exposition import MAX_CLIENTS, MetricsServer
 from mqtt_ingest.http import HttpEndpoint, Request, Response
 from mqtt_ingest.prometheus import CountersCollector, CounterSpec
 from tests.harness.agent import start_agent, uplink_section, write_config
+from tests.harness.agent_cli import acli
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
 from tests.harness.report import figures, until
 from tests.harness.sink import device_token, http_get, write_sink_config
-from tests.test_agent import acli
 
 METRICS = '\n[metrics]\nhost = "127.0.0.1"\nport = 0\n'
 AGENT_METRICS = METRICS + 'backlog_refresh = "1ms"\n'

@@ -33,12 +33,12 @@ from edge_agent.token import TokenFile, TokenUnavailable
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import SystemClock
 from tests.harness.agent import uplink_section, write_config
+from tests.harness.agent_cli import acli
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.report import figures, until
 from tests.harness.sink import AUD, CLOUD_SINK
 from tests.harness.sink import running_sink as sink
-from tests.test_agent import acli
 
 pytestmark = pytest.mark.integration
 

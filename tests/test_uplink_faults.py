@@ -351,7 +351,7 @@ async def test_a_buffered_event_whose_uplink_topic_has_a_dot_level_is_dead_lette
 
 
 async def test_requeue_dead_puts_dead_letters_back(tmp_path: Path, pki: Pki) -> None:
-    from tests.test_agent import acli
+    from tests.harness.agent_cli import acli
 
     device = new_device(pki, "requeue")
     path = configure(tmp_path, pki, device, 1)
