@@ -1,6 +1,11 @@
 """Loads the harness fixtures for every test (see tests/harness/)."""
 
+import pytest
 from hypothesis import settings
+
+# Asserts in every harness module say what they compared when they fail (pytest rewrites only
+# test modules and plugins by itself); before anything imports them.
+pytest.register_assert_rewrite("tests.harness")
 
 pytest_plugins = [
     "tests.harness.process",  # before the plugins that import it (assertion rewriting)
