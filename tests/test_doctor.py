@@ -26,13 +26,13 @@ from edge_agent.clocksync import (
 from edge_agent.doctor import run_checks
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.agent_cli import acli
+from tests.harness.clock import SkewedClock
 from tests.harness.disk import small_disk
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.report import figures
 from tests.harness.sink import running_sink, write_sink_config
 from tests.harness.stages import Gate, RecordingStage, counters, running_server
-from tests.test_uplink_faults import SkewedClock
 
 pytestmark = pytest.mark.integration
 

@@ -24,11 +24,11 @@ from certs import CertificateAuthority, KeyType
 from cloud_sink.config import parse_config
 from cloud_sink.service import Sink
 from cloud_sink.tls import TrustStore
+from tests.harness.clock import SkewedClock
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
 from tests.harness.sink import device_token, write_sink_config
 from tests.harness.sink_tls import connected, connects, crl_config, loaded, own_crl, until
-from tests.test_uplink_faults import SkewedClock
 
 
 async def test_a_device_denied_or_revoked_while_connected_is_disconnected(

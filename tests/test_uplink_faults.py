@@ -5,15 +5,13 @@ network cuts (F5) and SIGTERM (F19). The sink is real (in this process or a subp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import signal
-import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,66 +34,33 @@ from edge_agent.link import (
     UNSENT_LIMIT,
     LinkFailure,
     LinkState,
-    read_link_status,
 )
 from edge_agent.messages import Messages
-from edge_agent.uplink import CRL_CHECK_INTERVAL, Uplink
+from edge_agent.uplink import CRL_CHECK_INTERVAL
 from mqtt_ingest import ConnectRequest, Identity, Refusal, failpoints
 from tests.harness.agent import AGENT_READY, uplink_section, write_config
-from tests.harness.chaos import ChaosProxy, ChaosProxyFactory, Direction
+from tests.harness.chaos import ChaosProxyFactory, Direction
+from tests.harness.clock import SkewedClock
 from tests.harness.disk import free_bytes, small_disk
 from tests.harness.mosquitto import free_port
-from tests.harness.pki import DeviceCreds, Pki
+from tests.harness.pki import Pki
 from tests.harness.process import ManagedProcess, ProcessFactory, console_script
 from tests.harness.report import figures, until
-from tests.harness.sink import CLOUD_SINK, write_sink_config
 from tests.harness.sink import running_sink as sink
+from tests.harness.sink import sink_on_a_port
 from tests.harness.stages import SlowStage, counters, running_server
+from tests.harness.uplink import (
+    acks_held,
+    configure,
+    counted_losses,
+    link,
+    new_device,
+    preload,
+    stored_payloads,
+)
 from tests.test_uplink import TOPICS
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
-
-
-def new_device(pki: Pki, prefix: str) -> DeviceCreds:
-    return pki.device(f"{prefix}-{uuid.uuid4().hex[:6]}")
-
-
-def configure(
-    tmp_path: Path,
-    pki: Pki,
-    device: DeviceCreds,
-    port: int,
-    *,
-    extra: str = "",
-    token: str = "",
-    host: str = "localhost",
-) -> Path:
-    kwargs = {"token": token} if token else {}
-    return write_config(
-        tmp_path / "agent",
-        device_id=device.device_id,
-        uplink=uplink_section(pki, device, port, host=host, extra=extra, **kwargs),
-        topics=TOPICS,
-    )
-
-
-async def preload(
-    config: AgentConfig, count: int, topics: tuple[str, ...] = ("sensors/t",), size: int = 0
-) -> None:
-    """``count`` events in the buffer, committed by an agent without its uplink; payload = the
-    number, padded with spaces to ``size`` bytes (`stored_payloads` reads it back)."""
-    async with Agent(config.model_copy(update={"uplink": None})) as agent:
-        for i in range(count):
-            await agent.publish(topics[i % len(topics)], f"{i}".encode().ljust(size))
-
-
-def stored_payloads(core: Path) -> list[int]:
-    return [int(m.payload) for _, m in read_messages(core)]
-
-
-def link(config: AgentConfig) -> LinkState | None:
-    status = read_link_status(config.agent.data_dir)
-    return None if status is None else status.state
 
 
 def agent_process(
@@ -108,22 +73,6 @@ def agent_process(
         env=env,
         start=False,
     )
-
-
-def sink_on_a_port(
-    tmp_path: Path, pki: Pki, processes: ProcessFactory
-) -> tuple[int, ManagedProcess]:
-    """A sink process (not started) on a port of its own that stays the same across restarts."""
-    port = free_port()
-    config_path = write_sink_config(tmp_path, pki)
-    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
-    sink_process = processes(
-        [CLOUD_SINK, "--config", str(config_path), "run"],
-        ready=r"listening on",
-        name="cloud-sink",
-        start=False,
-    )
-    return port, sink_process
 
 
 @pytest.mark.parametrize(
@@ -186,16 +135,6 @@ async def test_a_poison_event_goes_to_dead_letters_and_the_rest_flows(
     assert stats.dead_letters == 1
     assert sorted(stored_payloads(tmp_path / "core.db")) == list(range(sent))
     figures("poison", events=sent + 1, connections=connections, dead_letters=stats.dead_letters)
-
-
-def counted_losses(data_dir: Path, seq: int) -> int:
-    """The losses the buffer keeps against event ``seq`` as poison (read-only, beside the agent)."""
-    db = sqlite3.connect((data_dir / "buffer.db").resolve().as_uri() + "?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT losses FROM suspects WHERE seq = ?", (seq,)).fetchone()
-    finally:
-        db.close()
-    return 0 if row is None else int(row[0])
 
 
 async def test_poison_counts_are_kept_across_restarts(tmp_path: Path, pki: Pki) -> None:
@@ -572,19 +511,6 @@ async def test_a_new_crl_during_a_certificate_rotation_is_read_once_the_files_ar
             await until(lambda: uplink.status.connections == 2, timeout=30)
     assert "the CRL changed but cannot be used" not in caplog.text
     assert "loaded (changed on disk)" in caplog.text
-
-
-class SkewedClock:
-    """The system clock off by ``offset`` seconds, ticking (a device whose clock is wrong)."""
-
-    def __init__(self, offset: float) -> None:
-        self.offset = offset
-
-    def time(self) -> float:
-        return time.time() + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 @pytest.mark.parametrize(
@@ -1125,24 +1051,6 @@ async def test_progress_of_our_bytes_stops_counting_when_nothing_comes_back(
         assert set(stored) <= set(range(events))
         assert max(stored) == events - 1, "the events after the cut were not delivered"
     assert noticed < 20, error
-
-
-@contextlib.asynccontextmanager
-async def acks_held(
-    tmp_path: Path, pki: Pki, proxies: ChaosProxyFactory, prefix: str, extra: str
-) -> AsyncIterator[tuple[Agent, Uplink, ChaosProxy]]:
-    """A sink, the chaos proxy in front of it and an agent connected through the proxy (uplink
-    settings ``extra``), which then holds whatever the sink sends: PUBACKs, PINGRESPs."""
-    device = new_device(pki, prefix)
-    async with sink(tmp_path, pki) as server:
-        proxy = await proxies("127.0.0.1", server.port)
-        config = load_config(configure(tmp_path, pki, device, proxy.port, extra=extra))
-        async with Agent(config) as agent:
-            assert agent.uplink is not None
-            uplink = agent.uplink
-            await until(lambda: uplink.status.connected_since is not None)
-            proxy.blackhole(direction=Direction.DOWNSTREAM)
-            yield agent, uplink, proxy
 
 
 async def test_an_unacknowledged_publish_times_out_and_is_sent_again(

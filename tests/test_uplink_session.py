@@ -19,20 +19,14 @@ from mqtt_ingest import failpoints
 from mqtt_ingest.ports import ConnectRequest, Identity, Refusal
 from tests.harness.agent import uplink_section, write_config
 from tests.harness.chaos import ChaosProxyFactory, Direction
+from tests.harness.clock import SkewedClock
 from tests.harness.pki import Pki
 from tests.harness.report import figures, until
 from tests.harness.sink import AUD
 from tests.harness.sink import running_sink as sink
 from tests.harness.stages import RecordingStage, running_server
+from tests.harness.uplink import acks_held, configure, new_device, preload, stored_payloads
 from tests.test_uplink import issue_token, issuer_key, issuer_signed_auth
-from tests.test_uplink_faults import (
-    SkewedClock,
-    acks_held,
-    configure,
-    new_device,
-    preload,
-    stored_payloads,
-)
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

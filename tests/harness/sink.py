@@ -1,5 +1,6 @@
-"""Sink test material shared by the sink tests: core messages, a sink config, device tokens, and
-a device that resends what the sink did not acknowledge."""
+"""Sink test material shared by the sink tests: core messages, a sink config, device tokens, a
+sink process on a port that survives its restarts, and a device that resends what the sink did
+not acknowledge."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from cloud_sink.service import Sink
 from mqtt_ingest import IngestServer
 from mqtt_ingest.envelope import FORMAT_BATCH_V1, EnvelopeEvent, encode, format_username
 from tests.harness.brokers import NatsNames, RabbitNames
+from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
-from tests.harness.process import console_script
+from tests.harness.process import ManagedProcess, ProcessFactory, console_script
 from tests.harness.rawmqtt import RawClient, connect_packet, publish_packet
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "http_get",
     "nats_backend",
     "running_sink",
+    "sink_on_a_port",
     "write_sink_config",
 ]
 
@@ -100,6 +103,22 @@ async def running_sink(
         text = text.replace(str(pki.server_key), str(server_cert[1]))
     async with Sink(parse_config(text)) as sink:
         yield sink.server
+
+
+def sink_on_a_port(
+    tmp_path: Path, pki: Pki, processes: ProcessFactory
+) -> tuple[int, ManagedProcess]:
+    """A sink process (not started) on a port of its own that stays the same across restarts."""
+    port = free_port()
+    config_path = write_sink_config(tmp_path, pki)
+    config_path.write_text(config_path.read_text().replace("port = 0", f"port = {port}"))
+    sink_process = processes(
+        [CLOUD_SINK, "--config", str(config_path), "run"],
+        ready=r"listening on",
+        name="cloud-sink",
+        start=False,
+    )
+    return port, sink_process
 
 
 def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
