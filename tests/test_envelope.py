@@ -30,7 +30,7 @@ from mqtt_ingest.envelope import (
 from tests.harness.pki import Pki
 from tests.harness.report import figures, until
 from tests.harness.sink import running_sink
-from tests.test_uplink import agent_config
+from tests.harness.uplink import agent_config
 
 EPOCH = "0123456789abcdef"
 VERSIONS = sorted(BATCH_FORMATS.values())

@@ -39,7 +39,7 @@ from tests.harness.sink import (
     running_sink,
     write_sink_config,
 )
-from tests.test_uplink import TOPICS
+from tests.harness.uplink import TOPICS
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from tests.harness.process import ManagedProcess, ProcessFactory, console_script
 from tests.harness.report import until
 from tests.harness.sink import CLOUD_SINK, device_token, running_sink, write_sink_config
 from tests.harness.stages import SlowStage, running_server
-from tests.test_uplink import issue_token, issuer_key
+from tests.harness.uplink import issue_token, issuer_key
 
 pytestmark = pytest.mark.integration
 

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from edge_agent.buffer import DB_NAME, inspect
-from tests.harness.agent import uplink_section, write_config
+from tests.harness.agent import start_agent, uplink_section, write_config
 from tests.harness.brokers import NatsNames, nats_connection, read_stream
 from tests.harness.chaos import ChaosProxy, ChaosProxyFactory
 from tests.harness.history import Delivered, History
@@ -56,8 +56,7 @@ from tests.harness.sink import (
     nats_backend,
     write_sink_config,
 )
-from tests.test_uplink import TOPICS
-from tests.test_uplink_faults import agent_process
+from tests.harness.uplink import TOPICS
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
 SEED = int(os.environ.get("SOAK_SEED") or random.SystemRandom().randrange(1_000_000))
@@ -256,7 +255,7 @@ async def test_nemesis_over_agents_sink_links_and_core_queue_loses_nothing(
             uplink=uplink_section(pki, device, link.port, extra=extra),
             topics=TOPICS,
         )
-        agent = agent_process(process_factory, path)
+        agent = start_agent(process_factory, path, start=False)
         await agent.astart()
         links.append(link)
         agents.append(agent)

@@ -9,7 +9,6 @@ import re
 import socket
 import ssl
 import struct
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -19,9 +18,8 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cloud_sink.auth import thumbprint
 from cloud_sink.backends import read_messages
 from edge_agent import Agent, load_config
 from edge_agent import uplink as uplink_module
@@ -32,46 +30,21 @@ from edge_agent.systemd import status as systemd_status
 from edge_agent.token import TokenFile, TokenUnavailable
 from mqtt_ingest.backoff import Backoff
 from mqtt_ingest.clock import SystemClock
-from tests.harness.agent import uplink_section, write_config
 from tests.harness.agent_cli import acli
 from tests.harness.mosquitto import free_port
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.report import figures, until
-from tests.harness.sink import AUD, CLOUD_SINK
+from tests.harness.sink import AUD
 from tests.harness.sink import running_sink as sink
+from tests.harness.uplink import (
+    agent_config,
+    issue_token,
+    issuer_key,
+    issuer_signed_auth,
+    new_device,
+)
 
 pytestmark = pytest.mark.integration
-
-TOPICS = """
-[[topics]]
-filter = "alarms/#"
-qos = 2
-priority = 9
-
-[[topics]]
-filter = "bulk/#"
-qos = 0
-
-[[topics]]
-filter = "#"
-qos = 1
-"""
-
-
-def agent_config(
-    tmp_path: Path, pki: Pki, device: DeviceCreds, port: int, *, extra: str = "", token: str = ""
-) -> Path:
-    kwargs = {"token": token} if token else {}
-    return write_config(
-        tmp_path / "agent",
-        device_id=device.device_id,
-        uplink=uplink_section(pki, device, port, extra=extra, **kwargs),
-        topics=TOPICS,
-    )
-
-
-def new_device(pki: Pki, prefix: str) -> DeviceCreds:
-    return pki.device(f"{prefix}-{uuid.uuid4().hex[:6]}")
 
 
 @pytest.mark.parametrize("fmt", ["batch-v2", "batch-v1", "raw"])
@@ -188,54 +161,6 @@ async def test_nothing_is_lost_when_the_link_goes_away(tmp_path: Path, pki: Pki)
     assert sorted(set(stored)) == list(range(published))
     assert len(stored) == published  # the sqlite core queue dedupes resends by event id
     assert not list(read_events(config.agent.data_dir))
-
-
-def issuer_signed_auth(public: Path) -> str:
-    """The sink's [auth] lines for tokens signed by the issuer whose public key is ``public``."""
-    return f'mode = "issuer-signed"\nissuer = "https://issuer.test"\nissuer_keys = ["{public}"]'
-
-
-def issuer_key(tmp_path: Path) -> tuple[Path, Path]:
-    """(private key, public key) PEM files of a token issuer; the public one named k1.pem."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    private = tmp_path / "issuer.key"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public = tmp_path / "k1.pem"
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
-
-
-def issue_token(device: DeviceCreds, issuer: Path, ttl: int) -> str:
-    """A token from `cloud-sink issue-token`; with ``ttl`` <= 0 (which the command refuses), the
-    same claims minted here, already expired."""
-    if ttl <= 0:
-        key = serialization.load_pem_private_key(issuer.read_bytes(), password=None)
-        certificate = x509.load_pem_x509_certificate(device.cert.read_bytes())
-        now = int(time.time())
-        claims = {
-            "sub": device.device_id, "aud": AUD, "iss": "https://issuer.test",
-            "iat": now + ttl - 60, "exp": now + ttl,
-            "cnf": {"x5t#S256": thumbprint(certificate.public_bytes(serialization.Encoding.DER))},
-        }  # fmt: skip
-        return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})  # type: ignore[arg-type]
-    done = subprocess.run(
-        [CLOUD_SINK, "issue-token", "--device", device.device_id, "--cert", str(device.cert),
-         "--key", str(issuer), "--kid", "k1", "--issuer", "https://issuer.test",
-         "--audience", AUD, "--ttl", str(ttl)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    return done.stdout.strip()
 
 
 async def test_token_file_mode_reads_the_file_again_when_it_changes(

@@ -20,7 +20,7 @@ from tests.harness.mosquitto import MosquittoFactory, free_port
 from tests.harness.pki import Pki
 from tests.harness.process import ProcessFactory
 from tests.harness.report import figures, until
-from tests.test_uplink import TOPICS
+from tests.harness.uplink import TOPICS
 
 pytestmark = pytest.mark.integration
 

@@ -13,31 +13,18 @@ import pytest
 from edge_agent import Agent, load_config
 from edge_agent.buffer import BufferFull, inspect, read_events
 from edge_agent.link import LinkState
-from tests.harness.agent import AGENT_READY, uplink_section, write_config
+from tests.harness.agent import start_agent, uplink_section, write_config
 from tests.harness.chaos import ChaosProxyFactory
 from tests.harness.disk import free_bytes, small_disk
 from tests.harness.pki import Pki
-from tests.harness.process import ManagedProcess, ProcessFactory, console_script
+from tests.harness.process import ProcessFactory
 from tests.harness.report import figures, until
 from tests.harness.sink import running_sink as sink
 from tests.harness.sink import sink_on_a_port
 from tests.harness.stages import counters
-from tests.harness.uplink import configure, link, new_device, preload, stored_payloads
-from tests.test_uplink import TOPICS
+from tests.harness.uplink import TOPICS, configure, link, new_device, preload, stored_payloads
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
-
-
-def agent_process(
-    processes: ProcessFactory, path: Path, env: dict[str, str] | None = None
-) -> ManagedProcess:
-    return processes(
-        [console_script("edge-agent"), "--config", str(path), "run", "--listen-port", "{port}"],
-        ready=AGENT_READY,
-        name="edge-agent",
-        env=env,
-        start=False,
-    )
 
 
 @pytest.mark.parametrize(
@@ -59,7 +46,12 @@ async def test_kill9_in_the_drain_loses_nothing_and_the_sink_dedupes(
         )
         config = load_config(path)
         await preload(config, 200)
-        agent = agent_process(process_factory, path, {"BRIDGE_FAILPOINTS": f"{failpoint}=kill9@20"})
+        agent = start_agent(
+            process_factory,
+            path,
+            env={"BRIDGE_FAILPOINTS": f"{failpoint}=kill9@20"},
+            start=False,
+        )
         await agent.astart()
         assert await agent.await_exit(timeout=60) == -9
         before = len(stored_payloads(tmp_path / "core.db"))
@@ -262,7 +254,7 @@ async def test_sigterm_while_draining_exits_0_and_keeps_the_rest(
         path = configure(tmp_path, pki, device, server.port, extra='format = "raw"\nwindow = 2')
         config = load_config(path)
         await preload(config, 3000)
-        agent = agent_process(process_factory, path)
+        agent = start_agent(process_factory, path, start=False)
         await agent.astart()
         await until(lambda: bool(stored_payloads(tmp_path / "core.db")), timeout=30)
         assert await agent.asigterm() == 0

@@ -25,8 +25,16 @@ from tests.harness.report import figures, until
 from tests.harness.sink import AUD
 from tests.harness.sink import running_sink as sink
 from tests.harness.stages import RecordingStage, running_server
-from tests.harness.uplink import acks_held, configure, new_device, preload, stored_payloads
-from tests.test_uplink import issue_token, issuer_key, issuer_signed_auth
+from tests.harness.uplink import (
+    acks_held,
+    configure,
+    issue_token,
+    issuer_key,
+    issuer_signed_auth,
+    new_device,
+    preload,
+    stored_payloads,
+)
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

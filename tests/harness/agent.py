@@ -70,12 +70,18 @@ def uplink_section(
 
 
 def start_agent(
-    processes: ProcessFactory, config: Path, *, env: dict[str, str] | None = None
+    processes: ProcessFactory,
+    config: Path,
+    *,
+    env: dict[str, str] | None = None,
+    start: bool = True,
 ) -> ManagedProcess:
-    """``edge-agent run`` on a free port; restarts reuse the port and the data directory."""
+    """``edge-agent run`` on a free port; restarts reuse the port and the data directory. With
+    ``start=False`` it is only made (the caller awaits its ``start``)."""
     return processes(
         [console_script("edge-agent"), "--config", str(config), "run", "--listen-port", "{port}"],
         ready=AGENT_READY,
         name="edge-agent",
         env=env,
+        start=start,
     )
