@@ -24,31 +24,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import io
 import json
 import math
 import os
-import pstats
 import sqlite3
 import statistics
-import struct
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from bench.report import out, table, yes
-from bench.wire import length, utf8
+from bench.child import answer, run_child
+from bench.load import PAYLOAD_BYTES, payloads, topics
+from bench.report import out, percentile, print_profile, scratch, table, yes
+from bench.wire import DISCONNECT, connect_packet, length, utf8
 from edge_agent import Agent, parse_config
 from edge_agent.buffer import DB_NAME, Buffer
 from edge_agent.config import BufferConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PAYLOAD_BYTES = 200
-TOPICS = [f"sensors/s{n}/temperature" for n in range(16)]
+TOPICS = topics(16)
 INSERT = (
     "INSERT INTO events (topic, payload, qos, priority, event_time, expires_at)"
     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -63,11 +59,6 @@ GOAL_BYTES_RATIO = 0.2
 GOAL_P99_MS = 10.0
 
 
-def payloads(count: int = 64) -> list[bytes]:
-    """Distinct 200-byte payloads (random, so that nothing compresses or deduplicates them)."""
-    return [os.urandom(PAYLOAD_BYTES) for _ in range(count)]
-
-
 def proc_io() -> dict[str, int]:
     """This process's I/O counters (all threads)."""
     counters: dict[str, int] = {}
@@ -76,13 +67,6 @@ def proc_io() -> dict[str, int]:
             key, _, value = line.partition(":")
             counters[key.strip()] = int(value)
     return counters
-
-
-def percentile(ordered: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
 def config_text(
@@ -260,9 +244,7 @@ class _Publisher(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        body = utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
-        body += utf8(self.client_id)
-        transport.write(bytes([0x10]) + length(len(body)) + body)
+        transport.write(connect_packet(self.client_id))
 
     def start(self) -> None:
         self.started = True
@@ -303,7 +285,7 @@ class _Publisher(asyncio.Protocol):
         if self.acked >= self.total and not self.finished.done():
             assert self._transport is not None
             self.finished.set_result(time.perf_counter())
-            self._transport.write(b"\xe0\x00")  # DISCONNECT
+            self._transport.write(DISCONNECT)
             self._transport.close()
         elif self.started:
             self._top_up()
@@ -354,16 +336,10 @@ async def listener_rate(
         port = agent.listener_port
         assert port is not None
         commits_before = agent.buffer.commits
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.buffer", "_publish",
+        result = await run_child(
+            "the publisher process", "bench.buffer", "_publish",
             str(port), str(events), str(connections), str(window),
-            cwd=REPO_ROOT,
-            stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        stdout, _ = await child.communicate()
-        if child.returncode != 0:
-            raise RuntimeError(f"the publisher process failed (status {child.returncode})")
-        result = json.loads(stdout.decode().strip().splitlines()[-1])
         commits = agent.buffer.commits - commits_before
         stored = (await agent.buffer.stats()).events
     if stored != events or result["events"] != events:
@@ -687,14 +663,12 @@ async def run(args: argparse.Namespace, root: Path) -> None:
             profiler,
             args.commit_linger,
         )
-        report = io.StringIO()
-        stats = pstats.Stats(profiler, stream=report)
-        stats.sort_stats("tottime").print_stats(25)
-        out(
-            f"\ncProfile of the event-loop thread in an extra (a) API run, not in the medians "
-            f"({profiled.rate:,.0f} ev/s under the profiler; SQLite's own thread is not profiled):"
+        print_profile(
+            profiler,
+            "cProfile of the event-loop thread in an extra (a) API run, not in the medians "
+            f"({profiled.rate:,.0f} ev/s under the profiler; SQLite's own thread is not profiled):",
+            [("tottime", 25)],
         )
-        out(report.getvalue().rstrip())
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -736,14 +710,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_publish"]:
         port, events, connections, window = (int(value) for value in argv[1:5])
-        result = asyncio.run(publish_over_mqtt(port, events, connections, window))
-        out(json.dumps(result))
+        answer(asyncio.run(publish_over_mqtt(port, events, connections, window)))
         return
     args = parse_args(argv)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-buffer-", dir=args.dir) as root:
-        asyncio.run(run(args, Path(root)))
-    out(f"\ntotal time {time.perf_counter() - started:.0f} s; temporary data removed")
+    with scratch("bench-buffer-", args.dir) as root:
+        asyncio.run(run(args, root))
 
 
 if __name__ == "__main__":

@@ -38,12 +38,10 @@ import asyncio
 import contextlib
 import cProfile
 import datetime as dt
-import io
 import itertools
 import json
 import math
 import os
-import pstats
 import re
 import secrets
 import shutil
@@ -53,23 +51,22 @@ import ssl
 import statistics
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.report import out, table, yes
-from bench.wire import length, utf8
+from bench.child import REPO_ROOT, answer, run_child
+from bench.load import PAYLOAD_BYTES, payloads, topics
+from bench.report import out, percentile, print_profile, scratch, table, yes
+from bench.wire import connect_packet, length, utf8
 from mqtt_ingest.envelope import BATCH_FORMATS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 HOST = "127.0.0.1"
 DEVICE = "bench-dev"
 AUDIENCE = "bench-sink"
-PAYLOAD_BYTES = 200
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -83,22 +80,6 @@ AGENT_READY = re.compile(r"listener on 127\.0\.0\.1:(?P<port>\d+)")
 AGENT_ONLINE = re.compile(r"^(?P<at>\S+ \S+) INFO edge_agent\.uplink: uplink: online to", re.M)
 SINK_READY = re.compile(r"cloud-sink ready: listening on 127\.0\.0\.1:(?P<port>\d+)")
 MOSQUITTO_READY = re.compile(r"mosquitto version \S+ running")
-
-
-def topics(count: int) -> list[str]:
-    return [f"sensors/s{n}/temperature" for n in range(count)]
-
-
-def payloads(count: int = 64) -> list[bytes]:
-    """Distinct random 200-byte payloads: nothing compresses or deduplicates them."""
-    return [os.urandom(PAYLOAD_BYTES) for _ in range(count)]
-
-
-def percentile(ordered: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
 def free_port() -> int:
@@ -539,19 +520,14 @@ async def bare_drain(
     if batch:
         token = await asyncio.to_thread(_device_token, root, pki, server.port)
     server_cpu = cpu_seconds(server.pid)
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.drain", "_bare",
+    result = await run_child(
+        "the bare loop", "bench.drain", "_bare",
         json.dumps({
             "port": server.port, "events": events, "window": args.window,
             "topics": args.topics, "batch": batch, "token": token, "format": batch_format(args),
             "ca": str(pki.ca), "cert": str(pki.device_cert), "key": str(pki.device_key),
         }),
-        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    stdout, _ = await child.communicate()
-    if child.returncode != 0:
-        raise RuntimeError(f"the bare loop failed (status {child.returncode})")
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
     server_cpu = cpu_seconds(server.pid) - server_cpu
     return Drain(events, float(result["seconds"]), float(result["cpu"]), server_cpu)
 
@@ -668,9 +644,7 @@ class _Producer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        body = utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60)
-        body += utf8("bench-producer")
-        transport.write(b"\x10" + length(len(body)) + body)
+        transport.write(connect_packet("bench-producer"))
 
     def send(self, topic: bytes, n: int) -> None:
         assert self.transport is not None
@@ -775,15 +749,10 @@ async def latency_run(root: Path, pki: Pki, args: argparse.Namespace) -> Latenci
             watcher = asyncio.create_task(
                 asyncio.to_thread(watch_latencies, core, total, skip, args.latency_seconds + 60)
             )
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.drain", "_produce",
+            produced = await run_child(
+                "the producer", "bench.drain", "_produce",
                 str(agent.port), str(total), str(args.rate), str(args.topics),
-                cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            stdout, _ = await child.communicate()
-            if child.returncode != 0:
-                raise RuntimeError(f"the producer failed (status {child.returncode})")
-            produced = json.loads(stdout.decode().strip().splitlines()[-1])
             if produced["acked"] != total:
                 out(f"  WARNING: the agent acknowledged {produced['acked']} of {total}")
             return await watcher
@@ -810,12 +779,7 @@ def _line(name: str, drain: Drain, *, rss: bool = False) -> str:
 
 
 def _print_profile(path: Path, title: str) -> None:
-    report = io.StringIO()
-    stats = pstats.Stats(str(path), stream=report)
-    stats.sort_stats("tottime").print_stats(25)
-    stats.sort_stats("cumulative").print_stats(30)
-    out(f"\n{title}")
-    out(report.getvalue().rstrip())
+    print_profile(path, title, [("tottime", 25), ("cumulative", 30)])
 
 
 async def alternate(
@@ -1114,21 +1078,19 @@ def _profiled(path: Path, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_bare"]:
-        out(json.dumps(asyncio.run(_bare(json.loads(argv[1])))))
+        answer(asyncio.run(_bare(json.loads(argv[1]))))
         return
     if argv[:1] == ["_produce"]:
         port, total, rate, topic_count = int(argv[1]), int(argv[2]), float(argv[3]), int(argv[4])
-        out(json.dumps(asyncio.run(_produce(port, total, rate, topic_count))))
+        answer(asyncio.run(_produce(port, total, rate, topic_count)))
         return
     if argv[:1] == ["_profiled"]:
         sys.exit(_profiled(Path(argv[1]), argv[2:]))
     args = parse_args(argv)
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-drain-", dir=args.dir) as root:
-        asyncio.run(run(args, Path(root)))
-    out(f"\ntotal time {time.perf_counter() - started:.0f} s; temporary data removed")
+    with scratch("bench-drain-", args.dir) as root:
+        asyncio.run(run(args, root))
 
 
 if __name__ == "__main__":
