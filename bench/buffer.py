@@ -24,437 +24,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import json
 import math
 import os
 import sqlite3
 import statistics
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from bench.child import answer, run_child
-from bench.load import PAYLOAD_BYTES, payloads, topics
+from bench.buffer_listener import listener_rate, publish_over_mqtt
+from bench.buffer_paced import paced_api, paced_naive
+from bench.buffer_rates import (
+    MANY_BATCH,
+    MANY_PRODUCERS,
+    RateResult,
+    api_many_rate,
+    api_rate,
+    raw_rate,
+)
+from bench.buffer_setup import Durability, fresh_database, make_rows
+from bench.child import answer
+from bench.load import PAYLOAD_BYTES, payloads
 from bench.report import out, percentile, print_profile, scratch, table, yes
-from bench.wire import DISCONNECT, connect_packet, length, utf8
-from edge_agent import Agent, parse_config
-from edge_agent.buffer import DB_NAME, Buffer
 from edge_agent.config import BufferConfig
 
-TOPICS = topics(16)
-INSERT = (
-    "INSERT INTO events (topic, payload, qos, priority, event_time, expires_at)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-)
-Durability = Literal["full", "normal"]
-Row = tuple[str, bytes, int, int, int, None]
+# The runs stay importable from here, as docs/benchmarks.md names them (`paced_api`, ...).
+__all__ = [
+    "api_many_rate",
+    "api_rate",
+    "listener_rate",
+    "main",
+    "paced_api",
+    "paced_naive",
+    "raw_rate",
+]
 
 # Goals of the spec.
 GOAL_API_RATIO = 0.5
 GOAL_BYTES_PER_EVENT = 1000
 GOAL_BYTES_RATIO = 0.2
 GOAL_P99_MS = 10.0
-
-
-def proc_io() -> dict[str, int]:
-    """This process's I/O counters (all threads)."""
-    counters: dict[str, int] = {}
-    with open("/proc/self/io") as handle:
-        for line in handle:
-            key, _, value = line.partition(":")
-            counters[key.strip()] = int(value)
-    return counters
-
-
-def config_text(
-    data_dir: Path, *, durability: Durability, listener: bool, linger: float | None
-) -> str:
-    """The agent's TOML: one catch-all rule (QoS 1, priority 0, no TTL); ``linger`` None keeps
-    the agent's default ``commit_linger``."""
-    listener_section = "port = 0\nmax_inflight = 256\n" if listener else "enabled = false\n"
-    linger_line = "" if linger is None else f"commit_linger = {linger!r}\n"
-    return (
-        f'[agent]\ndevice_id = "bench-1"\ndata_dir = {json.dumps(str(data_dir))}\n\n'
-        f'[buffer]\ndurability = "{durability}"\n{linger_line}\n'
-        f"[listener]\n{listener_section}\n"
-        '[[topics]]\nfilter = "#"\nqos = 1\n'
-    )
-
-
-async def fresh_database(directory: Path) -> Path:
-    """Create an empty buffer database with the agent's own schema; return its path."""
-    buffer = await Buffer.open(directory)
-    await buffer.aclose()
-    return directory / DB_NAME
-
-
-def raw_connection(path: Path, durability: Durability) -> sqlite3.Connection:
-    """A plain connection with the buffer's PRAGMAs (WAL, synchronous FULL/NORMAL)."""
-    db = sqlite3.connect(path, isolation_level=None)
-    mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode != "wal":
-        raise RuntimeError(f"journal_mode is {mode!r}, not wal")
-    db.execute("PRAGMA synchronous=FULL" if durability == "full" else "PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA foreign_keys=OFF")
-    return db
-
-
-# -- (a) accept rate: Python API vs raw sqlite3 --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RateResult:
-    events: int
-    seconds: float
-    commits: int
-
-    @property
-    def rate(self) -> float:
-        return self.events / self.seconds
-
-
-async def api_rate(
-    directory: Path,
-    events: int,
-    producers: int,
-    bodies: list[bytes],
-    durability: Durability,
-    profiler: cProfile.Profile | None = None,
-    linger: float | None = None,
-) -> RateResult:
-    config = parse_config(
-        config_text(directory, durability=durability, listener=False, linger=linger)
-    )
-    async with Agent(config) as agent:
-        numbers = iter(range(events))
-
-        async def producer() -> None:
-            for n in numbers:
-                await agent.publish(TOPICS[n % len(TOPICS)], bodies[n % len(bodies)])
-
-        commits_before = agent.buffer.commits
-        if profiler is not None:
-            profiler.enable()
-        start = time.perf_counter()
-        async with asyncio.TaskGroup() as tasks:
-            for _ in range(producers):
-                tasks.create_task(producer())
-        seconds = time.perf_counter() - start
-        if profiler is not None:
-            profiler.disable()
-        commits = agent.buffer.commits - commits_before
-        stored = (await agent.buffer.stats()).events
-    if stored != events:
-        out(f"  WARNING: {stored} events in the buffer after publishing {events}")
-    return RateResult(events, seconds, commits)
-
-
-MANY_PRODUCERS = 10
-MANY_BATCH = 100
-
-
-async def api_many_rate(
-    directory: Path, events: int, bodies: list[bytes], durability: Durability
-) -> RateResult:
-    """(a2): `Agent.publish_many`, `MANY_PRODUCERS` producers each publishing batches of
-    `MANY_BATCH` (a producer with many events at once, e.g. a poll of many sensors)."""
-    config = parse_config(
-        config_text(directory, durability=durability, listener=False, linger=None)
-    )
-    async with Agent(config) as agent:
-        starts = iter(range(0, events, MANY_BATCH))
-
-        async def producer() -> None:
-            for start in starts:
-                batch = [
-                    (TOPICS[n % len(TOPICS)], bodies[n % len(bodies)])
-                    for n in range(start, min(start + MANY_BATCH, events))
-                ]
-                await agent.publish_many(batch)
-
-        commits_before = agent.buffer.commits
-        start = time.perf_counter()
-        async with asyncio.TaskGroup() as tasks:
-            for _ in range(MANY_PRODUCERS):
-                tasks.create_task(producer())
-        seconds = time.perf_counter() - start
-        commits = agent.buffer.commits - commits_before
-        stored = (await agent.buffer.stats()).events
-    if stored != events:
-        out(f"  WARNING: {stored} events in the buffer after publishing {events}")
-    return RateResult(events, seconds, commits)
-
-
-def raw_rate(path: Path, rows: list[Row], batch: int, durability: Durability) -> RateResult:
-    db = raw_connection(path, durability)
-    try:
-        start = time.perf_counter()
-        commits = 0
-        for first in range(0, len(rows), batch):
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(INSERT, rows[first : first + batch])
-            db.execute("COMMIT")
-            commits += 1
-        seconds = time.perf_counter() - start
-        stored = db.execute("SELECT count(*) FROM events").fetchone()[0]
-    finally:
-        db.close()
-    if stored != len(rows):
-        out(f"  WARNING: {stored} rows in the raw database after inserting {len(rows)}")
-    return RateResult(len(rows), seconds, commits)
-
-
-def make_rows(events: int, bodies: list[bytes]) -> list[Row]:
-    """The rows the buffer writes for these events (catch-all rule: qos 1, priority 0, no TTL)."""
-    now_ms = int(time.time() * 1000)
-    return [row(n, bodies, now_ms) for n in range(events)]
-
-
-def row(n: int, bodies: list[bytes], now_ms: int) -> Row:
-    return (TOPICS[n % len(TOPICS)], bodies[n % len(bodies)], 1, 0, now_ms, None)
-
-
-# -- (b) accept rate through the local listener ---------------------------------------------------
-
-
-class _Publisher(asyncio.Protocol):
-    """One MQTT connection sending ``total`` QoS 1 PUBLISH packets, ``window`` unacknowledged."""
-
-    def __init__(self, client_id: str, total: int, window: int, bodies: list[bytes]) -> None:
-        loop = asyncio.get_running_loop()
-        self.client_id = client_id
-        self.total = total
-        self.window = window
-        self.bodies = bodies
-        self.connected: asyncio.Future[None] = loop.create_future()
-        self.finished: asyncio.Future[float] = loop.create_future()
-        self.sent = 0
-        self.acked = 0
-        self.started = False
-        self._data = bytearray()
-        self._transport: asyncio.Transport | None = None
-        topic = utf8(f"sensors/{client_id}/temperature")
-        self._headers = [
-            bytes([0x32]) + length(len(topic) + 2 + len(body)) + topic for body in bodies
-        ]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(connect_packet(self.client_id))
-
-    def start(self) -> None:
-        self.started = True
-        self._top_up()
-
-    def _top_up(self) -> None:
-        assert self._transport is not None
-        limit = min(self.total, self.acked + self.window)
-        if self.sent >= limit:
-            return
-        chunks = []
-        headers, bodies = self._headers, self.bodies
-        for n in range(self.sent, limit):
-            index = n % len(bodies)
-            chunks.append(headers[index] + (n % 65535 + 1).to_bytes(2, "big") + bodies[index])
-        self.sent = limit
-        self._transport.write(b"".join(chunks))
-
-    def data_received(self, data: bytes) -> None:
-        self._data += data
-        buffered = self._data
-        position = 0
-        # The server only sends CONNACK and PUBACK here: 4 bytes each.
-        while len(buffered) - position >= 4:
-            kind, length = buffered[position], buffered[position + 1]
-            if length != 2 or kind not in (0x20, 0x40):
-                self._fail(f"unexpected packet {bytes(buffered[position : position + 4])!r}")
-                return
-            if kind == 0x20:
-                if buffered[position + 3] != 0:
-                    self._fail(f"CONNACK refused (code {buffered[position + 3]})")
-                    return
-                self.connected.set_result(None)
-            else:
-                self.acked += 1
-            position += 4
-        del buffered[:position]
-        if self.acked >= self.total and not self.finished.done():
-            assert self._transport is not None
-            self.finished.set_result(time.perf_counter())
-            self._transport.write(DISCONNECT)
-            self._transport.close()
-        elif self.started:
-            self._top_up()
-
-    def _fail(self, why: str) -> None:
-        for future in (self.connected, self.finished):
-            if not future.done():
-                future.set_exception(ConnectionError(why))
-        if self._transport is not None:
-            self._transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(f"connection lost after {self.acked} acks: {exc!r}")
-
-
-async def publish_over_mqtt(
-    port: int, events: int, connections: int, window: int
-) -> dict[str, float]:
-    """The publisher side of (b); runs in its own process (``python -m bench.buffer _publish``)."""
-    loop = asyncio.get_running_loop()
-    bodies = payloads()
-    share = [events // connections + (n < events % connections) for n in range(connections)]
-    publishers = [
-        _Publisher(f"bench-pub-{n}", share[n], window, bodies) for n in range(connections)
-    ]
-    for publisher in publishers:
-        await loop.create_connection(lambda p=publisher: p, "127.0.0.1", port)  # type: ignore[misc]
-    await asyncio.gather(*(p.connected for p in publishers))
-    start = time.perf_counter()
-    for publisher in publishers:
-        publisher.start()
-    ends = await asyncio.gather(*(p.finished for p in publishers))
-    return {"events": sum(p.acked for p in publishers), "seconds": max(ends) - start}
-
-
-async def listener_rate(
-    directory: Path,
-    events: int,
-    connections: int,
-    window: int,
-    durability: Durability,
-    linger: float | None = None,
-) -> RateResult:
-    config = parse_config(
-        config_text(directory, durability=durability, listener=True, linger=linger)
-    )
-    async with Agent(config) as agent:
-        port = agent.listener_port
-        assert port is not None
-        commits_before = agent.buffer.commits
-        result = await run_child(
-            "the publisher process", "bench.buffer", "_publish",
-            str(port), str(events), str(connections), str(window),
-        )  # fmt: skip
-        commits = agent.buffer.commits - commits_before
-        stored = (await agent.buffer.stats()).events
-    if stored != events or result["events"] != events:
-        out(f"  WARNING: {result['events']} acked, {stored} stored, {events} published")
-    return RateResult(int(result["events"]), float(result["seconds"]), commits)
-
-
-# -- (c) + (d): paced at --rate events/s ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PacedResult:
-    events: int
-    seconds: float
-    commits: int
-    write_bytes: int
-    wchar: int
-    latencies: list[float]  # seconds, ascending
-
-    @property
-    def rate(self) -> float:
-        return self.events / self.seconds
-
-
-async def paced_api(
-    directory: Path,
-    rate: float,
-    seconds: float,
-    warmup: float,
-    bodies: list[bytes],
-    linger: float | None = None,
-) -> PacedResult:
-    """Publish one event every 1/rate s, each in its own task; measure after ``warmup`` s."""
-    config = parse_config(config_text(directory, durability="full", listener=False, linger=linger))
-    total = int((warmup + seconds) * rate)
-    measured_from = int(warmup * rate)
-    latencies: list[float] = []
-    async with Agent(config) as agent:
-
-        async def one(n: int) -> None:
-            called = time.perf_counter()
-            await agent.publish(TOPICS[n % len(TOPICS)], bodies[n % len(bodies)])
-            if n >= measured_from:
-                latencies.append(time.perf_counter() - called)
-
-        tasks: set[asyncio.Task[None]] = set()
-        io_start = proc_io()
-        commits_start = agent.buffer.commits
-        window_start = time.perf_counter()
-        start = time.perf_counter()
-        for n in range(total):
-            if n == measured_from:
-                io_start = proc_io()
-                commits_start = agent.buffer.commits
-                window_start = time.perf_counter()
-            delay = start + n / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(one(n))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.gather(*tasks)
-        window = time.perf_counter() - window_start
-        io_end = proc_io()
-        commits = agent.buffer.commits - commits_start
-    return PacedResult(
-        events=total - measured_from,
-        seconds=window,
-        commits=commits,
-        write_bytes=io_end["write_bytes"] - io_start["write_bytes"],
-        wchar=io_end["wchar"] - io_start["wchar"],
-        latencies=sorted(latencies),
-    )
-
-
-def paced_naive(
-    path: Path, rate: float, seconds: float, warmup: float, bodies: list[bytes]
-) -> PacedResult:
-    """One INSERT + COMMIT per event (synchronous=FULL), paced the same way."""
-    db = raw_connection(path, "full")
-    total = int((warmup + seconds) * rate)
-    measured_from = int(warmup * rate)
-    latencies: list[float] = []
-    try:
-        io_start = proc_io()
-        window_start = start = time.perf_counter()
-        for n in range(total):
-            if n == measured_from:
-                io_start = proc_io()
-                window_start = time.perf_counter()
-            delay = start + n / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            called = time.perf_counter()
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(INSERT, row(n, bodies, int(time.time() * 1000)))
-            db.execute("COMMIT")
-            if n >= measured_from:
-                latencies.append(time.perf_counter() - called)
-        window = time.perf_counter() - window_start
-        io_end = proc_io()
-    finally:
-        db.close()
-    return PacedResult(
-        events=total - measured_from,
-        seconds=window,
-        commits=total - measured_from,
-        write_bytes=io_end["write_bytes"] - io_start["write_bytes"],
-        wchar=io_end["wchar"] - io_start["wchar"],
-        latencies=sorted(latencies),
-    )
-
-
-# -- the run --------------------------------------------------------------------------------------
 
 
 def _ms(value: float) -> str:

@@ -1,4 +1,5 @@
-"""What the benchmarks read from ``/proc``: a process's CPU time, per thread too, and memory."""
+"""What the benchmarks read from ``/proc``: a process's CPU time, per thread too, its memory, and
+this process's I/O counters."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "memory_mb", "thread_cpu_seconds"]
+__all__ = ["cpu_seconds", "memory_mb", "proc_io", "thread_cpu_seconds"]
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -41,3 +42,13 @@ def memory_mb(pid: int) -> tuple[float, float]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) / 1024
     return values.get("VmRSS", math.nan), values.get("VmHWM", math.nan)
+
+
+def proc_io() -> dict[str, int]:
+    """This process's I/O counters (all threads)."""
+    counters: dict[str, int] = {}
+    with open("/proc/self/io") as handle:
+        for line in handle:
+            key, _, value = line.partition(":")
+            counters[key.strip()] = int(value)
+    return counters
