@@ -38,7 +38,6 @@ import signal
 import socket
 import ssl
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -48,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from bench.wire import CONNACK_ACCEPTED, DISCONNECT, connect_packet, length, utf8
+from bench.publisher import Publisher
+from bench.wire import connect_packet, publish_packet, utf8
 
 SCRIPT = Path(__file__).resolve()
 SERVERS = ("ours", "mosquitto", "amqtt")
@@ -76,116 +76,10 @@ def _publish_packets(count: int) -> list[bytes]:
     """QoS 1 PUBLISH packets with packet ids 1..count (reused cyclically by every client)."""
     payload = bytes(i % 251 for i in range(PAYLOAD_BYTES))
     topic = utf8(TOPIC)
-    packets = []
-    for packet_id in range(1, count + 1):
-        body = topic + struct.pack("!H", packet_id) + payload
-        packets.append(b"\x32" + length(len(body)) + body)
-    return packets
-
-
-PUBACK = 0x40
+    return [publish_packet(topic, packet_id, payload) for packet_id in range(1, count + 1)]
 
 
 # -- the load generator (``load`` mode) ---------------------------------------------------------
-
-
-class _Publisher(asyncio.Protocol):
-    """One MQTT client that keeps up to ``window`` QoS 1 PUBLISH packets unacknowledged."""
-
-    def __init__(self, client_id: str, packets: list[bytes], window: int, refill: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._client_id = client_id
-        self._packets = packets
-        self._window = window
-        self._refill = refill
-        self._next = 0
-        self._buffer = b""
-        self._transport: asyncio.Transport | None = None
-        self.connected: asyncio.Future[None] = loop.create_future()
-        self._done: asyncio.Future[None] = loop.create_future()
-        self._target = 0
-        self._sent = 0
-        self._acked = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(connect_packet(self._client_id))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        error = ConnectionError(f"{self._client_id}: connection lost ({exc!r})")
-        for future in (self.connected, self._done):
-            if not future.done():
-                future.set_exception(error)
-
-    def _fail(self, why: str) -> None:
-        error = RuntimeError(f"{self._client_id}: {why}")
-        for future in (self.connected, self._done):
-            if not future.done():
-                future.set_exception(error)
-        if self._transport is not None:
-            self._transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        if not self.connected.done():
-            if len(buffer) < 4:
-                self._buffer = buffer
-                return
-            if buffer[:4] != CONNACK_ACCEPTED:
-                self._fail(f"CONNECT refused or unexpected reply {buffer[:4].hex()}")
-                return
-            self.connected.set_result(None)
-            buffer = buffer[4:]
-        count = len(buffer) // 4
-        if not count:
-            self._buffer = buffer
-            return
-        acks, self._buffer = buffer[: count * 4], buffer[count * 4 :]
-        # Every server answers these publishes with 4-byte PUBACKs only (ids are not checked:
-        # amqtt may acknowledge out of order; ids cycle over far more than the window).
-        if acks[0::4].count(PUBACK) != count or acks[1::4].count(2) != count:
-            self._fail(f"expected PUBACKs, got {acks[:16].hex()}")
-            return
-        self._acked += count
-        if self._acked > self._sent:
-            self._fail("more PUBACKs than publishes")
-        elif self._acked >= self._target:
-            if not self._done.done():
-                self._done.set_result(None)
-        else:
-            self._fill()
-
-    def _fill(self) -> None:
-        free = self._window - (self._sent - self._acked)
-        room = min(free, self._target - self._sent)
-        # Top up only once ``refill`` slots are free (or the end is near): a few large writes
-        # instead of one small write per PUBACK keeps the generator cheap whatever the server's
-        # acknowledgement pattern is.
-        if room <= 0 or (free < self._refill and room == free) or self._transport is None:
-            return
-        packets, start = self._packets, self._next
-        end = start + room
-        if end <= len(packets):
-            chunk = packets[start:end]
-            self._next = end % len(packets)
-        else:
-            self._next = end - len(packets)
-            chunk = packets[start:] + packets[: self._next]
-        self._transport.write(b"".join(chunk))
-        self._sent += room
-
-    def publish(self, count: int) -> asyncio.Future[None]:
-        """Send ``count`` publishes; the future resolves once all of them are acknowledged."""
-        self._done = asyncio.get_running_loop().create_future()
-        self._target, self._sent, self._acked = count, 0, 0
-        self._fill()
-        return self._done
-
-    def close(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(DISCONNECT)
-            self._transport.close()
 
 
 def _client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
@@ -202,13 +96,13 @@ async def _load_main(args: argparse.Namespace) -> None:
     packets = _publish_packets(min(65535, max(4096, args.window * 8)))
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    publishers: list[_Publisher] = []
+    publishers: list[Publisher] = []
     try:
         for index in range(args.clients):
             client_id = f"bench-{args.name}-{index}"
             _, publisher = await loop.create_connection(
-                lambda client_id=client_id: _Publisher(
-                    client_id, packets, args.window, args.refill
+                lambda client_id=client_id: Publisher(
+                    connect_packet(client_id), packets, args.window, args.refill, client_id
                 ),
                 HOST,
                 args.port,

@@ -53,7 +53,6 @@ import signal
 import sqlite3
 import ssl
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -73,8 +72,9 @@ from bench.drain import (
     memory_mb,
     start_mosquitto,
 )
+from bench.publisher import Publisher
 from bench.report import out, table, yes
-from bench.wire import CONNACK_ACCEPTED, DISCONNECT, PINGREQ, connect_packet, length, utf8
+from bench.wire import connect_packet, publish_packet, utf8
 
 if TYPE_CHECKING:
     from certs import CertificateAuthority, Issued
@@ -145,11 +145,6 @@ def issue_devices(
     return issued
 
 
-def publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
-    body = topic + struct.pack("!H", packet_id) + payload
-    return b"\x32" + length(len(body)) + body
-
-
 def payload(n: int) -> bytes:
     return bytes((n * 7 + i) % 251 for i in range(PAYLOAD_BYTES))
 
@@ -183,114 +178,6 @@ def envelope_packets(
 
 
 # -- the load generator (``_load``) ---------------------------------------------------------------
-
-
-class Publisher(asyncio.Protocol):
-    """One MQTT client: CONNECT, then up to ``window`` QoS 1 PUBLISH packets unacknowledged,
-    topped up in chunks of ``window // 2``; counts PUBACKs and PINGRESPs."""
-
-    def __init__(self, connect: bytes, packets: list[bytes], window: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._connect = connect
-        self._packets = packets
-        self._window = window
-        self._refill = max(1, window // 2)
-        self._next = 0
-        self._buffer = b""
-        self.transport: asyncio.Transport | None = None
-        self.connected: asyncio.Future[None] = loop.create_future()
-        self.lost: str | None = None
-        self._closing = False
-        self._done: asyncio.Future[None] = loop.create_future()
-        self._target = self._sent = self._acked = 0
-        self.pongs = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._connect)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._closing:
-            return
-        self.lost = repr(exc) if exc else "closed by the server"
-        for future in (self.connected, self._done):
-            if not future.done():
-                future.set_exception(ConnectionError(self.lost))
-
-    def _fail(self, why: str) -> None:
-        for future in (self.connected, self._done):
-            if not future.done():
-                future.set_exception(RuntimeError(why))
-        if self.transport is not None:
-            self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        if not self.connected.done():
-            if len(buffer) < 4:
-                self._buffer = buffer
-                return
-            if buffer[:4] != CONNACK_ACCEPTED:
-                self._fail(f"CONNECT refused: {buffer[:4].hex()}")
-                return
-            self.connected.set_result(None)
-            buffer = buffer[4:]
-        acked = 0
-        at = 0
-        while at + 2 <= len(buffer):
-            kind = buffer[at]
-            if kind == 0x40 and at + 4 <= len(buffer):
-                acked += 1
-                at += 4
-            elif kind == 0xD0:
-                self.pongs += 1
-                at += 2
-            elif kind == 0x40:
-                break
-            else:
-                self._fail(f"unexpected packet {buffer[at : at + 8].hex()}")
-                return
-        self._buffer = buffer[at:]
-        if acked:
-            self._acked += acked
-            if self._acked >= self._target:
-                if not self._done.done():
-                    self._done.set_result(None)
-            else:
-                self._fill()
-
-    def _fill(self) -> None:
-        free = self._window - (self._sent - self._acked)
-        room = min(free, self._target - self._sent)
-        if room <= 0 or (free < self._refill and room == free) or self.transport is None:
-            return
-        packets, start = self._packets, self._next
-        end = start + room
-        if end <= len(packets):
-            chunk = packets[start:end]
-            self._next = end % len(packets)
-        else:
-            self._next = end - len(packets)
-            chunk = packets[start:] + packets[: self._next]
-        self.transport.write(b"".join(chunk))
-        self._sent += room
-
-    def publish(self, count: int) -> asyncio.Future[None]:
-        self._done = asyncio.get_running_loop().create_future()
-        self._target, self._sent, self._acked = count, 0, 0
-        self._fill()
-        return self._done
-
-    def ping(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(PINGREQ)
-
-    def close(self) -> None:
-        self._closing = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(DISCONNECT)
-            self.transport.close()
 
 
 async def _load(spec: dict[str, object]) -> None:
@@ -331,7 +218,7 @@ async def _load(spec: dict[str, object]) -> None:
         async with gate:
             _, publisher = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: Publisher(hello, packets, window),
+                    lambda: Publisher(hello, packets, window, name=device.device_id),
                     HOST,
                     port,
                     ssl=context,

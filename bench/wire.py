@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["CONNACK_ACCEPTED", "DISCONNECT", "PINGREQ", "connect_packet", "length", "utf8"]
+__all__ = [
+    "CONNACK_ACCEPTED",
+    "DISCONNECT",
+    "PINGREQ",
+    "connect_packet",
+    "length",
+    "publish_packet",
+    "utf8",
+]
 
 CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
 DISCONNECT = b"\xe0\x00"
@@ -42,3 +50,9 @@ def connect_packet(
     if password is not None:
         body += utf8(password)
     return b"\x10" + length(len(body)) + body
+
+
+def publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
+    """A QoS 1 PUBLISH; ``topic`` as `utf8` encodes it (callers encode it once for many)."""
+    body = topic + struct.pack("!H", packet_id) + payload
+    return b"\x32" + length(len(body)) + body
