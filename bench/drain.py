@@ -52,28 +52,12 @@ from bench.child import answer
 from bench.drain_agent import Drain, agent_drain, idle_rss
 from bench.drain_backlog import build_backlog, core_count, read_only
 from bench.drain_bare import bare_drain, bare_loop
-from bench.drain_config import HOST, Pki, batch_format, make_pki
+from bench.drain_config import Pki, batch_format, make_pki
 from bench.drain_latency import latency_run, produce
-from bench.drain_processes import BIN, SINK_READY, Process, make_dir, start_mosquitto, start_sink
+from bench.drain_processes import Process, start_mosquitto, start_sink
 from bench.load import PAYLOAD_BYTES, topics
-from bench.procfs import cpu_seconds, memory_mb
 from bench.report import out, percentile, print_profile, scratch, table, yes
 from mqtt_ingest.envelope import BATCH_FORMATS
-
-# bench/sink.py takes its Mosquitto, process and /proc helpers from here: they stay importable
-# from this module (they live in bench.drain_processes, bench.drain_config and bench.procfs).
-__all__ = [
-    "BIN",
-    "HOST",
-    "SINK_READY",
-    "Pki",
-    "Process",
-    "cpu_seconds",
-    "main",
-    "make_dir",
-    "memory_mb",
-    "start_mosquitto",
-]
 
 # Goals of issue #6 (printed, never asserted).
 GOAL_RAW_RATIO = 0.9

@@ -9,7 +9,7 @@ import ssl
 import sys
 import time
 
-from bench.ingest_servers import HOST
+from bench.drain_config import HOST
 from bench.publisher import Publisher
 from bench.report import out
 from bench.wire import connect_packet, publish_packet, utf8

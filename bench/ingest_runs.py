@@ -15,27 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from bench.ingest_servers import HOST, MOSQUITTO, Pki, mosquitto_config
+from bench.drain_config import HOST, Pki
+from bench.ingest_servers import MOSQUITTO, mosquitto_config
+from bench.procfs import cpu_seconds, system_busy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- measuring processes ------------------------------------------------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (all threads), in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def _system_busy() -> float:
-    """CPU seconds all CPUs spent busy since boot (``/proc/stat``: everything but idle, iowait)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (sum(values) - values[3] - values[4]) / CLOCK_TICKS
 
 
 async def _wait_quiet(max_load: float, patience: float) -> float:
@@ -43,9 +30,9 @@ async def _wait_quiet(max_load: float, patience: float) -> float:
     returns the load last seen. The processes of this benchmark are idle when this is called."""
     deadline = time.monotonic() + patience
     while True:
-        before = _system_busy()
+        before = system_busy()
         await asyncio.sleep(0.5)
-        load = (_system_busy() - before) / 0.5
+        load = (system_busy() - before) / 0.5
         if load <= max_load or time.monotonic() >= deadline:
             return load
 
@@ -270,12 +257,12 @@ async def one_run(kind: str, tls: bool, run: int, settings: Settings) -> Sample:
         workers = await _start_workers(port, tls, settings, label)
         await asyncio.gather(*(_expect(w, "ready", settings.timeout) for w in workers))
         await _wait_quiet(settings.max_other, settings.quiet_wait)
-        system0 = _system_busy()
+        system0 = system_busy()
         profiling = settings.profile is not None and kind == "ours"
         if profiling:
             server.send_signal(signal.SIGUSR1)
-        server_cpu0 = _cpu_seconds(server.pid)
-        loadgen_cpu0 = sum(_cpu_seconds(w.pid) for w in workers)
+        server_cpu0 = cpu_seconds(server.pid)
+        loadgen_cpu0 = sum(cpu_seconds(w.pid) for w in workers)
         start = time.perf_counter()
         for worker in workers:
             assert worker.stdin is not None
@@ -285,9 +272,9 @@ async def one_run(kind: str, tls: bool, run: int, settings: Settings) -> Sample:
         seconds = time.perf_counter() - start
         if profiling:
             server.send_signal(signal.SIGUSR2)
-        server_cpu = _cpu_seconds(server.pid) - server_cpu0
-        loadgen_cpu = sum(_cpu_seconds(w.pid) for w in workers) - loadgen_cpu0
-        other_cpu = max(0.0, _system_busy() - system0 - server_cpu - loadgen_cpu)
+        server_cpu = cpu_seconds(server.pid) - server_cpu0
+        loadgen_cpu = sum(cpu_seconds(w.pid) for w in workers) - loadgen_cpu0
+        other_cpu = max(0.0, system_busy() - system0 - server_cpu - loadgen_cpu)
         peak = _peak_rss(server.pid)
         events = sum(int(parts[0]) for parts in done)
     except Failed as exc:

@@ -12,14 +12,13 @@ import shutil
 import signal
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from bench.drain_config import HOST, Pki
 from bench.report import out
 
 SERVERS = ("ours", "mosquitto", "amqtt")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-HOST = "127.0.0.1"
 
 
 # -- the servers under test (``serve`` mode for ours and amqtt) ---------------------------------
@@ -102,15 +101,6 @@ def serve_main(args: argparse.Namespace) -> None:
 
 
 # -- TLS material and the Mosquitto configuration -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    device_cert: Path
-    device_key: Path
 
 
 def make_pki(directory: Path) -> Pki:

@@ -1,5 +1,5 @@
-"""What the benchmarks read from ``/proc``: a process's CPU time, per thread too, its memory, and
-this process's I/O counters."""
+"""What the benchmarks read from ``/proc``: a process's CPU time, per thread too, its memory,
+this process's I/O counters and the whole machine's busy time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "memory_mb", "proc_io", "thread_cpu_seconds"]
+__all__ = ["cpu_seconds", "memory_mb", "proc_io", "system_busy", "thread_cpu_seconds"]
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -16,6 +16,13 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (all threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def system_busy() -> float:
+    """CPU seconds all CPUs spent busy since boot (``/proc/stat``: everything but idle, iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(values) - values[3] - values[4]) / CLOCK_TICKS
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:

@@ -53,7 +53,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.drain import make_dir
+from bench.drain_processes import make_dir
 from bench.report import out, table, yes
 from bench.sink_backends import BACKENDS, bare_main
 from bench.sink_loadgen import PAYLOAD_BYTES, load_main, make_pki, raise_nofile

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.drain import HOST, Pki, make_dir
+from bench.drain_config import HOST, Pki
+from bench.drain_processes import make_dir
 from bench.publisher import Publisher
 from bench.report import out
 from bench.wire import connect_packet, publish_packet, utf8

@@ -18,16 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.drain import (
-    BIN,
-    SINK_READY,
-    Pki,
-    Process,
-    cpu_seconds,
-    make_dir,
-    memory_mb,
-    start_mosquitto,
-)
+from bench.drain_config import Pki
+from bench.drain_processes import BIN, SINK_READY, Process, make_dir, start_mosquitto
+from bench.procfs import cpu_seconds, memory_mb, system_busy
 from bench.report import out
 from bench.sink_backends import Names, broker_pids, delete_names, sink_toml, stored_count
 from bench.sink_loadgen import REPO_ROOT, Device, LoadGen
@@ -41,12 +34,6 @@ def cpu_of(pids: Sequence[int]) -> float:
         with contextlib.suppress(OSError):
             total += cpu_seconds(pid)
     return total
-
-
-def system_busy() -> float:
-    """CPU seconds all CPUs spent busy since boot (``/proc/stat``)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
