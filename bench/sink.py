@@ -40,21 +40,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import math
 import os
-import pstats
 import ssl
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.drain_processes import make_dir
-from bench.report import out, table, yes
+from bench.report import out, print_profile, scratch, table, yes
 from bench.sink_backends import BACKENDS, bare_main
 from bench.sink_loadgen import PAYLOAD_BYTES, load_main, make_pki, raise_nofile
 from bench.sink_runs import Sample, Settings, bare_run, idle_run, profiled_main, throughput_run
@@ -170,7 +167,11 @@ async def run(args: argparse.Namespace, root: Path) -> None:
                 profiled = Settings(root / "profile", pki, devices, args, profile=path)
                 make_dir(profiled.root)
                 sample = await throughput_run(backend, "batch", 0, profiled)
-                _print_profile(path, f"cProfile of the sink ({sample.line()})")
+                print_profile(
+                    path,
+                    f"cProfile of the sink ({sample.line()})",
+                    [("tottime", 30), ("cumulative", 30)],
+                )
     if "c" in args.parts:
         out(
             f"\n(3) {args.connections:,} idle mutual-TLS connections, keep-alive "
@@ -195,15 +196,6 @@ async def run(args: argparse.Namespace, root: Path) -> None:
     out(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     out("Summary (rates: medians of the runs):")
     table(rows)
-
-
-def _print_profile(path: Path, title: str) -> None:
-    report = io.StringIO()
-    stats = pstats.Stats(str(path), stream=report)
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats(30)
-    out(f"\n{title}")
-    out(report.getvalue().rstrip())
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -261,10 +253,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-sink-", dir=args.dir) as root:
-        asyncio.run(run(args, Path(root).resolve()))
-    out(f"\ntotal time {time.perf_counter() - started:.0f} s; temporary data removed")
+    with scratch("bench-sink-", args.dir) as root:
+        asyncio.run(run(args, root.resolve()))
 
 
 if __name__ == "__main__":
