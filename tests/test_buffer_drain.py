@@ -34,10 +34,42 @@ async def test_deletes_of_every_size_count_right_and_prepare_few_statements(
         assert inspect(tmp_path).events == 1200 - seq + 1
         before = rss_kib()
         for size in range(300, 556):  # none of these seqs exist: only the statements matter
-            assert await buffer.delete(list(range(10_000, 10_000 + size))) == 0
+            # Every other seq: no run (a run is one range statement), every seq in an IN list.
+            assert await buffer.delete(list(range(10_000, 10_000 + 2 * size, 2))) == 0
         grown = rss_kib() - before
     figures("256 delete sizes", rss_grown_kib=grown)
     assert grown < 6 * 1024
+
+
+async def test_deletes_of_runs_and_scattered_seqs_remove_exactly_those(tmp_path: Path) -> None:
+    """Runs of consecutive seqs are deleted as ranges, the rest through IN lists: either way
+    exactly the seqs given go, and the totals and a purge's per-topic drop counts are right."""
+    topics = ["a", "bb", "ccc"]
+    async with await Buffer.open(tmp_path) as buffer:
+        await buffer.append([event(b"p" * (n % 7 + 1), topic=topics[n % 3]) for n in range(3000)])
+        gone = [
+            *range(1, 701),  # one long run (the halving cuts it, the merge joins it)
+            *range(702, 760, 2),  # scattered
+            *range(800, 831),  # 31: one short of a run
+            *range(900, 964),  # 64
+            *range(1000, 3001, 3),  # scattered, to the end
+            *range(2500, 2540),  # a run across scattered ones (and overlapping them)
+            5,  # a repeat
+        ]
+        expected = set(gone)
+        sizes = {topic: [0, 0] for topic in topics}
+        for seq in expected:  # event n has seq n + 1
+            sizes[topics[(seq - 1) % 3]][0] += 1
+            sizes[topics[(seq - 1) % 3]][1] += (seq - 1) % 7 + 1
+        assert await buffer.delete(gone, drop_reason="purged") == len(expected)
+        stats = await buffer.stats()
+        assert buffer.backlog == (stats.events, stats.bytes)
+    left = [e.seq for e in read_events(tmp_path)]
+    assert left == [seq for seq in range(1, 3001) if seq not in expected]
+    after = inspect(tmp_path)
+    assert (after.events, after.bytes) == (stats.events, stats.bytes)
+    assert after.events == 3000 - len(expected)
+    assert {topic: list(after.drops[("purged", topic)]) for topic in topics} == sizes
 
 
 async def test_drain_order_pages_through_mixed_priorities(tmp_path: Path) -> None:
