@@ -235,8 +235,8 @@ class AgentMetrics:
             dropped_bytes.add_metric([reason], size)
         incidents = CounterMetricFamily(
             "edge_agent_buffer_incidents",
-            "Buffer incidents recorded (corrupt: quarantined; reindexed; wal-missing; wal-damaged),"
-            " by kind.",
+            "Buffer incidents recorded (corrupt: quarantined; reindexed; wal-missing; wal-damaged;"
+            " wal-torn: an unacknowledged last commit cut by a power loss), by kind.",
             labels=["kind"],
         )
         kinds: dict[str, int] = {}

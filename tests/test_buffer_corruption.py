@@ -231,7 +231,7 @@ import asyncio, os, sys
 from pathlib import Path
 from edge_agent.buffer import Buffer, NewEvent
 async def main():
-    buffer = await Buffer.open(Path(sys.argv[1]))
+    buffer = await Buffer.open(Path(sys.argv[1]), durability=(sys.argv[2:] or ['full'])[0])
     for i in range(20):
         await buffer.append([NewEvent('t', b'e%d' % i, 1, 0, 0, None, 'reject')])
     os._exit(0)  # as kill -9: 20 acknowledged commits, all in the WAL
@@ -266,6 +266,40 @@ async def test_a_damaged_wal_frame_after_a_crash_is_reported_and_its_seqs_not_gi
     assert f"kept its first {damaged} frames" in incident.detail
     # Above every seq the lost commits may have given out (up to 20).
     assert seq == stats.events + SEQ_GAP + 1
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+async def test_a_torn_last_commit_is_not_reported_as_a_loss_with_full_durability(
+    tmp_path: Path, durability: Literal["full", "normal"]
+) -> None:
+    """A power loss during the last commit's write or fsync leaves its frames torn, and SQLite's
+    recovery drops that commit. With ``full`` its events had not been acknowledged (a commit is
+    acknowledged once synced, and the next one starts after that): it was reported as
+    acknowledged events lost (``wal-damaged``, an error), a false alarm at every such power cut.
+    Now ``wal-torn``. With ``normal`` the commit had been acknowledged: still a loss."""
+    await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", _WAL_CRASH, str(tmp_path), durability], check=True
+    )
+    wal = tmp_path / "buffer.db-wal"
+    data = bytearray(wal.read_bytes())
+    frames = (len(data) - 32) // (PAGE_SIZE + 24)
+    data[32 + (frames - 1) * (PAGE_SIZE + 24) + 24 + 500] ^= 0x01  # the last frame's page
+    wal.write_bytes(data)
+    async with await Buffer.open(tmp_path, durability=durability) as buffer:
+        stats = await buffer.stats()
+        seq = await buffer.append_one(event(b"new"))
+    figures("torn last commit", durability=durability, frames=frames, detail=stats.incidents)
+    assert stats.events == 19  # the last commit's one event is gone
+    [incident] = stats.incidents
+    if durability == "full":
+        assert incident.kind == "wal-torn"
+        assert "had not been acknowledged" in incident.detail
+    else:
+        assert incident.kind == "wal-damaged"
+        assert "dropped the 1 commit after them" in incident.detail
+        assert "acknowledged before they are synced" in incident.detail
+    assert f"(frame {frames})" in incident.detail  # a commit of one frame
+    assert seq == 19 + SEQ_GAP + 1  # the dropped commit's seq is not given again
 
 
 async def test_a_topic_that_is_not_utf8_is_quarantined_not_a_crash_loop(

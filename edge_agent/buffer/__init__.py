@@ -30,7 +30,8 @@ Guarantees (SPEC §2, §5; RELIABILITY F1, F2, F7, F8, F20):
   that is not UTF-8, a ``meta`` value that is not a number). Indexes that do not match their
   table (the tables sound) are rebuilt instead (REINDEX, nothing lost; a ``reindexed``
   incident). A WAL deleted after an unclean stop, or one whose damaged frame made SQLite's
-  recovery drop commits, is reported too (``wal-missing``, ``wal-damaged``).
+  recovery drop commits, is reported too (``wal-missing``, ``wal-damaged``; ``wal-torn`` when
+  that is only the last commit of a ``full`` run, cut before it was synced and acknowledged).
 - After every unclean stop the seqs jump by ``SEQ_GAP``: commits lost in it (a power loss with
   ``normal`` durability, a missing or damaged WAL) never have their seqs given out again.
 

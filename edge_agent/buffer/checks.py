@@ -152,18 +152,37 @@ def _wal_commits(wal: Path) -> list[int]:
         return []
 
 
-def _wal_loss(commits: list[int], kept: int | None) -> str | None:
-    """The incident's detail if recovery dropped commits of the WAL (`_wal_commits`)."""
+def _wal_loss(commits: list[int], kept: int | None, *, synced: bool) -> tuple[str, str] | None:
+    """The incident (kind, detail) if recovery dropped commits of the WAL (`_wal_commits`).
+
+    ``synced``: the last run had durability ``full``, so a commit was acknowledged only once
+    fsynced, and commits were written one after the other. A power loss then cuts at most the
+    last commit, in the middle of its write or its fsync: its events were never acknowledged
+    (``wal-torn``; a producer that got no ack sends again). More commits dropped, or any with
+    ``normal`` (acknowledged before they are synced), lost acknowledged events (``wal-damaged``).
+    """
     if kept is None:
         return None
     lost = [frame for frame in commits if frame > kept]
     if not lost:
         return None
-    return (
+    frames = f"frame {kept + 1}" if lost[-1] == kept + 1 else f"frames {kept + 1} to {lost[-1]}"
+    if synced and len(lost) == 1:
+        return "wal-torn", (
+            f"the last commit in the -wal file ({frames}) did not survive"
+            " the unclean stop and SQLite's recovery dropped it: with durability full, a commit"
+            " cut before its fsync completed, whose events had not been acknowledged (their"
+            " producers send them again); its seqs are not given again"
+        )
+    why = (
+        "durability full: all but the last had been synced and acknowledged"
+        if synced
+        else "durability normal: commits are acknowledged before they are synced"
+    )
+    return "wal-damaged", (
         f"the -wal file was damaged after an unclean stop: SQLite's recovery kept its first {kept}"
-        f" frames and dropped the {len(lost)} commits after them (frames {kept + 1} to"
-        f" {lost[-1]}): their events are lost (with durability full, the last one may have been"
-        " cut by a power loss before it was acknowledged); their seqs are not given again"
+        f" frames and dropped the {len(lost)} commit{'s' if len(lost) > 1 else ''} after them"
+        f" ({frames}): their events are lost ({why}); their seqs are not given again"
     )
 
 

@@ -169,9 +169,14 @@ def _open_checked(
                 )
                 log.error("buffer: %s", detail)
                 incidents.append(("wal-missing", detail))
-            elif (lost := _wal_loss(wal_commits, checked.wal_frames)) is not None:
-                log.error("buffer: %s", lost)
-                incidents.append(("wal-damaged", lost))
+            elif (
+                lost := _wal_loss(wal_commits, checked.wal_frames, synced=previous == ["open"])
+            ) is not None:
+                kind, detail = lost
+                log.log(
+                    logging.WARNING if kind == "wal-torn" else logging.ERROR, "buffer: %s", detail
+                )
+                incidents.append(lost)
     try:
         db, loaded = _open_loaded(connect, path, durability, max_page_count, now_ms, unclean,
                                   incidents, load)  # fmt: skip
