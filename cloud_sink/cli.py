@@ -140,6 +140,7 @@ async def _run(config: SinkConfig, path: Path, listen_port: int | None) -> int:
                     signal.SIGHUP, lambda: log.warning("SIGHUP while stopping: ignored")
                 )
         except StartAbandoned:  # raised by the start only
+            systemd.stopping("stopped while starting")  # no READY=1 was sent
             log.info("cloud-sink stopped while starting")
             return 0
     log.info("cloud-sink stopped")

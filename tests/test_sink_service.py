@@ -27,6 +27,7 @@ from cloud_sink.backends.base import redacted_url
 from cloud_sink.config import ConfigError, NatsBackendConfig, SinkConfig, parse_config
 from cloud_sink.service import Sink, preflight
 from tests.harness.brokers import NatsNames, RabbitNames, drain_queue, read_stream
+from tests.harness.notify import NotifySocket
 from tests.harness.pki import DeviceCreds, Pki
 from tests.harness.process import ProcessFactory
 from tests.harness.sink import (
@@ -586,7 +587,8 @@ async def test_a_stop_while_the_core_queue_is_connected_ends_the_start(
 ) -> None:
     """SIGTERM while the sink connected to a core queue that did not answer was only acted on
     once the connect timed out (12 s here), and `run` then exited 1: a `systemctl stop` during a
-    start waited, and left the unit "failed"."""
+    start waited, and left the unit "failed". systemd is told STOPPING=1 (it was told nothing),
+    and never READY=1."""
     held: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -601,26 +603,32 @@ async def test_a_stop_while_the_core_queue_is_connected_ends_the_start(
         + f'[backend]\ntype = "amqp"\nurl = "amqp://guest:guest@127.0.0.1:{port}/"\n'
         + 'timeout = "12s"\n'
     )
-    sink = await asyncio.create_subprocess_exec(
-        CLOUD_SINK, "--config", str(config), "run",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(10):
-            while not held:  # noqa: ASYNC110  # the sink is connecting
-                await asyncio.sleep(0.05)
-        started = time.monotonic()
-        sink.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(8):
-            _, err = await sink.communicate()
-    finally:
-        if sink.returncode is None:
-            sink.kill()
-            await sink.wait()
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+    with NotifySocket() as sd:
+        sink = await asyncio.create_subprocess_exec(
+            CLOUD_SINK, "--config", str(config), "run",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "NOTIFY_SOCKET": sd.address},
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(10):
+                while not held:  # noqa: ASYNC110  # the sink is connecting
+                    await asyncio.sleep(0.05)
+            started = time.monotonic()
+            sink.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(8):
+                _, err = await sink.communicate()
+        finally:
+            if sink.returncode is None:
+                sink.kill()
+                await sink.wait()
+            for writer in held:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+        stopping = sd.wait_for(lambda n: n.fields.get("STOPPING") == "1", 5)
+        ready = sd.with_field("READY")
     assert sink.returncode == 0, err
     assert time.monotonic() - started < 8
     assert b"cloud-sink stopped while starting" in err
+    assert stopping.fields == {"STOPPING": "1", "STATUS": "stopped while starting"}
+    assert not ready, ready
