@@ -326,7 +326,7 @@ async def test_a_subject_prefix_that_is_no_subjects_start_is_refused_at_open(
     """With a wildcard in the prefix every event's subject was a wildcard subject ("x.*":
     stored on a literal '*' subject; "x.>", "x.": every publish failed with an opaque server
     error), and prefixes that overlap make streams that take each other's subjects. The
-    configuration refuses them (tests/test_sink_service.py); so does `open`, before connecting."""
+    configuration refuses them (tests/test_sink_config.py); so does `open`, before connecting."""
     with pytest.raises(ValueError, match="subject_prefix"):
         await NatsCoreQueue.open(
             url=nats_jetstream.url,

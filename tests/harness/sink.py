@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -37,12 +38,24 @@ __all__ = [
     "http_get",
     "nats_backend",
     "running_sink",
+    "sink_cli",
     "sink_on_a_port",
     "write_sink_config",
 ]
 
 CLOUD_SINK = console_script("cloud-sink")
 AUD = "sink.test"
+
+
+def sink_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cloud-sink --config CONFIG ARGS...`` run to its end (within 60 s), output captured."""
+    return subprocess.run(
+        [CLOUD_SINK, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def core_message(seq: int, device: str = "dev-1") -> CoreMessage:
