@@ -48,13 +48,14 @@ async def test_deletes_of_runs_and_scattered_seqs_remove_exactly_those(tmp_path:
     async with await Buffer.open(tmp_path) as buffer:
         await buffer.append([event(b"p" * (n % 7 + 1), topic=topics[n % 3]) for n in range(3000)])
         gone = [
-            *range(1, 701),  # one long run (the halving cuts it, the merge joins it)
+            *range(1, 701),  # one long run, cut by the repeats of 5 and 350 below
             *range(702, 760, 2),  # scattered
             *range(800, 831),  # 31: one short of a run
             *range(900, 964),  # 64
             *range(1000, 3001, 3),  # scattered, to the end
-            *range(2500, 2540),  # a run across scattered ones (and overlapping them)
-            5,  # a repeat
+            *range(2500, 2540),  # a run over scattered ones: their repeats cut it to pieces
+            5,  # a repeat: 1-5 in an IN list, after the range 5-350 deleted 5
+            350,  # a repeat: the ranges 5-350 and 350-700, 350 counted once
         ]
         expected = set(gone)
         sizes = {topic: [0, 0] for topic in topics}
