@@ -97,22 +97,15 @@ def report(rows: Sequence[Row], samples: Sequence[Sample]) -> None:
             continue
         mode = "TLS on " if tls else "TLS off"
         parts = []
-        amqtt = by_key.get(("amqtt", tls))
-        if amqtt is not None:
-            ratio = ours.rate / amqtt.rate
-            met = "met" if ratio >= GOAL_VS_AMQTT else "MISSED"
-            parts.append(
-                f"ours/amqtt = {ratio:.2f}x (goal >= {GOAL_VS_AMQTT}x: {met})"
-                + _paired(samples, "amqtt", tls)
-            )
-        mosquitto = by_key.get(("mosquitto", tls))
-        if mosquitto is not None:
-            ratio = ours.rate / mosquitto.rate
-            met = "met" if ratio >= GOAL_VS_MOSQUITTO else "MISSED"
-            parts.append(
-                f"ours/mosquitto = {ratio:.2f}x (goal >= {GOAL_VS_MOSQUITTO}x: {met})"
-                + _paired(samples, "mosquitto", tls)
-            )
+        for server, goal in (("amqtt", GOAL_VS_AMQTT), ("mosquitto", GOAL_VS_MOSQUITTO)):
+            other = by_key.get((server, tls))
+            if other is not None:
+                ratio = ours.rate / other.rate
+                met = "met" if ratio >= goal else "MISSED"
+                parts.append(
+                    f"ours/{server} = {ratio:.2f}x (goal >= {goal}x: {met})"
+                    + _paired(samples, server, tls)
+                )
         met = "met" if ours.cpu_us <= GOAL_CPU_US else "MISSED"
         parts.append(f"ours CPU = {ours.cpu_us:.1f} us/event (goal <= {GOAL_CPU_US:.0f}: {met})")
         out(f"{mode}: " + ";\n         ".join(parts))
